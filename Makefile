@@ -1,0 +1,34 @@
+# Two commands do everything: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 3030
+DATA_DIR ?= .agor
+
+.PHONY: serve test lint typecheck unit sim-sweep bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/agor-actors serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+lint: $(STAMP)
+	$(BIN)/ruff check agor_actors supervisors protocols sim tests bench
+	$(BIN)/ruff format --check agor_actors supervisors protocols sim tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy agor_actors supervisors protocols sim
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

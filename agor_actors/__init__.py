@@ -1,0 +1,1 @@
+"""agor-actors: real-time state broadcasting and multi-client sync runtime for Agor, on trio."""

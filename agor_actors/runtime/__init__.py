@@ -1,0 +1,33 @@
+"""The actor runtime: behaviours, refs, mailboxes, the registry."""
+
+from ._actor import ActorContext as ActorContext
+from ._actor import ActorExited as ActorExited
+from ._actor import ActorRef as ActorRef
+from ._actor import ActorStats as ActorStats
+from ._actor import Behaviour as Behaviour
+from ._actor import CallTimeout as CallTimeout
+from ._actor import FunctionBehaviour as FunctionBehaviour
+from ._actor import ReplyTo as ReplyTo
+from ._actor import actor_child_spec as actor_child_spec
+from ._actor import spawn as spawn
+from ._effects import Await as Await
+from ._effects import CancelTimer as CancelTimer
+from ._effects import Down as Down
+from ._effects import Effect as Effect
+from ._effects import Effects as Effects
+from ._effects import ExitReason as ExitReason
+from ._effects import Monitor as Monitor
+from ._effects import Reply as Reply
+from ._effects import Request as Request
+from ._effects import Send as Send
+from ._effects import StartTimer as StartTimer
+from ._effects import Stop as Stop
+from ._effects import TrySend as TrySend
+from ._mailbox import ActorDead as ActorDead
+from ._mailbox import Mailbox as Mailbox
+from ._mailbox import MailboxFull as MailboxFull
+from ._registry import Kind as Kind
+from ._registry import Registry as Registry
+from ._registry import UnknownActorKind as UnknownActorKind
+from ._system import ActorSystem as ActorSystem
+from ._system import open_system as open_system

@@ -1,0 +1,570 @@
+"""Actors: a behaviour (plain functions) driven by one async mailbox loop."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import attrs
+import outcome
+import trio
+
+from supervisors import Child, ChildSpec, Restart
+
+from ..world import World
+from ._effects import (
+    Await,
+    CancelTimer,
+    Down,
+    Effects,
+    ExitReason,
+    Monitor,
+    Reply,
+    Request,
+    Send,
+    StartTimer,
+    Stop,
+    TrySend,
+)
+from ._mailbox import ActorDead, Mailbox, MailboxFull
+
+if TYPE_CHECKING:
+    from ._registry import Registry
+
+__all__ = [
+    "ActorContext",
+    "ActorExited",
+    "ActorRef",
+    "ActorStats",
+    "Behaviour",
+    "CallTimeout",
+    "FunctionBehaviour",
+    "ReplyTo",
+    "actor_child_spec",
+    "spawn",
+]
+
+S = TypeVar("S")
+
+
+class CallTimeout(Exception):
+    """No reply within ``timeout_s``.  A reply that comes later is dropped
+    and counted in the replying actor's ``late_replies``."""
+
+
+class ActorExited(Exception):
+    """The actor stopped before it answered."""
+
+    def __init__(self, name: str, reason: ExitReason) -> None:
+        super().__init__(f"actor {name!r} stopped before replying ({reason.describe()})")
+        self.name = name
+        self.reason = reason
+
+
+@attrs.frozen
+class ActorContext:
+    """What ``Behaviour.init`` may use: its own ref, the world, the registry."""
+
+    name: str
+    self_ref: ActorRef
+    world: World
+    registry: Registry | None
+
+
+class Behaviour(abc.ABC, Generic[S]):
+    """How an actor behaves.  ``init`` builds the state (it may await the
+    store); ``handle`` is a plain function of the state, one message and
+    ``now`` that returns effects; it may mutate the state it owns.  An
+    exception from ``handle`` crashes the actor."""
+
+    mailbox_size: int = 1024
+    """The bound of the mailbox (overflow policy: senders wait)."""
+    idle_s: float | None = None
+    """Stop after this long without a message (passivation); ``None``: never."""
+    max_inflight: int = 64
+    """Awaited effects running at once."""
+    max_timers: int = 64
+
+    async def init(self, ctx: ActorContext) -> S:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def handle(self, state: S, msg: Any, now: float) -> Effects: ...
+
+    def terminate(self, state: S, reason: ExitReason) -> Effects:
+        """Effects to perform on a graceful stop (not on a crash)."""
+        return ()
+
+    def can_passivate(self, state: S) -> bool:
+        return True
+
+    def describe(self, state: S) -> Mapping[str, Any]:
+        """Extra fields for snapshots."""
+        return {}
+
+
+class FunctionBehaviour(Behaviour[S]):
+    """A behaviour from two functions."""
+
+    def __init__(
+        self,
+        init: Callable[[ActorContext], S],
+        handle: Callable[[S, Any, float], Effects],
+        *,
+        mailbox_size: int = 1024,
+        idle_s: float | None = None,
+    ) -> None:
+        self._init = init
+        self._handle = handle
+        self.mailbox_size = mailbox_size
+        self.idle_s = idle_s
+
+    async def init(self, ctx: ActorContext) -> S:
+        return self._init(ctx)
+
+    def handle(self, state: S, msg: Any, now: float) -> Effects:
+        return self._handle(state, msg, now)
+
+
+@attrs.frozen
+class ActorStats:
+    name: str
+    alive: bool
+    mailbox_depth: int
+    mailbox_bound: int
+    system_depth: int
+    handled: int
+    inflight: int
+    timers: int
+    late_replies: int
+    dead_letters: int
+    restarts: int = 0
+
+
+class ReplyTo:
+    """A one-shot reply slot.  Made by ``call`` only."""
+
+    __slots__ = ("_abandoned", "_error", "_event", "_value")
+
+    def __init__(self, _token: object) -> None:
+        if _token is not _PRIVATE:
+            raise TypeError("ReplyTo is made by ActorRef.call")
+        self._event = trio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+
+    @property
+    def answered(self) -> bool:
+        return self._event.is_set()
+
+    def _answer(self, value: Any = None, error: BaseException | None = None) -> bool:
+        if self._event.is_set():
+            return True  # a second answer is a no-op
+        if self._abandoned:
+            return False
+        self._value = value
+        self._error = error
+        self._event.set()
+        return True
+
+
+_PRIVATE = object()
+_STOP = object()
+
+
+class ActorRef:
+    """A handle on one incarnation of an actor.  Cannot be made by hand."""
+
+    __slots__ = ("_actor", "name")
+
+    def __init__(self, actor: _Actor, _token: object) -> None:
+        if _token is not _PRIVATE:
+            raise TypeError("actor refs are made by spawn()")
+        self._actor = actor
+        self.name = actor.name
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self.name!r}{'' if self.alive else ' (dead)'}>"
+
+    @property
+    def alive(self) -> bool:
+        return not self._actor.mailbox.closed
+
+    async def send(self, msg: Any) -> None:
+        """Wait for room in the mailbox, then enqueue (backpressure).  A
+        checkpoint; raises :class:`ActorDead` if the actor has stopped.  If
+        cancelled while waiting, the message was not sent."""
+        await self._actor.mailbox.put(msg)
+
+    def try_send(self, msg: Any) -> bool:
+        """Enqueue if there is room, else return False.  Never blocks; raises
+        :class:`ActorDead` if the actor has stopped."""
+        return self._actor.mailbox.try_put(msg)
+
+    async def call(self, body: Any, *, timeout_s: float = 5.0) -> Any:
+        """Send ``Request(body, reply_to)`` and wait for the reply; the time
+        spent waiting for room in the mailbox counts.  Raises
+        :class:`CallTimeout`, :class:`ActorDead`, :class:`ActorExited` (it
+        stopped or crashed before answering), or the error it replied with.
+        If cancelled, the request may still be handled; its reply is dropped."""
+        reply = ReplyTo(_PRIVATE)
+        try:
+            with trio.fail_after(timeout_s):
+                await self._actor.mailbox.put(Request(body, reply))
+                await reply._event.wait()
+        except trio.TooSlowError:
+            raise CallTimeout(f"{self.name}: no reply within {timeout_s} s") from None
+        finally:
+            if not reply._event.is_set():
+                reply._abandoned = True
+        if reply._error is not None:
+            raise reply._error
+        return reply._value
+
+    def monitor(self, watcher: ActorRef) -> int:
+        """Deliver :class:`Down` to ``watcher`` when this actor stops (at
+        once, with reason ``noproc``, if it already has).  Returns an id for
+        :meth:`demonitor`."""
+        return self._actor.add_monitor(watcher)
+
+    def demonitor(self, monitor_id: int) -> None:
+        self._actor.monitors.pop(monitor_id, None)
+
+    async def wait_stopped(self) -> ExitReason:
+        """Wait until the actor has stopped; returns why.  A checkpoint."""
+        await self._actor.exited.wait()
+        assert self._actor.exit_reason is not None
+        return self._actor.exit_reason
+
+    async def stop(self) -> ExitReason:
+        """Ask the actor to stop after the message it is handling, run its
+        ``terminate``, and wait until it has stopped.  A checkpoint."""
+        self._actor.mailbox.put_system(_STOP)
+        return await self.wait_stopped()
+
+    def statistics(self) -> ActorStats:
+        return self._actor.statistics()
+
+
+class _Actor:
+    def __init__(
+        self,
+        name: str,
+        behaviour: Behaviour[Any],
+        world: World,
+        registry: Registry | None,
+        restarts: int = 0,
+    ) -> None:
+        self.name = name
+        self.behaviour = behaviour
+        self.world = world
+        self.registry = registry
+        self.mailbox = Mailbox(
+            behaviour.mailbox_size,
+            system_bound=behaviour.max_inflight + behaviour.max_timers + 1024 + 1,
+        )
+        self.ref = ActorRef(self, _PRIVATE)
+        self.monitors: dict[int, ActorRef] = {}
+        self._next_monitor = 0
+        self.pending: dict[ReplyTo, None] = {}
+        self.timers: dict[str, trio.CancelScope] = {}
+        self.inflight = 0
+        self.handled = 0
+        self.late_replies = 0
+        self.dead_letters = 0
+        self.restarts = restarts
+        self.exited = trio.Event()
+        self.exit_reason: ExitReason | None = None
+        self.state: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def run(self, on_ready: Callable[[ActorRef], None]) -> ExitReason:
+        """Run until stopped; returns the reason, or raises what crashed it."""
+        reason = ExitReason("shutdown")
+        crash: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    self.state = await self.behaviour.init(
+                        ActorContext(self.name, self.ref, self.world, self.registry)
+                    )
+                    on_ready(self.ref)
+                    reason = await self._loop()
+                    if reason.kind in ("normal", "shutdown"):
+                        await self._perform(self.behaviour.terminate(self.state, reason))
+                except Exception as exc:
+                    crash = exc
+                    reason = ExitReason("crash", exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish(reason)
+        if crash is not None:
+            raise crash
+        return reason
+
+    def _finish(self, reason: ExitReason) -> None:
+        self.exit_reason = reason
+        left = self.mailbox.close()
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        error = ActorExited(self.name, reason)
+        for reply in list(self.pending):
+            reply._answer(error=error)
+        self.pending.clear()
+        for msg in left:
+            if isinstance(msg, Request):
+                msg.reply_to._answer(error=error)
+        for monitor_id, watcher in list(self.monitors.items()):
+            _deliver_down(watcher, Down(self.ref, reason, monitor_id))
+        self.monitors.clear()
+        self.exited.set()
+
+    def add_monitor(self, watcher: ActorRef) -> int:
+        self._next_monitor += 1
+        monitor_id = self._next_monitor
+        if self.exited.is_set():
+            _deliver_down(watcher, Down(self.ref, ExitReason("noproc"), monitor_id))
+        else:
+            if len(self.monitors) >= 1024:
+                raise MailboxFull(f"{self.name}: at most 1024 monitors")
+            self.monitors[monitor_id] = watcher
+        return monitor_id
+
+    # ------------------------------------------------------------- the loop
+
+    async def _loop(self) -> ExitReason:
+        behaviour = self.behaviour
+        clock = self.world.clock
+        while True:
+            take_user = self.inflight < behaviour.max_inflight
+            idle_s = behaviour.idle_s
+            if idle_s is not None and not self.timers and not self.inflight:
+                msg: Any = _STOP  # replaced unless the idle deadline passes
+                got = False
+                with trio.move_on_after(idle_s):
+                    msg = await self.mailbox.get(user=take_user)
+                    got = True
+                if not got:
+                    if len(self.mailbox) == 0 and behaviour.can_passivate(self.state):
+                        return ExitReason("idle")
+                    continue
+            else:
+                msg = await self.mailbox.get(user=take_user)
+            if msg is _STOP:
+                return ExitReason("shutdown")
+            if isinstance(msg, Request):
+                self.pending[msg.reply_to] = None
+            effects = behaviour.handle(self.state, msg, clock.now_s())
+            self.handled += 1
+            stop = await self._perform(effects)
+            if stop is not None:
+                return ExitReason(stop.kind)
+
+    async def _perform(self, effects: Effects) -> Stop | None:
+        stop: Stop | None = None
+        for effect in effects:
+            if isinstance(effect, Reply):
+                self.pending.pop(effect.to, None)
+                if not effect.to._answer(effect.value, effect.error):
+                    self.late_replies += 1
+            elif isinstance(effect, Send):
+                try:
+                    target = await self._resolve(effect.to)
+                    await target.send(effect.msg)
+                except ActorDead:
+                    self.dead_letters += 1
+            elif isinstance(effect, TrySend):
+                try:
+                    target = await self._resolve(effect.to)
+                    if not target.try_send(effect.msg):
+                        self.dead_letters += 1
+                except ActorDead:
+                    self.dead_letters += 1
+            elif isinstance(effect, StartTimer):
+                self._start_timer(effect)
+            elif isinstance(effect, CancelTimer):
+                scope = self.timers.pop(effect.key, None)
+                if scope is not None:
+                    scope.cancel()
+            elif isinstance(effect, Await):
+                assert self._nursery is not None
+                self.inflight += 1
+                self._nursery.start_soon(self._await, effect)
+            elif isinstance(effect, Monitor):
+                effect.target.monitor(self.ref)
+            elif isinstance(effect, Stop):
+                stop = effect
+            else:
+                raise TypeError(f"{self.name}: not an effect: {effect!r}")
+        return stop
+
+    async def _resolve(self, to: ActorRef | str) -> ActorRef:
+        if isinstance(to, ActorRef):
+            return to
+        if self.registry is None:
+            raise RuntimeError(f"{self.name}: no registry to resolve {to!r}")
+        return await self.registry.get(to)
+
+    def _start_timer(self, effect: StartTimer) -> None:
+        assert self._nursery is not None
+        old = self.timers.pop(effect.key, None)
+        if old is not None:
+            old.cancel()
+        if len(self.timers) >= self.behaviour.max_timers:
+            raise MailboxFull(f"{self.name}: at most {self.behaviour.max_timers} timers")
+        scope = trio.CancelScope()
+        self.timers[effect.key] = scope
+        self._nursery.start_soon(self._timer, effect, scope)
+
+    async def _timer(self, effect: StartTimer, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.sleep(effect.delay_s)
+                if self.timers.get(effect.key) is not scope:
+                    return
+                if not effect.repeat:
+                    del self.timers[effect.key]
+                self.mailbox.put_system(effect.msg)
+                if not effect.repeat:
+                    return
+
+    async def _await(self, effect: Await) -> None:
+        result: outcome.Outcome[Any]
+        try:
+            result = outcome.Value(await effect.fn())
+        except Exception as exc:
+            result = outcome.Error(exc)
+        finally:
+            self.inflight -= 1
+        self.mailbox.put_system(effect.then(result))
+
+    def statistics(self) -> ActorStats:
+        return ActorStats(
+            name=self.name,
+            alive=not self.mailbox.closed,
+            mailbox_depth=len(self.mailbox),
+            mailbox_bound=self.mailbox.bound,
+            system_depth=self.mailbox.system_depth,
+            handled=self.handled,
+            inflight=self.inflight,
+            timers=len(self.timers),
+            late_replies=self.late_replies,
+            dead_letters=self.dead_letters,
+            restarts=self.restarts,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        stats = self.statistics()
+        out: dict[str, Any] = {
+            "name": stats.name,
+            "mailbox_depth": stats.mailbox_depth,
+            "mailbox_bound": stats.mailbox_bound,
+            "handled": stats.handled,
+            "inflight": stats.inflight,
+            "late_replies": stats.late_replies,
+            "dead_letters": stats.dead_letters,
+        }
+        if self.state is not None:
+            out.update(self.behaviour.describe(self.state))
+        return out
+
+
+def _deliver_down(watcher: ActorRef, down: Down) -> None:
+    try:
+        watcher._actor.mailbox.put_system(down)
+    except MailboxFull:
+        watcher._actor.dead_letters += 1
+
+
+async def spawn(
+    nursery: trio.Nursery,
+    behaviour: Behaviour[Any],
+    *,
+    name: str,
+    world: World,
+    registry: Registry | None = None,
+) -> ActorRef:
+    """Start an unsupervised actor in ``nursery``; returns once ``init`` is
+    done.  A crash stops only the actor (see ``wait_stopped`` and
+    ``monitor``); an exception from ``init`` is raised here."""
+    actor = _Actor(name, behaviour, world, registry)
+
+    async def run(task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED) -> None:
+        ready = False
+
+        def on_ready(ref: ActorRef) -> None:
+            nonlocal ready
+            ready = True
+            task_status.started(ref)
+
+        try:
+            await actor.run(on_ready)
+        except Exception:
+            if not ready:
+                raise
+
+    ref: ActorRef = await nursery.start(run, name=f"actor:{name}")
+    return ref
+
+
+def actor_child_spec(
+    name: str,
+    behaviour: Behaviour[Any],
+    *,
+    world: World,
+    registry: Registry | None = None,
+    restart: Restart = Restart.PERMANENT,
+    shutdown_s: float = 5.0,
+    on_ready: Callable[[ActorRef], None] | None = None,
+    on_exit: Callable[[ActorRef], None] | None = None,
+    on_removed: Callable[[], None] | None = None,
+) -> ChildSpec:
+    """A supervisor child that runs ``behaviour`` as the actor ``name``.
+    Every (re)start is a new incarnation with a new ref and a fresh state
+    from ``init``; ``on_ready``/``on_exit`` see each incarnation."""
+    incarnation = -1
+
+    async def start(child: Child) -> None:
+        nonlocal incarnation
+        incarnation += 1
+        actor = _Actor(name, behaviour, world, registry, restarts=incarnation)
+
+        def ready(ref: ActorRef) -> None:
+            child.expose(actor.describe)
+            if on_ready is not None:
+                on_ready(ref)
+            child.started(ref)
+
+        crash: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_forward_stop, child, actor)
+            try:
+                await actor.run(ready)
+            except Exception as exc:
+                crash = exc
+            finally:
+                nursery.cancel_scope.cancel()
+                if on_exit is not None:
+                    on_exit(actor.ref)
+        if crash is not None:
+            raise crash
+
+    return ChildSpec(
+        id=name,
+        start=start,
+        restart=restart,
+        shutdown_s=shutdown_s if math.isfinite(shutdown_s) else math.inf,
+        on_removed=on_removed,
+    )
+
+
+async def _forward_stop(child: Child, actor: _Actor) -> None:
+    await child.stop_requested.wait()
+    actor.mailbox.put_system(_STOP)

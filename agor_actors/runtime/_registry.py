@@ -1,0 +1,174 @@
+"""Actors addressed by name, spawned on first use, passivated when idle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from supervisors import Backoff, Intensity, Restart, Supervisor
+
+from ..world import World
+from ._actor import ActorRef, ActorStats, Behaviour, actor_child_spec
+from ._mailbox import ActorDead
+
+__all__ = ["Kind", "Registry", "UnknownActorKind"]
+
+
+class UnknownActorKind(LookupError):
+    pass
+
+
+@attrs.frozen
+class Kind:
+    """How to make the actors whose names start with ``prefix``."""
+
+    prefix: str
+    factory: Callable[[str], Behaviour[Any]]
+    restart: Restart = Restart.TRANSIENT
+    shutdown_s: float = 5.0
+
+
+@attrs.define(eq=False)
+class _Entry:
+    ref: ActorRef | None = None
+    ready: trio.Event = attrs.field(factory=trio.Event)
+    removed: bool = False
+    incarnations: int = 0
+
+
+class Registry:
+    """Names (``session:<id>``, ``room:board:<id>``, ``presence:user:<id>``)
+    to actors.  The first :meth:`get` of a name spawns its actor under this
+    registry's supervisor; concurrent first uses get the same actor.  An
+    actor that crashes is restarted by the supervisor (``get`` waits for the
+    new incarnation); one that stops normally or passivates is forgotten and
+    spawned again on next use."""
+
+    def __init__(
+        self,
+        world: World,
+        *,
+        name: str = "registry",
+        intensity: Intensity = Intensity(max_restarts=50, period_s=5.0),
+        backoff: Backoff = Backoff(),
+        max_actors: int = 100_000,
+    ) -> None:
+        self.world = world
+        self.supervisor = Supervisor(
+            name,
+            intensity=intensity,
+            backoff=backoff,
+            max_children=max_actors,
+            now=world.clock.now_s,
+        )
+        self._kinds: list[Kind] = []
+        self._entries: dict[str, _Entry] = {}
+        self.spawned = 0
+
+    def define(self, kind: Kind) -> None:
+        self._kinds.append(kind)
+        self._kinds.sort(key=lambda k: -len(k.prefix))
+
+    def _kind_for(self, name: str) -> Kind:
+        for kind in self._kinds:
+            if name.startswith(kind.prefix):
+                return kind
+        raise UnknownActorKind(name)
+
+    def lookup(self, name: str) -> ActorRef | None:
+        """The live actor of that name, without spawning.  Never blocks."""
+        entry = self._entries.get(name)
+        if entry is None or entry.ref is None or not entry.ref.alive:
+            return None
+        return entry.ref
+
+    async def get(self, name: str) -> ActorRef:
+        """The live actor of that name, spawned if needed.  A checkpoint.
+        Raises ``ChildStartError`` if its ``init`` fails."""
+        while True:
+            entry = self._entries.get(name)
+            if entry is None:
+                return await self._spawn(name)
+            if entry.ref is not None and entry.ref.alive:
+                await trio.lowlevel.checkpoint()
+                return entry.ref
+            await entry.ready.wait()
+
+    async def send(self, name: str, msg: Any) -> None:
+        """Send to the named actor, spawning it if needed; retries once the
+        actor passivated or restarted between look-up and send."""
+        while True:
+            ref = await self.get(name)
+            try:
+                await ref.send(msg)
+                return
+            except ActorDead:
+                await self._wait_gone(name, ref)
+
+    async def call(self, name: str, body: Any, *, timeout_s: float = 5.0) -> Any:
+        """``call`` on the named actor, spawning it if needed."""
+        with trio.fail_after(timeout_s):
+            while True:
+                ref = await self.get(name)
+                try:
+                    return await ref.call(body, timeout_s=timeout_s)
+                except ActorDead:
+                    await self._wait_gone(name, ref)
+
+    async def _wait_gone(self, name: str, ref: ActorRef) -> None:
+        entry = self._entries.get(name)
+        if entry is not None and entry.ref is ref:
+            await entry.ready.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _spawn(self, name: str) -> ActorRef:
+        kind = self._kind_for(name)
+        entry = _Entry()
+        self._entries[name] = entry
+
+        def on_ready(ref: ActorRef) -> None:
+            entry.ref = ref
+            entry.incarnations += 1
+            entry.ready.set()
+
+        def on_exit(ref: ActorRef) -> None:
+            if entry.ref is ref:
+                entry.ref = None
+                old, entry.ready = entry.ready, trio.Event()
+                old.set()
+
+        def on_removed() -> None:
+            entry.removed = True
+            if self._entries.get(name) is entry:
+                del self._entries[name]
+            entry.ready.set()
+
+        spec = actor_child_spec(
+            name,
+            kind.factory(name),
+            world=self.world,
+            registry=self,
+            restart=kind.restart,
+            shutdown_s=kind.shutdown_s,
+            on_ready=on_ready,
+            on_exit=on_exit,
+            on_removed=on_removed,
+        )
+        self.spawned += 1
+        ref = await self.supervisor.start_child(spec)
+        assert isinstance(ref, ActorRef)
+        return ref
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def statistics(self) -> list[ActorStats]:
+        out = []
+        for entry in self._entries.values():
+            if entry.ref is not None:
+                out.append(entry.ref.statistics())
+        return out

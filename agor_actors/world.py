@@ -1,0 +1,261 @@
+"""The seams through which every source of nondeterminism enters.
+
+Nothing in ``agor_actors``, ``supervisors``, ``protocols`` or ``sim`` reads the
+clock, randomness, threads or the network except through the objects defined
+here.  The daemon passes :func:`real_world`; the simulator passes
+:func:`simulated_world`, which draws everything from one seed and runs the
+store inline on trio's (mock) clock.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol, TypeVar, runtime_checkable
+
+import attrs
+import trio
+
+T = TypeVar("T")
+
+__all__ = [
+    "Blocking",
+    "Clock",
+    "Entropy",
+    "InlineBlocking",
+    "MessageTransport",
+    "SecureEntropy",
+    "SeededEntropy",
+    "SystemWallClock",
+    "ThreadBlocking",
+    "TransportClosed",
+    "TrioClock",
+    "VirtualWallClock",
+    "WallClock",
+    "World",
+    "real_world",
+    "simulated_world",
+]
+
+
+# --------------------------------------------------------------------------- time
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Monotonic time in seconds.  Sleeps and timeouts use trio directly,
+    whose clock the simulator replaces with ``MockClock``."""
+
+    def now_s(self) -> float: ...
+
+
+@runtime_checkable
+class WallClock(Protocol):
+    """Wall-clock timestamps (milliseconds since the Unix epoch) for events,
+    activity entries and hybrid logical clocks."""
+
+    def now_ms(self) -> int: ...
+
+
+class TrioClock:
+    """The monotonic clock of the running trio loop (real or mock)."""
+
+    def now_s(self) -> float:
+        return trio.current_time()
+
+
+class SystemWallClock:
+    """The operating system's wall clock."""
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+@attrs.define
+class VirtualWallClock:
+    """A wall clock derived from trio's (mock) clock: ``epoch_ms`` plus the
+    virtual seconds elapsed, plus a per-client ``skew_ms`` for simulating
+    clients whose clocks disagree."""
+
+    epoch_ms: int = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    skew_ms: int = 0
+
+    def now_ms(self) -> int:
+        return self.epoch_ms + self.skew_ms + int(trio.current_time() * 1000)
+
+
+# --------------------------------------------------------------------------- entropy
+
+
+@runtime_checkable
+class Entropy(Protocol):
+    """Ids, tokens, jitter and sampling."""
+
+    def new_id(self, now_ms: int) -> str:
+        """A time-ordered unique id (UUIDv7 layout) as a string."""
+        ...
+
+    def token(self, nbytes: int = 32) -> str:
+        """A URL-safe secret of ``nbytes`` random bytes."""
+        ...
+
+    def random(self) -> float:
+        """A float in [0, 1)."""
+        ...
+
+    def randrange(self, stop: int) -> int: ...
+
+    def fork(self, name: str) -> Entropy:
+        """An independent stream for one component, named so that the
+        simulator's streams do not depend on the order components draw."""
+        ...
+
+
+def _uuid7(now_ms: int, rand_a: int, rand_b: int) -> str:
+    value = (now_ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= (rand_a & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand_b & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+class SecureEntropy:
+    """Real entropy from the operating system (``secrets``)."""
+
+    def new_id(self, now_ms: int) -> str:
+        return _uuid7(now_ms, secrets.randbits(12), secrets.randbits(62))
+
+    def token(self, nbytes: int = 32) -> str:
+        return secrets.token_urlsafe(nbytes)
+
+    def random(self) -> float:
+        return secrets.randbits(53) / (1 << 53)
+
+    def randrange(self, stop: int) -> int:
+        return secrets.randbelow(stop)
+
+    def fork(self, name: str) -> Entropy:
+        return self
+
+
+class SeededEntropy:
+    """Deterministic entropy from one seed; :meth:`fork` derives named
+    sub-streams so components draw independently of each other."""
+
+    def __init__(self, seed: int | str) -> None:
+        self._seed = str(seed)
+        self._rng = random.Random(self._seed)
+
+    @property
+    def rng(self) -> random.Random:
+        return self._rng
+
+    def new_id(self, now_ms: int) -> str:
+        return _uuid7(now_ms, self._rng.getrandbits(12), self._rng.getrandbits(62))
+
+    def token(self, nbytes: int = 32) -> str:
+        return self._rng.getrandbits(nbytes * 8).to_bytes(nbytes, "big").hex()
+
+    def random(self) -> float:
+        return self._rng.random()
+
+    def randrange(self, stop: int) -> int:
+        return self._rng.randrange(stop)
+
+    def fork(self, name: str) -> SeededEntropy:
+        return SeededEntropy(f"{self._seed}/{name}")
+
+
+# --------------------------------------------------------------------------- blocking work
+
+
+@runtime_checkable
+class Blocking(Protocol):
+    """Runs blocking work (database calls).  Real: a worker thread.
+    Simulated: inline, so thread timing cannot leak into virtual time."""
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` and return its result.  A checkpoint.  If cancelled
+        while a worker thread runs ``fn``, the thread is abandoned and its
+        result discarded: callers must make ``fn`` idempotent or transactional."""
+        ...
+
+
+class ThreadBlocking:
+    """Blocking work in trio worker threads, at most ``max_threads`` at once."""
+
+    def __init__(self, max_threads: int = 4) -> None:
+        self._limiter = trio.CapacityLimiter(max_threads)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+
+class InlineBlocking:
+    """Blocking work called inline on the trio thread (simulator, tests)."""
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        await trio.lowlevel.checkpoint()
+        return fn()
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class TransportClosed(Exception):
+    """The peer or the network closed the connection."""
+
+    def __init__(self, code: int = 1006, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+@runtime_checkable
+class MessageTransport(Protocol):
+    """One message-oriented connection (a WebSocket or a simulated link).
+    ``receive`` and ``send`` raise :class:`TransportClosed` once it is gone."""
+
+    @property
+    def subprotocol(self) -> str | None: ...
+
+    async def receive(self) -> bytes | str: ...
+
+    async def send(self, data: bytes | str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+# --------------------------------------------------------------------------- the world
+
+
+@attrs.frozen
+class World:
+    """Everything an actor may learn from outside, injected."""
+
+    clock: Clock
+    wall: WallClock
+    entropy: Entropy
+    blocking: Blocking
+
+
+def real_world(*, max_threads: int = 4) -> World:
+    return World(
+        clock=TrioClock(),
+        wall=SystemWallClock(),
+        entropy=SecureEntropy(),
+        blocking=ThreadBlocking(max_threads),
+    )
+
+
+def simulated_world(seed: int | str, *, skew_ms: int = 0) -> World:
+    return World(
+        clock=TrioClock(),
+        wall=VirtualWallClock(skew_ms=skew_ms),
+        entropy=SeededEntropy(seed),
+        blocking=InlineBlocking(),
+    )

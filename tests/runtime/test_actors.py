@@ -1,0 +1,364 @@
+"""Actor verbs, the registry and passivation, on the auto-jumping clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from trio.testing import MockClock
+
+from agor_actors.runtime import (
+    ActorContext,
+    ActorDead,
+    ActorExited,
+    ActorRef,
+    Await,
+    Behaviour,
+    CallTimeout,
+    Down,
+    Effects,
+    Kind,
+    Monitor,
+    Reply,
+    ReplyTo,
+    Request,
+    Send,
+    StartTimer,
+    Stop,
+    open_system,
+    spawn,
+)
+from agor_actors.world import simulated_world
+from supervisors import Restart
+
+WORLD = simulated_world(1)
+
+
+@attrs.define
+class Counter:
+    count: int = 0
+    seen: list[Any] = attrs.field(factory=list)
+    held: list[ReplyTo] = attrs.field(factory=list)
+
+
+class CounterBehaviour(Behaviour[Counter]):
+    """Counts ``"inc"``; answers ``"get"``; ``"crash"`` raises; ``("slow", s)``
+    replies after ``s`` virtual seconds via a timer; ``"hold"`` never replies."""
+
+    def __init__(
+        self,
+        *,
+        mailbox_size: int = 8,
+        idle_s: float | None = None,
+        store: dict[str, int] | None = None,
+    ) -> None:
+        self.mailbox_size = mailbox_size
+        self.idle_s = idle_s
+        self.store = store  # stands in for what init loads durably
+
+    async def init(self, ctx: ActorContext) -> Counter:
+        loaded = self.store.get(ctx.name, 0) if self.store is not None else 0
+        return Counter(count=loaded)
+
+    def handle(self, state: Counter, msg: Any, now: float) -> Effects:
+        state.seen.append(msg)
+        if msg == "inc":
+            state.count += 1
+            if self.store is not None:
+                self.store["c"] = state.count
+            return ()
+        if isinstance(msg, Request):
+            body = msg.body
+            if body == "get":
+                return [Reply(msg.reply_to, state.count)]
+            if body == "crash":
+                raise RuntimeError("boom")
+            if body == "hold":
+                state.held.append(msg.reply_to)
+                return ()
+            if isinstance(body, tuple) and body[0] == "slow":
+                return [StartTimer(f"slow{len(state.seen)}", body[1], ("answer", msg.reply_to))]
+            if body == "stop":
+                return [Reply(msg.reply_to, "bye"), Stop()]
+            if isinstance(body, tuple) and body[0] == "fetch":
+
+                async def fetch() -> int:
+                    await trio.sleep(1.0)
+                    return int(body[1]) * 2
+
+                return [Await(fetch, lambda out, r=msg.reply_to: ("fetched", r, out.unwrap()))]
+        if isinstance(msg, tuple) and msg[0] == "answer":
+            return [Reply(msg[1], state.count)]
+        if isinstance(msg, tuple) and msg[0] == "fetched":
+            return [Reply(msg[1], msg[2])]
+        if msg == "crash":
+            raise RuntimeError("boom")
+        return ()
+
+
+async def test_send_call_and_statistics(autojump_clock: MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, CounterBehaviour(), name="c", world=WORLD)
+        for _ in range(5):
+            await ref.send("inc")
+        assert await ref.call("get") == 5
+        assert await ref.call(("fetch", 21)) == 42  # an awaited effect comes back as a message
+        stats = ref.statistics()
+        # the awaited result comes back as a message, so 8 were handled
+        assert stats.handled == 8 and stats.mailbox_bound == 8 and stats.mailbox_depth == 0
+        assert await ref.call("stop") == "bye"
+        assert (await ref.wait_stopped()).kind == "normal"
+        with pytest.raises(ActorDead):
+            await ref.send("inc")
+
+
+async def test_refs_and_reply_slots_cannot_be_made_by_hand() -> None:
+    with pytest.raises(TypeError):
+        ActorRef(None, object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ReplyTo(object())
+
+
+async def test_backpressure_and_try_send_on_full_mailbox(autojump_clock: MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, CounterBehaviour(mailbox_size=2), name="c", world=WORLD)
+        gate = trio.Event()
+
+        # fill the actor with a slow call so the mailbox backs up
+        async def slow() -> None:
+            await ref.call(("slow", 10.0), timeout_s=60)
+            gate.set()
+
+        nursery.start_soon(slow)
+        await trio.sleep(0.1)
+        assert ref.try_send("inc") and ref.try_send("inc")
+        assert not ref.try_send("inc")  # full: says no, never blocks
+        assert ref.statistics().mailbox_depth == 2
+        # a blocking send waits for room (the actor is busy? no: it keeps
+        # handling; but the bound holds while the mailbox is full)
+        t0 = trio.current_time()
+        sent = trio.Event()
+
+        async def sender() -> None:
+            for _ in range(3):
+                await ref.send("inc")
+            sent.set()
+
+        nursery.start_soon(sender)
+        with trio.fail_after(60):
+            await sent.wait()
+        assert ref.statistics().mailbox_depth <= 2
+        await gate.wait()
+        assert await ref.call("get") == 5
+        assert trio.current_time() - t0 >= 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_sender_blocks_while_mailbox_is_full(autojump_clock: MockClock) -> None:
+    """A producer faster than the actor is slowed to its pace, never buffered."""
+
+    class Slow(Behaviour[list[int]]):
+        mailbox_size = 3
+
+        async def init(self, ctx: ActorContext) -> list[int]:
+            return []
+
+        def handle(self, state: list[int], msg: Any, now: float) -> Effects:
+            if isinstance(msg, Request):
+                return [Reply(msg.reply_to, list(state))]
+            state.append(msg)
+            return ()
+
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, Slow(), name="s", world=WORLD)
+        depths = []
+
+        async def produce() -> None:
+            for i in range(50):
+                await ref.send(i)
+                depths.append(ref.statistics().mailbox_depth)
+
+        await produce()
+        assert max(depths) <= 3
+        assert await ref.call("get") == list(range(50))
+        nursery.cancel_scope.cancel()
+
+
+async def test_crash_while_call_waits_raises_in_caller(autojump_clock: MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, CounterBehaviour(), name="c", world=WORLD)
+        results: list[BaseException] = []
+
+        async def waiter() -> None:
+            try:
+                await ref.call("hold", timeout_s=60)
+            except ActorExited as exc:
+                results.append(exc)
+
+        nursery.start_soon(waiter)
+        nursery.start_soon(waiter)
+        await trio.sleep(1)
+        with pytest.raises(ActorExited):
+            await ref.call("crash")
+        await trio.sleep(0.1)
+        assert len(results) == 2 and all(r.reason.kind == "crash" for r in results)  # type: ignore[attr-defined]
+        reason = await ref.wait_stopped()
+        assert reason.kind == "crash" and isinstance(reason.error, RuntimeError)
+
+
+async def test_call_timeout_and_late_reply_dropped_and_counted(autojump_clock: MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, CounterBehaviour(), name="c", world=WORLD)
+        t0 = trio.current_time()
+        with pytest.raises(CallTimeout):
+            await ref.call(("slow", 3.0), timeout_s=1.0)
+        assert trio.current_time() - t0 == pytest.approx(1.0)
+        assert ref.statistics().late_replies == 0
+        await trio.sleep(5)  # the reply comes at t=3, to nobody
+        assert ref.statistics().late_replies == 1
+        assert await ref.call("get") == 0  # the actor is fine
+        nursery.cancel_scope.cancel()
+
+
+async def test_monitor_delivers_down_with_reason(autojump_clock: MockClock) -> None:
+    downs: list[Down] = []
+
+    class Watcher(Behaviour[None]):
+        def __init__(self, target: ActorRef) -> None:
+            self.target = target
+
+        async def init(self, ctx: ActorContext) -> None:
+            return None
+
+        def handle(self, state: None, msg: Any, now: float) -> Effects:
+            if msg == "watch":
+                return [Monitor(self.target)]
+            if isinstance(msg, Down):
+                downs.append(msg)
+            return ()
+
+    async with trio.open_nursery() as nursery:
+        target = await spawn(nursery, CounterBehaviour(), name="t", world=WORLD)
+        watcher = await spawn(nursery, Watcher(target), name="w", world=WORLD)
+        await watcher.send("watch")
+        await trio.sleep(0.1)
+        await target.send("crash")
+        with trio.fail_after(10):
+            while not downs:
+                await trio.sleep(0.01)
+        assert downs[0].ref is target and downs[0].reason.kind == "crash"
+        # monitoring something already dead gives noproc at once
+        target.monitor(watcher)
+        with trio.fail_after(10):
+            while len(downs) < 2:
+                await trio.sleep(0.01)
+        assert downs[1].reason.kind == "noproc"
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_runs_terminate(autojump_clock: MockClock) -> None:
+    terminated: list[str] = []
+
+    class T(CounterBehaviour):
+        def terminate(self, state: Counter, reason: Any) -> Effects:
+            terminated.append(reason.kind)
+            return ()
+
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, T(), name="c", world=WORLD)
+        assert (await ref.stop()).kind == "shutdown"
+    assert terminated == ["shutdown"]
+
+
+async def test_registry_spawns_on_first_use_and_concurrent_uses_share(
+    autojump_clock: MockClock,
+) -> None:
+    inits: list[str] = []
+
+    class Slow(CounterBehaviour):
+        async def init(self, ctx: ActorContext) -> Counter:
+            inits.append(ctx.name)
+            await trio.sleep(1.0)  # a slow load widens the race window
+            return Counter()
+
+    async with open_system(WORLD) as system:
+        system.define(Kind("session:", lambda name: Slow()))
+        refs: list[ActorRef] = []
+
+        async def use() -> None:
+            refs.append(await system.registry.get("session:a"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(use)
+        assert inits == ["session:a"]
+        assert len({id(r) for r in refs}) == 1
+        await system.registry.send("session:a", "inc")
+        assert await system.registry.call("session:a", "get") == 1
+
+
+async def test_passivation_and_respawn(autojump_clock: MockClock) -> None:
+    async with open_system(WORLD) as system:
+        system.define(Kind("session:", lambda name: CounterBehaviour(idle_s=30.0)))
+        first = await system.registry.get("session:a")
+        await first.send("inc")
+        await trio.sleep(20)
+        assert first.alive  # not idle long enough
+        await first.send("inc")  # resets the idle clock
+        await trio.sleep(29)
+        assert first.alive
+        reason = await first.wait_stopped()
+        assert reason.kind == "idle"
+        assert system.registry.lookup("session:a") is None
+        await trio.sleep(0.1)  # the supervisor drops the child once it has exited
+        assert "session:a" not in system.registry.supervisor.which_children()
+        second = await system.registry.get("session:a")  # spawned again
+        assert second is not first and second.alive
+        assert await system.registry.call("session:a", "get") == 0
+
+
+async def test_restart_rebuilds_state_from_what_init_loads(autojump_clock: MockClock) -> None:
+    store: dict[str, int] = {}
+
+    class Durable(CounterBehaviour):
+        async def init(self, ctx: ActorContext) -> Counter:
+            return Counter(count=store.get("c", 0))
+
+    async with open_system(WORLD) as system:
+        system.define(Kind("session:", lambda name: Durable(store=store)))
+        ref = await system.registry.get("session:a")
+        for _ in range(3):
+            await ref.send("inc")
+        await ref.call("get")
+        # the crashed incarnation's in-memory state is gone; what init loads stays
+        store["c"] = 10
+        with pytest.raises(ActorExited):
+            await ref.call("crash")
+        new = await system.registry.get("session:a")
+        assert new is not ref
+        assert await new.call("get") == 10
+        assert new.statistics().restarts == 1
+        snap = system.snapshot().to_json()
+        registry = next(c for c in snap["children"] if c["id"] == "registry")
+        child = registry["supervisor"]["children"][0]
+        assert child["id"] == "session:a" and child["restarts"] == 1
+        assert "boom" in child["last_crash"] and child["mailbox_bound"] == 8
+
+
+async def test_registry_send_resolves_names_in_effects(autojump_clock: MockClock) -> None:
+    class Forwarder(Behaviour[None]):
+        async def init(self, ctx: ActorContext) -> None:
+            return None
+
+        def handle(self, state: None, msg: Any, now: float) -> Effects:
+            return [Send("session:target", "inc")]
+
+    async with open_system(WORLD) as system:
+        system.define(Kind("session:", lambda name: CounterBehaviour()))
+        fwd = await system.spawn(Forwarder(), name="fwd", restart=Restart.TEMPORARY)
+        for _ in range(3):
+            await fwd.send("go")
+        await trio.sleep(0.1)
+        assert await system.registry.call("session:target", "get") == 3
