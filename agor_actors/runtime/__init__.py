@@ -10,6 +10,7 @@ from ._actor import FunctionBehaviour as FunctionBehaviour
 from ._actor import ReplyTo as ReplyTo
 from ._actor import actor_child_spec as actor_child_spec
 from ._actor import spawn as spawn
+from ._effects import Ask as Ask
 from ._effects import Await as Await
 from ._effects import CancelTimer as CancelTimer
 from ._effects import Down as Down

@@ -15,6 +15,7 @@ from supervisors import Child, ChildSpec, Restart
 
 from ..world import World
 from ._effects import (
+    Ask,
     Await,
     CancelTimer,
     Down,
@@ -397,6 +398,8 @@ class _Actor:
                 assert self._nursery is not None
                 self.inflight += 1
                 self._nursery.start_soon(self._await, effect)
+            elif isinstance(effect, Ask):
+                await self._ask(effect)
             elif isinstance(effect, Monitor):
                 effect.target.monitor(self.ref)
             elif isinstance(effect, Stop):
@@ -434,6 +437,35 @@ class _Actor:
                 self.mailbox.put_system(effect.msg)
                 if not effect.repeat:
                     return
+
+    async def _ask(self, effect: Ask) -> None:
+        assert self._nursery is not None
+        reply = ReplyTo(_PRIVATE)
+        try:
+            target = await self._resolve(effect.to)
+            await target.send(Request(effect.body, reply))
+        except Exception as exc:
+            self.mailbox.put_system(effect.then(outcome.Error(exc)))
+            return
+        self.inflight += 1
+        self._nursery.start_soon(self._wait_reply, effect, reply, target.name)
+
+    async def _wait_reply(self, effect: Ask, reply: ReplyTo, target: str) -> None:
+        result: outcome.Outcome[Any]
+        try:
+            with trio.move_on_after(effect.timeout_s):
+                await reply._event.wait()
+            if not reply._event.is_set():
+                reply._abandoned = True
+                result = outcome.Error(CallTimeout(f"{target}: no reply within {effect.timeout_s} s"))
+            elif reply._error is not None:
+                assert isinstance(reply._error, Exception)
+                result = outcome.Error(reply._error)
+            else:
+                result = outcome.Value(reply._value)
+        finally:
+            self.inflight -= 1
+        self.mailbox.put_system(effect.then(result))
 
     async def _await(self, effect: Await) -> None:
         result: outcome.Outcome[Any]

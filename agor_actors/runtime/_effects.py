@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ._actor import ActorRef, ReplyTo
 
 __all__ = [
+    "Ask",
     "Await",
     "CancelTimer",
     "Down",
@@ -126,11 +127,26 @@ class Await:
 
 
 @attrs.frozen
+class Ask:
+    """Request/reply between actors without blocking the asker: ``body`` is
+    sent as a :class:`Request` from the loop (so asks to one target keep
+    their order, and the loop waits for room: backpressure), and the reply
+    comes back as the message ``then(outcome)`` (an error outcome holds the
+    replied error, :class:`ActorExited`, ``ActorDead`` or ``CallTimeout``).
+    Counts against ``max_inflight``."""
+
+    to: ActorRef | str
+    body: Any
+    then: Callable[[outcome.Outcome[Any]], Any]
+    timeout_s: float = 30.0
+
+
+@attrs.frozen
 class Monitor:
     """Watch another actor: a :class:`Down` arrives when it stops."""
 
     target: ActorRef
 
 
-Effect = Reply | Send | TrySend | StartTimer | CancelTimer | Stop | Await | Monitor
+Effect = Reply | Send | TrySend | StartTimer | CancelTimer | Stop | Await | Ask | Monitor
 Effects = Iterable[Effect]
