@@ -1,0 +1,976 @@
+"""The synchronous store: group commit with per-room sequence allocation, and
+the reads the services and rooms need.
+
+Everything here is plain blocking code.  The daemon's store actor calls it
+through ``World.blocking.run(fn)`` (a worker thread for real, inline in the
+simulator); it never imports trio and never reads the clock or randomness:
+timestamps, ids and epochs come in from the caller.
+
+One :class:`SqlStore` is the single writer of its database.  It keeps each
+room's ``(epoch, head_seq)`` in memory after it has committed them, so that a
+group commit costs no read per room.  That memory only ever holds committed
+heads: a request that fails takes no seq (no gap, no reuse) and makes the
+store forget its rooms' heads, a group that fails as a whole makes it forget
+all of them, and the next write re-reads them from the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Final, Literal
+
+import attrs
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine.interfaces import DBAPICursor
+from sqlalchemy.pool import StaticPool
+
+from . import _schema as s
+from ._query import MAX_LIMIT, Page, check_value, compile_find, table_for, visible_columns
+from ._schema import (
+    ENTITY_TABLES,
+    SCHEMA_VERSION,
+    StoreConflict,
+    StoreError,
+    StoreIntegrityError,
+    StoreNotFound,
+    StoreQueryError,
+    StoreSchemaError,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "Append",
+    "EventDraft",
+    "EventPage",
+    "Expect",
+    "History",
+    "Mutation",
+    "SqlStore",
+    "StoredEvent",
+    "WriteRequest",
+    "WriteResult",
+    "hash_token",
+    "open_store",
+]
+
+_WRITE: Final = "agor_store_write"  # execution option: BEGIN IMMEDIATE on SQLite
+_HEAD_CACHE_MAX: Final = 65_536
+_SCHEMA_LOCK_KEY: Final = 0x41474F52  # pg_advisory_xact_lock key while creating the schema
+_SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+
+
+def hash_token(token: str) -> str:
+    """The ``users.token_hash`` of ``token`` (sha256, hex)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- records
+
+
+@attrs.frozen
+class Append:
+    """A mutation value that appends ``text`` to a text column (streaming
+    message chunks) instead of rewriting it: ``content = content || text``."""
+
+    text: str
+
+
+Op = Literal["insert", "update", "delete", "upsert"]
+
+
+@attrs.frozen
+class Mutation:
+    """One row change.  ``key`` holds exactly the table's primary key columns,
+    ``values`` the other columns.  ``update`` and ``delete`` of a missing row
+    fail the request with :class:`StoreNotFound`; ``upsert`` inserts or
+    updates ``values`` in place."""
+
+    op: Op
+    table: str
+    key: Mapping[str, Any]
+    values: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+def _check_merge_count(instance: object, attribute: object, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"merge_count must be at least 1, got {value}")
+
+
+@attrs.frozen
+class EventDraft:
+    """An event to append to ``room``'s log.  ``merge_count`` > 1 means it
+    stands for that many consecutive events (merged stream chunks): it takes
+    that many seqs, ``seq`` .. ``last_seq``."""
+
+    room: str
+    event: str
+    data: Any
+    ts: int
+    user_id: str | None = None
+    origin: str | None = None
+    temp_id: str | None = None
+    merge_count: int = attrs.field(default=1, validator=_check_merge_count)
+
+
+@attrs.frozen
+class History:
+    """A value that a per-field merge overwrote (or that lost), kept in
+    ``field_history``: ``hlc`` and ``writer`` stamp the value, the
+    ``overwritten_by_*`` fields the value that won."""
+
+    entity: str
+    entity_id: str
+    field: str
+    value: Any
+    hlc: str
+    writer: str
+    ts: int
+    overwritten_by_hlc: str | None = None
+    overwritten_by_writer: str | None = None
+
+
+@attrs.frozen
+class Expect:
+    """A precondition checked inside the transaction before the request's
+    mutations: ``table`` row ``key`` must exist and its ``column`` must equal
+    ``expected`` (compared in Python after loading, so JSON values compare by
+    value; JSON arrays load as lists).  Otherwise the request fails with
+    :class:`StoreConflict` carrying the current value (or
+    :class:`StoreNotFound`)."""
+
+    table: str
+    key: Mapping[str, Any]
+    column: str
+    expected: Any
+
+
+def _mutations(items: Iterable[Mutation]) -> tuple[Mutation, ...]:
+    return tuple(items)
+
+
+def _drafts(items: Iterable[EventDraft]) -> tuple[EventDraft, ...]:
+    return tuple(items)
+
+
+def _history(items: Iterable[History]) -> tuple[History, ...]:
+    return tuple(items)
+
+
+def _expects(items: Iterable[Expect]) -> tuple[Expect, ...]:
+    return tuple(items)
+
+
+@attrs.frozen
+class WriteRequest:
+    """What one caller wants written atomically: preconditions, then
+    mutations, then history rows, then events (seqs assigned in order)."""
+
+    mutations: tuple[Mutation, ...] = attrs.field(default=(), converter=_mutations)
+    events: tuple[EventDraft, ...] = attrs.field(default=(), converter=_drafts)
+    history: tuple[History, ...] = attrs.field(default=(), converter=_history)
+    expect: tuple[Expect, ...] = attrs.field(default=(), converter=_expects)
+
+
+@attrs.frozen
+class StoredEvent:
+    """An event as logged: ``seq`` in ``room`` (of ``epoch``); ``last_seq``
+    is the last seq a merged event covers, None for a plain one."""
+
+    room: str
+    epoch: str
+    seq: int
+    last_seq: int | None
+    event: str
+    data: Any
+    ts: int
+    user_id: str | None
+    origin: str | None
+    temp_id: str | None
+
+    @property
+    def end_seq(self) -> int:
+        """The last seq this event covers."""
+        return self.seq if self.last_seq is None else self.last_seq
+
+
+@attrs.frozen
+class WriteResult:
+    """A committed request: its events with their seqs, in request order."""
+
+    events: tuple[StoredEvent, ...]
+
+
+@attrs.frozen
+class EventPage:
+    """Events newest first; pass ``next_before_seq`` as ``before_seq`` for the
+    next (older) page; None when there is none."""
+
+    items: list[StoredEvent]
+    next_before_seq: int | None
+
+
+# --------------------------------------------------------------------------- internals
+
+
+@attrs.define
+class _Head:
+    epoch: str
+    base: int  # head_seq as committed before this group
+    head: int  # head_seq after the allocations so far
+    new: bool  # no rooms row yet
+
+
+class _GroupFailed(Exception):
+    """The transaction is lost: every request of the group gets ``error``."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _RetryIsolated(Exception):
+    """The group's combined event insert failed: redo the group with each
+    request's events inside its own savepoint, to find whose they were."""
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode("utf-8")
+
+
+def _event_row(event: StoredEvent) -> dict[str, Any]:
+    return {
+        "room": event.room,
+        "seq": event.seq,
+        "last_seq": event.last_seq,
+        "epoch": event.epoch,
+        "event": event.event,
+        "payload": event.data,
+        "ts": event.ts,
+        "user_id": event.user_id,
+        "origin": event.origin,
+        "temp_id": event.temp_id,
+    }
+
+
+def _stored(row: sa.Row[Any]) -> StoredEvent:
+    m = row._mapping
+    return StoredEvent(
+        room=m["room"],
+        epoch=m["epoch"],
+        seq=m["seq"],
+        last_seq=m["last_seq"],
+        event=m["event"],
+        data=m["payload"],
+        ts=m["ts"],
+        user_id=m["user_id"],
+        origin=m["origin"],
+        temp_id=m["temp_id"],
+    )
+
+
+def _request_error(exc: Exception) -> StoreError:
+    """The error a single request gets for ``exc``; other exceptions fail the group."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, sa.exc.IntegrityError | sa.exc.DataError):
+        return StoreIntegrityError(str(exc.orig))
+    if isinstance(exc, sa.exc.ProgrammingError | sa.exc.NotSupportedError):
+        # statement-level (e.g. a value PostgreSQL cannot cast): the savepoint isolates it
+        return StoreIntegrityError(str(exc.orig))
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        # a value the driver could not bind (e.g. not JSON-serializable)
+        return StoreIntegrityError(str(exc.orig) if exc.orig is not None else str(exc))
+    raise exc
+
+
+def _entity_table(name: object) -> sa.Table:
+    if not isinstance(name, str) or name not in ENTITY_TABLES:
+        raise StoreQueryError(
+            f"cannot write table {name!r}; writable: {', '.join(sorted(ENTITY_TABLES))}"
+        )
+    return ENTITY_TABLES[name]
+
+
+def _check_key(table: sa.Table, key: Mapping[str, Any]) -> None:
+    pk = {c.name for c in table.primary_key.columns}
+    if not isinstance(key, Mapping) or set(key) != pk:
+        raise StoreQueryError(
+            f"key of {table.name} must have exactly the columns {sorted(pk)}, got {key!r}"
+        )
+    for name, value in key.items():
+        check_value(table.c[name], value)
+
+
+def _key_clause(table: sa.Table, key: Mapping[str, Any]) -> list[sa.ColumnElement[bool]]:
+    _check_key(table, key)
+    return [table.c[name] == value for name, value in key.items()]
+
+
+_SAVEPOINT: Final = "agor_request"
+
+
+@contextmanager
+def _raw_cursor(conn: sa.Connection) -> Iterator[DBAPICursor]:
+    dbapi_connection = conn.connection.dbapi_connection
+    if dbapi_connection is None:  # pragma: no cover - only after invalidation
+        raise StoreUnavailable("the database connection was invalidated")
+    cursor = dbapi_connection.cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+@contextmanager
+def _savepoint(cursor: DBAPICursor) -> Iterator[None]:
+    """One request's savepoint, on the DB-API cursor of the group's
+    connection rather than through ``Connection.begin_nested()``: the same
+    statements, without SQLAlchemy compiling and dispatching them per request
+    (about 40% of the cost of a group commit of single-row requests)."""
+    _raw(cursor, f"SAVEPOINT {_SAVEPOINT}")
+    try:
+        yield
+    except BaseException as exc:
+        # If the database already abandoned the whole transaction (SQLite
+        # does on a full disk or an I/O error), this fails: the group fails.
+        _raw(cursor, f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", cause=exc)
+        _raw(cursor, f"RELEASE SAVEPOINT {_SAVEPOINT}", cause=exc)
+        raise
+    _raw(cursor, f"RELEASE SAVEPOINT {_SAVEPOINT}")
+
+
+def _raw(cursor: DBAPICursor, statement: str, cause: BaseException | None = None) -> None:
+    try:
+        cursor.execute(statement)
+    except Exception as exc:
+        message = f"the transaction was lost ({exc})"
+        if cause is not None:
+            message += f" after: {getattr(cause, 'orig', None) or cause}"
+        raise _GroupFailed(StoreUnavailable(message)) from exc
+
+
+def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: bool) -> None:
+    if not isinstance(values, Mapping):
+        raise StoreQueryError(f"values for {table.name} must be a mapping")
+    pk = {c.name for c in table.primary_key.columns}
+    for name in values:
+        if not isinstance(name, str) or name not in table.c:
+            raise StoreQueryError(f"unknown column {name!r} in {table.name}")
+        if name in pk and not allow_key:
+            raise StoreQueryError(f"{table.name}.{name} is part of the key; it cannot change")
+
+
+def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
+    """Each value has its column's Python type (JSON columns take anything),
+    so that SQLite, which would store anything, refuses what PostgreSQL would."""
+    for name, value in values.items():
+        column = table.c[name]
+        if isinstance(value, Append):
+            if not isinstance(column.type, sa.String) or not isinstance(value.text, str):
+                raise StoreQueryError(f"cannot append to {table.name}.{name}: not a text column")
+        elif isinstance(column.type, sa.JSON):
+            _check_json(value, f"{table.name}.{name}")
+        else:
+            check_value(column, value)
+
+
+def _check_json(value: Any, what: str) -> None:
+    """Refuse a value that cannot be stored as JSON before any driver sees
+    it (psycopg serializes inside the driver, where a failure is a bare
+    ``TypeError``)."""
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        raise StoreIntegrityError(f"{what} is not JSON: {exc}") from exc
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values for an INSERT: an :class:`Append` inserts its text."""
+    return {k: (v.text if isinstance(v, Append) else v) for k, v in values.items()}
+
+
+def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Append):
+            column = table.c[name]
+            out[name] = sa.func.coalesce(column, "") + sa.literal(value.text, sa.Text)
+        else:
+            out[name] = value
+    return out
+
+
+def _same(current: Any, expected: Any) -> bool:
+    """Whether a loaded column value equals an expected one: JSON containers
+    compare as JSON (tuples as lists), booleans never equal numbers."""
+    if isinstance(expected, list | tuple | dict):
+        try:
+            expected = orjson.loads(orjson.dumps(expected))
+        except TypeError:
+            return False
+    if isinstance(current, bool) or isinstance(expected, bool):
+        return current is expected
+    return bool(current == expected)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SqlStore:
+    """The store over one SQLAlchemy engine (use :func:`open_store`).
+
+    Thread-safe: writes are serialized by a lock (there is one writer); reads
+    may run in other threads on their own connections, except for an
+    in-memory database, where every call takes the same lock.
+    """
+
+    def __init__(self, engine: sa.Engine, *, new_epoch: Callable[[], str]) -> None:
+        self._engine = engine
+        self._new_epoch = new_epoch
+        self._heads: dict[str, tuple[str, int]] = {}
+        self._write_lock = threading.Lock()
+        self._single_connection = isinstance(engine.pool, StaticPool)
+        if engine.dialect.name == "postgresql":
+            self._upsert_insert: Callable[[sa.Table], Any] = pg_dialect.insert
+        else:
+            self._upsert_insert = sqlite_dialect.insert
+        self._ensure_schema()
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        """Close every pooled connection.  The store is unusable afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _read_guard(self) -> AbstractContextManager[Any]:
+        return self._write_lock if self._single_connection else nullcontext()
+
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        try:
+            with self._read_guard(), self._engine.connect() as conn:
+                yield conn
+        except sa.exc.DataError as exc:
+            raise StoreQueryError(f"a value cannot be compared: {exc.orig}") from exc
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreUnavailable(str(exc.orig)) from exc
+
+    @contextmanager
+    def _writing(self) -> Iterator[sa.Connection]:
+        with self._engine.connect().execution_options(**{_WRITE: True}) as conn, conn.begin():
+            yield conn
+
+    def _ensure_schema(self) -> None:
+        with self._write_lock, self._writing() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            version: int | None = None
+            if sa.inspect(conn).has_table(s.meta.name):
+                raw = conn.execute(
+                    sa.select(s.meta.c.value).where(s.meta.c.key == "schema_version")
+                ).scalar_one_or_none()
+                if raw is not None:
+                    try:
+                        version = int(raw)
+                    except ValueError:
+                        raise StoreSchemaError(f"schema_version {raw!r} is not a number") from None
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreSchemaError(
+                    f"the database has schema version {version}, newer than this "
+                    f"agor-actors understands ({SCHEMA_VERSION}); upgrade agor-actors"
+                )
+            if version is not None and version < SCHEMA_VERSION:
+                raise StoreSchemaError(
+                    f"the database has schema version {version}; no migration to "
+                    f"{SCHEMA_VERSION} exists"
+                )
+            s.metadata.create_all(conn)
+            if version is None:
+                conn.execute(
+                    s.meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
+
+    def schema_version(self) -> int:
+        with self._reading() as conn:
+            raw = conn.execute(
+                sa.select(s.meta.c.value).where(s.meta.c.key == "schema_version")
+            ).scalar_one()
+        return int(raw)
+
+    # ----------------------------------------------------------------- writes
+
+    def commit(self, requests: Sequence[WriteRequest]) -> list[WriteResult | StoreError]:
+        """Commit ``requests`` in one transaction, each in its own savepoint:
+        a request that fails gets its :class:`StoreError` and changes nothing,
+        the others commit.  Events get their room's next seqs, gap-free.  If
+        the transaction fails as a whole, every request gets the same
+        :class:`StoreUnavailable` (or other :class:`StoreError`) and nothing
+        is written.  The results are in the order of ``requests``."""
+        if not requests:
+            return []
+        with self._write_lock:
+            try:
+                try:
+                    results, heads = self._commit_group(requests, isolate_events=False)
+                except _RetryIsolated:
+                    results, heads = self._commit_group(requests, isolate_events=True)
+            except (sa.exc.SQLAlchemyError, StoreError, _GroupFailed) as exc:
+                self._heads.clear()
+                if isinstance(exc, _GroupFailed):
+                    error = exc.error
+                elif isinstance(exc, StoreError):
+                    error = exc
+                else:
+                    error = _group_error(exc)
+                return [error] * len(requests)
+            for room, head in heads.items():
+                self._remember(room, head.epoch, head.head)
+            return results
+
+    def _remember(self, room: str, epoch: str, head_seq: int) -> None:
+        heads = self._heads
+        if room not in heads and len(heads) >= _HEAD_CACHE_MAX:
+            del heads[next(iter(heads))]
+        heads[room] = (epoch, head_seq)
+
+    def _commit_group(
+        self, requests: Sequence[WriteRequest], *, isolate_events: bool
+    ) -> tuple[list[WriteResult | StoreError], dict[str, _Head]]:
+        results: list[WriteResult | StoreError] = []
+        group: dict[str, _Head] = {}
+        pending: list[dict[str, Any]] = []
+        with self._writing() as conn, _raw_cursor(conn) as cursor:
+            for request in requests:
+                local: dict[str, _Head] = {}
+                stored: list[StoredEvent] = []
+                needs_savepoint = bool(
+                    request.expect
+                    or request.mutations
+                    or request.history
+                    or (isolate_events and request.events)
+                )
+                try:
+                    if needs_savepoint:
+                        with _savepoint(cursor):
+                            self._apply(conn, request)
+                            stored = self._allocate(conn, request.events, group, local)
+                            if isolate_events and stored:
+                                conn.execute(s.events.insert(), [_event_row(e) for e in stored])
+                    else:
+                        stored = self._allocate(conn, request.events, group, local)
+                except (StoreError, sa.exc.StatementError) as exc:
+                    results.append(_request_error(exc))
+                    # Forget what this store believed about the request's
+                    # rooms: if the failure was a seq already taken (another
+                    # writer), the next write re-reads the head.
+                    for room in local:
+                        self._heads.pop(room, None)
+                    continue
+                group.update(local)
+                results.append(WriteResult(tuple(stored)))
+                if not isolate_events:
+                    pending.extend(_event_row(e) for e in stored)
+            if pending:
+                try:
+                    conn.execute(s.events.insert(), pending)
+                except sa.exc.StatementError as exc:
+                    raise _RetryIsolated() from exc
+            self._write_heads(conn, group)
+        return results, group
+
+    def _apply(self, conn: sa.Connection, request: WriteRequest) -> None:
+        for expect in request.expect:
+            self._check(conn, expect)
+        for mutation in request.mutations:
+            self._mutate(conn, mutation)
+        if request.history:
+            for h in request.history:
+                _check_json(h.value, f"history of {h.entity}.{h.field}")
+            conn.execute(
+                s.field_history.insert(),
+                [attrs.asdict(h, recurse=False) for h in request.history],
+            )
+
+    def _check(self, conn: sa.Connection, expect: Expect) -> None:
+        table = _entity_table(expect.table)
+        where = _key_clause(table, expect.key)
+        if expect.column not in table.c:
+            raise StoreQueryError(f"unknown column {expect.column!r} in {table.name}")
+        row = conn.execute(
+            sa.select(table.c[expect.column]).where(*where).with_for_update()
+        ).one_or_none()
+        if row is None:
+            raise StoreNotFound(table.name, dict(expect.key))
+        current = row[0]
+        if not _same(current, expect.expected):
+            raise StoreConflict(
+                table.name, dict(expect.key), expect.column, expect.expected, current
+            )
+
+    def _mutate(self, conn: sa.Connection, mutation: Mutation) -> None:
+        table = _entity_table(mutation.table)
+        op = mutation.op
+        if op == "insert" or op == "upsert":
+            _check_key(table, mutation.key)
+            _check_columns(table, mutation.values, allow_key=False)
+            _check_values(table, {**mutation.key, **mutation.values})
+            row = {**mutation.key, **_plain(mutation.values)}
+            if op == "insert":
+                conn.execute(table.insert(), row)
+                return
+            stmt = self._upsert_insert(table).values(row)
+            index = [c.name for c in table.primary_key.columns]
+            if mutation.values:
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=index, set_=_set_clause(table, mutation.values)
+                    )
+                )
+            else:
+                conn.execute(stmt.on_conflict_do_nothing(index_elements=index))
+        elif op == "update":
+            where = _key_clause(table, mutation.key)
+            _check_columns(table, mutation.values, allow_key=False)
+            _check_values(table, mutation.values)
+            if mutation.values:
+                result = conn.execute(
+                    sa.update(table).where(*where).values(_set_clause(table, mutation.values))
+                )
+                found = result.rowcount == 1
+            else:
+                found = conn.execute(sa.select(sa.literal(1)).where(*where)).first() is not None
+            if not found:
+                raise StoreNotFound(table.name, dict(mutation.key))
+        elif op == "delete":
+            where = _key_clause(table, mutation.key)
+            if mutation.values:
+                raise StoreQueryError("a delete takes no values")
+            if conn.execute(sa.delete(table).where(*where)).rowcount != 1:
+                raise StoreNotFound(table.name, dict(mutation.key))
+        else:
+            raise StoreQueryError(f"unknown mutation op {op!r}")
+
+    def _allocate(
+        self,
+        conn: sa.Connection,
+        drafts: Sequence[EventDraft],
+        group: dict[str, _Head],
+        local: dict[str, _Head],
+    ) -> list[StoredEvent]:
+        stored: list[StoredEvent] = []
+        for draft in drafts:
+            _check_json(draft.data, f"data of event {draft.event!r}")
+            head = local.get(draft.room)
+            if head is None:
+                head = self._load_head(conn, draft.room, group)
+                local[draft.room] = head
+            seq = head.head + 1
+            last = seq + draft.merge_count - 1
+            head.head = last
+            stored.append(
+                StoredEvent(
+                    room=draft.room,
+                    epoch=head.epoch,
+                    seq=seq,
+                    last_seq=last if draft.merge_count > 1 else None,
+                    event=draft.event,
+                    data=draft.data,
+                    ts=draft.ts,
+                    user_id=draft.user_id,
+                    origin=draft.origin,
+                    temp_id=draft.temp_id,
+                )
+            )
+        return stored
+
+    def _load_head(self, conn: sa.Connection, room: str, group: dict[str, _Head]) -> _Head:
+        """A copy of ``room``'s head as of this group so far, for one request
+        to advance (the copy is dropped if the request fails)."""
+        head = group.get(room)
+        if head is not None:
+            return attrs.evolve(head)
+        cached = self._heads.get(room)
+        if cached is not None:
+            return _Head(epoch=cached[0], base=cached[1], head=cached[1], new=False)
+        row = conn.execute(
+            sa.select(s.rooms.c.epoch, s.rooms.c.head_seq).where(s.rooms.c.room == room)
+        ).one_or_none()
+        if row is None:
+            return _Head(epoch=self._new_epoch(), base=0, head=0, new=True)
+        return _Head(epoch=row.epoch, base=row.head_seq, head=row.head_seq, new=False)
+
+    def _write_heads(self, conn: sa.Connection, group: Mapping[str, _Head]) -> None:
+        created = [
+            {"room": room, "epoch": h.epoch, "head_seq": h.head}
+            for room, h in group.items()
+            if h.new
+        ]
+        moved = [
+            {"r": room, "e": h.epoch, "b": h.base, "h": h.head}
+            for room, h in group.items()
+            if not h.new
+        ]
+        if created:
+            conn.execute(s.rooms.insert(), created)
+        if moved:
+            r = s.rooms.c
+            result = conn.execute(
+                sa.update(s.rooms)
+                .where(
+                    r.room == sa.bindparam("r"),
+                    r.epoch == sa.bindparam("e"),
+                    r.head_seq == sa.bindparam("b"),
+                )
+                .values(head_seq=sa.bindparam("h")),
+                moved,
+            )
+            if result.rowcount != len(moved):
+                raise StoreUnavailable(
+                    "a room's head moved under this store: is another writer using the database?"
+                )
+
+    def reset_room(self, room: str, new_epoch: str) -> None:
+        """Reset ``room``'s log: its events are deleted, its epoch becomes
+        ``new_epoch`` and its seqs start again at 1."""
+        with self._write_lock:
+            try:
+                with self._writing() as conn:
+                    conn.execute(sa.delete(s.events).where(s.events.c.room == room))
+                    stmt = self._upsert_insert(s.rooms).values(
+                        room=room, epoch=new_epoch, head_seq=0
+                    )
+                    conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["room"], set_={"epoch": new_epoch, "head_seq": 0}
+                        )
+                    )
+            except sa.exc.SQLAlchemyError as exc:
+                self._heads.pop(room, None)
+                raise _group_error(exc) from exc
+            self._remember(room, new_epoch, 0)
+
+    # ----------------------------------------------------------------- reads: rooms
+
+    def room_head(self, room: str) -> tuple[str, int] | None:
+        """``(epoch, head_seq)`` of ``room``, or None if nothing was ever
+        written to it (callers treat that as epoch-less, head 0)."""
+        cached = self._heads.get(room)
+        if cached is not None:
+            return cached
+        with self._reading() as conn:
+            row = conn.execute(
+                sa.select(s.rooms.c.epoch, s.rooms.c.head_seq).where(s.rooms.c.room == room)
+            ).one_or_none()
+        return None if row is None else (row.epoch, row.head_seq)
+
+    def events_since(self, room: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
+        """Events of ``room`` after ``after_seq`` in seq order, at most
+        ``limit``.  A merged event that covers ``after_seq + 1`` is included
+        even though its first seq is not after ``after_seq``."""
+        if limit < 1:
+            return []
+        e = s.events.c
+        with self._reading() as conn:
+            start = after_seq + 1
+            straddle = conn.execute(
+                sa.select(e.seq, e.last_seq)
+                .where(e.room == room, e.seq <= after_seq)
+                .order_by(e.seq.desc())
+                .limit(1)
+            ).one_or_none()
+            if (
+                straddle is not None
+                and straddle.last_seq is not None
+                and straddle.last_seq > after_seq
+            ):
+                start = straddle.seq
+            rows = conn.execute(
+                sa.select(s.events)
+                .where(e.room == room, e.seq >= start)
+                .order_by(e.seq)
+                .limit(limit)
+            ).all()
+        return [_stored(row) for row in rows]
+
+    def events_page(
+        self,
+        room: str,
+        *,
+        events: Sequence[str] | None = None,
+        user_id: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> EventPage:
+        """A page of ``room``'s log newest first (the activity log),
+        optionally only the named ``events`` and/or those of ``user_id``."""
+        if not 1 <= limit <= MAX_LIMIT:
+            raise StoreQueryError(f"limit must be from 1 to {MAX_LIMIT}, got {limit!r}")
+        e = s.events.c
+        where: list[sa.ColumnElement[bool]] = [e.room == room]
+        if events is not None:
+            where.append(e.event.in_(list(events)))
+        if user_id is not None:
+            where.append(e.user_id == user_id)
+        if before_seq is not None:
+            where.append(e.seq < before_seq)
+        with self._reading() as conn:
+            rows = conn.execute(
+                sa.select(s.events).where(*where).order_by(e.seq.desc()).limit(limit + 1)
+            ).all()
+        items = [_stored(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return EventPage(items=items, next_before_seq=items[-1].seq if more else None)
+
+    # ----------------------------------------------------------------- reads: entities
+
+    def get(self, table: str, id: str | int | Mapping[str, Any]) -> dict[str, Any] | None:
+        """The row of ``table`` with primary key ``id`` (a mapping for a
+        composite key such as ``board_members``), or None."""
+        t = table_for(table)
+        pk = [c.name for c in t.primary_key.columns]
+        key: Mapping[str, Any]
+        if isinstance(id, Mapping):
+            key = id
+        elif len(pk) == 1:
+            key = {pk[0]: id}
+        else:
+            raise StoreQueryError(f"{t.name} has a composite key {pk}: pass a mapping")
+        where = _key_clause(t, key)
+        with self._reading() as conn:
+            row = conn.execute(sa.select(*visible_columns(t)).where(*where)).one_or_none()
+        return None if row is None else dict(row._mapping)
+
+    def find(self, table: str, query: Mapping[str, Any] | None = None) -> Page:
+        """Rows of ``table`` matching a Feathers-like ``query`` (see
+        ``agor_actors.store._query``), one page at a time."""
+        compiled = compile_find(table_for(table), query)
+        with self._reading() as conn:
+            total = None
+            if compiled.count_stmt is not None:
+                total = conn.execute(compiled.count_stmt).scalar_one()
+            if compiled.limit == 0:
+                return Page(items=[], next_cursor=None, total=total)
+            rows = conn.execute(compiled.stmt).all()
+        page = rows[: compiled.limit]
+        more = len(rows) > compiled.limit
+        return Page(
+            items=[compiled.item(row) for row in page],
+            next_cursor=compiled.cursor_for(page[-1]) if more else None,
+            total=total,
+        )
+
+    def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        """The user whose token hashes to ``token_hash`` (see :func:`hash_token`)."""
+        u = s.users
+        with self._reading() as conn:
+            row = conn.execute(
+                sa.select(*visible_columns(u)).where(u.c.token_hash == token_hash)
+            ).one_or_none()
+        return None if row is None else dict(row._mapping)
+
+    def board_members(self, board_id: str) -> list[dict[str, Any]]:
+        """The members of ``board_id`` (board_id, user_id, role), by user id."""
+        m = s.board_members
+        with self._reading() as conn:
+            rows = conn.execute(
+                sa.select(m).where(m.c.board_id == board_id).order_by(m.c.user_id)
+            ).all()
+        return [dict(row._mapping) for row in rows]
+
+
+def _group_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
+    if isinstance(exc, sa.exc.IntegrityError | sa.exc.DataError):
+        return StoreIntegrityError(str(exc.orig))
+    if isinstance(exc, sa.exc.DBAPIError):
+        return StoreUnavailable(str(exc.orig))
+    return StoreUnavailable(str(exc))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_store(url: str, *, new_epoch: Callable[[], str], echo: bool = False) -> SqlStore:
+    """Open (and on first use create) the store at ``url``:
+
+    - ``sqlite:///path/to/agor.db``: a file, in WAL mode, synchronous=NORMAL,
+      foreign keys on, a busy timeout;
+    - ``sqlite://``: in memory, one shared connection (the simulator);
+    - ``postgresql+psycopg://user@host/db``.
+
+    ``new_epoch`` draws the epoch of a room written for the first time (the
+    store reads no randomness itself).  Raises :class:`StoreSchemaError` for
+    a database of a newer schema version, :class:`StoreUnavailable` if the
+    database cannot be reached.
+    """
+    parsed = sa.make_url(url)
+    kwargs: dict[str, Any] = {
+        "echo": echo,
+        "json_serializer": _dumps,
+        "json_deserializer": orjson.loads,
+    }
+    if parsed.get_backend_name() == "sqlite":
+        in_memory = parsed.database in (None, "", ":memory:")
+        if in_memory:
+            kwargs["poolclass"] = StaticPool
+        kwargs["connect_args"] = {"check_same_thread": False}
+        engine = sa.create_engine(parsed, **kwargs)
+        _configure_sqlite(engine, wal=not in_memory)
+    elif parsed.get_backend_name() == "postgresql":
+        engine = sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
+    else:
+        raise StoreQueryError(f"unsupported database URL {parsed.render_as_string()!r}")
+    try:
+        return SqlStore(engine, new_epoch=new_epoch)
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        raise _group_error(exc) from exc
+    except BaseException:
+        engine.dispose()
+        raise
+
+
+def _configure_sqlite(engine: sa.Engine, *, wal: bool) -> None:
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (its legacy transaction
+        # control breaks SAVEPOINT); SQLAlchemy's "begin" event below emits it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if wal:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        # The writer takes the write lock up front: no deadlock-prone upgrade
+        # from a read lock, and busy_timeout applies.  Readers stay deferred.
+        if conn.get_execution_options().get(_WRITE):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

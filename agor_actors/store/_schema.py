@@ -1,0 +1,316 @@
+"""The store's vocabulary: the tables (SQLAlchemy Core, one ``MetaData``), the
+schema version and the typed errors every store call may return or raise.
+
+Timestamps are integer milliseconds since the Unix epoch, passed in by the
+caller; nothing here reads the clock.  JSON columns are ``JSON`` on SQLite and
+``JSONB`` on PostgreSQL (``JSONB`` compares by value, which the preconditions
+and ``upsert`` rely on less than one might think: comparisons happen in Python
+after loading, see ``_backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+__all__ = [
+    "BOARD_ROLES",
+    "ENTITY_TABLES",
+    "READABLE_TABLES",
+    "SCHEMA_VERSION",
+    "SECRET_COLUMNS",
+    "SESSION_STATUSES",
+    "TASK_STATUSES",
+    "StoreConflict",
+    "StoreError",
+    "StoreIntegrityError",
+    "StoreNotFound",
+    "StoreQueryError",
+    "StoreSchemaError",
+    "StoreUnavailable",
+    "board_members",
+    "boards",
+    "events",
+    "field_history",
+    "messages",
+    "meta",
+    "metadata",
+    "rooms",
+    "sessions",
+    "tasks",
+    "tool_calls",
+    "users",
+]
+
+#: Bumped whenever the tables change; a database stamped with a newer version
+#: is refused (an older daemon must not write into a newer schema).
+SCHEMA_VERSION: Final = 1
+
+SESSION_STATUSES: Final = ("idle", "running", "awaiting_permission", "completed", "failed")
+TASK_STATUSES: Final = ("created", "running", "completed", "failed", "stopped")
+BOARD_ROLES: Final = ("owner", "editor", "viewer")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """Base of every error the store returns (from ``commit``) or raises."""
+
+
+class StoreConflict(StoreError):
+    """A precondition (``Expect``) did not hold: ``current`` is the value the
+    column has now, for the caller's ``conflict`` error."""
+
+    def __init__(
+        self, table: str, key: dict[str, Any], column: str, expected: Any, current: Any
+    ) -> None:
+        super().__init__(
+            f"conflict on {table} {key!r}: {column} is {current!r}, expected {expected!r}"
+        )
+        self.table = table
+        self.key = key
+        self.column = column
+        self.expected = expected
+        self.current = current
+
+
+class StoreNotFound(StoreError):
+    """The row a mutation or precondition names does not exist."""
+
+    def __init__(self, table: str, key: dict[str, Any]) -> None:
+        super().__init__(f"no row in {table} with {key!r}")
+        self.table = table
+        self.key = key
+
+
+class StoreIntegrityError(StoreError):
+    """The database refused the data: a duplicate key, a missing referenced
+    row, a value outside a column's allowed set, a value it cannot store."""
+
+
+class StoreQueryError(StoreError):
+    """A query or mutation names an unknown table, column or operator, or has
+    a malformed value; callers answer it as a bad request."""
+
+
+class StoreSchemaError(StoreError):
+    """The database's schema cannot be used by this version of the code."""
+
+
+class StoreUnavailable(StoreError):
+    """The database failed as a whole (I/O error, lost connection, disk full):
+    the transaction was rolled back and nothing of it is visible."""
+
+
+# --------------------------------------------------------------------------- tables
+
+metadata: Final = sa.MetaData()
+
+JSONType: Final = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Ms = sa.BigInteger  # integer milliseconds since the Unix epoch
+
+
+def _in(column: str, values: tuple[str, ...], name: str) -> sa.CheckConstraint:
+    allowed = ", ".join(f"'{v}'" for v in values)
+    return sa.CheckConstraint(f"{column} IN ({allowed})", name=name)
+
+
+def _empty_clocks() -> dict[str, Any]:
+    return {}
+
+
+def _revisioned() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("created_at", Ms, nullable=False),
+        sa.Column("updated_at", Ms, nullable=False),
+        sa.Column("rev", sa.BigInteger, nullable=False, server_default="0"),
+        # per-field hybrid logical clock stamps: {field: stamp}
+        sa.Column("clocks", JSONType, nullable=False, default=_empty_clocks),
+    ]
+
+
+meta: Final = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
+
+users: Final = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("name", sa.String, nullable=False),
+    # sha256 hex of the user's token; never returned by get/find
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("is_owner", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", Ms, nullable=False),
+)
+
+boards: Final = sa.Table(
+    "boards",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("owner_id", sa.String, sa.ForeignKey("users.id"), nullable=True, index=True),
+    *_revisioned(),
+)
+
+board_members: Final = sa.Table(
+    "board_members",
+    metadata,
+    sa.Column(
+        "board_id", sa.String, sa.ForeignKey("boards.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column(
+        "user_id",
+        sa.String,
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        primary_key=True,
+        index=True,
+    ),
+    sa.Column("role", sa.String, nullable=False),
+    _in("role", BOARD_ROLES, "ck_board_members_role"),
+)
+
+sessions: Final = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    # a board with sessions cannot be deleted: the sessions go first (each
+    # with its own event), so nothing disappears from a client silently
+    sa.Column("board_id", sa.String, sa.ForeignKey("boards.id"), nullable=True, index=True),
+    sa.Column("title", sa.String, nullable=False, server_default=""),
+    sa.Column("status", sa.String, nullable=False, server_default="idle"),
+    sa.Column("agent", sa.String, nullable=True),
+    sa.Column("git_state", JSONType, nullable=True),
+    sa.Column("owner_id", sa.String, sa.ForeignKey("users.id"), nullable=True),
+    sa.Column(
+        "locked_by", sa.String, sa.ForeignKey("users.id", ondelete="SET NULL"), nullable=True
+    ),
+    sa.Column("permissions", JSONType, nullable=True),
+    *_revisioned(),
+    _in("status", SESSION_STATUSES, "ck_sessions_status"),
+)
+
+tasks: Final = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column(
+        "session_id", sa.String, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("prompt", sa.Text, nullable=False, server_default=""),
+    sa.Column("status", sa.String, nullable=False, server_default="created"),
+    sa.Column("result", JSONType, nullable=True),
+    sa.Column("error", JSONType, nullable=True),
+    *_revisioned(),
+    _in("status", TASK_STATUSES, "ck_tasks_status"),
+    sa.Index("ix_tasks_session_created", "session_id", "created_at"),
+)
+
+messages: Final = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column(
+        "session_id", sa.String, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column(
+        "task_id",
+        sa.String,
+        sa.ForeignKey("tasks.id", ondelete="CASCADE"),
+        nullable=True,
+        index=True,
+    ),
+    sa.Column("role", sa.String, nullable=False),
+    sa.Column("content", sa.Text, nullable=False, server_default=""),
+    sa.Column("streaming", sa.Boolean, nullable=False, default=False),
+    *_revisioned(),
+    sa.Index("ix_messages_session_created", "session_id", "created_at"),
+)
+
+tool_calls: Final = sa.Table(
+    "tool_calls",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column(
+        "session_id", sa.String, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column(
+        "task_id",
+        sa.String,
+        sa.ForeignKey("tasks.id", ondelete="CASCADE"),
+        nullable=True,
+        index=True,
+    ),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("input", JSONType, nullable=True),
+    sa.Column("output", JSONType, nullable=True),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("updated_at", Ms, nullable=False),
+    sa.Index("ix_tool_calls_session_created", "session_id", "created_at"),
+)
+
+# One row per room: the epoch of its log and the last seq handed out.
+rooms: Final = sa.Table(
+    "rooms",
+    metadata,
+    sa.Column("room", sa.String, primary_key=True),
+    sa.Column("epoch", sa.String, nullable=False),
+    sa.Column("head_seq", sa.BigInteger, nullable=False),
+)
+
+# The per-room event log (and the activity log, read newest first).  An event
+# merged from several (``last_seq`` not null) covers seq..last_seq; the seqs
+# after the first have no row of their own.
+events: Final = sa.Table(
+    "events",
+    metadata,
+    sa.Column("room", sa.String, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=True),
+    sa.Column("epoch", sa.String, nullable=False),
+    sa.Column("event", sa.String, nullable=False),
+    sa.Column("payload", JSONType, nullable=True),
+    sa.Column("ts", Ms, nullable=False),
+    sa.Column("user_id", sa.String, nullable=True),
+    sa.Column("origin", sa.String, nullable=True),
+    sa.Column("temp_id", sa.String, nullable=True),
+    sa.Index("ix_events_room_user_seq", "room", "user_id", "seq"),
+)
+
+# Every value a per-field merge overwrote, with both clocks, so nothing is
+# silently lost.  ``hlc`` stamps are sortable strings chosen by the caller.
+field_history: Final = sa.Table(
+    "field_history",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("entity", sa.String, nullable=False),
+    sa.Column("entity_id", sa.String, nullable=False),
+    sa.Column("field", sa.String, nullable=False),
+    sa.Column("value", JSONType, nullable=True),
+    sa.Column("hlc", sa.String, nullable=False),
+    sa.Column("writer", sa.String, nullable=False),
+    sa.Column("overwritten_by_hlc", sa.String, nullable=True),
+    sa.Column("overwritten_by_writer", sa.String, nullable=True),
+    sa.Column("ts", Ms, nullable=False),
+    sa.Index("ix_field_history_entity", "entity", "entity_id", "field", "id"),
+)
+
+#: Tables that mutations, ``get`` and ``find`` may name.  ``rooms`` and
+#: ``events`` belong to the store's sequence allocation; ``meta`` to the schema.
+ENTITY_TABLES: Final[dict[str, sa.Table]] = {
+    t.name: t for t in (users, boards, board_members, sessions, tasks, messages, tool_calls)
+}
+
+#: Tables that ``get`` and ``find`` may read: the entities and the history.
+READABLE_TABLES: Final[dict[str, sa.Table]] = {**ENTITY_TABLES, "field_history": field_history}
+
+#: Columns that ``get``/``find`` never return nor filter on.
+SECRET_COLUMNS: Final[dict[str, frozenset[str]]] = {"users": frozenset({"token_hash"})}

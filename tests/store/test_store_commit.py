@@ -1,0 +1,890 @@
+"""Group commit, per-room sequences, preconditions, failures and durability."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_store_support import (
+    BACKENDS,
+    Backend,
+    Epochs,
+    add_session,
+    assert_gap_free,
+    backend,
+    ev,
+    only_events,
+    room_seqs,
+)
+
+from agor_actors.store import (
+    SCHEMA_VERSION,
+    Append,
+    EventDraft,
+    Expect,
+    History,
+    Mutation,
+    SqlStore,
+    StoreConflict,
+    StoreError,
+    StoreIntegrityError,
+    StoreNotFound,
+    StoreQueryError,
+    StoreSchemaError,
+    StoreUnavailable,
+    WriteRequest,
+    WriteResult,
+    hash_token,
+    open_store,
+)
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    with backend(request.param, tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+def store(db: Backend) -> SqlStore:
+    return db.open()
+
+
+def ok(result: WriteResult | StoreError) -> WriteResult:
+    assert isinstance(result, WriteResult), result
+    return result
+
+
+def seqs(result: WriteResult | StoreError) -> list[tuple[int, int | None]]:
+    return [(e.seq, e.last_seq) for e in ok(result).events]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_schema_is_created_once_and_versioned(db: Backend) -> None:
+    first = db.open()
+    assert first.schema_version() == SCHEMA_VERSION == 1
+    first.close()
+    again = db.open()  # idempotent: opening an existing database changes nothing
+    assert again.schema_version() == SCHEMA_VERSION
+    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["1"]
+    inspector_tables = set(sa.inspect(again.engine).get_table_names())
+    assert {
+        "meta",
+        "users",
+        "boards",
+        "board_members",
+        "sessions",
+        "tasks",
+        "messages",
+        "tool_calls",
+        "rooms",
+        "events",
+        "field_history",
+    } <= inspector_tables
+
+
+def test_a_newer_schema_is_refused(db: Backend) -> None:
+    db.open().close()
+    db.admin(f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
+    with pytest.raises(StoreSchemaError, match="newer"):
+        db.open()
+
+
+def test_sqlite_file_settings(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'a.db'}", new_epoch=Epochs())
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+    finally:
+        store.close()
+
+
+def test_unsupported_url_is_refused() -> None:
+    with pytest.raises(StoreQueryError, match="unsupported"):
+        open_store("mysql://localhost/agor", new_epoch=Epochs())
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def _good(session_id: str, room: str, n: int) -> WriteRequest:
+    return WriteRequest(mutations=[add_session(session_id)], events=[ev(room, n=n)])
+
+
+BAD: dict[str, tuple[Callable[[str], WriteRequest], type[StoreError]]] = {
+    # "s-a" is inserted by the first request of the same group
+    "duplicate key": (lambda room: _good("s-a", room, 9), StoreIntegrityError),
+    "check constraint": (
+        lambda room: WriteRequest(
+            mutations=[add_session("s-x", status="exploded")], events=[ev(room, n=9)]
+        ),
+        StoreIntegrityError,
+    ),
+    "foreign key": (
+        lambda room: WriteRequest(
+            mutations=[
+                Mutation(
+                    "insert",
+                    "tasks",
+                    {"id": "t-x"},
+                    {"session_id": "ghost", "created_at": 1, "updated_at": 1},
+                )
+            ],
+            events=[ev(room, n=9)],
+        ),
+        StoreIntegrityError,
+    ),
+    "missing row update": (
+        lambda room: WriteRequest(
+            mutations=[Mutation("update", "sessions", {"id": "ghost"}, {"title": "x"})],
+            events=[ev(room, n=9)],
+        ),
+        StoreNotFound,
+    ),
+    "missing row delete": (
+        lambda room: WriteRequest(
+            mutations=[Mutation("delete", "sessions", {"id": "ghost"})], events=[ev(room, n=9)]
+        ),
+        StoreNotFound,
+    ),
+    "second mutation fails": (
+        lambda room: WriteRequest(
+            mutations=[
+                add_session("s-x"),
+                Mutation("update", "sessions", {"id": "ghost"}, {"title": "x"}),
+            ],
+            events=[ev(room, n=9)],
+        ),
+        StoreNotFound,
+    ),
+    "failed precondition": (
+        lambda room: WriteRequest(
+            expect=[Expect("sessions", {"id": "s-a"}, "title", "another title")],
+            mutations=[add_session("s-x")],
+            events=[ev(room, n=9)],
+        ),
+        StoreConflict,
+    ),
+    "unknown column": (
+        lambda room: WriteRequest(
+            mutations=[add_session("s-x", colour="red")], events=[ev(room, n=9)]
+        ),
+        StoreQueryError,
+    ),
+    "wrong value type": (
+        lambda room: WriteRequest(mutations=[add_session("s-x", title=5)], events=[ev(room, n=9)]),
+        StoreQueryError,
+    ),
+    "value not JSON": (
+        lambda room: WriteRequest(
+            mutations=[add_session("s-x", git_state={"branch": {1, 2}})], events=[ev(room, n=9)]
+        ),
+        StoreIntegrityError,
+    ),
+    "event payload not JSON": (
+        lambda room: WriteRequest(
+            mutations=[add_session("s-x")],
+            events=[EventDraft(room, "sessions:created", {"set": {1, 2}}, ts=1)],
+        ),
+        StoreIntegrityError,
+    ),
+    "event only, payload not JSON": (
+        lambda room: only_events(EventDraft(room, "x", {"set": {1, 2}}, ts=1)),
+        StoreIntegrityError,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_one_bad_request_of_three_fails_alone(db: Backend, kind: str) -> None:
+    store = db.open()
+    make_bad, error = BAD[kind]
+    room = "session:s"
+    bad = make_bad(room)
+    # the bad request also writes to a room nobody else writes to
+    bad = WriteRequest(
+        mutations=bad.mutations,
+        events=(*bad.events, ev("board:only-bad")),
+        expect=bad.expect,
+    )
+    results = store.commit([_good("s-a", room, 1), bad, _good("s-c", room, 2)])
+
+    assert seqs(results[0]) == [(1, None)]
+    assert isinstance(results[1], error), results[1]
+    assert seqs(results[2]) == [(2, None)]
+    assert store.get("sessions", "s-a") is not None
+    assert store.get("sessions", "s-c") is not None
+    assert store.get("sessions", "s-x") is None
+    assert store.get("tasks", "t-x") is None
+    assert [e.data for e in store.events_since(room, 0)] == [{"n": 1}, {"n": 2}]
+    assert_gap_free(store, room, 2)
+    assert store.room_head("board:only-bad") is None
+
+    # the in-memory heads were not advanced by the failure ...
+    assert seqs(store.commit([only_events(ev(room, n=3))])[0]) == [(3, None)]
+    assert seqs(store.commit([only_events(ev("board:only-bad"))])[0]) == [(1, None)]
+    # ... and agree with the database, as a fresh store reads it
+    store.close()
+    fresh = db.open()
+    assert seqs(fresh.commit([only_events(ev(room, n=4))])[0]) == [(4, None)]
+    assert_gap_free(fresh, room, 4)
+    assert_gap_free(fresh, "board:only-bad", 1)
+
+
+def test_requests_of_a_group_see_each_other(store: SqlStore) -> None:
+    results = store.commit(
+        [
+            WriteRequest(mutations=[add_session("s1", title="one")]),
+            WriteRequest(
+                expect=[Expect("sessions", {"id": "s1"}, "title", "one")],
+                mutations=[Mutation("update", "sessions", {"id": "s1"}, {"title": "two"})],
+            ),
+            WriteRequest(expect=[Expect("sessions", {"id": "s1"}, "title", "one")]),
+        ]
+    )
+    ok(results[0])
+    ok(results[1])
+    assert isinstance(results[2], StoreConflict)
+    assert results[2].current == "two"
+
+
+def test_seqs_are_per_room_and_in_request_order(store: SqlStore) -> None:
+    results = store.commit(
+        [
+            only_events(ev("a"), ev("b"), ev("a")),
+            only_events(ev("b")),
+            WriteRequest(),
+            only_events(ev("a", merge_count=3), ev("c")),
+        ]
+    )
+    assert [(e.room, e.seq) for e in ok(results[0]).events] == [("a", 1), ("b", 1), ("a", 2)]
+    assert seqs(results[1]) == [(2, None)]
+    assert ok(results[2]).events == ()
+    assert [(e.room, e.seq, e.last_seq) for e in ok(results[3]).events] == [
+        ("a", 3, 5),
+        ("c", 1, None),
+    ]
+    epochs = {room: store.room_head(room) for room in "abc"}
+    assert epochs == {"a": ("epoch-1", 5), "b": ("epoch-2", 2), "c": ("epoch-3", 1)}
+    assert store.commit([]) == []
+
+
+def test_stored_events_carry_everything(store: SqlStore) -> None:
+    draft = EventDraft(
+        room="session:s1",
+        event="messages:created",
+        data={"id": "m1", "content": "héllo", "nested": [1, 2.5, None, True]},
+        ts=1_767_225_600_123,
+        user_id="u1",
+        origin="conn-7",
+        temp_id="tmp-3",
+    )
+    (written,) = ok(store.commit([only_events(draft)])[0]).events
+    (read,) = store.events_since("session:s1", 0)
+    assert read == written
+    assert read.room == "session:s1" and read.epoch == "epoch-1" and read.seq == 1
+    assert read.data == draft.data and read.ts == draft.ts
+    assert (read.user_id, read.origin, read.temp_id) == ("u1", "conn-7", "tmp-3")
+
+
+def test_merged_events_take_their_range_of_seqs(store: SqlStore) -> None:
+    room = "session:s1"
+    results = store.commit(
+        [
+            only_events(ev(room, "messages:stream", 1)),
+            only_events(ev(room, "messages:stream", 2, merge_count=4)),
+            only_events(ev(room, "messages:stream", 3, merge_count=1)),
+        ]
+    )
+    assert [seqs(r) for r in results] == [[(1, None)], [(2, 5)], [(6, None)]]
+    assert store.room_head(room) == ("epoch-1", 6)
+    assert room_seqs(store, room) == [(1, 1), (2, 5), (6, 6)]
+    # a reader somewhere inside the merged range gets the whole merged event
+    assert [e.seq for e in store.events_since(room, 3)] == [2, 6]
+    assert [e.seq for e in store.events_since(room, 5)] == [6]
+    assert [e.seq for e in store.events_since(room, 1)] == [2, 6]
+    assert store.events_since(room, 6) == []
+    with pytest.raises(ValueError, match="merge_count"):
+        EventDraft(room, "x", None, ts=1, merge_count=0)
+
+
+def test_events_since_pages_in_seq_order(store: SqlStore) -> None:
+    room = "board:b1"
+    for batch in range(5):
+        store.commit([only_events(ev(room, n=batch * 5 + i)) for i in range(5)])
+    store.commit([only_events(ev("board:other"))])
+    seen: list[int] = []
+    after = 0
+    while page := store.events_since(room, after, limit=7):
+        assert len(page) <= 7
+        seen += [e.seq for e in page]
+        after = page[-1].end_seq
+    assert seen == list(range(1, 26))
+    assert [e.data["n"] for e in store.events_since(room, 20)] == [20, 21, 22, 23, 24]
+    assert store.events_since(room, 0, limit=0) == []
+    assert store.events_since("room:never", 0) == []
+
+
+def test_seqs_continue_after_reopen(db: Backend) -> None:
+    store = db.open()
+    store.commit([only_events(ev("r1"), ev("r2")), only_events(ev("r1", merge_count=2))])
+    assert store.room_head("r1") == ("epoch-1", 3)
+    store.close()
+
+    again = db.open()
+    assert again.room_head("r1") == ("epoch-1", 3)
+    assert again.room_head("r2") == ("epoch-2", 1)
+    assert again.room_head("r3") is None
+    results = again.commit([only_events(ev("r1"), ev("r2"), ev("r3"))])
+    assert [(e.room, e.epoch, e.seq) for e in ok(results[0]).events] == [
+        ("r1", "epoch-1", 4),
+        ("r2", "epoch-2", 2),
+        ("r3", "epoch-3", 1),
+    ]
+    assert_gap_free(again, "r1", 4)
+
+
+def test_a_second_store_reads_what_the_first_committed(db: Backend) -> None:
+    writer = db.open()
+    results = writer.commit(
+        [
+            WriteRequest(
+                mutations=[add_session("s1", title="durable", git_state={"branch": "main"})],
+                events=[ev("session:s1", "sessions:created")],
+            )
+        ]
+    )
+    ok(results[0])
+    # a second store on the same database (another process would see the same)
+    reader = db.open()
+    row = reader.get("sessions", "s1")
+    assert row is not None
+    assert row["title"] == "durable" and row["git_state"] == {"branch": "main"}
+    assert reader.room_head("session:s1") == ("epoch-1", 1)
+    assert [e.event for e in reader.events_since("session:s1", 0)] == ["sessions:created"]
+
+
+def test_a_second_writer_is_detected_and_the_store_recovers(db: Backend) -> None:
+    first = db.open()
+    second = db.open()  # breaks the single-writer rule on purpose
+    first.commit([only_events(ev("r"))])
+    # seq 2 is taken behind the first store's back: its write collides ...
+    assert seqs(second.commit([only_events(ev("r"))])[0]) == [(2, None)]
+    collided = first.commit([only_events(ev("r")), only_events(ev("other"))])
+    assert isinstance(collided[0], StoreIntegrityError)
+    assert seqs(collided[1]) == [(1, None)]
+    # ... and the next write continues after what the database holds
+    assert seqs(first.commit([only_events(ev("r"))])[0]) == [(3, None)]
+
+    # a reset behind its back: no seq collides, the head check refuses the group
+    second.reset_room("r", "epoch-other")
+    refused = first.commit([only_events(ev("r")), only_events(ev("other"))])
+    assert all(isinstance(r, StoreUnavailable) for r in refused)
+    assert "another writer" in str(refused[0])
+    (event,) = ok(first.commit([only_events(ev("r"))])[0]).events
+    assert (event.epoch, event.seq) == ("epoch-other", 1)
+    assert_gap_free(first, "r", 1)
+    assert_gap_free(first, "other", 1)
+
+
+def test_reset_room_starts_a_new_epoch(store: SqlStore) -> None:
+    store.commit([only_events(ev("r"), ev("r"), ev("keep"))])
+    store.reset_room("r", "epoch-new")
+    assert store.room_head("r") == ("epoch-new", 0)
+    assert store.events_since("r", 0) == []
+    assert room_seqs(store, "keep") == [(1, 1)]
+    (event,) = ok(store.commit([only_events(ev("r"))])[0]).events
+    assert (event.epoch, event.seq) == ("epoch-new", 1)
+    store.reset_room("fresh", "epoch-fresh")  # a room never written
+    assert store.room_head("fresh") == ("epoch-fresh", 0)
+
+
+# --------------------------------------------------------------------------- whole failure
+
+
+def _install_failing_trigger(db: Backend) -> None:
+    if db.kind == "sqlite":
+        db.admin(
+            "CREATE TRIGGER fail_rooms_insert BEFORE INSERT ON rooms "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+            "CREATE TRIGGER fail_rooms_update BEFORE UPDATE ON rooms "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+    else:
+        db.admin(
+            "CREATE FUNCTION fail_rooms() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$",
+            "CREATE TRIGGER fail_rooms BEFORE INSERT OR UPDATE ON rooms "
+            "FOR EACH ROW EXECUTE FUNCTION fail_rooms()",
+        )
+
+
+def _remove_failing_trigger(db: Backend) -> None:
+    if db.kind == "sqlite":
+        db.admin("DROP TRIGGER fail_rooms_insert", "DROP TRIGGER fail_rooms_update")
+    else:
+        db.admin("DROP TRIGGER fail_rooms ON rooms", "DROP FUNCTION fail_rooms()")
+
+
+def _install_poison_trigger(db: Backend) -> None:
+    """Make the database itself refuse events named 'poison' (so the refusal
+    comes at the group's one multi-row event insert, not before)."""
+    if db.kind == "sqlite":
+        db.admin(
+            "CREATE TRIGGER IF NOT EXISTS poison_events BEFORE INSERT ON events "
+            "WHEN NEW.event = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned event'); END"
+        )
+    else:
+        db.admin(
+            "CREATE OR REPLACE FUNCTION poison_events() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN IF NEW.event = 'poison' THEN "
+            "RAISE EXCEPTION 'poisoned event' USING ERRCODE = 'check_violation'; "
+            "END IF; RETURN NEW; END $$",
+            "CREATE OR REPLACE TRIGGER poison_events BEFORE INSERT ON events "
+            "FOR EACH ROW EXECUTE FUNCTION poison_events()",
+        )
+
+
+def test_an_event_the_database_refuses_fails_only_its_request(db: Backend) -> None:
+    store = db.open()
+    _install_poison_trigger(db)
+    results = store.commit(
+        [
+            _good("s1", "r", 1),
+            WriteRequest(mutations=[add_session("s2")], events=[ev("r", "poison"), ev("new")]),
+            only_events(ev("r", n=3)),
+        ]
+    )
+    assert seqs(results[0]) == [(1, None)]
+    assert isinstance(results[1], StoreIntegrityError) and "poisoned" in str(results[1])
+    assert seqs(results[2]) == [(2, None)]
+    assert store.get("sessions", "s1") is not None and store.get("sessions", "s2") is None
+    assert_gap_free(store, "r", 2)
+    assert store.room_head("new") is None
+
+
+def test_a_failed_transaction_fails_every_request_and_writes_nothing(db: Backend) -> None:
+    store = db.open()
+    store.commit([only_events(ev("r", n=1), ev("r", n=2))])
+    _install_failing_trigger(db)
+
+    group = [_good("s1", "r", 3), only_events(ev("r", n=4), ev("new")), _good("s2", "new", 5)]
+    results = store.commit(group)
+    assert len(results) == 3
+    assert all(isinstance(r, StoreError) for r in results)
+    assert results[0] is results[1] is results[2]
+    assert "injected failure" in str(results[0])
+    assert store.get("sessions", "s1") is None and store.get("sessions", "s2") is None
+    assert_gap_free(store, "r", 2)
+    assert store.room_head("new") is None
+
+    _remove_failing_trigger(db)
+    results = store.commit(group)
+    assert [[(e.room, e.seq) for e in ok(r).events] for r in results] == [
+        [("r", 3)],
+        [("r", 4), ("new", 1)],
+        [("new", 2)],
+    ]
+    assert_gap_free(store, "r", 4)
+    assert_gap_free(store, "new", 2)
+
+
+def test_a_full_disk_fails_the_group_and_loses_nothing(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'full.db'}", new_epoch=Epochs())
+    limit: dict[str, int | None] = {"pages": None}
+
+    @sa.event.listens_for(store.engine, "checkout")
+    def _limit_pages(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        pages = limit["pages"]
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages or 1073741823}")
+
+    try:
+        store.commit([_good("s0", "r", 0)])
+        with store.engine.connect() as conn:
+            limit["pages"] = conn.exec_driver_sql("PRAGMA page_count").scalar()
+        big = "x" * 2_000_000
+        results = store.commit(
+            [
+                _good("s1", "r", 1),
+                WriteRequest(mutations=[add_session("s2", title=big)], events=[ev("r", n=2)]),
+                only_events(ev("r", n=3), ev("new")),
+            ]
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        assert "full" in str(results[0])
+        limit["pages"] = None
+        assert store.get("sessions", "s1") is None
+        assert_gap_free(store, "r", 1)
+        assert store.room_head("new") is None
+        assert seqs(store.commit([_good("s1", "r", 1)])[0]) == [(2, None)]
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- mutations
+
+
+def test_update_upsert_append_and_delete(store: SqlStore) -> None:
+    store.commit(
+        [
+            WriteRequest(
+                mutations=[
+                    add_session("s1"),
+                    Mutation(
+                        "insert",
+                        "messages",
+                        {"id": "m1"},
+                        {
+                            "session_id": "s1",
+                            "role": "assistant",
+                            "content": Append("Hel"),
+                            "streaming": True,
+                            "created_at": 1,
+                            "updated_at": 1,
+                        },
+                    ),
+                ]
+            )
+        ]
+    )
+    for chunk in ("lo", ", ", "world"):
+        result = store.commit(
+            [
+                WriteRequest(
+                    mutations=[
+                        Mutation("update", "messages", {"id": "m1"}, {"content": Append(chunk)})
+                    ]
+                )
+            ]
+        )
+        ok(result[0])
+    message = store.get("messages", "m1")
+    assert message is not None
+    assert message["content"] == "Hello, world" and message["streaming"] is True
+
+    def log_line(text: str) -> Mutation:
+        values = {"session_id": "s1", "role": "tool", "created_at": 2, "updated_at": 2}
+        return Mutation("upsert", "messages", {"id": "m2"}, {**values, "content": Append(text)})
+
+    ok(
+        store.commit(
+            [WriteRequest(mutations=[log_line("a")]), WriteRequest(mutations=[log_line("b")])]
+        )[1]
+    )
+    message = store.get("messages", "m2")
+    assert message is not None and message["content"] == "ab"
+
+    upsert = Mutation(
+        "upsert", "boards", {"id": "b1"}, {"name": "first", "created_at": 1, "updated_at": 1}
+    )
+    ok(store.commit([WriteRequest(mutations=[upsert])])[0])
+    renamed = Mutation(
+        "upsert", "boards", {"id": "b1"}, {"name": "second", "created_at": 1, "updated_at": 2}
+    )
+    ok(store.commit([WriteRequest(mutations=[renamed])])[0])
+    board = store.get("boards", "b1")
+    assert board is not None and board["name"] == "second" and board["updated_at"] == 2
+    assert board["clocks"] == {} and board["rev"] == 0
+
+    bad_append = Mutation("update", "sessions", {"id": "s1"}, {"rev": Append("1")})
+    assert isinstance(store.commit([WriteRequest(mutations=[bad_append])])[0], StoreQueryError)
+    bad_key = Mutation("update", "sessions", {"id": "s1", "x": 1}, {"title": "t"})
+    assert isinstance(store.commit([WriteRequest(mutations=[bad_key])])[0], StoreQueryError)
+    key_change = Mutation("update", "sessions", {"id": "s1"}, {"id": "s2"})
+    assert isinstance(store.commit([WriteRequest(mutations=[key_change])])[0], StoreQueryError)
+    not_writable = Mutation("insert", "events", {"room": "r", "seq": 1}, {})
+    assert isinstance(store.commit([WriteRequest(mutations=[not_writable])])[0], StoreQueryError)
+
+    # deleting a session takes its messages with it (foreign keys are on)
+    ok(store.commit([WriteRequest(mutations=[Mutation("delete", "sessions", {"id": "s1"})])])[0])
+    assert store.get("sessions", "s1") is None
+    assert store.get("messages", "m1") is None
+    gone = store.commit([WriteRequest(mutations=[Mutation("delete", "sessions", {"id": "s1"})])])
+    assert isinstance(gone[0], StoreNotFound)
+
+
+def test_preconditions_carry_the_current_value(store: SqlStore) -> None:
+    ok(
+        store.commit(
+            [
+                WriteRequest(
+                    mutations=[
+                        Mutation(
+                            "insert",
+                            "users",
+                            {"id": "u1"},
+                            {"name": "Ada", "token_hash": hash_token("t1"), "created_at": 1},
+                        ),
+                        add_session("s1", permissions={"u2": "edit"}, locked_by="u1"),
+                    ]
+                )
+            ]
+        )[0]
+    )
+
+    def attempt(*expect: Expect) -> WriteResult | StoreError:
+        change = Mutation("update", "sessions", {"id": "s1"}, {"locked_by": None})
+        return store.commit([WriteRequest(expect=expect, mutations=[change])])[0]
+
+    stale = attempt(Expect("sessions", {"id": "s1"}, "locked_by", "u2"))
+    assert isinstance(stale, StoreConflict)
+    assert (stale.table, stale.key, stale.column) == ("sessions", {"id": "s1"}, "locked_by")
+    assert (stale.expected, stale.current) == ("u2", "u1")
+
+    json_stale = attempt(Expect("sessions", {"id": "s1"}, "permissions", {"u2": "view"}))
+    assert isinstance(json_stale, StoreConflict) and json_stale.current == {"u2": "edit"}
+    missing = attempt(Expect("sessions", {"id": "nope"}, "locked_by", None))
+    assert isinstance(missing, StoreNotFound)
+    bad_column = attempt(Expect("sessions", {"id": "s1"}, "colour", None))
+    assert isinstance(bad_column, StoreQueryError)
+    row = store.get("sessions", "s1")
+    assert row is not None and row["locked_by"] == "u1"  # none of those wrote
+
+    ok(
+        attempt(
+            Expect("sessions", {"id": "s1"}, "locked_by", "u1"),
+            Expect("sessions", {"id": "s1"}, "permissions", {"u2": "edit"}),
+            Expect("sessions", {"id": "s1"}, "rev", 0),
+        )
+    )
+    row = store.get("sessions", "s1")
+    assert row is not None and row["locked_by"] is None
+    # after the write the old expectation is stale, and NULL is a value too
+    stale_again = attempt(Expect("sessions", {"id": "s1"}, "locked_by", "u1"))
+    assert isinstance(stale_again, StoreConflict) and stale_again.current is None
+    ok(attempt(Expect("sessions", {"id": "s1"}, "locked_by", None)))
+    rev_as_bool = attempt(Expect("sessions", {"id": "s1"}, "rev", False))
+    assert isinstance(rev_as_bool, StoreConflict)
+
+
+def test_history_rows_are_kept(store: SqlStore) -> None:
+    lost = History(
+        entity="sessions",
+        entity_id="s1",
+        field="title",
+        value={"text": "mine"},
+        hlc="0001767225600000-0001",
+        writer="u2",
+        ts=5,
+        overwritten_by_hlc="0001767225600000-0002",
+        overwritten_by_writer="u1",
+    )
+    ok(store.commit([WriteRequest(mutations=[add_session("s1")], history=[lost])])[0])
+    failed = store.commit(
+        [WriteRequest(mutations=[add_session("s1")], history=[attrs.evolve(lost, writer="u3")])]
+    )[0]
+    assert isinstance(failed, StoreIntegrityError)
+    page = store.find("field_history", {"entity_id": "s1"})
+    assert [(h["writer"], h["value"], h["overwritten_by_writer"]) for h in page.items] == [
+        ("u2", {"text": "mine"}, "u1")
+    ]
+
+
+def test_users_and_board_members(store: SqlStore) -> None:
+    def user(uid: str, token: str, owner: bool = False) -> Mutation:
+        return Mutation(
+            "insert",
+            "users",
+            {"id": uid},
+            {
+                "name": uid.upper(),
+                "token_hash": hash_token(token),
+                "is_owner": owner,
+                "created_at": 1,
+            },
+        )
+
+    def member(uid: str, role: str) -> Mutation:
+        return Mutation(
+            "insert", "board_members", {"board_id": "b1", "user_id": uid}, {"role": role}
+        )
+
+    board = Mutation(
+        "insert",
+        "boards",
+        {"id": "b1"},
+        {"name": "B", "owner_id": "u1", "created_at": 1, "updated_at": 1},
+    )
+    results = store.commit(
+        [
+            WriteRequest(mutations=[user("u1", "secret-1", True), user("u2", "secret-2"), board]),
+            WriteRequest(mutations=[member("u2", "viewer"), member("u1", "owner")]),
+            WriteRequest(mutations=[user("u3", "secret-1")]),  # same token: unique hash
+            WriteRequest(mutations=[user("u4", "secret-4"), member("u4", "admin")]),
+        ]
+    )
+    ok(results[0])
+    ok(results[1])
+    assert isinstance(results[2], StoreIntegrityError)
+    assert isinstance(results[3], StoreIntegrityError)
+    assert hash_token("secret-1") == hashlib.sha256(b"secret-1").hexdigest()
+
+    found = store.user_by_token_hash(hash_token("secret-1"))
+    assert found == {"id": "u1", "name": "U1", "is_owner": True, "created_at": 1}
+    assert store.user_by_token_hash(hash_token("nobody")) is None
+    assert store.get("users", "u4") is None  # its request failed as a whole
+    assert store.board_members("b1") == [
+        {"board_id": "b1", "user_id": "u1", "role": "owner"},
+        {"board_id": "b1", "user_id": "u2", "role": "viewer"},
+    ]
+    assert store.board_members("b-none") == []
+    assert store.get("board_members", {"board_id": "b1", "user_id": "u2"}) == {
+        "board_id": "b1",
+        "user_id": "u2",
+        "role": "viewer",
+    }
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+def test_in_memory_store_keeps_its_data_across_calls_and_threads() -> None:
+    store = open_store("sqlite://", new_epoch=Epochs())
+    try:
+        ok(store.commit([_good("s1", "r", 1)])[0])
+        seen: list[Any] = []
+        reader = threading.Thread(target=lambda: seen.append(store.get("sessions", "s1")))
+        reader.start()
+        reader.join()
+        assert seen[0] is not None and seen[0]["id"] == "s1"
+        assert seqs(store.commit([_good("s2", "r", 2)])[0]) == [(2, None)]
+        assert_gap_free(store, "r", 2)
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- property
+
+
+ROOMS = ("room-a", "room-b", "room-c")
+KINDS = (
+    "ok",
+    "ok",
+    "events only",
+    "duplicate",
+    "missing",
+    "conflict",
+    "check",
+    "bad payload",
+    "poison",
+)
+
+request_specs = st.tuples(
+    st.sampled_from(KINDS),
+    st.lists(st.tuples(st.sampled_from(ROOMS), st.integers(1, 3)), max_size=3),
+)
+steps = st.lists(
+    st.one_of(st.lists(request_specs, min_size=1, max_size=6), st.just("reopen")),
+    min_size=1,
+    max_size=6,
+)
+examples = itertools.count()
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(plan=steps)
+def test_any_interleaving_of_good_and_bad_requests_keeps_seqs_gap_free(
+    db: Backend, plan: list[Any]
+) -> None:
+    prefix = f"x{next(examples)}"
+    rooms = {r: f"{prefix}-{r}" for r in ROOMS}
+    store = db.open()
+    _install_poison_trigger(db)
+    try:
+        ok(
+            store.commit(
+                [
+                    WriteRequest(
+                        mutations=[
+                            Mutation(
+                                "upsert",
+                                "sessions",
+                                {"id": "anchor"},
+                                {"created_at": 1, "updated_at": 1},
+                            )
+                        ]
+                    )
+                ]
+            )[0]
+        )
+        heads = dict.fromkeys(rooms.values(), 0)
+        ids = itertools.count()
+
+        def build(kind: str, drafts: list[EventDraft]) -> WriteRequest:
+            fresh = f"{prefix}-s{next(ids)}"
+            if kind == "ok":
+                return WriteRequest(mutations=[add_session(fresh)], events=drafts)
+            if kind == "events only":
+                return WriteRequest(events=drafts)
+            if kind == "duplicate":
+                return WriteRequest(
+                    mutations=[add_session(fresh), add_session("anchor")], events=drafts
+                )
+            if kind == "missing":
+                return WriteRequest(
+                    mutations=[Mutation("update", "sessions", {"id": fresh}, {"title": "t"})],
+                    events=drafts,
+                )
+            if kind == "conflict":
+                return WriteRequest(
+                    expect=[Expect("sessions", {"id": "anchor"}, "title", "never")], events=drafts
+                )
+            if kind == "check":
+                return WriteRequest(mutations=[add_session(fresh, status="bogus")], events=drafts)
+            if kind == "poison":
+                return WriteRequest(
+                    events=[*drafts, EventDraft(rooms["room-b"], "poison", 1, ts=1)]
+                )
+            return WriteRequest(events=[*drafts, EventDraft(rooms["room-a"], "x", {1, 2}, ts=1)])
+
+        for step in plan:
+            if step == "reopen":
+                store.close()
+                store = db.open()
+                continue
+            requests = []
+            expected: list[list[tuple[str, int, int | None]] | None] = []
+            for kind, events in step:
+                drafts = [
+                    EventDraft(rooms[room], "e", {"k": kind}, ts=1, merge_count=count)
+                    for room, count in events
+                ]
+                requests.append(build(kind, drafts))
+                if kind in ("ok", "events only"):
+                    allocated = []
+                    for draft in drafts:
+                        seq = heads[draft.room] + 1
+                        heads[draft.room] += draft.merge_count
+                        last = heads[draft.room] if draft.merge_count > 1 else None
+                        allocated.append((draft.room, seq, last))
+                    expected.append(allocated)
+                else:
+                    expected.append(None)
+            results = store.commit(requests)
+            for result, want in zip(results, expected, strict=True):
+                if want is None:
+                    assert isinstance(result, StoreError), result
+                else:
+                    assert [(e.room, e.seq, e.last_seq) for e in ok(result).events] == want
+        for room, head in heads.items():
+            assert_gap_free(store, room, head)
+    finally:
+        store.close()
