@@ -1,0 +1,52 @@
+"""What the server and the embedding API see of the daemon's core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+__all__ = ["Principal", "ServiceError"]
+
+
+@attrs.frozen
+class Principal:
+    """Who is calling: the local owner (the daemon's token) or a user."""
+
+    user_id: str
+    name: str
+    is_owner: bool = False
+
+
+class ServiceError(Exception):
+    """A call or join that failed for a reason the client should see.
+
+    ``code`` is one of the protocol's stable error codes (``not_found``,
+    ``conflict``, ``unauthorized``, ``invalid_field``, ``bad_request``,
+    ``unavailable``, ...); ``data`` carries details (for ``conflict``: the
+    current value).  ``http_status`` is what the REST routes answer with."""
+
+    HTTP_STATUS = {
+        "not_found": 404,
+        "conflict": 409,
+        "unauthorized": 403,
+        "not_authenticated": 401,
+        "invalid_field": 400,
+        "bad_request": 400,
+        "unknown_method": 405,
+        "unknown_service": 404,
+        "rate_limited": 429,
+        "too_many_pending": 429,
+        "unavailable": 503,
+        "internal": 500,
+    }
+
+    def __init__(self, code: str, message: str, data: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+    @property
+    def http_status(self) -> int:
+        return self.HTTP_STATUS.get(self.code, 400)

@@ -1,0 +1,606 @@
+"""The daemon's core: services over the actors, joins, authorization.
+
+The server (WebSocket and HTTP), the embedding API and the simulator all go
+through :class:`Hub`, so they share one path for every write:
+
+connection → hub (authorize, route) → session actor (validate, merge) →
+store writer (durable, group commit, seq) → room (fan-out) → outboxes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal, Protocol
+
+import trio
+
+from protocols import Joined, PresenceUpdate, Since, encode
+
+from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
+from ..domain.room import (
+    ActivityQuery,
+    CatchUp,
+    RoomBehaviour,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    to_event,
+)
+from ..domain.session import Command, SessionBehaviour
+from ..runtime import ActorSystem, Behaviour, Kind, open_system
+from ..store import (
+    EventDraft,
+    Mutation,
+    SqlStore,
+    StoreConflict,
+    StoreError,
+    StoreIntegrityError,
+    StoreNotFound,
+    StoreQueryError,
+    WriteRequest,
+    WriteResult,
+    hash_token,
+    open_store,
+)
+from ..world import World
+from ._api import Principal, ServiceError
+from ._outbox import Outbox, OutboxClosed
+from ._writer import WRITER_NAME, StoreWriter, Write
+
+__all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
+
+SERVICES = ("boards", "sessions", "tasks", "messages", "users", "activity")
+SESSION_SCOPED = ("tasks", "messages")
+READ_METHODS = ("find", "get")
+OWNER_ID = "owner"
+
+
+class Authorizer(Protocol):
+    """The one seam every call and join goes through.  Raises
+    ``ServiceError("unauthorized", ...)`` to refuse."""
+
+    async def authorize(self, principal: Principal, action: str, resource: str) -> None: ...
+
+
+class AllowAll:
+    """Every authenticated user may read and write everything but the users
+    service, which is the owner's.  (Per-session permissions come with JWT.)"""
+
+    async def authorize(self, principal: Principal, action: str, resource: str) -> None:
+        own_record = action == "get" and resource == f"users:{principal.user_id}"
+        if resource.startswith("users") and not principal.is_owner and not own_record:
+            raise ServiceError("unauthorized", "only the owner manages users")
+
+
+def _store_error(exc: StoreError) -> ServiceError:
+    if isinstance(exc, StoreNotFound):
+        return ServiceError("not_found", str(exc))
+    if isinstance(exc, StoreConflict):
+        return ServiceError("conflict", str(exc), {"current": exc.current})
+    if isinstance(exc, StoreQueryError | StoreIntegrityError):
+        return ServiceError("bad_request", str(exc))
+    return ServiceError("unavailable", f"store: {exc}")
+
+
+class _Kind(Kind):
+    pass
+
+
+class Hub:
+    """Made by :func:`open_hub`."""
+
+    def __init__(
+        self,
+        world: World,
+        store: SqlStore,
+        system: ActorSystem,
+        owner_token: str,
+        authorizer: Authorizer,
+    ) -> None:
+        self.world = world
+        self.store = store
+        self.system = system
+        self.owner_token = owner_token
+        self.authorizer = authorizer
+        self._subs: dict[str, dict[str, Subscription]] = {}
+        self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._owner_cache_max = 65_536
+        self._tokens: OrderedDict[str, Principal] = OrderedDict()
+        self._presence_of: dict[str, str] = {}
+        self.presence_dropped = 0
+
+    # ------------------------------------------------------------------ auth
+
+    async def authenticate(self, token: str | None) -> Principal | None:
+        """The principal a token stands for, or None."""
+        if not token or not isinstance(token, str):
+            return None
+        digest = hash_token(token)
+        cached = self._tokens.get(digest)
+        if cached is not None:
+            return cached
+        store = self.store
+        row = await self.world.blocking.run(lambda: store.user_by_token_hash(digest))
+        if row is None:
+            return None
+        principal = Principal(user_id=row["id"], name=row["name"], is_owner=bool(row["is_owner"]))
+        self._tokens[digest] = principal
+        if len(self._tokens) > 4096:
+            self._tokens.popitem(last=False)
+        return principal
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self,
+        principal: Principal,
+        *,
+        connection_id: str | None,
+        service: str,
+        method: str,
+        id: str | None = None,
+        data: Any = None,
+        query: dict[str, Any] | None = None,
+        temp_id: str | None = None,
+        base_rev: int | None = None,
+    ) -> Any:
+        """Run one service call; returns once any write is durable.  Raises
+        :class:`ServiceError`."""
+        if service not in SERVICES:
+            raise ServiceError("unknown_service", f"no service {service!r}")
+        if id is not None and not isinstance(id, str):
+            raise ServiceError("invalid_field", "id must be a string")
+        resource = service if id is None else f"{service}:{id}"
+        await self.authorizer.authorize(principal, method, resource)
+        if service == "activity":
+            return await self._activity(method, query)
+        if method in READ_METHODS:
+            return await self._read(service, method, id, query)
+        now_ms = self.world.wall.now_ms()
+        new_id = self.world.entropy.new_id(now_ms)
+        if service == "users":
+            return await self._users(principal, method, id, data, now_ms, new_id)
+        if service == "boards":
+            return await self._boards(
+                principal, connection_id, method, id, data, now_ms, new_id, temp_id
+            )
+        if service == "sessions":
+            session_id = new_id if method == "create" else id
+            if session_id is None:
+                raise ServiceError("invalid_field", "id is required")
+        else:
+            session_id = await self._session_of(service, method, id, data)
+        cmd = Command(
+            principal=principal,
+            connection_id=connection_id,
+            service=service,
+            method=method,
+            id=id,
+            data=data,
+            query=query,
+            temp_id=temp_id,
+            base_rev=base_rev,
+            now_ms=now_ms,
+            new_id=new_id,
+        )
+        result = await self.system.registry.call(f"session:{session_id}", cmd, timeout_s=30.0)
+        if service in SESSION_SCOPED and method == "create" and isinstance(result, dict):
+            self._remember(service, result["id"], session_id)
+        return result
+
+    def _remember(self, service: str, entity_id: str, session_id: str) -> None:
+        self._owner_of[(service, entity_id)] = session_id
+        if len(self._owner_of) > self._owner_cache_max:
+            self._owner_of.popitem(last=False)
+
+    async def _session_of(self, service: str, method: str, id: str | None, data: Any) -> str:
+        if method == "create":
+            sid = data.get("session_id") if isinstance(data, dict) else None
+            if not isinstance(sid, str):
+                raise ServiceError("invalid_field", "data.session_id is required")
+            return sid
+        if id is None:
+            raise ServiceError("invalid_field", "id is required")
+        cached = self._owner_of.get((service, id))
+        if cached is not None:
+            return cached
+        store = self.store
+        row = await self.world.blocking.run(lambda: store.get(service, id))
+        if row is None:
+            raise ServiceError("not_found", f"no {service[:-1]} {id}")
+        self._remember(service, id, row["session_id"])
+        return str(row["session_id"])
+
+    async def _read(
+        self, service: str, method: str, id: str | None, query: dict[str, Any] | None
+    ) -> Any:
+        store = self.store
+        try:
+            if method == "get":
+                if id is None:
+                    raise ServiceError("invalid_field", "id is required")
+                row = await self.world.blocking.run(lambda: store.get(service, id))
+                if row is None:
+                    raise ServiceError("not_found", f"no {service[:-1]} {id}")
+                return _public(row)
+            page = await self.world.blocking.run(lambda: store.find(service, query or {}))
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        return {"data": [_public(r) for r in page.items], "next_cursor": page.next_cursor}
+
+    async def _activity(self, method: str, query: dict[str, Any] | None) -> Any:
+        """The activity log of a board, newest first: derived from the board
+        room's event log (the last entries from the room's memory, older
+        ones from the store), filtered by user and by action."""
+        if method != "find":
+            raise ServiceError("unknown_method", "activity has only find")
+        q = dict(query or {})
+        board = q.pop("board_id", None)
+        if not isinstance(board, str) or not board:
+            raise ServiceError("invalid_field", "query.board_id is required")
+        user = q.pop("user_id", None)
+        action = q.pop("action", None)
+        actions = [action] if isinstance(action, str) else action
+        cursor = q.pop("$cursor", None)
+        limit = q.pop("$limit", 50)
+        if q:
+            raise ServiceError("invalid_field", f"unknown filter(s): {', '.join(sorted(q))}")
+        if user is not None and not isinstance(user, str):
+            raise ServiceError("invalid_field", "user_id must be a string")
+        if actions is not None and not (
+            isinstance(actions, list) and all(isinstance(a, str) for a in actions)
+        ):
+            raise ServiceError("invalid_field", "action must be a string or a list of strings")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 500:
+            raise ServiceError("invalid_field", "$limit must be 1..500")
+        before: int | None = None
+        if cursor is not None:
+            try:
+                before = int(cursor)
+            except (TypeError, ValueError):
+                raise ServiceError("invalid_field", "bad $cursor") from None
+        room = f"board:{board}"
+        if before is None:
+            ref = self.system.registry.lookup(f"room:{room}")
+            if ref is not None:
+                recent = await ref.call(ActivityQuery(user, actions, limit))
+                if recent is not None:
+                    return recent
+        store = self.store
+        try:
+            page = await self.world.blocking.run(
+                lambda: store.events_page(
+                    room, events=actions, user_id=user, before_seq=before, limit=limit
+                )
+            )
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        return {
+            "data": [_activity_entry(e.seq, e.event, e.user_id, e.ts, e.data) for e in page.items],
+            "next_cursor": None if page.next_before_seq is None else str(page.next_before_seq),
+        }
+
+    async def _write(self, request: WriteRequest) -> WriteResult:
+        try:
+            result = await self.system.registry.call(WRITER_NAME, Write(request), timeout_s=30.0)
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        assert isinstance(result, WriteResult)
+        return result
+
+    async def _users(
+        self, principal: Principal, method: str, id: str | None, data: Any, now_ms: int, new_id: str
+    ) -> Any:
+        if method != "create":
+            raise ServiceError("unknown_method", f"users.{method} is not supported")
+        name = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ServiceError("invalid_field", "data.name is required")
+        token = self.world.entropy.token()
+        row = {
+            "name": name,
+            "token_hash": hash_token(token),
+            "is_owner": False,
+            "created_at": now_ms,
+        }
+        await self._write(
+            WriteRequest(mutations=(Mutation("insert", "users", {"id": new_id}, row),))
+        )
+        return {"id": new_id, "name": name, "token": token}
+
+    async def _boards(
+        self,
+        principal: Principal,
+        connection_id: str | None,
+        method: str,
+        id: str | None,
+        data: Any,
+        now_ms: int,
+        new_id: str,
+        temp_id: str | None,
+    ) -> Any:
+        values = data if isinstance(data, dict) else {}
+        allowed = {"name", "description"}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ServiceError("invalid_field", f"unknown field(s): {', '.join(unknown)}")
+        for k, v in values.items():
+            if v is not None and not isinstance(v, str):
+                raise ServiceError("invalid_field", f"{k} must be a string")
+
+        def event(board_id: str, name: str, payload: Any) -> EventDraft:
+            return EventDraft(
+                f"board:{board_id}",
+                name,
+                payload,
+                now_ms,
+                principal.user_id,
+                connection_id,
+                temp_id,
+            )
+
+        if method == "create":
+            if not values.get("name"):
+                raise ServiceError("invalid_field", "data.name is required")
+            row = {
+                "id": new_id,
+                "name": values["name"],
+                "description": values.get("description"),
+                "owner_id": principal.user_id,
+                "created_at": now_ms,
+                "updated_at": now_ms,
+                "rev": 1,
+            }
+            member = Mutation(
+                "insert",
+                "board_members",
+                {"board_id": new_id, "user_id": principal.user_id},
+                {"role": "owner"},
+            )
+            await self._write(
+                WriteRequest(
+                    mutations=(
+                        Mutation(
+                            "insert",
+                            "boards",
+                            {"id": new_id},
+                            {k: v for k, v in row.items() if k != "id"},
+                        ),
+                        member,
+                    ),
+                    events=(event(new_id, "board:created", {"board_id": new_id, "board": row}),),
+                )
+            )
+            return row
+        if id is None:
+            raise ServiceError("invalid_field", "id is required")
+        if method in ("patch", "update"):
+            if not values:
+                raise ServiceError("invalid_field", "nothing to change")
+            await self._write(
+                WriteRequest(
+                    mutations=(
+                        Mutation("update", "boards", {"id": id}, {**values, "updated_at": now_ms}),
+                    ),
+                    events=(event(id, "board:updated", {"board_id": id, "updates": values}),),
+                )
+            )
+            return await self._read("boards", "get", id, None)
+        if method == "remove":
+            await self._write(
+                WriteRequest(
+                    mutations=(Mutation("delete", "boards", {"id": id}),),
+                    events=(event(id, "board:deleted", {"board_id": id}),),
+                )
+            )
+            return {"id": id}
+        raise ServiceError("unknown_method", f"boards.{method} does not exist")
+
+    # ------------------------------------------------------------------ rooms
+
+    async def join(
+        self,
+        principal: Principal,
+        connection_id: str,
+        outbox: Outbox,
+        room: str,
+        since: Since | None,
+    ) -> None:
+        """Subscribe a connection to ``room``.  Queues ``joined`` and any
+        replay into ``outbox`` in order; live events follow.  A gap older
+        than the room's memory is replayed from the log here, at the pace the
+        client reads."""
+        kind, _, ident = room.partition(":")
+        if kind not in ("session", "board") or not ident:
+            raise ServiceError(
+                "bad_request", f"no room {room!r}: rooms are session:<id> and board:<id>"
+            )
+        await self.authorizer.authorize(principal, "join", room)
+        subs = self._subs.setdefault(connection_id, {})
+        sub = Subscription(connection_id, room, outbox, user_id=principal.user_id)
+        subs[room] = sub
+        registry = self.system.registry
+        result = await registry.call(f"room:{room}", Subscribe(sub, since), timeout_s=30.0)
+        if not isinstance(result, CatchUp):
+            return
+        assert since is not None
+        outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
+        after = since.seq
+        store = self.store
+        page_size = max(1, min(500, outbox.max_messages // 2))
+        try:
+            while True:
+                page = await self.world.blocking.run(
+                    lambda a=after: store.events_since(room, a, page_size)  # type: ignore[misc]
+                )
+                if page:
+                    await outbox.wait_room(len(page))
+                    if subs.get(room) is not sub:
+                        return  # left meanwhile
+                    items = [(e.seq, encode(outbox.codec, to_event(e))) for e in page]
+                    if not outbox.offer_events(room, items):
+                        return  # lagged: the client resumes later
+                    after = page[-1].end_seq
+                result = await registry.call(
+                    f"room:{room}",
+                    Subscribe(sub, Since(result.epoch, after), quiet=True),
+                    timeout_s=30.0,
+                )
+                if not isinstance(result, CatchUp):
+                    return
+        except OutboxClosed:
+            return
+
+    async def leave(self, connection_id: str, room: str) -> None:
+        subs = self._subs.get(connection_id)
+        sub = subs.pop(room, None) if subs else None
+        if sub is None:
+            return
+        sub.active = False
+        sub.outbox.drop_room(room)
+        ref = self.system.registry.lookup(f"room:{room}")
+        if ref is not None:
+            await ref.send(Unsubscribe(connection_id))
+
+    async def disconnect(self, connection_id: str) -> None:
+        for room in list(self._subs.get(connection_id, {})):
+            await self.leave(connection_id, room)
+        self._subs.pop(connection_id, None)
+        user = self._presence_of.pop(connection_id, None)
+        if user is not None:
+            await self.system.registry.send(f"presence:user:{user}", PresenceGone(connection_id))
+
+    async def presence(
+        self, principal: Principal, connection_id: str, update: PresenceUpdate
+    ) -> None:
+        """A connection's presence update.  Lossy: dropped (and counted) when
+        the user's presence actor is busy, since the next one replaces it."""
+        if update.board is not None and update.board:
+            await self.authorizer.authorize(principal, "presence", f"board:{update.board}")
+        self._presence_of[connection_id] = principal.user_id
+        ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
+        if not ref.try_send(
+            PresenceTouch(connection_id, principal.user_id, principal.name, update)
+        ):
+            self.presence_dropped += 1
+
+    def rooms_of(self, connection_id: str) -> list[str]:
+        return list(self._subs.get(connection_id, {}))
+
+    # ------------------------------------------------------------------ admin
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.system.snapshot().to_json()
+
+    async def drain(self) -> None:
+        """Wait until every write queued so far is durable."""
+        await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
+
+
+def _activity_entry(
+    seq: int, event: str, user_id: str | None, ts: int, data: Any
+) -> dict[str, Any]:
+    return {"id": seq, "action": event, "user_id": user_id, "ts": ts, "data": data}
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("clocks", "token_hash")}
+
+
+def _load_or_create_token(data_dir: pathlib.Path | None, world: World) -> str:
+    if data_dir is None:
+        return world.entropy.token()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "token"
+    if path.exists():
+        return path.read_text().strip()
+    token = world.entropy.token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+@asynccontextmanager
+async def open_hub(
+    world: World,
+    *,
+    db_url: str | None = None,
+    data_dir: pathlib.Path | None = None,
+    authorizer: Authorizer | None = None,
+    owner_token: str | None = None,
+    store: SqlStore | None = None,
+    presence: PresenceConfig | None = None,
+) -> AsyncIterator[Hub]:
+    """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
+    make sure the owner exists with the token in ``<data_dir>/token``, and
+    run the actors until the block exits (then drain and stop in order).
+    A ``store`` passed in is used as is and left open (the simulator keeps
+    one in-memory database across daemon crashes)."""
+    own_store = store is None
+    if store is None:
+        if db_url is None:
+            if data_dir is None:
+                raise ValueError("give db_url, data_dir or store")
+            data_dir.mkdir(parents=True, exist_ok=True)
+            db_url = f"sqlite:///{data_dir / 'agor.db'}"
+        url = db_url
+
+        def new_epoch() -> str:
+            return world.entropy.new_id(world.wall.now_ms())
+
+        store = await world.blocking.run(lambda: open_store(url, new_epoch=new_epoch))
+    try:
+        if owner_token is None:
+            token = await world.blocking.run(lambda: _load_or_create_token(data_dir, world))
+        else:
+            token = owner_token
+        owner_row = {
+            "name": "owner",
+            "token_hash": hash_token(token),
+            "is_owner": True,
+            "created_at": world.wall.now_ms(),
+        }
+        existing = await world.blocking.run(lambda: store.get("users", OWNER_ID))
+        op: Literal["insert", "update"] = "update" if existing is not None else "insert"
+        if existing is None or existing.get("token_hash") != owner_row["token_hash"]:
+            values = owner_row if op == "insert" else {"token_hash": owner_row["token_hash"]}
+            results = await world.blocking.run(
+                lambda: store.commit(
+                    [WriteRequest(mutations=(Mutation(op, "users", {"id": OWNER_ID}, values),))]
+                )
+            )
+            if isinstance(results[0], StoreError):
+                raise results[0]
+
+        def writer(name: str) -> Behaviour[Any]:
+            return StoreWriter(store, world)
+
+        def room(name: str) -> Behaviour[Any]:
+            return RoomBehaviour(name.removeprefix("room:"), store, presence=presence)
+
+        def user_presence(name: str) -> Behaviour[Any]:
+            return UserPresenceBehaviour(name.removeprefix("presence:user:"), presence)
+
+        def session(name: str) -> Behaviour[Any]:
+            return SessionBehaviour(name.removeprefix("session:"), store)
+
+        async with open_system(world) as system:
+            system.define(Kind("store:", writer))
+            system.define(Kind("room:", room))
+            system.define(Kind("session:", session))
+            system.define(Kind("presence:user:", user_presence))
+            await system.registry.get(WRITER_NAME)
+            hub = Hub(world, store, system, token, authorizer or AllowAll())
+            try:
+                yield hub
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await hub.drain()
+    finally:
+        if own_store:
+            store.close()

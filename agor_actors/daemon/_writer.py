@@ -1,0 +1,215 @@
+"""The store writer: the single writer of the database, with group commit.
+
+Writes queue up while a commit is in flight and go together in the next one
+(one worker-thread hop and one transaction per group).  Consecutive chunks
+of one streamed message in a group are merged into one write whose event
+covers their seqs.  Committed events go to their rooms in commit order, and
+only then are the writers answered: nobody sees an event a crash could take
+back, and a ``call`` is answered only once its write is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import outcome
+
+from .. import _planted
+from ..runtime import ActorContext, Await, Behaviour, Effect, Effects, Reply, Request, Send
+from ..store import (
+    Append,
+    EventDraft,
+    Mutation,
+    SqlStore,
+    StoredEvent,
+    StoreError,
+    StoreUnavailable,
+    WriteRequest,
+    WriteResult,
+)
+from ..world import World
+
+__all__ = ["Committed", "StoreWriter", "Write", "WriterState", "coalesce"]
+
+WRITER_NAME = "store:writer"
+
+
+@attrs.frozen
+class Write:
+    """Ask the writer to commit ``request``; the reply is a
+    :class:`~agor_actors.store.WriteResult` or a ``StoreError`` (raised).
+    Writes with the same ``coalesce_key`` that are consecutive in a group
+    are merged (their ``Append`` values concatenated, other values: last
+    wins; their single events merged by :func:`coalesce`)."""
+
+    request: WriteRequest
+    coalesce_key: str | None = None
+
+
+@attrs.frozen
+class Committed:
+    """Sent to ``room:<room>``: events just made durable, in seq order."""
+
+    room: str
+    events: tuple[StoredEvent, ...]
+
+
+@attrs.frozen
+class _Done:
+    batch: tuple[tuple[Request, ...], ...]
+    result: outcome.Outcome[list[WriteResult | StoreError]]
+
+
+@attrs.define
+class WriterState:
+    pending: list[Request] = attrs.field(factory=list)
+    committing: bool = False
+    groups: int = 0
+    writes: int = 0
+    merged: int = 0
+    max_group: int = 0
+
+
+def coalesce(writes: Sequence[Write]) -> WriteRequest:
+    """Merge consecutive writes of one streamed message into one request.
+    Each must have one mutation per row and at most one event."""
+    first = writes[0].request
+    mutations: dict[tuple[str, str], dict[str, Any]] = {}
+    keys: dict[tuple[str, str], Mutation] = {}
+    for write in writes:
+        for mutation in write.request.mutations:
+            ident = (mutation.table, repr(sorted(mutation.key.items())))
+            values = mutations.setdefault(ident, {})
+            keys.setdefault(ident, mutation)
+            for column, value in mutation.values.items():
+                old = values.get(column)
+                if isinstance(value, Append) and isinstance(old, Append):
+                    values[column] = Append(old.text + value.text)
+                else:
+                    values[column] = value
+    merged_mutations = tuple(
+        Mutation(keys[ident].op, keys[ident].table, keys[ident].key, values)
+        for ident, values in mutations.items()
+    )
+    events = [w.request.events[0] for w in writes if w.request.events]
+    merged_events: tuple[EventDraft, ...] = ()
+    if events:
+        data = dict(events[0].data)
+        for event in events[1:]:
+            for k, v in event.data.items():
+                data[k] = data.get(k, "") + v if k == "chunk" else v
+        last = events[-1]
+        merged_events = (
+            EventDraft(
+                room=last.room,
+                event=last.event,
+                data=data,
+                ts=last.ts,
+                user_id=last.user_id,
+                origin=last.origin,
+                temp_id=last.temp_id,
+                merge_count=sum(e.merge_count for e in events),
+            ),
+        )
+    return WriteRequest(
+        mutations=merged_mutations,
+        events=merged_events,
+        history=tuple(h for w in writes for h in w.request.history),
+        expect=first.expect,
+    )
+
+
+class StoreWriter(Behaviour[WriterState]):
+    """The single writer.  ``max_group`` bounds a commit group; writes beyond
+    it wait for the next group (and the mailbox bound slows the senders)."""
+
+    mailbox_size = 4096
+    max_inflight = 2
+
+    def __init__(self, store: SqlStore, world: World, *, max_group: int = 512) -> None:
+        self.store = store
+        self.world = world
+        self.max_group = max_group
+
+    async def init(self, ctx: ActorContext) -> WriterState:
+        return WriterState()
+
+    def handle(self, state: WriterState, msg: Any, now: float) -> Effects:
+        if isinstance(msg, Request) and isinstance(msg.body, Write):
+            state.pending.append(msg)
+            if not state.committing:
+                return self._start(state)
+            return ()
+        if isinstance(msg, _Done):
+            return self._finish(state, msg)
+        raise TypeError(f"store writer: unexpected {msg!r}")
+
+    def _start(self, state: WriterState) -> list[Effect]:
+        taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
+        # runs of consecutive writes with one coalesce key become one request
+        batch: list[tuple[Request, ...]] = []
+        for req in taken:
+            key = req.body.coalesce_key
+            if key is not None and batch and batch[-1][0].body.coalesce_key == key:
+                batch[-1] = (*batch[-1], req)
+            else:
+                batch.append((req,))
+        requests = [
+            coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request
+            for run in batch
+        ]
+        state.committing = True
+        state.groups += 1
+        state.writes += len(taken)
+        state.merged += len(taken) - len(batch)
+        state.max_group = max(state.max_group, len(taken))
+        store, blocking = self.store, self.world.blocking
+
+        async def commit() -> list[WriteResult | StoreError]:
+            return await blocking.run(lambda: store.commit(requests))
+
+        frozen = tuple(batch)
+        done = Await(commit, lambda result: _Done(frozen, result))
+        if _planted.FLAGS.ack_before_durable:
+            return [*(Reply(r.reply_to, WriteResult(())) for r in taken), done]
+        return [done]
+
+    def _finish(self, state: WriterState, done: _Done) -> list[Effect]:
+        state.committing = False
+        effects: list[Effect] = []
+        try:
+            results = done.result.unwrap()
+        except Exception as exc:  # the worker itself failed: nothing is known to be durable
+            error = exc if isinstance(exc, StoreError) else StoreUnavailable(str(exc))
+            for run in done.batch:
+                effects.extend(Reply(req.reply_to, error=error) for req in run)
+            if state.pending:
+                effects.extend(self._start(state))
+            return effects
+        by_room: dict[str, list[StoredEvent]] = {}
+        for result in results:
+            if isinstance(result, WriteResult):
+                for event in result.events:
+                    by_room.setdefault(event.room, []).append(event)
+        for room, events in by_room.items():
+            effects.append(Send(f"room:{room}", Committed(room, tuple(events))))
+        for run, result in zip(done.batch, results, strict=True):
+            for req in run:
+                if isinstance(result, WriteResult):
+                    effects.append(Reply(req.reply_to, result))
+                else:
+                    effects.append(Reply(req.reply_to, error=result))
+        if state.pending:
+            effects.extend(self._start(state))
+        return effects
+
+    def describe(self, state: WriterState) -> dict[str, Any]:
+        return {
+            "pending": len(state.pending),
+            "groups": state.groups,
+            "writes": state.writes,
+            "merged": state.merged,
+            "max_group": state.max_group,
+        }

@@ -1,0 +1,440 @@
+"""The room: one per channel (``session:<id>``, ``board:<id>``).
+
+It receives durable events from the store writer in seq order, keeps the
+recent ones in memory, and offers them, encoded once per codec, to every
+subscriber's outbox.  It never waits for a subscriber: one whose outbox
+overflows is dropped from the room (its outbox queues ``lagged``) and
+catches up from the log at its own pace when it rejoins.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+
+from protocols import Codec, Event, Joined, Presence, Since, Viewport, encode
+
+from .. import _planted
+from ..daemon._outbox import Frame, Outbox
+from ..runtime import ActorContext, Behaviour, Effect, Effects, Reply, Request, StartTimer
+from ..store import SqlStore, StoredEvent
+from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_for
+
+__all__ = [
+    "CatchUp",
+    "RoomBehaviour",
+    "RoomState",
+    "Subscribe",
+    "Subscription",
+    "Unsubscribe",
+    "to_event",
+]
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """One connection in one room.  Shared by the room (which offers to the
+    outbox and records what it offered) and the connection's hub side."""
+
+    connection_id: str
+    room: str
+    outbox: Outbox
+    user_id: str = ""
+    last_offered: int = 0
+    active: bool = True
+
+
+@attrs.frozen
+class Subscribe:
+    """Join ``sub`` to the room from ``since``.  Replies ``"live"`` (the
+    ``joined`` notice and any replay are queued, live events follow) or a
+    :class:`CatchUp` (the gap is older than memory: the caller replays the
+    log up to ``head`` and subscribes again with ``quiet=True``)."""
+
+    sub: Subscription
+    since: Since | None
+    quiet: bool = False
+
+
+@attrs.frozen
+class CatchUp:
+    epoch: str
+    head: int
+
+
+@attrs.frozen
+class Unsubscribe:
+    connection_id: str
+
+
+@attrs.frozen
+class ActivityQuery:
+    """The newest activity entries from memory; the reply is None when memory
+    cannot answer whole (then the store does)."""
+
+    user_id: str | None
+    actions: list[str] | None
+    limit: int
+
+
+@attrs.frozen
+class _Ring:
+    event: Event
+    end_seq: int
+    frames: dict[Codec, Frame]
+
+
+@attrs.define
+class _Watch:
+    """What one connection wants of board presence."""
+
+    viewport: Viewport | None = None
+    hide_cursors: bool = False
+    follow: str | None = None
+    full: bool = True  # send the whole facepile in its next frame
+
+
+@attrs.define
+class BoardPresence:
+    """Board presence: latest state per user, what changed since the last flush."""
+
+    users: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    cursors: dict[str, tuple[float, float]] = attrs.field(factory=dict)
+    viewports: dict[str, Viewport] = attrs.field(factory=dict)
+    watch: dict[str, _Watch] = attrs.field(factory=dict)
+    users_dirty: bool = False
+    cursors_dirty: dict[str, None] = attrs.field(factory=dict)
+    viewports_dirty: dict[str, None] = attrs.field(factory=dict)
+    highlights: list[dict[str, Any]] = attrs.field(factory=list)
+    flush_pending: bool = False
+    frames: int = 0
+
+
+@attrs.frozen
+class _PresenceFlush:
+    pass
+
+
+@attrs.define
+class RoomState:
+    room: str
+    epoch: str
+    head: int
+    ring: deque[_Ring] = attrs.field(factory=deque)
+    subscribers: dict[str, Subscription] = attrs.field(factory=dict)
+    delivered: int = 0
+    lagged: int = 0
+    presence: BoardPresence = attrs.field(factory=BoardPresence)
+
+
+def to_event(stored: StoredEvent) -> Event:
+    return Event(
+        room=stored.room,
+        seq=stored.seq,
+        event=stored.event,
+        data=stored.data,
+        ts=stored.ts,
+        user_id=stored.user_id,
+        origin=stored.origin,
+        temp_id=stored.temp_id,
+        last_seq=stored.last_seq,
+    )
+
+
+class RoomBehaviour(Behaviour[RoomState]):
+    """``ring_size`` recent events stay in memory for resumes; older gaps
+    come from the log.  A room with subscribers never passivates."""
+
+    mailbox_size = 1024
+    idle_s = 300.0
+
+    max_highlights = 64
+    activity_memory = 100
+
+    def __init__(
+        self,
+        room: str,
+        store: SqlStore,
+        *,
+        ring_size: int = 1024,
+        presence: PresenceConfig | None = None,
+    ) -> None:
+        self.room = room
+        self.store = store
+        self.ring_size = ring_size
+        self.presence_config = presence or PresenceConfig()
+        self.is_board = room.startswith("board:")
+
+    async def init(self, ctx: ActorContext) -> RoomState:
+        store, room = self.store, self.room
+        head = await ctx.world.blocking.run(lambda: store.room_head(room))
+        epoch, seq = head if head is not None else ("", 0)
+        return RoomState(room=room, epoch=epoch, head=seq)
+
+    def can_passivate(self, state: RoomState) -> bool:
+        return not state.subscribers
+
+    def handle(self, state: RoomState, msg: Any, now: float) -> Effects:
+        if isinstance(msg, Request):
+            body = msg.body
+            if isinstance(body, Subscribe):
+                return [Reply(msg.reply_to, self._subscribe(state, body))]
+            if isinstance(body, ActivityQuery):
+                return [Reply(msg.reply_to, self._activity(state, body))]
+            raise TypeError(f"room: unexpected request {body!r}")
+        if isinstance(msg, Unsubscribe):
+            sub = state.subscribers.pop(msg.connection_id, None)
+            if sub is not None:
+                sub.active = False
+            state.presence.watch.pop(msg.connection_id, None)
+            return ()
+        if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush):
+            return self._presence(state, msg)
+        # Committed, from the store writer
+        events: tuple[StoredEvent, ...] = msg.events
+        self._fan_out(state, events)
+        if self.is_board:
+            self._highlight(state, events)
+            return self._schedule_flush(state)
+        return ()
+
+    # -------------------------------------------------------------- fan-out
+
+    def _fan_out(self, state: RoomState, stored: tuple[StoredEvent, ...]) -> None:
+        fresh = [e for e in stored if e.end_seq > state.head]
+        if not fresh:
+            return
+        if not state.epoch or fresh[0].epoch != state.epoch:
+            # the first event of the room, or a reset log: adopt its epoch
+            state.epoch = fresh[0].epoch
+        entries = []
+        for stored_event in fresh:
+            entry = _Ring(to_event(stored_event), stored_event.end_seq, {})
+            entries.append(entry)
+            state.ring.append(entry)
+        state.head = fresh[-1].end_seq
+        while len(state.ring) > self.ring_size:
+            state.ring.popleft()
+        if _planted.FLAGS.fanout_reorder and len(entries) > 1:
+            entries = [*entries[1:], entries[0]]
+        for sub in list(state.subscribers.values()):
+            self._offer(state, sub, entries)
+
+    def _offer(self, state: RoomState, sub: Subscription, entries: list[_Ring]) -> bool:
+        codec = sub.outbox.codec
+        items: list[tuple[int, Frame]] = []
+        for entry in entries:
+            if entry.end_seq <= sub.last_offered:
+                continue
+            frame = entry.frames.get(codec)
+            if frame is None:
+                frame = entry.frames[codec] = encode(codec, entry.event)
+            items.append((entry.event.seq, frame))
+        if not items:
+            return True
+        if sub.outbox.offer_events(state.room, items):
+            sub.last_offered = entries[-1].end_seq
+            state.delivered += len(items)
+            return True
+        # it overflowed: the outbox dropped its backlog and queued ``lagged``
+        state.lagged += 1
+        sub.active = False
+        state.subscribers.pop(sub.connection_id, None)
+        return False
+
+    # -------------------------------------------------------------- joins
+
+    def _subscribe(self, state: RoomState, body: Subscribe) -> str | CatchUp:
+        sub, since = body.sub, body.since
+        old = state.subscribers.pop(sub.connection_id, None)
+        if old is not None:
+            old.active = False
+        recovered = False
+        start = state.head
+        if since is not None and since.seq <= state.head:
+            same_epoch = since.epoch == state.epoch or (since.epoch == "" and state.epoch != "")
+            if same_epoch:
+                oldest = state.ring[0].event.seq if state.ring else state.head + 1
+                backlog = state.head - since.seq
+                in_memory = since.seq + 1 >= oldest or since.seq == state.head
+                if in_memory and backlog <= sub.outbox.max_messages // 2:
+                    recovered = True
+                    start = since.seq
+                    if _planted.FLAGS.resume_off_by_one:
+                        start += 1
+                else:
+                    # older than memory, or more than the outbox takes at
+                    # once: replayed from the log at the client's pace
+                    return CatchUp(state.epoch, state.head)
+        if not body.quiet:
+            sub.outbox.offer_control(
+                Joined(room=state.room, epoch=state.epoch, seq=state.head, recovered=recovered)
+            )
+        sub.last_offered = start
+        sub.active = True
+        state.subscribers[sub.connection_id] = sub
+        if self.is_board:
+            state.presence.watch.setdefault(sub.connection_id, _Watch()).full = True
+        replay = [entry for entry in state.ring if entry.end_seq > start]
+        if replay and not self._offer(state, sub, replay):
+            return "lagged"
+        return "live"
+
+    # -------------------------------------------------------------- activity
+
+    def _activity(self, state: RoomState, query: ActivityQuery) -> dict[str, Any] | None:
+        """Up to ``query.limit`` newest entries from the last
+        ``activity_memory`` events kept in memory; None if memory holds
+        fewer matches than asked and older events exist."""
+        recent = list(state.ring)[-self.activity_memory :]
+        matches = [
+            e.event
+            for e in reversed(recent)
+            if (query.user_id is None or e.event.user_id == query.user_id)
+            and (query.actions is None or e.event.event in query.actions)
+        ]
+        complete = bool(recent) and recent[0].event.seq <= 1
+        if len(matches) < query.limit and not complete:
+            return None
+        page = matches[: query.limit]
+        more = len(matches) > query.limit or not complete
+        return {
+            "data": [
+                {"id": e.seq, "action": e.event, "user_id": e.user_id, "ts": e.ts, "data": e.data}
+                for e in page
+            ],
+            "next_cursor": str(page[-1].seq) if page and more else None,
+        }
+
+    # -------------------------------------------------------------- presence
+
+    def _presence(self, state: RoomState, msg: Any) -> list[Effect]:
+        p = state.presence
+        if isinstance(msg, _PresenceFlush):
+            p.flush_pending = False
+            self._flush(state)
+            return []
+        if isinstance(msg, UserEntry):
+            if msg.entry is None:
+                if p.users.pop(msg.user_id, None) is not None:
+                    p.users_dirty = True
+                p.cursors.pop(msg.user_id, None)
+                p.viewports.pop(msg.user_id, None)
+            elif p.users.get(msg.user_id) != msg.entry:
+                p.users[msg.user_id] = msg.entry
+                p.users_dirty = True
+        elif isinstance(msg, CursorMoved):
+            p.cursors[msg.user_id] = (msg.x, msg.y)
+            p.cursors_dirty[msg.user_id] = None
+        elif isinstance(msg, WatchPrefs):
+            watch = p.watch.setdefault(msg.connection_id, _Watch())
+            if msg.viewport is not None:
+                watch.viewport = msg.viewport
+                p.viewports[msg.user_id] = msg.viewport
+                p.viewports_dirty[msg.user_id] = None
+            if msg.hide_cursors is not None:
+                watch.hide_cursors = msg.hide_cursors
+            if msg.follow is not None:
+                watch.follow = msg.follow or None
+                watch.full = True
+        return self._schedule_flush(state)
+
+    def _schedule_flush(self, state: RoomState) -> list[Effect]:
+        p = state.presence
+        if p.flush_pending or not state.subscribers:
+            return []
+        p.flush_pending = True
+        return [StartTimer("presence", 1.0 / self.presence_config.flush_hz, _PresenceFlush())]
+
+    def _highlight(self, state: RoomState, events: tuple[StoredEvent, ...]) -> None:
+        p = state.presence
+        for event in events:
+            if event.user_id is None:
+                continue
+            target_type, target_id = _target(event)
+            p.highlights.append(
+                {
+                    "action_id": f"{event.room}:{event.seq}",
+                    "user_id": event.user_id,
+                    "color": color_for(event.user_id),
+                    "target_type": target_type,
+                    "target_id": target_id,
+                    "action": event.event,
+                }
+            )
+        del p.highlights[: -self.max_highlights]
+
+    def _flush(self, state: RoomState) -> None:
+        """One presence frame per subscriber with what changed: at most
+        ``flush_hz`` per second, since a flush happens only when its timer
+        fires."""
+        p = state.presence
+        board = state.room.removeprefix("board:")
+        margin = self.presence_config.cursor_margin
+        all_users = sorted(p.users.values(), key=lambda e: str(e["user_id"]))
+        for sub in state.subscribers.values():
+            watch = p.watch.get(sub.connection_id)
+            full = watch is None or watch.full
+            users = all_users if (p.users_dirty or full) else None
+            cursors: list[dict[str, Any]] | None = None
+            if not (watch is not None and watch.hide_cursors):
+                view = watch.viewport if watch else None
+                moved = []
+                for uid in p.cursors if full else p.cursors_dirty:
+                    if uid == sub.user_id or uid not in p.cursors:
+                        continue
+                    x, y = p.cursors[uid]
+                    if _visible(x, y, view, margin):
+                        moved.append({"user_id": uid, "x": x, "y": y})
+                cursors = moved or None
+            viewport = None
+            if watch is not None and watch.follow and (full or watch.follow in p.viewports_dirty):
+                viewport = p.viewports.get(watch.follow)
+            highlights = list(p.highlights) or None
+            if users is None and cursors is None and viewport is None and highlights is None:
+                continue
+            frame = Presence(
+                board=board, users=users, cursors=cursors, viewport=viewport, highlights=highlights
+            )
+            sub.outbox.offer_presence(board, frame)
+            p.frames += 1
+            if watch is not None:
+                watch.full = False
+        p.users_dirty = False
+        p.cursors_dirty.clear()
+        p.viewports_dirty.clear()
+        p.highlights.clear()
+
+    def describe(self, state: RoomState) -> dict[str, Any]:
+        return {
+            "room": state.room,
+            "epoch": state.epoch,
+            "head": state.head,
+            "subscribers": len(state.subscribers),
+            "ring": len(state.ring),
+            "delivered": state.delivered,
+            "lagged": state.lagged,
+        }
+
+
+def _visible(x: float, y: float, viewport: Viewport | None, margin: float) -> bool:
+    """Whether a cursor is inside a viewport (board coordinates) plus a margin."""
+    if viewport is None:
+        return True
+    zoom = viewport.zoom or 1.0
+    width, height = viewport.w / zoom, viewport.h / zoom
+    return (
+        viewport.x - margin <= x <= viewport.x + width + margin
+        and viewport.y - margin <= y <= viewport.y + height + margin
+    )
+
+
+def _target(event: StoredEvent) -> tuple[str, str | None]:
+    data = event.data if isinstance(event.data, dict) else {}
+    kind = event.event.split(":", 1)[0]
+    for key in ("session_id", "task_id", "board_id"):
+        if key in data:
+            return key.removesuffix("_id"), str(data[key])
+    return kind, None

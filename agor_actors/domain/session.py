@@ -1,0 +1,633 @@
+"""The session actor: orders one session's writes (the session, its tasks,
+messages and tool calls), merges session fields by hybrid logical clock,
+refuses stale writes to strict fields, and answers only once the write is
+durable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import outcome
+
+from ..daemon._api import Principal, ServiceError
+from ..runtime import ActorContext, Ask, Behaviour, Effect, Effects, Reply, ReplyTo, Request, Stop
+from ..store import (
+    Append,
+    EventDraft,
+    Expect,
+    History,
+    Mutation,
+    SqlStore,
+    StoreConflict,
+    StoreError,
+    StoreIntegrityError,
+    StoreNotFound,
+    WriteRequest,
+    WriteResult,
+)
+from .hlc import Hlc, HlcClock, merge_fields
+
+__all__ = ["SESSION_FIELDS", "STRICT_FIELDS", "Command", "SessionBehaviour", "SessionState"]
+
+SESSION_STATUSES = ("idle", "running", "awaiting_permission", "completed", "failed")
+TASK_STATUSES = ("created", "running", "completed", "failed", "stopped")
+SESSION_FIELDS = (
+    "title",
+    "status",
+    "agent",
+    "git_state",
+    "board_id",
+    "owner_id",
+    "locked_by",
+    "permissions",
+)
+STRICT_FIELDS = frozenset({"owner_id", "locked_by", "permissions"})
+BOARD_VISIBLE = frozenset({"title", "status", "agent", "board_id", "owner_id"})
+TASK_FIELDS = ("prompt", "status", "result", "error")
+MESSAGE_FIELDS = ("task_id", "role", "content", "streaming")
+ROLES = ("user", "assistant", "system", "tool")
+
+
+@attrs.frozen
+class Command:
+    """A write for the session actor, stamped by the hub with the wall time."""
+
+    principal: Principal
+    connection_id: str | None
+    service: str
+    method: str
+    id: str | None
+    data: Any
+    query: dict[str, Any] | None
+    temp_id: str | None
+    base_rev: int | None
+    now_ms: int
+    new_id: str  # an id the hub drew, for creates
+
+
+@attrs.define
+class SessionState:
+    session_id: str
+    row: dict[str, Any] | None
+    clock: HlcClock
+    inflight: int = 0
+    poisoned: bool = False
+    message_tasks: dict[str, str | None] = attrs.field(factory=dict)
+    writes: int = 0
+
+
+@attrs.frozen
+class _Written:
+    reply_to: ReplyTo
+    result: outcome.Outcome[Any]
+    answer: Any
+    touched_session: bool
+
+
+def _bad(message: str, data: Any = None) -> ServiceError:
+    return ServiceError("invalid_field", message, data)
+
+
+def _as_dict(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _bad("data must be an object")
+    return data
+
+
+def _pick(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise _bad(f"unknown field(s): {', '.join(unknown)}", {"allowed": list(allowed)})
+    return {k: data[k] for k in allowed if k in data}
+
+
+def _check_session_values(values: dict[str, Any]) -> None:
+    for name in ("title", "agent", "board_id", "owner_id", "locked_by"):
+        if name in values and values[name] is not None and not isinstance(values[name], str):
+            raise _bad(f"{name} must be a string")
+    if "title" in values and values["title"] is None:
+        raise _bad("title must be a string")
+    if "status" in values and values["status"] not in SESSION_STATUSES:
+        raise _bad(f"status must be one of {', '.join(SESSION_STATUSES)}")
+    if (
+        "git_state" in values
+        and values["git_state"] is not None
+        and not isinstance(values["git_state"], dict)
+    ):
+        raise _bad("git_state must be an object")
+    if (
+        "permissions" in values
+        and values["permissions"] is not None
+        and not isinstance(values["permissions"], dict)
+    ):
+        raise _bad("permissions must be an object")
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "clocks"}
+
+
+class SessionBehaviour(Behaviour[SessionState]):
+    """One per session.  ``writer`` is the store writer's registry name."""
+
+    mailbox_size = 256
+    idle_s = 600.0
+    max_inflight = 64
+
+    def __init__(self, session_id: str, store: SqlStore, *, writer: str = "store:writer") -> None:
+        self.session_id = session_id
+        self.store = store
+        self.writer = writer
+
+    async def init(self, ctx: ActorContext) -> SessionState:
+        store, sid = self.store, self.session_id
+        row = await ctx.world.blocking.run(lambda: store.get("sessions", sid))
+        return SessionState(session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"))
+
+    def can_passivate(self, state: SessionState) -> bool:
+        return state.inflight == 0
+
+    def handle(self, state: SessionState, msg: Any, now: float) -> Effects:
+        if isinstance(msg, _Written):
+            return self._written(state, msg)
+        if not isinstance(msg, Request) or not isinstance(msg.body, Command):
+            raise TypeError(f"session: unexpected {msg!r}")
+        cmd = msg.body
+        if state.poisoned:
+            return [
+                Reply(
+                    msg.reply_to, error=ServiceError("unavailable", "session is reloading; retry")
+                )
+            ]
+        try:
+            request, answer, coalesce_key, touched = self._plan(state, cmd)
+        except ServiceError as exc:
+            return [Reply(msg.reply_to, error=exc)]
+        state.inflight += 1
+        state.writes += 1
+        from ..daemon._writer import Write
+
+        body = Write(request, coalesce_key)
+        return [_ask(self.writer, body, msg.reply_to, answer, touched)]
+
+    def _written(self, state: SessionState, done: _Written) -> list[Effect]:
+        state.inflight -= 1
+        effects: list[Effect] = []
+        try:
+            result = done.result.unwrap()
+            assert isinstance(result, WriteResult)
+            answer = dict(done.answer) if isinstance(done.answer, dict) else done.answer
+            if isinstance(answer, dict) and result.events:
+                answer["_seq"] = result.events[0].seq
+            effects.append(Reply(done.reply_to, answer))
+        except StoreConflict as exc:
+            effects.append(
+                Reply(
+                    done.reply_to,
+                    error=ServiceError("conflict", str(exc), {"current": exc.current}),
+                )
+            )
+            state.poisoned = state.poisoned or done.touched_session
+        except StoreNotFound as exc:
+            effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
+            state.poisoned = state.poisoned or done.touched_session
+        except StoreIntegrityError as exc:
+            effects.append(Reply(done.reply_to, error=ServiceError("invalid_field", str(exc))))
+            state.poisoned = state.poisoned or done.touched_session
+        except StoreError as exc:
+            effects.append(Reply(done.reply_to, error=ServiceError("unavailable", f"store: {exc}")))
+            state.poisoned = state.poisoned or done.touched_session
+        except Exception as exc:
+            effects.append(
+                Reply(
+                    done.reply_to, error=ServiceError("unavailable", f"{type(exc).__name__}: {exc}")
+                )
+            )
+            state.poisoned = True
+        if state.poisoned and state.inflight == 0:
+            # the in-memory session may differ from the store: stop once the
+            # replies are out; the next use spawns us again from the store
+            effects.append(Stop())
+        return effects
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan(
+        self, state: SessionState, cmd: Command
+    ) -> tuple[WriteRequest, Any, str | None, bool]:
+        key = (cmd.service, cmd.method)
+        if cmd.service == "sessions":
+            if cmd.method == "create":
+                return (*self._create_session(state, cmd), None, True)
+            if state.row is None:
+                raise ServiceError("not_found", f"no session {state.session_id}")
+            if cmd.method in ("patch", "update"):
+                return (*self._patch_session(state, cmd, _as_dict(cmd.data)), None, True)
+            if cmd.method == "set_status":
+                data = _as_dict(cmd.data)
+                return (
+                    *self._patch_session(state, cmd, {"status": data.get("status")}),
+                    None,
+                    True,
+                )
+            if cmd.method == "set_git_state":
+                return (*self._patch_session(state, cmd, {"git_state": cmd.data}), None, True)
+            if cmd.method == "remove":
+                return (*self._remove_session(state, cmd), None, True)
+        if state.row is None:
+            raise ServiceError("not_found", f"no session {state.session_id}")
+        if cmd.service == "tasks":
+            return (*self._task(state, cmd), None, False)
+        if cmd.service == "messages":
+            request, answer = self._message(state, cmd)
+            coalesce = f"message:{cmd.id}" if cmd.method == "stream" else None
+            return request, answer, coalesce, False
+        raise ServiceError("unknown_method", f"{key[0]}.{key[1]} is not a session method")
+
+    def _rooms(self, state: SessionState, board_visible: bool) -> list[str]:
+        rooms = [f"session:{state.session_id}"]
+        board = state.row.get("board_id") if state.row else None
+        if board_visible and board:
+            rooms.append(f"board:{board}")
+        return rooms
+
+    def _events(
+        self, state: SessionState, cmd: Command, event: str, data: Any, *, board: bool
+    ) -> list[EventDraft]:
+        return [
+            EventDraft(
+                room=room,
+                event=event,
+                data=data,
+                ts=cmd.now_ms,
+                user_id=cmd.principal.user_id,
+                origin=cmd.connection_id,
+                temp_id=cmd.temp_id,
+            )
+            for room in self._rooms(state, board)
+        ]
+
+    def _stamp(self, state: SessionState, cmd: Command) -> Hlc:
+        writer = f"{cmd.principal.user_id}:{cmd.connection_id or 'http'}"
+        client = Hlc.parse_client((cmd.query or {}).get("hlc"), writer)
+        if client is not None:
+            state.clock.observe(client, cmd.now_ms)
+            return client
+        return state.clock.tick(cmd.now_ms, writer)
+
+    def _create_session(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
+        if state.row is not None:
+            raise ServiceError(
+                "conflict", f"session {state.session_id} exists", {"current": _public(state.row)}
+            )
+        values = _pick(_as_dict(cmd.data), SESSION_FIELDS)
+        values.setdefault("title", "")
+        values.setdefault("status", "idle")
+        values.setdefault("owner_id", cmd.principal.user_id)
+        _check_session_values(values)
+        stamp = self._stamp(state, cmd)
+        clocks = {f: stamp.encode() for f in values}
+        row = {
+            "id": state.session_id,
+            "agent": None,
+            "git_state": None,
+            "board_id": None,
+            "locked_by": None,
+            "permissions": None,
+            **values,
+            "created_at": cmd.now_ms,
+            "updated_at": cmd.now_ms,
+            "rev": 1,
+        }
+        mutation = Mutation(
+            "insert",
+            "sessions",
+            {"id": state.session_id},
+            {**{k: v for k, v in row.items() if k != "id"}, "clocks": clocks},
+        )
+        state.row = {**row, "clocks": clocks}
+        public = _public(row)
+        events = self._events(
+            state,
+            cmd,
+            "session:created",
+            {"session_id": state.session_id, "session": public},
+            board=True,
+        )
+        return WriteRequest(mutations=(mutation,), events=tuple(events)), public
+
+    def _patch_session(
+        self, state: SessionState, cmd: Command, data: dict[str, Any]
+    ) -> tuple[WriteRequest, Any]:
+        assert state.row is not None
+        patch = _pick(data, SESSION_FIELDS)
+        if not patch:
+            raise _bad("nothing to change")
+        _check_session_values(patch)
+        rev = int(state.row["rev"])
+        expect: list[Expect] = []
+        strict = sorted(STRICT_FIELDS & set(patch))
+        if strict:
+            if cmd.base_rev is None:
+                raise ServiceError(
+                    "conflict",
+                    f"{', '.join(strict)} need base_rev",
+                    {"current": {f: state.row.get(f) for f in strict}, "rev": rev},
+                )
+            if cmd.base_rev != rev:
+                raise ServiceError(
+                    "conflict",
+                    f"stale base_rev {cmd.base_rev}; the session is at rev {rev}",
+                    {"current": {f: state.row.get(f) for f in strict}, "rev": rev},
+                )
+            expect.append(Expect("sessions", {"id": state.session_id}, "rev", rev))
+        stamp = self._stamp(state, cmd)
+        clocks: dict[str, str] = dict(state.row.get("clocks") or {})
+        outcome_ = merge_fields(state.row, clocks, patch, stamp)
+        history = [
+            History(
+                "sessions",
+                state.session_id,
+                f,
+                old,
+                old_stamp or "",
+                "",
+                cmd.now_ms,
+                stamp.encode(),
+                stamp.writer,
+            )
+            for f, old, old_stamp in outcome_.overwritten
+        ] + [
+            History(
+                "sessions",
+                state.session_id,
+                f,
+                value,
+                stamp.encode(),
+                stamp.writer,
+                cmd.now_ms,
+                cur_stamp,
+                Hlc.decode(cur_stamp).writer if cur_stamp else None,
+            )
+            for f, value, _current, cur_stamp in outcome_.lost
+        ]
+        applied = outcome_.applied
+        lost = [{"field": f, "value": v, "current": c} for f, v, c, _ in outcome_.lost]
+        new_rev = rev + 1
+        for f in applied:
+            clocks[f] = stamp.encode()
+        values = {**applied, "clocks": clocks, "updated_at": cmd.now_ms, "rev": new_rev}
+        mutation = Mutation("update", "sessions", {"id": state.session_id}, values)
+        old_board = state.row.get("board_id")
+        state.row.update(values)
+        public = _public(state.row)
+        events: list[EventDraft] = []
+        if applied:
+            board_visible = bool(BOARD_VISIBLE & set(applied))
+            updates = {"session_id": state.session_id, "updates": applied, "rev": new_rev}
+            events += self._events(state, cmd, "session:updated", updates, board=board_visible)
+            if old_board and old_board != state.row.get("board_id"):
+                events.append(
+                    EventDraft(
+                        f"board:{old_board}",
+                        "session:deleted",
+                        {"session_id": state.session_id},
+                        cmd.now_ms,
+                        cmd.principal.user_id,
+                        cmd.connection_id,
+                    )
+                )
+            if "status" in applied:
+                events += self._events(
+                    state,
+                    cmd,
+                    "session:status_changed",
+                    {"session_id": state.session_id, "status": applied["status"]},
+                    board=True,
+                )
+            if "git_state" in applied:
+                events += self._events(
+                    state,
+                    cmd,
+                    "git:state_changed",
+                    {"session_id": state.session_id, "git_state": applied["git_state"]},
+                    board=False,
+                )
+        answer = {**public, "_lost": lost} if lost else public
+        return WriteRequest(
+            mutations=(mutation,),
+            events=tuple(events),
+            history=tuple(history),
+            expect=tuple(expect),
+        ), answer
+
+    def _remove_session(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
+        assert state.row is not None
+        events = self._events(
+            state, cmd, "session:deleted", {"session_id": state.session_id}, board=True
+        )
+        public = _public(state.row)
+        sid = state.session_id
+        mutations = (Mutation("delete", "sessions", {"id": sid}),)
+        state.row = None
+        return WriteRequest(mutations=mutations, events=tuple(events)), public
+
+    def _task(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
+        data = _as_dict(cmd.data)
+        sid = state.session_id
+        if cmd.method == "create":
+            values: dict[str, Any] = _pick(data, ("session_id", *TASK_FIELDS))
+            values.pop("session_id", None)
+            if not isinstance(values.get("prompt", ""), str):
+                raise _bad("prompt must be a string")
+            values.setdefault("prompt", "")
+            values.setdefault("status", "created")
+            if values["status"] not in TASK_STATUSES:
+                raise _bad(f"status must be one of {', '.join(TASK_STATUSES)}")
+            row = {
+                "id": cmd.new_id,
+                "session_id": sid,
+                "result": None,
+                "error": None,
+                **values,
+                "created_at": cmd.now_ms,
+                "updated_at": cmd.now_ms,
+                "rev": 1,
+            }
+            mutation = Mutation(
+                "insert", "tasks", {"id": cmd.new_id}, {k: v for k, v in row.items() if k != "id"}
+            )
+            events = self._events(
+                state, cmd, "task:created", {"task_id": cmd.new_id, "task": row}, board=True
+            )
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), row
+        if not isinstance(cmd.id, str):
+            raise _bad("id is required")
+        tid = cmd.id
+        transitions = {
+            "start": ("running", "task:started", None),
+            "complete": ("completed", "task:completed", "result"),
+            "fail": ("failed", "task:failed", "error"),
+            "stop": ("stopped", "task:stopped", None),
+        }
+        if cmd.method in transitions:
+            status, event, payload_field = transitions[cmd.method]
+            values = {"status": status, "updated_at": cmd.now_ms}
+            payload: dict[str, Any] = {"task_id": tid, "status": status}
+            if payload_field is not None:
+                values[payload_field] = data.get(payload_field)
+                payload[payload_field] = data.get(payload_field)
+            mutation = Mutation("update", "tasks", {"id": tid}, values)
+            events = self._events(state, cmd, event, payload, board=True)
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
+        if cmd.method in ("patch", "update"):
+            values = _pick(data, TASK_FIELDS)
+            if "status" in values and values["status"] not in TASK_STATUSES:
+                raise _bad(f"status must be one of {', '.join(TASK_STATUSES)}")
+            if not values:
+                raise _bad("nothing to change")
+            mutation = Mutation(
+                "update", "tasks", {"id": tid}, {**values, "updated_at": cmd.now_ms}
+            )
+            payload = {"task_id": tid, "updates": values}
+            events = self._events(state, cmd, "task:updated", payload, board=False)
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
+        if cmd.method == "tool_call":
+            call_id = data.get("tool_call_id") or cmd.new_id
+            if not isinstance(data.get("name"), str):
+                raise _bad("name must be a string")
+            tool = {
+                "id": call_id,
+                "session_id": sid,
+                "task_id": tid,
+                "name": data["name"],
+                "input": data.get("input"),
+                "output": None,
+                "status": "started",
+                "created_at": cmd.now_ms,
+                "updated_at": cmd.now_ms,
+            }
+            mutation = Mutation(
+                "insert",
+                "tool_calls",
+                {"id": call_id},
+                {k: v for k, v in tool.items() if k != "id"},
+            )
+            events = self._events(
+                state, cmd, "task:tool_call", {"task_id": tid, "tool_call": tool}, board=False
+            )
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), tool
+        if cmd.method == "tool_result":
+            call_id = data.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _bad("tool_call_id must be a string")
+            status = data.get("status", "completed")
+            if status not in ("completed", "failed"):
+                raise _bad("status must be completed or failed")
+            values = {"output": data.get("output"), "status": status, "updated_at": cmd.now_ms}
+            mutation = Mutation("update", "tool_calls", {"id": call_id}, values)
+            payload = {
+                "task_id": tid,
+                "tool_call": {"id": call_id, "output": values["output"], "status": status},
+            }
+            events = self._events(state, cmd, "task:tool_call", payload, board=False)
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
+        if cmd.method == "remove":
+            mutation = Mutation("delete", "tasks", {"id": tid})
+            events = self._events(state, cmd, "task:deleted", {"task_id": tid}, board=False)
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), {"id": tid}
+        raise ServiceError("unknown_method", f"tasks.{cmd.method} does not exist")
+
+    def _message(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
+        data = _as_dict(cmd.data)
+        sid = state.session_id
+        if cmd.method == "create":
+            values = _pick(data, ("session_id", *MESSAGE_FIELDS))
+            values.pop("session_id", None)
+            role = values.get("role", "assistant")
+            if role not in ROLES:
+                raise _bad(f"role must be one of {', '.join(ROLES)}")
+            content = values.get("content", "")
+            if not isinstance(content, str):
+                raise _bad("content must be a string")
+            task_id = values.get("task_id")
+            if task_id is not None and not isinstance(task_id, str):
+                raise _bad("task_id must be a string")
+            row = {
+                "id": cmd.new_id,
+                "session_id": sid,
+                "task_id": task_id,
+                "role": role,
+                "content": content,
+                "streaming": bool(values.get("streaming", False)),
+                "created_at": cmd.now_ms,
+                "updated_at": cmd.now_ms,
+                "rev": 1,
+            }
+            state.message_tasks[cmd.new_id] = task_id
+            mutation = Mutation(
+                "insert",
+                "messages",
+                {"id": cmd.new_id},
+                {k: v for k, v in row.items() if k != "id"},
+            )
+            events = self._events(
+                state, cmd, "task:message", {"task_id": task_id, "message": row}, board=False
+            )
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), row
+        if not isinstance(cmd.id, str):
+            raise _bad("id is required")
+        mid = cmd.id
+        task_id = state.message_tasks.get(mid)
+        if cmd.method == "stream":
+            chunk = data.get("chunk")
+            if not isinstance(chunk, str) or not chunk:
+                raise _bad("chunk must be a non-empty string")
+            mutation = Mutation(
+                "update",
+                "messages",
+                {"id": mid},
+                {"content": Append(chunk), "streaming": True, "updated_at": cmd.now_ms},
+            )
+            payload: dict[str, Any] = {"task_id": task_id, "message_id": mid, "chunk": chunk}
+            events = self._events(state, cmd, "task:message", payload, board=False)
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), {
+                "id": mid,
+                "appended": len(chunk),
+            }
+        if cmd.method == "finish":
+            mutation = Mutation(
+                "update", "messages", {"id": mid}, {"streaming": False, "updated_at": cmd.now_ms}
+            )
+            payload = {"task_id": task_id, "message_id": mid, "streaming": False}
+            events = self._events(state, cmd, "task:message", payload, board=False)
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), {
+                "id": mid,
+                "streaming": False,
+            }
+        if cmd.method == "remove":
+            mutation = Mutation("delete", "messages", {"id": mid})
+            events = self._events(
+                state,
+                cmd,
+                "task:message",
+                {"task_id": task_id, "message_id": mid, "deleted": True},
+                board=False,
+            )
+            return WriteRequest(mutations=(mutation,), events=tuple(events)), {"id": mid}
+        raise ServiceError("unknown_method", f"messages.{cmd.method} does not exist")
+
+    def describe(self, state: SessionState) -> dict[str, Any]:
+        return {
+            "session_id": state.session_id,
+            "inflight": state.inflight,
+            "writes": state.writes,
+            "exists": state.row is not None,
+        }
+
+
+def _ask(writer: str, body: Any, reply_to: ReplyTo, answer: Any, touched: bool) -> Effect:
+    return Ask(writer, body, lambda result: _Written(reply_to, result, answer, touched))

@@ -1,0 +1,53 @@
+"""An agent harness embedding the runtime reports what a remote client sees."""
+
+from __future__ import annotations
+
+import pathlib
+
+import trio
+
+from agor_actors.daemon import Outbox
+from agor_actors.embed import open_runtime
+from protocols import Codec, Event, Limits, decode_server_frame
+
+
+async def test_harness_reports_stream_tools_status_and_git(tmp_path: pathlib.Path) -> None:
+    async with open_runtime(data_dir=tmp_path) as rt:
+        session = await rt.create_session(title="Fix the tests", agent="claude-code")
+        out = Outbox(Codec.CBOR)
+        await rt.hub.join(rt.principal, "viewer", out, f"session:{session['id']}", None)
+        agent = rt.reporter(session["id"])
+        await agent.status("running")
+        task = await agent.start_task("make it green")
+        tool = await agent.tool_call(task, "bash", {"cmd": "pytest"})
+        await agent.tool_result(task, tool, {"exit": 0})
+        async with agent.message(task) as stream:
+            for word in ["All ", "tests ", "pass."]:
+                await stream.write(word)
+        await agent.git_state({"branch": "main", "dirty": False})
+        await agent.complete_task(task, {"summary": "done"})
+        seen: list[Event] = []
+        with trio.fail_after(10):
+            while not any(e.event == "task:completed" for e in seen):
+                frame = await out.next_frame()
+                seen += [
+                    m
+                    for m in decode_server_frame(Codec.CBOR, frame, Limits())
+                    if isinstance(m, Event)
+                ]
+        names = [e.event for e in seen]
+        for expected in (
+            "session:status_changed",
+            "task:created",
+            "task:started",
+            "task:tool_call",
+            "task:message",
+            "git:state_changed",
+            "task:completed",
+        ):
+            assert expected in names
+        text = "".join(e.data.get("chunk", "") for e in seen if e.event == "task:message")
+        assert text == "All tests pass."
+        assert any(e.event == "task:message" and e.data.get("streaming") is False for e in seen)
+        seqs = [s for e in seen for s in range(e.seq, (e.last_seq or e.seq) + 1)]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # gap-free, in order

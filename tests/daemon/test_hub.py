@@ -1,0 +1,290 @@
+"""The hub end to end in process: writes through session actors and the
+store writer, fan-out through rooms into outboxes, resume from memory and
+from the log; a real SQLite file."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+
+from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
+from agor_actors.world import real_world
+from protocols import Codec, Event, Joined, Lagged, Limits, Since, decode_server_frame
+
+OWNER = Principal("owner", "owner", True)
+
+
+@pytest.fixture
+async def hub(tmp_path: pathlib.Path) -> AsyncIterator[Hub]:
+    async with open_hub(real_world(), data_dir=tmp_path / "agor") as h:
+        yield h
+
+
+async def drain(outbox: Outbox, *, until: Any, limit_s: float = 10.0) -> list[Any]:
+    """Read frames from an outbox until ``until(messages)`` holds."""
+    got: list[Any] = []
+    with trio.fail_after(limit_s):
+        while not until(got):
+            frame = await outbox.next_frame()
+            got.extend(decode_server_frame(outbox.codec, frame, Limits()))
+    return got
+
+
+def events(msgs: list[Any]) -> list[Event]:
+    return [m for m in msgs if isinstance(m, Event)]
+
+
+async def test_write_is_durable_and_fans_out(hub: Hub) -> None:
+    board = await hub.call(
+        OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+    )
+    session = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="sessions",
+        method="create",
+        data={"title": "S", "board_id": board["id"]},
+    )
+    sid = session["id"]
+    out = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c2", out, f"session:{sid}", None)
+    joined = await drain(out, until=lambda m: len(m) >= 1)
+    assert isinstance(joined[0], Joined) and joined[0].seq == 1
+    task = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="tasks",
+        method="create",
+        data={"session_id": sid, "prompt": "hi"},
+    )
+    msg = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="messages",
+        method="create",
+        data={"session_id": sid, "task_id": task["id"], "role": "assistant", "streaming": True},
+    )
+    for word in ["Hello", " wor", "ld"]:
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="messages",
+            method="stream",
+            id=msg["id"],
+            data={"chunk": word},
+        )
+    got = await drain(
+        out, until=lambda m: sum((e.last_seq or e.seq) - e.seq + 1 for e in events(m)) >= 5
+    )
+    seqs = [(e.seq, e.last_seq) for e in events(got)]
+    assert seqs[0][0] == 2  # after session:created at 1
+    text = "".join(e.data.get("chunk", "") for e in events(got))
+    assert text == "Hello world"
+    stored = await hub.call(
+        OWNER, connection_id=None, service="messages", method="get", id=msg["id"]
+    )
+    assert stored["content"] == "Hello world"
+    found = await hub.call(
+        OWNER, connection_id=None, service="tasks", method="find", query={"session_id": sid}
+    )
+    assert [t["id"] for t in found["data"]] == [task["id"]]
+
+
+async def test_resume_from_memory_and_from_log(hub: Hub) -> None:
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    sid = session["id"]
+    room = f"session:{sid}"
+    for i in range(30):
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="sessions",
+            method="patch",
+            id=sid,
+            data={"title": f"t{i}"},
+        )
+    # from memory: since seq 10 → events 11..31 exactly
+    out = Outbox(Codec.CBOR)
+    await hub.join(OWNER, "c2", out, room, Since(epoch=await _epoch(hub, room), seq=10))
+    got = await drain(out, until=lambda m: len(events(m)) >= 21)
+    assert isinstance(got[0], Joined) and got[0].recovered
+    assert [e.seq for e in events(got)] == list(range(11, 32))
+    # another epoch: not recovered
+    out2 = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c3", out2, room, Since(epoch="other", seq=10))
+    got2 = await drain(out2, until=lambda m: len(m) >= 1)
+    assert isinstance(got2[0], Joined) and not got2[0].recovered and got2[0].seq == 31
+
+
+async def _epoch(hub: Hub, room: str) -> str:
+    head = hub.store.room_head(room)
+    assert head is not None
+    return head[0]
+
+
+async def test_gap_older_than_memory_is_replayed_from_log(tmp_path: pathlib.Path) -> None:
+    async with open_hub(real_world(), data_dir=tmp_path) as hub:
+        session = await hub.call(
+            OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+        )
+        sid = session["id"]
+        room = f"session:{sid}"
+        ref = await hub.system.registry.get(f"room:{room}")
+        for i in range(1100):  # more than the room keeps in memory (1024)
+            await hub.call(
+                OWNER,
+                connection_id="c1",
+                service="sessions",
+                method="patch",
+                id=sid,
+                data={"title": f"t{i}"},
+            )
+        assert ref.alive
+        out = Outbox(Codec.JSON, max_messages=400)
+        epoch = await _epoch(hub, room)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.join, OWNER, "c2", out, room, Since(epoch=epoch, seq=5))
+            got = await drain(out, until=lambda m: len(events(m)) >= 1096)
+        assert isinstance(got[0], Joined) and got[0].recovered
+        assert [e.seq for e in events(got)] == list(range(6, 1102))
+        assert not [m for m in got if isinstance(m, Lagged)]
+
+
+async def test_slow_subscriber_lags_without_slowing_others(hub: Hub) -> None:
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    sid = session["id"]
+    room = f"session:{sid}"
+    slow = Outbox(Codec.JSON, max_messages=10)
+    fast = Outbox(Codec.JSON)
+    await hub.join(OWNER, "slow", slow, room, None)
+    await hub.join(OWNER, "fast", fast, room, None)
+    for i in range(50):
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="sessions",
+            method="patch",
+            id=sid,
+            data={"title": f"t{i}"},
+        )
+    got_fast = await drain(fast, until=lambda m: len(events(m)) >= 50)
+    assert [e.seq for e in events(got_fast)] == list(range(2, 52))
+    got_slow = await drain(slow, until=lambda m: any(isinstance(x, Lagged) for x in m))
+    lagged = next(x for x in got_slow if isinstance(x, Lagged))
+    applied = [e.seq for e in events(got_slow)]
+    assert lagged.resume_from == (applied[-1] + 1 if applied else 2)
+    # it resumes from the log at its own pace with nothing lost
+    slow2 = Outbox(Codec.JSON, max_messages=10)
+    epoch = await _epoch(hub, room)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            hub.join, OWNER, "slow", slow2, room, Since(epoch, lagged.resume_from - 1)
+        )
+        rest = await drain(slow2, until=lambda m: len(events(m)) >= 51 - lagged.resume_from + 1)
+    assert [e.seq for e in events(rest)] == list(range(lagged.resume_from, 52))
+
+
+async def test_conflicts_on_strict_fields_and_lost_merges(hub: Hub) -> None:
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    sid = session["id"]
+    with pytest.raises(ServiceError) as info:
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="sessions",
+            method="patch",
+            id=sid,
+            data={"locked_by": "owner"},
+            base_rev=0,
+        )
+    assert info.value.code == "conflict" and info.value.data["rev"] == 1
+    ok = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="sessions",
+        method="patch",
+        id=sid,
+        data={"locked_by": "owner"},
+        base_rev=1,
+    )
+    assert ok["locked_by"] == "owner" and ok["rev"] == 2
+    # an older client stamp loses to the current value, and the writer is told
+    res = await hub.call(
+        OWNER,
+        connection_id="c2",
+        service="sessions",
+        method="patch",
+        id=sid,
+        data={"title": "old"},
+        query={"hlc": [1, 0]},
+    )
+    assert res["title"] == "S" and res["_lost"][0]["field"] == "title"
+    with pytest.raises(ServiceError) as bad:
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="sessions",
+            method="patch",
+            id=sid,
+            data={"status": "bogus"},
+        )
+    assert bad.value.code == "invalid_field"
+
+
+async def test_concurrent_chunks_merge_into_ranged_events(hub: Hub) -> None:
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    sid = session["id"]
+    msg = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="messages",
+        method="create",
+        data={"session_id": sid, "role": "assistant", "streaming": True},
+    )
+    out = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c2", out, f"session:{sid}", None)
+    words = [f"w{i} " for i in range(200)]
+
+    async def stream() -> None:
+        # one harness streaming as fast as it can: calls pipelined in order
+        for word in words:
+            await hub.call(
+                OWNER,
+                connection_id="c1",
+                service="messages",
+                method="stream",
+                id=msg["id"],
+                data={"chunk": word},
+            )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream)
+        nursery.start_soon(stream)
+    got = await drain(
+        out, until=lambda m: sum((e.last_seq or e.seq) - e.seq + 1 for e in events(m)) >= 400
+    )
+    evs = [e for e in events(got) if e.data.get("chunk")]
+    # seqs are contiguous across ranged events: no gap, no overlap
+    expected = evs[0].seq
+    for e in evs:
+        assert e.seq == expected
+        expected = (e.last_seq or e.seq) + 1
+    text = "".join(e.data["chunk"] for e in evs)
+    stored = await hub.call(
+        OWNER, connection_id=None, service="messages", method="get", id=msg["id"]
+    )
+    assert stored["content"] == text and len(text) == 2 * len("".join(words))
+    stats = hub.system.registry.lookup("store:writer").statistics()  # type: ignore[union-attr]
+    assert stats.handled > 0

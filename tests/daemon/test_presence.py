@@ -1,0 +1,312 @@
+"""Presence and collaboration on the auto-jumping clock: statuses, the
+30-per-second cap, coalescing, culling, hidden cursors, follow mode, action
+highlights, and the activity log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio.testing import MockClock
+
+from agor_actors.daemon import Hub, Outbox, OutboxClosed, Principal, open_hub
+from agor_actors.domain.presence import PresenceConfig, color_for, status_of
+from agor_actors.store import SqlStore, open_store
+from agor_actors.world import simulated_world
+from protocols import Codec, Cursor, Limits, Presence, PresenceUpdate, Viewport, decode_server_frame
+
+OWNER = Principal("owner", "owner", True)
+
+
+def user(n: int) -> Principal:
+    return Principal(f"u{n}", f"User {n}", False)
+
+
+def memory_store() -> SqlStore:
+    counter = iter(range(1, 1_000_000))
+    return open_store("sqlite://", new_epoch=lambda: f"epoch-{next(counter)}")
+
+
+@asynccontextmanager
+async def hub_on(store: SqlStore, seed: int = 1) -> AsyncIterator[Hub]:
+    async with open_hub(simulated_world(seed), store=store, owner_token="owner-token") as hub:
+        yield hub
+
+
+class Watcher:
+    """A connection on a board that records every presence frame it gets."""
+
+    def __init__(self, hub: Hub, who: Principal, conn: str, board: str) -> None:
+        self.hub, self.who, self.conn, self.board = hub, who, conn, board
+        self.outbox = Outbox(Codec.JSON)
+        self.frames: list[tuple[float, Presence]] = []
+        self.reading = True
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await self.hub.join(self.who, self.conn, self.outbox, f"board:{self.board}", None)
+        nursery.start_soon(self._read)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frame = await self.outbox.next_frame()
+                for msg in decode_server_frame(Codec.JSON, frame, Limits()):
+                    if isinstance(msg, Presence):
+                        self.frames.append((trio.current_time(), msg))
+        except OutboxClosed:
+            pass
+
+    async def send(self, **fields: Any) -> None:
+        await self.hub.presence(self.who, self.conn, PresenceUpdate(board=self.board, **fields))
+
+    def facepile(self) -> dict[str, dict[str, Any]]:
+        for _, frame in reversed(self.frames):
+            if frame.users is not None:
+                return {u["user_id"]: u for u in frame.users}
+        return {}
+
+    def cursors(self) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
+        for _, frame in self.frames:
+            for c in frame.cursors or []:
+                out[c["user_id"]] = (c["x"], c["y"])
+        return out
+
+
+async def real_user(hub: Hub, n: int) -> Principal:
+    """A user that exists in the store (writes reference it)."""
+    made = await hub.call(
+        OWNER, connection_id=None, service="users", method="create", data={"name": f"User {n}"}
+    )
+    principal = await hub.authenticate(made["token"])
+    assert principal is not None and principal.user_id == made["id"]
+    return principal
+
+
+async def make_board(hub: Hub) -> str:
+    board = await hub.call(
+        OWNER, connection_id=None, service="boards", method="create", data={"name": "B"}
+    )
+    return str(board["id"])
+
+
+def test_status_and_color_are_pure() -> None:
+    cfg = PresenceConfig()
+    assert status_of(0.0, 59.9, connected=True, gone_since_s=None, config=cfg) == "active"
+    assert status_of(0.0, 60.0, connected=True, gone_since_s=None, config=cfg) == "idle"
+    assert status_of(0.0, 300.0, connected=True, gone_since_s=None, config=cfg) == "away"
+    assert status_of(0.0, 5.0, connected=False, gone_since_s=0.0, config=cfg) == "active"
+    assert status_of(0.0, 10.0, connected=False, gone_since_s=0.0, config=cfg) == "offline"
+    assert color_for("alice") == color_for("alice")
+    assert len({color_for(f"user-{i}") for i in range(64)}) > 8
+
+
+async def test_idle_away_offline_and_second_tab(autojump_clock: MockClock) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        me = Watcher(hub, user(1), "tab1", board)
+        other = Watcher(hub, user(2), "obs", board)
+        await me.start(nursery)
+        await other.start(nursery)
+        await me.send(cursor=Cursor(x=1, y=1), view="session:x")
+        await trio.sleep(1)
+        assert other.facepile()["u1"]["status"] == "active"
+        assert other.facepile()["u1"]["view"] == "session:x"
+        await trio.sleep(60)
+        assert other.facepile()["u1"]["status"] == "idle"
+        await trio.sleep(240)
+        assert other.facepile()["u1"]["status"] == "away"
+        await me.send(cursor=Cursor(x=2, y=2))
+        await trio.sleep(0.1)
+        assert other.facepile()["u1"]["status"] == "active"
+        # a second tab keeps the user online when the first one goes
+        tab2 = Watcher(hub, user(1), "tab2", board)
+        await tab2.start(nursery)
+        await tab2.send(view="board")
+        await hub.disconnect("tab1")
+        await trio.sleep(30)
+        assert "u1" in other.facepile()
+        # every connection gone: still shown during the grace, not after
+        await hub.disconnect("tab2")
+        await trio.sleep(9)
+        assert "u1" in other.facepile()
+        await trio.sleep(2)
+        assert "u1" not in other.facepile()
+        nursery.cancel_scope.cancel()
+
+
+async def test_typing_expires_after_three_seconds(autojump_clock: MockClock) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        me, other = Watcher(hub, user(1), "a", board), Watcher(hub, user(2), "b", board)
+        await me.start(nursery)
+        await other.start(nursery)
+        await me.send(typing=True)
+        await trio.sleep(1)
+        assert other.facepile()["u1"]["typing"] is True
+        await trio.sleep(2.5)
+        assert other.facepile()["u1"]["typing"] is False
+        nursery.cancel_scope.cancel()
+
+
+async def test_thirty_frames_per_second_cap_with_ten_users_at_sixty(
+    autojump_clock: MockClock,
+) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        movers = [Watcher(hub, user(i), f"m{i}", board) for i in range(10)]
+        watcher = Watcher(hub, user(99), "w", board)
+        for w in [*movers, watcher]:
+            await w.start(nursery)
+        t0 = trio.current_time()
+
+        async def move(w: Watcher) -> None:
+            for step in range(120):  # 2 s at 60 per second
+                await w.send(cursor=Cursor(x=float(step), y=1.0))
+                await trio.sleep(1 / 60)
+
+        async with trio.open_nursery() as inner:
+            for w in movers:
+                inner.start_soon(move, w)
+        await trio.sleep(0.5)
+        times = [t for t, f in watcher.frames if f.cursors and t >= t0]
+        for start in times:  # in any one-second window, at most 30 frames
+            assert len([t for t in times if start <= t < start + 1.0]) <= 30
+        assert len(times) >= 50  # and it did keep up at about 30 per second
+        # the final positions arrived (coalescing keeps only the latest)
+        assert watcher.cursors() == {f"u{i}": (119.0, 1.0) for i in range(10)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_does_not_read_gets_only_the_latest(autojump_clock: MockClock) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        mover = Watcher(hub, user(1), "m", board)
+        await mover.start(nursery)
+        sleeper = Outbox(Codec.JSON)
+        await hub.join(user(2), "s", sleeper, f"board:{board}", None)
+        for step in range(300):
+            await mover.send(cursor=Cursor(x=float(step), y=0.0))
+            await trio.sleep(1 / 60)
+        await trio.sleep(0.1)
+        frames = []
+        with trio.move_on_after(0.01):
+            while True:
+                frames.extend(decode_server_frame(Codec.JSON, await sleeper.next_frame(), Limits()))
+        cursor_frames = [f for f in frames if isinstance(f, Presence) and f.cursors]
+        assert len(cursor_frames) == 1  # never a backlog
+        assert cursor_frames[0].cursors == [{"user_id": "u1", "x": 299.0, "y": 0.0}]
+        nursery.cancel_scope.cancel()
+
+
+async def test_culling_hidden_cursors_and_follow(autojump_clock: MockClock) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        near, far = Watcher(hub, user(1), "near", board), Watcher(hub, user(2), "far", board)
+        culler = Watcher(hub, user(3), "culler", board)
+        hider = Watcher(hub, user(4), "hider", board)
+        follower = Watcher(hub, user(5), "follower", board)
+        for w in (near, far, culler, hider, follower):
+            await w.start(nursery)
+        await culler.send(viewport=Viewport(x=0, y=0, w=1000, h=1000, zoom=1))
+        await hider.send(hide_cursors=True)
+        await follower.send(follow="u1")
+        await trio.sleep(0.1)
+        await near.send(
+            cursor=Cursor(x=500, y=500), viewport=Viewport(x=10, y=20, w=800, h=600, zoom=1)
+        )
+        await far.send(cursor=Cursor(x=5000, y=5000))
+        await trio.sleep(0.1)
+        assert culler.cursors() == {"u1": (500.0, 500.0)}  # u2 is outside the viewport + margin
+        assert hider.cursors() == {}
+        assert set(follower.cursors()) == {"u1", "u2"}
+        followed = [f.viewport for _, f in follower.frames if f.viewport is not None]
+        assert followed[-1] == Viewport(x=10, y=20, w=800, h=600, zoom=1)
+        assert not [f for _, f in near.frames if f.viewport is not None]  # only followers get it
+        await near.send(viewport=Viewport(x=99, y=20, w=800, h=600, zoom=2))
+        await trio.sleep(0.1)
+        assert [f.viewport for _, f in follower.frames if f.viewport][-1].x == 99
+        nursery.cancel_scope.cancel()
+
+
+async def test_board_actions_flash_highlights(autojump_clock: MockClock) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        watcher = Watcher(hub, user(2), "w", board)
+        await watcher.start(nursery)
+        alice = await real_user(hub, 1)
+        session = await hub.call(
+            alice,
+            connection_id="c1",
+            service="sessions",
+            method="create",
+            data={"title": "S", "board_id": board},
+        )
+        await trio.sleep(0.1)
+        highlights = [h for _, f in watcher.frames for h in f.highlights or []]
+        assert {
+            "user_id": alice.user_id,
+            "color": color_for(alice.user_id),
+            "target_type": "session",
+            "target_id": session["id"],
+            "action": "session:created",
+        }.items() <= highlights[-1].items()
+        nursery.cancel_scope.cancel()
+
+
+async def test_activity_log_paging_and_filters_across_restart(autojump_clock: MockClock) -> None:
+    store = memory_store()
+    async with hub_on(store) as hub:
+        board = await make_board(hub)
+        people = [await real_user(hub, i) for i in range(3)]
+        for i in range(30):
+            who = people[i % 3]
+            s = await hub.call(
+                who,
+                connection_id=None,
+                service="sessions",
+                method="create",
+                data={"title": f"s{i}", "board_id": board},
+            )
+            await hub.call(
+                who,
+                connection_id=None,
+                service="sessions",
+                method="set_status",
+                id=s["id"],
+                data={"status": "running"},
+            )
+        first = await hub.call(
+            OWNER,
+            connection_id=None,
+            service="activity",
+            method="find",
+            query={"board_id": board, "$limit": 10},
+        )
+        assert len(first["data"]) == 10 and first["next_cursor"]
+    async with hub_on(store) as hub:  # a restarted daemon: memory gone, log kept
+        seen: list[int] = []
+        query: dict[str, Any] = {"board_id": board, "$limit": 25}
+        while True:
+            page = await hub.call(
+                OWNER, connection_id=None, service="activity", method="find", query=query
+            )
+            seen += [e["id"] for e in page["data"]]
+            if not page["next_cursor"]:
+                break
+            query = {**query, "$cursor": page["next_cursor"]}
+        assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen))
+        # board:created + 30 x (session:created, session:updated, session:status_changed)
+        assert len(seen) == 1 + 30 * 3
+        u1 = people[1].user_id
+        mine = await hub.call(
+            OWNER,
+            connection_id=None,
+            service="activity",
+            method="find",
+            query={"board_id": board, "user_id": u1, "action": "session:created", "$limit": 100},
+        )
+        assert len(mine["data"]) == 10
+        assert all(e["user_id"] == u1 and e["action"] == "session:created" for e in mine["data"])
