@@ -28,6 +28,7 @@ from ..domain.room import (
     Subscribe,
     Subscription,
     Unsubscribe,
+    activity_entry,
     to_event,
 )
 from ..domain.session import Command, SessionBehaviour
@@ -280,7 +281,7 @@ class Hub:
         except StoreError as exc:
             raise _store_error(exc) from None
         return {
-            "data": [_activity_entry(e.seq, e.event, e.user_id, e.ts, e.data) for e in page.items],
+            "data": [activity_entry(e) for e in page.items],
             "next_cursor": None if page.next_before_seq is None else str(page.next_before_seq),
         }
 
@@ -415,16 +416,21 @@ class Hub:
         than the room's memory is replayed from the log here, at the pace the
         client reads."""
         kind, _, ident = room.partition(":")
-        if kind not in ("session", "board") or not ident:
+        if kind not in ("session", "board", "activity") or not ident:
             raise ServiceError(
-                "bad_request", f"no room {room!r}: rooms are session:<id> and board:<id>"
+                "bad_request",
+                f"no room {room!r}: rooms are session:<id>, board:<id> and activity:<board id>",
             )
         await self.authorizer.authorize(principal, "join", room)
         subs = self._subs.setdefault(connection_id, {})
-        sub = Subscription(connection_id, room, outbox, user_id=principal.user_id)
+        activity = kind == "activity"
+        sub = Subscription(
+            connection_id, room, outbox, user_id=principal.user_id, activity=activity
+        )
         subs[room] = sub
+        actor, log_room = _room_actor(room)
         registry = self.system.registry
-        result = await registry.call(f"room:{room}", Subscribe(sub, since), timeout_s=30.0)
+        result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
         if not isinstance(result, CatchUp):
             return
         assert since is not None
@@ -435,18 +441,18 @@ class Hub:
         try:
             while True:
                 page = await self.world.blocking.run(
-                    lambda a=after: store.events_since(room, a, page_size)  # type: ignore[misc]
+                    lambda a=after: store.events_since(log_room, a, page_size)  # type: ignore[misc]
                 )
                 if page:
                     await outbox.wait_room(len(page))
                     if subs.get(room) is not sub:
                         return  # left meanwhile
-                    items = [(e.seq, encode(outbox.codec, to_event(e))) for e in page]
+                    items = [(e.seq, encode(outbox.codec, to_event(e, room))) for e in page]
                     if not outbox.offer_events(room, items):
                         return  # lagged: the client resumes later
                     after = page[-1].end_seq
                 result = await registry.call(
-                    f"room:{room}",
+                    actor,
                     Subscribe(sub, Since(result.epoch, after), quiet=True),
                     timeout_s=30.0,
                 )
@@ -462,9 +468,9 @@ class Hub:
             return
         sub.active = False
         sub.outbox.drop_room(room)
-        ref = self.system.registry.lookup(f"room:{room}")
+        ref = self.system.registry.lookup(_room_actor(room)[0])
         if ref is not None:
-            await ref.send(Unsubscribe(connection_id))
+            await ref.send(Unsubscribe(sub.key))
 
     async def disconnect(self, connection_id: str) -> None:
         for room in list(self._subs.get(connection_id, {})):
@@ -501,10 +507,13 @@ class Hub:
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
 
 
-def _activity_entry(
-    seq: int, event: str, user_id: str | None, ts: int, data: Any
-) -> dict[str, Any]:
-    return {"id": seq, "action": event, "user_id": user_id, "ts": ts, "data": data}
+def _room_actor(room: str) -> tuple[str, str]:
+    """The room actor serving ``room`` and the log it reads: an
+    ``activity:<board>`` stream is a projection of the board room."""
+    kind, _, ident = room.partition(":")
+    if kind == "activity":
+        return f"room:board:{ident}", f"board:{ident}"
+    return f"room:{room}", room
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

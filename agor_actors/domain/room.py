@@ -44,6 +44,13 @@ class Subscription:
     user_id: str = ""
     last_offered: int = 0
     active: bool = True
+    activity: bool = False
+    """Subscribed to ``activity:<board>``: the board's events, projected
+    as ``activity:new`` entries with the same seqs (gap-free, resumable)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.connection_id}/{self.room}"
 
 
 @attrs.frozen
@@ -66,7 +73,7 @@ class CatchUp:
 
 @attrs.frozen
 class Unsubscribe:
-    connection_id: str
+    key: str  # Subscription.key
 
 
 @attrs.frozen
@@ -83,7 +90,7 @@ class ActivityQuery:
 class _Ring:
     event: Event
     end_seq: int
-    frames: dict[Codec, Frame]
+    frames: dict[tuple[Codec, bool], Frame]
 
 
 @attrs.define
@@ -129,7 +136,36 @@ class RoomState:
     presence: BoardPresence = attrs.field(factory=BoardPresence)
 
 
-def to_event(stored: StoredEvent) -> Event:
+def activity_entry(event: Event | StoredEvent) -> dict[str, Any]:
+    """An activity log entry: one per event of a board room."""
+    return {
+        "id": event.seq,
+        "action": event.event,
+        "user_id": event.user_id,
+        "ts": event.ts,
+        "data": event.data,
+    }
+
+
+def as_activity(event: Event, room: str) -> Event:
+    """A board event projected into the ``activity:<board>`` stream."""
+    return Event(
+        room=room,
+        seq=event.seq,
+        event="activity:new",
+        data=activity_entry(event),
+        ts=event.ts,
+        user_id=event.user_id,
+        origin=event.origin,
+        last_seq=event.last_seq,
+    )
+
+
+def to_event(stored: StoredEvent, room: str | None = None) -> Event:
+    """The wire event of a logged one; ``room`` ``activity:<board>``
+    projects a board event into the activity stream."""
+    if room is not None and room.startswith("activity:"):
+        return as_activity(to_event(stored), room)
     return Event(
         room=stored.room,
         seq=stored.seq,
@@ -185,10 +221,11 @@ class RoomBehaviour(Behaviour[RoomState]):
                 return [Reply(msg.reply_to, self._activity(state, body))]
             raise TypeError(f"room: unexpected request {body!r}")
         if isinstance(msg, Unsubscribe):
-            sub = state.subscribers.pop(msg.connection_id, None)
+            sub = state.subscribers.pop(msg.key, None)
             if sub is not None:
                 sub.active = False
-            state.presence.watch.pop(msg.connection_id, None)
+                if not sub.activity:
+                    state.presence.watch.pop(sub.connection_id, None)
             return ()
         if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush):
             return self._presence(state, msg)
@@ -228,27 +265,28 @@ class RoomBehaviour(Behaviour[RoomState]):
         for entry in entries:
             if entry.end_seq <= sub.last_offered:
                 continue
-            frame = entry.frames.get(codec)
+            frame = entry.frames.get((codec, sub.activity))
             if frame is None:
-                frame = entry.frames[codec] = encode(codec, entry.event)
+                message = as_activity(entry.event, sub.room) if sub.activity else entry.event
+                frame = entry.frames[(codec, sub.activity)] = encode(codec, message)
             items.append((entry.event.seq, frame))
         if not items:
             return True
-        if sub.outbox.offer_events(state.room, items):
+        if sub.outbox.offer_events(sub.room, items):
             sub.last_offered = entries[-1].end_seq
             state.delivered += len(items)
             return True
         # it overflowed: the outbox dropped its backlog and queued ``lagged``
         state.lagged += 1
         sub.active = False
-        state.subscribers.pop(sub.connection_id, None)
+        state.subscribers.pop(sub.key, None)
         return False
 
     # -------------------------------------------------------------- joins
 
     def _subscribe(self, state: RoomState, body: Subscribe) -> str | CatchUp:
         sub, since = body.sub, body.since
-        old = state.subscribers.pop(sub.connection_id, None)
+        old = state.subscribers.pop(sub.key, None)
         if old is not None:
             old.active = False
         recovered = False
@@ -270,12 +308,12 @@ class RoomBehaviour(Behaviour[RoomState]):
                     return CatchUp(state.epoch, state.head)
         if not body.quiet:
             sub.outbox.offer_control(
-                Joined(room=state.room, epoch=state.epoch, seq=state.head, recovered=recovered)
+                Joined(room=sub.room, epoch=state.epoch, seq=state.head, recovered=recovered)
             )
         sub.last_offered = start
         sub.active = True
-        state.subscribers[sub.connection_id] = sub
-        if self.is_board:
+        state.subscribers[sub.key] = sub
+        if self.is_board and not sub.activity:
             state.presence.watch.setdefault(sub.connection_id, _Watch()).full = True
         replay = [entry for entry in state.ring if entry.end_seq > start]
         if replay and not self._offer(state, sub, replay):
@@ -301,10 +339,7 @@ class RoomBehaviour(Behaviour[RoomState]):
         page = matches[: query.limit]
         more = len(matches) > query.limit or not complete
         return {
-            "data": [
-                {"id": e.seq, "action": e.event, "user_id": e.user_id, "ts": e.ts, "data": e.data}
-                for e in page
-            ],
+            "data": [activity_entry(e) for e in page],
             "next_cursor": str(page[-1].seq) if page and more else None,
         }
 
@@ -375,6 +410,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         margin = self.presence_config.cursor_margin
         all_users = sorted(p.users.values(), key=lambda e: str(e["user_id"]))
         for sub in state.subscribers.values():
+            if sub.activity:
+                continue
             watch = p.watch.get(sub.connection_id)
             full = watch is None or watch.full
             users = all_users if (p.users_dirty or full) else None

@@ -310,3 +310,52 @@ async def test_activity_log_paging_and_filters_across_restart(autojump_clock: Mo
         )
         assert len(mine["data"]) == 10
         assert all(e["user_id"] == u1 and e["action"] == "session:created" for e in mine["data"])
+
+
+async def test_activity_stream_is_a_live_resumable_projection(autojump_clock: MockClock) -> None:
+    from protocols import Event, Joined, Since
+
+    async with hub_on(memory_store()) as hub:
+        board = await make_board(hub)
+        alice = await real_user(hub, 1)
+        out = Outbox(Codec.JSON)
+        await hub.join(alice, "c", out, f"activity:{board}", None)
+        # the same connection can watch the board itself too: separate subscriptions
+        board_out = Outbox(Codec.JSON)
+        await hub.join(alice, "c", board_out, f"board:{board}", None)
+        s = await hub.call(
+            alice,
+            connection_id="c",
+            service="sessions",
+            method="create",
+            data={"title": "S", "board_id": board},
+        )
+        msgs: list[Any] = []
+        with trio.fail_after(5):
+            while not any(isinstance(m, Event) for m in msgs):
+                msgs += decode_server_frame(Codec.JSON, await out.next_frame(), Limits())
+        joined = next(m for m in msgs if isinstance(m, Joined))
+        event = next(m for m in msgs if isinstance(m, Event))
+        assert joined.room == f"activity:{board}"
+        assert event.room == f"activity:{board}" and event.event == "activity:new"
+        assert event.data["action"] == "session:created" and event.data["user_id"] == alice.user_id
+        assert event.data["data"]["session_id"] == s["id"]
+        # the entry carries the board log's seq, so the stream resumes like any room
+        await hub.leave("c", f"activity:{board}")
+        await hub.call(
+            alice,
+            connection_id="c",
+            service="sessions",
+            method="set_status",
+            id=s["id"],
+            data={"status": "running"},
+        )
+        again = Outbox(Codec.JSON)
+        await hub.join(alice, "c", again, f"activity:{board}", Since(joined.epoch, event.seq))
+        got: list[Any] = []
+        with trio.fail_after(5):
+            while len([m for m in got if isinstance(m, Event)]) < 2:
+                got += decode_server_frame(Codec.JSON, await again.next_frame(), Limits())
+        replay = [m for m in got if isinstance(m, Event)]
+        assert [e.seq for e in replay] == [event.seq + 1, event.seq + 2]
+        assert {e.data["action"] for e in replay} == {"session:updated", "session:status_changed"}
