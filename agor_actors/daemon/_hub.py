@@ -54,7 +54,8 @@ from ._writer import WRITER_NAME, StoreWriter, Write
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
 
-SERVICES = ("boards", "sessions", "tasks", "messages", "users", "activity")
+SERVICES = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
+READ_ONLY = ("tool_calls",)  # written through tasks.tool_call / tasks.tool_result
 SESSION_SCOPED = ("tasks", "messages")
 READ_METHODS = ("find", "get")
 OWNER_ID = "owner"
@@ -161,6 +162,10 @@ class Hub:
             return await self._activity(method, query)
         if method in READ_METHODS:
             return await self._read(service, method, id, query)
+        if service in READ_ONLY:
+            raise ServiceError(
+                "unknown_method", f"{service} is read-only: {', '.join(READ_METHODS)}"
+            )
         now_ms = self.world.wall.now_ms()
         new_id = self.world.entropy.new_id(now_ms)
         if service == "users":

@@ -99,7 +99,10 @@ def coalesce(writes: Sequence[Write]) -> WriteRequest:
         data = dict(events[0].data)
         for event in events[1:]:
             for k, v in event.data.items():
-                data[k] = data.get(k, "") + v if k == "chunk" else v
+                if k == "chunk":
+                    data[k] = data.get(k, "") + v
+                elif k != "offset":  # a merged chunk starts where its first did
+                    data[k] = v
         last = events[-1]
         merged_events = (
             EventDraft(

@@ -5,13 +5,25 @@ durable."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import attrs
 import outcome
 
 from ..daemon._api import Principal, ServiceError
-from ..runtime import ActorContext, Ask, Behaviour, Effect, Effects, Reply, ReplyTo, Request, Stop
+from ..runtime import (
+    ActorContext,
+    Ask,
+    Await,
+    Behaviour,
+    Effect,
+    Effects,
+    Reply,
+    ReplyTo,
+    Request,
+    Stop,
+)
 from ..store import (
     Append,
     EventDraft,
@@ -73,8 +85,24 @@ class SessionState:
     clock: HlcClock
     inflight: int = 0
     poisoned: bool = False
-    message_tasks: dict[str, str | None] = attrs.field(factory=dict)
+    messages: OrderedDict[str, _Msg | None] = attrs.field(factory=OrderedDict)
+    """Messages this incarnation knows: task and content length (the offset
+    of the next chunk); None: no such message.  Bounded (LRU)."""
+    loading: bool = False
+    deferred: list[Request] = attrs.field(factory=list)
     writes: int = 0
+
+
+@attrs.define
+class _Msg:
+    task_id: str | None
+    length: int
+
+
+@attrs.frozen
+class _Loaded:
+    message_id: str
+    result: outcome.Outcome[dict[str, Any] | None]
 
 
 @attrs.frozen
@@ -136,6 +164,8 @@ class SessionBehaviour(Behaviour[SessionState]):
     mailbox_size = 256
     idle_s = 600.0
     max_inflight = 64
+    max_deferred = 256
+    max_messages = 4096
 
     def __init__(self, session_id: str, store: SqlStore, *, writer: str = "store:writer") -> None:
         self.session_id = session_id
@@ -144,6 +174,7 @@ class SessionBehaviour(Behaviour[SessionState]):
 
     async def init(self, ctx: ActorContext) -> SessionState:
         store, sid = self.store, self.session_id
+        self._blocking = ctx.world.blocking
         row = await ctx.world.blocking.run(lambda: store.get("sessions", sid))
         return SessionState(session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"))
 
@@ -153,15 +184,36 @@ class SessionBehaviour(Behaviour[SessionState]):
     def handle(self, state: SessionState, msg: Any, now: float) -> Effects:
         if isinstance(msg, _Written):
             return self._written(state, msg)
+        if isinstance(msg, _Loaded):
+            return self._loaded(state, msg)
         if not isinstance(msg, Request) or not isinstance(msg.body, Command):
             raise TypeError(f"session: unexpected {msg!r}")
+        if state.loading:
+            # keep the order of this session's writes while a message loads
+            if len(state.deferred) >= self.max_deferred:
+                error = ServiceError("unavailable", "session is busy; retry")
+                return [Reply(msg.reply_to, error=error)]
+            state.deferred.append(msg)
+            return ()
+        return self._command(state, msg)
+
+    def _command(self, state: SessionState, msg: Request) -> list[Effect]:
         cmd = msg.body
+        assert isinstance(cmd, Command)
         if state.poisoned:
-            return [
-                Reply(
-                    msg.reply_to, error=ServiceError("unavailable", "session is reloading; retry")
-                )
-            ]
+            error = ServiceError("unavailable", "session is reloading; retry")
+            return [Reply(msg.reply_to, error=error)]
+        unknown = self._unknown_message(state, cmd)
+        if unknown is not None:
+            state.loading = True
+            state.deferred.insert(0, msg)
+            store = self.store
+            blocking = self._blocking
+
+            async def load() -> dict[str, Any] | None:
+                return await blocking.run(lambda: store.get("messages", unknown))
+
+            return [Await(load, lambda result: _Loaded(unknown, result))]
         try:
             request, answer, coalesce_key, touched = self._plan(state, cmd)
         except ServiceError as exc:
@@ -173,9 +225,45 @@ class SessionBehaviour(Behaviour[SessionState]):
         body = Write(request, coalesce_key)
         return [_ask(self.writer, body, msg.reply_to, answer, touched)]
 
+    def _unknown_message(self, state: SessionState, cmd: Command) -> str | None:
+        """The id of a message this write needs to know (its content length,
+        the offset of a chunk) and that is not in memory."""
+        needs = cmd.service == "messages" and cmd.method in ("stream", "finish", "remove")
+        if needs and isinstance(cmd.id, str) and cmd.id not in state.messages:
+            return cmd.id
+        return None
+
+    def _loaded(self, state: SessionState, done: _Loaded) -> list[Effect]:
+        state.loading = False
+        try:
+            row = done.result.unwrap()
+        except Exception as exc:
+            # the store is unreachable: fail what waits, in order
+            waiting, state.deferred = state.deferred, []
+            error = ServiceError("unavailable", f"store: {exc}")
+            return [Reply(req.reply_to, error=error) for req in waiting]
+        if row is None or row.get("session_id") != state.session_id:
+            self._remember(state, done.message_id, None)
+        else:
+            self._remember(state, done.message_id, _Msg(row["task_id"], len(row["content"])))
+        effects: list[Effect] = []
+        while state.deferred and not state.loading:
+            effects.extend(self._command(state, state.deferred.pop(0)))
+        return effects
+
+    def _remember(self, state: SessionState, message_id: str, known: _Msg | None) -> None:
+        state.messages[message_id] = known
+        state.messages.move_to_end(message_id)
+        while len(state.messages) > self.max_messages:
+            state.messages.popitem(last=False)
+
     def _written(self, state: SessionState, done: _Written) -> list[Effect]:
         state.inflight -= 1
         effects: list[Effect] = []
+        if done.result.__class__ is not outcome.Value:
+            # what this incarnation believes of messages may be off now:
+            # forget it; it is loaded again from the store when needed
+            state.messages.clear()
         try:
             result = done.result.unwrap()
             assert isinstance(result, WriteResult)
@@ -387,7 +475,11 @@ class SessionBehaviour(Behaviour[SessionState]):
         events: list[EventDraft] = []
         if applied:
             board_visible = bool(BOARD_VISIBLE & set(applied))
-            updates = {"session_id": state.session_id, "updates": applied, "rev": new_rev}
+            updates = {
+                "session_id": state.session_id,
+                "updates": {**applied, "updated_at": cmd.now_ms},
+                "rev": new_rev,
+            }
             events += self._events(state, cmd, "session:updated", updates, board=board_visible)
             if old_board and old_board != state.row.get("board_id"):
                 events.append(
@@ -567,7 +659,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 "updated_at": cmd.now_ms,
                 "rev": 1,
             }
-            state.message_tasks[cmd.new_id] = task_id
+            self._remember(state, cmd.new_id, _Msg(task_id, len(content)))
             mutation = Mutation(
                 "insert",
                 "messages",
@@ -581,18 +673,28 @@ class SessionBehaviour(Behaviour[SessionState]):
         if not isinstance(cmd.id, str):
             raise _bad("id is required")
         mid = cmd.id
-        task_id = state.message_tasks.get(mid)
+        known = state.messages.get(mid)
+        if known is None:
+            raise ServiceError("not_found", f"no message {mid} in session {state.session_id}")
+        task_id = known.task_id
         if cmd.method == "stream":
             chunk = data.get("chunk")
             if not isinstance(chunk, str) or not chunk:
                 raise _bad("chunk must be a non-empty string")
+            offset = known.length
+            known.length += len(chunk)
             mutation = Mutation(
                 "update",
                 "messages",
                 {"id": mid},
                 {"content": Append(chunk), "streaming": True, "updated_at": cmd.now_ms},
             )
-            payload: dict[str, Any] = {"task_id": task_id, "message_id": mid, "chunk": chunk}
+            payload: dict[str, Any] = {
+                "task_id": task_id,
+                "message_id": mid,
+                "chunk": chunk,
+                "offset": offset,
+            }
             events = self._events(state, cmd, "task:message", payload, board=False)
             return WriteRequest(mutations=(mutation,), events=tuple(events)), {
                 "id": mid,
@@ -609,6 +711,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 "streaming": False,
             }
         if cmd.method == "remove":
+            self._remember(state, mid, None)
             mutation = Mutation("delete", "messages", {"id": mid})
             events = self._events(
                 state,

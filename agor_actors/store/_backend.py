@@ -859,7 +859,7 @@ class SqlStore:
         where = _key_clause(t, key)
         with self._reading() as conn:
             row = conn.execute(sa.select(*visible_columns(t)).where(*where)).one_or_none()
-        return None if row is None else dict(row._mapping)
+        return None if row is None else _plain_row(row)
 
     def find(self, table: str, query: Mapping[str, Any] | None = None) -> Page:
         """Rows of ``table`` matching a Feathers-like ``query`` (see
@@ -887,7 +887,7 @@ class SqlStore:
             row = conn.execute(
                 sa.select(*visible_columns(u)).where(u.c.token_hash == token_hash)
             ).one_or_none()
-        return None if row is None else dict(row._mapping)
+        return None if row is None else _plain_row(row)
 
     def board_members(self, board_id: str) -> list[dict[str, Any]]:
         """The members of ``board_id`` (board_id, user_id, role), by user id."""
@@ -896,7 +896,13 @@ class SqlStore:
             rows = conn.execute(
                 sa.select(m).where(m.c.board_id == board_id).order_by(m.c.user_id)
             ).all()
-        return [dict(row._mapping) for row in rows]
+        return [_plain_row(row) for row in rows]
+
+
+def _plain_row(row: sa.Row[Any]) -> dict[str, Any]:
+    """A row as a dict with plain ``str`` keys (SQLAlchemy's are
+    ``quoted_name``, which strict encoders refuse)."""
+    return {str(key): value for key, value in row._mapping.items()}
 
 
 def _group_error(exc: sa.exc.SQLAlchemyError) -> StoreError:

@@ -73,7 +73,8 @@ class CompiledFind:
 
     def item(self, row: sa.Row[Any]) -> dict[str, Any]:
         mapping = row._mapping
-        return {name: mapping[name] for name in self.output}
+        # plain ``str`` keys: column names are SQLAlchemy ``quoted_name``s
+        return {str(name): mapping[name] for name in self.output}
 
     def cursor_for(self, row: sa.Row[Any]) -> str:
         mapping = row._mapping

@@ -288,3 +288,48 @@ async def test_concurrent_chunks_merge_into_ranged_events(hub: Hub) -> None:
     assert stored["content"] == text and len(text) == 2 * len("".join(words))
     stats = hub.system.registry.lookup("store:writer").statistics()  # type: ignore[union-attr]
     assert stats.handled > 0
+
+
+async def test_chunk_offsets_survive_a_session_actor_restart(hub: Hub) -> None:
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    sid = session["id"]
+    msg = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="messages",
+        method="create",
+        data={"session_id": sid, "content": "ab", "streaming": True},
+    )
+    out = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c2", out, f"session:{sid}", None)
+
+    async def stream(text: str) -> None:
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="messages",
+            method="stream",
+            id=msg["id"],
+            data={"chunk": text},
+        )
+
+    await stream("cd")
+    ref = await hub.system.registry.get(f"session:{sid}")
+    await ref.stop()  # memory gone: the next chunk's offset comes from the store
+    await stream("efg")
+    await stream("h")
+    got = await drain(out, until=lambda m: len([e for e in events(m) if "chunk" in e.data]) >= 3)
+    chunks = [(e.data["offset"], e.data["chunk"]) for e in events(got) if "chunk" in e.data]
+    assert chunks == [(2, "cd"), (4, "efg"), (7, "h")]
+    with pytest.raises(ServiceError) as missing:
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="messages",
+            method="stream",
+            id="nope",
+            data={"chunk": "x"},
+        )
+    assert missing.value.code == "not_found"

@@ -26,6 +26,7 @@ from agor_actors.store import (
     WriteRequest,
     WriteResult,
     hash_token,
+    open_store,
 )
 
 STATUSES = ("idle", "running", "awaiting_permission", "completed", "failed")
@@ -470,3 +471,32 @@ def test_events_page_newest_first_with_filters(db: Backend) -> None:
     for bad in (0, MAX_LIMIT + 1):
         with pytest.raises(StoreQueryError, match="limit"):
             store.events_page("board:b1", limit=bad)
+
+
+def test_rows_have_plain_str_keys(tmp_path: Path) -> None:
+    """Strict encoders (orjson) refuse ``str`` subclasses such as
+    SQLAlchemy's ``quoted_name``: rows must come back with plain keys."""
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}", new_epoch=lambda: "e")
+    try:
+        now = 1
+        store.commit(
+            [
+                WriteRequest(
+                    mutations=[
+                        Mutation(
+                            "insert",
+                            "boards",
+                            {"id": "b"},
+                            {"name": "B", "created_at": now, "updated_at": now},
+                        )
+                    ]
+                )
+            ]
+        )
+        row = store.get("boards", "b")
+        page = store.find("boards", {})
+        assert row is not None
+        for keys in (list(row), list(page.items[0])):
+            assert keys and all(type(k) is str for k in keys)
+    finally:
+        store.close()

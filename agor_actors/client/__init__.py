@@ -1,0 +1,18 @@
+"""The Python client of the daemon (trio): calls, joined rooms kept as local
+mirrors, event streams, reconnect and resume."""
+
+from ._client import CallError as CallError
+from ._client import Client as Client
+from ._client import ClientClosed as ClientClosed
+from ._client import ClientStatistics as ClientStatistics
+from ._client import ConnectionLost as ConnectionLost
+from ._client import EventStream as EventStream
+from ._client import Loader as Loader
+from ._client import RoomEvent as RoomEvent
+from ._client import Service as Service
+from ._client import connect as connect
+from ._client import load_room as load_room
+from ._mirror import Mirror as Mirror
+from ._mirror import Resources as Resources
+from ._mirror import apply_event as apply_event
+from ._transport import open_websocket as open_websocket

@@ -1,0 +1,1082 @@
+"""The Python client: one WebSocket to the daemon, kept open across drops.
+
+``async with connect(url, token=...) as client`` opens the connection and
+returns once the server has welcomed it.  From then on the client
+reconnects by itself after any loss (exponential backoff with full jitter,
+drawn from a ``random.Random`` it owns), rejoins every room with ``since``
+and applies every event exactly once, in order (the protocol's
+:class:`~protocols.ClientConnection` machine does the bookkeeping and
+outlives each connection).
+
+Per connection there is one reader task (frames into the machine, its
+events dispatched through one method) and one write path, :meth:`Client._send`,
+which turns every transport failure into :class:`ConnectionLost`.  A
+heartbeat task pings as the server's ``welcome`` asks and drops a connection
+that stays silent (``Heartbeat.timeout_s``), which the reconnect loop
+replaces.
+
+Calls made while disconnected wait for the connection (up to
+``call_timeout_s``); a call in flight when the connection drops raises
+:class:`ConnectionLost` (it may or may not have run).  ``find`` and ``get``
+are retried after a reconnect, writes are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Final, Literal
+
+import attrs
+import trio
+import trio_websocket
+
+from protocols import (
+    CLIENT_LIMITS,
+    CallResult,
+    ClientConnection,
+    ClientEvent,
+    ClientState,
+    Codec,
+    ErrorCode,
+    ErrorInfo,
+    Event,
+    EventApplied,
+    Heartbeat,
+    HeartbeatAction,
+    LocalProtocolError,
+    PongReceived,
+    PresenceChanged,
+    ProtocolViolation,
+    ReloadRequired,
+    Result,
+    ResumeRequested,
+    RoomJoined,
+    RoomLeft,
+    RoomStatus,
+    ServerError,
+    Welcome,
+    Welcomed,
+    backoff_s,
+)
+from protocols import Frame as WireFrame
+
+from ..world import Clock, TrioClock
+from ._mirror import Mirror, Resources
+from ._transport import open_websocket
+
+__all__ = [
+    "CallError",
+    "Client",
+    "ClientClosed",
+    "ClientStatistics",
+    "ConnectionLost",
+    "EventStream",
+    "Loader",
+    "RoomEvent",
+    "Service",
+    "connect",
+    "load_room",
+]
+
+log = logging.getLogger("agor_actors.client")
+
+FATAL_CLOSE_CODES: Final = frozenset({4001})
+"""Close codes after which reconnecting cannot help (the token is refused)."""
+
+_READ_METHODS: Final = frozenset({"find", "get"})
+_OPTIMISTIC_ROOMS: Final[Mapping[str, tuple[str, str]]] = {
+    # service -> (room kind, field of the created data naming the room)
+    "tasks": ("session", "session_id"),
+    "messages": ("session", "session_id"),
+    "sessions": ("board", "board_id"),
+}
+
+
+# ------------------------------------------------------------------- errors
+
+
+class CallError(Exception):
+    """A call, a join or a connect that the server refused: ``code`` is one
+    of the protocol's error codes (``not_found``, ``conflict``...), ``data``
+    its details (for ``conflict``: the current value)."""
+
+    def __init__(self, code: str, message: str, data: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class ConnectionLost(CallError):
+    """The connection dropped while the call was in flight: it may or may not
+    have run."""
+
+    def __init__(self, message: str = "the connection was lost") -> None:
+        super().__init__(ErrorCode.CONNECTION_LOST.value, message)
+
+
+class ClientClosed(CallError):
+    """The client is closed (by :meth:`Client.aclose`, or for good after the
+    server refused its token)."""
+
+    def __init__(self, message: str = "the client is closed") -> None:
+        super().__init__("closed", message)
+
+
+# ------------------------------------------------------------------- events
+
+
+@attrs.frozen
+class RoomEvent:
+    """What :meth:`Client.events` yields.
+
+    ``kind`` is ``"event"`` for a room event (``name``, ``data``... as sent)
+    and ``"reload"`` when the client had to reload the room's state (after a
+    ``recovered: false`` join: the mirror was replaced, events before ``seq``
+    were not delivered one by one).  ``own``: the event was caused by this
+    client (its ``origin`` is one of this client's connection ids).
+    ``missed``: events dropped from this stream's queue just before this one
+    because the consumer fell behind (see :class:`EventStream`).
+    """
+
+    room: str
+    seq: int
+    name: str
+    data: Any = None
+    last_seq: int | None = None
+    ts: int | None = None
+    user_id: str | None = None
+    origin: str | None = None
+    temp_id: str | None = None
+    own: bool = False
+    missed: int = 0
+    kind: Literal["event", "reload"] = "event"
+
+    @property
+    def end_seq(self) -> int:
+        return self.seq if self.last_seq is None else self.last_seq
+
+
+class EventStream:
+    """A bounded queue of one room's events for one consumer.
+
+    Overflow policy: **drop the oldest and count it**.  The client never
+    waits for a consumer (that would stall the reader, heartbeats and call
+    results of the whole connection); a consumer that falls more than
+    ``max_queue`` events behind loses the oldest ones, and the next event it
+    gets says how many it missed (``RoomEvent.missed``).  The room's
+    :class:`Mirror` is unaffected: it is always complete.
+
+    ``async for event in stream`` ends when the room is left or the client
+    closes.  Use it as a context manager (or call :meth:`close`) to stop
+    queueing when done early.
+    """
+
+    def __init__(self, client: Client, room: str, max_queue: int) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self.room = room
+        self.max_queue = max_queue
+        self._client = client
+        self._queue: deque[RoomEvent] = deque()
+        self._missed = 0
+        self.missed_total = 0
+        self._ended = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def _push(self, event: RoomEvent) -> None:
+        if self._ended:
+            return
+        if len(self._queue) >= self.max_queue:
+            self._queue.popleft()
+            self._missed += 1
+            self.missed_total += 1
+        self._queue.append(event)
+        self._lot.unpark_all()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._lot.unpark_all()
+
+    def close(self) -> None:
+        """Stop queueing; the iteration ends after what is queued."""
+        self._end()
+        self._client._streams.get(self.room, set()).discard(self)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> RoomEvent:
+        while not self._queue:
+            if self._ended:
+                raise StopAsyncIteration
+            await self._lot.park()
+        event = self._queue.popleft()
+        if self._missed:
+            event = attrs.evolve(event, missed=event.missed + self._missed)
+            self._missed = 0
+        return event
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------- services
+
+
+class Service:
+    """``client.service("tasks")``: the service's methods as calls."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    async def find(self, query: dict[str, Any] | None = None) -> Any:
+        """``{"data": [...], "next_cursor": ...}``.  Retried after a reconnect."""
+        return await self.client.call(self.name, "find", query=query or {})
+
+    async def find_all(self, query: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every page of ``find``, concatenated."""
+        items: list[dict[str, Any]] = []
+        base = dict(query or {})
+        base.setdefault("$limit", 500)
+        cursor: str | None = None
+        while True:
+            page = await self.find({**base, "$cursor": cursor} if cursor else base)
+            items.extend(page.get("data", []))
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
+    async def get(self, id: str) -> Any:
+        return await self.client.call(self.name, "get", id=id)
+
+    async def create(self, data: dict[str, Any], *, temp_id: str | None = None) -> Any:
+        """Create; optimistic: the mirror of the room the new resource belongs
+        to (if joined) shows it at once under ``temp_id`` (one is made when
+        not given), replaced by the real one when the result or the event
+        arrives, removed if the create fails."""
+        client = self.client
+        temp_id = temp_id or client._new_temp_id()
+        mirrors = client._optimistic_mirrors(self.name, data)
+        for mirror in mirrors:
+            mirror._put_optimistic(self.name, temp_id, data)
+        try:
+            row = await client.call(self.name, "create", data=data, temp_id=temp_id)
+        except BaseException:
+            for mirror in mirrors:
+                mirror._settle(self.name, temp_id, None)
+            raise
+        for mirror in mirrors:
+            mirror._settle(self.name, temp_id, row)
+        return row
+
+    async def update(self, id: str, data: dict[str, Any], *, base_rev: int | None = None) -> Any:
+        return await self.client.call(self.name, "update", id=id, data=data, base_rev=base_rev)
+
+    async def patch(self, id: str, data: dict[str, Any], *, base_rev: int | None = None) -> Any:
+        return await self.client.call(self.name, "patch", id=id, data=data, base_rev=base_rev)
+
+    async def remove(self, id: str) -> Any:
+        return await self.client.call(self.name, "remove", id=id)
+
+    async def call(
+        self,
+        method: str,
+        id: str | None = None,
+        data: Any = None,
+        *,
+        query: dict[str, Any] | None = None,
+        base_rev: int | None = None,
+    ) -> Any:
+        """A custom method (``tasks.start``, ``messages.stream``...)."""
+        return await self.client.call(
+            self.name, method, id=id, data=data, query=query, base_rev=base_rev
+        )
+
+
+Loader = Callable[["Client", str], Awaitable[Resources]]
+"""Loads a room's resources (after a ``recovered: false`` join)."""
+
+
+async def load_room(client: Client, room: str) -> Resources:
+    """The default :data:`Loader`: ``session:<id>``: the session, its tasks and
+    messages; ``board:<id>``: the board and its sessions.  (Tool calls have no
+    service to load them from: after a reload they come from events only.)"""
+    kind, _, ident = room.partition(":")
+
+    async def get_or_none(service: str) -> dict[str, dict[str, Any]]:
+        try:
+            row = await client.service(service).get(ident)
+        except CallError as exc:
+            if exc.code == ErrorCode.NOT_FOUND.value:
+                return {}
+            raise
+        return {ident: row}
+
+    async def all_of(service: str, key: str) -> dict[str, dict[str, Any]]:
+        rows = await client.service(service).find_all({key: ident})
+        return {row["id"]: row for row in rows}
+
+    if kind == "session":
+        return {
+            "sessions": await get_or_none("sessions"),
+            "tasks": await all_of("tasks", "session_id"),
+            "messages": await all_of("messages", "session_id"),
+        }
+    if kind == "board":
+        return {
+            "boards": await get_or_none("boards"),
+            "sessions": await all_of("sessions", "board_id"),
+        }
+    return {}
+
+
+# ------------------------------------------------------------------- client
+
+
+@attrs.frozen
+class ClientStatistics:
+    connects: int
+    reconnects: int
+    dead_connections: int
+    """Connections dropped by the heartbeat (nothing received in time)."""
+    events_applied: int
+    duplicates_dropped: int
+    gaps: int
+    resumes: int
+    reloads: int
+    pending_calls: int
+    rooms: int
+    rtt_s: float | None
+
+
+@attrs.define
+class _Waiter:
+    event: trio.Event = attrs.field(factory=trio.Event)
+    result: Result | None = None
+
+
+class _Fatal(Exception):
+    """The connection ended in a way that reconnecting cannot mend."""
+
+    def __init__(self, error: CallError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Client:
+    """Made by :func:`connect`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str,
+        codec: Codec,
+        client_id: str | None,
+        rng: random.Random,
+        clock: Clock,
+        connect_timeout_s: float,
+        call_timeout_s: float,
+        backoff_base_s: float,
+        backoff_cap_s: float,
+        heartbeat: Heartbeat | None,
+        events_queue_max: int,
+        loader: Loader,
+        read_retries: int,
+    ) -> None:
+        self.url = url
+        self.codec = codec
+        self.rng = rng
+        self.clock = clock
+        self.machine = ClientConnection(codec=codec, client_id=client_id)
+        self.connect_timeout_s = connect_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.events_queue_max = events_queue_max
+        self.read_retries = read_retries
+        self._token = token
+        self._heartbeat_override = heartbeat
+        self._loader = loader
+        self.connection_id: str | None = None
+        """The current connection's id (``None`` while disconnected)."""
+        self.user_id: str | None = None
+        self.welcome: Welcome | None = None
+        self.own_connection_ids: set[str] = set()
+        """Every connection id this client has had: events whose ``origin``
+        is one of them are its own echoes."""
+        self.rtt_s: float | None = None
+        self.close_reason: trio_websocket.CloseReason | None = None
+        """How the last connection that was closed by a close frame closed."""
+        self._connection_close: trio_websocket.CloseReason | None = None
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._open = trio.Event()
+        self._welcomed = trio.Event()
+        self._closed = False
+        self._fatal: CallError | None = None
+        self._online = True
+        self._wake = trio.Event()
+        self._gone = trio.Event()
+        self._was_welcomed = False
+        self._connection_scope: trio.CancelScope | None = None
+        self._serve_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._waiters: dict[int, _Waiter] = {}
+        self._slots = trio.lowlevel.ParkingLot()
+        self._mirrors: dict[str, Mirror] = {}
+        self._reloads: dict[str, trio.CancelScope] = {}
+        self._streams: dict[str, set[EventStream]] = {}
+        self._services: dict[str, Service] = {}
+        self._temp_counter = 0
+        self._connects = 0
+        self._dead = 0
+
+    # -------------------------------------------------------------- public
+
+    @property
+    def connected(self) -> bool:
+        return self._open.is_set() and self._ws is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def service(self, name: str) -> Service:
+        service = self._services.get(name)
+        if service is None:
+            service = self._services[name] = Service(self, name)
+        return service
+
+    def mirror(self, room: str) -> Mirror | None:
+        """The mirror of a joined (or joining) room."""
+        return self._mirrors.get(room)
+
+    async def wait_connected(self) -> None:
+        """Wait until a connection is open (welcomed).  Raises
+        :class:`ClientClosed` if the client closes meanwhile."""
+        while True:
+            self._check_usable()
+            if self._open.is_set():
+                return
+            await self._open.wait()
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        *,
+        id: str | None = None,
+        data: Any = None,
+        query: dict[str, Any] | None = None,
+        temp_id: str | None = None,
+        base_rev: int | None = None,
+    ) -> Any:
+        """One call; returns the result's data or raises :class:`CallError`
+        (:class:`ConnectionLost` if the connection dropped meanwhile: reads
+        are retried, writes are not).  Waits for a connection and for a free
+        slot (the server bounds pending calls) up to ``call_timeout_s``.
+        Cancelling it forgets the result (the call may still run)."""
+        retries = self.read_retries if method in _READ_METHODS else 0
+        with trio.fail_after(self.call_timeout_s):
+            while True:
+                try:
+                    return await self._call_once(
+                        service, method, id, data, query, temp_id, base_rev
+                    )
+                except ConnectionLost:
+                    if retries <= 0:
+                        raise
+                    retries -= 1
+
+    async def _call_once(
+        self,
+        service: str,
+        method: str,
+        id: str | None,
+        data: Any,
+        query: dict[str, Any] | None,
+        temp_id: str | None,
+        base_rev: int | None,
+    ) -> Any:
+        while True:
+            await self.wait_connected()
+            if self.machine.state is not ClientState.OPEN:
+                await self._gone.wait()  # this connection is closing
+                continue
+            if self.machine.can_call:
+                break
+            await self._slots.park()
+        try:
+            ref, frame = self.machine.call(
+                service, method, id=id, data=data, query=query, temp_id=temp_id, base_rev=base_rev
+            )
+        except LocalProtocolError as exc:
+            raise CallError(
+                (exc.code or ErrorCode.INVALID_FIELD).value, f"cannot send the call: {exc}"
+            ) from None
+        waiter = self._waiters[ref] = _Waiter()
+        try:
+            await self._send(frame)
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(ref, None)
+        result = waiter.result
+        assert result is not None
+        if result.ok:
+            return result.data
+        error = result.error
+        assert error is not None
+        if error.code == ErrorCode.CONNECTION_LOST.value:
+            raise ConnectionLost()
+        if error.code == "closed":
+            raise ClientClosed(error.message)
+        raise CallError(error.code, error.message, error.data)
+
+    async def join(self, room: str) -> Mirror:
+        """Join ``room`` and return its mirror once loaded.  Raises
+        :class:`CallError` if the server refuses (the code of its ``left``)."""
+        mirror = self._mirrors.get(room)
+        if mirror is None or mirror.left_reason is not None:
+            mirror = self._mirrors[room] = Mirror(room)
+        with trio.fail_after(self.call_timeout_s):
+            track = self.machine.rooms.get(room)
+            if track is None or track.status is RoomStatus.LEAVING:
+                await self._send_when_open(lambda: self.machine.join(room))
+            await mirror.ready.wait()
+        if mirror.left_reason is not None:
+            raise CallError(mirror.left_reason, f"could not join {room}")
+        return mirror
+
+    async def leave(self, room: str) -> None:
+        """Leave ``room``: its mirror is dropped and its streams end."""
+        mirror = self._mirrors.pop(room, None)
+        if mirror is not None and mirror.left_reason is None:
+            mirror._left("left")
+        self._end_streams(room)
+        self._cancel_reload(room)
+        track = self.machine.rooms.get(room)
+        if track is not None and track.status is not RoomStatus.LEAVING:
+            with trio.fail_after(self.call_timeout_s):
+                await self._send_when_open(lambda: self.machine.leave(room))
+
+    def events(self, room: str, *, max_queue: int | None = None) -> EventStream:
+        """The room's events from now on (join the room to get any); see
+        :class:`EventStream` for the overflow policy."""
+        stream = EventStream(self, room, max_queue or self.events_queue_max)
+        self._streams.setdefault(room, set()).add(stream)
+        return stream
+
+    async def disconnect(self) -> None:
+        """Drop the connection and stay offline until :meth:`reconnect`
+        (the rooms are rejoined with ``since`` then)."""
+        self._online = False
+        gone = self._gone
+        if self._connection_scope is not None:
+            self._connection_scope.cancel()
+            await gone.wait()
+
+    def reconnect(self) -> None:
+        """Go back online after :meth:`disconnect`, or skip the backoff wait
+        of a reconnect in progress."""
+        self._online = True
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        """Close the connection (1000) and stop; pending calls raise
+        :class:`ClientClosed`, streams end.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_waiters("closed", "the client is closed")
+        self._open.set()  # wake whoever waits for a connection: they raise
+        self._wake.set()
+        serving = self._serve_scope
+        if serving is not None:
+            # End the connection's tasks; the transport then closes with 1000
+            # (its reader still runs, so the close handshake completes).
+            if self.machine.state is ClientState.OPEN:
+                self.machine.close()
+            gone = self._gone
+            serving.cancel()
+            with trio.move_on_after(3.0):
+                await gone.wait()
+        for room in list(self._streams):
+            self._end_streams(room)
+        for mirror in self._mirrors.values():
+            mirror.ready.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def statistics(self) -> ClientStatistics:
+        stats = self.machine.statistics()
+        return ClientStatistics(
+            connects=self._connects,
+            reconnects=max(0, self._connects - 1),
+            dead_connections=self._dead,
+            events_applied=stats.events_applied,
+            duplicates_dropped=stats.duplicates_dropped,
+            gaps=stats.gaps,
+            resumes=stats.resumes,
+            reloads=stats.reloads,
+            pending_calls=stats.pending_calls,
+            rooms=stats.rooms,
+            rtt_s=self.rtt_s,
+        )
+
+    # ---------------------------------------------------------- internals
+
+    def _check_usable(self) -> None:
+        fatal = self._fatal
+        if fatal is not None:
+            raise CallError(fatal.code, fatal.message, fatal.data)
+        if self._closed:
+            raise ClientClosed()
+
+    def _new_temp_id(self) -> str:
+        self._temp_counter += 1
+        return f"temp-{self.rng.getrandbits(48):012x}-{self._temp_counter}"
+
+    def _optimistic_mirrors(self, service: str, data: Any) -> list[Mirror]:
+        spec = _OPTIMISTIC_ROOMS.get(service)
+        if spec is None or not isinstance(data, dict):
+            return []
+        kind, field = spec
+        ident = data.get(field)
+        if not isinstance(ident, str):
+            return []
+        mirror = self._mirrors.get(f"{kind}:{ident}")
+        return [] if mirror is None or mirror.left_reason is not None else [mirror]
+
+    async def _send(self, frame: WireFrame) -> None:
+        """The one write path.  Raises :class:`ConnectionLost` for any
+        transport failure (the reader notices the loss and the reconnect
+        loop takes over)."""
+        ws = self._ws
+        if ws is None:
+            raise ConnectionLost("not connected")
+        try:
+            await ws.send_message(frame)
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+            raise ConnectionLost(f"send failed: {exc!r}") from None
+
+    async def _send_when_open(self, make_frame: Callable[[], WireFrame]) -> None:
+        """Build a frame with the machine once a connection is open, and send
+        it; rebuilt after a drop (the machine refuses sends while
+        disconnected)."""
+        while True:
+            await self.wait_connected()
+            try:
+                frame = make_frame()
+            except LocalProtocolError as exc:
+                if self.machine.state is not ClientState.OPEN:
+                    await self._gone.wait()  # this connection is closing
+                    continue
+                raise CallError((exc.code or ErrorCode.INVALID_FIELD).value, str(exc)) from None
+            # On a loss the machine rejoins the room after the reconnect.
+            with contextlib.suppress(ConnectionLost):
+                await self._send(frame)
+            return
+
+    def _fail_waiters(self, code: str, message: str) -> None:
+        for waiter in self._waiters.values():
+            if waiter.result is None:
+                waiter.result = Result(0, False, error=ErrorInfo(code, message))
+                waiter.event.set()
+        self._slots.unpark_all()
+
+    def _end_streams(self, room: str) -> None:
+        for stream in self._streams.pop(room, set()):
+            stream._end()
+
+    def _cancel_reload(self, room: str) -> None:
+        scope = self._reloads.pop(room, None)
+        if scope is not None:
+            scope.cancel()
+
+    # --------------------------------------------------------- connection
+
+    async def _run(self, task_status: trio.TaskStatus[CallError | None]) -> None:
+        """Connect, serve the connection, reconnect after a loss; until
+        closed.  ``task_status.started`` once the first connection is
+        welcomed (``None``) or failed (the error, then this returns)."""
+        attempt = 0
+        first = True
+        while not self._closed:
+            if not self._wants_connection():
+                self._wake = trio.Event()
+                await self._wake.wait()
+                attempt = 0
+                continue
+            try:
+                welcomed = await self._connection(task_status if first else None)
+                error = None if welcomed else self._early_close_error()
+            except _Fatal as exc:
+                self._fatal = exc.error
+                self._fail_waiters(exc.error.code, exc.error.message)
+                self._open.set()  # waiters raise the error
+                if first:
+                    task_status.started(exc.error)
+                else:
+                    log.error("connection refused for good: %s", exc.error)
+                return
+            except (
+                trio_websocket.HandshakeError,
+                trio_websocket.ConnectionClosed,
+                OSError,
+            ) as exc:
+                welcomed = False
+                error = _connect_error(exc)
+            if welcomed:
+                first = False
+                attempt = 0
+            elif first:
+                assert error is not None
+                task_status.started(error)
+                return
+            else:
+                log.info("connecting to %s failed: %s", self.url, error)
+            if not self._wants_connection():
+                continue
+            delay = backoff_s(attempt, self.rng.random(), self.backoff_base_s, self.backoff_cap_s)
+            attempt += 1
+            self._wake = trio.Event()
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+
+    def _wants_connection(self) -> bool:
+        return self._online and not self._closed
+
+    def _early_close_error(self) -> CallError:
+        reason = self._connection_close
+        if reason is None:
+            return CallError("unavailable", "no welcome from the server in time")
+        return CallError("unavailable", f"closed before welcome: {reason.code} {reason.reason}")
+
+    async def _connection(self, task_status: trio.TaskStatus[CallError | None] | None) -> bool:
+        """One connection, from the handshake until it is lost.  Returns
+        whether it was welcomed; raises :class:`_Fatal` when reconnecting
+        cannot help."""
+        self._was_welcomed = False
+        self._connection_close = None
+        self._gone = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._connection_scope = scope
+                async with open_websocket(
+                    self.url,
+                    subprotocols=[self.codec.subprotocol],
+                    connect_timeout_s=self.connect_timeout_s,
+                    max_message_size=CLIENT_LIMITS.max_frame_bytes,
+                ) as ws:
+                    if ws.subprotocol != self.codec.subprotocol:
+                        raise _Fatal(
+                            CallError(
+                                ErrorCode.UNSUPPORTED_PROTOCOL.value,
+                                f"the server chose subprotocol {ws.subprotocol!r}",
+                            )
+                        )
+                    await self._serve(ws, scope, task_status)
+                fatal = self._fatal_close()
+                if fatal is not None:
+                    raise _Fatal(fatal)
+        finally:
+            self._connection_scope = None
+            self._gone.set()
+        return self._was_welcomed
+
+    async def _serve(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        connection_scope: trio.CancelScope,
+        task_status: trio.TaskStatus[CallError | None] | None,
+    ) -> None:
+        """Handshake, rejoin, then read and heartbeat until the connection
+        ends; sets ``_was_welcomed``."""
+        self._ws = ws
+        self._welcomed = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._serve_scope = nursery.cancel_scope
+                nursery.start_soon(self._reader, ws, nursery.cancel_scope)
+                with contextlib.suppress(ConnectionLost):
+                    await self._send(self.machine.hello(self._token))
+                with trio.move_on_after(self.connect_timeout_s):
+                    await self._welcomed.wait()
+                if not self._welcomed.is_set():
+                    nursery.cancel_scope.cancel()
+                else:
+                    self._was_welcomed = True
+                    self._connects += 1
+                    with contextlib.suppress(ConnectionLost):
+                        await self._rejoin()
+                    self._open.set()
+                    self._slots.unpark_all()
+                    if task_status is not None:
+                        task_status.started(None)
+                    nursery.start_soon(self._heartbeat, connection_scope)
+        finally:
+            self._serve_scope = None
+            self._lost()
+
+    def _fatal_close(self) -> CallError | None:
+        reason = self._connection_close
+        if reason is not None and reason.code in FATAL_CLOSE_CODES:
+            return CallError(ErrorCode.UNAUTHORIZED.value, reason.reason or "token refused")
+        return None
+
+    def _lost(self) -> None:
+        """The connection is gone: calls in flight fail, rooms wait to be
+        rejoined."""
+        self._ws = None
+        self.connection_id = None
+        if self._open.is_set() and not self._closed and self._fatal is None:
+            self._open = trio.Event()
+        if self.machine.state is not ClientState.DISCONNECTED:
+            for event in self.machine.connection_lost():
+                self._dispatch_sync(event)
+        self._slots.unpark_all()
+
+    async def _rejoin(self) -> None:
+        joins = self.machine.rejoin_all()
+        batch = max(1, self.machine.server_limits.max_batch)
+        for start in range(0, len(joins), batch):
+            await self._send(self.machine.send(joins[start : start + batch]))
+
+    async def _reader(
+        self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
+        """The one reader: frames into the machine, its events dispatched."""
+        self._connection_close = None
+        try:
+            while True:
+                data = await ws.get_message()
+                for event in self.machine.receive_data(data, self.clock.now_s()):
+                    await self._dispatch(ws, event)
+        except trio_websocket.ConnectionClosed as exc:
+            self.close_reason = self._connection_close = exc.reason
+        finally:
+            scope.cancel()
+
+    async def _heartbeat(self, scope: trio.CancelScope) -> None:
+        """Ping as asked; drop the connection (abruptly: ``scope`` is the
+        connection's) when nothing arrives in time."""
+        welcome = self.welcome
+        heartbeat = self._heartbeat_override or Heartbeat.from_heartbeat_ms(
+            welcome.heartbeat_ms if welcome is not None else 15_000
+        )
+        opened_s = self.clock.now_s()
+        while True:
+            now = self.clock.now_s()
+            last_received = max(self.machine.last_received_s or opened_s, opened_s)
+            last_ping = max(self.machine.last_ping_s or opened_s, opened_s)
+            action = heartbeat.decide(now, last_received_s=last_received, last_ping_s=last_ping)
+            if action is HeartbeatAction.DEAD:
+                self._dead += 1
+                log.warning(
+                    "nothing received for %.1f s: dropping the connection", now - last_received
+                )
+                scope.cancel()
+                return
+            if action is HeartbeatAction.PING:
+                if self.machine.state is not ClientState.OPEN:
+                    return  # closing: the reader ends the connection
+                with contextlib.suppress(ConnectionLost):
+                    await self._send(self.machine.ping(now))
+                continue
+            deadline = heartbeat.next_check_s(last_received_s=last_received, last_ping_s=last_ping)
+            await trio.sleep(max(0.0, deadline - now))
+
+    # ------------------------------------------------------------ dispatch
+
+    async def _dispatch(self, ws: trio_websocket.WebSocketConnection, event: ClientEvent) -> None:
+        if isinstance(event, ResumeRequested):
+            with contextlib.suppress(ConnectionLost):
+                await self._send(event.data)
+        elif isinstance(event, ProtocolViolation):
+            log.warning("protocol violation by the server: %s", event.error)
+            if event.close_code is not None:
+                with trio.move_on_after(2.0):
+                    await ws.aclose(int(event.close_code), event.error.close_reason)
+        else:
+            self._dispatch_sync(event)
+
+    def _dispatch_sync(self, event: ClientEvent) -> None:
+        if isinstance(event, EventApplied):
+            self._on_event(event.event)
+        elif isinstance(event, CallResult):
+            waiter = self._waiters.get(event.result.ref)
+            if waiter is not None and waiter.result is None:
+                waiter.result = event.result
+                waiter.event.set()
+            self._slots.unpark_all()
+        elif isinstance(event, Welcomed):
+            welcome = event.welcome
+            self.welcome = welcome
+            self.connection_id = welcome.connection_id
+            self.user_id = welcome.user_id
+            self.own_connection_ids.add(welcome.connection_id)
+            self._welcomed.set()
+        elif isinstance(event, RoomJoined):
+            mirror = self._mirrors.get(event.room)
+            if mirror is None:
+                mirror = self._mirrors[event.room] = Mirror(event.room)
+            mirror._joined(event.epoch, event.seq)
+            if event.recovered and not mirror.reloading:
+                mirror.ready.set()
+        elif isinstance(event, ReloadRequired):
+            self._start_reload(event)
+        elif isinstance(event, RoomLeft):
+            mirror = self._mirrors.pop(event.room, None)
+            if mirror is not None:
+                mirror._left(event.reason)
+            self._cancel_reload(event.room)
+            self._end_streams(event.room)
+        elif isinstance(event, PongReceived):
+            self.rtt_s = event.rtt_s
+        elif isinstance(event, ServerError):
+            level = logging.INFO if event.error.code == ErrorCode.GOING_AWAY else logging.WARNING
+            log.log(level, "server error: %s: %s", event.error.code, event.error.message)
+        elif isinstance(event, PresenceChanged):
+            pass  # presence has its own API later (issue 5)
+        elif isinstance(event, ResumeRequested | ProtocolViolation):
+            pass  # handled by _dispatch (they need to send)
+
+    def _on_event(self, event: Event) -> None:
+        mirror = self._mirrors.get(event.room)
+        if mirror is not None:
+            mirror._apply(event)
+        streams = self._streams.get(event.room)
+        if streams:
+            room_event = RoomEvent(
+                room=event.room,
+                seq=event.seq,
+                name=event.event,
+                data=event.data,
+                last_seq=event.last_seq,
+                ts=event.ts,
+                user_id=event.user_id,
+                origin=event.origin,
+                temp_id=event.temp_id,
+                own=event.origin is not None and event.origin in self.own_connection_ids,
+            )
+            for stream in streams:
+                stream._push(room_event)
+
+    def _start_reload(self, event: ReloadRequired) -> None:
+        room = event.room
+        mirror = self._mirrors.get(room)
+        if mirror is None:
+            mirror = self._mirrors[room] = Mirror(room)
+        self._cancel_reload(room)
+        mirror._begin_reload(event.epoch, event.seq)
+        scope = trio.CancelScope()
+        self._reloads[room] = scope
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reload, mirror, scope, event.seq)
+
+    async def _reload(self, mirror: Mirror, scope: trio.CancelScope, seq: int) -> None:
+        with scope:
+            while True:
+                try:
+                    resources = await self._loader(self, mirror.room)
+                    break
+                except (ConnectionLost, trio.TooSlowError):
+                    continue  # retried after the reconnect
+                except CallError as exc:
+                    log.error("reload of %s failed: %s", mirror.room, exc)
+                    mirror._left(exc.code)
+                    return
+            if self._reloads.get(mirror.room) is scope:
+                del self._reloads[mirror.room]
+            mirror._finish_reload(resources)
+            for stream in self._streams.get(mirror.room, ()):
+                stream._push(
+                    RoomEvent(room=mirror.room, seq=seq, name="room:reloaded", kind="reload")
+                )
+
+
+def _connect_error(exc: BaseException) -> CallError:
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        body = (exc.body or b"").decode("utf-8", "replace")
+        return CallError(
+            "rejected", f"the server refused the WebSocket ({exc.status_code}): {body}"
+        )
+    if isinstance(exc, CallError):
+        return exc
+    return CallError("unavailable", f"cannot connect: {exc!r}")
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    token: str,
+    codec: Literal["json", "cbor"] | Codec = "json",
+    client_id: str | None = None,
+    rng: random.Random | None = None,
+    seed: int | str | None = None,
+    clock: Clock | None = None,
+    connect_timeout_s: float = 10.0,
+    call_timeout_s: float = 30.0,
+    backoff_base_s: float = 0.25,
+    backoff_cap_s: float = 10.0,
+    heartbeat: Heartbeat | None = None,
+    events_queue_max: int = 1000,
+    loader: Loader = load_room,
+    read_retries: int = 3,
+) -> AsyncIterator[Client]:
+    """Connect to the daemon at ``url`` (``ws://127.0.0.1:3030/ws``).
+
+    Returns once the first connection is welcomed; raises
+    :class:`CallError` if it cannot be made (refused token: ``unauthorized``;
+    refused WebSocket: ``rejected``; nothing listening: ``unavailable``).
+    ``rng`` (or one seeded with ``seed``) draws the reconnect jitter and the
+    temp ids; ``heartbeat`` overrides the server's (tests).
+    """
+    chosen = codec if isinstance(codec, Codec) else {"json": Codec.JSON, "cbor": Codec.CBOR}[codec]
+    client = Client(
+        url,
+        token=token,
+        codec=chosen,
+        client_id=client_id,
+        rng=rng or random.Random(seed),
+        clock=clock or TrioClock(),
+        connect_timeout_s=connect_timeout_s,
+        call_timeout_s=call_timeout_s,
+        backoff_base_s=backoff_base_s,
+        backoff_cap_s=backoff_cap_s,
+        heartbeat=heartbeat,
+        events_queue_max=events_queue_max,
+        loader=loader,
+        read_retries=read_retries,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            client._nursery = nursery
+            error = await nursery.start(client._run)
+            if error is not None:
+                raise error
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The background tasks end quietly: an error here is the caller's (or
+        # the connect error); raise it as is, not wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

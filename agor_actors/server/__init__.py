@@ -1,0 +1,16 @@
+"""The daemon's server: ``/ws`` (the protocol over WebSocket), the REST
+services, ``/health`` and ``/debug/actors``, on hypercorn's trio worker."""
+
+from ._app import AppState as AppState
+from ._app import ServerHub as ServerHub
+from ._app import ServerSettings as ServerSettings
+from ._app import create_app as create_app
+from ._app import origin_allowed as origin_allowed
+from ._app import parse_query as parse_query
+from ._serve import LISTEN_BACKLOG as LISTEN_BACKLOG
+from ._serve import TCP_USER_TIMEOUT_MS as TCP_USER_TIMEOUT_MS
+from ._serve import listen_socket as listen_socket
+from ._serve import run_daemon as run_daemon
+from ._serve import run_server as run_server
+from ._serve import serve as serve
+from ._serve import serving as serving

@@ -1,0 +1,28 @@
+"""The client package's public names (implementation modules are private)."""
+
+from __future__ import annotations
+
+import agor_actors.client as client
+
+PUBLIC = {
+    "CallError",
+    "Client",
+    "ClientClosed",
+    "ClientStatistics",
+    "ConnectionLost",
+    "EventStream",
+    "Loader",
+    "Mirror",
+    "Resources",
+    "RoomEvent",
+    "Service",
+    "apply_event",
+    "connect",
+    "load_room",
+    "open_websocket",
+}
+
+
+def test_public_names() -> None:
+    exported = {name for name in vars(client) if not name.startswith("_")}
+    assert exported == PUBLIC

@@ -1,0 +1,272 @@
+"""The REST routes, /health and /debug/actors over real HTTP, and that HTTP
+and WebSocket agree (same services, same events)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import trio
+from server_support import Daemon, daemon, http
+
+from agor_actors.client import connect
+from agor_actors.server import origin_allowed, parse_query
+
+
+@pytest.fixture
+async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
+    async with daemon(tmp_path / "agor") as d:
+        yield d
+
+
+async def test_health_needs_no_token(running: Daemon) -> None:
+    reply = await http("GET", f"{running.http_url}/health")
+    assert reply.status == 200 and reply.body["status"] == "ok"
+
+
+async def test_debug_actors_is_the_owners(running: Daemon) -> None:
+    url = f"{running.http_url}/debug/actors"
+    reply = await http("GET", url, token=running.token)
+    assert reply.status == 200
+    assert reply.body["name"] == "root" and isinstance(reply.body["children"], list)
+    assert (await http("GET", url)).status == 401
+    user = await http("POST", f"{running.http_url}/users", token=running.token, json={"name": "bo"})
+    assert user.status == 201 and user.body["token"]
+    refused = await http("GET", url, token=user.body["token"])
+    assert refused.status == 403 and refused.body["code"] == "unauthorized"
+
+
+async def test_requests_without_a_valid_token_get_401(running: Daemon) -> None:
+    for token in (None, "wrong"):
+        reply = await http("GET", f"{running.http_url}/sessions", token=token)
+        assert reply.status == 401
+        assert reply.body["code"] == "not_authenticated"
+        assert reply.headers.get("www-authenticate") == "Bearer"
+
+
+async def test_crud_over_http(running: Daemon) -> None:
+    base, token = running.http_url, running.token
+    created = await http("POST", f"{base}/sessions", token=token, json={"title": "one"})
+    assert created.status == 201 and created.body["title"] == "one"
+    sid = created.body["id"]
+    assert created.headers["etag"] == '"1"'
+    got = await http("GET", f"{base}/sessions/{sid}", token=token)
+    assert got.status == 200 and got.body["id"] == sid
+    patched = await http("PATCH", f"{base}/sessions/{sid}", token=token, json={"status": "running"})
+    assert patched.status == 200 and patched.body["status"] == "running"
+    task = await http(
+        "POST", f"{base}/tasks", token=token, json={"session_id": sid, "prompt": "go"}
+    )
+    assert task.status == 201
+    started = await http("POST", f"{base}/tasks/{task.body['id']}/start", token=token)
+    assert started.status == 200 and started.body["status"] == "running"
+    await http("POST", f"{base}/sessions", token=token, json={"title": "two"})
+    found = await http("GET", f"{base}/sessions?status=running", token=token)
+    assert [row["id"] for row in found.body["data"]] == [sid]
+    page = await http("GET", f"{base}/sessions?$limit=1&$sort[created_at]=-1", token=token)
+    assert len(page.body["data"]) == 1 and page.body["data"][0]["title"] == "two"
+    assert page.body["next_cursor"]
+    rest = await http(
+        "GET",
+        f"{base}/sessions?$limit=1&$sort=-created_at&$cursor={page.body['next_cursor']}",
+        token=token,
+    )
+    assert [row["title"] for row in rest.body["data"]] == ["one"]
+    removed = await http("DELETE", f"{base}/sessions/{sid}", token=token)
+    assert removed.status == 200
+    missing = await http("GET", f"{base}/sessions/{sid}", token=token)
+    assert missing.status == 404 and missing.body["code"] == "not_found"
+
+
+async def test_strict_fields_use_if_match_as_base_rev(running: Daemon) -> None:
+    base, token = running.http_url, running.token
+    sid = (await http("POST", f"{base}/sessions", token=token, json={"title": "t"})).body["id"]
+    stale = await http(
+        "PATCH",
+        f"{base}/sessions/{sid}",
+        token=token,
+        json={"locked_by": "owner"},
+        headers={"If-Match": '"7"'},
+    )
+    assert stale.status == 409 and stale.body["code"] == "conflict"
+    assert stale.body["data"]["current"] == {"locked_by": None}
+    fresh = await http(
+        "PATCH",
+        f"{base}/sessions/{sid}",
+        token=token,
+        json={"locked_by": "owner"},
+        headers={"If-Match": '"1"'},
+    )
+    assert fresh.status == 200 and fresh.body["locked_by"] == "owner"
+    bad = await http(
+        "PATCH",
+        f"{base}/sessions/{sid}",
+        token=token,
+        json={"title": "x"},
+        headers={"If-Match": "abc"},
+    )
+    assert bad.status == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/sessions", b'{"title": ', 400, "bad_json"),
+        ("POST", "/sessions", b"\xff\xfe", 400, "bad_json"),
+        ("PATCH", "/sessions/x", b"[1,", 400, "bad_json"),
+        ("GET", "/nope", None, 404, "unknown_service"),
+        ("GET", "/sessions/does-not-exist", None, 404, "not_found"),
+        ("GET", "/sessions?$bogus=1", None, 400, "bad_request"),
+        ("GET", "/sessions?no_such_column=1", None, 400, "bad_request"),
+        ("POST", "/sessions/x/y/z", None, 404, "not_found"),
+        ("PUT", "/sessions", b"{}", 405, "unknown_method"),
+    ],
+)
+async def test_malformed_requests_get_json_errors(
+    running: Daemon, method: str, path: str, body: bytes | None, status: int, code: str
+) -> None:
+    reply = await http(method, f"{running.http_url}{path}", token=running.token, raw=body)
+    assert reply.status == status
+    assert reply.body["code"] == code and reply.body["message"]
+    # and the daemon is fine
+    assert (await http("GET", f"{running.http_url}/health")).status == 200
+
+
+async def test_oversized_bodies_are_refused(tmp_path: pathlib.Path) -> None:
+    from agor_actors.server import ServerSettings
+
+    async with daemon(tmp_path / "agor", ServerSettings(max_body_bytes=1000)) as d:
+        reply = await http(
+            "POST", f"{d.http_url}/sessions", token=d.token, raw=b'{"title":"' + b"x" * 2000 + b'"}'
+        )
+        assert reply.status == 413 and reply.body["code"] == "too_large"
+
+
+async def test_foreign_origins_are_refused(running: Daemon) -> None:
+    reply = await http(
+        "GET",
+        f"{running.http_url}/sessions",
+        token=running.token,
+        headers={"Origin": "https://evil.example"},
+    )
+    assert reply.status == 403 and reply.body["code"] == "forbidden"
+    local = await http(
+        "GET",
+        f"{running.http_url}/sessions",
+        token=running.token,
+        headers={"Origin": "http://localhost:3000"},
+    )
+    assert local.status == 200
+
+
+async def test_http_writes_are_seen_over_websocket_and_back(running: Daemon) -> None:
+    base, token = running.http_url, running.token
+    async with connect(running.ws_url, token=token, codec="cbor") as client:
+        sid = (await http("POST", f"{base}/sessions", token=token, json={"title": "shared"})).body[
+            "id"
+        ]
+        assert (await client.service("sessions").get(sid))["title"] == "shared"
+        mirror = await client.join(f"session:{sid}")
+        stream = client.events(f"session:{sid}")
+        task = (
+            await http(
+                "POST", f"{base}/tasks", token=token, json={"session_id": sid, "prompt": "p"}
+            )
+        ).body
+        with trio.fail_after(5):
+            event = await stream.__anext__()
+        assert event.name == "task:created" and event.data["task"]["id"] == task["id"]
+        assert event.origin is None and not event.own  # HTTP writes have no connection
+        assert mirror.get("tasks", task["id"]) == {
+            k: v for k, v in task.items() if not k.startswith("_")
+        }
+        found = await client.service("tasks").find({"session_id": sid})
+        assert [row["id"] for row in found["data"]] == [task["id"]]
+        # and the other way round
+        over_ws = await client.service("tasks").create({"session_id": sid, "prompt": "from ws"})
+        got = await http("GET", f"{base}/tasks/{over_ws['id']}", token=token)
+        assert got.status == 200 and got.body["prompt"] == "from ws"
+        listed = await http(
+            "GET", f"{base}/tasks?session_id={quote(sid)}&$sort[created_at]=1", token=token
+        )
+        assert [row["id"] for row in listed.body["data"]] == [task["id"], over_ws["id"]]
+
+
+# ------------------------------------------------------------ pure helpers
+
+
+@pytest.mark.parametrize(
+    ("pairs", "query"),
+    [
+        ([("status", "running"), ("$limit", "10")], {"status": "running", "$limit": 10}),
+        ([("$sort[created_at]", "-1"), ("$sort[id]", "1")], {"$sort": {"created_at": -1, "id": 1}}),
+        ([("$sort", "-created_at,id")], {"$sort": {"created_at": -1, "id": 1}}),
+        ([("rev[$gte]", "2"), ("rev[$lt]", "5")], {"rev": {"$gte": 2, "$lt": 5}}),
+        ([("status[$in]", "idle,running")], {"status": {"$in": ["idle", "running"]}}),
+        (
+            [("status[$nin][]", "idle"), ("status[$nin][]", "failed")],
+            {"status": {"$nin": ["idle", "failed"]}},
+        ),
+        ([("status", "idle"), ("status", "running")], {"status": {"$in": ["idle", "running"]}}),
+        ([("title", '"123"'), ("agent", "null")], {"title": "123", "agent": None}),
+        (
+            [("$select", "id,title"), ("$total", "true")],
+            {"$select": ["id", "title"], "$total": True},
+        ),
+        ([("$cursor", "abc")], {"$cursor": "abc"}),
+        (
+            [("$query", '{"rev": {"$gt": 1}}'), ("status", "idle")],
+            {"rev": {"$gt": 1}, "status": "idle"},
+        ),
+    ],
+)
+def test_query_strings_become_find_queries(
+    pairs: list[tuple[str, str]], query: dict[str, Any]
+) -> None:
+    assert parse_query(pairs) == query
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("$limit", "ten")],
+        [("$sort[created_at]", "2")],
+        [("$what", "1")],
+        [("rev[$regex]", "x")],
+        [("$query", "[1]")],
+        [("$query", "{")],
+        [("status", "idle"), ("status[$ne]", "x")],
+        [("a]b", "1")],
+    ],
+)
+def test_bad_query_strings_are_refused(pairs: list[tuple[str, str]]) -> None:
+    from agor_actors.daemon import ServiceError
+
+    with pytest.raises(ServiceError) as caught:
+        parse_query(pairs)
+    assert caught.value.code == "bad_request" and caught.value.http_status == 400
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),
+        ("", True),
+        ("http://127.0.0.1:3030", True),
+        ("http://localhost", True),
+        ("https://localhost:8443", True),
+        ("http://[::1]:3030", True),
+        ("null", False),
+        ("file://", False),
+        ("http://localhost.example.com", False),
+        ("http://127.0.0.1.nip.io", False),
+        ("http://user@localhost", False),
+        ("http://localhost:notaport", False),
+        ("ws://localhost", False),
+    ],
+)
+def test_origin_check(origin: str | None, allowed: bool) -> None:
+    assert origin_allowed(origin) is allowed
