@@ -6,7 +6,9 @@ runs the daemon until SIGINT or SIGTERM (then drains and exits 0);
 (creating it, mode 0600, if the daemon never ran there).
 
 Each subcommand is one entry of ``COMMANDS`` (how to add its arguments, what
-to run), so ``sim`` and ``top`` slot in beside these.
+to run).  ``agor-actors top [--watch S]`` shows the supervision tree of a
+running daemon (``/debug/actors``): supervisors, then the actors with the
+deepest mailboxes, their restarts and last crash.
 """
 
 from __future__ import annotations
@@ -17,32 +19,18 @@ import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["COMMANDS", "build_parser", "main", "read_or_create_token"]
-
-TOKEN_FILE: Final = "token"
 
 
 def read_or_create_token(data_dir: pathlib.Path) -> str:
     """The owner token in ``<data_dir>/token``; created (random, mode 0600)
     when missing, as the daemon does on its first start."""
-    path = data_dir / TOKEN_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
+    from .daemon._token import read_or_create_token as read_or_create
     from .world import SecureEntropy
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token = SecureEntropy().token()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # made meanwhile by a starting daemon
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as file:
-        file.write(token + "\n")
-    return token
+    return read_or_create(data_dir, SecureEntropy())
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +73,78 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:3030", help="the daemon's base URL")
+    _add_data_dir(parser)
+    parser.add_argument("--token", default=None, help="token (default: <data-dir>/token)")
+    parser.add_argument(
+        "--watch", type=float, default=0.0, metavar="S", help="refresh every S seconds"
+    )
+    parser.add_argument("--limit", type=int, default=40, help="rows to show (busiest first)")
+
+
+def flatten_tree(tree: dict[str, Any], depth: int = 0) -> list[tuple[int, dict[str, Any]]]:
+    """The supervision tree of ``/debug/actors`` as (depth, child) rows."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for child in tree.get("children", []):
+        rows.append((depth, child))
+        if "supervisor" in child:
+            rows.extend(flatten_tree(child["supervisor"], depth + 1))
+    return rows
+
+
+def format_top(tree: dict[str, Any], limit: int) -> str:
+    """A table of the tree: supervisors in order, then the actors with the
+    deepest mailboxes and most messages first."""
+    rows = flatten_tree(tree)
+    actors = [c for _, c in rows if "supervisor" not in c]
+    supervisors = [(d, c) for d, c in rows if "supervisor" in c]
+    actors.sort(key=lambda c: (-int(c.get("mailbox_depth", 0)), -int(c.get("handled", 0)), c["id"]))
+    lines = [f"{'supervisor':<40} {'state':<10} {'children':>8} {'restarts':>8}"]
+    for depth, sup in supervisors:
+        name = "  " * depth + sup["id"]
+        kids = len(sup["supervisor"].get("children", []))
+        lines.append(f"{name:<40} {sup['state']:<10} {kids:>8} {sup['restarts']:>8}")
+    lines.append("")
+    lines.append(
+        f"{'actor':<56} {'state':<10} {'mailbox':>11} {'handled':>9} {'restarts':>8}  last crash"
+    )
+    for actor in actors[:limit]:
+        mailbox = f"{actor.get('mailbox_depth', '-')}/{actor.get('mailbox_bound', '-')}"
+        lines.append(
+            f"{actor['id'][:56]:<56} {actor['state']:<10} {mailbox:>11} "
+            f"{actor.get('handled', '-'):>9} {actor['restarts']:>8}  {actor.get('last_crash') or ''}"
+        )
+    if len(actors) > limit:
+        lines.append(f"... and {len(actors) - limit} more actors")
+    return "\n".join(lines)
+
+
+def _top(args: argparse.Namespace) -> int:
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    token = args.token or read_or_create_token(args.data_dir)
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/debug/actors", headers={"Authorization": f"Bearer {token}"}
+    )
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                tree = json.loads(response.read())
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"agor-actors top: cannot read {request.full_url}: {exc}", file=sys.stderr)
+            return 1
+        if args.watch > 0:
+            print("\x1b[2J\x1b[H", end="")
+        print(format_top(tree, args.limit))
+        if args.watch <= 0:
+            return 0
+        time.sleep(args.watch)
+
+
 COMMANDS: Final[
     dict[
         str,
@@ -93,6 +153,7 @@ COMMANDS: Final[
 ] = {
     "serve": ("run the daemon", _serve_arguments, _serve),
     "token": ("print the local owner's token", _add_data_dir, _token),
+    "top": ("show the supervision tree of a running daemon", _top_arguments, _top),
 }
 """Subcommand -> (help, add its arguments, run it and return the exit status)."""
 

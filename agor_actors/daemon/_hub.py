@@ -9,7 +9,6 @@ store writer (durable, group commit, seq) → room (fan-out) → outboxes.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -50,6 +49,7 @@ from ..store import (
 from ..world import World
 from ._api import Principal, ServiceError
 from ._outbox import Outbox, OutboxClosed
+from ._token import read_or_create_token
 from ._writer import WRITER_NAME, StoreWriter, Write
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
@@ -525,20 +525,6 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("clocks", "token_hash")}
 
 
-def _load_or_create_token(data_dir: pathlib.Path | None, world: World) -> str:
-    if data_dir is None:
-        return world.entropy.token()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "token"
-    if path.exists():
-        return path.read_text().strip()
-    token = world.entropy.token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
-
-
 @asynccontextmanager
 async def open_hub(
     world: World,
@@ -570,7 +556,13 @@ async def open_hub(
         store = await world.blocking.run(lambda: open_store(url, new_epoch=new_epoch))
     try:
         if owner_token is None:
-            token = await world.blocking.run(lambda: _load_or_create_token(data_dir, world))
+            if data_dir is None:
+                token = world.entropy.token()
+            else:
+                directory = data_dir
+                token = await world.blocking.run(
+                    lambda: read_or_create_token(directory, world.entropy)
+                )
         else:
             token = owner_token
         owner_row = {

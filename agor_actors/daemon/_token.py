@@ -1,0 +1,33 @@
+"""The local owner's token: ``<data_dir>/token``, created on first use."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Final
+
+from ..world import Entropy
+
+__all__ = ["TOKEN_FILE", "read_or_create_token"]
+
+TOKEN_FILE: Final = "token"
+
+
+def read_or_create_token(data_dir: pathlib.Path, entropy: Entropy) -> str:
+    """The owner token in ``<data_dir>/token``; created (``entropy.token()``,
+    mode 0600) when missing.  Safe against a concurrent creator: whoever
+    creates the file first wins and the other reads it."""
+    path = data_dir / TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = entropy.token()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
