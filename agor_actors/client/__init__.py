@@ -1,5 +1,7 @@
 """The Python client of the daemon (trio): calls, joined rooms kept as local
-mirrors, event streams, reconnect and resume."""
+mirrors, event streams, reconnect and resume; board presence (facepile,
+cursors, follow mode, highlights), the throttled cursor sender and the
+activity log."""
 
 from ._client import CallError as CallError
 from ._client import Client as Client
@@ -15,4 +17,14 @@ from ._client import load_room as load_room
 from ._mirror import Mirror as Mirror
 from ._mirror import Resources as Resources
 from ._mirror import apply_event as apply_event
+from ._presence import Activity as Activity
+from ._presence import ActivityEntry as ActivityEntry
+from ._presence import ActivityFeed as ActivityFeed
+from ._presence import ActivityPage as ActivityPage
+from ._presence import BoardPresence as BoardPresence
+from ._presence import CursorSender as CursorSender
+from ._presence import Highlight as Highlight
+from ._presence import PresenceSender as PresenceSender
+from ._presence import PresenceUser as PresenceUser
+from ._presence import Throttle as Throttle
 from ._transport import open_websocket as open_websocket

@@ -19,6 +19,13 @@ Calls made while disconnected wait for the connection (up to
 ``call_timeout_s``); a call in flight when the connection drops raises
 :class:`ConnectionLost` (it may or may not have run).  ``find`` and ``get``
 are retried after a reconnect, writes are not.
+
+Presence (see ``_presence``): :meth:`Client.board_presence` keeps a board's
+facepile, cursors, followed viewport and highlights from the server's
+``presence`` frames; :meth:`Client.set_presence` and
+:meth:`Client.cursor_sender` feed one throttled sender (at most
+``presence_rate_per_s`` updates a second, the newest values always sent
+last), whose state of the current board is sent again after a reconnect.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from protocols import (
     LocalProtocolError,
     PongReceived,
     PresenceChanged,
+    PresenceUpdate,
     ProtocolViolation,
     ReloadRequired,
     Result,
@@ -59,6 +67,7 @@ from protocols import (
     RoomLeft,
     RoomStatus,
     ServerError,
+    Viewport,
     Welcome,
     Welcomed,
     backoff_s,
@@ -67,6 +76,13 @@ from protocols import Frame as WireFrame
 
 from ..world import Clock, TrioClock
 from ._mirror import Mirror, Resources
+from ._presence import (
+    DEFAULT_RATE_PER_S,
+    Activity,
+    BoardPresence,
+    CursorSender,
+    PresenceSender,
+)
 from ._transport import open_websocket
 
 __all__ = [
@@ -396,6 +412,7 @@ class Client:
         events_queue_max: int,
         loader: Loader,
         read_retries: int,
+        presence_rate_per_s: float = DEFAULT_RATE_PER_S,
     ) -> None:
         self.url = url
         self.codec = codec
@@ -443,6 +460,15 @@ class Client:
         self._temp_counter = 0
         self._connects = 0
         self._dead = 0
+        if not presence_rate_per_s > 0:
+            raise ValueError("presence_rate_per_s must be positive")
+        self.presence_rate_per_s = presence_rate_per_s
+        """The most presence updates per second this client sends (lowered
+        to the server's ``presence_rate_per_s`` if that is less)."""
+        self._boards: dict[str, BoardPresence] = {}
+        self._cursor_senders: dict[str, CursorSender] = {}
+        self._presence_out: PresenceSender | None = None
+        self._restore_due: str | None = None
 
     # -------------------------------------------------------------- public
 
@@ -565,6 +591,9 @@ class Client:
         mirror = self._mirrors.pop(room, None)
         if mirror is not None and mirror.left_reason is None:
             mirror._left("left")
+        board = self._boards.get(room.removeprefix("board:")) if room.startswith("board:") else None
+        if board is not None:
+            board._left("left")
         self._end_streams(room)
         self._cancel_reload(room)
         track = self.machine.rooms.get(room)
@@ -578,6 +607,84 @@ class Client:
         stream = EventStream(self, room, max_queue or self.events_queue_max)
         self._streams.setdefault(room, set()).add(stream)
         return stream
+
+    # ------------------------------------------------------------ presence
+
+    async def board_presence(self, board_id: str, *, announce: bool = True) -> BoardPresence:
+        """Join ``board:<board_id>`` (unless joined) and return the board's
+        presence as this client sees it (the same object every time; kept up
+        to date across reconnects).
+
+        ``announce``: show this client on the board (its user enters the
+        facepile) and ask for the board's whole presence at once; without it
+        the client only watches, and gets the board's presence with the next
+        change there."""
+        self._check_usable()
+        board = self._board(board_id)
+        await self.join(board.room)
+        if announce:
+            await self.set_presence(board_id, hide_cursors=board.hiding_cursors)
+        return board
+
+    async def set_presence(
+        self,
+        board_id: str,
+        *,
+        view: str | None = None,
+        typing: bool | None = None,
+        viewport: Viewport | None = None,
+        hide_cursors: bool | None = None,
+        follow: str | None = None,
+        cursor: tuple[float, float] | None = None,
+    ) -> bool:
+        """Send this client's presence on a board: ``None`` leaves a field
+        unchanged; ``follow=""`` stops following.  The server shows a
+        connection on one board at a time (the board of its latest update).
+
+        Updates are merged with pending ones and throttled with the cursor
+        (at most ``presence_rate_per_s`` per second in all).  Returns True
+        once the update is written to the connection, False when the client
+        is not connected (it goes out after the reconnect).  The view,
+        viewport, hidden cursors and followed user are sent again after every
+        reconnect."""
+        self._check_usable()
+        sender = self._presence_sender()
+        version = sender.update(  # raises TypeError for a wrong value
+            board_id,
+            view=view,
+            typing=typing,
+            viewport=viewport,
+            hide_cursors=hide_cursors,
+            follow=follow,
+            cursor=cursor,
+        )
+        board = self._boards.get(board_id)
+        if board is not None:
+            board._asked(hide_cursors=hide_cursors, follow=follow)
+        if not self.connected:
+            return False
+        return await sender.wait_sent(board_id, version)
+
+    def cursor_sender(self, board_id: str) -> CursorSender:
+        """This client's cursor on a board: ``move(x, y)`` never blocks; at
+        most ``presence_rate_per_s`` updates a second go out, each with the
+        newest position, the last one always."""
+        self._check_usable()
+        sender = self._cursor_senders.get(board_id)
+        if sender is None:
+            sender = self._cursor_senders[board_id] = CursorSender(
+                self._presence_sender(), board_id
+            )
+        return sender
+
+    def activity(self, board_id: str) -> Activity:
+        """The activity log of a board: pages (``find``) and the live feed."""
+        return Activity(self, board_id)
+
+    @property
+    def presence_sender(self) -> PresenceSender | None:
+        """The sender of this client's presence (None before any)."""
+        return self._presence_out
 
     async def disconnect(self) -> None:
         """Drop the connection and stay offline until :meth:`reconnect`
@@ -601,6 +708,8 @@ class Client:
             return
         self._closed = True
         self._fail_waiters("closed", "the client is closed")
+        if self._presence_out is not None:
+            self._presence_out.interrupt()
         self._open.set()  # wake whoever waits for a connection: they raise
         self._wake.set()
         serving = self._serve_scope
@@ -617,6 +726,8 @@ class Client:
             self._end_streams(room)
         for mirror in self._mirrors.values():
             mirror.ready.set()
+        for board in self._boards.values():
+            board._left("closed")
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -689,6 +800,83 @@ class Client:
             with contextlib.suppress(ConnectionLost):
                 await self._send(frame)
             return
+
+    def _board(self, board_id: str) -> BoardPresence:
+        board = self._boards.get(board_id)
+        if board is None:
+            board = self._boards[board_id] = BoardPresence(board_id)
+            if self._presence_out is not None:  # what this client asked before
+                remembered = self._presence_out.remembered(board_id)
+                follow = remembered.get("follow")
+                board._asked(
+                    hide_cursors=remembered.get("hide_cursors"),
+                    follow=follow if isinstance(follow, str) else None,
+                )
+        return board
+
+    def _presence_sender(self) -> PresenceSender:
+        sender = self._presence_out
+        if sender is None:
+            sender = self._presence_out = PresenceSender(
+                self._send_presence, rate_per_s=self._presence_rate()
+            )
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_presence, sender)
+        return sender
+
+    def _presence_rate(self) -> float:
+        return min(self.presence_rate_per_s, self.machine.server_limits.presence_rate_per_s)
+
+    async def _run_presence(self, sender: PresenceSender) -> None:
+        with contextlib.suppress(CallError):  # the client closed, or was refused
+            await sender.run()
+
+    async def _send_presence(self, update: PresenceUpdate) -> bool:
+        """The :class:`PresenceSender`'s way out: waits for a connection;
+        False when the connection is lost (the sender tries again)."""
+        while True:
+            await self.wait_connected()
+            if self.machine.state is not ClientState.OPEN:
+                await self._gone.wait()  # this connection is closing
+                continue
+            try:
+                frame = self.machine.presence(update)
+            except LocalProtocolError as exc:
+                log.warning("presence update not sent: %s", exc)
+                return True  # it never could be
+            try:
+                await self._send(frame)
+            except ConnectionLost:
+                return False
+            return True
+
+    def _presence_welcomed(self) -> None:
+        """A new connection: the server knows nothing of this client's
+        presence.  The current board's is sent again once its room is
+        rejoined (so that the server's answer, the whole presence of the
+        board, reaches this connection), or at once when it is not joined."""
+        sender = self._presence_out
+        self._restore_due = None
+        if sender is None:
+            return
+        sender.rate_per_s = self._presence_rate()
+        board = sender.current_board
+        if board is None:
+            return
+        track = self.machine.rooms.get(f"board:{board}")
+        if track is not None and track.status is not RoomStatus.LEAVING:
+            self._restore_due = board
+        else:
+            sender.restore(board)
+
+    def _presence_rejoined(self, room: str) -> None:
+        board = self._boards.get(room.removeprefix("board:")) if room.startswith("board:") else None
+        if board is not None and board.left_reason is not None and room in self.machine.rooms:
+            board._rejoined()
+        due = self._restore_due
+        if due is not None and room == f"board:{due}" and self._presence_out is not None:
+            self._restore_due = None
+            self._presence_out.restore(due)
 
     def _fail_waiters(self, code: str, message: str) -> None:
         for waiter in self._waiters.values():
@@ -847,6 +1035,8 @@ class Client:
         if self.machine.state is not ClientState.DISCONNECTED:
             for event in self.machine.connection_lost():
                 self._dispatch_sync(event)
+        if self._presence_out is not None:
+            self._presence_out.interrupt()
         self._slots.unpark_all()
 
     async def _rejoin(self) -> None:
@@ -928,6 +1118,7 @@ class Client:
             self.connection_id = welcome.connection_id
             self.user_id = welcome.user_id
             self.own_connection_ids.add(welcome.connection_id)
+            self._presence_welcomed()
             self._welcomed.set()
         elif isinstance(event, RoomJoined):
             mirror = self._mirrors.get(event.room)
@@ -936,6 +1127,7 @@ class Client:
             mirror._joined(event.epoch, event.seq)
             if event.recovered and not mirror.reloading:
                 mirror.ready.set()
+            self._presence_rejoined(event.room)
         elif isinstance(event, ReloadRequired):
             self._start_reload(event)
         elif isinstance(event, RoomLeft):
@@ -944,13 +1136,20 @@ class Client:
                 mirror._left(event.reason)
             self._cancel_reload(event.room)
             self._end_streams(event.room)
+            if event.room.startswith("board:"):
+                board = self._boards.get(event.room.removeprefix("board:"))
+                if board is not None:
+                    board._left(event.reason)
+                self._presence_rejoined(event.room)  # not joined: send it anyway
         elif isinstance(event, PongReceived):
             self.rtt_s = event.rtt_s
         elif isinstance(event, ServerError):
             level = logging.INFO if event.error.code == ErrorCode.GOING_AWAY else logging.WARNING
             log.log(level, "server error: %s: %s", event.error.code, event.error.message)
         elif isinstance(event, PresenceChanged):
-            pass  # presence has its own API later (issue 5)
+            track = self.machine.rooms.get(f"board:{event.presence.board}")
+            if track is not None and track.status is not RoomStatus.LEAVING:
+                self._board(event.presence.board)._apply(event.presence)
         elif isinstance(event, ResumeRequested | ProtocolViolation):
             pass  # handled by _dispatch (they need to send)
 
@@ -1037,6 +1236,7 @@ async def connect(
     events_queue_max: int = 1000,
     loader: Loader = load_room,
     read_retries: int = 3,
+    presence_rate_per_s: float = DEFAULT_RATE_PER_S,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon at ``url`` (``ws://127.0.0.1:3030/ws``).
 
@@ -1044,7 +1244,9 @@ async def connect(
     :class:`CallError` if it cannot be made (refused token: ``unauthorized``;
     refused WebSocket: ``rejected``; nothing listening: ``unavailable``).
     ``rng`` (or one seeded with ``seed``) draws the reconnect jitter and the
-    temp ids; ``heartbeat`` overrides the server's (tests).
+    temp ids; ``heartbeat`` overrides the server's (tests);
+    ``presence_rate_per_s`` caps the presence updates (cursor moves
+    included) sent per second.
     """
     chosen = codec if isinstance(codec, Codec) else {"json": Codec.JSON, "cbor": Codec.CBOR}[codec]
     client = Client(
@@ -1062,6 +1264,7 @@ async def connect(
         events_queue_max=events_queue_max,
         loader=loader,
         read_retries=read_retries,
+        presence_rate_per_s=presence_rate_per_s,
     )
     try:
         async with trio.open_nursery() as nursery:

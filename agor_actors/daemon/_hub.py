@@ -112,7 +112,7 @@ class Hub:
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
-        self._presence_of: dict[str, str] = {}
+        self._presence_of: dict[str, Principal] = {}
         self.presence_dropped = 0
 
     # ------------------------------------------------------------------ auth
@@ -476,14 +476,25 @@ class Hub:
         ref = self.system.registry.lookup(_room_actor(room)[0])
         if ref is not None:
             await ref.send(Unsubscribe(sub.key))
+        present = self._presence_of.get(connection_id)
+        if present is not None and room.startswith("board:"):
+            # leaving the board's room takes the connection off its facepile
+            gone = PresenceTouch(
+                connection_id, present.user_id, present.name, PresenceUpdate(board="")
+            )
+            presence_ref = self.system.registry.lookup(f"presence:user:{present.user_id}")
+            if presence_ref is not None and not presence_ref.try_send(gone):
+                await presence_ref.send(gone)
 
     async def disconnect(self, connection_id: str) -> None:
         for room in list(self._subs.get(connection_id, {})):
             await self.leave(connection_id, room)
         self._subs.pop(connection_id, None)
-        user = self._presence_of.pop(connection_id, None)
-        if user is not None:
-            await self.system.registry.send(f"presence:user:{user}", PresenceGone(connection_id))
+        present = self._presence_of.pop(connection_id, None)
+        if present is not None:
+            await self.system.registry.send(
+                f"presence:user:{present.user_id}", PresenceGone(connection_id)
+            )
 
     async def presence(
         self, principal: Principal, connection_id: str, update: PresenceUpdate
@@ -492,7 +503,7 @@ class Hub:
         the user's presence actor is busy, since the next one replaces it."""
         if update.board is not None and update.board:
             await self.authorizer.authorize(principal, "presence", f"board:{update.board}")
-        self._presence_of[connection_id] = principal.user_id
+        self._presence_of[connection_id] = principal
         ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
         if not ref.try_send(
             PresenceTouch(connection_id, principal.user_id, principal.name, update)

@@ -185,6 +185,8 @@ class UserPresenceBehaviour(Behaviour[UserPresenceState]):
 
     def _touch(self, state: UserPresenceState, msg: PresenceTouch, now: float) -> list[Effect]:
         update = msg.update
+        if not state.conns and not state.published:
+            state.last_input_s = now  # arriving counts as activity
         conn = state.conns.setdefault(msg.connection_id, ConnPresence())
         effects: list[Effect] = []
         if update.board is not None and update.board != conn.board:

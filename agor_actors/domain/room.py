@@ -216,7 +216,11 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, Request):
             body = msg.body
             if isinstance(body, Subscribe):
-                return [Reply(msg.reply_to, self._subscribe(state, body))]
+                effects: list[Effect] = [Reply(msg.reply_to, self._subscribe(state, body))]
+                if self.is_board and not body.sub.activity:
+                    # the newcomer gets the whole facepile in the next flush
+                    effects += self._schedule_flush(state)
+                return effects
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
             raise TypeError(f"room: unexpected request {body!r}")

@@ -457,7 +457,9 @@ class _Actor:
                 await reply._event.wait()
             if not reply._event.is_set():
                 reply._abandoned = True
-                result = outcome.Error(CallTimeout(f"{target}: no reply within {effect.timeout_s} s"))
+                result = outcome.Error(
+                    CallTimeout(f"{target}: no reply within {effect.timeout_s} s")
+                )
             elif reply._error is not None:
                 assert isinstance(reply._error, Exception)
                 result = outcome.Error(reply._error)

@@ -5,6 +5,16 @@ from __future__ import annotations
 import agor_actors.client as client
 
 PUBLIC = {
+    "Activity",
+    "ActivityEntry",
+    "ActivityFeed",
+    "ActivityPage",
+    "BoardPresence",
+    "CursorSender",
+    "Highlight",
+    "PresenceSender",
+    "PresenceUser",
+    "Throttle",
     "CallError",
     "Client",
     "ClientClosed",

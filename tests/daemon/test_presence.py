@@ -359,3 +359,30 @@ async def test_activity_stream_is_a_live_resumable_projection(autojump_clock: Mo
         replay = [m for m in got if isinstance(m, Event)]
         assert [e.seq for e in replay] == [event.seq + 1, event.seq + 2]
         assert {e.data["action"] for e in replay} == {"session:updated", "session:status_changed"}
+
+
+async def test_newcomer_gets_the_facepile_and_arrival_counts_as_active(
+    autojump_clock: MockClock,
+) -> None:
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        await trio.sleep(1000)  # a daemon that has run a while: a fresh user is not "away"
+        board = await make_board(hub)
+        first = Watcher(hub, user(1), "w1", board)
+        await first.start(nursery)
+        await first.send(hide_cursors=False)  # arrives; no cursor, no view, no typing
+        await trio.sleep(0.1)
+        # a second window of a user already present: nothing changes, yet it
+        # gets the whole facepile at once
+        second = Watcher(hub, user(2), "w2", board)
+        await second.start(nursery)
+        with trio.fail_after(1):
+            while "u1" not in second.facepile():
+                await trio.sleep(0.01)
+        assert second.facepile()["u1"]["status"] == "active"
+        # leaving the board's room takes the connection off the facepile (after the grace)
+        await hub.leave("w1", f"board:{board}")
+        await trio.sleep(5)
+        assert "u1" in second.facepile()
+        await trio.sleep(6)
+        assert "u1" not in second.facepile()
+        nursery.cancel_scope.cancel()
