@@ -448,13 +448,14 @@ class Hub:
                 page = await self.world.blocking.run(
                     lambda a=after: store.events_since(log_room, a, page_size)  # type: ignore[misc]
                 )
-                if page:
-                    await outbox.wait_room(len(page))
+                items = [(e.seq, encode(outbox.codec, to_event(e, room))) for e in page]
+                for chunk in _within(items, page_size, outbox.max_bytes // 2):
+                    await outbox.wait_room(len(chunk), sum(len(item) for _, item in chunk))
                     if subs.get(room) is not sub:
                         return  # left meanwhile
-                    items = [(e.seq, encode(outbox.codec, to_event(e, room))) for e in page]
-                    if not outbox.offer_events(room, items):
+                    if not outbox.offer_events(room, chunk):
                         return  # lagged: the client resumes later
+                if page:
                     after = page[-1].end_seq
                 result = await registry.call(
                     actor,
@@ -521,6 +522,25 @@ class Hub:
     async def drain(self) -> None:
         """Wait until every write queued so far is durable."""
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
+
+
+def _within(
+    items: list[tuple[int, Any]], max_count: int, max_bytes: int
+) -> list[list[tuple[int, Any]]]:
+    """``items`` cut into runs of at most ``max_count`` items and
+    ``max_bytes`` bytes (a run holds at least one item)."""
+    runs: list[list[tuple[int, Any]]] = []
+    run: list[tuple[int, Any]] = []
+    size = 0
+    for item in items:
+        if run and (len(run) >= max_count or size + len(item[1]) > max_bytes):
+            runs.append(run)
+            run, size = [], 0
+        run.append(item)
+        size += len(item[1])
+    if run:
+        runs.append(run)
+    return runs
 
 
 def _room_actor(room: str) -> tuple[str, str]:

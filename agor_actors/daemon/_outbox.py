@@ -124,7 +124,7 @@ class Outbox:
         if self._closed:
             return False
         size = sum(len(item) for _, item in events)
-        if (
+        if self._event_count > 0 and (  # an empty outbox takes any one batch
             self._event_count + len(events) > self.max_messages
             or self._event_bytes + size > self.max_bytes
         ):
@@ -214,12 +214,21 @@ class Outbox:
         self._drained.unpark_all()
         return join_frame(self.codec, items)
 
-    async def wait_room(self, messages: int) -> None:
-        """Wait until ``messages`` more events fit within half the bounds
-        (a catch-up from the log goes at the pace the client reads).  A
-        checkpoint; raises :class:`OutboxClosed` if closed meanwhile."""
+    def fits_half(self, messages: int, size: int) -> bool:
+        """Whether ``messages`` more events of ``size`` bytes in all keep the
+        outbox within half its bounds (the share a replay may take at once)."""
+        return (
+            self._event_count + messages <= self.max_messages // 2
+            and self._event_bytes + size <= self.max_bytes // 2
+        )
+
+    async def wait_room(self, messages: int, size: int = 0) -> None:
+        """Wait until ``messages`` more events of ``size`` bytes fit within
+        half the bounds, or the outbox holds no events (a catch-up from the
+        log goes at the pace the client reads).  A checkpoint; raises
+        :class:`OutboxClosed` if closed meanwhile."""
         await trio.lowlevel.checkpoint()
-        while self._event_count + messages > self.max_messages // 2 and self._event_count > 0:
+        while not self.fits_half(messages, size) and self._event_count > 0:
             if self._closed:
                 raise OutboxClosed()
             await self._drained.park()

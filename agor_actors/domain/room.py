@@ -263,17 +263,23 @@ class RoomBehaviour(Behaviour[RoomState]):
         for sub in list(state.subscribers.values()):
             self._offer(state, sub, entries)
 
-    def _offer(self, state: RoomState, sub: Subscription, entries: list[_Ring]) -> bool:
+    def _encoded(
+        self, state: RoomState, sub: Subscription, entries: list[_Ring]
+    ) -> list[tuple[int, Frame]]:
+        """The entries encoded for this subscriber: once per codec (and
+        projection) per event, shared by every subscriber that needs it."""
         codec = sub.outbox.codec
         items: list[tuple[int, Frame]] = []
         for entry in entries:
-            if entry.end_seq <= sub.last_offered:
-                continue
             frame = entry.frames.get((codec, sub.activity))
             if frame is None:
                 message = as_activity(entry.event, sub.room) if sub.activity else entry.event
                 frame = entry.frames[(codec, sub.activity)] = encode(codec, message)
             items.append((entry.event.seq, frame))
+        return items
+
+    def _offer(self, state: RoomState, sub: Subscription, entries: list[_Ring]) -> bool:
+        items = self._encoded(state, sub, [e for e in entries if e.end_seq > sub.last_offered])
         if not items:
             return True
         if sub.outbox.offer_events(sub.room, items):
@@ -299,9 +305,8 @@ class RoomBehaviour(Behaviour[RoomState]):
             same_epoch = since.epoch == state.epoch or (since.epoch == "" and state.epoch != "")
             if same_epoch:
                 oldest = state.ring[0].event.seq if state.ring else state.head + 1
-                backlog = state.head - since.seq
                 in_memory = since.seq + 1 >= oldest or since.seq == state.head
-                if in_memory and backlog <= sub.outbox.max_messages // 2:
+                if in_memory and self._replay_fits(state, sub, since.seq):
                     recovered = True
                     start = since.seq
                     if _planted.FLAGS.resume_off_by_one:
@@ -447,6 +452,17 @@ class RoomBehaviour(Behaviour[RoomState]):
         p.cursors_dirty.clear()
         p.viewports_dirty.clear()
         p.highlights.clear()
+
+    def _replay_fits(self, state: RoomState, sub: Subscription, after: int) -> bool:
+        """Whether replaying the ring after ``after`` fits in half the
+        subscriber's outbox (in messages and bytes); otherwise the replay
+        goes through the paced catch-up, so it cannot lag forever."""
+        if state.head - after > sub.outbox.max_messages // 2:
+            return False
+        size = 0
+        for item in self._encoded(state, sub, [e for e in state.ring if e.end_seq > after]):
+            size += len(item[1])
+        return sub.outbox.fits_half(0, size) or size == 0
 
     def describe(self, state: RoomState) -> dict[str, Any]:
         return {

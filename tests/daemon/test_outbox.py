@@ -84,3 +84,17 @@ async def test_writer_waits_without_polling_and_close_ends_it() -> None:
             await trio.testing.wait_all_tasks_blocked()
             out.close()
     assert len(frames) == 1
+
+
+async def test_an_empty_outbox_takes_one_oversized_batch_and_wait_room_counts_bytes() -> None:
+    out = Outbox(Codec.JSON, max_bytes=100)
+    big = ev(1)
+    assert len(big[1]) > 50
+    assert out.offer_events("session:a", [big])  # alone, it goes: never a lag loop
+    assert not out.fits_half(1, 10)
+    with trio.move_on_after(0.05) as cancel:
+        await out.wait_room(1, 10)  # waits: over half the byte bound
+    assert cancel.cancelled_caught
+    await out.next_frame()
+    with trio.fail_after(1):
+        await out.wait_room(1, 10)  # drained: room again
