@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import trio
+from trio.testing import MockClock
 
 from agor_actors.daemon import Outbox, OutboxOverflow, join_frame
 from protocols import Codec, Event, Lagged, Limits, Pong, decode_server_frame, encode
@@ -86,13 +87,15 @@ async def test_writer_waits_without_polling_and_close_ends_it() -> None:
     assert len(frames) == 1
 
 
-async def test_an_empty_outbox_takes_one_oversized_batch_and_wait_room_counts_bytes() -> None:
+async def test_an_empty_outbox_takes_one_oversized_batch_and_wait_room_counts_bytes(
+    autojump_clock: MockClock,
+) -> None:
     out = Outbox(Codec.JSON, max_bytes=100)
     big = ev(1)
     assert len(big[1]) > 50
     assert out.offer_events("session:a", [big])  # alone, it goes: never a lag loop
     assert not out.fits_half(1, 10)
-    with trio.move_on_after(0.05) as cancel:
+    with trio.move_on_after(60) as cancel:  # virtual time: nothing drains it meanwhile
         await out.wait_room(1, 10)  # waits: over half the byte bound
     assert cancel.cancelled_caught
     await out.next_frame()
