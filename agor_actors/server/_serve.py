@@ -12,6 +12,7 @@ module closes it once the server has stopped.
 
 from __future__ import annotations
 
+import gc
 import logging
 import pathlib
 import signal
@@ -189,6 +190,11 @@ async def run_daemon(
                     run_server, hub, world, host=host, port=port, shutdown=stop, settings=settings
                 )
             )
+            # Everything loaded so far lives as long as the daemon: move it
+            # out of the collector's reach, so that full collections stay
+            # short (bench/fanout.py saw 80-90 ms pauses set the p99 before).
+            gc.collect()
+            gc.freeze()
             task_status.started(bound)
             # run_server returns once drained, _watch_signals once signalled.
         await hub.drain()
