@@ -9,6 +9,7 @@ catches up from the log at its own pace when it rejoins.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -116,6 +117,7 @@ class BoardPresence:
     viewports_dirty: dict[str, None] = attrs.field(factory=dict)
     highlights: list[dict[str, Any]] = attrs.field(factory=list)
     flush_pending: bool = False
+    last_flush_s: float = -math.inf
     frames: int = 0
 
 
@@ -219,7 +221,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 effects: list[Effect] = [Reply(msg.reply_to, self._subscribe(state, body))]
                 if self.is_board and not body.sub.activity:
                     # the newcomer gets the whole facepile in the next flush
-                    effects += self._schedule_flush(state)
+                    effects += self._schedule_flush(state, now)
                 return effects
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
@@ -232,13 +234,13 @@ class RoomBehaviour(Behaviour[RoomState]):
                     state.presence.watch.pop(sub.connection_id, None)
             return ()
         if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush):
-            return self._presence(state, msg)
+            return self._presence(state, msg, now)
         # Committed, from the store writer
         events: tuple[StoredEvent, ...] = msg.events
         self._fan_out(state, events)
         if self.is_board:
             self._highlight(state, events)
-            return self._schedule_flush(state)
+            return self._schedule_flush(state, now)
         return ()
 
     # -------------------------------------------------------------- fan-out
@@ -354,10 +356,11 @@ class RoomBehaviour(Behaviour[RoomState]):
 
     # -------------------------------------------------------------- presence
 
-    def _presence(self, state: RoomState, msg: Any) -> list[Effect]:
+    def _presence(self, state: RoomState, msg: Any, now: float) -> list[Effect]:
         p = state.presence
         if isinstance(msg, _PresenceFlush):
             p.flush_pending = False
+            p.last_flush_s = now
             self._flush(state)
             return []
         if isinstance(msg, UserEntry):
@@ -383,14 +386,21 @@ class RoomBehaviour(Behaviour[RoomState]):
             if msg.follow is not None:
                 watch.follow = msg.follow or None
                 watch.full = True
-        return self._schedule_flush(state)
+        return self._schedule_flush(state, now)
 
-    def _schedule_flush(self, state: RoomState) -> list[Effect]:
+    def _schedule_flush(self, state: RoomState, now: float) -> list[Effect]:
+        """Flush on a fixed cadence: at once if the last flush is a period
+        old (no latency when quiet), else one period after it: at most
+        ``flush_hz`` frames per second per client."""
         p = state.presence
         if p.flush_pending or not state.subscribers:
             return []
         p.flush_pending = True
-        return [StartTimer("presence", 1.0 / self.presence_config.flush_hz, _PresenceFlush())]
+        # the period rounded up to a whole microsecond, so that float error
+        # never fits a 31st frame into a second
+        period_s = math.ceil(1_000_000 / self.presence_config.flush_hz) / 1_000_000
+        delay = max(0.0, p.last_flush_s + period_s - now)
+        return [StartTimer("presence", delay, _PresenceFlush())]
 
     def _highlight(self, state: RoomState, events: tuple[StoredEvent, ...]) -> None:
         p = state.presence
