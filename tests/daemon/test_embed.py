@@ -51,3 +51,20 @@ async def test_harness_reports_stream_tools_status_and_git(tmp_path: pathlib.Pat
         assert any(e.event == "task:message" and e.data.get("streaming") is False for e in seen)
         seqs = [s for e in seen for s in range(e.seq, (e.last_seq or e.seq) + 1)]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # gap-free, in order
+
+
+async def test_embedded_runtime_can_serve_websocket_clients(tmp_path: pathlib.Path) -> None:
+    from agor_actors.client import connect
+
+    async with open_runtime(data_dir=tmp_path, serve=("127.0.0.1", 0)) as rt:
+        assert rt.port is not None
+        session = await rt.create_session(title="served")
+        url = f"ws://127.0.0.1:{rt.port}/ws"
+        async with connect(url, token=rt.hub.owner_token) as client:
+            mirror = await client.join(f"session:{session['id']}")
+            agent = rt.reporter(session["id"])
+            await agent.status("running")
+            with trio.fail_after(10):
+                await mirror.wait_until(
+                    lambda m: (m.get("sessions", session["id"]) or {}).get("status") == "running"
+                )
