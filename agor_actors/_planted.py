@@ -22,6 +22,9 @@ process, replaces the object.  The guarded lines:
 ``fanout_reorder``
     ``agor_actors/domain/room.py`` ``_fan_out``: a fan-out of several events
     offers the first one last.
+``presence_never_offline``
+    ``agor_actors/domain/presence.py`` ``status_of``: a user who left a board
+    never goes offline there (the grace period never ends).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Flags:
     ack_before_durable: bool = False
     merge_tiebreak: bool = False
     fanout_reorder: bool = False
+    presence_never_offline: bool = False
 
 
 PLANTED: tuple[str, ...] = tuple(a.name for a in attrs.fields(Flags))

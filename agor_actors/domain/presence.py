@@ -17,6 +17,7 @@ import attrs
 
 from protocols import PresenceUpdate, Viewport
 
+from .. import _planted
 from ..runtime import ActorContext, Behaviour, Effect, Effects, Send, StartTimer
 
 __all__ = [
@@ -69,6 +70,8 @@ def status_of(
 ) -> Status:
     """The status the server shows: pure in ``now``."""
     grace_over = gone_since_s is not None and now - gone_since_s >= config.offline_grace_s
+    if _planted.FLAGS.presence_never_offline:
+        grace_over = False
     if not connected and grace_over:
         return "offline"
     quiet = now - last_input_s

@@ -1,0 +1,297 @@
+"""The invariants checked once the quiet phase is over (the ones checked as
+the run goes live in the client, the monitor and the network).
+
+* ``mirror``: every client's mirror of every room it is in equals the
+  room as the store has it;
+* ``liveness``: every client is connected and live in its rooms, at the
+  room's head, within the quiet phase's bound;
+* ``log``: every event a client applied is in the server's log, same seq,
+  same epoch, same content (so nothing a crash took back was ever shown);
+* ``ack``: every acknowledged write is in the store: its event at the seq
+  the answer named, its row for creates, its chunk in the message;
+* ``stream``: each streamed message holds its acknowledged chunks, in the
+  order they were sent, none twice, none that definitely failed;
+* ``lww``: for conflicting renames, the session's title stamp is at least
+  the stamp of every acknowledged rename (a later stamp never loses);
+* ``presence``: on every board, every client in the board's room shows the
+  same facepile, holding exactly the users with a connected window that
+  looks at the board (offline users gone, statuses equal everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from agor_actors.store import SqlStore, StoredEvent
+from protocols import Event
+
+from ._client import SimClient
+from ._model import View, server_view
+from ._record import Recorder, WriteRecord, event_digest
+
+__all__ = [
+    "check_acknowledged",
+    "check_log",
+    "check_mirrors",
+    "check_presence",
+    "check_renames",
+    "check_streams",
+    "presence_problems",
+    "room_log",
+]
+
+EVENT_SERVICES = ("sessions", "tasks", "messages")
+
+
+def room_log(store: SqlStore, room: str) -> dict[int, StoredEvent]:
+    out: dict[int, StoredEvent] = {}
+    after = 0
+    while True:
+        page = store.events_since(room, after, 1000)
+        if not page:
+            return out
+        for event in page:
+            out[event.seq] = event
+        after = page[-1].end_seq
+
+
+def _as_event(stored: StoredEvent) -> Event:
+    return Event(
+        room=stored.room,
+        seq=stored.seq,
+        event=stored.event,
+        data=stored.data,
+        ts=stored.ts,
+        user_id=stored.user_id,
+        origin=stored.origin,
+        temp_id=stored.temp_id,
+        last_seq=stored.last_seq,
+    )
+
+
+def _diff(a: Any, b: Any, path: str = "") -> str:
+    """The first difference between two views, for the report."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a:
+                return f"{path}/{key}: missing in the mirror (store: {b[key]!r:.120})"
+            if key not in b:
+                return f"{path}/{key}: not in the store (mirror: {a[key]!r:.120})"
+            if a[key] != b[key]:
+                return _diff(a[key], b[key], f"{path}/{key}")
+        return f"{path}: equal"
+    return f"{path}: mirror {a!r:.160} != store {b!r:.160}"
+
+
+def check_mirrors(
+    store: SqlStore, clients: Iterable[SimClient], recorder: Recorder, views: dict[str, View]
+) -> None:
+    for client in clients:
+        for room in client.wanted:
+            mirror = client.mirrors.get(room)
+            if mirror is None or mirror.view is None or mirror.reloading:
+                continue  # reported by the liveness check
+            if room not in views:
+                views[room] = server_view(store, room)
+            if mirror.view != views[room]:
+                recorder.violate(
+                    "mirror",
+                    client.name,
+                    f"{room} differs from the store: {_diff(mirror.view, views[room])}",
+                )
+
+
+def check_log(store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]) -> None:
+    for (client, room), applied in recorder.applied.items():
+        log = logs.get(room)
+        if log is None:
+            log = logs[room] = room_log(store, room)
+        head = store.room_head(room)
+        epoch = head[0] if head is not None else ""
+        for item in applied:
+            stored = log.get(item.seq)
+            if stored is None:
+                recorder.violate(
+                    "log", client, f"{room}: applied seq {item.seq} is not in the server's log"
+                )
+                break
+            if stored.end_seq != item.end or event_digest(_as_event(stored)) != item.digest:
+                recorder.violate(
+                    "log",
+                    client,
+                    f"{room}: applied seq {item.seq}..{item.end} differs from the log's "
+                    f"{stored.seq}..{stored.end_seq} {stored.event}",
+                )
+                break
+            if item.epoch and item.epoch != epoch:
+                recorder.violate(
+                    "log", client, f"{room}: applied seq {item.seq} of epoch {item.epoch}"
+                )
+                break
+
+
+def _event_for(log: dict[int, StoredEvent], seq: int) -> StoredEvent | None:
+    event = log.get(seq)
+    if event is not None:
+        return event
+    for candidate in log.values():  # a merged event covering seq
+        if candidate.seq <= seq <= candidate.end_seq:
+            return candidate
+    return None
+
+
+def check_acknowledged(
+    store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]
+) -> None:
+    for record in recorder.writes.values():
+        if record.outcome != "ok":
+            continue
+        result = record.result if isinstance(record.result, dict) else {}
+        if record.service in ("tasks", "messages", "sessions") and record.method == "create":
+            table = record.service
+            ident = result.get("id")
+            if not isinstance(ident, str) or store.get(table, ident) is None:
+                recorder.violate(
+                    "ack", record.client, f"{record.wid} {table}.create acknowledged, row missing"
+                )
+                continue
+        if record.service not in EVENT_SERVICES:
+            if record.service == "boards" and store.get("boards", str(record.target)) is None:
+                recorder.violate("ack", record.client, f"{record.wid}: the board is gone")
+            continue
+        seq = result.get("_seq")
+        if seq is None:
+            if "_lost" not in result:
+                recorder.violate(
+                    "ack",
+                    record.client,
+                    f"{record.wid} {record.service}.{record.method} acknowledged without the "
+                    "seq of a durable event",
+                )
+            continue
+        room = f"session:{record.session_id}"
+        log = logs.get(room)
+        if log is None:
+            log = logs[room] = room_log(store, room)
+        event = _event_for(log, seq)
+        merged = event is not None and event.last_seq is not None
+        if event is None or (event.temp_id != record.wid and not merged):
+            recorder.violate(
+                "ack",
+                record.client,
+                f"{record.wid} {record.service}.{record.method} acknowledged at {room} seq {seq}, "
+                f"but the log has {'nothing' if event is None else event.temp_id} there",
+            )
+
+
+def check_streams(store: SqlStore, recorder: Recorder) -> None:
+    chunks: dict[str, list[WriteRecord]] = {}
+    for record in recorder.writes.values():
+        if record.service == "messages" and record.method == "stream" and record.target:
+            chunks.setdefault(record.target, []).append(record)
+    for mid, records in chunks.items():
+        row = store.get("messages", mid)
+        if row is None:
+            recorder.violate("stream", records[0].client, f"message {mid} is gone")
+            continue
+        tokens = [t for t in str(row["content"]).split(";") if t]
+        order = {str(r.data["chunk"]).rstrip(";"): i for i, r in enumerate(records)}
+        seen: list[int] = []
+        for token in tokens:
+            index = order.get(token)
+            if index is None:
+                recorder.violate("stream", records[0].client, f"{mid}: unknown chunk {token!r}")
+                break
+            seen.append(index)
+        if seen != sorted(set(seen)):
+            recorder.violate(
+                "stream", records[0].client, f"{mid}: chunks out of order or twice: {tokens}"
+            )
+            continue
+        present = set(seen)
+        for i, record in enumerate(records):
+            if record.outcome == "ok" and i not in present:
+                recorder.violate(
+                    "stream", record.client, f"{record.wid}: acknowledged chunk missing in {mid}"
+                )
+                break
+            if record.outcome == "failed" and i in present:
+                recorder.violate(
+                    "stream", record.client, f"{record.wid}: a refused chunk is in {mid}"
+                )
+                break
+
+
+def _stamp(text: str) -> tuple[int, int, str]:
+    wall, counter, writer = text.split(":", 2)
+    return int(wall), int(counter), writer
+
+
+def check_renames(store: SqlStore, recorder: Recorder) -> None:
+    best: dict[str, WriteRecord] = {}
+    for record in recorder.writes.values():
+        if record.stamp is None or record.outcome != "ok" or record.session_id is None:
+            continue
+        if "title" not in (record.data or {}):
+            continue
+        current = best.get(record.session_id)
+        if current is None or (current.stamp is not None and record.stamp > current.stamp):
+            best[record.session_id] = record
+    for sid, record in best.items():
+        row = store.get("sessions", sid)
+        if row is None:
+            continue
+        clocks = row.get("clocks") or {}
+        text = clocks.get("title")
+        assert record.stamp is not None
+        if text is None or _stamp(text) < record.stamp:
+            recorder.violate(
+                "lww",
+                record.client,
+                f"session {sid}: acknowledged rename {record.wid} stamped {record.stamp} "
+                f"lost to the older stamp {text} (title now {row.get('title')!r})",
+            )
+
+
+def presence_problems(clients: list[SimClient]) -> list[tuple[str, str]]:
+    """Presence converges: on each board, every client in the board's room
+    shows the same facepile, and it holds exactly the users that have a
+    connected client announcing that board (offline users are gone)."""
+    problems: list[tuple[str, str]] = []
+    expected: dict[str, set[str]] = {}
+    for client in clients:
+        if client.presence_board is not None and client.is_open:
+            expected.setdefault(client.presence_board, set()).add(client.user_id)
+    shown: dict[str, tuple[str, dict[str, Any]]] = {}
+    for client in clients:
+        for room in client.wanted:
+            kind, board = room.split(":", 1)
+            if kind != "board":
+                continue
+            pile = client.facepiles.get(board, {})
+            want = expected.get(board, set())
+            if set(pile) != want:
+                problems.append(
+                    (
+                        client.name,
+                        f"board {board}: facepile {sorted(pile)} but connected users {sorted(want)}",
+                    )
+                )
+                continue
+            first = shown.setdefault(board, (client.name, pile))
+            if first[1] != pile:
+                problems.append(
+                    (
+                        client.name,
+                        f"board {board}: facepile differs from {first[0]}'s: {_diff(pile, first[1])}",
+                    )
+                )
+    return problems
+
+
+def check_presence(clients: list[SimClient], recorder: Recorder) -> None:
+    for who, problem in presence_problems(clients):
+        recorder.violate("presence", who, problem)
+    for client in clients:
+        recorder.count("presence_frames", client.presence_frames)

@@ -1,0 +1,262 @@
+"""A seed expands into a configuration and a list of faults (swarm testing:
+which fault kinds and workloads are on, and at what rates, changes from seed
+to seed).  Both are plain data, printed before a run."""
+
+from __future__ import annotations
+
+import random
+from typing import Final, Literal
+
+import attrs
+
+__all__ = [
+    "EXCLUDABLE",
+    "FAULT_KINDS",
+    "PROFILES",
+    "WORKLOADS",
+    "ClientSpec",
+    "Fault",
+    "SimConfig",
+    "draw_config",
+    "draw_faults",
+]
+
+Role = Literal["window", "agent"]
+
+FAULT_KINDS: Final = (
+    "reset",  # one connection is cut; what was in flight is lost
+    "partition",  # some clients lose the server both ways, then heal
+    "one_way",  # some clients lose one direction only, then heal
+    "storm",  # every client loses the server long enough to reconnect: a reconnect storm
+    "stall",  # a client stops reading (its link fills; the server's writer blocks)
+    "crash_session",  # a session actor's handler raises
+    "crash_room",  # a room actor's handler raises
+    "crash_writer",  # the store writer's handler raises
+    "store_before",  # a commit fails before it happens
+    "store_after",  # a commit fails after it happened (the writer is not told)
+    "daemon_crash",  # the daemon dies (memory gone, store kept) and starts again
+)
+
+WORKLOADS: Final = (
+    "windows",  # users with several windows: edits, tasks, navigation
+    "agents",  # agents stream message chunks at about 10 per second
+    "renames",  # clients rename one session at the same instant with their own clocks
+    "cursors",  # cursor storms (presence updates at a high rate)
+)
+
+PROFILES: Final = ("ci", "full")
+
+EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate")
+"""What ``--exclude`` accepts: fault kinds, workloads, and ``duplicate``
+(network duplicates of event frames)."""
+
+
+@attrs.frozen
+class ClientSpec:
+    name: str
+    user: int
+    role: Role
+    cbor: bool
+    skew_ms: int
+    latency_us: int
+    jitter_us: int
+
+
+@attrs.frozen
+class Fault:
+    """One fault at an absolute virtual time.  ``target`` picks among the
+    candidates when the fault fires (clients, sessions, rooms), modulo
+    their number; ``span`` is how many (clients) it hits."""
+
+    at_us: int
+    kind: str
+    target: int = 0
+    span: int = 1
+    duration_us: int = 0
+    direction: Literal["both", "up", "down"] = "both"
+
+    def describe(self) -> str:
+        extra = ""
+        if self.duration_us:
+            extra += f" for {self.duration_us / 1e6:.3f}s"
+        if self.kind in ("partition", "one_way", "stall", "reset"):
+            extra += f" target={self.target} span={self.span}"
+        if self.kind == "one_way":
+            extra += f" {self.direction}"
+        if self.kind.startswith("crash"):
+            extra += f" target={self.target}"
+        return f"{self.at_us / 1e6:9.3f}s {self.kind}{extra}"
+
+
+@attrs.frozen
+class SimConfig:
+    seed: int
+    profile: str
+    users: int
+    clients: tuple[ClientSpec, ...]
+    boards: int
+    sessions_per_board: int
+    workloads: tuple[str, ...]
+    faults: tuple[tuple[str, float], ...]
+    """Enabled fault kinds and their rate per virtual minute."""
+    fault_s: int
+    """Length of the fault phase (virtual seconds); the quiet phase follows."""
+    quiet_max_s: int
+    """How long the quiet phase may take to converge."""
+    link_bytes_max: int
+    dup_per_mille: int
+    """Per mille of server-to-client frames holding only events that arrive twice."""
+    outbox_messages_max: int
+    outbox_bytes_max: int
+    outbox_control_max: int
+    heartbeat_ms: int
+    dead_after_s: float
+    edit_per_min: int
+    chunk_per_s: int
+    rename_period_ms: int
+    cursor_per_s: int
+    max_skew_ms: int
+    store_latency_us: int
+    """Virtual time a store call takes (the worker-thread hops)."""
+
+    def fault_rate(self, kind: str) -> float:
+        return dict(self.faults).get(kind, 0.0)
+
+    def describe(self) -> str:
+        roles = {"window": 0, "agent": 0}
+        for c in self.clients:
+            roles[c.role] += 1
+        lines = [
+            f"seed {self.seed} (profile {self.profile})",
+            f"  users {self.users}, windows {roles['window']}, agents {roles['agent']}, "
+            f"boards {self.boards} x {self.sessions_per_board} sessions",
+            f"  workloads {', '.join(self.workloads) or 'none'}",
+            f"  faults {', '.join(f'{k}@{r:.1f}/min' for k, r in self.faults) or 'none'}"
+            f"; duplicates {self.dup_per_mille}/1000",
+            f"  fault phase {self.fault_s}s, quiet phase up to {self.quiet_max_s}s",
+            f"  outbox {self.outbox_messages_max} msgs / {self.outbox_bytes_max} B / "
+            f"{self.outbox_control_max} control; links {self.link_bytes_max} B",
+            f"  heartbeat {self.heartbeat_ms} ms, dead after {self.dead_after_s:.1f}s; "
+            f"edits {self.edit_per_min}/min/window, chunks {self.chunk_per_s}/s, "
+            f"renames every {self.rename_period_ms} ms, cursors {self.cursor_per_s}/s, "
+            f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
+        ]
+        for c in self.clients:
+            lines.append(
+                f"  client {c.name}: user {c.user} {c.role} {'cbor' if c.cbor else 'json'} "
+                f"skew {c.skew_ms} ms latency {c.latency_us} us jitter {c.jitter_us} us"
+            )
+        return "\n".join(lines)
+
+
+def _pick(rng: random.Random, choices: tuple[int, ...]) -> int:
+    return choices[rng.randrange(len(choices))]
+
+
+def draw_config(
+    seed: int, profile: str = "ci", *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()
+) -> SimConfig:
+    """The configuration of ``seed``.  ``exclude`` turns fault kinds or
+    workloads off; ``only`` keeps only the named fault kinds (workloads are
+    not affected by ``only``)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    unknown = sorted(set(exclude) - set(EXCLUDABLE)) + sorted(set(only) - set(FAULT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown fault kind or workload: {', '.join(unknown)}")
+    rng = random.Random(f"config:{profile}:{seed}")
+    big = profile == "full"
+    users = rng.randint(1, 6 if big else 3)
+    max_skew_ms = _pick(rng, (0, 0, 5, 50, 2_000, 30_000))
+    clients: list[ClientSpec] = []
+    slow = rng.random() < 0.3
+    for user in range(users):
+        for _ in range(rng.randint(1, 4 if big else 3)):
+            clients.append(_client(rng, f"w{len(clients)}", user, "window", max_skew_ms, slow))
+    for _ in range(rng.randint(0, 6 if big else 2)):
+        clients.append(_client(rng, f"a{len(clients)}", users, "agent", max_skew_ms, slow))
+    workloads = tuple(w for w in WORKLOADS if rng.random() < 0.75 and w not in exclude)
+    faults: list[tuple[str, float]] = []
+    for kind in FAULT_KINDS:
+        on = rng.random() < 0.5
+        rate = round(rng.uniform(1.0, 12.0) if big else rng.uniform(2.0, 24.0), 1)
+        if kind in ("storm", "daemon_crash"):
+            rate = round(rate / 3, 1)
+        if on and kind not in exclude and (not only or kind in only):
+            faults.append((kind, rate))
+    heartbeat_ms = _pick(rng, (1_000, 2_000, 5_000, 15_000))
+    return SimConfig(
+        seed=seed,
+        profile=profile,
+        users=users,
+        clients=tuple(clients),
+        boards=rng.randint(1, 3 if big else 2),
+        sessions_per_board=rng.randint(1, 4 if big else 2),
+        workloads=workloads,
+        faults=tuple(faults),
+        fault_s=rng.randint(30, 120) if big else rng.randint(6, 16),
+        quiet_max_s=90,
+        link_bytes_max=_pick(rng, (2_048, 16_384, 262_144)),
+        dup_per_mille=_pick(rng, (0, 0, 20, 200)) if "duplicate" not in exclude else 0,
+        outbox_messages_max=_pick(rng, (8, 32, 200, 2_000)),
+        outbox_bytes_max=_pick(rng, (4_096, 65_536, 4 * 1024 * 1024)),
+        outbox_control_max=_pick(rng, (32, 1_024)),
+        heartbeat_ms=heartbeat_ms,
+        dead_after_s=2.5 * heartbeat_ms / 1000 + _pick(rng, (0, 1, 5)),
+        edit_per_min=_pick(rng, (6, 30, 120)),
+        chunk_per_s=_pick(rng, (8, 10, 12)),
+        rename_period_ms=_pick(rng, (250, 1_000, 3_000)),
+        cursor_per_s=_pick(rng, (30, 60, 120)),
+        max_skew_ms=max_skew_ms,
+        store_latency_us=_pick(rng, (0, 200, 1_000, 5_000)),
+    )
+
+
+def _client(
+    rng: random.Random, name: str, user: int, role: Role, max_skew_ms: int, slow: bool
+) -> ClientSpec:
+    latency_us = rng.randint(100, 40_000 if slow else 5_000)
+    return ClientSpec(
+        name=name,
+        user=user,
+        role=role,
+        cbor=rng.random() < 0.5,
+        skew_ms=rng.randint(-max_skew_ms, max_skew_ms) if max_skew_ms else 0,
+        latency_us=latency_us,
+        jitter_us=rng.randint(0, latency_us // 2),
+    )
+
+
+def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
+    """The faults of a run, at absolute times within the fault phase, in
+    time order (a Poisson process per enabled kind)."""
+    rng = random.Random(f"faults:{config.profile}:{config.seed}")
+    end_us = config.fault_s * 1_000_000
+    dead_us = int(config.dead_after_s * 1_000_000)
+    faults: list[Fault] = []
+    for kind, per_min in config.faults:
+        t = 500_000  # the first second is for connecting
+        mean_gap_us = 60_000_000 / per_min
+        while True:
+            t += max(1, round(rng.expovariate(1.0) * mean_gap_us))
+            if t >= end_us:
+                break
+            target = rng.randrange(1 << 16)
+            span = 1
+            duration = 0
+            direction: Literal["both", "up", "down"] = "both"
+            if kind in ("partition", "one_way"):
+                span = rng.randint(1, 3)
+                duration = rng.randint(50_000, 2 * dead_us)
+                if kind == "one_way":
+                    direction = "up" if rng.random() < 0.5 else "down"
+            elif kind == "storm":
+                span = 1 << 16
+                duration = dead_us + rng.randint(100_000, 3_000_000)
+            elif kind == "stall":
+                duration = rng.randint(100_000, 2 * dead_us)
+            elif kind == "daemon_crash":
+                duration = rng.randint(10_000, 3_000_000)
+            faults.append(Fault(t, kind, target, span, duration, direction))
+    faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
+    return tuple(faults)

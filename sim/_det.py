@@ -1,0 +1,225 @@
+"""Deterministic trio runs: the recipe of ``SIMULATION.md``.
+
+* trio's scheduler shuffles each batch of runnable tasks with a module-level
+  ``random.Random`` named ``_r``; with ``_ALLOW_DETERMINISTIC_SCHEDULING``
+  it first sorts the batch by task creation order, so reseeding ``_r`` makes
+  the interleaving a function of the seed.  Both names are private: the
+  start-up self-test fails loudly if an upgrade of trio removes them.
+* ``MockClock(autojump_threshold=0)``: virtual time jumps to the next
+  deadline as soon as every task is blocked.
+* ``PYTHONHASHSEED=0`` (set by re-executing the command line) pins the
+  iteration order of sets of strings between processes.
+* One run at a time per process (two runs in threads would share ``_r``).
+* While a run is on, the module-level sources of real randomness and ids
+  raise, so that a leak through them shows up as a failure, not as a flaky
+  hash.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import sys
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import trio
+import trio.testing
+
+T = TypeVar("T")
+
+__all__ = [
+    "DeterminismUnavailable",
+    "SimLeak",
+    "StepRecorder",
+    "ensure_hash_seed",
+    "hash_seed_pinned",
+    "new_clock",
+    "run_deterministic",
+    "self_test",
+]
+
+_PRIVATE_NAMES = ("_ALLOW_DETERMINISTIC_SCHEDULING", "_r")
+
+
+class DeterminismUnavailable(RuntimeError):
+    """trio no longer has the private hooks that make runs deterministic."""
+
+
+class SimLeak(RuntimeError):
+    """Code under simulation read real randomness or made a real id."""
+
+
+def _trio_run_module() -> Any:
+    import trio._core._run as trio_run
+
+    return trio_run
+
+
+def self_test() -> None:
+    """Fail loudly unless trio still has the two private names the recipe
+    needs, of the expected types."""
+    module = _trio_run_module()
+    missing = [name for name in _PRIVATE_NAMES if not hasattr(module, name)]
+    if missing:
+        raise DeterminismUnavailable(
+            f"trio {trio.__version__} has no trio._core._run.{', '.join(missing)}: "
+            "the simulator cannot make runs deterministic (see SIMULATION.md)"
+        )
+    if not isinstance(module._r, random.Random):
+        raise DeterminismUnavailable("trio._core._run._r is no longer a random.Random")
+    if not isinstance(module._ALLOW_DETERMINISTIC_SCHEDULING, bool):
+        raise DeterminismUnavailable(
+            "trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING is not a bool"
+        )
+
+
+def ensure_hash_seed(module: str, argv: list[str]) -> None:
+    """Re-execute ``python -m <module> <argv>`` with ``PYTHONHASHSEED=0``
+    unless this process already runs with it.  Does not return when it
+    re-executes."""
+    if os.environ.get("PYTHONHASHSEED") == "0":
+        return
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+def hash_seed_pinned() -> bool:
+    return os.environ.get("PYTHONHASHSEED") == "0"
+
+
+class StepRecorder(trio.abc.Instrument):
+    """Counts task steps and folds the name of every stepped task into a
+    checksum: two runs of one seed that interleave differently differ here
+    even when their traces happen to agree.
+
+    It also keeps the virtual clock honest about busy loops: a task that
+    loops without ever sleeping would freeze a mock clock forever, where a
+    real clock moves on while the CPU works.  After ``spin_steps`` steps
+    without the clock moving it nudges the clock by one microsecond and
+    reports the task (``on_spin``); after ``max_nudges`` nudges in a run it
+    reports a livelock (``on_livelock``) once."""
+
+    def __init__(
+        self,
+        clock: trio.testing.MockClock | None = None,
+        *,
+        spin_steps: int = 8_192,
+        max_nudges: int = 64,
+        on_spin: Callable[[str], None] | None = None,
+        on_livelock: Callable[[str], None] | None = None,
+    ) -> None:
+        self.steps = 0
+        self.checksum = 0
+        self.nudges = 0
+        self._crc: dict[str, int] = {}
+        self._clock = clock
+        self._spin_checks = max(1, spin_steps // 1024)
+        self._max_nudges = max_nudges
+        self._on_spin = on_spin
+        self._on_livelock = on_livelock
+        self._last_time = -1.0
+        self._still = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+        name = task.name
+        crc = self._crc.get(name)
+        if crc is None:
+            crc = self._crc[name] = zlib.crc32(name.encode())
+        self.checksum = (self.checksum * 1_000_003 + crc) & 0xFFFF_FFFF_FFFF_FFFF
+        if self._clock is None or self.steps & 1023:
+            return
+        now = self._clock.current_time()
+        if now != self._last_time:
+            self._last_time = now
+            self._still = 0
+            return
+        self._still += 1
+        if self._still < self._spin_checks:
+            return
+        self._still = 0
+        self.nudges += 1
+        if self.nudges == self._max_nudges and self._on_livelock is not None:
+            self._on_livelock(name)
+        if self._on_spin is not None:
+            self._on_spin(name)
+        self._clock.jump(1e-6)
+
+
+def _leak(name: str) -> Callable[..., Any]:
+    def refuse(*args: object, **kwargs: object) -> Any:
+        raise SimLeak(f"{name}() was called during a simulation: go through the world's seams")
+
+    return refuse
+
+
+_GUARDED: tuple[tuple[Any, str], ...] = (
+    (uuid, "uuid1"),
+    (uuid, "uuid4"),
+    (secrets, "token_bytes"),
+    (secrets, "token_hex"),
+    (secrets, "token_urlsafe"),
+    (secrets, "randbits"),
+    (secrets, "randbelow"),
+    (secrets, "choice"),
+    (random, "random"),
+    (random, "randrange"),
+    (random, "randint"),
+    (random, "choice"),
+    (random, "choices"),
+    (random, "shuffle"),
+    (random, "sample"),
+    (random, "uniform"),
+    (random, "getrandbits"),
+)
+
+
+@contextmanager
+def _guards() -> Iterator[None]:
+    saved = [(module, name, getattr(module, name)) for module, name in _GUARDED]
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, _leak(f"{module.__name__}.{name}"))
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def new_clock() -> trio.testing.MockClock:
+    """The virtual clock of a run: it jumps to the next deadline as soon as
+    every task is blocked."""
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def run_deterministic(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    seed: int | str,
+    instruments: tuple[trio.abc.Instrument, ...] = (),
+    clock: trio.testing.MockClock | None = None,
+) -> T:
+    """Run ``fn`` under trio on virtual time, scheduled as a function of
+    ``seed``.  Call from the main thread, one run at a time."""
+    self_test()
+    module = _trio_run_module()
+    allowed = module._ALLOW_DETERMINISTIC_SCHEDULING
+    module._ALLOW_DETERMINISTIC_SCHEDULING = True
+    module._r.seed(f"trio-scheduler:{seed}")
+    try:
+        with _guards():
+            return trio.run(
+                fn,
+                clock=clock if clock is not None else new_clock(),
+                instruments=instruments,
+                strict_exception_groups=True,
+            )
+    finally:
+        module._ALLOW_DETERMINISTIC_SCHEDULING = allowed

@@ -1,0 +1,393 @@
+"""The simulated network: one in-order link per direction of each connection.
+
+Each link has its own named random stream (so the order in which links send
+does not change what any link draws), a latency and a jitter in integer
+microseconds, and a bound in bytes: a sender waits while the link is full,
+as on a TCP connection whose peer stopped reading.  A partition (both ways
+or one way) holds what would arrive in its window until it heals; a reset
+loses whatever is in flight and closes both ends.
+
+The server end looks to :class:`agor_actors.server._app._Connection` like a
+hypercorn WebSocket: ``receive``, ``send`` (silent once the peer is gone)
+and ``close``; when the peer goes away, the harness cancels the handler, as
+quart-trio does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Literal
+
+import attrs
+import trio
+
+from agor_actors.world import TransportClosed
+from protocols import CLIENT_LIMITS, Codec, Event, ProtocolError, decode_server_frame
+
+from ._trace import Trace, now_us, reached
+
+__all__ = ["ClientSide", "Conn", "Link", "Network", "PathState", "ServerSide"]
+
+Frame = bytes | str
+Direction = Literal["both", "up", "down"]
+
+CONNECT_TIMEOUT_US = 5_000_000
+
+
+@attrs.define
+class _Hold:
+    """What arrives in ``[start_us, until_us)`` waits until ``until_us``."""
+
+    start_us: int = 0
+    until_us: int = 0
+
+    def deliverable_at(self, at_us: int) -> int:
+        if self.start_us <= at_us < self.until_us:
+            return self.until_us
+        return at_us
+
+    def hold(self, start_us: int, until_us: int) -> None:
+        if self.start_us <= start_us < self.until_us:
+            self.until_us = max(self.until_us, until_us)
+        else:
+            self.start_us, self.until_us = start_us, until_us
+
+    def active(self, at_us: int) -> bool:
+        return self.start_us <= at_us < self.until_us
+
+
+@attrs.define
+class PathState:
+    """One client's path to the server; outlives its connections."""
+
+    up: _Hold = attrs.field(factory=_Hold)
+    down: _Hold = attrs.field(factory=_Hold)
+
+
+@attrs.define
+class _Item:
+    at_us: int
+    frame: Frame | None  # None: the close marker
+    code: int = 1000
+    reason: str = ""
+
+
+class Link:
+    """One direction of one connection."""
+
+    def __init__(
+        self,
+        name: str,
+        rng: random.Random,
+        *,
+        latency_us: int,
+        jitter_us: int,
+        bytes_max: int,
+        hold: _Hold,
+        trace: Trace,
+        dup_per_mille: int = 0,
+        codec: Codec | None = None,
+    ) -> None:
+        self.name = name
+        self._rng = rng
+        self._latency_us = latency_us
+        self._jitter_us = jitter_us
+        self.bytes_max = bytes_max
+        self._hold = hold
+        self._trace = trace
+        self._dup_per_mille = dup_per_mille
+        self._codec = codec
+        self._queue: deque[_Item] = deque()
+        self._bytes = 0
+        self._last_at_us = 0
+        self._reset = False
+        self._closing = False
+        self._eof: tuple[int, str] | None = None
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self.frames = 0
+        self.duplicates = 0
+        self.peak_bytes = 0
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def gone(self) -> bool:
+        return self._reset or self._eof is not None
+
+    def within_bound(self) -> bool:
+        """A link holds at most ``bytes_max`` bytes, or a single frame."""
+        return self._bytes <= self.bytes_max or len(self._queue) <= 1
+
+    def _delay_us(self) -> int:
+        jitter = self._rng.randint(0, self._jitter_us) if self._jitter_us else 0
+        return self._latency_us + jitter
+
+    def _push(self, frame: Frame | None, code: int = 1000, reason: str = "") -> None:
+        at = max(self._last_at_us, now_us() + self._delay_us())
+        self._last_at_us = at
+        self._queue.append(_Item(at, frame, code, reason))
+        if frame is not None:
+            self._bytes += len(frame)
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+            self.frames += 1
+            dup = self._dup_per_mille and self._rng.randrange(1000) < self._dup_per_mille
+            fits = self._bytes + len(frame) <= self.bytes_max
+            if dup and fits and self._events_only(frame):
+                self._queue.append(_Item(at, frame))
+                self._bytes += len(frame)
+                self.duplicates += 1
+                self._trace.emit("dup", f"{self.name} {len(frame)}B")
+        self._recv_lot.unpark_all()
+
+    def _events_only(self, frame: Frame) -> bool:
+        """Whether a server frame holds room events only (the at-least-once
+        part of the protocol, which a client must deduplicate)."""
+        if self._codec is None:
+            return False
+        try:
+            messages = decode_server_frame(self._codec, frame, CLIENT_LIMITS)
+        except ProtocolError:
+            return False
+        return bool(messages) and all(isinstance(m, Event) for m in messages)
+
+    async def send(self, frame: Frame) -> None:
+        """Queue ``frame``; waits while the link is full.  A checkpoint.
+        Raises :class:`TransportClosed` once the link is reset or closed."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self._reset or self._closing:
+                raise TransportClosed(1006, f"{self.name} is gone")
+            if not self._queue or self._bytes + len(frame) <= self.bytes_max:
+                break
+            await self._send_lot.park()
+        self._push(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        """Queue the close marker: the receiver gets what was sent before it,
+        then :class:`TransportClosed` with ``code``."""
+        if self._reset or self._closing:
+            return
+        self._closing = True
+        self._push(None, code, reason)
+        self._send_lot.unpark_all()
+
+    async def receive(self) -> Frame:
+        """The next frame once it has arrived.  A checkpoint.  Raises
+        :class:`TransportClosed` after a reset or the close marker."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self._reset:
+                raise TransportClosed(1006, "connection reset")
+            if self._queue:
+                head = self._queue[0]
+                at = self._hold.deliverable_at(head.at_us)
+                if reached(at):
+                    self._queue.popleft()
+                    self._send_lot.unpark_all()
+                    if head.frame is None:
+                        self._eof = (head.code, head.reason)
+                        raise TransportClosed(head.code, head.reason)
+                    self._bytes -= len(head.frame)
+                    return head.frame
+                with trio.move_on_at(at / 1_000_000):
+                    await self._recv_lot.park()
+            elif self._eof is not None:
+                raise TransportClosed(*self._eof)
+            else:
+                await self._recv_lot.park()
+
+    def wake(self) -> None:
+        """Something about the hold changed: receivers look again."""
+        self._recv_lot.unpark_all()
+
+    def reset(self) -> None:
+        self._reset = True
+        self._queue.clear()
+        self._bytes = 0
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+
+class Conn:
+    """One connection between a client and the server."""
+
+    def __init__(self, name: str, client: str, codec: Codec, up: Link, down: Link) -> None:
+        self.name = name
+        self.client = client
+        self.codec = codec
+        self.up = up
+        self.down = down
+        self.gone = trio.Event()
+        """Set when the server's handler must stop: reset, or the client's close arrived."""
+        self.reset_by: str | None = None
+
+    def reset(self, why: str, trace: Trace) -> None:
+        if self.reset_by is not None:
+            return
+        self.reset_by = why
+        self.up.reset()
+        self.down.reset()
+        self.gone.set()
+        trace.emit("reset", f"{self.name} ({why})")
+
+
+class ServerSide:
+    """The ``ws`` that the server's connection code drives."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    async def receive(self) -> bytes | str:
+        try:
+            return await self.conn.up.receive()
+        except TransportClosed:
+            self.conn.gone.set()
+            await trio.sleep_forever()
+            raise AssertionError("unreachable") from None
+
+    async def send(self, frame: bytes | str) -> None:
+        try:
+            await self.conn.down.send(frame)
+        except TransportClosed:
+            return  # hypercorn: a send to a gone peer returns silently
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await trio.lowlevel.checkpoint()
+        self.conn.down.close(code, reason)
+
+
+class ClientSide:
+    """The client's end of a connection."""
+
+    def __init__(self, conn: Conn, trace: Trace) -> None:
+        self.conn = conn
+        self._trace = trace
+
+    async def receive(self) -> Frame:
+        return await self.conn.down.receive()
+
+    async def send(self, frame: Frame) -> None:
+        await self.conn.up.send(frame)
+
+    def abort(self, why: str) -> None:
+        """Drop the connection (what is in flight is lost)."""
+        self.conn.reset(why, self._trace)
+
+
+class Network:
+    """Every client's path to the one server, and the live connections."""
+
+    def __init__(
+        self,
+        seed: int,
+        trace: Trace,
+        *,
+        bytes_max: int,
+        dup_per_mille: int,
+        latency_us: dict[str, tuple[int, int]],
+    ) -> None:
+        self._seed = seed
+        self._trace = trace
+        self._bytes_max = bytes_max
+        self._dup_per_mille = dup_per_mille
+        self._latency_us = latency_us
+        self.paths: dict[str, PathState] = {name: PathState() for name in latency_us}
+        self.conns: dict[str, Conn] = {}
+        self._ordinals: dict[str, int] = dict.fromkeys(latency_us, 0)
+        self.accept: Callable[[Conn], bool] | None = None
+        """Set by the daemon while it accepts connections."""
+        self.connects = 0
+        self.refused = 0
+        self._links: list[Link] = []
+
+    @property
+    def frames(self) -> int:
+        """Frames sent on every link so far."""
+        return sum(link.frames for link in self._links)
+
+    async def connect(self, client: str, codec: Codec) -> ClientSide:
+        """Open a connection to the server (about one and a half round trips).
+        Raises :class:`TransportClosed` if it is refused or times out."""
+        latency, _ = self._latency_us[client]
+        path = self.paths[client]
+        await trio.sleep(3 * latency / 1_000_000)
+        now = now_us()
+        if path.up.active(now) or path.down.active(now):
+            await trio.sleep(CONNECT_TIMEOUT_US / 1_000_000)
+            self.refused += 1
+            self._trace.emit("connect", f"{client} timed out")
+            raise TransportClosed(1006, "connect timed out")
+        self._ordinals[client] += 1
+        ordinal = self._ordinals[client]
+        name = f"{client}.{ordinal}"
+        jitter = self._latency_us[client][1]
+
+        def link(direction: str, hold: _Hold, dup: int, link_codec: Codec | None) -> Link:
+            return Link(
+                f"{name}.{direction}",
+                random.Random(f"{self._seed}/link/{name}/{direction}"),
+                latency_us=latency,
+                jitter_us=jitter,
+                bytes_max=self._bytes_max,
+                hold=hold,
+                trace=self._trace,
+                dup_per_mille=dup,
+                codec=link_codec,
+            )
+
+        conn = Conn(
+            name,
+            client,
+            codec,
+            up=link("up", path.up, 0, None),
+            down=link("down", path.down, self._dup_per_mille, codec),
+        )
+        self._links += (conn.up, conn.down)
+        accept = self.accept
+        if accept is None or not accept(conn):
+            self.refused += 1
+            self._trace.emit("connect", f"{name} refused")
+            raise TransportClosed(1006, "connection refused")
+        old = self.conns.get(client)
+        if old is not None:
+            old.reset("replaced", self._trace)
+        self.conns[client] = conn
+        self.connects += 1
+        self._trace.emit("connect", f"{name} {codec.value}")
+        return ClientSide(conn, self._trace)
+
+    def partition(self, clients: list[str], direction: Direction, duration_us: int) -> None:
+        start = now_us()
+        for client in clients:
+            path = self.paths[client]
+            if direction in ("both", "up"):
+                path.up.hold(start, start + duration_us)
+            if direction in ("both", "down"):
+                path.down.hold(start, start + duration_us)
+        self._wake()
+
+    def heal_all(self) -> None:
+        for path in self.paths.values():
+            path.up.until_us = path.down.until_us = 0
+        self._wake()
+
+    def _wake(self) -> None:
+        for conn in self.conns.values():
+            conn.up.wake()
+            conn.down.wake()
+
+    def reset(self, client: str, why: str) -> bool:
+        conn = self.conns.get(client)
+        if conn is None or conn.reset_by is not None:
+            return False
+        conn.reset(why, self._trace)
+        return True
+
+    def reset_all(self, why: str) -> None:
+        for conn in self.conns.values():
+            conn.reset(why, self._trace)

@@ -1,0 +1,581 @@
+"""One run: a seed in, a verdict out.
+
+The run is a pure function of (seed, profile, planted bugs, excluded kinds):
+the configuration and the fault list are drawn from the seed before the run
+starts, every component draws from its own named random stream, and trio
+runs in deterministic mode on virtual time (``_det.py``).
+
+Phases: the daemon starts and the owner sets up users, boards and sessions
+(through the hub); the clients connect and join their rooms; the workloads
+and the faults run for ``fault_s`` virtual seconds; then the faults stop
+(partitions heal, stalled readers read, the daemon is up) and the quiet
+phase waits until every client has converged, at most ``quiet_max_s``; then
+the final invariants are checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from agor_actors import _planted
+from agor_actors.daemon import Hub, Principal
+from agor_actors.server import ServerSettings
+from agor_actors.store import SqlStore, open_store
+from agor_actors.world import SeededEntropy
+
+from ._checks import (
+    check_acknowledged,
+    check_log,
+    check_mirrors,
+    check_presence,
+    check_renames,
+    check_streams,
+    presence_problems,
+)
+from ._client import SEND_QUEUE_MAX, SimClient
+from ._config import Fault, SimConfig, draw_config, draw_faults
+from ._daemon import SimDaemon
+from ._det import StepRecorder, new_clock, run_deterministic
+from ._faults import StoreFaults, poison
+from ._model import View, server_view
+from ._net import Network
+from ._record import Recorder, Violation
+from ._trace import Trace, now_us
+from ._workload import Layout, run_workloads
+
+__all__ = ["RunResult", "run_seed"]
+
+OWNER = Principal("owner", "owner", True)
+MONITOR_PERIOD_S = 0.25
+CONVERGE_POLL_S = 0.1
+
+
+@attrs.frozen
+class RunResult:
+    seed: int
+    profile: str
+    planted: tuple[str, ...]
+    exclude: tuple[str, ...]
+    only: tuple[str, ...]
+    config: str
+    faults: tuple[str, ...]
+    trace_hash: str
+    rng_hash: str
+    steps: int
+    trace_lines: int
+    virtual_s: float
+    converged_s: float | None
+    log_events: int
+    applied: int
+    frames: int
+    writes: int
+    acknowledged: int
+    injected: dict[str, int]
+    violations: tuple[Violation, ...]
+    counters: dict[str, int]
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def replay_command(self) -> str:
+        parts = ["python -m sim --seed", str(self.seed)]
+        if self.profile != "ci":
+            parts += ["--profile", self.profile]
+        for name in self.planted:
+            parts += ["--plant", name]
+        for name in self.exclude:
+            parts += ["--exclude", name]
+        for name in self.only:
+            parts += ["--only", name]
+        return " ".join([*parts, "--trace"])
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self, recurse=False)
+        out["violations"] = [attrs.asdict(v) for v in self.violations]
+        out["ok"] = self.ok
+        out["replay"] = self.replay_command()
+        return out
+
+
+class _LogToTrace(logging.Handler):
+    """The daemon's log records (warnings and errors) go into the trace."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(logging.WARNING)
+        self.recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().splitlines()[0][:200]
+        error = ""
+        if record.exc_info and record.exc_info[1] is not None:
+            error = f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"[:200]
+        self.recorder.count(f"log:{record.levelname.lower()}")
+        self.recorder.trace.emit("log", f"{record.name} {record.levelname} {message}{error}")
+
+
+@contextmanager
+def _capture_logs(recorder: Recorder) -> Iterator[None]:
+    logger = logging.getLogger("agor_actors")
+    handler = _LogToTrace(recorder)
+    saved = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, level = saved
+        logger.setLevel(level)
+
+
+class _Run:
+    def __init__(self, config: SimConfig, plan: tuple[Fault, ...], trace: Trace) -> None:
+        self.config = config
+        self.plan = plan
+        self.trace = trace
+        self.recorder = Recorder(trace)
+        self.seed = config.seed
+        self.clients: list[SimClient] = []
+        self.injected: dict[str, int] = {}
+        self.converged_s: float | None = None
+        self.virtual_s = 0.0
+        self.log_events = 0
+        self.frames = 0
+        self._seen_crashes: set[tuple[str, str]] = set()
+        self._daemon: SimDaemon | None = None
+        self._net: Network | None = None
+        self._store_faults: StoreFaults | None = None
+        self._root: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------------ main
+
+    async def main(self) -> None:
+        def no_epochs() -> str:
+            raise AssertionError("the simulator's own store object never writes")
+
+        store = open_store("sqlite://", new_epoch=no_epochs)
+        try:
+            await self._main(store)
+        finally:
+            store.close()
+
+    async def _main(self, store: SqlStore) -> None:
+        config = self.config
+        trace = self.trace
+        self._store_faults = StoreFaults(store, trace)
+        self._net = net = Network(
+            self.seed,
+            trace,
+            bytes_max=config.link_bytes_max,
+            dup_per_mille=config.dup_per_mille,
+            latency_us={c.name: (c.latency_us, c.jitter_us) for c in config.clients},
+        )
+        settings = ServerSettings(
+            heartbeat_ms=config.heartbeat_ms,
+            dead_after_s=config.dead_after_s,
+            outbox_messages_max=config.outbox_messages_max,
+            outbox_bytes_max=config.outbox_bytes_max,
+            outbox_control_max=config.outbox_control_max,
+        )
+        owner_token = SeededEntropy(f"{self.seed}/owner").token()
+        self._daemon = daemon = SimDaemon(
+            seed=self.seed,
+            engine=store.engine,
+            store_faults=self._store_faults,
+            net=net,
+            settings=settings,
+            store_latency_us=config.store_latency_us,
+            owner_token=owner_token,
+            trace=trace,
+            recorder=self.recorder,
+        )
+        async with trio.open_nursery() as root:
+            self._root = root.cancel_scope
+            await root.start(daemon.run, name="daemon")
+            hub = await daemon.wait_up()
+            layout, users = await self._setup(hub)
+            for spec in config.clients:
+                token, user_id = users[spec.user]
+                client = SimClient(
+                    spec,
+                    seed=self.seed,
+                    token=token,
+                    user_id=user_id,
+                    net=net,
+                    trace=trace,
+                    recorder=self.recorder,
+                )
+                self._assign_rooms(client, layout)
+                self.clients.append(client)
+                await root.start(client.run, name=f"client:{spec.name}")
+            root.start_soon(self._monitor, name="monitor")
+            async with trio.open_nursery() as phase:
+                phase.start_soon(run_workloads, self.clients, config, layout, trace, name="work")
+                phase.start_soon(self._inject, name="faults")
+                await trio.sleep_until(config.fault_s)
+                phase.cancel_scope.cancel()
+            trace.emit("phase", "quiet: faults stopped")
+            net.heal_all()
+            for client in self.clients:
+                client.unstall()
+            self._store_faults.disarm()
+            views = await self._converge(store)
+            self._final_checks(store, views)
+            self.virtual_s = trio.current_time()
+            self.frames = net.frames
+            root.cancel_scope.cancel()
+
+    async def _setup(self, hub: Hub) -> tuple[Layout, list[tuple[str, str]]]:
+        config = self.config
+        users: list[tuple[str, str]] = []
+        for index in range(config.users + 1):
+            name = f"user{index}" if index < config.users else "agents"
+            made = await hub.call(
+                OWNER, connection_id=None, service="users", method="create", data={"name": name}
+            )
+            users.append((made["token"], made["id"]))
+        boards: list[str] = []
+        sessions: list[tuple[str, ...]] = []
+        for b in range(config.boards):
+            board = await hub.call(
+                OWNER,
+                connection_id=None,
+                service="boards",
+                method="create",
+                data={"name": f"board {b}"},
+            )
+            boards.append(board["id"])
+            on_board: list[str] = []
+            for k in range(config.sessions_per_board):
+                session = await hub.call(
+                    OWNER,
+                    connection_id=None,
+                    service="sessions",
+                    method="create",
+                    data={"title": f"session {b}.{k}", "board_id": board["id"]},
+                )
+                on_board.append(session["id"])
+            sessions.append(tuple(on_board))
+        layout = Layout(tuple(boards), tuple(sessions))
+        self.trace.emit("setup", f"{len(users)} users, {len(boards)} boards")
+        return layout, users
+
+    def _assign_rooms(self, client: SimClient, layout: Layout) -> None:
+        if client.spec.role == "agent":
+            index = int(client.name[1:])
+            flat = [s for board in layout.sessions for s in board]
+            client.want(f"session:{flat[index % len(flat)]}")
+            return
+        board = layout.board_of(client.spec.user)
+        client.want(f"board:{layout.boards[board]}")
+        client.presence_board = layout.boards[board]
+        sessions = layout.sessions[board]
+        for _ in range(client.rng.randint(1, 2)):
+            client.want(f"session:{sessions[client.rng.randrange(len(sessions))]}")
+
+    # ------------------------------------------------------------------ faults
+
+    async def _inject(self) -> None:
+        for fault in self.plan:
+            await trio.sleep_until(fault.at_us / 1_000_000)
+            if self._apply(fault):
+                self.injected[fault.kind] = self.injected.get(fault.kind, 0) + 1
+
+    def _pick_clients(self, fault: Fault) -> list[SimClient]:
+        n = len(self.clients)
+        if n == 0:
+            return []
+        span = min(fault.span, n)
+        return [self.clients[(fault.target + i) % n] for i in range(span)]
+
+    def _apply(self, fault: Fault) -> bool:
+        assert self._net is not None and self._daemon is not None
+        assert self._store_faults is not None
+        kind = fault.kind
+        self.trace.emit("fault", fault.describe())
+        if kind == "reset":
+            return any(self._net.reset(c.name, "fault") for c in self._pick_clients(fault))
+        if kind in ("partition", "one_way", "storm"):
+            names = [c.name for c in self._pick_clients(fault)]
+            self._net.partition(names, fault.direction, fault.duration_us)
+            return bool(names)
+        if kind == "stall":
+            for client in self._pick_clients(fault):
+                client.stall(now_us() + fault.duration_us)
+            return True
+        if kind in ("store_before", "store_after"):
+            self._store_faults.arm("before" if kind == "store_before" else "after")
+            return True
+        if kind == "daemon_crash":
+            return self._daemon.crash(fault.duration_us)
+        hub = self._daemon.hub
+        if hub is None:
+            return False
+        prefix = {"crash_session": "session:", "crash_room": "room:", "crash_writer": "store:"}[
+            kind
+        ]
+        registry = hub.system.registry
+        names = [n for n in registry.names() if n.startswith(prefix)]
+        if not names:
+            return False
+        name = names[fault.target % len(names)]
+        ref = registry.lookup(name)
+        if ref is None or not poison(ref):
+            return False
+        self.trace.emit("fault", f"poisoned {name}")
+        return True
+
+    # ------------------------------------------------------------------ monitor
+
+    async def _monitor(self) -> None:
+        while True:
+            await trio.sleep(MONITOR_PERIOD_S)
+            self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        assert self._daemon is not None and self._net is not None
+        hub, state = self._daemon.hub, self._daemon.state
+        if hub is not None:
+            tree = hub.snapshot()
+            for child in tree["children"]:
+                if child["id"] == "registry" and child["restarts"]:
+                    self._violate_once(
+                        "intensity", "registry", "the registry supervisor gave up and restarted"
+                    )
+                for actor in child.get("supervisor", {}).get("children", []):
+                    self._check_actor(actor)
+        if state is not None:
+            settings = self._daemon.settings
+            for connection in state.connections:
+                stats = connection.outbox.statistics()
+                if (
+                    stats.queued_bytes > settings.outbox_bytes_max
+                    or stats.queued_messages
+                    > settings.outbox_messages_max + settings.outbox_control_max
+                ):
+                    self.recorder.violate(
+                        "bound", str(connection.connection_id), f"outbox over its bound: {stats}"
+                    )
+        for conn in self._net.conns.values():
+            for link in (conn.up, conn.down):
+                if not link.within_bound():
+                    self.recorder.violate(
+                        "bound",
+                        link.name,
+                        f"link holds {link.queued_bytes} B, bound {link.bytes_max}",
+                    )
+        for client in self.clients:
+            if client.send_queue_depth > SEND_QUEUE_MAX:
+                self.recorder.violate("bound", client.name, "client send queue over its bound")
+
+    def _check_actor(self, actor: dict[str, Any]) -> None:
+        name = str(actor.get("id"))
+        depth, bound = actor.get("mailbox_depth"), actor.get("mailbox_bound")
+        if isinstance(depth, int) and isinstance(bound, int) and depth > bound:
+            self.recorder.violate("bound", name, f"mailbox {depth} over its bound {bound}")
+        crash = actor.get("last_crash")
+        if crash and "SimPoison" not in crash:
+            self._violate_once("crash", name, f"crashed without an injected fault: {crash}")
+
+    def _violate_once(self, kind: str, who: str, detail: str) -> None:
+        key = (who, detail)
+        if key not in self._seen_crashes:
+            self._seen_crashes.add(key)
+            self.recorder.violate(kind, who, detail)
+
+    # ------------------------------------------------------------------ the end
+
+    async def _converge(self, store: SqlStore) -> dict[str, View]:
+        assert self._daemon is not None
+        deadline = trio.current_time() + self.config.quiet_max_s
+        while trio.current_time() < deadline:
+            await trio.sleep(CONVERGE_POLL_S)
+            if not self._daemon.up:
+                continue
+            views = self._converged(store)
+            if views is not None:
+                self.converged_s = trio.current_time()
+                self.trace.emit("phase", "converged")
+                return views
+        self._not_converged(store)
+        return {}
+
+    def _converged(self, store: SqlStore) -> dict[str, View] | None:
+        rooms: dict[str, tuple[str, int]] = {}
+        for client in self.clients:
+            if not client.is_open or client.converged_rooms() or client.pending_calls:
+                return None
+            for room in client.wanted:
+                head = rooms.get(room)
+                if head is None:
+                    found = store.room_head(room)
+                    head = rooms[room] = found if found is not None else ("", 0)
+                track = client.machine.rooms[room]
+                if track.seq != head[1] or (head[0] and track.epoch != head[0]):
+                    return None
+        if presence_problems(self.clients):
+            return None
+        views: dict[str, View] = {}
+        for client in self.clients:
+            for room in client.wanted:
+                if room not in views:
+                    views[room] = server_view(store, room)
+                mirror = client.mirrors.get(room)
+                if mirror is None or mirror.view != views[room]:
+                    return None
+        return views
+
+    def _not_converged(self, store: SqlStore) -> None:
+        """The quiet phase ended without convergence: say why (the mirror and
+        presence checks that follow report their own differences)."""
+        before = len(self.recorder.violations)
+        if not self._daemon or not self._daemon.up:
+            self.recorder.violate("liveness", "daemon", "the daemon is not up at the end")
+        for client in self.clients:
+            if not client.is_open:
+                self.recorder.violate(
+                    "liveness", client.name, "not connected at the end of the quiet phase"
+                )
+                continue
+            if client.pending_calls:
+                self.recorder.violate("liveness", client.name, "calls still unanswered")
+            problems = client.converged_rooms()
+            for room, why in problems.items():
+                self.recorder.violate("liveness", client.name, f"{room}: {why}")
+            for room in client.wanted:
+                if room in problems:
+                    continue
+                track = client.machine.rooms[room]
+                head = store.room_head(room)
+                if head is not None and track.seq != head[1]:
+                    self.recorder.violate(
+                        "liveness",
+                        client.name,
+                        f"{room}: stuck at seq {track.seq}, the room is at {head[1]}",
+                    )
+        if len(self.recorder.violations) == before and not presence_problems(self.clients):
+            views: dict[str, View] = {}
+            for client in self.clients:
+                for room in client.wanted:
+                    views.setdefault(room, server_view(store, room))
+                    mirror = client.mirrors.get(room)
+                    if mirror is None or mirror.view != views[room]:
+                        return  # the mirror check reports it
+            self.recorder.violate(
+                "liveness", "sim", f"no convergence within {self.config.quiet_max_s}s"
+            )
+
+    def _final_checks(self, store: SqlStore, views: dict[str, View]) -> None:
+        logs: dict[str, Any] = {}
+        check_mirrors(store, self.clients, self.recorder, views)
+        check_log(store, self.recorder, logs)
+        check_acknowledged(store, self.recorder, logs)
+        check_streams(store, self.recorder)
+        check_renames(store, self.recorder)
+        check_presence(self.clients, self.recorder)
+        rooms: set[str] = set()
+        for client in self.clients:
+            rooms.update(client.wanted)
+        for room in sorted(rooms):
+            head = store.room_head(room)
+            self.log_events += 0 if head is None else head[1]
+            view = views.get(room) or server_view(store, room)
+            self.trace.fold(room, hashlib.blake2b(repr(view).encode(), digest_size=8).hexdigest())
+
+    def on_spin(self, task: str) -> None:
+        """A task looped without sleeping long enough to freeze the virtual
+        clock (the clock was nudged)."""
+        self.recorder.count(f"spin:{task}")
+        self.trace.emit("spin", task)
+
+    def on_livelock(self, task: str) -> None:
+        self.recorder.violate(
+            "livelock", task, "tasks keep running without virtual time passing (a busy loop)"
+        )
+        if self._root is not None:
+            self._root.cancel()
+
+    def rng_states(self) -> list[object]:
+        return [(c.rng.getstate(), c.backoff_state()) for c in self.clients]
+
+
+def run_seed(
+    seed: int,
+    *,
+    profile: str = "ci",
+    plant: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    echo: TextIO | None = None,
+) -> RunResult:
+    """Run one seed; never raises for what the run finds (an exception in
+    the harness or the daemon becomes a violation of kind ``harness``)."""
+    started = time.perf_counter()
+    config = draw_config(seed, profile, exclude=exclude, only=only)
+    plan = draw_faults(config)
+    _planted.plant(*plant)
+    trace = Trace(echo)
+    if echo is not None:
+        print(config.describe(), file=echo)
+        if plant:
+            print(f"  planted bugs: {', '.join(plant)}", file=echo)
+        print(f"  {len(plan)} faults:", file=echo)
+        for fault in plan:
+            print(f"    {fault.describe()}", file=echo)
+    run = _Run(config, plan, trace)
+    clock = new_clock()
+    steps = StepRecorder(clock, on_spin=run.on_spin, on_livelock=run.on_livelock)
+    try:
+        with _capture_logs(run.recorder):
+            run_deterministic(run.main, seed=seed, instruments=(steps,), clock=clock)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        text = "".join(traceback.format_exception(exc)).strip().splitlines()
+        run.recorder.violate("harness", "sim", " | ".join(text[-6:]))
+    finally:
+        _planted.plant()
+    import trio._core._run as trio_run
+
+    trace.fold("steps", f"{steps.steps}:{steps.checksum}")
+    rng = hashlib.blake2b(digest_size=16)
+    rng.update(repr(trio_run._r.getstate()).encode())
+    rng.update(repr(run.rng_states()).encode())
+    recorder = run.recorder
+    writes = list(recorder.writes.values())
+    return RunResult(
+        seed=seed,
+        profile=profile,
+        planted=tuple(plant),
+        exclude=tuple(exclude),
+        only=tuple(only),
+        config=config.describe(),
+        faults=tuple(f.describe() for f in plan),
+        trace_hash=trace.digest(),
+        rng_hash=rng.hexdigest(),
+        steps=steps.steps,
+        trace_lines=trace.lines,
+        virtual_s=run.virtual_s,
+        converged_s=run.converged_s,
+        log_events=run.log_events,
+        applied=sum(len(v) for v in recorder.applied.values()),
+        frames=run.frames,
+        writes=len(writes),
+        acknowledged=sum(1 for w in writes if w.outcome == "ok"),
+        injected=dict(sorted(run.injected.items())),
+        violations=tuple(recorder.violations),
+        counters=dict(sorted(recorder.counters.items())),
+        wall_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,223 @@
+"""Workloads from the design document, as client behaviour.
+
+* ``windows``: users with several windows open on a board: status and field
+  edits, tasks, board edits, navigation between session rooms, and stepping
+  away from the board's presence and back (every window announces the board
+  it looks at after each welcome, as a real client does);
+* ``agents``: an agent per session streams message chunks at about ten per
+  second (tasks started and completed around each message);
+* ``renames``: several clients rename one session at the same virtual
+  instant, each stamping the write with its own (skewed) clock;
+* ``cursors``: cursor storms: bursts of presence updates at up to 120 per
+  second on the board a window looks at (beyond the protocol's presence rate
+  they are dropped, which presence allows: the next one replaces them).
+
+Every write carries a unique ``temp_id`` (the write id) and streamed chunks
+carry unique tokens, so that the invariants can find each acknowledged write
+in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import attrs
+import trio
+
+from protocols import Cursor, PresenceUpdate
+
+from ._client import NotConnected, SimClient
+from ._config import SimConfig
+from ._trace import Trace
+
+__all__ = ["Layout", "run_workloads"]
+
+RETRY_S = 0.2
+
+
+@attrs.frozen
+class Layout:
+    """What the setup created: boards, and the sessions on each board."""
+
+    boards: tuple[str, ...]
+    sessions: tuple[tuple[str, ...], ...]
+    """Per board, its sessions."""
+
+    def board_of(self, index: int) -> int:
+        return index % len(self.boards)
+
+
+def _us(seconds: float) -> float:
+    """Seconds rounded to whole microseconds (virtual times stay integral)."""
+    return round(seconds * 1_000_000) / 1_000_000
+
+
+async def _sleep_exp(client: SimClient, mean_s: float) -> None:
+    await trio.sleep(_us(client.rng.expovariate(1.0) * mean_s))
+
+
+async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
+    board = layout.board_of(client.spec.user)
+    sessions = layout.sessions[board]
+    mean_s = 60.0 / config.edit_per_min
+    tasks: list[tuple[str, str, int]] = []  # (session, task id, step)
+    n = 0
+    while True:
+        await _sleep_exp(client, mean_s)
+        if not client.is_open:
+            continue
+        n += 1
+        roll = client.rng.random()
+        sid = sessions[client.rng.randrange(len(sessions))]
+        try:
+            if roll < 0.25:
+                status = ("idle", "running", "awaiting_permission", "completed")[
+                    client.rng.randrange(4)
+                ]
+                await client.write(
+                    "sessions", "set_status", session_id=sid, id=sid, data={"status": status}
+                )
+            elif roll < 0.4:
+                if client.rng.random() < 0.5:
+                    data: dict[str, object] = {"agent": f"agent-{client.name}-{n}"}
+                else:
+                    data = {"git_state": {"branch": f"b{n}", "dirty": n % 2 == 0}}
+                await client.write("sessions", "patch", session_id=sid, id=sid, data=data)
+            elif roll < 0.55:
+                record = await client.write(
+                    "tasks",
+                    "create",
+                    session_id=sid,
+                    data={"session_id": sid, "prompt": f"{client.name} task {n}"},
+                )
+                if record.outcome == "ok" and isinstance(record.result, dict):
+                    tasks.append((sid, record.result["id"], 0))
+            elif roll < 0.7 and tasks:
+                sid, tid, step = tasks.pop(0)
+                method = ("start", "complete")[step]
+                data = {"result": {"n": n}} if method == "complete" else {}
+                record = await client.write("tasks", method, session_id=sid, id=tid, data=data)
+                if method == "start" and record.outcome == "ok":
+                    tasks.append((sid, tid, 1))
+            elif roll < 0.74:
+                # step away from the board's presence, or come back to it
+                client.announce(None if client.presence_board else layout.boards[board])
+            elif roll < 0.8:
+                bid = layout.boards[board]
+                await client.write(
+                    "boards",
+                    "patch",
+                    session_id=None,
+                    id=bid,
+                    data={"description": f"{client.name} {n}"},
+                )
+            else:
+                # navigate: leave one session room, open another
+                rooms = [f"session:{s}" for s in sessions]
+                joined = [r for r in rooms if r in client.wanted]
+                if len(joined) > 1 and client.rng.random() < 0.5:
+                    client.unwant(joined[client.rng.randrange(len(joined))])
+                else:
+                    client.want(rooms[client.rng.randrange(len(rooms))])
+        except NotConnected:
+            await trio.sleep(RETRY_S)
+
+
+async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int) -> None:
+    flat = [s for board in layout.sessions for s in board]
+    sid = flat[index % len(flat)]
+    period_s = 1.0 / config.chunk_per_s
+    message_no = 0
+    while True:
+        await _sleep_exp(client, 1.0)
+        try:
+            task = await client.write(
+                "tasks", "create", session_id=sid, data={"session_id": sid, "prompt": "go"}
+            )
+            if task.outcome != "ok" or not isinstance(task.result, dict):
+                continue
+            tid = task.result["id"]
+            await client.write("tasks", "start", session_id=sid, id=tid, data={})
+            message_no += 1
+            message = await client.write(
+                "messages",
+                "create",
+                session_id=sid,
+                data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
+            )
+            if message.outcome != "ok" or not isinstance(message.result, dict):
+                continue
+            mid = message.result["id"]
+            for k in range(client.rng.randint(5, 40)):
+                await trio.sleep(_us(period_s * (0.5 + client.rng.random())))
+                chunk = f"{client.name}.{message_no}.{k};"
+                await client.write(
+                    "messages", "stream", session_id=sid, id=mid, data={"chunk": chunk}
+                )
+            await client.write("messages", "finish", session_id=sid, id=mid, data={})
+            await client.write(
+                "tasks", "complete", session_id=sid, id=tid, data={"result": {"chunks": k}}
+            )
+        except NotConnected:
+            await trio.sleep(RETRY_S)
+
+
+async def renames(clients: list[SimClient], config: SimConfig, layout: Layout) -> None:
+    """Every ``rename_period_ms`` all of ``clients`` rename one session at once."""
+    sid = layout.sessions[0][0]
+    period_s = config.rename_period_ms / 1000
+    round_no = 0
+
+    async def rename(client: SimClient, n: int) -> None:
+        with contextlib.suppress(NotConnected):
+            await client.write(
+                "sessions",
+                "patch",
+                session_id=sid,
+                id=sid,
+                data={"title": f"{client.name}#{n}"},
+                stamped=True,
+            )
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            round_no += 1
+            await trio.sleep_until(round_no * period_s)
+            for client in clients:
+                nursery.start_soon(rename, client, round_no)
+
+
+async def cursors(client: SimClient, config: SimConfig, layout: Layout) -> None:
+    """Bursts of cursor moves on the board the client looks at (if any)."""
+    period_s = _us(1.0 / config.cursor_per_s)
+    while True:
+        await _sleep_exp(client, 2.0)
+        x, y = client.rng.randrange(2000), client.rng.randrange(2000)
+        for _ in range(client.rng.randint(10, 120)):
+            x += client.rng.randint(-20, 20)
+            y += client.rng.randint(-20, 20)
+            board = client.presence_board
+            if board is not None:
+                client.presence(PresenceUpdate(board=board, cursor=Cursor(float(x), float(y))))
+            await trio.sleep(period_s)
+
+
+async def run_workloads(
+    clients: list[SimClient], config: SimConfig, layout: Layout, trace: Trace
+) -> None:
+    """Run the configuration's workloads until cancelled."""
+    windows_ = [c for c in clients if c.spec.role == "window"]
+    agents = [c for c in clients if c.spec.role == "agent"]
+    async with trio.open_nursery() as nursery:
+        if "windows" in config.workloads:
+            for client in windows_:
+                nursery.start_soon(windows, client, config, layout, name=f"windows:{client.name}")
+        if "agents" in config.workloads:
+            for i, client in enumerate(agents):
+                nursery.start_soon(agent, client, config, layout, i, name=f"agent:{client.name}")
+        if "renames" in config.workloads and windows_:
+            nursery.start_soon(renames, windows_[:4], config, layout, name="renames")
+        if "cursors" in config.workloads:
+            for client in windows_:
+                nursery.start_soon(cursors, client, config, layout, name=f"cursors:{client.name}")
+        trace.emit("workload", f"started {', '.join(config.workloads) or 'none'}")

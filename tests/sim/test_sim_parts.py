@@ -1,0 +1,230 @@
+"""The simulator's parts, in process: the network links, the mirror model
+against the daemon's own events, the configuration draw and the
+deterministic-run machinery."""
+
+from __future__ import annotations
+
+import functools
+import random
+import uuid
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from agor_actors.daemon import Principal, open_hub
+from agor_actors.store import open_store
+from agor_actors.world import SeededEntropy, TransportClosed, simulated_world
+from protocols import Event
+from sim import FAULT_KINDS, draw_config, draw_faults
+from sim._det import SimLeak, StepRecorder, new_clock, run_deterministic, self_test
+from sim._model import apply_event, empty_view, server_view
+from sim._net import Link, _Hold
+from sim._trace import Trace, now_us
+
+OWNER = Principal("owner", "owner", True)
+
+
+def _link(hold: _Hold | None = None, *, bytes_max: int = 1 << 20, jitter_us: int = 0) -> Link:
+    return Link(
+        "test",
+        random.Random(7),
+        latency_us=1_000,
+        jitter_us=jitter_us,
+        bytes_max=bytes_max,
+        hold=hold or _Hold(),
+        trace=Trace(),
+    )
+
+
+async def test_a_link_delivers_in_order_after_its_latency(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = _link(jitter_us=5_000)
+    for i in range(50):
+        await link.send(f"m{i}")
+    got = []
+    for _ in range(50):
+        got.append(await link.receive())
+        assert now_us() >= 1_000
+    assert got == [f"m{i}" for i in range(50)]
+
+
+async def test_a_partition_holds_frames_until_it_heals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hold = _Hold()
+    link = _link(hold)
+    hold.hold(now_us(), now_us() + 5_000_000)
+    await link.send("held")
+    with trio.move_on_after(4.9):
+        await link.receive()
+        pytest.fail("a frame crossed a partition")
+    assert await link.receive() == "held"
+    assert trio.current_time() == pytest.approx(5.0)
+
+
+async def test_a_reset_loses_what_is_in_flight(autojump_clock: trio.testing.MockClock) -> None:
+    link = _link()
+    await link.send("lost")
+    link.reset()
+    with pytest.raises(TransportClosed):
+        await link.receive()
+    with pytest.raises(TransportClosed):
+        await link.send("too late")
+
+
+async def test_a_full_link_blocks_its_sender(autojump_clock: trio.testing.MockClock) -> None:
+    link = _link(bytes_max=10)
+    await link.send("12345678")
+    sent = trio.Event()
+
+    async def sender() -> None:
+        await link.send("abcdefgh")
+        sent.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.sleep(1)
+        assert not sent.is_set()
+        assert link.within_bound()
+        assert await link.receive() == "12345678"
+        await sent.wait()
+    assert await link.receive() == "abcdefgh"
+
+
+async def test_a_close_arrives_after_the_frames_before_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = _link()
+    await link.send("last words")
+    link.close(1001, "going away")
+    assert await link.receive() == "last words"
+    with pytest.raises(TransportClosed) as caught:
+        await link.receive()
+    assert caught.value.code == 1001
+
+
+async def test_the_mirror_model_rebuilds_the_store_from_the_daemons_events(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Applying a room's logged events to an empty view gives the view read
+    from the store: the model agrees with the daemon's own event rules."""
+    world = simulated_world("parts")
+    epochs = SeededEntropy("parts/epochs")
+    store = open_store("sqlite://", new_epoch=lambda: epochs.new_id(world.wall.now_ms()))
+    try:
+        async with open_hub(world, store=store, owner_token="t") as hub:
+
+            async def call(service: str, method: str, **kw: Any) -> dict[str, Any]:
+                result = await hub.call(
+                    OWNER, connection_id="c", service=service, method=method, **kw
+                )
+                assert isinstance(result, dict)
+                return result
+
+            board = await call("boards", "create", data={"name": "B"})
+            session = await call("sessions", "create", data={"title": "S", "board_id": board["id"]})
+            sid = str(session["id"])
+            task = await call("tasks", "create", data={"session_id": sid, "prompt": "p"})
+            await call("tasks", "start", id=task["id"], data={})
+            message = await call(
+                "messages",
+                "create",
+                data={"session_id": sid, "task_id": task["id"], "streaming": True},
+            )
+            for chunk in ("Hel", "lo ", "world"):
+                await call("messages", "stream", id=message["id"], data={"chunk": chunk})
+            await call("messages", "finish", id=message["id"], data={})
+            await call("sessions", "patch", id=sid, data={"title": "T", "agent": "x"})
+            await call("sessions", "set_status", id=sid, data={"status": "running"})
+            await call("boards", "patch", id=board["id"], data={"description": "d"})
+            await hub.drain()
+            for room in (f"session:{sid}", f"board:{board['id']}"):
+                view = empty_view(room)
+                for stored in store.events_since(room, 0, 1000):
+                    apply_event(
+                        view,
+                        room,
+                        Event(
+                            room=stored.room,
+                            seq=stored.seq,
+                            event=stored.event,
+                            data=stored.data,
+                            last_seq=stored.last_seq,
+                        ),
+                    )
+                assert view == server_view(store, room)
+            messages = server_view(store, f"session:{sid}")["messages"]
+            assert messages[message["id"]]["content"] == "Hello world"
+    finally:
+        store.close()
+
+
+def test_a_seed_draws_one_configuration() -> None:
+    assert draw_config(11) == draw_config(11)
+    assert draw_faults(draw_config(11)) == draw_faults(draw_config(11))
+    configs = {draw_config(seed).describe() for seed in range(20)}
+    assert len(configs) == 20
+    config = draw_config(11, exclude=FAULT_KINDS)
+    assert config.faults == ()
+    assert draw_faults(config) == ()
+    for seed in range(20):
+        faults = draw_faults(draw_config(seed))
+        assert list(faults) == sorted(faults, key=lambda f: f.at_us)
+        end_us = draw_config(seed).fault_s * 1_000_000
+        assert all(0 < f.at_us < end_us for f in faults)
+    with pytest.raises(ValueError):
+        draw_config(1, exclude=("no_such_fault",))
+
+
+def test_deterministic_runs_repeat_and_guard_real_randomness() -> None:
+    self_test()
+
+    async def workload() -> list[str]:
+        order: list[str] = []
+
+        async def worker(name: str) -> None:
+            for _ in range(5):
+                await trio.sleep(0)
+                order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for name in "abcdef":
+                nursery.start_soon(worker, name)
+        return order
+
+    first = run_deterministic(workload, seed=1)
+    assert run_deterministic(workload, seed=1) == first
+    assert any(run_deterministic(workload, seed=s) != first for s in range(2, 6))
+
+    async def leak() -> None:
+        uuid.uuid4()
+
+    with pytest.raises(SimLeak):
+        run_deterministic(leak, seed=1)
+    uuid.uuid4()  # restored after the run
+
+
+def test_a_busy_loop_moves_the_virtual_clock_and_is_reported() -> None:
+    async def spin_until(deadline_s: float) -> None:
+        while trio.current_time() < deadline_s:
+            await trio.lowlevel.checkpoint()
+
+    for deadline_s, expect_livelock in ((2e-6, False), (1e-5, True)):
+        spins: list[str] = []
+        livelocks: list[str] = []
+        clock = new_clock()
+        steps = StepRecorder(
+            clock,
+            spin_steps=1024,
+            max_nudges=3,
+            on_spin=spins.append,
+            on_livelock=livelocks.append,
+        )
+        run_deterministic(
+            functools.partial(spin_until, deadline_s), seed=1, instruments=(steps,), clock=clock
+        )
+        assert spins
+        assert bool(livelocks) is expect_livelock

@@ -1,0 +1,50 @@
+"""The bounded sweep that ``make test`` runs: 300 seeds of small,
+swarm-drawn configurations on two worker processes.
+
+It leaves out what reveals the daemon bugs the simulator found and that
+are not fixed yet (``sim.KNOWN_BUGS``: room and writer crashes, lost commit
+answers, cursor storms); everything else (resets, partitions one and both
+ways, reconnect storms, stalled readers, session crashes, refused commits,
+daemon crashes, duplicated event frames, skewed clocks) is on, at rates
+drawn per seed.  A failing seed fails the test and prints the command that
+replays it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from sim_support import run_sim
+
+SEEDS = 300
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sim_sweep_ci_300_seeds(tmp_path: pathlib.Path) -> None:
+    status, summary, output = run_sim(
+        tmp_path,
+        "--seeds",
+        str(SEEDS),
+        "--jobs",
+        "2",
+        "--skip-known",
+        "--timeout",
+        "60",
+        timeout_s=280,
+    )
+    totals = summary["totals"]
+    failures = [r for r in summary["results"] if not r["ok"]]
+    report = "\n".join(
+        f"seed {r['seed']}: {r['violations'][0]['kind']}: {r['violations'][0]['detail'][:200]}\n"
+        f"  replay: {r['replay']}"
+        for r in failures
+    )
+    assert not failures, f"{len(failures)} seeds failed:\n{report}\n{output[-2000:]}"
+    assert status == 0, output
+    assert totals["seeds"] == SEEDS
+    assert totals["applied"] > 0 and totals["log_events"] > 0
+    assert sum(totals["injected"].values()) > SEEDS, "faults must actually be injected"
+    kinds = set(totals["injected"])
+    assert {"reset", "partition", "daemon_crash", "crash_session", "store_before"} <= kinds
