@@ -145,6 +145,18 @@ def _top(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def _sim_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m sim")
+
+
+def _sim(args: argparse.Namespace) -> int:
+    """``agor-actors sim ...`` is ``python -m sim ...`` (which re-executes
+    itself with the hash seed pinned); :func:`main` hands it over whole."""
+    from sim import main as sim_main
+
+    return sim_main(list(args.args))
+
+
 COMMANDS: Final[
     dict[
         str,
@@ -154,6 +166,7 @@ COMMANDS: Final[
     "serve": ("run the daemon", _serve_arguments, _serve),
     "token": ("print the local owner's token", _add_data_dir, _token),
     "top": ("show the supervision tree of a running daemon", _top_arguments, _top),
+    "sim": ("run the deterministic simulator (see python -m sim --help)", _sim_arguments, _sim),
 }
 """Subcommand -> (help, add its arguments, run it and return the exit status)."""
 
@@ -171,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        # the simulator parses its own options (argparse would take them here)
+        from sim import main as sim_main
+
+        return sim_main(argv[1:])
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     return run(args)

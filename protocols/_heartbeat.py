@@ -48,9 +48,12 @@ class Heartbeat:
         received (or when the connection opened); ``last_ping_s``: when this
         side last pinged (the client passes the time of the ``welcome`` until
         its first ping), ``None`` for a side that does not ping (the server)."""
-        if now - last_received_s >= self.timeout_s:
+        # compared as ``now >= t + d``, exactly as next_check_s computes the
+        # deadline: ``now - t >= d`` can disagree by one float ulp, and a
+        # loop sleeping until next_check_s would then spin forever
+        if now >= last_received_s + self.timeout_s:
             return HeartbeatAction.DEAD
-        if last_ping_s is not None and now - last_ping_s >= self.interval_s:
+        if last_ping_s is not None and now >= last_ping_s + self.interval_s:
             return HeartbeatAction.PING
         return HeartbeatAction.WAIT
 

@@ -251,7 +251,12 @@ class ServerConnection:
     def _take_token(self, item: dict[str, Any], now: float) -> bool | None:
         """True: go on; False: refused for the rate; None: dropped silently."""
         limits = self.limits
-        if item.get("type") == "presence":
+        # Only cursor-only presence is lossy: an update that also changes the
+        # board, view, typing, viewport or preferences counts against the
+        # general rate instead, so a client's last change (leaving a board)
+        # is never dropped.
+        cursor_only = "cursor" in item and set(item) <= {"type", "board", "cursor"}
+        if item.get("type") == "presence" and cursor_only:
             bucket = self._presence_bucket or TokenBucket.full(limits.presence_burst, now)
             granted, self._presence_bucket = bucket.take(
                 now, rate_per_s=limits.presence_rate_per_s, burst=limits.presence_burst

@@ -24,7 +24,7 @@ from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
 __all__ = ["KNOWN_BUGS", "main"]
 
-KNOWN_BUGS = ("crash_room", "crash_writer", "store_after", "cursors")
+KNOWN_BUGS: tuple[str, ...] = ()
 """Fault kinds (and a workload) that reveal daemon bugs found by the
 simulator and not fixed yet; ``--skip-known`` leaves them out.  See the
 report on issue 6: a room that restarts loses its subscribers

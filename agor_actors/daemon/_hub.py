@@ -9,6 +9,7 @@ store writer (durable, group commit, seq) → room (fan-out) → outboxes.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import trio
 
-from protocols import Joined, PresenceUpdate, Since, encode
+from protocols import Joined, Lagged, PresenceUpdate, Since, encode
 
 from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
 from ..domain.room import (
@@ -31,7 +32,7 @@ from ..domain.room import (
     to_event,
 )
 from ..domain.session import Command, SessionBehaviour
-from ..runtime import ActorSystem, Behaviour, Kind, open_system
+from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..store import (
     EventDraft,
     Mutation,
@@ -48,7 +49,7 @@ from ..store import (
 )
 from ..world import World
 from ._api import Principal, ServiceError
-from ._outbox import Outbox, OutboxClosed
+from ._outbox import Outbox, OutboxClosed, OutboxOverflow
 from ._token import read_or_create_token
 from ._writer import WRITER_NAME, StoreWriter, Write
 
@@ -114,6 +115,24 @@ class Hub:
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._presence_of: dict[str, Principal] = {}
         self.presence_dropped = 0
+        system.registry.exit_hooks.append(self._on_actor_exit)
+
+    def _on_actor_exit(self, name: str, ref: ActorRef) -> None:
+        """A room that crashed forgot its subscribers: tell each one
+        ``lagged`` from what it was offered, so that it resumes (from the
+        new incarnation's memory or the log) instead of waiting forever."""
+        reason = ref.exit_reason
+        if not name.startswith("room:") or reason is None or not reason.abnormal:
+            return
+        for subs in self._subs.values():
+            for room, sub in list(subs.items()):
+                if _room_actor(room)[0] != name or not sub.active:
+                    continue
+                sub.active = False
+                del subs[room]
+                with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                    sub.outbox.drop_room(room)
+                    sub.outbox.offer_control(Lagged(room=room, resume_from=sub.last_offered + 1))
 
     # ------------------------------------------------------------------ auth
 
@@ -604,7 +623,10 @@ async def open_hub(
         }
         existing = await world.blocking.run(lambda: store.get("users", OWNER_ID))
         op: Literal["insert", "update"] = "update" if existing is not None else "insert"
-        if existing is None or existing.get("token_hash") != owner_row["token_hash"]:
+        token_hash = str(owner_row["token_hash"])
+        current = await world.blocking.run(lambda: store.user_by_token_hash(token_hash))
+        # (rows never show token_hash: look the owner up by the hash instead)
+        if current is None or current["id"] != OWNER_ID:
             values = owner_row if op == "insert" else {"token_hash": owner_row["token_hash"]}
             results = await world.blocking.run(
                 lambda: store.commit(

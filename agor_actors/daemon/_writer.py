@@ -17,6 +17,7 @@ import attrs
 import outcome
 
 from .. import _planted
+from ..domain.room import Resync
 from ..runtime import ActorContext, Await, Behaviour, Effect, Effects, Reply, Request, Send
 from ..store import (
     Append,
@@ -31,7 +32,7 @@ from ..store import (
 )
 from ..world import World
 
-__all__ = ["Committed", "StoreWriter", "Write", "WriterState", "coalesce"]
+__all__ = ["Committed", "Resync", "StoreWriter", "Write", "WriterState", "coalesce"]
 
 WRITER_NAME = "store:writer"
 
@@ -188,6 +189,12 @@ class StoreWriter(Behaviour[WriterState]):
             error = exc if isinstance(exc, StoreError) else StoreUnavailable(str(exc))
             for run in done.batch:
                 effects.extend(Reply(req.reply_to, error=error) for req in run)
+            # the group may be durable all the same (the answer was lost):
+            # its rooms read their log to find out, so no event is skipped
+            rooms = sorted(
+                {e.room for run in done.batch for r in run for e in r.body.request.events}
+            )
+            effects.extend(Send(f"room:{room}", Resync()) for room in rooms)
             if state.pending:
                 effects.extend(self._start(state))
             return effects

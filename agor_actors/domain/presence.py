@@ -69,15 +69,17 @@ def status_of(
     config: PresenceConfig,
 ) -> Status:
     """The status the server shows: pure in ``now``."""
-    grace_over = gone_since_s is not None and now - gone_since_s >= config.offline_grace_s
+    # every comparison is ``now >= t + d``, the same sum ``_next_change``
+    # schedules its timer for: ``now - t >= d`` can disagree by one ulp and
+    # make the timer fire again and again at the same instant
+    grace_over = gone_since_s is not None and now >= gone_since_s + config.offline_grace_s
     if _planted.FLAGS.presence_never_offline:
         grace_over = False
     if not connected and grace_over:
         return "offline"
-    quiet = now - last_input_s
-    if quiet >= config.away_s:
+    if now >= last_input_s + config.away_s:
         return "away"
-    if quiet >= config.idle_s:
+    if now >= last_input_s + config.idle_s:
         return "idle"
     return "active"
 

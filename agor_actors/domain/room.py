@@ -14,17 +14,29 @@ from collections import deque
 from typing import Any
 
 import attrs
+import outcome
 
 from protocols import Codec, Event, Joined, Presence, Since, Viewport, encode
 
 from .. import _planted
 from ..daemon._outbox import Frame, Outbox
-from ..runtime import ActorContext, Behaviour, Effect, Effects, Reply, Request, StartTimer
+from ..runtime import (
+    ActorContext,
+    Await,
+    Behaviour,
+    CancelTimer,
+    Effect,
+    Effects,
+    Reply,
+    Request,
+    StartTimer,
+)
 from ..store import SqlStore, StoredEvent
 from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_for
 
 __all__ = [
     "CatchUp",
+    "Resync",
     "RoomBehaviour",
     "RoomState",
     "Subscribe",
@@ -126,6 +138,24 @@ class _PresenceFlush:
     pass
 
 
+@attrs.frozen
+class Resync:
+    """From the store writer: what the log holds past your head may never
+    have reached you (a commit whose answer was lost); read it."""
+
+
+@attrs.frozen
+class _HeadCheck:
+    """While a room has subscribers it reads its log's head now and then, so
+    that events whose announcement was lost (a writer crash, a lost commit
+    answer) reach the subscribers even if nothing else is written."""
+
+
+@attrs.frozen
+class _Filled:
+    result: outcome.Outcome[list[StoredEvent]]
+
+
 @attrs.define
 class RoomState:
     room: str
@@ -136,6 +166,11 @@ class RoomState:
     delivered: int = 0
     lagged: int = 0
     presence: BoardPresence = attrs.field(factory=BoardPresence)
+    filling: bool = False
+    refill: bool = False
+    held: list[StoredEvent] = attrs.field(factory=list)
+    head_check: bool = False
+    filled: int = 0
 
 
 def activity_entry(event: Event | StoredEvent) -> dict[str, Any]:
@@ -190,6 +225,9 @@ class RoomBehaviour(Behaviour[RoomState]):
 
     max_highlights = 64
     activity_memory = 100
+    max_held = 10_000
+    fill_page = 1000
+    head_check_s = 5.0
 
     def __init__(
         self,
@@ -207,6 +245,7 @@ class RoomBehaviour(Behaviour[RoomState]):
 
     async def init(self, ctx: ActorContext) -> RoomState:
         store, room = self.store, self.room
+        self._blocking = ctx.world.blocking
         head = await ctx.world.blocking.run(lambda: store.room_head(room))
         epoch, seq = head if head is not None else ("", 0)
         return RoomState(room=room, epoch=epoch, head=seq)
@@ -235,13 +274,78 @@ class RoomBehaviour(Behaviour[RoomState]):
             return ()
         if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush):
             return self._presence(state, msg, now)
+        if isinstance(msg, _Filled):
+            return self._filled(state, msg, now)
+        if isinstance(msg, _HeadCheck) and not state.subscribers:
+            state.head_check = False
+            return [CancelTimer("head")]  # and the room may passivate again
+        if isinstance(msg, Resync | _HeadCheck):
+            return self._resync(state)
         # Committed, from the store writer
-        events: tuple[StoredEvent, ...] = msg.events
+        return self._committed(state, msg.events, now)
+
+    def _committed(
+        self, state: RoomState, events: tuple[StoredEvent, ...], now: float
+    ) -> list[Effect]:
+        if state.filling:
+            # a read of the log is under way: these wait, in order (bounded:
+            # past the bound they are dropped and read back from the log)
+            if len(state.held) + len(events) > self.max_held:
+                state.held.clear()
+                state.refill = True
+            else:
+                state.held.extend(events)
+            return []
+        fresh = [e for e in events if e.end_seq > state.head]
+        if fresh and fresh[0].seq > state.head + 1:
+            # a hole: events were committed that never reached us (a lost
+            # commit answer, a writer crash); read the log from our head
+            state.held.extend(fresh)
+            return self._resync(state)
         self._fan_out(state, events)
+        effects: list[Effect] = []
         if self.is_board:
             self._highlight(state, events)
-            return self._schedule_flush(state, now)
-        return ()
+            effects += self._schedule_flush(state, now)
+        if state.subscribers and not state.head_check:
+            state.head_check = True
+            effects.append(StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True))
+        return effects
+
+    def _resync(self, state: RoomState) -> list[Effect]:
+        if state.filling:
+            state.refill = True
+            return []
+        state.filling = True
+        store, room, after, limit = self.store, self.room, state.head, self.fill_page
+        blocking = self._blocking
+
+        async def read() -> list[StoredEvent]:
+            return await blocking.run(lambda: store.events_since(room, after, limit))
+
+        return [Await(read, lambda result: _Filled(result))]
+
+    def _filled(self, state: RoomState, msg: _Filled, now: float) -> list[Effect]:
+        state.filling = False
+        try:
+            events = tuple(msg.result.unwrap())
+        except Exception:
+            # the store is unreachable: try again on the next head check
+            state.refill = False
+            return []
+        effects: list[Effect] = []
+        if events:
+            state.filled += 1
+            effects += self._committed(state, events, now)
+        more = len(events) >= self.fill_page or state.refill
+        state.refill = False
+        held, state.held = state.held, []
+        if more:
+            state.held = held
+            return effects + self._resync(state)
+        if held:
+            effects += self._committed(state, tuple(held), now)
+        return effects
 
     # -------------------------------------------------------------- fan-out
 

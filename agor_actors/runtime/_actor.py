@@ -249,6 +249,11 @@ class ActorRef:
     def statistics(self) -> ActorStats:
         return self._actor.statistics()
 
+    @property
+    def exit_reason(self) -> ExitReason | None:
+        """Why it stopped; None while it runs."""
+        return self._actor.exit_reason
+
 
 class _Actor:
     def __init__(

@@ -67,6 +67,8 @@ class Registry:
         self._kinds: list[Kind] = []
         self._entries: dict[str, _Entry] = {}
         self.spawned = 0
+        self.exit_hooks: list[Callable[[str, ActorRef], None]] = []
+        """Called (never blocking) when an incarnation of a named actor stops."""
 
     def define(self, kind: Kind) -> None:
         self._kinds.append(kind)
@@ -92,9 +94,12 @@ class Registry:
             entry = self._entries.get(name)
             if entry is None:
                 return await self._spawn(name)
-            if entry.ref is not None and entry.ref.alive:
+            ref = entry.ref
+            if ref is not None and ref.alive:
+                # the ref may stop during the checkpoint; callers get a
+                # (possibly dead) ref, never None, and retry on ActorDead
                 await trio.lowlevel.checkpoint()
-                return entry.ref
+                return ref
             await entry.ready.wait()
 
     async def send(self, name: str, msg: Any) -> None:
@@ -140,6 +145,8 @@ class Registry:
                 entry.ref = None
                 old, entry.ready = entry.ready, trio.Event()
                 old.set()
+            for hook in self.exit_hooks:
+                hook(name, ref)
 
         def on_removed() -> None:
             entry.removed = True

@@ -335,3 +335,22 @@ def test_statistics() -> None:
     stats = server.statistics()
     assert (stats.frames_received, stats.messages_received, stats.violations) == (2, 4, 1)
     assert stats.pending_calls == 1
+
+
+def test_presence_rate_limit_drops_only_cursor_moves() -> None:
+    """Cursor moves over the presence rate are dropped (the next replaces
+    them); any other presence change is never dropped for that rate."""
+    from protocols import Codec, Hello, Limits, PresenceReceived, ServerConnection, encode
+
+    limits = Limits(presence_rate_per_s=1, presence_burst=1)
+    conn = ServerConnection(codec=Codec.JSON, limits=limits)
+    conn.receive_data(encode(Codec.JSON, Hello(protocol=1, token="t")), 0.0)
+    conn.welcome(connection_id="c", user_id="u", heartbeat_ms=15000)
+    moves = [{"type": "presence", "board": "b", "cursor": {"x": i, "y": 0}} for i in range(5)]
+    leave = {"type": "presence", "board": ""}
+    import orjson
+
+    got = conn.receive_data(orjson.dumps([*moves, leave]).decode(), 0.0)
+    presence = [e for e in got if isinstance(e, PresenceReceived)]
+    assert len(presence) == 2  # one move (the burst), then the leave, never dropped
+    assert presence[-1].update.board == ""
