@@ -11,7 +11,8 @@ process, replaces the object.  The guarded lines:
     starts one event late (the first event after ``since`` is skipped).
 ``dedupe_off``
     ``protocols/_client.py`` ``_on_event``: the client machine applies an
-    event it has already applied instead of dropping it.
+    event it has already applied instead of dropping it (the switch itself
+    is ``protocols._planted``, set from here).
 ``ack_before_durable``
     ``agor_actors/daemon/_writer.py`` ``_start``: the writer answers the
     writers of a group before the group is committed.
@@ -30,6 +31,8 @@ process, replaces the object.  The guarded lines:
 from __future__ import annotations
 
 import attrs
+
+from protocols import _planted as protocol_planted
 
 __all__ = ["FLAGS", "PLANTED", "Flags", "plant"]
 
@@ -58,4 +61,6 @@ def plant(*names: str) -> Flags:
     if unknown:
         raise ValueError(f"no planted bug {', '.join(unknown)}; known: {', '.join(PLANTED)}")
     FLAGS = Flags(**dict.fromkeys(names, True))
+    # the protocol's own switch lives in protocols/ (which imports nothing of ours)
+    protocol_planted.plant(dedupe_off=FLAGS.dedupe_off)
     return FLAGS

@@ -39,8 +39,7 @@ from typing import Any, Final
 
 import attrs
 
-from agor_actors import _planted
-
+from . import _planted
 from ._codec import (
     Codec,
     Frame,

@@ -41,9 +41,6 @@ ALLOWED = {
     "orjson",
     "types",
     "typing",
-    # The simulator's planted-bug switches (a frozen record of booleans, no
-    # I/O), read in one guarded line; added by the simulator's author.
-    "agor_actors._planted",
 }
 FORBIDDEN_CALLS = re.compile(
     r"\b(time\.(time|monotonic|perf_counter)|random\.|datetime\.now|uuid\.uuid)"
