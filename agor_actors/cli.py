@@ -145,16 +145,16 @@ def _top(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
-def _sim_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m sim")
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A subcommand that parses its own options (see ``PASSTHROUGH``)."""
 
 
 def _sim(args: argparse.Namespace) -> int:
     """``agor-actors sim ...`` is ``python -m sim ...`` (which re-executes
-    itself with the hash seed pinned); :func:`main` hands it over whole."""
+    itself with the hash seed pinned)."""
     from sim import main as sim_main
 
-    return sim_main(list(args.args))
+    return sim_main(list(args.passthrough))
 
 
 COMMANDS: Final[
@@ -166,9 +166,13 @@ COMMANDS: Final[
     "serve": ("run the daemon", _serve_arguments, _serve),
     "token": ("print the local owner's token", _add_data_dir, _token),
     "top": ("show the supervision tree of a running daemon", _top_arguments, _top),
-    "sim": ("run the deterministic simulator (see python -m sim --help)", _sim_arguments, _sim),
+    "sim": ("run the deterministic simulator (see python -m sim --help)", _no_arguments, _sim),
 }
 """Subcommand -> (help, add its arguments, run it and return the exit status)."""
+
+PASSTHROUGH: Final = frozenset({"sim"})
+"""Subcommands whose options (``--help`` too) go to them unparsed, in
+``args.passthrough``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,20 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, add_help=name not in PASSTHROUGH
+        )
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sim"]:
-        # the simulator parses its own options (argparse would take them here)
-        from sim import main as sim_main
-
-        return sim_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.passthrough = extra
     run: Callable[[argparse.Namespace], int] = args.run
     return run(args)
 

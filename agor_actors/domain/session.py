@@ -260,7 +260,7 @@ class SessionBehaviour(Behaviour[SessionState]):
     def _written(self, state: SessionState, done: _Written) -> list[Effect]:
         state.inflight -= 1
         effects: list[Effect] = []
-        if done.result.__class__ is not outcome.Value:
+        if isinstance(done.result, outcome.Error):
             # what this incarnation believes of messages may be off now:
             # forget it; it is loaded again from the store when needed
             state.messages.clear()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -32,3 +34,22 @@ async def test_top_shows_supervisors_and_busiest_actors(
         assert "store:writer" in out and "supervisor" in out
         bad = ["top", "--url", d.http_url, "--token", "wrong", "--limit", "5"]
         assert await trio.to_thread.run_sync(main, bad) == 1
+
+
+def test_sim_takes_its_own_options_and_others_refuse_unknown_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the simulator re-executes its process (hash seed pinned): run it apart
+    done = subprocess.run(
+        [sys.executable, "-m", "agor_actors.cli", "sim", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert "python -m sim" in done.stdout  # the simulator's help, not agor-actors'
+    with pytest.raises(SystemExit) as bad:
+        main(["token", "--bogus"])
+    assert bad.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
