@@ -11,7 +11,7 @@ back, and a ``call`` is answered only once its write is durable.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import outcome
@@ -32,9 +32,11 @@ from ..store import (
 )
 from ..world import World
 
-__all__ = ["Committed", "Resync", "StoreWriter", "Write", "WriterState", "coalesce"]
+__all__ = ["Committed", "Resync", "StoreWriter", "Write", "WriterState", "coalesce", "runs"]
 
 WRITER_NAME = "store:writer"
+
+_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -125,6 +127,46 @@ def coalesce(writes: Sequence[Write]) -> WriteRequest:
     )
 
 
+def _touches(request: WriteRequest) -> list[tuple[str, ...]]:
+    return [("room", e.room) for e in request.events] + [
+        ("row", m.table, *(f"{k}={v!r}" for k, v in sorted(m.key.items())))
+        for m in request.mutations
+    ]
+
+
+def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
+    """Group ``items`` (one per write, in order) into runs to commit as one
+    request each.  A write with a coalesce key (a chunk of a streamed
+    message) joins the run of its key, also when writes of other keys came
+    between, unless one of those touched a room or a row this write
+    touches: then it starts a new run.  So what a room sees and what a row
+    goes through keep their order; only writes whose order nothing can tell
+    are moved together.  A write that touches nothing ends every run."""
+    batch: list[tuple[_T, ...]] = []
+    open_run: dict[str, int] = {}  # coalesce key -> index in batch of its run
+    last: dict[tuple[str, ...], int] = {}  # what was touched -> last index touching it
+    barrier = 0  # runs before this index are closed
+    for write, item in zip(writes, items, strict=True):
+        key = write.coalesce_key
+        touches = _touches(write.request)
+        index = open_run.get(key) if key is not None else None
+        if index is not None and (index < barrier or any(last.get(t, -1) > index for t in touches)):
+            index = None
+        if index is None:
+            batch.append((item,))
+            index = len(batch) - 1
+            if key is not None:
+                open_run[key] = index
+        else:
+            batch[index] = (*batch[index], item)
+        if not touches:
+            barrier = len(batch)
+        for t in touches:
+            if last.get(t, -1) < index:
+                last[t] = index
+    return batch
+
+
 class StoreWriter(Behaviour[WriterState]):
     """The single writer.  ``max_group`` bounds a commit group; writes beyond
     it wait for the next group (and the mailbox bound slows the senders)."""
@@ -152,14 +194,7 @@ class StoreWriter(Behaviour[WriterState]):
 
     def _start(self, state: WriterState) -> list[Effect]:
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
-        # runs of consecutive writes with one coalesce key become one request
-        batch: list[tuple[Request, ...]] = []
-        for req in taken:
-            key = req.body.coalesce_key
-            if key is not None and batch and batch[-1][0].body.coalesce_key == key:
-                batch[-1] = (*batch[-1], req)
-            else:
-                batch.append((req,))
+        batch = runs([req.body for req in taken], list(taken))
         requests = [
             coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request
             for run in batch

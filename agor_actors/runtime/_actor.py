@@ -29,7 +29,7 @@ from ._effects import (
     Stop,
     TrySend,
 )
-from ._mailbox import ActorDead, Mailbox, MailboxFull
+from ._mailbox import EMPTY, ActorDead, Mailbox, MailboxFull
 
 if TYPE_CHECKING:
     from ._registry import Registry
@@ -147,7 +147,7 @@ class ActorStats:
 class ReplyTo:
     """A one-shot reply slot.  Made by ``call`` only."""
 
-    __slots__ = ("_abandoned", "_error", "_event", "_value")
+    __slots__ = ("_abandoned", "_error", "_event", "_notify", "_value")
 
     def __init__(self, _token: object) -> None:
         if _token is not _PRIVATE:
@@ -156,6 +156,8 @@ class ReplyTo:
         self._value: Any = None
         self._error: BaseException | None = None
         self._abandoned = False
+        # an asking actor's hook, called on the answer (no task waits for it)
+        self._notify: Callable[[ReplyTo], None] | None = None
 
     @property
     def answered(self) -> bool:
@@ -169,11 +171,14 @@ class ReplyTo:
         self._value = value
         self._error = error
         self._event.set()
+        if self._notify is not None:
+            self._notify(self)
         return True
 
 
 _PRIVATE = object()
 _STOP = object()
+_BURST = 16  # messages an actor takes between checkpoints
 
 
 class ActorRef:
@@ -211,13 +216,20 @@ class ActorRef:
         :class:`CallTimeout`, :class:`ActorDead`, :class:`ActorExited` (it
         stopped or crashed before answering), or the error it replied with.
         If cancelled, the request may still be handled; its reply is dropped."""
-        reply = ReplyTo(_PRIVATE)
         try:
             with trio.fail_after(timeout_s):
-                await self._actor.mailbox.put(Request(body, reply))
-                await reply._event.wait()
+                return await self._call(body)
         except trio.TooSlowError:
             raise CallTimeout(f"{self.name}: no reply within {timeout_s} s") from None
+
+    async def _call(self, body: Any) -> Any:
+        """``call`` without a deadline of its own (the caller's scope has one)."""
+        reply = ReplyTo(_PRIVATE)
+        try:
+            mailbox = self._actor.mailbox
+            if not mailbox.try_put(Request(body, reply)):
+                await mailbox.put(Request(body, reply))
+            await reply._event.wait()
         finally:
             if not reply._event.is_set():
                 reply._abandoned = True
@@ -286,6 +298,10 @@ class _Actor:
         self.exit_reason: ExitReason | None = None
         self.state: Any = None
         self._nursery: trio.Nursery | None = None
+        # asks awaiting their reply: the effect, its deadline, the target's name
+        self._asks: dict[ReplyTo, tuple[Ask, float, str]] = {}
+        self._ask_timer: trio.CancelScope | None = None
+        self._unyielded = 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -320,6 +336,12 @@ class _Actor:
         for timer in self.timers.values():
             timer.cancel()
         self.timers.clear()
+        for reply in self._asks:
+            reply._notify = None
+            reply._abandoned = True
+        self._asks.clear()
+        if self._ask_timer is not None:
+            self._ask_timer.cancel()
         error = ActorExited(self.name, reason)
         for reply in list(self.pending):
             reply._answer(error=error)
@@ -348,21 +370,33 @@ class _Actor:
     async def _loop(self) -> ExitReason:
         behaviour = self.behaviour
         clock = self.world.clock
+        mailbox = self.mailbox
         while True:
             take_user = self.inflight < behaviour.max_inflight
-            idle_s = behaviour.idle_s
-            if idle_s is not None and not self.timers and not self.inflight:
-                msg: Any = _STOP  # replaced unless the idle deadline passes
-                got = False
-                with trio.move_on_after(idle_s):
-                    msg = await self.mailbox.get(user=take_user)
-                    got = True
-                if not got:
-                    if len(self.mailbox) == 0 and behaviour.can_passivate(self.state):
-                        return ExitReason("idle")
-                    continue
+            # Up to _BURST messages that are already waiting are taken without
+            # a checkpoint (each checkpoint is a trip through trio's run
+            # loop); then the loop yields, so that a busy actor cannot starve
+            # the others, and notices cancellation.
+            msg: Any = EMPTY
+            if self._unyielded < _BURST:
+                msg = mailbox.get_nowait(user=take_user)
+            if msg is not EMPTY:
+                self._unyielded += 1
             else:
-                msg = await self.mailbox.get(user=take_user)
+                self._unyielded = 0
+                idle_s = behaviour.idle_s
+                if idle_s is not None and not self.timers and not self.inflight:
+                    msg = _STOP  # replaced unless the idle deadline passes
+                    got = False
+                    with trio.move_on_after(idle_s):
+                        msg = await mailbox.get(user=take_user)
+                        got = True
+                    if not got:
+                        if len(mailbox) == 0 and behaviour.can_passivate(self.state):
+                            return ExitReason("idle")
+                        continue
+                else:
+                    msg = await mailbox.get(user=take_user)
             if msg is _STOP:
                 return ExitReason("shutdown")
             if isinstance(msg, Request):
@@ -383,7 +417,8 @@ class _Actor:
             elif isinstance(effect, Send):
                 try:
                     target = await self._resolve(effect.to)
-                    await target.send(effect.msg)
+                    if not target.try_send(effect.msg):
+                        await target.send(effect.msg)  # full: wait for room
                 except ActorDead:
                     self.dead_letters += 1
             elif isinstance(effect, TrySend):
@@ -418,6 +453,9 @@ class _Actor:
             return to
         if self.registry is None:
             raise RuntimeError(f"{self.name}: no registry to resolve {to!r}")
+        ref = self.registry.lookup(to)  # the common case: alive, no checkpoint
+        if ref is not None:
+            return ref
         return await self.registry.get(to)
 
     def _start_timer(self, effect: StartTimer) -> None:
@@ -444,35 +482,73 @@ class _Actor:
                     return
 
     async def _ask(self, effect: Ask) -> None:
+        """Send the request; the reply comes back through the reply slot's
+        hook (no task waits for it), a timeout through :meth:`_expire`."""
         assert self._nursery is not None
         reply = ReplyTo(_PRIVATE)
+        request = Request(effect.body, reply)
         try:
             target = await self._resolve(effect.to)
-            await target.send(Request(effect.body, reply))
+            deadline = self.world.clock.now_s() + effect.timeout_s
+            # registered before the send: the target may answer during it
+            self._asks[reply] = (effect, deadline, target.name)
+            reply._notify = self._answered
+            self.inflight += 1
+            if not target.try_send(request):
+                await target.send(request)  # full: wait for room
         except Exception as exc:
+            if self._asks.pop(reply, None) is not None:
+                self.inflight -= 1
+            reply._notify = None
             self.mailbox.put_system(effect.then(outcome.Error(exc)))
             return
-        self.inflight += 1
-        self._nursery.start_soon(self._wait_reply, effect, reply, target.name)
+        if self._ask_timer is None:
+            self._ask_timer = trio.CancelScope(deadline=deadline)
+            self._nursery.start_soon(self._expire, self._ask_timer)
+        elif deadline < self._ask_timer.deadline:
+            self._ask_timer.deadline = deadline
 
-    async def _wait_reply(self, effect: Ask, reply: ReplyTo, target: str) -> None:
+    def _answered(self, reply: ReplyTo) -> None:
+        """A reply slot's hook: runs in the answering task, never blocks."""
+        entry = self._asks.pop(reply, None)
+        if entry is None:
+            return
+        self.inflight -= 1
         result: outcome.Outcome[Any]
+        if reply._error is not None:
+            assert isinstance(reply._error, Exception)
+            result = outcome.Error(reply._error)
+        else:
+            result = outcome.Value(reply._value)
         try:
-            with trio.move_on_after(effect.timeout_s):
-                await reply._event.wait()
-            if not reply._event.is_set():
-                reply._abandoned = True
-                result = outcome.Error(
-                    CallTimeout(f"{target}: no reply within {effect.timeout_s} s")
-                )
-            elif reply._error is not None:
-                assert isinstance(reply._error, Exception)
-                result = outcome.Error(reply._error)
-            else:
-                result = outcome.Value(reply._value)
-        finally:
-            self.inflight -= 1
-        self.mailbox.put_system(effect.then(result))
+            self.mailbox.put_system(entry[0].then(result))
+        except MailboxFull:
+            # cannot happen within the bounds (an ask counts in max_inflight,
+            # which the system lane's bound includes); never the answerer's
+            # problem
+            self.dead_letters += 1
+
+    async def _expire(self, scope: trio.CancelScope) -> None:
+        """Time out asks whose deadline passed; one task for all of an
+        actor's asks, sleeping until the earliest deadline, gone when none
+        is left."""
+        while True:
+            with scope:
+                await trio.sleep_forever()
+            now = self.world.clock.now_s()
+            for reply, (effect, deadline, target) in list(self._asks.items()):
+                if deadline <= now:
+                    del self._asks[reply]
+                    self.inflight -= 1
+                    reply._notify = None
+                    reply._abandoned = True
+                    error = CallTimeout(f"{target}: no reply within {effect.timeout_s} s")
+                    self.mailbox.put_system(effect.then(outcome.Error(error)))
+            if not self._asks:
+                self._ask_timer = None
+                return
+            scope = trio.CancelScope(deadline=min(d for _, d, _ in self._asks.values()))
+            self._ask_timer = scope
 
     async def _await(self, effect: Await) -> None:
         result: outcome.Outcome[Any]

@@ -7,7 +7,10 @@ from typing import Any
 
 import trio
 
-__all__ = ["ActorDead", "Mailbox", "MailboxFull"]
+__all__ = ["EMPTY", "ActorDead", "Mailbox", "MailboxFull"]
+
+EMPTY: Any = object()
+"""What :meth:`Mailbox.get_nowait` returns when there is nothing to take."""
 
 
 class ActorDead(Exception):
@@ -92,6 +95,18 @@ class Mailbox:
             raise MailboxFull(f"system lane over its bound of {self.system_bound}")
         self._system.append(msg)
         self._recv_lot.unpark()
+
+    def get_nowait(self, *, user: bool = True) -> Any:
+        """The next message if there is one (system ones first), else
+        :data:`EMPTY`.  Not a checkpoint: the actor loop takes a few messages
+        this way between checkpoints."""
+        if self._system:
+            return self._system.popleft()
+        if user and self._user:
+            msg = self._user.popleft()
+            self._send_lot.unpark()
+            return msg
+        return EMPTY
 
     async def get(self, *, user: bool = True) -> Any:
         """The next message, system ones first; with ``user=False`` only

@@ -11,7 +11,7 @@ import trio
 from supervisors import Backoff, Intensity, Restart, Supervisor
 
 from ..world import World
-from ._actor import ActorRef, ActorStats, Behaviour, actor_child_spec
+from ._actor import ActorRef, ActorStats, Behaviour, CallTimeout, actor_child_spec
 from ._mailbox import ActorDead
 
 __all__ = ["Kind", "Registry", "UnknownActorKind"]
@@ -115,13 +115,16 @@ class Registry:
 
     async def call(self, name: str, body: Any, *, timeout_s: float = 5.0) -> Any:
         """``call`` on the named actor, spawning it if needed."""
-        with trio.fail_after(timeout_s):
-            while True:
-                ref = await self.get(name)
-                try:
-                    return await ref.call(body, timeout_s=timeout_s)
-                except ActorDead:
-                    await self._wait_gone(name, ref)
+        try:
+            with trio.fail_after(timeout_s):
+                while True:
+                    ref = self.lookup(name) or await self.get(name)
+                    try:
+                        return await ref._call(body)
+                    except ActorDead:
+                        await self._wait_gone(name, ref)
+        except trio.TooSlowError:
+            raise CallTimeout(f"{name}: no reply within {timeout_s} s") from None
 
     async def _wait_gone(self, name: str, ref: ActorRef) -> None:
         entry = self._entries.get(name)

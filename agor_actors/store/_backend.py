@@ -236,8 +236,29 @@ class _GroupFailed(Exception):
 
 
 class _RetryIsolated(Exception):
-    """The group's combined event insert failed: redo the group with each
-    request's events inside its own savepoint, to find whose they were."""
+    """The group's combined event insert or a run of plain updates failed
+    (or missed a row): redo the group with each request, its events
+    included, inside its own savepoint, to find whose it was."""
+
+
+_UPDATE_SHAPES_MAX: Final = 64
+
+
+@attrs.frozen
+class _Shape:
+    """What an ``update`` statement depends on: the table, the key columns,
+    and each value column with whether it appends."""
+
+    table: str
+    key: tuple[str, ...]
+    values: tuple[tuple[str, bool], ...]
+
+
+@attrs.define
+class _UpdateRun:
+    shape: _Shape
+    statement: sa.Update
+    rows: list[dict[str, Any]] = attrs.field(factory=list)
 
 
 def _dumps(value: Any) -> str:
@@ -435,6 +456,7 @@ class SqlStore:
         self._engine = engine
         self._new_epoch = new_epoch
         self._heads: dict[str, tuple[str, int]] = {}
+        self._update_statements: dict[_Shape, sa.Update] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
         if engine.dialect.name == "postgresql":
@@ -557,21 +579,36 @@ class SqlStore:
     def _commit_group(
         self, requests: Sequence[WriteRequest], *, isolate_events: bool
     ) -> tuple[list[WriteResult | StoreError], dict[str, _Head]]:
+        """One transaction for ``requests``.  A request that is one plain
+        ``update`` of a row (no preconditions, no history: a streamed chunk,
+        a status change) needs no savepoint: it is checked here, and its
+        update joins a run of updates of the same shape that goes to the
+        database as one ``executemany`` (a run ends at a request of another
+        kind, so rows change in request order).  If a run fails or misses a
+        row, the group is redone with every request isolated, which finds
+        whose it was.  Other requests each run in a savepoint."""
         results: list[WriteResult | StoreError] = []
         group: dict[str, _Head] = {}
         pending: list[dict[str, Any]] = []
+        run: _UpdateRun | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
             for request in requests:
                 local: dict[str, _Head] = {}
                 stored: list[StoredEvent] = []
-                needs_savepoint = bool(
-                    request.expect
-                    or request.mutations
-                    or request.history
-                    or (isolate_events and request.events)
-                )
                 try:
-                    if needs_savepoint:
+                    plain = None if isolate_events else self._plain_update(request)
+                    if plain is not None:
+                        stored = self._allocate(conn, request.events, group, local)
+                        if run is not None and run.shape != plain[0]:
+                            self._flush_run(conn, run)
+                            run = None
+                        if run is None:
+                            run = _UpdateRun(plain[0], self._update_statement(plain[0]))
+                        run.rows.append(plain[1])
+                    elif request.expect or request.mutations or request.history or isolate_events:
+                        if run is not None:
+                            self._flush_run(conn, run)
+                            run = None
                         with _savepoint(cursor):
                             self._apply(conn, request)
                             stored = self._allocate(conn, request.events, group, local)
@@ -591,6 +628,8 @@ class SqlStore:
                 results.append(WriteResult(tuple(stored)))
                 if not isolate_events:
                     pending.extend(_event_row(e) for e in stored)
+            if run is not None:
+                self._flush_run(conn, run)
             if pending:
                 try:
                     conn.execute(s.events.insert(), pending)
@@ -598,6 +637,63 @@ class SqlStore:
                     raise _RetryIsolated() from exc
             self._write_heads(conn, group)
         return results, group
+
+    def _plain_update(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
+        """``(shape, parameters)`` if ``request`` is one plain update, checked;
+        None if it is anything else.  Raises the request's error if the
+        update is not valid."""
+        if request.expect or request.history or len(request.mutations) != 1:
+            return None
+        mutation = request.mutations[0]
+        if mutation.op != "update" or not mutation.values:
+            return None
+        table = _entity_table(mutation.table)
+        _check_key(table, mutation.key)
+        _check_columns(table, mutation.values, allow_key=False)
+        _check_values(table, mutation.values)
+        shape = _Shape(
+            table.name,
+            tuple(mutation.key),
+            tuple((name, isinstance(v, Append)) for name, v in mutation.values.items()),
+        )
+        params = {f"k_{name}": value for name, value in mutation.key.items()}
+        for name, value in mutation.values.items():
+            params[f"v_{name}"] = value.text if isinstance(value, Append) else value
+        return shape, params
+
+    def _update_statement(self, shape: _Shape) -> sa.Update:
+        stmt = self._update_statements.get(shape)
+        if stmt is not None:
+            return stmt
+        table = ENTITY_TABLES[shape.table]
+        values: dict[str, Any] = {}
+        for name, append in shape.values:
+            column = table.c[name]
+            if append:
+                values[name] = sa.func.coalesce(column, "") + sa.bindparam(
+                    f"v_{name}", type_=sa.Text
+                )
+            else:
+                values[name] = sa.bindparam(f"v_{name}", type_=column.type)
+        stmt = (
+            sa.update(table)
+            .where(*(table.c[name] == sa.bindparam(f"k_{name}") for name in shape.key))
+            .values(values)
+        )
+        if len(self._update_statements) < _UPDATE_SHAPES_MAX:
+            self._update_statements[shape] = stmt
+        return stmt
+
+    @staticmethod
+    def _flush_run(conn: sa.Connection, run: _UpdateRun) -> None:
+        """Run the updates; a failure or a missing row redoes the group
+        with each request isolated (the transaction is rolled back first)."""
+        try:
+            result = conn.execute(run.statement, run.rows)
+        except sa.exc.StatementError as exc:
+            raise _RetryIsolated() from exc
+        if result.rowcount != len(run.rows):
+            raise _RetryIsolated()
 
     def _apply(self, conn: sa.Connection, request: WriteRequest) -> None:
         for expect in request.expect:

@@ -14,6 +14,7 @@ from agor_actors.runtime import (
     ActorDead,
     ActorExited,
     ActorRef,
+    Ask,
     Await,
     Behaviour,
     CallTimeout,
@@ -362,3 +363,116 @@ async def test_registry_send_resolves_names_in_effects(autojump_clock: MockClock
             await fwd.send("go")
         await trio.sleep(0.1)
         assert await system.registry.call("session:target", "get") == 3
+
+
+class Asker(Behaviour[list[Any]]):
+    """Asks ``target`` what each message says (``(body, timeout_s)``) and
+    records the outcomes in order; ``"stop"`` stops it."""
+
+    max_inflight = 8
+
+    def __init__(self, target: ActorRef) -> None:
+        self.target = target
+
+    async def init(self, ctx: ActorContext) -> list[Any]:
+        return []
+
+    def handle(self, state: list[Any], msg: Any, now: float) -> Effects:
+        if msg == "stop":
+            return [Stop()]
+        if isinstance(msg, tuple) and msg[0] == "asked":
+            state.append((msg[1], now, msg[2]))
+            return ()
+        if isinstance(msg, Request) and msg.body == "outcomes":
+            return [Reply(msg.reply_to, list(state))]
+        body, timeout_s = msg
+        return [
+            Ask(
+                self.target,
+                body,
+                lambda out, b=body: ("asked", b, out),
+                timeout_s=timeout_s,
+            )
+        ]
+
+
+async def test_ask_replies_errors_and_timeouts_come_back_as_messages(
+    autojump_clock: MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        target = await spawn(nursery, CounterBehaviour(), name="target", world=WORLD)
+        asker = await spawn(nursery, Asker(target), name="asker", world=WORLD)
+        t0 = trio.current_time()
+        await asker.send((("slow", 5.0), 10.0))  # answered at +5
+        await asker.send((("slow", 50.0), 3.0))  # times out at +3 (an earlier deadline)
+        await asker.send(("get", 30.0))  # answered at once
+        await trio.sleep(20)
+        await asker.send(("hold", 30.0))  # never answered by a live target...
+        await asker.send(("crash", 30.0))  # ...which then crashes: ActorExited
+        await trio.sleep(1)
+        outcomes = await asker.call("outcomes")
+        got = [(body, round(at - t0, 3), type(out).__name__) for body, at, out in outcomes]
+        assert got == [
+            ("get", 0.0, "Value"),
+            (("slow", 50.0), 3.0, "Error"),
+            (("slow", 5.0), 5.0, "Value"),
+            ("hold", 20.0, "Error"),
+            ("crash", 20.0, "Error"),
+        ]
+        assert outcomes[0][2].unwrap() == 0 and outcomes[2][2].unwrap() == 0
+        assert isinstance(outcomes[1][2].error, CallTimeout)
+        assert isinstance(outcomes[3][2].error, ActorExited)
+        assert isinstance(outcomes[4][2].error, ActorExited)
+        assert asker.statistics().inflight == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_ask_timeout_then_late_reply_is_counted_by_the_target(
+    autojump_clock: MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        target = await spawn(nursery, CounterBehaviour(), name="target", world=WORLD)
+        asker = await spawn(nursery, Asker(target), name="asker", world=WORLD)
+        for i in range(3):  # equal timeouts: one timer task serves them all
+            await asker.send((("slow", 4.0 + i), 2.0 + i))
+        await asker.send((("slow", 1.0), 30.0))
+        await trio.sleep(10)
+        outcomes = await asker.call("outcomes")
+        kinds = [
+            (body, type(out.error).__name__ if hasattr(out, "error") else "ok")
+            for body, _, out in outcomes
+        ]
+        assert kinds == [
+            (("slow", 1.0), "ok"),
+            (("slow", 4.0), "CallTimeout"),
+            (("slow", 5.0), "CallTimeout"),
+            (("slow", 6.0), "CallTimeout"),
+        ]
+        assert target.statistics().late_replies == 3
+        # an asker that stops with an ask pending: the reply is late, not lost
+        await asker.send((("slow", 2.0), 30.0))
+        await trio.sleep(0.5)
+        await asker.send("stop")
+        await asker.wait_stopped()
+        await trio.sleep(5)
+        assert target.statistics().late_replies == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_busy_actor_does_not_starve_others(autojump_clock: MockClock) -> None:
+    """An actor with a full mailbox takes a burst of messages between
+    checkpoints, not the whole backlog: another actor's messages are
+    handled while the backlog is still being worked off."""
+    async with trio.open_nursery() as nursery:
+        busy = await spawn(nursery, CounterBehaviour(mailbox_size=500), name="busy", world=WORLD)
+        other = await spawn(nursery, CounterBehaviour(), name="other", world=WORLD)
+        for _ in range(400):
+            assert busy.try_send("inc")
+        while busy.statistics().handled == 0:
+            await trio.lowlevel.checkpoint()
+        assert other.try_send("inc")
+        while other.statistics().handled == 0:
+            await trio.lowlevel.checkpoint()
+        assert busy.statistics().handled < 100
+        assert await busy.call("get") == 400
+        nursery.cancel_scope.cancel()

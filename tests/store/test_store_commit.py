@@ -617,6 +617,103 @@ def test_update_upsert_append_and_delete(store: SqlStore) -> None:
     assert isinstance(gone[0], StoreNotFound)
 
 
+def _message(mid: str, session: str = "s1") -> Mutation:
+    return Mutation(
+        "insert",
+        "messages",
+        {"id": mid},
+        {
+            "session_id": session,
+            "role": "assistant",
+            "streaming": True,
+            "created_at": 1,
+            "updated_at": 1,
+        },
+    )
+
+
+def _chunk(mid: str, text: str, room: str, n: int, *, streaming: bool = True) -> WriteRequest:
+    change: dict[str, Any] = {"content": Append(text), "updated_at": 10 + n}
+    if streaming:
+        change["streaming"] = True
+    return WriteRequest(
+        mutations=[Mutation("update", "messages", {"id": mid}, change)],
+        events=[ev(room, "task:message", n=n)],
+    )
+
+
+def test_plain_updates_in_one_group_keep_request_order(store: SqlStore) -> None:
+    """Plain updates go to the database in runs; a run must not reorder
+    them against the other requests of the group, and a run that misses a
+    row or fails must give that request, and only it, its error."""
+    ok(
+        store.commit([WriteRequest(mutations=[add_session("s1"), _message("m1"), _message("m2")])])[
+            0
+        ]
+    )
+    # a precondition makes this one a request of its own (a savepoint)
+    finish = WriteRequest(
+        expect=[Expect("messages", {"id": "m1"}, "streaming", True)],
+        mutations=[Mutation("update", "messages", {"id": "m1"}, {"streaming": False})],
+        events=[ev("session:s1", "task:message", n=90)],
+    )
+    results = store.commit(
+        [
+            _chunk("m1", "a", "session:s1", 1),
+            _chunk("m2", "x", "session:s2", 2),
+            _chunk("m1", "b", "session:s1", 3),
+            finish,  # the run before it must reach the database first
+            _chunk("m1", "c", "session:s1", 4, streaming=False),  # another shape
+            _chunk("m2", "y", "session:s2", 5),  # and back
+        ]
+    )
+    assert all(isinstance(r, WriteResult) for r in results)
+    m1, m2 = store.get("messages", "m1"), store.get("messages", "m2")
+    assert m1 is not None and m1["content"] == "abc" and m1["streaming"] is False
+    assert m1["updated_at"] == 14
+    assert m2 is not None and m2["content"] == "xy" and m2["streaming"] is True
+    assert [seqs(r) for r in results] == [
+        [(1, None)],
+        [(1, None)],
+        [(2, None)],
+        [(3, None)],
+        [(4, None)],
+        [(2, None)],
+    ]
+
+    # a run that misses a row: that request fails, the others commit
+    results = store.commit(
+        [
+            _chunk("m2", "1", "session:s2", 6),
+            WriteRequest(mutations=[Mutation("delete", "messages", {"id": "m2"})]),
+            _chunk("m2", "2", "session:s2", 7),  # gone
+            _chunk("m1", "d", "session:s1", 8, streaming=False),
+        ]
+    )
+    assert [type(r).__name__ for r in results] == [
+        "WriteResult",
+        "WriteResult",
+        "StoreNotFound",
+        "WriteResult",
+    ]
+    assert store.get("messages", "m2") is None
+    assert_gap_free(store, "session:s2", 3)  # the failed chunk took no seq
+
+    # a database error inside a run (a foreign key) fails that request only
+    bad = WriteRequest(
+        mutations=[Mutation("update", "messages", {"id": "m1"}, {"task_id": "ghost"})],
+        events=[ev("session:s1", n=7)],
+    )
+    more = store.commit(
+        [_chunk("m1", "e", "session:s1", 8), bad, _chunk("m1", "f", "session:s1", 9)]
+    )
+    assert isinstance(more[1], StoreIntegrityError)
+    assert seqs(more[0]) == [(6, None)] and seqs(more[2]) == [(7, None)]
+    m1 = store.get("messages", "m1")
+    assert m1 is not None and m1["content"] == "abcdef" and m1["task_id"] is None
+    assert_gap_free(store, "session:s1", 7)
+
+
 def test_preconditions_carry_the_current_value(store: SqlStore) -> None:
     ok(
         store.commit(
