@@ -1,5 +1,6 @@
-"""The daemon's server: ``/ws`` (the protocol over WebSocket), the REST
-services, ``/health`` and ``/debug/actors``, on hypercorn's trio worker."""
+"""The daemon's server, on one port: ``/ws`` (the protocol over WebSocket,
+served by trio-websocket), the REST services, ``/health`` and
+``/debug/actors`` (quart-trio on hypercorn)."""
 
 from ._app import AppState as AppState
 from ._app import ServerHub as ServerHub

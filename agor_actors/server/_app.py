@@ -1,5 +1,8 @@
 """The daemon's one port: ``/ws``, the REST services, ``/health`` and
-``/debug/actors``, as a quart-trio app in front of a hub.
+``/debug/actors``.  The REST routes are a quart-trio app (served by hypercorn
+through :mod:`._front`); ``/ws`` is served by trio-websocket
+(:func:`serve_websocket`), which costs about half of hypercorn's CPU per frame
+and memory per connection (``STACK.md``).
 
 One WebSocket is one :class:`_Connection`: one reader task pumps frames into
 the protocol's :class:`~protocols.ServerConnection` machine and dispatches
@@ -8,20 +11,26 @@ bounded :class:`~agor_actors.daemon.Outbox` into the socket.  Nothing else
 writes to the socket: results, notices and room events all go through the
 outbox, so a slow client costs a room nothing (rooms offer, never await).
 
-hypercorn's sharp edges (see ``STACK.md``) and what this module does:
+The WebSocket's sharp edges and what this module does:
 
-* a subprotocol the client did not offer makes hypercorn hang the handshake:
-  the codec is negotiated from the offer and a WebSocket without a known
-  subprotocol is refused with HTTP 400 before ``accept``;
-* ``send`` returns silently once the peer is gone: closure is detected on the
-  receive side (quart-trio cancels the handler when the peer disconnects);
-* hypercorn never checks pongs: the protocol's own ``ping``/``pong`` is the
+* the codec is negotiated from the client's offer and a WebSocket without a
+  known subprotocol is refused with HTTP 400 (the body says what to offer)
+  before ``accept``; a foreign ``Origin`` gets 403, a draining server 503;
+* a send to a stalled peer blocks only that connection's writer task (the
+  outbox decouples everyone else); trio-websocket's sends are not shielded,
+  so the flush on close is bounded (``flush_timeout_s``) and so is the close
+  handshake (``close_timeout_s``), after which the TCP connection is cut;
+* once the peer is gone, ``get_message`` raises ``ConnectionClosed``: the
+  adapter cancels the connection's handler, as quart-trio did (and as the
+  simulator's harness does), and the hub is told;
+* nobody checks WebSocket pongs: the protocol's own ``ping``/``pong`` is the
   heartbeat, and a connection silent for ``dead_after_s`` is closed (4000);
-* on shutdown hypercorn cuts WebSockets with 1006: :meth:`AppState.drain`
-  closes them with 1001 first, after their in-flight calls were answered and
-  their outboxes flushed;
-* an empty binary frame reaches the handler as ``None``: the machine takes it
-  (and refuses it as an empty frame).
+* on drain, :meth:`AppState.drain` closes every WebSocket with 1001 after
+  its in-flight calls were answered and its outbox flushed;
+* an empty binary frame reaches the machine as ``b""`` (it refuses it as an
+  empty frame); frames up to :func:`ws_max_message_bytes` reach the machine,
+  which closes with 1009 and an error frame above the protocol's limit;
+* no permessage-deflate (trio-websocket offers no extensions).
 
 The REST routes call the same hub methods as ``call`` over the WebSocket,
 with ``Authorization: Bearer <token>`` and JSON bodies:
@@ -56,7 +65,8 @@ from urllib.parse import urlsplit
 import attrs
 import orjson
 import trio
-from quart import Response, request, websocket
+import trio_websocket
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -100,6 +110,8 @@ __all__ = [
     "create_app",
     "origin_allowed",
     "parse_query",
+    "serve_websocket",
+    "ws_max_message_bytes",
 ]
 
 log = logging.getLogger("agor_actors.server")
@@ -168,6 +180,21 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     """Largest HTTP request body (413 beyond)."""
     disconnect_timeout_s: float = 5.0
+    head_timeout_s: float = 10.0
+    """A new connection must send its request head (and, on ``/ws``, get
+    through the WebSocket handshake) within this, or it is closed."""
+    head_max_bytes: int = 16 * 1024
+    """Largest request line and headers (431 beyond)."""
+    close_timeout_s: float = 2.0
+    """On close: how long the WebSocket closing handshake may take before the
+    TCP connection is cut (a stalled peer never answers it)."""
+
+
+def ws_max_message_bytes(settings: ServerSettings) -> int:
+    """trio-websocket's message size bound: well above the protocol's frame
+    limit, so that a frame over that limit reaches the machine, which closes
+    with 1009 and an error frame saying why."""
+    return max(16 << 20, 4 * settings.limits.max_frame_bytes)
 
 
 # ---------------------------------------------------------------------- origins
@@ -396,8 +423,9 @@ class _Connection:
     # ------------------------------------------------------------------ run
 
     async def run(self) -> None:
-        """Serve the connection until it closes.  Cancelled (by quart-trio)
-        when the peer disconnects; the hub is told in any case."""
+        """Serve the connection until it closes.  Cancelled when the peer
+        disconnects (by :class:`_TrioWebSocket`, or the simulator's harness);
+        the hub is told in any case."""
         try:
             await self._run()
         finally:
@@ -442,7 +470,7 @@ class _Connection:
         code, reason = self._close or (1000, "")
         try:
             await self.ws.close(code, reason)
-        except Exception:  # already closed by the peer or by quart
+        except Exception:  # already closed by the peer
             log.debug("close of %s failed", self.connection_id, exc_info=True)
 
     async def _writer(self, done: trio.Event) -> None:
@@ -454,8 +482,8 @@ class _Connection:
         except OutboxClosed:
             pass
         except Exception:
-            # hypercorn refuses a send once the socket is closing: the peer is
-            # gone, and the receive side will tell.
+            # trio-websocket refuses a send once the connection is closing:
+            # the peer is gone, and the receive side will tell.
             log.debug("writer of %s stopped", self.connection_id, exc_info=True)
             self._stop_reading()
         finally:
@@ -720,6 +748,104 @@ class AppState:
                 await connection.finished.wait()
 
 
+# ------------------------------------------------------------- the WebSocket
+
+
+class _TrioWebSocket:
+    """What :class:`_Connection` drives (``receive``, ``send``, ``close``)
+    over a trio-websocket connection."""
+
+    __slots__ = ("_close_timeout_s", "_gone", "_ws")
+
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, gone: trio.CancelScope, close_timeout_s: float
+    ) -> None:
+        self._ws = ws
+        self._gone = gone
+        self._close_timeout_s = close_timeout_s
+
+    async def receive(self) -> str | bytes:
+        """The next frame.  Once the peer is gone (or the connection broke),
+        the connection's handler is cancelled, as quart-trio did: no flush,
+        no close, in-flight calls dropped, the hub told."""
+        try:
+            return await self._ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            self._gone.cancel()
+            await trio.sleep_forever()
+
+    async def send(self, frame: str | bytes) -> None:
+        """Raises ``ConnectionClosed`` once the connection is closing (the
+        writer then stops).  Blocks while the peer does not read: only the
+        connection's writer waits, and the flush on close is bounded."""
+        await self._ws.send_message(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        """The closing handshake, at most ``close_timeout_s``: a peer that
+        does not answer (or does not read) has its TCP connection cut."""
+        with trio.move_on_after(self._close_timeout_s):
+            await self._ws.aclose(code, reason or None)
+        # On a timeout ``aclose`` has closed the stream on its way out.
+
+
+def _refusal(code: str, message: str) -> bytes:
+    return orjson.dumps({"code": code, "message": message, "data": None})
+
+
+async def _handshake(
+    state: AppState, request: trio_websocket.WebSocketRequest
+) -> tuple[trio_websocket.WebSocketConnection, Codec] | None:
+    """Accept the WebSocket with a negotiated codec, or refuse it (None)."""
+    origin: str | None = None
+    for name, value in request.headers:
+        if name.lower() == b"origin":
+            origin = value.decode("latin-1")
+            break
+    refusal: tuple[int, bytes] | None = None
+    codec = negotiate(request.proposed_subprotocols)
+    if not origin_allowed(origin):
+        refusal = (403, _refusal("forbidden", "origin not allowed"))
+    elif state.draining:
+        refusal = (503, _refusal("unavailable", "the server is shutting down"))
+    elif codec is None:
+        offered = ", ".join(request.proposed_subprotocols) or "none"
+        message = f"offer a subprotocol of {', '.join(c.value for c in Codec)}; offered: {offered}"
+        refusal = (400, _refusal("unsupported_protocol", message))
+    if refusal is not None:
+        status, body = refusal
+        await request.reject(status, extra_headers=[_JSON_CONTENT], body=body)
+        return None
+    assert codec is not None
+    return await request.accept(subprotocol=codec.subprotocol), codec
+
+
+_JSON_CONTENT: Final = (b"content-type", b"application/json")
+
+
+async def serve_websocket(
+    state: AppState, request: trio_websocket.WebSocketRequest, *, deadline: float
+) -> None:
+    """``/ws``: check and answer the handshake (refusals are JSON errors:
+    403 ``forbidden``, 503 ``unavailable``, 400 ``unsupported_protocol``),
+    all before ``deadline``; then serve the connection until it closes."""
+    accepted = None
+    with trio.CancelScope(deadline=deadline):
+        accepted = await _handshake(state, request)
+    if accepted is None:
+        return
+    ws, codec = accepted
+    gone = trio.CancelScope()
+    connection = _Connection(state, _TrioWebSocket(ws, gone, state.settings.close_timeout_s), codec)
+    state.connections.add(connection)
+    if state.is_draining():  # the drain began while this one was accepted
+        connection.go_away()
+    try:
+        with gone:
+            await connection.run()
+    finally:
+        state.connections.discard(connection)
+
+
 # ------------------------------------------------------------------- the app
 
 
@@ -883,30 +1009,5 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     @app.route("/<service>/<id>/<method>", methods=["POST"])
     async def custom(service: str, id: str, method: str) -> Response:
         return await _service(service, id, method)
-
-    @app.websocket("/ws")
-    async def ws() -> Response | None:
-        if not origin_allowed(websocket.headers.get("Origin")):
-            return _error("forbidden", "origin not allowed", 403)
-        if state.draining:
-            return _error("unavailable", "the server is shutting down", 503)
-        codec = negotiate(websocket.requested_subprotocols)
-        if codec is None:
-            offered = ", ".join(websocket.requested_subprotocols) or "none"
-            return _error(
-                "unsupported_protocol",
-                f"offer a subprotocol of {', '.join(c.value for c in Codec)}; offered: {offered}",
-                400,
-            )
-        await websocket.accept(subprotocol=codec.subprotocol)
-        connection = _Connection(state, websocket._get_current_object(), codec)  # type: ignore[attr-defined]
-        state.connections.add(connection)
-        if state.is_draining():  # the drain began while this one was accepted
-            connection.go_away()
-        try:
-            await connection.run()
-        finally:
-            state.connections.discard(connection)
-        return None
 
     return app

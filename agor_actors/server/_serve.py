@@ -1,13 +1,27 @@
-"""Running the app on hypercorn's trio worker, and the daemon's main.
+"""Running the server (one port: ``/ws`` on trio-websocket, the rest on
+quart-trio + hypercorn, routed per connection by :mod:`._front`), and the
+daemon's main.
 
-The listening socket is made here, not by hypercorn: ``TCP_USER_TIMEOUT``
-(accepted sockets inherit it on Linux) lets the kernel cut a connection whose
-peer stopped acknowledging, which is the only thing that frees a writer stuck
-in hypercorn's shielded send; and a listen backlog of 2048 keeps a burst of
-connects from overflowing the accept queue.  The socket object is handed to
-hypercorn's worker as is (its ``sockets=`` argument, which is what ``fd://``
-turns into) so that exactly one Python object owns the descriptor and this
-module closes it once the server has stopped.
+The listening socket is made here: ``TCP_USER_TIMEOUT`` (accepted sockets
+inherit it on Linux) lets the kernel cut a connection whose peer stopped
+acknowledging, and a listen backlog of 2048 keeps a burst of connects from
+overflowing the accept queue.  ``trio.serve_listeners`` accepts on it (and
+closes it when accepting stops); each connection goes to
+:meth:`._front.Front.handle`.
+
+hypercorn's per-connection server is driven by the front (see
+:mod:`._front` for why rather than a proxy to ``worker_serve``), so what
+``worker_serve`` does around its connections is done here: the quart app's
+lifespan (startup before the port is announced, shutdown once every
+connection is gone), one ``WorkerContext`` and one lifespan-state copy shared
+by the connections, and the graceful end (``context.terminated`` closes idle
+keep-alive connections, requests in flight get ``graceful_timeout``).
+
+Shutdown, in order: :meth:`AppState.drain` (new WebSockets get 503, HTTP
+requests 503 except ``/health``; in-flight calls are answered, outboxes
+flushed, every WebSocket closed with 1001), then accepting stops and the
+socket is closed, connections still sending their head are closed, then
+hypercorn's graceful end, then the app's lifespan shutdown.
 """
 
 from __future__ import annotations
@@ -20,15 +34,18 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
 
 from ..world import World, real_world
 from ._app import AppState, ServerHub, ServerSettings, create_app
+from ._front import Front
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -72,19 +89,14 @@ def listen_socket(
     return sock
 
 
-def _config(settings: ServerSettings) -> Config:
+def _config() -> Config:
+    """hypercorn's config for the HTTP routes (``/ws`` is not hypercorn's)."""
     config = Config()
-    config.backlog = LISTEN_BACKLOG
-    # The protocol's ping/pong is the heartbeat (hypercorn never checks pongs).
-    config.websocket_ping_interval = None
-    # Frames above the protocol's limit reach the machine, which closes with
-    # 1009 and an error frame (hypercorn's own 1009 sometimes left the TCP
-    # connection open).
-    config.websocket_max_message_size = max(16 << 20, 4 * settings.limits.max_frame_bytes)
     config.graceful_timeout = 3.0
     config.accesslog = None
     # hypercorn's messages go through logging like ours (no handler of its own).
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.set_statsd_logger_class(StatsdLogger)
     return config
 
 
@@ -105,30 +117,40 @@ async def run_server(
     settings = settings or ServerSettings()
     app = create_app(hub, world, settings)
     state: AppState = app.extensions["agor"]
+    config = _config()
+    asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
     sock = listen_socket(host, port)
     try:
         bound_port = int(sock.getsockname()[1])
-
-        async def shutdown_trigger() -> None:
-            await shutdown.wait()
-            log.info("draining %d connection(s)", len(state.connections))
-            await state.drain()
-
-        config = _config(settings)
-
-        async def started(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-            await worker_serve(
-                wrap_app(app, config.wsgi_max_body_size, "asgi"),
-                config,
-                sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
-                shutdown_trigger=shutdown_trigger,
-                task_status=task_status,
-            )
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(started)
-            log.info("listening on %s:%d", host, bound_port)
-            task_status.started(bound_port)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        lifespan_state: LifespanState = {}
+        lifespan = Lifespan(asgi, config, lifespan_state)
+        context = WorkerContext(None)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            front = Front(state, asgi, config, context, ConnectionState(lifespan_state.copy()))
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    await accepting.start(
+                        partial(
+                            trio.serve_listeners,
+                            front.handle,
+                            [listener],
+                            handler_nursery=connections,
+                        )
+                    )
+                    log.info("listening on %s:%d", host, bound_port)
+                    task_status.started(bound_port)
+                    await shutdown.wait()
+                    log.info("draining %d connection(s)", len(state.connections))
+                    await state.drain()
+                    accepting.cancel_scope.cancel()  # closes the listener
+                front.stop_reading_heads()
+                await context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
     finally:
         sock.close()
 

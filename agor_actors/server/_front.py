@@ -1,0 +1,290 @@
+"""The one port's front: every accepted connection's request head is read
+here, then the connection goes to trio-websocket (``/ws``) or to hypercorn
+(everything else: the quart-trio app).
+
+Per connection, under ``head_timeout_s`` and within ``head_max_bytes``, the
+front reads until the end of the request head (a blank line, as h11 finds
+it).  A peer that sends nothing, or too little, is closed when the time is
+up; one whose first line is not an HTTP request line gets 400 at once, one
+whose head is too large 431; nothing of this reaches anything else.  The
+bytes read (the head and whatever came with it) are replayed by
+:class:`ReplayStream` to whoever serves the connection next:
+
+* ``GET /ws`` (with or without a query string): trio-websocket's server
+  side (``wrap_server_stream``) in a nursery of the connection's own (its
+  reader task's errors stay there), then :func:`~._app.serve_websocket`.
+  The handshake must be through by the head's deadline too; a handshake
+  trio-websocket refuses itself (not an upgrade, no key...) is answered by
+  it with 400 and closes the stream, which ends the wait at once;
+* anything else: hypercorn's own per-connection server
+  (``hypercorn.trio.tcp_server.TCPServer``) over the replayed stream, with
+  the worker context and lifespan state that :mod:`._serve` keeps, exactly
+  as hypercorn's ``worker_serve`` would run it.
+
+Why drive ``TCPServer`` rather than keep ``worker_serve`` on a private
+socket and proxy to it: a proxy is a second TCP connection, two more copy
+tasks and buffers per HTTP connection, a hop of latency, and it hides the
+client's address from the app; its own failure modes (the private listener's
+backlog, half-closes, a stalled side holding the other) would need handling
+too.  ``TCPServer`` is what ``worker_serve`` starts for each connection;
+what it needs besides the stream (the app wrapped for ASGI, the config, a
+``WorkerContext``, the lifespan state) is built once in :mod:`._serve`,
+which also runs the quart app's lifespan and hypercorn's graceful shutdown
+(``context.terminated``, then ``graceful_timeout``) as ``worker_serve``
+does.  It does not check what it is given: the replayed stream has what it
+uses of a ``trio.SocketStream`` (``socket``, ``send_eof``...).
+
+Accepted sockets get ``TCP_NODELAY`` (and ``TCP_NOTSENT_LOWAT``) from
+``trio.SocketStream`` and inherit ``TCP_USER_TIMEOUT`` from the listening
+socket; the connection's task is its only task until it is routed.  A
+refusal (400, 431) is followed by a short bounded read of what the peer
+still sends, so that closing does not reset the connection under the reply.
+
+A known limit of trio-websocket (wsproto): WebSocket frames that a client
+sends in the same segment as its handshake, before the 101, are only parsed
+when more data arrives.  Clients wait for the 101 (ours, browsers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any, Final, cast
+
+import trio
+import trio_websocket
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState
+
+from ._app import AppState, serve_websocket, ws_max_message_bytes
+
+__all__ = ["WS_MESSAGE_QUEUE_SIZE", "Front", "HeadError", "ReplayStream", "read_head", "route"]
+
+log = logging.getLogger("agor_actors.server")
+
+WS_MESSAGE_QUEUE_SIZE: Final = 1
+"""trio-websocket's queue of received messages: the connection's reader
+takes each at once, so one is enough; a full queue stops trio-websocket
+reading the socket (TCP backpressure to a flooding client)."""
+
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
+_REQUEST_LINE: Final = re.compile(rb"([A-Z]{1,20}) ([\x21-\x7e]+) HTTP/[0-9](?:\.[0-9])?\r?\n")
+_WS_TARGET: Final = re.compile(rb"(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)?/ws(?:\?.*)?")
+_REPLY_TIMEOUT_S: Final = 1.0
+_LINGER_READS: Final = 16
+_LINGER_READ_BYTES: Final = 64 * 1024
+
+
+def _reply(status: int, reason: str) -> bytes:
+    head = f"HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    return head.encode("ascii")
+
+
+_BAD_REQUEST: Final = _reply(400, "Bad Request")
+_TOO_LARGE: Final = _reply(431, "Request Header Fields Too Large")
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A ``trio.SocketStream`` whose first bytes were already read: they are
+    received again first, then everything is delegated.  ``on_close`` is a
+    cancel scope to cancel when the stream is closed (by anyone)."""
+
+    __slots__ = ("_prefix", "_stream", "on_close")
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.on_close: trio.CancelScope | None = None
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        prefix = self._prefix
+        if not prefix:
+            return await self._stream.receive_some(max_bytes)
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        await trio.lowlevel.checkpoint()
+        if max_bytes is None or max_bytes >= len(prefix):
+            self._prefix = b""
+            return prefix
+        self._prefix = prefix[max_bytes:]
+        return prefix[:max_bytes]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        scope, self.on_close = self.on_close, None
+        if scope is not None:
+            scope.cancel()
+        await self._stream.aclose()
+
+
+class HeadError(Exception):
+    """The request head cannot be served: ``reply`` says why (or nothing)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+async def read_head(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
+    """Everything received up to the end of the request head (and whatever
+    came with it).  Raises :class:`HeadError`: with no reply if the peer
+    closed first, 400 if its first line is not a request line, 431 if the
+    head is longer than ``max_bytes``."""
+    received = bytearray()
+    line_checked = False
+    while True:
+        data = await stream.receive_some(max_bytes)
+        if not data:
+            raise HeadError(None)
+        scan_from = max(0, len(received) - 2)
+        received += data
+        if not received[:1].isupper():
+            raise HeadError(_BAD_REQUEST)
+        if not line_checked and b"\n" in received:
+            if _REQUEST_LINE.match(received) is None:
+                raise HeadError(_BAD_REQUEST)
+            line_checked = True
+        end = _HEAD_END.search(received, scan_from)
+        if end is not None:
+            if end.end() > max_bytes:
+                raise HeadError(_TOO_LARGE)
+            return bytes(received)
+        if len(received) >= max_bytes:
+            raise HeadError(_TOO_LARGE if line_checked else _BAD_REQUEST)
+
+
+def route(head: bytes) -> str:
+    """``"ws"`` for a ``GET /ws`` (with or without a query string, in
+    origin or absolute form), else ``"http"``; ``head`` starts with a request line (see :func:`read_head`)."""
+    line = _REQUEST_LINE.match(head)
+    assert line is not None
+    if line.group(1) == b"GET" and _WS_TARGET.fullmatch(line.group(2)):
+        return "ws"
+    return "http"
+
+
+class Front:
+    """What runs for each accepted connection (:meth:`handle`)."""
+
+    def __init__(
+        self,
+        state: AppState,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        connection_state: ConnectionState,
+    ) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.app = app
+        self.config = config
+        self.context = context
+        self.connection_state = connection_state
+        self._max_message_size = ws_max_message_bytes(state.settings)
+        self._reading: set[trio.CancelScope] = set()
+        self._stopping = False
+
+    def stop_reading_heads(self) -> None:
+        """Shutdown: connections still sending their head are closed now."""
+        self._stopping = True
+        for scope in self._reading:
+            scope.cancel()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """One accepted connection, until it is done (the caller closes the
+        stream).  Never raises, except to be cancelled."""
+        try:
+            await self._handle(stream)
+        except Exception:
+            log.exception("a connection failed")
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        deadline = trio.current_time() + self.settings.head_timeout_s
+        head = await self._head(stream, deadline)
+        if head is None:
+            return
+        replay = ReplayStream(stream, head)
+        kind = route(head)
+        del head  # the replay holds it until it is read, no longer
+        if kind == "ws":
+            await self._websocket(replay, deadline)
+        else:
+            server = TCPServer(
+                self.app, self.config, self.context, self.connection_state, cast(Any, replay)
+            )
+            await server.run()
+
+    async def _head(self, stream: trio.SocketStream, deadline: float) -> bytes | None:
+        """The request head, or None (the connection is then done with)."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._reading.add(scope)
+            try:
+                if self._stopping:
+                    scope.cancel()
+                return await read_head(stream, self.settings.head_max_bytes)
+            except HeadError as exc:
+                if exc.reply is not None:
+                    await self._refuse(stream, exc.reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                self._reading.discard(scope)
+        return None  # no complete head in time, or a bad one
+
+    async def _refuse(self, stream: trio.SocketStream, reply: bytes) -> None:
+        """Send ``reply``, then read (and drop) what the peer still sends, for
+        a moment: closing with unread data would reset the connection, and
+        the reset can destroy the reply before the peer reads it."""
+        with (
+            trio.move_on_after(_REPLY_TIMEOUT_S),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(reply)
+            await stream.send_eof()
+            for _ in range(_LINGER_READS):
+                if not await stream.receive_some(_LINGER_READ_BYTES):
+                    break
+
+    async def _websocket(self, stream: ReplayStream, deadline: float) -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                request = await self._ws_request(nursery, stream, deadline)
+                if request is not None:
+                    await serve_websocket(self.state, request, deadline=deadline)
+            finally:
+                await trio.aclose_forcefully(stream)
+                nursery.cancel_scope.cancel()
+
+    async def _ws_request(
+        self, nursery: trio.Nursery, stream: ReplayStream, deadline: float
+    ) -> trio_websocket.WebSocketRequest | None:
+        """trio-websocket's handshake request, or None: not by ``deadline``,
+        or refused by trio-websocket itself (it answered and closed the
+        stream, which cancels the wait)."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            stream.on_close = scope
+            try:
+                return await trio_websocket.wrap_server_stream(
+                    nursery,
+                    stream,
+                    message_queue_size=WS_MESSAGE_QUEUE_SIZE,
+                    max_message_size=self._max_message_size,
+                )
+            finally:
+                stream.on_close = None
+        return None
