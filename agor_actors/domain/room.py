@@ -279,6 +279,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, _HeadCheck) and not state.subscribers:
             state.head_check = False
             return [CancelTimer("head")]  # and the room may passivate again
+        if isinstance(msg, _HeadCheck) and self._log_known(state):
+            return ()
         if isinstance(msg, Resync | _HeadCheck):
             return self._resync(state)
         # Committed, from the store writer
@@ -311,6 +313,14 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.head_check = True
             effects.append(StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True))
         return effects
+
+    def _log_known(self, state: RoomState) -> bool:
+        """Whether the store's own record of what it committed (no read)
+        says this room has everything its log has: then a head check need
+        not read the log (it was ~5 % of a core with 100 busy rooms)."""
+        if state.filling or state.held:
+            return False
+        return self.store.cached_head(self.room) == (state.epoch, state.head)
 
     def _resync(self, state: RoomState) -> list[Effect]:
         if state.filling:

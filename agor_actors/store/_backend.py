@@ -868,6 +868,12 @@ class SqlStore:
 
     # ----------------------------------------------------------------- reads: rooms
 
+    def cached_head(self, room: str) -> tuple[str, int] | None:
+        """``(epoch, head_seq)`` of ``room`` as this store (the single
+        writer) last committed it, or None if it does not know; no I/O, so
+        callable from any thread without the blocking seam."""
+        return self._heads.get(room)
+
     def room_head(self, room: str) -> tuple[str, int] | None:
         """``(epoch, head_seq)`` of ``room``, or None if nothing was ever
         written to it (callers treat that as epoch-less, head 0)."""

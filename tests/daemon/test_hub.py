@@ -333,3 +333,50 @@ async def test_chunk_offsets_survive_a_session_actor_restart(hub: Hub) -> None:
             data={"chunk": "x"},
         )
     assert missing.value.code == "not_found"
+
+
+async def test_head_checks_read_the_log_only_when_the_store_knows_more(
+    tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A room with subscribers checks its log's head now and then, to find
+    events whose announcement was lost.  While the store's own record of
+    what it committed matches the room, no check reads the log; an event
+    committed without reaching the room is found by the next check."""
+    from agor_actors.store import EventDraft, WriteRequest
+    from agor_actors.world import simulated_world
+
+    async with open_hub(simulated_world(7), data_dir=tmp_path / "agor") as hub:
+        session = await hub.call(
+            OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+        )
+        room = f"session:{session['id']}"
+        out = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c2", out, room, None)
+        await drain(out, until=lambda m: len(m) >= 1)  # joined
+        await hub.call(
+            OWNER,
+            connection_id="c1",
+            service="tasks",
+            method="create",
+            data={"session_id": session["id"], "prompt": "p"},
+        )
+        first = events(await drain(out, until=lambda m: len(events(m)) >= 1))
+        reads: list[int] = []
+        store = hub.store
+        original = store.events_since
+
+        def counting(room_: str, after: int, limit: int = 1000) -> Any:
+            reads.append(after)
+            return original(room_, after, limit)
+
+        store.events_since = counting  # type: ignore[method-assign]
+        await trio.sleep(60)  # a dozen head checks, nothing new
+        assert reads == []
+        # committed, but never announced to the room (as after a lost answer)
+        draft = EventDraft(room=room, event="task:updated", data={"n": 1}, ts=1)
+        (result,) = store.commit([WriteRequest(events=(draft,))])
+        assert not isinstance(result, Exception)
+        with trio.fail_after(10):  # virtual: within two head checks
+            late = events(await drain(out, until=lambda m: len(events(m)) >= 1))
+        assert [e.seq for e in late] == [first[-1].end_seq + 1]
+        assert reads == [first[-1].end_seq]
