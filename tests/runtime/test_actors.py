@@ -433,7 +433,7 @@ async def test_ask_timeout_then_late_reply_is_counted_by_the_target(
     async with trio.open_nursery() as nursery:
         target = await spawn(nursery, CounterBehaviour(), name="target", world=WORLD)
         asker = await spawn(nursery, Asker(target), name="asker", world=WORLD)
-        for i in range(3):  # equal timeouts: one timer task serves them all
+        for i in range(3):  # three deadlines: one timer task serves them all
             await asker.send((("slow", 4.0 + i), 2.0 + i))
         await asker.send((("slow", 1.0), 30.0))
         await trio.sleep(10)

@@ -294,7 +294,7 @@ async def test_a_peer_that_never_answers_the_close_is_cut_after_close_timeout(
 @asynccontextmanager
 async def _server(
     tmp_path: pathlib.Path, settings: ServerSettings
-) -> AsyncIterator[tuple[int, trio.Event, trio.Event, str]]:
+) -> AsyncIterator[tuple[int, trio.Event, trio.Event, Hub]]:
     world = real_world()
     async with open_hub(world, data_dir=tmp_path / "agor") as hub, trio.open_nursery() as nursery:
         shutdown = trio.Event()
@@ -307,7 +307,7 @@ async def _server(
             stopped.set()
 
         port = await nursery.start(serve)
-        yield port, shutdown, stopped, hub.owner_token
+        yield port, shutdown, stopped, hub
         shutdown.set()
 
 
@@ -318,7 +318,8 @@ async def test_drain_refuses_newcomers_closes_the_others_with_1001_then_stops_li
     open (``close_timeout_s`` is long here): meanwhile a new ``/ws`` gets 503
     and ``/health`` says draining; once it goes, the port is closed."""
     settings = ServerSettings(close_timeout_s=30, hello_timeout_s=30)
-    async with _server(tmp_path, settings) as (port, shutdown, stopped, token):
+    async with _server(tmp_path, settings) as (port, shutdown, stopped, hub):
+        token = hub.owner_token
         url = f"ws://127.0.0.1:{port}/ws"
         holder = await _tcp(port)
         async with holder, raw_client(url, token=token) as client:
@@ -453,18 +454,7 @@ async def test_drain_is_not_held_by_a_peer_that_stopped_reading(tmp_path: pathli
     settings = ServerSettings(
         outbox_messages_max=64, flush_timeout_s=0.5, close_timeout_s=0.5, drain_timeout_s=30
     )
-    world = real_world()
-    async with open_hub(world, data_dir=tmp_path / "agor") as hub, trio.open_nursery() as nursery:
-        shutdown = trio.Event()
-        stopped = trio.Event()
-
-        async def serve(task_status: trio.TaskStatus[int]) -> None:
-            await run_server(
-                hub, world, port=0, shutdown=shutdown, settings=settings, task_status=task_status
-            )
-            stopped.set()
-
-        port = await nursery.start(serve)
+    async with _server(tmp_path, settings) as (port, shutdown, stopped, hub):
         url = f"ws://127.0.0.1:{port}/ws"
         async with (
             connect(url, token=hub.owner_token, backoff_cap_s=0.2) as producer,
