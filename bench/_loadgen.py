@@ -43,6 +43,7 @@ import trio
 import trio_websocket
 
 from agor_actors.client import open_websocket
+from agor_actors.server import tune_gc
 from protocols import (
     CallResult,
     ClientConnection,
@@ -508,7 +509,10 @@ async def _hold_receiver(
 
 def receiver_worker(conn: multiprocessing.connection.Connection, spec: dict[str, Any]) -> None:
     """A load process: ``spec["clients"]`` receivers (``(name, room)``),
-    driven by commands on ``conn`` (see :class:`Workers`)."""
+    driven by commands on ``conn`` (see :class:`Workers`).  It takes the
+    daemon's GC settings, so that the load spends no more of the shared
+    cores on the collector than it must."""
+    tune_gc()
     trio.run(_receiver_worker, conn, spec)
 
 

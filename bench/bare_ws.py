@@ -42,6 +42,7 @@ import trio
 import trio_websocket
 
 from agor_actors.daemon import Outbox, OutboxClosed, OutboxOverflow
+from agor_actors.server import tune_gc
 from protocols import (
     CallReceived,
     Codec,
@@ -381,6 +382,7 @@ def main() -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, args.port, args.token)
+            tune_gc()  # the daemon's GC settings, for a like-for-like comparison
             print(f"listening on {HOST}:{port}", flush=True)
 
     trio.run(run)

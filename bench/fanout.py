@@ -69,6 +69,7 @@ from _loadgen import (
     start_daemon,
 )
 
+from agor_actors.server import tune_gc
 from protocols import Codec
 
 
@@ -506,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPython {platform.python_version()}, {os.cpu_count()} cores, "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+    tune_gc()  # the producers take the daemon's GC settings too
     runs = []
     for i in range(args.repeat):
         print(f"\n## Run {i + 1}")

@@ -15,3 +15,4 @@ from ._serve import run_daemon as run_daemon
 from ._serve import run_server as run_server
 from ._serve import serve as serve
 from ._serve import serving as serving
+from ._serve import tune_gc as tune_gc

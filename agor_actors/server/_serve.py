@@ -55,6 +55,7 @@ __all__ = [
     "run_server",
     "serve",
     "serving",
+    "tune_gc",
 ]
 
 log = logging.getLogger("agor_actors.server")
@@ -62,6 +63,21 @@ log = logging.getLogger("agor_actors.server")
 LISTEN_BACKLOG = 2048
 GC_GEN0 = 20_000
 TCP_USER_TIMEOUT_MS = 30_000
+
+
+def tune_gc() -> None:
+    """The garbage collector's settings for a long-running server process,
+    called once it has started.  Everything loaded so far lives as long as
+    the process: it is moved out of the collector's reach (``gc.freeze``), so
+    that full collections stay short (bench/fanout.py saw 80-90 ms pauses set
+    the p99 before).  The young generation is collected every ``GC_GEN0``
+    allocations rather than every 700: a server allocates short-lived
+    objects at a high rate (trio's wake-ups, frames, events), and at 700 the
+    young collections cost ~25 % of the CPU per streamed chunk
+    (bench/core.py: 470 -> 355 µs at 20,000)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
 
 
 def listen_socket(
@@ -213,17 +229,7 @@ async def run_daemon(
                     run_server, hub, world, host=host, port=port, shutdown=stop, settings=settings
                 )
             )
-            # Everything loaded so far lives as long as the daemon: move it
-            # out of the collector's reach, so that full collections stay
-            # short (bench/fanout.py saw 80-90 ms pauses set the p99 before).
-            gc.collect()
-            gc.freeze()
-            # Collect the young generation every GC_GEN0 allocations rather
-            # than every 700: the daemon allocates short-lived objects at a
-            # high rate (trio's wake-ups, frames, events), and at 700 the
-            # young collections cost ~25% of the CPU per streamed chunk
-            # (bench/core.py: 470 -> 355 us at 20,000).
-            gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+            tune_gc()
             task_status.started(bound)
             # run_server returns once drained, _watch_signals once signalled.
         await hub.drain()
