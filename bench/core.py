@@ -58,8 +58,11 @@ async def _viewer(outbox: Outbox, counts: list[int], index: int) -> None:
                 counts[index] += msg.end_seq - msg.seq + 1
 
 
-async def _producer(hub: Hub, message_id: str, chunks: int, pipeline: int, chunk: str) -> None:
+async def _producer(
+    hub: Hub, message_id: str, chunks: int, pipeline: int, chunk: str, rate: float
+) -> None:
     sem = trio.Semaphore(pipeline)
+    started = trio.current_time()
 
     async def one() -> None:
         try:
@@ -75,7 +78,9 @@ async def _producer(hub: Hub, message_id: str, chunks: int, pipeline: int, chunk
             sem.release()
 
     async with trio.open_nursery() as nursery:
-        for _ in range(chunks):
+        for i in range(chunks):
+            if rate:
+                await trio.sleep_until(started + i / rate)
             await sem.acquire()
             nursery.start_soon(one)
 
@@ -120,7 +125,13 @@ async def run_once(args: argparse.Namespace, data_dir: pathlib.Path) -> dict[str
             async with trio.open_nursery() as producers:
                 for m in messages:
                     producers.start_soon(
-                        _producer, hub, m, args.chunks, args.pipeline, "x" * args.chunk_bytes
+                        _producer,
+                        hub,
+                        m,
+                        args.chunks,
+                        args.pipeline,
+                        "x" * args.chunk_bytes,
+                        args.rate,
                     )
             expected = args.chunks * args.viewers * args.sessions
             with trio.fail_after(60):
@@ -156,6 +167,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=50, help="chunks per session")
     parser.add_argument("--pipeline", type=int, default=4)
     parser.add_argument("--chunk-bytes", type=int, default=64)
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="chunks/s per session (0: as fast as it goes)"
+    )
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--profile", default=None)
     args = parser.parse_args()
