@@ -194,7 +194,7 @@ class StoreWriter(Behaviour[WriterState]):
 
     def _start(self, state: WriterState) -> list[Effect]:
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
-        batch = runs([req.body for req in taken], list(taken))
+        batch = runs([req.body for req in taken], taken)
         requests = [
             coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request
             for run in batch

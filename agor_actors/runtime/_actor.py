@@ -226,9 +226,7 @@ class ActorRef:
         """``call`` without a deadline of its own (the caller's scope has one)."""
         reply = ReplyTo(_PRIVATE)
         try:
-            mailbox = self._actor.mailbox
-            if not mailbox.try_put(Request(body, reply)):
-                await mailbox.put(Request(body, reply))
+            await self._actor.mailbox.push(Request(body, reply))
             await reply._event.wait()
         finally:
             if not reply._event.is_set():
@@ -417,8 +415,7 @@ class _Actor:
             elif isinstance(effect, Send):
                 try:
                     target = await self._resolve(effect.to)
-                    if not target.try_send(effect.msg):
-                        await target.send(effect.msg)  # full: wait for room
+                    await target._actor.mailbox.push(effect.msg)
                 except ActorDead:
                     self.dead_letters += 1
             elif isinstance(effect, TrySend):
@@ -494,8 +491,7 @@ class _Actor:
             self._asks[reply] = (effect, deadline, target.name)
             reply._notify = self._answered
             self.inflight += 1
-            if not target.try_send(request):
-                await target.send(request)  # full: wait for room
+            await target._actor.mailbox.push(request)
         except Exception as exc:
             if self._asks.pop(reply, None) is not None:
                 self.inflight -= 1

@@ -76,6 +76,12 @@ class Mailbox:
         self._recv_lot.unpark()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def push(self, msg: Any) -> None:
+        """Enqueue at once if there is room (then not a checkpoint: the actor
+        loop's sends), else wait for room as :meth:`put` does."""
+        if not self.try_put(msg):
+            await self.put(msg)
+
     def try_put(self, msg: Any) -> bool:
         """Enqueue if there is room; never blocks.  Raises :class:`ActorDead`
         if closed."""

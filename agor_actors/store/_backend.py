@@ -417,12 +417,16 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.text if isinstance(v, Append) else v) for k, v in values.items()}
 
 
+def _appended(column: sa.Column[Any], text: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """``column || text`` (an :class:`Append`), a NULL column counting as empty."""
+    return sa.func.coalesce(column, "") + text
+
+
 def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, Append):
-            column = table.c[name]
-            out[name] = sa.func.coalesce(column, "") + sa.literal(value.text, sa.Text)
+            out[name] = _appended(table.c[name], sa.literal(value.text, sa.Text))
         else:
             out[name] = value
     return out
@@ -670,9 +674,7 @@ class SqlStore:
         for name, append in shape.values:
             column = table.c[name]
             if append:
-                values[name] = sa.func.coalesce(column, "") + sa.bindparam(
-                    f"v_{name}", type_=sa.Text
-                )
+                values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
             else:
                 values[name] = sa.bindparam(f"v_{name}", type_=column.type)
         stmt = (
