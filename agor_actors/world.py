@@ -27,6 +27,8 @@ __all__ = [
     "Entropy",
     "InlineBlocking",
     "MessageTransport",
+    "OutFrame",
+    "PeerTransport",
     "SecureEntropy",
     "SeededEntropy",
     "SystemWallClock",
@@ -228,6 +230,54 @@ class MessageTransport(Protocol):
     async def send(self, data: bytes | str) -> None: ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class OutFrame:
+    """One message to send, prepared once for every connection that sends
+    it.  ``payload`` is the encoded message (JSON text or CBOR bytes);
+    ``wire`` caches what a server transport puts on the wire for it (for a
+    WebSocket: the unmasked frame, the same bytes for every connection), so
+    that a room's batch is framed once and written to every subscriber.
+    A transport that needs no framing (the simulator's links) ignores it."""
+
+    __slots__ = ("payload", "wire")
+
+    def __init__(self, payload: bytes | str) -> None:
+        self.payload = payload
+        self.wire: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+
+@runtime_checkable
+class PeerTransport(Protocol):
+    """The server's end of one message connection: the seam that the real
+    WebSocket (:mod:`agor_actors.server`) and the simulator's links both
+    implement, and that a connection's reader and outbox drive.
+
+    Writes never wait in the caller: :meth:`try_send` either takes the whole
+    frame (written at once, or its unwritten tail kept by the transport, at
+    most one frame) or says the transport is busy; the connection's writer
+    then waits in :meth:`wait_writable`.  Once the peer is gone,
+    :meth:`try_send` takes and drops frames (the receive side reports the
+    loss) and :meth:`receive` raises :class:`TransportClosed`."""
+
+    async def receive(self) -> bytes | str:
+        """The next message.  A checkpoint; raises :class:`TransportClosed`."""
+        ...
+
+    def try_send(self, frame: OutFrame) -> bool:
+        """Take ``frame`` if nothing is pending (True), else False.  Never blocks."""
+        ...
+
+    async def wait_writable(self) -> None:
+        """Return once :meth:`try_send` may take a frame.  A checkpoint."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """The closing handshake, bounded in time by the transport."""
+        ...
 
 
 # --------------------------------------------------------------------------- the world

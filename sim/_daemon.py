@@ -1,6 +1,6 @@
 """The simulated daemon: the real hub (``open_hub``) on a database kept
 across crashes, and the real WebSocket connection code
-(:class:`agor_actors.server._app._Connection`, what ``agor-actors serve``
+(:class:`agor_actors.server.Connection`, what ``agor-actors serve``
 runs for ``/ws``) on simulated links.
 
 Each incarnation of the daemon is a task with its own world (a new entropy
@@ -19,8 +19,7 @@ import sqlalchemy as sa
 import trio
 
 from agor_actors.daemon import Hub, open_hub
-from agor_actors.server import AppState, ServerSettings
-from agor_actors.server._app import _Connection
+from agor_actors.server import AppState, Connection, ServerSettings
 from agor_actors.store import SqlStore
 from agor_actors.world import InlineBlocking, SeededEntropy, VirtualWallClock, simulated_world
 from protocols import negotiate
@@ -200,24 +199,15 @@ class SimDaemon:
         return True
 
     async def _serve(self, state: AppState, conn: Conn) -> None:
-        """One WebSocket, served by the daemon's own connection code; cancelled
-        when the peer goes away (as quart-trio does)."""
+        """One WebSocket, served by the daemon's own connection code over the
+        link's end of the transport seam; it stops when the peer goes away."""
         codec = negotiate([conn.codec.subprotocol])
         assert codec is conn.codec
-        connection = _Connection(state, ServerSide(conn), codec)
+        connection = Connection(state, ServerSide(conn), codec)
         state.connections.add(connection)
         self.served += 1
         try:
-            with trio.CancelScope() as scope:
-
-                async def watch() -> None:
-                    await conn.gone.wait()
-                    scope.cancel()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(watch, name=f"watch:{conn.name}")
-                    await connection.run()
-                    nursery.cancel_scope.cancel()
+            await connection.run()
         except Exception as exc:
             self._recorder.violate("server", conn.name, f"the connection code raised: {exc!r}")
         finally:

@@ -7,10 +7,10 @@ as on a TCP connection whose peer stopped reading.  A partition (both ways
 or one way) holds what would arrive in its window until it heals; a reset
 loses whatever is in flight and closes both ends.
 
-The server end looks to :class:`agor_actors.server._app._Connection` like a
-hypercorn WebSocket: ``receive``, ``send`` (silent once the peer is gone)
-and ``close``; when the peer goes away, the harness cancels the handler, as
-quart-trio does.
+The server end is a :class:`agor_actors.world.PeerTransport`, what the
+daemon's :class:`agor_actors.server.Connection` drives: ``receive`` (raises
+``TransportClosed`` once the peer is gone), ``try_send`` (never waits; drops
+frames once the peer is gone), ``wait_writable`` and ``close``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Literal
 import attrs
 import trio
 
-from agor_actors.world import TransportClosed
+from agor_actors.world import OutFrame, TransportClosed
 from protocols import CLIENT_LIMITS, Codec, Event, ProtocolError, decode_server_frame
 
 from ._trace import Trace, now_us, reached
@@ -167,6 +167,26 @@ class Link:
             await self._send_lot.park()
         self._push(frame)
 
+    def try_send(self, frame: Frame) -> bool:
+        """Queue ``frame`` if the link has room (True), else False.  Never
+        blocks.  Raises :class:`TransportClosed` once the link is reset or closed."""
+        if self._reset or self._closing:
+            raise TransportClosed(1006, f"{self.name} is gone")
+        if self._queue and self._bytes + len(frame) > self.bytes_max:
+            return False
+        self._push(frame)
+        return True
+
+    async def wait_room(self, size: int) -> None:
+        """Wait until a frame of ``size`` bytes fits (or the link is gone).  A checkpoint."""
+        await trio.lowlevel.checkpoint()
+        while (
+            self._queue
+            and self._bytes + size > self.bytes_max
+            and not (self._reset or self._closing)
+        ):
+            await self._send_lot.park()
+
     def close(self, code: int, reason: str) -> None:
         """Queue the close marker: the receiver gets what was sent before it,
         then :class:`TransportClosed` with ``code``."""
@@ -237,24 +257,31 @@ class Conn:
 
 
 class ServerSide:
-    """The ``ws`` that the server's connection code drives."""
+    """The transport that the server's connection code drives
+    (:class:`agor_actors.world.PeerTransport`)."""
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
+        self._refused = 0  # the size of the last frame the link had no room for
 
     async def receive(self) -> bytes | str:
         try:
             return await self.conn.up.receive()
         except TransportClosed:
             self.conn.gone.set()
-            await trio.sleep_forever()
-            raise AssertionError("unreachable") from None
+            raise
 
-    async def send(self, frame: bytes | str) -> None:
+    def try_send(self, frame: OutFrame) -> bool:
         try:
-            await self.conn.down.send(frame)
+            if self.conn.down.try_send(frame.payload):
+                return True
         except TransportClosed:
-            return  # hypercorn: a send to a gone peer returns silently
+            return True  # the peer is gone: dropped; the receive side reports it
+        self._refused = len(frame.payload)
+        return False
+
+    async def wait_writable(self) -> None:
+        await self.conn.down.wait_room(self._refused)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await trio.lowlevel.checkpoint()

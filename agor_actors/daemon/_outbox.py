@@ -1,10 +1,18 @@
-"""One connection's outbox: bounded, drained by one writer task.
+"""One connection's outbox: bounded, and the connection's one write path.
 
 Rooms never await a subscriber: they *offer* already-encoded events, which
 either fit or make that subscriber lag (its backlog for the room is dropped
-and a ``lagged`` notice takes its place).  The writer takes everything
-queued and sends it as one frame, so events that arrive while a write is in
-flight go out together, and nothing waits when the connection is idle.
+and a ``lagged`` notice takes its place).
+
+With a transport attached (:meth:`Outbox.run`, the connection's writer), an
+offer to an idle connection is written at once, in the offering task, with
+no task switch: a room's batch is one :class:`~agor_actors.world.OutFrame`,
+framed once and written to every subscriber that is up to date.  While the
+transport is busy (the peer reads slower than we write), offers queue, and
+the writer sends everything queued as one frame once the socket takes more:
+events that arrive while a write is in flight go out together.  Without a
+transport (an in-process consumer), :meth:`Outbox.next_frame` takes what is
+queued.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import attrs
 import trio
 
 from protocols import Codec, Lagged, Limits, Message, Presence, encode
+
+from ..world import OutFrame, PeerTransport
 
 __all__ = ["Outbox", "OutboxClosed", "OutboxOverflow", "OutboxStats", "join_frame"]
 
@@ -58,17 +68,19 @@ class OutboxStats:
 
 @attrs.define(slots=True)
 class _Entry:
-    item: Frame
+    item: Frame | OutFrame
     room: str | None  # set for reliable room events (droppable on lag)
     first_seq: int = 0
     size: int = 0
+    count: int = 1  # messages in ``item`` (a room's batch holds several)
 
 
 class Outbox:
     """Bounded in messages (``max_messages``) and bytes (``max_bytes``) for
     room events: overflow policy *drop the room's backlog and tell the
     client ``lagged``*.  Control messages are bounded by ``max_control``:
-    overflow policy *close the connection*."""
+    overflow policy *close the connection*.  A transport adds at most one
+    frame's unwritten tail (:class:`~agor_actors.world.PeerTransport`)."""
 
     def __init__(
         self,
@@ -94,6 +106,9 @@ class Outbox:
         self._lot = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
         self._closed = False
+        self._transport: PeerTransport | None = None
+        self._held: OutFrame | None = None  # taken from the queue, not yet taken by the transport
+        self._writer_idle = False  # the writer waits for something to send
         self.sent_frames = 0
         self.sent_messages = 0
         self.lagged = 0
@@ -114,7 +129,7 @@ class Outbox:
         item = message if isinstance(message, bytes | str) else encode(self.codec, message)
         self._queue.append(_Entry(item, None))
         self._control_count += 1
-        self._lot.unpark()
+        self._kick()
 
     def offer_events(self, room: str, events: list[tuple[int, Frame]]) -> bool:
         """Queue encoded events ``(seq, item)`` of ``room``.  Returns False if
@@ -123,32 +138,58 @@ class Outbox:
         the caller must stop sending this room to this outbox."""
         if self._closed:
             return False
+        if not events:
+            return True
         size = sum(len(item) for _, item in events)
-        if self._event_count > 0 and (  # an empty outbox takes any one batch
-            self._event_count + len(events) > self.max_messages
-            or self._event_bytes + size > self.max_bytes
-        ):
-            resume_from = events[0][0] if events else 0
-            kept: deque[_Entry] = deque()
-            for entry in self._queue:
-                if entry.room == room:
-                    resume_from = min(resume_from, entry.first_seq)
-                    self._event_count -= 1
-                    self._event_bytes -= entry.size
-                else:
-                    kept.append(entry)
-            self._queue = kept
-            self.lagged += 1
-            self.offer_control(Lagged(room=room, resume_from=resume_from))
-            if self.on_lagged is not None:
-                self.on_lagged(room, resume_from)
+        if not self._fits(len(events), size):
+            self._lag(room, events[0][0])
             return False
         for seq, item in events:
             self._queue.append(_Entry(item, room, seq, len(item)))
         self._event_count += len(events)
         self._event_bytes += size
-        self._lot.unpark()
+        self._kick()
         return True
+
+    def offer_batch(self, room: str, first_seq: int, count: int, frame: OutFrame) -> bool:
+        """Queue ``count`` events of ``room`` from ``first_seq`` already
+        joined into one frame (shared by every subscriber it goes to).
+        Overflow as for :meth:`offer_events`."""
+        if self._closed:
+            return False
+        size = len(frame)
+        if not self._fits(count, size):
+            self._lag(room, first_seq)
+            return False
+        self._queue.append(_Entry(frame, room, first_seq, size, count))
+        self._event_count += count
+        self._event_bytes += size
+        self._kick()
+        return True
+
+    def _fits(self, messages: int, size: int) -> bool:
+        return self._event_count == 0 or (  # an empty outbox takes any one batch
+            self._event_count + messages <= self.max_messages
+            and self._event_bytes + size <= self.max_bytes
+        )
+
+    def _lag(self, room: str, first_seq: int) -> None:
+        """Drop the room's backlog here and queue ``lagged`` from the first
+        seq the client has not been sent."""
+        resume_from = first_seq
+        kept: deque[_Entry] = deque()
+        for entry in self._queue:
+            if entry.room == room:
+                resume_from = min(resume_from, entry.first_seq)
+                self._event_count -= entry.count
+                self._event_bytes -= entry.size
+            else:
+                kept.append(entry)
+        self._queue = kept
+        self.lagged += 1
+        self.offer_control(Lagged(room=room, resume_from=resume_from))
+        if self.on_lagged is not None:
+            self.on_lagged(room, resume_from)
 
     def offer_presence(self, board: str, frame: Presence) -> None:
         """Set the board's presence to send: never queued behind itself; an
@@ -169,7 +210,7 @@ class Outbox:
                 highlights=highlights or None,
             )
         self._presence[board] = frame
-        self._lot.unpark()
+        self._kick()
 
     @property
     def shedding(self) -> bool:
@@ -181,38 +222,116 @@ class Outbox:
         kept: deque[_Entry] = deque()
         for entry in self._queue:
             if entry.room == room:
-                self._event_count -= 1
+                self._event_count -= entry.count
                 self._event_bytes -= entry.size
             else:
                 kept.append(entry)
         self._queue = kept
 
+    # ------------------------------------------------------------- sending
+
+    def _ready(self) -> bool:
+        return bool(self._queue) or (bool(self._presence) and not self._closed)
+
+    def _take(self) -> OutFrame:
+        """Everything queued (up to ``max_frame_messages``) as one frame.  A
+        lone room batch is passed on as it is (its wire bytes are shared)."""
+        if len(self._queue) == 1 and not self._presence:
+            entry = self._queue.popleft()
+            self._taken(entry)
+            self.sent_frames += 1
+            self.sent_messages += entry.count
+            self._drained.unpark_all()
+            item = entry.item
+            return item if isinstance(item, OutFrame) else OutFrame(item)
+        parts: list[Frame] = []
+        messages = 0
+        if self._presence and not self.shedding:
+            for presence in self._presence.values():
+                parts.append(encode(self.codec, presence))
+            messages += len(self._presence)
+            self._presence.clear()
+        while self._queue:
+            entry = self._queue[0]
+            if messages and messages + entry.count > self.max_frame_messages:
+                break
+            self._queue.popleft()
+            self._taken(entry)
+            item = entry.item
+            parts.append(
+                _inner(self.codec, item.payload, entry.count)
+                if isinstance(item, OutFrame)
+                else item
+            )
+            messages += entry.count
+        self.sent_frames += 1
+        self.sent_messages += messages
+        self._drained.unpark_all()
+        return OutFrame(_join(self.codec, parts, messages))
+
+    def _taken(self, entry: _Entry) -> None:
+        if entry.room is None:
+            self._control_count -= 1
+        else:
+            self._event_count -= entry.count
+            self._event_bytes -= entry.size
+
+    def _kick(self) -> None:
+        """Something was queued.  An idle connection's transport takes it at
+        once, here (no task switch); a busy one's writer sends it later."""
+        transport = self._transport
+        if transport is None or not self._writer_idle:
+            self._lot.unpark()
+            return
+        while self._held is not None or self._ready():
+            if self._held is None:
+                if not self._ready():
+                    break
+                self._held = self._take()
+            if not transport.try_send(self._held):
+                self._writer_idle = False
+                self._lot.unpark()
+                return
+            self._held = None
+
+    async def run(self, transport: PeerTransport) -> None:
+        """The connection's writer: from now on offers go to ``transport``
+        (at once while it is idle); this task sends what queues while it is
+        busy.  Returns once the outbox is closed and everything queued has
+        been taken by the transport.  Cancelled: what is queued is not sent."""
+        self._transport = transport
+        try:
+            while True:
+                if self._held is None:
+                    if not self._ready():
+                        if self._closed:
+                            return
+                        self._writer_idle = True
+                        try:
+                            await self._lot.park()
+                        finally:
+                            self._writer_idle = False
+                        continue
+                    self._held = self._take()
+                if transport.try_send(self._held):
+                    self._held = None
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await transport.wait_writable()
+        finally:
+            self._transport = None
+            self._writer_idle = False
+
     async def next_frame(self) -> Frame:
-        """Wait for something to send and take all of it (up to
-        ``max_frame_messages``) as one frame.  A checkpoint; raises
-        :class:`OutboxClosed` once closed and drained."""
-        while not self._queue and not (self._presence and not self._closed):
+        """For an in-process consumer (no transport): wait for something to
+        send and take all of it (up to ``max_frame_messages``) as one frame.
+        A checkpoint; raises :class:`OutboxClosed` once closed and drained."""
+        while not self._ready():
             if self._closed:
                 raise OutboxClosed()
             await self._lot.park()
         await trio.lowlevel.checkpoint_if_cancelled()
-        items: list[Frame] = []
-        if self._presence and not self.shedding:
-            for presence in self._presence.values():
-                items.append(encode(self.codec, presence))
-            self._presence.clear()
-        while self._queue and len(items) < self.max_frame_messages:
-            entry = self._queue.popleft()
-            if entry.room is None:
-                self._control_count -= 1
-            else:
-                self._event_count -= 1
-                self._event_bytes -= entry.size
-            items.append(entry.item)
-        self.sent_frames += 1
-        self.sent_messages += len(items)
-        self._drained.unpark_all()
-        return join_frame(self.codec, items)
+        return self._take().payload
 
     def fits_half(self, messages: int, size: int) -> bool:
         """Whether ``messages`` more events of ``size`` bytes in all keep the
@@ -249,3 +368,25 @@ class Outbox:
             sent_messages=self.sent_messages,
             lagged=self.lagged,
         )
+
+
+def _inner(codec: Codec, payload: Frame, count: int) -> Frame:
+    """The messages inside a frame of ``count`` messages made by
+    :func:`join_frame`, as a part for :func:`_join` (a batch without its
+    brackets: its items, comma-separated or concatenated)."""
+    if count == 1:
+        return payload
+    if codec is Codec.JSON:
+        text = payload if isinstance(payload, str) else payload.decode()
+        return text[1:-1]
+    raw = payload if isinstance(payload, bytes) else payload.encode()
+    return raw[1:-1]
+
+
+def _join(codec: Codec, parts: list[Frame], messages: int) -> Frame:
+    """One frame of ``messages`` messages from parts made by :func:`_inner`."""
+    if messages == 1:
+        return parts[0]
+    if codec is Codec.JSON:
+        return "[" + ",".join(p if isinstance(p, str) else p.decode() for p in parts) + "]"
+    return b"\x9f" + b"".join(p if isinstance(p, bytes) else p.encode() for p in parts) + b"\xff"

@@ -1,23 +1,22 @@
 """The one port's front: every accepted connection's request head is read
-here, then the connection goes to trio-websocket (``/ws``) or to hypercorn
-(everything else: the quart-trio app).
+here, then the connection goes to our WebSocket (``/ws``: :mod:`._websocket`
+over :mod:`._ws`) or to hypercorn (everything else: the quart-trio app).
 
 Per connection, under ``head_timeout_s`` and within ``head_max_bytes``, the
 front reads until the end of the request head (a blank line, as h11 finds
 it).  A peer that sends nothing, or too little, is closed when the time is
 up; one whose first line is not an HTTP request line gets 400 at once, one
 whose head is too large 431; nothing of this reaches anything else.  The
-bytes read (the head and whatever came with it) are replayed by
-:class:`ReplayStream` to whoever serves the connection next:
+bytes read (the head and whatever came with it) go to whoever serves the
+connection next:
 
-* ``GET /ws`` (with or without a query string): trio-websocket's server
-  side (``wrap_server_stream``) in a nursery of the connection's own (its
-  reader task's errors stay there), then :func:`~._app.serve_websocket`.
-  The handshake must be through by the head's deadline too; a handshake
-  trio-websocket refuses itself (not an upgrade, no key...) is answered by
-  it with 400 and closes the stream, which ends the wait at once;
+* ``GET /ws`` (with or without a query string): the head and what came after
+  it to :func:`~._websocket.serve_websocket`, which answers the handshake
+  (also by the head's deadline) and serves the connection on the socket
+  itself (the transport writes without awaiting: :mod:`._ws`);
 * anything else: hypercorn's own per-connection server
-  (``hypercorn.trio.tcp_server.TCPServer``) over the replayed stream, with
+  (``hypercorn.trio.tcp_server.TCPServer``) over a :class:`ReplayStream`
+  that receives those bytes again first, with
   the worker context and lifespan state that :mod:`._serve` keeps, exactly
   as hypercorn's ``worker_serve`` would run it.
 
@@ -39,10 +38,6 @@ Accepted sockets get ``TCP_NODELAY`` (and ``TCP_NOTSENT_LOWAT``) from
 socket; the connection's task is its only task until it is routed.  A
 refusal (400, 431) is followed by a short bounded read of what the peer
 still sends, so that closing does not reset the connection under the reply.
-
-A known limit of trio-websocket (wsproto): WebSocket frames that a client
-sends in the same segment as its handshake, before the 101, are only parsed
-when more data arrives.  Clients wait for the 101 (ours, browsers).
 """
 
 from __future__ import annotations
@@ -50,25 +45,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 from typing import Any, Final, cast
 
 import trio
-import trio_websocket
 from hypercorn.config import Config
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 
-from ._app import AppState, serve_websocket, ws_max_message_bytes
+from ._settings import AppState
+from ._websocket import serve_websocket
 
-__all__ = ["WS_MESSAGE_QUEUE_SIZE", "Front", "HeadError", "ReplayStream", "read_head", "route"]
+__all__ = ["Front", "HeadError", "ReplayStream", "read_head", "route"]
 
 log = logging.getLogger("agor_actors.server")
-
-WS_MESSAGE_QUEUE_SIZE: Final = 1
-"""trio-websocket's queue of received messages: the connection's reader
-takes each at once, so one is enough; a full queue stops trio-websocket
-reading the socket (TCP backpressure to a flooding client)."""
 
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
 _REQUEST_LINE: Final = re.compile(rb"([A-Z]{1,20}) ([\x21-\x7e]+) HTTP/[0-9](?:\.[0-9])?\r?\n")
@@ -195,7 +186,6 @@ class Front:
         self.config = config
         self.context = context
         self.connection_state = connection_state
-        self._max_message_size = ws_max_message_bytes(state.settings)
         self._reading: set[trio.CancelScope] = set()
         self._stopping = False
 
@@ -205,25 +195,31 @@ class Front:
         for scope in self._reading:
             scope.cancel()
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """One accepted connection, until it is done (the caller closes the
-        stream).  Never raises, except to be cancelled."""
+    async def handle(self, sock: socket.socket) -> None:
+        """One accepted (non-blocking) socket, until it is done; closes it.
+        Never raises, except to be cancelled."""
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         try:
-            await self._handle(stream)
+            await self._handle(stream, sock)
         except Exception:
             log.exception("a connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        deadline = trio.current_time() + self.settings.head_timeout_s
+    async def _handle(self, stream: trio.SocketStream, sock: socket.socket) -> None:
+        deadline = self.state.world.clock.now_s() + self.settings.head_timeout_s
         head = await self._head(stream, deadline)
         if head is None:
             return
-        replay = ReplayStream(stream, head)
-        kind = route(head)
-        del head  # the replay holds it until it is read, no longer
-        if kind == "ws":
-            await self._websocket(replay, deadline)
+        if route(head) == "ws":
+            end = _HEAD_END.search(head)
+            assert end is not None
+            await serve_websocket(
+                self.state, sock, head[: end.end()], head[end.end() :], deadline=deadline
+            )
         else:
+            replay = ReplayStream(stream, head)
+            del head  # the replay holds it until it is read, no longer
             server = TCPServer(
                 self.app, self.config, self.context, self.connection_state, cast(Any, replay)
             )
@@ -259,32 +255,3 @@ class Front:
             for _ in range(_LINGER_READS):
                 if not await stream.receive_some(_LINGER_READ_BYTES):
                     break
-
-    async def _websocket(self, stream: ReplayStream, deadline: float) -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                request = await self._ws_request(nursery, stream, deadline)
-                if request is not None:
-                    await serve_websocket(self.state, request, deadline=deadline)
-            finally:
-                await trio.aclose_forcefully(stream)
-                nursery.cancel_scope.cancel()
-
-    async def _ws_request(
-        self, nursery: trio.Nursery, stream: ReplayStream, deadline: float
-    ) -> trio_websocket.WebSocketRequest | None:
-        """trio-websocket's handshake request, or None: not by ``deadline``,
-        or refused by trio-websocket itself (it answered and closed the
-        stream, which cancels the wait)."""
-        with trio.CancelScope(deadline=deadline) as scope:
-            stream.on_close = scope
-            try:
-                return await trio_websocket.wrap_server_stream(
-                    nursery,
-                    stream,
-                    message_queue_size=WS_MESSAGE_QUEUE_SIZE,
-                    max_message_size=self._max_message_size,
-                )
-            finally:
-                stream.on_close = None
-        return None

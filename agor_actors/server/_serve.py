@@ -1,13 +1,13 @@
-"""Running the server (one port: ``/ws`` on trio-websocket, the rest on
+"""Running the server (one port: ``/ws`` on our WebSocket, the rest on
 quart-trio + hypercorn, routed per connection by :mod:`._front`), and the
 daemon's main.
 
 The listening socket is made here: ``TCP_USER_TIMEOUT`` (accepted sockets
 inherit it on Linux) lets the kernel cut a connection whose peer stopped
 acknowledging, and a listen backlog of 2048 keeps a burst of connects from
-overflowing the accept queue.  ``trio.serve_listeners`` accepts on it (and
-closes it when accepting stops); each connection goes to
-:meth:`._front.Front.handle`.
+overflowing the accept queue.  :func:`_accept` accepts on it (the accepted
+sockets stay plain non-blocking sockets: the WebSocket writes to them
+without awaiting); each connection goes to :meth:`._front.Front.handle`.
 
 hypercorn's per-connection server is driven by the front (see
 :mod:`._front` for why rather than a proxy to ``worker_serve``), so what
@@ -26,6 +26,7 @@ hypercorn's graceful end, then the app's lifespan shutdown.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import pathlib
@@ -44,8 +45,9 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
 
 from ..world import World, real_world
-from ._app import AppState, ServerHub, ServerSettings, create_app
+from ._app import create_app
 from ._front import Front
+from ._settings import AppState, ServerHub, ServerSettings
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -139,7 +141,6 @@ async def run_server(
     sock = listen_socket(host, port)
     try:
         bound_port = int(sock.getsockname()[1])
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         lifespan_state: LifespanState = {}
         lifespan = Lifespan(asgi, config, lifespan_state)
         context = WorkerContext(None)
@@ -149,20 +150,14 @@ async def run_server(
             front = Front(state, asgi, config, context, ConnectionState(lifespan_state.copy()))
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
-                    await accepting.start(
-                        partial(
-                            trio.serve_listeners,
-                            front.handle,
-                            [listener],
-                            handler_nursery=connections,
-                        )
-                    )
+                    accepting.start_soon(_accept, sock, front, connections)
                     log.info("listening on %s:%d", host, bound_port)
                     task_status.started(bound_port)
                     await shutdown.wait()
                     log.info("draining %d connection(s)", len(state.connections))
                     await state.drain()
-                    accepting.cancel_scope.cancel()  # closes the listener
+                    accepting.cancel_scope.cancel()
+                    sock.close()  # refuse new connections from now
                 front.stop_reading_heads()
                 await context.terminated.set()
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
@@ -170,6 +165,33 @@ async def run_server(
             lifespan_nursery.cancel_scope.cancel()
     finally:
         sock.close()
+
+
+_ACCEPT_BURST = 64
+_ACCEPT_PAUSE_S = 0.1
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def _accept(sock: socket.socket, front: Front, connections: trio.Nursery) -> None:
+    """Accept connections on the listening ``sock`` until cancelled; each
+    is handled by ``front`` in ``connections``.  Out of file descriptors or
+    memory: log, pause ``_ACCEPT_PAUSE_S``, go on (as trio's
+    ``serve_listeners`` does)."""
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(_ACCEPT_BURST):
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    log.error("accept: %s; pausing %.1f s", exc, _ACCEPT_PAUSE_S)
+                    await trio.sleep(_ACCEPT_PAUSE_S)
+                    break
+                continue  # the peer gave up before we accepted (ECONNABORTED...)
+            conn.setblocking(False)
+            connections.start_soon(front.handle, conn)
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ import agor_actors.server as server
 
 PUBLIC = {
     "AppState",
+    "Connection",
     "LISTEN_BACKLOG",
     "ServerHub",
     "ServerSettings",

@@ -1,0 +1,434 @@
+"""One client connection of the protocol, over any
+:class:`~agor_actors.world.PeerTransport` (the daemon's WebSocket, the
+simulator's link): one reader pumps messages into the protocol's
+:class:`~protocols.ServerConnection` machine and dispatches what it reports
+through a table; the connection's bounded :class:`~agor_actors.daemon.Outbox`
+is its one write path (results, notices and room events): an offer to an
+idle connection is written at once, and its writer task sends what queues
+while the peer reads slower than we write.  A slow client costs a room
+nothing (rooms offer, never await).
+
+* once the peer is gone, the transport's ``receive`` raises
+  :class:`~agor_actors.world.TransportClosed`: the connection stops at once
+  (no flush, no close, in-flight calls dropped) and the hub is told;
+* nobody checks WebSocket pongs: the protocol's own ``ping``/``pong`` is the
+  heartbeat, and a connection silent for ``dead_after_s`` is closed (4000);
+* on drain, :meth:`AppState.drain` closes every connection with 1001 after
+  its in-flight calls were answered and its outbox flushed (bounded by
+  ``flush_timeout_s``), then the closing handshake (bounded by the transport).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import trio
+
+from protocols import (
+    SERVER_MESSAGE_TYPES,
+    Call,
+    CallReceived,
+    Codec,
+    ErrorCode,
+    Heartbeat,
+    HeartbeatAction,
+    HelloReceived,
+    Join,
+    JoinRequested,
+    LeaveRequested,
+    LocalProtocolError,
+    Message,
+    PingReceived,
+    PresenceReceived,
+    ProtocolViolation,
+    ServerConnection,
+    ServerEvent,
+    ServerMessage,
+    ServerState,
+    SubscriptionDropped,
+)
+from protocols import Frame as WireFrame
+
+from ..daemon._api import Principal, ServiceError
+from ..daemon._outbox import Outbox, OutboxClosed, OutboxOverflow
+from ..world import PeerTransport, TransportClosed
+from ._settings import AppState, ServerSettings
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("agor_actors.server")
+
+
+class _TrackedOutbox(Outbox):
+    """The connection's outbox: control messages queued by the hub (``joined``,
+    notices) and by the outbox itself (``lagged``) pass through the protocol
+    machine, so that it knows which rooms the connection is in.  An overflow
+    of control messages never reaches the hub or a room: it closes the
+    connection (1008)."""
+
+    def __init__(self, connection: Connection, codec: Codec, settings: ServerSettings) -> None:
+        super().__init__(
+            codec,
+            max_messages=settings.outbox_messages_max,
+            max_bytes=settings.outbox_bytes_max,
+            max_control=settings.outbox_control_max,
+        )
+        self._connection = connection
+
+    def offer_control(self, message: Message | WireFrame) -> None:
+        if self.closed:
+            return
+        frame: WireFrame
+        if isinstance(message, bytes | str):
+            frame = message
+        elif SERVER_MESSAGE_TYPES.get(message.TYPE) is type(message):
+            try:
+                frame = self._connection.machine.send(_as_server_message(message))
+            except LocalProtocolError:
+                # The connection is closing (or the message makes no sense
+                # now): nothing more goes out.
+                return
+        else:
+            raise TypeError(f"not a server message: {type(message).__name__}")
+        try:
+            super().offer_control(frame)
+        except OutboxOverflow:
+            self._connection.overflowed()
+        except OutboxClosed:
+            pass
+
+
+def _as_server_message(message: Message) -> ServerMessage:
+    return message  # type: ignore[return-value]  # checked against SERVER_MESSAGE_TYPES
+
+
+_Close = tuple[int, str]
+
+
+class Connection:
+    """One client connection: hello, reader, writer, calls, subscriptions."""
+
+    def __init__(
+        self,
+        state: AppState,
+        transport: PeerTransport,
+        codec: Codec,
+    ) -> None:
+        self.state = state
+        self.ws = transport
+        self.codec = codec
+        self.settings = state.settings
+        self.world = state.world
+        self.hub = state.hub
+        self.machine = ServerConnection(codec=codec, limits=self.settings.limits)
+        self.outbox = _TrackedOutbox(self, codec, self.settings)
+        self.connection_id: str | None = None
+        self.principal: Principal | None = None
+        self.started_s = self.world.clock.now_s()
+        self._close: _Close | None = None
+        self._going_away = False
+        self._read_scope = trio.CancelScope()
+        self._calls: trio.Nursery | None = None
+        self._subscribe_send, self._subscribe_receive = trio.open_memory_channel[
+            JoinRequested | LeaveRequested | SubscriptionDropped
+        ](64)
+        self.finished = trio.Event()
+        self._welcomed = trio.Event()
+        self._gone = trio.CancelScope()
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        """Serve the connection until it closes, or until the peer is gone
+        (then everything stops at once); the hub is told in any case."""
+        try:
+            with self._gone:
+                await self._run()
+        finally:
+            self.outbox.close()
+            if self.machine.state is not ServerState.CLOSED:
+                self.machine.connection_closed()
+            if self.connection_id is not None:
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self.settings.disconnect_timeout_s),
+                ):
+                    try:
+                        await self.hub.disconnect(self.connection_id)
+                    except Exception:
+                        log.exception("hub.disconnect(%s) failed", self.connection_id)
+            self.finished.set()
+
+    async def _run(self) -> None:
+        writer_done = trio.Event()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._writer, writer_done)
+            async with trio.open_nursery() as calls:
+                self._calls = calls
+                with self._read_scope:
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(self._watchdog)
+                        inner.start_soon(self._subscriber)
+                        await self._read_loop()
+                        inner.cancel_scope.cancel()
+                # Reading has stopped.  In-flight calls get a grace period to
+                # be answered (a drain) or none (a protocol violation).
+                grace = self.settings.call_grace_s if self._going_away else 0.0
+                calls.cancel_scope.deadline = self.world.clock.now_s() + grace
+            if self._going_away and self._close is None:
+                frame = self.machine.close(ErrorCode.GOING_AWAY, "the server is shutting down")
+                self._queue_raw(frame)
+                self._close = (self.machine.close_code or 1001, self.machine.close_reason)
+            self.outbox.close()
+            with trio.move_on_after(self.settings.flush_timeout_s):
+                await writer_done.wait()
+            outer.cancel_scope.cancel()
+        code, reason = self._close or (1000, "")
+        with contextlib.suppress(TransportClosed):  # already closed by the peer
+            await self.ws.close(code, reason)
+
+    async def _writer(self, done: trio.Event) -> None:
+        """The one write path: the outbox into the transport (at once while
+        it is idle; this task sends what queues while it is busy)."""
+        try:
+            await self.outbox.run(self.ws)
+        finally:
+            done.set()
+
+    async def _read_loop(self) -> None:
+        while not self.closing():
+            try:
+                data = await self.ws.receive()
+            except TransportClosed:
+                self.peer_gone()
+                return
+            events = self.machine.receive_data(data, self.world.clock.now_s())
+            for event in events:
+                await self._dispatch(event)
+                if self.closing():
+                    return
+
+    async def _watchdog(self) -> None:
+        """Close a connection that never completes ``hello`` (4001) or that
+        stays silent longer than the heartbeat allows (4000).  The client
+        pings every ``heartbeat_ms``; any frame counts as a sign of life."""
+        settings = self.settings
+        with trio.move_on_after(settings.hello_timeout_s):
+            await self._welcomed.wait()
+        if not self._welcomed.is_set():
+            self._close_with(ErrorCode.NOT_AUTHENTICATED, "no hello in time")
+            return
+        heartbeat = Heartbeat(
+            interval_s=settings.heartbeat_ms / 1000, timeout_s=settings.dead_after_s
+        )
+        while True:
+            now = self.world.clock.now_s()
+            last = self.machine.last_received_s or self.started_s
+            if heartbeat.decide(now, last_received_s=last) is HeartbeatAction.DEAD:
+                self._close_with(
+                    ErrorCode.HEARTBEAT_TIMEOUT, f"nothing received for {now - last:.1f} s"
+                )
+                return
+            await trio.sleep(max(0.0, heartbeat.next_check_s(last_received_s=last) - now))
+
+    # -------------------------------------------------------------- closing
+
+    def closing(self) -> bool:
+        """Whether the connection decided to close (reading has stopped)."""
+        return self._close is not None
+
+    def _queue_raw(self, frame: WireFrame | None) -> None:
+        if frame is None:
+            return
+        with contextlib.suppress(OutboxOverflow, OutboxClosed):
+            Outbox.offer_control(self.outbox, frame)
+
+    def _stop_reading(self) -> None:
+        self._read_scope.cancel()
+
+    def _close_with(self, code: ErrorCode, message: str) -> None:
+        """Close the connection with ``code`` (one that closes): an error
+        frame, then the close frame with the code's WebSocket close code."""
+        if self._close is not None:
+            return
+        try:
+            frame = self.machine.close(code, message)
+        except LocalProtocolError:
+            frame = None
+        self._queue_raw(frame)
+        self._close = (self.machine.close_code or 1011, self.machine.close_reason)
+        self._stop_reading()
+
+    def overflowed(self) -> None:
+        """The client does not read: close at once (1008), nothing more to send."""
+        if self._close is None:
+            with contextlib.suppress(LocalProtocolError):
+                self.machine.close(ErrorCode.FLOOD, "not reading")
+            self._close = (1008, "flood: not reading its messages")
+            self._stop_reading()
+
+    def peer_gone(self) -> None:
+        """The peer is gone: stop everything now (no flush, no close)."""
+        self._gone.cancel()
+
+    def go_away(self) -> None:
+        """Drain: stop reading, answer what is in flight, close with 1001."""
+        self._going_away = True
+        self._stop_reading()
+
+    # ------------------------------------------------------------- dispatch
+
+    async def _dispatch(self, event: ServerEvent) -> None:
+        if isinstance(event, ProtocolViolation):
+            await self._on_violation(event)
+        elif isinstance(event, HelloReceived):
+            await self._on_hello(event)
+        elif isinstance(event, CallReceived):
+            self._on_call(event)
+        elif isinstance(event, JoinRequested | LeaveRequested | SubscriptionDropped):
+            await self._subscribe_send.send(event)
+        elif isinstance(event, PingReceived):
+            self.outbox.offer_control(self.machine.pong(event.ping.t))
+        else:
+            assert isinstance(event, PresenceReceived)
+            await self._on_presence(event)
+
+    async def _on_violation(self, event: ProtocolViolation) -> None:
+        if event.close_code is not None:
+            self._queue_raw(event.reply)
+            self._close = (int(event.close_code), self.machine.close_reason)
+            self._stop_reading()
+            return
+        if event.reply is not None:
+            self.outbox.offer_control(event.reply)
+
+    async def _on_presence(self, event: PresenceReceived) -> None:
+        """Lossy and cheap: handled in order, in the reader."""
+        assert self.principal is not None and self.connection_id is not None
+        try:
+            await self.hub.presence(self.principal, self.connection_id, event.update)
+        except ServiceError as exc:
+            self._error_frame(exc.code, exc.message)
+
+    def _error_frame(self, code: str, message: str) -> None:
+        """An error frame that leaves the connection open.  A service's
+        ``unauthorized`` (a closing code on the wire) is sent as ``forbidden``."""
+        try:
+            frame = self.machine.error(code, message)
+        except LocalProtocolError:
+            if self.machine.state is not ServerState.OPEN:
+                return
+            fallback = ErrorCode.FORBIDDEN if code == ErrorCode.UNAUTHORIZED else ErrorCode.INTERNAL
+            frame = self.machine.error(fallback.value, message)
+        self.outbox.offer_control(frame)
+
+    async def _on_hello(self, event: HelloReceived) -> None:
+        token = event.hello.token
+        try:
+            principal = await self.hub.authenticate(token) if token else None
+        except Exception:
+            log.exception("authenticate failed")
+            self._close_with(ErrorCode.SERVER_ERROR, "authentication failed")
+            return
+        if principal is None:
+            if token:
+                self._close_with(ErrorCode.UNAUTHORIZED, "invalid token")
+            else:
+                self._close_with(ErrorCode.NOT_AUTHENTICATED, "hello without a token")
+            return
+        self.principal = principal
+        self.connection_id = self.world.entropy.new_id(self.world.wall.now_ms())
+        self.outbox.offer_control(
+            self.machine.welcome(
+                connection_id=self.connection_id,
+                user_id=principal.user_id,
+                heartbeat_ms=self.settings.heartbeat_ms,
+            )
+        )
+        self._welcomed.set()
+
+    def _on_call(self, event: CallReceived) -> None:
+        assert self._calls is not None
+        self._calls.start_soon(self._run_call, event.call)
+
+    async def _run_call(self, call: Call) -> None:
+        """One call, concurrent with the others (the machine bounds how many
+        are pending).  Cancelled (on close) before its result: no result."""
+        assert self.principal is not None
+        try:
+            data = await self.hub.call(
+                self.principal,
+                connection_id=self.connection_id,
+                service=call.service,
+                method=call.method,
+                id=call.id,
+                data=call.data,
+                query=call.query,
+                temp_id=call.temp_id,
+                base_rev=call.base_rev,
+            )
+        except ServiceError as exc:
+            self._answer_error(call.ref, exc.code, exc.message, exc.data)
+            return
+        except Exception:
+            log.exception("call %s.%s failed", call.service, call.method)
+            self._answer_error(call.ref, ErrorCode.INTERNAL.value, "internal error")
+            return
+        try:
+            frame = self.machine.result(call.ref, data=data)
+        except LocalProtocolError as exc:
+            if self.machine.state is not ServerState.OPEN:
+                return
+            log.error("result of %s.%s cannot be encoded: %s", call.service, call.method, exc)
+            self._answer_error(call.ref, ErrorCode.INTERNAL.value, "result cannot be encoded")
+            return
+        self.outbox.offer_control(frame)
+
+    def _answer_error(self, ref: int, code: str, message: str, data: Any = None) -> None:
+        try:
+            frame = self.machine.result_error(ref, code, message, data)
+        except LocalProtocolError:
+            if self.machine.state is not ServerState.OPEN:
+                return
+            frame = self.machine.result_error(ref, code, message)
+        self.outbox.offer_control(frame)
+
+    async def _subscriber(self) -> None:
+        """Joins and leaves, one at a time in the order they were received."""
+        async for event in self._subscribe_receive:
+            try:
+                if isinstance(event, JoinRequested):
+                    await self._join(event.join, event.rejoin)
+                elif isinstance(event, LeaveRequested):
+                    await self._leave(event.room)
+                else:
+                    await self._drop(event.room)
+            except Exception:
+                log.exception("subscription change %r failed", event)
+                self._close_with(ErrorCode.SERVER_ERROR, "subscription failed")
+                return
+
+    async def _join(self, join: Join, rejoin: bool) -> None:
+        assert self.principal is not None and self.connection_id is not None
+        try:
+            await self.hub.join(
+                self.principal, self.connection_id, self.outbox, join.room, join.since
+            )
+        except ServiceError as exc:
+            if rejoin:
+                await self.hub.leave(self.connection_id, join.room)
+                self.outbox.drop_room(join.room)
+            self.outbox.offer_control(self.machine.left(join.room, exc.code))
+
+    async def _leave(self, room: str) -> None:
+        assert self.connection_id is not None
+        await self.hub.leave(self.connection_id, room)
+        self.outbox.drop_room(room)
+        self.outbox.offer_control(self.machine.left(room))
+
+    async def _drop(self, room: str) -> None:
+        assert self.connection_id is not None
+        await self.hub.leave(self.connection_id, room)
+        self.outbox.drop_room(room)

@@ -1,0 +1,160 @@
+"""What the server's parts share: the hub seam, the settings, the origin
+check and the state of the running app (its connections, the drain)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+
+from protocols import Limits, PresenceUpdate, Since
+
+from ..daemon._api import Principal
+from ..daemon._outbox import Outbox
+from ..world import World
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+__all__ = [
+    "AppState",
+    "ServerHub",
+    "ServerSettings",
+    "origin_allowed",
+    "ws_max_message_bytes",
+]
+
+
+class ServerHub(Protocol):
+    """What the server needs of the daemon's hub (``agor_actors.daemon.Hub``)."""
+
+    async def authenticate(self, token: str | None) -> Principal | None: ...
+
+    async def call(
+        self,
+        principal: Principal,
+        *,
+        connection_id: str | None,
+        service: str,
+        method: str,
+        id: str | None = None,
+        data: Any = None,
+        query: dict[str, Any] | None = None,
+        temp_id: str | None = None,
+        base_rev: int | None = None,
+    ) -> Any: ...
+
+    async def join(
+        self,
+        principal: Principal,
+        connection_id: str,
+        outbox: Outbox,
+        room: str,
+        since: Since | None,
+    ) -> None: ...
+
+    async def leave(self, connection_id: str, room: str) -> None: ...
+
+    async def presence(
+        self, principal: Principal, connection_id: str, update: PresenceUpdate
+    ) -> None: ...
+
+    async def disconnect(self, connection_id: str) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """Tunables of the server.  Times in seconds unless named otherwise."""
+
+    limits: Limits = attrs.field(factory=Limits)
+    heartbeat_ms: int = 15_000
+    """Announced in ``welcome``: the client pings at least this often."""
+    dead_after_s: float = 37.5
+    """A connection that sent nothing for this long is closed (4000): two
+    and a half heartbeats, as ``Heartbeat.from_heartbeat_ms`` says."""
+    hello_timeout_s: float = 10.0
+    """A connection that has not completed ``hello`` by then is closed (4001)."""
+    outbox_messages_max: int = 2000
+    outbox_bytes_max: int = 4 * 1024 * 1024
+    outbox_control_max: int = 1024
+    call_grace_s: float = 5.0
+    """On drain: how long in-flight calls may take to be answered."""
+    flush_timeout_s: float = 2.0
+    """On close: how long the writer may take to flush the outbox."""
+    drain_timeout_s: float = 10.0
+    """On drain: how long to wait for every connection to be closed."""
+    max_body_bytes: int = 1 << 20
+    """Largest HTTP request body (413 beyond)."""
+    disconnect_timeout_s: float = 5.0
+    head_timeout_s: float = 10.0
+    """A new connection must send its request head (and, on ``/ws``, get
+    through the WebSocket handshake) within this, or it is closed."""
+    head_max_bytes: int = 16 * 1024
+    """Largest request line and headers (431 beyond)."""
+    close_timeout_s: float = 2.0
+    """On close: how long the WebSocket closing handshake may take before the
+    TCP connection is cut (a stalled peer never answers it)."""
+
+
+def ws_max_message_bytes(settings: ServerSettings) -> int:
+    """trio-websocket's message size bound: well above the protocol's frame
+    limit, so that a frame over that limit reaches the machine, which closes
+    with 1009 and an error frame saying why."""
+    return max(16 << 20, 4 * settings.limits.max_frame_bytes)
+
+
+# ---------------------------------------------------------------------- origins
+
+_LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def origin_allowed(origin: str | None) -> bool:
+    """The ``Origin`` check for browser connections: no ``Origin`` (not a
+    browser) or ``http(s)://127.0.0.1|localhost|[::1][:port]``."""
+    if origin is None or origin == "":
+        return True
+    try:
+        parts = urlsplit(origin)
+        port = parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        return False
+    del port
+    if parts.scheme not in ("http", "https"):
+        return False
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        return False
+    return parts.hostname in _LOCAL_HOSTS
+
+
+# ----------------------------------------------------------------- the state
+
+
+@attrs.define(eq=False)
+class AppState:
+    """What the app shares between its handlers: the hub, the world, the
+    settings, the open connections, and whether it is draining."""
+
+    hub: ServerHub
+    world: World
+    settings: ServerSettings
+    connections: set[Connection] = attrs.field(factory=set)
+    draining: bool = False
+
+    def is_draining(self) -> bool:
+        return self.draining
+
+    async def drain(self) -> None:
+        """Refuse new work (503), answer in-flight calls, flush every outbox
+        and close every WebSocket with 1001; returns when all are closed or
+        after ``drain_timeout_s``."""
+        self.draining = True
+        connections = list(self.connections)
+        for connection in connections:
+            connection.go_away()
+        with trio.move_on_after(self.settings.drain_timeout_s):
+            for connection in connections:
+                await connection.finished.wait()
