@@ -271,8 +271,15 @@ class PeerTransport(Protocol):
         """Take ``frame`` if nothing is pending (True), else False.  Never blocks."""
         ...
 
+    @property
+    def pending(self) -> bool:
+        """Whether a frame taken is not all written yet (then
+        :meth:`wait_writable` must run for it to go out)."""
+        ...
+
     async def wait_writable(self) -> None:
-        """Return once :meth:`try_send` may take a frame.  A checkpoint."""
+        """Write what is pending as the peer takes it; return once
+        :meth:`try_send` may take a frame.  A checkpoint."""
         ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

@@ -280,6 +280,10 @@ class ServerSide:
         self._refused = len(frame.payload)
         return False
 
+    @property
+    def pending(self) -> bool:
+        return False  # a link takes a frame whole or not at all
+
     async def wait_writable(self) -> None:
         await self.conn.down.wait_room(self._refused)
 

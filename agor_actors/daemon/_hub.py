@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import pathlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Literal, Protocol
 
+import attrs
+import outcome
 import trio
 
 from protocols import Joined, Lagged, PresenceUpdate, Since, encode
@@ -92,8 +95,13 @@ def _store_error(exc: StoreError) -> ServiceError:
     return ServiceError("unavailable", f"store: {exc}")
 
 
-class _Kind(Kind):
-    pass
+@attrs.frozen
+class _SessionWrite:
+    """A call that is a session's write: the session actor and its command."""
+
+    actor: str
+    cmd: Command
+    session_id: str
 
 
 class Hub:
@@ -174,6 +182,66 @@ class Hub:
     ) -> Any:
         """Run one service call; returns once any write is durable.  Raises
         :class:`ServiceError`."""
+        route = await self._route(
+            principal, connection_id, service, method, id, data, query, temp_id, base_rev
+        )
+        if isinstance(route, _SessionWrite):
+            result = await self.system.registry.call(route.actor, route.cmd, timeout_s=30.0)
+            self._written(route, result)
+            return result
+        return await route()
+
+    async def submit(
+        self,
+        principal: Principal,
+        *,
+        connection_id: str | None,
+        service: str,
+        method: str,
+        id: str | None = None,
+        data: Any = None,
+        query: dict[str, Any] | None = None,
+        temp_id: str | None = None,
+        base_rev: int | None = None,
+        reply: Callable[[outcome.Outcome[Any]], None],
+    ) -> Callable[[], Awaitable[Any]] | None:
+        """Start one service call, for a connection that answers calls as
+        they complete.  A session's write is put in the session's mailbox
+        before this returns (so one connection's writes keep the order in
+        which it sent them, and a full mailbox slows its reader), and its
+        outcome is handed to ``reply`` in the answering actor's task, once
+        durable: then None.  Anything else (reads, boards, users, activity)
+        is returned as a call for the caller to run concurrently.  Raises
+        :class:`ServiceError` for a call refused before it starts."""
+        route = await self._route(
+            principal, connection_id, service, method, id, data, query, temp_id, base_rev
+        )
+        if not isinstance(route, _SessionWrite):
+            return route
+        write = route
+
+        def answered(result: outcome.Outcome[Any]) -> None:
+            if isinstance(result, outcome.Value):
+                self._written(write, result.value)
+            reply(result)
+
+        await self.system.registry.request(write.actor, write.cmd, answered)
+        return None
+
+    async def _route(
+        self,
+        principal: Principal,
+        connection_id: str | None,
+        service: str,
+        method: str,
+        id: str | None,
+        data: Any,
+        query: dict[str, Any] | None,
+        temp_id: str | None,
+        base_rev: int | None,
+    ) -> _SessionWrite | Callable[[], Awaitable[Any]]:
+        """Check and authorize a call, and say where it goes: a session's
+        write, or a call to run here."""
         if service not in SERVICES:
             raise ServiceError("unknown_service", f"no service {service!r}")
         if id is not None and not isinstance(id, str):
@@ -181,9 +249,9 @@ class Hub:
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
         if service == "activity":
-            return await self._activity(method, query)
+            return partial(self._activity, method, query)
         if method in READ_METHODS:
-            return await self._read(service, method, id, query)
+            return partial(self._read, service, method, id, query)
         if service in READ_ONLY:
             raise ServiceError(
                 "unknown_method", f"{service} is read-only: {', '.join(READ_METHODS)}"
@@ -191,10 +259,10 @@ class Hub:
         now_ms = self.world.wall.now_ms()
         new_id = self.world.entropy.new_id(now_ms) if method in MINTS_ID else ""
         if service == "users":
-            return await self._users(principal, method, id, data, now_ms, new_id)
+            return partial(self._users, principal, method, id, data, now_ms, new_id)
         if service == "boards":
-            return await self._boards(
-                principal, connection_id, method, id, data, now_ms, new_id, temp_id
+            return partial(
+                self._boards, principal, connection_id, method, id, data, now_ms, new_id, temp_id
             )
         if service == "sessions":
             session_id = new_id if method == "create" else id
@@ -215,10 +283,12 @@ class Hub:
             now_ms=now_ms,
             new_id=new_id,
         )
-        result = await self.system.registry.call(f"session:{session_id}", cmd, timeout_s=30.0)
-        if service in SESSION_SCOPED and method == "create" and isinstance(result, dict):
-            self._remember(service, result["id"], session_id)
-        return result
+        return _SessionWrite(f"session:{session_id}", cmd, session_id)
+
+    def _written(self, write: _SessionWrite, result: Any) -> None:
+        cmd = write.cmd
+        if cmd.service in SESSION_SCOPED and cmd.method == "create" and isinstance(result, dict):
+            self._remember(cmd.service, result["id"], write.session_id)
 
     def _remember(self, service: str, entity_id: str, session_id: str) -> None:
         self._owner_of[(service, entity_id)] = session_id

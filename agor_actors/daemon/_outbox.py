@@ -285,14 +285,17 @@ class Outbox:
             return
         while self._held is not None or self._ready():
             if self._held is None:
-                if not self._ready():
-                    break
                 self._held = self._take()
             if not transport.try_send(self._held):
-                self._writer_idle = False
-                self._lot.unpark()
-                return
+                break
             self._held = None
+            if transport.pending:
+                break
+        else:
+            return
+        # the transport is busy: the writer takes over
+        self._writer_idle = False
+        self._lot.unpark()
 
     async def run(self, transport: PeerTransport) -> None:
         """The connection's writer: from now on offers go to ``transport``
@@ -303,6 +306,9 @@ class Outbox:
         try:
             while True:
                 if self._held is None:
+                    if transport.pending:
+                        await transport.wait_writable()
+                        continue
                     if not self._ready():
                         if self._closed:
                             return

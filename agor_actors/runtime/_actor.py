@@ -222,6 +222,27 @@ class ActorRef:
         except trio.TooSlowError:
             raise CallTimeout(f"{self.name}: no reply within {timeout_s} s") from None
 
+    async def request(self, body: Any, on_reply: Callable[[outcome.Outcome[Any]], None]) -> None:
+        """Send ``Request(body, reply_to)`` and return once it is in the
+        mailbox (waiting for room: backpressure; senders keep their order);
+        the reply is handed to ``on_reply`` in the answering task, which it
+        must not block (an actor that stops first answers ``ActorExited``).
+        No task waits for the reply and there is no timeout: the target
+        answers every request.  A checkpoint if it has to wait; raises
+        :class:`ActorDead` (then ``on_reply`` is never called).  If
+        cancelled while waiting, nothing was sent."""
+        reply = ReplyTo(_PRIVATE)
+
+        def answered(slot: ReplyTo) -> None:
+            if slot._error is not None:
+                assert isinstance(slot._error, Exception)
+                on_reply(outcome.Error(slot._error))
+            else:
+                on_reply(outcome.Value(slot._value))
+
+        reply._notify = answered
+        await self._actor.mailbox.push(Request(body, reply))
+
     async def _call(self, body: Any) -> Any:
         """``call`` without a deadline of its own (the caller's scope has one)."""
         reply = ReplyTo(_PRIVATE)

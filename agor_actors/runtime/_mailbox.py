@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import outcome
 import trio
 
 __all__ = ["EMPTY", "ActorDead", "Mailbox", "MailboxFull"]
@@ -22,19 +23,34 @@ class MailboxFull(Exception):
     monitors or awaited effects than it may have at once."""
 
 
+class _Waiter:
+    __slots__ = ("msg", "task")
+
+    def __init__(self, msg: Any, task: trio.lowlevel.Task) -> None:
+        self.msg = msg
+        self.task = task
+
+
 class Mailbox:
     """``user`` messages are bounded by ``bound`` (overflow policy: the sender
     waits, or ``try_put`` says no).  ``system`` messages (timer fires, awaited
     results, ``Down`` notices, stop requests) come first and are bounded by
     ``system_bound``; they never wait, since the actor itself caused each one
-    and must not deadlock on its own mailbox."""
+    and must not deadlock on its own mailbox.
+
+    User messages keep the order in which their senders arrived, also under
+    backpressure: a sender that finds senders waiting queues behind them
+    (``try_put`` says no), and a freed place goes to the first waiting
+    sender, whose message is enqueued for it (no sender can take a place
+    another was woken for).  The waiting senders are bounded by the tasks
+    that send: each waits for its own message."""
 
     __slots__ = (
         "_closed",
         "_recv_lot",
-        "_send_lot",
         "_system",
         "_user",
+        "_waiters",
         "bound",
         "system_bound",
     )
@@ -47,7 +63,7 @@ class Mailbox:
         self._user: deque[Any] = deque()
         self._system: deque[Any] = deque()
         self._recv_lot = trio.lowlevel.ParkingLot()
-        self._send_lot = trio.lowlevel.ParkingLot()
+        self._waiters: deque[_Waiter] = deque()
         self._closed = False
 
     def __len__(self) -> int:
@@ -62,19 +78,21 @@ class Mailbox:
         return len(self._system)
 
     async def put(self, msg: Any) -> None:
-        """Wait for room, then enqueue.  A checkpoint.  Raises
-        :class:`ActorDead` if the mailbox is (or becomes) closed; if cancelled
-        while waiting, nothing was enqueued."""
+        """Wait for room (behind the senders already waiting), then enqueue.
+        A checkpoint.  Raises :class:`ActorDead` if the mailbox is (or
+        becomes) closed; if cancelled while waiting, nothing was enqueued."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while len(self._user) >= self.bound:
-            if self._closed:
-                raise ActorDead()
-            await self._send_lot.park()
-        if self._closed:
-            raise ActorDead()
-        self._user.append(msg)
-        self._recv_lot.unpark()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if self.try_put(msg):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        waiter = _Waiter(msg, trio.lowlevel.current_task())
+        self._waiters.append(waiter)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiters.remove(waiter)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def push(self, msg: Any) -> None:
         """Enqueue at once if there is room (then not a checkpoint: the actor
@@ -83,15 +101,22 @@ class Mailbox:
             await self.put(msg)
 
     def try_put(self, msg: Any) -> bool:
-        """Enqueue if there is room; never blocks.  Raises :class:`ActorDead`
-        if closed."""
+        """Enqueue if there is room and no sender waits; never blocks.
+        Raises :class:`ActorDead` if closed."""
         if self._closed:
             raise ActorDead()
-        if len(self._user) >= self.bound:
+        if len(self._user) >= self.bound or self._waiters:
             return False
         self._user.append(msg)
         self._recv_lot.unpark()
         return True
+
+    def _admit(self) -> None:
+        """A place was freed: it goes to the first waiting sender."""
+        if self._waiters and len(self._user) < self.bound:
+            waiter = self._waiters.popleft()
+            self._user.append(waiter.msg)
+            trio.lowlevel.reschedule(waiter.task)
 
     def put_system(self, msg: Any) -> None:
         """Enqueue a system message; silently dropped if closed."""
@@ -110,7 +135,7 @@ class Mailbox:
             return self._system.popleft()
         if user and self._user:
             msg = self._user.popleft()
-            self._send_lot.unpark()
+            self._admit()
             return msg
         return EMPTY
 
@@ -124,7 +149,7 @@ class Mailbox:
             msg = self._system.popleft()
         else:
             msg = self._user.popleft()
-            self._send_lot.unpark()
+            self._admit()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return msg
 
@@ -134,5 +159,7 @@ class Mailbox:
         left = list(self._user)
         self._user.clear()
         self._system.clear()
-        self._send_lot.unpark_all()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            trio.lowlevel.reschedule(waiter.task, outcome.Error(ActorDead()))
         return left

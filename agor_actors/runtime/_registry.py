@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from supervisors import Backoff, Intensity, Restart, Supervisor
@@ -109,6 +110,19 @@ class Registry:
             ref = await self.get(name)
             try:
                 await ref.send(msg)
+                return
+            except ActorDead:
+                await self._wait_gone(name, ref)
+
+    async def request(
+        self, name: str, body: Any, on_reply: Callable[[outcome.Outcome[Any]], None]
+    ) -> None:
+        """:meth:`ActorRef.request` on the named actor, spawning it if
+        needed: returns once the request is in its mailbox."""
+        while True:
+            ref = self.lookup(name) or await self.get(name)
+            try:
+                await ref.request(body, on_reply)
                 return
             except ActorDead:
                 await self._wait_gone(name, ref)

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
+import outcome
 import trio
 
 from protocols import (
@@ -137,6 +140,8 @@ class Connection:
         self.finished = trio.Event()
         self._welcomed = trio.Event()
         self._gone = trio.CancelScope()
+        self._inflight = 0  # session writes submitted and not answered yet
+        self._settled = trio.lowlevel.ParkingLot()
 
     # ------------------------------------------------------------------ run
 
@@ -176,6 +181,8 @@ class Connection:
                 # Reading has stopped.  In-flight calls get a grace period to
                 # be answered (a drain) or none (a protocol violation).
                 grace = self.settings.call_grace_s if self._going_away else 0.0
+                if grace:
+                    calls.start_soon(self._settle)
                 calls.cancel_scope.deadline = self.world.clock.now_s() + grace
             if self._going_away and self._close is None:
                 frame = self.machine.close(ErrorCode.GOING_AWAY, "the server is shutting down")
@@ -286,7 +293,7 @@ class Connection:
         elif isinstance(event, HelloReceived):
             await self._on_hello(event)
         elif isinstance(event, CallReceived):
-            self._on_call(event)
+            await self._on_call(event)
         elif isinstance(event, JoinRequested | LeaveRequested | SubscriptionDropped):
             await self._subscribe_send.send(event)
         elif isinstance(event, PingReceived):
@@ -349,16 +356,17 @@ class Connection:
         )
         self._welcomed.set()
 
-    def _on_call(self, event: CallReceived) -> None:
-        assert self._calls is not None
-        self._calls.start_soon(self._run_call, event.call)
-
-    async def _run_call(self, call: Call) -> None:
-        """One call, concurrent with the others (the machine bounds how many
-        are pending).  Cancelled (on close) before its result: no result."""
-        assert self.principal is not None
+    async def _on_call(self, event: CallReceived) -> None:
+        """Start a call, in the reader: a session's write is in the session's
+        mailbox before the next message is read (a connection's writes keep
+        its order; a busy session slows this reader), and its result is sent
+        from the answering actor's task once durable.  Anything else runs as
+        a task of its own, concurrent with the others (the machine bounds how
+        many are pending)."""
+        assert self.principal is not None and self._calls is not None
+        call = event.call
         try:
-            data = await self.hub.call(
+            run = await self.hub.submit(
                 self.principal,
                 connection_id=self.connection_id,
                 service=call.service,
@@ -368,6 +376,7 @@ class Connection:
                 query=call.query,
                 temp_id=call.temp_id,
                 base_rev=call.base_rev,
+                reply=partial(self._answered, call),
             )
         except ServiceError as exc:
             self._answer_error(call.ref, exc.code, exc.message, exc.data)
@@ -376,6 +385,42 @@ class Connection:
             log.exception("call %s.%s failed", call.service, call.method)
             self._answer_error(call.ref, ErrorCode.INTERNAL.value, "internal error")
             return
+        if run is None:
+            self._inflight += 1
+        else:
+            self._calls.start_soon(self._run_call, call, run)
+
+    def _answered(self, call: Call, result: outcome.Outcome[Any]) -> None:
+        """A session's answer to a write (in the session actor's task)."""
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._settled.unpark_all()
+        if self._close is not None and not self._going_away:
+            return  # closing without answers (a violation, the peer gone)
+        if isinstance(result, outcome.Value):
+            self._answer(call, result.value)
+        else:
+            assert isinstance(result, outcome.Error)
+            self._answer_exception(call, result.error)
+
+    async def _run_call(self, call: Call, run: Callable[[], Awaitable[Any]]) -> None:
+        """One call that is not a session's write.  Cancelled (on close)
+        before its result: no result."""
+        try:
+            data = await run()
+        except Exception as exc:
+            self._answer_exception(call, exc)
+            return
+        self._answer(call, data)
+
+    def _answer_exception(self, call: Call, exc: BaseException) -> None:
+        if isinstance(exc, ServiceError):
+            self._answer_error(call.ref, exc.code, exc.message, exc.data)
+            return
+        log.error("call %s.%s failed", call.service, call.method, exc_info=exc)
+        self._answer_error(call.ref, ErrorCode.INTERNAL.value, "internal error")
+
+    def _answer(self, call: Call, data: Any) -> None:
         try:
             frame = self.machine.result(call.ref, data=data)
         except LocalProtocolError as exc:
@@ -385,6 +430,11 @@ class Connection:
             self._answer_error(call.ref, ErrorCode.INTERNAL.value, "result cannot be encoded")
             return
         self.outbox.offer_control(frame)
+
+    async def _settle(self) -> None:
+        """Wait until every session write in flight was answered."""
+        while self._inflight:
+            await self._settled.park()
 
     def _answer_error(self, ref: int, code: str, message: str, data: Any = None) -> None:
         try:

@@ -3,10 +3,12 @@ check and the state of the running app (its connections, the drain)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import attrs
+import outcome
 import trio
 
 from protocols import Limits, PresenceUpdate, Since
@@ -45,6 +47,21 @@ class ServerHub(Protocol):
         temp_id: str | None = None,
         base_rev: int | None = None,
     ) -> Any: ...
+
+    async def submit(
+        self,
+        principal: Principal,
+        *,
+        connection_id: str | None,
+        service: str,
+        method: str,
+        id: str | None = None,
+        data: Any = None,
+        query: dict[str, Any] | None = None,
+        temp_id: str | None = None,
+        base_rev: int | None = None,
+        reply: Callable[[outcome.Outcome[Any]], None],
+    ) -> Callable[[], Awaitable[Any]] | None: ...
 
     async def join(
         self,

@@ -133,6 +133,10 @@ class WsTransport:
         self._write(wire_bytes(frame))
         return True
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._tail)
+
     def _write(self, data: bytes) -> None:
         """Write what the kernel takes now; keep the rest as the tail."""
         if self._tail:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import orjson
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
 from agor_actors.daemon import Outbox, OutboxOverflow, join_frame
+from agor_actors.world import OutFrame, PeerTransport
 from protocols import Codec, Event, Lagged, Limits, Pong, decode_server_frame, encode
 
 
@@ -101,3 +103,58 @@ async def test_an_empty_outbox_takes_one_oversized_batch_and_wait_room_counts_by
     await out.next_frame()
     with trio.fail_after(1):
         await out.wait_room(1, 10)  # drained: room again
+
+
+class SlowPeer:
+    """A transport whose socket takes each frame only partly: the rest stays
+    pending until ``wait_writable`` writes it (when ``credit`` allows)."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.tail: OutFrame | None = None
+        self.credit = trio.Event()
+        self.waits = 0
+
+    async def receive(self) -> bytes | str:
+        raise AssertionError("not read")
+
+    def try_send(self, frame: OutFrame) -> bool:
+        if self.tail is not None:
+            return False
+        self.tail = frame
+        return True
+
+    @property
+    def pending(self) -> bool:
+        return self.tail is not None
+
+    async def wait_writable(self) -> None:
+        self.waits += 1
+        await self.credit.wait()
+        if self.tail is not None:
+            payload = self.tail.payload
+            self.written.append(payload if isinstance(payload, str) else payload.decode())
+            self.tail = None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        return None
+
+
+async def test_a_frame_the_transport_took_only_partly_is_finished_by_the_writer() -> None:
+    out = Outbox(Codec.JSON)
+    peer = SlowPeer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.run, peer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert out.offer_events("session:a", [ev(1)])  # taken at once, in part
+        assert out.offer_events("session:a", [ev(2)])  # queued: the transport is busy
+        assert out.offer_events("session:a", [ev(3)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.waits == 1 and peer.written == []
+        peer.credit.set()  # the peer reads again: nothing is left behind
+        await trio.testing.wait_all_tasks_blocked()
+        assert not peer.pending
+        out.close()
+    seqs = [m.seq for w in peer.written for m in decode_server_frame(Codec.JSON, w, Limits())]
+    assert seqs == [1, 2, 3]
+    assert isinstance(peer, PeerTransport)

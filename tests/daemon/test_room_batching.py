@@ -34,6 +34,8 @@ class Recorder:
         self.frames.append(frame)
         return True
 
+    pending = False
+
     async def wait_writable(self) -> None:
         raise AssertionError("never busy")
 
