@@ -14,7 +14,7 @@ process, replaces the object.  The guarded lines:
     event it has already applied instead of dropping it (the switch itself
     is ``protocols._planted``, set from here).
 ``ack_before_durable``
-    ``agor_actors/daemon/_writer.py`` ``_start``: the writer answers the
+    ``agor_actors/store/_writer.py`` ``_start``: the writer answers the
     writers of a group before the group is committed.
 ``merge_tiebreak``
     ``agor_actors/domain/hlc.py`` ``merge_fields``: a tie between two stamps

@@ -1,12 +1,14 @@
-"""The daemon's core: the hub, outboxes, the store writer."""
+"""The daemon's core: the hub (every service's calls, joins, presence, the
+authorization seam) over the actors of the domain and the store; the names
+its callers need with it are re-exported."""
 
-from ._api import Principal as Principal
-from ._api import ServiceError as ServiceError
+from ..domain import Principal as Principal
+from ..domain import ServiceError as ServiceError
+from ..outbox import Outbox as Outbox
+from ..outbox import OutboxClosed as OutboxClosed
+from ..outbox import OutboxOverflow as OutboxOverflow
+from ..outbox import join_frame as join_frame
 from ._hub import AllowAll as AllowAll
 from ._hub import Authorizer as Authorizer
 from ._hub import Hub as Hub
 from ._hub import open_hub as open_hub
-from ._outbox import Outbox as Outbox
-from ._outbox import OutboxClosed as OutboxClosed
-from ._outbox import OutboxOverflow as OutboxOverflow
-from ._outbox import join_frame as join_frame

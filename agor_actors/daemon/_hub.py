@@ -23,6 +23,7 @@ import trio
 
 from protocols import Joined, Lagged, PresenceUpdate, Since, encode
 
+from ..domain import Principal, ServiceError
 from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
 from ..domain.room import (
     ActivityQuery,
@@ -35,8 +36,10 @@ from ..domain.room import (
     to_event,
 )
 from ..domain.session import Command, SessionBehaviour
+from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..store import (
+    WRITER_NAME,
     EventDraft,
     Mutation,
     SqlStore,
@@ -45,16 +48,15 @@ from ..store import (
     StoreIntegrityError,
     StoreNotFound,
     StoreQueryError,
+    StoreWriter,
+    Write,
     WriteRequest,
     WriteResult,
     hash_token,
     open_store,
 )
 from ..world import World
-from ._api import Principal, ServiceError
-from ._outbox import Outbox, OutboxClosed, OutboxOverflow
 from ._token import read_or_create_token
-from ._writer import WRITER_NAME, StoreWriter, Write
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
 

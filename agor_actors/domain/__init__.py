@@ -1,0 +1,6 @@
+"""The domain's behaviours (:mod:`.session`, :mod:`.room`, :mod:`.presence`,
+:mod:`.hlc`) and what callers see of them: who calls, and the errors a call
+is refused with."""
+
+from ._api import Principal as Principal
+from ._api import ServiceError as ServiceError

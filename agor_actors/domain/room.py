@@ -31,7 +31,7 @@ import outcome
 from protocols import Codec, Event, Joined, Limits, Presence, Since, Viewport, encode
 
 from .. import _planted
-from ..daemon._outbox import Frame, Outbox, join_frame
+from ..outbox import Frame, Outbox, join_frame
 from ..runtime import (
     ActorContext,
     Await,
@@ -43,7 +43,7 @@ from ..runtime import (
     Request,
     StartTimer,
 )
-from ..store import SqlStore, StoredEvent
+from ..store import Committed, Resync, SqlStore, StoredEvent
 from ..world import OutFrame
 from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_for
 
@@ -149,12 +149,6 @@ class BoardPresence:
 @attrs.frozen
 class _PresenceFlush:
     pass
-
-
-@attrs.frozen
-class Resync:
-    """From the store writer: what the log holds past your head may never
-    have reached you (a commit whose answer was lost); read it."""
 
 
 @attrs.frozen
@@ -319,8 +313,9 @@ class RoomBehaviour(Behaviour[RoomState]):
             return ()
         if isinstance(msg, Resync | _HeadCheck):
             return self._resync(state)
-        # Committed, from the store writer
-        return self._committed(state, msg.events, now)
+        if isinstance(msg, Committed):
+            return self._committed(state, msg.events, now)
+        raise TypeError(f"room: unexpected {msg!r}")
 
     def _committed(
         self, state: RoomState, events: tuple[StoredEvent, ...], now: float

@@ -11,7 +11,6 @@ from typing import Any
 import attrs
 import outcome
 
-from ..daemon._api import Principal, ServiceError
 from ..runtime import (
     ActorContext,
     Ask,
@@ -25,6 +24,7 @@ from ..runtime import (
     Stop,
 )
 from ..store import (
+    WRITER_NAME,
     Append,
     EventDraft,
     Expect,
@@ -35,9 +35,11 @@ from ..store import (
     StoreError,
     StoreIntegrityError,
     StoreNotFound,
+    Write,
     WriteRequest,
     WriteResult,
 )
+from ._api import Principal, ServiceError
 from .hlc import Hlc, HlcClock, merge_fields
 
 __all__ = ["SESSION_FIELDS", "STRICT_FIELDS", "Command", "SessionBehaviour", "SessionState"]
@@ -167,7 +169,7 @@ class SessionBehaviour(Behaviour[SessionState]):
     max_deferred = 256
     max_messages = 4096
 
-    def __init__(self, session_id: str, store: SqlStore, *, writer: str = "store:writer") -> None:
+    def __init__(self, session_id: str, store: SqlStore, *, writer: str = WRITER_NAME) -> None:
         self.session_id = session_id
         self.store = store
         self.writer = writer
@@ -220,8 +222,6 @@ class SessionBehaviour(Behaviour[SessionState]):
             return [Reply(msg.reply_to, error=exc)]
         state.inflight += 1
         state.writes += 1
-        from ..daemon._writer import Write
-
         body = Write(request, coalesce_key)
         return [_ask(self.writer, body, msg.reply_to, answer, touched)]
 

@@ -35,7 +35,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..daemon._api import Principal, ServiceError
+from ..domain import Principal, ServiceError
 from ..world import World
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
 

@@ -54,8 +54,8 @@ from protocols import (
 )
 from protocols import Frame as WireFrame
 
-from ..daemon._api import Principal, ServiceError
-from ..daemon._outbox import Outbox, OutboxClosed, OutboxOverflow
+from ..domain import Principal, ServiceError
+from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..world import PeerTransport, TransportClosed
 from ._settings import AppState, ServerSettings
 

@@ -13,8 +13,8 @@ import trio
 
 from protocols import Limits, PresenceUpdate, Since
 
-from ..daemon._api import Principal
-from ..daemon._outbox import Outbox
+from ..domain import Principal
+from ..outbox import Outbox
 from ..world import World
 
 if TYPE_CHECKING:

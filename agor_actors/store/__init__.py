@@ -1,7 +1,9 @@
 """The store: SQLAlchemy Core tables, the single writer's group commit with
 gap-free per-room sequences, and the reads of the services and rooms.
 
-Plain synchronous code: call it through ``World.blocking.run(fn)``.
+:class:`SqlStore` is plain synchronous code: call it through
+``World.blocking.run(fn)``.  :class:`StoreWriter` is the actor that owns it
+for writes: group commits, and the durable events sent to their rooms.
 """
 
 from ._backend import Append as Append
@@ -28,3 +30,8 @@ from ._schema import StoreQueryError as StoreQueryError
 from ._schema import StoreSchemaError as StoreSchemaError
 from ._schema import StoreUnavailable as StoreUnavailable
 from ._schema import metadata as metadata
+from ._writer import WRITER_NAME as WRITER_NAME
+from ._writer import Committed as Committed
+from ._writer import Resync as Resync
+from ._writer import StoreWriter as StoreWriter
+from ._writer import Write as Write

@@ -11,10 +11,9 @@ import trio
 import trio.testing
 
 from agor_actors.daemon import Outbox
-from agor_actors.daemon._writer import Committed
 from agor_actors.domain.room import RoomBehaviour, RoomState, Subscription
 from agor_actors.runtime import StartTimer
-from agor_actors.store import StoredEvent
+from agor_actors.store import Committed, StoredEvent
 from agor_actors.world import OutFrame, PeerTransport
 from protocols import Codec, Event, Limits, decode_server_frame
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agor_actors.daemon._writer import Write, coalesce, runs
-from agor_actors.store import Append, EventDraft, Mutation, WriteRequest
+from agor_actors.store import Append, EventDraft, Mutation, Write, WriteRequest
+from agor_actors.store._writer import coalesce, runs
 
 
 def chunk(text: str, ts: int, offset: int = 0, *, m: str = "m", s: str = "s") -> Write:

@@ -17,22 +17,29 @@ import attrs
 import outcome
 
 from .. import _planted
-from ..domain.room import Resync
 from ..runtime import ActorContext, Await, Behaviour, Effect, Effects, Reply, Request, Send
-from ..store import (
+from ..world import World
+from ._backend import (
     Append,
     EventDraft,
     Mutation,
     SqlStore,
     StoredEvent,
-    StoreError,
-    StoreUnavailable,
     WriteRequest,
     WriteResult,
 )
-from ..world import World
+from ._schema import StoreError, StoreUnavailable
 
-__all__ = ["Committed", "Resync", "StoreWriter", "Write", "WriterState", "coalesce", "runs"]
+__all__ = [
+    "WRITER_NAME",
+    "Committed",
+    "Resync",
+    "StoreWriter",
+    "Write",
+    "WriterState",
+    "coalesce",
+    "runs",
+]
 
 WRITER_NAME = "store:writer"
 
@@ -57,6 +64,12 @@ class Committed:
 
     room: str
     events: tuple[StoredEvent, ...]
+
+
+@attrs.frozen
+class Resync:
+    """Sent to ``room:<room>``: what the log holds past your head may never
+    have reached you (a commit whose answer was lost); read it."""
 
 
 @attrs.frozen
