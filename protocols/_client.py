@@ -39,7 +39,6 @@ from typing import Any, Final
 
 import attrs
 
-from . import _planted
 from ._codec import (
     Codec,
     Frame,
@@ -607,8 +606,6 @@ class ClientConnection:
             return []
         last = track.seq
         end = event.end_seq
-        if _planted.FLAGS.dedupe_off and end <= last:
-            return [EventApplied(event)]
         if end <= last:
             self._stats["duplicates_dropped"] += 1
             return []

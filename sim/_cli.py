@@ -16,10 +16,9 @@ import json
 import sys
 from typing import Any
 
-from agor_actors._planted import PLANTED
-
 from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES
 from ._det import ensure_hash_seed, self_test
+from ._planted import PLANTED
 from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
 __all__ = ["KNOWN_BUGS", "main"]

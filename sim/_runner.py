@@ -26,12 +26,12 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from agor_actors import _planted
 from agor_actors.daemon import Hub, Principal
 from agor_actors.server import ServerSettings
 from agor_actors.store import SqlStore, open_store
 from agor_actors.world import SeededEntropy
 
+from . import _planted
 from ._checks import (
     check_acknowledged,
     check_log,

@@ -6,8 +6,6 @@ from typing import Any
 
 import attrs
 
-from .. import _planted
-
 __all__ = ["Hlc", "HlcClock", "MergeOutcome", "merge_fields"]
 
 
@@ -95,8 +93,6 @@ def merge_fields(
         value = patch[field]
         old_stamp_text = clocks.get(field)
         old_stamp = Hlc.decode(old_stamp_text) if old_stamp_text else None
-        if _planted.FLAGS.merge_tiebreak and old_stamp and old_stamp.wall_ms == stamp.wall_ms:
-            old_stamp = Hlc(old_stamp.wall_ms, old_stamp.counter, "" if id(patch) >> 4 & 1 else "~")
         if old_stamp is None or stamp > old_stamp:
             applied[field] = value
             if field in current and current[field] != value:

@@ -17,7 +17,6 @@ import attrs
 
 from protocols import PresenceUpdate, Viewport
 
-from .. import _planted
 from ..runtime import ActorContext, Behaviour, Effect, Effects, Send, StartTimer
 
 __all__ = [
@@ -73,8 +72,6 @@ def status_of(
     # schedules its timer for: ``now - t >= d`` can disagree by one ulp and
     # make the timer fire again and again at the same instant
     grace_over = gone_since_s is not None and now >= gone_since_s + config.offline_grace_s
-    if _planted.FLAGS.presence_never_offline:
-        grace_over = False
     if not connected and grace_over:
         return "offline"
     if now >= last_input_s + config.away_s:

@@ -30,7 +30,6 @@ import outcome
 
 from protocols import Codec, Event, Joined, Limits, Presence, Since, Viewport, encode
 
-from .. import _planted
 from ..outbox import Frame, Outbox, join_frame
 from ..runtime import (
     ActorContext,
@@ -408,8 +407,6 @@ class RoomBehaviour(Behaviour[RoomState]):
         state.head = fresh[-1].end_seq
         while len(state.ring) > self.ring_size:
             state.ring.popleft()
-        if _planted.FLAGS.fanout_reorder and len(entries) > 1:
-            entries = [*entries[1:], entries[0]]
         if state.window_timer:
             state.unsent.extend(entries)
             return []
@@ -519,8 +516,6 @@ class RoomBehaviour(Behaviour[RoomState]):
                 if in_memory and self._replay_fits(state, sub, since.seq):
                     recovered = True
                     start = since.seq
-                    if _planted.FLAGS.resume_off_by_one:
-                        start += 1
                 else:
                     # older than memory, or more than the outbox takes at
                     # once: replayed from the log at the client's pace

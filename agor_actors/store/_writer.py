@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import attrs
 import outcome
 
-from .. import _planted
 from ..runtime import ActorContext, Await, Behaviour, Effect, Effects, Reply, Request, Send
 from ..world import World
 from ._backend import (
@@ -223,10 +222,7 @@ class StoreWriter(Behaviour[WriterState]):
             return await blocking.run(lambda: store.commit(requests))
 
         frozen = tuple(batch)
-        done = Await(commit, lambda result: _Done(frozen, result))
-        if _planted.FLAGS.ack_before_durable:
-            return [*(Reply(r.reply_to, WriteResult(())) for r in taken), done]
-        return [done]
+        return [Await(commit, lambda result: _Done(frozen, result))]
 
     def _finish(self, state: WriterState, done: _Done) -> list[Effect]:
         state.committing = False

@@ -5,7 +5,7 @@ From the bottom up (a module may import its own package and the layers
 below it, never a layer above):
 
 0. ``protocols`` (sans-IO), ``supervisors``, ``agor_actors.world`` (the
-   seams), ``agor_actors._planted``, ``agor_actors`` itself (a docstring)
+   seams), ``agor_actors`` itself (a docstring)
 1. ``agor_actors.runtime`` (actors, mailboxes, the registry)
 2. ``agor_actors.store`` (the database and its writer actor),
    ``agor_actors.outbox`` (a connection's write path)
@@ -35,7 +35,6 @@ LAYERS: dict[str, int] = {
     "protocols": 0,
     "supervisors": 0,
     "agor_actors.world": 0,
-    "agor_actors._planted": 0,
     "agor_actors.runtime": 1,
     "agor_actors.store": 2,
     "agor_actors.outbox": 2,

@@ -1,4 +1,4 @@
-"""Proof that the simulator bites: each planted bug (``agor_actors._planted``)
+"""Proof that the simulator bites: each planted bug (``sim._planted``)
 makes a seed fail within a bounded number of seeds, with the kind of
 violation that bug must cause.  A simulator that passes with a planted bug
 is broken."""
@@ -10,7 +10,7 @@ import pathlib
 import pytest
 from sim_support import run_sim
 
-from agor_actors._planted import PLANTED
+from sim._planted import PLANTED
 
 EXPECTED = {
     "resume_off_by_one": ({"replay", "gap"}, 10),
@@ -71,3 +71,23 @@ def test_an_early_ack_loses_an_acknowledged_write(tmp_path: pathlib.Path) -> Non
         if v["kind"] == "ack" and "without the seq" not in v["detail"]
     ]
     assert lost, f"no acknowledged write was found missing:\n{output}"
+
+
+def test_planting_patches_the_product_from_outside_and_unplanting_restores_it() -> None:
+    from agor_actors.domain import presence
+    from agor_actors.domain.room import RoomBehaviour
+    from sim._planted import plant
+
+    clean = (RoomBehaviour._deliver, presence.status_of)
+    try:
+        assert plant("fanout_reorder", "presence_never_offline") == (
+            "fanout_reorder",
+            "presence_never_offline",
+        )
+        assert RoomBehaviour._deliver is not clean[0]
+        assert presence.status_of is not clean[1]
+        with pytest.raises(ValueError, match="no planted bug nope"):
+            plant("nope")
+    finally:
+        assert plant() == ()
+    assert (RoomBehaviour._deliver, presence.status_of) == clean

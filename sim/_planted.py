@@ -1,0 +1,141 @@
+"""Planted bugs: patches the simulator's own test suite applies, one at a
+time, to prove that the simulator catches each kind of bug.
+
+The product has no switch for them: each is a wrapper around one of its
+functions or methods, put in place by :func:`plant` in the simulator's own
+worker process (and taken away by ``plant()`` with no names), so the hot
+paths of the product carry nothing of them.
+
+``resume_off_by_one``
+    ``RoomBehaviour._subscribe``: a resume from memory starts one event
+    late (the first event after ``since`` is skipped).
+``dedupe_off``
+    ``ClientConnection._on_event``: the client machine applies an event it
+    has already applied instead of dropping it.
+``ack_before_durable``
+    ``StoreWriter._start``: the writer answers the writers of a group before
+    the group is committed.
+``merge_tiebreak``
+    ``merge_fields`` (as the session actor calls it): a tie between two
+    stamps of the same wall time is broken by an object's address instead
+    of the writer id.
+``fanout_reorder``
+    ``RoomBehaviour._deliver``: a delivery of several events offers the
+    first one last.
+``presence_never_offline``
+    ``status_of``: a user who left a board never goes offline there (the
+    grace period never ends).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import agor_actors.domain.presence as presence
+import agor_actors.domain.session as session
+from agor_actors.domain.hlc import Hlc
+from agor_actors.domain.room import RoomBehaviour, RoomState, Subscribe
+from agor_actors.runtime import Effect, Reply
+from agor_actors.store import StoreWriter, WriteResult
+from agor_actors.store._writer import WriterState
+from protocols import ClientConnection, ClientEvent, Event, EventApplied, RoomStatus, Since
+
+__all__ = ["PLANTED", "plant"]
+
+
+def _resume_off_by_one(original: Any) -> Any:
+    def _subscribe(self: RoomBehaviour, state: RoomState, body: Subscribe) -> Any:
+        since = body.since
+        if since is not None and since.seq < state.head and since.epoch in ("", state.epoch):
+            oldest = state.ring[0].event.seq if state.ring else state.head + 1
+            if since.seq + 1 >= oldest:
+                body = Subscribe(body.sub, Since(since.epoch, since.seq + 1), body.quiet)
+        return original(self, state, body)
+
+    return _subscribe
+
+
+def _fanout_reorder(original: Any) -> Any:
+    def _deliver(self: RoomBehaviour, state: RoomState, entries: list[Any]) -> None:
+        if len(entries) > 1:
+            entries = [*entries[1:], entries[0]]
+        original(self, state, entries)
+
+    return _deliver
+
+
+def _ack_before_durable(original: Any) -> Any:
+    def _start(self: StoreWriter, state: WriterState) -> list[Effect]:
+        taken = state.pending[: self.max_group]
+        effects = original(self, state)
+        return [*(Reply(r.reply_to, WriteResult(())) for r in taken), *effects]
+
+    return _start
+
+
+def _merge_tiebreak(original: Any) -> Any:
+    def merge_fields(
+        current: dict[str, Any], clocks: dict[str, str], patch: dict[str, Any], stamp: Hlc
+    ) -> Any:
+        node = "" if id(patch) >> 4 & 1 else "~"
+        skewed = dict(clocks)
+        for field in patch:
+            text = clocks.get(field)
+            old = Hlc.decode(text) if text else None
+            if old is not None and old.wall_ms == stamp.wall_ms:
+                skewed[field] = Hlc(old.wall_ms, old.counter, node).encode()
+        return original(current, skewed, patch, stamp)
+
+    return merge_fields
+
+
+def _presence_never_offline(original: Any) -> Any:
+    def status_of(last_input_s: float, now: float, **kw: Any) -> Any:
+        return original(last_input_s, now, **{**kw, "gone_since_s": None})
+
+    return status_of
+
+
+def _dedupe_off(original: Any) -> Any:
+    def _on_event(self: ClientConnection, event: Event) -> list[ClientEvent]:
+        track = self.rooms.get(event.room)
+        live = track is not None and track.status is RoomStatus.LIVE and track.seq is not None
+        if live and track is not None and track.seq is not None and event.end_seq <= track.seq:
+            return [EventApplied(event)]
+        result: list[ClientEvent] = original(self, event)
+        return result
+
+    return _on_event
+
+
+_Patch = tuple[Any, str, Callable[[Any], Any]]
+
+_PATCHES: dict[str, _Patch] = {
+    "resume_off_by_one": (RoomBehaviour, "_subscribe", _resume_off_by_one),
+    "dedupe_off": (ClientConnection, "_on_event", _dedupe_off),
+    "ack_before_durable": (StoreWriter, "_start", _ack_before_durable),
+    "merge_tiebreak": (session, "merge_fields", _merge_tiebreak),
+    "fanout_reorder": (RoomBehaviour, "_deliver", _fanout_reorder),
+    "presence_never_offline": (presence, "status_of", _presence_never_offline),
+}
+
+PLANTED: tuple[str, ...] = tuple(_PATCHES)
+"""The names of the planted bugs."""
+
+_ORIGINALS: dict[str, Any] = {
+    name: getattr(owner, attr) for name, (owner, attr, _) in _PATCHES.items()
+}
+
+
+def plant(*names: str) -> tuple[str, ...]:
+    """Put exactly the bugs ``names`` in place (none: the product as it is)
+    in this process; returns their names.  For the simulator's own
+    processes only."""
+    unknown = sorted(set(names) - set(PLANTED))
+    if unknown:
+        raise ValueError(f"no planted bug {', '.join(unknown)}; known: {', '.join(PLANTED)}")
+    for name, (owner, attr, wrap) in _PATCHES.items():
+        original = _ORIGINALS[name]
+        setattr(owner, attr, wrap(original) if name in names else original)
+    return tuple(n for n in PLANTED if n in names)
