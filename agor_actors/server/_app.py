@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
@@ -102,6 +103,7 @@ from protocols import Frame as WireFrame
 from ..daemon._api import Principal, ServiceError
 from ..daemon._outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..world import World
+from ._web import WebAuth, install_web_routes
 
 __all__ = [
     "AppState",
@@ -188,6 +190,9 @@ class ServerSettings:
     close_timeout_s: float = 2.0
     """On close: how long the WebSocket closing handshake may take before the
     TCP connection is cut (a stalled peer never answers it)."""
+    data_dir: pathlib.Path | None = None
+    """Where the browser session cookie's key lives (``web-secret``); None: a
+    key in memory (cookies then last as long as the process)."""
 
 
 def ws_max_message_bytes(settings: ServerSettings) -> int:
@@ -398,8 +403,10 @@ class _Connection:
         state: AppState,
         ws: Any,
         codec: Codec,
+        cookie_principal: Principal | None = None,
     ) -> None:
         self.state = state
+        self.cookie_principal = cookie_principal
         self.ws = ws
         self.codec = codec
         self.settings = state.settings
@@ -611,7 +618,7 @@ class _Connection:
     async def _on_hello(self, event: HelloReceived) -> None:
         token = event.hello.token
         try:
-            principal = await self.hub.authenticate(token) if token else None
+            principal = await self.hub.authenticate(token) if token else self.cookie_principal
         except Exception:
             log.exception("authenticate failed")
             self._close_with(ErrorCode.SERVER_ERROR, "authentication failed")
@@ -731,6 +738,7 @@ class AppState:
     settings: ServerSettings
     connections: set[_Connection] = attrs.field(factory=set)
     draining: bool = False
+    web: WebAuth | None = None
 
     def is_draining(self) -> bool:
         return self.draining
@@ -835,7 +843,10 @@ async def serve_websocket(
         return
     ws, codec = accepted
     gone = trio.CancelScope()
-    connection = _Connection(state, _TrioWebSocket(ws, gone, state.settings.close_timeout_s), codec)
+    cookie = state.web.principal_from_headers(request.headers) if state.web else None
+    connection = _Connection(
+        state, _TrioWebSocket(ws, gone, state.settings.close_timeout_s), codec, cookie
+    )
     state.connections.add(connection)
     if state.is_draining():  # the drain began while this one was accepted
         connection.go_away()
@@ -917,6 +928,9 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     async def _principal() -> Principal:
         token = _bearer(request.headers.get("Authorization"))
+        cookie = state.web.principal_from_request() if state.web and token is None else None
+        if cookie is not None:
+            return cookie
         if token is None:
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)
@@ -997,6 +1011,9 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())
+
+    state.web = WebAuth(world, settings.data_dir)
+    install_web_routes(app, state.web, _principal)
 
     @app.route("/<service>", methods=["GET", "POST"])
     async def collection(service: str) -> Response:
