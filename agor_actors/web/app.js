@@ -68,10 +68,11 @@ function initials(name) {
   return ((parts[0]?.[0] ?? "?") + (parts[1]?.[0] ?? "")).toUpperCase()
 }
 
-function userName(id) {
-  if (id === client.userId) return "You"
+function realName(id) {
   return ui.presence?.users.get(id)?.name ?? (id === "owner" ? "owner" : `user ${String(id).slice(-4)}`)
 }
+
+function userName(id) { return id === client.userId ? "You" : realName(id) }
 
 function userColor(id) { return ui.presence?.users.get(id)?.color ?? "#64748b" }
 
@@ -175,7 +176,7 @@ function renderFacepile() {
 function follow(userId) {
   ui.presence.follow(userId)
   $("follow-banner").hidden = !userId
-  if (userId) $("follow-name").textContent = userName(userId)
+  if (userId) $("follow-name").textContent = realName(userId)
   renderFacepile()
 }
 $("stop-follow").addEventListener("click", () => follow(null))
@@ -201,7 +202,7 @@ function renderCursors() {
         ui.cursorEls.set(uid, c)
       }
       c.style.setProperty("--c", userColor(uid))
-      c.lastChild.textContent = userName(uid)
+      c.lastChild.textContent = realName(uid)
       c.style.transform = `translate(${pos.x}px, ${pos.y}px)`
     }
   }
@@ -366,7 +367,7 @@ function isEcho(entry) {
 function activityItem(entry) {
   const li = el("li", "activity-item")
   li.dataset.id = String(entry.id)
-  const face = el("span", "mini-face", initials(userName(entry.user_id)))
+  const face = el("span", "mini-face", initials(realName(entry.user_id)))
   face.style.background = userColor(entry.user_id)
   const [verb, object] = describe(entry)
   const text = el("div", "activity-text")
