@@ -38,7 +38,7 @@ from urllib.parse import quote
 import attrs
 import orjson
 from itsdangerous import BadSignature, URLSafeSerializer
-from quart import Response, redirect, request
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from ..daemon._api import Principal, ServiceError
@@ -218,9 +218,13 @@ def _error(code: str, message: str, status: int) -> Response:
 
 def _safe_next(value: Any) -> str:
     """A local path to go to after signing in (anything else: ``/``)."""
-    if isinstance(value, str) and value.startswith("/") and not value.startswith("//"):
-        if "\\" not in value and all(32 < ord(c) < 127 for c in value):
-            return value
+    if (
+        isinstance(value, str)
+        and value.startswith("/")
+        and not value.startswith("//")
+        and all(32 < ord(c) < 127 and c != "\\" for c in value)
+    ):
+        return value
     return "/"
 
 
@@ -297,7 +301,8 @@ def install_web_routes(
             response = Response(_EXPIRED_PAGE, status=400, content_type="text/html; charset=utf-8")
             response.headers["Cache-Control"] = "no-store"
             return response
-        response = redirect(record.next_path, 303)
+        response = Response("", status=303)
+        response.headers["Location"] = record.next_path
         response.set_cookie(
             cookie_name(_server_port()),
             auth.cookie_value(record.principal),

@@ -159,7 +159,7 @@ def test_two_pages_see_a_session_appear_and_a_reply_stream_in(
         {"session_id": session["id"], "task_id": task["id"], "role": "assistant", "content": ""},
     )
     bubble = f'.msg[data-id="{message["id"]}"]'
-    words = "Here is the changelog for the launch: faster sync, fewer bugs.".split(" ")
+    words = ["Here", "is", "the", "changelog", "for", "the", "launch:", "faster", "sync."]
     shown = ""
     for word in words:
         chunk = word if not shown else " " + word
@@ -208,7 +208,7 @@ def test_cursors_show_in_the_other_page_and_can_be_hidden(
         timeout=WAIT_MS,
     )
     assert cursor.text_content() == "owner"
-    assert bob_page.locator('.cursor[data-user="%s"]' % bob["id"]).count() == 0  # never your own
+    assert bob_page.locator(f'.cursor[data-user="{bob["id"]}"]').count() == 0  # never your own
 
     # hidden with the toggle, and no more arrive
     bob_page.click("#toggle-cursors")

@@ -58,3 +58,17 @@ def test_the_daemon_serves_the_client_module_and_the_page(tmp_path: pathlib.Path
         assert status == 404
         status, _, body = request("GET", daemon.http_url + "/web/secret.txt")
         assert status == 404 and body["code"] == "not_found"
+
+
+@pytest.mark.skipif(NODE is None, reason="node (20+) is not installed: apt-get install -y nodejs")
+def test_the_js_client_follows_the_golden_vectors() -> None:
+    assert NODE is not None
+    result = subprocess.run(
+        [NODE, "--test", "--test-reporter=tap", "tests/web/vectors_test.mjs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "# fail 0" in result.stdout and "# pass 9" in result.stdout, result.stdout[-3000:]
