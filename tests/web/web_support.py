@@ -142,7 +142,8 @@ def request(
         with opener.open(req, timeout=10) as response:
             status, raw, got = response.status, response.read(), response.headers
     except urllib.error.HTTPError as exc:
-        status, raw, got = exc.code, exc.read(), exc.headers
+        with exc:
+            status, raw, got = exc.code, exc.read(), exc.headers
     lowered = {k.lower(): v for k, v in got.items()}
     if "set-cookie" in lowered:
         lowered["set-cookie"] = "\n".join(got.get_all("Set-Cookie") or [])
