@@ -557,6 +557,15 @@ export class Client extends Emitter {
    * reconnects after its backoff and resumes every room. */
   dropConnection() { if (this._ws) this._lost(this._ws, 1006, "dropped by the client") }
 
+  /** While reconnecting: try now rather than after the backoff (a page
+   * calls it when the browser comes back online or the tab is shown). */
+  reconnectNow() {
+    if (this._closed || this._ws) return
+    clearTimeout(this._reconnectTimer)
+    this._reconnectTimer = null
+    this._open()
+  }
+
   /** Close for good. */
   close() {
     if (this._closed) return

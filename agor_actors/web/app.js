@@ -41,6 +41,8 @@ function showState(state) {
 }
 showState(client.state)
 client.on("state", showState)
+window.addEventListener("online", () => client.reconnectNow())
+document.addEventListener("visibilitychange", () => { if (!document.hidden) client.reconnectNow() })
 client.on("closed", (err) => {
   if (err && (err.code === "unauthorized" || err.code === "not_authenticated")) $("signin").hidden = false
 })
