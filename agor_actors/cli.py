@@ -8,7 +8,9 @@ runs the daemon until SIGINT or SIGTERM (then drains and exits 0);
 Each subcommand is one entry of ``COMMANDS`` (how to add its arguments, what
 to run).  ``agor-actors top [--watch S]`` shows the supervision tree of a
 running daemon (``/debug/actors``): supervisors, then the actors with the
-deepest mailboxes, their restarts and last crash.
+deepest mailboxes, their restarts and last crash.  ``agor-actors open
+[--browser]`` prints a one-time link that signs a browser in to a running
+daemon (the owner, or the user whose ``--token`` it is) and opens the board.
 """
 
 from __future__ import annotations
@@ -145,6 +147,55 @@ def _top(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def _open_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:3030", help="the daemon's base URL")
+    _add_data_dir(parser)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("AGOR_TOKEN"),
+        help="sign in as the user of this token (default: $AGOR_TOKEN, else the owner's)",
+    )
+    parser.add_argument("--board", default=None, help="open this board (default: the first one)")
+    parser.add_argument(
+        "--browser", action="store_true", help="also open the link in the default web browser"
+    )
+
+
+def _open(args: argparse.Namespace) -> int:
+    """Ask the daemon for a one-time sign-in code; print (and open) the link."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    import webbrowser
+
+    token = args.token or read_or_create_token(args.data_dir)
+    base = args.url.rstrip("/")
+    next_path = "/" if args.board is None else "/?board=" + urllib.parse.quote(args.board)
+    request = urllib.request.Request(
+        base + "/auth/codes",
+        data=json.dumps({"next": next_path}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")
+        print(f"agor-actors open: {base} refused: {exc.code} {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"agor-actors open: cannot reach {base} (is it running?): {exc}", file=sys.stderr)
+        return 1
+    link = base + answer["path"]
+    print(link)
+    print(f"(one use, valid {answer['expires_in_s']:.0f} s)", file=sys.stderr)
+    if args.browser:
+        webbrowser.open(link)
+    return 0
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     """A subcommand that parses its own options (see ``PASSTHROUGH``)."""
 
@@ -166,6 +217,7 @@ COMMANDS: Final[
     "serve": ("run the daemon", _serve_arguments, _serve),
     "token": ("print the local owner's token", _add_data_dir, _token),
     "top": ("show the supervision tree of a running daemon", _top_arguments, _top),
+    "open": ("print a one-time link that signs a browser in", _open_arguments, _open),
     "sim": ("run the deterministic simulator (see python -m sim --help)", _no_arguments, _sim),
 }
 """Subcommand -> (help, add its arguments, run it and return the exit status)."""

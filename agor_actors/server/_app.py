@@ -38,6 +38,7 @@ from werkzeug.exceptions import HTTPException
 from ..domain import Principal, ServiceError
 from ..world import World
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
+from ._web import WebAuth, install_web_routes
 
 __all__ = ["create_app", "parse_query"]
 
@@ -236,6 +237,9 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     async def _principal() -> Principal:
         token = _bearer(request.headers.get("Authorization"))
+        cookie = state.web.principal_from_request() if state.web and token is None else None
+        if cookie is not None:
+            return cookie
         if token is None:
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)
@@ -316,6 +320,9 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())
+
+    state.web = WebAuth(world, settings.data_dir)
+    install_web_routes(app, state.web, _principal)
 
     @app.route("/<service>", methods=["GET", "POST"])
     async def collection(service: str) -> Response:

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
+import attrs
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
@@ -241,6 +242,7 @@ async def run_daemon(
 
     world = world or real_world()
     data_dir.mkdir(parents=True, exist_ok=True)
+    settings = attrs.evolve(settings or ServerSettings(), data_dir=data_dir)
     db_url = db_url or f"sqlite:///{data_dir / 'agor.db'}"
     stop = trio.Event()
     async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:

@@ -1,0 +1,192 @@
+"""Signing a browser in: one-time codes exchanged for a session cookie that
+the REST routes and the WebSocket accept (with the Origin check)."""
+
+from __future__ import annotations
+
+import http.cookies
+import pathlib
+import subprocess
+import sys
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+from web_support import REPO, DaemonProcess, daemon_process, free_port, request
+
+from agor_actors.client import open_websocket
+from agor_actors.daemon import Principal
+from agor_actors.server._web import WebAuth, cookie_name
+from agor_actors.world import simulated_world
+
+BOB = Principal("u-bob", "Bob")
+
+
+async def test_a_code_works_once_and_expires(autojump_clock: trio.testing.MockClock) -> None:
+    auth = WebAuth(simulated_world(1), None, code_ttl_s=60.0, codes_max=2)
+    code = auth.new_code(BOB, "/?board=b-1")
+    record = auth.redeem(code)
+    assert record is not None and record.principal == BOB and record.next_path == "/?board=b-1"
+    assert auth.redeem(code) is None  # single use
+    late = auth.new_code(BOB)
+    await trio.sleep(60.0)
+    assert auth.redeem(late) is None  # expired
+    # at most codes_max pending: expired ones are dropped first, then refused
+    auth.new_code(BOB)
+    auth.new_code(BOB)
+    with pytest.raises(Exception, match="too many sign-in links"):
+        auth.new_code(BOB)
+    await trio.sleep(61.0)
+    assert auth.redeem(auth.new_code(BOB)) is not None
+
+
+async def test_the_cookie_names_the_user_and_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    auth = WebAuth(simulated_world(2), None, session_max_age_s=3600)
+    value = auth.cookie_value(BOB)
+    assert auth.principal_of(value) == BOB
+    assert auth.principal_of(value[:-2] + ("AA" if value[-2:] != "AA" else "BB")) is None
+    assert auth.principal_of("") is None and auth.principal_of("garbage") is None
+    other = WebAuth(simulated_world(3), None)
+    assert other.principal_of(value) is None  # another key
+    await trio.sleep(3600.0)
+    assert auth.principal_of(value) is None
+
+
+def test_cookie_names_differ_per_port() -> None:
+    assert cookie_name(3030) == "agor_session_3030" != cookie_name(3031)
+
+
+def _sign_in(daemon: DaemonProcess, token: str) -> tuple[str, str]:
+    """A code for ``token``'s user exchanged for the cookie: (name, value)."""
+    status, _, body = request("POST", daemon.http_url + "/auth/codes", token=token, body={})
+    assert status == 201, body
+    status, headers, _ = request("GET", daemon.http_url + body["path"])
+    assert status == 303 and headers["location"] == "/"
+    cookie = http.cookies.SimpleCookie(headers["set-cookie"])
+    ((name, morsel),) = cookie.items()
+    assert name == f"agor_session_{daemon.port}"
+    assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    assert token not in headers["set-cookie"]
+    return name, morsel.value
+
+
+async def _ws_hello(daemon: DaemonProcess, headers: list[tuple[str, str]]) -> dict[str, object]:
+    """Open /ws with ``headers``, send a hello without a token: the answer."""
+    raw_headers = [(k.encode(), v.encode()) for k, v in headers]
+    async with open_websocket(
+        daemon.ws_url, subprotocols=["agor.v1.json"], extra_headers=raw_headers
+    ) as ws:
+        await ws.send_message(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+        with trio.fail_after(5):
+            reply: dict[str, object] = orjson.loads(await ws.get_message())
+        return reply
+
+
+@pytest.mark.slow
+async def test_sign_in_with_a_one_time_link(tmp_path: pathlib.Path) -> None:
+    with daemon_process(tmp_path / "agor") as daemon:
+        owner = daemon.token
+        assert request("POST", daemon.http_url + "/auth/codes", body={})[0] == 401
+        name, value = _sign_in(daemon, owner)
+        jar = {"Cookie": f"{name}={value}"}
+        status, _, me = request("GET", daemon.http_url + "/auth/me", headers=jar)
+        assert status == 200 and me == {"user_id": "owner", "name": "owner", "is_owner": True}
+        # the REST routes take the cookie; a foreign origin is refused even with it
+        status, _, body = request(
+            "POST", daemon.http_url + "/boards", headers=jar, body={"name": "B"}
+        )
+        assert status == 201 and body["name"] == "B"
+        evil = {**jar, "Origin": "https://evil.example"}
+        assert request("GET", daemon.http_url + "/boards", headers=evil)[0] == 403
+        # the link is single use
+        status, _, code = request(
+            "POST", daemon.http_url + "/auth/codes", token=owner, body={"next": "/?board=x"}
+        )
+        assert request("GET", daemon.http_url + code["path"])[1]["location"] == "/?board=x"
+        status, _, page = request("GET", daemon.http_url + code["path"])
+        assert status == 400 and "agor-actors open" in page
+        # a next that leaves the site is ignored
+        _, _, code = request(
+            "POST", daemon.http_url + "/auth/codes", token=owner, body={"next": "//evil.example/"}
+        )
+        assert request("GET", daemon.http_url + code["path"])[1]["location"] == "/"
+
+        # the WebSocket: the cookie stands for the token in hello
+        welcome = await _ws_hello(daemon, [("Cookie", f"{name}={value}")])
+        assert welcome["type"] == "welcome" and welcome["user_id"] == "owner", welcome
+        refused = await _ws_hello(daemon, [("Cookie", f"{name}=forged")])
+        assert refused["type"] == "error" and refused["code"] == "not_authenticated"
+        with pytest.raises(trio_websocket.ConnectionRejected):
+            await _ws_hello(
+                daemon, [("Cookie", f"{name}={value}"), ("Origin", "https://evil.example")]
+            )
+
+        # a user made with users.create signs in the same way
+        _, _, bob = request("POST", daemon.http_url + "/users", token=owner, body={"name": "Bob"})
+        bob_name, bob_value = _sign_in(daemon, bob["token"])
+        _, _, me = request(
+            "GET", daemon.http_url + "/auth/me", headers={"Cookie": f"{bob_name}={bob_value}"}
+        )
+        assert me == {"user_id": bob["id"], "name": "Bob", "is_owner": False}
+        welcome = await _ws_hello(daemon, [("Cookie", f"{bob_name}={bob_value}")])
+        assert welcome["user_id"] == bob["id"]
+
+        # logging out clears the cookie
+        status, headers, _ = request("POST", daemon.http_url + "/auth/logout", headers=jar)
+        assert status == 200 and "Max-Age=0" in headers["set-cookie"]
+
+        # the key is kept in the data dir: the cookie outlives a restart
+        assert (daemon.data_dir / "web-secret").stat().st_mode & 0o777 == 0o600
+        daemon.stop()
+        daemon.start()
+        status, _, me = request("GET", daemon.http_url + "/auth/me", headers=jar)
+        assert status == 200 and me["user_id"] == "owner"
+
+
+@pytest.mark.slow
+def test_the_open_command_prints_a_working_link(tmp_path: pathlib.Path) -> None:
+    with daemon_process(tmp_path / "agor") as daemon:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agor_actors.cli",
+                "open",
+                "--url",
+                daemon.http_url,
+                "--data-dir",
+                str(daemon.data_dir),
+                "--board",
+                "b-7",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        link = result.stdout.strip()
+        assert link.startswith(daemon.http_url + "/auth/open?code=")
+        assert daemon.token not in link
+        status, headers, _ = request("GET", link)
+        assert status == 303 and headers["location"] == "/?board=b-7"
+        assert "HttpOnly" in headers["set-cookie"]
+    stopped = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agor_actors.cli",
+            "open",
+            "--url",
+            f"http://127.0.0.1:{free_port()}",
+            "--data-dir",
+            str(tmp_path / "agor"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert stopped.returncode == 1 and "cannot reach" in stopped.stderr
