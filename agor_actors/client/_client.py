@@ -3,7 +3,7 @@
 ``async with connect(url, token=...) as client`` opens the connection and
 returns once the server has welcomed it.  From then on the client
 reconnects by itself after any loss (exponential backoff with full jitter,
-drawn from a ``random.Random`` it owns), rejoins every room with ``since``
+drawn from the world's entropy seam), rejoins every room with ``since``
 and applies every event exactly once, in order (the protocol's
 :class:`~protocols.ClientConnection` machine does the bookkeeping and
 outlives each connection).
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -74,7 +73,7 @@ from protocols import (
 )
 from protocols import Frame as WireFrame
 
-from ..world import Clock, TrioClock
+from ..world import Clock, Entropy, SecureEntropy, SeededEntropy, TrioClock
 from ._mirror import Mirror, Resources
 from ._presence import (
     DEFAULT_RATE_PER_S,
@@ -402,7 +401,7 @@ class Client:
         token: str,
         codec: Codec,
         client_id: str | None,
-        rng: random.Random,
+        entropy: Entropy,
         clock: Clock,
         connect_timeout_s: float,
         call_timeout_s: float,
@@ -416,7 +415,7 @@ class Client:
     ) -> None:
         self.url = url
         self.codec = codec
-        self.rng = rng
+        self.entropy = entropy
         self.clock = clock
         self.machine = ClientConnection(codec=codec, client_id=client_id)
         self.connect_timeout_s = connect_timeout_s
@@ -758,7 +757,7 @@ class Client:
 
     def _new_temp_id(self) -> str:
         self._temp_counter += 1
-        return f"temp-{self.rng.getrandbits(48):012x}-{self._temp_counter}"
+        return f"temp-{self.entropy.randrange(1 << 48):012x}-{self._temp_counter}"
 
     def _optimistic_mirrors(self, service: str, data: Any) -> list[Mirror]:
         spec = _OPTIMISTIC_ROOMS.get(service)
@@ -818,7 +817,7 @@ class Client:
         sender = self._presence_out
         if sender is None:
             sender = self._presence_out = PresenceSender(
-                self._send_presence, rate_per_s=self._presence_rate()
+                self._send_presence, rate_per_s=self._presence_rate(), clock=self.clock
             )
             assert self._nursery is not None
             self._nursery.start_soon(self._run_presence, sender)
@@ -938,7 +937,9 @@ class Client:
                 log.info("connecting to %s failed: %s", self.url, error)
             if not self._wants_connection():
                 continue
-            delay = backoff_s(attempt, self.rng.random(), self.backoff_base_s, self.backoff_cap_s)
+            delay = backoff_s(
+                attempt, self.entropy.random(), self.backoff_base_s, self.backoff_cap_s
+            )
             attempt += 1
             self._wake = trio.Event()
             with trio.move_on_after(delay):
@@ -1225,7 +1226,7 @@ async def connect(
     token: str,
     codec: Literal["json", "cbor"] | Codec = "json",
     client_id: str | None = None,
-    rng: random.Random | None = None,
+    entropy: Entropy | None = None,
     seed: int | str | None = None,
     clock: Clock | None = None,
     connect_timeout_s: float = 10.0,
@@ -1243,8 +1244,9 @@ async def connect(
     Returns once the first connection is welcomed; raises
     :class:`CallError` if it cannot be made (refused token: ``unauthorized``;
     refused WebSocket: ``rejected``; nothing listening: ``unavailable``).
-    ``rng`` (or one seeded with ``seed``) draws the reconnect jitter and the
-    temp ids; ``heartbeat`` overrides the server's (tests);
+    ``entropy`` (the world's seam; one seeded with ``seed``, else the
+    system's) draws the reconnect jitter and the temp ids; ``clock`` (the
+    world's seam) times heartbeats, backoff and presence pacing; ``heartbeat`` overrides the server's (tests);
     ``presence_rate_per_s`` caps the presence updates (cursor moves
     included) sent per second.
     """
@@ -1254,7 +1256,7 @@ async def connect(
         token=token,
         codec=chosen,
         client_id=client_id,
-        rng=rng or random.Random(seed),
+        entropy=entropy or (SecureEntropy() if seed is None else SeededEntropy(seed)),
         clock=clock or TrioClock(),
         connect_timeout_s=connect_timeout_s,
         call_timeout_s=call_timeout_s,

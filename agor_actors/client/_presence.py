@@ -34,6 +34,8 @@ import trio
 
 from protocols import Cursor, Presence, PresenceUpdate, Viewport
 
+from ..world import Clock, TrioClock
+
 if TYPE_CHECKING:
     from ._client import Client, EventStream
 
@@ -303,11 +305,19 @@ def _value(name: str, value: Any) -> Any:
 
 class PresenceSender:
     """The client's own presence, coalesced per board and throttled to at
-    most ``rate_per_s`` updates per second (all boards together), on trio's
-    clock.  Updates of the board with the oldest pending change go first."""
+    most ``rate_per_s`` updates per second (all boards together), on
+    ``clock`` (the world's seam).  Updates of the board with the oldest
+    pending change go first."""
 
-    def __init__(self, send: SendUpdate, *, rate_per_s: float = DEFAULT_RATE_PER_S) -> None:
+    def __init__(
+        self,
+        send: SendUpdate,
+        *,
+        rate_per_s: float = DEFAULT_RATE_PER_S,
+        clock: Clock | None = None,
+    ) -> None:
         self._send = send
+        self._clock = clock or TrioClock()
         self.throttle = Throttle(math.inf)
         self.rate_per_s = rate_per_s
         self._pending: dict[str, _Pending] = {}
@@ -420,14 +430,14 @@ class PresenceSender:
         while True:
             while not self._pending:
                 await self._wake.park()
-            delay = self.throttle.delay_s(trio.current_time())
+            delay = self.throttle.delay_s(self._clock.now_s())
             if delay > 0:
                 await trio.sleep(delay)
             board = next(iter(self._pending))
             entry = self._pending.pop(board)
             update = PresenceUpdate(board=board, **entry.fields)
             done = await self._send(update)
-            self.throttle.sent(trio.current_time())
+            self.throttle.sent(self._clock.now_s())
             if done:
                 self._sent[board] = max(self._sent.get(board, 0), entry.version)
                 self.frames_sent += 1

@@ -118,8 +118,10 @@ class Connection:
         state: AppState,
         transport: PeerTransport,
         codec: Codec,
+        cookie_principal: Principal | None = None,
     ) -> None:
         self.state = state
+        self.cookie_principal = cookie_principal
         self.ws = transport
         self.codec = codec
         self.settings = state.settings
@@ -334,7 +336,7 @@ class Connection:
     async def _on_hello(self, event: HelloReceived) -> None:
         token = event.hello.token
         try:
-            principal = await self.hub.authenticate(token) if token else None
+            principal = await self.hub.authenticate(token) if token else self.cookie_principal
         except Exception:
             log.exception("authenticate failed")
             self._close_with(ErrorCode.SERVER_ERROR, "authentication failed")

@@ -161,7 +161,7 @@ async def run_server(
                     sock.close()  # refuse new connections from now
                 front.stop_reading_heads()
                 await context.terminated.set()
-                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+                connections.cancel_scope.deadline = world.clock.now_s() + config.graceful_timeout
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
     finally:

@@ -3,6 +3,7 @@ check and the state of the running app (its connections, the drain)."""
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from ..world import World
 
 if TYPE_CHECKING:
     from ._connection import Connection
+    from ._web import WebAuth
 
 __all__ = [
     "AppState",
@@ -115,6 +117,9 @@ class ServerSettings:
     close_timeout_s: float = 2.0
     """On close: how long the WebSocket closing handshake may take before the
     TCP connection is cut (a stalled peer never answers it)."""
+    data_dir: pathlib.Path | None = None
+    """Where the browser session cookie's key lives (``web-secret``); None: a
+    key in memory (cookies then last as long as the process)."""
 
 
 def ws_max_message_bytes(settings: ServerSettings) -> int:
@@ -160,6 +165,7 @@ class AppState:
     settings: ServerSettings
     connections: set[Connection] = attrs.field(factory=set)
     draining: bool = False
+    web: WebAuth | None = None
 
     def is_draining(self) -> bool:
         return self.draining

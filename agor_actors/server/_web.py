@@ -41,7 +41,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..daemon._api import Principal, ServiceError
+from ..domain import Principal, ServiceError
 from ..world import World
 
 __all__ = ["STATIC_FILES", "WebAuth", "cookie_name", "install_web_routes"]

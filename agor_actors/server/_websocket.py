@@ -70,7 +70,8 @@ async def serve_websocket(
         return
     codec = negotiate([transport.subprotocol])
     assert codec is not None
-    connection = Connection(state, transport, codec)
+    cookie = state.web.principal_from_headers(transport.headers) if state.web else None
+    connection = Connection(state, transport, codec, cookie)
     state.connections.add(connection)
     if state.is_draining():  # the drain began while this one was accepted
         connection.go_away()

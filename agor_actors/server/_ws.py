@@ -99,6 +99,7 @@ class WsTransport:
         "_sock",
         "_tail",
         "_ws",
+        "headers",
         "subprotocol",
     )
 
@@ -110,8 +111,11 @@ class WsTransport:
         max_message_bytes: int,
         close_timeout_s: float,
         subprotocol: str,
+        headers: list[tuple[bytes, bytes]],
     ) -> None:
         self.subprotocol = subprotocol
+        self.headers = headers
+        """The handshake request's headers."""
         self._sock = sock
         self._ws = ws
         self._max_message_bytes = max_message_bytes
@@ -329,6 +333,7 @@ async def handshake(
         max_message_bytes=max_message_bytes,
         close_timeout_s=close_timeout_s,
         subprotocol=decision.subprotocol,
+        headers=list(request.extra_headers),
     )
     await _send_all(sock, data)
     if rest:

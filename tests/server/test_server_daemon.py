@@ -159,6 +159,9 @@ async def test_kill_9_loses_no_acknowledged_write_and_clients_resume(
                 acknowledged.append(
                     (await tasks.create({"session_id": session["id"], "prompt": f"p{n}"}))["id"]
                 )
+            # a result may overtake its own event (they leave different actors)
+            with trio.fail_after(10):
+                await mirror.wait_until(lambda m: all(m.get("tasks", i) for i in acknowledged))
             seq_before = mirror.seq
             first.process.kill()  # SIGKILL: no drain, no commit at exit
             with trio.fail_after(5):
