@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -62,6 +63,9 @@ from ._settings import AppState, ServerSettings
 __all__ = ["Connection"]
 
 log = logging.getLogger("agor_actors.server")
+
+SUBSCRIPTIONS_QUEUED_MAX = 64
+"""Joins and leaves of one connection waiting to be made."""
 
 
 class _TrackedOutbox(Outbox):
@@ -136,9 +140,12 @@ class Connection:
         self._going_away = False
         self._read_scope = trio.CancelScope()
         self._calls: trio.Nursery | None = None
-        self._subscribe_send, self._subscribe_receive = trio.open_memory_channel[
-            JoinRequested | LeaveRequested | SubscriptionDropped
-        ](64)
+        # joins and leaves waiting for the subscriber task, which runs only
+        # while there are some (an idle connection has no task for them)
+        self._subscriptions: deque[JoinRequested | LeaveRequested | SubscriptionDropped] = deque()
+        self._subscriptions_room = trio.lowlevel.ParkingLot()
+        self._subscribing = False
+        self._inner: trio.Nursery | None = None
         self.finished = trio.Event()
         self._welcomed = trio.Event()
         self._gone = trio.CancelScope()
@@ -176,8 +183,8 @@ class Connection:
                 self._calls = calls
                 with self._read_scope:
                     async with trio.open_nursery() as inner:
+                        self._inner = inner
                         inner.start_soon(self._watchdog)
-                        inner.start_soon(self._subscriber)
                         await self._read_loop()
                         inner.cancel_scope.cancel()
                 # Reading has stopped.  In-flight calls get a grace period to
@@ -297,7 +304,7 @@ class Connection:
         elif isinstance(event, CallReceived):
             await self._on_call(event)
         elif isinstance(event, JoinRequested | LeaveRequested | SubscriptionDropped):
-            await self._subscribe_send.send(event)
+            await self._subscribe(event)
         elif isinstance(event, PingReceived):
             self.outbox.offer_control(self.machine.pong(event.ping.t))
         else:
@@ -447,20 +454,44 @@ class Connection:
             frame = self.machine.result_error(ref, code, message)
         self.outbox.offer_control(frame)
 
+    async def _subscribe(self, event: JoinRequested | LeaveRequested | SubscriptionDropped) -> None:
+        """Queue a join or leave for the subscriber task (started if it is
+        not running).  Bound: ``SUBSCRIPTIONS_QUEUED_MAX``; beyond it the
+        reader waits (the client is slowed, nothing is dropped)."""
+        while len(self._subscriptions) >= SUBSCRIPTIONS_QUEUED_MAX:
+            await self._subscriptions_room.park()
+        self._subscriptions.append(event)
+        if not self._subscribing:
+            assert self._inner is not None
+            self._subscribing = True
+            self._inner.start_soon(self._subscriber)
+
     async def _subscriber(self) -> None:
-        """Joins and leaves, one at a time in the order they were received."""
-        async for event in self._subscribe_receive:
-            try:
-                if isinstance(event, JoinRequested):
-                    await self._join(event.join, event.rejoin)
-                elif isinstance(event, LeaveRequested):
-                    await self._leave(event.room)
-                else:
-                    await self._drop(event.room)
-            except Exception:
-                log.exception("subscription change %r failed", event)
-                self._close_with(ErrorCode.SERVER_ERROR, "subscription failed")
-                return
+        """Joins and leaves, one at a time in the order they were received;
+        returns once none is left."""
+        try:
+            while self._subscriptions:
+                event = self._subscriptions.popleft()
+                self._subscriptions_room.unpark()
+                if not await self._change(event):
+                    return
+        finally:
+            self._subscribing = False
+
+    async def _change(self, event: JoinRequested | LeaveRequested | SubscriptionDropped) -> bool:
+        """One join or leave; False if it failed (the connection closes)."""
+        try:
+            if isinstance(event, JoinRequested):
+                await self._join(event.join, event.rejoin)
+            elif isinstance(event, LeaveRequested):
+                await self._leave(event.room)
+            else:
+                await self._drop(event.room)
+        except Exception:
+            log.exception("subscription change %r failed", event)
+            self._close_with(ErrorCode.SERVER_ERROR, "subscription failed")
+            return False
+        return True
 
     async def _join(self, join: Join, rejoin: bool) -> None:
         assert self.principal is not None and self.connection_id is not None
