@@ -17,8 +17,10 @@ __all__ = [
     "ClientSpec",
     "Fault",
     "SimConfig",
+    "Swarm",
     "draw_config",
     "draw_faults",
+    "draw_swarm",
 ]
 
 Role = Literal["window", "agent"]
@@ -118,6 +120,8 @@ class SimConfig:
     max_skew_ms: int
     store_latency_us: int
     """Virtual time a store call takes (the worker-thread hops)."""
+    swarm_density: float = 0.0
+    """The chance each fault kind had to be on in this seed (see :class:`Swarm`)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -132,7 +136,7 @@ class SimConfig:
             f"boards {self.boards} x {self.sessions_per_board} sessions",
             f"  workloads {', '.join(self.workloads) or 'none'}",
             f"  faults {', '.join(f'{k}@{r:.1f}/min' for k, r in self.faults) or 'none'}"
-            f"; duplicates {self.dup_per_mille}/1000",
+            f" (swarm density {self.swarm_density:.2f}); duplicates {self.dup_per_mille}/1000",
             f"  fault phase {self.fault_s}s, quiet phase up to {self.quiet_max_s}s",
             f"  outbox {self.outbox_messages_max} msgs / {self.outbox_bytes_max} B / "
             f"{self.outbox_control_max} control; links {self.link_bytes_max} B",
@@ -147,6 +151,59 @@ class SimConfig:
                 f"skew {c.skew_ms} ms latency {c.latency_us} us jitter {c.jitter_us} us"
             )
         return "\n".join(lines)
+
+
+@attrs.frozen
+class Swarm:
+    """Which fault kinds and workloads a seed turns on, and how hard.
+
+    Swarm testing: rather than every kind at a middling rate in every seed,
+    each seed draws a *density* (the chance that any one kind is on), then
+    each kind on its own: on or off, and a rate spread over two orders of
+    magnitude (log-uniform).  Some seeds run one or two kinds hard, others
+    many at once; a combination that needs two rare kinds together comes up
+    in a few seeds instead of hundreds.  Every kind draws from its own named
+    stream (``swarm:<profile>:<seed>:<kind>``), so adding a kind, or
+    excluding one, leaves the draws of the others as they were."""
+
+    density: float
+    faults: tuple[tuple[str, float], ...]
+    workloads: tuple[str, ...]
+
+
+DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
+"""The chance that any one fault kind is on in a seed (one drawn per seed)."""
+
+RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0)}
+"""The range of a fault kind's rate per virtual minute (log-uniform)."""
+
+RARE_KINDS: Final = ("storm", "daemon_crash")
+"""Kinds whose every occurrence disturbs the whole run: a third of the rate."""
+
+
+def draw_swarm(seed: int, profile: str = "ci") -> Swarm:
+    """The fault kinds and workloads of ``seed`` (before any exclusion)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    top = random.Random(f"swarm:{profile}:{seed}")
+    density = DENSITIES[top.randrange(len(DENSITIES))]
+    low, high = RATE_PER_MIN[profile]
+    faults: list[tuple[str, float]] = []
+    for kind in FAULT_KINDS:
+        rng = random.Random(f"swarm:{profile}:{seed}:{kind}")
+        on = rng.random() < density
+        rate = low * (high / low) ** rng.random()
+        if kind in RARE_KINDS:
+            rate /= 3
+        if on:
+            faults.append((kind, max(0.1, round(rate, 1))))
+    workloads = [
+        w for w in WORKLOADS if random.Random(f"swarm:{profile}:{seed}:{w}").random() < 0.6
+    ]
+    if not workloads:
+        # a seed with no workload writes nothing: it tests too little
+        workloads.append(WORKLOADS[top.randrange(len(WORKLOADS))])
+    return Swarm(density, tuple(faults), tuple(workloads))
 
 
 def _pick(rng: random.Random, choices: tuple[int, ...]) -> int:
@@ -175,15 +232,13 @@ def draw_config(
             clients.append(_client(rng, f"w{len(clients)}", user, "window", max_skew_ms, slow))
     for _ in range(rng.randint(0, 6 if big else 2)):
         clients.append(_client(rng, f"a{len(clients)}", users, "agent", max_skew_ms, slow))
-    workloads = tuple(w for w in WORKLOADS if rng.random() < 0.75 and w not in exclude)
-    faults: list[tuple[str, float]] = []
-    for kind in FAULT_KINDS:
-        on = rng.random() < 0.5
-        rate = round(rng.uniform(1.0, 12.0) if big else rng.uniform(2.0, 24.0), 1)
-        if kind in ("storm", "daemon_crash"):
-            rate = round(rate / 3, 1)
-        if on and kind not in exclude and (not only or kind in only):
-            faults.append((kind, rate))
+    swarm = draw_swarm(seed, profile)
+    workloads = tuple(w for w in swarm.workloads if w not in exclude)
+    faults = tuple(
+        (kind, rate)
+        for kind, rate in swarm.faults
+        if kind not in exclude and (not only or kind in only)
+    )
     heartbeat_ms = _pick(rng, (1_000, 2_000, 5_000, 15_000))
     return SimConfig(
         seed=seed,
@@ -193,7 +248,7 @@ def draw_config(
         boards=rng.randint(1, 3 if big else 2),
         sessions_per_board=rng.randint(1, 4 if big else 2),
         workloads=workloads,
-        faults=tuple(faults),
+        faults=faults,
         fault_s=rng.randint(30, 120) if big else rng.randint(6, 16),
         quiet_max_s=90,
         link_bytes_max=_pick(rng, (2_048, 16_384, 262_144)),
@@ -209,6 +264,7 @@ def draw_config(
         cursor_per_s=_pick(rng, (30, 60, 120)),
         max_skew_ms=max_skew_ms,
         store_latency_us=_pick(rng, (0, 200, 1_000, 5_000)),
+        swarm_density=swarm.density,
     )
 
 
@@ -229,12 +285,13 @@ def _client(
 
 def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
     """The faults of a run, at absolute times within the fault phase, in
-    time order (a Poisson process per enabled kind)."""
-    rng = random.Random(f"faults:{config.profile}:{config.seed}")
+    time order (a Poisson process per enabled kind, each from its own named
+    stream: excluding a kind leaves the faults of the others as they were)."""
     end_us = config.fault_s * 1_000_000
     dead_us = int(config.dead_after_s * 1_000_000)
     faults: list[Fault] = []
     for kind, per_min in config.faults:
+        rng = random.Random(f"faults:{config.profile}:{config.seed}:{kind}")
         t = 500_000  # the first second is for connecting
         mean_gap_us = 60_000_000 / per_min
         while True:
