@@ -4,6 +4,9 @@
     python -m sim --seed 17 --trace              replay seed 17, printing its trace
     python -m sim --seeds 200 --skip-known       the CI sweep (known daemon bugs off)
     python -m sim --seeds 50 --plant dedupe_off  a planted bug must make seeds fail
+    python -m sim --seed 3 --plant X --shrink    reduce a failing seed to a short replayable run
+    python -m sim --seed 3 --faults 'reset@1500000:t2,storm@4000000:s65536:d3000000'
+                                                 replay an explicit fault list (or --faults FILE)
 
 The process re-executes itself with ``PYTHONHASHSEED=0`` first.  Exit status:
 0 when every seed passed, 1 when one failed, 2 for bad arguments.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from agor_actors._planted import PLANTED
 
-from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES
+from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES, Narrowing, draw_config, parse_faults
 from ._det import ensure_hash_seed, self_test
 from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
@@ -73,7 +77,45 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, metavar="N", help="stop a sweep after N failed seeds"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--faults",
+        metavar="LIST|FILE",
+        help="run this fault list instead of the drawn one (--seed): a compact string "
+        "'kind@us[:tN][:sN][:dUS][:up|:down],...', 'none', or a file holding one",
+    )
+    parser.add_argument(
+        "--clients", metavar="NAMES", help="keep only these clients of the seed (--seed)"
+    )
+    parser.add_argument(
+        "--fault-s", type=int, metavar="S", help="length of the fault phase (--seed)"
+    )
+    parser.add_argument(
+        "--shrink",
+        action="store_true",
+        help="reduce a failing seed (--seed; with --seeds: the first failure) to a minimal "
+        "fault list, workloads and clients, printed as a replay command and a short trace",
+    )
+    parser.add_argument(
+        "--shrink-runs", type=int, default=200, metavar="N", help="at most N runs for --shrink"
+    )
     return parser
+
+
+def _narrowing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Narrowing:
+    faults = None
+    if args.faults is not None:
+        text = args.faults
+        if os.path.isfile(text):
+            with open(text) as f:
+                text = f.read()
+        try:
+            faults = parse_faults(text)
+        except ValueError as exc:
+            parser.error(str(exc))
+    clients = None
+    if args.clients is not None:
+        clients = () if args.clients == "none" else _names([args.clients])
+    return Narrowing(faults=faults, clients=clients, fault_s=args.fault_s)
 
 
 def _duration(seconds: float) -> str:
@@ -153,18 +195,57 @@ def main(argv: list[str] | None = None) -> int:
         seed_timeout_s=args.timeout,
         stop_after_failures=args.stop_after,
     )
+    narrow = _narrowing(args, parser)
+    if not narrow.empty and args.seed is None:
+        parser.error("--faults, --clients and --fault-s replay one seed: give --seed")
     if args.seed is not None:
-        return _one(args.seed, options, trace=args.trace, json_path=args.json)
+        try:
+            narrow.apply(draw_config(args.seed, options.profile, exclude=exclude, only=only))
+        except ValueError as exc:
+            parser.error(str(exc))
+        status = _one(args.seed, options, trace=args.trace, json_path=args.json, narrow=narrow)
+        if status and args.shrink:
+            _shrink(args.seed, options, narrow, args.shrink_runs)
+        return status
     count = 100 if args.seeds is None else args.seeds
     seeds = list(range(args.first, args.first + count))
     summary = sweep(seeds, options, None if args.quiet else sys.stderr)
     _print_summary(summary)
     if args.json:
         _write_json(args.json, summary.to_json())
+    if summary.failures and args.shrink:
+        _shrink(summary.failures[0]["seed"], options, Narrowing(), args.shrink_runs)
     return 1 if summary.failures else 0
 
 
-def _one(seed: int, options: SweepOptions, *, trace: bool, json_path: str | None) -> int:
+def _shrink(seed: int, options: SweepOptions, narrow: Narrowing, max_runs: int) -> None:
+    from ._shrink import shrink
+
+    print(f"shrinking seed {seed} (at most {max_runs} runs) ...", flush=True)
+    result = shrink(
+        seed,
+        profile=options.profile,
+        plant=options.plant,
+        exclude=options.exclude,
+        only=options.only,
+        narrow=narrow,
+        max_runs=max_runs,
+        progress=lambda text: print(f"  {text}", flush=True),
+    )
+    if result is None:
+        print(f"seed {seed} does not fail: nothing to shrink")
+        return
+    print(result.report())
+
+
+def _one(
+    seed: int,
+    options: SweepOptions,
+    *,
+    trace: bool,
+    json_path: str | None,
+    narrow: Narrowing | None = None,
+) -> int:
     from ._runner import run_seed
 
     result = run_seed(
@@ -174,6 +255,7 @@ def _one(seed: int, options: SweepOptions, *, trace: bool, json_path: str | None
         exclude=options.exclude,
         only=options.only,
         echo=sys.stdout if trace else None,
+        narrow=narrow,
     )
     if not trace:
         print(result.config)

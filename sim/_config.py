@@ -16,11 +16,14 @@ __all__ = [
     "WORKLOADS",
     "ClientSpec",
     "Fault",
+    "Narrowing",
     "SimConfig",
     "Swarm",
     "draw_config",
     "draw_faults",
     "draw_swarm",
+    "encode_faults",
+    "parse_faults",
 ]
 
 Role = Literal["window", "agent"]
@@ -317,3 +320,122 @@ def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
             faults.append(Fault(t, kind, target, span, duration, direction))
     faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
     return tuple(faults)
+
+
+# --------------------------------------------------------------------------- explicit runs
+
+_DIRECTIONS: Final = ("both", "up", "down")
+
+
+def encode_faults(faults: tuple[Fault, ...]) -> str:
+    """A fault list as one compact string, e.g.
+    ``reset@1234567:t5,partition@2500000:t3:s2:d400000:up``: the kind and
+    the virtual time in microseconds, then only what differs from the
+    defaults (``t`` target, ``s`` span, ``d`` duration in us, a direction).
+    ``none`` for no faults."""
+    parts = []
+    for f in faults:
+        text = f"{f.kind}@{f.at_us}"
+        if f.target:
+            text += f":t{f.target}"
+        if f.span != 1:
+            text += f":s{f.span}"
+        if f.duration_us:
+            text += f":d{f.duration_us}"
+        if f.direction != "both":
+            text += f":{f.direction}"
+        parts.append(text)
+    return ",".join(parts) or "none"
+
+
+def parse_faults(text: str) -> tuple[Fault, ...]:
+    """The fault list of :func:`encode_faults` (whitespace and newlines
+    separate faults too; ``#`` starts a comment).  Raises ValueError with
+    what is wrong."""
+    items: list[str] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        items.extend(i for i in line.replace(",", " ").split() if i)
+    if items == ["none"]:
+        return ()
+    faults: list[Fault] = []
+    for item in items:
+        head, *fields = item.split(":")
+        kind, at, at_us = head.partition("@")
+        if kind not in FAULT_KINDS or not at or not at_us.isdigit():
+            raise ValueError(
+                f"bad fault {item!r}: want <kind>@<virtual us>[:t<target>][:s<span>]"
+                f"[:d<duration us>][:up|:down], kinds {', '.join(FAULT_KINDS)}"
+            )
+        values: dict[str, int] = {}
+        direction: Literal["both", "up", "down"] = "both"
+        for field in fields:
+            if field in _DIRECTIONS:
+                direction = field  # type: ignore[assignment]
+            elif field[:1] in ("t", "s", "d") and field[1:].isdigit():
+                values[field[0]] = int(field[1:])
+            else:
+                raise ValueError(f"bad field {field!r} in fault {item!r}")
+        faults.append(
+            Fault(
+                int(at_us),
+                kind,
+                values.get("t", 0),
+                values.get("s", 1),
+                values.get("d", 0),
+                direction,
+            )
+        )
+    faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
+    return tuple(faults)
+
+
+@attrs.frozen
+class Narrowing:
+    """What a replay (or a shrink) changes of a seed's drawn run: an explicit
+    fault list instead of the drawn one, only some of the clients, a
+    shorter fault phase.  Everything else (and every random stream) stays
+    as the seed draws it."""
+
+    faults: tuple[Fault, ...] | None = None
+    clients: tuple[str, ...] | None = None
+    """Names of the clients to keep (None: all)."""
+    fault_s: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.faults is None and self.clients is None and self.fault_s is None
+
+    def apply(self, config: SimConfig) -> SimConfig:
+        if self.clients is not None:
+            known = {c.name for c in config.clients}
+            unknown = sorted(set(self.clients) - known)
+            if unknown:
+                raise ValueError(
+                    f"no client {', '.join(unknown)} in seed {config.seed}; "
+                    f"it has {', '.join(sorted(known))}"
+                )
+            config = attrs.evolve(
+                config, clients=tuple(c for c in config.clients if c.name in self.clients)
+            )
+        if self.fault_s is not None:
+            config = attrs.evolve(config, fault_s=max(1, self.fault_s))
+        return config
+
+    def plan(self, config: SimConfig) -> tuple[Fault, ...]:
+        """The faults of the run: the explicit list, or the drawn one; cut to
+        the fault phase."""
+        faults = draw_faults(config) if self.faults is None else self.faults
+        end_us = (self.fault_s or config.fault_s) * 1_000_000
+        return tuple(f for f in faults if f.at_us < end_us)
+
+    def arguments(self) -> list[str]:
+        """The command-line arguments that give this narrowing."""
+        out: list[str] = []
+        if self.faults is not None:
+            out += ["--faults", encode_faults(self.faults)]
+        if self.clients is not None:
+            out += ["--clients", ",".join(self.clients) or "none"]
+        if self.fault_s is not None:
+            out += ["--fault-s", str(self.fault_s)]
+        return out

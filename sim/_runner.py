@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shlex
 import time
 import traceback
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from ._checks import (
     presence_problems,
 )
 from ._client import SEND_QUEUE_MAX, SimClient
-from ._config import Fault, SimConfig, draw_config, draw_faults
+from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import StoreFaults, poison
@@ -83,6 +84,9 @@ class RunResult:
     violations: tuple[Violation, ...]
     counters: dict[str, int]
     wall_s: float
+    narrowing: tuple[str, ...] = ()
+    """The command-line arguments of an explicit fault list, client subset
+    or fault phase (a replay or a shrink), empty for the seed as drawn."""
 
     @property
     def ok(self) -> bool:
@@ -98,6 +102,7 @@ class RunResult:
             parts += ["--exclude", name]
         for name in self.only:
             parts += ["--only", name]
+        parts += [shlex.quote(arg) for arg in self.narrowing]
         return " ".join([*parts, "--trace"])
 
     def to_json(self) -> dict[str, Any]:
@@ -519,12 +524,18 @@ def run_seed(
     exclude: tuple[str, ...] = (),
     only: tuple[str, ...] = (),
     echo: TextIO | None = None,
+    narrow: Narrowing | None = None,
 ) -> RunResult:
     """Run one seed; never raises for what the run finds (an exception in
     the harness or the daemon becomes a violation of kind ``harness``)."""
     started = time.perf_counter()
     config = draw_config(seed, profile, exclude=exclude, only=only)
-    plan = draw_faults(config)
+    if narrow is not None and not narrow.empty:
+        config = narrow.apply(config)
+        plan = narrow.plan(config)
+    else:
+        narrow = None
+        plan = draw_faults(config)
     _planted.plant(*plant)
     trace = Trace(echo)
     if echo is not None:
@@ -578,4 +589,5 @@ def run_seed(
         violations=tuple(recorder.violations),
         counters=dict(sorted(recorder.counters.items())),
         wall_s=time.perf_counter() - started,
+        narrowing=tuple(narrow.arguments()) if narrow is not None else (),
     )
