@@ -51,9 +51,10 @@ WORKLOADS: Final = (
 
 PROFILES: Final = ("ci", "full")
 
-EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate")
-"""What ``--exclude`` accepts: fault kinds, workloads, and ``duplicate``
-(network duplicates of event frames)."""
+EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate", "bursts")
+"""What ``--exclude`` accepts: fault kinds, workloads, ``duplicate``
+(network duplicates of event frames) and ``bursts`` (agents with several
+chunks in flight at once)."""
 
 
 @attrs.frozen
@@ -125,6 +126,8 @@ class SimConfig:
     """Virtual time a store call takes (the worker-thread hops)."""
     swarm_density: float = 0.0
     """The chance each fault kind had to be on in this seed (see :class:`Swarm`)."""
+    chunk_pipeline: int = 1
+    """Chunks an agent has in flight at once (see :class:`Swarm`)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -144,7 +147,8 @@ class SimConfig:
             f"  outbox {self.outbox_messages_max} msgs / {self.outbox_bytes_max} B / "
             f"{self.outbox_control_max} control; links {self.link_bytes_max} B",
             f"  heartbeat {self.heartbeat_ms} ms, dead after {self.dead_after_s:.1f}s; "
-            f"edits {self.edit_per_min}/min/window, chunks {self.chunk_per_s}/s, "
+            f"edits {self.edit_per_min}/min/window, chunks {self.chunk_per_s}/s "
+            f"({self.chunk_pipeline} in flight), "
             f"renames every {self.rename_period_ms} ms, cursors {self.cursor_per_s}/s, "
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
         ]
@@ -172,6 +176,10 @@ class Swarm:
     density: float
     faults: tuple[tuple[str, float], ...]
     workloads: tuple[str, ...]
+    chunk_pipeline: int = 1
+    """Agents stream in bursts with this many chunks in flight at once (1:
+    one at a time, each answered before the next): consecutive chunks then
+    meet in one commit group and are merged into one event."""
 
 
 DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
@@ -179,6 +187,9 @@ DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
 
 RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0)}
 """The range of a fault kind's rate per virtual minute (log-uniform)."""
+
+BURST_CHUNK_PER_S: Final = 400
+"""The chunk rate of an agent that streams in bursts (pipelined chunks)."""
 
 RARE_KINDS: Final = ("storm", "daemon_crash")
 """Kinds whose every occurrence disturbs the whole run: a third of the rate."""
@@ -206,7 +217,9 @@ def draw_swarm(seed: int, profile: str = "ci") -> Swarm:
     if not workloads:
         # a seed with no workload writes nothing: it tests too little
         workloads.append(WORKLOADS[top.randrange(len(WORKLOADS))])
-    return Swarm(density, tuple(faults), tuple(workloads))
+    burst = random.Random(f"swarm:{profile}:{seed}:burst")
+    pipeline = burst.choice((4, 8, 16)) if burst.random() < 0.35 else 1
+    return Swarm(density, tuple(faults), tuple(workloads), pipeline)
 
 
 def _pick(rng: random.Random, choices: tuple[int, ...]) -> int:
@@ -243,7 +256,7 @@ def draw_config(
         if kind not in exclude and (not only or kind in only)
     )
     heartbeat_ms = _pick(rng, (1_000, 2_000, 5_000, 15_000))
-    return SimConfig(
+    config = SimConfig(
         seed=seed,
         profile=profile,
         users=users,
@@ -269,6 +282,16 @@ def draw_config(
         store_latency_us=_pick(rng, (0, 200, 1_000, 5_000)),
         swarm_density=swarm.density,
     )
+    if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
+        # commits that take time (the worker-thread hops): chunks sent
+        # meanwhile queue up at the writer and go in one group
+        config = attrs.evolve(
+            config,
+            chunk_pipeline=swarm.chunk_pipeline,
+            chunk_per_s=BURST_CHUNK_PER_S,
+            store_latency_us=max(config.store_latency_us, 2_000),
+        )
+    return config
 
 
 def _client(

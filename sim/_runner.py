@@ -34,8 +34,10 @@ from agor_actors.store import SqlStore, open_store
 from agor_actors.world import SeededEntropy
 
 from ._checks import (
+    ServerClaims,
     check_acknowledged,
     check_log,
+    check_merged,
     check_mirrors,
     check_presence,
     check_renames,
@@ -206,6 +208,7 @@ class _Run:
             trace=trace,
             recorder=self.recorder,
         )
+        self.recorder.on_frame = ServerClaims(self.recorder, self._head_of).frame
         async with trio.open_nursery() as root:
             self._root = root.cancel_scope
             await root.start(daemon.run, name="daemon")
@@ -289,6 +292,14 @@ class _Run:
         sessions = layout.sessions[board]
         for _ in range(client.rng.randint(1, 2)):
             client.want(f"session:{sessions[client.rng.randrange(len(sessions))]}")
+
+    def _head_of(self, room: str) -> tuple[str, int] | None:
+        """The committed head of ``room`` as the daemon's store remembers it
+        (no I/O; None when it does not know or the daemon is down)."""
+        hub = self._daemon.hub if self._daemon is not None else None
+        if hub is None or room.startswith("activity:"):
+            return None
+        return hub.store.cached_head(room)
 
     # ------------------------------------------------------------------ faults
 
@@ -487,6 +498,7 @@ class _Run:
         check_mirrors(store, self.clients, self.recorder, views)
         check_log(store, self.recorder, logs)
         check_acknowledged(store, self.recorder, logs)
+        check_merged(store, self.recorder, logs)
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)
