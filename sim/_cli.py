@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "--exclude", action="append", metavar="KIND", help=f"turn off: {', '.join(EXCLUDABLE)}"
     )
     parser.add_argument(
-        "--only", action="append", metavar="KIND", help="keep only these fault kinds"
+        "--only", action="append", metavar="KIND", help="only these fault kinds, on in every seed"
     )
     parser.add_argument(
         "--skip-known",

@@ -176,6 +176,8 @@ class Swarm:
     density: float
     faults: tuple[tuple[str, float], ...]
     workloads: tuple[str, ...]
+    rates: tuple[tuple[str, float], ...] = ()
+    """The rate drawn for every kind, on or off (``--only`` turns kinds on)."""
     chunk_pipeline: int = 1
     """Agents stream in bursts with this many chunks in flight at once (1:
     one at a time, each answered before the next): consecutive chunks then
@@ -203,14 +205,16 @@ def draw_swarm(seed: int, profile: str = "ci") -> Swarm:
     density = DENSITIES[top.randrange(len(DENSITIES))]
     low, high = RATE_PER_MIN[profile]
     faults: list[tuple[str, float]] = []
+    rates: list[tuple[str, float]] = []
     for kind in FAULT_KINDS:
         rng = random.Random(f"swarm:{profile}:{seed}:{kind}")
         on = rng.random() < density
         rate = low * (high / low) ** rng.random()
         if kind in RARE_KINDS:
             rate /= 3
+        rates.append((kind, max(0.1, round(rate, 1))))
         if on:
-            faults.append((kind, max(0.1, round(rate, 1))))
+            faults.append(rates[-1])
     workloads = [
         w for w in WORKLOADS if random.Random(f"swarm:{profile}:{seed}:{w}").random() < 0.6
     ]
@@ -219,7 +223,7 @@ def draw_swarm(seed: int, profile: str = "ci") -> Swarm:
         workloads.append(WORKLOADS[top.randrange(len(WORKLOADS))])
     burst = random.Random(f"swarm:{profile}:{seed}:burst")
     pipeline = burst.choice((4, 8, 16)) if burst.random() < 0.35 else 1
-    return Swarm(density, tuple(faults), tuple(workloads), pipeline)
+    return Swarm(density, tuple(faults), tuple(workloads), tuple(rates), pipeline)
 
 
 def _pick(rng: random.Random, choices: tuple[int, ...]) -> int:
@@ -230,8 +234,9 @@ def draw_config(
     seed: int, profile: str = "ci", *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()
 ) -> SimConfig:
     """The configuration of ``seed``.  ``exclude`` turns fault kinds or
-    workloads off; ``only`` keeps only the named fault kinds (workloads are
-    not affected by ``only``)."""
+    workloads off; ``only`` runs only the named fault kinds, each on in every
+    seed at the rate the seed draws for it (workloads are not affected by
+    ``only``)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     unknown = sorted(set(exclude) - set(EXCLUDABLE)) + sorted(set(only) - set(FAULT_KINDS))
@@ -250,11 +255,10 @@ def draw_config(
         clients.append(_client(rng, f"a{len(clients)}", users, "agent", max_skew_ms, slow))
     swarm = draw_swarm(seed, profile)
     workloads = tuple(w for w in swarm.workloads if w not in exclude)
-    faults = tuple(
-        (kind, rate)
-        for kind, rate in swarm.faults
-        if kind not in exclude and (not only or kind in only)
-    )
+    if only:  # these kinds, on in every seed, at the rates the seed draws
+        faults = tuple((k, r) for k, r in swarm.rates if k in only and k not in exclude)
+    else:
+        faults = tuple((k, r) for k, r in swarm.faults if k not in exclude)
     heartbeat_ms = _pick(rng, (1_000, 2_000, 5_000, 15_000))
     config = SimConfig(
         seed=seed,

@@ -48,3 +48,12 @@ def test_excluding_a_kind_leaves_the_others_as_they_were() -> None:
             fewer = draw_config(seed, exclude=(workload,))
             assert fewer.workloads == tuple(w for w in config.workloads if w != workload)
             assert fewer.faults == config.faults and fewer.clients == config.clients
+
+
+def test_only_turns_its_kinds_on_in_every_seed_at_the_seeds_rate() -> None:
+    for seed in range(20):
+        config = draw_config(seed, only=("reset", "stall"))
+        assert [kind for kind, _ in config.faults] == ["reset", "stall"]
+        rates = dict(draw_swarm(seed).rates)
+        assert dict(config.faults) == {"reset": rates["reset"], "stall": rates["stall"]}
+        assert draw_config(seed, only=("reset",), exclude=("reset",)).faults == ()
