@@ -163,6 +163,8 @@ def _print_summary(summary: SweepSummary) -> None:
     print(f"writes           {t['writes']} ({t['acknowledged']} acknowledged)")
     injected = ", ".join(f"{k} {n}" for k, n in t["injected"].items()) or "none"
     print(f"faults injected  {sum(t['injected'].values())}: {injected}")
+    claims = ", ".join(f"{k} {n}" for k, n in t["claims_checked"].items()) or "none"
+    print(f"claims checked   {claims}")
     print(f"failures         {t['failures']}")
     for failure in summary.failures[:20]:
         first = failure["violations"][0] if failure["violations"] else {}
