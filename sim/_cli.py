@@ -40,8 +40,11 @@ room's queued events from each subscriber's outbox and tells it ``lagged``
 with ``resume_from = last_offered + 1``: past events that were offered but
 never sent (the ``claim`` oracle; the client resumes from ``min(last,
 resume_from - 1)``, so no outcome check saw it).  The fix: ``drop_room``
-returns the first seq it dropped, and that is the resume point.  Replay:
-``python -m sim --seed 41 --exclude bursts --trace``.
+returns the first seq it dropped, and that is the resume point.  Replay
+(shrunk from seed 41: a partition fills a client's link, then its room
+crashes): ``python -m sim --seed 41 --exclude bursts --exclude renames
+--faults partition@3574210:t10895:d26935045,crash_room@7346690:t47250
+--trace``.
 
 ``bursts``: chunks an agent sends without waiting for each answer reach the
 session out of order when the session actor restarts (a crash, or a store
