@@ -15,24 +15,50 @@ the run goes live in the client, the monitor and the network).
   the stamp of every acknowledged rename (a later stamp never loses);
 * ``presence``: on every board, every client in the board's room shows the
   same facepile, holding exactly the users with a connected window that
-  looks at the board (offline users gone, statuses equal everywhere).
+  looks at the board (offline users gone, statuses equal everywhere);
+* ``merge``: a merged chunk event covering ``seq..last_seq`` holds exactly
+  that many chunks, and every chunk whose write was answered with its seq.
+
+And the server's claims, checked as the frames arrive (:class:`ServerClaims`,
+fed by the simulated client before its protocol machine sees a frame; the
+machine would hide a wrong claim: it resumes from ``min(last, resume_from -
+1)`` and turns a recovery it does not believe into a reload):
+
+* ``claim``: ``lagged.resume_from`` is exactly the first seq of the room the
+  connection did not deliver (the last seq it delivered, plus one);
+  ``joined.seq`` is the room's head at the join: not below a seq the
+  room already delivered to this client in that epoch, not above what the
+  store has committed; ``recovered: true`` answers a join that asked for
+  ``since`` in that very epoch, at or past it (the events after ``since``
+  must then follow with no gap: the client's order check).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from agor_actors.store import SqlStore, StoredEvent
-from protocols import Event
+from protocols import (
+    ClientConnection,
+    Event,
+    Joined,
+    Lagged,
+    ProtocolError,
+    RoomStatus,
+    decode_server_frame,
+)
+from protocols._codec import Frame
 
 from ._client import SimClient
 from ._model import View, server_view
 from ._record import Recorder, WriteRecord, event_digest
 
 __all__ = [
+    "ServerClaims",
     "check_acknowledged",
     "check_log",
+    "check_merged",
     "check_mirrors",
     "check_presence",
     "check_renames",
@@ -295,3 +321,174 @@ def check_presence(clients: list[SimClient], recorder: Recorder) -> None:
         recorder.violate("presence", who, problem)
     for client in clients:
         recorder.count("presence_frames", client.presence_frames)
+
+
+def check_merged(
+    store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]
+) -> None:
+    """A merged chunk event covers ``seq..last_seq``: it holds exactly that
+    many chunks (each streamed chunk is one ``;``-terminated token and takes
+    one seq), and each chunk write answered with that ``seq`` is one of
+    them, in the order they were sent."""
+    answered: dict[tuple[str, int], list[WriteRecord]] = {}
+    for record in recorder.writes.values():
+        if record.service != "messages" or record.method != "stream" or record.outcome != "ok":
+            continue
+        seq = record.result.get("_seq") if isinstance(record.result, dict) else None
+        if isinstance(seq, int) and record.session_id is not None:
+            answered.setdefault((f"session:{record.session_id}", seq), []).append(record)
+    rooms = {room for room, _ in answered}
+    rooms.update(room for room in logs if room.startswith("session:"))
+    for room in sorted(rooms):
+        log = logs.get(room)
+        if log is None:
+            log = logs[room] = room_log(store, room)
+        for event in log.values():
+            if event.last_seq is None or not isinstance(event.data, dict):
+                continue
+            chunk = event.data.get("chunk")
+            if not isinstance(chunk, str):
+                continue
+            recorder.count("claims:merged")
+            tokens = [t for t in chunk.split(";") if t]
+            span = event.last_seq - event.seq + 1
+            if len(tokens) != span:
+                recorder.violate(
+                    "merge",
+                    "store",
+                    f"{room}: merged event {event.seq}..{event.last_seq} covers {span} seqs "
+                    f"but holds {len(tokens)} chunks",
+                )
+                continue
+            writes = answered.get((room, event.seq), [])
+            mine = [str(w.data["chunk"]).rstrip(";") for w in writes]
+            positions = [tokens.index(t) if t in tokens else -1 for t in mine]
+            if -1 in positions or positions != sorted(positions):
+                recorder.violate(
+                    "merge",
+                    writes[0].client if writes else "store",
+                    f"{room}: merged event {event.seq}..{event.last_seq} holds {tokens}, "
+                    f"not the chunks answered with its seq in order: {mine}",
+                )
+
+
+def _joined_at(machine: ClientConnection, joined: Joined) -> int | None:
+    """The last delivered seq once the machine has taken ``joined`` (its
+    own rule: a recovery it believes keeps its seq, else the joined seq);
+    None if it ignores the answer."""
+    track = machine.rooms.get(joined.room)
+    if track is None:
+        return joined.seq
+    if track.status is RoomStatus.LEAVING:
+        return None
+    asked = track.requested_since
+    recovered = (
+        joined.recovered
+        and track.epoch == joined.epoch
+        and track.seq is not None
+        and joined.seq >= track.seq
+        and (track.status is not RoomStatus.JOINING or asked is not None)
+        and (asked is None or (asked.epoch == joined.epoch and asked.seq <= track.seq))
+    )
+    return track.seq if recovered else joined.seq
+
+
+def _mentions(frame: Frame) -> bool:
+    if isinstance(frame, str):
+        return "joined" in frame or "lagged" in frame
+    return b"joined" in frame or b"lagged" in frame
+
+
+class ServerClaims:
+    """Checks ``joined`` and ``lagged`` against what the connection
+    delivered, frame by frame, before the client's machine sees the frame.
+    Only frames that mention either are decoded (a substring test costs
+    next to nothing).  ``head_of(room)`` is the store's committed
+    ``(epoch, head)`` as the daemon's store object remembers it (no I/O;
+    None when it does not know)."""
+
+    def __init__(
+        self, recorder: Recorder, head_of: Callable[[str], tuple[str, int] | None]
+    ) -> None:
+        self._recorder = recorder
+        self._head_of = head_of
+        self.checked = 0
+
+    def frame(self, client: str, machine: ClientConnection, frame: Frame) -> None:
+        if not _mentions(frame):
+            return
+        try:
+            messages = decode_server_frame(machine.codec, frame, machine.limits)
+        except ProtocolError:
+            return  # the machine reports it
+        # the rooms as the machine will see them while it goes through the frame
+        live: dict[str, int | None] = {}  # room -> last delivered seq while live, else None
+
+        def last(room: str) -> int | None:
+            if room not in live:
+                track = machine.rooms.get(room)
+                live[room] = (
+                    track.seq if track is not None and track.status is RoomStatus.LIVE else None
+                )
+            return live[room]
+
+        for message in messages:
+            if isinstance(message, Event):
+                seen = last(message.room)
+                if seen is None or message.end_seq <= seen:
+                    continue
+                live[message.room] = message.end_seq if message.seq == seen + 1 else None
+            elif isinstance(message, Lagged):
+                seen = last(message.room)
+                if seen is not None:
+                    self._lagged(client, message, seen)
+                live[message.room] = None
+            elif isinstance(message, Joined):
+                self._joined(client, machine, message)
+                live[message.room] = _joined_at(machine, message)
+
+    def _lagged(self, client: str, lagged: Lagged, delivered: int) -> None:
+        self.checked += 1
+        self._recorder.count("claims:lagged")
+        if lagged.resume_from != delivered + 1:
+            self._recorder.violate(
+                "claim",
+                client,
+                f"{lagged.room}: lagged resume_from {lagged.resume_from}, but the first seq "
+                f"not delivered is {delivered + 1}",
+            )
+
+    def _joined(self, client: str, machine: ClientConnection, joined: Joined) -> None:
+        self.checked += 1
+        self._recorder.count("claims:joined")
+        room = joined.room
+        track = machine.rooms.get(room)
+        if track is None or track.status is RoomStatus.LEAVING:
+            return  # the answer to a join the client no longer wants
+        if track.epoch == joined.epoch and track.seq is not None and joined.seq < track.seq:
+            self._recorder.violate(
+                "claim",
+                client,
+                f"{room}: joined at seq {joined.seq}, but the room delivered up to {track.seq} "
+                f"in epoch {joined.epoch} before",
+            )
+        head = self._head_of(room)
+        if head is not None and head[0] == joined.epoch and joined.seq > head[1]:
+            self._recorder.violate(
+                "claim",
+                client,
+                f"{room}: joined at seq {joined.seq}, past the store's head {head[1]}",
+            )
+        if joined.recovered:
+            asked = track.requested_since
+            if asked is None and track.status is RoomStatus.JOINING and track.seq is None:
+                self._recorder.violate(
+                    "claim", client, f"{room}: recovered: true for a join without since"
+                )
+            elif asked is not None and (asked.epoch != joined.epoch or joined.seq < asked.seq):
+                self._recorder.violate(
+                    "claim",
+                    client,
+                    f"{room}: recovered: true at {joined.epoch}/{joined.seq} for a join since "
+                    f"{asked.epoch}/{asked.seq}",
+                )

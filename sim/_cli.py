@@ -4,6 +4,9 @@
     python -m sim --seed 17 --trace              replay seed 17, printing its trace
     python -m sim --seeds 200 --skip-known       the CI sweep (known daemon bugs off)
     python -m sim --seeds 50 --plant dedupe_off  a planted bug must make seeds fail
+    python -m sim --seed 3 --plant X --shrink    reduce a failing seed to a short replayable run
+    python -m sim --seed 3 --faults 'reset@1500000:t2,storm@4000000:s65536:d3000000'
+                                                 replay an explicit fault list (or --faults FILE)
 
 The process re-executes itself with ``PYTHONHASHSEED=0`` first.  Exit status:
 0 when every seed passed, 1 when one failed, 2 for bad arguments.
@@ -13,23 +16,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES
+from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES, Narrowing, draw_config, parse_faults
 from ._det import ensure_hash_seed, self_test
 from ._planted import PLANTED
 from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
 __all__ = ["KNOWN_BUGS", "main"]
 
-KNOWN_BUGS: tuple[str, ...] = ()
+KNOWN_BUGS: tuple[str, ...] = ("crash_room", "bursts")
 """Fault kinds (and workloads) that reveal daemon bugs found by the
-simulator and not fixed yet; ``--skip-known`` leaves them out.  Empty: the
-four it found first (``crash_room``, ``store_after``, ``crash_writer``,
-``cursors``) are fixed, and the CI sweep runs every fault kind.  Add a kind
-here (with the replay command in the commit) only while its fix is
-pending."""
+simulator and not fixed yet; ``--skip-known`` leaves them out.  The four it
+found first (``crash_room``, ``store_after``, ``crash_writer``, ``cursors``)
+are fixed.  Add a kind here (with the replay command in the commit) only
+while its fix is pending.
+
+``crash_room``: when a room crashes, ``Hub._on_actor_exit`` drops the
+room's queued events from each subscriber's outbox and tells it ``lagged``
+with ``resume_from = last_offered + 1``: past events that were offered but
+never sent (the ``claim`` oracle; the client resumes from ``min(last,
+resume_from - 1)``, so no outcome check saw it).  The fix: ``drop_room``
+returns the first seq it dropped, and that is the resume point.  Replay
+(shrunk from seed 41: a partition fills a client's link, then its room
+crashes): ``python -m sim --seed 41 --exclude bursts --exclude renames
+--faults partition@3574210:t10895:d26935045,crash_room@7346690:t47250
+--trace``.
+
+``bursts``: chunks an agent sends without waiting for each answer reach the
+session out of order when the session actor restarts (a crash, or a store
+failure that poisons it): ``Registry.call`` retries a call that met the
+dead actor once the new one is ready, and the waiting calls race, so a
+later chunk can commit first (seen as ``merge`` and ``stream``).  Replay:
+``python -m sim --seed 33 --exclude renames --faults
+crash_session@1985581:t17010,crash_session@4636625:t26242,crash_session@5862150:t22664
+--clients w0,w1,a5 --fault-s 7 --trace``."""
 
 
 def _names(values: list[str] | None) -> tuple[str, ...]:
@@ -58,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--exclude", action="append", metavar="KIND", help=f"turn off: {', '.join(EXCLUDABLE)}"
     )
     parser.add_argument(
-        "--only", action="append", metavar="KIND", help="keep only these fault kinds"
+        "--only", action="append", metavar="KIND", help="only these fault kinds, on in every seed"
     )
     parser.add_argument(
         "--skip-known",
@@ -72,7 +95,45 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, metavar="N", help="stop a sweep after N failed seeds"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--faults",
+        metavar="LIST|FILE",
+        help="run this fault list instead of the drawn one (--seed): a compact string "
+        "'kind@us[:tN][:sN][:dUS][:up|:down],...', 'none', or a file holding one",
+    )
+    parser.add_argument(
+        "--clients", metavar="NAMES", help="keep only these clients of the seed (--seed)"
+    )
+    parser.add_argument(
+        "--fault-s", type=int, metavar="S", help="length of the fault phase (--seed)"
+    )
+    parser.add_argument(
+        "--shrink",
+        action="store_true",
+        help="reduce a failing seed (--seed; with --seeds: the first failure) to a minimal "
+        "fault list, workloads and clients, printed as a replay command and a short trace",
+    )
+    parser.add_argument(
+        "--shrink-runs", type=int, default=200, metavar="N", help="at most N runs for --shrink"
+    )
     return parser
+
+
+def _narrowing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Narrowing:
+    faults = None
+    if args.faults is not None:
+        text = args.faults
+        if os.path.isfile(text):
+            with open(text) as f:
+                text = f.read()
+        try:
+            faults = parse_faults(text)
+        except ValueError as exc:
+            parser.error(str(exc))
+    clients = None
+    if args.clients is not None:
+        clients = () if args.clients == "none" else _names([args.clients])
+    return Narrowing(faults=faults, clients=clients, fault_s=args.fault_s)
 
 
 def _duration(seconds: float) -> str:
@@ -104,6 +165,8 @@ def _print_summary(summary: SweepSummary) -> None:
     print(f"writes           {t['writes']} ({t['acknowledged']} acknowledged)")
     injected = ", ".join(f"{k} {n}" for k, n in t["injected"].items()) or "none"
     print(f"faults injected  {sum(t['injected'].values())}: {injected}")
+    claims = ", ".join(f"{k} {n}" for k, n in t["claims_checked"].items()) or "none"
+    print(f"claims checked   {claims}")
     print(f"failures         {t['failures']}")
     for failure in summary.failures[:20]:
         first = failure["violations"][0] if failure["violations"] else {}
@@ -152,18 +215,57 @@ def main(argv: list[str] | None = None) -> int:
         seed_timeout_s=args.timeout,
         stop_after_failures=args.stop_after,
     )
+    narrow = _narrowing(args, parser)
+    if not narrow.empty and args.seed is None:
+        parser.error("--faults, --clients and --fault-s replay one seed: give --seed")
     if args.seed is not None:
-        return _one(args.seed, options, trace=args.trace, json_path=args.json)
+        try:
+            narrow.apply(draw_config(args.seed, options.profile, exclude=exclude, only=only))
+        except ValueError as exc:
+            parser.error(str(exc))
+        status = _one(args.seed, options, trace=args.trace, json_path=args.json, narrow=narrow)
+        if status and args.shrink:
+            _shrink(args.seed, options, narrow, args.shrink_runs)
+        return status
     count = 100 if args.seeds is None else args.seeds
     seeds = list(range(args.first, args.first + count))
     summary = sweep(seeds, options, None if args.quiet else sys.stderr)
     _print_summary(summary)
     if args.json:
         _write_json(args.json, summary.to_json())
+    if summary.failures and args.shrink:
+        _shrink(summary.failures[0]["seed"], options, Narrowing(), args.shrink_runs)
     return 1 if summary.failures else 0
 
 
-def _one(seed: int, options: SweepOptions, *, trace: bool, json_path: str | None) -> int:
+def _shrink(seed: int, options: SweepOptions, narrow: Narrowing, max_runs: int) -> None:
+    from ._shrink import shrink
+
+    print(f"shrinking seed {seed} (at most {max_runs} runs) ...", flush=True)
+    result = shrink(
+        seed,
+        profile=options.profile,
+        plant=options.plant,
+        exclude=options.exclude,
+        only=options.only,
+        narrow=narrow,
+        max_runs=max_runs,
+        progress=lambda text: print(f"  {text}", flush=True),
+    )
+    if result is None:
+        print(f"seed {seed} does not fail: nothing to shrink")
+        return
+    print(result.report())
+
+
+def _one(
+    seed: int,
+    options: SweepOptions,
+    *,
+    trace: bool,
+    json_path: str | None,
+    narrow: Narrowing | None = None,
+) -> int:
     from ._runner import run_seed
 
     result = run_seed(
@@ -173,6 +275,7 @@ def _one(seed: int, options: SweepOptions, *, trace: bool, json_path: str | None
         exclude=options.exclude,
         only=options.only,
         echo=sys.stdout if trace else None,
+        narrow=narrow,
     )
     if not trace:
         print(result.config)

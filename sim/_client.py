@@ -272,6 +272,7 @@ class SimClient:
                 self._trace.emit("closed", f"{self.name} {exc.code} {exc.reason}")
                 self._drop(sock, f"closed {exc.code}")
                 return
+            self._recorder.frame_in(self.name, self.machine, frame)
             events = self.machine.receive_data(frame, trio.current_time())
             self._handle(events)
 

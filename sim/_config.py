@@ -16,9 +16,14 @@ __all__ = [
     "WORKLOADS",
     "ClientSpec",
     "Fault",
+    "Narrowing",
     "SimConfig",
+    "Swarm",
     "draw_config",
     "draw_faults",
+    "draw_swarm",
+    "encode_faults",
+    "parse_faults",
 ]
 
 Role = Literal["window", "agent"]
@@ -46,9 +51,10 @@ WORKLOADS: Final = (
 
 PROFILES: Final = ("ci", "full")
 
-EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate")
-"""What ``--exclude`` accepts: fault kinds, workloads, and ``duplicate``
-(network duplicates of event frames)."""
+EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate", "bursts")
+"""What ``--exclude`` accepts: fault kinds, workloads, ``duplicate``
+(network duplicates of event frames) and ``bursts`` (agents with several
+chunks in flight at once)."""
 
 
 @attrs.frozen
@@ -118,6 +124,10 @@ class SimConfig:
     max_skew_ms: int
     store_latency_us: int
     """Virtual time a store call takes (the worker-thread hops)."""
+    swarm_density: float = 0.0
+    """The chance each fault kind had to be on in this seed (see :class:`Swarm`)."""
+    chunk_pipeline: int = 1
+    """Chunks an agent has in flight at once (see :class:`Swarm`)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -132,12 +142,13 @@ class SimConfig:
             f"boards {self.boards} x {self.sessions_per_board} sessions",
             f"  workloads {', '.join(self.workloads) or 'none'}",
             f"  faults {', '.join(f'{k}@{r:.1f}/min' for k, r in self.faults) or 'none'}"
-            f"; duplicates {self.dup_per_mille}/1000",
+            f" (swarm density {self.swarm_density:.2f}); duplicates {self.dup_per_mille}/1000",
             f"  fault phase {self.fault_s}s, quiet phase up to {self.quiet_max_s}s",
             f"  outbox {self.outbox_messages_max} msgs / {self.outbox_bytes_max} B / "
             f"{self.outbox_control_max} control; links {self.link_bytes_max} B",
             f"  heartbeat {self.heartbeat_ms} ms, dead after {self.dead_after_s:.1f}s; "
-            f"edits {self.edit_per_min}/min/window, chunks {self.chunk_per_s}/s, "
+            f"edits {self.edit_per_min}/min/window, chunks {self.chunk_per_s}/s "
+            f"({self.chunk_pipeline} in flight), "
             f"renames every {self.rename_period_ms} ms, cursors {self.cursor_per_s}/s, "
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
         ]
@@ -149,6 +160,72 @@ class SimConfig:
         return "\n".join(lines)
 
 
+@attrs.frozen
+class Swarm:
+    """Which fault kinds and workloads a seed turns on, and how hard.
+
+    Swarm testing: rather than every kind at a middling rate in every seed,
+    each seed draws a *density* (the chance that any one kind is on), then
+    each kind on its own: on or off, and a rate spread over two orders of
+    magnitude (log-uniform).  Some seeds run one or two kinds hard, others
+    many at once; a combination that needs two rare kinds together comes up
+    in a few seeds instead of hundreds.  Every kind draws from its own named
+    stream (``swarm:<profile>:<seed>:<kind>``), so adding a kind, or
+    excluding one, leaves the draws of the others as they were."""
+
+    density: float
+    faults: tuple[tuple[str, float], ...]
+    workloads: tuple[str, ...]
+    rates: tuple[tuple[str, float], ...] = ()
+    """The rate drawn for every kind, on or off (``--only`` turns kinds on)."""
+    chunk_pipeline: int = 1
+    """Agents stream in bursts with this many chunks in flight at once (1:
+    one at a time, each answered before the next): consecutive chunks then
+    meet in one commit group and are merged into one event."""
+
+
+DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
+"""The chance that any one fault kind is on in a seed (one drawn per seed)."""
+
+RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0)}
+"""The range of a fault kind's rate per virtual minute (log-uniform)."""
+
+BURST_CHUNK_PER_S: Final = 400
+"""The chunk rate of an agent that streams in bursts (pipelined chunks)."""
+
+RARE_KINDS: Final = ("storm", "daemon_crash")
+"""Kinds whose every occurrence disturbs the whole run: a third of the rate."""
+
+
+def draw_swarm(seed: int, profile: str = "ci") -> Swarm:
+    """The fault kinds and workloads of ``seed`` (before any exclusion)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    top = random.Random(f"swarm:{profile}:{seed}")
+    density = DENSITIES[top.randrange(len(DENSITIES))]
+    low, high = RATE_PER_MIN[profile]
+    faults: list[tuple[str, float]] = []
+    rates: list[tuple[str, float]] = []
+    for kind in FAULT_KINDS:
+        rng = random.Random(f"swarm:{profile}:{seed}:{kind}")
+        on = rng.random() < density
+        rate = low * (high / low) ** rng.random()
+        if kind in RARE_KINDS:
+            rate /= 3
+        rates.append((kind, max(0.1, round(rate, 1))))
+        if on:
+            faults.append(rates[-1])
+    workloads = [
+        w for w in WORKLOADS if random.Random(f"swarm:{profile}:{seed}:{w}").random() < 0.6
+    ]
+    if not workloads:
+        # a seed with no workload writes nothing: it tests too little
+        workloads.append(WORKLOADS[top.randrange(len(WORKLOADS))])
+    burst = random.Random(f"swarm:{profile}:{seed}:burst")
+    pipeline = burst.choice((4, 8, 16)) if burst.random() < 0.35 else 1
+    return Swarm(density, tuple(faults), tuple(workloads), tuple(rates), pipeline)
+
+
 def _pick(rng: random.Random, choices: tuple[int, ...]) -> int:
     return choices[rng.randrange(len(choices))]
 
@@ -157,8 +234,9 @@ def draw_config(
     seed: int, profile: str = "ci", *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()
 ) -> SimConfig:
     """The configuration of ``seed``.  ``exclude`` turns fault kinds or
-    workloads off; ``only`` keeps only the named fault kinds (workloads are
-    not affected by ``only``)."""
+    workloads off; ``only`` runs only the named fault kinds, each on in every
+    seed at the rate the seed draws for it (workloads are not affected by
+    ``only``)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     unknown = sorted(set(exclude) - set(EXCLUDABLE)) + sorted(set(only) - set(FAULT_KINDS))
@@ -175,17 +253,14 @@ def draw_config(
             clients.append(_client(rng, f"w{len(clients)}", user, "window", max_skew_ms, slow))
     for _ in range(rng.randint(0, 6 if big else 2)):
         clients.append(_client(rng, f"a{len(clients)}", users, "agent", max_skew_ms, slow))
-    workloads = tuple(w for w in WORKLOADS if rng.random() < 0.75 and w not in exclude)
-    faults: list[tuple[str, float]] = []
-    for kind in FAULT_KINDS:
-        on = rng.random() < 0.5
-        rate = round(rng.uniform(1.0, 12.0) if big else rng.uniform(2.0, 24.0), 1)
-        if kind in ("storm", "daemon_crash"):
-            rate = round(rate / 3, 1)
-        if on and kind not in exclude and (not only or kind in only):
-            faults.append((kind, rate))
+    swarm = draw_swarm(seed, profile)
+    workloads = tuple(w for w in swarm.workloads if w not in exclude)
+    if only:  # these kinds, on in every seed, at the rates the seed draws
+        faults = tuple((k, r) for k, r in swarm.rates if k in only and k not in exclude)
+    else:
+        faults = tuple((k, r) for k, r in swarm.faults if k not in exclude)
     heartbeat_ms = _pick(rng, (1_000, 2_000, 5_000, 15_000))
-    return SimConfig(
+    config = SimConfig(
         seed=seed,
         profile=profile,
         users=users,
@@ -193,7 +268,7 @@ def draw_config(
         boards=rng.randint(1, 3 if big else 2),
         sessions_per_board=rng.randint(1, 4 if big else 2),
         workloads=workloads,
-        faults=tuple(faults),
+        faults=faults,
         fault_s=rng.randint(30, 120) if big else rng.randint(6, 16),
         quiet_max_s=90,
         link_bytes_max=_pick(rng, (2_048, 16_384, 262_144)),
@@ -209,7 +284,18 @@ def draw_config(
         cursor_per_s=_pick(rng, (30, 60, 120)),
         max_skew_ms=max_skew_ms,
         store_latency_us=_pick(rng, (0, 200, 1_000, 5_000)),
+        swarm_density=swarm.density,
     )
+    if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
+        # commits that take time (the worker-thread hops): chunks sent
+        # meanwhile queue up at the writer and go in one group
+        config = attrs.evolve(
+            config,
+            chunk_pipeline=swarm.chunk_pipeline,
+            chunk_per_s=BURST_CHUNK_PER_S,
+            store_latency_us=max(config.store_latency_us, 2_000),
+        )
+    return config
 
 
 def _client(
@@ -229,12 +315,13 @@ def _client(
 
 def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
     """The faults of a run, at absolute times within the fault phase, in
-    time order (a Poisson process per enabled kind)."""
-    rng = random.Random(f"faults:{config.profile}:{config.seed}")
+    time order (a Poisson process per enabled kind, each from its own named
+    stream: excluding a kind leaves the faults of the others as they were)."""
     end_us = config.fault_s * 1_000_000
     dead_us = int(config.dead_after_s * 1_000_000)
     faults: list[Fault] = []
     for kind, per_min in config.faults:
+        rng = random.Random(f"faults:{config.profile}:{config.seed}:{kind}")
         t = 500_000  # the first second is for connecting
         mean_gap_us = 60_000_000 / per_min
         while True:
@@ -260,3 +347,122 @@ def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
             faults.append(Fault(t, kind, target, span, duration, direction))
     faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
     return tuple(faults)
+
+
+# --------------------------------------------------------------------------- explicit runs
+
+_DIRECTIONS: Final = ("both", "up", "down")
+
+
+def encode_faults(faults: tuple[Fault, ...]) -> str:
+    """A fault list as one compact string, e.g.
+    ``reset@1234567:t5,partition@2500000:t3:s2:d400000:up``: the kind and
+    the virtual time in microseconds, then only what differs from the
+    defaults (``t`` target, ``s`` span, ``d`` duration in us, a direction).
+    ``none`` for no faults."""
+    parts = []
+    for f in faults:
+        text = f"{f.kind}@{f.at_us}"
+        if f.target:
+            text += f":t{f.target}"
+        if f.span != 1:
+            text += f":s{f.span}"
+        if f.duration_us:
+            text += f":d{f.duration_us}"
+        if f.direction != "both":
+            text += f":{f.direction}"
+        parts.append(text)
+    return ",".join(parts) or "none"
+
+
+def parse_faults(text: str) -> tuple[Fault, ...]:
+    """The fault list of :func:`encode_faults` (whitespace and newlines
+    separate faults too; ``#`` starts a comment).  Raises ValueError with
+    what is wrong."""
+    items: list[str] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        items.extend(i for i in line.replace(",", " ").split() if i)
+    if items == ["none"]:
+        return ()
+    faults: list[Fault] = []
+    for item in items:
+        head, *fields = item.split(":")
+        kind, at, at_us = head.partition("@")
+        if kind not in FAULT_KINDS or not at or not at_us.isdigit():
+            raise ValueError(
+                f"bad fault {item!r}: want <kind>@<virtual us>[:t<target>][:s<span>]"
+                f"[:d<duration us>][:up|:down], kinds {', '.join(FAULT_KINDS)}"
+            )
+        values: dict[str, int] = {}
+        direction: Literal["both", "up", "down"] = "both"
+        for field in fields:
+            if field in _DIRECTIONS:
+                direction = field  # type: ignore[assignment]
+            elif field[:1] in ("t", "s", "d") and field[1:].isdigit():
+                values[field[0]] = int(field[1:])
+            else:
+                raise ValueError(f"bad field {field!r} in fault {item!r}")
+        faults.append(
+            Fault(
+                int(at_us),
+                kind,
+                values.get("t", 0),
+                values.get("s", 1),
+                values.get("d", 0),
+                direction,
+            )
+        )
+    faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
+    return tuple(faults)
+
+
+@attrs.frozen
+class Narrowing:
+    """What a replay (or a shrink) changes of a seed's drawn run: an explicit
+    fault list instead of the drawn one, only some of the clients, a
+    shorter fault phase.  Everything else (and every random stream) stays
+    as the seed draws it."""
+
+    faults: tuple[Fault, ...] | None = None
+    clients: tuple[str, ...] | None = None
+    """Names of the clients to keep (None: all)."""
+    fault_s: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.faults is None and self.clients is None and self.fault_s is None
+
+    def apply(self, config: SimConfig) -> SimConfig:
+        if self.clients is not None:
+            known = {c.name for c in config.clients}
+            unknown = sorted(set(self.clients) - known)
+            if unknown:
+                raise ValueError(
+                    f"no client {', '.join(unknown)} in seed {config.seed}; "
+                    f"it has {', '.join(sorted(known))}"
+                )
+            config = attrs.evolve(
+                config, clients=tuple(c for c in config.clients if c.name in self.clients)
+            )
+        if self.fault_s is not None:
+            config = attrs.evolve(config, fault_s=max(1, self.fault_s))
+        return config
+
+    def plan(self, config: SimConfig) -> tuple[Fault, ...]:
+        """The faults of the run: the explicit list, or the drawn one; cut to
+        the fault phase."""
+        faults = draw_faults(config) if self.faults is None else self.faults
+        end_us = (self.fault_s or config.fault_s) * 1_000_000
+        return tuple(f for f in faults if f.at_us < end_us)
+
+    def arguments(self) -> list[str]:
+        """The command-line arguments that give this narrowing."""
+        out: list[str] = []
+        if self.faults is not None:
+            out += ["--faults", encode_faults(self.faults)]
+        if self.clients is not None:
+            out += ["--clients", ",".join(self.clients) or "none"]
+        if self.fault_s is not None:
+            out += ["--fault-s", str(self.fault_s)]
+        return out

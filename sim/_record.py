@@ -5,7 +5,7 @@ client applied."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
 import attrs
@@ -109,6 +109,13 @@ class Recorder:
         self.applied: dict[tuple[str, str], list[Applied]] = {}
         """(client, room) -> events applied, in order."""
         self.counters: dict[str, int] = {}
+        self.on_frame: Callable[[str, Any, bytes | str], None] | None = None
+        """Sees every frame a client receives, before its protocol machine
+        does: ``(client name, machine, frame)`` (the server's claims)."""
+
+    def frame_in(self, client: str, machine: Any, frame: bytes | str) -> None:
+        if self.on_frame is not None:
+            self.on_frame(client, machine, frame)
 
     def violate(self, kind: str, who: str, detail: str) -> None:
         if len(self.violations) < self._max:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shlex
 import time
 import traceback
 from collections.abc import Iterator
@@ -33,8 +34,10 @@ from agor_actors.world import SeededEntropy
 
 from . import _planted
 from ._checks import (
+    ServerClaims,
     check_acknowledged,
     check_log,
+    check_merged,
     check_mirrors,
     check_presence,
     check_renames,
@@ -42,7 +45,7 @@ from ._checks import (
     presence_problems,
 )
 from ._client import SEND_QUEUE_MAX, SimClient
-from ._config import Fault, SimConfig, draw_config, draw_faults
+from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import StoreFaults, poison
@@ -83,6 +86,9 @@ class RunResult:
     violations: tuple[Violation, ...]
     counters: dict[str, int]
     wall_s: float
+    narrowing: tuple[str, ...] = ()
+    """The command-line arguments of an explicit fault list, client subset
+    or fault phase (a replay or a shrink), empty for the seed as drawn."""
 
     @property
     def ok(self) -> bool:
@@ -98,6 +104,7 @@ class RunResult:
             parts += ["--exclude", name]
         for name in self.only:
             parts += ["--only", name]
+        parts += [shlex.quote(arg) for arg in self.narrowing]
         return " ".join([*parts, "--trace"])
 
     def to_json(self) -> dict[str, Any]:
@@ -201,6 +208,7 @@ class _Run:
             trace=trace,
             recorder=self.recorder,
         )
+        self.recorder.on_frame = ServerClaims(self.recorder, self._head_of).frame
         async with trio.open_nursery() as root:
             self._root = root.cancel_scope
             await root.start(daemon.run, name="daemon")
@@ -284,6 +292,14 @@ class _Run:
         sessions = layout.sessions[board]
         for _ in range(client.rng.randint(1, 2)):
             client.want(f"session:{sessions[client.rng.randrange(len(sessions))]}")
+
+    def _head_of(self, room: str) -> tuple[str, int] | None:
+        """The committed head of ``room`` as the daemon's store remembers it
+        (no I/O; None when it does not know or the daemon is down)."""
+        hub = self._daemon.hub if self._daemon is not None else None
+        if hub is None or room.startswith("activity:"):
+            return None
+        return hub.store.cached_head(room)
 
     # ------------------------------------------------------------------ faults
 
@@ -482,6 +498,7 @@ class _Run:
         check_mirrors(store, self.clients, self.recorder, views)
         check_log(store, self.recorder, logs)
         check_acknowledged(store, self.recorder, logs)
+        check_merged(store, self.recorder, logs)
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)
@@ -519,12 +536,18 @@ def run_seed(
     exclude: tuple[str, ...] = (),
     only: tuple[str, ...] = (),
     echo: TextIO | None = None,
+    narrow: Narrowing | None = None,
 ) -> RunResult:
     """Run one seed; never raises for what the run finds (an exception in
     the harness or the daemon becomes a violation of kind ``harness``)."""
     started = time.perf_counter()
     config = draw_config(seed, profile, exclude=exclude, only=only)
-    plan = draw_faults(config)
+    if narrow is not None and not narrow.empty:
+        config = narrow.apply(config)
+        plan = narrow.plan(config)
+    else:
+        narrow = None
+        plan = draw_faults(config)
     _planted.plant(*plant)
     trace = Trace(echo)
     if echo is not None:
@@ -578,4 +601,5 @@ def run_seed(
         violations=tuple(recorder.violations),
         counters=dict(sorted(recorder.counters.items())),
         wall_s=time.perf_counter() - started,
+        narrowing=tuple(narrow.arguments()) if narrow is not None else (),
     )

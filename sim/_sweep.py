@@ -58,9 +58,13 @@ class SweepSummary:
         done = list(self.results.values())
         injected: dict[str, int] = {}
         kinds: dict[str, int] = {}
+        claims: dict[str, int] = {}
         for r in done:
             for kind, n in r.get("injected", {}).items():
                 injected[kind] = injected.get(kind, 0) + n
+            for name, n in r.get("counters", {}).items():
+                if name.startswith("claims:"):
+                    claims[name[len("claims:") :]] = claims.get(name[len("claims:") :], 0) + n
             for v in r.get("violations", []):
                 kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
         virtual_s = sum(float(r.get("virtual_s", 0.0)) for r in done)
@@ -75,6 +79,7 @@ class SweepSummary:
             "acknowledged": sum(int(r.get("acknowledged", 0)) for r in done),
             "injected": dict(sorted(injected.items())),
             "violation_kinds": dict(sorted(kinds.items())),
+            "claims_checked": dict(sorted(claims.items())),
             "wall_s": self.wall_s,
             "seeds_per_min": 60 * len(done) / self.wall_s if self.wall_s else 0.0,
             "virtual_s_per_wall_s": virtual_s / self.wall_s if self.wall_s else 0.0,

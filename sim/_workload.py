@@ -5,7 +5,9 @@
   away from the board's presence and back (every window announces the board
   it looks at after each welcome, as a real client does);
 * ``agents``: an agent per session streams message chunks at about ten per
-  second (tasks started and completed around each message);
+  second (tasks started and completed around each message); in some seeds
+  in bursts, with several chunks unanswered at once, so that consecutive
+  chunks are merged into one event;
 * ``renames``: several clients rename one session at the same virtual
   instant, each stamping the write with its own (skewed) clock;
 * ``cursors``: cursor storms: bursts of presence updates at up to 120 per
@@ -148,18 +150,55 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
             if message.outcome != "ok" or not isinstance(message.result, dict):
                 continue
             mid = message.result["id"]
-            for k in range(client.rng.randint(5, 40)):
-                await trio.sleep(_us(period_s * (0.5 + client.rng.random())))
-                chunk = f"{client.name}.{message_no}.{k};"
-                await client.write(
-                    "messages", "stream", session_id=sid, id=mid, data={"chunk": chunk}
-                )
+            chunks = [f"{client.name}.{message_no}.{k};" for k in range(client.rng.randint(5, 40))]
+            k = len(chunks) - 1
+            if config.chunk_pipeline > 1:
+                await _stream_pipelined(client, sid, mid, chunks, period_s, config.chunk_pipeline)
+            else:
+                for chunk in chunks:
+                    await trio.sleep(_us(period_s * (0.5 + client.rng.random())))
+                    await client.write(
+                        "messages", "stream", session_id=sid, id=mid, data={"chunk": chunk}
+                    )
             await client.write("messages", "finish", session_id=sid, id=mid, data={})
             await client.write(
                 "tasks", "complete", session_id=sid, id=tid, data={"result": {"chunks": k}}
             )
         except NotConnected:
             await trio.sleep(RETRY_S)
+
+
+async def _stream_pipelined(
+    client: SimClient, sid: str, mid: str, chunks: list[str], period_s: float, depth: int
+) -> None:
+    """Send ``chunks`` in order with up to ``depth`` unanswered at once (an
+    agent harness that does not wait for each chunk's answer).  Each write
+    goes out (its frame queued) before the next one starts: a chunk task
+    sets its ``sent`` event and calls ``write`` with no checkpoint between,
+    and the next task waits for that event."""
+    slots = trio.Semaphore(depth)
+
+    async def one(chunk: str, before: trio.Event, sent: trio.Event) -> None:
+        try:
+            await before.wait()
+            sent.set()
+            with contextlib.suppress(NotConnected):
+                await client.write(
+                    "messages", "stream", session_id=sid, id=mid, data={"chunk": chunk}
+                )
+        finally:
+            sent.set()
+            slots.release()
+
+    before = trio.Event()
+    before.set()
+    async with trio.open_nursery() as nursery:
+        for chunk in chunks:
+            await trio.sleep(_us(period_s * (0.5 + client.rng.random())))
+            await slots.acquire()
+            sent = trio.Event()
+            nursery.start_soon(one, chunk, before, sent, name=f"chunk:{client.name}")
+            before = sent
 
 
 async def renames(clients: list[SimClient], config: SimConfig, layout: Layout) -> None:

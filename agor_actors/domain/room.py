@@ -436,12 +436,12 @@ class RoomBehaviour(Behaviour[RoomState]):
         Those that were sent everything before them share one frame per
         codec (and projection); the others get what they miss of them."""
         base = entries[0].event.seq - 1
-        shared: dict[tuple[Codec, bool], list[tuple[int, int, OutFrame]]] = {}
+        shared: dict[tuple[Codec, bool, int], list[tuple[int, int, OutFrame]]] = {}
         for sub in list(state.subscribers.values()):
             if sub.last_offered != base:
                 self._offer(state, sub, entries)
                 continue
-            key = (sub.outbox.codec, sub.activity)
+            key = (sub.outbox.codec, sub.activity, sub.outbox.max_frame_messages)
             frames = shared.get(key)
             if frames is None:
                 frames = shared[key] = self._batch_frames(state, sub, entries)
@@ -460,12 +460,14 @@ class RoomBehaviour(Behaviour[RoomState]):
         self, state: RoomState, sub: Subscription, entries: list[_Ring]
     ) -> list[tuple[int, int, OutFrame]]:
         """``entries`` encoded for ``sub``'s codec and projection, joined into
-        frames of at most ``max_batch`` messages: ``(first_seq, count, frame)``."""
+        frames of at most ``max_batch`` messages (and what its outbox puts in
+        one frame): ``(first_seq, count, frame)``."""
         items = self._encoded(state, sub, entries)
         codec = sub.outbox.codec
+        size = max(1, min(self.max_batch, sub.outbox.max_frame_messages))
         frames = []
-        for i in range(0, len(items), self.max_batch):
-            chunk = items[i : i + self.max_batch]
+        for i in range(0, len(items), size):
+            chunk = items[i : i + size]
             frame = OutFrame(join_frame(codec, [item for _, item in chunk]))
             frames.append((chunk[0][0], len(chunk), frame))
         return frames

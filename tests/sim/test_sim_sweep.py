@@ -2,12 +2,12 @@
 swarm-drawn configurations on two worker processes.
 
 It leaves out what reveals the daemon bugs the simulator found and that
-are not fixed yet (``sim.KNOWN_BUGS``: room and writer crashes, lost commit
-answers, cursor storms); everything else (resets, partitions one and both
-ways, reconnect storms, stalled readers, session crashes, refused commits,
-daemon crashes, duplicated event frames, skewed clocks) is on, at rates
-drawn per seed.  A failing seed fails the test and prints the command that
-replays it.
+are not fixed yet (``sim.KNOWN_BUGS``, each with its replay command);
+everything else (resets, partitions one and both ways, reconnect storms,
+stalled readers, session and writer crashes, refused and lost commits,
+daemon crashes, duplicated event frames, skewed clocks) is on in some
+seeds, each seed its own subset at its own rates (swarm testing).  A
+failing seed fails the test and prints the command that replays it.
 """
 
 from __future__ import annotations
