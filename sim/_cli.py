@@ -27,32 +27,14 @@ from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
 __all__ = ["KNOWN_BUGS", "main"]
 
-KNOWN_BUGS: tuple[str, ...] = ("crash_room", "bursts")
+KNOWN_BUGS: tuple[str, ...] = ()
 """Fault kinds (and workloads) that reveal daemon bugs found by the
-simulator and not fixed yet; ``--skip-known`` leaves them out.  The four it
-found first (``crash_room``, ``store_after``, ``crash_writer``, ``cursors``)
-are fixed.  Add a kind here (with the replay command in the commit) only
-while its fix is pending.
-
-``crash_room``: when a room crashes, ``Hub._on_actor_exit`` drops the
-room's queued events from each subscriber's outbox and tells it ``lagged``
-with ``resume_from = last_offered + 1``: past events that were offered but
-never sent (the ``claim`` oracle; the client resumes from ``min(last,
-resume_from - 1)``, so no outcome check saw it).  The fix: ``drop_room``
-returns the first seq it dropped, and that is the resume point.  Replay
-(shrunk from seed 41: a partition fills a client's link, then its room
-crashes): ``python -m sim --seed 41 --exclude bursts --exclude renames
---faults partition@3574210:t10895:d26935045,crash_room@7346690:t47250
---trace``.
-
-``bursts``: chunks an agent sends without waiting for each answer reach the
-session out of order when the session actor restarts (a crash, or a store
-failure that poisons it): ``Registry.call`` retries a call that met the
-dead actor once the new one is ready, and the waiting calls race, so a
-later chunk can commit first (seen as ``merge`` and ``stream``).  Replay:
-``python -m sim --seed 33 --exclude renames --faults
-crash_session@1985581:t17010,crash_session@4636625:t26242,crash_session@5862150:t22664
---clients w0,w1,a5 --fault-s 7 --trace``."""
+simulator and not fixed yet; ``--skip-known`` leaves them out.  Add a kind
+here (with the replay command in the commit) only while its fix is pending.
+Fixed so far: ``crash_room`` (twice: subscribers forgotten; then ``lagged``
+past events offered but not sent), ``store_after``, ``crash_writer``,
+``cursors``, and ``bursts`` (pipelined chunks reordered across a session
+restart: writes now enter the session's mailbox in the reader, in order)."""
 
 
 def _names(values: list[str] | None) -> tuple[str, ...]:

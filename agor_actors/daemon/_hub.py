@@ -144,8 +144,10 @@ class Hub:
                 sub.active = False
                 del subs[room]
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
-                    sub.outbox.drop_room(room)
-                    sub.outbox.offer_control(Lagged(room=room, resume_from=sub.last_offered + 1))
+                    # what was offered but not sent yet is resent too
+                    dropped = sub.outbox.drop_room(room)
+                    resume_from = sub.last_offered + 1 if dropped is None else dropped
+                    sub.outbox.offer_control(Lagged(room=room, resume_from=resume_from))
 
     # ------------------------------------------------------------------ auth
 

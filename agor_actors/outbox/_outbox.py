@@ -217,16 +217,20 @@ class Outbox:
         """Reliable events are backing up: presence waits (it is shed first)."""
         return self._event_count > self.max_messages // 4
 
-    def drop_room(self, room: str) -> None:
-        """Forget queued events of a room (after ``leave``)."""
+    def drop_room(self, room: str) -> int | None:
+        """Forget queued events of a room (after ``leave``, or when the room
+        is gone); returns the first seq dropped (None: nothing was queued)."""
+        first: int | None = None
         kept: deque[_Entry] = deque()
         for entry in self._queue:
             if entry.room == room:
+                first = entry.first_seq if first is None else min(first, entry.first_seq)
                 self._event_count -= entry.count
                 self._event_bytes -= entry.size
             else:
                 kept.append(entry)
         self._queue = kept
+        return first
 
     # ------------------------------------------------------------- sending
 
