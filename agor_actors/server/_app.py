@@ -102,6 +102,7 @@ from protocols import Frame as WireFrame
 from ..daemon._api import Principal, ServiceError
 from ..daemon._outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..world import World
+from ._logs import note_user
 
 __all__ = [
     "AppState",
@@ -922,6 +923,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         principal = await hub.authenticate(token)
         if principal is None:
             raise ServiceError("not_authenticated", "invalid token")
+        note_user(request.scope, principal.user_id)  # for the access log
         return principal
 
     async def _body() -> Any:

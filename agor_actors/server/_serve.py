@@ -26,11 +26,13 @@ hypercorn's graceful end, then the app's lifespan shutdown.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import pathlib
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -46,11 +48,14 @@ from hypercorn.utils import wrap_app
 from ..world import World, real_world
 from ._app import AppState, ServerHub, ServerSettings, create_app
 from ._front import Front
+from ._logs import AccessLogger
 
 __all__ = [
     "LISTEN_BACKLOG",
     "TCP_USER_TIMEOUT_MS",
+    "ListenError",
     "listen_socket",
+    "ready_banner",
     "run_daemon",
     "run_server",
     "serve",
@@ -80,6 +85,32 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
 
 
+class ListenError(OSError):
+    """The listening socket could not be made (the port is in use, the
+    address is not this machine's, a port below 1024 without the right)."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.host = host
+        self.port = port
+
+    def explain(self) -> str:
+        """One line for a person: what failed and what to do."""
+        where = f"{self.host}:{self.port}"
+        if self.errno == errno.EADDRINUSE:
+            return (
+                f"port {self.port} is already in use on {self.host} (another agor-actors?): "
+                f"stop it, or choose another port with --port N (make serve PORT=N)"
+            )
+        if self.errno == errno.EACCES:
+            return f"not allowed to listen on {where}: choose a port above 1023 with --port N"
+        if self.errno == errno.EADDRNOTAVAIL:
+            return (
+                f"cannot listen on {where}: {self.host} is not an address of this machine (--host)"
+            )
+        return f"cannot listen on {where}: {self.strerror}"
+
+
 def listen_socket(
     host: str,
     port: int,
@@ -88,8 +119,12 @@ def listen_socket(
     user_timeout_ms: int = TCP_USER_TIMEOUT_MS,
 ) -> socket.socket:
     """A listening, non-blocking TCP socket on ``host:port`` (0: any free
-    port) with ``TCP_USER_TIMEOUT`` and ``TCP_NODELAY`` set."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    port) with ``TCP_USER_TIMEOUT`` and ``TCP_NODELAY`` set.  Raises
+    :class:`ListenError` when the address cannot be had."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(host, port, exc) from exc
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -100,6 +135,9 @@ def listen_socket(
         sock.bind(address)
         sock.listen(backlog)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(host, port, exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -111,8 +149,10 @@ def _config() -> Config:
     config = Config()
     config.graceful_timeout = 3.0
     config.accesslog = None
-    # hypercorn's messages go through logging like ours (no handler of its own).
+    # hypercorn's messages go through logging like ours (no handler of its own);
+    # its access lines become records of agor_actors.access (see ._logs).
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.logger_class = AccessLogger
     config.set_statsd_logger_class(StatsdLogger)
     return config
 
@@ -125,18 +165,25 @@ async def run_server(
     port: int = 3030,
     shutdown: trio.Event,
     settings: ServerSettings | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``hub`` on ``host:port`` until ``shutdown`` is set, then drain:
     refuse new work (503), answer in-flight calls, flush every outbox, close
     every WebSocket with 1001, stop listening.  ``task_status.started`` gets
-    the bound port.  The hub itself is drained by its owner."""
+    the bound port.  The hub itself is drained by its owner.  ``sock``: a
+    socket from :func:`listen_socket` to serve on instead of making one
+    (it is closed at the end all the same)."""
     settings = settings or ServerSettings()
-    app = create_app(hub, world, settings)
+    sock = sock if sock is not None else listen_socket(host, port)
+    try:
+        app = create_app(hub, world, settings)
+    except BaseException:
+        sock.close()
+        raise
     state: AppState = app.extensions["agor"]
     config = _config()
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
-    sock = listen_socket(host, port)
     try:
         bound_port = int(sock.getsockname()[1])
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -214,26 +261,64 @@ async def run_daemon(
     settings: ServerSettings | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The daemon: open the hub, serve until SIGINT or SIGTERM, drain."""
+    """The daemon: take the port (:class:`ListenError` if it cannot be had,
+    before anything is opened), open the hub, serve until SIGINT or SIGTERM,
+    drain."""
     from ..daemon import open_hub  # the daemon's core is only needed here
 
     world = world or real_world()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    db_url = db_url or f"sqlite:///{data_dir / 'agor.db'}"
-    stop = trio.Event()
-    async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, stop)
-            bound = await nursery.start(
-                partial(
-                    run_server, hub, world, host=host, port=port, shutdown=stop, settings=settings
+    sock = listen_socket(host, port)
+    try:  # run_server closes it too; here for a failure before it runs
+        data_dir.mkdir(parents=True, exist_ok=True)
+        db_url = db_url or f"sqlite:///{data_dir / 'agor.db'}"
+        stop = trio.Event()
+        async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, stop)
+                bound = await nursery.start(
+                    partial(
+                        run_server,
+                        hub,
+                        world,
+                        host=host,
+                        port=port,
+                        shutdown=stop,
+                        settings=settings,
+                        sock=sock,
+                    )
                 )
-            )
-            tune_gc()
-            task_status.started(bound)
-            # run_server returns once drained, _watch_signals once signalled.
-        await hub.drain()
+                tune_gc()
+                task_status.started(bound)
+                # run_server returns once drained, _watch_signals once signalled.
+            await hub.drain()
+    finally:
+        sock.close()
     log.info("stopped")
+
+
+def ready_banner(host: str, port: int, data_dir: pathlib.Path, executable: str) -> str:
+    """What ``serve`` prints once the daemon listens: where to connect, where
+    the owner's token is, and the next commands to try."""
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        shown = "127.0.0.1"
+    http_url = f"http://{shown}:{port}"
+    token_file = data_dir / "token"
+    data = f" --data-dir {data_dir}" if str(data_dir) != ".agor" else ""
+    return "\n".join(
+        [
+            f"agor-actors is serving on {host}:{port}",
+            f"  WebSocket  ws://{shown}:{port}/ws  (subprotocol agor.v1.json or agor.v1.cbor)",
+            f"  HTTP API   {http_url}/<service>  (sessions, tasks, messages, boards, ...),"
+            f" {http_url}/health",
+            f"  token      {token_file}  (the owner's; send it in hello or as"
+            " Authorization: Bearer <token>)",
+            "  next       in another terminal:",
+            f"             {executable} top --url {http_url}{data}",
+            f'             curl -H "Authorization: Bearer $({executable} token{data})"'
+            f" {http_url}/sessions",
+        ]
+    )
 
 
 def serve(
@@ -241,10 +326,51 @@ def serve(
     port: int = 3030,
     data_dir: pathlib.Path | str = ".agor",
     db_url: str | None = None,
+    *,
+    banner_executable: str | None = "agor-actors",
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
-    exit status (0 after a clean drain)."""
-    trio.run(
-        lambda: run_daemon(host=host, port=port, data_dir=pathlib.Path(data_dir), db_url=db_url)
-    )
+    exit status: 0 after a clean drain, 2 when the port cannot be had (one
+    line on stderr says why).  Once listening, prints :func:`ready_banner`
+    to stdout (unless ``banner_executable`` is None)."""
+    path = pathlib.Path(data_dir)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound: int = await nursery.start(
+                partial(run_daemon, host=host, port=port, data_dir=path, db_url=db_url)
+            )
+            log.info(
+                "ready",
+                extra={
+                    "ws_url": f"ws://{host}:{bound}/ws",
+                    "http_url": f"http://{host}:{bound}",
+                    "token_file": str(path / "token"),
+                },
+            )
+            if banner_executable is not None:
+                print(ready_banner(host, bound, path, banner_executable), flush=True)
+
+    try:
+        trio.run(main)
+    except (ListenError, BaseExceptionGroup) as exc:
+        failed = _listen_error(exc)
+        if failed is None:
+            raise
+        print(f"agor-actors serve: {failed.explain()}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _listen_error(exc: BaseException) -> ListenError | None:
+    """The :class:`ListenError` that ended the run, when that is all that did."""
+    if isinstance(exc, ListenError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(ListenError)
+        if matched is not None and rest is None:
+            found: BaseException = matched
+            while isinstance(found, BaseExceptionGroup):
+                found = found.exceptions[0]
+            return found if isinstance(found, ListenError) else None
+    return None
