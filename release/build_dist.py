@@ -1,7 +1,7 @@
 """Build ``dist/agor-actors``: the daemon and its tools as one executable
 (PyInstaller one-file), runnable with no Python and no virtual environment.
 
-    python packaging/build_dist.py [--dist-dir dist] [--work-dir build/pyinstaller]
+    python release/build_dist.py [--dist-dir dist] [--work-dir build/pyinstaller]
 
 Run it with the interpreter of an environment where the project and
 PyInstaller are installed (``pip install -e '.[dist]'``; ``make dist`` does
@@ -19,15 +19,17 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENTRY = ROOT / "packaging" / "agor_actors_entry.py"
+ENTRY = ROOT / "release" / "agor_actors_entry.py"
 NAME = "agor-actors"
 
 PACKAGES = ("agor_actors", "protocols", "supervisors", "sim")
 """Our import packages: every submodule goes in."""
 
 EXTRA_SUBMODULES = ("sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql")
-OPTIONAL_PACKAGES = ("psycopg", "psycopg_binary")
+OPTIONAL_PACKAGES = ("psycopg",)
 """Collected whole when installed (``--db postgresql+psycopg://...``)."""
+OPTIONAL_IMPORTS = ("psycopg_binary",)
+"""Imported by psycopg at run time; PyInstaller's hook collects its binaries."""
 
 
 def pyinstaller_args(dist_dir: pathlib.Path, work_dir: pathlib.Path) -> list[str]:
@@ -56,6 +58,9 @@ def pyinstaller_args(dist_dir: pathlib.Path, work_dir: pathlib.Path) -> list[str
     for package in OPTIONAL_PACKAGES:
         if importlib.util.find_spec(package) is not None:
             args += ["--collect-all", package]
+    for module in OPTIONAL_IMPORTS:
+        if importlib.util.find_spec(module) is not None:
+            args += ["--hidden-import", module]
     return args
 
 
