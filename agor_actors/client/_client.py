@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -926,7 +927,7 @@ class Client:
                 OSError,
             ) as exc:
                 welcomed = False
-                error = _connect_error(exc)
+                error = _connect_error(self.url, exc)
             if welcomed:
                 first = False
                 attempt = 0
@@ -1022,7 +1023,10 @@ class Client:
     def _fatal_close(self) -> CallError | None:
         reason = self._connection_close
         if reason is not None and reason.code in FATAL_CLOSE_CODES:
-            return CallError(ErrorCode.UNAUTHORIZED.value, reason.reason or "token refused")
+            code = ErrorCode.UNAUTHORIZED.value
+            # the close reason is "<code>: <message>": the message alone
+            message = (reason.reason or "").removeprefix(f"{code}: ") or "token refused"
+            return CallError(code, f"{message} (the server at {self.url} refused the token)")
         return None
 
     def _lost(self) -> None:
@@ -1144,7 +1148,9 @@ class Client:
         elif isinstance(event, PongReceived):
             self.rtt_s = event.rtt_s
         elif isinstance(event, ServerError):
-            level = logging.INFO if event.error.code == ErrorCode.GOING_AWAY else logging.WARNING
+            # going away is routine; a refused token is raised to the caller
+            quiet = (ErrorCode.GOING_AWAY, ErrorCode.UNAUTHORIZED)
+            level = logging.INFO if event.error.code in quiet else logging.WARNING
             log.log(level, "server error: %s: %s", event.error.code, event.error.message)
         elif isinstance(event, PresenceChanged):
             track = self.machine.rooms.get(f"board:{event.presence.board}")
@@ -1207,15 +1213,31 @@ class Client:
                 )
 
 
-def _connect_error(exc: BaseException) -> CallError:
+def _connect_error(url: str, exc: BaseException) -> CallError:
+    """One readable error for a connection that could not be made."""
     if isinstance(exc, trio_websocket.ConnectionRejected):
         body = (exc.body or b"").decode("utf-8", "replace")
         return CallError(
-            "rejected", f"the server refused the WebSocket ({exc.status_code}): {body}"
+            "rejected", f"{url} refused the WebSocket ({exc.status_code}): {body}".rstrip(": ")
         )
     if isinstance(exc, CallError):
         return exc
-    return CallError("unavailable", f"cannot connect: {exc!r}")
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return CallError("unavailable", f"cannot connect to {url}: no answer in time")
+    cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
+    # trio's "all attempts to connect ... failed" holds each attempt's error
+    attempts = cause.__cause__ if cause is not None else None
+    if isinstance(attempts, BaseExceptionGroup) and isinstance(attempts.exceptions[0], OSError):
+        cause = attempts.exceptions[0]
+    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+        errno = cause.errno or 0  # negative for getaddrinfo's errors
+        text = os.strerror(errno) if errno > 0 else str(cause.strerror)
+        reason = text[0].lower() + text[1:]
+    elif cause is not None and str(cause):
+        reason = str(cause)
+    else:
+        reason = type(exc).__name__
+    return CallError("unavailable", f"cannot connect to {url}: {reason}")
 
 
 @asynccontextmanager
