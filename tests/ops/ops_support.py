@@ -1,5 +1,6 @@
-"""Shared helpers for the operations tests (no tests here): running the
-daemon's command line as a separate process and reading what it prints."""
+"""Shared helpers for the operations tests (no tests here): a daemon in
+this process (hub on a SQLite file, served on an ephemeral port of
+127.0.0.1), and the daemon's command line run as a separate process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from agor_actors.daemon import Hub, open_hub
+from agor_actors.server import ServerSettings, serving
+from agor_actors.world import real_world
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CLI = (sys.executable, "-m", "agor_actors.cli")
 """``agor-actors`` from this checkout (the interpreter running the tests)."""
@@ -22,6 +27,37 @@ BARE_ENV = {"PATH": "/usr/bin:/bin"}
 """``env -i PATH=/usr/bin:/bin``: no Python, no virtual environment."""
 
 WS_URL_RE = re.compile(r"WebSocket\s+(ws://[^\s]+)")
+
+
+@attrs.frozen
+class Daemon:
+    hub: Hub
+    port: int
+
+    @property
+    def token(self) -> str:
+        return self.hub.owner_token
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def daemon(
+    data_dir: pathlib.Path, settings: ServerSettings | None = None
+) -> AsyncIterator[Daemon]:
+    """A hub on a SQLite file in ``data_dir`` and its server on 127.0.0.1."""
+    world = real_world()
+    async with (
+        open_hub(world, data_dir=data_dir) as hub,
+        serving(hub, world, port=0, settings=settings) as bound,
+    ):
+        yield Daemon(hub, bound)
 
 
 def free_port() -> int:
