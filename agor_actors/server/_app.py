@@ -102,7 +102,7 @@ from protocols import Frame as WireFrame
 from ..daemon._api import Principal, ServiceError
 from ..daemon._outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..world import World
-from ._logs import note_user
+from ._logs import install_access_log, note_user
 
 __all__ = [
     "AppState",
@@ -903,6 +903,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     state = AppState(hub=hub, world=world, settings=settings)
     app.extensions["agor"] = state
+    install_access_log(app, world.clock)  # first: its clock starts before other hooks
 
     @app.before_request
     async def _check_origin() -> Response | None:

@@ -7,12 +7,13 @@ A JSON line holds ``ts`` (ISO 8601, UTC, milliseconds), ``level``,
 extras as ``key=value`` after the message.  An exception goes in ``exc``
 (JSON) or after the line (text).
 
-The access log: hypercorn calls its logger's ``access`` once per HTTP
-request it served; :class:`AccessLogger` turns that into one record of the
-``agor_actors.access`` logger with ``method``, ``path``, ``status``,
-``duration_ms`` and ``user_id`` when the request was authenticated (the app
-puts it in the ASGI scope under :data:`SCOPE_USER_ID`).  ``/ws`` is not
-hypercorn's, so it has no access line here.
+The access log (:func:`install_access_log`): one record of the
+``agor_actors.access`` logger per HTTP request, with ``method``, ``path``,
+``status``, ``duration_ms``, ``client`` and ``user_id`` when the request was
+authenticated (the app leaves it in the ASGI scope, :func:`note_user`).
+Quart's request hooks, not hypercorn's access logger: hypercorn logs a
+request whose client closed the connection as it read the last bytes with
+no status.  ``/ws`` is not the app's, so it has no access line here.
 
 The timestamps are the logging module's own (``record.created``): logs are
 for people, not part of any actor's behaviour.
@@ -27,18 +28,20 @@ from collections.abc import Mapping
 from typing import IO, Any, Final, Literal, cast
 
 import orjson
-from hypercorn.logging import Logger as HypercornLogger
-from hypercorn.typing import ResponseSummary, WWWScope
+from quart import Quart, Response, request
+
+from ..world import Clock
 
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "SCOPE_USER_ID",
-    "AccessLogger",
     "JsonFormatter",
     "TextFormatter",
+    "access_fields",
     "configure_logging",
     "extra_fields",
+    "install_access_log",
     "note_user",
 ]
 
@@ -49,7 +52,8 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 SCOPE_USER_ID: Final = "agor.user_id"
 """The ASGI scope key under which the app leaves the authenticated user's id."""
 
-ACCESS_LOGGER: Final = "agor_actors.access"
+ACCESS_LOG: Final = logging.getLogger("agor_actors.access")
+_SCOPE_STARTED_S: Final = "agor.started_s"
 _IN_ACCESS_MESSAGE: Final = ("method", "path", "status")
 """Fields the access line's text already shows (a text line skips them)."""
 
@@ -128,45 +132,53 @@ def configure_logging(
     return handler
 
 
-class AccessLogger(HypercornLogger):
-    """hypercorn's logger with its access line replaced by a structured
-    record of ``agor_actors.access`` (errors still go to ``hypercorn.error``)."""
+def install_access_log(app: Quart, clock: Clock) -> None:
+    """One ``agor_actors.access`` record per HTTP request ``app`` answers
+    (``/ws`` is not the app's).  Install it first, so that its start time is
+    taken before any other ``before_request`` hook can answer the request.
+    ``duration_ms`` is from the request's dispatch until its response is
+    made (the body may still be on its way), on ``clock``."""
 
-    access_log = logging.getLogger(ACCESS_LOGGER)
+    @app.before_request
+    async def _started() -> None:
+        request.scope[_SCOPE_STARTED_S] = clock.now_s()  # type: ignore[typeddict-unknown-key]
 
-    async def access(
-        self, request: WWWScope, response: ResponseSummary | None, request_time: float
-    ) -> None:
-        if request.get("type") != "http" or not self.access_log.isEnabledFor(logging.INFO):
-            return
-        status = response["status"] if response is not None else None
-        fields: dict[str, Any] = {
-            "method": request.get("method"),
-            "path": request.get("path"),
-            "status": status,
-            "duration_ms": round(request_time * 1000.0, 3),
-        }
-        user_id = _scope_user(request)
-        if user_id is not None:
-            fields["user_id"] = user_id
-        client = request.get("client")
-        if client:
-            fields["client"] = f"{client[0]}:{client[1]}"
-        self.access_log.info(
-            "%s %s %s",
-            fields["method"],
-            fields["path"],
-            status if status is not None else "-",
-            extra={**fields, "_shown": _IN_ACCESS_MESSAGE},
-        )
+    @app.after_request
+    async def _access(response: Response) -> Response:
+        if ACCESS_LOG.isEnabledFor(logging.INFO):
+            ACCESS_LOG.info(
+                "%s %s %s",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    **access_fields(request.scope, response.status_code, clock.now_s()),
+                    "_shown": _IN_ACCESS_MESSAGE,
+                },
+            )
+        return response
+
+
+def access_fields(scope: Mapping[str, Any], status: int, now_s: float) -> dict[str, Any]:
+    """The fields of a request's access record."""
+    fields: dict[str, Any] = {
+        "method": scope.get("method"),
+        "path": scope.get("path"),
+        "status": status,
+    }
+    started_s = scope.get(_SCOPE_STARTED_S)
+    if isinstance(started_s, float):
+        fields["duration_ms"] = round((now_s - started_s) * 1000.0, 3)
+    user_id = scope.get(SCOPE_USER_ID)
+    if isinstance(user_id, str):
+        fields["user_id"] = user_id
+    client = scope.get("client")
+    if client:
+        fields["client"] = f"{client[0]}:{client[1]}"
+    return fields
 
 
 def note_user(scope: object, user_id: str) -> None:
     """Leave the authenticated user's id in an ASGI scope (a dict), for the
     request's access line."""
     cast(dict[str, Any], scope)[SCOPE_USER_ID] = user_id
-
-
-def _scope_user(scope: Mapping[str, Any]) -> str | None:
-    user_id = scope.get(SCOPE_USER_ID)
-    return user_id if isinstance(user_id, str) else None

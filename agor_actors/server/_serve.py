@@ -48,7 +48,6 @@ from hypercorn.utils import wrap_app
 from ..world import World, real_world
 from ._app import AppState, ServerHub, ServerSettings, create_app
 from ._front import Front
-from ._logs import AccessLogger
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -150,9 +149,8 @@ def _config() -> Config:
     config.graceful_timeout = 3.0
     config.accesslog = None
     # hypercorn's messages go through logging like ours (no handler of its own);
-    # its access lines become records of agor_actors.access (see ._logs).
+    # the access lines are the app's (see ._logs).
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.logger_class = AccessLogger
     config.set_statsd_logger_class(StatsdLogger)
     return config
 
