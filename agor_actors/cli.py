@@ -51,8 +51,7 @@ def read_token(data_dir: pathlib.Path) -> str:
     if not token:
         raise NoToken(
             f"no daemon data here: {path.absolute()} does not exist. Pass the daemon's "
-            f"--data-dir (or set AGOR_DATA_DIR), or --token; "
-            f"'agor-actors serve --data-dir DIR' creates one"
+            "--data-dir (or set AGOR_DATA_DIR); 'agor-actors serve --data-dir DIR' makes one"
         )
     return token
 
@@ -64,7 +63,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=pathlib.Path,
-        default=pathlib.Path(os.environ.get("AGOR_DATA_DIR", ".agor")),
+        default=pathlib.Path(os.environ.get("AGOR_DATA_DIR") or ".agor"),
         help="where the database and the token live (default: .agor)",
     )
 
@@ -181,7 +180,7 @@ def describe_url_error(url: str, exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         body = ""
         with contextlib.suppress(ValueError, AttributeError, OSError):
-            body = json.loads(exc.read() or b"{}").get("error", {}).get("message", "")
+            body = str(json.loads(exc.read() or b"{}").get("message") or "")
         reason = http.HTTPStatus(exc.code).phrase if exc.code in _STATUS_CODES else exc.reason
         detail = f": {body}" if body else ""
         return f"{url} answered {exc.code} {reason}{detail}"
@@ -206,7 +205,7 @@ def _top(args: argparse.Namespace) -> int:
         try:
             token = read_token(args.data_dir)
         except NoToken as exc:
-            return _fail("top", str(exc))
+            return _fail("top", f"{exc}; or pass --token")
         source = str(args.data_dir / "token")
     request = urllib.request.Request(
         args.url.rstrip("/") + "/debug/actors", headers={"Authorization": f"Bearer {token}"}
