@@ -28,6 +28,9 @@ PACKAGES = ("agor_actors", "protocols", "supervisors", "sim")
 EXTRA_SUBMODULES = ("sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql")
 OPTIONAL_PACKAGES = ("psycopg",)
 """Collected whole when installed (``--db postgresql+psycopg://...``)."""
+EXCLUDED = ("pytest", "_pytest", "hypothesis", "pygments", "pkg_resources", "setuptools", "tkinter")
+"""Test and build tools that some imported package mentions but the
+executable never runs (they were ~6 MB of it)."""
 OPTIONAL_IMPORTS = ("psycopg_binary",)
 """Imported by psycopg at run time; PyInstaller's hook collects its binaries."""
 
@@ -58,6 +61,8 @@ def pyinstaller_args(dist_dir: pathlib.Path, work_dir: pathlib.Path) -> list[str
     for package in OPTIONAL_PACKAGES:
         if importlib.util.find_spec(package) is not None:
             args += ["--collect-all", package]
+    for module in EXCLUDED:
+        args += ["--exclude-module", module]
     for module in OPTIONAL_IMPORTS:
         if importlib.util.find_spec(module) is not None:
             args += ["--hidden-import", module]
