@@ -406,11 +406,11 @@ class Pacer:
         self._bucket = None  # full at the next look (the clock may not run yet)
 
     def _current(self) -> TokenBucket:
+        """The bucket refilled up to now."""
         now = self._clock.now_s()
         bucket = self._bucket or TokenBucket.full(self.burst, now)
-        elapsed = max(0.0, now - bucket.updated_s)
-        tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate_per_s)
-        return TokenBucket(tokens, max(now, bucket.updated_s))
+        _, refilled = bucket.take(now, rate_per_s=self.rate_per_s, burst=self.burst, n=0)
+        return refilled
 
     def delay_s(self, n: int = 1) -> float:
         """Seconds until ``n`` tokens are there (0: now)."""
@@ -550,8 +550,8 @@ class Client:
         self._services: dict[str, Service] = {}
         self._temp_counter = 0
         self.pacer = Pacer(clock)
-        self._rate_limited = 0
         """Paces calls, joins and leaves to the server's announced rate."""
+        self._rate_limited = 0
         self._connects = 0
         self._dead = 0
         if not presence_rate_per_s > 0:

@@ -12,6 +12,7 @@ import trio
 from ops_support import daemon
 
 from agor_actors.client import Client, connect
+from agor_actors.client._client import Pacer
 from agor_actors.server import ServerSettings
 from protocols import Limits
 
@@ -79,3 +80,33 @@ async def test_calls_as_fast_as_possible_are_paced_to_the_announced_rate(
         assert stats.paced_s > 0
         row = await messages.get(message_id)
         assert sorted(map(int, row["content"].split())) == list(range(calls))  # each once
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def now_s(self) -> float:
+        return self.t
+
+
+def test_the_pacer_is_a_token_bucket_of_half_the_servers_burst() -> None:
+    clock = _Clock()
+    pacer = Pacer(clock, Limits(rate_per_s=10.0, rate_burst=8))
+    assert pacer.burst == 4 and pacer.delay_s() == 0
+    for _ in range(4):
+        assert pacer.delay_s() == 0
+        pacer.spend()
+    assert pacer.delay_s() == pytest.approx(0.1)
+    pacer.spend(2)  # a ping and a resume go at once, into debt
+    assert pacer.delay_s() == pytest.approx(0.3)
+    clock.t += 0.3 + 1e-9
+    assert pacer.delay_s() == 0
+    clock.t += 60.0  # never more than the bucket holds
+    pacer.spend(4)
+    assert pacer.delay_s() == pytest.approx(0.1)
+    clock.t += 0.2
+    pacer.penalize()  # the server said rate_limited: start from empty
+    assert pacer.delay_s() == pytest.approx(0.1)
+    pacer.adopt(Limits(rate_per_s=50.0, rate_burst=100))  # a new connection: full
+    assert pacer.burst == 50 and pacer.delay_s(50) == 0 and pacer.delay_s(51) == 0
