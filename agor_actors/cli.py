@@ -49,8 +49,9 @@ def read_token(data_dir: pathlib.Path) -> str:
     except OSError as exc:
         raise NoToken(f"cannot read the token in {path.absolute()}: {exc.strerror}") from None
     if not token:
+        state = "is empty" if path.exists() else "does not exist"
         raise NoToken(
-            f"no daemon data here: {path.absolute()} does not exist. Pass the daemon's "
+            f"no daemon data here: {path.absolute()} {state}. Pass the daemon's "
             "--data-dir (or set AGOR_DATA_DIR); 'agor-actors serve --data-dir DIR' makes one"
         )
     return token
