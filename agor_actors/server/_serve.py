@@ -26,10 +26,12 @@ hypercorn's graceful end, then the app's lifespan shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
 import pathlib
+import re
 import signal
 import socket
 import sys
@@ -53,6 +55,7 @@ __all__ = [
     "LISTEN_BACKLOG",
     "TCP_USER_TIMEOUT_MS",
     "ListenError",
+    "StartupError",
     "listen_socket",
     "ready_banner",
     "run_daemon",
@@ -82,6 +85,26 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+
+
+class StartupError(Exception):
+    """The daemon could not start for a reason its operator can mend: the
+    data dir cannot be made, the database cannot be opened."""
+
+    def explain(self) -> str:
+        return str(self)
+
+
+def _first_line(error: BaseException) -> str:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _shown_url(url: str) -> str:
+    """A database URL with its password hidden."""
+    return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 class ListenError(OSError):
@@ -267,10 +290,21 @@ async def run_daemon(
     world = world or real_world()
     sock = listen_socket(host, port)
     try:  # run_server closes it too; here for a failure before it runs
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot use {data_dir} as the data dir: {exc.strerror}") from exc
         db_url = db_url or f"sqlite:///{data_dir / 'agor.db'}"
         stop = trio.Event()
-        async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:
+        async with contextlib.AsyncExitStack() as opened:
+            try:
+                hub = await opened.enter_async_context(
+                    open_hub(world, db_url=db_url, data_dir=data_dir)
+                )
+            except Exception as exc:
+                raise StartupError(
+                    f"cannot open the database {_shown_url(db_url)}: {_first_line(exc)}"
+                ) from exc
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, stop)
                 bound = await nursery.start(
@@ -328,8 +362,9 @@ def serve(
     banner_executable: str | None = "agor-actors",
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
-    exit status: 0 after a clean drain, 2 when the port cannot be had (one
-    line on stderr says why).  Once listening, prints :func:`ready_banner`
+    exit status: 0 after a clean drain, 2 when the port cannot be had or
+    the data dir or the database cannot be opened (one line on stderr says
+    why).  Once listening, prints :func:`ready_banner`
     to stdout (unless ``banner_executable`` is None)."""
     path = pathlib.Path(data_dir)
 
@@ -351,8 +386,8 @@ def serve(
 
     try:
         trio.run(main)
-    except (ListenError, BaseExceptionGroup) as exc:
-        failed = _listen_error(exc)
+    except (ListenError, StartupError, BaseExceptionGroup) as exc:
+        failed = _startup_error(exc)
         if failed is None:
             raise
         print(f"agor-actors serve: {failed.explain()}", file=sys.stderr)
@@ -360,15 +395,16 @@ def serve(
     return 0
 
 
-def _listen_error(exc: BaseException) -> ListenError | None:
-    """The :class:`ListenError` that ended the run, when that is all that did."""
-    if isinstance(exc, ListenError):
+def _startup_error(exc: BaseException) -> ListenError | StartupError | None:
+    """The :class:`ListenError` or :class:`StartupError` that ended the run,
+    when that is all that did."""
+    if isinstance(exc, ListenError | StartupError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(ListenError)
+        matched, rest = exc.split((ListenError, StartupError))
         if matched is not None and rest is None:
             found: BaseException = matched
             while isinstance(found, BaseExceptionGroup):
                 found = found.exceptions[0]
-            return found if isinstance(found, ListenError) else None
+            return found if isinstance(found, ListenError | StartupError) else None
     return None

@@ -128,3 +128,28 @@ async def test_the_client_says_why_it_cannot_connect(
         f"unauthorized: invalid token (the server at {d.ws_url} refused the token)"
     )
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
+    tmp_path: pathlib.Path,
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    status, _, err = await _cli(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "a-file" / "data"), cwd=tmp_path
+    )
+    assert status == 2
+    assert err.splitlines() == [
+        f"agor-actors serve: cannot use {tmp_path / 'a-file' / 'data'} as the data dir: "
+        "Not a directory"
+    ]
+    url = f"postgresql+psycopg://agor:secret@127.0.0.1:{free_port()}/agor"
+    status, _, err = await _cli(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--db", url, cwd=tmp_path
+    )
+    assert status == 2
+    [line] = err.splitlines()
+    assert line.startswith(
+        "agor-actors serve: cannot open the database "
+        f"postgresql+psycopg://agor:***@127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}/agor: "
+    )
+    assert "refused" in line and "secret" not in line
