@@ -1,9 +1,14 @@
 """``agor-actors``: the daemon's command line.
 
-``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]``
-runs the daemon until SIGINT or SIGTERM (then drains and exits 0);
-``agor-actors token [--data-dir .agor]`` prints the local owner's token
-(creating it, mode 0600, if the daemon never ran there).
+``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]
+[--log-format text|json] [--log-level INFO]`` runs the daemon until SIGINT or
+SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
+``agor-actors token [--data-dir .agor]`` prints the local owner's token.
+
+Only ``serve`` creates a data dir and its token: ``token`` and ``top`` read
+the token a daemon made and fail with a message naming where they looked
+when there is none (exit 2), so that running them from the wrong directory
+never makes a new owner.
 
 Each subcommand is one entry of ``COMMANDS`` (how to add its arguments, what
 to run).  ``agor-actors top [--watch S]`` shows the supervision tree of a
@@ -16,30 +21,52 @@ daemon (the owner, or the user whose ``--token`` it is) and opens the board.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
+import http
+import json
 import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-__all__ = ["COMMANDS", "build_parser", "main", "read_or_create_token"]
+__all__ = ["COMMANDS", "NoToken", "build_parser", "main", "read_token"]
 
 
-def read_or_create_token(data_dir: pathlib.Path) -> str:
-    """The owner token in ``<data_dir>/token``; created (random, mode 0600)
-    when missing, as the daemon does on its first start."""
-    from .daemon._token import read_or_create_token as read_or_create
-    from .world import SecureEntropy
+class NoToken(Exception):
+    """There is no owner token where a command looked for one."""
 
-    return read_or_create(data_dir, SecureEntropy())
+
+def read_token(data_dir: pathlib.Path) -> str:
+    """The owner token the daemon wrote to ``<data_dir>/token``.  Raises
+    :class:`NoToken` (with a message saying where it looked and what to
+    pass) when there is none: only ``serve`` creates it."""
+    from .daemon._token import TOKEN_FILE
+
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        token = ""
+    except OSError as exc:
+        raise NoToken(f"cannot read the token in {path.absolute()}: {exc.strerror}") from None
+    if not token:
+        state = "is empty" if path.exists() else "does not exist"
+        raise NoToken(
+            f"no daemon data here: {path.absolute()} {state}. Pass the daemon's "
+            "--data-dir (or set AGOR_DATA_DIR); 'agor-actors serve --data-dir DIR' makes one"
+        )
+    return token
+
+
+_STATUS_CODES: Final = frozenset(int(status) for status in http.HTTPStatus)
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=pathlib.Path,
-        default=pathlib.Path(os.environ.get("AGOR_DATA_DIR", ".agor")),
+        default=pathlib.Path(os.environ.get("AGOR_DATA_DIR") or ".agor"),
         help="where the database and the token live (default: .agor)",
     )
 
@@ -56,22 +83,49 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "PostgreSQL: postgresql+psycopg://...)",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default=os.environ.get("AGOR_LOG_LEVEL", "INFO").upper(),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the least severe records logged (default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("AGOR_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as readable text (default) or JSON lines",
+    )
+
+
+def _executable() -> str:
+    """How this program was started, for the commands the banner suggests."""
+    invoked = sys.argv[0] if sys.argv else ""
+    return invoked if pathlib.Path(invoked).name == "agor-actors" else "agor-actors"
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
+    from .server._logs import configure_logging
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(args.log_level, args.log_format)
+    return serve(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        db_url=args.db,
+        banner_executable=_executable(),
     )
-    return serve(host=args.host, port=args.port, data_dir=args.data_dir, db_url=args.db)
+
+
+def _fail(command: str, message: str, status: int = 2) -> int:
+    print(f"agor-actors {command}: {message}", file=sys.stderr)
+    return status
 
 
 def _token(args: argparse.Namespace) -> int:
-    print(read_or_create_token(args.data_dir))
+    try:
+        print(read_token(args.data_dir))
+    except NoToken as exc:
+        return _fail("token", str(exc))
     return 0
 
 
@@ -122,13 +176,40 @@ def format_top(tree: dict[str, Any], limit: int) -> str:
     return "\n".join(lines)
 
 
+def describe_url_error(url: str, exc: BaseException) -> str:
+    """One line for a failed HTTP request to the daemon."""
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        body = ""
+        with contextlib.suppress(ValueError, AttributeError, OSError):
+            body = str(json.loads(exc.read() or b"{}").get("message") or "")
+        reason = http.HTTPStatus(exc.code).phrase if exc.code in _STATUS_CODES else exc.reason
+        detail = f": {body}" if body else ""
+        return f"{url} answered {exc.code} {reason}{detail}"
+    cause: object = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(cause, OSError) and cause.strerror:
+        text = cause.strerror[0].lower() + cause.strerror[1:]
+    else:
+        text = str(cause)
+    return (
+        f"cannot connect to {url}: {text} (is the daemon running? start it with agor-actors serve)"
+    )
+
+
 def _top(args: argparse.Namespace) -> int:
-    import json
     import time
     import urllib.error
     import urllib.request
 
-    token = args.token or read_or_create_token(args.data_dir)
+    if args.token:
+        token, source = args.token, "--token"
+    else:
+        try:
+            token = read_token(args.data_dir)
+        except NoToken as exc:
+            return _fail("top", f"{exc}; or pass --token")
+        source = str(args.data_dir / "token")
     request = urllib.request.Request(
         args.url.rstrip("/") + "/debug/actors", headers={"Authorization": f"Bearer {token}"}
     )
@@ -136,9 +217,16 @@ def _top(args: argparse.Namespace) -> int:
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 tree = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            message = describe_url_error(request.full_url, exc)
+            if exc.code in (401, 403):
+                message += (
+                    f"; the token from {source} is not this daemon's owner token:"
+                    " pass the daemon's --data-dir or --token"
+                )
+            return _fail("top", message, 1)
         except (urllib.error.URLError, OSError) as exc:
-            print(f"agor-actors top: cannot read {request.full_url}: {exc}", file=sys.stderr)
-            return 1
+            return _fail("top", describe_url_error(request.full_url, exc), 1)
         if args.watch > 0:
             print("\x1b[2J\x1b[H", end="")
         print(format_top(tree, args.limit))
@@ -169,7 +257,11 @@ def _open(args: argparse.Namespace) -> int:
     import urllib.request
     import webbrowser
 
-    token = args.token or read_or_create_token(args.data_dir)
+    try:
+        token = args.token or read_token(args.data_dir)
+    except NoToken as exc:
+        print(f"agor-actors open: {exc}", file=sys.stderr)
+        return 2
     base = args.url.rstrip("/")
     next_path = "/" if args.board is None else "/?board=" + urllib.parse.quote(args.board)
     request = urllib.request.Request(
@@ -215,7 +307,11 @@ COMMANDS: Final[
     ]
 ] = {
     "serve": ("run the daemon", _serve_arguments, _serve),
-    "token": ("print the local owner's token", _add_data_dir, _token),
+    "token": (
+        "print the local owner's token (a daemon must have run there)",
+        _add_data_dir,
+        _token,
+    ),
     "top": ("show the supervision tree of a running daemon", _top_arguments, _top),
     "open": ("print a one-time link that signs a browser in", _open_arguments, _open),
     "sim": ("run the deterministic simulator (see python -m sim --help)", _no_arguments, _sim),

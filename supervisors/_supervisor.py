@@ -11,6 +11,7 @@ so they supervise actors, connection tasks and other supervisors alike.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
@@ -41,6 +42,12 @@ __all__ = [
     "SupervisorSnapshot",
     "TooManyChildren",
 ]
+
+log = logging.getLogger("agor_actors.supervisors")
+"""Restarts at WARNING, a supervisor giving up at ERROR; each record has the
+fields ``supervisor``, ``child_id`` and ``reason``.  Named under the
+daemon's logger, whose records the simulator puts in its trace (rather than
+on stderr)."""
 
 StartFn = Callable[["Child"], Awaitable[None]]
 ChildState = Literal["starting", "running", "stopping", "restarting", "stopped"]
@@ -455,11 +462,21 @@ class Supervisor:
             return None
         history, exceeded = add_restart(run.history, self._now(), self.intensity)
         run.history = history
+        reason = exit_.describe()
         if exceeded:
+            log.error(
+                "supervisor %s gives up: %s exited (%s) more than %d times in %g s",
+                self.name,
+                run.spec.id,
+                reason,
+                self.intensity.max_restarts,
+                self.intensity.period_s,
+                extra={"supervisor": self.name, "child_id": run.spec.id, "reason": reason},
+            )
             await self._stop_all()
             for other in reversed(list(self._children.values())):
                 self._remove(other)
-            return SupervisorGaveUp(self.name, run.spec.id, exit_.describe())
+            return SupervisorGaveUp(self.name, run.spec.id, reason)
         order = list(self._children)
         to_restart = [
             self._children[i] for i in children_to_restart(self.strategy, order, run.spec.id)
@@ -470,6 +487,21 @@ class Supervisor:
         for other in to_restart:
             other.state = "restarting"
         delay = restart_delay_s(history, self.backoff)
+        for other in to_restart:
+            why = reason if other is run else f"{self.strategy.value} after {run.spec.id}: {reason}"
+            log.warning(
+                "supervisor %s restarts %s (%s)",
+                self.name,
+                other.spec.id,
+                why,
+                extra={
+                    "supervisor": self.name,
+                    "child_id": other.spec.id,
+                    "reason": why,
+                    "restarts": other.restarts + 1,
+                    "delay_s": delay,
+                },
+            )
         if delay > 0:
             await trio.sleep(delay)
         for other in to_restart:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -54,6 +55,7 @@ from protocols import (
     EventApplied,
     Heartbeat,
     HeartbeatAction,
+    Limits,
     LocalProtocolError,
     PongReceived,
     PresenceChanged,
@@ -66,6 +68,7 @@ from protocols import (
     RoomLeft,
     RoomStatus,
     ServerError,
+    TokenBucket,
     Viewport,
     Welcome,
     Welcomed,
@@ -358,6 +361,89 @@ async def load_room(client: Client, room: str) -> Resources:
     return {}
 
 
+# ------------------------------------------------------------------- pacing
+
+
+RATE_LIMITED_RETRIES: Final = 3
+"""A call refused with ``rate_limited`` was not run: it is sent again (after
+the pacer's bucket is emptied) up to this many times."""
+
+
+class Pacer:
+    """Keeps this client's messages within the rate the server announced in
+    ``welcome.limits`` (``rate_per_s``, ``rate_burst``), so that a program
+    calling as fast as it likes is slowed down here instead of refused with
+    ``rate_limited``.
+
+    A token bucket (:class:`protocols.TokenBucket`) refilled at
+    ``rate_per_s`` on the client's :class:`~agor_actors.world.Clock`, holding
+    half the server's burst: the other half absorbs what the network does to
+    the spacing (messages sent apart may arrive together).  It is full again
+    at each welcome, as the server's bucket of a new connection is.
+
+    Calls, joins and leaves wait for a token (:meth:`turn` keeps them in
+    order, first come first served); what must go out at once (pings,
+    resumes, the rejoin after a reconnect, presence that is not a cursor
+    move) takes its tokens anyway (:meth:`spend`), leaving a debt the next
+    waiters pay.  Bounded: one bucket, waiters wait on one FIFO lock.
+    """
+
+    def __init__(self, clock: Clock, limits: Limits | None = None) -> None:
+        self._clock = clock
+        self._lock = trio.Lock()  # FIFO: waiters are served in arrival order
+        self._bucket: TokenBucket | None = None
+        self.rate_per_s = 1.0
+        self.burst = 1
+        self.waited_s = 0.0
+        """Total time calls spent waiting for a token."""
+        self.adopt(limits or Limits())
+
+    def adopt(self, limits: Limits) -> None:
+        """A new connection with these limits: a full bucket."""
+        self.rate_per_s = limits.rate_per_s
+        self.burst = max(1, limits.rate_burst // 2)
+        self._bucket = None  # full at the next look (the clock may not run yet)
+
+    def _current(self) -> TokenBucket:
+        """The bucket refilled up to now."""
+        now = self._clock.now_s()
+        bucket = self._bucket or TokenBucket.full(self.burst, now)
+        _, refilled = bucket.take(now, rate_per_s=self.rate_per_s, burst=self.burst, n=0)
+        return refilled
+
+    def delay_s(self, n: int = 1) -> float:
+        """Seconds until ``n`` tokens are there (0: now)."""
+        bucket = self._current()
+        return max(0.0, (min(n, self.burst) - bucket.tokens) / self.rate_per_s)
+
+    def spend(self, n: int = 1) -> None:
+        """Take ``n`` tokens now, into debt if need be.  Never blocks."""
+        bucket = self._current()
+        self._bucket = TokenBucket(bucket.tokens - n, bucket.updated_s)
+
+    def penalize(self) -> None:
+        """The server refused a message for the rate: empty the bucket (its
+        view of the rate was stricter than ours)."""
+        bucket = self._current()
+        self._bucket = TokenBucket(min(bucket.tokens, 0.0), bucket.updated_s)
+
+    def turn(self) -> trio.Lock:
+        """``async with pacer.turn():`` one paced sender at a time, in
+        arrival order; inside, wait for :meth:`delay_s` to be 0, then
+        :meth:`spend` and build the frame with no checkpoint in between."""
+        return self._lock
+
+    async def wait_for_token(self, n: int = 1) -> bool:
+        """Sleep until ``n`` tokens are there; False if there was no need.
+        A checkpoint only when it sleeps (cancelling it takes nothing)."""
+        delay = self.delay_s(n)
+        if delay <= 0:
+            return False
+        self.waited_s += delay
+        await trio.sleep(delay)
+        return True
+
+
 # ------------------------------------------------------------------- client
 
 
@@ -375,6 +461,11 @@ class ClientStatistics:
     pending_calls: int
     rooms: int
     rtt_s: float | None
+    rate_limited: int = 0
+    """Messages the server refused for the rate (calls among them are sent
+    again, see :data:`RATE_LIMITED_RETRIES`)."""
+    paced_s: float = 0.0
+    """Total time calls, joins and leaves waited for the :class:`Pacer`."""
 
 
 @attrs.define
@@ -457,6 +548,9 @@ class Client:
         self._streams: dict[str, set[EventStream]] = {}
         self._services: dict[str, Service] = {}
         self._temp_counter = 0
+        self.pacer = Pacer(clock)
+        """Paces calls, joins and leaves to the server's announced rate."""
+        self._rate_limited = 0
         self._connects = 0
         self._dead = 0
         if not presence_rate_per_s > 0:
@@ -515,6 +609,7 @@ class Client:
         slot (the server bounds pending calls) up to ``call_timeout_s``.
         Cancelling it forgets the result (the call may still run)."""
         retries = self.read_retries if method in _READ_METHODS else 0
+        rate_retries = RATE_LIMITED_RETRIES
         with trio.fail_after(self.call_timeout_s):
             while True:
                 try:
@@ -525,6 +620,15 @@ class Client:
                     if retries <= 0:
                         raise
                     retries -= 1
+                except CallError as exc:
+                    # refused before it ran: slow down and send it again
+                    if exc.code != ErrorCode.RATE_LIMITED.value:
+                        raise
+                    self._rate_limited += 1
+                    if rate_retries <= 0:
+                        raise
+                    rate_retries -= 1
+                    self.pacer.penalize()
 
     async def _call_once(
         self,
@@ -536,23 +640,34 @@ class Client:
         temp_id: str | None,
         base_rev: int | None,
     ) -> Any:
-        while True:
-            await self.wait_connected()
-            if self.machine.state is not ClientState.OPEN:
-                await self._gone.wait()  # this connection is closing
-                continue
-            if self.machine.can_call:
+        async with self.pacer.turn():
+            while True:
+                await self.wait_connected()
+                if self.machine.state is not ClientState.OPEN:
+                    await self._gone.wait()  # this connection is closing
+                    continue
+                if not self.machine.can_call:
+                    await self._slots.park()
+                    continue
+                if await self.pacer.wait_for_token():
+                    continue  # the connection may have changed meanwhile
                 break
-            await self._slots.park()
-        try:
-            ref, frame = self.machine.call(
-                service, method, id=id, data=data, query=query, temp_id=temp_id, base_rev=base_rev
-            )
-        except LocalProtocolError as exc:
-            raise CallError(
-                (exc.code or ErrorCode.INVALID_FIELD).value, f"cannot send the call: {exc}"
-            ) from None
-        waiter = self._waiters[ref] = _Waiter()
+            try:
+                ref, frame = self.machine.call(
+                    service,
+                    method,
+                    id=id,
+                    data=data,
+                    query=query,
+                    temp_id=temp_id,
+                    base_rev=base_rev,
+                )
+            except LocalProtocolError as exc:
+                raise CallError(
+                    (exc.code or ErrorCode.INVALID_FIELD).value, f"cannot send the call: {exc}"
+                ) from None
+            self.pacer.spend()
+            waiter = self._waiters[ref] = _Waiter()
         try:
             await self._send(frame)
             await waiter.event.wait()
@@ -744,6 +859,8 @@ class Client:
             pending_calls=stats.pending_calls,
             rooms=stats.rooms,
             rtt_s=self.rtt_s,
+            rate_limited=self._rate_limited,
+            paced_s=self.pacer.waited_s,
         )
 
     # ---------------------------------------------------------- internals
@@ -786,19 +903,23 @@ class Client:
         """Build a frame with the machine once a connection is open, and send
         it; rebuilt after a drop (the machine refuses sends while
         disconnected)."""
-        while True:
-            await self.wait_connected()
-            try:
-                frame = make_frame()
-            except LocalProtocolError as exc:
-                if self.machine.state is not ClientState.OPEN:
-                    await self._gone.wait()  # this connection is closing
-                    continue
-                raise CallError((exc.code or ErrorCode.INVALID_FIELD).value, str(exc)) from None
-            # On a loss the machine rejoins the room after the reconnect.
-            with contextlib.suppress(ConnectionLost):
-                await self._send(frame)
-            return
+        async with self.pacer.turn():
+            while True:
+                await self.wait_connected()
+                if self.machine.state is ClientState.OPEN and await self.pacer.wait_for_token():
+                    continue  # the connection may have changed meanwhile
+                try:
+                    frame = make_frame()
+                except LocalProtocolError as exc:
+                    if self.machine.state is not ClientState.OPEN:
+                        await self._gone.wait()  # this connection is closing
+                        continue
+                    raise CallError((exc.code or ErrorCode.INVALID_FIELD).value, str(exc)) from None
+                self.pacer.spend()
+                break
+        # On a loss the machine rejoins the room after the reconnect.
+        with contextlib.suppress(ConnectionLost):
+            await self._send(frame)
 
     def _board(self, board_id: str) -> BoardPresence:
         board = self._boards.get(board_id)
@@ -843,6 +964,8 @@ class Client:
             except LocalProtocolError as exc:
                 log.warning("presence update not sent: %s", exc)
                 return True  # it never could be
+            if not _cursor_only(update):
+                self.pacer.spend()  # the server counts it against the general rate
             try:
                 await self._send(frame)
             except ConnectionLost:
@@ -925,7 +1048,7 @@ class Client:
                 OSError,
             ) as exc:
                 welcomed = False
-                error = _connect_error(exc)
+                error = _connect_error(self.url, exc)
             if welcomed:
                 first = False
                 attempt = 0
@@ -1023,7 +1146,10 @@ class Client:
     def _fatal_close(self) -> CallError | None:
         reason = self._connection_close
         if reason is not None and reason.code in FATAL_CLOSE_CODES:
-            return CallError(ErrorCode.UNAUTHORIZED.value, reason.reason or "token refused")
+            code = ErrorCode.UNAUTHORIZED.value
+            # the close reason is "<code>: <message>": the message alone
+            message = (reason.reason or "").removeprefix(f"{code}: ") or "token refused"
+            return CallError(code, f"{message} (the server at {self.url} refused the token)")
         return None
 
     def _lost(self) -> None:
@@ -1044,7 +1170,9 @@ class Client:
         joins = self.machine.rejoin_all()
         batch = max(1, self.machine.server_limits.max_batch)
         for start in range(0, len(joins), batch):
-            await self._send(self.machine.send(joins[start : start + batch]))
+            part = joins[start : start + batch]
+            self.pacer.spend(len(part))  # at once: the rooms wait for it
+            await self._send(self.machine.send(part))
 
     async def _reader(
         self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
@@ -1084,6 +1212,7 @@ class Client:
             if action is HeartbeatAction.PING:
                 if self.machine.state is not ClientState.OPEN:
                     return  # closing: the reader ends the connection
+                self.pacer.spend()  # at once: the connection's life depends on it
                 with contextlib.suppress(ConnectionLost):
                     await self._send(self.machine.ping(now))
                 continue
@@ -1094,6 +1223,7 @@ class Client:
 
     async def _dispatch(self, ws: trio_websocket.WebSocketConnection, event: ClientEvent) -> None:
         if isinstance(event, ResumeRequested):
+            self.pacer.spend()  # at once: the reader must not wait
             with contextlib.suppress(ConnectionLost):
                 await self._send(event.data)
         elif isinstance(event, ProtocolViolation):
@@ -1119,6 +1249,7 @@ class Client:
             self.connection_id = welcome.connection_id
             self.user_id = welcome.user_id
             self.own_connection_ids.add(welcome.connection_id)
+            self.pacer.adopt(self.machine.server_limits)
             self._presence_welcomed()
             self._welcomed.set()
         elif isinstance(event, RoomJoined):
@@ -1132,6 +1263,8 @@ class Client:
         elif isinstance(event, ReloadRequired):
             self._start_reload(event)
         elif isinstance(event, RoomLeft):
+            if event.reason == ErrorCode.RATE_LIMITED.value:
+                self._rate_limited += 1
             mirror = self._mirrors.pop(event.room, None)
             if mirror is not None:
                 mirror._left(event.reason)
@@ -1145,7 +1278,11 @@ class Client:
         elif isinstance(event, PongReceived):
             self.rtt_s = event.rtt_s
         elif isinstance(event, ServerError):
-            level = logging.INFO if event.error.code == ErrorCode.GOING_AWAY else logging.WARNING
+            # going away is routine; a refused token is raised to the caller
+            if event.error.code == ErrorCode.RATE_LIMITED.value:
+                self._rate_limited += 1
+            quiet = (ErrorCode.GOING_AWAY, ErrorCode.UNAUTHORIZED)
+            level = logging.INFO if event.error.code in quiet else logging.WARNING
             log.log(level, "server error: %s: %s", event.error.code, event.error.message)
         elif isinstance(event, PresenceChanged):
             track = self.machine.rooms.get(f"board:{event.presence.board}")
@@ -1208,15 +1345,41 @@ class Client:
                 )
 
 
-def _connect_error(exc: BaseException) -> CallError:
+def _cursor_only(update: PresenceUpdate) -> bool:
+    """Whether the server counts ``update`` against the presence rate only
+    (a cursor move) rather than the general rate."""
+    return update.cursor is not None and all(
+        value is None
+        for name, value in attrs.asdict(update, recurse=False).items()
+        if name not in ("board", "cursor")
+    )
+
+
+def _connect_error(url: str, exc: BaseException) -> CallError:
+    """One readable error for a connection that could not be made."""
     if isinstance(exc, trio_websocket.ConnectionRejected):
         body = (exc.body or b"").decode("utf-8", "replace")
         return CallError(
-            "rejected", f"the server refused the WebSocket ({exc.status_code}): {body}"
+            "rejected", f"{url} refused the WebSocket ({exc.status_code}): {body}".rstrip(": ")
         )
     if isinstance(exc, CallError):
         return exc
-    return CallError("unavailable", f"cannot connect: {exc!r}")
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return CallError("unavailable", f"cannot connect to {url}: no answer in time")
+    cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
+    # trio's "all attempts to connect ... failed" holds each attempt's error
+    attempts = cause.__cause__ if cause is not None else None
+    if isinstance(attempts, BaseExceptionGroup) and isinstance(attempts.exceptions[0], OSError):
+        cause = attempts.exceptions[0]
+    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+        errno = cause.errno or 0  # negative for getaddrinfo's errors
+        text = os.strerror(errno) if errno > 0 else str(cause.strerror)
+        reason = text[0].lower() + text[1:]
+    elif cause is not None and str(cause):
+        reason = str(cause)
+    else:
+        reason = type(exc).__name__
+    return CallError("unavailable", f"cannot connect to {url}: {reason}")
 
 
 @asynccontextmanager

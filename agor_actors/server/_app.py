@@ -37,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..domain import Principal, ServiceError
 from ..world import World
+from ._logs import install_access_log, note_user
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
 from ._web import WebAuth, install_web_routes
 
@@ -222,6 +223,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     state = AppState(hub=hub, world=world, settings=settings)
     app.extensions["agor"] = state
+    install_access_log(app, world.clock)  # first: its clock starts before other hooks
 
     @app.before_request
     async def _check_origin() -> Response | None:
@@ -245,6 +247,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         principal = await hub.authenticate(token)
         if principal is None:
             raise ServiceError("not_authenticated", "invalid token")
+        note_user(request.scope, principal.user_id)  # for the access log
         return principal
 
     async def _body() -> Any:

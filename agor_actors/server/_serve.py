@@ -26,12 +26,15 @@ hypercorn's graceful end, then the app's lifespan shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
 import pathlib
+import re
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -53,7 +56,10 @@ from ._settings import AppState, ServerHub, ServerSettings
 __all__ = [
     "LISTEN_BACKLOG",
     "TCP_USER_TIMEOUT_MS",
+    "ListenError",
+    "StartupError",
     "listen_socket",
+    "ready_banner",
     "run_daemon",
     "run_server",
     "serve",
@@ -83,6 +89,52 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
 
 
+class StartupError(Exception):
+    """The daemon could not start for a reason its operator can mend: the
+    data dir cannot be made, the database cannot be opened."""
+
+    def explain(self) -> str:
+        return str(self)
+
+
+def _first_line(error: BaseException) -> str:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _shown_url(url: str) -> str:
+    """A database URL with its password hidden."""
+    return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class ListenError(OSError):
+    """The listening socket could not be made (the port is in use, the
+    address is not this machine's, a port below 1024 without the right)."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.host = host
+        self.port = port
+
+    def explain(self) -> str:
+        """One line for a person: what failed and what to do."""
+        where = f"{self.host}:{self.port}"
+        if self.errno == errno.EADDRINUSE:
+            return (
+                f"port {self.port} is already in use on {self.host} (another agor-actors?): "
+                f"stop it, or choose another port with --port N (make serve PORT=N)"
+            )
+        if self.errno == errno.EACCES:
+            return f"not allowed to listen on {where}: choose a port above 1023 with --port N"
+        if self.errno == errno.EADDRNOTAVAIL:
+            return (
+                f"cannot listen on {where}: {self.host} is not an address of this machine (--host)"
+            )
+        return f"cannot listen on {where}: {self.strerror}"
+
+
 def listen_socket(
     host: str,
     port: int,
@@ -91,8 +143,12 @@ def listen_socket(
     user_timeout_ms: int = TCP_USER_TIMEOUT_MS,
 ) -> socket.socket:
     """A listening, non-blocking TCP socket on ``host:port`` (0: any free
-    port) with ``TCP_USER_TIMEOUT`` and ``TCP_NODELAY`` set."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    port) with ``TCP_USER_TIMEOUT`` and ``TCP_NODELAY`` set.  Raises
+    :class:`ListenError` when the address cannot be had."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(host, port, exc) from exc
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -103,6 +159,9 @@ def listen_socket(
         sock.bind(address)
         sock.listen(backlog)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(host, port, exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -114,7 +173,8 @@ def _config() -> Config:
     config = Config()
     config.graceful_timeout = 3.0
     config.accesslog = None
-    # hypercorn's messages go through logging like ours (no handler of its own).
+    # hypercorn's messages go through logging like ours (no handler of its own);
+    # the access lines are the app's (see ._logs).
     config.errorlog = logging.getLogger("hypercorn.error")
     config.set_statsd_logger_class(StatsdLogger)
     return config
@@ -128,18 +188,25 @@ async def run_server(
     port: int = 3030,
     shutdown: trio.Event,
     settings: ServerSettings | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``hub`` on ``host:port`` until ``shutdown`` is set, then drain:
     refuse new work (503), answer in-flight calls, flush every outbox, close
     every WebSocket with 1001, stop listening.  ``task_status.started`` gets
-    the bound port.  The hub itself is drained by its owner."""
+    the bound port.  The hub itself is drained by its owner.  ``sock``: a
+    socket from :func:`listen_socket` to serve on instead of making one
+    (it is closed at the end all the same)."""
     settings = settings or ServerSettings()
-    app = create_app(hub, world, settings)
+    sock = sock if sock is not None else listen_socket(host, port)
+    try:
+        app = create_app(hub, world, settings)
+    except BaseException:
+        sock.close()
+        raise
     state: AppState = app.extensions["agor"]
     config = _config()
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
-    sock = listen_socket(host, port)
     try:
         bound_port = int(sock.getsockname()[1])
         lifespan_state: LifespanState = {}
@@ -158,7 +225,7 @@ async def run_server(
                     log.info("draining %d connection(s)", len(state.connections))
                     await state.drain()
                     accepting.cancel_scope.cancel()
-                    sock.close()  # refuse new connections from now
+                sock.close()  # refuse new connections from now
                 front.stop_reading_heads()
                 await context.terminated.set()
                 connections.cancel_scope.deadline = world.clock.now_s() + config.graceful_timeout
@@ -237,27 +304,76 @@ async def run_daemon(
     settings: ServerSettings | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The daemon: open the hub, serve until SIGINT or SIGTERM, drain."""
+    """The daemon: take the port (:class:`ListenError` if it cannot be had,
+    before anything is opened), open the hub, serve until SIGINT or SIGTERM,
+    drain."""
     from ..daemon import open_hub  # the daemon's core is only needed here
 
     world = world or real_world()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    settings = attrs.evolve(settings or ServerSettings(), data_dir=data_dir)
-    db_url = db_url or f"sqlite:///{data_dir / 'agor.db'}"
-    stop = trio.Event()
-    async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, stop)
-            bound = await nursery.start(
-                partial(
-                    run_server, hub, world, host=host, port=port, shutdown=stop, settings=settings
+    sock = listen_socket(host, port)
+    try:  # run_server closes it too; here for a failure before it runs
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot use {data_dir} as the data dir: {exc.strerror}") from exc
+        settings = attrs.evolve(settings or ServerSettings(), data_dir=data_dir)
+        db_url = db_url or f"sqlite:///{data_dir / 'agor.db'}"
+        stop = trio.Event()
+        async with contextlib.AsyncExitStack() as opened:
+            try:
+                hub = await opened.enter_async_context(
+                    open_hub(world, db_url=db_url, data_dir=data_dir)
                 )
-            )
-            tune_gc()
-            task_status.started(bound)
-            # run_server returns once drained, _watch_signals once signalled.
-        await hub.drain()
+            except Exception as exc:
+                raise StartupError(
+                    f"cannot open the database {_shown_url(db_url)}: {_first_line(exc)}"
+                ) from exc
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, stop)
+                bound = await nursery.start(
+                    partial(
+                        run_server,
+                        hub,
+                        world,
+                        host=host,
+                        port=port,
+                        shutdown=stop,
+                        settings=settings,
+                        sock=sock,
+                    )
+                )
+                tune_gc()
+                task_status.started(bound)
+                # run_server returns once drained, _watch_signals once signalled.
+            await hub.drain()
+    finally:
+        sock.close()
     log.info("stopped")
+
+
+def ready_banner(host: str, port: int, data_dir: pathlib.Path, executable: str) -> str:
+    """What ``serve`` prints once the daemon listens: where to connect, where
+    the owner's token is, and the next commands to try."""
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        shown = "127.0.0.1"
+    http_url = f"http://{shown}:{port}"
+    token_file = data_dir / "token"
+    data = f" --data-dir {data_dir}" if str(data_dir) != ".agor" else ""
+    return "\n".join(
+        [
+            f"agor-actors is serving on {host}:{port}",
+            f"  WebSocket  ws://{shown}:{port}/ws  (subprotocol agor.v1.json or agor.v1.cbor)",
+            f"  HTTP API   {http_url}/<service>  (sessions, tasks, messages, boards, ...),"
+            f" {http_url}/health",
+            f"  token      {token_file}  (the owner's; send it in hello or as"
+            " Authorization: Bearer <token>)",
+            "  next       in another terminal:",
+            f"             {executable} top --url {http_url}{data}",
+            f'             curl -H "Authorization: Bearer $({executable} token{data})"'
+            f" {http_url}/sessions",
+        ]
+    )
 
 
 def serve(
@@ -265,10 +381,53 @@ def serve(
     port: int = 3030,
     data_dir: pathlib.Path | str = ".agor",
     db_url: str | None = None,
+    *,
+    banner_executable: str | None = "agor-actors",
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
-    exit status (0 after a clean drain)."""
-    trio.run(
-        lambda: run_daemon(host=host, port=port, data_dir=pathlib.Path(data_dir), db_url=db_url)
-    )
+    exit status: 0 after a clean drain, 2 when the port cannot be had or
+    the data dir or the database cannot be opened (one line on stderr says
+    why).  Once listening, prints :func:`ready_banner`
+    to stdout (unless ``banner_executable`` is None)."""
+    path = pathlib.Path(data_dir)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound: int = await nursery.start(
+                partial(run_daemon, host=host, port=port, data_dir=path, db_url=db_url)
+            )
+            log.info(
+                "ready",
+                extra={
+                    "ws_url": f"ws://{host}:{bound}/ws",
+                    "http_url": f"http://{host}:{bound}",
+                    "token_file": str(path / "token"),
+                },
+            )
+            if banner_executable is not None:
+                print(ready_banner(host, bound, path, banner_executable), flush=True)
+
+    try:
+        trio.run(main)
+    except (ListenError, StartupError, BaseExceptionGroup) as exc:
+        failed = _startup_error(exc)
+        if failed is None:
+            raise
+        print(f"agor-actors serve: {failed.explain()}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _startup_error(exc: BaseException) -> ListenError | StartupError | None:
+    """The :class:`ListenError` or :class:`StartupError` that ended the run,
+    when that is all that did."""
+    if isinstance(exc, ListenError | StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split((ListenError, StartupError))
+        if matched is not None and rest is None:
+            found: BaseException = matched
+            while isinstance(found, BaseExceptionGroup):
+                found = found.exceptions[0]
+            return found if isinstance(found, ListenError | StartupError) else None
+    return None

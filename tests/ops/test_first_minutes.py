@@ -1,0 +1,155 @@
+"""The first five minutes, as a new user meets them: ``serve`` says where
+to connect, where the token is and what to try next; the common mistakes
+(a port in use, no daemon data here, no daemon at the URL, a wrong token)
+each get one clear line instead of a traceback or a silent new owner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import shlex
+import socket
+
+import pytest
+import trio
+from ops_support import CLI, daemon, free_port, running
+
+from agor_actors.client import CallError, connect
+
+
+async def _cli(*args: str, cwd: pathlib.Path) -> tuple[int, str, str]:
+    done = await trio.run_process(
+        [*CLI, *args],
+        cwd=cwd,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "AGOR_DATA_DIR"},
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_serve_says_where_to_connect_and_what_to_try_next(tmp_path: pathlib.Path) -> None:
+    data_dir = tmp_path / "data"
+    argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir), "--log-format", "json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with running(argv, cwd=tmp_path, env=env) as daemon_process:
+        banner = daemon_process.stdout
+        port = int(daemon_process.ws_url.rsplit(":", 1)[1].split("/")[0])
+        assert f"ws://127.0.0.1:{port}/ws" in banner
+        assert f"http://127.0.0.1:{port}/" in banner
+        assert f"{data_dir / 'token'}" in banner
+        # the commands it suggests work as printed
+        [top_line] = [line for line in banner.splitlines() if " top " in line]
+        top = shlex.split(top_line.strip())
+        assert top[0] == "agor-actors"
+        status, out, err = await _cli(*top[1:], cwd=tmp_path)
+        assert status == 0, err
+        assert "store:writer" in out
+        [curl_line] = [line for line in banner.splitlines() if "curl " in line]
+        token_command = re.search(r"\$\((agor-actors token[^)]*)\)", curl_line)
+        assert token_command is not None
+        status, out, err = await _cli(*shlex.split(token_command.group(1))[1:], cwd=tmp_path)
+        assert status == 0, err
+        assert out.strip() == (data_dir / "token").read_text().strip()
+        assert await daemon_process.stop() == 0
+    records = [json.loads(line) for line in daemon_process.stderr.splitlines()]
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    [ready] = [r for r in records if r["msg"] == "ready"]
+    assert ready["ws_url"] == f"ws://127.0.0.1:{port}/ws"
+    assert [r["msg"] for r in records][-1] == "stopped"
+
+
+async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: pathlib.Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, out, err = await _cli(
+            "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), cwd=tmp_path
+        )
+    assert status == 2
+    assert err.splitlines() == [
+        f"agor-actors serve: port {port} is already in use on 127.0.0.1 (another agor-actors?): "
+        "stop it, or choose another port with --port N (make serve PORT=N)"
+    ]
+    assert out == ""
+    assert not (tmp_path / "data").exists()  # nothing was opened before the port
+
+
+@pytest.mark.parametrize("command", ["token", "top"])
+async def test_token_and_top_never_create_a_token(tmp_path: pathlib.Path, command: str) -> None:
+    status, out, err = await _cli(command, cwd=tmp_path)
+    assert status == 2 and out == ""
+    [line] = err.splitlines()
+    assert line.startswith(f"agor-actors {command}: no daemon data here: ")
+    assert str(tmp_path / ".agor" / "token") in line and "--data-dir" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_top_without_a_daemon_or_with_a_wrong_token(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    status, _, err = await _cli(
+        "top", "--url", f"http://127.0.0.1:{port}", "--token", "t", cwd=tmp_path
+    )
+    assert status == 1
+    assert err.splitlines() == [
+        f"agor-actors top: cannot connect to http://127.0.0.1:{port}/debug/actors: "
+        "connection refused (is the daemon running? start it with agor-actors serve)"
+    ]
+    async with daemon(tmp_path / "agor") as d:
+        status, _, err = await _cli("top", "--url", d.http_url, "--token", "wrong", cwd=tmp_path)
+    assert status == 1
+    assert err.splitlines() == [
+        f"agor-actors top: {d.http_url}/debug/actors answered 401 Unauthorized: invalid token; "
+        "the token from --token is not this daemon's owner token: "
+        "pass the daemon's --data-dir or --token"
+    ]
+
+
+async def test_the_client_says_why_it_cannot_connect(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    with pytest.raises(CallError) as refused:
+        async with connect(url, token="t"):
+            pass
+    assert str(refused.value) == f"unavailable: cannot connect to {url}: connection refused"
+    caplog.set_level(logging.INFO, logger="agor_actors.client")
+    async with daemon(tmp_path / "agor") as d:
+        with pytest.raises(CallError) as unauthorized:
+            async with connect(d.ws_url, token="wrong"):
+                pass
+    assert unauthorized.value.code == "unauthorized"
+    assert str(unauthorized.value) == (
+        f"unauthorized: invalid token (the server at {d.ws_url} refused the token)"
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
+    tmp_path: pathlib.Path,
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    status, _, err = await _cli(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "a-file" / "data"), cwd=tmp_path
+    )
+    assert status == 2
+    assert err.splitlines() == [
+        f"agor-actors serve: cannot use {tmp_path / 'a-file' / 'data'} as the data dir: "
+        "Not a directory"
+    ]
+    url = f"postgresql+psycopg://agor:secret@127.0.0.1:{free_port()}/agor"
+    status, _, err = await _cli(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--db", url, cwd=tmp_path
+    )
+    assert status == 2
+    [line] = err.splitlines()
+    assert line.startswith(
+        "agor-actors serve: cannot open the database "
+        f"postgresql+psycopg://agor:***@127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}/agor: "
+    )
+    assert "refused" in line and "secret" not in line
