@@ -16,6 +16,7 @@ all of them, and the next write re-reads them from the database.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.pool import StaticPool
 
 from . import _schema as s
+from ._prepared import Prepared, driver_errors
 from ._query import MAX_LIMIT, Page, check_value, compile_find, table_for, visible_columns
 from ._schema import (
     ENTITY_TABLES,
@@ -222,9 +224,8 @@ class EventPage:
 @attrs.define
 class _Head:
     epoch: str
-    base: int  # head_seq as committed before this group
+    base: int  # head_seq as committed before this group (0: no rooms row yet)
     head: int  # head_seq after the allocations so far
-    new: bool  # no rooms row yet
 
 
 class _GroupFailed(Exception):
@@ -243,41 +244,20 @@ class _RetryIsolated(Exception):
 
 _UPDATE_SHAPES_MAX: Final = 64
 
-
-@attrs.frozen
-class _Shape:
-    """What an ``update`` statement depends on: the table, the key columns,
-    and each value column with whether it appends."""
-
-    table: str
-    key: tuple[str, ...]
-    values: tuple[tuple[str, bool], ...]
+#: What an ``update`` statement depends on: the table, the key columns, and
+#: each value column with whether it appends.
+_Shape = tuple[str, tuple[str, ...], tuple[tuple[str, bool], ...]]
 
 
 @attrs.define
 class _UpdateRun:
     shape: _Shape
-    statement: sa.Update
+    statement: Prepared
     rows: list[dict[str, Any]] = attrs.field(factory=list)
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode("utf-8")
-
-
-def _event_row(event: StoredEvent) -> dict[str, Any]:
-    return {
-        "room": event.room,
-        "seq": event.seq,
-        "last_seq": event.last_seq,
-        "epoch": event.epoch,
-        "event": event.event,
-        "payload": event.data,
-        "ts": event.ts,
-        "user_id": event.user_id,
-        "origin": event.origin,
-        "temp_id": event.temp_id,
-    }
 
 
 def _stored(row: sa.Row[Any]) -> StoredEvent:
@@ -319,9 +299,14 @@ def _entity_table(name: object) -> sa.Table:
     return ENTITY_TABLES[name]
 
 
+@functools.cache
+def _pk(table: sa.Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.primary_key.columns)
+
+
 def _check_key(table: sa.Table, key: Mapping[str, Any]) -> None:
-    pk = {c.name for c in table.primary_key.columns}
-    if not isinstance(key, Mapping) or set(key) != pk:
+    pk = _pk(table)
+    if not isinstance(key, Mapping) or key.keys() != pk:
         raise StoreQueryError(
             f"key of {table.name} must have exactly the columns {sorted(pk)}, got {key!r}"
         )
@@ -380,7 +365,7 @@ def _raw(cursor: DBAPICursor, statement: str, cause: BaseException | None = None
 def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: bool) -> None:
     if not isinstance(values, Mapping):
         raise StoreQueryError(f"values for {table.name} must be a mapping")
-    pk = {c.name for c in table.primary_key.columns}
+    pk = _pk(table)
     for name in values:
         if not isinstance(name, str) or name not in table.c:
             raise StoreQueryError(f"unknown column {name!r} in {table.name}")
@@ -402,12 +387,13 @@ def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
             check_value(column, value)
 
 
-def _check_json(value: Any, what: str) -> None:
-    """Refuse a value that cannot be stored as JSON before any driver sees
-    it (psycopg serializes inside the driver, where a failure is a bare
-    ``TypeError``)."""
+def _check_json(value: Any, what: str) -> str:
+    """``value`` as JSON text (what the engine's ``json_serializer``
+    makes of it); refuses a value that cannot be stored as JSON before any
+    driver sees it (psycopg serializes inside the driver, where a failure is
+    a bare ``TypeError``)."""
     try:
-        orjson.dumps(value)
+        return orjson.dumps(value).decode("utf-8")
     except TypeError as exc:
         raise StoreIntegrityError(f"{what} is not JSON: {exc}") from exc
 
@@ -419,7 +405,9 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _appended(column: sa.Column[Any], text: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """``column || text`` (an :class:`Append`), a NULL column counting as empty."""
-    return sa.func.coalesce(column, "") + text
+    # the empty string as SQL, not a bound value: a prepared statement binds
+    # only the parameters its rows carry
+    return sa.func.coalesce(column, sa.literal_column("''", sa.Text)) + text
 
 
 def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -460,14 +448,47 @@ class SqlStore:
         self._engine = engine
         self._new_epoch = new_epoch
         self._heads: dict[str, tuple[str, int]] = {}
-        self._update_statements: dict[_Shape, sa.Update] = {}
+        self._update_statements: dict[_Shape, Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
         if engine.dialect.name == "postgresql":
             self._upsert_insert: Callable[[sa.Table], Any] = pg_dialect.insert
         else:
             self._upsert_insert = sqlite_dialect.insert
+        self._insert_events, self._select_head, self._move_heads = self._head_statements()
         self._ensure_schema()
+
+    def _head_statements(self) -> tuple[Prepared, Prepared, Prepared]:
+        """The commit path's fixed statements, compiled for this engine:
+        the events insert (``payload`` bound as the JSON text the event's
+        check already made), a room's head, and the heads' upsert, which
+        moves a room's head only from what this store last committed
+        (``base``, and its epoch), so another writer's move shows as a
+        row not written."""
+        dialect = self._engine.dialect
+        insert_events = sa.insert(s.events).values(
+            {c.name: sa.bindparam(c.name, type_=c.type) for c in s.events.c}
+        )
+        r = s.rooms.c
+        select_head = sa.select(r.epoch, r.head_seq).where(r.room == sa.bindparam("room"))
+        upsert = self._upsert_insert(s.rooms).values(
+            room=sa.bindparam("room", type_=r.room.type),
+            epoch=sa.bindparam("epoch", type_=r.epoch.type),
+            head_seq=sa.bindparam("head", type_=r.head_seq.type),
+        )
+        move_heads = upsert.on_conflict_do_update(
+            index_elements=[r.room],
+            set_={"head_seq": upsert.excluded.head_seq},
+            where=sa.and_(
+                r.epoch == upsert.excluded.epoch,
+                r.head_seq == sa.bindparam("base", type_=r.head_seq.type),
+            ),
+        )
+        return (
+            Prepared(insert_events, dialect, raw={"payload"}),
+            Prepared(select_head, dialect),
+            Prepared(move_heads, dialect),
+        )
 
     @property
     def engine(self) -> sa.Engine:
@@ -590,56 +611,63 @@ class SqlStore:
         database as one ``executemany`` (a run ends at a request of another
         kind, so rows change in request order).  If a run fails or misses a
         row, the group is redone with every request isolated, which finds
-        whose it was.  Other requests each run in a savepoint."""
+        whose it was.  Other requests each run in a savepoint.  The group's
+        events go in as one ``executemany``, its rooms' heads as another."""
         results: list[WriteResult | StoreError] = []
         group: dict[str, _Head] = {}
         pending: list[dict[str, Any]] = []
         run: _UpdateRun | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
             for request in requests:
-                local: dict[str, _Head] = {}
-                stored: list[StoredEvent] = []
+                # rooms this request moved: the head before it, None if it
+                # brought the room into the group (undone if it fails)
+                touched: dict[str, int | None] = {}
+                rows: list[dict[str, Any]] = []
                 try:
                     plain = None if isolate_events else self._plain_update(request)
                     if plain is not None:
-                        stored = self._allocate(conn, request.events, group, local)
-                        if run is not None and run.shape != plain[0]:
-                            self._flush_run(conn, run)
+                        shape, params = plain
+                        stored = self._allocate(cursor, request.events, group, touched, rows)
+                        if run is not None and run.shape != shape:
+                            self._flush_run(cursor, run)
                             run = None
                         if run is None:
-                            run = _UpdateRun(plain[0], self._update_statement(plain[0]))
-                        run.rows.append(plain[1])
+                            run = _UpdateRun(shape, self._update_statement(shape))
+                        run.rows.append(params)
                     elif request.expect or request.mutations or request.history or isolate_events:
                         if run is not None:
-                            self._flush_run(conn, run)
+                            self._flush_run(cursor, run)
                             run = None
                         with _savepoint(cursor):
                             self._apply(conn, request)
-                            stored = self._allocate(conn, request.events, group, local)
-                            if isolate_events and stored:
-                                conn.execute(s.events.insert(), [_event_row(e) for e in stored])
+                            stored = self._allocate(cursor, request.events, group, touched, rows)
+                            if isolate_events and rows:
+                                self._insert_events.executemany(cursor, rows)
                     else:
-                        stored = self._allocate(conn, request.events, group, local)
+                        stored = self._allocate(cursor, request.events, group, touched, rows)
                 except (StoreError, sa.exc.StatementError) as exc:
                     results.append(_request_error(exc))
-                    # Forget what this store believed about the request's
-                    # rooms: if the failure was a seq already taken (another
-                    # writer), the next write re-reads the head.
-                    for room in local:
+                    for room, before in touched.items():
+                        if before is None:
+                            del group[room]
+                        else:
+                            group[room].head = before
+                        # Forget what this store believed about the room: if
+                        # the failure was a seq already taken (another
+                        # writer), the next write re-reads the head.
                         self._heads.pop(room, None)
                     continue
-                group.update(local)
                 results.append(WriteResult(tuple(stored)))
                 if not isolate_events:
-                    pending.extend(_event_row(e) for e in stored)
+                    pending += rows
             if run is not None:
-                self._flush_run(conn, run)
+                self._flush_run(cursor, run)
             if pending:
                 try:
-                    conn.execute(s.events.insert(), pending)
+                    self._insert_events.executemany(cursor, pending)
                 except sa.exc.StatementError as exc:
                     raise _RetryIsolated() from exc
-            self._write_heads(conn, group)
+            self._write_heads(cursor, group)
         return results, group
 
     def _plain_update(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
@@ -649,52 +677,57 @@ class SqlStore:
         if request.expect or request.history or len(request.mutations) != 1:
             return None
         mutation = request.mutations[0]
-        if mutation.op != "update" or not mutation.values:
+        values = mutation.values
+        if mutation.op != "update" or not values:
             return None
         table = _entity_table(mutation.table)
-        _check_key(table, mutation.key)
-        _check_columns(table, mutation.values, allow_key=False)
-        _check_values(table, mutation.values)
-        shape = _Shape(
-            table.name,
-            tuple(mutation.key),
-            tuple((name, isinstance(v, Append)) for name, v in mutation.values.items()),
-        )
-        params = {f"k_{name}": value for name, value in mutation.key.items()}
-        for name, value in mutation.values.items():
-            params[f"v_{name}"] = value.text if isinstance(value, Append) else value
-        return shape, params
+        key = mutation.key
+        _check_key(table, key)
+        _check_columns(table, values, allow_key=False)
+        _check_values(table, values)
+        params = {f"k_{name}": value for name, value in key.items()}
+        appends = []
+        for name, value in values.items():
+            if isinstance(value, Append):
+                params[f"v_{name}"] = value.text
+                appends.append((name, True))
+            else:
+                params[f"v_{name}"] = value
+                appends.append((name, False))
+        return (table.name, tuple(key), tuple(appends)), params
 
-    def _update_statement(self, shape: _Shape) -> sa.Update:
+    def _update_statement(self, shape: _Shape) -> Prepared:
         stmt = self._update_statements.get(shape)
         if stmt is not None:
             return stmt
-        table = ENTITY_TABLES[shape.table]
+        table_name, key, columns = shape
+        table = ENTITY_TABLES[table_name]
         values: dict[str, Any] = {}
-        for name, append in shape.values:
+        for name, append in columns:
             column = table.c[name]
             if append:
                 values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
             else:
                 values[name] = sa.bindparam(f"v_{name}", type_=column.type)
-        stmt = (
+        stmt = Prepared(
             sa.update(table)
-            .where(*(table.c[name] == sa.bindparam(f"k_{name}") for name in shape.key))
-            .values(values)
+            .where(*(table.c[name] == sa.bindparam(f"k_{name}") for name in key))
+            .values(values),
+            self._engine.dialect,
         )
         if len(self._update_statements) < _UPDATE_SHAPES_MAX:
             self._update_statements[shape] = stmt
         return stmt
 
     @staticmethod
-    def _flush_run(conn: sa.Connection, run: _UpdateRun) -> None:
+    def _flush_run(cursor: DBAPICursor, run: _UpdateRun) -> None:
         """Run the updates; a failure or a missing row redoes the group
         with each request isolated (the transaction is rolled back first)."""
         try:
-            result = conn.execute(run.statement, run.rows)
+            changed = run.statement.executemany(cursor, run.rows)
         except sa.exc.StatementError as exc:
             raise _RetryIsolated() from exc
-        if result.rowcount != len(run.rows):
+        if changed != len(run.rows):
             raise _RetryIsolated()
 
     def _apply(self, conn: sa.Connection, request: WriteRequest) -> None:
@@ -771,82 +804,83 @@ class SqlStore:
 
     def _allocate(
         self,
-        conn: sa.Connection,
+        cursor: DBAPICursor,
         drafts: Sequence[EventDraft],
         group: dict[str, _Head],
-        local: dict[str, _Head],
+        touched: dict[str, int | None],
+        rows: list[dict[str, Any]],
     ) -> list[StoredEvent]:
+        """Give ``drafts`` their rooms' next seqs, advancing ``group``'s
+        heads (what they were before goes into ``touched``, for the caller
+        to undo if the request fails); their rows for the events insert go
+        into ``rows``."""
         stored: list[StoredEvent] = []
         for draft in drafts:
-            _check_json(draft.data, f"data of event {draft.event!r}")
-            head = local.get(draft.room)
+            payload = _check_json(draft.data, f"data of event {draft.event!r}")
+            room = draft.room
+            head = group.get(room)
             if head is None:
-                head = self._load_head(conn, draft.room, group)
-                local[draft.room] = head
+                head = group[room] = self._load_head(cursor, room)
+                touched[room] = None
+            elif room not in touched:
+                touched[room] = head.head
             seq = head.head + 1
             last = seq + draft.merge_count - 1
             head.head = last
-            stored.append(
-                StoredEvent(
-                    room=draft.room,
-                    epoch=head.epoch,
-                    seq=seq,
-                    last_seq=last if draft.merge_count > 1 else None,
-                    event=draft.event,
-                    data=draft.data,
-                    ts=draft.ts,
-                    user_id=draft.user_id,
-                    origin=draft.origin,
-                    temp_id=draft.temp_id,
-                )
+            event = StoredEvent(
+                room=room,
+                epoch=head.epoch,
+                seq=seq,
+                last_seq=last if draft.merge_count > 1 else None,
+                event=draft.event,
+                data=draft.data,
+                ts=draft.ts,
+                user_id=draft.user_id,
+                origin=draft.origin,
+                temp_id=draft.temp_id,
+            )
+            stored.append(event)
+            rows.append(
+                {
+                    "room": room,
+                    "seq": seq,
+                    "last_seq": event.last_seq,
+                    "epoch": head.epoch,
+                    "event": draft.event,
+                    "payload": payload,
+                    "ts": draft.ts,
+                    "user_id": draft.user_id,
+                    "origin": draft.origin,
+                    "temp_id": draft.temp_id,
+                }
             )
         return stored
 
-    def _load_head(self, conn: sa.Connection, room: str, group: dict[str, _Head]) -> _Head:
-        """A copy of ``room``'s head as of this group so far, for one request
-        to advance (the copy is dropped if the request fails)."""
-        head = group.get(room)
-        if head is not None:
-            return attrs.evolve(head)
+    def _load_head(self, cursor: DBAPICursor, room: str) -> _Head:
+        """``room``'s head as committed: remembered, else read."""
         cached = self._heads.get(room)
         if cached is not None:
-            return _Head(epoch=cached[0], base=cached[1], head=cached[1], new=False)
-        row = conn.execute(
-            sa.select(s.rooms.c.epoch, s.rooms.c.head_seq).where(s.rooms.c.room == room)
-        ).one_or_none()
+            return _Head(epoch=cached[0], base=cached[1], head=cached[1])
+        row = self._select_head.execute(cursor, {"room": room}).fetchone()
         if row is None:
-            return _Head(epoch=self._new_epoch(), base=0, head=0, new=True)
-        return _Head(epoch=row.epoch, base=row.head_seq, head=row.head_seq, new=False)
+            return _Head(epoch=self._new_epoch(), base=0, head=0)
+        return _Head(epoch=row[0], base=row[1], head=row[1])
 
-    def _write_heads(self, conn: sa.Connection, group: Mapping[str, _Head]) -> None:
-        created = [
-            {"room": room, "epoch": h.epoch, "head_seq": h.head}
+    def _write_heads(self, cursor: DBAPICursor, group: Mapping[str, _Head]) -> None:
+        """One upsert for the group's rooms: a new room's row is inserted,
+        a known room's head moves from its ``base``; if another writer
+        changed a room in between, its row is not written and the group
+        fails."""
+        if not group:
+            return
+        rows = [
+            {"room": room, "epoch": h.epoch, "head": h.head, "base": h.base}
             for room, h in group.items()
-            if h.new
         ]
-        moved = [
-            {"r": room, "e": h.epoch, "b": h.base, "h": h.head}
-            for room, h in group.items()
-            if not h.new
-        ]
-        if created:
-            conn.execute(s.rooms.insert(), created)
-        if moved:
-            r = s.rooms.c
-            result = conn.execute(
-                sa.update(s.rooms)
-                .where(
-                    r.room == sa.bindparam("r"),
-                    r.epoch == sa.bindparam("e"),
-                    r.head_seq == sa.bindparam("b"),
-                )
-                .values(head_seq=sa.bindparam("h")),
-                moved,
+        if self._move_heads.executemany(cursor, rows) != len(rows):
+            raise StoreUnavailable(
+                "a room's head moved under this store: is another writer using the database?"
             )
-            if result.rowcount != len(moved):
-                raise StoreUnavailable(
-                    "a room's head moved under this store: is another writer using the database?"
-                )
 
     def reset_room(self, room: str, new_epoch: str) -> None:
         """Reset ``room``'s log: its events are deleted, its epoch becomes
