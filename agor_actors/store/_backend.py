@@ -362,12 +362,27 @@ def _raw(cursor: DBAPICursor, statement: str, cause: BaseException | None = None
         raise _GroupFailed(StoreUnavailable(message)) from exc
 
 
+@functools.cache
+def _value_types(table: sa.Table) -> dict[str, tuple[type | None, bool]]:
+    """Per column of ``table``: the Python type its values have (None for
+    JSON, which takes anything JSON can hold) and whether it is text (so
+    that it can take an :class:`Append`)."""
+    return {
+        c.name: (
+            None if isinstance(c.type, sa.JSON) else c.type.python_type,
+            isinstance(c.type, sa.String),
+        )
+        for c in table.columns
+    }
+
+
 def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: bool) -> None:
     if not isinstance(values, Mapping):
         raise StoreQueryError(f"values for {table.name} must be a mapping")
+    types = _value_types(table)
     pk = _pk(table)
     for name in values:
-        if not isinstance(name, str) or name not in table.c:
+        if name not in types:
             raise StoreQueryError(f"unknown column {name!r} in {table.name}")
         if name in pk and not allow_key:
             raise StoreQueryError(f"{table.name}.{name} is part of the key; it cannot change")
@@ -376,15 +391,16 @@ def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: boo
 def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
     """Each value has its column's Python type (JSON columns take anything),
     so that SQLite, which would store anything, refuses what PostgreSQL would."""
+    types = _value_types(table)
     for name, value in values.items():
-        column = table.c[name]
+        expected, text = types[name]
         if isinstance(value, Append):
-            if not isinstance(column.type, sa.String) or not isinstance(value.text, str):
+            if not text or not isinstance(value.text, str):
                 raise StoreQueryError(f"cannot append to {table.name}.{name}: not a text column")
-        elif isinstance(column.type, sa.JSON):
+        elif expected is None:
             _check_json(value, f"{table.name}.{name}")
-        else:
-            check_value(column, value)
+        elif value is not None and type(value) is not expected:
+            check_value(table.c[name], value)  # a subclass, or the error
 
 
 def _check_json(value: Any, what: str) -> str:
@@ -1114,7 +1130,8 @@ def _configure_sqlite(engine: sa.Engine, *, wal: bool) -> None:
     def _on_begin(conn: sa.Connection) -> None:
         # The writer takes the write lock up front: no deadlock-prone upgrade
         # from a read lock, and busy_timeout applies.  Readers stay deferred.
-        if conn.get_execution_options().get(_WRITE):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # On the driver's connection: SQLAlchemy's statement machinery is
+        # a fair share of a small group commit.
+        sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN"
+        with driver_errors(conn.dialect, sql):
+            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
