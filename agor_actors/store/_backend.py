@@ -16,6 +16,7 @@ all of them, and the next write re-reads them from the database.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import threading
@@ -242,15 +243,18 @@ class _RetryIsolated(Exception):
     included, inside its own savepoint, to find whose it was."""
 
 
-_UPDATE_SHAPES_MAX: Final = 64
+_SHAPES_MAX: Final = 64
 
-#: What an ``update`` statement depends on: the table, the key columns, and
-#: each value column with whether it appends.
-_Shape = tuple[str, tuple[str, ...], tuple[tuple[str, bool], ...]]
+#: What the statement of a plain write depends on: the op, the table, the
+#: key columns, and each value column with whether it appends (an insert's
+#: values include the columns it fills with their Python-side defaults).
+_Shape = tuple[Op, str, tuple[str, ...], tuple[tuple[str, bool], ...]]
 
 
 @attrs.define
-class _UpdateRun:
+class _Run:
+    """Consecutive plain writes of one shape: one ``executemany``."""
+
     shape: _Shape
     statement: Prepared
     rows: list[dict[str, Any]] = attrs.field(factory=list)
@@ -310,8 +314,10 @@ def _check_key(table: sa.Table, key: Mapping[str, Any]) -> None:
         raise StoreQueryError(
             f"key of {table.name} must have exactly the columns {sorted(pk)}, got {key!r}"
         )
+    types = _value_types(table)
     for name, value in key.items():
-        check_value(table.c[name], value)
+        if value is None or type(value) is not types[name][0]:
+            check_value(table.c[name], value)  # a subclass, or the error
 
 
 def _key_clause(table: sa.Table, key: Mapping[str, Any]) -> list[sa.ColumnElement[bool]]:
@@ -360,6 +366,28 @@ def _raw(cursor: DBAPICursor, statement: str, cause: BaseException | None = None
         if cause is not None:
             message += f" after: {getattr(cause, 'orig', None) or cause}"
         raise _GroupFailed(StoreUnavailable(message)) from exc
+
+
+@functools.cache
+def _python_defaults(table: sa.Table) -> dict[str, Callable[[], Any]] | None:
+    """The columns of ``table`` that SQLAlchemy fills on insert from a
+    Python-side default, each with a function making the value; None if a
+    default is of a kind only SQLAlchemy's execution can make."""
+    out: dict[str, Callable[[], Any]] = {}
+    for column in table.columns:
+        default = column.default
+        if default is None:
+            continue
+        if not isinstance(default, sa.ColumnDefault):  # pragma: no cover - none in the schema
+            return None
+        arg = default.arg
+        if default.is_scalar:
+            out[column.name] = functools.partial(copy.copy, arg)
+        elif default.is_callable:
+            out[column.name] = functools.partial(arg, None)  # wrapped to take a context
+        else:  # pragma: no cover - none in the schema
+            return None
+    return out
 
 
 @functools.cache
@@ -464,7 +492,7 @@ class SqlStore:
         self._engine = engine
         self._new_epoch = new_epoch
         self._heads: dict[str, tuple[str, int]] = {}
-        self._update_statements: dict[_Shape, Prepared] = {}
+        self._plain_statements: dict[_Shape, Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
         if engine.dialect.name == "postgresql":
@@ -621,18 +649,19 @@ class SqlStore:
         self, requests: Sequence[WriteRequest], *, isolate_events: bool
     ) -> tuple[list[WriteResult | StoreError], dict[str, _Head]]:
         """One transaction for ``requests``.  A request that is one plain
-        ``update`` of a row (no preconditions, no history: a streamed chunk,
-        a status change) needs no savepoint: it is checked here, and its
-        update joins a run of updates of the same shape that goes to the
-        database as one ``executemany`` (a run ends at a request of another
-        kind, so rows change in request order).  If a run fails or misses a
-        row, the group is redone with every request isolated, which finds
-        whose it was.  Other requests each run in a savepoint.  The group's
-        events go in as one ``executemany``, its rooms' heads as another."""
+        write of a row (an insert, an update or a delete; no preconditions,
+        no history: a streamed chunk, a status change, a new task) needs no
+        savepoint: it is checked here, and its write joins a run of writes
+        of the same shape that goes to the database as one ``executemany``
+        (a run ends at a request of another kind, so rows change in request
+        order).  If a run fails or misses a row, the group is redone with
+        every request isolated, which finds whose it was.  Other requests
+        each run in a savepoint.  The group's events go in as one
+        ``executemany``, its rooms' heads as another."""
         results: list[WriteResult | StoreError] = []
         group: dict[str, _Head] = {}
         pending: list[dict[str, Any]] = []
-        run: _UpdateRun | None = None
+        run: _Run | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
             for request in requests:
                 # rooms this request moved: the head before it, None if it
@@ -640,7 +669,7 @@ class SqlStore:
                 touched: dict[str, int | None] = {}
                 rows: list[dict[str, Any]] = []
                 try:
-                    plain = None if isolate_events else self._plain_update(request)
+                    plain = None if isolate_events else self._plain_write(request)
                     if plain is not None:
                         shape, params = plain
                         stored = self._allocate(cursor, request.events, group, touched, rows)
@@ -648,7 +677,7 @@ class SqlStore:
                             self._flush_run(cursor, run)
                             run = None
                         if run is None:
-                            run = _UpdateRun(shape, self._update_statement(shape))
+                            run = _Run(shape, self._plain_statement(shape))
                         run.rows.append(params)
                     elif request.expect or request.mutations or request.history or isolate_events:
                         if run is not None:
@@ -686,15 +715,23 @@ class SqlStore:
             self._write_heads(cursor, group)
         return results, group
 
-    def _plain_update(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
-        """``(shape, parameters)`` if ``request`` is one plain update, checked;
-        None if it is anything else.  Raises the request's error if the
-        update is not valid."""
+    def _plain_write(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
+        """``(shape, parameters)`` if ``request`` is one plain write of a
+        row (an ``insert``, an ``update`` with values or a ``delete``, and
+        nothing but events besides), checked; None if it is anything else.
+        Raises the request's error if the write is not valid."""
         if request.expect or request.history or len(request.mutations) != 1:
             return None
         mutation = request.mutations[0]
+        op = mutation.op
         values = mutation.values
-        if mutation.op != "update" or not values:
+        if op == "update":
+            if not values:
+                return None
+        elif op == "delete":
+            if values:
+                return None  # refused by _mutate, with its message
+        elif op != "insert":
             return None
         table = _entity_table(mutation.table)
         key = mutation.key
@@ -702,42 +739,62 @@ class SqlStore:
         _check_columns(table, values, allow_key=False)
         _check_values(table, values)
         params = {f"k_{name}": value for name, value in key.items()}
-        appends = []
+        columns = []
         for name, value in values.items():
             if isinstance(value, Append):
                 params[f"v_{name}"] = value.text
-                appends.append((name, True))
+                columns.append((name, op == "update"))
             else:
                 params[f"v_{name}"] = value
-                appends.append((name, False))
-        return (table.name, tuple(key), tuple(appends)), params
+                columns.append((name, False))
+        if op == "insert":
+            defaults = _python_defaults(table)
+            if defaults is None:
+                return None
+            for name, make in defaults.items():
+                if name not in values:
+                    params[f"v_{name}"] = make()
+                    columns.append((name, False))
+        return (op, table.name, tuple(key), tuple(columns)), params
 
-    def _update_statement(self, shape: _Shape) -> Prepared:
-        stmt = self._update_statements.get(shape)
+    def _plain_statement(self, shape: _Shape) -> Prepared:
+        stmt = self._plain_statements.get(shape)
         if stmt is not None:
             return stmt
-        table_name, key, columns = shape
+        op, table_name, key, columns = shape
         table = ENTITY_TABLES[table_name]
-        values: dict[str, Any] = {}
-        for name, append in columns:
-            column = table.c[name]
-            if append:
-                values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
+        statement: sa.ClauseElement
+        if op == "insert":
+            statement = sa.insert(table).values(
+                {
+                    **{name: sa.bindparam(f"k_{name}", type_=table.c[name].type) for name in key},
+                    **{
+                        name: sa.bindparam(f"v_{name}", type_=table.c[name].type)
+                        for name, _ in columns
+                    },
+                }
+            )
+        else:
+            where = [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
+            if op == "delete":
+                statement = sa.delete(table).where(*where)
             else:
-                values[name] = sa.bindparam(f"v_{name}", type_=column.type)
-        stmt = Prepared(
-            sa.update(table)
-            .where(*(table.c[name] == sa.bindparam(f"k_{name}") for name in key))
-            .values(values),
-            self._engine.dialect,
-        )
-        if len(self._update_statements) < _UPDATE_SHAPES_MAX:
-            self._update_statements[shape] = stmt
+                values: dict[str, Any] = {}
+                for name, append in columns:
+                    column = table.c[name]
+                    if append:
+                        values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
+                    else:
+                        values[name] = sa.bindparam(f"v_{name}", type_=column.type)
+                statement = sa.update(table).where(*where).values(values)
+        stmt = Prepared(statement, self._engine.dialect)
+        if len(self._plain_statements) < _SHAPES_MAX:
+            self._plain_statements[shape] = stmt
         return stmt
 
     @staticmethod
-    def _flush_run(cursor: DBAPICursor, run: _UpdateRun) -> None:
-        """Run the updates; a failure or a missing row redoes the group
+    def _flush_run(cursor: DBAPICursor, run: _Run) -> None:
+        """Run the writes; a failure or a missing row redoes the group
         with each request isolated (the transaction is rolled back first)."""
         try:
             changed = run.statement.executemany(cursor, run.rows)
