@@ -310,7 +310,7 @@ def _pk(table: sa.Table) -> frozenset[str]:
 
 def _check_key(table: sa.Table, key: Mapping[str, Any]) -> None:
     pk = _pk(table)
-    if not isinstance(key, Mapping) or key.keys() != pk:
+    if not (type(key) is dict or isinstance(key, Mapping)) or key.keys() != pk:
         raise StoreQueryError(
             f"key of {table.name} must have exactly the columns {sorted(pk)}, got {key!r}"
         )
@@ -405,7 +405,7 @@ def _value_types(table: sa.Table) -> dict[str, tuple[type | None, bool]]:
 
 
 def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: bool) -> None:
-    if not isinstance(values, Mapping):
+    if not (type(values) is dict or isinstance(values, Mapping)):  # dict: no ABC check
         raise StoreQueryError(f"values for {table.name} must be a mapping")
     types = _value_types(table)
     pk = _pk(table)
