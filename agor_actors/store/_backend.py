@@ -615,10 +615,11 @@ class SqlStore:
         """Commit ``requests`` in one transaction, each isolated as if in
         its own savepoint (see :meth:`_commit_group` for how plain writes
         avoid one): a request that fails gets its :class:`StoreError` and
-        changes nothing, the others commit.  Events get their room's next seqs, gap-free.  If
-        the transaction fails as a whole, every request gets the same
-        :class:`StoreUnavailable` (or other :class:`StoreError`) and nothing
-        is written.  The results are in the order of ``requests``."""
+        changes nothing, the others commit.  Events get their room's next
+        seqs, gap-free.  If the transaction fails as a whole, every request
+        gets the same :class:`StoreUnavailable` (or other
+        :class:`StoreError`) and nothing is written.  The results are in the
+        order of ``requests``."""
         if not requests:
             return []
         with self._write_lock:
