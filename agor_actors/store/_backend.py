@@ -16,6 +16,8 @@ all of them, and the next write re-reads them from the database.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +34,7 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.pool import StaticPool
 
 from . import _schema as s
+from ._prepared import Prepared, driver_errors
 from ._query import MAX_LIMIT, Page, check_value, compile_find, table_for, visible_columns
 from ._schema import (
     ENTITY_TABLES,
@@ -222,9 +225,8 @@ class EventPage:
 @attrs.define
 class _Head:
     epoch: str
-    base: int  # head_seq as committed before this group
+    base: int  # head_seq as committed before this group (0: no rooms row yet)
     head: int  # head_seq after the allocations so far
-    new: bool  # no rooms row yet
 
 
 class _GroupFailed(Exception):
@@ -241,43 +243,25 @@ class _RetryIsolated(Exception):
     included, inside its own savepoint, to find whose it was."""
 
 
-_UPDATE_SHAPES_MAX: Final = 64
+_SHAPES_MAX: Final = 64
 
-
-@attrs.frozen
-class _Shape:
-    """What an ``update`` statement depends on: the table, the key columns,
-    and each value column with whether it appends."""
-
-    table: str
-    key: tuple[str, ...]
-    values: tuple[tuple[str, bool], ...]
+#: What the statement of a plain write depends on: the op, the table, the
+#: key columns, and each value column with whether it appends (an insert's
+#: values include the columns it fills with their Python-side defaults).
+_Shape = tuple[Op, str, tuple[str, ...], tuple[tuple[str, bool], ...]]
 
 
 @attrs.define
-class _UpdateRun:
+class _Run:
+    """Consecutive plain writes of one shape: one ``executemany``."""
+
     shape: _Shape
-    statement: sa.Update
+    statement: Prepared
     rows: list[dict[str, Any]] = attrs.field(factory=list)
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode("utf-8")
-
-
-def _event_row(event: StoredEvent) -> dict[str, Any]:
-    return {
-        "room": event.room,
-        "seq": event.seq,
-        "last_seq": event.last_seq,
-        "epoch": event.epoch,
-        "event": event.event,
-        "payload": event.data,
-        "ts": event.ts,
-        "user_id": event.user_id,
-        "origin": event.origin,
-        "temp_id": event.temp_id,
-    }
 
 
 def _stored(row: sa.Row[Any]) -> StoredEvent:
@@ -319,14 +303,21 @@ def _entity_table(name: object) -> sa.Table:
     return ENTITY_TABLES[name]
 
 
+@functools.cache
+def _pk(table: sa.Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.primary_key.columns)
+
+
 def _check_key(table: sa.Table, key: Mapping[str, Any]) -> None:
-    pk = {c.name for c in table.primary_key.columns}
-    if not isinstance(key, Mapping) or set(key) != pk:
+    pk = _pk(table)
+    if not (type(key) is dict or isinstance(key, Mapping)) or key.keys() != pk:
         raise StoreQueryError(
             f"key of {table.name} must have exactly the columns {sorted(pk)}, got {key!r}"
         )
+    types = _value_types(table)
     for name, value in key.items():
-        check_value(table.c[name], value)
+        if value is None or type(value) is not types[name][0]:
+            check_value(table.c[name], value)  # a subclass, or the error
 
 
 def _key_clause(table: sa.Table, key: Mapping[str, Any]) -> list[sa.ColumnElement[bool]]:
@@ -377,12 +368,49 @@ def _raw(cursor: DBAPICursor, statement: str, cause: BaseException | None = None
         raise _GroupFailed(StoreUnavailable(message)) from exc
 
 
+@functools.cache
+def _python_defaults(table: sa.Table) -> dict[str, Callable[[], Any]] | None:
+    """The columns of ``table`` that SQLAlchemy fills on insert from a
+    Python-side default, each with a function making the value; None if a
+    default is of a kind only SQLAlchemy's execution can make."""
+    out: dict[str, Callable[[], Any]] = {}
+    for column in table.columns:
+        default = column.default
+        if default is None:
+            continue
+        if not isinstance(default, sa.ColumnDefault):  # pragma: no cover - none in the schema
+            return None
+        arg = default.arg
+        if default.is_scalar:
+            out[column.name] = functools.partial(copy.copy, arg)
+        elif default.is_callable:
+            out[column.name] = functools.partial(arg, None)  # wrapped to take a context
+        else:  # pragma: no cover - none in the schema
+            return None
+    return out
+
+
+@functools.cache
+def _value_types(table: sa.Table) -> dict[str, tuple[type | None, bool]]:
+    """Per column of ``table``: the Python type its values have (None for
+    JSON, which takes anything JSON can hold) and whether it is text (so
+    that it can take an :class:`Append`)."""
+    return {
+        c.name: (
+            None if isinstance(c.type, sa.JSON) else c.type.python_type,
+            isinstance(c.type, sa.String),
+        )
+        for c in table.columns
+    }
+
+
 def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: bool) -> None:
-    if not isinstance(values, Mapping):
+    if not (type(values) is dict or isinstance(values, Mapping)):  # dict: no ABC check
         raise StoreQueryError(f"values for {table.name} must be a mapping")
-    pk = {c.name for c in table.primary_key.columns}
+    types = _value_types(table)
+    pk = _pk(table)
     for name in values:
-        if not isinstance(name, str) or name not in table.c:
+        if name not in types:
             raise StoreQueryError(f"unknown column {name!r} in {table.name}")
         if name in pk and not allow_key:
             raise StoreQueryError(f"{table.name}.{name} is part of the key; it cannot change")
@@ -391,23 +419,25 @@ def _check_columns(table: sa.Table, values: Mapping[str, Any], *, allow_key: boo
 def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
     """Each value has its column's Python type (JSON columns take anything),
     so that SQLite, which would store anything, refuses what PostgreSQL would."""
+    types = _value_types(table)
     for name, value in values.items():
-        column = table.c[name]
+        expected, text = types[name]
         if isinstance(value, Append):
-            if not isinstance(column.type, sa.String) or not isinstance(value.text, str):
+            if not text or not isinstance(value.text, str):
                 raise StoreQueryError(f"cannot append to {table.name}.{name}: not a text column")
-        elif isinstance(column.type, sa.JSON):
+        elif expected is None:
             _check_json(value, f"{table.name}.{name}")
-        else:
-            check_value(column, value)
+        elif value is not None and type(value) is not expected:
+            check_value(table.c[name], value)  # a subclass, or the error
 
 
-def _check_json(value: Any, what: str) -> None:
-    """Refuse a value that cannot be stored as JSON before any driver sees
-    it (psycopg serializes inside the driver, where a failure is a bare
-    ``TypeError``)."""
+def _check_json(value: Any, what: str) -> str:
+    """``value`` as JSON text (what the engine's ``json_serializer``
+    makes of it); refuses a value that cannot be stored as JSON before any
+    driver sees it (psycopg serializes inside the driver, where a failure is
+    a bare ``TypeError``)."""
     try:
-        orjson.dumps(value)
+        return orjson.dumps(value).decode("utf-8")
     except TypeError as exc:
         raise StoreIntegrityError(f"{what} is not JSON: {exc}") from exc
 
@@ -419,7 +449,9 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _appended(column: sa.Column[Any], text: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """``column || text`` (an :class:`Append`), a NULL column counting as empty."""
-    return sa.func.coalesce(column, "") + text
+    # the empty string as SQL, not a bound value: a prepared statement binds
+    # only the parameters its rows carry
+    return sa.func.coalesce(column, sa.literal_column("''", sa.Text)) + text
 
 
 def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -460,14 +492,47 @@ class SqlStore:
         self._engine = engine
         self._new_epoch = new_epoch
         self._heads: dict[str, tuple[str, int]] = {}
-        self._update_statements: dict[_Shape, sa.Update] = {}
+        self._plain_statements: dict[_Shape, Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
         if engine.dialect.name == "postgresql":
             self._upsert_insert: Callable[[sa.Table], Any] = pg_dialect.insert
         else:
             self._upsert_insert = sqlite_dialect.insert
+        self._insert_events, self._select_head, self._move_heads = self._head_statements()
         self._ensure_schema()
+
+    def _head_statements(self) -> tuple[Prepared, Prepared, Prepared]:
+        """The commit path's fixed statements, compiled for this engine:
+        the events insert (``payload`` bound as the JSON text the event's
+        check already made), a room's head, and the heads' upsert, which
+        moves a room's head only from what this store last committed
+        (``base``, and its epoch), so another writer's move shows as a
+        row not written."""
+        dialect = self._engine.dialect
+        insert_events = sa.insert(s.events).values(
+            {c.name: sa.bindparam(c.name, type_=c.type) for c in s.events.c}
+        )
+        r = s.rooms.c
+        select_head = sa.select(r.epoch, r.head_seq).where(r.room == sa.bindparam("room"))
+        upsert = self._upsert_insert(s.rooms).values(
+            room=sa.bindparam("room", type_=r.room.type),
+            epoch=sa.bindparam("epoch", type_=r.epoch.type),
+            head_seq=sa.bindparam("head", type_=r.head_seq.type),
+        )
+        move_heads = upsert.on_conflict_do_update(
+            index_elements=[r.room],
+            set_={"head_seq": upsert.excluded.head_seq},
+            where=sa.and_(
+                r.epoch == upsert.excluded.epoch,
+                r.head_seq == sa.bindparam("base", type_=r.head_seq.type),
+            ),
+        )
+        return (
+            Prepared(insert_events, dialect, raw={"payload"}),
+            Prepared(select_head, dialect),
+            Prepared(move_heads, dialect),
+        )
 
     @property
     def engine(self) -> sa.Engine:
@@ -547,12 +612,14 @@ class SqlStore:
     # ----------------------------------------------------------------- writes
 
     def commit(self, requests: Sequence[WriteRequest]) -> list[WriteResult | StoreError]:
-        """Commit ``requests`` in one transaction, each in its own savepoint:
-        a request that fails gets its :class:`StoreError` and changes nothing,
-        the others commit.  Events get their room's next seqs, gap-free.  If
-        the transaction fails as a whole, every request gets the same
-        :class:`StoreUnavailable` (or other :class:`StoreError`) and nothing
-        is written.  The results are in the order of ``requests``."""
+        """Commit ``requests`` in one transaction, each isolated as if in
+        its own savepoint (see :meth:`_commit_group` for how plain writes
+        avoid one): a request that fails gets its :class:`StoreError` and
+        changes nothing, the others commit.  Events get their room's next
+        seqs, gap-free.  If the transaction fails as a whole, every request
+        gets the same :class:`StoreUnavailable` (or other
+        :class:`StoreError`) and nothing is written.  The results are in the
+        order of ``requests``."""
         if not requests:
             return []
         with self._write_lock:
@@ -584,117 +651,158 @@ class SqlStore:
         self, requests: Sequence[WriteRequest], *, isolate_events: bool
     ) -> tuple[list[WriteResult | StoreError], dict[str, _Head]]:
         """One transaction for ``requests``.  A request that is one plain
-        ``update`` of a row (no preconditions, no history: a streamed chunk,
-        a status change) needs no savepoint: it is checked here, and its
-        update joins a run of updates of the same shape that goes to the
-        database as one ``executemany`` (a run ends at a request of another
-        kind, so rows change in request order).  If a run fails or misses a
-        row, the group is redone with every request isolated, which finds
-        whose it was.  Other requests each run in a savepoint."""
+        write of a row (an insert, an update or a delete; no preconditions,
+        no history: a streamed chunk, a status change, a new task) needs no
+        savepoint: it is checked here, and its write joins a run of writes
+        of the same shape that goes to the database as one ``executemany``
+        (a run ends at a request of another kind, so rows change in request
+        order).  If a run fails or misses a row, the group is redone with
+        every request isolated, which finds whose it was.  Other requests
+        each run in a savepoint.  The group's events go in as one
+        ``executemany``, its rooms' heads as another."""
         results: list[WriteResult | StoreError] = []
         group: dict[str, _Head] = {}
         pending: list[dict[str, Any]] = []
-        run: _UpdateRun | None = None
+        run: _Run | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
             for request in requests:
-                local: dict[str, _Head] = {}
-                stored: list[StoredEvent] = []
+                # rooms this request moved: the head before it, None if it
+                # brought the room into the group (undone if it fails)
+                touched: dict[str, int | None] = {}
+                rows: list[dict[str, Any]] = []
                 try:
-                    plain = None if isolate_events else self._plain_update(request)
+                    plain = None if isolate_events else self._plain_write(request)
                     if plain is not None:
-                        stored = self._allocate(conn, request.events, group, local)
-                        if run is not None and run.shape != plain[0]:
-                            self._flush_run(conn, run)
+                        shape, params = plain
+                        stored = self._allocate(cursor, request.events, group, touched, rows)
+                        if run is not None and run.shape != shape:
+                            self._flush_run(cursor, run)
                             run = None
                         if run is None:
-                            run = _UpdateRun(plain[0], self._update_statement(plain[0]))
-                        run.rows.append(plain[1])
+                            run = _Run(shape, self._plain_statement(shape))
+                        run.rows.append(params)
                     elif request.expect or request.mutations or request.history or isolate_events:
                         if run is not None:
-                            self._flush_run(conn, run)
+                            self._flush_run(cursor, run)
                             run = None
                         with _savepoint(cursor):
                             self._apply(conn, request)
-                            stored = self._allocate(conn, request.events, group, local)
-                            if isolate_events and stored:
-                                conn.execute(s.events.insert(), [_event_row(e) for e in stored])
+                            stored = self._allocate(cursor, request.events, group, touched, rows)
+                            if isolate_events and rows:
+                                self._insert_events.executemany(cursor, rows)
                     else:
-                        stored = self._allocate(conn, request.events, group, local)
+                        stored = self._allocate(cursor, request.events, group, touched, rows)
                 except (StoreError, sa.exc.StatementError) as exc:
                     results.append(_request_error(exc))
-                    # Forget what this store believed about the request's
-                    # rooms: if the failure was a seq already taken (another
-                    # writer), the next write re-reads the head.
-                    for room in local:
+                    for room, before in touched.items():
+                        if before is None:
+                            del group[room]
+                        else:
+                            group[room].head = before
+                        # Forget what this store believed about the room: if
+                        # the failure was a seq already taken (another
+                        # writer), the next write re-reads the head.
                         self._heads.pop(room, None)
                     continue
-                group.update(local)
                 results.append(WriteResult(tuple(stored)))
                 if not isolate_events:
-                    pending.extend(_event_row(e) for e in stored)
+                    pending += rows
             if run is not None:
-                self._flush_run(conn, run)
+                self._flush_run(cursor, run)
             if pending:
                 try:
-                    conn.execute(s.events.insert(), pending)
+                    self._insert_events.executemany(cursor, pending)
                 except sa.exc.StatementError as exc:
                     raise _RetryIsolated() from exc
-            self._write_heads(conn, group)
+            self._write_heads(cursor, group)
         return results, group
 
-    def _plain_update(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
-        """``(shape, parameters)`` if ``request`` is one plain update, checked;
-        None if it is anything else.  Raises the request's error if the
-        update is not valid."""
+    def _plain_write(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
+        """``(shape, parameters)`` if ``request`` is one plain write of a
+        row (an ``insert``, an ``update`` with values or a ``delete``, and
+        nothing but events besides), checked; None if it is anything else.
+        Raises the request's error if the write is not valid."""
         if request.expect or request.history or len(request.mutations) != 1:
             return None
         mutation = request.mutations[0]
-        if mutation.op != "update" or not mutation.values:
+        op = mutation.op
+        values = mutation.values
+        if op == "update":
+            if not values:
+                return None
+        elif op == "delete":
+            if values:
+                return None  # refused by _mutate, with its message
+        elif op != "insert":
             return None
         table = _entity_table(mutation.table)
-        _check_key(table, mutation.key)
-        _check_columns(table, mutation.values, allow_key=False)
-        _check_values(table, mutation.values)
-        shape = _Shape(
-            table.name,
-            tuple(mutation.key),
-            tuple((name, isinstance(v, Append)) for name, v in mutation.values.items()),
-        )
-        params = {f"k_{name}": value for name, value in mutation.key.items()}
-        for name, value in mutation.values.items():
-            params[f"v_{name}"] = value.text if isinstance(value, Append) else value
-        return shape, params
+        key = mutation.key
+        _check_key(table, key)
+        _check_columns(table, values, allow_key=False)
+        _check_values(table, values)
+        params = {f"k_{name}": value for name, value in key.items()}
+        columns = []
+        for name, value in values.items():
+            if isinstance(value, Append):
+                params[f"v_{name}"] = value.text
+                columns.append((name, op == "update"))
+            else:
+                params[f"v_{name}"] = value
+                columns.append((name, False))
+        if op == "insert":
+            defaults = _python_defaults(table)
+            if defaults is None:
+                return None
+            for name, make in defaults.items():
+                if name not in values:
+                    params[f"v_{name}"] = make()
+                    columns.append((name, False))
+        return (op, table.name, tuple(key), tuple(columns)), params
 
-    def _update_statement(self, shape: _Shape) -> sa.Update:
-        stmt = self._update_statements.get(shape)
+    def _plain_statement(self, shape: _Shape) -> Prepared:
+        stmt = self._plain_statements.get(shape)
         if stmt is not None:
             return stmt
-        table = ENTITY_TABLES[shape.table]
-        values: dict[str, Any] = {}
-        for name, append in shape.values:
-            column = table.c[name]
-            if append:
-                values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
+        op, table_name, key, columns = shape
+        table = ENTITY_TABLES[table_name]
+        statement: sa.ClauseElement
+        if op == "insert":
+            statement = sa.insert(table).values(
+                {
+                    **{name: sa.bindparam(f"k_{name}", type_=table.c[name].type) for name in key},
+                    **{
+                        name: sa.bindparam(f"v_{name}", type_=table.c[name].type)
+                        for name, _ in columns
+                    },
+                }
+            )
+        else:
+            where = [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
+            if op == "delete":
+                statement = sa.delete(table).where(*where)
             else:
-                values[name] = sa.bindparam(f"v_{name}", type_=column.type)
-        stmt = (
-            sa.update(table)
-            .where(*(table.c[name] == sa.bindparam(f"k_{name}") for name in shape.key))
-            .values(values)
-        )
-        if len(self._update_statements) < _UPDATE_SHAPES_MAX:
-            self._update_statements[shape] = stmt
+                values: dict[str, Any] = {}
+                for name, append in columns:
+                    column = table.c[name]
+                    if append:
+                        values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
+                    else:
+                        values[name] = sa.bindparam(f"v_{name}", type_=column.type)
+                statement = sa.update(table).where(*where).values(values)
+        stmt = Prepared(statement, self._engine.dialect)
+        if len(self._plain_statements) < _SHAPES_MAX:
+            self._plain_statements[shape] = stmt
         return stmt
 
     @staticmethod
-    def _flush_run(conn: sa.Connection, run: _UpdateRun) -> None:
-        """Run the updates; a failure or a missing row redoes the group
+    def _flush_run(cursor: DBAPICursor, run: _Run) -> None:
+        """Run the writes; a failure or a missing row redoes the group
         with each request isolated (the transaction is rolled back first)."""
         try:
-            result = conn.execute(run.statement, run.rows)
+            changed = run.statement.executemany(cursor, run.rows)
         except sa.exc.StatementError as exc:
             raise _RetryIsolated() from exc
-        if result.rowcount != len(run.rows):
+        if changed != len(run.rows):
             raise _RetryIsolated()
 
     def _apply(self, conn: sa.Connection, request: WriteRequest) -> None:
@@ -771,82 +879,83 @@ class SqlStore:
 
     def _allocate(
         self,
-        conn: sa.Connection,
+        cursor: DBAPICursor,
         drafts: Sequence[EventDraft],
         group: dict[str, _Head],
-        local: dict[str, _Head],
+        touched: dict[str, int | None],
+        rows: list[dict[str, Any]],
     ) -> list[StoredEvent]:
+        """Give ``drafts`` their rooms' next seqs, advancing ``group``'s
+        heads (what they were before goes into ``touched``, for the caller
+        to undo if the request fails); their rows for the events insert go
+        into ``rows``."""
         stored: list[StoredEvent] = []
         for draft in drafts:
-            _check_json(draft.data, f"data of event {draft.event!r}")
-            head = local.get(draft.room)
+            payload = _check_json(draft.data, f"data of event {draft.event!r}")
+            room = draft.room
+            head = group.get(room)
             if head is None:
-                head = self._load_head(conn, draft.room, group)
-                local[draft.room] = head
+                head = group[room] = self._load_head(cursor, room)
+                touched[room] = None
+            elif room not in touched:
+                touched[room] = head.head
             seq = head.head + 1
             last = seq + draft.merge_count - 1
             head.head = last
-            stored.append(
-                StoredEvent(
-                    room=draft.room,
-                    epoch=head.epoch,
-                    seq=seq,
-                    last_seq=last if draft.merge_count > 1 else None,
-                    event=draft.event,
-                    data=draft.data,
-                    ts=draft.ts,
-                    user_id=draft.user_id,
-                    origin=draft.origin,
-                    temp_id=draft.temp_id,
-                )
+            event = StoredEvent(
+                room=room,
+                epoch=head.epoch,
+                seq=seq,
+                last_seq=last if draft.merge_count > 1 else None,
+                event=draft.event,
+                data=draft.data,
+                ts=draft.ts,
+                user_id=draft.user_id,
+                origin=draft.origin,
+                temp_id=draft.temp_id,
+            )
+            stored.append(event)
+            rows.append(
+                {
+                    "room": room,
+                    "seq": seq,
+                    "last_seq": event.last_seq,
+                    "epoch": head.epoch,
+                    "event": draft.event,
+                    "payload": payload,
+                    "ts": draft.ts,
+                    "user_id": draft.user_id,
+                    "origin": draft.origin,
+                    "temp_id": draft.temp_id,
+                }
             )
         return stored
 
-    def _load_head(self, conn: sa.Connection, room: str, group: dict[str, _Head]) -> _Head:
-        """A copy of ``room``'s head as of this group so far, for one request
-        to advance (the copy is dropped if the request fails)."""
-        head = group.get(room)
-        if head is not None:
-            return attrs.evolve(head)
+    def _load_head(self, cursor: DBAPICursor, room: str) -> _Head:
+        """``room``'s head as committed: remembered, else read."""
         cached = self._heads.get(room)
         if cached is not None:
-            return _Head(epoch=cached[0], base=cached[1], head=cached[1], new=False)
-        row = conn.execute(
-            sa.select(s.rooms.c.epoch, s.rooms.c.head_seq).where(s.rooms.c.room == room)
-        ).one_or_none()
+            return _Head(epoch=cached[0], base=cached[1], head=cached[1])
+        row = self._select_head.execute(cursor, {"room": room}).fetchone()
         if row is None:
-            return _Head(epoch=self._new_epoch(), base=0, head=0, new=True)
-        return _Head(epoch=row.epoch, base=row.head_seq, head=row.head_seq, new=False)
+            return _Head(epoch=self._new_epoch(), base=0, head=0)
+        return _Head(epoch=row[0], base=row[1], head=row[1])
 
-    def _write_heads(self, conn: sa.Connection, group: Mapping[str, _Head]) -> None:
-        created = [
-            {"room": room, "epoch": h.epoch, "head_seq": h.head}
+    def _write_heads(self, cursor: DBAPICursor, group: Mapping[str, _Head]) -> None:
+        """One upsert for the group's rooms: a new room's row is inserted,
+        a known room's head moves from its ``base``; if another writer
+        changed a room in between, its row is not written and the group
+        fails."""
+        if not group:
+            return
+        rows = [
+            {"room": room, "epoch": h.epoch, "head": h.head, "base": h.base}
             for room, h in group.items()
-            if h.new
         ]
-        moved = [
-            {"r": room, "e": h.epoch, "b": h.base, "h": h.head}
-            for room, h in group.items()
-            if not h.new
-        ]
-        if created:
-            conn.execute(s.rooms.insert(), created)
-        if moved:
-            r = s.rooms.c
-            result = conn.execute(
-                sa.update(s.rooms)
-                .where(
-                    r.room == sa.bindparam("r"),
-                    r.epoch == sa.bindparam("e"),
-                    r.head_seq == sa.bindparam("b"),
-                )
-                .values(head_seq=sa.bindparam("h")),
-                moved,
+        if self._move_heads.executemany(cursor, rows) != len(rows):
+            raise StoreUnavailable(
+                "a room's head moved under this store: is another writer using the database?"
             )
-            if result.rowcount != len(moved):
-                raise StoreUnavailable(
-                    "a room's head moved under this store: is another writer using the database?"
-                )
 
     def reset_room(self, room: str, new_epoch: str) -> None:
         """Reset ``room``'s log: its events are deleted, its epoch becomes
@@ -1080,7 +1189,8 @@ def _configure_sqlite(engine: sa.Engine, *, wal: bool) -> None:
     def _on_begin(conn: sa.Connection) -> None:
         # The writer takes the write lock up front: no deadlock-prone upgrade
         # from a read lock, and busy_timeout applies.  Readers stay deferred.
-        if conn.get_execution_options().get(_WRITE):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # On the driver's connection: SQLAlchemy's statement machinery is
+        # a fair share of a small group commit.
+        sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN"
+        with driver_errors(conn.dialect, sql):
+            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
