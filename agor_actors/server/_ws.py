@@ -94,6 +94,7 @@ class WsTransport:
         "_eof",
         "_max_message_bytes",
         "_messages",
+        "_more",
         "_parts",
         "_parts_bytes",
         "_sock",
@@ -124,6 +125,7 @@ class WsTransport:
         self._parts: list[bytes | str] = []
         self._parts_bytes = 0
         self._tail = b""
+        self._more = True  # the last read filled the buffer: more may be waiting
         self._broken = False
         self._eof: TransportClosed | None = None
 
@@ -197,7 +199,14 @@ class WsTransport:
         return self._messages.popleft()
 
     async def _recv(self) -> bytes:
+        """One read of the socket (``b""``: the peer closed).  A checkpoint.
+        After a read that did not fill the buffer the socket is most likely
+        drained: then it waits for readability first rather than paying for
+        a read that fails (``EAGAIN``)."""
         waited = False
+        if not self._more:
+            await trio.lowlevel.wait_readable(self._sock)
+            waited = True
         while True:
             try:
                 data = self._sock.recv(RECV_BYTES)
@@ -211,6 +220,7 @@ class WsTransport:
                     raise
             if not waited:
                 await trio.lowlevel.checkpoint()
+            self._more = len(data) == RECV_BYTES
             return data
 
     def _feed(self, data: bytes) -> None:
