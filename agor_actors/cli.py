@@ -89,6 +89,13 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="the least severe records logged (default INFO)",
     )
     parser.add_argument(
+        "--metrics-token",
+        default=os.environ.get("AGOR_METRICS_TOKEN"),
+        metavar="TOKEN",
+        help="a token that may read /metrics and nothing else (default: the owner's only;"
+        " or AGOR_METRICS_TOKEN)",
+    )
+    parser.add_argument(
         "--log-format",
         default=os.environ.get("AGOR_LOG_FORMAT", "text"),
         choices=["text", "json"],
@@ -113,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         db_url=args.db,
         banner_executable=_executable(),
+        metrics_token=args.metrics_token,
     )
 
 

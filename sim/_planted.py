@@ -66,9 +66,9 @@ def _fanout_reorder(original: Any) -> Any:
 
 
 def _ack_before_durable(original: Any) -> Any:
-    def _start(self: StoreWriter, state: WriterState) -> list[Effect]:
+    def _start(self: StoreWriter, state: WriterState, now: float) -> list[Effect]:
         taken = state.pending[: self.max_group]
-        effects = original(self, state)
+        effects = original(self, state, now)
         return [*(Reply(r.reply_to, WriteResult(())) for r in taken), *effects]
 
     return _start

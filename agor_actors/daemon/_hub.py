@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Literal, Protocol
@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import attrs
 import outcome
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from protocols import Joined, Lagged, PresenceUpdate, Since, encode
 
@@ -36,6 +37,7 @@ from ..domain.room import (
     to_event,
 )
 from ..domain.session import Command, SessionBehaviour
+from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..store import (
@@ -116,7 +118,9 @@ class Hub:
         system: ActorSystem,
         owner_token: str,
         authorizer: Authorizer,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.world = world
         self.store = store
         self.system = system
@@ -129,12 +133,15 @@ class Hub:
         self._presence_of: dict[str, Principal] = {}
         self.presence_dropped = 0
         system.registry.exit_hooks.append(self._on_actor_exit)
+        self.metrics.add_collector(self._scraped)
 
     def _on_actor_exit(self, name: str, ref: ActorRef) -> None:
         """A room that crashed forgot its subscribers: tell each one
         ``lagged`` from what it was offered, so that it resumes (from the
         new incarnation's memory or the log) instead of waiting forever."""
         reason = ref.exit_reason
+        if reason is not None and reason.abnormal:
+            self.metrics.actor_exits.labels(name.partition(":")[0]).inc()
         if not name.startswith("room:") or reason is None or not reason.abnormal:
             return
         for subs in self._subs.values():
@@ -615,6 +622,43 @@ class Hub:
     def snapshot(self) -> dict[str, Any]:
         return self.system.snapshot().to_json()
 
+    def _scraped(self) -> Iterator[Metric]:
+        """What the metrics read at each scrape: actors by kind, rooms and
+        their subscribers, mailbox depths (the fullest ones by name)."""
+        actors = GaugeMetricFamily("agor_actors", "Live actors by kind", labels=["kind"])
+        depth = GaugeMetricFamily(
+            "agor_mailbox_depth_max", "The fullest mailbox of each kind", labels=["kind"]
+        )
+        fullest = GaugeMetricFamily(
+            "agor_mailbox_fullest",
+            "Depth of the 5 fullest mailboxes, by actor",
+            labels=["actor"],
+        )
+        subscribers = GaugeMetricFamily(
+            "agor_room_subscribers", "Subscribers of every live room, summed"
+        )
+        kinds: dict[str, int] = {}
+        deepest: dict[str, int] = {}
+        stats = []
+        for st in self.system.registry.statistics():
+            if not st.alive:
+                continue
+            kind = st.name.partition(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+            deepest[kind] = max(deepest.get(kind, 0), st.mailbox_depth)
+            stats.append((st.mailbox_depth, st.name))
+        for kind, count in sorted(kinds.items()):
+            actors.add_metric([kind], count)
+            depth.add_metric([kind], deepest[kind])
+        for count, name in sorted(stats, reverse=True)[:5]:
+            fullest.add_metric([name], count)
+        subscribers.add_metric([], sum(len(subs) for subs in self._subs.values()))
+        dropped = CounterMetricFamily(
+            "agor_presence_dropped", "Presence updates dropped (a full presence mailbox)"
+        )
+        dropped.add_metric([], self.presence_dropped)
+        yield from (actors, depth, fullest, subscribers, dropped)
+
     async def drain(self) -> None:
         """Wait until every write queued so far is durable."""
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
@@ -713,11 +757,15 @@ async def open_hub(
             if isinstance(results[0], StoreError):
                 raise results[0]
 
+        metrics = Metrics()
+
         def writer(name: str) -> Behaviour[Any]:
-            return StoreWriter(store, world)
+            return StoreWriter(store, world, metrics=metrics)
 
         def room(name: str) -> Behaviour[Any]:
-            return RoomBehaviour(name.removeprefix("room:"), store, presence=presence)
+            return RoomBehaviour(
+                name.removeprefix("room:"), store, presence=presence, metrics=metrics
+            )
 
         def user_presence(name: str) -> Behaviour[Any]:
             return UserPresenceBehaviour(name.removeprefix("presence:user:"), presence)
@@ -731,7 +779,7 @@ async def open_hub(
             system.define(Kind("session:", session))
             system.define(Kind("presence:user:", user_presence))
             await system.registry.get(WRITER_NAME)
-            hub = Hub(world, store, system, token, authorizer or AllowAll())
+            hub = Hub(world, store, system, token, authorizer or AllowAll(), metrics)
             try:
                 yield hub
             finally:

@@ -30,6 +30,7 @@ import outcome
 
 from protocols import Codec, Event, Joined, Limits, Presence, Since, Viewport, encode
 
+from ..metrics import Metrics
 from ..outbox import Frame, Outbox, join_frame
 from ..runtime import (
     ActorContext,
@@ -263,7 +264,9 @@ class RoomBehaviour(Behaviour[RoomState]):
         *,
         ring_size: int = 1024,
         presence: PresenceConfig | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.room = room
         self.store = store
         self.ring_size = ring_size
@@ -313,6 +316,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, Resync | _HeadCheck):
             return self._resync(state)
         if isinstance(msg, Committed):
+            if self.metrics is not None and msg.committed_s:
+                self.metrics.delivery_seconds.observe(max(0.0, now - msg.committed_s))
             return self._committed(state, msg.events, now)
         raise TypeError(f"room: unexpected {msg!r}")
 
@@ -428,6 +433,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         state.window_start_s, state.window_sends = now, len(state.subscribers)
         if entries:
             state.windows += 1
+            if self.metrics is not None:
+                self.metrics.batch_windows.inc()
             self._deliver(state, entries)
         return []
 
@@ -435,6 +442,14 @@ class RoomBehaviour(Behaviour[RoomState]):
         """Offer ``entries`` (consecutive, in seq order) to every subscriber.
         Those that were sent everything before them share one frame per
         codec (and projection); the others get what they miss of them."""
+        delivered, lagged = state.delivered, state.lagged
+        self._deliver_all(state, entries)
+        if self.metrics is not None:
+            self.metrics.deliveries.inc(state.delivered - delivered)
+            if state.lagged > lagged:
+                self.metrics.lagged.inc(state.lagged - lagged)
+
+    def _deliver_all(self, state: RoomState, entries: list[_Ring]) -> None:
         base = entries[0].event.seq - 1
         shared: dict[tuple[Codec, bool, int], list[tuple[int, int, OutFrame]]] = {}
         for sub in list(state.subscribers.values()):

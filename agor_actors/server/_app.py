@@ -15,6 +15,8 @@ with ``Authorization: Bearer <token>`` and JSON bodies:
 ``POST /<service>/<id>/<method>``      a custom method (``tasks/<id>/start``...)
 ``GET /health``                        no token; 503 while draining
 ``GET /debug/actors``                  the supervision tree, owner only
+``GET /metrics``                       Prometheus text format: owner, or the
+                                       ``metrics_token`` as a Bearer token
 =====================================  ==========================================
 
 Errors are ``{"code", "message", "data"}`` with ``ServiceError.http_status``;
@@ -24,6 +26,7 @@ a body that is not JSON is 400 ``bad_json``, a missing or wrong token 401
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import re
@@ -31,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -323,6 +327,20 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics() -> Response:
+        scrape = settings.metrics_token
+        token = _bearer(request.headers.get("Authorization"))
+        if scrape is None or token is None or not hmac.compare_digest(token, scrape):
+            try:
+                principal = await _principal()
+                if not principal.is_owner:
+                    raise ServiceError("forbidden", "only the owner may read the metrics")
+            except ServiceError as exc:
+                return _service_error(exc)
+        body = generate_latest(hub.metrics.registry)
+        return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
 
     state.web = WebAuth(world, settings.data_dir)
     install_web_routes(app, state.web, _principal)

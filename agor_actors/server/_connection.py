@@ -64,6 +64,11 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("agor_actors.server")
 
+_SERVICES = frozenset(
+    {"boards", "sessions", "tasks", "messages", "users", "tool_calls", "activity"}
+)
+"""Services a call latency is recorded for (label values stay bounded)."""
+
 SUBSCRIPTIONS_QUEUED_MAX = 64
 """Joins and leaves of one connection waiting to be made."""
 
@@ -157,10 +162,14 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection until it closes, or until the peer is gone
         (then everything stops at once); the hub is told in any case."""
+        gauge = self.hub.metrics.connections.labels(self.codec.value)
+        gauge.inc()
+        self.hub.metrics.connections_opened.labels(self.codec.value).inc()
         try:
             with self._gone:
                 await self._run()
         finally:
+            gauge.dec()
             self.outbox.close()
             if self.machine.state is not ServerState.CLOSED:
                 self.machine.connection_closed()
@@ -312,6 +321,7 @@ class Connection:
             await self._on_presence(event)
 
     async def _on_violation(self, event: ProtocolViolation) -> None:
+        self.hub.metrics.refused.labels(event.error.code.value).inc()
         if event.close_code is not None:
             self._queue_raw(event.reply)
             self._close = (int(event.close_code), self.machine.close_reason)
@@ -374,6 +384,7 @@ class Connection:
         many are pending)."""
         assert self.principal is not None and self._calls is not None
         call = event.call
+        started_s = self.world.clock.now_s()
         try:
             run = await self.hub.submit(
                 self.principal,
@@ -385,7 +396,7 @@ class Connection:
                 query=call.query,
                 temp_id=call.temp_id,
                 base_rev=call.base_rev,
-                reply=partial(self._answered, call),
+                reply=partial(self._answered, call, started_s),
             )
         except ServiceError as exc:
             self._answer_error(call.ref, exc.code, exc.message, exc.data)
@@ -397,10 +408,12 @@ class Connection:
         if run is None:
             self._inflight += 1
         else:
-            self._calls.start_soon(self._run_call, call, run)
+            self._calls.start_soon(self._run_call, call, run, started_s)
 
-    def _answered(self, call: Call, result: outcome.Outcome[Any]) -> None:
+    def _answered(self, call: Call, started_s: float, result: outcome.Outcome[Any]) -> None:
         """A session's answer to a write (in the session actor's task)."""
+        if isinstance(result, outcome.Value):
+            self._observe(call, started_s)
         self._inflight -= 1
         if self._inflight == 0:
             self._settled.unpark_all()
@@ -412,7 +425,9 @@ class Connection:
             assert isinstance(result, outcome.Error)
             self._answer_exception(call, result.error)
 
-    async def _run_call(self, call: Call, run: Callable[[], Awaitable[Any]]) -> None:
+    async def _run_call(
+        self, call: Call, run: Callable[[], Awaitable[Any]], started_s: float
+    ) -> None:
         """One call that is not a session's write.  Cancelled (on close)
         before its result: no result."""
         try:
@@ -420,7 +435,16 @@ class Connection:
         except Exception as exc:
             self._answer_exception(call, exc)
             return
+        self._observe(call, started_s)
         self._answer(call, data)
+
+    def _observe(self, call: Call, started_s: float) -> None:
+        """The latency of a call that succeeded (so its service and method
+        exist: the label values stay bounded)."""
+        if call.service in _SERVICES:
+            self.hub.metrics.calls.labels(call.service, call.method).observe(
+                self.world.clock.now_s() - started_s
+            )
 
     def _answer_exception(self, call: Call, exc: BaseException) -> None:
         if isinstance(exc, ServiceError):

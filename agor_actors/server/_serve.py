@@ -383,6 +383,7 @@ def serve(
     db_url: str | None = None,
     *,
     banner_executable: str | None = "agor-actors",
+    metrics_token: str | None = None,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -394,7 +395,14 @@ def serve(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             bound: int = await nursery.start(
-                partial(run_daemon, host=host, port=port, data_dir=path, db_url=db_url)
+                partial(
+                    run_daemon,
+                    host=host,
+                    port=port,
+                    data_dir=path,
+                    db_url=db_url,
+                    settings=ServerSettings(metrics_token=metrics_token),
+                )
             )
             log.info(
                 "ready",

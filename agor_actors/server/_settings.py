@@ -15,6 +15,7 @@ import trio
 from protocols import Limits, PresenceUpdate, Since
 
 from ..domain import Principal
+from ..metrics import Metrics
 from ..outbox import Outbox
 from ..world import World
 
@@ -33,6 +34,8 @@ __all__ = [
 
 class ServerHub(Protocol):
     """What the server needs of the daemon's hub (``agor_actors.daemon.Hub``)."""
+
+    metrics: Metrics
 
     async def authenticate(self, token: str | None) -> Principal | None: ...
 
@@ -117,6 +120,9 @@ class ServerSettings:
     close_timeout_s: float = 2.0
     """On close: how long the WebSocket closing handshake may take before the
     TCP connection is cut (a stalled peer never answers it)."""
+    metrics_token: str | None = None
+    """A token that may read ``/metrics`` (and nothing else), for a scraper
+    that should not hold the owner's token; None: the owner only."""
     data_dir: pathlib.Path | None = None
     """Where the browser session cookie's key lives (``web-secret``); None: a
     key in memory (cookies then last as long as the process)."""

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 import outcome
 
+from ..metrics import Metrics
 from ..runtime import ActorContext, Await, Behaviour, Effect, Effects, Reply, Request, Send
 from ..world import World
 from ._backend import (
@@ -63,6 +64,9 @@ class Committed:
 
     room: str
     events: tuple[StoredEvent, ...]
+    committed_s: float = 0.0
+    """When the commit ended (the world's clock): a room measures its
+    delivery latency from here."""
 
 
 @attrs.frozen
@@ -85,6 +89,7 @@ class WriterState:
     writes: int = 0
     merged: int = 0
     max_group: int = 0
+    started_s: float = 0.0  # when the group being committed started
 
 
 def coalesce(writes: Sequence[Write]) -> WriteRequest:
@@ -186,10 +191,18 @@ class StoreWriter(Behaviour[WriterState]):
     mailbox_size = 4096
     max_inflight = 2
 
-    def __init__(self, store: SqlStore, world: World, *, max_group: int = 512) -> None:
+    def __init__(
+        self,
+        store: SqlStore,
+        world: World,
+        *,
+        max_group: int = 512,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.world = world
         self.max_group = max_group
+        self.metrics = metrics
 
     async def init(self, ctx: ActorContext) -> WriterState:
         return WriterState()
@@ -198,13 +211,14 @@ class StoreWriter(Behaviour[WriterState]):
         if isinstance(msg, Request) and isinstance(msg.body, Write):
             state.pending.append(msg)
             if not state.committing:
-                return self._start(state)
+                return self._start(state, now)
             return ()
         if isinstance(msg, _Done):
-            return self._finish(state, msg)
+            return self._finish(state, msg, now)
         raise TypeError(f"store writer: unexpected {msg!r}")
 
-    def _start(self, state: WriterState) -> list[Effect]:
+    def _start(self, state: WriterState, now: float) -> list[Effect]:
+        state.started_s = now
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
         batch = runs([req.body for req in taken], taken)
         requests = [
@@ -224,9 +238,13 @@ class StoreWriter(Behaviour[WriterState]):
         frozen = tuple(batch)
         return [Await(commit, lambda result: _Done(frozen, result))]
 
-    def _finish(self, state: WriterState, done: _Done) -> list[Effect]:
+    def _finish(self, state: WriterState, done: _Done, now: float) -> list[Effect]:
         state.committing = False
         effects: list[Effect] = []
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.commit_seconds.observe(now - state.started_s)
+            metrics.commit_groups.observe(sum(len(run) for run in done.batch))
         try:
             results = done.result.unwrap()
         except Exception as exc:  # the worker itself failed: nothing is known to be durable
@@ -240,7 +258,7 @@ class StoreWriter(Behaviour[WriterState]):
             )
             effects.extend(Send(f"room:{room}", Resync()) for room in rooms)
             if state.pending:
-                effects.extend(self._start(state))
+                effects.extend(self._start(state, now))
             return effects
         by_room: dict[str, list[StoredEvent]] = {}
         for result in results:
@@ -248,7 +266,9 @@ class StoreWriter(Behaviour[WriterState]):
                 for event in result.events:
                     by_room.setdefault(event.room, []).append(event)
         for room, events in by_room.items():
-            effects.append(Send(f"room:{room}", Committed(room, tuple(events))))
+            effects.append(Send(f"room:{room}", Committed(room, tuple(events), now)))
+        if metrics is not None:
+            metrics.events_committed.inc(sum(len(events) for events in by_room.values()))
         for run, result in zip(done.batch, results, strict=True):
             for req in run:
                 if isinstance(result, WriteResult):
@@ -256,7 +276,7 @@ class StoreWriter(Behaviour[WriterState]):
                 else:
                     effects.append(Reply(req.reply_to, error=result))
         if state.pending:
-            effects.extend(self._start(state))
+            effects.extend(self._start(state, now))
         return effects
 
     def describe(self, state: WriterState) -> dict[str, Any]:

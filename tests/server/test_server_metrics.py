@@ -1,0 +1,74 @@
+"""``GET /metrics``: Prometheus text, the owner's (or a scrape token's) only,
+and the counters move while a stream runs."""
+
+from __future__ import annotations
+
+import pathlib
+import urllib.request
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from server_support import daemon, http
+
+from agor_actors.client import connect
+from agor_actors.server import ServerSettings
+
+
+async def scrape(url: str, token: str) -> dict[str, float]:
+    def get() -> str:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            return str(response.read().decode())
+
+    text = await trio.to_thread.run_sync(get)
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+async def test_counters_move_while_a_stream_runs(tmp_path: pathlib.Path) -> None:
+    settings = ServerSettings(metrics_token="scrape-me")
+    async with daemon(tmp_path / "agor", settings) as d:
+        url = f"{d.http_url}/metrics"
+        async with (
+            connect(d.ws_url, token=d.token, codec="json") as agent,
+            connect(d.ws_url, token=d.token, codec="cbor") as viewer,
+        ):
+            session = await agent.service("sessions").create({"title": "metrics"})
+            message = await agent.service("messages").create(
+                {"session_id": session["id"], "content": ""}
+            )
+            mirror = await viewer.join(f"session:{session['id']}")
+            before = await scrape(url, d.token)
+            last = 0
+            for n in range(30):
+                answer = await agent.service("messages").call(
+                    "stream", id=message["id"], data={"chunk": f"w{n} "}
+                )
+                last = answer["_seq"]
+            with trio.fail_after(10):
+                await mirror.wait_until(lambda m: m.seq >= last)
+            after = await scrape(url, "scrape-me")  # the scrape token works too
+
+        def moved(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
+        assert after["agor_connections{codec=agor.v1.json}"] >= 1
+        assert after["agor_connections{codec=agor.v1.cbor}"] >= 1
+        assert moved("agor_call_seconds_count{method=stream,service=messages}") == 30
+        assert moved("agor_events_committed_total{}") >= 1
+        assert moved("agor_deliveries_total{}") >= 1  # merged chunks count once
+        assert moved("agor_commit_group_writes_count{}") >= 1
+        assert moved("agor_commit_group_writes_sum{}") >= 30
+        assert after["agor_actors{kind=session}"] >= 1
+        assert after["agor_room_subscribers{}"] >= 1
+        assert "agor_delivery_seconds_count{}" in after
+        # nobody else reads them
+        refused = await http("GET", url, token="not-a-token")
+        assert refused.status == 401
+        anonymous = await http("GET", url)
+        assert anonymous.status == 401
