@@ -25,6 +25,10 @@ paths of the product carry nothing of them.
 ``presence_never_offline``
     ``status_of``: a user who left a board never goes offline there (the
     grace period never ends).
+``lagged_resume_high``
+    the outbox's ``Lagged``: a ``lagged`` notice names one seq past the
+    first one not sent (the client resumes from ``min(last, resume_from -
+    1)``, so only the simulator's claims oracle can see it).
 """
 
 from __future__ import annotations
@@ -34,12 +38,21 @@ from typing import Any
 
 import agor_actors.domain.presence as presence
 import agor_actors.domain.session as session
+import agor_actors.outbox._outbox as outbox
 from agor_actors.domain.hlc import Hlc
 from agor_actors.domain.room import RoomBehaviour, RoomState, Subscribe
 from agor_actors.runtime import Effect, Reply
 from agor_actors.store import StoreWriter, WriteResult
 from agor_actors.store._writer import WriterState
-from protocols import ClientConnection, ClientEvent, Event, EventApplied, RoomStatus, Since
+from protocols import (
+    ClientConnection,
+    ClientEvent,
+    Event,
+    EventApplied,
+    Lagged,
+    RoomStatus,
+    Since,
+)
 
 __all__ = ["PLANTED", "plant"]
 
@@ -109,6 +122,14 @@ def _dedupe_off(original: Any) -> Any:
     return _on_event
 
 
+def _lagged_resume_high(original: Any) -> Any:
+    def lagged(*, room: str, resume_from: int) -> Lagged:
+        made: Lagged = original(room=room, resume_from=resume_from + 1)
+        return made
+
+    return lagged
+
+
 _Patch = tuple[Any, str, Callable[[Any], Any]]
 
 _PATCHES: dict[str, _Patch] = {
@@ -118,6 +139,7 @@ _PATCHES: dict[str, _Patch] = {
     "merge_tiebreak": (session, "merge_fields", _merge_tiebreak),
     "fanout_reorder": (RoomBehaviour, "_deliver", _fanout_reorder),
     "presence_never_offline": (presence, "status_of", _presence_never_offline),
+    "lagged_resume_high": (outbox, "Lagged", _lagged_resume_high),
 }
 
 PLANTED: tuple[str, ...] = tuple(_PATCHES)

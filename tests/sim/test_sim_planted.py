@@ -19,6 +19,7 @@ EXPECTED = {
     "merge_tiebreak": ({"lww"}, 30),
     "fanout_reorder": ({"gap", "replay"}, 10),
     "presence_never_offline": ({"presence", "livelock"}, 30),
+    "lagged_resume_high": ({"claim"}, 50),
 }
 
 
