@@ -170,6 +170,7 @@ class Connection:
                 await self._run()
         finally:
             gauge.dec()
+            self._log_closed()
             self.outbox.close()
             if self.machine.state is not ServerState.CLOSED:
                 self.machine.connection_closed()
@@ -183,6 +184,31 @@ class Connection:
                     except Exception:
                         log.exception("hub.disconnect(%s) failed", self.connection_id)
             self.finished.set()
+
+    def _log_closed(self) -> None:
+        """One line per connection that got through ``hello``: who, codec,
+        duration, and how it ended (the close code and reason, or the peer
+        gone)."""
+        if self.connection_id is None:
+            return
+        if self._close is not None:
+            code, reason = self._close
+        elif self._gone.cancel_called:
+            code, reason = 1006, "the peer went away"
+        else:
+            code, reason = 1000, ""
+        log.info(
+            "connection closed",
+            extra={
+                "connection_id": self.connection_id,
+                "user_id": self.principal.user_id if self.principal else None,
+                "codec": self.codec.value,
+                "duration_s": round(self.world.clock.now_s() - self.started_s, 3),
+                "close_code": code,
+                "reason": reason,
+                "frames_sent": self.outbox.sent_frames,
+            },
+        )
 
     async def _run(self) -> None:
         writer_done = trio.Event()
@@ -374,6 +400,14 @@ class Connection:
             )
         )
         self._welcomed.set()
+        log.info(
+            "connection opened",
+            extra={
+                "connection_id": self.connection_id,
+                "user_id": principal.user_id,
+                "codec": self.codec.value,
+            },
+        )
 
     async def _on_call(self, event: CallReceived) -> None:
         """Start a call, in the reader: a session's write is in the session's

@@ -3,9 +3,11 @@ and the counters move while a stream runs."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import urllib.request
 
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from server_support import daemon, http
@@ -72,3 +74,34 @@ async def test_counters_move_while_a_stream_runs(tmp_path: pathlib.Path) -> None
         assert refused.status == 401
         anonymous = await http("GET", url)
         assert anonymous.status == 401
+
+
+async def test_a_line_per_connection_opened_and_closed(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agor_actors.server")
+    closed_logged = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "connection closed":
+                closed_logged.set()  # logged in the trio thread, by the server
+
+    watch = Watch()
+    logging.getLogger("agor_actors.server").addHandler(watch)
+    try:
+        async with daemon(tmp_path / "agor") as d:
+            async with connect(d.ws_url, token=d.token, codec="cbor") as client:
+                await client.service("sessions").create({"title": "logged"})
+            with trio.fail_after(10):
+                await closed_logged.wait()
+    finally:
+        logging.getLogger("agor_actors.server").removeHandler(watch)
+    opened = [r for r in caplog.records if r.getMessage() == "connection opened"]
+    closed = [r for r in caplog.records if r.getMessage() == "connection closed"]
+    assert len(opened) == 1 and len(closed) == 1
+    assert opened[0].connection_id == closed[0].connection_id  # type: ignore[attr-defined]
+    assert closed[0].codec == "agor.v1.cbor"  # type: ignore[attr-defined]
+    assert closed[0].user_id == "owner"  # type: ignore[attr-defined]
+    assert closed[0].duration_s >= 0  # type: ignore[attr-defined]
+    assert closed[0].close_code in (1000, 1006)  # type: ignore[attr-defined]
