@@ -56,6 +56,7 @@ from ..store import (
     open_store,
 )
 from ..world import World
+from ._datadir import hold_data_dir
 from ._token import read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
@@ -667,7 +668,35 @@ async def open_hub(
     make sure the owner exists with the token in ``<data_dir>/token``, and
     run the actors until the block exits (then drain and stop in order).
     A ``store`` passed in is used as is and left open (the simulator keeps
-    one in-memory database across daemon crashes)."""
+    one in-memory database across daemon crashes).  A ``data_dir`` is made
+    private (0700, files 0600) and locked for the block:
+    :class:`DataDirLocked` if another runtime holds it."""
+    with contextlib.ExitStack() as held:
+        if data_dir is not None:
+            held.enter_context(hold_data_dir(data_dir))
+        async with _open_hub(
+            world,
+            db_url=db_url,
+            data_dir=data_dir,
+            authorizer=authorizer,
+            owner_token=owner_token,
+            store=store,
+            presence=presence,
+        ) as hub:
+            yield hub
+
+
+@asynccontextmanager
+async def _open_hub(
+    world: World,
+    *,
+    db_url: str | None,
+    data_dir: pathlib.Path | None,
+    authorizer: Authorizer | None,
+    owner_token: str | None,
+    store: SqlStore | None,
+    presence: PresenceConfig | None,
+) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
         if db_url is None:
