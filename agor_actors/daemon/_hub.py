@@ -10,6 +10,7 @@ store writer (durable, group commit, seq) → room (fan-out) → outboxes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import pathlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,6 +61,8 @@ from ._datadir import hold_data_dir
 from ._token import read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
+
+_security_log = logging.getLogger("agor_actors.security")
 
 SERVICES = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
 READ_ONLY = ("tool_calls",)  # written through tasks.tool_call / tasks.tool_result
@@ -523,7 +526,22 @@ class Hub:
                 "bad_request",
                 f"no room {room!r}: rooms are session:<id>, board:<id> and activity:<board id>",
             )
-        await self.authorizer.authorize(principal, "join", room)
+        refused = ServiceError("forbidden", f"no room {room!r} that this user may see")
+        if not await self._room_exists(kind, ident):
+            _security_log.info(
+                "join refused",
+                extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
+            )
+            raise refused
+        try:
+            await self.authorizer.authorize(principal, "join", room)
+        except ServiceError as exc:
+            # the same answer as for a room that does not exist
+            _security_log.info(
+                "join refused",
+                extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
+            )
+            raise refused from exc
         subs = self._subs.setdefault(connection_id, {})
         activity = kind == "activity"
         sub = Subscription(
@@ -563,6 +581,20 @@ class Hub:
                     return
         except OutboxClosed:
             return
+
+    async def _room_exists(self, kind: str, ident: str) -> bool:
+        """Whether the session or board behind a room exists: its actors
+        are running, or the store has the record.  Spawns nothing."""
+        registry = self.system.registry
+        owner = "session" if kind == "session" else "board"
+        if registry.lookup(f"room:{owner}:{ident}") is not None:
+            return True
+        if kind == "session" and registry.lookup(f"session:{ident}") is not None:
+            return True
+        table = "sessions" if kind == "session" else "boards"
+        store = self.store
+        row = await self.world.blocking.run(lambda: store.get(table, ident))
+        return row is not None
 
     async def leave(self, connection_id: str, room: str) -> None:
         subs = self._subs.get(connection_id)

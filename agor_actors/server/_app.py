@@ -44,6 +44,7 @@ from ._web import WebAuth, install_web_routes
 __all__ = ["create_app", "parse_query"]
 
 log = logging.getLogger("agor_actors.server")
+security_log = logging.getLogger("agor_actors.security")
 
 
 # ---------------------------------------------------------------- query strings
@@ -246,6 +247,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)
         if principal is None:
+            security_log.warning("token refused", extra={"transport": "http", "path": request.path})
             raise ServiceError("not_authenticated", "invalid token")
         note_user(request.scope, principal.user_id)  # for the access log
         return principal
