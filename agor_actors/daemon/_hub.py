@@ -25,6 +25,7 @@ import trio
 from protocols import Joined, Lagged, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
+from ..domain.fields import DESCRIPTION_CHARS_MAX, ID_CHARS_MAX, NAME_CHARS_MAX, check_text
 from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
 from ..domain.room import (
     ActivityQuery,
@@ -254,6 +255,7 @@ class Hub:
             raise ServiceError("unknown_service", f"no service {service!r}")
         if id is not None and not isinstance(id, str):
             raise ServiceError("invalid_field", "id must be a string")
+        check_text("id", id, ID_CHARS_MAX)
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
         if service == "activity":
@@ -406,6 +408,7 @@ class Hub:
         name = data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
             raise ServiceError("invalid_field", "data.name is required")
+        check_text("name", name, NAME_CHARS_MAX)
         token = self.world.entropy.token()
         row = {
             "name": name,
@@ -437,6 +440,8 @@ class Hub:
         for k, v in values.items():
             if v is not None and not isinstance(v, str):
                 raise ServiceError("invalid_field", f"{k} must be a string")
+        check_text("name", values.get("name"), NAME_CHARS_MAX)
+        check_text("description", values.get("description"), DESCRIPTION_CHARS_MAX)
 
         def event(board_id: str, name: str, payload: Any) -> EventDraft:
             return EventDraft(

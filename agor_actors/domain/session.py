@@ -40,6 +40,15 @@ from ..store import (
     WriteResult,
 )
 from ._api import Principal, ServiceError
+from .fields import (
+    CHUNK_CHARS_MAX,
+    CONTENT_CHARS_MAX,
+    ID_CHARS_MAX,
+    MESSAGE_CHARS_MAX,
+    NAME_CHARS_MAX,
+    PROMPT_CHARS_MAX,
+    check_text,
+)
 from .hlc import Hlc, HlcClock, merge_fields
 
 __all__ = ["SESSION_FIELDS", "STRICT_FIELDS", "Command", "SessionBehaviour", "SessionState"]
@@ -138,6 +147,8 @@ def _check_session_values(values: dict[str, Any]) -> None:
     for name in ("title", "agent", "board_id", "owner_id", "locked_by"):
         if name in values and values[name] is not None and not isinstance(values[name], str):
             raise _bad(f"{name} must be a string")
+        bound = NAME_CHARS_MAX if name in ("title", "agent") else ID_CHARS_MAX
+        check_text(name, values.get(name), bound)
     if "title" in values and values["title"] is None:
         raise _bad("title must be a string")
     if "status" in values and values["status"] not in SESSION_STATUSES:
@@ -535,6 +546,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             values.pop("session_id", None)
             if not isinstance(values.get("prompt", ""), str):
                 raise _bad("prompt must be a string")
+            check_text("prompt", values.get("prompt"), PROMPT_CHARS_MAX)
             values.setdefault("prompt", "")
             values.setdefault("status", "created")
             if values["status"] not in TASK_STATUSES:
@@ -577,6 +589,9 @@ class SessionBehaviour(Behaviour[SessionState]):
             return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
         if cmd.method in ("patch", "update"):
             values = _pick(data, TASK_FIELDS)
+            if "prompt" in values and not isinstance(values["prompt"], str):
+                raise _bad("prompt must be a string")
+            check_text("prompt", values.get("prompt"), PROMPT_CHARS_MAX)
             if "status" in values and values["status"] not in TASK_STATUSES:
                 raise _bad(f"status must be one of {', '.join(TASK_STATUSES)}")
             if not values:
@@ -591,6 +606,8 @@ class SessionBehaviour(Behaviour[SessionState]):
             call_id = data.get("tool_call_id") or cmd.new_id
             if not isinstance(data.get("name"), str):
                 raise _bad("name must be a string")
+            check_text("name", data["name"], NAME_CHARS_MAX)
+            check_text("tool_call_id", data.get("tool_call_id"), ID_CHARS_MAX)
             tool = {
                 "id": call_id,
                 "session_id": sid,
@@ -645,6 +662,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             content = values.get("content", "")
             if not isinstance(content, str):
                 raise _bad("content must be a string")
+            check_text("content", content, CONTENT_CHARS_MAX)
             task_id = values.get("task_id")
             if task_id is not None and not isinstance(task_id, str):
                 raise _bad("task_id must be a string")
@@ -681,6 +699,12 @@ class SessionBehaviour(Behaviour[SessionState]):
             chunk = data.get("chunk")
             if not isinstance(chunk, str) or not chunk:
                 raise _bad("chunk must be a non-empty string")
+            check_text("chunk", chunk, CHUNK_CHARS_MAX)
+            if known.length + len(chunk) > MESSAGE_CHARS_MAX:
+                raise _bad(
+                    f"the message would be longer than {MESSAGE_CHARS_MAX} characters",
+                    {"field": "chunk", "chars_max": MESSAGE_CHARS_MAX},
+                )
             offset = known.length
             known.length += len(chunk)
             mutation = Mutation(

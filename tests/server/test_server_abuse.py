@@ -162,3 +162,43 @@ async def test_refused_tokens_are_logged_without_the_token(
     refused = [r for r in caplog.records if r.getMessage() == "token refused"]
     assert [r.transport for r in refused] == ["websocket", "http"]  # type: ignore[attr-defined]
     assert forged not in caplog.text
+
+
+async def test_strings_past_their_bound_are_refused_with_invalid_field(running: Daemon) -> None:
+    url, token = running.http_url, running.token
+
+    async def refused(method: str, path: str, body: dict[str, object], field: str) -> None:
+        reply = await http(method, url + path, token=token, json=body)
+        assert reply.status == 400, reply
+        assert reply.body["code"] == "invalid_field", reply.body
+        assert field in reply.body["message"]
+
+    await refused("POST", "/boards", {"name": "b" * 900_000}, "name")  # was accepted
+    await refused("POST", "/boards", {"name": "b", "description": "d" * 70_000}, "description")
+    board = await http("POST", url + "/boards", token=token, json={"name": "b" * 1000})
+    assert board.status in (200, 201), board
+    await refused("PATCH", f"/boards/{board.body['id']}", {"name": "b" * 1001}, "name")
+    await refused("POST", "/sessions", {"title": "t" * 1001}, "title")
+    await refused("POST", "/users", {"name": "u" * 1001}, "name")
+    session = await http("POST", url + "/sessions", token=token, json={"title": "s"})
+    sid = session.body["id"]
+    await refused("PATCH", f"/sessions/{sid}", {"agent": "a" * 1001}, "agent")
+    await refused("POST", "/tasks", {"session_id": sid, "prompt": "p" * (256 * 1024 + 1)}, "prompt")
+    task = await http("POST", url + "/tasks", token=token, json={"session_id": sid, "prompt": "p"})
+    await refused(
+        "PATCH", f"/tasks/{task.body['id']}", {"prompt": "p" * (256 * 1024 + 1)}, "prompt"
+    )
+    await refused(
+        "POST", "/messages", {"session_id": sid, "content": "c" * (256 * 1024 + 1)}, "content"
+    )
+    await refused("GET", "/sessions/" + "i" * 129, {}, "id")
+    # a streamed chunk has its own bound
+    message = await http(
+        "POST", url + "/messages", token=token, json={"session_id": sid, "streaming": True}
+    )
+    mid = message.body["id"]
+    await refused("POST", f"/messages/{mid}/stream", {"chunk": "c" * (64 * 1024 + 1)}, "chunk")
+    ok = await http(
+        "POST", url + f"/messages/{mid}/stream", token=token, json={"chunk": "c" * 1024}
+    )
+    assert ok.status == 200, ok
