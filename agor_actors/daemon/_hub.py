@@ -43,6 +43,7 @@ from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..store import (
     WRITER_NAME,
     EventDraft,
+    Expect,
     Mutation,
     SqlStore,
     StoreConflict,
@@ -63,6 +64,7 @@ from ._token import read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
 
+log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
 
 SERVICES = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
@@ -89,17 +91,26 @@ class AllowAll:
     async def authorize(self, principal: Principal, action: str, resource: str) -> None:
         own_record = action == "get" and resource == f"users:{principal.user_id}"
         if resource.startswith("users") and not principal.is_owner and not own_record:
-            raise ServiceError("unauthorized", "only the owner manages users")
+            raise ServiceError("forbidden", "only the owner manages users")
 
 
 def _store_error(exc: StoreError) -> ServiceError:
+    """What a client is told of a store error: no SQL, no column names (the
+    detail goes to the log)."""
     if isinstance(exc, StoreNotFound):
-        return ServiceError("not_found", str(exc))
+        return ServiceError("not_found", "no such record")
     if isinstance(exc, StoreConflict):
-        return ServiceError("conflict", str(exc), {"current": exc.current})
-    if isinstance(exc, StoreQueryError | StoreIntegrityError):
-        return ServiceError("bad_request", str(exc))
-    return ServiceError("unavailable", f"store: {exc}")
+        return ServiceError("conflict", "stale revision", {"current": exc.current})
+    if isinstance(exc, StoreQueryError):
+        log.info("the store refused a query: %s", exc)
+        return ServiceError(
+            "invalid_field", "a field of the query or data is unknown or of the wrong type"
+        )
+    if isinstance(exc, StoreIntegrityError):
+        log.info("the store refused a write: %s", exc)
+        return ServiceError("invalid_data", "the data does not fit the records")
+    log.warning("the store failed: %s", exc)
+    return ServiceError("unavailable", "the store is unavailable")
 
 
 @attrs.frozen
@@ -195,8 +206,25 @@ class Hub:
             principal, connection_id, service, method, id, data, query, temp_id, base_rev
         )
         if isinstance(route, _SessionWrite):
-            result = await self.system.registry.call(route.actor, route.cmd, timeout_s=30.0)
+            cmd = route.cmd
+            try:
+                result = await self.system.registry.call(route.actor, cmd, timeout_s=30.0)
+            except ServiceError as exc:
+                if exc.code == "conflict" and service in ("tasks", "messages") and id is not None:
+                    # the current record, as a board or session conflict has
+                    current = await self._read(service, "get", id, None)
+                    raise ServiceError(
+                        "conflict",
+                        f"stale base_rev {base_rev}; the record is at rev {current.get('rev')}",
+                        {"current": current, "rev": current.get("rev")},
+                    ) from None
+                raise
             self._written(route, result)
+            if cmd.method in ("patch", "update") and service != "sessions" and id is not None:
+                record = await self._read(service, "get", id, None)  # with its new rev
+                if isinstance(result, dict) and "_seq" in result:
+                    record = {**record, "_seq": result["_seq"]}
+                return record
             return result
         return await route()
 
@@ -272,7 +300,16 @@ class Hub:
             return partial(self._users, principal, method, id, data, now_ms, new_id)
         if service == "boards":
             return partial(
-                self._boards, principal, connection_id, method, id, data, now_ms, new_id, temp_id
+                self._boards,
+                principal,
+                connection_id,
+                method,
+                id,
+                data,
+                now_ms,
+                new_id,
+                temp_id,
+                base_rev,
             )
         if service == "sessions":
             session_id = new_id if method == "create" else id
@@ -400,6 +437,20 @@ class Hub:
         assert isinstance(result, WriteResult)
         return result
 
+    async def _board_write(self, board_id: str, request: WriteRequest) -> None:
+        """Write; a stale revision is a ``conflict`` with the current board."""
+        try:
+            await self._write(request)
+        except ServiceError as exc:
+            if exc.code != "conflict":
+                raise
+            current = await self._read("boards", "get", board_id, None)
+            raise ServiceError(
+                "conflict",
+                f"stale base_rev; the board is at rev {current.get('rev')}",
+                {"current": current, "rev": current.get("rev")},
+            ) from None
+
     async def _users(
         self, principal: Principal, method: str, id: str | None, data: Any, now_ms: int, new_id: str
     ) -> Any:
@@ -431,6 +482,7 @@ class Hub:
         now_ms: int,
         new_id: str,
         temp_id: str | None,
+        base_rev: int | None,
     ) -> Any:
         values = data if isinstance(data, dict) else {}
         allowed = {"name", "description"}
@@ -489,24 +541,30 @@ class Hub:
             return row
         if id is None:
             raise ServiceError("invalid_field", "id is required")
+        # with If-Match / base_rev, the write holds only at that revision
+        expect = () if base_rev is None else (Expect("boards", {"id": id}, "rev", base_rev),)
         if method in ("patch", "update"):
             if not values:
                 raise ServiceError("invalid_field", "nothing to change")
-            await self._write(
+            await self._board_write(
+                id,
                 WriteRequest(
                     mutations=(
                         Mutation("update", "boards", {"id": id}, {**values, "updated_at": now_ms}),
                     ),
                     events=(event(id, "board:updated", {"board_id": id, "updates": values}),),
-                )
+                    expect=expect,
+                ),
             )
             return await self._read("boards", "get", id, None)
         if method == "remove":
-            await self._write(
+            await self._board_write(
+                id,
                 WriteRequest(
                     mutations=(Mutation("delete", "boards", {"id": id}),),
                     events=(event(id, "board:deleted", {"board_id": id}),),
-                )
+                    expect=expect,
+                ),
             )
             return {"id": id}
         raise ServiceError("unknown_method", f"boards.{method} does not exist")

@@ -5,6 +5,7 @@ durable."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -50,6 +51,8 @@ from .fields import (
     check_text,
 )
 from .hlc import Hlc, HlcClock, merge_fields
+
+log = logging.getLogger("agor_actors.domain")
 
 __all__ = ["SESSION_FIELDS", "STRICT_FIELDS", "Command", "SessionBehaviour", "SessionState"]
 
@@ -165,6 +168,17 @@ def _check_session_values(values: dict[str, Any]) -> None:
         and not isinstance(values["permissions"], dict)
     ):
         raise _bad("permissions must be an object")
+
+
+def _if_rev(
+    cmd: Command, table: str, request: WriteRequest, answer: Any
+) -> tuple[WriteRequest, Any]:
+    """With a ``base_rev`` (``If-Match``), the write holds only if the
+    record is still at that revision (else ``conflict``)."""
+    if cmd.base_rev is None or not isinstance(cmd.id, str):
+        return request, answer
+    expect = Expect(table, {"id": cmd.id}, "rev", cmd.base_rev)
+    return attrs.evolve(request, expect=(*request.expect, expect)), answer
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -294,10 +308,19 @@ class SessionBehaviour(Behaviour[SessionState]):
             effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
             state.poisoned = state.poisoned or done.touched_session
         except StoreIntegrityError as exc:
-            effects.append(Reply(done.reply_to, error=ServiceError("invalid_field", str(exc))))
+            log.info("the store refused a write: %s", exc)  # the detail stays here
+            effects.append(
+                Reply(
+                    done.reply_to,
+                    error=ServiceError("invalid_data", "the data does not fit the records"),
+                )
+            )
             state.poisoned = state.poisoned or done.touched_session
         except StoreError as exc:
-            effects.append(Reply(done.reply_to, error=ServiceError("unavailable", f"store: {exc}")))
+            log.warning("the store failed a write: %s", exc)
+            effects.append(
+                Reply(done.reply_to, error=ServiceError("unavailable", "the store is unavailable"))
+            )
             state.poisoned = state.poisoned or done.touched_session
         except Exception as exc:
             effects.append(
@@ -339,10 +362,12 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.row is None:
             raise ServiceError("not_found", f"no session {state.session_id}")
         if cmd.service == "tasks":
-            return (*self._task(state, cmd), None, False)
+            return (*_if_rev(cmd, "tasks", *self._task(state, cmd)), None, False)
         if cmd.service == "messages":
             request, answer = self._message(state, cmd)
             coalesce = f"message:{cmd.id}" if cmd.method == "stream" else None
+            if coalesce is None:
+                request, answer = _if_rev(cmd, "messages", request, answer)
             return request, answer, coalesce, False
         raise ServiceError("unknown_method", f"{key[0]}.{key[1]} is not a session method")
 
@@ -429,6 +454,12 @@ class SessionBehaviour(Behaviour[SessionState]):
         rev = int(state.row["rev"])
         expect: list[Expect] = []
         strict = sorted(STRICT_FIELDS & set(patch))
+        if cmd.base_rev is not None and cmd.base_rev != rev and not strict:
+            raise ServiceError(
+                "conflict",
+                f"stale base_rev {cmd.base_rev}; the session is at rev {rev}",
+                {"current": _public(state.row), "rev": rev},
+            )
         if strict:
             if cmd.base_rev is None:
                 raise ServiceError(

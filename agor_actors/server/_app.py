@@ -247,7 +247,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)
         if principal is None:
-            security_log.warning("token refused", extra={"transport": "http", "path": request.path})
+            security_log.info("token refused", extra={"transport": "http", "path": request.path})
             raise ServiceError("not_authenticated", "invalid token")
         note_user(request.scope, principal.user_id)  # for the access log
         return principal
@@ -298,6 +298,9 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
                 base_rev=base_rev,
             )
         except ServiceError as exc:
+            if exc.code == "conflict" and request.headers.get("If-Match") is not None:
+                # a stale If-Match is a failed precondition (RFC 9110)
+                return _error(exc.code, exc.message, 412, exc.data)
             return _service_error(exc)
         except HTTPException as exc:  # the body was too large, the client went away...
             return _http_exception(exc)
@@ -321,7 +324,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         try:
             principal = await _principal()
             if not principal.is_owner:
-                raise ServiceError("unauthorized", "only the owner may see the actors")
+                raise ServiceError("forbidden", "only the owner may see the actors")
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())

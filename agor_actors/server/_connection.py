@@ -366,7 +366,7 @@ class Connection:
             return
         if principal is None:
             if token:
-                security_log.warning("token refused", extra={"transport": "websocket"})
+                security_log.info("token refused", extra={"transport": "websocket"})
                 self._close_with(ErrorCode.UNAUTHORIZED, "invalid token")
             else:
                 self._close_with(ErrorCode.NOT_AUTHENTICATED, "hello without a token")
