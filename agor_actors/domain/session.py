@@ -454,12 +454,6 @@ class SessionBehaviour(Behaviour[SessionState]):
         rev = int(state.row["rev"])
         expect: list[Expect] = []
         strict = sorted(STRICT_FIELDS & set(patch))
-        if cmd.base_rev is not None and cmd.base_rev != rev and not strict:
-            raise ServiceError(
-                "conflict",
-                f"stale base_rev {cmd.base_rev}; the session is at rev {rev}",
-                {"current": _public(state.row), "rev": rev},
-            )
         if strict:
             if cmd.base_rev is None:
                 raise ServiceError(

@@ -24,7 +24,6 @@ async def test_a_stale_if_match_is_412_with_the_current_record(running: Daemon) 
     ).body
     board = (await http("POST", f"{base}/boards", token=token, json={"name": "b"})).body
     for path, rev, body in (
-        (f"/sessions/{session['id']}", session["rev"], {"title": "x"}),
         (f"/tasks/{task['id']}", task["rev"], {"prompt": "x"}),
         (f"/boards/{board['id']}", board["rev"], {"name": "x"}),
     ):
@@ -43,6 +42,15 @@ async def test_a_stale_if_match_is_412_with_the_current_record(running: Daemon) 
         # every service answers the record, not {task_id, updates}
         assert fresh.body["id"] == path.rsplit("/", 1)[1]
         assert "x" in fresh.body.values() and "rev" in fresh.body
+    # a session's title merges (by clock) whatever the base; its answer is the record
+    merged = await http(
+        "PATCH",
+        f"{base}/sessions/{session['id']}",
+        token=token,
+        json={"title": "x"},
+        headers={"If-Match": '"99"'},
+    )
+    assert merged.status == 200 and merged.body["title"] == "x", merged
     gone = await http(
         "DELETE", f"{base}/boards/{board['id']}", token=token, headers={"If-Match": '"99"'}
     )
