@@ -25,11 +25,11 @@ from typing import Any
 
 import trio
 
-from .daemon import Hub, Principal, open_hub
+from .daemon import DataDirLocked, Hub, Principal, open_hub
 from .daemon._hub import OWNER_ID
 from .world import World, real_world
 
-__all__ = ["AgentReporter", "MessageStream", "Runtime", "open_runtime"]
+__all__ = ["AgentReporter", "DataDirLocked", "MessageStream", "Runtime", "open_runtime"]
 
 
 class MessageStream:

@@ -46,8 +46,9 @@ class Limits:
     """Presence updates per second; excess updates are dropped silently."""
     presence_burst: int = attrs.field(default=60, validator=_positive)
     max_refused: int = attrs.field(default=400, validator=_positive)
-    """Messages refused in a row for the rate before the connection is closed
-    (``flood``)."""
+    """Messages refused for the rate before the connection is closed
+    (``flood``), counted since the bucket was last at least half full (a
+    message let through as the bucket refills does not start it again)."""
 
     def to_wire(self) -> dict[str, int | float]:
         """The limits as announced in ``welcome.limits``."""

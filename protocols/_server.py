@@ -269,7 +269,11 @@ class ServerConnection:
         granted, self._bucket = bucket.take(
             now, rate_per_s=limits.rate_per_s, burst=limits.rate_burst
         )
-        if granted:
+        # A message let through between refusals does not forgive them: a
+        # client sending a little over the rate gets one through every few
+        # milliseconds as the bucket refills.  The count starts again once
+        # the client slowed down enough for the bucket to be half full.
+        if granted and self._bucket.tokens >= limits.rate_burst / 2:
             self._refused_in_a_row = 0
         return granted
 

@@ -10,6 +10,7 @@ store writer (durable, group commit, seq) → room (fan-out) → outboxes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import pathlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from protocols import Joined, Lagged, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
+from ..domain.fields import DESCRIPTION_CHARS_MAX, ID_CHARS_MAX, NAME_CHARS_MAX, check_text
 from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
 from ..domain.room import (
     ActivityQuery,
@@ -43,6 +45,7 @@ from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..store import (
     WRITER_NAME,
     EventDraft,
+    Expect,
     Mutation,
     SqlStore,
     StoreConflict,
@@ -58,9 +61,13 @@ from ..store import (
     open_store,
 )
 from ..world import World
+from ._datadir import hold_data_dir
 from ._token import read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
+
+log = logging.getLogger("agor_actors.daemon")
+_security_log = logging.getLogger("agor_actors.security")
 
 SERVICES = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
 READ_ONLY = ("tool_calls",)  # written through tasks.tool_call / tasks.tool_result
@@ -86,17 +93,26 @@ class AllowAll:
     async def authorize(self, principal: Principal, action: str, resource: str) -> None:
         own_record = action == "get" and resource == f"users:{principal.user_id}"
         if resource.startswith("users") and not principal.is_owner and not own_record:
-            raise ServiceError("unauthorized", "only the owner manages users")
+            raise ServiceError("forbidden", "only the owner manages users")
 
 
 def _store_error(exc: StoreError) -> ServiceError:
+    """What a client is told of a store error: no SQL, no column names (the
+    detail goes to the log)."""
     if isinstance(exc, StoreNotFound):
-        return ServiceError("not_found", str(exc))
+        return ServiceError("not_found", "no such record")
     if isinstance(exc, StoreConflict):
-        return ServiceError("conflict", str(exc), {"current": exc.current})
-    if isinstance(exc, StoreQueryError | StoreIntegrityError):
-        return ServiceError("bad_request", str(exc))
-    return ServiceError("unavailable", f"store: {exc}")
+        return ServiceError("conflict", "stale revision", {"current": exc.current})
+    if isinstance(exc, StoreQueryError):
+        log.info("the store refused a query: %s", exc)
+        return ServiceError(
+            "invalid_field", "a field of the query or data is unknown or of the wrong type"
+        )
+    if isinstance(exc, StoreIntegrityError):
+        log.info("the store refused a write: %s", exc)
+        return ServiceError("invalid_data", "the data does not fit the records")
+    log.warning("the store failed: %s", exc)
+    return ServiceError("unavailable", "the store is unavailable")
 
 
 @attrs.frozen
@@ -197,8 +213,25 @@ class Hub:
             principal, connection_id, service, method, id, data, query, temp_id, base_rev
         )
         if isinstance(route, _SessionWrite):
-            result = await self.system.registry.call(route.actor, route.cmd, timeout_s=30.0)
+            cmd = route.cmd
+            try:
+                result = await self.system.registry.call(route.actor, cmd, timeout_s=30.0)
+            except ServiceError as exc:
+                if exc.code == "conflict" and service in ("tasks", "messages") and id is not None:
+                    # the current record, as a board or session conflict has
+                    current = await self._read(service, "get", id, None)
+                    raise ServiceError(
+                        "conflict",
+                        f"stale base_rev {base_rev}; the record is at rev {current.get('rev')}",
+                        {"current": current, "rev": current.get("rev")},
+                    ) from None
+                raise
             self._written(route, result)
+            if cmd.method in ("patch", "update") and service != "sessions" and id is not None:
+                record = await self._read(service, "get", id, None)  # with its new rev
+                if isinstance(result, dict) and "_seq" in result:
+                    record = {**record, "_seq": result["_seq"]}
+                return record
             return result
         return await route()
 
@@ -257,6 +290,7 @@ class Hub:
             raise ServiceError("unknown_service", f"no service {service!r}")
         if id is not None and not isinstance(id, str):
             raise ServiceError("invalid_field", "id must be a string")
+        check_text("id", id, ID_CHARS_MAX)
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
         if service == "activity":
@@ -273,7 +307,16 @@ class Hub:
             return partial(self._users, principal, method, id, data, now_ms, new_id)
         if service == "boards":
             return partial(
-                self._boards, principal, connection_id, method, id, data, now_ms, new_id, temp_id
+                self._boards,
+                principal,
+                connection_id,
+                method,
+                id,
+                data,
+                now_ms,
+                new_id,
+                temp_id,
+                base_rev,
             )
         if service == "sessions":
             session_id = new_id if method == "create" else id
@@ -401,6 +444,20 @@ class Hub:
         assert isinstance(result, WriteResult)
         return result
 
+    async def _board_write(self, board_id: str, request: WriteRequest) -> None:
+        """Write; a stale revision is a ``conflict`` with the current board."""
+        try:
+            await self._write(request)
+        except ServiceError as exc:
+            if exc.code != "conflict":
+                raise
+            current = await self._read("boards", "get", board_id, None)
+            raise ServiceError(
+                "conflict",
+                f"stale base_rev; the board is at rev {current.get('rev')}",
+                {"current": current, "rev": current.get("rev")},
+            ) from None
+
     async def _users(
         self, principal: Principal, method: str, id: str | None, data: Any, now_ms: int, new_id: str
     ) -> Any:
@@ -409,6 +466,7 @@ class Hub:
         name = data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
             raise ServiceError("invalid_field", "data.name is required")
+        check_text("name", name, NAME_CHARS_MAX)
         token = self.world.entropy.token()
         row = {
             "name": name,
@@ -431,6 +489,7 @@ class Hub:
         now_ms: int,
         new_id: str,
         temp_id: str | None,
+        base_rev: int | None,
     ) -> Any:
         values = data if isinstance(data, dict) else {}
         allowed = {"name", "description"}
@@ -440,6 +499,8 @@ class Hub:
         for k, v in values.items():
             if v is not None and not isinstance(v, str):
                 raise ServiceError("invalid_field", f"{k} must be a string")
+        check_text("name", values.get("name"), NAME_CHARS_MAX)
+        check_text("description", values.get("description"), DESCRIPTION_CHARS_MAX)
 
         def event(board_id: str, name: str, payload: Any) -> EventDraft:
             return EventDraft(
@@ -487,24 +548,30 @@ class Hub:
             return row
         if id is None:
             raise ServiceError("invalid_field", "id is required")
+        # with If-Match / base_rev, the write holds only at that revision
+        expect = () if base_rev is None else (Expect("boards", {"id": id}, "rev", base_rev),)
         if method in ("patch", "update"):
             if not values:
                 raise ServiceError("invalid_field", "nothing to change")
-            await self._write(
+            await self._board_write(
+                id,
                 WriteRequest(
                     mutations=(
                         Mutation("update", "boards", {"id": id}, {**values, "updated_at": now_ms}),
                     ),
                     events=(event(id, "board:updated", {"board_id": id, "updates": values}),),
-                )
+                    expect=expect,
+                ),
             )
             return await self._read("boards", "get", id, None)
         if method == "remove":
-            await self._write(
+            await self._board_write(
+                id,
                 WriteRequest(
                     mutations=(Mutation("delete", "boards", {"id": id}),),
                     events=(event(id, "board:deleted", {"board_id": id}),),
-                )
+                    expect=expect,
+                ),
             )
             return {"id": id}
         raise ServiceError("unknown_method", f"boards.{method} does not exist")
@@ -529,7 +596,22 @@ class Hub:
                 "bad_request",
                 f"no room {room!r}: rooms are session:<id>, board:<id> and activity:<board id>",
             )
-        await self.authorizer.authorize(principal, "join", room)
+        refused = ServiceError("forbidden", f"no room {room!r} that this user may see")
+        if not await self._room_exists(kind, ident):
+            _security_log.info(
+                "join refused",
+                extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
+            )
+            raise refused
+        try:
+            await self.authorizer.authorize(principal, "join", room)
+        except ServiceError as exc:
+            # the same answer as for a room that does not exist
+            _security_log.info(
+                "join refused",
+                extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
+            )
+            raise refused from exc
         subs = self._subs.setdefault(connection_id, {})
         activity = kind == "activity"
         sub = Subscription(
@@ -569,6 +651,20 @@ class Hub:
                     return
         except OutboxClosed:
             return
+
+    async def _room_exists(self, kind: str, ident: str) -> bool:
+        """Whether the session or board behind a room exists: its actors
+        are running, or the store has the record.  Spawns nothing."""
+        registry = self.system.registry
+        owner = "session" if kind == "session" else "board"
+        if registry.lookup(f"room:{owner}:{ident}") is not None:
+            return True
+        if kind == "session" and registry.lookup(f"session:{ident}") is not None:
+            return True
+        table = "sessions" if kind == "session" else "boards"
+        store = self.store
+        row = await self.world.blocking.run(lambda: store.get(table, ident))
+        return row is not None
 
     async def leave(self, connection_id: str, room: str) -> None:
         subs = self._subs.get(connection_id)
@@ -711,7 +807,35 @@ async def open_hub(
     make sure the owner exists with the token in ``<data_dir>/token``, and
     run the actors until the block exits (then drain and stop in order).
     A ``store`` passed in is used as is and left open (the simulator keeps
-    one in-memory database across daemon crashes)."""
+    one in-memory database across daemon crashes).  A ``data_dir`` is made
+    private (0700, files 0600) and locked for the block:
+    :class:`DataDirLocked` if another runtime holds it."""
+    with contextlib.ExitStack() as held:
+        if data_dir is not None:
+            held.enter_context(hold_data_dir(data_dir))
+        async with _open_hub(
+            world,
+            db_url=db_url,
+            data_dir=data_dir,
+            authorizer=authorizer,
+            owner_token=owner_token,
+            store=store,
+            presence=presence,
+        ) as hub:
+            yield hub
+
+
+@asynccontextmanager
+async def _open_hub(
+    world: World,
+    *,
+    db_url: str | None,
+    data_dir: pathlib.Path | None,
+    authorizer: Authorizer | None,
+    owner_token: str | None,
+    store: SqlStore | None,
+    presence: PresenceConfig | None,
+) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
         if db_url is None:

@@ -22,14 +22,16 @@ class ServiceError(Exception):
     """A call or join that failed for a reason the client should see.
 
     ``code`` is one of the protocol's stable error codes (``not_found``,
-    ``conflict``, ``unauthorized``, ``invalid_field``, ``bad_request``,
+    ``conflict``, ``forbidden``, ``invalid_field``, ``bad_request``,
     ``unavailable``, ...); ``data`` carries details (for ``conflict``: the
     current value).  ``http_status`` is what the REST routes answer with."""
 
     HTTP_STATUS = {
         "not_found": 404,
         "conflict": 409,
-        "unauthorized": 403,
+        "unauthorized": 401,
+        "forbidden": 403,
+        "invalid_data": 422,
         "not_authenticated": 401,
         "invalid_field": 400,
         "bad_request": 400,

@@ -5,6 +5,7 @@ durable."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -40,7 +41,18 @@ from ..store import (
     WriteResult,
 )
 from ._api import Principal, ServiceError
+from .fields import (
+    CHUNK_CHARS_MAX,
+    CONTENT_CHARS_MAX,
+    ID_CHARS_MAX,
+    MESSAGE_CHARS_MAX,
+    NAME_CHARS_MAX,
+    PROMPT_CHARS_MAX,
+    check_text,
+)
 from .hlc import Hlc, HlcClock, merge_fields
+
+log = logging.getLogger("agor_actors.domain")
 
 __all__ = ["SESSION_FIELDS", "STRICT_FIELDS", "Command", "SessionBehaviour", "SessionState"]
 
@@ -138,6 +150,8 @@ def _check_session_values(values: dict[str, Any]) -> None:
     for name in ("title", "agent", "board_id", "owner_id", "locked_by"):
         if name in values and values[name] is not None and not isinstance(values[name], str):
             raise _bad(f"{name} must be a string")
+        bound = NAME_CHARS_MAX if name in ("title", "agent") else ID_CHARS_MAX
+        check_text(name, values.get(name), bound)
     if "title" in values and values["title"] is None:
         raise _bad("title must be a string")
     if "status" in values and values["status"] not in SESSION_STATUSES:
@@ -154,6 +168,17 @@ def _check_session_values(values: dict[str, Any]) -> None:
         and not isinstance(values["permissions"], dict)
     ):
         raise _bad("permissions must be an object")
+
+
+def _if_rev(
+    cmd: Command, table: str, request: WriteRequest, answer: Any
+) -> tuple[WriteRequest, Any]:
+    """With a ``base_rev`` (``If-Match``), the write holds only if the
+    record is still at that revision (else ``conflict``)."""
+    if cmd.base_rev is None or not isinstance(cmd.id, str):
+        return request, answer
+    expect = Expect(table, {"id": cmd.id}, "rev", cmd.base_rev)
+    return attrs.evolve(request, expect=(*request.expect, expect)), answer
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -283,10 +308,19 @@ class SessionBehaviour(Behaviour[SessionState]):
             effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
             state.poisoned = state.poisoned or done.touched_session
         except StoreIntegrityError as exc:
-            effects.append(Reply(done.reply_to, error=ServiceError("invalid_field", str(exc))))
+            log.info("the store refused a write: %s", exc)  # the detail stays here
+            effects.append(
+                Reply(
+                    done.reply_to,
+                    error=ServiceError("invalid_data", "the data does not fit the records"),
+                )
+            )
             state.poisoned = state.poisoned or done.touched_session
         except StoreError as exc:
-            effects.append(Reply(done.reply_to, error=ServiceError("unavailable", f"store: {exc}")))
+            log.warning("the store failed a write: %s", exc)
+            effects.append(
+                Reply(done.reply_to, error=ServiceError("unavailable", "the store is unavailable"))
+            )
             state.poisoned = state.poisoned or done.touched_session
         except Exception as exc:
             effects.append(
@@ -328,10 +362,12 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.row is None:
             raise ServiceError("not_found", f"no session {state.session_id}")
         if cmd.service == "tasks":
-            return (*self._task(state, cmd), None, False)
+            return (*_if_rev(cmd, "tasks", *self._task(state, cmd)), None, False)
         if cmd.service == "messages":
             request, answer = self._message(state, cmd)
             coalesce = f"message:{cmd.id}" if cmd.method == "stream" else None
+            if coalesce is None:
+                request, answer = _if_rev(cmd, "messages", request, answer)
             return request, answer, coalesce, False
         raise ServiceError("unknown_method", f"{key[0]}.{key[1]} is not a session method")
 
@@ -535,6 +571,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             values.pop("session_id", None)
             if not isinstance(values.get("prompt", ""), str):
                 raise _bad("prompt must be a string")
+            check_text("prompt", values.get("prompt"), PROMPT_CHARS_MAX)
             values.setdefault("prompt", "")
             values.setdefault("status", "created")
             if values["status"] not in TASK_STATUSES:
@@ -577,6 +614,9 @@ class SessionBehaviour(Behaviour[SessionState]):
             return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
         if cmd.method in ("patch", "update"):
             values = _pick(data, TASK_FIELDS)
+            if "prompt" in values and not isinstance(values["prompt"], str):
+                raise _bad("prompt must be a string")
+            check_text("prompt", values.get("prompt"), PROMPT_CHARS_MAX)
             if "status" in values and values["status"] not in TASK_STATUSES:
                 raise _bad(f"status must be one of {', '.join(TASK_STATUSES)}")
             if not values:
@@ -591,6 +631,8 @@ class SessionBehaviour(Behaviour[SessionState]):
             call_id = data.get("tool_call_id") or cmd.new_id
             if not isinstance(data.get("name"), str):
                 raise _bad("name must be a string")
+            check_text("name", data["name"], NAME_CHARS_MAX)
+            check_text("tool_call_id", data.get("tool_call_id"), ID_CHARS_MAX)
             tool = {
                 "id": call_id,
                 "session_id": sid,
@@ -645,6 +687,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             content = values.get("content", "")
             if not isinstance(content, str):
                 raise _bad("content must be a string")
+            check_text("content", content, CONTENT_CHARS_MAX)
             task_id = values.get("task_id")
             if task_id is not None and not isinstance(task_id, str):
                 raise _bad("task_id must be a string")
@@ -681,6 +724,12 @@ class SessionBehaviour(Behaviour[SessionState]):
             chunk = data.get("chunk")
             if not isinstance(chunk, str) or not chunk:
                 raise _bad("chunk must be a non-empty string")
+            check_text("chunk", chunk, CHUNK_CHARS_MAX)
+            if known.length + len(chunk) > MESSAGE_CHARS_MAX:
+                raise _bad(
+                    f"the message would be longer than {MESSAGE_CHARS_MAX} characters",
+                    {"field": "chunk", "chars_max": MESSAGE_CHARS_MAX},
+                )
             offset = known.length
             known.length += len(chunk)
             mutation = Mutation(

@@ -48,6 +48,7 @@ from ._web import WebAuth, install_web_routes
 __all__ = ["create_app", "parse_query"]
 
 log = logging.getLogger("agor_actors.server")
+security_log = logging.getLogger("agor_actors.security")
 
 
 # ---------------------------------------------------------------- query strings
@@ -250,6 +251,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)
         if principal is None:
+            security_log.info("token refused", extra={"transport": "http", "path": request.path})
             raise ServiceError("not_authenticated", "invalid token")
         note_user(request.scope, principal.user_id)  # for the access log
         return principal
@@ -300,6 +302,9 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
                 base_rev=base_rev,
             )
         except ServiceError as exc:
+            if exc.code == "conflict" and request.headers.get("If-Match") is not None:
+                # a stale If-Match is a failed precondition (RFC 9110)
+                return _error(exc.code, exc.message, 412, exc.data)
             return _service_error(exc)
         except HTTPException as exc:  # the body was too large, the client went away...
             return _http_exception(exc)
@@ -323,7 +328,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         try:
             principal = await _principal()
             if not principal.is_owner:
-                raise ServiceError("unauthorized", "only the owner may see the actors")
+                raise ServiceError("forbidden", "only the owner may see the actors")
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())

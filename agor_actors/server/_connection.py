@@ -63,6 +63,7 @@ from ._settings import AppState, ServerSettings
 __all__ = ["Connection"]
 
 log = logging.getLogger("agor_actors.server")
+security_log = logging.getLogger("agor_actors.security")
 
 _SERVICES = frozenset(
     {"boards", "sessions", "tasks", "messages", "users", "tool_calls", "activity"}
@@ -312,9 +313,22 @@ class Connection:
         self._close = (self.machine.close_code or 1011, self.machine.close_reason)
         self._stop_reading()
 
+    def _log_flood(self, why: str) -> None:
+        stats = self.machine.statistics()
+        security_log.warning(
+            "flood close",
+            extra={
+                "connection_id": self.connection_id,
+                "user_id": None if self.principal is None else self.principal.user_id,
+                "reason": why,
+                "rate_limited": stats.rate_limited,
+            },
+        )
+
     def overflowed(self) -> None:
         """The client does not read: close at once (1008), nothing more to send."""
         if self._close is None:
+            self._log_flood("not reading its messages")
             with contextlib.suppress(LocalProtocolError):
                 self.machine.close(ErrorCode.FLOOD, "not reading")
             self._close = (1008, "flood: not reading its messages")
@@ -349,6 +363,8 @@ class Connection:
     async def _on_violation(self, event: ProtocolViolation) -> None:
         self.hub.metrics.refused.labels(event.error.code.value).inc()
         if event.close_code is not None:
+            if event.error.code is ErrorCode.FLOOD:
+                self._log_flood("kept sending while rate limited")
             self._queue_raw(event.reply)
             self._close = (int(event.close_code), self.machine.close_reason)
             self._stop_reading()
@@ -386,6 +402,7 @@ class Connection:
             return
         if principal is None:
             if token:
+                security_log.info("token refused", extra={"transport": "websocket"})
                 self._close_with(ErrorCode.UNAUTHORIZED, "invalid token")
             else:
                 self._close_with(ErrorCode.NOT_AUTHENTICATED, "hello without a token")

@@ -307,7 +307,7 @@ async def run_daemon(
     """The daemon: take the port (:class:`ListenError` if it cannot be had,
     before anything is opened), open the hub, serve until SIGINT or SIGTERM,
     drain."""
-    from ..daemon import open_hub  # the daemon's core is only needed here
+    from ..daemon import DataDirLocked, open_hub  # the daemon's core is only needed here
 
     world = world or real_world()
     sock = listen_socket(host, port)
@@ -324,6 +324,8 @@ async def run_daemon(
                 hub = await opened.enter_async_context(
                     open_hub(world, db_url=db_url, data_dir=data_dir)
                 )
+            except DataDirLocked as exc:
+                raise StartupError(str(exc)) from exc
             except Exception as exc:
                 raise StartupError(
                     f"cannot open the database {_shown_url(db_url)}: {_first_line(exc)}"

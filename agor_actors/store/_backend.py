@@ -16,9 +16,11 @@ all of them, and the next write re-reads them from the database.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -1152,6 +1154,8 @@ def open_store(url: str, *, new_epoch: Callable[[], str], echo: bool = False) ->
         in_memory = parsed.database in (None, "", ":memory:")
         if in_memory:
             kwargs["poolclass"] = StaticPool
+        else:
+            _private_sqlite_files(str(parsed.database))
         kwargs["connect_args"] = {"check_same_thread": False}
         engine = sa.create_engine(parsed, **kwargs)
         _configure_sqlite(engine, wal=not in_memory)
@@ -1167,6 +1171,16 @@ def open_store(url: str, *, new_epoch: Callable[[], str], echo: bool = False) ->
     except BaseException:
         engine.dispose()
         raise
+
+
+def _private_sqlite_files(database: str) -> None:
+    """Create the database file 0600 (SQLite gives its -wal and -shm the
+    database's mode) and narrow those already there, whatever the umask."""
+    with contextlib.suppress(OSError):  # exists, or SQLite says why not
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for path in (database, database + "-wal", database + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
 
 
 def _configure_sqlite(engine: sa.Engine, *, wal: bool) -> None:

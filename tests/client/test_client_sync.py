@@ -15,6 +15,7 @@ import trio_websocket
 from client_support import Daemon, daemon
 
 from agor_actors.client import CallError, Client, Mirror, RoomEvent, connect
+from agor_actors.store import Mutation, WriteRequest, open_store
 from protocols import (
     PROTOCOL_VERSION,
     Codec,
@@ -225,10 +226,19 @@ async def test_reload_when_the_server_cannot_resume(tmp_path: pathlib.Path) -> N
             stop_first.set()
             with trio.fail_after(10):
                 await first_stopped.wait()
+            # the second database has the session (a room that does not
+            # exist is refused, not reloaded) but none of its history
+            second = open_store(f"sqlite:///{second_dir / 'agor.db'}", new_epoch=lambda: "other")
+            row = {"created_at": 1, "updated_at": 1}
+            done = second.commit(
+                [WriteRequest((Mutation("insert", "sessions", {"id": sid}, row),))]
+            )
+            assert not any(isinstance(result, Exception) for result in done), done
+            second.close()
             async with daemon(second_dir, port=first.port):
                 with trio.fail_after(10):
                     await mirror.wait_until(lambda m: m.reloads == 2)
-                assert mirror.snapshot() == {}  # the second daemon has no such session
+                assert list(mirror.snapshot()) == ["sessions"]  # the task is not there
                 events = await _take(stream, 2)
                 assert [e.kind for e in events] == ["event", "reload"]
                 assert events[1].name == "room:reloaded"

@@ -197,6 +197,7 @@ PACKAGES: dict[str, set[str]] = {
     },
     "agor_actors.daemon": {
         "AllowAll",
+        "DataDirLocked",
         "Authorizer",
         "Hub",
         "Outbox",
@@ -212,6 +213,7 @@ PACKAGES: dict[str, set[str]] = {
 MODULES: dict[str, set[str]] = {
     "agor_actors.embed": {
         "AgentReporter",
+        "DataDirLocked",
         "MessageStream",
         "Runtime",
         "open_runtime",

@@ -302,6 +302,33 @@ def test_flooding_closes() -> None:
     assert last.error.code is ErrorCode.FLOOD and last.close_code == 1008
 
 
+def test_a_flood_that_gets_a_message_through_now_and_then_still_closes() -> None:
+    # one frame per message, each a little later: the bucket refills by a
+    # fraction of a token per frame, and one message in 5 gets through
+    server = open_server(Limits(rate_per_s=100, rate_burst=10, max_refused=20))
+    now, closed = 0.0, None
+    for _ in range(500):
+        now += 0.002
+        for event in server.receive_data(frame(PING), now):
+            if isinstance(event, ProtocolViolation) and event.close_code is not None:
+                closed = event
+        if closed is not None:
+            break
+    assert closed is not None and closed.error.code is ErrorCode.FLOOD
+    assert server.statistics().rate_limited == 21
+
+
+def test_a_client_that_slows_down_is_forgiven() -> None:
+    server = open_server(Limits(rate_per_s=10, rate_burst=4, max_refused=3))
+    # (the hello took a token) 3 through, 2 refused
+    events = server.receive_data(frame(*[PING] * 5), 0.0)
+    assert [type(e) for e in events] == [PingReceived] * 3 + [ProtocolViolation] * 2
+    # quiet for 0.3 s: 3 tokens back, the bucket is over half full again
+    events = server.receive_data(frame(PING, PING, PING, PING, PING, PING), 0.3)
+    assert [type(e) for e in events] == [PingReceived] * 3 + [ProtocolViolation] * 3
+    assert server.state is ServerState.OPEN  # 3 in a row since, not 5
+
+
 def test_presence_over_its_rate_is_dropped_silently() -> None:
     server = open_server(Limits(presence_rate_per_s=30, presence_burst=2))
     update = {"type": "presence", "cursor": {"x": 1, "y": 2}}

@@ -36,7 +36,7 @@ async def test_debug_actors_is_the_owners(running: Daemon) -> None:
     user = await http("POST", f"{running.http_url}/users", token=running.token, json={"name": "bo"})
     assert user.status == 201 and user.body["token"]
     refused = await http("GET", url, token=user.body["token"])
-    assert refused.status == 403 and refused.body["code"] == "unauthorized"
+    assert refused.status == 403 and refused.body["code"] == "forbidden"
 
 
 async def test_requests_without_a_valid_token_get_401(running: Daemon) -> None:
@@ -91,7 +91,7 @@ async def test_strict_fields_use_if_match_as_base_rev(running: Daemon) -> None:
         json={"locked_by": "owner"},
         headers={"If-Match": '"7"'},
     )
-    assert stale.status == 409 and stale.body["code"] == "conflict"
+    assert stale.status == 412 and stale.body["code"] == "conflict"  # a stale If-Match
     assert stale.body["data"]["current"] == {"locked_by": None}
     fresh = await http(
         "PATCH",
@@ -120,7 +120,7 @@ async def test_strict_fields_use_if_match_as_base_rev(running: Daemon) -> None:
         ("GET", "/nope", None, 404, "unknown_service"),
         ("GET", "/sessions/does-not-exist", None, 404, "not_found"),
         ("GET", "/sessions?$bogus=1", None, 400, "bad_request"),
-        ("GET", "/sessions?no_such_column=1", None, 400, "bad_request"),
+        ("GET", "/sessions?no_such_column=1", None, 400, "invalid_field"),
         ("POST", "/sessions/x/y/z", None, 404, "not_found"),
         ("PUT", "/sessions", b"{}", 405, "unknown_method"),
     ],
