@@ -23,7 +23,7 @@ import outcome
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from protocols import Joined, Lagged, PresenceUpdate, Since, encode
+from protocols import Call, Joined, Lagged, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
 from ..domain.fields import DESCRIPTION_CHARS_MAX, ID_CHARS_MAX, NAME_CHARS_MAX, check_text
@@ -238,18 +238,11 @@ class Hub:
     async def submit(
         self,
         principal: Principal,
-        *,
         connection_id: str | None,
-        service: str,
-        method: str,
-        id: str | None = None,
-        data: Any = None,
-        query: dict[str, Any] | None = None,
-        temp_id: str | None = None,
-        base_rev: int | None = None,
+        call: Call,
         reply: Callable[[outcome.Outcome[Any]], None],
     ) -> Callable[[], Awaitable[Any]] | None:
-        """Start one service call, for a connection that answers calls as
+        """Start one service ``call``, for a connection that answers calls as
         they complete.  A session's write is put in the session's mailbox
         before this returns (so one connection's writes keep the order in
         which it sent them, and a full mailbox slows its reader), and its
@@ -258,7 +251,15 @@ class Hub:
         is returned as a call for the caller to run concurrently.  Raises
         :class:`ServiceError` for a call refused before it starts."""
         route = await self._route(
-            principal, connection_id, service, method, id, data, query, temp_id, base_rev
+            principal,
+            connection_id,
+            call.service,
+            call.method,
+            call.id,
+            call.data,
+            call.query,
+            call.temp_id,
+            call.base_rev,
         )
         if not isinstance(route, _SessionWrite):
             return route

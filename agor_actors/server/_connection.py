@@ -439,15 +439,9 @@ class Connection:
         try:
             run = await self.hub.submit(
                 self.principal,
-                connection_id=self.connection_id,
-                service=call.service,
-                method=call.method,
-                id=call.id,
-                data=call.data,
-                query=call.query,
-                temp_id=call.temp_id,
-                base_rev=call.base_rev,
-                reply=partial(self._answered, call, started_s),
+                self.connection_id,
+                call,
+                partial(self._answered, call, started_s),
             )
         except ServiceError as exc:
             self._answer_error(call.ref, exc.code, exc.message, exc.data)

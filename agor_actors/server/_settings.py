@@ -12,7 +12,7 @@ import attrs
 import outcome
 import trio
 
-from protocols import Limits, PresenceUpdate, Since
+from protocols import Call, Limits, PresenceUpdate, Since
 
 from ..domain import Principal
 from ..metrics import Metrics
@@ -56,15 +56,8 @@ class ServerHub(Protocol):
     async def submit(
         self,
         principal: Principal,
-        *,
         connection_id: str | None,
-        service: str,
-        method: str,
-        id: str | None = None,
-        data: Any = None,
-        query: dict[str, Any] | None = None,
-        temp_id: str | None = None,
-        base_rev: int | None = None,
+        call: Call,
         reply: Callable[[outcome.Outcome[Any]], None],
     ) -> Callable[[], Awaitable[Any]] | None: ...
 
