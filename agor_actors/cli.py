@@ -157,13 +157,33 @@ def flatten_tree(tree: dict[str, Any], depth: int = 0) -> list[tuple[int, dict[s
     return rows
 
 
-def format_top(tree: dict[str, Any], limit: int) -> str:
+def format_top(
+    tree: dict[str, Any],
+    limit: int,
+    previous: dict[str, int] | None = None,
+    interval_s: float = 0.0,
+) -> str:
     """A table of the tree: supervisors in order, then the actors with the
-    deepest mailboxes and most messages first."""
+    deepest mailboxes first, then the busiest: with ``previous`` (each
+    actor's ``handled`` count ``interval_s`` ago, from :func:`handled_counts`)
+    the messages per second since, else the messages handled in all."""
     rows = flatten_tree(tree)
     actors = [c for _, c in rows if "supervisor" not in c]
     supervisors = [(d, c) for d, c in rows if "supervisor" in c]
-    actors.sort(key=lambda c: (-int(c.get("mailbox_depth", 0)), -int(c.get("handled", 0)), c["id"]))
+    rates: dict[str, float] = {}
+    if previous is not None and interval_s > 0:
+        for actor in actors:
+            handled = int(actor.get("handled", 0))
+            before = previous.get(actor["id"], handled)
+            rates[actor["id"]] = max(0, handled - before) / interval_s
+    actors.sort(
+        key=lambda c: (
+            -int(c.get("mailbox_depth", 0)),
+            -rates.get(c["id"], 0.0),
+            -int(c.get("handled", 0)),
+            c["id"],
+        )
+    )
     lines = [f"{'supervisor':<40} {'state':<10} {'children':>8} {'restarts':>8}"]
     for depth, sup in supervisors:
         name = "  " * depth + sup["id"]
@@ -171,17 +191,27 @@ def format_top(tree: dict[str, Any], limit: int) -> str:
         lines.append(f"{name:<40} {sup['state']:<10} {kids:>8} {sup['restarts']:>8}")
     lines.append("")
     lines.append(
-        f"{'actor':<56} {'state':<10} {'mailbox':>11} {'handled':>9} {'restarts':>8}  last crash"
+        f"{'actor':<56} {'state':<10} {'mailbox':>11} {'handled':>9} {'msgs/s':>8}"
+        f" {'restarts':>8}  last crash"
     )
     for actor in actors[:limit]:
         mailbox = f"{actor.get('mailbox_depth', '-')}/{actor.get('mailbox_bound', '-')}"
+        rate = f"{rates[actor['id']]:.1f}" if actor["id"] in rates else "-"
         lines.append(
             f"{actor['id'][:56]:<56} {actor['state']:<10} {mailbox:>11} "
-            f"{actor.get('handled', '-'):>9} {actor['restarts']:>8}  {actor.get('last_crash') or ''}"
+            f"{actor.get('handled', '-'):>9} {rate:>8} {actor['restarts']:>8}"
+            f"  {actor.get('last_crash') or ''}"
         )
     if len(actors) > limit:
         lines.append(f"... and {len(actors) - limit} more actors")
     return "\n".join(lines)
+
+
+def handled_counts(tree: dict[str, Any]) -> dict[str, int]:
+    """Each actor's messages handled so far, by id (for the next rates)."""
+    return {
+        c["id"]: int(c.get("handled", 0)) for _, c in flatten_tree(tree) if "supervisor" not in c
+    }
 
 
 def describe_url_error(url: str, exc: BaseException) -> str:
@@ -221,10 +251,13 @@ def _top(args: argparse.Namespace) -> int:
     request = urllib.request.Request(
         args.url.rstrip("/") + "/debug/actors", headers={"Authorization": f"Bearer {token}"}
     )
+    previous: dict[str, int] | None = None
+    taken_s = 0.0
     while True:
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 tree = json.loads(response.read())
+            now_s = time.monotonic()
         except urllib.error.HTTPError as exc:
             message = describe_url_error(request.full_url, exc)
             if exc.code in (401, 403):
@@ -236,10 +269,11 @@ def _top(args: argparse.Namespace) -> int:
         except (urllib.error.URLError, OSError) as exc:
             return _fail("top", describe_url_error(request.full_url, exc), 1)
         if args.watch > 0:
-            print("\x1b[2J\x1b[H", end="")
-        print(format_top(tree, args.limit))
+            print("\x1b[2J\x1b[H", end="")  # clear and redraw in place
+        print(format_top(tree, args.limit, previous, now_s - taken_s), flush=True)
         if args.watch <= 0:
             return 0
+        previous, taken_s = handled_counts(tree), now_s
         time.sleep(args.watch)
 
 
