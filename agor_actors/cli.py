@@ -251,13 +251,16 @@ def _top(args: argparse.Namespace) -> int:
     request = urllib.request.Request(
         args.url.rstrip("/") + "/debug/actors", headers={"Authorization": f"Bearer {token}"}
     )
+    from .world import SystemWallClock
+
+    wall = SystemWallClock()  # the world's seam for the time between two refreshes
     previous: dict[str, int] | None = None
     taken_s = 0.0
     while True:
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 tree = json.loads(response.read())
-            now_s = time.monotonic()
+            now_s = wall.now_ms() / 1000
         except urllib.error.HTTPError as exc:
             message = describe_url_error(request.full_url, exc)
             if exc.code in (401, 403):

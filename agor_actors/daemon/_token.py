@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Final
 
 from ..world import Entropy
 
-__all__ = ["TOKEN_FILE", "read_or_create_token"]
+__all__ = ["TOKEN_FILE", "read_or_create_secret", "read_or_create_token"]
 
 TOKEN_FILE: Final = "token"
 
 
 def read_or_create_token(data_dir: pathlib.Path, entropy: Entropy) -> str:
     """The owner token in ``<data_dir>/token``; created (``entropy.token()``,
-    mode 0600) when missing.  Safe against a concurrent creator: whoever
-    creates the file first wins and the other reads it."""
-    path = data_dir / TOKEN_FILE
+    mode 0600) when missing."""
+    return read_or_create_secret(data_dir / TOKEN_FILE, entropy.token)
+
+
+def read_or_create_secret(path: pathlib.Path, new_secret: Callable[[], str]) -> str:
+    """The secret in the file ``path``; created with ``new_secret()``, mode
+    0600, when missing (its directory too).  Safe against a concurrent
+    creator: whoever creates the file first wins and the other reads it."""
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token = entropy.token()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return path.read_text().strip()
     with os.fdopen(fd, "w") as file:
-        file.write(token + "\n")
-    return token
+        file.write(secret + "\n")
+    return secret

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import os
 import pathlib
 from collections.abc import Iterable
 from typing import Any, Final
@@ -41,6 +40,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ..daemon._token import read_or_create_secret
 from ..domain import Principal, ServiceError
 from ..world import World
 
@@ -78,20 +78,7 @@ def cookie_name(port: int | None) -> str:
 
 def _read_or_create_secret(data_dir: pathlib.Path, world: World) -> str:
     """The signing key in ``<data_dir>/web-secret`` (created, mode 0600)."""
-    path = data_dir / SECRET_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = world.entropy.token(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as file:
-        file.write(secret + "\n")
-    return secret
+    return read_or_create_secret(data_dir / SECRET_FILE, lambda: world.entropy.token(32))
 
 
 def _digest(code: str) -> str:
