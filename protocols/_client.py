@@ -599,6 +599,18 @@ class ClientConnection:
         assert isinstance(message, Error)
         return [ServerError(message)]
 
+    def seq_after_joined(self, joined: Joined) -> int | None:
+        """The last applied seq of ``joined.room`` once this machine has
+        taken ``joined``: its own seq if it believes the resume recovered,
+        else the joined seq; None if it would ignore the answer (a leave is
+        under way).  Changes nothing."""
+        track = self._rooms.get(joined.room)
+        if track is None:
+            return joined.seq
+        if track.status is RoomStatus.LEAVING:
+            return None
+        return track.seq if _recovers(track, joined) else joined.seq
+
     def _on_event(self, event: Event) -> list[ClientEvent]:
         track = self._rooms.get(event.room)
         if track is None or track.status is not RoomStatus.LIVE or track.seq is None:
@@ -651,15 +663,7 @@ class ClientConnection:
             return []  # the answer to a join sent before the leave
         if track is None:
             track = RoomTrack(room, _R.JOINING)
-        asked = track.requested_since
-        recovered = (
-            joined.recovered
-            and track.epoch == joined.epoch
-            and track.seq is not None
-            and joined.seq >= track.seq
-            and (track.status is not RoomStatus.JOINING or asked is not None)
-            and (asked is None or (asked.epoch == joined.epoch and asked.seq <= track.seq))
-        )
+        recovered = _recovers(track, joined)
         assert status is not None
         if recovered:
             assert track.seq is not None
@@ -692,3 +696,18 @@ class ClientConnection:
         assert status is None
         del self._rooms[left.room]
         return [RoomLeft(left.room, left.reason)]
+
+
+def _recovers(track: RoomTrack, joined: Joined) -> bool:
+    """Whether ``joined`` continues ``track`` with nothing missed: the server
+    says so, for the epoch and a seq at or past what the client has, and
+    the client asked for it (a resume, or a join with ``since``)."""
+    asked = track.requested_since
+    return (
+        joined.recovered
+        and track.epoch == joined.epoch
+        and track.seq is not None
+        and joined.seq >= track.seq
+        and (track.status is not RoomStatus.JOINING or asked is not None)
+        and (asked is None or (asked.epoch == joined.epoch and asked.seq <= track.seq))
+    )

@@ -372,27 +372,6 @@ def check_merged(
                 )
 
 
-def _joined_at(machine: ClientConnection, joined: Joined) -> int | None:
-    """The last delivered seq once the machine has taken ``joined`` (its
-    own rule: a recovery it believes keeps its seq, else the joined seq);
-    None if it ignores the answer."""
-    track = machine.rooms.get(joined.room)
-    if track is None:
-        return joined.seq
-    if track.status is RoomStatus.LEAVING:
-        return None
-    asked = track.requested_since
-    recovered = (
-        joined.recovered
-        and track.epoch == joined.epoch
-        and track.seq is not None
-        and joined.seq >= track.seq
-        and (track.status is not RoomStatus.JOINING or asked is not None)
-        and (asked is None or (asked.epoch == joined.epoch and asked.seq <= track.seq))
-    )
-    return track.seq if recovered else joined.seq
-
-
 def _mentions(frame: Frame) -> bool:
     if isinstance(frame, str):
         return "joined" in frame or "lagged" in frame
@@ -445,7 +424,7 @@ class ServerClaims:
                 live[message.room] = None
             elif isinstance(message, Joined):
                 self._joined(client, machine, message)
-                live[message.room] = _joined_at(machine, message)
+                live[message.room] = machine.seq_after_joined(message)
 
     def _lagged(self, client: str, lagged: Lagged, delivered: int) -> None:
         self.checked += 1
