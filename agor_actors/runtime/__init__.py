@@ -12,6 +12,7 @@ from ._actor import actor_child_spec as actor_child_spec
 from ._actor import spawn as spawn
 from ._effects import Ask as Ask
 from ._effects import Await as Await
+from ._effects import AwaitInline as AwaitInline
 from ._effects import CancelTimer as CancelTimer
 from ._effects import Down as Down
 from ._effects import Effect as Effect

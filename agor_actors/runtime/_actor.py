@@ -17,6 +17,7 @@ from ..world import World
 from ._effects import (
     Ask,
     Await,
+    AwaitInline,
     CancelTimer,
     Down,
     Effects,
@@ -96,6 +97,12 @@ class Behaviour(abc.ABC, Generic[S]):
 
     def terminate(self, state: S, reason: ExitReason) -> Effects:
         """Effects to perform on a graceful stop (not on a crash)."""
+        return ()
+
+    def caught_up(self, state: S, now: float) -> Effects:
+        """Effects to perform when no message is waiting (the mailbox is
+        drained): for work that should gather everything that arrived, such
+        as a commit group.  Called only by behaviours that override it."""
         return ()
 
     def can_passivate(self, state: S) -> bool:
@@ -321,6 +328,9 @@ class _Actor:
         self._asks: dict[ReplyTo, tuple[Ask, float, str]] = {}
         self._ask_timer: trio.CancelScope | None = None
         self._unyielded = 0
+        # the outcome of an AwaitInline: the next message handled
+        self._next: Any = EMPTY
+        self._catches_up = type(behaviour).caught_up is not Behaviour.caught_up
 
     # ------------------------------------------------------------- lifecycle
 
@@ -396,9 +406,18 @@ class _Actor:
             # a checkpoint (each checkpoint is a trip through trio's run
             # loop); then the loop yields, so that a busy actor cannot starve
             # the others, and notices cancellation.
-            msg: Any = EMPTY
-            if self._unyielded < _BURST:
+            msg: Any = self._next
+            if msg is not EMPTY:
+                self._next = EMPTY
+            elif self._unyielded < _BURST:
                 msg = mailbox.get_nowait(user=take_user)
+                if msg is EMPTY and self._catches_up:
+                    caught = list(behaviour.caught_up(self.state, clock.now_s()))
+                    if caught:
+                        stop = await self._perform(caught)
+                        if stop is not None:
+                            return ExitReason(stop.kind)
+                        continue
             if msg is not EMPTY:
                 self._unyielded += 1
             else:
@@ -456,6 +475,14 @@ class _Actor:
                 assert self._nursery is not None
                 self.inflight += 1
                 self._nursery.start_soon(self._await, effect)
+            elif isinstance(effect, AwaitInline):
+                assert self._next is EMPTY, "one AwaitInline per step"
+                result: outcome.Outcome[Any]
+                try:
+                    result = outcome.Value(await effect.fn())
+                except Exception as exc:
+                    result = outcome.Error(exc)
+                self._next = effect.then(result)
             elif isinstance(effect, Ask):
                 await self._ask(effect)
             elif isinstance(effect, Monitor):

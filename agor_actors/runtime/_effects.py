@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Ask",
     "Await",
+    "AwaitInline",
     "CancelTimer",
     "Down",
     "Effect",
@@ -127,6 +128,20 @@ class Await:
 
 
 @attrs.frozen
+class AwaitInline:
+    """Await ``fn()`` in the mailbox loop itself: the actor handles nothing
+    else until it ends, and ``then(outcome)`` is the next message it
+    handles, before anything waiting in its mailbox.  The effects after it
+    in the same step are performed after it ends.  For an actor with nothing
+    else to do meanwhile (the store writer while a group commits): one task
+    switch fewer than :class:`Await`, and what arrives meanwhile waits in
+    the bounded mailbox (its senders feel the backpressure)."""
+
+    fn: Callable[[], Awaitable[Any]]
+    then: Callable[[outcome.Outcome[Any]], Any]
+
+
+@attrs.frozen
 class Ask:
     """Request/reply between actors without blocking the asker: ``body`` is
     sent as a :class:`Request` from the loop (so asks to one target keep
@@ -148,5 +163,7 @@ class Monitor:
     target: ActorRef
 
 
-Effect = Reply | Send | TrySend | StartTimer | CancelTimer | Stop | Await | Ask | Monitor
+Effect = (
+    Reply | Send | TrySend | StartTimer | CancelTimer | Stop | Await | AwaitInline | Ask | Monitor
+)
 Effects = Iterable[Effect]

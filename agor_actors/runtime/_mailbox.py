@@ -143,14 +143,17 @@ class Mailbox:
         """The next message, system ones first; with ``user=False`` only
         system messages.  A checkpoint; if cancelled nothing was taken."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
         while not self._system and not (user and self._user):
             await self._recv_lot.park()
+            parked = True
         if self._system:
             msg = self._system.popleft()
         else:
             msg = self._user.popleft()
             self._admit()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not parked:  # parking was the schedule point; else yield once here
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return msg
 
     def close(self) -> list[Any]:

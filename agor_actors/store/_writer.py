@@ -17,7 +17,16 @@ import attrs
 import outcome
 
 from ..metrics import Metrics
-from ..runtime import ActorContext, Await, Behaviour, Effect, Effects, Reply, Request, Send
+from ..runtime import (
+    ActorContext,
+    AwaitInline,
+    Behaviour,
+    Effect,
+    Effects,
+    Reply,
+    Request,
+    Send,
+)
 from ..world import World
 from ._backend import (
     Append,
@@ -185,11 +194,13 @@ def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
 
 
 class StoreWriter(Behaviour[WriterState]):
-    """The single writer.  ``max_group`` bounds a commit group; writes beyond
-    it wait for the next group (and the mailbox bound slows the senders)."""
+    """The single writer.  Writes gather while the mailbox has any; once it
+    is drained (or ``max_group`` are pending) they commit as one group, which
+    the writer's own loop awaits (:class:`AwaitInline`): what arrives during
+    a commit waits in the bounded mailbox (overflow policy: the senders
+    wait) and goes in the next group."""
 
     mailbox_size = 4096
-    max_inflight = 2
 
     def __init__(
         self,
@@ -210,12 +221,17 @@ class StoreWriter(Behaviour[WriterState]):
     def handle(self, state: WriterState, msg: Any, now: float) -> Effects:
         if isinstance(msg, Request) and isinstance(msg.body, Write):
             state.pending.append(msg)
-            if not state.committing:
+            if len(state.pending) >= self.max_group and not state.committing:
                 return self._start(state, now)
             return ()
         if isinstance(msg, _Done):
             return self._finish(state, msg, now)
         raise TypeError(f"store writer: unexpected {msg!r}")
+
+    def caught_up(self, state: WriterState, now: float) -> Effects:
+        if state.pending and not state.committing:
+            return self._start(state, now)
+        return ()
 
     def _start(self, state: WriterState, now: float) -> list[Effect]:
         state.started_s = now
@@ -236,7 +252,7 @@ class StoreWriter(Behaviour[WriterState]):
             return await blocking.run(lambda: store.commit(requests))
 
         frozen = tuple(batch)
-        return [Await(commit, lambda result: _Done(frozen, result))]
+        return [AwaitInline(commit, lambda result: _Done(frozen, result))]
 
     def _finish(self, state: WriterState, done: _Done, now: float) -> list[Effect]:
         state.committing = False
@@ -257,8 +273,6 @@ class StoreWriter(Behaviour[WriterState]):
                 {e.room for run in done.batch for r in run for e in r.body.request.events}
             )
             effects.extend(Send(f"room:{room}", Resync()) for room in rooms)
-            if state.pending:
-                effects.extend(self._start(state, now))
             return effects
         by_room: dict[str, list[StoredEvent]] = {}
         for result in results:
@@ -275,8 +289,6 @@ class StoreWriter(Behaviour[WriterState]):
                     effects.append(Reply(req.reply_to, result))
                 else:
                     effects.append(Reply(req.reply_to, error=result))
-        if state.pending:
-            effects.extend(self._start(state, now))
         return effects
 
     def describe(self, state: WriterState) -> dict[str, Any]:

@@ -19,6 +19,7 @@ PACKAGES: dict[str, set[str]] = {
         "ActorSystem",
         "Ask",
         "Await",
+        "AwaitInline",
         "Behaviour",
         "CallTimeout",
         "CancelTimer",

@@ -16,6 +16,7 @@ from agor_actors.runtime import (
     ActorRef,
     Ask,
     Await,
+    AwaitInline,
     Behaviour,
     CallTimeout,
     Down,
@@ -476,3 +477,74 @@ async def test_a_busy_actor_does_not_starve_others(autojump_clock: MockClock) ->
         assert busy.statistics().handled < 100
         assert await busy.call("get") == 400
         nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class _Gatherer:
+    pending: list[Any] = attrs.field(factory=list)
+    groups: list[tuple[Any, ...]] = attrs.field(factory=list)
+    order: list[str] = attrs.field(factory=list)
+
+
+class GroupingBehaviour(Behaviour[_Gatherer]):
+    """Gathers messages until its mailbox is drained, then 'commits' them as
+    one group awaited in its own loop (the store writer's shape)."""
+
+    def __init__(self, gate: trio.Event) -> None:
+        self.gate = gate
+
+    async def init(self, ctx: ActorContext) -> _Gatherer:
+        return _Gatherer()
+
+    def handle(self, state: _Gatherer, msg: Any, now: float) -> Effects:
+        if isinstance(msg, tuple) and msg[0] == "done":
+            state.order.append("done")
+            state.groups.append(msg[1].unwrap())
+            return ()
+        if isinstance(msg, Request):
+            return [Reply(msg.reply_to, [list(g) for g in state.groups])]
+        state.order.append(f"msg {msg}")
+        state.pending.append(msg)
+        return ()
+
+    def caught_up(self, state: _Gatherer, now: float) -> Effects:
+        if not state.pending:
+            return ()
+        group, state.pending = tuple(state.pending), []
+        gate = self.gate
+
+        async def commit() -> tuple[Any, ...]:
+            await gate.wait()
+            return group
+
+        state.order.append("commit")
+        return [AwaitInline(commit, lambda out: ("done", out))]
+
+
+async def test_await_inline_gathers_a_group_and_its_outcome_comes_first(
+    autojump_clock: MockClock,
+) -> None:
+    gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, GroupingBehaviour(gate), name="g", world=WORLD)
+        await ref.send(1)
+        await trio.sleep(1)  # the first message commits alone: the mailbox was drained
+        for n in (2, 3, 4):  # these arrive while the first group is being awaited
+            await ref.send(n)
+        assert ref.statistics().mailbox_depth == 3  # nothing is handled meanwhile
+        gate.set()
+        await trio.sleep(1)
+        assert await ref.call("groups") == [[1], [2, 3, 4]]
+        state = ref._actor.state
+        # the outcome is handled before the messages that waited
+        assert state.order == [
+            "msg 1",
+            "commit",
+            "done",
+            "msg 2",
+            "msg 3",
+            "msg 4",
+            "commit",
+            "done",
+        ]
+        await ref.stop()

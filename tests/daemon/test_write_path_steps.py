@@ -1,0 +1,98 @@
+"""The path of one write, counted: from the connection's submit to the
+viewer's frame, the tasks that run are the session actor, the store writer
+(taking the write, and again when its commit thread is done) and the room:
+four task switches (DESIGN-NOTES.md, "One write, end to end").  trio's
+instrument API sees every task step, so an extra hop or a needless
+schedule point on this path fails here."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import outcome
+import trio
+
+from agor_actors.daemon import Outbox, Principal, open_hub
+from agor_actors.world import real_world
+from protocols import Call, Codec
+
+OWNER = Principal("owner", "owner", True)
+
+
+class _Steps(trio.abc.Instrument):
+    """Records the tasks that step while ``on``, until ``outbox`` has a frame."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.on = False
+        self.tasks: list[trio.lowlevel.Task] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.on:
+            self.tasks.append(task)
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.on and len(self.outbox) > 0:
+            self.on = False
+
+
+def _actor(task: trio.lowlevel.Task) -> str:
+    name = task.name
+    if "registry/" in name:
+        return name.split("registry/", 1)[1].split(":", 1)[0]
+    if "run_sync_soon" in name:
+        return "trio:entry-queue"  # trio's own task that hands the thread's result back
+    return name
+
+
+async def test_one_write_reaches_a_viewer_in_four_task_switches(tmp_path: pathlib.Path) -> None:
+    async with open_hub(real_world(), data_dir=tmp_path) as hub:
+
+        async def call(service: str, method: str, **kw: Any) -> Any:
+            return await hub.call(OWNER, connection_id="c1", service=service, method=method, **kw)
+
+        sid = (await call("sessions", "create", data={"title": "S"}))["id"]
+        tid = (await call("tasks", "create", data={"session_id": sid, "prompt": "p"}))["id"]
+        mid = (
+            await call(
+                "messages",
+                "create",
+                data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
+            )
+        )["id"]
+        viewer = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c2", viewer, f"session:{sid}", None)
+        await viewer.next_frame()  # joined
+        steps = _Steps(viewer)
+        trio.lowlevel.add_instrument(steps)
+        me = trio.lowlevel.current_task()
+        try:
+            for ref in range(5):
+                answered = trio.Event()
+
+                def reply(result: outcome.Outcome[Any], answered: trio.Event = answered) -> None:
+                    result.unwrap()
+                    answered.set()
+
+                steps.tasks = []
+                steps.on = True
+                chunk = Call(
+                    ref=ref, service="messages", method="stream", id=mid, data={"chunk": "x"}
+                )
+                assert await hub.submit(OWNER, "c1", chunk, reply) is None  # a session write
+                with trio.fail_after(10):
+                    while steps.on:
+                        await trio.sleep(0)
+                    await answered.wait()
+                    await viewer.next_frame()
+                path = [_actor(t) for t in steps.tasks if t is not me]
+                # the session wakes again for the writer's reply: that is not on the
+                # way to the viewer, and may run before or after the room
+                last_writer = max(i for i, a in enumerate(path) if a == "store")
+                path = path[: last_writer + 1] + [
+                    a for a in path[last_writer + 1 :] if a != "session"
+                ]
+                assert path == ["session", "store", "trio:entry-queue", "store", "room"], path
+        finally:
+            trio.lowlevel.remove_instrument(steps)
