@@ -16,7 +16,11 @@ at the window's end, in one frame per subscriber: under load each
 subscriber gets at most one frame per window holding everything since its
 last, so deliveries per second grow with the load while latency stays
 bounded by the window.  Events held for the window are already in the
-room's memory (joins and resumes see them).
+room's memory (joins and resumes see them).  Windows are aligned to the
+clock (they start at multiples of ``batch_window_s``), so every busy room's
+window ends at the same instant; their deliveries are offered ``hold``-ing,
+and a connection joined to several busy rooms gets them all in one frame
+per window (its writer sends them together once the rooms have offered).
 """
 
 from __future__ import annotations
@@ -416,40 +420,48 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.unsent.extend(entries)
             return []
         if now - state.window_start_s >= self.batch_window_s:
-            state.window_start_s, state.window_sends = now, 0
+            state.window_start_s, state.window_sends = self._window_of(now), 0
         sends = len(state.subscribers)
         if state.window_sends and state.window_sends + sends > self.window_sends_max:
             state.unsent.extend(entries)
             state.window_timer = True
-            delay = max(0.0, state.window_start_s + self.batch_window_s - now)
-            return [StartTimer("window", delay, _WindowEnd())]
+            end = state.window_start_s + self.batch_window_s
+            return [StartTimer("window", max(0.0, end - now), _WindowEnd(), at_s=end)]
         state.window_sends += sends
         self._deliver(state, entries)
         return []
 
+    def _window_of(self, now: float) -> float:
+        """The start of the window ``now`` is in: windows are aligned to the
+        clock, so every room's end at the same instant."""
+        return math.floor(now / self.batch_window_s) * self.batch_window_s
+
     def _window_end(self, state: RoomState, now: float) -> list[Effect]:
         state.window_timer = False
         entries, state.unsent = state.unsent, []
-        state.window_start_s, state.window_sends = now, len(state.subscribers)
+        state.window_start_s = max(self._window_of(now), state.window_start_s + self.batch_window_s)
+        state.window_sends = len(state.subscribers)
         if entries:
             state.windows += 1
             if self.metrics is not None:
                 self.metrics.batch_windows.inc()
-            self._deliver(state, entries)
+            self._deliver(state, entries, hold=True)
         return []
 
-    def _deliver(self, state: RoomState, entries: list[_Ring]) -> None:
+    def _deliver(self, state: RoomState, entries: list[_Ring], *, hold: bool = False) -> None:
         """Offer ``entries`` (consecutive, in seq order) to every subscriber.
         Those that were sent everything before them share one frame per
-        codec (and projection); the others get what they miss of them."""
+        codec (and projection); the others get what they miss of them.
+        ``hold``: a window's end; each outbox's writer sends it together with
+        the other rooms' whose window ended at the same instant."""
         delivered, lagged = state.delivered, state.lagged
-        self._deliver_all(state, entries)
+        self._deliver_all(state, entries, hold)
         if self.metrics is not None:
             self.metrics.deliveries.inc(state.delivered - delivered)
             if state.lagged > lagged:
                 self.metrics.lagged.inc(state.lagged - lagged)
 
-    def _deliver_all(self, state: RoomState, entries: list[_Ring]) -> None:
+    def _deliver_all(self, state: RoomState, entries: list[_Ring], hold: bool = False) -> None:
         base = entries[0].event.seq - 1
         shared: dict[tuple[Codec, bool, int], list[tuple[int, int, OutFrame]]] = {}
         for sub in list(state.subscribers.values()):
@@ -461,7 +473,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             if frames is None:
                 frames = shared[key] = self._batch_frames(state, sub, entries)
             for first_seq, count, frame in frames:
-                if not sub.outbox.offer_batch(sub.room, first_seq, count, frame):
+                if not sub.outbox.offer_batch(sub.room, first_seq, count, frame, hold=hold):
                     # it overflowed: the outbox dropped its backlog and queued ``lagged``
                     state.lagged += 1
                     sub.active = False

@@ -151,10 +151,15 @@ class Outbox:
         self._kick()
         return True
 
-    def offer_batch(self, room: str, first_seq: int, count: int, frame: OutFrame) -> bool:
+    def offer_batch(
+        self, room: str, first_seq: int, count: int, frame: OutFrame, *, hold: bool = False
+    ) -> bool:
         """Queue ``count`` events of ``room`` from ``first_seq`` already
         joined into one frame (shared by every subscriber it goes to).
-        Overflow as for :meth:`offer_events`."""
+        Overflow as for :meth:`offer_events`.  ``hold``: not written in the
+        offering task even if the connection is idle; the writer sends it
+        on its next turn, with whatever else was queued by then (the other
+        rooms whose batch window ended at the same instant): one frame."""
         if self._closed:
             return False
         size = len(frame)
@@ -164,7 +169,10 @@ class Outbox:
         self._queue.append(_Entry(frame, room, first_seq, size, count))
         self._event_count += count
         self._event_bytes += size
-        self._kick()
+        if hold:
+            self._lot.unpark()
+        else:
+            self._kick()
         return True
 
     def _fits(self, messages: int, size: int) -> bool:

@@ -517,13 +517,17 @@ class _Actor:
     async def _timer(self, effect: StartTimer, scope: trio.CancelScope) -> None:
         with scope:
             while True:
-                await trio.sleep(effect.delay_s)
+                if effect.at_s is not None:
+                    await trio.sleep_until(effect.at_s)
+                else:
+                    await trio.sleep(effect.delay_s)
                 if self.timers.get(effect.key) is not scope:
                     return
-                if not effect.repeat:
+                once = not effect.repeat or effect.at_s is not None
+                if once:
                     del self.timers[effect.key]
                 self.mailbox.put_system(effect.msg)
-                if not effect.repeat:
+                if once:
                     return
 
     async def _ask(self, effect: Ask) -> None:

@@ -96,12 +96,15 @@ class TrySend:
 @attrs.frozen
 class StartTimer:
     """Deliver ``msg`` to this actor after ``delay_s``; a timer with the same
-    ``key`` is replaced.  With ``repeat`` it fires every ``delay_s``."""
+    ``key`` is replaced.  With ``repeat`` it fires every ``delay_s``.  With
+    ``at_s`` (the clock's time) it fires then instead, once: timers of
+    several actors set to one instant fire together."""
 
     key: str
     delay_s: float
     msg: Any
     repeat: bool = False
+    at_s: float | None = None
 
 
 @attrs.frozen

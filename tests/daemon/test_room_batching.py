@@ -117,8 +117,10 @@ async def test_under_load_at_most_one_frame_per_window_nothing_missing(
         now += 0.005
         if state.window_timer and now >= due:
             room.handle(state, timers[-1].msg, due)
+            await trio.testing.wait_all_tasks_blocked()  # a window's end: the writers send
     if state.window_timer:
         room.handle(state, timers[-1].msg, state.window_start_s + room.batch_window_s)
+        await trio.testing.wait_all_tasks_blocked()
     for _, rec in outs:
         assert seqs(rec) == list(range(1, seq))  # in order, nothing missing, no duplicate
         # ~500 ms of load: at most 2 frames at once plus one held per window
@@ -141,12 +143,64 @@ async def test_a_subscriber_that_joins_during_a_window_gets_only_what_follows_it
     await writing(nursery, [(late.outbox, rec)])
     late.last_offered = state.head  # joined at the head (4), which the window holds
     state.subscribers[late.key] = late
+    assert timer.at_s == 0.1  # windows are aligned to the clock
     room.handle(state, timer.msg, 0.1)
+    await trio.testing.wait_all_tasks_blocked()  # a window's end is sent by the writer
     assert seqs(outs[0][1]) == [1, 2, 3, 4]
     assert seqs(rec) == []
     commit(room, state, 5, 1, now=0.3)
     assert rec.frames[-1] is outs[0][1].frames[-1]  # up to date: the shared frame
     assert seqs(rec) == [5]
+
+
+async def test_a_connection_in_several_busy_rooms_gets_one_frame_per_window(
+    nursery: trio.Nursery,
+) -> None:
+    """Three busy rooms, one connection joined to all: their windows are
+    aligned, so they end at one instant, and what they hold reaches the
+    connection as one frame."""
+    out, rec = Outbox(Codec.JSON), Recorder()
+    await writing(nursery, [(out, rec)])
+    rooms = []
+    for name in ("session:a", "session:b", "board:c"):
+        room = RoomBehaviour(name, store=None)  # type: ignore[arg-type]
+        room.window_sends_max = 1
+        state = RoomState(room=name, epoch="e1", head=0)
+        sub = Subscription(connection_id="c", room=name, outbox=out)
+        state.subscribers[sub.key] = sub
+        rooms.append((room, state))
+
+    def committed(room: RoomBehaviour, state: RoomState, seq: int, now: float) -> list[Any]:
+        event = StoredEvent(
+            state.room, "e1", seq, None, "task:created", {"n": seq}, 0, "u", None, None
+        )
+        return list(room.handle(state, Committed(state.room, (event,)), now))
+
+    ends: list[tuple[float, Any, RoomBehaviour, RoomState]] = []
+    # each room: one event at once (its window's one send), then two held;
+    # the rooms start their load at different times within the window
+    for offset, (room, state) in zip((0.012, 0.034, 0.071), rooms, strict=True):
+        for i, seq in enumerate((1, 2, 3)):
+            for effect in committed(room, state, seq, 1.0 + offset + i * 0.001):
+                if isinstance(effect, StartTimer) and effect.key == "window":
+                    assert effect.at_s is not None
+                    ends.append((effect.at_s, effect.msg, room, state))
+    assert len(ends) == 3 and len({at for at, *_ in ends}) == 1  # one instant for all
+    await trio.testing.wait_all_tasks_blocked()
+    before = len(rec.frames)
+    assert before == 3  # the first event of each room went at once (a quiet start)
+    for at, msg, room, state in ends:
+        room.handle(state, msg, at)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(rec.frames) == before + 1  # the three windows' ends: one frame
+    got = [
+        (m.room, m.seq)
+        for m in decode_server_frame(Codec.JSON, rec.frames[-1].payload, Limits())
+        if isinstance(m, Event)
+    ]
+    assert sorted(got) == sorted(
+        (r, s) for r in ("session:a", "session:b", "board:c") for s in (2, 3)
+    )
 
 
 def test_recorder_is_a_transport() -> None:
