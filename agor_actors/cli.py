@@ -1,7 +1,8 @@
 """``agor-actors``: the daemon's command line.
 
 ``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]
-[--log-format text|json] [--log-level INFO]`` runs the daemon until SIGINT or
+[--log-format text|json] [--log-level INFO] [--metrics-token T]
+[--metrics-port N [--metrics-host H]]`` runs the daemon until SIGINT or
 SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
 ``agor-actors token [--data-dir .agor]`` prints the local owner's token.
 
@@ -96,6 +97,18 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         " or AGOR_METRICS_TOKEN)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve /metrics (and /health) on this port of their own, not on --port",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the --metrics-port listener (default 127.0.0.1)",
+    )
+    parser.add_argument(
         "--log-format",
         default=os.environ.get("AGOR_LOG_FORMAT", "text"),
         choices=["text", "json"],
@@ -121,6 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
         db_url=args.db,
         banner_executable=_executable(),
         metrics_token=args.metrics_token,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -153,3 +153,41 @@ async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
         f"postgresql+psycopg://agor:***@127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}/agor: "
     )
     assert "refused" in line and "secret" not in line
+
+
+async def test_serve_with_a_metrics_port(tmp_path: pathlib.Path) -> None:
+    """``--metrics-port``: the banner names the metrics URL, a scrape with the
+    ``--metrics-token`` works there; a metrics port in use is one line."""
+    import urllib.request
+
+    metrics_port = free_port()
+    data_dir = tmp_path / "data"
+    argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
+    argv += ["--metrics-port", str(metrics_port), "--metrics-token", "scrape"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with running(argv, cwd=tmp_path, env=env) as daemon_process:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert f"metrics    {url}" in daemon_process.stdout
+
+        def get() -> str:
+            request = urllib.request.Request(url, headers={"Authorization": "Bearer scrape"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return str(response.read().decode())
+
+        assert "agor_connections" in await trio.to_thread.run_sync(get)
+        status, _, err = await _cli(
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--data-dir",
+            str(tmp_path / "other"),
+            cwd=tmp_path,
+        )
+        assert status == 2
+        assert err.splitlines() == [
+            f"agor-actors serve: port {metrics_port} is already in use on 127.0.0.1 (another"
+            " agor-actors?): stop it, or choose another port with --metrics-port N"
+        ]
+        assert await daemon_process.stop() == 0

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import pathlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,14 +50,18 @@ class Daemon:
 
 @asynccontextmanager
 async def daemon(
-    data_dir: pathlib.Path, settings: ServerSettings | None = None, *, port: int = 0
+    data_dir: pathlib.Path,
+    settings: ServerSettings | None = None,
+    *,
+    port: int = 0,
+    metrics_sock: socket.socket | None = None,
 ) -> AsyncIterator[Daemon]:
     """A hub on a SQLite file in ``data_dir`` and its server on 127.0.0.1; on
     exit the server drains (1001) and the hub stops."""
     world = real_world()
     async with (
         open_hub(world, data_dir=data_dir) as hub,
-        serving(hub, world, port=port, settings=settings) as bound,
+        serving(hub, world, port=port, settings=settings, metrics_sock=metrics_sock) as bound,
     ):
         yield Daemon(hub, bound, data_dir)
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_support import daemon, http
 
 from agor_actors.client import connect
-from agor_actors.server import ServerSettings
+from agor_actors.server import ServerSettings, listen_socket
 
 
 async def scrape(url: str, token: str) -> dict[str, float]:
@@ -105,3 +105,32 @@ async def test_a_line_per_connection_opened_and_closed(
     assert closed[0].user_id == "owner"  # type: ignore[attr-defined]
     assert closed[0].duration_s >= 0  # type: ignore[attr-defined]
     assert closed[0].close_code in (1000, 1006)  # type: ignore[attr-defined]
+
+
+async def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path) -> None:
+    """With a metrics listener, ``/metrics`` is served there (and only
+    there, with ``/health``); the public port answers 404 for it."""
+    metrics_sock = listen_socket("127.0.0.1", 0)
+    metrics_url = f"http://127.0.0.1:{metrics_sock.getsockname()[1]}"
+    settings = ServerSettings(metrics_token="scrape-me")
+    async with daemon(tmp_path / "agor", settings, metrics_sock=metrics_sock) as d:
+        async with connect(d.ws_url, token=d.token, codec="cbor") as client:
+            await client.service("sessions").create({"title": "apart"})
+            values = await scrape(f"{metrics_url}/metrics", "scrape-me")
+            assert values["agor_connections{codec=agor.v1.cbor}"] == 1
+            assert values["agor_call_seconds_count{method=create,service=sessions}"] == 1
+            owner = await scrape(f"{metrics_url}/metrics", d.token)
+            assert "agor_events_committed_total{}" in owner
+        public = await http("GET", f"{d.http_url}/metrics", token=d.token)
+        assert public.status == 404
+        assert public.body["code"] == "not_found"
+        assert "metrics port" in public.body["message"]
+        health = await http("GET", f"{metrics_url}/health")
+        assert health.status == 200 and health.body["status"] == "ok"
+        other = await http("GET", f"{metrics_url}/sessions", token=d.token)
+        assert other.status == 404  # the services are not on this port
+        assert (await http("GET", f"{metrics_url}/metrics")).status == 401
+        assert (await http("GET", f"{metrics_url}/metrics", token="nope")).status == 401
+    # closed with the server
+    with pytest.raises(OSError):
+        await http("GET", f"{metrics_url}/health")
