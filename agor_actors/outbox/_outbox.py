@@ -91,6 +91,7 @@ class Outbox:
         max_control: int = 1024,
         max_frame_messages: int = Limits().max_batch,
         on_lagged: Callable[[str, int], None] | None = None,
+        on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self.codec = codec
         self.max_messages = max_messages
@@ -98,6 +99,9 @@ class Outbox:
         self.max_control = max_control
         self.max_frame_messages = max_frame_messages
         self.on_lagged = on_lagged
+        self.on_delivered = on_delivered
+        """Told the ``committed_s`` of a frame of fresh room events as the
+        transport takes it (see :meth:`_written`)."""
         self._queue: deque[_Entry] = deque()
         self._event_count = 0
         self._event_bytes = 0
@@ -250,6 +254,7 @@ class Outbox:
             return item if isinstance(item, OutFrame) else OutFrame(item)
         parts: list[Frame] = []
         messages = 0
+        committed_s = 0.0
         if self._presence and not self.shedding:
             for presence in self._presence.values():
                 parts.append(encode(self.codec, presence))
@@ -262,16 +267,17 @@ class Outbox:
             self._queue.popleft()
             self._taken(entry)
             item = entry.item
-            parts.append(
-                _inner(self.codec, item.payload, entry.count)
-                if isinstance(item, OutFrame)
-                else item
-            )
+            if isinstance(item, OutFrame):
+                parts.append(_inner(self.codec, item.payload, entry.count))
+                if item.committed_s and (not committed_s or item.committed_s < committed_s):
+                    committed_s = item.committed_s
+            else:
+                parts.append(item)
             messages += entry.count
         self.sent_frames += 1
         self.sent_messages += messages
         self._drained.unpark_all()
-        return OutFrame(_join(self.codec, parts, messages))
+        return OutFrame(_join(self.codec, parts, messages), committed_s)
 
     def _taken(self, entry: _Entry) -> None:
         if entry.room is None:
@@ -290,9 +296,12 @@ class Outbox:
         while self._held is not None or self._ready():
             if self._held is None:
                 self._held = self._take()
-            if not transport.try_send(self._held):
+            frame = self._held
+            if not transport.try_send(frame):
                 break
             self._held = None
+            if frame.committed_s and not frame.measured:
+                self._written(frame)
             if transport.pending:
                 break
         else:
@@ -300,6 +309,17 @@ class Outbox:
         # the transport is busy: the writer takes over
         self._writer_idle = False
         self._lot.unpark()
+
+    def _written(self, frame: OutFrame) -> None:
+        """``frame`` of fresh room events was taken by the transport: its
+        delivery latency is measured.  Once per frame: a frame the room
+        shares between its subscribers is measured at its first write from
+        an offer (the others from offers follow in the same task, with no
+        await between), and at every write by a busy connection's writer
+        (the slow subscribers, the tail worth seeing)."""
+        frame.measured = True
+        if self.on_delivered is not None:
+            self.on_delivered(frame.committed_s)
 
     async def run(self, transport: PeerTransport) -> None:
         """The connection's writer: from now on offers go to ``transport``
@@ -323,8 +343,11 @@ class Outbox:
                             self._writer_idle = False
                         continue
                     self._held = self._take()
-                if transport.try_send(self._held):
+                frame = self._held
+                if transport.try_send(frame):
                     self._held = None
+                    if frame.committed_s:
+                        self._written(frame)
                     await trio.lowlevel.checkpoint()
                 else:
                     await transport.wait_writable()

@@ -87,6 +87,7 @@ class _TrackedOutbox(Outbox):
             max_messages=settings.outbox_messages_max,
             max_bytes=settings.outbox_bytes_max,
             max_control=settings.outbox_control_max,
+            on_delivered=connection.delivered,
         )
         self._connection = connection
 
@@ -138,6 +139,7 @@ class Connection:
         self.world = state.world
         self.hub = state.hub
         self.machine = ServerConnection(codec=codec, limits=self.settings.limits)
+        self._delivery = self.hub.metrics.delivery_seconds
         self.outbox = _TrackedOutbox(self, codec, self.settings)
         self.connection_id: str | None = None
         self.principal: Principal | None = None
@@ -157,6 +159,11 @@ class Connection:
         self._gone = trio.CancelScope()
         self._inflight = 0  # session writes submitted and not answered yet
         self._settled = trio.lowlevel.ParkingLot()
+
+    def delivered(self, committed_s: float) -> None:
+        """A frame of room events committed at ``committed_s`` was written
+        (see :meth:`Outbox._written`): its commit-to-socket latency."""
+        self._delivery.observe(max(0.0, self.world.clock.now_s() - committed_s))
 
     # ------------------------------------------------------------------ run
 
