@@ -64,6 +64,7 @@ class OutboxStats:
     sent_frames: int
     sent_messages: int
     lagged: int
+    sent_bytes: int = 0
 
 
 @attrs.define(slots=True)
@@ -115,6 +116,8 @@ class Outbox:
         self._writer_idle = False  # the writer waits for something to send
         self.sent_frames = 0
         self.sent_messages = 0
+        self.sent_bytes = 0
+        """Payload bytes taken by the transport (the WebSocket's framing not counted)."""
         self.lagged = 0
 
     @property
@@ -251,6 +254,7 @@ class Outbox:
             self.sent_messages += entry.count
             self._drained.unpark_all()
             item = entry.item
+            self.sent_bytes += len(item)
             return item if isinstance(item, OutFrame) else OutFrame(item)
         parts: list[Frame] = []
         messages = 0
@@ -277,7 +281,9 @@ class Outbox:
         self.sent_frames += 1
         self.sent_messages += messages
         self._drained.unpark_all()
-        return OutFrame(_join(self.codec, parts, messages), committed_s)
+        frame = OutFrame(_join(self.codec, parts, messages), committed_s)
+        self.sent_bytes += len(frame)
+        return frame
 
     def _taken(self, entry: _Entry) -> None:
         if entry.room is None:
@@ -400,6 +406,7 @@ class Outbox:
             sent_frames=self.sent_frames,
             sent_messages=self.sent_messages,
             lagged=self.lagged,
+            sent_bytes=self.sent_bytes,
         )
 
 

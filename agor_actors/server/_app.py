@@ -15,6 +15,9 @@ with ``Authorization: Bearer <token>`` and JSON bodies:
 ``POST /<service>/<id>/<method>``      a custom method (``tasks/<id>/start``...)
 ``GET /health``                        no token; 503 while draining
 ``GET /debug/actors``                  the supervision tree, owner only
+``GET /debug/connections?limit=100``   the busiest connections (frames and bytes
+                                       sent and received, outbox depth, user,
+                                       codec, rooms), owner only
 ``GET /metrics``                       Prometheus text format: owner, or the
                                        ``metrics_token`` as a Bearer token (404
                                        with ``metrics_port`` set: it is served
@@ -238,6 +241,25 @@ async def metrics_answer(
     return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
 
 
+CONNECTIONS_SHOWN: Final = 100
+CONNECTIONS_SHOWN_MAX: Final = 1000
+
+
+def busiest_connections(state: AppState, limit: int) -> dict[str, Any]:
+    """``GET /debug/connections``: the ``limit`` busiest connections that got
+    through ``hello`` (the deepest outboxes first, then the most frames sent
+    and received), and how many there are in all."""
+    rows = [c.statistics() for c in state.connections if c.connection_id is not None]
+    rows.sort(
+        key=lambda r: (
+            -r["outbox_messages"],
+            -(r["frames_sent"] + r["frames_received"]),
+            r["connection_id"],
+        )
+    )
+    return {"total": len(rows), "connections": rows[:limit]}
+
+
 def health_answer(state: AppState) -> Response:
     """``GET /health``: 200 with the open connections, 503 while draining."""
     if state.draining:
@@ -366,6 +388,19 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())
+
+    @app.route("/debug/connections", methods=["GET"])
+    async def debug_connections() -> Response:
+        try:
+            principal = await _principal()
+            if not principal.is_owner:
+                raise ServiceError("forbidden", "only the owner may see the connections")
+            limit = _int_param("limit", request.args.get("limit", str(CONNECTIONS_SHOWN)))
+            if not 1 <= limit <= CONNECTIONS_SHOWN_MAX:
+                raise ServiceError("bad_request", f"limit must be 1 to {CONNECTIONS_SHOWN_MAX}")
+        except ServiceError as exc:
+            return _service_error(exc)
+        return _json(busiest_connections(state, limit))
 
     @app.route("/metrics", methods=["GET"])
     async def metrics() -> Response:

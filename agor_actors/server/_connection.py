@@ -144,6 +144,7 @@ class Connection:
         self.connection_id: str | None = None
         self.principal: Principal | None = None
         self.started_s = self.world.clock.now_s()
+        self.bytes_received = 0
         self._close: _Close | None = None
         self._going_away = False
         self._read_scope = trio.CancelScope()
@@ -159,6 +160,29 @@ class Connection:
         self._gone = trio.CancelScope()
         self._inflight = 0  # session writes submitted and not answered yet
         self._settled = trio.lowlevel.ParkingLot()
+
+    def statistics(self) -> dict[str, Any]:
+        """What ``/debug/connections`` (and ``agor-actors top``) shows of it."""
+        stats = self.machine.statistics()
+        outbox = self.outbox.statistics()
+        return {
+            "connection_id": self.connection_id,
+            "user_id": None if self.principal is None else self.principal.user_id,
+            "codec": self.codec.value,
+            "age_s": round(self.world.clock.now_s() - self.started_s, 3),
+            "rooms": sorted(self.machine.subscriptions),
+            "frames_received": stats.frames_received,
+            "messages_received": stats.messages_received,
+            "bytes_received": self.bytes_received,
+            "frames_sent": outbox.sent_frames,
+            "messages_sent": outbox.sent_messages,
+            "bytes_sent": outbox.sent_bytes,
+            "outbox_messages": outbox.queued_messages,
+            "outbox_bytes": outbox.queued_bytes,
+            "pending_calls": stats.pending_calls,
+            "lagged": outbox.lagged,
+            "rate_limited": stats.rate_limited,
+        }
 
     def delivered(self, committed_s: float) -> None:
         """A frame of room events committed at ``committed_s`` was written
@@ -263,6 +287,7 @@ class Connection:
             except TransportClosed:
                 self.peer_gone()
                 return
+            self.bytes_received += len(data)
             events = self.machine.receive_data(data, self.world.clock.now_s())
             for event in events:
                 await self._dispatch(event)

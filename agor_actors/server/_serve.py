@@ -30,6 +30,7 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import pathlib
 import re
 import signal
@@ -386,8 +387,10 @@ async def run_daemon(
                     )
                 )
                 tune_gc()
+                url_file = _write_url(data_dir, _http_url(host, bound))
                 task_status.started(bound)
                 # run_server returns once drained, _watch_signals once signalled.
+            _remove_url(url_file)
             await hub.drain()
     finally:
         sock.close()
@@ -396,13 +399,49 @@ async def run_daemon(
     log.info("stopped")
 
 
+URL_FILE = "url"
+"""``<data_dir>/url``: the running daemon's HTTP URL, for ``agor-actors top``
+and ``open`` run without ``--url`` (removed when the daemon stops)."""
+
+
+def _shown_host(host: str) -> str:
+    """``host`` as a local client reaches it, ready for a URL."""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _http_url(host: str, port: int) -> str:
+    """The daemon's HTTP URL as a local client reaches it."""
+    return f"http://{_shown_host(host)}:{port}"
+
+
+def _write_url(data_dir: pathlib.Path, url: str) -> pathlib.Path | None:
+    """Write ``url`` to ``<data_dir>/url`` (0600); None if it cannot be
+    written (then the tools need ``--url``, nothing else is amiss)."""
+    path = data_dir / URL_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(url + "\n")
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc.strerror)
+        return None
+    return path
+
+
+def _remove_url(path: pathlib.Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def ready_banner(host: str, port: int, data_dir: pathlib.Path, executable: str) -> str:
     """What ``serve`` prints once the daemon listens: where to connect, where
     the owner's token is, and the next commands to try."""
-    shown = f"[{host}]" if ":" in host else host
-    if host in ("0.0.0.0", "::"):
-        shown = "127.0.0.1"
-    http_url = f"http://{shown}:{port}"
+    shown = _shown_host(host)
+    http_url = _http_url(host, port)
     token_file = data_dir / "token"
     data = f" --data-dir {data_dir}" if str(data_dir) != ".agor" else ""
     return "\n".join(
