@@ -46,7 +46,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..domain import Principal, ServiceError
 from ..world import World
-from ._logs import install_access_log, note_user
+from ._logs import SCOPE_USER_ID, install_access_log, note_user
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
 from ._web import WebAuth, install_web_routes
 
@@ -367,7 +367,17 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         except HTTPException as exc:  # the body was too large, the client went away...
             return http_error_response(exc)
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception(
+                "%s %s failed",
+                request.method,
+                request.path,
+                extra={
+                    "user_id": request.scope.get(SCOPE_USER_ID),
+                    "service": service,
+                    "method": method,
+                    "id": id,
+                },
+            )
             return error_response("internal", "internal error", 500)
         headers: dict[str, str] = {}
         if isinstance(result, dict) and type(result.get("rev")) is int:
