@@ -389,12 +389,15 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     async def health() -> Response:
         return health_answer(state)
 
+    async def _owner(what: str) -> None:
+        """Raise unless the owner asks (``what``: what only the owner may see)."""
+        if not (await _principal()).is_owner:
+            raise ServiceError("forbidden", f"only the owner may see {what}")
+
     @app.route("/debug/actors", methods=["GET"])
     async def debug_actors() -> Response:
         try:
-            principal = await _principal()
-            if not principal.is_owner:
-                raise ServiceError("forbidden", "only the owner may see the actors")
+            await _owner("the actors")
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())
@@ -402,9 +405,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     @app.route("/debug/connections", methods=["GET"])
     async def debug_connections() -> Response:
         try:
-            principal = await _principal()
-            if not principal.is_owner:
-                raise ServiceError("forbidden", "only the owner may see the connections")
+            await _owner("the connections")
             limit = _int_param("limit", request.args.get("limit", str(CONNECTIONS_SHOWN)))
             if not 1 <= limit <= CONNECTIONS_SHOWN_MAX:
                 raise ServiceError("bad_request", f"limit must be 1 to {CONNECTIONS_SHOWN_MAX}")

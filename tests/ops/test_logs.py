@@ -3,6 +3,7 @@ line per HTTP request, supervisor restarts at WARNING."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -27,10 +28,11 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.fixture
-def access() -> Iterator[Records]:
+@contextlib.contextmanager
+def records(name: str) -> Iterator[Records]:
+    """The records of logger ``name`` (INFO and above) while the block runs."""
     handler = Records()
-    logger = logging.getLogger("agor_actors.access")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     saved = logger.level
     logger.setLevel(logging.INFO)
@@ -39,6 +41,12 @@ def access() -> Iterator[Records]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved)
+
+
+@pytest.fixture
+def access() -> Iterator[Records]:
+    with records("agor_actors.access") as handler:
+        yield handler
 
 
 def test_json_lines_carry_ts_level_logger_msg_and_the_extra_fields() -> None:
@@ -161,12 +169,7 @@ async def test_a_failed_call_is_logged_with_its_connection_room_and_user(
 
     from agor_actors.client import CallError, connect
 
-    handler = Records()
-    logger = logging.getLogger("agor_actors.server")
-    logger.addHandler(handler)
-    saved = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with records("agor_actors.server") as handler:
         async with (
             daemon(tmp_path / "agor") as d,
             connect(d.ws_url, token=d.token, codec="json") as client,
@@ -179,9 +182,6 @@ async def test_a_failed_call_is_logged_with_its_connection_room_and_user(
                     {"session_id": session["id"], "content": "lost"}
                 )
             connection_id = client.connection_id
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved)
     assert failed.value.code in ("unavailable", "invalid_data")
     assert "messages" not in failed.value.message  # no table name reaches the client
     [line] = [r for r in handler.records if r.getMessage().startswith("call failed")]

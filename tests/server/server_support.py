@@ -14,7 +14,7 @@ import attrs
 import trio
 import trio_websocket
 
-from agor_actors.client import open_websocket
+from agor_actors.client import Client, Mirror, open_websocket
 from agor_actors.daemon import Hub, open_hub
 from agor_actors.server import ServerSettings, serving
 from agor_actors.world import real_world
@@ -160,3 +160,16 @@ async def until_closed(
 
 def _lower(headers: Any) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
+
+
+async def stream_chunks(agent: Client, mirror: Mirror, message_id: str, chunks: int) -> None:
+    """Stream ``chunks`` chunks into a message from ``agent`` and wait (at
+    most 10 s) until ``mirror`` has seen the last."""
+    last = 0
+    for n in range(chunks):
+        answer = await agent.service("messages").call(
+            "stream", id=message_id, data={"chunk": f"w{n} "}
+        )
+        last = answer["_seq"]
+    with trio.fail_after(10):
+        await mirror.wait_until(lambda m: m.seq >= last)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import trio
-from server_support import daemon
+from server_support import daemon, stream_chunks
 
 from agor_actors.cli import format_connections, format_top, frame_counts, handled_counts, main
 from agor_actors.daemon import Principal
@@ -97,14 +97,7 @@ async def test_top_shows_the_busiest_connections(
         room = f"session:{session['id']}"
         mirror = await viewer.join(room)
         message = await agent.service("messages").create({"session_id": session["id"]})
-        last = 0
-        for n in range(12):
-            answer = await agent.service("messages").call(
-                "stream", id=message["id"], data={"chunk": f"{n} "}
-            )
-            last = answer["_seq"]
-        with trio.fail_after(10):
-            await mirror.wait_until(lambda m: m.seq >= last)
+        await stream_chunks(agent, mirror, message["id"], 12)
         agent_id, viewer_id = agent.connection_id, viewer.connection_id
         assert agent_id is not None and viewer_id is not None
         argv = ["top", "--url", d.http_url, "--data-dir", str(d.data_dir), "--limit", "5"]

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from server_support import daemon, http
+from server_support import daemon, http, stream_chunks
 
 from agor_actors.client import connect
 from agor_actors.server import ServerSettings, listen_socket
@@ -46,14 +46,7 @@ async def test_counters_move_while_a_stream_runs(tmp_path: pathlib.Path) -> None
             )
             mirror = await viewer.join(f"session:{session['id']}")
             before = await scrape(url, d.token)
-            last = 0
-            for n in range(30):
-                answer = await agent.service("messages").call(
-                    "stream", id=message["id"], data={"chunk": f"w{n} "}
-                )
-                last = answer["_seq"]
-            with trio.fail_after(10):
-                await mirror.wait_until(lambda m: m.seq >= last)
+            await stream_chunks(agent, mirror, message["id"], 30)
             after = await scrape(url, "scrape-me")  # the scrape token works too
 
         def moved(name: str) -> float:
