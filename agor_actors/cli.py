@@ -1,7 +1,8 @@
 """``agor-actors``: the daemon's command line.
 
 ``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]
-[--log-format text|json] [--log-level INFO]`` runs the daemon until SIGINT or
+[--log-format text|json] [--log-level INFO] [--metrics-token T]
+[--metrics-port N [--metrics-host H]]`` runs the daemon until SIGINT or
 SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
 ``agor-actors token [--data-dir .agor]`` prints the local owner's token.
 
@@ -13,7 +14,12 @@ never makes a new owner.
 Each subcommand is one entry of ``COMMANDS`` (how to add its arguments, what
 to run).  ``agor-actors top [--watch S]`` shows the supervision tree of a
 running daemon (``/debug/actors``): supervisors, then the actors with the
-deepest mailboxes, their restarts and last crash.  ``agor-actors open
+deepest mailboxes, their restarts and last crash; then its busiest
+connections (``/debug/connections``: frames and bytes received and sent,
+the outbox's depth, calls pending, user, codec, rooms).  With ``--watch``
+it redraws in place, with rates since the last refresh.  It finds the
+daemon through ``--url``, or the ``url`` file the daemon wrote to its
+data dir, and reads the token there; it never creates anything.  ``agor-actors open
 [--browser]`` prints a one-time link that signs a browser in to a running
 daemon (the owner, or the user whose ``--token`` it is) and opens the board.
 """
@@ -60,6 +66,9 @@ def read_token(data_dir: pathlib.Path) -> str:
 
 
 _STATUS_CODES: Final = frozenset(int(status) for status in http.HTTPStatus)
+DEFAULT_URL: Final = "http://127.0.0.1:3030"
+URL_FILE: Final = "url"
+"""``<data-dir>/url``: the running daemon's HTTP URL (written by ``serve``)."""
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +105,18 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         " or AGOR_METRICS_TOKEN)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve /metrics (and /health) on this port of their own, not on --port",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the --metrics-port listener (default 127.0.0.1)",
+    )
+    parser.add_argument(
         "--log-format",
         default=os.environ.get("AGOR_LOG_FORMAT", "text"),
         choices=["text", "json"],
@@ -121,6 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
         db_url=args.db,
         banner_executable=_executable(),
         metrics_token=args.metrics_token,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -138,7 +161,12 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _top_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:3030", help="the daemon's base URL")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="the daemon's base URL (default: the one the daemon wrote to <data-dir>/url,"
+        f" else {DEFAULT_URL})",
+    )
     _add_data_dir(parser)
     parser.add_argument("--token", default=None, help="token (default: <data-dir>/token)")
     parser.add_argument(
@@ -207,6 +235,74 @@ def format_top(
     return "\n".join(lines)
 
 
+def _size(n: int) -> str:
+    """A byte count in at most 6 characters (``812``, ``13.4K``, ``2.1M``)."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def format_connections(
+    listing: dict[str, Any],
+    limit: int,
+    previous: dict[str, tuple[int, int]] | None = None,
+    interval_s: float = 0.0,
+) -> str:
+    """The busiest connections of ``/debug/connections``: the deepest
+    outboxes first, then the most frames a second (with ``previous``, each
+    connection's frames received and sent ``interval_s`` ago, from
+    :func:`frame_counts`), else the most frames in all."""
+    rows = list(listing.get("connections", []))
+    rates: dict[str, tuple[float, float]] = {}
+    if previous is not None and interval_s > 0:
+        for row in rows:
+            before = previous.get(row["connection_id"])
+            if before is not None:
+                rates[row["connection_id"]] = (
+                    max(0, row["frames_received"] - before[0]) / interval_s,
+                    max(0, row["frames_sent"] - before[1]) / interval_s,
+                )
+    rows.sort(
+        key=lambda r: (
+            -int(r["outbox_messages"]),
+            -sum(rates.get(r["connection_id"], (0.0, 0.0))),
+            -(int(r["frames_received"]) + int(r["frames_sent"])),
+            r["connection_id"],
+        )
+    )
+    lines = [
+        f"{'connection':<36} {'user':<12} {'codec':<5} {'frames in/out':>15} {'fr/s in/out':>13}"
+        f" {'bytes in/out':>13} {'outbox':>11} {'calls':>5}  rooms"
+    ]
+    for row in rows[:limit]:
+        rate = rates.get(row["connection_id"])
+        shown_rate = f"{rate[0]:.1f}/{rate[1]:.1f}" if rate is not None else "-"
+        frames = f"{row['frames_received']}/{row['frames_sent']}"
+        sizes = f"{_size(row['bytes_received'])}/{_size(row['bytes_sent'])}"
+        outbox = f"{row['outbox_messages']}/{_size(row['outbox_bytes'])}"
+        codec = str(row["codec"]).rsplit(".", 1)[-1]
+        rooms = row.get("rooms", [])
+        shown_rooms = ", ".join(rooms[:3]) + (f" +{len(rooms) - 3}" if len(rooms) > 3 else "")
+        lines.append(
+            f"{row['connection_id'][:36]:<36} {str(row['user_id'])[:12]:<12} {codec:<5}"
+            f" {frames:>15} {shown_rate:>13} {sizes:>13} {outbox:>11}"
+            f" {row['pending_calls']:>5}  {shown_rooms}"
+        )
+    total = int(listing.get("total", len(rows)))
+    if total > min(limit, len(rows)):
+        lines.append(f"... {total} connections in all")
+    return "\n".join(lines)
+
+
+def frame_counts(listing: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Each connection's frames received and sent so far (for the next rates)."""
+    return {
+        row["connection_id"]: (int(row["frames_received"]), int(row["frames_sent"]))
+        for row in listing.get("connections", [])
+    }
+
+
 def handled_counts(tree: dict[str, Any]) -> dict[str, int]:
     """Each actor's messages handled so far, by id (for the next rates)."""
     return {
@@ -235,6 +331,19 @@ def describe_url_error(url: str, exc: BaseException) -> str:
     )
 
 
+def daemon_url(url: str | None, data_dir: pathlib.Path) -> str:
+    """``--url`` if given, else what the daemon serving ``data_dir`` wrote to
+    ``<data_dir>/url`` when it started (read, never made), else the default
+    ``http://127.0.0.1:3030``."""
+    if url:
+        return url
+    with contextlib.suppress(OSError):
+        written = (data_dir / URL_FILE).read_text().strip()
+        if written.startswith(("http://", "https://")):
+            return written
+    return DEFAULT_URL
+
+
 def _top(args: argparse.Namespace) -> int:
     import time
     import urllib.error
@@ -248,18 +357,24 @@ def _top(args: argparse.Namespace) -> int:
         except NoToken as exc:
             return _fail("top", f"{exc}; or pass --token")
         source = str(args.data_dir / "token")
-    request = urllib.request.Request(
-        args.url.rstrip("/") + "/debug/actors", headers={"Authorization": f"Bearer {token}"}
+    base = daemon_url(args.url, args.data_dir).rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(base + "/debug/actors", headers=headers)
+    connections = urllib.request.Request(
+        f"{base}/debug/connections?limit={max(1, min(args.limit, 1000))}", headers=headers
     )
     from .world import SystemWallClock
 
     wall = SystemWallClock()  # the world's seam for the time between two refreshes
     previous: dict[str, int] | None = None
+    previous_frames: dict[str, tuple[int, int]] | None = None
     taken_s = 0.0
     while True:
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 tree = json.loads(response.read())
+            with urllib.request.urlopen(connections, timeout=5) as response:
+                listing = json.loads(response.read())
             now_s = wall.now_ms() / 1000
         except urllib.error.HTTPError as exc:
             message = describe_url_error(request.full_url, exc)
@@ -271,17 +386,24 @@ def _top(args: argparse.Namespace) -> int:
             return _fail("top", message, 1)
         except (urllib.error.URLError, OSError) as exc:
             return _fail("top", describe_url_error(request.full_url, exc), 1)
+        view = "\n\n".join(
+            [
+                format_top(tree, args.limit, previous, now_s - taken_s),
+                format_connections(listing, args.limit, previous_frames, now_s - taken_s),
+            ]
+        )
         if args.watch > 0:
-            print("\x1b[2J\x1b[H", end="")  # clear and redraw in place
-        print(format_top(tree, args.limit, previous, now_s - taken_s), flush=True)
+            # redraw in place: home, the view with each line's rest cleared, the screen's rest
+            view = "\x1b[H" + view.replace("\n", "\x1b[K\n") + "\x1b[K\x1b[J"
+        print(view, flush=True)
         if args.watch <= 0:
             return 0
-        previous, taken_s = handled_counts(tree), now_s
+        previous, previous_frames, taken_s = handled_counts(tree), frame_counts(listing), now_s
         time.sleep(args.watch)
 
 
 def _open_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:3030", help="the daemon's base URL")
+    parser.add_argument("--url", default=None, help="the daemon's base URL (default: as for top)")
     _add_data_dir(parser)
     parser.add_argument(
         "--token",
@@ -307,7 +429,7 @@ def _open(args: argparse.Namespace) -> int:
     except NoToken as exc:
         print(f"agor-actors open: {exc}", file=sys.stderr)
         return 2
-    base = args.url.rstrip("/")
+    base = daemon_url(args.url, args.data_dir).rstrip("/")
     next_path = "/" if args.board is None else "/?board=" + urllib.parse.quote(args.board)
     request = urllib.request.Request(
         base + "/auth/codes",

@@ -90,10 +90,18 @@ class Metrics:
         self.deliveries = Counter(
             "agor_deliveries", "Events offered to subscribers' outboxes", registry=r
         )
+        self.room_seconds = Histogram(
+            "agor_commit_to_room_seconds",
+            "From the commit's end to the room taking its events (once per room and commit)",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.delivery_seconds = Histogram(
             "agor_delivery_seconds",
-            "From the commit's end to the room taking its events (once per room and"
-            " commit; events held for a batch window wait up to 100 ms more)",
+            "From the commit's end to the socket: once per frame of fresh room events"
+            " as it is written (a frame shared by the room's subscribers: at its first"
+            " write; a frame a busy connection's writer sends: at each; events held for"
+            " a batch window included, catch-ups from the log not)",
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )

@@ -256,13 +256,20 @@ class OutFrame:
     ``wire`` caches what a server transport puts on the wire for it (for a
     WebSocket: the unmasked frame, the same bytes for every connection), so
     that a room's batch is framed once and written to every subscriber.
-    A transport that needs no framing (the simulator's links) ignores it."""
+    A transport that needs no framing (the simulator's links) ignores it.
 
-    __slots__ = ("payload", "wire")
+    ``committed_s`` (on the world's clock) is when the earliest event in it
+    was made durable, for the delivery latency measured where the frame is
+    written (0: not a fresh room delivery, not measured); ``measured`` says
+    that a write of this shared frame was measured already."""
 
-    def __init__(self, payload: bytes | str) -> None:
+    __slots__ = ("committed_s", "measured", "payload", "wire")
+
+    def __init__(self, payload: bytes | str, committed_s: float = 0.0) -> None:
         self.payload = payload
         self.wire: bytes | None = None
+        self.committed_s = committed_s
+        self.measured = False
 
     def __len__(self) -> int:
         return len(self.payload)

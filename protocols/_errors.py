@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "CLOSE_CODES",
@@ -136,18 +136,23 @@ class ProtocolError(Exception):
     ``code`` is stable and goes on the wire; ``message`` is for humans.
     ``ref`` is the ``ref`` of the call the error concerns, when one could be
     read from the offending message, so that the call can be answered with an
-    error result instead of leaving it pending.
+    error result instead of leaving it pending; ``data`` goes in that
+    result's ``error.data`` (``rate_limited``: ``{"retry_after_ms": n}``).
     """
 
     code: ErrorCode
     message: str
     ref: int | None
+    data: Any
 
-    def __init__(self, code: ErrorCode, message: str, *, ref: int | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, ref: int | None = None, data: Any = None
+    ) -> None:
         super().__init__(code, message)
         self.code = ErrorCode(code)
         self.message = message
         self.ref = ref
+        self.data = data
 
     @property
     def close_code(self) -> CloseCode | None:

@@ -21,6 +21,7 @@ stops forwarding that room's frames.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
@@ -224,6 +225,15 @@ class ServerConnection:
             subscriptions=sum(self._rooms.values()),
         )
 
+    def retry_after_ms(self) -> int:
+        """Milliseconds until the rate's bucket holds a whole token again (at
+        least 1): what a ``rate_limited`` answer tells the client to wait."""
+        bucket = self._bucket
+        if bucket is None or bucket.tokens >= 1:
+            return 1
+        wait_ms = (1 - bucket.tokens) / self.limits.rate_per_s * 1000
+        return max(1, math.ceil(round(wait_ms, 6)))  # up, past the float's noise
+
     def _closing(self) -> bool:
         return self._state is ServerState.CLOSING
 
@@ -294,6 +304,7 @@ class ServerConnection:
                     ErrorCode.RATE_LIMITED,
                     f"more than {self.limits.rate_per_s:g} messages per second",
                     ref=_readable_ref(item) if is_call else None,
+                    data={"retry_after_ms": self.retry_after_ms()},
                 ),
                 item,
             )
@@ -380,7 +391,7 @@ class ServerConnection:
         answer: ServerMessage
         room = item.get("room") if item is not None and item.get("type") == "join" else None
         if exc.ref is not None:
-            answer = Result(exc.ref, False, error=ErrorInfo(exc.code.value, exc.message))
+            answer = Result(exc.ref, False, error=ErrorInfo(exc.code.value, exc.message, exc.data))
         elif type(room) is str and _valid_room(room):
             answer = Left(room, exc.code.value)
             if self._rooms.pop(room, False):

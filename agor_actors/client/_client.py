@@ -366,7 +366,20 @@ async def load_room(client: Client, room: str) -> Resources:
 
 RATE_LIMITED_RETRIES: Final = 3
 """A call refused with ``rate_limited`` was not run: it is sent again (after
-the pacer's bucket is emptied) up to this many times."""
+the ``retry_after_ms`` the answer carries, or once the pacer's bucket
+refilled from empty) up to this many times."""
+
+RETRY_AFTER_MAX_S: Final = 10.0
+"""The longest ``retry_after_ms`` honoured (a larger one waits this long)."""
+
+
+def retry_after_s(data: Any) -> float:
+    """The wait a ``rate_limited`` answer's ``error.data`` asks for, in
+    seconds (0 when it names none), at most :data:`RETRY_AFTER_MAX_S`."""
+    value = data.get("retry_after_ms") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return 0.0
+    return min(float(value) / 1000, RETRY_AFTER_MAX_S)
 
 
 class Pacer:
@@ -421,11 +434,14 @@ class Pacer:
         bucket = self._current()
         self._bucket = TokenBucket(bucket.tokens - n, bucket.updated_s)
 
-    def penalize(self) -> None:
-        """The server refused a message for the rate: empty the bucket (its
-        view of the rate was stricter than ours)."""
+    def penalize(self, retry_after_s: float = 0.0) -> None:
+        """The server refused a message for the rate (its view of the rate
+        was stricter than ours): empty the bucket, and further if the server
+        said to retry after ``retry_after_s``, so that the next token comes
+        no sooner."""
         bucket = self._current()
-        self._bucket = TokenBucket(min(bucket.tokens, 0.0), bucket.updated_s)
+        tokens = min(bucket.tokens, 0.0, 1.0 - retry_after_s * self.rate_per_s)
+        self._bucket = TokenBucket(tokens, bucket.updated_s)
 
     def turn(self) -> trio.Lock:
         """``async with pacer.turn():`` one paced sender at a time, in
@@ -628,7 +644,7 @@ class Client:
                     if rate_retries <= 0:
                         raise
                     rate_retries -= 1
-                    self.pacer.penalize()
+                    self.pacer.penalize(retry_after_s(exc.data))
 
     async def _call_once(
         self,

@@ -121,6 +121,8 @@ class _Ring:
     event: Event
     end_seq: int
     frames: dict[tuple[Codec, bool], Frame]
+    committed_s: float = 0.0
+    """When it was made durable (0: read back from the log)."""
 
 
 @attrs.define
@@ -321,12 +323,16 @@ class RoomBehaviour(Behaviour[RoomState]):
             return self._resync(state)
         if isinstance(msg, Committed):
             if self.metrics is not None and msg.committed_s:
-                self.metrics.delivery_seconds.observe(max(0.0, now - msg.committed_s))
-            return self._committed(state, msg.events, now)
+                self.metrics.room_seconds.observe(max(0.0, now - msg.committed_s))
+            return self._committed(state, msg.events, now, msg.committed_s)
         raise TypeError(f"room: unexpected {msg!r}")
 
     def _committed(
-        self, state: RoomState, events: tuple[StoredEvent, ...], now: float
+        self,
+        state: RoomState,
+        events: tuple[StoredEvent, ...],
+        now: float,
+        committed_s: float = 0.0,
     ) -> list[Effect]:
         if state.filling:
             # a read of the log is under way: these wait, in order (bounded:
@@ -343,7 +349,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             # commit answer, a writer crash); read the log from our head
             state.held.extend(fresh)
             return self._resync(state)
-        effects = self._fan_out(state, events, now)
+        effects = self._fan_out(state, events, now, committed_s)
         if self.is_board:
             self._highlight(state, events)
             effects += self._schedule_flush(state, now)
@@ -398,7 +404,11 @@ class RoomBehaviour(Behaviour[RoomState]):
     # -------------------------------------------------------------- fan-out
 
     def _fan_out(
-        self, state: RoomState, stored: tuple[StoredEvent, ...], now: float
+        self,
+        state: RoomState,
+        stored: tuple[StoredEvent, ...],
+        now: float,
+        committed_s: float = 0.0,
     ) -> list[Effect]:
         """Take the fresh events into memory; deliver them now, or at the
         end of the batch window if the room is under load."""
@@ -410,7 +420,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.epoch = fresh[0].epoch
         entries = []
         for stored_event in fresh:
-            entry = _Ring(to_event(stored_event), stored_event.end_seq, {})
+            entry = _Ring(to_event(stored_event), stored_event.end_seq, {}, committed_s)
             entries.append(entry)
             state.ring.append(entry)
         state.head = fresh[-1].end_seq
@@ -495,7 +505,7 @@ class RoomBehaviour(Behaviour[RoomState]):
         frames = []
         for i in range(0, len(items), size):
             chunk = items[i : i + size]
-            frame = OutFrame(join_frame(codec, [item for _, item in chunk]))
+            frame = OutFrame(join_frame(codec, [item for _, item in chunk]), entries[i].committed_s)
             frames.append((chunk[0][0], len(chunk), frame))
         return frames
 

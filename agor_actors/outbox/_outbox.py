@@ -64,6 +64,7 @@ class OutboxStats:
     sent_frames: int
     sent_messages: int
     lagged: int
+    sent_bytes: int = 0
 
 
 @attrs.define(slots=True)
@@ -91,6 +92,7 @@ class Outbox:
         max_control: int = 1024,
         max_frame_messages: int = Limits().max_batch,
         on_lagged: Callable[[str, int], None] | None = None,
+        on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self.codec = codec
         self.max_messages = max_messages
@@ -98,6 +100,9 @@ class Outbox:
         self.max_control = max_control
         self.max_frame_messages = max_frame_messages
         self.on_lagged = on_lagged
+        self.on_delivered = on_delivered
+        """Told the ``committed_s`` of a frame of fresh room events as the
+        transport takes it (see :meth:`_written`)."""
         self._queue: deque[_Entry] = deque()
         self._event_count = 0
         self._event_bytes = 0
@@ -111,6 +116,8 @@ class Outbox:
         self._writer_idle = False  # the writer waits for something to send
         self.sent_frames = 0
         self.sent_messages = 0
+        self.sent_bytes = 0
+        """Payload bytes taken by the transport (the WebSocket's framing not counted)."""
         self.lagged = 0
 
     @property
@@ -255,9 +262,11 @@ class Outbox:
             self.sent_messages += entry.count
             self._drained.unpark_all()
             item = entry.item
+            self.sent_bytes += len(item)
             return item if isinstance(item, OutFrame) else OutFrame(item)
         parts: list[Frame] = []
         messages = 0
+        committed_s = 0.0
         if self._presence and not self.shedding:
             for presence in self._presence.values():
                 parts.append(encode(self.codec, presence))
@@ -270,16 +279,19 @@ class Outbox:
             self._queue.popleft()
             self._taken(entry)
             item = entry.item
-            parts.append(
-                _inner(self.codec, item.payload, entry.count)
-                if isinstance(item, OutFrame)
-                else item
-            )
+            if isinstance(item, OutFrame):
+                parts.append(_inner(self.codec, item.payload, entry.count))
+                if item.committed_s and (not committed_s or item.committed_s < committed_s):
+                    committed_s = item.committed_s
+            else:
+                parts.append(item)
             messages += entry.count
         self.sent_frames += 1
         self.sent_messages += messages
         self._drained.unpark_all()
-        return OutFrame(_join(self.codec, parts, messages))
+        frame = OutFrame(_join(self.codec, parts, messages), committed_s)
+        self.sent_bytes += len(frame)
+        return frame
 
     def _taken(self, entry: _Entry) -> None:
         if entry.room is None:
@@ -298,9 +310,12 @@ class Outbox:
         while self._held is not None or self._ready():
             if self._held is None:
                 self._held = self._take()
-            if not transport.try_send(self._held):
+            frame = self._held
+            if not transport.try_send(frame):
                 break
             self._held = None
+            if frame.committed_s and not frame.measured:
+                self._written(frame)
             if transport.pending:
                 break
         else:
@@ -308,6 +323,17 @@ class Outbox:
         # the transport is busy: the writer takes over
         self._writer_idle = False
         self._lot.unpark()
+
+    def _written(self, frame: OutFrame) -> None:
+        """``frame`` of fresh room events was taken by the transport: its
+        delivery latency is measured.  Once per frame: a frame the room
+        shares between its subscribers is measured at its first write from
+        an offer (the others from offers follow in the same task, with no
+        await between), and at every write by a busy connection's writer
+        (the slow subscribers, the tail worth seeing)."""
+        frame.measured = True
+        if self.on_delivered is not None:
+            self.on_delivered(frame.committed_s)
 
     async def run(self, transport: PeerTransport) -> None:
         """The connection's writer: from now on offers go to ``transport``
@@ -331,8 +357,11 @@ class Outbox:
                             self._writer_idle = False
                         continue
                     self._held = self._take()
-                if transport.try_send(self._held):
+                frame = self._held
+                if transport.try_send(frame):
                     self._held = None
+                    if frame.committed_s:
+                        self._written(frame)
                     await trio.lowlevel.checkpoint()
                 else:
                     await transport.wait_writable()
@@ -385,6 +414,7 @@ class Outbox:
             sent_frames=self.sent_frames,
             sent_messages=self.sent_messages,
             lagged=self.lagged,
+            sent_bytes=self.sent_bytes,
         )
 
 

@@ -15,8 +15,13 @@ with ``Authorization: Bearer <token>`` and JSON bodies:
 ``POST /<service>/<id>/<method>``      a custom method (``tasks/<id>/start``...)
 ``GET /health``                        no token; 503 while draining
 ``GET /debug/actors``                  the supervision tree, owner only
+``GET /debug/connections?limit=100``   the busiest connections (frames and bytes
+                                       sent and received, outbox depth, user,
+                                       codec, rooms), owner only
 ``GET /metrics``                       Prometheus text format: owner, or the
-                                       ``metrics_token`` as a Bearer token
+                                       ``metrics_token`` as a Bearer token (404
+                                       with ``metrics_port`` set: it is served
+                                       there, see :mod:`._metrics_port`)
 =====================================  ==========================================
 
 Errors are ``{"code", "message", "data"}`` with ``ServiceError.http_status``;
@@ -30,7 +35,7 @@ import hmac
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
 import orjson
@@ -41,11 +46,19 @@ from werkzeug.exceptions import HTTPException
 
 from ..domain import Principal, ServiceError
 from ..world import World
-from ._logs import install_access_log, note_user
+from ._logs import SCOPE_USER_ID, install_access_log, note_user
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
 from ._web import WebAuth, install_web_routes
 
-__all__ = ["create_app", "parse_query"]
+__all__ = [
+    "bearer",
+    "create_app",
+    "error_response",
+    "health_answer",
+    "http_error_response",
+    "metrics_answer",
+    "parse_query",
+]
 
 log = logging.getLogger("agor_actors.server")
 security_log = logging.getLogger("agor_actors.security")
@@ -183,30 +196,75 @@ def _json(payload: Any, status: int = 200, headers: Mapping[str, str] | None = N
     return response
 
 
-def _error(code: str, message: str, status: int, data: Any = None) -> Response:
+def error_response(code: str, message: str, status: int, data: Any = None) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return _json({"code": code, "message": message, "data": data}, status, headers)
 
 
 def _service_error(exc: ServiceError) -> Response:
-    return _error(exc.code, exc.message, exc.http_status, exc.data)
+    return error_response(exc.code, exc.message, exc.http_status, exc.data)
 
 
 _HTTP_CODES: Final = {404: "not_found", 405: "unknown_method", 413: "too_large"}
 
 
-def _http_exception(exc: HTTPException) -> Response:
+def http_error_response(exc: HTTPException) -> Response:
     status = exc.code or 500
-    return _error(_HTTP_CODES.get(status, "bad_request"), exc.description or exc.name, status)
+    return error_response(
+        _HTTP_CODES.get(status, "bad_request"), exc.description or exc.name, status
+    )
 
 
-def _bearer(header: str | None) -> str | None:
+def bearer(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+async def metrics_answer(
+    hub: ServerHub, settings: ServerSettings, principal: Callable[[], Awaitable[Principal]]
+) -> Response:
+    """``GET /metrics``: Prometheus text for the ``metrics_token`` as a
+    Bearer token, or for the owner (``principal`` says who asks)."""
+    scrape = settings.metrics_token
+    token = bearer(request.headers.get("Authorization"))
+    if scrape is None or token is None or not hmac.compare_digest(token, scrape):
+        try:
+            if not (await principal()).is_owner:
+                raise ServiceError("forbidden", "only the owner may read the metrics")
+        except ServiceError as exc:
+            return _service_error(exc)
+    body = generate_latest(hub.metrics.registry)
+    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+CONNECTIONS_SHOWN: Final = 100
+CONNECTIONS_SHOWN_MAX: Final = 1000
+
+
+def busiest_connections(state: AppState, limit: int) -> dict[str, Any]:
+    """``GET /debug/connections``: the ``limit`` busiest connections that got
+    through ``hello`` (the deepest outboxes first, then the most frames sent
+    and received), and how many there are in all."""
+    rows = [c.statistics() for c in state.connections if c.connection_id is not None]
+    rows.sort(
+        key=lambda r: (
+            -r["outbox_messages"],
+            -(r["frames_sent"] + r["frames_received"]),
+            r["connection_id"],
+        )
+    )
+    return {"total": len(rows), "connections": rows[:limit]}
+
+
+def health_answer(state: AppState) -> Response:
+    """``GET /health``: 200 with the open connections, 503 while draining."""
+    if state.draining:
+        return _json({"status": "draining"}, 503)
+    return _json({"status": "ok", "connections": len(state.connections)})
 
 
 _HTTP_METHODS: Final = {
@@ -233,17 +291,17 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     @app.before_request
     async def _check_origin() -> Response | None:
         if not origin_allowed(request.headers.get("Origin")):
-            return _error("forbidden", "origin not allowed", 403)
+            return error_response("forbidden", "origin not allowed", 403)
         if state.draining and request.path != "/health":
-            return _error("unavailable", "the server is shutting down", 503)
+            return error_response("unavailable", "the server is shutting down", 503)
         return None
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
-        return _http_exception(exc)
+        return http_error_response(exc)
 
     async def _principal() -> Principal:
-        token = _bearer(request.headers.get("Authorization"))
+        token = bearer(request.headers.get("Authorization"))
         cookie = state.web.principal_from_request() if state.web and token is None else None
         if cookie is not None:
             return cookie
@@ -304,13 +362,23 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         except ServiceError as exc:
             if exc.code == "conflict" and request.headers.get("If-Match") is not None:
                 # a stale If-Match is a failed precondition (RFC 9110)
-                return _error(exc.code, exc.message, 412, exc.data)
+                return error_response(exc.code, exc.message, 412, exc.data)
             return _service_error(exc)
         except HTTPException as exc:  # the body was too large, the client went away...
-            return _http_exception(exc)
+            return http_error_response(exc)
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
-            return _error("internal", "internal error", 500)
+            log.exception(
+                "%s %s failed",
+                request.method,
+                request.path,
+                extra={
+                    "user_id": request.scope.get(SCOPE_USER_ID),
+                    "service": service,
+                    "method": method,
+                    "id": id,
+                },
+            )
+            return error_response("internal", "internal error", 500)
         headers: dict[str, str] = {}
         if isinstance(result, dict) and type(result.get("rev")) is int:
             headers["ETag"] = f'"{result["rev"]}"'
@@ -319,33 +387,37 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     @app.route("/health", methods=["GET"])
     async def health() -> Response:
-        if state.draining:
-            return _json({"status": "draining"}, 503)
-        return _json({"status": "ok", "connections": len(state.connections)})
+        return health_answer(state)
+
+    async def _owner(what: str) -> None:
+        """Raise unless the owner asks (``what``: what only the owner may see)."""
+        if not (await _principal()).is_owner:
+            raise ServiceError("forbidden", f"only the owner may see {what}")
 
     @app.route("/debug/actors", methods=["GET"])
     async def debug_actors() -> Response:
         try:
-            principal = await _principal()
-            if not principal.is_owner:
-                raise ServiceError("forbidden", "only the owner may see the actors")
+            await _owner("the actors")
         except ServiceError as exc:
             return _service_error(exc)
         return _json(hub.snapshot())
 
+    @app.route("/debug/connections", methods=["GET"])
+    async def debug_connections() -> Response:
+        try:
+            await _owner("the connections")
+            limit = _int_param("limit", request.args.get("limit", str(CONNECTIONS_SHOWN)))
+            if not 1 <= limit <= CONNECTIONS_SHOWN_MAX:
+                raise ServiceError("bad_request", f"limit must be 1 to {CONNECTIONS_SHOWN_MAX}")
+        except ServiceError as exc:
+            return _service_error(exc)
+        return _json(busiest_connections(state, limit))
+
     @app.route("/metrics", methods=["GET"])
     async def metrics() -> Response:
-        scrape = settings.metrics_token
-        token = _bearer(request.headers.get("Authorization"))
-        if scrape is None or token is None or not hmac.compare_digest(token, scrape):
-            try:
-                principal = await _principal()
-                if not principal.is_owner:
-                    raise ServiceError("forbidden", "only the owner may read the metrics")
-            except ServiceError as exc:
-                return _service_error(exc)
-        body = generate_latest(hub.metrics.registry)
-        return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+        if settings.metrics_port is not None:
+            return error_response("not_found", "the metrics are served on the metrics port", 404)
+        return await metrics_answer(hub, settings, _principal)
 
     state.web = WebAuth(world, settings.data_dir)
     install_web_routes(app, state.web, _principal)

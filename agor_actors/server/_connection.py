@@ -70,6 +70,23 @@ _SERVICES = frozenset(
 )
 """Services a call latency is recorded for (label values stay bounded)."""
 
+SERVER_FAILURES = frozenset({"unavailable", "invalid_data", "internal"})
+"""Error codes of a call that say the server failed, not the caller: logged."""
+
+
+def call_room(call: Call) -> str | None:
+    """The room a call is about, for its error lines: the session or board
+    it names by id, or the session its data names (None: no one room)."""
+    if call.id is not None and call.service == "sessions":
+        return f"session:{call.id}"
+    if call.id is not None and call.service == "boards":
+        return f"board:{call.id}"
+    data = call.data
+    if isinstance(data, dict) and isinstance(data.get("session_id"), str):
+        return f"session:{data['session_id']}"
+    return None
+
+
 SUBSCRIPTIONS_QUEUED_MAX = 64
 """Joins and leaves of one connection waiting to be made."""
 
@@ -87,6 +104,7 @@ class _TrackedOutbox(Outbox):
             max_messages=settings.outbox_messages_max,
             max_bytes=settings.outbox_bytes_max,
             max_control=settings.outbox_control_max,
+            on_delivered=connection.delivered,
         )
         self._connection = connection
 
@@ -138,10 +156,12 @@ class Connection:
         self.world = state.world
         self.hub = state.hub
         self.machine = ServerConnection(codec=codec, limits=self.settings.limits)
+        self._delivery = self.hub.metrics.delivery_seconds
         self.outbox = _TrackedOutbox(self, codec, self.settings)
         self.connection_id: str | None = None
         self.principal: Principal | None = None
         self.started_s = self.world.clock.now_s()
+        self.bytes_received = 0
         self._close: _Close | None = None
         self._going_away = False
         self._read_scope = trio.CancelScope()
@@ -157,6 +177,50 @@ class Connection:
         self._gone = trio.CancelScope()
         self._inflight = 0  # session writes submitted and not answered yet
         self._settled = trio.lowlevel.ParkingLot()
+
+    def log_fields(self, call: Call | None = None, room: str | None = None) -> dict[str, Any]:
+        """The ids an error line of this connection carries: the connection,
+        its user, the room (given, or the one ``call`` is about) and the call."""
+        fields: dict[str, Any] = {
+            "connection_id": self.connection_id,
+            "user_id": None if self.principal is None else self.principal.user_id,
+        }
+        if call is not None:
+            room = room or call_room(call)
+            fields.update(service=call.service, method=call.method, ref=call.ref)
+            if call.id is not None:
+                fields["id"] = call.id
+        if room is not None:
+            fields["room"] = room
+        return fields
+
+    def statistics(self) -> dict[str, Any]:
+        """What ``/debug/connections`` (and ``agor-actors top``) shows of it."""
+        stats = self.machine.statistics()
+        outbox = self.outbox.statistics()
+        return {
+            "connection_id": self.connection_id,
+            "user_id": None if self.principal is None else self.principal.user_id,
+            "codec": self.codec.value,
+            "age_s": round(self.world.clock.now_s() - self.started_s, 3),
+            "rooms": sorted(self.machine.subscriptions),
+            "frames_received": stats.frames_received,
+            "messages_received": stats.messages_received,
+            "bytes_received": self.bytes_received,
+            "frames_sent": outbox.sent_frames,
+            "messages_sent": outbox.sent_messages,
+            "bytes_sent": outbox.sent_bytes,
+            "outbox_messages": outbox.queued_messages,
+            "outbox_bytes": outbox.queued_bytes,
+            "pending_calls": stats.pending_calls,
+            "lagged": outbox.lagged,
+            "rate_limited": stats.rate_limited,
+        }
+
+    def delivered(self, committed_s: float) -> None:
+        """A frame of room events committed at ``committed_s`` was written
+        (see :meth:`Outbox._written`): its commit-to-socket latency."""
+        self._delivery.observe(max(0.0, self.world.clock.now_s() - committed_s))
 
     # ------------------------------------------------------------------ run
 
@@ -183,7 +247,7 @@ class Connection:
                     try:
                         await self.hub.disconnect(self.connection_id)
                     except Exception:
-                        log.exception("hub.disconnect(%s) failed", self.connection_id)
+                        log.exception("hub.disconnect failed", extra=self.log_fields())
             self.finished.set()
 
     def _log_closed(self) -> None:
@@ -256,6 +320,7 @@ class Connection:
             except TransportClosed:
                 self.peer_gone()
                 return
+            self.bytes_received += len(data)
             events = self.machine.receive_data(data, self.world.clock.now_s())
             for event in events:
                 await self._dispatch(event)
@@ -397,7 +462,7 @@ class Connection:
         try:
             principal = await self.hub.authenticate(token) if token else self.cookie_principal
         except Exception:
-            log.exception("authenticate failed")
+            log.exception("authenticate failed", extra=self.log_fields())
             self._close_with(ErrorCode.SERVER_ERROR, "authentication failed")
             return
         if principal is None:
@@ -443,12 +508,8 @@ class Connection:
                 call,
                 partial(self._answered, call, started_s),
             )
-        except ServiceError as exc:
-            self._answer_error(call.ref, exc.code, exc.message, exc.data)
-            return
-        except Exception:
-            log.exception("call %s.%s failed", call.service, call.method)
-            self._answer_error(call.ref, ErrorCode.INTERNAL.value, "internal error")
+        except Exception as exc:
+            self._answer_exception(call, exc)
             return
         if run is None:
             self._inflight += 1
@@ -492,10 +553,24 @@ class Connection:
             )
 
     def _answer_exception(self, call: Call, exc: BaseException) -> None:
+        """Answer a call that failed.  The server's own failures (the store
+        unavailable, data it refused, a bug) are logged with the
+        connection's, the user's and the room's ids; the caller's mistakes
+        (``not_found``, ``conflict``, ``forbidden``...) only answered."""
         if isinstance(exc, ServiceError):
+            if exc.code in SERVER_FAILURES:
+                log.warning(
+                    "call failed: %s",
+                    exc.message,
+                    extra={**self.log_fields(call), "code": exc.code},
+                )
             self._answer_error(call.ref, exc.code, exc.message, exc.data)
             return
-        log.error("call %s.%s failed", call.service, call.method, exc_info=exc)
+        log.error(
+            "call failed",
+            exc_info=exc,
+            extra={**self.log_fields(call), "code": ErrorCode.INTERNAL.value},
+        )
         self._answer_error(call.ref, ErrorCode.INTERNAL.value, "internal error")
 
     def _answer(self, call: Call, data: Any) -> None:
@@ -504,7 +579,7 @@ class Connection:
         except LocalProtocolError as exc:
             if self.machine.state is not ServerState.OPEN:
                 return
-            log.error("result of %s.%s cannot be encoded: %s", call.service, call.method, exc)
+            log.error("result cannot be encoded: %s", exc, extra=self.log_fields(call))
             self._answer_error(call.ref, ErrorCode.INTERNAL.value, "result cannot be encoded")
             return
         self.outbox.offer_control(frame)
@@ -557,7 +632,12 @@ class Connection:
             else:
                 await self._drop(event.room)
         except Exception:
-            log.exception("subscription change %r failed", event)
+            room = event.join.room if isinstance(event, JoinRequested) else event.room
+            log.exception(
+                "subscription change failed: %s",
+                type(event).__name__,
+                extra=self.log_fields(room=room),
+            )
             self._close_with(ErrorCode.SERVER_ERROR, "subscription failed")
             return False
         return True

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import pathlib
 import re
 import signal
@@ -51,6 +52,7 @@ from hypercorn.utils import wrap_app
 from ..world import World, real_world
 from ._app import create_app
 from ._front import Front
+from ._metrics_port import serve_metrics
 from ._settings import AppState, ServerHub, ServerSettings
 
 __all__ = [
@@ -113,10 +115,12 @@ class ListenError(OSError):
     """The listening socket could not be made (the port is in use, the
     address is not this machine's, a port below 1024 without the right)."""
 
-    def __init__(self, host: str, port: int, cause: OSError) -> None:
+    def __init__(self, host: str, port: int, cause: OSError, option: str = "--port") -> None:
         super().__init__(cause.errno, cause.strerror)
         self.host = host
         self.port = port
+        self.option = option
+        """The command line option that chooses the port."""
 
     def explain(self) -> str:
         """One line for a person: what failed and what to do."""
@@ -124,10 +128,13 @@ class ListenError(OSError):
         if self.errno == errno.EADDRINUSE:
             return (
                 f"port {self.port} is already in use on {self.host} (another agor-actors?): "
-                f"stop it, or choose another port with --port N (make serve PORT=N)"
+                f"stop it, or choose another port with {self.option} N"
+                + (" (make serve PORT=N)" if self.option == "--port" else "")
             )
         if self.errno == errno.EACCES:
-            return f"not allowed to listen on {where}: choose a port above 1023 with --port N"
+            return (
+                f"not allowed to listen on {where}: choose a port above 1023 with {self.option} N"
+            )
         if self.errno == errno.EADDRNOTAVAIL:
             return (
                 f"cannot listen on {where}: {self.host} is not an address of this machine (--host)"
@@ -141,14 +148,16 @@ def listen_socket(
     *,
     backlog: int = LISTEN_BACKLOG,
     user_timeout_ms: int = TCP_USER_TIMEOUT_MS,
+    option: str = "--port",
 ) -> socket.socket:
     """A listening, non-blocking TCP socket on ``host:port`` (0: any free
     port) with ``TCP_USER_TIMEOUT`` and ``TCP_NODELAY`` set.  Raises
-    :class:`ListenError` when the address cannot be had."""
+    :class:`ListenError` (its advice naming ``option``) when the address
+    cannot be had."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(host, port, exc) from exc
+        raise ListenError(host, port, exc, option) from exc
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -161,7 +170,7 @@ def listen_socket(
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ListenError(host, port, exc) from exc
+        raise ListenError(host, port, exc, option) from exc
     except BaseException:
         sock.close()
         raise
@@ -189,6 +198,7 @@ async def run_server(
     shutdown: trio.Event,
     settings: ServerSettings | None = None,
     sock: socket.socket | None = None,
+    metrics_sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``hub`` on ``host:port`` until ``shutdown`` is set, then drain:
@@ -196,13 +206,23 @@ async def run_server(
     every WebSocket with 1001, stop listening.  ``task_status.started`` gets
     the bound port.  The hub itself is drained by its owner.  ``sock``: a
     socket from :func:`listen_socket` to serve on instead of making one
-    (it is closed at the end all the same)."""
+    (it is closed at the end all the same).  With ``settings.metrics_port``
+    set (or a ``metrics_sock`` given), ``/metrics`` is served on a listener
+    of its own (:mod:`._metrics_port`) until the drain is over."""
     settings = settings or ServerSettings()
     sock = sock if sock is not None else listen_socket(host, port)
     try:
+        if metrics_sock is None and settings.metrics_port is not None:
+            metrics_sock = listen_socket(
+                settings.metrics_host, settings.metrics_port, option="--metrics-port"
+            )
+        if metrics_sock is not None and settings.metrics_port is None:
+            settings = attrs.evolve(settings, metrics_port=int(metrics_sock.getsockname()[1]))
         app = create_app(hub, world, settings)
     except BaseException:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         raise
     state: AppState = app.extensions["agor"]
     config = _config()
@@ -216,6 +236,11 @@ async def run_server(
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             front = Front(state, asgi, config, context, ConnectionState(lifespan_state.copy()))
+            metrics_done = trio.Event()
+            if metrics_sock is not None:
+                await lifespan_nursery.start(
+                    serve_metrics, state, metrics_sock, _config(), metrics_done
+                )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(_accept, sock, front, connections)
@@ -224,6 +249,7 @@ async def run_server(
                     await shutdown.wait()
                     log.info("draining %d connection(s)", len(state.connections))
                     await state.drain()
+                    metrics_done.set()
                     accepting.cancel_scope.cancel()
                 sock.close()  # refuse new connections from now
                 front.stop_reading_heads()
@@ -233,6 +259,8 @@ async def run_server(
             lifespan_nursery.cancel_scope.cancel()
     finally:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
 
 
 _ACCEPT_BURST = 64
@@ -270,6 +298,7 @@ async def serving(
     host: str = "127.0.0.1",
     port: int = 0,
     settings: ServerSettings | None = None,
+    metrics_sock: socket.socket | None = None,
 ) -> AsyncIterator[int]:
     """Serve ``hub`` in the background for the block (the bound port is what
     it gets: ``port=0`` picks a free one); on exit, drain as on SIGTERM."""
@@ -277,7 +306,14 @@ async def serving(
     async with trio.open_nursery() as nursery:
         bound: int = await nursery.start(
             partial(
-                run_server, hub, world, host=host, port=port, shutdown=shutdown, settings=settings
+                run_server,
+                hub,
+                world,
+                host=host,
+                port=port,
+                shutdown=shutdown,
+                settings=settings,
+                metrics_sock=metrics_sock,
             )
         )
         try:
@@ -311,7 +347,12 @@ async def run_daemon(
 
     world = world or real_world()
     sock = listen_socket(host, port)
-    try:  # run_server closes it too; here for a failure before it runs
+    metrics_sock: socket.socket | None = None
+    try:  # run_server closes them too; here for a failure before it runs
+        if settings is not None and settings.metrics_port is not None:
+            metrics_sock = listen_socket(
+                settings.metrics_host, settings.metrics_port, option="--metrics-port"
+            )
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -342,24 +383,65 @@ async def run_daemon(
                         shutdown=stop,
                         settings=settings,
                         sock=sock,
+                        metrics_sock=metrics_sock,
                     )
                 )
                 tune_gc()
+                url_file = _write_url(data_dir, _http_url(host, bound))
                 task_status.started(bound)
                 # run_server returns once drained, _watch_signals once signalled.
+            _remove_url(url_file)
             await hub.drain()
     finally:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
     log.info("stopped")
+
+
+URL_FILE = "url"
+"""``<data_dir>/url``: the running daemon's HTTP URL, for ``agor-actors top``
+and ``open`` run without ``--url`` (removed when the daemon stops)."""
+
+
+def _shown_host(host: str) -> str:
+    """``host`` as a local client reaches it, ready for a URL."""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _http_url(host: str, port: int) -> str:
+    """The daemon's HTTP URL as a local client reaches it."""
+    return f"http://{_shown_host(host)}:{port}"
+
+
+def _write_url(data_dir: pathlib.Path, url: str) -> pathlib.Path | None:
+    """Write ``url`` to ``<data_dir>/url`` (0600); None if it cannot be
+    written (then the tools need ``--url``, nothing else is amiss)."""
+    path = data_dir / URL_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(url + "\n")
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc.strerror)
+        return None
+    return path
+
+
+def _remove_url(path: pathlib.Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def ready_banner(host: str, port: int, data_dir: pathlib.Path, executable: str) -> str:
     """What ``serve`` prints once the daemon listens: where to connect, where
     the owner's token is, and the next commands to try."""
-    shown = f"[{host}]" if ":" in host else host
-    if host in ("0.0.0.0", "::"):
-        shown = "127.0.0.1"
-    http_url = f"http://{shown}:{port}"
+    shown = _shown_host(host)
+    http_url = _http_url(host, port)
     token_file = data_dir / "token"
     data = f" --data-dir {data_dir}" if str(data_dir) != ".agor" else ""
     return "\n".join(
@@ -386,6 +468,8 @@ def serve(
     *,
     banner_executable: str | None = "agor-actors",
     metrics_token: str | None = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int | None = None,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -403,7 +487,11 @@ def serve(
                     port=port,
                     data_dir=path,
                     db_url=db_url,
-                    settings=ServerSettings(metrics_token=metrics_token),
+                    settings=ServerSettings(
+                        metrics_token=metrics_token,
+                        metrics_host=metrics_host,
+                        metrics_port=metrics_port,
+                    ),
                 )
             )
             log.info(
@@ -415,7 +503,10 @@ def serve(
                 },
             )
             if banner_executable is not None:
-                print(ready_banner(host, bound, path, banner_executable), flush=True)
+                banner = ready_banner(host, bound, path, banner_executable)
+                if metrics_port is not None:
+                    banner += f"\n  metrics    http://{metrics_host}:{metrics_port}/metrics"
+                print(banner, flush=True)
 
     try:
         trio.run(main)

@@ -116,6 +116,11 @@ class ServerSettings:
     metrics_token: str | None = None
     """A token that may read ``/metrics`` (and nothing else), for a scraper
     that should not hold the owner's token; None: the owner only."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    """Serve ``/metrics`` (and ``/health``) on a listener of their own at
+    ``metrics_host:metrics_port``, and not on the public port (404 there);
+    None: on the public port."""
     data_dir: pathlib.Path | None = None
     """Where the browser session cookie's key lives (``web-secret``); None: a
     key in memory (cookies then last as long as the process)."""

@@ -158,3 +158,43 @@ async def test_a_frame_the_transport_took_only_partly_is_finished_by_the_writer(
     seqs = [m.seq for w in peer.written for m in decode_server_frame(Codec.JSON, w, Limits())]
     assert seqs == [1, 2, 3]
     assert isinstance(peer, PeerTransport)
+
+
+def batch(seq: int, committed_s: float) -> OutFrame:
+    return OutFrame(ev(seq)[1], committed_s)
+
+
+async def test_delivery_latency_is_measured_once_per_frame_as_it_is_written() -> None:
+    """``on_delivered`` gets a frame's commit time when the transport takes
+    it: a frame shared by several outboxes once (its first write from an
+    offer), a frame a busy writer sends each time, with the earliest commit
+    time of what it joined; control frames and catch-ups never."""
+    seen: list[tuple[str, float]] = []
+    fast = Outbox(Codec.JSON, on_delivered=lambda c: seen.append(("fast", c)))
+    other = Outbox(Codec.JSON, on_delivered=lambda c: seen.append(("other", c)))
+    slow = Outbox(Codec.JSON, on_delivered=lambda c: seen.append(("slow", c)))
+    peers = [SlowPeer(), SlowPeer(), SlowPeer()]
+    async with trio.open_nursery() as nursery:
+        for out, peer in zip((fast, other, slow), peers, strict=True):
+            nursery.start_soon(out.run, peer)
+        await trio.testing.wait_all_tasks_blocked()
+        shared = batch(1, 10.0)
+        for out in (fast, other, slow):  # taken at once by each: measured at the first
+            assert out.offer_batch("session:a", 1, 1, shared)
+        assert seen == [("fast", 10.0)]
+        peers[0].credit.set()
+        peers[1].credit.set()
+        await trio.testing.wait_all_tasks_blocked()
+        # the slow one is busy: these queue, and its writer joins them
+        assert slow.offer_batch("session:a", 2, 1, batch(2, 10.5))
+        assert slow.offer_batch("session:a", 3, 1, batch(3, 11.0))
+        slow.offer_control(Pong(t=1))
+        assert slow.offer_events("session:a", [ev(4)])  # a catch-up: no commit time
+        peers[2].credit.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [("fast", 10.0), ("slow", 10.5)]
+        fast.offer_control(Pong(t=2))  # a control frame is not a delivery
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [("fast", 10.0), ("slow", 10.5)]
+        for out in (fast, other, slow):
+            out.close()

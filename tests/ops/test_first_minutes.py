@@ -12,6 +12,7 @@ import pathlib
 import re
 import shlex
 import socket
+import subprocess
 
 import pytest
 import trio
@@ -153,3 +154,87 @@ async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
         f"postgresql+psycopg://agor:***@127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}/agor: "
     )
     assert "refused" in line and "secret" not in line
+
+
+async def test_serve_with_a_metrics_port(tmp_path: pathlib.Path) -> None:
+    """``--metrics-port``: the banner names the metrics URL, a scrape with the
+    ``--metrics-token`` works there; a metrics port in use is one line."""
+    import urllib.request
+
+    metrics_port = free_port()
+    data_dir = tmp_path / "data"
+    argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
+    argv += ["--metrics-port", str(metrics_port), "--metrics-token", "scrape"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with running(argv, cwd=tmp_path, env=env) as daemon_process:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert f"metrics    {url}" in daemon_process.stdout
+
+        def get() -> str:
+            request = urllib.request.Request(url, headers={"Authorization": "Bearer scrape"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return str(response.read().decode())
+
+        assert "agor_connections" in await trio.to_thread.run_sync(get)
+        status, _, err = await _cli(
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--data-dir",
+            str(tmp_path / "other"),
+            cwd=tmp_path,
+        )
+        assert status == 2
+        assert err.splitlines() == [
+            f"agor-actors serve: port {metrics_port} is already in use on 127.0.0.1 (another"
+            " agor-actors?): stop it, or choose another port with --metrics-port N"
+        ]
+        assert await daemon_process.stop() == 0
+
+
+async def test_top_finds_the_daemon_through_its_data_dir_and_creates_nothing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``top --data-dir D`` (no ``--url``) reads the URL and the token the
+    daemon wrote there, from a directory where it then leaves nothing;
+    ``--watch`` redraws in place with rates per connection."""
+    data_dir = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with running(argv, cwd=tmp_path, env=env) as daemon_process:
+        assert (data_dir / "url").read_text().strip() == daemon_process.http_url
+        assert (data_dir / "url").stat().st_mode & 0o777 == 0o600
+        async with connect(
+            daemon_process.ws_url, token=(data_dir / "token").read_text().strip()
+        ) as c:
+            await c.service("sessions").create({"title": "seen by top"})
+            connection_id = c.connection_id
+            status, out, err = await _cli("top", "--data-dir", str(data_dir), cwd=elsewhere)
+            assert status == 0, err
+            assert connection_id is not None and connection_id in out
+            watch = await trio.lowlevel.open_process(
+                [*CLI, "top", "--data-dir", str(data_dir), "--watch", "0.2"],
+                cwd=elsewhere,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            assert watch.stdout is not None
+            seen = b""
+            try:
+                with trio.fail_after(20):
+                    while seen.count(b"\x1b[H") < 3:
+                        seen += await watch.stdout.receive_some()
+            finally:
+                watch.kill()
+                await watch.wait()
+                await watch.stdout.aclose()
+        third = seen.decode().split("\x1b[H")[2]
+        line = next(x for x in third.splitlines() if x.startswith(connection_id))
+        assert re.search(r" \d+\.\d/\d+\.\d ", line)  # frames a second, in and out
+        assert list(elsewhere.iterdir()) == []  # nothing made where top ran
+        assert await daemon_process.stop() == 0
+    assert not (data_dir / "url").exists()

@@ -3,6 +3,7 @@ line per HTTP request, supervisor restarts at WARNING."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -27,10 +28,11 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.fixture
-def access() -> Iterator[Records]:
+@contextlib.contextmanager
+def records(name: str) -> Iterator[Records]:
+    """The records of logger ``name`` (INFO and above) while the block runs."""
     handler = Records()
-    logger = logging.getLogger("agor_actors.access")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     saved = logger.level
     logger.setLevel(logging.INFO)
@@ -39,6 +41,12 @@ def access() -> Iterator[Records]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved)
+
+
+@pytest.fixture
+def access() -> Iterator[Records]:
+    with records("agor_actors.access") as handler:
+        yield handler
 
 
 def test_json_lines_carry_ts_level_logger_msg_and_the_extra_fields() -> None:
@@ -148,3 +156,42 @@ async def test_supervisor_restarts_are_warnings_with_the_child_and_the_reason(
     assert "restarts flaky (crash: RuntimeError: crash 1)" in restarts[1].getMessage()
     [gave_up] = [r for r in records if r.levelno == logging.ERROR]
     assert gave_up.__dict__["child_id"] == "flaky" and "gives up" in gave_up.getMessage()
+
+
+async def test_a_failed_call_is_logged_with_its_connection_room_and_user(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The store fails a write (its table was dropped behind the daemon's
+    back): the client is told ``unavailable`` (nothing of the store's
+    detail) and the daemon's line names the connection, the user, the room
+    and the call; formatted as JSON it carries them as fields."""
+    import sqlite3
+
+    from agor_actors.client import CallError, connect
+
+    with records("agor_actors.server") as handler:
+        async with (
+            daemon(tmp_path / "agor") as d,
+            connect(d.ws_url, token=d.token, codec="json") as client,
+        ):
+            session = await client.service("sessions").create({"title": "doomed"})
+            with sqlite3.connect(tmp_path / "agor" / "agor.db") as db:
+                db.execute("DROP TABLE messages")
+            with pytest.raises(CallError) as failed:
+                await client.service("messages").create(
+                    {"session_id": session["id"], "content": "lost"}
+                )
+            connection_id = client.connection_id
+    assert failed.value.code in ("unavailable", "invalid_data")
+    assert "messages" not in failed.value.message  # no table name reaches the client
+    [line] = [r for r in handler.records if r.getMessage().startswith("call failed")]
+    assert line.levelno == logging.WARNING
+    fields = json.loads(JsonFormatter().format(line))
+    assert fields["connection_id"] == connection_id
+    assert fields["user_id"] == "owner"
+    assert fields["room"] == f"session:{session['id']}"
+    assert (fields["service"], fields["method"], fields["code"]) == (
+        "messages",
+        "create",
+        failed.value.code,
+    )

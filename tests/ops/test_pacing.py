@@ -12,7 +12,8 @@ import trio
 from ops_support import daemon
 
 from agor_actors.client import Client, connect
-from agor_actors.client._client import Pacer
+from agor_actors.client._client import RETRY_AFTER_MAX_S, Pacer, retry_after_s
+from agor_actors.daemon import Principal
 from agor_actors.server import ServerSettings
 from protocols import Limits
 
@@ -108,5 +109,65 @@ def test_the_pacer_is_a_token_bucket_of_half_the_servers_burst() -> None:
     clock.t += 0.2
     pacer.penalize()  # the server said rate_limited: start from empty
     assert pacer.delay_s() == pytest.approx(0.1)
+    pacer.penalize(0.25)  # rate_limited with retry_after_ms=250: not a token before
+    assert pacer.delay_s() == pytest.approx(0.25)
+    pacer.penalize(0.01)  # a shorter wait does not undo a longer one
+    assert pacer.delay_s() == pytest.approx(0.25)
+    assert retry_after_s({"retry_after_ms": 40}) == pytest.approx(0.04)
+    assert retry_after_s({"retry_after_ms": 10**9}) == RETRY_AFTER_MAX_S  # bounded
+    assert retry_after_s(None) == 0 and retry_after_s({"retry_after_ms": True}) == 0
     pacer.adopt(Limits(rate_per_s=50.0, rate_burst=100))  # a new connection: full
     assert pacer.burst == 50 and pacer.delay_s(50) == 0 and pacer.delay_s(51) == 0
+
+
+async def test_rate_limited_calls_wait_the_retry_after_and_are_sent_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A client whose pacer believes in a far higher rate than the server
+    allows (an older announcement, another program's messages): the calls
+    the server refuses carry ``retry_after_ms``; the client holds its next
+    call back that long (its own view alone would wait 1 ms), sends them
+    again (bounded), and each runs exactly once."""
+    limits = Limits(rate_per_s=10.0, rate_burst=2, max_refused=1000)
+    calls = 3
+    owner = Principal("owner", "owner", True)
+    async with (
+        daemon(tmp_path / "agor", ServerSettings(limits=limits)) as d,
+        connect(d.ws_url, token=d.token, seed=3) as client,
+    ):
+        session = await d.hub.call(
+            owner, connection_id=None, service="sessions", method="create", data={"title": "r"}
+        )
+        message = await d.hub.call(
+            owner,
+            connection_id=None,
+            service="messages",
+            method="create",
+            data={"session_id": session["id"], "role": "assistant", "streaming": True},
+        )
+        messages = client.service("messages")
+        client.pacer.adopt(Limits(rate_per_s=1000.0, rate_burst=200))
+        refused: list[tuple[float, float]] = []  # (retry after, the pacer's delay then)
+        penalize = client.pacer.penalize
+
+        def watch(retry_after: float = 0.0) -> None:
+            penalize(retry_after)
+            refused.append((retry_after, client.pacer.delay_s()))
+
+        client.pacer.penalize = watch  # type: ignore[method-assign]
+
+        async def one(n: int) -> None:
+            await messages.call("stream", message["id"], {"chunk": f"{n} "})
+
+        async with trio.open_nursery() as nursery:
+            for n in range(calls):
+                nursery.start_soon(one, n)
+        stats = client.statistics()
+        row = await messages.get(message["id"])
+    told = [(after, delay) for after, delay in refused if after > 0]  # calls (pings: no wait)
+    assert stats.rate_limited >= 1 and told
+    for retry_after, delay in told:
+        assert retry_after <= 0.1  # at most one token at 10/s
+        assert delay >= retry_after - 0.0005  # not before the server said (read just after)
+    assert max(after for after, _ in told) > 0.01  # the pacer alone would wait 1 ms
+    assert sorted(map(int, row["content"].split())) == list(range(calls))  # each once

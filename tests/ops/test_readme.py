@@ -59,3 +59,13 @@ async def test_the_curl_example_runs_as_printed(tmp_path: pathlib.Path) -> None:
     out = done.stdout.decode()
     assert "Hello from curl" in out.splitlines()
     assert '"data":[]' in out.replace(" ", "")  # no tasks in the new session
+
+
+def test_the_banner_shown_is_what_serve_prints() -> None:
+    """The README's copy of the ready banner, as ``make serve`` prints it
+    (the executable from the checkout's virtual environment)."""
+    from agor_actors.server._serve import ready_banner
+
+    shown = FIRST_MINUTES.split("what to try next:\n\n```\n")[1].split("```")[0]
+    printed = ready_banner("127.0.0.1", 3030, pathlib.Path(".agor"), ".venv/bin/agor-actors")
+    assert shown.rstrip("\n") == printed

@@ -282,15 +282,23 @@ def test_rate_limit_is_a_function_of_now() -> None:
     answers = [server_messages(e.reply)[0] for e in events[3:]]  # type: ignore[union-attr]
     assert isinstance(answers[0], Error) and answers[0].code == "rate_limited"
     assert isinstance(answers[1], Result) and answers[1].ref == 1 and not answers[1].ok
+    # the refused call is told when a token is back: 1 token at 10/s
+    assert answers[1].error is not None and answers[1].error.data == {"retry_after_ms": 100}
     assert answers[2] == Left("r", "rate_limited")
+    assert server.retry_after_ms() == 100
     assert server.state is ServerState.OPEN
+    # 0.04 s later, 0.4 of a token: 60 ms more (rounded up to the millisecond)
+    [refused] = server.receive_data(frame(call(2)), 10.04)
+    reply = server_messages(refused.reply)[0]  # type: ignore[union-attr]
+    assert isinstance(reply, Result) and reply.error is not None
+    assert reply.error.data == {"retry_after_ms": 60}
     # 0.125 s later one token is back
     [event] = server.receive_data(frame(PING), 10.125)
     assert isinstance(event, PingReceived)
     # time going backwards gives nothing back
     [event] = server.receive_data(frame(PING), 5.0)
     assert isinstance(event, ProtocolViolation)
-    assert server.statistics().rate_limited == 4
+    assert server.statistics().rate_limited == 5
 
 
 def test_flooding_closes() -> None:

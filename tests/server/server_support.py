@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import pathlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,7 +14,7 @@ import attrs
 import trio
 import trio_websocket
 
-from agor_actors.client import open_websocket
+from agor_actors.client import Client, Mirror, open_websocket
 from agor_actors.daemon import Hub, open_hub
 from agor_actors.server import ServerSettings, serving
 from agor_actors.world import real_world
@@ -49,14 +50,18 @@ class Daemon:
 
 @asynccontextmanager
 async def daemon(
-    data_dir: pathlib.Path, settings: ServerSettings | None = None, *, port: int = 0
+    data_dir: pathlib.Path,
+    settings: ServerSettings | None = None,
+    *,
+    port: int = 0,
+    metrics_sock: socket.socket | None = None,
 ) -> AsyncIterator[Daemon]:
     """A hub on a SQLite file in ``data_dir`` and its server on 127.0.0.1; on
     exit the server drains (1001) and the hub stops."""
     world = real_world()
     async with (
         open_hub(world, data_dir=data_dir) as hub,
-        serving(hub, world, port=port, settings=settings) as bound,
+        serving(hub, world, port=port, settings=settings, metrics_sock=metrics_sock) as bound,
     ):
         yield Daemon(hub, bound, data_dir)
 
@@ -155,3 +160,16 @@ async def until_closed(
 
 def _lower(headers: Any) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
+
+
+async def stream_chunks(agent: Client, mirror: Mirror, message_id: str, chunks: int) -> None:
+    """Stream ``chunks`` chunks into a message from ``agent`` and wait (at
+    most 10 s) until ``mirror`` has seen the last."""
+    last = 0
+    for n in range(chunks):
+        answer = await agent.service("messages").call(
+            "stream", id=message_id, data={"chunk": f"w{n} "}
+        )
+        last = answer["_seq"]
+    with trio.fail_after(10):
+        await mirror.wait_until(lambda m: m.seq >= last)

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import trio
-from server_support import daemon
+from server_support import daemon, stream_chunks
 
-from agor_actors.cli import format_top, handled_counts, main
+from agor_actors.cli import format_connections, format_top, frame_counts, handled_counts, main
 from agor_actors.daemon import Principal
 
 OWNER = Principal("owner", "owner", True)
@@ -81,3 +81,68 @@ def test_sim_takes_its_own_options_and_others_refuse_unknown_ones(
         main(["token", "--bogus"])
     assert bad.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+async def test_top_shows_the_busiest_connections(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agor_actors.client import connect
+
+    async with (
+        daemon(tmp_path / "agor") as d,
+        connect(d.ws_url, token=d.token, codec="json") as agent,
+        connect(d.ws_url, token=d.token, codec="cbor") as viewer,
+    ):
+        session = await agent.service("sessions").create({"title": "watched"})
+        room = f"session:{session['id']}"
+        mirror = await viewer.join(room)
+        message = await agent.service("messages").create({"session_id": session["id"]})
+        await stream_chunks(agent, mirror, message["id"], 12)
+        agent_id, viewer_id = agent.connection_id, viewer.connection_id
+        assert agent_id is not None and viewer_id is not None
+        argv = ["top", "--url", d.http_url, "--data-dir", str(d.data_dir), "--limit", "5"]
+        assert await trio.to_thread.run_sync(main, argv) == 0
+        out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("connection "))
+    for column in ("user", "codec", "frames in/out", "bytes in/out", "outbox", "rooms"):
+        assert column in header
+    agent_line = next(line for line in out.splitlines() if line.startswith(agent_id))
+    viewer_line = next(line for line in out.splitlines() if line.startswith(viewer_id))
+    assert " owner " in agent_line and " json " in agent_line
+    assert " cbor " in viewer_line and viewer_line.endswith(room)
+    received, sent = agent_line.split()[3].split("/")
+    assert int(received) >= 14 and int(sent) >= 14  # a call a frame, each answered
+    # the agent sent and received more frames: it is listed first
+    assert out.index(agent_id) < out.index(viewer_id)
+
+
+def test_connection_rates_put_the_busiest_first() -> None:
+    def row(cid: str, received: int, sent: int, queued: int = 0) -> dict[str, object]:
+        return {
+            "connection_id": cid,
+            "user_id": "u",
+            "codec": "agor.v1.json",
+            "rooms": [f"session:{n}" for n in range(5)],
+            "frames_received": received,
+            "frames_sent": sent,
+            "bytes_received": 2048,
+            "bytes_sent": 3 << 20,
+            "outbox_messages": queued,
+            "outbox_bytes": 0,
+            "pending_calls": 0,
+        }
+
+    listing = {
+        "total": 4,
+        "connections": [row("old-busy", 1000, 1000), row("new-busy", 40, 40), row("idle", 5, 5)],
+    }
+    before = frame_counts({"connections": [row("old-busy", 1000, 1000), row("new-busy", 0, 0)]})
+    table = format_connections(listing, limit=10, previous=before, interval_s=2.0)
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["new-busy", "old-busy", "idle"]
+    assert " 20.0/20.0 " in lines[1] and " 0.0/0.0 " in lines[2] and " - " in lines[3]
+    assert " 2.0K/3.0M " in lines[1]
+    assert lines[1].endswith("session:0, session:1, session:2 +2")
+    assert lines[-1] == "... 4 connections in all"
+    stuck = {"total": 2, "connections": [row("idle", 5, 5), row("stuck", 5, 5, queued=900)]}
+    assert format_connections(stuck, limit=10).splitlines()[1].startswith("stuck")

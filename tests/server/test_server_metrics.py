@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from server_support import daemon, http
+from server_support import daemon, http, stream_chunks
 
 from agor_actors.client import connect
-from agor_actors.server import ServerSettings
+from agor_actors.server import ServerSettings, listen_socket
 
 
 async def scrape(url: str, token: str) -> dict[str, float]:
@@ -46,14 +46,7 @@ async def test_counters_move_while_a_stream_runs(tmp_path: pathlib.Path) -> None
             )
             mirror = await viewer.join(f"session:{session['id']}")
             before = await scrape(url, d.token)
-            last = 0
-            for n in range(30):
-                answer = await agent.service("messages").call(
-                    "stream", id=message["id"], data={"chunk": f"w{n} "}
-                )
-                last = answer["_seq"]
-            with trio.fail_after(10):
-                await mirror.wait_until(lambda m: m.seq >= last)
+            await stream_chunks(agent, mirror, message["id"], 30)
             after = await scrape(url, "scrape-me")  # the scrape token works too
 
         def moved(name: str) -> float:
@@ -68,7 +61,10 @@ async def test_counters_move_while_a_stream_runs(tmp_path: pathlib.Path) -> None
         assert moved("agor_commit_group_writes_sum{}") >= 30
         assert after["agor_actors{kind=session}"] >= 1
         assert after["agor_room_subscribers{}"] >= 1
-        assert "agor_delivery_seconds_count{}" in after
+        # commit to socket: the viewer's frames were measured as they were written
+        assert moved("agor_delivery_seconds_count{}") >= 1
+        assert moved("agor_delivery_seconds_sum{}") > 0
+        assert moved("agor_commit_to_room_seconds_count{}") >= 1
         # nobody else reads them
         refused = await http("GET", url, token="not-a-token")
         assert refused.status == 401
@@ -105,3 +101,32 @@ async def test_a_line_per_connection_opened_and_closed(
     assert closed[0].user_id == "owner"  # type: ignore[attr-defined]
     assert closed[0].duration_s >= 0  # type: ignore[attr-defined]
     assert closed[0].close_code in (1000, 1006)  # type: ignore[attr-defined]
+
+
+async def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path) -> None:
+    """With a metrics listener, ``/metrics`` is served there (and only
+    there, with ``/health``); the public port answers 404 for it."""
+    metrics_sock = listen_socket("127.0.0.1", 0)
+    metrics_url = f"http://127.0.0.1:{metrics_sock.getsockname()[1]}"
+    settings = ServerSettings(metrics_token="scrape-me")
+    async with daemon(tmp_path / "agor", settings, metrics_sock=metrics_sock) as d:
+        async with connect(d.ws_url, token=d.token, codec="cbor") as client:
+            await client.service("sessions").create({"title": "apart"})
+            values = await scrape(f"{metrics_url}/metrics", "scrape-me")
+            assert values["agor_connections{codec=agor.v1.cbor}"] == 1
+            assert values["agor_call_seconds_count{method=create,service=sessions}"] == 1
+            owner = await scrape(f"{metrics_url}/metrics", d.token)
+            assert "agor_events_committed_total{}" in owner
+        public = await http("GET", f"{d.http_url}/metrics", token=d.token)
+        assert public.status == 404
+        assert public.body["code"] == "not_found"
+        assert "metrics port" in public.body["message"]
+        health = await http("GET", f"{metrics_url}/health")
+        assert health.status == 200 and health.body["status"] == "ok"
+        other = await http("GET", f"{metrics_url}/sessions", token=d.token)
+        assert other.status == 404  # the services are not on this port
+        assert (await http("GET", f"{metrics_url}/metrics")).status == 401
+        assert (await http("GET", f"{metrics_url}/metrics", token="nope")).status == 401
+    # closed with the server
+    with pytest.raises(OSError):
+        await http("GET", f"{metrics_url}/health")
