@@ -20,7 +20,15 @@ __all__ = ["LOCK_FILE", "PRIVATE_FILES", "DataDirLocked", "hold_data_dir", "make
 
 LOCK_FILE: Final = "lock"
 # Files the runtime keeps in the data dir; narrowed to 0600 when found wider.
-PRIVATE_FILES: Final = ("token", "web-secret", "agor.db", "agor.db-wal", "agor.db-shm", LOCK_FILE)
+PRIVATE_FILES: Final = (
+    "token",
+    "web-secret",
+    "jwt-secret",
+    "agor.db",
+    "agor.db-wal",
+    "agor.db-shm",
+    LOCK_FILE,
+)
 _DIR_MODE: Final = 0o700
 _FILE_MODE: Final = 0o600
 

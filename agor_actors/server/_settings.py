@@ -39,6 +39,8 @@ class ServerHub(Protocol):
 
     async def authenticate(self, token: str | None) -> Principal | None: ...
 
+    async def authentication(self, method: str, data: Any) -> Any: ...
+
     async def call(
         self,
         principal: Principal,

@@ -15,6 +15,7 @@ import trio_websocket
 
 from agor_actors.client import open_websocket
 from agor_actors.daemon import Hub, open_hub
+from agor_actors.identity import IdentityConfig
 from agor_actors.server import ServerSettings, serving
 from agor_actors.world import real_world
 from protocols import (
@@ -49,13 +50,17 @@ class Daemon:
 
 @asynccontextmanager
 async def daemon(
-    data_dir: pathlib.Path, settings: ServerSettings | None = None, *, port: int = 0
+    data_dir: pathlib.Path,
+    settings: ServerSettings | None = None,
+    *,
+    port: int = 0,
+    identity: IdentityConfig | None = None,
 ) -> AsyncIterator[Daemon]:
     """A hub on a SQLite file in ``data_dir`` and its server on 127.0.0.1; on
     exit the server drains (1001) and the hub stops."""
     world = real_world()
     async with (
-        open_hub(world, data_dir=data_dir) as hub,
+        open_hub(world, data_dir=data_dir, identity=identity) as hub,
         serving(hub, world, port=port, settings=settings) as bound,
     ):
         yield Daemon(hub, bound, data_dir)
