@@ -1,7 +1,9 @@
 """``agor-actors``: the daemon's command line.
 
 ``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]
-[--log-format text|json] [--log-level INFO]`` runs the daemon until SIGINT or
+[--log-format text|json] [--log-level INFO] [--allow-origin ORIGIN]...
+[--certfile PEM --keyfile PEM] [--jwt-private-key PEM] [--jwt-public-key PEM]
+[--access-token-ttl S] [--refresh-token-ttl S]`` runs the daemon until SIGINT or
 SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
 ``agor-actors token [--data-dir .agor]`` prints the local owner's token.
 
@@ -101,6 +103,48 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["text", "json"],
         help="log lines as readable text (default) or JSON lines",
     )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port]) allowed besides the daemon's own; repeatable",
+    )
+    parser.add_argument(
+        "--certfile", type=pathlib.Path, default=None, help="TLS certificate chain (PEM)"
+    )
+    parser.add_argument("--keyfile", type=pathlib.Path, default=None, help="TLS private key (PEM)")
+    parser.add_argument(
+        "--jwt-private-key",
+        type=pathlib.Path,
+        default=None,
+        metavar="PEM",
+        help="sign access tokens with this RSA (RS256) or P-256 (ES256) key"
+        " (default: HS256 with <data-dir>/jwt-secret)",
+    )
+    parser.add_argument(
+        "--jwt-public-key",
+        type=pathlib.Path,
+        default=None,
+        metavar="PEM",
+        help="verify access tokens with this public key; alone: verify only (no sign-in here)",
+    )
+    parser.add_argument("--jwt-issuer", default="agor-actors", help="the tokens' iss")
+    parser.add_argument("--jwt-audience", default="agor", help="the tokens' aud")
+    parser.add_argument(
+        "--access-token-ttl",
+        type=int,
+        default=15 * 60,
+        metavar="SECONDS",
+        help="access token lifetime (default 900)",
+    )
+    parser.add_argument(
+        "--refresh-token-ttl",
+        type=int,
+        default=30 * 24 * 3600,
+        metavar="SECONDS",
+        help="refresh token lifetime (default 30 days)",
+    )
 
 
 def _executable() -> str:
@@ -110,10 +154,19 @@ def _executable() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .identity import IdentityConfig
     from .server import serve
     from .server._logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    identity = IdentityConfig(
+        issuer=args.jwt_issuer,
+        audience=args.jwt_audience,
+        access_ttl_s=args.access_token_ttl,
+        refresh_ttl_s=args.refresh_token_ttl,
+        private_key=args.jwt_private_key,
+        public_key=args.jwt_public_key,
+    )
     return serve(
         host=args.host,
         port=args.port,
@@ -121,6 +174,10 @@ def _serve(args: argparse.Namespace) -> int:
         db_url=args.db,
         banner_executable=_executable(),
         metrics_token=args.metrics_token,
+        allow_origins=tuple(args.allow_origin),
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        identity=identity,
     )
 
 

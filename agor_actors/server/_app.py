@@ -236,7 +236,12 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     @app.before_request
     async def _check_origin() -> Response | None:
-        if not origin_allowed(request.headers.get("Origin")):
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, state.origins):
+            security_log.warning(
+                "origin refused",
+                extra={"transport": "http", "origin": (origin or "")[:200], "path": request.path},
+            )
             return _error("forbidden", "origin not allowed", 403)
         if state.draining and request.path != "/health":
             return _error("unavailable", "the server is shutting down", 503)

@@ -34,6 +34,7 @@ import pathlib
 import re
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,10 +49,18 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
 
+from ..identity import IdentityConfig, IdentityConfigError
 from ..world import World, real_world
 from ._app import create_app
 from ._front import Front
-from ._settings import AppState, ServerHub, ServerSettings
+from ._settings import (
+    AppState,
+    ServerHub,
+    ServerSettings,
+    normalize_origin,
+    own_origins,
+    tls_context,
+)
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -201,10 +210,14 @@ async def run_server(
     sock = sock if sock is not None else listen_socket(host, port)
     try:
         app = create_app(hub, world, settings)
+        state: AppState = app.extensions["agor"]
+        state.tls = _tls(settings)
+        state.origins = own_origins(
+            host, int(sock.getsockname()[1]), tls=state.tls is not None
+        ) | _allowed_origins(settings)
     except BaseException:
         sock.close()
         raise
-    state: AppState = app.extensions["agor"]
     config = _config()
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
     try:
@@ -233,6 +246,31 @@ async def run_server(
             lifespan_nursery.cancel_scope.cancel()
     finally:
         sock.close()
+
+
+def _tls(settings: ServerSettings) -> ssl.SSLContext | None:
+    """The TLS context of ``--certfile``/``--keyfile`` (both or neither);
+    :class:`StartupError` when they cannot be used."""
+    if settings.certfile is None and settings.keyfile is None:
+        return None
+    if settings.certfile is None or settings.keyfile is None:
+        raise StartupError("TLS needs both --certfile and --keyfile")
+    try:
+        return tls_context(settings.certfile, settings.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot use the TLS certificate or key: {exc}") from exc
+
+
+def _allowed_origins(settings: ServerSettings) -> frozenset[str]:
+    """``--allow-origin`` values, normalized; :class:`StartupError` for one
+    that is not an origin."""
+    allowed = set()
+    for origin in settings.allow_origins:
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            raise StartupError(f"--allow-origin {origin!r} is not an origin (scheme://host[:port])")
+        allowed.add(normalized)
+    return frozenset(allowed)
 
 
 _ACCEPT_BURST = 64
@@ -302,6 +340,7 @@ async def run_daemon(
     db_url: str | None,
     world: World | None = None,
     settings: ServerSettings | None = None,
+    identity: IdentityConfig | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon: take the port (:class:`ListenError` if it cannot be had,
@@ -322,10 +361,12 @@ async def run_daemon(
         async with contextlib.AsyncExitStack() as opened:
             try:
                 hub = await opened.enter_async_context(
-                    open_hub(world, db_url=db_url, data_dir=data_dir)
+                    open_hub(world, db_url=db_url, data_dir=data_dir, identity=identity)
                 )
             except DataDirLocked as exc:
                 raise StartupError(str(exc)) from exc
+            except IdentityConfigError as exc:
+                raise StartupError(f"cannot use the JWT keys: {exc}") from exc
             except Exception as exc:
                 raise StartupError(
                     f"cannot open the database {_shown_url(db_url)}: {_first_line(exc)}"
@@ -386,6 +427,10 @@ def serve(
     *,
     banner_executable: str | None = "agor-actors",
     metrics_token: str | None = None,
+    allow_origins: tuple[str, ...] = (),
+    certfile: pathlib.Path | None = None,
+    keyfile: pathlib.Path | None = None,
+    identity: IdentityConfig | None = None,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -403,7 +448,13 @@ def serve(
                     port=port,
                     data_dir=path,
                     db_url=db_url,
-                    settings=ServerSettings(metrics_token=metrics_token),
+                    settings=ServerSettings(
+                        metrics_token=metrics_token,
+                        allow_origins=allow_origins,
+                        certfile=certfile,
+                        keyfile=keyfile,
+                    ),
+                    identity=identity,
                 )
             )
             log.info(
@@ -415,7 +466,10 @@ def serve(
                 },
             )
             if banner_executable is not None:
-                print(ready_banner(host, bound, path, banner_executable), flush=True)
+                banner = ready_banner(host, bound, path, banner_executable)
+                if certfile is not None:
+                    banner = banner.replace("ws://", "wss://").replace("http://", "https://")
+                print(banner, flush=True)
 
     try:
         trio.run(main)
