@@ -12,6 +12,7 @@ from ._passwords import check_password as check_password
 from ._refresh import RefreshVerdict as RefreshVerdict
 from ._refresh import judge_refresh as judge_refresh
 from ._service import Authentication as Authentication
+from ._throttle import SignInThrottle as SignInThrottle
 from ._tokens import AccessClaims as AccessClaims
 from ._tokens import AccessTokens as AccessTokens
 from ._tokens import JwtKeys as JwtKeys

@@ -25,6 +25,7 @@ from ..store import Expect, Mutation, SqlStore, StoreConflict, WriteRequest, has
 from ..world import World
 from ._passwords import Passwords, check_password
 from ._refresh import RefreshVerdict, judge_refresh
+from ._throttle import SignInThrottle
 from ._tokens import AccessTokens, TokenRefused, looks_like_jwt
 
 __all__ = ["Authentication", "Write"]
@@ -51,6 +52,7 @@ class Authentication:
         *,
         passwords: Passwords | None = None,
         refresh_ttl_s: int = 30 * 24 * 3600,
+        throttle: SignInThrottle | None = None,
     ) -> None:
         self.world = world
         self.store = store
@@ -58,6 +60,7 @@ class Authentication:
         self.tokens = tokens
         self.passwords = passwords or Passwords()
         self.refresh_ttl_s = refresh_ttl_s
+        self.throttle = throttle or SignInThrottle()
         self._users: OrderedDict[str, Principal] = OrderedDict()
 
     # ------------------------------------------------------------ checking
@@ -132,16 +135,27 @@ class Authentication:
     async def _sign_in(self, name: Any, password: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not isinstance(password, str) or not name:
             raise ServiceError("invalid_field", "data.name and data.password are required")
+        name = name[:1024]
+        wait_ms = self.throttle.retry_after_ms(name, self.world.wall.now_ms())
+        if wait_ms:
+            security_log.warning("sign-in throttled", extra={"retry_after_ms": wait_ms})
+            raise ServiceError(
+                "rate_limited",
+                f"too many failed sign-ins for this name; try again in {wait_ms // 1000 + 1} s",
+                {"retry_after_ms": wait_ms},
+            )
         store, passwords = self.store, self.passwords
-        row = await self.world.blocking.run(lambda: store.credential(login=name[:1024]))
+        row = await self.world.blocking.run(lambda: store.credential(login=name))
         stored = None if row is None else str(row["password_hash"])
         ok = await self.world.blocking.run(lambda: passwords.verify(stored, password[:4096]))
         if row is None or not ok:
+            self.throttle.failed(name, self.world.wall.now_ms())
             security_log.warning(
                 "sign-in refused",
                 extra={"user_id": None if row is None else row["user_id"], "strategy": "local"},
             )
             raise ServiceError("not_authenticated", _REFUSED)
+        self.throttle.succeeded(name)
         user_id = str(row["user_id"])
         now_ms = self.world.wall.now_ms()
         family = self.world.entropy.new_id(now_ms)

@@ -207,3 +207,22 @@ def test_refresh_verdicts() -> None:
     assert judge_refresh(_row(rotated_at=1), NOW_MS) is RefreshVerdict.REUSED
     # revoked wins over rotated: a revoked family stays refused
     assert judge_refresh(_row(rotated_at=1, revoked_at=2), NOW_MS) is RefreshVerdict.REVOKED
+
+
+def test_the_sign_in_throttle_counts_failures_per_name_in_a_window() -> None:
+    from agor_actors.identity import SignInThrottle
+
+    throttle = SignInThrottle(max_failures=3, window_ms=1000, names_max=2)
+    for t in (0, 10, 20):
+        assert throttle.retry_after_ms("ada", t) == 0
+        throttle.failed("ada", t)
+    assert throttle.retry_after_ms("ada", 30) == 970  # until the first failure is 1 s old
+    assert throttle.retry_after_ms("ada", 1000) == 0  # it left the window
+    throttle.failed("ada", 1000)
+    assert throttle.retry_after_ms("ada", 1001) == 9
+    throttle.succeeded("ada")
+    assert throttle.retry_after_ms("ada", 1001) == 0
+    # bounded: the least recently failed names are forgotten
+    for name in ("a", "b", "c"):
+        throttle.failed(name, 0)
+    assert len(throttle._failures) == 2 and "a" not in throttle._failures

@@ -253,3 +253,26 @@ async def test_verify_only_daemons_do_not_sign_in(tmp_path: pathlib.Path) -> Non
         token, _ = signer.issue("owner", now_ms=d.hub.world.wall.now_ms(), jti="x")
         reply = await http("GET", f"{d.http_url}/sessions", token=token)
         assert reply.status == 200
+
+
+async def test_password_guessing_is_throttled_per_name(running: Daemon) -> None:
+    from agor_actors.identity import SignInThrottle
+
+    await _user(running)
+    assert running.hub.identity is not None
+    running.hub.identity.throttle = SignInThrottle(max_failures=3)
+    url = f"{running.http_url}/authentication"
+    for _ in range(3):
+        reply = await http(
+            "POST", url, json={"strategy": "local", "name": "ada", "password": "guess guess"}
+        )
+        assert reply.status == 401
+    # now even the right password waits: the guesser cannot tell
+    reply = await http(
+        "POST", url, json={"strategy": "local", "name": "ada", "password": "correct horse"}
+    )
+    assert reply.status == 429 and reply.body["code"] == "rate_limited"
+    assert reply.body["data"]["retry_after_ms"] > 0
+    # another name is not affected
+    await _user(running, "bob", "bob's password")
+    await _sign_in(running, "bob", "bob's password")
