@@ -694,14 +694,7 @@ class Client:
                     (exc.code or ErrorCode.INVALID_FIELD).value, f"cannot send the call: {exc}"
                 ) from None
             self.pacer.spend()
-            waiter = self._waiters[ref] = _Waiter()
-        try:
-            await self._send(frame)
-            await waiter.event.wait()
-        finally:
-            self._waiters.pop(ref, None)
-        result = waiter.result
-        assert result is not None
+        result = await self._result_of(ref, frame)
         if result.ok:
             return result.data
         error = result.error
@@ -1134,17 +1127,22 @@ class Client:
             self.expires_at = expires_at if isinstance(expires_at, int) else None
             self.renewals += 1
 
-    async def _auth(self, token: str) -> Any:
-        """Send ``auth`` on the open connection; its result's data."""
-        ref, frame = self.machine.auth(token)
+    async def _result_of(self, ref: int, frame: WireFrame) -> Result:
+        """Send ``frame`` (the call or auth ``ref``) and wait for its result
+        (a ``connection_lost`` one if the connection drops meanwhile)."""
         waiter = self._waiters[ref] = _Waiter()
         try:
             await self._send(frame)
             await waiter.event.wait()
         finally:
             self._waiters.pop(ref, None)
-        result = waiter.result
-        assert result is not None
+        assert waiter.result is not None
+        return waiter.result
+
+    async def _auth(self, token: str) -> Any:
+        """Send ``auth`` on the open connection; its result's data."""
+        ref, frame = self.machine.auth(token)
+        result = await self._result_of(ref, frame)
         if not result.ok:
             assert result.error is not None
             raise CallError(result.error.code, result.error.message)

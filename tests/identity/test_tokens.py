@@ -28,6 +28,14 @@ from agor_actors.identity import (
 )
 
 NOW_MS = 1_767_225_600_000
+OWNER_CLAIMS = {
+    "sub": "owner",
+    "aud": "agor",
+    "iss": "agor-actors",
+    "exp": 2**40,
+    "iat": 0,
+    "jti": "j",
+}
 SECRET = "k" * 48
 
 
@@ -60,22 +68,7 @@ def test_a_forged_signature_is_refused() -> None:
     assert _refused(_tokens(), forged) == "bad_signature"
     # the payload changed under the original signature
     head, _, sig = token.split(".")
-    body = (
-        base64.urlsafe_b64encode(
-            json.dumps(
-                {
-                    "sub": "owner",
-                    "aud": "agor",
-                    "iss": "agor-actors",
-                    "exp": 2**40,
-                    "iat": 0,
-                    "jti": "j",
-                }
-            ).encode()
-        )
-        .rstrip(b"=")
-        .decode()
-    )
+    body = _b64(json.dumps(OWNER_CLAIMS).encode())
     assert _refused(_tokens(), f"{head}.{body}.{sig}") == "bad_signature"
 
 
@@ -100,14 +93,7 @@ def test_wrong_audience_and_issuer_are_refused() -> None:
 
 
 def test_alg_none_and_a_missing_claim_are_refused() -> None:
-    claims = {
-        "sub": "owner",
-        "aud": "agor",
-        "iss": "agor-actors",
-        "exp": 2**40,
-        "iat": 0,
-        "jti": "j",
-    }
+    claims = OWNER_CLAIMS
     unsigned = jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
     assert _refused(_tokens(), unsigned) == "bad_algorithm"
     partial = {k: v for k, v in claims.items() if k != "jti"}
@@ -157,10 +143,7 @@ def test_key_pairs_sign_and_a_public_key_only_verifies(kind: str, tmp_path) -> N
     with pytest.raises(RuntimeError):
         verifier.issue("u1", now_ms=NOW_MS, jti="j")
     # algorithm confusion: an HS256 token keyed with the public key's PEM
-    confused = _hs256_by_hand(
-        {"sub": "owner", "aud": "agor", "iss": "agor-actors", "exp": 2**40, "iat": 0, "jti": "j"},
-        public,
-    )
+    confused = _hs256_by_hand(OWNER_CLAIMS, public)
     assert _refused(verifier, confused) == "bad_algorithm"
 
 
