@@ -995,11 +995,13 @@ async def _access_tokens(
     start in ``<data_dir>/jwt-secret`` (0600), or in memory without a data dir."""
     secret: str | None = None
     if not config.uses_key_pair:
+        # a stream of its own: the key draws nothing from the hub's entropy
+        entropy = world.entropy.fork("jwt-secret")
         if data_dir is None:
-            secret = world.entropy.token(48)
+            secret = entropy.token(48)
         else:
             path = data_dir / JWT_SECRET_FILE
             secret = await world.blocking.run(
-                lambda: read_or_create_secret(path, lambda: world.entropy.token(48))
+                lambda: read_or_create_secret(path, lambda: entropy.token(48))
             )
     return await world.blocking.run(lambda: config.access_tokens(secret))

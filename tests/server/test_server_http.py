@@ -3,6 +3,7 @@ and WebSocket agree (same services, same events)."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -171,7 +172,10 @@ async def test_foreign_origins_are_refused(running: Daemon) -> None:
     assert own.status == 200
 
 
-async def test_allowed_origins_are_configured(tmp_path: pathlib.Path) -> None:
+async def test_allowed_origins_are_configured(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agor_actors.security")
     settings = ServerSettings(allow_origins=("https://app.example.com", "http://LOCALHOST:5173/"))
     async with daemon(tmp_path, settings) as d:
         for origin, status in [
@@ -185,6 +189,11 @@ async def test_allowed_origins_are_configured(tmp_path: pathlib.Path) -> None:
                 "GET", f"{d.http_url}/sessions", token=d.token, headers={"Origin": origin}
             )
             assert reply.status == status, origin
+    refused = [r for r in caplog.records if r.getMessage() == "origin refused"]
+    assert [getattr(r, "origin", None) for r in refused] == [
+        "http://app.example.com",
+        "https://evil.example",
+    ]
 
 
 async def test_http_writes_are_seen_over_websocket_and_back(running: Daemon) -> None:

@@ -276,3 +276,35 @@ async def test_password_guessing_is_throttled_per_name(running: Daemon) -> None:
     # another name is not affected
     await _user(running, "bob", "bob's password")
     await _sign_in(running, "bob", "bob's password")
+
+
+async def test_tokens_signed_with_the_daemons_key_but_wrong_are_refused(running: Daemon) -> None:
+    """A wrong audience, a wrong issuer, alg none and an expired token, each
+    signed (or not) as an attacker holding the claims could: all 401."""
+    import jwt
+
+    user = await _user(running)
+    secret = (running.data_dir / "jwt-secret").read_text().strip()
+    now_s = running.hub.world.wall.now_ms() // 1000
+    good = {
+        "sub": user["id"],
+        "aud": "agor",
+        "iss": "agor-actors",
+        "iat": now_s,
+        "exp": now_s + 60,
+        "jti": "j",
+    }
+    assert (
+        await http("GET", f"{running.http_url}/sessions", token=jwt.encode(good, secret))
+    ).status == 200
+    bad = [
+        jwt.encode({**good, "aud": "elsewhere"}, secret),
+        jwt.encode({**good, "iss": "someone"}, secret),
+        jwt.encode({**good, "exp": now_s - 1}, secret),
+        jwt.encode({**good, "sub": "owner"}, "x" * 48),  # forged: another key
+        jwt.encode({**good, "sub": "owner"}, None, algorithm="none"),  # type: ignore[arg-type]
+        jwt.encode({**good, "sub": "nobody"}, secret),  # no such user
+    ]
+    for token in bad:
+        reply = await http("GET", f"{running.http_url}/sessions", token=token)
+        assert reply.status == 401 and reply.body["code"] == "not_authenticated", token
