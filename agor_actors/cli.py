@@ -2,7 +2,9 @@
 
 ``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]
 [--log-format text|json] [--log-level INFO] [--metrics-token T]
-[--metrics-port N [--metrics-host H]]`` runs the daemon until SIGINT or
+[--metrics-port N [--metrics-host H]] [--allow-origin ORIGIN]...
+[--certfile PEM --keyfile PEM] [--jwt-private-key PEM] [--jwt-public-key PEM]
+[--access-token-ttl S] [--refresh-token-ttl S]`` runs the daemon until SIGINT or
 SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
 ``agor-actors token [--data-dir .agor]`` prints the local owner's token.
 
@@ -122,6 +124,48 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["text", "json"],
         help="log lines as readable text (default) or JSON lines",
     )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port]) allowed besides the daemon's own; repeatable",
+    )
+    parser.add_argument(
+        "--certfile", type=pathlib.Path, default=None, help="TLS certificate chain (PEM)"
+    )
+    parser.add_argument("--keyfile", type=pathlib.Path, default=None, help="TLS private key (PEM)")
+    parser.add_argument(
+        "--jwt-private-key",
+        type=pathlib.Path,
+        default=None,
+        metavar="PEM",
+        help="sign access tokens with this RSA (RS256) or P-256 (ES256) key"
+        " (default: HS256 with <data-dir>/jwt-secret)",
+    )
+    parser.add_argument(
+        "--jwt-public-key",
+        type=pathlib.Path,
+        default=None,
+        metavar="PEM",
+        help="verify access tokens with this public key; alone: verify only (no sign-in here)",
+    )
+    parser.add_argument("--jwt-issuer", default="agor-actors", help="the tokens' iss")
+    parser.add_argument("--jwt-audience", default="agor", help="the tokens' aud")
+    parser.add_argument(
+        "--access-token-ttl",
+        type=int,
+        default=15 * 60,
+        metavar="SECONDS",
+        help="access token lifetime (default 900)",
+    )
+    parser.add_argument(
+        "--refresh-token-ttl",
+        type=int,
+        default=30 * 24 * 3600,
+        metavar="SECONDS",
+        help="refresh token lifetime (default 30 days)",
+    )
 
 
 def _executable() -> str:
@@ -131,10 +175,19 @@ def _executable() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .identity import IdentityConfig
     from .server import serve
     from .server._logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    identity = IdentityConfig(
+        issuer=args.jwt_issuer,
+        audience=args.jwt_audience,
+        access_ttl_s=args.access_token_ttl,
+        refresh_ttl_s=args.refresh_token_ttl,
+        private_key=args.jwt_private_key,
+        public_key=args.jwt_public_key,
+    )
     return serve(
         host=args.host,
         port=args.port,
@@ -144,6 +197,10 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_token=args.metrics_token,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        allow_origins=tuple(args.allow_origin),
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        identity=identity,
     )
 
 

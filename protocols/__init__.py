@@ -33,6 +33,7 @@ from ._errors import ErrorCode as ErrorCode
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import close_code_for as close_code_for
+from ._events import AuthReceived as AuthReceived
 from ._events import CallReceived as CallReceived
 from ._events import CallResult as CallResult
 from ._events import ClientEvent as ClientEvent
@@ -64,6 +65,7 @@ from ._messages import CLIENT_MESSAGE_TYPES as CLIENT_MESSAGE_TYPES
 from ._messages import MAX_REF as MAX_REF
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._messages import SERVER_MESSAGE_TYPES as SERVER_MESSAGE_TYPES
+from ._messages import Auth as Auth
 from ._messages import Call as Call
 from ._messages import ClientMessage as ClientMessage
 from ._messages import Cursor as Cursor

@@ -71,6 +71,7 @@ from ._limits import CLIENT_LIMITS, DEFAULT_LIMITS, Limits
 from ._messages import (
     MAX_REF,
     PROTOCOL_VERSION,
+    Auth,
     Call,
     ClientMessage,
     Error,
@@ -293,7 +294,7 @@ class ClientConnection:
         self._state = ClientState.DISCONNECTED
         self._server_limits = DEFAULT_LIMITS
         self._next_ref = 1
-        self._pending: dict[int, Call] = {}
+        self._pending: dict[int, Call | Auth] = {}
         self._rooms: dict[str, RoomTrack] = {}
         self._last_received_s: float | None = None
         self._last_ping_s: float | None = None
@@ -323,7 +324,7 @@ class ClientConnection:
         return MappingProxyType(self._rooms)
 
     @property
-    def pending_calls(self) -> Mapping[int, Call]:
+    def pending_calls(self) -> Mapping[int, Call | Auth]:
         """The calls sent and not answered yet, by ref."""
         return MappingProxyType(self._pending)
 
@@ -405,7 +406,7 @@ class ClientConnection:
             self._server_limits = DEFAULT_LIMITS
             return
         self._move(_CT.SEND_MESSAGE)
-        if isinstance(message, Call):
+        if isinstance(message, Call | Auth):
             if message.ref in self._pending:
                 raise LocalProtocolError(f"ref {message.ref} is already pending")
             if len(self._pending) >= self.max_pending_calls:
@@ -458,6 +459,15 @@ class ClientConnection:
             raise LocalProtocolError("call refs exhausted")
         call = Call(ref, service, method, id, data, query, temp_id, base_rev)
         return ref, self.send(call)
+
+    def auth(self, token: str) -> tuple[int, Frame]:
+        """Re-authenticate in band with ``token``; returns the ``ref`` of
+        the :class:`CallResult` that answers it, and the frame.  Counts as a
+        pending call."""
+        ref = self._next_ref
+        if ref > MAX_REF:
+            raise LocalProtocolError("call refs exhausted")
+        return ref, self.send(Auth(ref, token))
 
     def join(self, room: str) -> Frame:
         """Join ``room``; when the client was in it before (a detached room),

@@ -37,6 +37,7 @@ from ._messages import (
     _SERVER_CLASSES,
     CLIENT_MESSAGE_TYPES,
     SERVER_MESSAGE_TYPES,
+    Auth,
     Call,
     ClientMessage,
     Cursor,
@@ -470,7 +471,7 @@ def _structure(item: dict[str, Any], types: Mapping[str, type[T]], side: str) ->
         raise ProtocolError(
             ErrorCode.INVALID_FIELD,
             f"{tag}: {_describe(exc)}",
-            ref=_readable_ref(item) if cls is Call else None,
+            ref=_readable_ref(item) if cls in (Call, Auth) else None,
         ) from None
 
 

@@ -42,6 +42,7 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     HEARTBEAT_TIMEOUT = 4000
     UNAUTHORIZED = 4001
+    TOKEN_EXPIRED = 4002
 
 
 class ErrorCode(enum.StrEnum):
@@ -61,6 +62,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     NOT_AUTHENTICATED = "not_authenticated"
     UNAUTHORIZED = "unauthorized"
+    TOKEN_EXPIRED = "token_expired"
     INVALID_STATE = "invalid_state"
     DUPLICATE_REF = "duplicate_ref"
     FLOOD = "flood"
@@ -95,6 +97,7 @@ _CLOSE: dict[ErrorCode, CloseCode | None] = {
     ErrorCode.UNSUPPORTED_PROTOCOL: CloseCode.PROTOCOL_ERROR,
     ErrorCode.NOT_AUTHENTICATED: CloseCode.UNAUTHORIZED,
     ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
+    ErrorCode.TOKEN_EXPIRED: CloseCode.TOKEN_EXPIRED,
     ErrorCode.INVALID_STATE: CloseCode.PROTOCOL_ERROR,
     ErrorCode.DUPLICATE_REF: CloseCode.PROTOCOL_ERROR,
     ErrorCode.FLOOD: CloseCode.POLICY_VIOLATION,

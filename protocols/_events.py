@@ -15,6 +15,7 @@ import attrs
 from ._codec import Frame
 from ._errors import CloseCode, ProtocolError
 from ._messages import (
+    Auth,
     Call,
     Error,
     Event,
@@ -28,6 +29,7 @@ from ._messages import (
 )
 
 __all__ = [
+    "AuthReceived",
     "CallReceived",
     "CallResult",
     "ClientEvent",
@@ -86,6 +88,14 @@ class CallReceived:
 
 
 @attrs.frozen
+class AuthReceived:
+    """Check ``auth.token``: answer with ``result(auth.ref, ...)`` exactly
+    once (ok: the connection's principal is now the token's)."""
+
+    auth: Auth
+
+
+@attrs.frozen
 class JoinRequested:
     """Authorize and subscribe; answer with ``joined(...)`` (then the replay)
     or ``left(room, reason)``.  ``rejoin``: the connection is already in the
@@ -128,6 +138,7 @@ class PingReceived:
 ServerEvent: TypeAlias = (
     HelloReceived
     | CallReceived
+    | AuthReceived
     | JoinRequested
     | LeaveRequested
     | PresenceReceived

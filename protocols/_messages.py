@@ -28,6 +28,7 @@ __all__ = [
     "MAX_ROOM_CHARS",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGE_TYPES",
+    "Auth",
     "Call",
     "ClientMessage",
     "Cursor",
@@ -142,6 +143,18 @@ class Call:
 
 
 @attrs.frozen
+class Auth:
+    """Re-authenticate an open connection in band with a new ``token`` of
+    the same user (an access token about to expire: the refreshed one).
+    Answered by the :class:`Result` with the same ``ref`` (``data``:
+    ``{user_id, expires_at}``), which shares the refs of calls."""
+
+    TYPE: ClassVar[str] = "auth"
+    ref: int = attrs.field(validator=_ref)
+    token: str
+
+
+@attrs.frozen
 class Join:
     """Subscribe to a room (``session:<id>``, ``board:<id>``, ``user:<id>``);
     with ``since``, resume after the last applied ``seq``."""
@@ -189,13 +202,17 @@ class Ping:
 @attrs.frozen
 class Welcome:
     """The handshake succeeded.  ``heartbeat_ms``: the client pings at least
-    this often; ``limits``: the server's limits (see ``Limits.to_wire``)."""
+    this often; ``limits``: the server's limits (see ``Limits.to_wire``);
+    ``expires_at``: when the token expires (ms since the Unix epoch; absent:
+    it does not), after which the connection is closed with
+    ``token_expired`` (4002) unless an :class:`Auth` renewed it."""
 
     TYPE: ClassVar[str] = "welcome"
     connection_id: str
     user_id: str
     heartbeat_ms: int
     limits: dict[str, Any]
+    expires_at: int | None = None
 
 
 @attrs.frozen
@@ -311,13 +328,21 @@ class Pong:
     t: int
 
 
-ClientMessage: TypeAlias = Hello | Call | Join | Leave | PresenceUpdate | Ping
+ClientMessage: TypeAlias = Hello | Call | Auth | Join | Leave | PresenceUpdate | Ping
 ServerMessage: TypeAlias = (
     Welcome | Result | Joined | Event | Presence | Lagged | Left | Error | Pong
 )
 Message: TypeAlias = ClientMessage | ServerMessage
 
-_CLIENT_CLASSES: tuple[type[ClientMessage], ...] = (Hello, Call, Join, Leave, PresenceUpdate, Ping)
+_CLIENT_CLASSES: tuple[type[ClientMessage], ...] = (
+    Hello,
+    Call,
+    Auth,
+    Join,
+    Leave,
+    PresenceUpdate,
+    Ping,
+)
 _SERVER_CLASSES: tuple[type[ServerMessage], ...] = (
     Welcome,
     Result,

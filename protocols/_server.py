@@ -46,6 +46,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._events import (
+    AuthReceived,
     CallReceived,
     HelloReceived,
     JoinRequested,
@@ -60,6 +61,7 @@ from ._limits import DEFAULT_LIMITS, Limits, TokenBucket
 from ._messages import (
     MAX_ROOM_CHARS,
     PROTOCOL_VERSION,
+    Auth,
     Call,
     ClientMessage,
     Error,
@@ -298,7 +300,7 @@ class ServerConnection:
                 return self._violation(
                     ProtocolError(ErrorCode.FLOOD, "kept sending while rate limited")
                 )
-            is_call = item.get("type") == "call"
+            is_call = item.get("type") in ("call", "auth")  # answered with a result
             return self._violation(
                 ProtocolError(
                     ErrorCode.RATE_LIMITED,
@@ -336,7 +338,7 @@ class ServerConnection:
                     )
                 )
             return [HelloReceived(message)]
-        if isinstance(message, Call):
+        if isinstance(message, Call | Auth):
             if message.ref in self._pending:
                 return self._violation(
                     ProtocolError(ErrorCode.DUPLICATE_REF, f"ref {message.ref} is already pending")
@@ -351,6 +353,8 @@ class ServerConnection:
                     item,
                 )
             self._pending.add(message.ref)
+            if isinstance(message, Auth):
+                return [AuthReceived(message)]
             return [CallReceived(message)]
         if isinstance(message, Join):
             room = message.room
@@ -463,11 +467,13 @@ class ServerConnection:
         user_id: str,
         heartbeat_ms: int,
         limits: Mapping[str, Any] | None = None,
+        expires_at: int | None = None,
     ) -> Frame:
         """Accept the handshake (state AUTHENTICATING -> OPEN).  ``limits``
-        defaults to this connection's limits."""
+        defaults to this connection's limits; ``expires_at``: when the
+        token expires (ms since the epoch), if it does."""
         announced = dict(self.limits.to_wire() if limits is None else limits)
-        return self.send(Welcome(connection_id, user_id, heartbeat_ms, announced))
+        return self.send(Welcome(connection_id, user_id, heartbeat_ms, announced, expires_at))
 
     def result(self, ref: int, *, data: Any = None, error: ErrorInfo | None = None) -> Frame:
         """Answer the pending call ``ref``: ``data`` on success, ``error`` on failure."""

@@ -14,6 +14,8 @@ from ._client import RoomEvent as RoomEvent
 from ._client import Service as Service
 from ._client import connect as connect
 from ._client import load_room as load_room
+from ._credentials import Credentials as Credentials
+from ._credentials import sign_in as sign_in
 from ._mirror import Mirror as Mirror
 from ._mirror import Resources as Resources
 from ._mirror import apply_event as apply_event

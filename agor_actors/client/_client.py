@@ -76,7 +76,15 @@ from protocols import (
 )
 from protocols import Frame as WireFrame
 
-from ..world import Clock, Entropy, SecureEntropy, SeededEntropy, TrioClock
+from ..world import (
+    Clock,
+    Entropy,
+    SecureEntropy,
+    SeededEntropy,
+    SystemWallClock,
+    TrioClock,
+    WallClock,
+)
 from ._mirror import Mirror, Resources
 from ._presence import (
     DEFAULT_RATE_PER_S,
@@ -105,6 +113,12 @@ log = logging.getLogger("agor_actors.client")
 
 FATAL_CLOSE_CODES: Final = frozenset({4001})
 """Close codes after which reconnecting cannot help (the token is refused)."""
+TOKEN_EXPIRED_CLOSE: Final = 4002
+"""The server's close once the token expired: refresh, then reconnect."""
+
+Refresh = Callable[[], Awaitable[str]]
+"""Gets a new access token (a refresh token's rotation: see
+:class:`agor_actors.client.Credentials`)."""
 
 _READ_METHODS: Final = frozenset({"find", "get"})
 _OPTIMISTIC_ROOMS: Final[Mapping[str, tuple[str, str]]] = {
@@ -519,8 +533,20 @@ class Client:
         loader: Loader,
         read_retries: int,
         presence_rate_per_s: float = DEFAULT_RATE_PER_S,
+        refresh: Refresh | None = None,
+        refresh_before_s: float = 60.0,
+        wall: WallClock | None = None,
     ) -> None:
         self.url = url
+        self.refresh = refresh
+        """Where a new access token comes from before this one expires."""
+        self.refresh_before_s = refresh_before_s
+        self.wall = wall or SystemWallClock()
+        self.expires_at: int | None = None
+        """When the current token expires (ms since the epoch), as welcome
+        or the last ``auth`` said; None: it does not."""
+        self.renewals = 0
+        """Tokens renewed in band (``auth``) on an open connection."""
         self.codec = codec
         self.entropy = entropy
         self.clock = clock
@@ -659,8 +685,9 @@ class Client:
         async with self.pacer.turn():
             while True:
                 await self.wait_connected()
-                if self.machine.state is not ClientState.OPEN:
-                    await self._gone.wait()  # this connection is closing
+                if self.machine.state is not ClientState.OPEN or self._token_expired():
+                    # this connection is closing (or will be, for its token)
+                    await self._gone.wait()
                     continue
                 if not self.machine.can_call:
                     await self._slots.park()
@@ -683,14 +710,7 @@ class Client:
                     (exc.code or ErrorCode.INVALID_FIELD).value, f"cannot send the call: {exc}"
                 ) from None
             self.pacer.spend()
-            waiter = self._waiters[ref] = _Waiter()
-        try:
-            await self._send(frame)
-            await waiter.event.wait()
-        finally:
-            self._waiters.pop(ref, None)
-        result = waiter.result
-        assert result is not None
+        result = await self._result_of(ref, frame)
         if result.ok:
             return result.data
         error = result.error
@@ -1068,6 +1088,9 @@ class Client:
             if welcomed:
                 first = False
                 attempt = 0
+                closed = self._connection_close
+                if closed is not None and closed.code == TOKEN_EXPIRED_CLOSE:
+                    await self._refresh_token()  # else the old token is refused: fatal
             elif first:
                 assert error is not None
                 task_status.started(error)
@@ -1083,6 +1106,63 @@ class Client:
             self._wake = trio.Event()
             with trio.move_on_after(delay):
                 await self._wake.wait()
+
+    def _token_expired(self) -> bool:
+        expires_at = self.expires_at
+        return expires_at is not None and self.wall.now_ms() >= expires_at
+
+    async def _refresh_token(self) -> bool:
+        """A new token from :attr:`refresh` (kept for the next hello); False
+        (logged) if there is no way to get one or it failed."""
+        if self.refresh is None:
+            return False
+        try:
+            token = await self.refresh()
+        except Exception as exc:
+            log.warning("refreshing the token failed: %s", exc)
+            return False
+        self._token = token
+        return True
+
+    async def _renewer(self) -> None:
+        """Renew the token in band a little before it expires: refresh, then
+        ``auth`` on this connection.  If that fails, the server closes the
+        connection at expiry (4002) and the reconnect refreshes."""
+        while self.expires_at is not None and self.refresh is not None:
+            left_s = (self.expires_at - self.wall.now_ms()) / 1000
+            margin_s = min(self.refresh_before_s, max(0.0, left_s) / 2)
+            await trio.sleep(max(0.0, left_s - margin_s))
+            if not await self._refresh_token():
+                return
+            try:
+                result = await self._auth(self._token)
+            except CallError as exc:
+                log.warning("the server refused the renewed token: %s", exc)
+                return
+            expires_at = result.get("expires_at") if isinstance(result, dict) else None
+            self.expires_at = expires_at if isinstance(expires_at, int) else None
+            self.renewals += 1
+
+    async def _result_of(self, ref: int, frame: WireFrame) -> Result:
+        """Send ``frame`` (the call or auth ``ref``) and wait for its result
+        (a ``connection_lost`` one if the connection drops meanwhile)."""
+        waiter = self._waiters[ref] = _Waiter()
+        try:
+            await self._send(frame)
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(ref, None)
+        assert waiter.result is not None
+        return waiter.result
+
+    async def _auth(self, token: str) -> Any:
+        """Send ``auth`` on the open connection; its result's data."""
+        ref, frame = self.machine.auth(token)
+        result = await self._result_of(ref, frame)
+        if not result.ok:
+            assert result.error is not None
+            raise CallError(result.error.code, result.error.message)
+        return result.data
 
     def _wants_connection(self) -> bool:
         return self._online and not self._closed
@@ -1155,6 +1235,7 @@ class Client:
                     if task_status is not None:
                         task_status.started(None)
                     nursery.start_soon(self._heartbeat, connection_scope)
+                    nursery.start_soon(self._renewer)
         finally:
             self._serve_scope = None
             self._lost()
@@ -1264,6 +1345,7 @@ class Client:
             self.welcome = welcome
             self.connection_id = welcome.connection_id
             self.user_id = welcome.user_id
+            self.expires_at = welcome.expires_at
             self.own_connection_ids.add(welcome.connection_id)
             self.pacer.adopt(self.machine.server_limits)
             self._presence_welcomed()
@@ -1417,6 +1499,9 @@ async def connect(
     loader: Loader = load_room,
     read_retries: int = 3,
     presence_rate_per_s: float = DEFAULT_RATE_PER_S,
+    refresh: Refresh | None = None,
+    refresh_before_s: float = 60.0,
+    wall: WallClock | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon at ``url`` (``ws://127.0.0.1:3030/ws``).
 
@@ -1428,6 +1513,14 @@ async def connect(
     world's seam) times heartbeats, backoff and presence pacing; ``heartbeat`` overrides the server's (tests);
     ``presence_rate_per_s`` caps the presence updates (cursor moves
     included) sent per second.
+
+    An access token (a JWT from sign-in) expires: with ``refresh`` (an
+    async callable returning a new one, e.g. :meth:`Credentials.refresh`)
+    the client renews it in band ``refresh_before_s`` before it expires (on
+    ``wall``, the world's wall clock seam), and if the server closed the
+    connection for an expired token (4002), refreshes and reconnects,
+    resuming every room with ``since``: nothing is lost.  Calls wait while
+    the token is expired.
     """
     chosen = codec if isinstance(codec, Codec) else {"json": Codec.JSON, "cbor": Codec.CBOR}[codec]
     client = Client(
@@ -1446,6 +1539,9 @@ async def connect(
         loader=loader,
         read_retries=read_retries,
         presence_rate_per_s=presence_rate_per_s,
+        refresh=refresh,
+        refresh_before_s=refresh_before_s,
+        wall=wall,
     )
     try:
         async with trio.open_nursery() as nursery:

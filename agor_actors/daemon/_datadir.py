@@ -23,6 +23,7 @@ LOCK_FILE: Final = "lock"
 PRIVATE_FILES: Final = (
     "token",
     "web-secret",
+    "jwt-secret",
     "agor.db",
     "agor.db-wal",
     "agor.db-shm",

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import attrs
 import outcome
 import trio
+from argon2 import PasswordHasher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from protocols import Call, Joined, Lagged, PresenceUpdate, Since, encode
@@ -39,6 +40,7 @@ from ..domain.room import (
     to_event,
 )
 from ..domain.session import Command, SessionBehaviour
+from ..identity import AccessTokens, Authentication, IdentityConfig, Passwords, looks_like_jwt
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
@@ -62,7 +64,7 @@ from ..store import (
 )
 from ..world import World
 from ._datadir import hold_data_dir
-from ._token import read_or_create_token
+from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
 
@@ -91,7 +93,7 @@ class AllowAll:
     service, which is the owner's.  (Per-session permissions come with JWT.)"""
 
     async def authorize(self, principal: Principal, action: str, resource: str) -> None:
-        own_record = action == "get" and resource == f"users:{principal.user_id}"
+        own_record = action in ("get", "patch") and resource == f"users:{principal.user_id}"
         if resource.startswith("users") and not principal.is_owner and not own_record:
             raise ServiceError("forbidden", "only the owner manages users")
 
@@ -135,6 +137,7 @@ class Hub:
         owner_token: str,
         authorizer: Authorizer,
         metrics: Metrics | None = None,
+        identity: Authentication | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.world = world
@@ -142,6 +145,8 @@ class Hub:
         self.system = system
         self.owner_token = owner_token
         self.authorizer = authorizer
+        self.identity = identity
+        """Sign-in and access tokens (JWT); None: local tokens only."""
         self._subs: dict[str, dict[str, Subscription]] = {}
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._owner_cache_max = 65_536
@@ -175,9 +180,13 @@ class Hub:
     # ------------------------------------------------------------------ auth
 
     async def authenticate(self, token: str | None) -> Principal | None:
-        """The principal a token stands for, or None."""
+        """The principal a token stands for, or None: an access token (a
+        JWT, checked by :attr:`identity`, with its expiry) or a local token
+        (the owner's, a user's from ``users.create``)."""
         if not token or not isinstance(token, str):
             return None
+        if looks_like_jwt(token):
+            return None if self.identity is None else await self.identity.principal(token)
         digest = hash_token(token)
         cached = self._tokens.get(digest)
         if cached is not None:
@@ -287,6 +296,8 @@ class Hub:
     ) -> _SessionWrite | Callable[[], Awaitable[Any]]:
         """Check and authorize a call, and say where it goes: a session's
         write, or a call to run here."""
+        if service == "authentication":  # anyone connected may sign in or out
+            return partial(self.authentication, method, data)
         if service not in SERVICES:
             raise ServiceError("unknown_service", f"no service {service!r}")
         if id is not None and not isinstance(id, str):
@@ -459,9 +470,23 @@ class Hub:
                 {"current": current, "rev": current.get("rev")},
             ) from None
 
+    async def authentication(self, method: str, data: Any) -> Any:
+        """The ``authentication`` service (sign in, refresh, sign out):
+        needs no principal (see :mod:`agor_actors.identity`)."""
+        identity = self.identity
+        if identity is None or not identity.tokens.keys.can_sign:
+            raise ServiceError("unavailable", "this daemon does not sign people in")
+        if method == "create":
+            return await identity.create(data)
+        if method == "remove":
+            return await identity.remove(data)
+        raise ServiceError("unknown_method", f"authentication.{method} is not supported")
+
     async def _users(
         self, principal: Principal, method: str, id: str | None, data: Any, now_ms: int, new_id: str
     ) -> Any:
+        if method == "patch" and id is not None:
+            return await self._set_password(id, data)
         if method != "create":
             raise ServiceError("unknown_method", f"users.{method} is not supported")
         name = data.get("name") if isinstance(data, dict) else None
@@ -475,10 +500,32 @@ class Hub:
             "is_owner": False,
             "created_at": now_ms,
         }
-        await self._write(
-            WriteRequest(mutations=(Mutation("insert", "users", {"id": new_id}, row),))
-        )
+        mutations = [Mutation("insert", "users", {"id": new_id}, row)]
+        if isinstance(data, dict) and "password" in data:
+            mutations.append(
+                await self._identity().password_mutation(new_id, name, data["password"])
+            )
+        await self._write(WriteRequest(mutations=tuple(mutations)))
         return {"id": new_id, "name": name, "token": token}
+
+    async def _set_password(self, user_id: str, data: Any) -> Any:
+        """``users.patch`` ``{password}``: the user signs in with its name
+        and this password from now on; its refresh tokens are revoked."""
+        if not isinstance(data, dict) or set(data) != {"password"}:
+            raise ServiceError("invalid_field", "users.patch takes only data.password")
+        user = await self._read("users", "get", user_id, None)
+        identity = self._identity()
+        mutation = await identity.password_mutation(
+            user_id, str(user["name"]), data["password"], replace=True
+        )
+        await self._write(WriteRequest(mutations=(mutation,)))
+        await identity.password_changed(user_id)
+        return user
+
+    def _identity(self) -> Authentication:
+        if self.identity is None:
+            raise ServiceError("unavailable", "this daemon does not sign people in")
+        return self.identity
 
     async def _boards(
         self,
@@ -803,6 +850,7 @@ async def open_hub(
     owner_token: str | None = None,
     store: SqlStore | None = None,
     presence: PresenceConfig | None = None,
+    identity: IdentityConfig | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -822,6 +870,7 @@ async def open_hub(
             owner_token=owner_token,
             store=store,
             presence=presence,
+            identity=identity,
         ) as hub:
             yield hub
 
@@ -836,6 +885,7 @@ async def _open_hub(
     owner_token: str | None,
     store: SqlStore | None,
     presence: PresenceConfig | None,
+    identity: IdentityConfig | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
@@ -904,7 +954,30 @@ async def _open_hub(
             system.define(Kind("session:", session))
             system.define(Kind("presence:user:", user_presence))
             await system.registry.get(WRITER_NAME)
-            hub = Hub(world, store, system, token, authorizer or AllowAll(), metrics)
+            tokens = await _access_tokens(world, identity or IdentityConfig(), data_dir)
+            registry = system.registry
+
+            async def write(request: WriteRequest) -> object:
+                return await registry.call(WRITER_NAME, Write(request), timeout_s=30.0)
+
+            config = identity or IdentityConfig()
+            authentication = Authentication(
+                world,
+                store,
+                write,
+                tokens,
+                passwords=Passwords(PasswordHasher.from_parameters(config.password_params)),
+                refresh_ttl_s=config.refresh_ttl_s,
+            )
+            hub = Hub(
+                world,
+                store,
+                system,
+                token,
+                authorizer or AllowAll(),
+                metrics,
+                identity=authentication,
+            )
             try:
                 yield hub
             finally:
@@ -913,3 +986,22 @@ async def _open_hub(
     finally:
         if own_store:
             store.close()
+
+
+async def _access_tokens(
+    world: World, config: IdentityConfig, data_dir: pathlib.Path | None
+) -> AccessTokens:
+    """The access-token issuer of ``config``; HS256's key is made on first
+    start in ``<data_dir>/jwt-secret`` (0600), or in memory without a data dir."""
+    secret: str | None = None
+    if not config.uses_key_pair:
+        # a stream of its own: the key draws nothing from the hub's entropy
+        entropy = world.entropy.fork("jwt-secret")
+        if data_dir is None:
+            secret = entropy.token(48)
+        else:
+            path = data_dir / JWT_SECRET_FILE
+            secret = await world.blocking.run(
+                lambda: read_or_create_secret(path, lambda: entropy.token(48))
+            )
+    return await world.blocking.run(lambda: config.access_tokens(secret))

@@ -9,9 +9,11 @@ from typing import Final
 
 from ..world import Entropy
 
-__all__ = ["TOKEN_FILE", "read_or_create_secret", "read_or_create_token"]
+__all__ = ["JWT_SECRET_FILE", "TOKEN_FILE", "read_or_create_secret", "read_or_create_token"]
 
 TOKEN_FILE: Final = "token"
+JWT_SECRET_FILE: Final = "jwt-secret"
+"""The HS256 key of the access tokens (see ``agor_actors.identity``)."""
 
 
 def read_or_create_token(data_dir: pathlib.Path, entropy: Entropy) -> str:

@@ -11,11 +11,14 @@ __all__ = ["Principal", "ServiceError"]
 
 @attrs.frozen
 class Principal:
-    """Who is calling: the local owner (the daemon's token) or a user."""
+    """Who is calling: the local owner (the daemon's token) or a user.
+    ``expires_ms``: when the credential it was authenticated with expires
+    (wall clock, ms; None: a local token, which does not)."""
 
     user_id: str
     name: str
     is_owner: bool = False
+    expires_ms: int | None = attrs.field(default=None, eq=False)
 
 
 class ServiceError(Exception):

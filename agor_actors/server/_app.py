@@ -13,6 +13,10 @@ with ``Authorization: Bearer <token>`` and JSON bodies:
 ``PUT /<service>/<id>``                ``update`` (same)
 ``DELETE /<service>/<id>``             ``remove``
 ``POST /<service>/<id>/<method>``      a custom method (``tasks/<id>/start``...)
+``POST /authentication``               sign in (``{strategy: "local", name,
+                                       password}``) or refresh (``{strategy:
+                                       "refresh", refreshToken}``); no token
+``DELETE /authentication``             sign out (``{refreshToken}``)
 ``GET /health``                        no token; 503 while draining
 ``GET /debug/actors``                  the supervision tree, owner only
 ``GET /debug/connections?limit=100``   the busiest connections (frames and bytes
@@ -290,7 +294,12 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     @app.before_request
     async def _check_origin() -> Response | None:
-        if not origin_allowed(request.headers.get("Origin")):
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, state.origins):
+            security_log.warning(
+                "origin refused",
+                extra={"transport": "http", "origin": (origin or "")[:200], "path": request.path},
+            )
             return error_response("forbidden", "origin not allowed", 403)
         if state.draining and request.path != "/health":
             return error_response("unavailable", "the server is shutting down", 503)
@@ -421,6 +430,24 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     state.web = WebAuth(world, settings.data_dir)
     install_web_routes(app, state.web, _principal)
+
+    @app.route("/authentication", methods=["POST", "DELETE"])
+    async def authentication() -> Response:
+        """Sign in or refresh (POST), sign out (DELETE): no token needed."""
+        try:
+            data = await _body()
+            method = "create" if request.method == "POST" else "remove"
+            result = await hub.authentication(method, data)
+        except ServiceError as exc:
+            return _service_error(exc)
+        except HTTPException as exc:
+            return http_error_response(exc)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response("internal", "internal error", 500)
+        if isinstance(result, dict) and isinstance(result.get("user"), dict):
+            note_user(request.scope, str(result["user"].get("id")))
+        return _json(result, 201 if method == "create" else 200, {"Cache-Control": "no-store"})
 
     @app.route("/<service>", methods=["GET", "POST"])
     async def collection(service: str) -> Response:

@@ -32,6 +32,7 @@ import trio
 
 from protocols import (
     SERVER_MESSAGE_TYPES,
+    AuthReceived,
     Call,
     CallReceived,
     Codec,
@@ -177,6 +178,8 @@ class Connection:
         self._gone = trio.CancelScope()
         self._inflight = 0  # session writes submitted and not answered yet
         self._settled = trio.lowlevel.ParkingLot()
+        self._farewell = (ErrorCode.GOING_AWAY, "the server is shutting down")
+        self._renewed = trio.lowlevel.ParkingLot()  # the principal's expiry moved
 
     def log_fields(self, call: Call | None = None, room: str | None = None) -> dict[str, Any]:
         """The ids an error line of this connection carries: the connection,
@@ -285,6 +288,7 @@ class Connection:
                     async with trio.open_nursery() as inner:
                         self._inner = inner
                         inner.start_soon(self._watchdog)
+                        inner.start_soon(self._expiry)
                         await self._read_loop()
                         inner.cancel_scope.cancel()
                 # Reading has stopped.  In-flight calls get a grace period to
@@ -294,7 +298,7 @@ class Connection:
                     calls.start_soon(self._settle)
                 calls.cancel_scope.deadline = self.world.clock.now_s() + grace
             if self._going_away and self._close is None:
-                frame = self.machine.close(ErrorCode.GOING_AWAY, "the server is shutting down")
+                frame = self.machine.close(*self._farewell)
                 self._queue_raw(frame)
                 self._close = (self.machine.close_code or 1001, self.machine.close_reason)
             self.outbox.close()
@@ -350,6 +354,28 @@ class Connection:
                 return
             await trio.sleep(max(0.0, heartbeat.next_check_s(last_received_s=last) - now))
 
+    async def _expiry(self) -> None:
+        """Close the connection (``token_expired``, 4002) once its token
+        expires without an ``auth`` that renewed it: like a drain, calls in
+        flight are answered first, so that the client refreshes its token
+        and resumes with nothing lost.  Never, for a token that does not
+        expire."""
+        await self._welcomed.wait()
+        while True:
+            principal = self.principal
+            if principal is None or principal.expires_ms is None:
+                return
+            left_s = (principal.expires_ms - self.world.wall.now_ms()) / 1000
+            if left_s <= 0:
+                break
+            with trio.move_on_after(left_s):
+                await self._renewed.park()
+        security_log.info(
+            "token expired",
+            extra={"connection_id": self.connection_id, "user_id": principal.user_id},
+        )
+        self.go_away(ErrorCode.TOKEN_EXPIRED, "the token expired: refresh it and reconnect")
+
     # -------------------------------------------------------------- closing
 
     def closing(self) -> bool:
@@ -403,8 +429,15 @@ class Connection:
         """The peer is gone: stop everything now (no flush, no close)."""
         self._gone.cancel()
 
-    def go_away(self) -> None:
-        """Drain: stop reading, answer what is in flight, close with 1001."""
+    def go_away(
+        self,
+        code: ErrorCode = ErrorCode.GOING_AWAY,
+        message: str = "the server is shutting down",
+    ) -> None:
+        """Drain: stop reading, answer what is in flight, close with 1001
+        (or ``code``'s close code)."""
+        if not self._going_away:
+            self._farewell = (code, message)
         self._going_away = True
         self._stop_reading()
 
@@ -417,6 +450,8 @@ class Connection:
             await self._on_hello(event)
         elif isinstance(event, CallReceived):
             await self._on_call(event)
+        elif isinstance(event, AuthReceived):
+            await self._on_auth(event)
         elif isinstance(event, JoinRequested | LeaveRequested | SubscriptionDropped):
             await self._subscribe(event)
         elif isinstance(event, PingReceived):
@@ -479,6 +514,7 @@ class Connection:
                 connection_id=self.connection_id,
                 user_id=principal.user_id,
                 heartbeat_ms=self.settings.heartbeat_ms,
+                expires_at=principal.expires_ms,
             )
         )
         self._welcomed.set()
@@ -490,6 +526,49 @@ class Connection:
                 "codec": self.codec.value,
             },
         )
+
+    async def _on_auth(self, event: AuthReceived) -> None:
+        """In-band re-authentication: a new token of the same user replaces
+        the connection's principal (and its expiry).  A refused one is
+        answered with an error and changes nothing."""
+        assert self.principal is not None
+        ref, current = event.auth.ref, self.principal
+        try:
+            principal = await self.hub.authenticate(event.auth.token)
+        except Exception:
+            log.exception("authenticate failed")
+            self._answer_error(ref, ErrorCode.INTERNAL.value, "authentication failed")
+            return
+        if principal is None:
+            security_log.info(
+                "token refused",
+                extra={
+                    "transport": "websocket",
+                    "connection_id": self.connection_id,
+                    "user_id": current.user_id,
+                    "in_band": True,
+                },
+            )
+            self._answer_error(ref, ErrorCode.NOT_AUTHENTICATED.value, "invalid token")
+            return
+        if principal.user_id != current.user_id:
+            security_log.warning(
+                "auth for another user refused",
+                extra={"connection_id": self.connection_id, "user_id": current.user_id},
+            )
+            self._answer_error(
+                ref, ErrorCode.FORBIDDEN.value, "the token is another user's: reconnect to switch"
+            )
+            return
+        self.principal = principal
+        self._renewed.unpark_all()
+        try:
+            frame = self.machine.result(
+                ref, data={"user_id": principal.user_id, "expires_at": principal.expires_ms}
+            )
+        except LocalProtocolError:
+            return  # closing
+        self.outbox.offer_control(frame)
 
     async def _on_call(self, event: CallReceived) -> None:
         """Start a call, in the reader: a session's write is in the session's

@@ -85,19 +85,19 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 
     __slots__ = ("_prefix", "_stream", "on_close")
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, stream: Any, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
         self.on_close: trio.CancelScope | None = None
 
     @property
     def socket(self) -> trio.socket.SocketType:
-        return self._stream.socket
+        return cast(trio.socket.SocketType, self._stream.socket)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         prefix = self._prefix
         if not prefix:
-            return await self._stream.receive_some(max_bytes)
+            return cast(bytes, await self._stream.receive_some(max_bytes))
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint()
@@ -129,6 +129,32 @@ class HeadError(Exception):
     def __init__(self, reply: bytes | None) -> None:
         super().__init__(reply)
         self.reply = reply
+
+
+class TlsReplayStream(ReplayStream):
+    """A :class:`ReplayStream` over a ``trio.SSLStream`` whose handshake is
+    done: what hypercorn asks of a TLS stream (the handshake, a no-op here;
+    the protocol chosen, HTTP/1.1: the front reads HTTP/1 heads; the socket
+    under it)."""
+
+    __slots__ = ()
+
+    async def do_handshake(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def selected_alpn_protocol(self) -> str:
+        return "http/1.1"
+
+    @property
+    def transport_stream(self) -> trio.SocketStream:
+        return cast(trio.SocketStream, self._stream.transport_stream)
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.transport_stream.socket
+
+    async def send_eof(self) -> None:
+        raise AttributeError("TLS streams have no half close")  # hypercorn expects this
 
 
 async def read_head(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
@@ -197,8 +223,12 @@ class Front:
 
     async def handle(self, sock: socket.socket) -> None:
         """One accepted (non-blocking) socket, until it is done; closes it.
-        Never raises, except to be cancelled."""
+        Never raises, except to be cancelled.  With TLS, the TLS handshake
+        is made first, within the head's deadline."""
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if self.state.tls is not None:
+            stream = trio.SSLStream(stream, self.state.tls, server_side=True)
         try:
             await self._handle(stream, sock)
         except Exception:
@@ -206,8 +236,13 @@ class Front:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.SocketStream, sock: socket.socket) -> None:
+    async def _handle(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], sock: socket.socket
+    ) -> None:
         deadline = self.state.world.clock.now_s() + self.settings.head_timeout_s
+        tls = stream if isinstance(stream, trio.SSLStream) else None
+        if tls is not None and not await self._tls_handshake(tls, deadline):
+            return
         head = await self._head(stream, deadline)
         if head is None:
             return
@@ -215,17 +250,30 @@ class Front:
             end = _HEAD_END.search(head)
             assert end is not None
             await serve_websocket(
-                self.state, sock, head[: end.end()], head[end.end() :], deadline=deadline
+                self.state, sock, head[: end.end()], head[end.end() :], deadline=deadline, tls=tls
             )
         else:
-            replay = ReplayStream(stream, head)
+            replay = ReplayStream(stream, head) if tls is None else TlsReplayStream(tls, head)
             del head  # the replay holds it until it is read, no longer
             server = TCPServer(
                 self.app, self.config, self.context, self.connection_state, cast(Any, replay)
             )
             await server.run()
 
-    async def _head(self, stream: trio.SocketStream, deadline: float) -> bytes | None:
+    async def _tls_handshake(self, tls: trio.SSLStream[trio.SocketStream], deadline: float) -> bool:
+        """The TLS handshake by ``deadline``; False (logged) if it failed."""
+        with trio.CancelScope(deadline=deadline):
+            try:
+                await tls.do_handshake()
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__
+                log.info("TLS handshake failed: %s", cause or exc)
+        return False
+
+    async def _head(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], deadline: float
+    ) -> bytes | None:
         """The request head, or None (the connection is then done with)."""
         with trio.CancelScope(deadline=deadline) as scope:
             self._reading.add(scope)
@@ -242,7 +290,9 @@ class Front:
                 self._reading.discard(scope)
         return None  # no complete head in time, or a bad one
 
-    async def _refuse(self, stream: trio.SocketStream, reply: bytes) -> None:
+    async def _refuse(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], reply: bytes
+    ) -> None:
         """Send ``reply``, then read (and drop) what the peer still sends, for
         a moment: closing with unread data would reset the connection, and
         the reset can destroy the reply before the peer reads it."""
@@ -251,7 +301,8 @@ class Front:
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
         ):
             await stream.send_all(reply)
-            await stream.send_eof()
+            if isinstance(stream, trio.SocketStream):  # TLS has no half close
+                await stream.send_eof()
             for _ in range(_LINGER_READS):
                 if not await stream.receive_some(_LINGER_READ_BYTES):
                     break

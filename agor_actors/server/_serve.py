@@ -35,6 +35,7 @@ import pathlib
 import re
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,11 +50,19 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
 
+from ..identity import IdentityConfig, IdentityConfigError
 from ..world import World, real_world
 from ._app import create_app
 from ._front import Front
 from ._metrics_port import serve_metrics
-from ._settings import AppState, ServerHub, ServerSettings
+from ._settings import (
+    AppState,
+    ServerHub,
+    ServerSettings,
+    normalize_origin,
+    own_origins,
+    tls_context,
+)
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -219,12 +228,16 @@ async def run_server(
         if metrics_sock is not None and settings.metrics_port is None:
             settings = attrs.evolve(settings, metrics_port=int(metrics_sock.getsockname()[1]))
         app = create_app(hub, world, settings)
+        state: AppState = app.extensions["agor"]
+        state.tls = _tls(settings)
+        state.origins = own_origins(
+            host, int(sock.getsockname()[1]), tls=state.tls is not None
+        ) | _allowed_origins(settings)
     except BaseException:
         sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
         raise
-    state: AppState = app.extensions["agor"]
     config = _config()
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
     try:
@@ -261,6 +274,31 @@ async def run_server(
         sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
+
+
+def _tls(settings: ServerSettings) -> ssl.SSLContext | None:
+    """The TLS context of ``--certfile``/``--keyfile`` (both or neither);
+    :class:`StartupError` when they cannot be used."""
+    if settings.certfile is None and settings.keyfile is None:
+        return None
+    if settings.certfile is None or settings.keyfile is None:
+        raise StartupError("TLS needs both --certfile and --keyfile")
+    try:
+        return tls_context(settings.certfile, settings.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot use the TLS certificate or key: {exc}") from exc
+
+
+def _allowed_origins(settings: ServerSettings) -> frozenset[str]:
+    """``--allow-origin`` values, normalized; :class:`StartupError` for one
+    that is not an origin."""
+    allowed = set()
+    for origin in settings.allow_origins:
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            raise StartupError(f"--allow-origin {origin!r} is not an origin (scheme://host[:port])")
+        allowed.add(normalized)
+    return frozenset(allowed)
 
 
 _ACCEPT_BURST = 64
@@ -338,6 +376,7 @@ async def run_daemon(
     db_url: str | None,
     world: World | None = None,
     settings: ServerSettings | None = None,
+    identity: IdentityConfig | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon: take the port (:class:`ListenError` if it cannot be had,
@@ -363,10 +402,12 @@ async def run_daemon(
         async with contextlib.AsyncExitStack() as opened:
             try:
                 hub = await opened.enter_async_context(
-                    open_hub(world, db_url=db_url, data_dir=data_dir)
+                    open_hub(world, db_url=db_url, data_dir=data_dir, identity=identity)
                 )
             except DataDirLocked as exc:
                 raise StartupError(str(exc)) from exc
+            except IdentityConfigError as exc:
+                raise StartupError(f"cannot use the JWT keys: {exc}") from exc
             except Exception as exc:
                 raise StartupError(
                     f"cannot open the database {_shown_url(db_url)}: {_first_line(exc)}"
@@ -470,6 +511,10 @@ def serve(
     metrics_token: str | None = None,
     metrics_host: str = "127.0.0.1",
     metrics_port: int | None = None,
+    allow_origins: tuple[str, ...] = (),
+    certfile: pathlib.Path | None = None,
+    keyfile: pathlib.Path | None = None,
+    identity: IdentityConfig | None = None,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -491,7 +536,11 @@ def serve(
                         metrics_token=metrics_token,
                         metrics_host=metrics_host,
                         metrics_port=metrics_port,
+                        allow_origins=allow_origins,
+                        certfile=certfile,
+                        keyfile=keyfile,
                     ),
+                    identity=identity,
                 )
             )
             log.info(
@@ -504,6 +553,8 @@ def serve(
             )
             if banner_executable is not None:
                 banner = ready_banner(host, bound, path, banner_executable)
+                if certfile is not None:
+                    banner = banner.replace("ws://", "wss://").replace("http://", "https://")
                 if metrics_port is not None:
                     banner += f"\n  metrics    http://{metrics_host}:{metrics_port}/metrics"
                 print(banner, flush=True)

@@ -4,6 +4,7 @@ check and the state of the running app (its connections, the drain)."""
 from __future__ import annotations
 
 import pathlib
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
@@ -27,7 +28,10 @@ __all__ = [
     "AppState",
     "ServerHub",
     "ServerSettings",
+    "normalize_origin",
     "origin_allowed",
+    "own_origins",
+    "tls_context",
     "ws_max_message_bytes",
 ]
 
@@ -38,6 +42,8 @@ class ServerHub(Protocol):
     metrics: Metrics
 
     async def authenticate(self, token: str | None) -> Principal | None: ...
+
+    async def authentication(self, method: str, data: Any) -> Any: ...
 
     async def call(
         self,
@@ -124,6 +130,13 @@ class ServerSettings:
     data_dir: pathlib.Path | None = None
     """Where the browser session cookie's key lives (``web-secret``); None: a
     key in memory (cookies then last as long as the process)."""
+    allow_origins: tuple[str, ...] = ()
+    """Browser origins allowed besides the daemon's own (``--allow-origin``),
+    as ``scheme://host[:port]``."""
+    certfile: pathlib.Path | None = None
+    """TLS: the certificate chain (PEM); with ``keyfile``, the port speaks
+    only TLS (``wss://``, ``https://``)."""
+    keyfile: pathlib.Path | None = None
 
 
 def ws_max_message_bytes(settings: ServerSettings) -> int:
@@ -135,25 +148,67 @@ def ws_max_message_bytes(settings: ServerSettings) -> int:
 
 # ---------------------------------------------------------------------- origins
 
-_LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+_LOCAL_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
-def origin_allowed(origin: str | None) -> bool:
-    """The ``Origin`` check for browser connections: no ``Origin`` (not a
-    browser) or ``http(s)://127.0.0.1|localhost|[::1][:port]``."""
-    if origin is None or origin == "":
-        return True
+def normalize_origin(origin: str) -> str | None:
+    """``origin`` as a browser serializes it (``scheme://host[:port]``,
+    lower case, no default port), or None if it is not an origin."""
     try:
-        parts = urlsplit(origin)
+        parts = urlsplit(origin.strip())
         port = parts.port  # raises ValueError for a malformed port
     except ValueError:
-        return False
-    del port
-    if parts.scheme not in ("http", "https"):
-        return False
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        return False
-    return parts.hostname in _LOCAL_HOSTS
+        return None
+    host = parts.hostname.lower()
+    shown = f"[{host}]" if ":" in host else host
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{shown}"
+    return f"{scheme}://{shown}:{port}"
+
+
+def own_origins(host: str, port: int, *, tls: bool) -> frozenset[str]:
+    """The daemon's own origins: the page it serves, as a browser names it
+    (``http(s)://<host>:<port>``; on a loopback or any-address bind, each of
+    127.0.0.1, localhost and [::1] on that port)."""
+    scheme = "https" if tls else "http"
+    hosts = {host}
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        hosts.update(_LOCAL_HOSTS)
+    hosts.discard("0.0.0.0")
+    hosts.discard("::")
+    origins = set()
+    for name in hosts:
+        shown = f"[{name}]" if ":" in name and not name.startswith("[") else name
+        origin = normalize_origin(f"{scheme}://{shown}:{port}")
+        if origin is not None:
+            origins.add(origin)
+    return frozenset(origins)
+
+
+def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
+    """The ``Origin`` check for browser connections: no ``Origin`` (not a
+    browser), or one of ``allowed`` (exactly, once normalized): another
+    port of the same host is another origin."""
+    if origin is None or origin == "":
+        return True
+    normalized = normalize_origin(origin)
+    return normalized is not None and normalized in allowed
+
+
+def tls_context(certfile: pathlib.Path, keyfile: pathlib.Path) -> ssl.SSLContext:
+    """The server's TLS context (TLS 1.2 at least, HTTP/1.1 by ALPN).
+    Raises :class:`ssl.SSLError` or :class:`OSError` for unusable files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 # ----------------------------------------------------------------- the state
@@ -170,6 +225,9 @@ class AppState:
     connections: set[Connection] = attrs.field(factory=set)
     draining: bool = False
     web: WebAuth | None = None
+    origins: frozenset[str] = frozenset()
+    """Browser origins allowed (the daemon's own and ``allow_origins``)."""
+    tls: ssl.SSLContext | None = None
 
     def is_draining(self) -> bool:
         return self.draining

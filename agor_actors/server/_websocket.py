@@ -3,7 +3,8 @@ per accepted WebSocket (the transport is :mod:`._ws`).
 
 * the codec is negotiated from the client's offer, and a WebSocket without a
   known subprotocol is refused with HTTP 400 (the JSON body says what to
-  offer); a foreign ``Origin`` gets 403 ``forbidden``, a draining server 503
+  offer); an ``Origin`` not allowed (:func:`~._settings.origin_allowed`)
+  gets 403 ``forbidden`` (and a security log line), a draining server 503
   ``unavailable``; a request wsproto finds is no WebSocket upgrade gets 400;
 * no permessage-deflate: no extension is accepted;
 * frames up to :func:`~._settings.ws_max_message_bytes` reach the protocol
@@ -13,6 +14,7 @@ per accepted WebSocket (the transport is :mod:`._ws`).
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import orjson
@@ -27,6 +29,8 @@ from ._ws import Accept, Refuse, handshake
 
 __all__ = ["serve_websocket"]
 
+security_log = logging.getLogger("agor_actors.security")
+
 
 def _refusal(status: int, code: str, message: str) -> Refuse:
     return Refuse(status, orjson.dumps({"code": code, "message": message, "data": None}))
@@ -39,7 +43,11 @@ def decide(state: AppState, request: Request) -> Accept | Refuse:
         if name.lower() == b"origin":
             origin = value.decode("latin-1")
             break
-    if not origin_allowed(origin):
+    if not origin_allowed(origin, state.origins):
+        security_log.warning(
+            "origin refused",
+            extra={"transport": "websocket", "origin": origin[:200] if origin else origin},
+        )
         return _refusal(403, "forbidden", "origin not allowed")
     if state.draining:
         return _refusal(503, "unavailable", "the server is shutting down")
@@ -52,10 +60,17 @@ def decide(state: AppState, request: Request) -> Accept | Refuse:
 
 
 async def serve_websocket(
-    state: AppState, sock: socket.socket, head: bytes, rest: bytes, *, deadline: float
+    state: AppState,
+    sock: socket.socket,
+    head: bytes,
+    rest: bytes,
+    *,
+    deadline: float,
+    tls: trio.SSLStream[trio.SocketStream] | None = None,
 ) -> None:
     """Answer the handshake in ``head`` by ``deadline``, then serve the
-    connection until it closes.  The caller closes the socket."""
+    connection until it closes (over ``tls``, the connection's TLS stream,
+    if it has one).  The caller closes the socket."""
     transport = None
     with trio.CancelScope(deadline=deadline):
         transport = await handshake(
@@ -65,6 +80,7 @@ async def serve_websocket(
             lambda request: decide(state, request),
             max_message_bytes=ws_max_message_bytes(state.settings),
             close_timeout_s=state.settings.close_timeout_s,
+            tls=tls,
         )
     if transport is None:
         return

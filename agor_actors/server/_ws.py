@@ -27,11 +27,12 @@ are fed to the connection once it is open.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
@@ -52,7 +53,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..world import OutFrame, TransportClosed
 
-__all__ = ["Accept", "Refuse", "WsTransport", "handshake", "wire_bytes"]
+__all__ = ["Accept", "Refuse", "TlsWsTransport", "WsTransport", "handshake", "wire_bytes"]
 
 RECV_BYTES: Final = 64 * 1024
 """One read of the socket; also what a burst of received messages holds."""
@@ -291,6 +292,45 @@ class WsTransport:
                 self._messages.clear()
 
 
+class TlsWsTransport(WsTransport):
+    """:class:`WsTransport` over TLS (``wss://``): the same wsproto
+    framing, read from and written to a ``trio.SSLStream``.  A TLS write
+    cannot be made without awaiting, so :meth:`try_send` keeps the frame as
+    the tail and the connection's writer task writes it
+    (:meth:`wait_writable`): one task switch per frame more than the plain
+    transport, which stays as it is."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(
+        self, stream: trio.SSLStream[trio.SocketStream], ws: WSConnection, **kw: Any
+    ) -> None:
+        super().__init__(stream.transport_stream.socket, ws, **kw)  # type: ignore[arg-type]
+        self._stream = stream
+
+    def _write(self, data: bytes) -> None:
+        self._tail += data
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._tail and not self._broken:
+            tail, self._tail = self._tail, b""
+            try:
+                await self._stream.send_all(tail)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken = True
+        if self._broken:
+            self._tail = b""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _recv(self) -> bytes:
+        try:
+            data = await self._stream.receive_some(RECV_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        return bytes(data)
+
+
 async def handshake(
     sock: socket.socket,
     head: bytes,
@@ -299,13 +339,23 @@ async def handshake(
     *,
     max_message_bytes: int,
     close_timeout_s: float,
+    tls: trio.SSLStream[trio.SocketStream] | None = None,
 ) -> WsTransport | None:
     """Answer the upgrade request in ``head`` (the bytes up to and including
     the blank line; ``rest`` came after it): accepted, the open transport;
     refused (by ``decide`` or by wsproto: 400), None once the answer is
     written.  The caller bounds it in time and closes the socket after a
-    refusal."""
+    refusal.  ``tls``: the connection's TLS stream (over ``sock``), which
+    the answer and the transport then use."""
     ws = WSConnection(ConnectionType.SERVER)
+
+    async def send_all(data: bytes) -> None:
+        if tls is None:
+            await _send_all(sock, data)
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await tls.send_all(data)  # (or the peer is gone)
+
     request: Request | None = None
     try:
         ws.receive_data(head)
@@ -319,10 +369,10 @@ async def handshake(
             if isinstance(hint, RejectConnection)
             else _plain_reply(400, b"Bad Request", str(exc).encode())
         )
-        await _send_all(sock, reply)
+        await send_all(reply)
         return None
     if request is None:
-        await _send_all(sock, _plain_reply(400, b"Bad Request", b"not a WebSocket upgrade"))
+        await send_all(_plain_reply(400, b"Bad Request", b"not a WebSocket upgrade"))
         return None
     decision = decide(request)
     if isinstance(decision, Refuse):
@@ -334,18 +384,19 @@ async def handshake(
             RejectConnection(status_code=decision.status, headers=headers, has_body=True)
         )
         data += ws.send(RejectData(decision.body, body_finished=True))
-        await _send_all(sock, data)
+        await send_all(data)
         return None
     data = ws.send(AcceptConnection(subprotocol=decision.subprotocol))
-    transport = WsTransport(
-        sock,
-        ws,
-        max_message_bytes=max_message_bytes,
-        close_timeout_s=close_timeout_s,
-        subprotocol=decision.subprotocol,
-        headers=list(request.extra_headers),
+    options: dict[str, Any] = {
+        "max_message_bytes": max_message_bytes,
+        "close_timeout_s": close_timeout_s,
+        "subprotocol": decision.subprotocol,
+        "headers": list(request.extra_headers),
+    }
+    transport = (
+        WsTransport(sock, ws, **options) if tls is None else TlsWsTransport(tls, ws, **options)
     )
-    await _send_all(sock, data)
+    await send_all(data)
     if rest:
         transport._feed(rest)
     return transport

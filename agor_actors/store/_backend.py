@@ -1104,6 +1104,35 @@ class SqlStore:
             ).one_or_none()
         return None if row is None else _plain_row(row)
 
+    def credential(
+        self, *, login: str | None = None, user_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """The ``credentials`` row (with its password hash) of ``login`` or
+        of ``user_id``: for the identity package only, never a client."""
+        c = s.credentials
+        where = c.c.login == login if login is not None else c.c.user_id == user_id
+        with self._reading() as conn:
+            row = conn.execute(sa.select(c).where(where)).one_or_none()
+        return None if row is None else _plain_row(row)
+
+    def refresh_token(self, token_hash: str) -> dict[str, Any] | None:
+        """The ``refresh_tokens`` row whose token hashes to ``token_hash``."""
+        r = s.refresh_tokens
+        with self._reading() as conn:
+            row = conn.execute(sa.select(r).where(r.c.token_hash == token_hash)).one_or_none()
+        return None if row is None else _plain_row(row)
+
+    def live_refresh_tokens(
+        self, *, family_id: str | None = None, user_id: str | None = None
+    ) -> list[str]:
+        """The ids of the refresh tokens not revoked yet, of ``family_id`` or
+        of ``user_id``."""
+        r = s.refresh_tokens
+        where = r.c.family_id == family_id if family_id is not None else r.c.user_id == user_id
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(r.c.id).where(where, r.c.revoked_at.is_(None))).all()
+        return [str(row[0]) for row in rows]
+
     def board_members(self, board_id: str) -> list[dict[str, Any]]:
         """The members of ``board_id`` (board_id, user_id, role), by user id."""
         m = s.board_members

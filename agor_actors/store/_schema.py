@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql
 __all__ = [
     "BOARD_ROLES",
     "ENTITY_TABLES",
+    "IDENTITY_TABLES",
     "READABLE_TABLES",
     "SCHEMA_VERSION",
     "SECRET_COLUMNS",
@@ -32,11 +33,13 @@ __all__ = [
     "StoreUnavailable",
     "board_members",
     "boards",
+    "credentials",
     "events",
     "field_history",
     "messages",
     "meta",
     "metadata",
+    "refresh_tokens",
     "rooms",
     "sessions",
     "tasks",
@@ -303,14 +306,71 @@ field_history: Final = sa.Table(
     sa.Index("ix_field_history_entity", "entity", "entity_id", "field", "id"),
 )
 
+# ---------------------------------------------------------------- identity
+# Sign-in (agor_actors.identity): written through the writer like any table,
+# never read by get/find.  New tables only: create_all adds them to an
+# existing database without a schema change.
+
+credentials: Final = sa.Table(
+    "credentials",
+    metadata,
+    sa.Column(
+        "user_id", sa.String, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    # the sign-in name (the user's name when the password was set); unique
+    sa.Column("login", sa.String, nullable=False, unique=True),
+    # argon2id (PHC string)
+    sa.Column("password_hash", sa.String, nullable=False),
+    sa.Column("updated_at", Ms, nullable=False),
+)
+
+refresh_tokens: Final = sa.Table(
+    "refresh_tokens",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    # sha256 hex of the token; the token itself is never stored
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    # one sign-in's chain of rotations: a reused token revokes them all
+    sa.Column("family_id", sa.String, nullable=False, index=True),
+    sa.Column(
+        "user_id",
+        sa.String,
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("expires_at", Ms, nullable=False),
+    # set when it was exchanged for the next one (then presenting it is reuse)
+    sa.Column("rotated_at", Ms, nullable=True),
+    sa.Column("revoked_at", Ms, nullable=True),
+)
+
+IDENTITY_TABLES: Final = frozenset({"credentials", "refresh_tokens"})
+"""Written through mutations; never read by ``get``/``find``."""
+
 #: Tables that mutations, ``get`` and ``find`` may name.  ``rooms`` and
 #: ``events`` belong to the store's sequence allocation; ``meta`` to the schema.
 ENTITY_TABLES: Final[dict[str, sa.Table]] = {
-    t.name: t for t in (users, boards, board_members, sessions, tasks, messages, tool_calls)
+    t.name: t
+    for t in (
+        users,
+        boards,
+        board_members,
+        sessions,
+        tasks,
+        messages,
+        tool_calls,
+        credentials,
+        refresh_tokens,
+    )
 }
 
 #: Tables that ``get`` and ``find`` may read: the entities and the history.
-READABLE_TABLES: Final[dict[str, sa.Table]] = {**ENTITY_TABLES, "field_history": field_history}
+READABLE_TABLES: Final[dict[str, sa.Table]] = {
+    **{name: t for name, t in ENTITY_TABLES.items() if name not in IDENTITY_TABLES},
+    "field_history": field_history,
+}
 
 #: Columns that ``get``/``find`` never return nor filter on.
 SECRET_COLUMNS: Final[dict[str, frozenset[str]]] = {"users": frozenset({"token_hash"})}

@@ -19,11 +19,18 @@
 // optimistic creates under a `temp_id`, own echoes recognised by `origin`,
 // presence sent coalesced and throttled. In Node 20 pass `WebSocket` (the
 // `ws` package) or run with --experimental-websocket.
+//
+// Access tokens (from POST /authentication) expire: pass `refresh` (an async
+// function returning a new access token, e.g. one that posts the refresh
+// token) and the client renews in band (`auth`) `refreshBeforeMs` before
+// `welcome.expires_at`; after a `token_expired` close (4002) it refreshes,
+// reconnects and resumes every room with `since`.
 
 export const PROTOCOL_VERSION = 1
 export const SUBPROTOCOL = "agor.v1.json"
 export const STATES = Object.freeze(["connecting", "live", "reconnecting", "offline"])
 export const FATAL_CLOSE_CODES = new Set([4001])
+export const TOKEN_EXPIRED_CLOSE = 4002
 export const PRESENCE_RATE_PER_S = 30
 export const MAX_RESUMES = 3
 
@@ -428,6 +435,10 @@ export class Client extends Emitter {
     super()
     this.url = url
     this.token = options.token ?? null
+    this.refresh = options.refresh ?? null
+    this.refreshBeforeMs = options.refreshBeforeMs ?? 60_000
+    this.expiresAt = null
+    this._renewTimer = null
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket
     if (typeof this.WebSocket !== "function") {
       throw new TypeError("no WebSocket: pass options.WebSocket (the ws package) or run Node with --experimental-websocket")
@@ -446,7 +457,7 @@ export class Client extends Emitter {
     this.limits = {}
     this.heartbeatMs = 15_000
     this.closeReason = null
-    this.stats = { reconnects: 0, applied: 0, duplicatesDropped: 0, gaps: 0, resumes: 0, reloads: 0, lagged: 0, ignored: 0 }
+    this.stats = { renewals: 0, reconnects: 0, applied: 0, duplicatesDropped: 0, gaps: 0, resumes: 0, reloads: 0, lagged: 0, ignored: 0 }
     this._ws = null
     this._welcomed = false
     this._everWelcomed = false
@@ -571,6 +582,7 @@ export class Client extends Emitter {
     if (this._closed) return
     this._closed = true
     clearTimeout(this._reconnectTimer)
+    clearTimeout(this._renewTimer)
     this._presenceOut.stop()
     const ws = this._ws
     if (ws) { this._detach(ws); try { ws.close(1000) } catch { /* already closed */ } }
@@ -629,6 +641,7 @@ export class Client extends Emitter {
     try { ws.close() } catch { /* gone */ }
     this._ws = null
     clearInterval(this._heartbeatTimer)
+    clearTimeout(this._renewTimer)
     this._presenceOut.stop()
     const wasWelcomed = this._welcomed
     this._welcomed = false
@@ -649,7 +662,50 @@ export class Client extends Emitter {
       return
     }
     if (wasWelcomed) this.stats.reconnects += 1
+    if (code === TOKEN_EXPIRED_CLOSE && this.refresh) {
+      // a new token first (if that fails, the old one is refused: fatal)
+      Promise.resolve().then(() => this.refresh())
+        .then((token) => { this.token = token }, () => { /* reconnect with the old one */ })
+        .finally(() => this._scheduleReconnect())
+      return
+    }
     this._scheduleReconnect()
+  }
+
+  /** Renew the access token in band a little before it expires. */
+  _scheduleRenewal() {
+    clearTimeout(this._renewTimer)
+    if (this.expiresAt == null || !this.refresh || this._closed) return
+    const leftMs = this.expiresAt - Date.now()
+    const marginMs = Math.min(this.refreshBeforeMs, Math.max(0, leftMs) / 2)
+    this._renewTimer = setTimeout(() => this._renew(), Math.max(0, leftMs - marginMs))
+  }
+
+  async _renew() {
+    try {
+      const token = await this.refresh()
+      this.token = token
+      const data = await this._auth(token)
+      this.expiresAt = data?.expires_at ?? null
+      this.stats.renewals += 1
+      this._scheduleRenewal()
+    } catch (err) {
+      // the server closes at expiry (4002); the reconnect refreshes again
+      this.emit("error", err instanceof CallError ? err : new CallError("unavailable", String(err)))
+    }
+  }
+
+  _auth(token) {
+    return new Promise((resolve, reject) => {
+      if (!this._welcomed) { reject(new CallError("connection_lost", "not connected")); return }
+      const ref = this._nextRef++
+      const timer = setTimeout(() => {
+        this._pending.delete(ref)
+        reject(new CallError("timeout", "no answer to auth"))
+      }, this.callTimeoutMs)
+      this._pending.set(ref, { resolve, reject, timer, read: false, request: null })
+      this._sendMessage({ type: "auth", ref, token })
+    })
   }
 
   _scheduleReconnect() {
@@ -739,6 +795,8 @@ export class Client extends Emitter {
     this.ownConnectionIds.add(m.connection_id)
     this.heartbeatMs = m.heartbeat_ms ?? 15_000
     this.limits = m.limits ?? {}
+    this.expiresAt = m.expires_at ?? null
+    this._scheduleRenewal()
     this._lastPingMs = this._now()
     this._startHeartbeat()
     // rejoin every room (with since where known), as one batch

@@ -28,6 +28,8 @@ PUBLIC = {
     "Service",
     "apply_event",
     "connect",
+    "Credentials",
+    "sign_in",
     "load_room",
     "open_websocket",
 }

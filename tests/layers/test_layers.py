@@ -9,7 +9,8 @@ below it, never a layer above):
 1. ``agor_actors.runtime`` (actors, mailboxes, the registry)
 2. ``agor_actors.store`` (the database and its writer actor),
    ``agor_actors.outbox`` (a connection's write path)
-3. ``agor_actors.domain`` (session, room and presence behaviours)
+3. ``agor_actors.domain`` (session, room and presence behaviours),
+   ``agor_actors.identity`` (sign-in, access and refresh tokens)
 4. ``agor_actors.daemon`` (the hub: every service's calls, joins, presence)
 5. ``agor_actors.server``, ``agor_actors.client``, ``agor_actors.embed``
 6. ``agor_actors.cli``, ``sim``
@@ -39,6 +40,7 @@ LAYERS: dict[str, int] = {
     "agor_actors.store": 2,
     "agor_actors.outbox": 2,
     "agor_actors.domain": 3,
+    "agor_actors.identity": 3,
     "agor_actors.daemon": 4,
     "agor_actors.server": 5,
     "agor_actors.client": 5,

@@ -39,9 +39,13 @@ def client_examples() -> list[str]:
 
 
 def _expected(message: dict[str, Any]) -> str | None:
-    return {"hello": "welcome", "call": "result", "join": "joined", "leave": "left"}.get(
-        message["type"], "pong" if message["type"] == "ping" else None
-    )
+    return {
+        "hello": "welcome",
+        "call": "result",
+        "auth": "result",
+        "join": "joined",
+        "leave": "left",
+    }.get(message["type"], "pong" if message["type"] == "ping" else None)
 
 
 async def test_every_client_example_of_protocol_md_works_as_printed(
@@ -49,7 +53,7 @@ async def test_every_client_example_of_protocol_md_works_as_printed(
 ) -> None:
     examples = client_examples()
     kinds = {orjson.loads(line)["type"] for line in examples if line.startswith("{")}
-    assert kinds == {"hello", "call", "join", "leave", "presence", "ping"}
+    assert kinds == {"hello", "call", "auth", "join", "leave", "presence", "ping"}
     async with daemon(tmp_path / "agor") as d:
         board = await d.hub.call(
             OWNER, connection_id=None, service="boards", method="create", data={"name": "B"}
@@ -89,7 +93,7 @@ async def test_every_client_example_of_protocol_md_works_as_printed(
                         answer = await until(kind)
                         if kind == "result":
                             assert answer["ok"], (line, answer)
-                            if message["method"] == "create":
+                            if message.get("method") == "create":
                                 ids["t-1"] = answer["data"]["id"]
             await ws.send_message('{"type":"ping","t":1}')  # presence has no answer:
             await until("pong")  # anything refused would be answered before this

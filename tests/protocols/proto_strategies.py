@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from protocols import (
     MAX_REF,
+    Auth,
     Call,
     Cursor,
     Error,
@@ -88,6 +89,7 @@ CLIENT_MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         optional(TEXT),
         optional(SEQS),
     ),
+    Auth: st.builds(Auth, REFS, TEXT),
     Join: st.builds(Join, ROOMS, optional(SINCES)),
     Leave: st.builds(Leave, ROOMS),
     PresenceUpdate: st.builds(
@@ -104,7 +106,9 @@ CLIENT_MESSAGES: dict[type, st.SearchStrategy[Any]] = {
 }
 
 SERVER_MESSAGES: dict[type, st.SearchStrategy[Any]] = {
-    Welcome: st.builds(Welcome, TEXT, TEXT, st.integers(1, 10**6), MAPS),
+    Welcome: st.builds(
+        Welcome, TEXT, TEXT, st.integers(1, 10**6), MAPS, optional(st.integers(0, 2**53))
+    ),
     Result: st.one_of(
         st.builds(Result, REFS, st.just(True), json_values()),
         st.builds(Result, REFS, st.just(False), json_values(), ERROR_INFOS),

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from protocols import (
+    Auth,
     CallResult,
     ClientConnection,
     ClientState,
@@ -437,3 +438,26 @@ def test_close() -> None:
     assert feed(client, Pong(1)) == []
     with pytest.raises(LocalProtocolError):
         client.ping(1.0)
+
+
+def test_auth_takes_a_ref_and_its_result_answers_it() -> None:
+    client = open_client()
+    ref, frame = client.auth("new-token")
+    [auth] = sent(frame)
+    assert auth == Auth(ref, "new-token")
+    assert set(client.pending_calls) == {ref}
+    next_ref, _ = client.call("tasks", "get", id="x")
+    assert next_ref == ref + 1
+    [event] = feed(client, Result(ref, True, data={"user_id": "u", "expires_at": 5}))
+    assert isinstance(event, CallResult) and event.result.data["expires_at"] == 5
+    # lost with the connection like a call
+    ref, _ = client.auth("again")
+    lost = [e for e in client.connection_lost() if isinstance(e, CallResult)]
+    assert ref in {e.result.ref for e in lost}
+
+
+def test_welcome_carries_the_expiry() -> None:
+    client = ClientConnection(codec=CODEC, client_id="c1")
+    client.hello("tok")
+    [event] = feed(client, Welcome("k", "u", 15000, LIMITS, expires_at=99))
+    assert isinstance(event, Welcomed) and event.welcome.expires_at == 99

@@ -9,6 +9,8 @@ import pytest
 
 from protocols import (
     DEFAULT_LIMITS,
+    Auth,
+    AuthReceived,
     Call,
     CallReceived,
     CloseCode,
@@ -389,3 +391,43 @@ def test_presence_rate_limit_drops_only_cursor_moves() -> None:
     presence = [e for e in got if isinstance(e, PresenceReceived)]
     assert len(presence) == 2  # one move (the burst), then the leave, never dropped
     assert presence[-1].update.board == ""
+
+
+def test_auth_is_answered_like_a_call() -> None:
+    server = open_server()
+    [event] = server.receive_data(frame({"type": "auth", "ref": 3, "token": "t2"}), 0.0)
+    assert isinstance(event, AuthReceived)
+    assert event.auth == Auth(3, "t2")
+    assert server.pending_calls == {3}
+    # its ref is taken like a call's
+    violation = only_violation(server.receive_data(frame(call(3)), 0.0))
+    assert violation.error.code is ErrorCode.DUPLICATE_REF
+    server = open_server()
+    server.receive_data(frame({"type": "auth", "ref": 3, "token": "t2"}), 0.0)
+    [answer] = server_messages(server.result_error(3, ErrorCode.NOT_AUTHENTICATED, "invalid"))
+    assert answer == Result(3, False, error=ErrorInfo("not_authenticated", "invalid"))
+    assert server.state is ServerState.OPEN  # a refused auth does not close
+    # a malformed auth is answered with an error result, the connection stays open
+    [violation] = server.receive_data(frame({"type": "auth", "ref": 4, "token": 5}), 0.0)
+    assert isinstance(violation, ProtocolViolation) and violation.close_code is None
+    assert server_messages(violation.reply)[0].ref == 4
+
+
+def test_auth_before_welcome_closes() -> None:
+    server = ServerConnection(codec=Codec.JSON)
+    violation = only_violation(
+        server.receive_data(frame({"type": "auth", "ref": 1, "token": "t"}), 0.0)
+    )
+    assert violation.error.code is ErrorCode.NOT_AUTHENTICATED and violation.close_code == 4001
+
+
+def test_welcome_says_when_the_token_expires_and_expiry_closes_with_4002() -> None:
+    server = ServerConnection(codec=Codec.JSON)
+    server.receive_data(frame(HELLO), 0.0)
+    [welcome] = server_messages(
+        server.welcome(connection_id="k", user_id="u", heartbeat_ms=1, expires_at=1234)
+    )
+    assert welcome.expires_at == 1234
+    [error] = server_messages(server.close(ErrorCode.TOKEN_EXPIRED, "the token expired"))
+    assert error == Error("token_expired", "the token expired")
+    assert server.close_code == CloseCode.TOKEN_EXPIRED == 4002

@@ -16,6 +16,7 @@ import trio_websocket
 
 from agor_actors.client import Client, Mirror, open_websocket
 from agor_actors.daemon import Hub, open_hub
+from agor_actors.identity import IdentityConfig
 from agor_actors.server import ServerSettings, serving
 from agor_actors.world import real_world
 from protocols import (
@@ -55,12 +56,13 @@ async def daemon(
     *,
     port: int = 0,
     metrics_sock: socket.socket | None = None,
+    identity: IdentityConfig | None = None,
 ) -> AsyncIterator[Daemon]:
     """A hub on a SQLite file in ``data_dir`` and its server on 127.0.0.1; on
     exit the server drains (1001) and the hub stops."""
     world = real_world()
     async with (
-        open_hub(world, data_dir=data_dir) as hub,
+        open_hub(world, data_dir=data_dir, identity=identity) as hub,
         serving(hub, world, port=port, settings=settings, metrics_sock=metrics_sock) as bound,
     ):
         yield Daemon(hub, bound, data_dir)

@@ -3,6 +3,7 @@ and WebSocket agree (same services, same events)."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,8 @@ import trio
 from server_support import Daemon, daemon, http
 
 from agor_actors.client import connect
-from agor_actors.server import origin_allowed, parse_query
+from agor_actors.server import ServerSettings, origin_allowed, parse_query
+from agor_actors.server._settings import normalize_origin, own_origins
 
 
 @pytest.fixture
@@ -153,13 +155,45 @@ async def test_foreign_origins_are_refused(running: Daemon) -> None:
         headers={"Origin": "https://evil.example"},
     )
     assert reply.status == 403 and reply.body["code"] == "forbidden"
-    local = await http(
+    # another local port is another origin (another local web app)
+    other = await http(
         "GET",
         f"{running.http_url}/sessions",
         token=running.token,
-        headers={"Origin": "http://localhost:3000"},
+        headers={"Origin": f"http://localhost:{running.port + 1}"},
     )
-    assert local.status == 200
+    assert other.status == 403
+    own = await http(
+        "GET",
+        f"{running.http_url}/sessions",
+        token=running.token,
+        headers={"Origin": f"http://localhost:{running.port}"},
+    )
+    assert own.status == 200
+
+
+async def test_allowed_origins_are_configured(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agor_actors.security")
+    settings = ServerSettings(allow_origins=("https://app.example.com", "http://LOCALHOST:5173/"))
+    async with daemon(tmp_path, settings) as d:
+        for origin, status in [
+            ("https://app.example.com", 200),
+            ("https://app.example.com:443", 200),
+            ("http://localhost:5173", 200),
+            ("http://app.example.com", 403),
+            ("https://evil.example", 403),
+        ]:
+            reply = await http(
+                "GET", f"{d.http_url}/sessions", token=d.token, headers={"Origin": origin}
+            )
+            assert reply.status == status, origin
+    refused = [r for r in caplog.records if r.getMessage() == "origin refused"]
+    assert [getattr(r, "origin", None) for r in refused] == [
+        "http://app.example.com",
+        "https://evil.example",
+    ]
 
 
 async def test_http_writes_are_seen_over_websocket_and_back(running: Daemon) -> None:
@@ -256,17 +290,32 @@ def test_bad_query_strings_are_refused(pairs: list[tuple[str, str]]) -> None:
         (None, True),
         ("", True),
         ("http://127.0.0.1:3030", True),
-        ("http://localhost", True),
-        ("https://localhost:8443", True),
+        ("http://localhost:3030", True),
+        ("HTTP://LOCALHOST:3030/", True),
         ("http://[::1]:3030", True),
+        ("http://localhost", False),
+        ("https://localhost:3030", False),
+        ("http://localhost:3031", False),
         ("null", False),
         ("file://", False),
-        ("http://localhost.example.com", False),
-        ("http://127.0.0.1.nip.io", False),
-        ("http://user@localhost", False),
+        ("http://localhost.example.com:3030", False),
+        ("http://127.0.0.1.nip.io:3030", False),
+        ("http://user@localhost:3030", False),
         ("http://localhost:notaport", False),
-        ("ws://localhost", False),
+        ("ws://localhost:3030", False),
     ],
 )
 def test_origin_check(origin: str | None, allowed: bool) -> None:
-    assert origin_allowed(origin) is allowed
+    own = own_origins("127.0.0.1", 3030, tls=False)
+    assert origin_allowed(origin, own) is allowed
+
+
+def test_own_origins() -> None:
+    assert own_origins("127.0.0.1", 3030, tls=True) == {
+        "https://127.0.0.1:3030",
+        "https://localhost:3030",
+        "https://[::1]:3030",
+    }
+    assert own_origins("agor.example.com", 443, tls=True) == {"https://agor.example.com"}
+    assert normalize_origin("https://A.example:443/") == "https://a.example"
+    assert normalize_origin("https://a.example/path") is None

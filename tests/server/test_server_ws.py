@@ -105,11 +105,14 @@ async def test_the_first_supported_offer_wins(running: Daemon) -> None:
         ("http://evil.example", False),
         ("null", False),
         ("http://localhost.evil.example", False),
-        ("http://localhost:5173", True),
-        ("https://127.0.0.1", True),
+        ("http://localhost:5173", False),
+        ("https://127.0.0.1", False),
+        ("http://localhost:{port}", True),
+        ("http://127.0.0.1:{port}", True),
     ],
 )
 async def test_browser_origins(running: Daemon, origin: str, allowed: bool) -> None:
+    origin = origin.format(port=running.port)
     opening = open_websocket(
         running.ws_url,
         subprotocols=[Codec.JSON.subprotocol],

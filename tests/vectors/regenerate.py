@@ -27,6 +27,7 @@ import cbor2
 from protocols import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
+    Auth,
     Call,
     Codec,
     Cursor,
@@ -66,6 +67,7 @@ CLIENT: dict[str, Message | list[Message]] = {
     "call_patch": Call(8, "sessions", "patch", id="s-1", data={"title": "Renamed"}, base_rev=3),
     "call_find": Call(9, "tasks", "find", query={"session_id": "s-1", "$limit": 50}),
     "call_stream": Call(10, "messages", "stream", id="m-1", data={"chunk": "Hello "}),
+    "auth": Auth(11, "eyJhbGciOiJIUzI1NiJ9.e30.c2ln"),
     "join": Join("session:s-1"),
     "join_since": Join("session:s-1", Since("ep-1", 41)),
     "leave": Leave("board:b-1"),
@@ -83,6 +85,9 @@ CLIENT: dict[str, Message | list[Message]] = {
 
 SERVER: dict[str, Message | list[Message]] = {
     "welcome": Welcome("conn-1", "u-1", 15000, DEFAULT_LIMITS.to_wire()),
+    "welcome_expiring": Welcome(
+        "conn-1", "u-1", 15000, DEFAULT_LIMITS.to_wire(), expires_at=TS + 900_000
+    ),
     "result_ok": Result(7, True, data={"id": "t-1", "rev": 1}),
     "result_error": Result(
         8,

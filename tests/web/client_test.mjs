@@ -226,3 +226,44 @@ test("activity: pages newest first, with a cursor", async () => {
   assert.deepEqual([...ids].sort((x, y) => y - x), ids)
   assert.equal(ids.length, 6) // board:created + 5 sessions
 })
+
+test("an expiring access token is renewed in band, and after a 4002 the client refreshes and reconnects", async () => {
+  // another host name: Node's fetch keeps its HTTP connection alive and its
+  // WebSocket would be sent on it, but the daemon routes /ws per connection
+  const http = URL.replace(/^ws/, "http").replace(/\/ws$/, "").replace("127.0.0.1", "localhost")
+  const post = async (path, body, token) => {
+    const headers = { "Content-Type": "application/json" }
+    if (token) headers.Authorization = `Bearer ${token}`
+    const reply = await fetch(http + path, { method: "POST", headers, body: JSON.stringify(body) })
+    const data = await reply.json()
+    if (!reply.ok) throw new CallError(data.code, data.message)
+    return data
+  }
+  const name = `js-${Date.now().toString(36)}`
+  await post("/users", { name, password: "js password" }, TOKEN)
+  let tokens = await post("/authentication", { strategy: "local", name, password: "js password" })
+  const rotate = async () => {
+    tokens = await post("/authentication", { strategy: "refresh", refreshToken: tokens.refreshToken })
+    return tokens.accessToken
+  }
+  // in band: the renewal goes through on the same connection
+  let renewed
+  const secondRefresh = new Promise((resolve) => { renewed = resolve })
+  let calls = 0
+  const renewing = await open({ token: tokens.accessToken, refreshBeforeMs: 2000, refresh: async () => { calls += 1; if (calls === 2) renewed(); return rotate() } })
+  assert.ok(renewing.expiresAt > Date.now())
+  const connection = renewing.connectionId
+  await Promise.race([secondRefresh, new Promise((_, reject) => setTimeout(() => reject(new Error("no renewal")), 15000))])
+  assert.ok(renewing.stats.renewals >= 1)
+  assert.equal(renewing.connectionId, connection)
+  renewing.close()
+  // the renewal fails once: the server closes with 4002, the client refreshes and reconnects
+  let failed = false
+  const expiring = await open({ token: tokens.accessToken, refresh: async () => { if (!failed) { failed = true; throw new Error("down") } return rotate() } })
+  const first = expiring.connectionId
+  await nextEvent(expiring, "welcome", 15000)
+  assert.notEqual(expiring.connectionId, first)
+  assert.equal(expiring.stats.reconnects, 1)
+  const made = await expiring.service("sessions").create({ title: "after a refresh" })
+  assert.equal(made.title, "after a refresh")
+})

@@ -27,7 +27,8 @@ def test_the_js_client_passes_its_node_tests(tmp_path: pathlib.Path) -> None:
     if major < 20:
         pytest.skip(f"node {major} is too old: the client needs Node 20+")
     flags = ["--experimental-websocket"] if major < 22 else []
-    with daemon_process(tmp_path / "agor") as daemon:
+    # access tokens live 3 s: the client's renewal and 4002 test
+    with daemon_process(tmp_path / "agor", ("--access-token-ttl", "3")) as daemon:
         env = {**os.environ, "AGOR_URL": daemon.ws_url, "AGOR_TOKEN": daemon.token}
         assert NODE is not None
         result = subprocess.run(
@@ -39,7 +40,7 @@ def test_the_js_client_passes_its_node_tests(tmp_path: pathlib.Path) -> None:
             timeout=90,
         )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "# fail 0" in result.stdout and "# pass 10" in result.stdout, result.stdout[-3000:]
+    assert "# fail 0" in result.stdout and "# pass 11" in result.stdout, result.stdout[-3000:]
 
 
 def test_the_daemon_serves_the_client_module_and_the_page(tmp_path: pathlib.Path) -> None:

@@ -30,9 +30,10 @@ def free_port() -> int:
 class DaemonProcess:
     """``agor-actors serve`` on ``port`` with ``data_dir``; restartable."""
 
-    def __init__(self, data_dir: pathlib.Path, port: int) -> None:
+    def __init__(self, data_dir: pathlib.Path, port: int, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self.log = bytearray()
         self._listening = threading.Event()
@@ -62,6 +63,7 @@ class DaemonProcess:
                 str(self.port),
                 "--data-dir",
                 str(self.data_dir),
+                *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -109,8 +111,10 @@ class DaemonProcess:
 
 
 @contextmanager
-def daemon_process(data_dir: pathlib.Path) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess(data_dir, free_port())
+def daemon_process(
+    data_dir: pathlib.Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[DaemonProcess]:
+    daemon = DaemonProcess(data_dir, free_port(), extra_args)
     daemon.start()
     try:
         yield daemon
