@@ -549,6 +549,11 @@ def serve(
                     "ws_url": f"ws://{host}:{bound}/ws",
                     "http_url": f"http://{host}:{bound}",
                     "token_file": str(path / "token"),
+                    **(
+                        {"metrics_url": f"http://{metrics_host}:{metrics_port}/metrics"}
+                        if metrics_port is not None
+                        else {}
+                    ),
                 },
             )
             if banner_executable is not None:
