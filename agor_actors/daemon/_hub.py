@@ -992,16 +992,16 @@ async def _access_tokens(
     world: World, config: IdentityConfig, data_dir: pathlib.Path | None
 ) -> AccessTokens:
     """The access-token issuer of ``config``; HS256's key is made on first
-    start in ``<data_dir>/jwt-secret`` (0600), or in memory without a data dir."""
-    secret: str | None = None
-    if not config.uses_key_pair:
-        # a stream of its own: the key draws nothing from the hub's entropy
-        entropy = world.entropy.fork("jwt-secret")
-        if data_dir is None:
-            secret = entropy.token(48)
-        else:
-            path = data_dir / JWT_SECRET_FILE
-            secret = await world.blocking.run(
-                lambda: read_or_create_secret(path, lambda: entropy.token(48))
-            )
-    return await world.blocking.run(lambda: config.access_tokens(secret))
+    start in ``<data_dir>/jwt-secret`` (0600), or in memory without a data
+    dir (then without a task switch: nothing is read)."""
+    # a stream of its own: the key draws nothing from the hub's entropy
+    entropy = world.entropy.fork("jwt-secret")
+    if config.uses_key_pair:
+        return await world.blocking.run(lambda: config.access_tokens(None))
+    if data_dir is None:
+        return config.access_tokens(entropy.token(48))
+    path = data_dir / JWT_SECRET_FILE
+    secret = await world.blocking.run(
+        lambda: read_or_create_secret(path, lambda: entropy.token(48))
+    )
+    return config.access_tokens(secret)

@@ -180,6 +180,7 @@ class Connection:
         self._settled = trio.lowlevel.ParkingLot()
         self._farewell = (ErrorCode.GOING_AWAY, "the server is shutting down")
         self._renewed = trio.lowlevel.ParkingLot()  # the principal's expiry moved
+        self._expiry_watched = False
 
     def log_fields(self, call: Call | None = None, room: str | None = None) -> dict[str, Any]:
         """The ids an error line of this connection carries: the connection,
@@ -288,7 +289,6 @@ class Connection:
                     async with trio.open_nursery() as inner:
                         self._inner = inner
                         inner.start_soon(self._watchdog)
-                        inner.start_soon(self._expiry)
                         await self._read_loop()
                         inner.cancel_scope.cancel()
                 # Reading has stopped.  In-flight calls get a grace period to
@@ -354,16 +354,26 @@ class Connection:
                 return
             await trio.sleep(max(0.0, heartbeat.next_check_s(last_received_s=last) - now))
 
+    def _watch_expiry(self) -> None:
+        """Watch the principal's expiry, if it has one (a task only then:
+        local tokens never expire and cost no task)."""
+        principal = self.principal
+        if principal is None or principal.expires_ms is None:
+            return
+        self._renewed.unpark_all()
+        if not self._expiry_watched and self._inner is not None:
+            self._expiry_watched = True
+            self._inner.start_soon(self._expiry)
+
     async def _expiry(self) -> None:
         """Close the connection (``token_expired``, 4002) once its token
         expires without an ``auth`` that renewed it: like a drain, calls in
         flight are answered first, so that the client refreshes its token
-        and resumes with nothing lost.  Never, for a token that does not
-        expire."""
-        await self._welcomed.wait()
+        and resumes with nothing lost."""
         while True:
             principal = self.principal
             if principal is None or principal.expires_ms is None:
+                self._expiry_watched = False
                 return
             left_s = (principal.expires_ms - self.world.wall.now_ms()) / 1000
             if left_s <= 0:
@@ -518,6 +528,7 @@ class Connection:
             )
         )
         self._welcomed.set()
+        self._watch_expiry()
         log.info(
             "connection opened",
             extra={
@@ -562,6 +573,7 @@ class Connection:
             return
         self.principal = principal
         self._renewed.unpark_all()
+        self._watch_expiry()
         try:
             frame = self.machine.result(
                 ref, data={"user_id": principal.user_id, "expires_at": principal.expires_ms}
