@@ -149,6 +149,10 @@ def _print_summary(summary: SweepSummary) -> None:
     print(f"faults injected  {sum(t['injected'].values())}: {injected}")
     claims = ", ".join(f"{k} {n}" for k, n in t["claims_checked"].items()) or "none"
     print(f"claims checked   {claims}")
+    reached = ", ".join(f"{k} {n}" for k, n in t["marks"].items() if n) or "none"
+    print(f"coverage marks   {reached}")
+    if t["marks_never"]:
+        print(f"never reached    {', '.join(t['marks_never'])}")
     print(f"failures         {t['failures']}")
     for failure in summary.failures[:20]:
         first = failure["violations"][0] if failure["violations"] else {}

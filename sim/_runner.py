@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import attrs
 import trio
 
+from agor_actors import marks
 from agor_actors.daemon import Hub, Principal
 from agor_actors.server import ServerSettings
 from agor_actors.store import SqlStore, open_store
@@ -89,6 +90,8 @@ class RunResult:
     narrowing: tuple[str, ...] = ()
     """The command-line arguments of an explicit fault list, client subset
     or fault phase (a replay or a shrink), empty for the seed as drawn."""
+    marks: dict[str, int] = attrs.field(factory=dict)
+    """How often each coverage mark (``agor_actors.marks``) ran."""
 
     @property
     def ok(self) -> bool:
@@ -560,8 +563,9 @@ def run_seed(
     run = _Run(config, plan, trace)
     clock = new_clock()
     steps = StepRecorder(clock, on_spin=run.on_spin, on_livelock=run.on_livelock)
+    counted: dict[str, int] = {}
     try:
-        with _capture_logs(run.recorder):
+        with _capture_logs(run.recorder), marks.counting() as counted:
             run_deterministic(run.main, seed=seed, instruments=(steps,), clock=clock)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
@@ -602,4 +606,5 @@ def run_seed(
         counters=dict(sorted(recorder.counters.items())),
         wall_s=time.perf_counter() - started,
         narrowing=tuple(narrow.arguments()) if narrow is not None else (),
+        marks=dict(sorted(counted.items())),
     )

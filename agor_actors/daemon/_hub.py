@@ -39,6 +39,7 @@ from ..domain.room import (
     to_event,
 )
 from ..domain.session import Command, SessionBehaviour
+from ..marks import mark
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
@@ -615,6 +616,8 @@ class Hub:
             raise refused from exc
         subs = self._subs.setdefault(connection_id, {})
         activity = kind == "activity"
+        if activity:
+            mark("hub.activity_join")
         sub = Subscription(
             connection_id, room, outbox, user_id=principal.user_id, activity=activity
         )
@@ -758,6 +761,7 @@ class Hub:
 
     async def drain(self) -> None:
         """Wait until every write queued so far is durable."""
+        mark("hub.drain")
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
 
 
