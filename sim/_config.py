@@ -128,6 +128,13 @@ class SimConfig:
     """The chance each fault kind had to be on in this seed (see :class:`Swarm`)."""
     chunk_pipeline: int = 1
     """Chunks an agent has in flight at once (see :class:`Swarm`)."""
+    ring_size: int | None = None
+    """Events a room keeps in memory (None: the daemon's own, 1,024)."""
+    idle_s: float | None = None
+    """How long a room or session actor idles before it passivates (None:
+    the daemon's own, minutes)."""
+    grace_s: float = 10.0
+    """Presence: how long a user who left a board stays on it."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -151,6 +158,9 @@ class SimConfig:
             f"({self.chunk_pipeline} in flight), "
             f"renames every {self.rename_period_ms} ms, cursors {self.cursor_per_s}/s, "
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
+            f"  limits: ring {self.ring_size or 'default'}, idle "
+            f"{'default' if self.idle_s is None else f'{self.idle_s:g}s'}, "
+            f"presence grace {self.grace_s:g}s",
         ]
         for c in self.clients:
             lines.append(
@@ -285,6 +295,14 @@ def draw_config(
         max_skew_ms=max_skew_ms,
         store_latency_us=_pick(rng, (0, 200, 1_000, 5_000)),
         swarm_density=swarm.density,
+    )
+    # sim-sized limits (their own stream: the draws above stay as they were)
+    limits = random.Random(f"limits:{profile}:{seed}")
+    config = attrs.evolve(
+        config,
+        ring_size=_pick(limits, (0, 4, 16, 64)) or None,
+        idle_s=(None, 0.5, 2.0, 5.0)[limits.randrange(4)],
+        grace_s=(10.0, 2.0, 0.5)[limits.randrange(3)],
     )
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent

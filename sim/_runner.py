@@ -29,6 +29,7 @@ import trio
 
 from agor_actors import marks
 from agor_actors.daemon import Hub, Principal
+from agor_actors.domain.presence import PresenceConfig
 from agor_actors.server import ServerSettings
 from agor_actors.store import SqlStore, open_store
 from agor_actors.world import SeededEntropy
@@ -210,6 +211,11 @@ class _Run:
             owner_token=owner_token,
             trace=trace,
             recorder=self.recorder,
+            limits={
+                "ring_size": config.ring_size,
+                "idle_s": config.idle_s,
+                "presence": PresenceConfig(offline_grace_s=config.grace_s),
+            },
         )
         self.recorder.on_frame = ServerClaims(self.recorder, self._head_of).frame
         async with trio.open_nursery() as root:

@@ -807,6 +807,8 @@ async def open_hub(
     owner_token: str | None = None,
     store: SqlStore | None = None,
     presence: PresenceConfig | None = None,
+    ring_size: int | None = None,
+    idle_s: float | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -814,7 +816,10 @@ async def open_hub(
     A ``store`` passed in is used as is and left open (the simulator keeps
     one in-memory database across daemon crashes).  A ``data_dir`` is made
     private (0700, files 0600) and locked for the block:
-    :class:`DataDirLocked` if another runtime holds it."""
+    :class:`DataDirLocked` if another runtime holds it.  ``ring_size`` (a
+    room's events in memory) and ``idle_s`` (how long a room or session
+    actor idles before it passivates) replace the behaviours' own (the
+    simulator makes them small so that runs of seconds reach those paths)."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -826,6 +831,8 @@ async def open_hub(
             owner_token=owner_token,
             store=store,
             presence=presence,
+            ring_size=ring_size,
+            idle_s=idle_s,
         ) as hub:
             yield hub
 
@@ -840,6 +847,8 @@ async def _open_hub(
     owner_token: str | None,
     store: SqlStore | None,
     presence: PresenceConfig | None,
+    ring_size: int | None = None,
+    idle_s: float | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
@@ -892,15 +901,23 @@ async def _open_hub(
             return StoreWriter(store, world, metrics=metrics)
 
         def room(name: str) -> Behaviour[Any]:
-            return RoomBehaviour(
+            behaviour = RoomBehaviour(
                 name.removeprefix("room:"), store, presence=presence, metrics=metrics
             )
+            if ring_size is not None:
+                behaviour.ring_size = ring_size
+            if idle_s is not None:
+                behaviour.idle_s = idle_s
+            return behaviour
 
         def user_presence(name: str) -> Behaviour[Any]:
             return UserPresenceBehaviour(name.removeprefix("presence:user:"), presence)
 
         def session(name: str) -> Behaviour[Any]:
-            return SessionBehaviour(name.removeprefix("session:"), store)
+            behaviour = SessionBehaviour(name.removeprefix("session:"), store)
+            if idle_s is not None:
+                behaviour.idle_s = idle_s
+            return behaviour
 
         async with open_system(world) as system:
             system.define(Kind("store:", writer))
