@@ -39,6 +39,8 @@ FAULT_KINDS: Final = (
     "crash_writer",  # the store writer's handler raises
     "store_before",  # a commit fails before it happens
     "store_after",  # a commit fails after it happened (the writer is not told)
+    "store_request",  # the database refuses a row: one request fails, or its group is redone
+    "store_chunk",  # the same for the rows of streamed messages (a chunk refused on its own)
     "daemon_crash",  # the daemon dies (memory gone, store kept) and starts again
 )
 
@@ -90,6 +92,8 @@ class Fault:
         if self.kind == "one_way":
             extra += f" {self.direction}"
         if self.kind.startswith("crash"):
+            extra += f" target={self.target}"
+        if self.kind in ("store_request", "store_chunk"):
             extra += f" target={self.target}"
         return f"{self.at_us / 1e6:9.3f}s {self.kind}{extra}"
 
@@ -362,6 +366,8 @@ def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
                 duration = rng.randint(100_000, 2 * dead_us)
             elif kind == "daemon_crash":
                 duration = rng.randint(10_000, 3_000_000)
+            elif kind in ("store_request", "store_chunk"):
+                duration = rng.randint(200_000, 4_000_000)
             faults.append(Fault(t, kind, target, span, duration, direction))
     faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
     return tuple(faults)

@@ -50,7 +50,7 @@ from ._client import SEND_QUEUE_MAX, SimClient
 from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
-from ._faults import StoreFaults, poison
+from ._faults import REFUSABLE, StoreFaults, poison
 from ._model import View, server_view
 from ._net import Network
 from ._record import Recorder, Violation
@@ -185,7 +185,7 @@ class _Run:
     async def _main(self, store: SqlStore) -> None:
         config = self.config
         trace = self.trace
-        self._store_faults = StoreFaults(store, trace)
+        self._store_faults = StoreFaults(store, trace, seed=self.seed)
         self._net = net = Network(
             self.seed,
             trace,
@@ -342,6 +342,12 @@ class _Run:
             return True
         if kind in ("store_before", "store_after"):
             self._store_faults.arm("before" if kind == "store_before" else "after")
+            return True
+        if kind in ("store_request", "store_chunk"):
+            table = (
+                "messages" if kind == "store_chunk" else REFUSABLE[fault.target % len(REFUSABLE)]
+            )
+            self._store_faults.arm_refusals(table, fault.at_us + fault.duration_us)
             return True
         if kind == "daemon_crash":
             return self._daemon.crash(fault.duration_us)
