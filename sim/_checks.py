@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agor_actors.domain.room import to_event
 from agor_actors.store import SqlStore, StoredEvent
 from protocols import (
     ClientConnection,
@@ -51,7 +52,7 @@ from protocols import (
 from protocols._codec import Frame
 
 from ._client import SimClient
-from ._model import View, server_view
+from ._model import View, log_room, server_view
 from ._record import Recorder, WriteRecord, event_digest
 
 __all__ = [
@@ -80,20 +81,6 @@ def room_log(store: SqlStore, room: str) -> dict[int, StoredEvent]:
         for event in page:
             out[event.seq] = event
         after = page[-1].end_seq
-
-
-def _as_event(stored: StoredEvent) -> Event:
-    return Event(
-        room=stored.room,
-        seq=stored.seq,
-        event=stored.event,
-        data=stored.data,
-        ts=stored.ts,
-        user_id=stored.user_id,
-        origin=stored.origin,
-        temp_id=stored.temp_id,
-        last_seq=stored.last_seq,
-    )
 
 
 def _diff(a: Any, b: Any, path: str = "") -> str:
@@ -130,10 +117,11 @@ def check_mirrors(
 
 def check_log(store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]) -> None:
     for (client, room), applied in recorder.applied.items():
-        log = logs.get(room)
+        shown = log_room(room)  # an activity stream shows its board's log
+        log = logs.get(shown)
         if log is None:
-            log = logs[room] = room_log(store, room)
-        head = store.room_head(room)
+            log = logs[shown] = room_log(store, shown)
+        head = store.room_head(shown)
         epoch = head[0] if head is not None else ""
         for item in applied:
             stored = log.get(item.seq)
@@ -142,7 +130,8 @@ def check_log(store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, Sto
                     "log", client, f"{room}: applied seq {item.seq} is not in the server's log"
                 )
                 break
-            if stored.end_seq != item.end or event_digest(_as_event(stored)) != item.digest:
+            event = to_event(stored, room)  # an activity entry for an activity stream
+            if stored.end_seq != item.end or event_digest(event) != item.digest:
                 recorder.violate(
                     "log",
                     client,

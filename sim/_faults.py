@@ -75,8 +75,7 @@ class StoreFaults:
         self._committed = False
         sa_event.listen(store.engine, "commit", self._on_commit)
         with store.engine.begin() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert isinstance(dbapi, sqlite3.Connection)
+            dbapi: Any = conn.connection.dbapi_connection  # sqlite3's, in memory
             dbapi.create_function("sim_refuse", 1, self._refuse)
             for table in ("sessions", "tasks", "boards", "messages"):
                 for op in ("INSERT", "UPDATE"):

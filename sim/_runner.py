@@ -51,7 +51,7 @@ from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import REFUSABLE, StoreFaults, poison
-from ._model import View, server_view
+from ._model import View, log_room, server_view
 from ._net import Network
 from ._record import Recorder, Violation
 from ._trace import Trace, now_us
@@ -306,9 +306,9 @@ class _Run:
         """The committed head of ``room`` as the daemon's store remembers it
         (no I/O; None when it does not know or the daemon is down)."""
         hub = self._daemon.hub if self._daemon is not None else None
-        if hub is None or room.startswith("activity:"):
+        if hub is None:
             return None
-        return hub.store.cached_head(room)
+        return hub.store.cached_head(log_room(room))
 
     # ------------------------------------------------------------------ faults
 
@@ -451,7 +451,7 @@ class _Run:
             for room in client.wanted:
                 head = rooms.get(room)
                 if head is None:
-                    found = store.room_head(room)
+                    found = store.room_head(log_room(room))
                     head = rooms[room] = found if found is not None else ("", 0)
                 track = client.machine.rooms[room]
                 if track.seq != head[1] or (head[0] and track.epoch != head[0]):
@@ -489,7 +489,7 @@ class _Run:
                 if room in problems:
                     continue
                 track = client.machine.rooms[room]
-                head = store.room_head(room)
+                head = store.room_head(log_room(room))
                 if head is not None and track.seq != head[1]:
                     self.recorder.violate(
                         "liveness",

@@ -113,6 +113,15 @@ async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
                     id=bid,
                     data={"description": f"{client.name} {n}"},
                 )
+            elif roll < 0.84:
+                await _lock(client, sid)
+            elif roll < 0.87:
+                # open the board's activity stream, or close it
+                room = f"activity:{layout.boards[board]}"
+                if room in client.wanted:
+                    client.unwant(room)
+                else:
+                    client.want(room)
             else:
                 # navigate: leave one session room, open another
                 rooms = [f"session:{s}" for s in sessions]
@@ -123,6 +132,21 @@ async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
                     client.want(rooms[client.rng.randrange(len(rooms))])
         except NotConnected:
             await trio.sleep(RETRY_S)
+
+
+async def _lock(client: SimClient, sid: str) -> None:
+    """Lock or unlock a session: a strict field, written with the revision
+    the window read (half the time one behind: a conflict receipt)."""
+    got = await client.call("sessions", "get", id=sid)
+    if not got.ok or not isinstance(got.data, dict):
+        return
+    rev = int(got.data["rev"])
+    if client.rng.random() < 0.5:
+        rev -= 1
+    locked = client.user_id if client.rng.random() < 0.5 else None
+    await client.write(
+        "sessions", "patch", session_id=sid, id=sid, data={"locked_by": locked}, base_rev=rev
+    )
 
 
 async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int) -> None:
