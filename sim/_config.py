@@ -42,6 +42,7 @@ FAULT_KINDS: Final = (
     "store_request",  # the database refuses a row: one request fails, or its group is redone
     "store_chunk",  # the same for the rows of streamed messages (a chunk refused on its own)
     "daemon_crash",  # the daemon dies (memory gone, store kept) and starts again
+    "epoch_reset",  # the daemon dies and a room's log is reset meanwhile (a new epoch)
 )
 
 WORKLOADS: Final = (
@@ -91,7 +92,7 @@ class Fault:
             extra += f" target={self.target} span={self.span}"
         if self.kind == "one_way":
             extra += f" {self.direction}"
-        if self.kind.startswith("crash"):
+        if self.kind.startswith("crash") or self.kind == "epoch_reset":
             extra += f" target={self.target}"
         if self.kind in ("store_request", "store_chunk"):
             extra += f" target={self.target}"
@@ -207,7 +208,7 @@ RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0)}
 BURST_CHUNK_PER_S: Final = 400
 """The chunk rate of an agent that streams in bursts (pipelined chunks)."""
 
-RARE_KINDS: Final = ("storm", "daemon_crash")
+RARE_KINDS: Final = ("storm", "daemon_crash", "epoch_reset")
 """Kinds whose every occurrence disturbs the whole run: a third of the rate."""
 
 
@@ -364,7 +365,7 @@ def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
                 duration = dead_us + rng.randint(100_000, 3_000_000)
             elif kind == "stall":
                 duration = rng.randint(100_000, 2 * dead_us)
-            elif kind == "daemon_crash":
+            elif kind in ("daemon_crash", "epoch_reset"):
                 duration = rng.randint(10_000, 3_000_000)
             elif kind in ("store_request", "store_chunk"):
                 duration = rng.randint(200_000, 4_000_000)

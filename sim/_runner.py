@@ -36,6 +36,8 @@ from agor_actors.world import SeededEntropy
 
 from . import _planted
 from ._checks import (
+    Reset,
+    Resets,
     ServerClaims,
     check_acknowledged,
     check_log,
@@ -45,6 +47,7 @@ from ._checks import (
     check_renames,
     check_streams,
     presence_problems,
+    room_log,
 )
 from ._client import SEND_QUEUE_MAX, SimClient
 from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
@@ -169,6 +172,8 @@ class _Run:
         self._net: Network | None = None
         self._store_faults: StoreFaults | None = None
         self._root: trio.CancelScope | None = None
+        self._layout: Layout | None = None
+        self.resets: Resets = {}
 
     # ------------------------------------------------------------------ main
 
@@ -223,6 +228,7 @@ class _Run:
             await root.start(daemon.run, name="daemon")
             hub = await daemon.wait_up()
             layout, users = await self._setup(hub)
+            self._layout = layout
             for spec in config.clients:
                 token, user_id = users[spec.user]
                 client = SimClient(
@@ -318,6 +324,27 @@ class _Run:
             if self._apply(fault):
                 self.injected[fault.kind] = self.injected.get(fault.kind, 0) + 1
 
+    def _reset_epoch(self, fault: Fault) -> bool:
+        """Kill the daemon and, while it is down, reset one room's log (what
+        an operator restoring the database from before the room existed
+        does): the room starts a new epoch at seq 1.  The ended epoch's log
+        is kept for the checks."""
+        assert self._daemon is not None and self._layout is not None
+        rooms = [f"board:{b}" for b in self._layout.boards]
+        rooms += [f"session:{s}" for board in self._layout.sessions for s in board]
+        room = rooms[fault.target % len(rooms)]
+        if not self._daemon.crash(fault.duration_us):
+            return False
+        store = self._daemon.new_store()  # a store object of its own (no cache to go stale)
+        head = store.room_head(room)
+        epoch = f"reset{len(self.resets.get(room, ())) + 1}-{fault.at_us}"
+        if head is not None:
+            reset = Reset(now_us(), room, head[0], room_log(store, room))
+            self.resets.setdefault(room, []).append(reset)
+        store.reset_room(room, epoch)
+        self.trace.emit("fault", f"{room}: log reset, epoch {epoch}")
+        return True
+
     def _pick_clients(self, fault: Fault) -> list[SimClient]:
         n = len(self.clients)
         if n == 0:
@@ -351,6 +378,8 @@ class _Run:
             return True
         if kind == "daemon_crash":
             return self._daemon.crash(fault.duration_us)
+        if kind == "epoch_reset":
+            return self._reset_epoch(fault)
         hub = self._daemon.hub
         if hub is None:
             return False
@@ -511,9 +540,9 @@ class _Run:
     def _final_checks(self, store: SqlStore, views: dict[str, View]) -> None:
         logs: dict[str, Any] = {}
         check_mirrors(store, self.clients, self.recorder, views)
-        check_log(store, self.recorder, logs)
-        check_acknowledged(store, self.recorder, logs)
-        check_merged(store, self.recorder, logs)
+        check_log(store, self.recorder, logs, self.resets)
+        check_acknowledged(store, self.recorder, logs, self.resets)
+        check_merged(store, self.recorder, logs, self.resets)
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)
