@@ -7,6 +7,7 @@
     python -m sim --seed 3 --plant X --shrink    reduce a failing seed to a short replayable run
     python -m sim --seed 3 --faults 'reset@1500000:t2,storm@4000000:s65536:d3000000'
                                                  replay an explicit fault list (or --faults FILE)
+    python -m sim --scenario flaky-teammate --trace   run a scenario of sim.scenarios
 
 The process re-executes itself with ``PYTHONHASHSEED=0`` first.  Exit status:
 0 when every seed passed, 1 when one failed, 2 for bad arguments.
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--seeds", type=int, metavar="N", help="sweep N seeds (from --first)")
     which.add_argument("--seed", type=int, metavar="S", help="run one seed")
+    which.add_argument(
+        "--scenario", metavar="NAME", help="run a scenario of sim.scenarios (see its list)"
+    )
     parser.add_argument("--first", type=int, default=0, metavar="S", help="first seed of a sweep")
     parser.add_argument("--jobs", type=int, default=default_jobs(), metavar="N")
     parser.add_argument("--profile", choices=PROFILES, default="ci")
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_timeout_s=args.timeout,
         stop_after_failures=args.stop_after,
     )
+    if args.scenario is not None:
+        return _scenario(args.scenario, plant, trace=args.trace, json_path=args.json, parser=parser)
     narrow = _narrowing(args, parser)
     if not narrow.empty and args.seed is None:
         parser.error("--faults, --clients and --fault-s replay one seed: give --seed")
@@ -271,8 +277,31 @@ def _one(
     )
     if not trace:
         print(result.config)
+    return _report(f"seed {seed}", result, json_path)
+
+
+def _scenario(
+    name: str,
+    plant: tuple[str, ...],
+    *,
+    trace: bool,
+    json_path: str | None,
+    parser: argparse.ArgumentParser,
+) -> int:
+    from ._scenario import run_scenario
+    from .scenarios import EXAMPLES
+
+    if name not in EXAMPLES:
+        parser.error(f"no scenario {name!r}; known: {', '.join(EXAMPLES)}")
+    result = run_scenario(EXAMPLES[name], plant=plant, echo=sys.stdout if trace else None)
+    if not trace:
+        print(result.config)
+    return _report(f"scenario {name}", result, json_path)
+
+
+def _report(what: str, result: Any, json_path: str | None) -> int:
     print(
-        f"seed {seed}: {'ok' if result.ok else 'FAILED'}; trace {result.trace_hash}, "
+        f"{what}: {'ok' if result.ok else 'FAILED'}; trace {result.trace_hash}, "
         f"rng {result.rng_hash}; {result.virtual_s:.1f} virtual s "
         f"(converged at {result.converged_s if result.converged_s is not None else 'never'}), "
         f"{result.log_events} events, {result.applied} applied, {result.steps} steps, "

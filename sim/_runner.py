@@ -22,7 +22,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import attrs
 import trio
@@ -60,7 +60,7 @@ from ._record import Recorder, Violation
 from ._trace import Trace, now_us
 from ._workload import Layout, run_workloads
 
-__all__ = ["RunResult", "run_seed"]
+__all__ = ["RunResult", "Script", "execute", "run_seed"]
 
 OWNER = Principal("owner", "owner", True)
 MONITOR_PERIOD_S = 0.25
@@ -96,12 +96,17 @@ class RunResult:
     or fault phase (a replay or a shrink), empty for the seed as drawn."""
     marks: dict[str, int] = attrs.field(factory=dict)
     """How often each coverage mark (``agor_actors.marks``) ran."""
+    scenario: str = ""
+    """The name of the scenario run (``--scenario``), empty for a seed."""
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
     def replay_command(self) -> str:
+        if self.scenario:
+            plants = "".join(f" --plant {name}" for name in self.planted)
+            return f"python -m sim --scenario {self.scenario}{plants} --trace"
         parts = ["python -m sim --seed", str(self.seed)]
         if self.profile != "ci":
             parts += ["--profile", self.profile]
@@ -154,8 +159,29 @@ def _capture_logs(recorder: Recorder) -> Iterator[None]:
         logger.setLevel(level)
 
 
+class Script(Protocol):
+    """A hand-written run (a scenario, ``sim/_scenario.py``) instead of the
+    drawn workloads: which rooms each client is in, and the steps."""
+
+    def rooms(self, client: str, layout: Layout) -> tuple[tuple[str, ...], str | None]:
+        """The rooms ``client`` is in from the start, and the board it
+        looks at (presence), if any."""
+        ...
+
+    async def run(self, clients: list[SimClient], layout: Layout, trace: Trace) -> None:
+        """Run the steps (cancelled when the fault phase ends)."""
+        ...
+
+
 class _Run:
-    def __init__(self, config: SimConfig, plan: tuple[Fault, ...], trace: Trace) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        plan: tuple[Fault, ...],
+        trace: Trace,
+        script: Script | None = None,
+    ) -> None:
+        self.script = script
         self.config = config
         self.plan = plan
         self.trace = trace
@@ -240,12 +266,22 @@ class _Run:
                     trace=trace,
                     recorder=self.recorder,
                 )
-                self._assign_rooms(client, layout)
+                if self.script is None:
+                    self._assign_rooms(client, layout)
+                else:
+                    rooms, client.presence_board = self.script.rooms(spec.name, layout)
+                    for room in rooms:
+                        client.want(room)
                 self.clients.append(client)
                 await root.start(client.run, name=f"client:{spec.name}")
             root.start_soon(self._monitor, name="monitor")
             async with trio.open_nursery() as phase:
-                phase.start_soon(run_workloads, self.clients, config, layout, trace, name="work")
+                if self.script is None:
+                    phase.start_soon(
+                        run_workloads, self.clients, config, layout, trace, name="work"
+                    )
+                else:
+                    phase.start_soon(self.script.run, self.clients, layout, trace, name="script")
                 phase.start_soon(self._inject, name="faults")
                 await trio.sleep_until(config.fault_s)
                 phase.cancel_scope.cancel()
@@ -584,7 +620,6 @@ def run_seed(
 ) -> RunResult:
     """Run one seed; never raises for what the run finds (an exception in
     the harness or the daemon becomes a violation of kind ``harness``)."""
-    started = time.perf_counter()
     config = draw_config(seed, profile, exclude=exclude, only=only)
     if narrow is not None and not narrow.empty:
         config = narrow.apply(config)
@@ -592,6 +627,34 @@ def run_seed(
     else:
         narrow = None
         plan = draw_faults(config)
+    return execute(
+        config,
+        plan,
+        plant=plant,
+        exclude=exclude,
+        only=only,
+        echo=echo,
+        narrowing=tuple(narrow.arguments()) if narrow is not None else (),
+    )
+
+
+def execute(
+    config: SimConfig,
+    plan: tuple[Fault, ...],
+    *,
+    plant: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    echo: TextIO | None = None,
+    narrowing: tuple[str, ...] = (),
+    script: Script | None = None,
+    scenario: str = "",
+) -> RunResult:
+    """Run ``config`` with the faults ``plan`` (and ``script`` instead of
+    the drawn workloads, if given): the one run behind :func:`run_seed`
+    and :func:`sim.run_scenario`."""
+    started = time.perf_counter()
+    seed, profile = config.seed, config.profile
     _planted.plant(*plant)
     trace = Trace(echo)
     if echo is not None:
@@ -601,7 +664,7 @@ def run_seed(
         print(f"  {len(plan)} faults:", file=echo)
         for fault in plan:
             print(f"    {fault.describe()}", file=echo)
-    run = _Run(config, plan, trace)
+    run = _Run(config, plan, trace, script)
     clock = new_clock()
     steps = StepRecorder(clock, on_spin=run.on_spin, on_livelock=run.on_livelock)
     counted: dict[str, int] = {}
@@ -646,6 +709,7 @@ def run_seed(
         violations=tuple(recorder.violations),
         counters=dict(sorted(recorder.counters.items())),
         wall_s=time.perf_counter() - started,
-        narrowing=tuple(narrow.arguments()) if narrow is not None else (),
+        narrowing=narrowing,
+        scenario=scenario,
         marks=dict(sorted(counted.items())),
     )

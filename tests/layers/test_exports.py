@@ -211,6 +211,7 @@ PACKAGES: dict[str, set[str]] = {
 }
 
 MODULES: dict[str, set[str]] = {
+    "agor_actors.marks": {"MARKS", "counting", "mark"},
     "agor_actors.embed": {
         "AgentReporter",
         "DataDirLocked",
