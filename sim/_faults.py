@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final, Literal, TypeVar
 
 import sqlalchemy as sa
@@ -102,6 +103,17 @@ class StoreFaults:
     def arm(self, mode: Mode) -> None:
         self.armed = mode
         self._trace.emit("fault", f"store: the next commit fails {mode} it happens")
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """No fault for the block (what the simulator itself writes, e.g. a
+        log reset while the daemon is down); armed ones stay armed."""
+        armed, until = self.armed, self._refuse_until_us
+        self.armed, self._refuse_until_us = None, 0
+        try:
+            yield
+        finally:
+            self.armed, self._refuse_until_us = armed, until
 
     def disarm(self) -> None:
         self.armed = None

@@ -371,13 +371,15 @@ class _Run:
         room = rooms[fault.target % len(rooms)]
         if not self._daemon.crash(fault.duration_us):
             return False
-        store = self._daemon.new_store()  # a store object of its own (no cache to go stale)
-        head = store.room_head(room)
-        epoch = f"reset{len(self.resets.get(room, ())) + 1}-{fault.at_us}"
-        if head is not None:
-            reset = Reset(now_us(), room, head[0], room_log(store, room))
-            self.resets.setdefault(room, []).append(reset)
-        store.reset_room(room, epoch)
+        assert self._store_faults is not None
+        with self._store_faults.suspended():  # the reset is not the daemon's to fail
+            store = self._daemon.new_store()  # a store object of its own (no stale cache)
+            head = store.room_head(room)
+            epoch = f"reset{len(self.resets.get(room, ())) + 1}-{fault.at_us}"
+            if head is not None:
+                reset = Reset(now_us(), room, head[0], room_log(store, room))
+                self.resets.setdefault(room, []).append(reset)
+            store.reset_room(room, epoch)
         self.trace.emit("fault", f"{room}: log reset, epoch {epoch}")
         return True
 
