@@ -146,6 +146,13 @@ def _log_of(
     for reset in (resets or {}).get(room, ()):
         if reset.at_us > sent_us:
             return reset.log
+    return _current_log(store, logs, room)
+
+
+def _current_log(
+    store: SqlStore, logs: dict[str, dict[int, StoredEvent]], room: str
+) -> dict[int, StoredEvent]:
+    """``room``'s log as the store has it now (read once per run)."""
     log = logs.get(room)
     if log is None:
         log = logs[room] = room_log(store, room)
@@ -160,9 +167,7 @@ def check_log(
 ) -> None:
     for (client, room), applied in recorder.applied.items():
         shown = log_room(room)  # an activity stream shows its board's log
-        log = logs.get(shown)
-        if log is None:
-            log = logs[shown] = room_log(store, shown)
+        log = _current_log(store, logs, shown)
         head = store.room_head(shown)
         epoch = head[0] if head is not None else ""
         ended = {r.epoch: r.log for r in (resets or {}).get(shown, ())}
@@ -380,9 +385,7 @@ def check_merged(
     rooms = {room for room, _ in answered}
     rooms.update(room for room in logs if room.startswith("session:"))
     for room in sorted(rooms):
-        log = logs.get(room)
-        if log is None:
-            log = logs[room] = room_log(store, room)
+        log = _current_log(store, logs, room)
         for event in log.values():
             if event.last_seq is None or not isinstance(event.data, dict):
                 continue

@@ -45,7 +45,7 @@ from ._client import NotConnected, SimClient
 from ._config import FAULT_KINDS, ClientSpec, Fault, SimConfig
 from ._runner import RunResult, execute
 from ._trace import Trace
-from ._workload import Layout
+from ._workload import Layout, open_turn
 
 __all__ = [
     "Action",
@@ -159,22 +159,10 @@ class Stream:
 
     async def run(self, client: SimClient, layout: Layout) -> None:
         sid = _session(layout, self.session)
-        task = await client.write(
-            "tasks", "create", session_id=sid, data={"session_id": sid, "prompt": "go"}
-        )
-        if task.outcome != "ok" or not isinstance(task.result, dict):
+        opened = await open_turn(client, sid)
+        if opened is None:
             return
-        tid = task.result["id"]
-        await client.write("tasks", "start", session_id=sid, id=tid, data={})
-        message = await client.write(
-            "messages",
-            "create",
-            session_id=sid,
-            data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
-        )
-        if message.outcome != "ok" or not isinstance(message.result, dict):
-            return
-        mid = message.result["id"]
+        tid, mid = opened
         for k in range(self.chunks):
             await trio.sleep(round(1_000_000 / self.per_s) / 1_000_000)
             with contextlib.suppress(NotConnected):

@@ -32,7 +32,7 @@ from ._client import NotConnected, SimClient
 from ._config import SimConfig
 from ._trace import Trace
 
-__all__ = ["Layout", "run_workloads"]
+__all__ = ["Layout", "open_turn", "run_workloads"]
 
 RETRY_S = 0.2
 
@@ -149,6 +149,27 @@ async def _lock(client: SimClient, sid: str) -> None:
     )
 
 
+async def open_turn(client: SimClient, sid: str) -> tuple[str, str] | None:
+    """An agent's turn begins: a task created and started, and a streaming
+    message for it; their ids (None if the task or the message failed)."""
+    task = await client.write(
+        "tasks", "create", session_id=sid, data={"session_id": sid, "prompt": "go"}
+    )
+    if task.outcome != "ok" or not isinstance(task.result, dict):
+        return None
+    tid = task.result["id"]
+    await client.write("tasks", "start", session_id=sid, id=tid, data={})
+    message = await client.write(
+        "messages",
+        "create",
+        session_id=sid,
+        data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
+    )
+    if message.outcome != "ok" or not isinstance(message.result, dict):
+        return None
+    return tid, message.result["id"]
+
+
 async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int) -> None:
     flat = [s for board in layout.sessions for s in board]
     sid = flat[index % len(flat)]
@@ -157,23 +178,11 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
     while True:
         await _sleep_exp(client, 1.0)
         try:
-            task = await client.write(
-                "tasks", "create", session_id=sid, data={"session_id": sid, "prompt": "go"}
-            )
-            if task.outcome != "ok" or not isinstance(task.result, dict):
+            opened = await open_turn(client, sid)
+            if opened is None:
                 continue
-            tid = task.result["id"]
-            await client.write("tasks", "start", session_id=sid, id=tid, data={})
+            tid, mid = opened
             message_no += 1
-            message = await client.write(
-                "messages",
-                "create",
-                session_id=sid,
-                data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
-            )
-            if message.outcome != "ok" or not isinstance(message.result, dict):
-                continue
-            mid = message.result["id"]
             chunks = [f"{client.name}.{message_no}.{k};" for k in range(client.rng.randint(5, 40))]
             k = len(chunks) - 1
             if config.chunk_pipeline > 1:
