@@ -24,6 +24,7 @@ from typing import Any
 from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES, Narrowing, draw_config, parse_faults
 from ._det import ensure_hash_seed, self_test
 from ._planted import PLANTED
+from ._runner import PRESENCE_LAG_S
 from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
 __all__ = ["KNOWN_BUGS", "main"]
@@ -41,7 +42,13 @@ Pending: ``store_chunk``.  A streamed chunk refused on its own (an
 integrity error) while later chunks of the same message are already on
 their way to the writer: their events carry offsets that count the refused
 chunk, which the message's content does not hold, so a client applying
-them by offset cannot (``python -m sim --seed 21 --only store_chunk``)."""
+them by offset cannot (``python -m sim --seed 21 --only store_chunk``).
+
+Found and counted, not failed: a room actor that restarts (``crash_room``,
+some partitions) forgets its board's presence; the facepiles stay empty
+until the user's next status change (idle, after 60 s), so such seeds
+converge about a minute late (``presence late`` in the summary; ``python
+-m sim --seed 39 --trace``: converged at 66 s, the rooms at 6 s)."""
 
 
 def _names(values: list[str] | None) -> tuple[str, ...]:
@@ -163,6 +170,11 @@ def _print_summary(summary: SweepSummary) -> None:
     print(f"coverage marks   {reached}")
     if t["marks_never"]:
         print(f"never reached    {', '.join(t['marks_never'])}")
+    if t["presence_late"]:
+        print(
+            f"presence late    {t['presence_late']} seeds: facepiles settled over "
+            f"{PRESENCE_LAG_S:g} s after the rooms (a restarted room forgets presence)"
+        )
     print(f"failures         {t['failures']}")
     for failure in summary.failures[:20]:
         first = failure["violations"][0] if failure["violations"] else {}

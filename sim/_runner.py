@@ -65,6 +65,8 @@ __all__ = ["RunResult", "Script", "execute", "run_seed"]
 OWNER = Principal("owner", "owner", True)
 MONITOR_PERIOD_S = 0.25
 CONVERGE_POLL_S = 0.1
+PRESENCE_LAG_S = 5.0
+"""Facepiles settling later than this past the grace are counted as late."""
 
 
 @attrs.frozen
@@ -199,6 +201,8 @@ class _Run:
         self._store_faults: StoreFaults | None = None
         self._root: trio.CancelScope | None = None
         self._layout: Layout | None = None
+        self._heads_at: float | None = None
+        """When every client first stood at every room's head (quiet phase)."""
         self.resets: Resets = {}
 
     # ------------------------------------------------------------------ main
@@ -505,6 +509,7 @@ class _Run:
             views = self._converged(store)
             if views is not None:
                 self.converged_s = trio.current_time()
+                self._presence_lag(self.converged_s)
                 self.trace.emit("phase", "converged")
                 return views
         self._not_converged(store)
@@ -523,6 +528,8 @@ class _Run:
                 track = client.machine.rooms[room]
                 if track.seq != head[1] or (head[0] and track.epoch != head[0]):
                     return None
+        if self._heads_at is None:
+            self._heads_at = trio.current_time()
         if presence_problems(self.clients):
             return None
         views: dict[str, View] = {}
@@ -534,6 +541,17 @@ class _Run:
                 if mirror is None or mirror.view != views[room]:
                     return None
         return views
+
+    def _presence_lag(self, converged_s: float) -> None:
+        """Count a run whose facepiles settled long after everything else
+        (a finding, not a violation: a room actor that restarts forgets its
+        board's presence until the next status change, up to a minute)."""
+        if self._heads_at is None:
+            return
+        lag_s = converged_s - self._heads_at
+        if lag_s > self.config.grace_s + PRESENCE_LAG_S:
+            self.recorder.count("presence_late")
+            self.trace.emit("presence", f"facepiles settled {lag_s:.1f}s after the rooms")
 
     def _not_converged(self, store: SqlStore) -> None:
         """The quiet phase ended without convergence: say why (the mirror and

@@ -86,6 +86,7 @@ class SweepSummary:
             "violation_kinds": dict(sorted(kinds.items())),
             "claims_checked": dict(sorted(claims.items())),
             "marks": marks,
+            "presence_late": sum(1 for r in done if r.get("counters", {}).get("presence_late")),
             "marks_never": sorted(name for name, n in marks.items() if not n),
             "wall_s": self.wall_s,
             "seeds_per_min": 60 * len(done) / self.wall_s if self.wall_s else 0.0,
