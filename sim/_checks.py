@@ -38,6 +38,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
+
+from agor_actors.domain.room import to_event
 from agor_actors.store import SqlStore, StoredEvent
 from protocols import (
     ClientConnection,
@@ -51,10 +54,12 @@ from protocols import (
 from protocols._codec import Frame
 
 from ._client import SimClient
-from ._model import View, server_view
+from ._model import View, log_room, server_view
 from ._record import Recorder, WriteRecord, event_digest
 
 __all__ = [
+    "Reset",
+    "Resets",
     "ServerClaims",
     "check_acknowledged",
     "check_log",
@@ -80,20 +85,6 @@ def room_log(store: SqlStore, room: str) -> dict[int, StoredEvent]:
         for event in page:
             out[event.seq] = event
         after = page[-1].end_seq
-
-
-def _as_event(stored: StoredEvent) -> Event:
-    return Event(
-        room=stored.room,
-        seq=stored.seq,
-        event=stored.event,
-        data=stored.data,
-        ts=stored.ts,
-        user_id=stored.user_id,
-        origin=stored.origin,
-        temp_id=stored.temp_id,
-        last_seq=stored.last_seq,
-    )
 
 
 def _diff(a: Any, b: Any, path: str = "") -> str:
@@ -128,21 +119,68 @@ def check_mirrors(
                 )
 
 
-def check_log(store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]) -> None:
+@attrs.frozen
+class Reset:
+    """A room's log reset by an ``epoch_reset`` fault: when, and the log
+    of the epoch it ended (kept for the checks)."""
+
+    at_us: int
+    room: str
+    epoch: str
+    log: dict[int, StoredEvent]
+
+
+Resets = dict[str, list[Reset]]
+"""Per room, its resets in time order."""
+
+
+def _log_of(
+    store: SqlStore,
+    logs: dict[str, dict[int, StoredEvent]],
+    resets: Resets | None,
+    room: str,
+    sent_us: int,
+) -> dict[int, StoredEvent]:
+    """The log a write sent at ``sent_us`` went into: that of the epoch
+    the room was in then."""
+    for reset in (resets or {}).get(room, ()):
+        if reset.at_us > sent_us:
+            return reset.log
+    return _current_log(store, logs, room)
+
+
+def _current_log(
+    store: SqlStore, logs: dict[str, dict[int, StoredEvent]], room: str
+) -> dict[int, StoredEvent]:
+    """``room``'s log as the store has it now (read once per run)."""
+    log = logs.get(room)
+    if log is None:
+        log = logs[room] = room_log(store, room)
+    return log
+
+
+def check_log(
+    store: SqlStore,
+    recorder: Recorder,
+    logs: dict[str, dict[int, StoredEvent]],
+    resets: Resets | None = None,
+) -> None:
     for (client, room), applied in recorder.applied.items():
-        log = logs.get(room)
-        if log is None:
-            log = logs[room] = room_log(store, room)
-        head = store.room_head(room)
+        shown = log_room(room)  # an activity stream shows its board's log
+        log = _current_log(store, logs, shown)
+        head = store.room_head(shown)
         epoch = head[0] if head is not None else ""
+        ended = {r.epoch: r.log for r in (resets or {}).get(shown, ())}
         for item in applied:
-            stored = log.get(item.seq)
+            # an event applied before the log was reset is in the log it had
+            stored = ended.get(item.epoch, log).get(item.seq)
             if stored is None:
                 recorder.violate(
                     "log", client, f"{room}: applied seq {item.seq} is not in the server's log"
                 )
                 break
-            if stored.end_seq != item.end or event_digest(_as_event(stored)) != item.digest:
+            event = to_event(stored, room)  # an activity entry for an activity stream
+            if stored.end_seq != item.end or event_digest(event) != item.digest:
                 recorder.violate(
                     "log",
                     client,
@@ -150,7 +188,7 @@ def check_log(store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, Sto
                     f"{stored.seq}..{stored.end_seq} {stored.event}",
                 )
                 break
-            if item.epoch and item.epoch != epoch:
+            if item.epoch and item.epoch != epoch and item.epoch not in ended:
                 recorder.violate(
                     "log", client, f"{room}: applied seq {item.seq} of epoch {item.epoch}"
                 )
@@ -168,7 +206,10 @@ def _event_for(log: dict[int, StoredEvent], seq: int) -> StoredEvent | None:
 
 
 def check_acknowledged(
-    store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]
+    store: SqlStore,
+    recorder: Recorder,
+    logs: dict[str, dict[int, StoredEvent]],
+    resets: Resets | None = None,
 ) -> None:
     for record in recorder.writes.values():
         if record.outcome != "ok":
@@ -197,9 +238,7 @@ def check_acknowledged(
                 )
             continue
         room = f"session:{record.session_id}"
-        log = logs.get(room)
-        if log is None:
-            log = logs[room] = room_log(store, room)
+        log = _log_of(store, logs, resets, room, record.sent_us)
         event = _event_for(log, seq)
         merged = event is not None and event.last_seq is not None
         if event is None or (event.temp_id != record.wid and not merged):
@@ -324,7 +363,10 @@ def check_presence(clients: list[SimClient], recorder: Recorder) -> None:
 
 
 def check_merged(
-    store: SqlStore, recorder: Recorder, logs: dict[str, dict[int, StoredEvent]]
+    store: SqlStore,
+    recorder: Recorder,
+    logs: dict[str, dict[int, StoredEvent]],
+    resets: Resets | None = None,
 ) -> None:
     """A merged chunk event covers ``seq..last_seq``: it holds exactly that
     many chunks (each streamed chunk is one ``;``-terminated token and takes
@@ -335,14 +377,15 @@ def check_merged(
         if record.service != "messages" or record.method != "stream" or record.outcome != "ok":
             continue
         seq = record.result.get("_seq") if isinstance(record.result, dict) else None
+        room = f"session:{record.session_id}"
+        if any(r.at_us > record.sent_us for r in (resets or {}).get(room, ())):
+            continue  # its log was reset since (merged events are checked in the current log)
         if isinstance(seq, int) and record.session_id is not None:
             answered.setdefault((f"session:{record.session_id}", seq), []).append(record)
     rooms = {room for room, _ in answered}
     rooms.update(room for room in logs if room.startswith("session:"))
     for room in sorted(rooms):
-        log = logs.get(room)
-        if log is None:
-            log = logs[room] = room_log(store, room)
+        log = _current_log(store, logs, room)
         for event in log.values():
             if event.last_seq is None or not isinstance(event.data, dict):
                 continue

@@ -50,7 +50,15 @@ from protocols import (
 from protocols import Event as WireEvent
 
 from ._config import ClientSpec
-from ._model import ModelError, View, apply_event, board_view, room_kind, session_view
+from ._model import (
+    ModelError,
+    View,
+    activity_view,
+    apply_event,
+    board_view,
+    room_kind,
+    session_view,
+)
 from ._net import ClientSide, Network
 from ._record import Recorder, WriteRecord
 from ._trace import Trace, reached
@@ -505,6 +513,13 @@ class SimClient:
 
     async def _load(self, room: str) -> View:
         kind, ident = room_kind(room)
+        if kind == "activity":
+            newest = await self.call("activity", "find", query={"board_id": ident, "$limit": 1})
+            if not newest.ok:
+                assert newest.error is not None
+                raise CallFailed(newest.error.code, newest.error.message)
+            entries = newest.data["data"]
+            return activity_view(entries[0] if entries else None)
         if kind == "session":
             session = await self._get("sessions", ident)
             tasks = await self._find_all("tasks", {"session_id": ident})
@@ -552,6 +567,7 @@ class SimClient:
         query: dict[str, Any] | None = None,
         wid: str | None = None,
         timeout_s: float = 30.0,
+        base_rev: int | None = None,
     ) -> Result:
         """One call; its result (an error result ``timeout`` if none came in
         time: the call may still be answered later, and is recorded then).
@@ -560,7 +576,7 @@ class SimClient:
             raise NotConnected(self.name)
         try:
             ref, frame = self.machine.call(
-                service, method, id=id, data=data, query=query, temp_id=wid
+                service, method, id=id, data=data, query=query, temp_id=wid, base_rev=base_rev
             )
         except LocalProtocolError as exc:
             raise NotConnected(str(exc)) from None
@@ -589,6 +605,7 @@ class SimClient:
         id: str | None = None,
         data: Any = None,
         stamped: bool = False,
+        base_rev: int | None = None,
     ) -> WriteRecord:
         """A write, recorded for the invariants.  Raises :class:`NotConnected`."""
         if not self.is_open or self.connection_id is None:
@@ -604,7 +621,9 @@ class SimClient:
         record = WriteRecord(wid, self.name, service, method, id, session_id, data, stamp)
         self._recorder.write_sent(record)
         self._trace.emit("write", f"{wid} {service}.{method} {id or ''}")
-        result = await self.call(service, method, id=id, data=data, query=query, wid=wid)
+        result = await self.call(
+            service, method, id=id, data=data, query=query, wid=wid, base_rev=base_rev
+        )
         if result.error is not None and result.error.code == "timeout":
             record.outcome = "unknown" if record.outcome == "pending" else record.outcome
         return record

@@ -39,7 +39,10 @@ FAULT_KINDS: Final = (
     "crash_writer",  # the store writer's handler raises
     "store_before",  # a commit fails before it happens
     "store_after",  # a commit fails after it happened (the writer is not told)
+    "store_request",  # the database refuses a row: one request fails, or its group is redone
+    "store_chunk",  # the same for the rows of streamed messages (a chunk refused on its own)
     "daemon_crash",  # the daemon dies (memory gone, store kept) and starts again
+    "epoch_reset",  # the daemon dies and a room's log is reset meanwhile (a new epoch)
 )
 
 WORKLOADS: Final = (
@@ -89,7 +92,9 @@ class Fault:
             extra += f" target={self.target} span={self.span}"
         if self.kind == "one_way":
             extra += f" {self.direction}"
-        if self.kind.startswith("crash"):
+        if self.kind.startswith("crash") or self.kind == "epoch_reset":
+            extra += f" target={self.target}"
+        if self.kind in ("store_request", "store_chunk"):
             extra += f" target={self.target}"
         return f"{self.at_us / 1e6:9.3f}s {self.kind}{extra}"
 
@@ -128,6 +133,13 @@ class SimConfig:
     """The chance each fault kind had to be on in this seed (see :class:`Swarm`)."""
     chunk_pipeline: int = 1
     """Chunks an agent has in flight at once (see :class:`Swarm`)."""
+    ring_size: int | None = None
+    """Events a room keeps in memory (None: the daemon's own, 1,024)."""
+    idle_s: float | None = None
+    """How long a room or session actor idles before it passivates (None:
+    the daemon's own, minutes)."""
+    grace_s: float = 10.0
+    """Presence: how long a user who left a board stays on it."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -151,6 +163,9 @@ class SimConfig:
             f"({self.chunk_pipeline} in flight), "
             f"renames every {self.rename_period_ms} ms, cursors {self.cursor_per_s}/s, "
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
+            f"  limits: ring {self.ring_size or 'default'}, idle "
+            f"{'default' if self.idle_s is None else f'{self.idle_s:g}s'}, "
+            f"presence grace {self.grace_s:g}s",
         ]
         for c in self.clients:
             lines.append(
@@ -193,7 +208,7 @@ RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0)}
 BURST_CHUNK_PER_S: Final = 400
 """The chunk rate of an agent that streams in bursts (pipelined chunks)."""
 
-RARE_KINDS: Final = ("storm", "daemon_crash")
+RARE_KINDS: Final = ("storm", "daemon_crash", "epoch_reset")
 """Kinds whose every occurrence disturbs the whole run: a third of the rate."""
 
 
@@ -286,6 +301,14 @@ def draw_config(
         store_latency_us=_pick(rng, (0, 200, 1_000, 5_000)),
         swarm_density=swarm.density,
     )
+    # sim-sized limits (their own stream: the draws above stay as they were)
+    limits = random.Random(f"limits:{profile}:{seed}")
+    config = attrs.evolve(
+        config,
+        ring_size=_pick(limits, (0, 4, 16, 64)) or None,
+        idle_s=(None, 0.5, 2.0, 5.0)[limits.randrange(4)],
+        grace_s=(10.0, 2.0, 0.5)[limits.randrange(3)],
+    )
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent
         # meanwhile queue up at the writer and go in one group
@@ -342,8 +365,10 @@ def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
                 duration = dead_us + rng.randint(100_000, 3_000_000)
             elif kind == "stall":
                 duration = rng.randint(100_000, 2 * dead_us)
-            elif kind == "daemon_crash":
+            elif kind in ("daemon_crash", "epoch_reset"):
                 duration = rng.randint(10_000, 3_000_000)
+            elif kind in ("store_request", "store_chunk"):
+                duration = rng.randint(200_000, 4_000_000)
             faults.append(Fault(t, kind, target, span, duration, direction))
     faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
     return tuple(faults)

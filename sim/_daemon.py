@@ -14,6 +14,8 @@ incarnation starts after the configured delay.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import sqlalchemy as sa
 import trio
@@ -64,6 +66,7 @@ class SimDaemon:
         owner_token: str,
         trace: Trace,
         recorder: Recorder,
+        limits: dict[str, Any] | None = None,
     ) -> None:
         self._seed = seed
         self._engine = engine
@@ -74,6 +77,8 @@ class SimDaemon:
         self._token = owner_token
         self._trace = trace
         self._recorder = recorder
+        self._limits = dict(limits or {})
+        """Keyword arguments for ``open_hub``: sim-sized limits."""
         self._current: _Incarnation | None = None
         self._up_lot = trio.lowlevel.ParkingLot()
         self._crashed = trio.Event()
@@ -141,7 +146,9 @@ class SimDaemon:
         with incarnation.scope:
             try:
                 store = self.new_store()
-                async with open_hub(world, store=store, owner_token=self._token) as hub:
+                async with open_hub(
+                    world, store=store, owner_token=self._token, **self._limits
+                ) as hub:
                     state = AppState(hub=hub, world=world, settings=self.settings)
                     async with trio.open_nursery() as connections:
 

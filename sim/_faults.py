@@ -9,6 +9,13 @@ after the commit), and actors whose handler raises.
   seam wrapper raises once the call that committed has returned (the worker
   thread died on the way back), so the writer does not know its group is
   durable.
+* A request refused on its own (``store_request``): a trigger on each
+  record table calls back into the simulator, which, for the fault's
+  duration, refuses each row written to one table with a chance of one in
+  two (``RAISE(ABORT)``: an integrity error, what a constraint the daemon
+  did not foresee looks like).  A refused row in a run of plain writes
+  makes the store redo the group with every request isolated; a refusal
+  there fails that one request alone, and the others of its group commit.
 * A crash: :class:`SimPoison`, a message no behaviour knows, makes the
   handler of a session, room or the store writer raise; the supervisor
   restarts the actor.
@@ -16,9 +23,11 @@ after the commit), and actors whose handler raises.
 
 from __future__ import annotations
 
+import random
 import sqlite3
-from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final, Literal, TypeVar
 
 import sqlalchemy as sa
 import trio
@@ -27,7 +36,7 @@ from sqlalchemy import event as sa_event
 from agor_actors.store import SqlStore, StoreUnavailable
 from agor_actors.world import Blocking
 
-from ._trace import Trace
+from ._trace import Trace, now_us
 
 __all__ = ["FaultyBlocking", "SimPoison", "StoreFaults", "poison"]
 
@@ -43,23 +52,72 @@ class SimPoison:
         return "SimPoison()"
 
 
-class StoreFaults:
-    """Arms a failure of the next commit."""
+REFUSABLE: Final = ("sessions", "tasks", "sessions", "boards")
+"""The tables whose rows a ``store_request`` fault can refuse, by its
+target (sessions twice: they take the most writes at once), (a
+``store_chunk`` fault refuses ``messages`` rows: streamed chunks)."""
 
-    def __init__(self, store: SqlStore, trace: Trace) -> None:
+REFUSE_CHANCE: Final = 1 / 2
+"""The chance that a row is refused while a ``store_request`` fault lasts."""
+
+
+class StoreFaults:
+    """Arms a failure of the next commit, or refusals of the next rows."""
+
+    def __init__(self, store: SqlStore, trace: Trace, *, seed: int = 0) -> None:
         self._trace = trace
+        self._rng = random.Random(f"{seed}/store/refusals")
+        self._refuse_until_us = 0
         self.armed: Mode | None = None
         self.commits = 0
         self.injected = 0
+        self.refused = 0
+        self._refuse_table = ""
         self._committed = False
         sa_event.listen(store.engine, "commit", self._on_commit)
+        with store.engine.begin() as conn:
+            dbapi: Any = conn.connection.dbapi_connection  # sqlite3's, in memory
+            dbapi.create_function("sim_refuse", 1, self._refuse)
+            for table in ("sessions", "tasks", "boards", "messages"):
+                for op in ("INSERT", "UPDATE"):
+                    conn.exec_driver_sql(
+                        f"CREATE TRIGGER sim_refuse_{table}_{op.lower()} BEFORE {op} ON {table} "
+                        f"WHEN sim_refuse('{table}') BEGIN "
+                        "SELECT RAISE(ABORT, 'simulated: the database refused this row'); END"
+                    )
+
+    def arm_refusals(self, table: str, until_us: int) -> None:
+        """Refuse rows written to ``table`` (one in two) until ``until_us``."""
+        self._refuse_table, self._refuse_until_us = table, until_us
+        self._trace.emit("fault", f"store: rows of {table} refused until {until_us / 1e6:.3f}s")
+
+    def _refuse(self, table: str) -> int:
+        if table != self._refuse_table or now_us() >= self._refuse_until_us:
+            return 0
+        if self._rng.random() >= REFUSE_CHANCE:
+            return 0
+        self.refused += 1
+        self._trace.emit("fault", f"store: a row of {table} refused")
+        return 1
 
     def arm(self, mode: Mode) -> None:
         self.armed = mode
         self._trace.emit("fault", f"store: the next commit fails {mode} it happens")
 
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """No fault for the block (what the simulator itself writes, e.g. a
+        log reset while the daemon is down); armed ones stay armed."""
+        armed, until = self.armed, self._refuse_until_us
+        self.armed, self._refuse_until_us = None, 0
+        try:
+            yield
+        finally:
+            self.armed, self._refuse_until_us = armed, until
+
     def disarm(self) -> None:
         self.armed = None
+        self._refuse_until_us = 0
 
     def _on_commit(self, conn: sa.Connection) -> None:
         if self.armed == "before":

@@ -24,9 +24,11 @@ __all__ = [
     "TASK_FIELDS",
     "ModelError",
     "View",
+    "activity_view",
     "apply_event",
     "board_view",
     "empty_view",
+    "log_room",
     "room_kind",
     "server_view",
     "session_view",
@@ -67,16 +69,31 @@ def _pick(row: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
 
 def room_kind(room: str) -> tuple[str, str]:
     kind, _, ident = room.partition(":")
-    if kind not in ("session", "board") or not ident:
+    if kind not in ("session", "board", "activity") or not ident:
         raise ModelError(f"not a room the simulator mirrors: {room!r}")
     return kind, ident
+
+
+def log_room(room: str) -> str:
+    """The room whose log ``room`` shows: ``activity:<board>`` is the
+    board room's log, projected (same seqs)."""
+    kind, ident = room_kind(room)
+    return f"board:{ident}" if kind == "activity" else room
 
 
 def empty_view(room: str) -> View:
     kind, _ = room_kind(room)
     if kind == "session":
         return {"session": None, "tasks": {}, "messages": {}}
+    if kind == "activity":
+        return {"head": 0}
     return {"board": None, "sessions": {}}
+
+
+def activity_view(newest: Mapping[str, Any] | None) -> View:
+    """An activity stream's mirror: the seq of its newest entry (the
+    ``activity`` service's newest entry on a reload; 0 for none)."""
+    return {"head": 0 if newest is None else int(newest["id"])}
 
 
 def session_view(
@@ -110,6 +127,10 @@ def apply_event(view: View, room: str, event: Event) -> None:
     data = _data(event)
     if kind == "session":
         _apply_session(view, ident, event, data)
+    elif kind == "activity":
+        if event.event != "activity:new" or data.get("id") != event.seq:
+            raise ModelError(f"{event.event} seq {event.seq}: not an activity entry of its seq")
+        view["head"] = max(view["head"], event.end_seq)
     else:
         _apply_board(view, event, data)
 
@@ -244,4 +265,7 @@ def server_view(store: SqlStore, room: str) -> View:
             _find_all(store, "tasks", {"session_id": ident}),
             _find_all(store, "messages", {"session_id": ident}),
         )
+    if kind == "activity":
+        head = store.room_head(log_room(room))
+        return {"head": 0 if head is None else head[1]}
     return board_view(store.get("boards", ident), _find_all(store, "sessions", {"board_id": ident}))

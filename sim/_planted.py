@@ -29,6 +29,11 @@ paths of the product carry nothing of them.
     the outbox's ``Lagged``: a ``lagged`` notice names one seq past the
     first one not sent (the client resumes from ``min(last, resume_from -
     1)``, so only the simulator's claims oracle can see it).
+``retry_seq_reused``
+    ``SqlStore._commit_group``: a request refused in its group (on its own,
+    or in the redo with every request isolated) is answered as committed,
+    with the seqs it was given before it was taken back; those seqs were
+    never written, and the next commit hands them out again.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import agor_actors.outbox._outbox as outbox
 from agor_actors.domain.hlc import Hlc
 from agor_actors.domain.room import RoomBehaviour, RoomState, Subscribe
 from agor_actors.runtime import Effect, Reply
-from agor_actors.store import StoreWriter, WriteResult
+from agor_actors.store import SqlStore, StoredEvent, StoreWriter, WriteResult
 from agor_actors.store._writer import WriterState
 from protocols import (
     ClientConnection,
@@ -130,6 +135,46 @@ def _lagged_resume_high(original: Any) -> Any:
     return lagged
 
 
+def _retry_seq_reused(original: Any) -> Any:
+    def _commit_group(self: SqlStore, requests: Any, *, isolate_events: bool) -> Any:
+        results, heads = original(self, requests, isolate_events=isolate_events)
+        last: dict[str, tuple[str, int]] = {}  # room -> (epoch, last seq handed out)
+        for index, (request, result) in enumerate(zip(requests, results, strict=True)):
+            if isinstance(result, WriteResult):
+                for e in result.events:
+                    last[e.room] = (e.epoch, e.end_seq)
+                continue
+            if not request.events:
+                continue
+            taken = []  # the events it had been given before it was taken back
+            for draft in request.events:
+                if draft.room not in last:
+                    head = heads.get(draft.room)
+                    known = (head.epoch, head.base) if head else self.room_head(draft.room)
+                    last[draft.room] = known or ("", 0)
+                epoch, seq = last[draft.room]
+                end = seq + draft.merge_count
+                taken.append(
+                    StoredEvent(
+                        room=draft.room,
+                        epoch=epoch,
+                        seq=seq + 1,
+                        last_seq=end if draft.merge_count > 1 else None,
+                        event=draft.event,
+                        data=draft.data,
+                        ts=draft.ts,
+                        user_id=draft.user_id,
+                        origin=draft.origin,
+                        temp_id=draft.temp_id,
+                    )
+                )
+                last[draft.room] = (epoch, end)
+            results[index] = WriteResult(tuple(taken))
+        return results, heads
+
+    return _commit_group
+
+
 _Patch = tuple[Any, str, Callable[[Any], Any]]
 
 _PATCHES: dict[str, _Patch] = {
@@ -140,6 +185,7 @@ _PATCHES: dict[str, _Patch] = {
     "fanout_reorder": (RoomBehaviour, "_deliver", _fanout_reorder),
     "presence_never_offline": (presence, "status_of", _presence_never_offline),
     "lagged_resume_high": (outbox, "Lagged", _lagged_resume_high),
+    "retry_seq_reused": (SqlStore, "_commit_group", _retry_seq_reused),
 }
 
 PLANTED: tuple[str, ...] = tuple(_PATCHES)

@@ -22,18 +22,22 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import attrs
 import trio
 
+from agor_actors import marks
 from agor_actors.daemon import Hub, Principal
+from agor_actors.domain.presence import PresenceConfig
 from agor_actors.server import ServerSettings
 from agor_actors.store import SqlStore, open_store
 from agor_actors.world import SeededEntropy
 
 from . import _planted
 from ._checks import (
+    Reset,
+    Resets,
     ServerClaims,
     check_acknowledged,
     check_log,
@@ -43,23 +47,26 @@ from ._checks import (
     check_renames,
     check_streams,
     presence_problems,
+    room_log,
 )
 from ._client import SEND_QUEUE_MAX, SimClient
 from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
-from ._faults import StoreFaults, poison
-from ._model import View, server_view
+from ._faults import REFUSABLE, StoreFaults, poison
+from ._model import View, log_room, server_view
 from ._net import Network
 from ._record import Recorder, Violation
 from ._trace import Trace, now_us
 from ._workload import Layout, run_workloads
 
-__all__ = ["RunResult", "run_seed"]
+__all__ = ["RunResult", "Script", "execute", "run_seed"]
 
 OWNER = Principal("owner", "owner", True)
 MONITOR_PERIOD_S = 0.25
 CONVERGE_POLL_S = 0.1
+PRESENCE_LAG_S = 5.0
+"""Facepiles settling later than this past the grace are counted as late."""
 
 
 @attrs.frozen
@@ -89,12 +96,19 @@ class RunResult:
     narrowing: tuple[str, ...] = ()
     """The command-line arguments of an explicit fault list, client subset
     or fault phase (a replay or a shrink), empty for the seed as drawn."""
+    marks: dict[str, int] = attrs.field(factory=dict)
+    """How often each coverage mark (``agor_actors.marks``) ran."""
+    scenario: str = ""
+    """The name of the scenario run (``--scenario``), empty for a seed."""
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
     def replay_command(self) -> str:
+        if self.scenario:
+            plants = "".join(f" --plant {name}" for name in self.planted)
+            return f"python -m sim --scenario {self.scenario}{plants} --trace"
         parts = ["python -m sim --seed", str(self.seed)]
         if self.profile != "ci":
             parts += ["--profile", self.profile]
@@ -147,8 +161,29 @@ def _capture_logs(recorder: Recorder) -> Iterator[None]:
         logger.setLevel(level)
 
 
+class Script(Protocol):
+    """A hand-written run (a scenario, ``sim/_scenario.py``) instead of the
+    drawn workloads: which rooms each client is in, and the steps."""
+
+    def rooms(self, client: str, layout: Layout) -> tuple[tuple[str, ...], str | None]:
+        """The rooms ``client`` is in from the start, and the board it
+        looks at (presence), if any."""
+        ...
+
+    async def run(self, clients: list[SimClient], layout: Layout, trace: Trace) -> None:
+        """Run the steps (cancelled when the fault phase ends)."""
+        ...
+
+
 class _Run:
-    def __init__(self, config: SimConfig, plan: tuple[Fault, ...], trace: Trace) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        plan: tuple[Fault, ...],
+        trace: Trace,
+        script: Script | None = None,
+    ) -> None:
+        self.script = script
         self.config = config
         self.plan = plan
         self.trace = trace
@@ -165,6 +200,10 @@ class _Run:
         self._net: Network | None = None
         self._store_faults: StoreFaults | None = None
         self._root: trio.CancelScope | None = None
+        self._layout: Layout | None = None
+        self._heads_at: float | None = None
+        """When every client first stood at every room's head (quiet phase)."""
+        self.resets: Resets = {}
 
     # ------------------------------------------------------------------ main
 
@@ -181,7 +220,7 @@ class _Run:
     async def _main(self, store: SqlStore) -> None:
         config = self.config
         trace = self.trace
-        self._store_faults = StoreFaults(store, trace)
+        self._store_faults = StoreFaults(store, trace, seed=self.seed)
         self._net = net = Network(
             self.seed,
             trace,
@@ -207,6 +246,11 @@ class _Run:
             owner_token=owner_token,
             trace=trace,
             recorder=self.recorder,
+            limits={
+                "ring_size": config.ring_size,
+                "idle_s": config.idle_s,
+                "presence": PresenceConfig(offline_grace_s=config.grace_s),
+            },
         )
         self.recorder.on_frame = ServerClaims(self.recorder, self._head_of).frame
         async with trio.open_nursery() as root:
@@ -214,6 +258,7 @@ class _Run:
             await root.start(daemon.run, name="daemon")
             hub = await daemon.wait_up()
             layout, users = await self._setup(hub)
+            self._layout = layout
             for spec in config.clients:
                 token, user_id = users[spec.user]
                 client = SimClient(
@@ -225,12 +270,22 @@ class _Run:
                     trace=trace,
                     recorder=self.recorder,
                 )
-                self._assign_rooms(client, layout)
+                if self.script is None:
+                    self._assign_rooms(client, layout)
+                else:
+                    rooms, client.presence_board = self.script.rooms(spec.name, layout)
+                    for room in rooms:
+                        client.want(room)
                 self.clients.append(client)
                 await root.start(client.run, name=f"client:{spec.name}")
             root.start_soon(self._monitor, name="monitor")
             async with trio.open_nursery() as phase:
-                phase.start_soon(run_workloads, self.clients, config, layout, trace, name="work")
+                if self.script is None:
+                    phase.start_soon(
+                        run_workloads, self.clients, config, layout, trace, name="work"
+                    )
+                else:
+                    phase.start_soon(self.script.run, self.clients, layout, trace, name="script")
                 phase.start_soon(self._inject, name="faults")
                 await trio.sleep_until(config.fault_s)
                 phase.cancel_scope.cancel()
@@ -297,9 +352,9 @@ class _Run:
         """The committed head of ``room`` as the daemon's store remembers it
         (no I/O; None when it does not know or the daemon is down)."""
         hub = self._daemon.hub if self._daemon is not None else None
-        if hub is None or room.startswith("activity:"):
+        if hub is None:
             return None
-        return hub.store.cached_head(room)
+        return hub.store.cached_head(log_room(room))
 
     # ------------------------------------------------------------------ faults
 
@@ -308,6 +363,29 @@ class _Run:
             await trio.sleep_until(fault.at_us / 1_000_000)
             if self._apply(fault):
                 self.injected[fault.kind] = self.injected.get(fault.kind, 0) + 1
+
+    def _reset_epoch(self, fault: Fault) -> bool:
+        """Kill the daemon and, while it is down, reset one room's log (what
+        an operator restoring the database from before the room existed
+        does): the room starts a new epoch at seq 1.  The ended epoch's log
+        is kept for the checks."""
+        assert self._daemon is not None and self._layout is not None
+        rooms = [f"board:{b}" for b in self._layout.boards]
+        rooms += [f"session:{s}" for board in self._layout.sessions for s in board]
+        room = rooms[fault.target % len(rooms)]
+        if not self._daemon.crash(fault.duration_us):
+            return False
+        assert self._store_faults is not None
+        with self._store_faults.suspended():  # the reset is not the daemon's to fail
+            store = self._daemon.new_store()  # a store object of its own (no stale cache)
+            head = store.room_head(room)
+            epoch = f"reset{len(self.resets.get(room, ())) + 1}-{fault.at_us}"
+            if head is not None:
+                reset = Reset(now_us(), room, head[0], room_log(store, room))
+                self.resets.setdefault(room, []).append(reset)
+            store.reset_room(room, epoch)
+        self.trace.emit("fault", f"{room}: log reset, epoch {epoch}")
+        return True
 
     def _pick_clients(self, fault: Fault) -> list[SimClient]:
         n = len(self.clients)
@@ -334,8 +412,16 @@ class _Run:
         if kind in ("store_before", "store_after"):
             self._store_faults.arm("before" if kind == "store_before" else "after")
             return True
+        if kind in ("store_request", "store_chunk"):
+            table = (
+                "messages" if kind == "store_chunk" else REFUSABLE[fault.target % len(REFUSABLE)]
+            )
+            self._store_faults.arm_refusals(table, fault.at_us + fault.duration_us)
+            return True
         if kind == "daemon_crash":
             return self._daemon.crash(fault.duration_us)
+        if kind == "epoch_reset":
+            return self._reset_epoch(fault)
         hub = self._daemon.hub
         if hub is None:
             return False
@@ -423,6 +509,7 @@ class _Run:
             views = self._converged(store)
             if views is not None:
                 self.converged_s = trio.current_time()
+                self._presence_lag(self.converged_s)
                 self.trace.emit("phase", "converged")
                 return views
         self._not_converged(store)
@@ -436,11 +523,13 @@ class _Run:
             for room in client.wanted:
                 head = rooms.get(room)
                 if head is None:
-                    found = store.room_head(room)
+                    found = store.room_head(log_room(room))
                     head = rooms[room] = found if found is not None else ("", 0)
                 track = client.machine.rooms[room]
                 if track.seq != head[1] or (head[0] and track.epoch != head[0]):
                     return None
+        if self._heads_at is None:
+            self._heads_at = trio.current_time()
         if presence_problems(self.clients):
             return None
         views: dict[str, View] = {}
@@ -452,6 +541,17 @@ class _Run:
                 if mirror is None or mirror.view != views[room]:
                     return None
         return views
+
+    def _presence_lag(self, converged_s: float) -> None:
+        """Count a run whose facepiles settled long after everything else
+        (a finding, not a violation: a room actor that restarts forgets its
+        board's presence until the next status change, up to a minute)."""
+        if self._heads_at is None:
+            return
+        lag_s = converged_s - self._heads_at
+        if lag_s > self.config.grace_s + PRESENCE_LAG_S:
+            self.recorder.count("presence_late")
+            self.trace.emit("presence", f"facepiles settled {lag_s:.1f}s after the rooms")
 
     def _not_converged(self, store: SqlStore) -> None:
         """The quiet phase ended without convergence: say why (the mirror and
@@ -474,7 +574,7 @@ class _Run:
                 if room in problems:
                     continue
                 track = client.machine.rooms[room]
-                head = store.room_head(room)
+                head = store.room_head(log_room(room))
                 if head is not None and track.seq != head[1]:
                     self.recorder.violate(
                         "liveness",
@@ -496,9 +596,9 @@ class _Run:
     def _final_checks(self, store: SqlStore, views: dict[str, View]) -> None:
         logs: dict[str, Any] = {}
         check_mirrors(store, self.clients, self.recorder, views)
-        check_log(store, self.recorder, logs)
-        check_acknowledged(store, self.recorder, logs)
-        check_merged(store, self.recorder, logs)
+        check_log(store, self.recorder, logs, self.resets)
+        check_acknowledged(store, self.recorder, logs, self.resets)
+        check_merged(store, self.recorder, logs, self.resets)
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)
@@ -540,7 +640,6 @@ def run_seed(
 ) -> RunResult:
     """Run one seed; never raises for what the run finds (an exception in
     the harness or the daemon becomes a violation of kind ``harness``)."""
-    started = time.perf_counter()
     config = draw_config(seed, profile, exclude=exclude, only=only)
     if narrow is not None and not narrow.empty:
         config = narrow.apply(config)
@@ -548,6 +647,34 @@ def run_seed(
     else:
         narrow = None
         plan = draw_faults(config)
+    return execute(
+        config,
+        plan,
+        plant=plant,
+        exclude=exclude,
+        only=only,
+        echo=echo,
+        narrowing=tuple(narrow.arguments()) if narrow is not None else (),
+    )
+
+
+def execute(
+    config: SimConfig,
+    plan: tuple[Fault, ...],
+    *,
+    plant: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    echo: TextIO | None = None,
+    narrowing: tuple[str, ...] = (),
+    script: Script | None = None,
+    scenario: str = "",
+) -> RunResult:
+    """Run ``config`` with the faults ``plan`` (and ``script`` instead of
+    the drawn workloads, if given): the one run behind :func:`run_seed`
+    and :func:`sim.run_scenario`."""
+    started = time.perf_counter()
+    seed, profile = config.seed, config.profile
     _planted.plant(*plant)
     trace = Trace(echo)
     if echo is not None:
@@ -557,11 +684,12 @@ def run_seed(
         print(f"  {len(plan)} faults:", file=echo)
         for fault in plan:
             print(f"    {fault.describe()}", file=echo)
-    run = _Run(config, plan, trace)
+    run = _Run(config, plan, trace, script)
     clock = new_clock()
     steps = StepRecorder(clock, on_spin=run.on_spin, on_livelock=run.on_livelock)
+    counted: dict[str, int] = {}
     try:
-        with _capture_logs(run.recorder):
+        with _capture_logs(run.recorder), marks.counting() as counted:
             run_deterministic(run.main, seed=seed, instruments=(steps,), clock=clock)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
@@ -601,5 +729,7 @@ def run_seed(
         violations=tuple(recorder.violations),
         counters=dict(sorted(recorder.counters.items())),
         wall_s=time.perf_counter() - started,
-        narrowing=tuple(narrow.arguments()) if narrow is not None else (),
+        narrowing=narrowing,
+        scenario=scenario,
+        marks=dict(sorted(counted.items())),
     )

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import attrs
 
+from agor_actors.marks import MARKS
+
 __all__ = ["SweepOptions", "SweepSummary", "default_jobs", "sweep"]
 
 
@@ -59,7 +61,10 @@ class SweepSummary:
         injected: dict[str, int] = {}
         kinds: dict[str, int] = {}
         claims: dict[str, int] = {}
+        marks: dict[str, int] = dict.fromkeys(MARKS, 0)
         for r in done:
+            for name, n in r.get("marks", {}).items():
+                marks[name] = marks.get(name, 0) + n
             for kind, n in r.get("injected", {}).items():
                 injected[kind] = injected.get(kind, 0) + n
             for name, n in r.get("counters", {}).items():
@@ -80,6 +85,9 @@ class SweepSummary:
             "injected": dict(sorted(injected.items())),
             "violation_kinds": dict(sorted(kinds.items())),
             "claims_checked": dict(sorted(claims.items())),
+            "marks": marks,
+            "presence_late": sum(1 for r in done if r.get("counters", {}).get("presence_late")),
+            "marks_never": sorted(name for name, n in marks.items() if not n),
             "wall_s": self.wall_s,
             "seeds_per_min": 60 * len(done) / self.wall_s if self.wall_s else 0.0,
             "virtual_s_per_wall_s": virtual_s / self.wall_s if self.wall_s else 0.0,

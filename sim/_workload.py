@@ -32,7 +32,7 @@ from ._client import NotConnected, SimClient
 from ._config import SimConfig
 from ._trace import Trace
 
-__all__ = ["Layout", "run_workloads"]
+__all__ = ["Layout", "open_turn", "run_workloads"]
 
 RETRY_S = 0.2
 
@@ -113,6 +113,15 @@ async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
                     id=bid,
                     data={"description": f"{client.name} {n}"},
                 )
+            elif roll < 0.84:
+                await _lock(client, sid)
+            elif roll < 0.87:
+                # open the board's activity stream, or close it
+                room = f"activity:{layout.boards[board]}"
+                if room in client.wanted:
+                    client.unwant(room)
+                else:
+                    client.want(room)
             else:
                 # navigate: leave one session room, open another
                 rooms = [f"session:{s}" for s in sessions]
@@ -125,6 +134,42 @@ async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
             await trio.sleep(RETRY_S)
 
 
+async def _lock(client: SimClient, sid: str) -> None:
+    """Lock or unlock a session: a strict field, written with the revision
+    the window read (half the time one behind: a conflict receipt)."""
+    got = await client.call("sessions", "get", id=sid)
+    if not got.ok or not isinstance(got.data, dict):
+        return
+    rev = int(got.data["rev"])
+    if client.rng.random() < 0.5:
+        rev -= 1
+    locked = client.user_id if client.rng.random() < 0.5 else None
+    await client.write(
+        "sessions", "patch", session_id=sid, id=sid, data={"locked_by": locked}, base_rev=rev
+    )
+
+
+async def open_turn(client: SimClient, sid: str) -> tuple[str, str] | None:
+    """An agent's turn begins: a task created and started, and a streaming
+    message for it; their ids (None if the task or the message failed)."""
+    task = await client.write(
+        "tasks", "create", session_id=sid, data={"session_id": sid, "prompt": "go"}
+    )
+    if task.outcome != "ok" or not isinstance(task.result, dict):
+        return None
+    tid = task.result["id"]
+    await client.write("tasks", "start", session_id=sid, id=tid, data={})
+    message = await client.write(
+        "messages",
+        "create",
+        session_id=sid,
+        data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
+    )
+    if message.outcome != "ok" or not isinstance(message.result, dict):
+        return None
+    return tid, message.result["id"]
+
+
 async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int) -> None:
     flat = [s for board in layout.sessions for s in board]
     sid = flat[index % len(flat)]
@@ -133,23 +178,11 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
     while True:
         await _sleep_exp(client, 1.0)
         try:
-            task = await client.write(
-                "tasks", "create", session_id=sid, data={"session_id": sid, "prompt": "go"}
-            )
-            if task.outcome != "ok" or not isinstance(task.result, dict):
+            opened = await open_turn(client, sid)
+            if opened is None:
                 continue
-            tid = task.result["id"]
-            await client.write("tasks", "start", session_id=sid, id=tid, data={})
+            tid, mid = opened
             message_no += 1
-            message = await client.write(
-                "messages",
-                "create",
-                session_id=sid,
-                data={"session_id": sid, "task_id": tid, "role": "assistant", "streaming": True},
-            )
-            if message.outcome != "ok" or not isinstance(message.result, dict):
-                continue
-            mid = message.result["id"]
             chunks = [f"{client.name}.{message_no}.{k};" for k in range(client.rng.randint(5, 40))]
             k = len(chunks) - 1
             if config.chunk_pipeline > 1:

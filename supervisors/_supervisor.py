@@ -19,6 +19,8 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from agor_actors.marks import mark
+
 from ._policy import (
     Backoff,
     Intensity,
@@ -487,6 +489,7 @@ class Supervisor:
         for other in to_restart:
             other.state = "restarting"
         delay = restart_delay_s(history, self.backoff)
+        mark("supervisor.restart")
         for other in to_restart:
             why = reason if other is run else f"{self.strategy.value} after {run.spec.id}: {reason}"
             log.warning(

@@ -41,6 +41,7 @@ from ..domain.room import (
 )
 from ..domain.session import Command, SessionBehaviour
 from ..identity import AccessTokens, Authentication, IdentityConfig, Passwords, looks_like_jwt
+from ..marks import mark
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
@@ -662,6 +663,8 @@ class Hub:
             raise refused from exc
         subs = self._subs.setdefault(connection_id, {})
         activity = kind == "activity"
+        if activity:
+            mark("hub.activity_join")
         sub = Subscription(
             connection_id, room, outbox, user_id=principal.user_id, activity=activity
         )
@@ -805,6 +808,7 @@ class Hub:
 
     async def drain(self) -> None:
         """Wait until every write queued so far is durable."""
+        mark("hub.drain")
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
 
 
@@ -851,6 +855,8 @@ async def open_hub(
     store: SqlStore | None = None,
     presence: PresenceConfig | None = None,
     identity: IdentityConfig | None = None,
+    ring_size: int | None = None,
+    idle_s: float | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -858,7 +864,10 @@ async def open_hub(
     A ``store`` passed in is used as is and left open (the simulator keeps
     one in-memory database across daemon crashes).  A ``data_dir`` is made
     private (0700, files 0600) and locked for the block:
-    :class:`DataDirLocked` if another runtime holds it."""
+    :class:`DataDirLocked` if another runtime holds it.  ``ring_size`` (a
+    room's events in memory) and ``idle_s`` (how long a room or session
+    actor idles before it passivates) replace the behaviours' own (the
+    simulator makes them small so that runs of seconds reach those paths)."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -871,6 +880,8 @@ async def open_hub(
             store=store,
             presence=presence,
             identity=identity,
+            ring_size=ring_size,
+            idle_s=idle_s,
         ) as hub:
             yield hub
 
@@ -886,6 +897,8 @@ async def _open_hub(
     store: SqlStore | None,
     presence: PresenceConfig | None,
     identity: IdentityConfig | None = None,
+    ring_size: int | None = None,
+    idle_s: float | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
@@ -938,15 +951,23 @@ async def _open_hub(
             return StoreWriter(store, world, metrics=metrics)
 
         def room(name: str) -> Behaviour[Any]:
-            return RoomBehaviour(
+            behaviour = RoomBehaviour(
                 name.removeprefix("room:"), store, presence=presence, metrics=metrics
             )
+            if ring_size is not None:
+                behaviour.ring_size = ring_size
+            if idle_s is not None:
+                behaviour.idle_s = idle_s
+            return behaviour
 
         def user_presence(name: str) -> Behaviour[Any]:
             return UserPresenceBehaviour(name.removeprefix("presence:user:"), presence)
 
         def session(name: str) -> Behaviour[Any]:
-            return SessionBehaviour(name.removeprefix("session:"), store)
+            behaviour = SessionBehaviour(name.removeprefix("session:"), store)
+            if idle_s is not None:
+                behaviour.idle_s = idle_s
+            return behaviour
 
         async with open_system(world) as system:
             system.define(Kind("store:", writer))

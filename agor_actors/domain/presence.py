@@ -17,6 +17,7 @@ import attrs
 
 from protocols import PresenceUpdate, Viewport
 
+from ..marks import mark
 from ..runtime import ActorContext, Behaviour, Effect, Effects, Send, StartTimer
 
 __all__ = [
@@ -73,6 +74,7 @@ def status_of(
     # make the timer fire again and again at the same instant
     grace_over = gone_since_s is not None and now >= gone_since_s + config.offline_grace_s
     if not connected and grace_over:
+        mark("presence.offline")
         return "offline"
     if now >= last_input_s + config.away_s:
         return "away"

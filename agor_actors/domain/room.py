@@ -34,6 +34,7 @@ import outcome
 
 from protocols import Codec, Event, Joined, Limits, Presence, Since, Viewport, encode
 
+from ..marks import mark
 from ..metrics import Metrics
 from ..outbox import Frame, Outbox, join_frame
 from ..runtime import (
@@ -284,6 +285,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         self._blocking = ctx.world.blocking
         head = await ctx.world.blocking.run(lambda: store.room_head(room))
         epoch, seq = head if head is not None else ("", 0)
+        if head is not None and store.cached_head(room) is not None:
+            mark("room.reactivated")
         return RoomState(room=room, epoch=epoch, head=seq)
 
     def can_passivate(self, state: RoomState) -> bool:
@@ -371,6 +374,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.refill = True
             return []
         state.filling = True
+        mark("room.log_read")
         store, room, after, limit = self.store, self.room, state.head, self.fill_page
         blocking = self._blocking
 
@@ -426,6 +430,7 @@ class RoomBehaviour(Behaviour[RoomState]):
         state.head = fresh[-1].end_seq
         while len(state.ring) > self.ring_size:
             state.ring.popleft()
+            mark("room.ring_evicted")
         if state.window_timer:
             state.unsent.extend(entries)
             return []
@@ -547,6 +552,8 @@ class RoomBehaviour(Behaviour[RoomState]):
             old.active = False
         recovered = False
         start = state.head
+        if since is not None and since.epoch not in ("", state.epoch):
+            mark("room.other_epoch")
         if since is not None and since.seq <= state.head:
             same_epoch = since.epoch == state.epoch or (since.epoch == "" and state.epoch != "")
             if same_epoch:
@@ -558,6 +565,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 else:
                     # older than memory, or more than the outbox takes at
                     # once: replayed from the log at the client's pace
+                    mark("room.catch_up")
                     return CatchUp(state.epoch, state.head)
         if not body.quiet:
             sub.outbox.offer_control(

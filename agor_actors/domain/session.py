@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import outcome
 
+from ..marks import mark
 from ..runtime import (
     ActorContext,
     Ask,
@@ -297,6 +298,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 answer["_seq"] = result.events[0].seq
             effects.append(Reply(done.reply_to, answer))
         except StoreConflict as exc:
+            mark("session.conflict")
             effects.append(
                 Reply(
                     done.reply_to,
@@ -455,6 +457,8 @@ class SessionBehaviour(Behaviour[SessionState]):
         expect: list[Expect] = []
         strict = sorted(STRICT_FIELDS & set(patch))
         if strict:
+            if cmd.base_rev != rev:
+                mark("session.conflict")
             if cmd.base_rev is None:
                 raise ServiceError(
                     "conflict",

@@ -25,6 +25,7 @@ import trio
 
 from protocols import Codec, Lagged, Limits, Message, Presence, encode
 
+from ..marks import mark
 from ..world import OutFrame, PeerTransport
 
 __all__ = ["Outbox", "OutboxClosed", "OutboxOverflow", "OutboxStats", "join_frame"]
@@ -202,6 +203,7 @@ class Outbox:
                 kept.append(entry)
         self._queue = kept
         self.lagged += 1
+        mark("outbox.lagged")
         self.offer_control(Lagged(room=room, resume_from=resume_from))
         if self.on_lagged is not None:
             self.on_lagged(room, resume_from)

@@ -13,6 +13,7 @@ import trio
 
 from supervisors import Child, ChildSpec, Restart
 
+from ..marks import mark
 from ..world import World
 from ._effects import (
     Ask,
@@ -431,6 +432,7 @@ class _Actor:
                         got = True
                     if not got:
                         if len(mailbox) == 0 and behaviour.can_passivate(self.state):
+                            mark("actor.passivated")
                             return ExitReason("idle")
                         continue
                 else:

@@ -11,6 +11,7 @@ import trio
 
 from supervisors import Backoff, Intensity, Restart, Supervisor
 
+from ..marks import mark
 from ..world import World
 from ._actor import ActorRef, ActorStats, Behaviour, CallTimeout, actor_child_spec
 from ._mailbox import ActorDead
@@ -155,6 +156,8 @@ class Registry:
         def on_ready(ref: ActorRef) -> None:
             entry.ref = ref
             entry.incarnations += 1
+            if entry.incarnations > 1:
+                mark("actor.restarted")
             entry.ready.set()
 
         def on_exit(ref: ActorRef) -> None:

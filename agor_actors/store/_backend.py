@@ -35,6 +35,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.pool import StaticPool
 
+from ..marks import mark
 from . import _schema as s
 from ._prepared import Prepared, driver_errors
 from ._query import MAX_LIMIT, Page, check_value, compile_find, table_for, visible_columns
@@ -629,6 +630,7 @@ class SqlStore:
                 try:
                     results, heads = self._commit_group(requests, isolate_events=False)
                 except _RetryIsolated:
+                    mark("store.isolated_retry")
                     results, heads = self._commit_group(requests, isolate_events=True)
             except (sa.exc.SQLAlchemyError, StoreError, _GroupFailed) as exc:
                 self._heads.clear()
@@ -696,6 +698,7 @@ class SqlStore:
                         stored = self._allocate(cursor, request.events, group, touched, rows)
                 except (StoreError, sa.exc.StatementError) as exc:
                     results.append(_request_error(exc))
+                    mark("store.request_failed")
                     for room, before in touched.items():
                         if before is None:
                             del group[room]
@@ -978,6 +981,7 @@ class SqlStore:
                 self._heads.pop(room, None)
                 raise _group_error(exc) from exc
             self._remember(room, new_epoch, 0)
+            mark("store.epoch_reset")
 
     # ----------------------------------------------------------------- reads: rooms
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 import outcome
 
+from ..marks import mark
 from ..metrics import Metrics
 from ..runtime import (
     ActorContext,
@@ -245,6 +246,8 @@ class StoreWriter(Behaviour[WriterState]):
         state.groups += 1
         state.writes += len(taken)
         state.merged += len(taken) - len(batch)
+        if len(batch) < len(taken):
+            mark("writer.merged")
         state.max_group = max(state.max_group, len(taken))
         store, blocking = self.store, self.world.blocking
 
@@ -265,6 +268,7 @@ class StoreWriter(Behaviour[WriterState]):
             results = done.result.unwrap()
         except Exception as exc:  # the worker itself failed: nothing is known to be durable
             error = exc if isinstance(exc, StoreError) else StoreUnavailable(str(exc))
+            mark("writer.group_failed")
             for run in done.batch:
                 effects.extend(Reply(req.reply_to, error=error) for req in run)
             # the group may be durable all the same (the answer was lost):

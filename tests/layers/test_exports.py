@@ -231,6 +231,7 @@ PACKAGES: dict[str, set[str]] = {
 }
 
 MODULES: dict[str, set[str]] = {
+    "agor_actors.marks": {"MARKS", "counting", "mark"},
     "agor_actors.embed": {
         "AgentReporter",
         "DataDirLocked",

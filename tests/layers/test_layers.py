@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "protocols": 0,
     "supervisors": 0,
     "agor_actors.world": 0,
+    "agor_actors.marks": 0,
     "agor_actors.runtime": 1,
     "agor_actors.store": 2,
     "agor_actors.outbox": 2,

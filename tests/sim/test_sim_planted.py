@@ -20,6 +20,7 @@ EXPECTED = {
     "fanout_reorder": ({"gap", "replay"}, 10),
     "presence_never_offline": ({"presence", "livelock"}, 30),
     "lagged_resume_high": ({"claim"}, 50),
+    "retry_seq_reused": ({"ack", "log", "claim"}, 50),
 }
 
 

@@ -1,0 +1,65 @@
+"""Coverage marks (``agor_actors.marks``): the catalogue and the call
+sites agree, counting is off unless a block turns it on, and one seed's
+run reports the marks it passed."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from agor_actors import marks
+from agor_actors.marks import MARKS, counting, mark
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _call_sites() -> dict[str, list[str]]:
+    """Every ``mark("...")`` in the product, by name: where it is."""
+    sites: dict[str, list[str]] = {}
+    for package in ("agor_actors", "supervisors", "protocols"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path.name == "marks.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id == "mark"
+                ):
+                    assert node.args and isinstance(node.args[0], ast.Constant), (
+                        f"{path}:{node.lineno}: a mark's name must be a literal"
+                    )
+                    name = node.args[0].value
+                    sites.setdefault(str(name), []).append(f"{path.name}:{node.lineno}")
+    return sites
+
+
+def test_every_mark_called_is_in_the_catalogue_and_every_one_is_called() -> None:
+    sites = _call_sites()
+    assert set(sites) - set(MARKS) == set(), "marks missing from MARKS"
+    assert set(MARKS) - set(sites) == set(), "marks in MARKS that nothing calls"
+
+
+def test_marks_count_only_inside_counting() -> None:
+    mark("room.ring_evicted")  # off: nothing happens, nothing is kept
+    assert marks._counts is None
+    with counting() as outer:
+        mark("room.ring_evicted")
+        with counting() as inner:
+            mark("hub.drain")
+            mark("hub.drain")
+        mark("room.ring_evicted")
+    assert outer == {"room.ring_evicted": 2}
+    assert inner == {"hub.drain": 2}
+    assert marks._counts is None
+
+
+def test_a_run_reports_its_marks() -> None:
+    from sim import run_seed
+
+    result = run_seed(0, only=("store_request",))
+    assert result.ok, [v.describe() for v in result.violations]
+    assert result.injected == {"store_request": 3}
+    assert set(result.marks) <= set(MARKS)
+    assert result.marks.get("store.request_failed", 0) > 0
+    assert "actor.restarted" not in result.marks  # nothing crashed
