@@ -44,11 +44,12 @@ their way to the writer: their events carry offsets that count the refused
 chunk, which the message's content does not hold, so a client applying
 them by offset cannot (``python -m sim --seed 21 --only store_chunk``).
 
-Found and counted, not failed: a room actor that restarts (``crash_room``,
-some partitions) forgets its board's presence; the facepiles stay empty
-until the user's next status change (idle, after 60 s), so such seeds
-converge about a minute late (``presence late`` in the summary; ``python
--m sim --seed 39 --trace``: converged at 66 s, the rooms at 6 s)."""
+Found and counted (``presence late`` in the summary), then fixed: a room
+actor that restarts (``crash_room``, some partitions) forgot its board's
+presence, and the facepiles stayed empty until the user's next status
+change (idle, after 60 s); the hub now has every present user send the
+new room their entry again (``python -m sim --seed 39 --trace`` converged
+at 66 s before, the rooms at 6 s)."""
 
 
 def _names(values: list[str] | None) -> tuple[str, ...]:

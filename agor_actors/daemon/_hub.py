@@ -28,7 +28,13 @@ from protocols import Call, Joined, Lagged, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
 from ..domain.fields import DESCRIPTION_CHARS_MAX, ID_CHARS_MAX, NAME_CHARS_MAX, check_text
-from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
+from ..domain.presence import (
+    PresenceConfig,
+    PresenceGone,
+    PresenceTouch,
+    Republish,
+    UserPresenceBehaviour,
+)
 from ..domain.room import (
     ActivityQuery,
     CatchUp,
@@ -166,6 +172,15 @@ class Hub:
             self.metrics.actor_exits.labels(name.partition(":")[0]).inc()
         if not name.startswith("room:") or reason is None or not reason.abnormal:
             return
+        if name.startswith("room:board:"):
+            # the facepile was the room's memory: every user present asks
+            # the new incarnation to take their entry again
+            board = name.removeprefix("room:board:")
+            registry = self.system.registry
+            for user_id in {p.user_id for p in self._presence_of.values()}:
+                presence_ref = registry.lookup(f"presence:user:{user_id}")
+                if presence_ref is not None and not presence_ref.try_send(Republish(board)):
+                    self.presence_dropped += 1
         for subs in self._subs.values():
             for room, sub in list(subs.items()):
                 if _room_actor(room)[0] != name or not sub.active:

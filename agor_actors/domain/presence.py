@@ -27,6 +27,7 @@ __all__ = [
     "PresenceConfig",
     "PresenceGone",
     "PresenceTouch",
+    "Republish",
     "UserEntry",
     "UserPresenceBehaviour",
     "UserPresenceState",
@@ -107,6 +108,14 @@ class _Tick:
 
 
 @attrs.frozen
+class Republish:
+    """The board's room restarted and forgot its facepile: send this user's
+    entry there again."""
+
+    board: str
+
+
+@attrs.frozen
 class UserEntry:
     """To ``room:board:<id>``: a user's facepile entry there (None: gone)."""
 
@@ -184,6 +193,8 @@ class UserPresenceBehaviour(Behaviour[UserPresenceState]):
                 state.gone_since_s[board] = now
         elif isinstance(msg, _Tick):
             state.timer_at_s = None
+        elif isinstance(msg, Republish):
+            state.published.pop(msg.board, None)  # so _publish sends it again
         effects.extend(self._publish(state, now))
         return effects
 

@@ -386,3 +386,32 @@ async def test_newcomer_gets_the_facepile_and_arrival_counts_as_active(
         await trio.sleep(6)
         assert "u1" not in second.facepile()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_board_room_that_restarts_gets_its_facepile_back_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    """The facepile lives in the board room's memory: after the room crashes
+    and restarts, every present user's entry is sent to it again (before,
+    it stayed empty until someone's next status change, a minute later)."""
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        one = Watcher(hub, user(1), "w1", board)
+        two = Watcher(hub, user(2), "w2", board)
+        await one.start(nursery)
+        await two.start(nursery)
+        await one.send(view="board")
+        await two.send(view="board")
+        await trio.sleep(1)
+        assert set(two.facepile()) == {"u1", "u2"}
+        room = hub.system.registry.lookup(f"room:board:{board}")
+        assert room is not None
+        assert room.try_send(object())  # a message no behaviour knows: the room crashes
+        with trio.fail_after(5):
+            await room.wait_stopped()
+        # the connections were told lagged; a client joins again
+        again = Watcher(hub, user(2), "w2b", board)
+        await again.start(nursery)
+        await trio.sleep(1)
+        assert set(again.facepile()) == {"u1", "u2"}
+        nursery.cancel_scope.cancel()
