@@ -26,7 +26,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from protocols import Call, Joined, Lagged, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
-from ..domain.fields import DESCRIPTION_CHARS_MAX, ID_CHARS_MAX, NAME_CHARS_MAX, check_text
 from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
 from ..domain.room import (
     ActivityQuery,
@@ -42,17 +41,24 @@ from ..domain.session import Command, SessionBehaviour
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
+from ..services import (
+    MINTS_ID,
+    READ_METHODS,
+    READ_ONLY,
+    SESSION_SCOPED,
+    BoardCall,
+    check_call,
+    parse_activity,
+    plan_board,
+    plan_user,
+    public,
+    store_error,
+)
 from ..store import (
     WRITER_NAME,
-    EventDraft,
-    Expect,
     Mutation,
     SqlStore,
-    StoreConflict,
     StoreError,
-    StoreIntegrityError,
-    StoreNotFound,
-    StoreQueryError,
     StoreWriter,
     Write,
     WriteRequest,
@@ -69,13 +75,6 @@ __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
 
-SERVICES = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
-READ_ONLY = ("tool_calls",)  # written through tasks.tool_call / tasks.tool_result
-SESSION_SCOPED = ("tasks", "messages")
-READ_METHODS = ("find", "get")
-# the methods that need a new id (drawn from the entropy seam only for them:
-# a streamed chunk needs none, and drawing one cost ~5% of its CPU)
-MINTS_ID = ("create", "tool_call")
 OWNER_ID = "owner"
 
 
@@ -94,25 +93,6 @@ class AllowAll:
         own_record = action == "get" and resource == f"users:{principal.user_id}"
         if resource.startswith("users") and not principal.is_owner and not own_record:
             raise ServiceError("forbidden", "only the owner manages users")
-
-
-def _store_error(exc: StoreError) -> ServiceError:
-    """What a client is told of a store error: no SQL, no column names (the
-    detail goes to the log)."""
-    if isinstance(exc, StoreNotFound):
-        return ServiceError("not_found", "no such record")
-    if isinstance(exc, StoreConflict):
-        return ServiceError("conflict", "stale revision", {"current": exc.current})
-    if isinstance(exc, StoreQueryError):
-        log.info("the store refused a query: %s", exc)
-        return ServiceError(
-            "invalid_field", "a field of the query or data is unknown or of the wrong type"
-        )
-    if isinstance(exc, StoreIntegrityError):
-        log.info("the store refused a write: %s", exc)
-        return ServiceError("invalid_data", "the data does not fit the records")
-    log.warning("the store failed: %s", exc)
-    return ServiceError("unavailable", "the store is unavailable")
 
 
 @attrs.frozen
@@ -287,11 +267,7 @@ class Hub:
     ) -> _SessionWrite | Callable[[], Awaitable[Any]]:
         """Check and authorize a call, and say where it goes: a session's
         write, or a call to run here."""
-        if service not in SERVICES:
-            raise ServiceError("unknown_service", f"no service {service!r}")
-        if id is not None and not isinstance(id, str):
-            raise ServiceError("invalid_field", "id must be a string")
-        check_text("id", id, ID_CHARS_MAX)
+        check_call(service, id)
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
         if service == "activity":
@@ -305,20 +281,12 @@ class Hub:
         now_ms = self.world.wall.now_ms()
         new_id = self.world.entropy.new_id(now_ms) if method in MINTS_ID else ""
         if service == "users":
-            return partial(self._users, principal, method, id, data, now_ms, new_id)
+            return partial(self._users, method, data, now_ms, new_id)
         if service == "boards":
-            return partial(
-                self._boards,
-                principal,
-                connection_id,
-                method,
-                id,
-                data,
-                now_ms,
-                new_id,
-                temp_id,
-                base_rev,
+            call = BoardCall(
+                principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
+            return partial(self._boards, call)
         if service == "sessions":
             session_id = new_id if method == "create" else id
             if session_id is None:
@@ -368,6 +336,14 @@ class Hub:
         self._remember(service, id, row["session_id"])
         return str(row["session_id"])
 
+    async def _read_row(self, table: str, id: str) -> dict[str, Any] | None:
+        store = self.store
+        try:
+            row = await self.world.blocking.run(lambda: store.get(table, id))
+        except StoreError as exc:
+            raise store_error(exc) from None
+        return None if row is None else public(row)
+
     async def _read(
         self, service: str, method: str, id: str | None, query: dict[str, Any] | None
     ) -> Any:
@@ -379,43 +355,23 @@ class Hub:
                 row = await self.world.blocking.run(lambda: store.get(service, id))
                 if row is None:
                     raise ServiceError("not_found", f"no {service[:-1]} {id}")
-                return _public(row)
+                return public(row)
             page = await self.world.blocking.run(lambda: store.find(service, query or {}))
         except StoreError as exc:
-            raise _store_error(exc) from None
-        return {"data": [_public(r) for r in page.items], "next_cursor": page.next_cursor}
+            raise store_error(exc) from None
+        return {"data": [public(r) for r in page.items], "next_cursor": page.next_cursor}
 
     async def _activity(self, method: str, query: dict[str, Any] | None) -> Any:
-        """The activity log of a board, newest first: derived from the board
-        room's event log (the last entries from the room's memory, older
-        ones from the store), filtered by user and by action."""
-        if method != "find":
-            raise ServiceError("unknown_method", "activity has only find")
-        q = dict(query or {})
-        board = q.pop("board_id", None)
-        if not isinstance(board, str) or not board:
-            raise ServiceError("invalid_field", "query.board_id is required")
-        user = q.pop("user_id", None)
-        action = q.pop("action", None)
-        actions = [action] if isinstance(action, str) else action
-        cursor = q.pop("$cursor", None)
-        limit = q.pop("$limit", 50)
-        if q:
-            raise ServiceError("invalid_field", f"unknown filter(s): {', '.join(sorted(q))}")
-        if user is not None and not isinstance(user, str):
-            raise ServiceError("invalid_field", "user_id must be a string")
-        if actions is not None and not (
-            isinstance(actions, list) and all(isinstance(a, str) for a in actions)
-        ):
-            raise ServiceError("invalid_field", "action must be a string or a list of strings")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 500:
-            raise ServiceError("invalid_field", "$limit must be 1..500")
-        before: int | None = None
-        if cursor is not None:
-            try:
-                before = int(cursor)
-            except (TypeError, ValueError):
-                raise ServiceError("invalid_field", "bad $cursor") from None
+        """The activity log of a board, newest first: the last entries from
+        the board room's memory, older ones from the store."""
+        q = parse_activity(method, query)
+        board, user, actions, before, limit = (
+            q.board_id,
+            q.user_id,
+            q.actions,
+            q.before_seq,
+            q.limit,
+        )
         room = f"board:{board}"
         if before is None:
             ref = self.system.registry.lookup(f"room:{room}")
@@ -431,7 +387,7 @@ class Hub:
                 )
             )
         except StoreError as exc:
-            raise _store_error(exc) from None
+            raise store_error(exc) from None
         return {
             "data": [activity_entry(e) for e in page.items],
             "next_cursor": None if page.next_before_seq is None else str(page.next_before_seq),
@@ -441,7 +397,7 @@ class Hub:
         try:
             result = await self.system.registry.call(WRITER_NAME, Write(request), timeout_s=30.0)
         except StoreError as exc:
-            raise _store_error(exc) from None
+            raise store_error(exc) from None
         assert isinstance(result, WriteResult)
         return result
 
@@ -459,123 +415,22 @@ class Hub:
                 {"current": current, "rev": current.get("rev")},
             ) from None
 
-    async def _users(
-        self, principal: Principal, method: str, id: str | None, data: Any, now_ms: int, new_id: str
-    ) -> Any:
-        if method != "create":
-            raise ServiceError("unknown_method", f"users.{method} is not supported")
-        name = data.get("name") if isinstance(data, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ServiceError("invalid_field", "data.name is required")
-        check_text("name", name, NAME_CHARS_MAX)
-        token = self.world.entropy.token()
-        row = {
-            "name": name,
-            "token_hash": hash_token(token),
-            "is_owner": False,
-            "created_at": now_ms,
-        }
-        await self._write(
-            WriteRequest(mutations=(Mutation("insert", "users", {"id": new_id}, row),))
-        )
-        return {"id": new_id, "name": name, "token": token}
+    async def _users(self, method: str, data: Any, now_ms: int, new_id: str) -> Any:
+        plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
+        await self._write(plan.request)
+        return plan.answer
 
-    async def _boards(
-        self,
-        principal: Principal,
-        connection_id: str | None,
-        method: str,
-        id: str | None,
-        data: Any,
-        now_ms: int,
-        new_id: str,
-        temp_id: str | None,
-        base_rev: int | None,
-    ) -> Any:
-        values = data if isinstance(data, dict) else {}
-        allowed = {"name", "description"}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise ServiceError("invalid_field", f"unknown field(s): {', '.join(unknown)}")
-        for k, v in values.items():
-            if v is not None and not isinstance(v, str):
-                raise ServiceError("invalid_field", f"{k} must be a string")
-        check_text("name", values.get("name"), NAME_CHARS_MAX)
-        check_text("description", values.get("description"), DESCRIPTION_CHARS_MAX)
-
-        def event(board_id: str, name: str, payload: Any) -> EventDraft:
-            return EventDraft(
-                f"board:{board_id}",
-                name,
-                payload,
-                now_ms,
-                principal.user_id,
-                connection_id,
-                temp_id,
-            )
-
-        if method == "create":
-            if not values.get("name"):
-                raise ServiceError("invalid_field", "data.name is required")
-            row = {
-                "id": new_id,
-                "name": values["name"],
-                "description": values.get("description"),
-                "owner_id": principal.user_id,
-                "created_at": now_ms,
-                "updated_at": now_ms,
-                "rev": 1,
-            }
-            member = Mutation(
-                "insert",
-                "board_members",
-                {"board_id": new_id, "user_id": principal.user_id},
-                {"role": "owner"},
-            )
-            await self._write(
-                WriteRequest(
-                    mutations=(
-                        Mutation(
-                            "insert",
-                            "boards",
-                            {"id": new_id},
-                            {k: v for k, v in row.items() if k != "id"},
-                        ),
-                        member,
-                    ),
-                    events=(event(new_id, "board:created", {"board_id": new_id, "board": row}),),
-                )
-            )
-            return row
-        if id is None:
-            raise ServiceError("invalid_field", "id is required")
-        # with If-Match / base_rev, the write holds only at that revision
-        expect = () if base_rev is None else (Expect("boards", {"id": id}, "rev", base_rev),)
-        if method in ("patch", "update"):
-            if not values:
-                raise ServiceError("invalid_field", "nothing to change")
-            await self._board_write(
-                id,
-                WriteRequest(
-                    mutations=(
-                        Mutation("update", "boards", {"id": id}, {**values, "updated_at": now_ms}),
-                    ),
-                    events=(event(id, "board:updated", {"board_id": id, "updates": values}),),
-                    expect=expect,
-                ),
-            )
-            return await self._read("boards", "get", id, None)
-        if method == "remove":
-            await self._board_write(
-                id,
-                WriteRequest(
-                    mutations=(Mutation("delete", "boards", {"id": id}),),
-                    events=(event(id, "board:deleted", {"board_id": id}),),
-                    expect=expect,
-                ),
-            )
-            return {"id": id}
-        raise ServiceError("unknown_method", f"boards.{method} does not exist")
+    async def _boards(self, call: BoardCall) -> Any:
+        current = None
+        if call.method != "create" and call.id is not None:
+            current = await self._read_row("boards", call.id)
+        plan = plan_board(call, current)
+        assert call.id is not None or call.method == "create"
+        board_id = call.id or call.new_id
+        await self._board_write(board_id, plan.request)
+        if plan.answer is not None:
+            return plan.answer
+        return await self._read("boards", "get", board_id, None)
 
     # ------------------------------------------------------------------ rooms
 
@@ -787,10 +642,6 @@ def _room_actor(room: str) -> tuple[str, str]:
     if kind == "activity":
         return f"room:board:{ident}", f"board:{ident}"
     return f"room:{room}", room
-
-
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in ("clocks", "token_hash")}
 
 
 @asynccontextmanager
