@@ -23,13 +23,14 @@ import outcome
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from protocols import Call, Joined, Lagged, PresenceUpdate, Since, encode
+from protocols import Call, Joined, Lagged, Left, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
 from ..domain.presence import PresenceConfig, PresenceGone, PresenceTouch, UserPresenceBehaviour
 from ..domain.room import (
     ActivityQuery,
     CatchUp,
+    Revoke,
     RoomBehaviour,
     Subscribe,
     Subscription,
@@ -47,7 +48,12 @@ from ..services import (
     READ_ONLY,
     SESSION_SCOPED,
     BoardCall,
+    BoardPlan,
+    Gate,
+    Level,
+    UserLimits,
     check_call,
+    narrower_role,
     parse_activity,
     plan_board,
     plan_user,
@@ -79,20 +85,18 @@ OWNER_ID = "owner"
 
 
 class Authorizer(Protocol):
-    """The one seam every call and join goes through.  Raises
-    ``ServiceError("unauthorized", ...)`` to refuse."""
+    """A deployment's own rule, checked on every call and join beside the
+    permissions.  Raises ``ServiceError("forbidden", ...)`` to refuse."""
 
     async def authorize(self, principal: Principal, action: str, resource: str) -> None: ...
 
 
 class AllowAll:
-    """Every authenticated user may read and write everything but the users
-    service, which is the owner's.  (Per-session permissions come with JWT.)"""
+    """Adds nothing to the permissions (:mod:`agor_actors.services`'s
+    gate), which every call and join passes first."""
 
     async def authorize(self, principal: Principal, action: str, resource: str) -> None:
-        own_record = action == "get" and resource == f"users:{principal.user_id}"
-        if resource.startswith("users") and not principal.is_owner and not own_record:
-            raise ServiceError("forbidden", "only the owner manages users")
+        return None
 
 
 @attrs.frozen
@@ -102,6 +106,21 @@ class _SessionWrite:
     actor: str
     cmd: Command
     session_id: str
+    access_change: bool = False
+    """The write may change who sees the session (its owner, permissions,
+    board or lock)."""
+
+
+def _needs_record(write: _SessionWrite, result: outcome.Outcome[Any]) -> bool:
+    """Whether the caller is answered with a task's or message's record
+    (read once the write is durable) rather than the session's answer."""
+    cmd = write.cmd
+    if cmd.service not in SESSION_SCOPED or cmd.id is None:
+        return False
+    if isinstance(result, outcome.Value):
+        return cmd.method in ("patch", "update")
+    error = result.error  # type: ignore[attr-defined]
+    return isinstance(error, ServiceError) and error.code == "conflict"
 
 
 class Hub:
@@ -115,6 +134,9 @@ class Hub:
         owner_token: str,
         authorizer: Authorizer,
         metrics: Metrics | None = None,
+        *,
+        tasks: trio.Nursery,
+        limits: UserLimits | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.world = world
@@ -122,7 +144,21 @@ class Hub:
         self.system = system
         self.owner_token = owner_token
         self.authorizer = authorizer
+        self.limits = limits or UserLimits()
+        self.gate = Gate(world, store)
+        self._tasks = tasks
         self._subs: dict[str, dict[str, Subscription]] = {}
+        self._principals: dict[str, Principal] = {}
+        """Who each connection (joined or welcomed) is."""
+        self._connections_of: dict[str, set[str]] = {}
+        self._pending_of: dict[str, int] = {}
+        self._joining: set[str] = set()
+        self._revoked: dict[str, str] = {}
+        """Subscriptions revoked while being joined: the join ends them."""
+        self._recheck_users: set[str] = set()
+        self._recheck_rooms: set[str] = set()
+        self._recheck_wanted = trio.Event()
+        self.revocations = 0
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
@@ -189,31 +225,21 @@ class Hub:
     ) -> Any:
         """Run one service call; returns once any write is durable.  Raises
         :class:`ServiceError`."""
-        route = await self._route(
-            principal, connection_id, service, method, id, data, query, temp_id, base_rev
-        )
-        if isinstance(route, _SessionWrite):
-            cmd = route.cmd
-            try:
-                result = await self.system.registry.call(route.actor, cmd, timeout_s=30.0)
-            except ServiceError as exc:
-                if exc.code == "conflict" and service in ("tasks", "messages") and id is not None:
-                    # the current record, as a board or session conflict has
-                    current = await self._read(service, "get", id, None)
-                    raise ServiceError(
-                        "conflict",
-                        f"stale base_rev {base_rev}; the record is at rev {current.get('rev')}",
-                        {"current": current, "rev": current.get("rev")},
-                    ) from None
-                raise
-            self._written(route, result)
-            if cmd.method in ("patch", "update") and service != "sessions" and id is not None:
-                record = await self._read(service, "get", id, None)  # with its new rev
-                if isinstance(result, dict) and "_seq" in result:
-                    record = {**record, "_seq": result["_seq"]}
-                return record
-            return result
-        return await route()
+        release = self._pending(principal)
+        try:
+            route = await self._route(
+                principal, connection_id, service, method, id, data, query, temp_id, base_rev
+            )
+            if not isinstance(route, _SessionWrite):
+                return await route()
+            result = await outcome.acapture(
+                self.system.registry.call, route.actor, route.cmd, timeout_s=30.0
+            )
+            if self._settle_access(route):
+                await self._recheck(rooms={f"session:{route.session_id}"})
+            return (await self._answer(route, result)).unwrap()
+        finally:
+            release()
 
     async def submit(
         self,
@@ -230,28 +256,125 @@ class Hub:
         durable: then None.  Anything else (reads, boards, users, activity)
         is returned as a call for the caller to run concurrently.  Raises
         :class:`ServiceError` for a call refused before it starts."""
-        route = await self._route(
-            principal,
-            connection_id,
-            call.service,
-            call.method,
-            call.id,
-            call.data,
-            call.query,
-            call.temp_id,
-            call.base_rev,
-        )
+        release = self._pending(principal)
+        try:
+            route = await self._route(
+                principal,
+                connection_id,
+                call.service,
+                call.method,
+                call.id,
+                call.data,
+                call.query,
+                call.temp_id,
+                call.base_rev,
+            )
+        except BaseException:
+            release()
+            raise
         if not isinstance(route, _SessionWrite):
-            return route
+            return partial(self._counted, release, route)
         write = route
 
         def answered(result: outcome.Outcome[Any]) -> None:
+            release()
+            if self._settle_access(write):
+                self._recheck_soon(rooms={f"session:{write.session_id}"})
+            if _needs_record(write, result):
+                # the record with its new rev, or the current one of a conflict
+                self._tasks.start_soon(self._answer_later, write, result, reply)
+                return
             if isinstance(result, outcome.Value):
                 self._written(write, result.value)
             reply(result)
 
-        await self.system.registry.request(write.actor, write.cmd, answered)
+        try:
+            await self.system.registry.request(write.actor, write.cmd, answered)
+        except BaseException:
+            release()
+            raise
         return None
+
+    @staticmethod
+    async def _counted(release: Callable[[], None], run: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await run()
+        finally:
+            release()
+
+    def _pending(self, principal: Principal) -> Callable[[], None]:
+        """One more call of ``principal`` in flight (``too_many_pending``
+        past the user's cap; the local owner has none); returns what ends
+        it (once)."""
+        if principal.is_owner:
+            return _nothing
+        user = principal.user_id
+        count = self._pending_of.get(user, 0)
+        if count >= self.limits.pending_calls:
+            raise ServiceError(
+                "too_many_pending",
+                f"{count} calls of this user are pending (at most {self.limits.pending_calls})",
+            )
+        self._pending_of[user] = count + 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            left = self._pending_of[user] - 1
+            if left:
+                self._pending_of[user] = left
+            else:
+                del self._pending_of[user]
+
+        return release
+
+    async def _answer_later(
+        self,
+        write: _SessionWrite,
+        result: outcome.Outcome[Any],
+        reply: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        reply(await self._answer(write, result))
+
+    async def _answer(
+        self, write: _SessionWrite, result: outcome.Outcome[Any]
+    ) -> outcome.Outcome[Any]:
+        """A session's answer as the caller gets it: a patch of a task or a
+        message answers the record (with its new rev), a stale base_rev the
+        current record."""
+        cmd = write.cmd
+        if isinstance(result, outcome.Value):
+            self._written(write, result.value)
+        if not _needs_record(write, result):
+            return result
+        assert cmd.id is not None
+        try:
+            record = await self._read(cmd.principal, cmd.service, "get", cmd.id, None)
+        except ServiceError as exc:
+            return outcome.Error(exc)
+        if isinstance(result, outcome.Value):
+            if isinstance(result.value, dict) and "_seq" in result.value:
+                record = {**record, "_seq": result.value["_seq"]}
+            return outcome.Value(record)
+        return outcome.Error(
+            ServiceError(
+                "conflict",
+                f"stale base_rev {cmd.base_rev}; the record is at rev {record.get('rev')}",
+                {"current": record, "rev": record.get("rev")},
+            )
+        )
+
+    def _settle_access(self, write: _SessionWrite) -> bool:
+        """A session's write was answered: forget what the gate knew of the
+        session's access (or assumed while the write was in flight); True if
+        the write may have changed who sees the session."""
+        if write.cmd.service != "sessions":
+            return False
+        self.gate.forget_session(write.session_id)
+        return write.access_change
 
     async def _route(
         self,
@@ -270,10 +393,12 @@ class Hub:
         check_call(service, id)
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
+        if service == "users":
+            self.gate.check_users_call(principal, method, id)
         if service == "activity":
-            return partial(self._activity, method, query)
+            return partial(self._activity, principal, method, query)
         if method in READ_METHODS:
-            return partial(self._read, service, method, id, query)
+            return partial(self._read, principal, service, method, id, query)
         if service in READ_ONLY:
             raise ServiceError(
                 "unknown_method", f"{service} is read-only: {', '.join(READ_METHODS)}"
@@ -283,6 +408,7 @@ class Hub:
         if service == "users":
             return partial(self._users, method, data, now_ms, new_id)
         if service == "boards":
+            await self.gate.check_board_call(principal, method, id, data)
             call = BoardCall(
                 principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
@@ -293,6 +419,12 @@ class Hub:
                 raise ServiceError("invalid_field", "id is required")
         else:
             session_id = await self._session_of(service, method, id, data)
+        changed = await self.gate.check_session_write(principal, service, method, session_id, data)
+        if changed is not None:
+            # check against the narrower of the two until the write is
+            # answered, and drop now who will not see the session then
+            self.gate.assume_session(changed)
+            await self._recheck(rooms={f"session:{session_id}"})
         cmd = Command(
             principal=principal,
             connection_id=connection_id,
@@ -306,7 +438,7 @@ class Hub:
             now_ms=now_ms,
             new_id=new_id,
         )
-        return _SessionWrite(f"session:{session_id}", cmd, session_id)
+        return _SessionWrite(f"session:{session_id}", cmd, session_id, changed is not None)
 
     def _written(self, write: _SessionWrite, result: Any) -> None:
         cmd = write.cmd
@@ -345,9 +477,18 @@ class Hub:
         return None if row is None else public(row)
 
     async def _read(
-        self, service: str, method: str, id: str | None, query: dict[str, Any] | None
+        self,
+        principal: Principal,
+        service: str,
+        method: str,
+        id: str | None,
+        query: dict[str, Any] | None,
     ) -> Any:
+        """``get`` (``forbidden`` for a record the principal may not see) or
+        ``find`` (only what it may see: a page may hold fewer than
+        ``$limit`` records; the last has no ``next_cursor``)."""
         store = self.store
+        gate = self.gate
         try:
             if method == "get":
                 if id is None:
@@ -355,16 +496,26 @@ class Hub:
                 row = await self.world.blocking.run(lambda: store.get(service, id))
                 if row is None:
                     raise ServiceError("not_found", f"no {service[:-1]} {id}")
+                if not await gate.visible(principal, service, row):
+                    raise gate.refuse(f"no {service[:-1]} {id} that this user may see")
                 return public(row)
-            page = await self.world.blocking.run(lambda: store.find(service, query or {}))
+            asked, extra = gate.access_query(service, query or {})
+            page = await self.world.blocking.run(lambda: store.find(service, asked))
         except StoreError as exc:
             raise store_error(exc) from None
-        return {"data": [public(r) for r in page.items], "next_cursor": page.next_cursor}
+        rows = [r for r in page.items if await gate.visible(principal, service, r)]
+        if extra:
+            rows = [{k: v for k, v in r.items() if k not in extra} for r in rows]
+        return {"data": [public(r) for r in rows], "next_cursor": page.next_cursor}
 
-    async def _activity(self, method: str, query: dict[str, Any] | None) -> Any:
+    async def _activity(
+        self, principal: Principal, method: str, query: dict[str, Any] | None
+    ) -> Any:
         """The activity log of a board, newest first: the last entries from
         the board room's memory, older ones from the store."""
         q = parse_activity(method, query)
+        if await self.gate.board_level(principal, q.board_id) < Level.READ:
+            raise self.gate.refuse(f"no board {q.board_id} that this user may see")
         board, user, actions, before, limit = (
             q.board_id,
             q.user_id,
@@ -408,7 +559,9 @@ class Hub:
         except ServiceError as exc:
             if exc.code != "conflict":
                 raise
-            current = await self._read("boards", "get", board_id, None)
+            current = await self._read_row("boards", board_id)
+            if current is None:
+                raise ServiceError("not_found", f"no board {board_id}") from None
             raise ServiceError(
                 "conflict",
                 f"stale base_rev; the board is at rev {current.get('rev')}",
@@ -425,14 +578,54 @@ class Hub:
         if call.method != "create" and call.id is not None:
             current = await self._read_row("boards", call.id)
         plan = plan_board(call, current)
-        assert call.id is not None or call.method == "create"
         board_id = call.id or call.new_id
-        await self._board_write(board_id, plan.request)
+        if plan.revoked is None:
+            await self._board_write(board_id, plan.request)
+            self.gate.forget_board(board_id)
+        else:
+            await self._membership_write(board_id, plan)
         if plan.answer is not None:
             return plan.answer
-        return await self._read("boards", "get", board_id, None)
+        return await self._read(call.principal, "boards", "get", board_id, None)
+
+    async def _membership_write(self, board_id: str, plan: BoardPlan) -> None:
+        """A member added, narrowed or removed.  Until the write is durable
+        the gate holds the narrower of the two memberships, and who loses
+        sight of a room is sent ``left`` at once; once it is durable (or
+        failed) the gate reads the board again and checks once more (a join
+        that raced the write)."""
+        user = plan.revoked
+        assert user is not None
+        board = await self.gate.board(board_id)
+        if board is not None and board.members.get(user) is not None:
+            self.gate.assume_board(
+                board.with_role(user, narrower_role(board.members[user], plan.role))
+            )
+            await self._recheck(users={user})
+        try:
+            await self._board_write(board_id, plan.request)
+        finally:
+            self.gate.forget_board(board_id)
+            await self._recheck(users={user})
 
     # ------------------------------------------------------------------ rooms
+
+    def connect(self, principal: Principal, connection_id: str) -> None:
+        """A connection of ``principal`` was welcomed: ``too_many_connections``
+        past the user's cap (the local owner has none)."""
+        self._principals[connection_id] = principal
+        if principal.is_owner:
+            return
+        mine = self._connections_of.setdefault(principal.user_id, set())
+        if len(mine) >= self.limits.connections:
+            if not mine:
+                del self._connections_of[principal.user_id]
+            del self._principals[connection_id]
+            raise ServiceError(
+                "too_many_connections",
+                f"this user has {len(mine)} connections open (at most {self.limits.connections})",
+            )
+        mine.add(connection_id)
 
     async def join(
         self,
@@ -445,7 +638,10 @@ class Hub:
         """Subscribe a connection to ``room``.  Queues ``joined`` and any
         replay into ``outbox`` in order; live events follow.  A gap older
         than the room's memory is replayed from the log here, at the pace the
-        client reads."""
+        client reads.  The room must exist and the principal see it now (a
+        resume is checked again); a room that does not exist and one it may
+        not see get the same ``forbidden``, and nothing is spawned for
+        either."""
         kind, _, ident = room.partition(":")
         if kind not in ("session", "board", "activity") or not ident:
             raise ServiceError(
@@ -453,27 +649,48 @@ class Hub:
                 f"no room {room!r}: rooms are session:<id>, board:<id> and activity:<board id>",
             )
         refused = ServiceError("forbidden", f"no room {room!r} that this user may see")
-        if not await self._room_exists(kind, ident):
-            _security_log.info(
-                "join refused",
-                extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
-            )
-            raise refused
         try:
+            if not await self.gate.may_see_room(principal, room):
+                raise refused
             await self.authorizer.authorize(principal, "join", room)
         except ServiceError as exc:
-            # the same answer as for a room that does not exist
+            # the same answer for a room that does not exist
+            self.gate.denials += exc is not refused
             _security_log.info(
                 "join refused",
                 extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
             )
-            raise refused from exc
+            raise refused from None
+        self._principals.setdefault(connection_id, principal)
         subs = self._subs.setdefault(connection_id, {})
+        if room not in subs and not principal.is_owner:
+            joined = sum(
+                len(self._subs.get(c, ()))
+                for c in self._connections_of.get(principal.user_id, (connection_id,))
+            )
+            if joined >= self.limits.rooms:
+                raise ServiceError(
+                    "too_many_subscriptions",
+                    f"this user is in {joined} rooms (at most {self.limits.rooms})",
+                )
         activity = kind == "activity"
         sub = Subscription(
             connection_id, room, outbox, user_id=principal.user_id, activity=activity
         )
         subs[room] = sub
+        self._joining.add(sub.key)
+        try:
+            await self._subscribe(sub, since)
+        finally:
+            self._joining.discard(sub.key)
+            reason = self._revoked.pop(sub.key, None)
+        if reason is not None:
+            # revoked while joining: the room may have taken it meanwhile
+            await self._drop(sub, reason)
+
+    async def _subscribe(self, sub: Subscription, since: Since | None) -> None:
+        room, outbox = sub.room, sub.outbox
+        subs = self._subs[sub.connection_id]
         actor, log_room = _room_actor(room)
         registry = self.system.registry
         result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
@@ -493,11 +710,13 @@ class Hub:
                 for chunk in _within(items, page_size, outbox.max_bytes // 2):
                     await outbox.wait_room(len(chunk), sum(len(item) for _, item in chunk))
                     if subs.get(room) is not sub:
-                        return  # left meanwhile
+                        return  # left or revoked meanwhile
                     if not outbox.offer_events(room, chunk):
                         return  # lagged: the client resumes later
                 if page:
                     after = page[-1].end_seq
+                if subs.get(room) is not sub:
+                    return
                 result = await registry.call(
                     actor,
                     Subscribe(sub, Since(result.epoch, after), quiet=True),
@@ -508,19 +727,74 @@ class Hub:
         except OutboxClosed:
             return
 
-    async def _room_exists(self, kind: str, ident: str) -> bool:
-        """Whether the session or board behind a room exists: its actors
-        are running, or the store has the record.  Spawns nothing."""
-        registry = self.system.registry
-        owner = "session" if kind == "session" else "board"
-        if registry.lookup(f"room:{owner}:{ident}") is not None:
-            return True
-        if kind == "session" and registry.lookup(f"session:{ident}") is not None:
-            return True
-        table = "sessions" if kind == "session" else "boards"
-        store = self.store
-        row = await self.world.blocking.run(lambda: store.get(table, ident))
-        return row is not None
+    # ------------------------------------------------------------ revocation
+
+    def _recheck_soon(
+        self, *, users: set[str] | None = None, rooms: set[str] | None = None
+    ) -> None:
+        """:meth:`_recheck` in the hub's own task (from a synchronous
+        answer).  Requests coalesce: at most one set of users and rooms
+        waits (overflow policy: merge)."""
+        self._recheck_users |= users or set()
+        self._recheck_rooms |= rooms or set()
+        self._recheck_wanted.set()
+
+    async def _rechecker(self) -> None:
+        while True:
+            await self._recheck_wanted.wait()
+            self._recheck_wanted = trio.Event()
+            users, self._recheck_users = self._recheck_users, set()
+            rooms, self._recheck_rooms = self._recheck_rooms, set()
+            try:
+                await self._recheck(users=users or None, rooms=rooms or None)
+            except Exception:
+                log.exception("checking the subscriptions again failed")
+
+    async def _recheck(
+        self, *, users: set[str] | None = None, rooms: set[str] | None = None
+    ) -> None:
+        """Check again the subscriptions of ``users`` (or to ``rooms``)
+        against the permissions as the gate knows them now, and drop each
+        one that fails, with ``left`` ``forbidden``."""
+        for connection_id, subs in list(self._subs.items()):
+            principal = self._principals.get(connection_id)
+            if principal is None or (users is not None and principal.user_id not in users):
+                continue
+            for room, sub in list(subs.items()):
+                if rooms is not None and _room_actor(room)[1] not in rooms and room not in rooms:
+                    continue
+                if await self.gate.may_see_room(principal, room):
+                    continue
+                if subs.get(room) is not sub:
+                    continue  # left meanwhile
+                del subs[room]
+                _security_log.info(
+                    "subscription revoked",
+                    extra={
+                        "connection_id": connection_id,
+                        "user_id": principal.user_id,
+                        "room": room,
+                    },
+                )
+                self.revocations += 1
+                if sub.key in self._joining:
+                    self._revoked[sub.key] = "forbidden"  # the join ends it
+                else:
+                    await self._drop(sub, "forbidden")
+
+    async def _drop(self, sub: Subscription, reason: str) -> None:
+        """Take ``sub`` out of its room and tell its connection ``left``
+        ``reason``: from the room itself, so that nothing of the room
+        follows it; or from here if the room did not have it."""
+        ref = self.system.registry.lookup(_room_actor(sub.room)[0])
+        dropped = False
+        if ref is not None:
+            dropped = bool(await ref.call(Revoke(sub.key, reason), timeout_s=30.0))
+        if not dropped:
+            sub.active = False
+            with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                sub.outbox.drop_room(sub.room)
+                sub.outbox.offer_control(Left(room=sub.room, reason=reason))
 
     async def leave(self, connection_id: str, room: str) -> None:
         subs = self._subs.get(connection_id)
@@ -546,6 +820,13 @@ class Hub:
         for room in list(self._subs.get(connection_id, {})):
             await self.leave(connection_id, room)
         self._subs.pop(connection_id, None)
+        principal = self._principals.pop(connection_id, None)
+        if principal is not None:
+            mine = self._connections_of.get(principal.user_id)
+            if mine is not None:
+                mine.discard(connection_id)
+                if not mine:
+                    del self._connections_of[principal.user_id]
         present = self._presence_of.pop(connection_id, None)
         if present is not None:
             await self.system.registry.send(
@@ -559,6 +840,8 @@ class Hub:
         the user's presence actor is busy, since the next one replaces it."""
         if update.board is not None and update.board:
             await self.authorizer.authorize(principal, "presence", f"board:{update.board}")
+            if await self.gate.board_level(principal, update.board) < Level.READ:
+                raise self.gate.refuse(f"no board {update.board} that this user may see")
         self._presence_of[connection_id] = principal
         ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
         if not ref.try_send(
@@ -616,6 +899,10 @@ class Hub:
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
 
 
+def _nothing() -> None:
+    return None
+
+
 def _within(
     items: list[tuple[int, Any]], max_count: int, max_bytes: int
 ) -> list[list[tuple[int, Any]]]:
@@ -654,6 +941,7 @@ async def open_hub(
     owner_token: str | None = None,
     store: SqlStore | None = None,
     presence: PresenceConfig | None = None,
+    limits: UserLimits | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -673,6 +961,7 @@ async def open_hub(
             owner_token=owner_token,
             store=store,
             presence=presence,
+            limits=limits,
         ) as hub:
             yield hub
 
@@ -687,6 +976,7 @@ async def _open_hub(
     owner_token: str | None,
     store: SqlStore | None,
     presence: PresenceConfig | None,
+    limits: UserLimits | None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
@@ -755,12 +1045,24 @@ async def _open_hub(
             system.define(Kind("session:", session))
             system.define(Kind("presence:user:", user_presence))
             await system.registry.get(WRITER_NAME)
-            hub = Hub(world, store, system, token, authorizer or AllowAll(), metrics)
-            try:
-                yield hub
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    await hub.drain()
+            async with trio.open_nursery() as tasks:
+                hub = Hub(
+                    world,
+                    store,
+                    system,
+                    token,
+                    authorizer or AllowAll(),
+                    metrics,
+                    tasks=tasks,
+                    limits=limits,
+                )
+                tasks.start_soon(hub._rechecker)
+                try:
+                    yield hub
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(10):
+                        await hub.drain()
+                    tasks.cancel_scope.cancel()
     finally:
         if own_store:
             store.close()

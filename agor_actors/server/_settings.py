@@ -39,6 +39,8 @@ class ServerHub(Protocol):
 
     async def authenticate(self, token: str | None) -> Principal | None: ...
 
+    def connect(self, principal: Principal, connection_id: str) -> None: ...
+
     async def call(
         self,
         principal: Principal,

@@ -44,6 +44,8 @@ class BoardPlan:
     request: WriteRequest
     answer: dict[str, Any] | None = None
     revoked: str | None = None
+    role: str | None = None
+    """``revoked``'s role once the write is durable (None: no membership)."""
 
 
 def _values(data: Any) -> dict[str, Any]:
@@ -175,11 +177,11 @@ def _member(call: BoardCall, rev: int, expect: tuple[Expect, ...]) -> BoardPlan:
         role = data.get("role", "editor")
         if role not in MEMBER_ROLES:
             raise ServiceError("invalid_field", f"role must be one of {', '.join(MEMBER_ROLES)}")
-        fields, event = {"user_id", "role"}, "board:member_added"
+        fields, event, after = {"user_id", "role"}, "board:member_added", role
         payload: dict[str, Any] = {"user_id": user, "role": role}
         change = Mutation("upsert", "board_members", key, {"role": role})
     else:
-        fields, event = {"user_id"}, "board:member_removed"
+        fields, event, after = {"user_id"}, "board:member_removed", None
         payload = {"user_id": user}
         change = Mutation("delete", "board_members", key)
     unknown = sorted(set(data) - fields)
@@ -188,4 +190,4 @@ def _member(call: BoardCall, rev: int, expect: tuple[Expect, ...]) -> BoardPlan:
     plan = _touch(call, rev, expect, {}, event, payload, change)
     # a membership ended or a role narrowed (an editor made a viewer): the
     # user's subscriptions are checked again
-    return attrs.evolve(plan, revoked=user)
+    return attrs.evolve(plan, revoked=user, role=after)
