@@ -150,18 +150,17 @@ class Gate:
         if service == "sessions" and method == "create":
             await self._check_create(principal, values)
             return None
-        if service == "sessions" and "permissions" in values:
+        patch = service == "sessions" and method in ("patch", "update")
+        if patch and "permissions" in values:
             check_permissions(values["permissions"])
+        fields = frozenset(values) & ACCESS_FIELDS if patch else frozenset()
+        if principal.is_owner and not fields:
+            return None  # no lookup on the owner's hot path
         session = await self.session(session_id)
         if session is None:
             if service == "sessions":
                 return None  # the session actor answers not_found
             raise self.refuse(f"no session {session_id} that this user may see")
-        fields = (
-            frozenset(values) & ACCESS_FIELDS
-            if service == "sessions" and method in ("patch", "update")
-            else frozenset()
-        )
         if principal.is_owner:
             return session.patched(values) if fields else None
         board = await self._session_board(session)
