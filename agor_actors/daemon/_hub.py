@@ -653,9 +653,9 @@ class Hub:
             if not await self.gate.may_see_room(principal, room):
                 raise refused
             await self.authorizer.authorize(principal, "join", room)
-        except ServiceError as exc:
+        except ServiceError:
             # the same answer for a room that does not exist
-            self.gate.denials += exc is not refused
+            self.gate.denials += 1
             _security_log.info(
                 "join refused",
                 extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
@@ -892,7 +892,15 @@ class Hub:
             "agor_presence_dropped", "Presence updates dropped (a full presence mailbox)"
         )
         dropped.add_metric([], self.presence_dropped)
-        yield from (actors, depth, fullest, subscribers, dropped)
+        denied = CounterMetricFamily(
+            "agor_permission_denials", "Calls, joins and presence refused with forbidden"
+        )
+        denied.add_metric([], self.gate.denials)
+        revoked = CounterMetricFamily(
+            "agor_revocations", "Subscriptions dropped because their user lost sight of the room"
+        )
+        revoked.add_metric([], self.revocations)
+        yield from (actors, depth, fullest, subscribers, dropped, denied, revoked)
 
     async def drain(self) -> None:
         """Wait until every write queued so far is durable."""

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import trio
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from server_support import Daemon, RawClient, daemon, http, raw_client, until_closed
 
 from agor_actors.daemon import open_hub
@@ -194,3 +196,26 @@ async def test_the_per_user_connection_cap_closes_with_too_many_connections(
         # once the first is closed, the user connects again
         async with user_client(d, user["token"]):
             pass
+
+
+async def test_denials_and_revocations_are_counted(running: Daemon) -> None:
+    d = running
+    user = await owner_call(d, "POST", "/users", {"name": "counted"})
+    board = await owner_call(d, "POST", "/boards", {"name": "b"})
+    await owner_call(
+        d, "POST", f"/boards/{board['id']}/add_member", {"user_id": user["id"], "role": "viewer"}
+    )
+    async with user_client(d, user["token"]) as client:
+        await joined(client, f"board:{board['id']}")
+        got = await refused_join(client, "board:made-up", Since("", 0))
+        assert [m.reason for m in got if isinstance(m, Left)] == ["forbidden"]
+        await owner_call(d, "POST", f"/boards/{board['id']}/remove_member", {"user_id": user["id"]})
+        await until_pong(client, 5)
+    text = generate_latest(d.hub.metrics.registry).decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert values["agor_permission_denials_total"] >= 1
+    assert values["agor_revocations_total"] == 1
