@@ -69,6 +69,7 @@ class ErrorCode(enum.StrEnum):
     SERVER_ERROR = "server_error"
     GOING_AWAY = "going_away"
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     # One message failed: an error frame (or an error result), the connection stays open.
     UNKNOWN_TYPE = "unknown_type"
     INVALID_FIELD = "invalid_field"
@@ -104,6 +105,7 @@ _CLOSE: dict[ErrorCode, CloseCode | None] = {
     ErrorCode.SERVER_ERROR: CloseCode.INTERNAL_ERROR,
     ErrorCode.GOING_AWAY: CloseCode.GOING_AWAY,
     ErrorCode.HEARTBEAT_TIMEOUT: CloseCode.HEARTBEAT_TIMEOUT,
+    ErrorCode.TOO_MANY_CONNECTIONS: CloseCode.POLICY_VIOLATION,
     ErrorCode.UNKNOWN_TYPE: None,
     ErrorCode.INVALID_FIELD: None,
     ErrorCode.RATE_LIMITED: None,

@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from agor_actors import marks
-from agor_actors.daemon import Hub, Principal
+from agor_actors.daemon import Hub, Principal, ServiceError
 from agor_actors.domain.presence import PresenceConfig
 from agor_actors.server import ServerSettings
 from agor_actors.store import SqlStore, open_store
@@ -320,6 +320,8 @@ class _Run:
                 data={"name": f"board {b}"},
             )
             boards.append(board["id"])
+            for _token, user_id in users:  # every user writes on every board
+                await _add_member(hub, board["id"], user_id)
             on_board: list[str] = []
             for k in range(config.sessions_per_board):
                 session = await hub.call(
@@ -733,3 +735,24 @@ def execute(
         scenario=scenario,
         marks=dict(sorted(counted.items())),
     )
+
+
+async def _add_member(hub: Hub, board_id: str, user_id: str) -> None:
+    """``user_id`` an editor of the board (which a planted early answer may
+    not have made durable yet: then again, a little later)."""
+    for _attempt in range(100):
+        try:
+            await hub.call(
+                OWNER,
+                connection_id=None,
+                service="boards",
+                method="add_member",
+                id=board_id,
+                data={"user_id": user_id, "role": "editor"},
+            )
+            return
+        except ServiceError as exc:
+            if exc.code != "not_found":
+                raise
+            await trio.sleep(0.01)
+    raise RuntimeError(f"board {board_id} never became durable")

@@ -24,10 +24,9 @@ import trio
 from argon2 import PasswordHasher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from protocols import Call, Joined, Lagged, PresenceUpdate, Since, encode
+from protocols import Call, Joined, Lagged, Left, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
-from ..domain.fields import DESCRIPTION_CHARS_MAX, ID_CHARS_MAX, NAME_CHARS_MAX, check_text
 from ..domain.presence import (
     PresenceConfig,
     PresenceGone,
@@ -38,6 +37,7 @@ from ..domain.presence import (
 from ..domain.room import (
     ActivityQuery,
     CatchUp,
+    Revoke,
     RoomBehaviour,
     Subscribe,
     Subscription,
@@ -51,17 +51,29 @@ from ..marks import mark
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
+from ..services import (
+    MINTS_ID,
+    READ_METHODS,
+    READ_ONLY,
+    SESSION_SCOPED,
+    BoardCall,
+    BoardPlan,
+    Gate,
+    Level,
+    UserLimits,
+    check_call,
+    narrower_role,
+    parse_activity,
+    plan_board,
+    plan_user,
+    public,
+    store_error,
+)
 from ..store import (
     WRITER_NAME,
-    EventDraft,
-    Expect,
     Mutation,
     SqlStore,
-    StoreConflict,
     StoreError,
-    StoreIntegrityError,
-    StoreNotFound,
-    StoreQueryError,
     StoreWriter,
     Write,
     WriteRequest,
@@ -78,50 +90,22 @@ __all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
 
-SERVICES = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
-READ_ONLY = ("tool_calls",)  # written through tasks.tool_call / tasks.tool_result
-SESSION_SCOPED = ("tasks", "messages")
-READ_METHODS = ("find", "get")
-# the methods that need a new id (drawn from the entropy seam only for them:
-# a streamed chunk needs none, and drawing one cost ~5% of its CPU)
-MINTS_ID = ("create", "tool_call")
 OWNER_ID = "owner"
 
 
 class Authorizer(Protocol):
-    """The one seam every call and join goes through.  Raises
-    ``ServiceError("unauthorized", ...)`` to refuse."""
+    """A deployment's own rule, checked on every call and join beside the
+    permissions.  Raises ``ServiceError("forbidden", ...)`` to refuse."""
 
     async def authorize(self, principal: Principal, action: str, resource: str) -> None: ...
 
 
 class AllowAll:
-    """Every authenticated user may read and write everything but the users
-    service, which is the owner's.  (Per-session permissions come with JWT.)"""
+    """Adds nothing to the permissions (:mod:`agor_actors.services`'s
+    gate), which every call and join passes first."""
 
     async def authorize(self, principal: Principal, action: str, resource: str) -> None:
-        own_record = action in ("get", "patch") and resource == f"users:{principal.user_id}"
-        if resource.startswith("users") and not principal.is_owner and not own_record:
-            raise ServiceError("forbidden", "only the owner manages users")
-
-
-def _store_error(exc: StoreError) -> ServiceError:
-    """What a client is told of a store error: no SQL, no column names (the
-    detail goes to the log)."""
-    if isinstance(exc, StoreNotFound):
-        return ServiceError("not_found", "no such record")
-    if isinstance(exc, StoreConflict):
-        return ServiceError("conflict", "stale revision", {"current": exc.current})
-    if isinstance(exc, StoreQueryError):
-        log.info("the store refused a query: %s", exc)
-        return ServiceError(
-            "invalid_field", "a field of the query or data is unknown or of the wrong type"
-        )
-    if isinstance(exc, StoreIntegrityError):
-        log.info("the store refused a write: %s", exc)
-        return ServiceError("invalid_data", "the data does not fit the records")
-    log.warning("the store failed: %s", exc)
-    return ServiceError("unavailable", "the store is unavailable")
+        return None
 
 
 @attrs.frozen
@@ -131,6 +115,21 @@ class _SessionWrite:
     actor: str
     cmd: Command
     session_id: str
+    access_change: bool = False
+    """The write may change who sees the session (its owner, permissions,
+    board or lock)."""
+
+
+def _needs_record(write: _SessionWrite, result: outcome.Outcome[Any]) -> bool:
+    """Whether the caller is answered with a task's or message's record
+    (read once the write is durable) rather than the session's answer."""
+    cmd = write.cmd
+    if cmd.service not in SESSION_SCOPED or cmd.id is None:
+        return False
+    if isinstance(result, outcome.Value):
+        return cmd.method in ("patch", "update")
+    error = result.error  # type: ignore[attr-defined]
+    return isinstance(error, ServiceError) and error.code == "conflict"
 
 
 class Hub:
@@ -145,6 +144,9 @@ class Hub:
         authorizer: Authorizer,
         metrics: Metrics | None = None,
         identity: Authentication | None = None,
+        *,
+        tasks: trio.Nursery,
+        limits: UserLimits | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.world = world
@@ -154,7 +156,21 @@ class Hub:
         self.authorizer = authorizer
         self.identity = identity
         """Sign-in and access tokens (JWT); None: local tokens only."""
+        self.limits = limits or UserLimits()
+        self.gate = Gate(world, store)
+        self._tasks = tasks
         self._subs: dict[str, dict[str, Subscription]] = {}
+        self._principals: dict[str, Principal] = {}
+        """Who each connection (joined or welcomed) is."""
+        self._connections_of: dict[str, set[str]] = {}
+        self._pending_of: dict[str, int] = {}
+        self._joining: set[str] = set()
+        self._revoked: dict[str, str] = {}
+        """Subscriptions revoked while being joined: the join ends them."""
+        self._recheck_users: set[str] = set()
+        self._recheck_rooms: set[str] = set()
+        self._recheck_wanted = trio.Event()
+        self.revocations = 0
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
@@ -234,31 +250,21 @@ class Hub:
     ) -> Any:
         """Run one service call; returns once any write is durable.  Raises
         :class:`ServiceError`."""
-        route = await self._route(
-            principal, connection_id, service, method, id, data, query, temp_id, base_rev
-        )
-        if isinstance(route, _SessionWrite):
-            cmd = route.cmd
-            try:
-                result = await self.system.registry.call(route.actor, cmd, timeout_s=30.0)
-            except ServiceError as exc:
-                if exc.code == "conflict" and service in ("tasks", "messages") and id is not None:
-                    # the current record, as a board or session conflict has
-                    current = await self._read(service, "get", id, None)
-                    raise ServiceError(
-                        "conflict",
-                        f"stale base_rev {base_rev}; the record is at rev {current.get('rev')}",
-                        {"current": current, "rev": current.get("rev")},
-                    ) from None
-                raise
-            self._written(route, result)
-            if cmd.method in ("patch", "update") and service != "sessions" and id is not None:
-                record = await self._read(service, "get", id, None)  # with its new rev
-                if isinstance(result, dict) and "_seq" in result:
-                    record = {**record, "_seq": result["_seq"]}
-                return record
-            return result
-        return await route()
+        release = self._pending(principal)
+        try:
+            route = await self._route(
+                principal, connection_id, service, method, id, data, query, temp_id, base_rev
+            )
+            if not isinstance(route, _SessionWrite):
+                return await route()
+            result = await outcome.acapture(
+                self.system.registry.call, route.actor, route.cmd, timeout_s=30.0
+            )
+            if self._settle_access(route):
+                await self._recheck(rooms={f"session:{route.session_id}"})
+            return (await self._answer(route, result)).unwrap()
+        finally:
+            release()
 
     async def submit(
         self,
@@ -275,28 +281,125 @@ class Hub:
         durable: then None.  Anything else (reads, boards, users, activity)
         is returned as a call for the caller to run concurrently.  Raises
         :class:`ServiceError` for a call refused before it starts."""
-        route = await self._route(
-            principal,
-            connection_id,
-            call.service,
-            call.method,
-            call.id,
-            call.data,
-            call.query,
-            call.temp_id,
-            call.base_rev,
-        )
+        release = self._pending(principal)
+        try:
+            route = await self._route(
+                principal,
+                connection_id,
+                call.service,
+                call.method,
+                call.id,
+                call.data,
+                call.query,
+                call.temp_id,
+                call.base_rev,
+            )
+        except BaseException:
+            release()
+            raise
         if not isinstance(route, _SessionWrite):
-            return route
+            return partial(self._counted, release, route)
         write = route
 
         def answered(result: outcome.Outcome[Any]) -> None:
+            release()
+            if self._settle_access(write):
+                self._recheck_soon(rooms={f"session:{write.session_id}"})
+            if _needs_record(write, result):
+                # the record with its new rev, or the current one of a conflict
+                self._tasks.start_soon(self._answer_later, write, result, reply)
+                return
             if isinstance(result, outcome.Value):
                 self._written(write, result.value)
             reply(result)
 
-        await self.system.registry.request(write.actor, write.cmd, answered)
+        try:
+            await self.system.registry.request(write.actor, write.cmd, answered)
+        except BaseException:
+            release()
+            raise
         return None
+
+    @staticmethod
+    async def _counted(release: Callable[[], None], run: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await run()
+        finally:
+            release()
+
+    def _pending(self, principal: Principal) -> Callable[[], None]:
+        """One more call of ``principal`` in flight (``too_many_pending``
+        past the user's cap; the local owner has none); returns what ends
+        it (once)."""
+        if principal.is_owner:
+            return _nothing
+        user = principal.user_id
+        count = self._pending_of.get(user, 0)
+        if count >= self.limits.pending_calls:
+            raise ServiceError(
+                "too_many_pending",
+                f"{count} calls of this user are pending (at most {self.limits.pending_calls})",
+            )
+        self._pending_of[user] = count + 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            left = self._pending_of[user] - 1
+            if left:
+                self._pending_of[user] = left
+            else:
+                del self._pending_of[user]
+
+        return release
+
+    async def _answer_later(
+        self,
+        write: _SessionWrite,
+        result: outcome.Outcome[Any],
+        reply: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        reply(await self._answer(write, result))
+
+    async def _answer(
+        self, write: _SessionWrite, result: outcome.Outcome[Any]
+    ) -> outcome.Outcome[Any]:
+        """A session's answer as the caller gets it: a patch of a task or a
+        message answers the record (with its new rev), a stale base_rev the
+        current record."""
+        cmd = write.cmd
+        if isinstance(result, outcome.Value):
+            self._written(write, result.value)
+        if not _needs_record(write, result):
+            return result
+        assert cmd.id is not None
+        try:
+            record = await self._read(cmd.principal, cmd.service, "get", cmd.id, None)
+        except ServiceError as exc:
+            return outcome.Error(exc)
+        if isinstance(result, outcome.Value):
+            if isinstance(result.value, dict) and "_seq" in result.value:
+                record = {**record, "_seq": result.value["_seq"]}
+            return outcome.Value(record)
+        return outcome.Error(
+            ServiceError(
+                "conflict",
+                f"stale base_rev {cmd.base_rev}; the record is at rev {record.get('rev')}",
+                {"current": record, "rev": record.get("rev")},
+            )
+        )
+
+    def _settle_access(self, write: _SessionWrite) -> bool:
+        """A session's write was answered: forget what the gate knew of the
+        session's access (or assumed while the write was in flight); True if
+        the write may have changed who sees the session."""
+        if write.cmd.service != "sessions":
+            return False
+        self.gate.forget_session(write.session_id)
+        return write.access_change
 
     async def _route(
         self,
@@ -314,17 +417,15 @@ class Hub:
         write, or a call to run here."""
         if service == "authentication":  # anyone connected may sign in or out
             return partial(self.authentication, method, data)
-        if service not in SERVICES:
-            raise ServiceError("unknown_service", f"no service {service!r}")
-        if id is not None and not isinstance(id, str):
-            raise ServiceError("invalid_field", "id must be a string")
-        check_text("id", id, ID_CHARS_MAX)
+        check_call(service, id)
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
+        if service == "users":
+            self.gate.check_users_call(principal, method, id)
         if service == "activity":
-            return partial(self._activity, method, query)
+            return partial(self._activity, principal, method, query)
         if method in READ_METHODS:
-            return partial(self._read, service, method, id, query)
+            return partial(self._read, principal, service, method, id, query)
         if service in READ_ONLY:
             raise ServiceError(
                 "unknown_method", f"{service} is read-only: {', '.join(READ_METHODS)}"
@@ -332,26 +433,25 @@ class Hub:
         now_ms = self.world.wall.now_ms()
         new_id = self.world.entropy.new_id(now_ms) if method in MINTS_ID else ""
         if service == "users":
-            return partial(self._users, principal, method, id, data, now_ms, new_id)
+            return partial(self._users, method, id, data, now_ms, new_id)
         if service == "boards":
-            return partial(
-                self._boards,
-                principal,
-                connection_id,
-                method,
-                id,
-                data,
-                now_ms,
-                new_id,
-                temp_id,
-                base_rev,
+            await self.gate.check_board_call(principal, method, id, data)
+            call = BoardCall(
+                principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
+            return partial(self._boards, call)
         if service == "sessions":
             session_id = new_id if method == "create" else id
             if session_id is None:
                 raise ServiceError("invalid_field", "id is required")
         else:
             session_id = await self._session_of(service, method, id, data)
+        changed = await self.gate.check_session_write(principal, service, method, session_id, data)
+        if changed is not None:
+            # check against the narrower of the two until the write is
+            # answered, and drop now who will not see the session then
+            self.gate.assume_session(changed)
+            await self._recheck(rooms={f"session:{session_id}"})
         cmd = Command(
             principal=principal,
             connection_id=connection_id,
@@ -365,7 +465,7 @@ class Hub:
             now_ms=now_ms,
             new_id=new_id,
         )
-        return _SessionWrite(f"session:{session_id}", cmd, session_id)
+        return _SessionWrite(f"session:{session_id}", cmd, session_id, changed is not None)
 
     def _written(self, write: _SessionWrite, result: Any) -> None:
         cmd = write.cmd
@@ -395,10 +495,27 @@ class Hub:
         self._remember(service, id, row["session_id"])
         return str(row["session_id"])
 
-    async def _read(
-        self, service: str, method: str, id: str | None, query: dict[str, Any] | None
-    ) -> Any:
+    async def _read_row(self, table: str, id: str) -> dict[str, Any] | None:
         store = self.store
+        try:
+            row = await self.world.blocking.run(lambda: store.get(table, id))
+        except StoreError as exc:
+            raise store_error(exc) from None
+        return None if row is None else public(row)
+
+    async def _read(
+        self,
+        principal: Principal,
+        service: str,
+        method: str,
+        id: str | None,
+        query: dict[str, Any] | None,
+    ) -> Any:
+        """``get`` (``forbidden`` for a record the principal may not see) or
+        ``find`` (only what it may see: a page may hold fewer than
+        ``$limit`` records; the last has no ``next_cursor``)."""
+        store = self.store
+        gate = self.gate
         try:
             if method == "get":
                 if id is None:
@@ -406,43 +523,33 @@ class Hub:
                 row = await self.world.blocking.run(lambda: store.get(service, id))
                 if row is None:
                     raise ServiceError("not_found", f"no {service[:-1]} {id}")
-                return _public(row)
-            page = await self.world.blocking.run(lambda: store.find(service, query or {}))
+                if not await gate.visible(principal, service, row):
+                    raise gate.refuse(f"no {service[:-1]} {id} that this user may see")
+                return public(row)
+            asked, extra = gate.access_query(service, query or {})
+            page = await self.world.blocking.run(lambda: store.find(service, asked))
         except StoreError as exc:
-            raise _store_error(exc) from None
-        return {"data": [_public(r) for r in page.items], "next_cursor": page.next_cursor}
+            raise store_error(exc) from None
+        rows = [r for r in page.items if await gate.visible(principal, service, r)]
+        if extra:
+            rows = [{k: v for k, v in r.items() if k not in extra} for r in rows]
+        return {"data": [public(r) for r in rows], "next_cursor": page.next_cursor}
 
-    async def _activity(self, method: str, query: dict[str, Any] | None) -> Any:
-        """The activity log of a board, newest first: derived from the board
-        room's event log (the last entries from the room's memory, older
-        ones from the store), filtered by user and by action."""
-        if method != "find":
-            raise ServiceError("unknown_method", "activity has only find")
-        q = dict(query or {})
-        board = q.pop("board_id", None)
-        if not isinstance(board, str) or not board:
-            raise ServiceError("invalid_field", "query.board_id is required")
-        user = q.pop("user_id", None)
-        action = q.pop("action", None)
-        actions = [action] if isinstance(action, str) else action
-        cursor = q.pop("$cursor", None)
-        limit = q.pop("$limit", 50)
-        if q:
-            raise ServiceError("invalid_field", f"unknown filter(s): {', '.join(sorted(q))}")
-        if user is not None and not isinstance(user, str):
-            raise ServiceError("invalid_field", "user_id must be a string")
-        if actions is not None and not (
-            isinstance(actions, list) and all(isinstance(a, str) for a in actions)
-        ):
-            raise ServiceError("invalid_field", "action must be a string or a list of strings")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 500:
-            raise ServiceError("invalid_field", "$limit must be 1..500")
-        before: int | None = None
-        if cursor is not None:
-            try:
-                before = int(cursor)
-            except (TypeError, ValueError):
-                raise ServiceError("invalid_field", "bad $cursor") from None
+    async def _activity(
+        self, principal: Principal, method: str, query: dict[str, Any] | None
+    ) -> Any:
+        """The activity log of a board, newest first: the last entries from
+        the board room's memory, older ones from the store."""
+        q = parse_activity(method, query)
+        if await self.gate.board_level(principal, q.board_id) < Level.READ:
+            raise self.gate.refuse(f"no board {q.board_id} that this user may see")
+        board, user, actions, before, limit = (
+            q.board_id,
+            q.user_id,
+            q.actions,
+            q.before_seq,
+            q.limit,
+        )
         room = f"board:{board}"
         if before is None:
             ref = self.system.registry.lookup(f"room:{room}")
@@ -458,7 +565,7 @@ class Hub:
                 )
             )
         except StoreError as exc:
-            raise _store_error(exc) from None
+            raise store_error(exc) from None
         return {
             "data": [activity_entry(e) for e in page.items],
             "next_cursor": None if page.next_before_seq is None else str(page.next_before_seq),
@@ -468,7 +575,7 @@ class Hub:
         try:
             result = await self.system.registry.call(WRITER_NAME, Write(request), timeout_s=30.0)
         except StoreError as exc:
-            raise _store_error(exc) from None
+            raise store_error(exc) from None
         assert isinstance(result, WriteResult)
         return result
 
@@ -479,7 +586,9 @@ class Hub:
         except ServiceError as exc:
             if exc.code != "conflict":
                 raise
-            current = await self._read("boards", "get", board_id, None)
+            current = await self._read_row("boards", board_id)
+            if current is None:
+                raise ServiceError("not_found", f"no board {board_id}") from None
             raise ServiceError(
                 "conflict",
                 f"stale base_rev; the board is at rev {current.get('rev')}",
@@ -498,38 +607,27 @@ class Hub:
             return await identity.remove(data)
         raise ServiceError("unknown_method", f"authentication.{method} is not supported")
 
-    async def _users(
-        self, principal: Principal, method: str, id: str | None, data: Any, now_ms: int, new_id: str
-    ) -> Any:
+    async def _users(self, method: str, id: str | None, data: Any, now_ms: int, new_id: str) -> Any:
         if method == "patch" and id is not None:
             return await self._set_password(id, data)
-        if method != "create":
-            raise ServiceError("unknown_method", f"users.{method} is not supported")
-        name = data.get("name") if isinstance(data, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ServiceError("invalid_field", "data.name is required")
-        check_text("name", name, NAME_CHARS_MAX)
-        token = self.world.entropy.token()
-        row = {
-            "name": name,
-            "token_hash": hash_token(token),
-            "is_owner": False,
-            "created_at": now_ms,
-        }
-        mutations = [Mutation("insert", "users", {"id": new_id}, row)]
+        plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
+        request = plan.request
         if isinstance(data, dict) and "password" in data:
-            mutations.append(
-                await self._identity().password_mutation(new_id, name, data["password"])
+            password = await self._identity().password_mutation(
+                new_id, str(data["name"]), data["password"]
             )
-        await self._write(WriteRequest(mutations=tuple(mutations)))
-        return {"id": new_id, "name": name, "token": token}
+            request = WriteRequest(mutations=(*request.mutations, password))
+        await self._write(request)
+        return plan.answer
 
     async def _set_password(self, user_id: str, data: Any) -> Any:
         """``users.patch`` ``{password}``: the user signs in with its name
         and this password from now on; its refresh tokens are revoked."""
         if not isinstance(data, dict) or set(data) != {"password"}:
             raise ServiceError("invalid_field", "users.patch takes only data.password")
-        user = await self._read("users", "get", user_id, None)
+        user = await self._read_row("users", user_id)
+        if user is None:
+            raise ServiceError("not_found", "no such record")
         identity = self._identity()
         mutation = await identity.password_mutation(
             user_id, str(user["name"]), data["password"], replace=True
@@ -543,104 +641,59 @@ class Hub:
             raise ServiceError("unavailable", "this daemon does not sign people in")
         return self.identity
 
-    async def _boards(
-        self,
-        principal: Principal,
-        connection_id: str | None,
-        method: str,
-        id: str | None,
-        data: Any,
-        now_ms: int,
-        new_id: str,
-        temp_id: str | None,
-        base_rev: int | None,
-    ) -> Any:
-        values = data if isinstance(data, dict) else {}
-        allowed = {"name", "description"}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise ServiceError("invalid_field", f"unknown field(s): {', '.join(unknown)}")
-        for k, v in values.items():
-            if v is not None and not isinstance(v, str):
-                raise ServiceError("invalid_field", f"{k} must be a string")
-        check_text("name", values.get("name"), NAME_CHARS_MAX)
-        check_text("description", values.get("description"), DESCRIPTION_CHARS_MAX)
+    async def _boards(self, call: BoardCall) -> Any:
+        current = None
+        if call.method != "create" and call.id is not None:
+            current = await self._read_row("boards", call.id)
+        plan = plan_board(call, current)
+        board_id = call.id or call.new_id
+        if plan.revoked is None:
+            await self._board_write(board_id, plan.request)
+            self.gate.forget_board(board_id)
+        else:
+            await self._membership_write(board_id, plan)
+        if plan.answer is not None:
+            return plan.answer
+        return await self._read(call.principal, "boards", "get", board_id, None)
 
-        def event(board_id: str, name: str, payload: Any) -> EventDraft:
-            return EventDraft(
-                f"board:{board_id}",
-                name,
-                payload,
-                now_ms,
-                principal.user_id,
-                connection_id,
-                temp_id,
+    async def _membership_write(self, board_id: str, plan: BoardPlan) -> None:
+        """A member added, narrowed or removed.  Until the write is durable
+        the gate holds the narrower of the two memberships, and who loses
+        sight of a room is sent ``left`` at once; once it is durable (or
+        failed) the gate reads the board again and checks once more (a join
+        that raced the write)."""
+        user = plan.revoked
+        assert user is not None
+        board = await self.gate.board(board_id)
+        if board is not None and board.members.get(user) is not None:
+            self.gate.assume_board(
+                board.with_role(user, narrower_role(board.members[user], plan.role))
             )
-
-        if method == "create":
-            if not values.get("name"):
-                raise ServiceError("invalid_field", "data.name is required")
-            row = {
-                "id": new_id,
-                "name": values["name"],
-                "description": values.get("description"),
-                "owner_id": principal.user_id,
-                "created_at": now_ms,
-                "updated_at": now_ms,
-                "rev": 1,
-            }
-            member = Mutation(
-                "insert",
-                "board_members",
-                {"board_id": new_id, "user_id": principal.user_id},
-                {"role": "owner"},
-            )
-            await self._write(
-                WriteRequest(
-                    mutations=(
-                        Mutation(
-                            "insert",
-                            "boards",
-                            {"id": new_id},
-                            {k: v for k, v in row.items() if k != "id"},
-                        ),
-                        member,
-                    ),
-                    events=(event(new_id, "board:created", {"board_id": new_id, "board": row}),),
-                )
-            )
-            return row
-        if id is None:
-            raise ServiceError("invalid_field", "id is required")
-        # with If-Match / base_rev, the write holds only at that revision
-        expect = () if base_rev is None else (Expect("boards", {"id": id}, "rev", base_rev),)
-        if method in ("patch", "update"):
-            if not values:
-                raise ServiceError("invalid_field", "nothing to change")
-            await self._board_write(
-                id,
-                WriteRequest(
-                    mutations=(
-                        Mutation("update", "boards", {"id": id}, {**values, "updated_at": now_ms}),
-                    ),
-                    events=(event(id, "board:updated", {"board_id": id, "updates": values}),),
-                    expect=expect,
-                ),
-            )
-            return await self._read("boards", "get", id, None)
-        if method == "remove":
-            await self._board_write(
-                id,
-                WriteRequest(
-                    mutations=(Mutation("delete", "boards", {"id": id}),),
-                    events=(event(id, "board:deleted", {"board_id": id}),),
-                    expect=expect,
-                ),
-            )
-            return {"id": id}
-        raise ServiceError("unknown_method", f"boards.{method} does not exist")
+            await self._recheck(users={user})
+        try:
+            await self._board_write(board_id, plan.request)
+        finally:
+            self.gate.forget_board(board_id)
+            await self._recheck(users={user})
 
     # ------------------------------------------------------------------ rooms
+
+    def connect(self, principal: Principal, connection_id: str) -> None:
+        """A connection of ``principal`` was welcomed: ``too_many_connections``
+        past the user's cap (the local owner has none)."""
+        self._principals[connection_id] = principal
+        if principal.is_owner:
+            return
+        mine = self._connections_of.setdefault(principal.user_id, set())
+        if len(mine) >= self.limits.connections:
+            if not mine:
+                del self._connections_of[principal.user_id]
+            del self._principals[connection_id]
+            raise ServiceError(
+                "too_many_connections",
+                f"this user has {len(mine)} connections open (at most {self.limits.connections})",
+            )
+        mine.add(connection_id)
 
     async def join(
         self,
@@ -653,7 +706,10 @@ class Hub:
         """Subscribe a connection to ``room``.  Queues ``joined`` and any
         replay into ``outbox`` in order; live events follow.  A gap older
         than the room's memory is replayed from the log here, at the pace the
-        client reads."""
+        client reads.  The room must exist and the principal see it now (a
+        resume is checked again); a room that does not exist and one it may
+        not see get the same ``forbidden``, and nothing is spawned for
+        either."""
         kind, _, ident = room.partition(":")
         if kind not in ("session", "board", "activity") or not ident:
             raise ServiceError(
@@ -661,22 +717,30 @@ class Hub:
                 f"no room {room!r}: rooms are session:<id>, board:<id> and activity:<board id>",
             )
         refused = ServiceError("forbidden", f"no room {room!r} that this user may see")
-        if not await self._room_exists(kind, ident):
-            _security_log.info(
-                "join refused",
-                extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
-            )
-            raise refused
         try:
+            if not await self.gate.may_see_room(principal, room):
+                raise refused
             await self.authorizer.authorize(principal, "join", room)
-        except ServiceError as exc:
-            # the same answer as for a room that does not exist
+        except ServiceError:
+            # the same answer for a room that does not exist
+            self.gate.denials += 1
             _security_log.info(
                 "join refused",
                 extra={"connection_id": connection_id, "user_id": principal.user_id, "room": room},
             )
-            raise refused from exc
+            raise refused from None
+        self._principals.setdefault(connection_id, principal)
         subs = self._subs.setdefault(connection_id, {})
+        if room not in subs and not principal.is_owner:
+            joined = sum(
+                len(self._subs.get(c, ()))
+                for c in self._connections_of.get(principal.user_id, (connection_id,))
+            )
+            if joined >= self.limits.rooms:
+                raise ServiceError(
+                    "too_many_subscriptions",
+                    f"this user is in {joined} rooms (at most {self.limits.rooms})",
+                )
         activity = kind == "activity"
         if activity:
             mark("hub.activity_join")
@@ -684,6 +748,19 @@ class Hub:
             connection_id, room, outbox, user_id=principal.user_id, activity=activity
         )
         subs[room] = sub
+        self._joining.add(sub.key)
+        try:
+            await self._subscribe(sub, since)
+        finally:
+            self._joining.discard(sub.key)
+            reason = self._revoked.pop(sub.key, None)
+        if reason is not None:
+            # revoked while joining: the room may have taken it meanwhile
+            await self._drop(sub, reason)
+
+    async def _subscribe(self, sub: Subscription, since: Since | None) -> None:
+        room, outbox = sub.room, sub.outbox
+        subs = self._subs[sub.connection_id]
         actor, log_room = _room_actor(room)
         registry = self.system.registry
         result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
@@ -703,11 +780,13 @@ class Hub:
                 for chunk in _within(items, page_size, outbox.max_bytes // 2):
                     await outbox.wait_room(len(chunk), sum(len(item) for _, item in chunk))
                     if subs.get(room) is not sub:
-                        return  # left meanwhile
+                        return  # left or revoked meanwhile
                     if not outbox.offer_events(room, chunk):
                         return  # lagged: the client resumes later
                 if page:
                     after = page[-1].end_seq
+                if subs.get(room) is not sub:
+                    return
                 result = await registry.call(
                     actor,
                     Subscribe(sub, Since(result.epoch, after), quiet=True),
@@ -718,19 +797,74 @@ class Hub:
         except OutboxClosed:
             return
 
-    async def _room_exists(self, kind: str, ident: str) -> bool:
-        """Whether the session or board behind a room exists: its actors
-        are running, or the store has the record.  Spawns nothing."""
-        registry = self.system.registry
-        owner = "session" if kind == "session" else "board"
-        if registry.lookup(f"room:{owner}:{ident}") is not None:
-            return True
-        if kind == "session" and registry.lookup(f"session:{ident}") is not None:
-            return True
-        table = "sessions" if kind == "session" else "boards"
-        store = self.store
-        row = await self.world.blocking.run(lambda: store.get(table, ident))
-        return row is not None
+    # ------------------------------------------------------------ revocation
+
+    def _recheck_soon(
+        self, *, users: set[str] | None = None, rooms: set[str] | None = None
+    ) -> None:
+        """:meth:`_recheck` in the hub's own task (from a synchronous
+        answer).  Requests coalesce: at most one set of users and rooms
+        waits (overflow policy: merge)."""
+        self._recheck_users |= users or set()
+        self._recheck_rooms |= rooms or set()
+        self._recheck_wanted.set()
+
+    async def _rechecker(self) -> None:
+        while True:
+            await self._recheck_wanted.wait()
+            self._recheck_wanted = trio.Event()
+            users, self._recheck_users = self._recheck_users, set()
+            rooms, self._recheck_rooms = self._recheck_rooms, set()
+            try:
+                await self._recheck(users=users or None, rooms=rooms or None)
+            except Exception:
+                log.exception("checking the subscriptions again failed")
+
+    async def _recheck(
+        self, *, users: set[str] | None = None, rooms: set[str] | None = None
+    ) -> None:
+        """Check again the subscriptions of ``users`` (or to ``rooms``)
+        against the permissions as the gate knows them now, and drop each
+        one that fails, with ``left`` ``forbidden``."""
+        for connection_id, subs in list(self._subs.items()):
+            principal = self._principals.get(connection_id)
+            if principal is None or (users is not None and principal.user_id not in users):
+                continue
+            for room, sub in list(subs.items()):
+                if rooms is not None and _room_actor(room)[1] not in rooms and room not in rooms:
+                    continue
+                if await self.gate.may_see_room(principal, room):
+                    continue
+                if subs.get(room) is not sub:
+                    continue  # left meanwhile
+                del subs[room]
+                _security_log.info(
+                    "subscription revoked",
+                    extra={
+                        "connection_id": connection_id,
+                        "user_id": principal.user_id,
+                        "room": room,
+                    },
+                )
+                self.revocations += 1
+                if sub.key in self._joining:
+                    self._revoked[sub.key] = "forbidden"  # the join ends it
+                else:
+                    await self._drop(sub, "forbidden")
+
+    async def _drop(self, sub: Subscription, reason: str) -> None:
+        """Take ``sub`` out of its room and tell its connection ``left``
+        ``reason``: from the room itself, so that nothing of the room
+        follows it; or from here if the room did not have it."""
+        ref = self.system.registry.lookup(_room_actor(sub.room)[0])
+        dropped = False
+        if ref is not None:
+            dropped = bool(await ref.call(Revoke(sub.key, reason), timeout_s=30.0))
+        if not dropped:
+            sub.active = False
+            with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                sub.outbox.drop_room(sub.room)
+                sub.outbox.offer_control(Left(room=sub.room, reason=reason))
 
     async def leave(self, connection_id: str, room: str) -> None:
         subs = self._subs.get(connection_id)
@@ -756,6 +890,13 @@ class Hub:
         for room in list(self._subs.get(connection_id, {})):
             await self.leave(connection_id, room)
         self._subs.pop(connection_id, None)
+        principal = self._principals.pop(connection_id, None)
+        if principal is not None:
+            mine = self._connections_of.get(principal.user_id)
+            if mine is not None:
+                mine.discard(connection_id)
+                if not mine:
+                    del self._connections_of[principal.user_id]
         present = self._presence_of.pop(connection_id, None)
         if present is not None:
             await self.system.registry.send(
@@ -769,6 +910,8 @@ class Hub:
         the user's presence actor is busy, since the next one replaces it."""
         if update.board is not None and update.board:
             await self.authorizer.authorize(principal, "presence", f"board:{update.board}")
+            if await self.gate.board_level(principal, update.board) < Level.READ:
+                raise self.gate.refuse(f"no board {update.board} that this user may see")
         self._presence_of[connection_id] = principal
         ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
         if not ref.try_send(
@@ -819,12 +962,24 @@ class Hub:
             "agor_presence_dropped", "Presence updates dropped (a full presence mailbox)"
         )
         dropped.add_metric([], self.presence_dropped)
-        yield from (actors, depth, fullest, subscribers, dropped)
+        denied = CounterMetricFamily(
+            "agor_permission_denials", "Calls, joins and presence refused with forbidden"
+        )
+        denied.add_metric([], self.gate.denials)
+        revoked = CounterMetricFamily(
+            "agor_revocations", "Subscriptions dropped because their user lost sight of the room"
+        )
+        revoked.add_metric([], self.revocations)
+        yield from (actors, depth, fullest, subscribers, dropped, denied, revoked)
 
     async def drain(self) -> None:
         """Wait until every write queued so far is durable."""
         mark("hub.drain")
         await self.system.registry.call(WRITER_NAME, Write(WriteRequest()), timeout_s=60.0)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _within(
@@ -855,10 +1010,6 @@ def _room_actor(room: str) -> tuple[str, str]:
     return f"room:{room}", room
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in ("clocks", "token_hash")}
-
-
 @asynccontextmanager
 async def open_hub(
     world: World,
@@ -872,6 +1023,7 @@ async def open_hub(
     identity: IdentityConfig | None = None,
     ring_size: int | None = None,
     idle_s: float | None = None,
+    limits: UserLimits | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -897,6 +1049,7 @@ async def open_hub(
             identity=identity,
             ring_size=ring_size,
             idle_s=idle_s,
+            limits=limits,
         ) as hub:
             yield hub
 
@@ -914,6 +1067,7 @@ async def _open_hub(
     identity: IdentityConfig | None = None,
     ring_size: int | None = None,
     idle_s: float | None = None,
+    limits: UserLimits | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     if store is None:
@@ -1005,20 +1159,25 @@ async def _open_hub(
                 passwords=Passwords(PasswordHasher.from_parameters(config.password_params)),
                 refresh_ttl_s=config.refresh_ttl_s,
             )
-            hub = Hub(
-                world,
-                store,
-                system,
-                token,
-                authorizer or AllowAll(),
-                metrics,
-                identity=authentication,
-            )
-            try:
-                yield hub
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    await hub.drain()
+            async with trio.open_nursery() as tasks:
+                hub = Hub(
+                    world,
+                    store,
+                    system,
+                    token,
+                    authorizer or AllowAll(),
+                    metrics,
+                    identity=authentication,
+                    tasks=tasks,
+                    limits=limits,
+                )
+                tasks.start_soon(hub._rechecker)
+                try:
+                    yield hub
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(10):
+                        await hub.drain()
+                    tasks.cancel_scope.cancel()
     finally:
         if own_store:
             store.close()

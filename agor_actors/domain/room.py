@@ -25,6 +25,7 @@ per window (its writer sends them together once the rooms have offered).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from typing import Any
@@ -32,11 +33,11 @@ from typing import Any
 import attrs
 import outcome
 
-from protocols import Codec, Event, Joined, Limits, Presence, Since, Viewport, encode
+from protocols import Codec, Event, Joined, Left, Limits, Presence, Since, Viewport, encode
 
 from ..marks import mark
 from ..metrics import Metrics
-from ..outbox import Frame, Outbox, join_frame
+from ..outbox import Frame, Outbox, OutboxClosed, OutboxOverflow, join_frame
 from ..runtime import (
     ActorContext,
     Await,
@@ -55,6 +56,7 @@ from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_
 __all__ = [
     "CatchUp",
     "Resync",
+    "Revoke",
     "RoomBehaviour",
     "RoomState",
     "Subscribe",
@@ -105,6 +107,16 @@ class CatchUp:
 @attrs.frozen
 class Unsubscribe:
     key: str  # Subscription.key
+
+
+@attrs.frozen
+class Revoke:
+    """Drop the subscription ``key`` (its user may no longer see the room)
+    and queue ``left`` ``reason`` in its outbox, in the room's own order:
+    nothing of the room follows it.  Replies whether the room had it."""
+
+    key: str
+    reason: str
 
 
 @attrs.frozen
@@ -303,6 +315,8 @@ class RoomBehaviour(Behaviour[RoomState]):
                 return effects
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
+            if isinstance(body, Revoke):
+                return [Reply(msg.reply_to, self._revoke(state, body))]
             raise TypeError(f"room: unexpected request {body!r}")
         if isinstance(msg, Unsubscribe):
             sub = state.subscribers.pop(msg.key, None)
@@ -580,6 +594,18 @@ class RoomBehaviour(Behaviour[RoomState]):
         if replay and not self._offer(state, sub, replay):
             return "lagged"
         return "live"
+
+    def _revoke(self, state: RoomState, body: Revoke) -> bool:
+        sub = state.subscribers.pop(body.key, None)
+        if sub is None:
+            return False
+        sub.active = False
+        if not sub.activity:
+            state.presence.watch.pop(sub.connection_id, None)
+        with contextlib.suppress(OutboxClosed, OutboxOverflow):
+            sub.outbox.drop_room(sub.room)
+            sub.outbox.offer_control(Left(room=sub.room, reason=body.reason))
+        return True
 
     # -------------------------------------------------------------- activity
 

@@ -517,8 +517,18 @@ class Connection:
             else:
                 self._close_with(ErrorCode.NOT_AUTHENTICATED, "hello without a token")
             return
+        connection_id = self.world.entropy.new_id(self.world.wall.now_ms())
+        try:
+            self.hub.connect(principal, connection_id)
+        except ServiceError as exc:
+            security_log.warning(
+                "connection refused",
+                extra={"user_id": principal.user_id, "reason": exc.message},
+            )
+            self._close_with(ErrorCode.TOO_MANY_CONNECTIONS, exc.message)
+            return
         self.principal = principal
-        self.connection_id = self.world.entropy.new_id(self.world.wall.now_ms())
+        self.connection_id = connection_id
         self.outbox.offer_control(
             self.machine.welcome(
                 connection_id=self.connection_id,

@@ -53,7 +53,9 @@ SCHEMA_VERSION: Final = 1
 
 SESSION_STATUSES: Final = ("idle", "running", "awaiting_permission", "completed", "failed")
 TASK_STATUSES: Final = ("created", "running", "completed", "failed", "stopped")
-BOARD_ROLES: Final = ("owner", "editor", "viewer")
+# the board's creator is its ``owner``; ``admin``s manage it too (members,
+# ownership, deletion), ``editor``s write, ``viewer``s read
+BOARD_ROLES: Final = ("owner", "admin", "editor", "viewer")
 
 
 # --------------------------------------------------------------------------- errors

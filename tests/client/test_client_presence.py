@@ -194,9 +194,9 @@ async def short_grace(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
         yield d
 
 
-async def _teammate_token(owner: Client, name: str) -> str:
-    made = await owner.service("users").create({"name": name})
-    return str(made["token"])
+async def _teammate(owner: Client, name: str) -> dict[str, Any]:
+    made: dict[str, Any] = await owner.service("users").create({"name": name})
+    return made
 
 
 @asynccontextmanager
@@ -211,9 +211,14 @@ async def team(running: Daemon, windows: int = 2) -> AsyncIterator[tuple[list[Cl
                     connect(running.url, token=running.token, client_id=f"window-{n}", seed=n)
                 )
             )
-        token = await _teammate_token(owner[0], "Bob")
-        bob = await stack.enter_async_context(connect(running.url, token=token, seed=99))
+        mate = await _teammate(owner[0], "Bob")
+        bob = await stack.enter_async_context(connect(running.url, token=mate["token"], seed=99))
         board = await owner[0].service("boards").create({"name": "Plans"})
+        await (
+            owner[0]
+            .service("boards")
+            .call("add_member", board["id"], {"user_id": mate["id"], "role": "editor"})
+        )
         yield [*owner, bob], str(board["id"])
 
 

@@ -13,7 +13,7 @@ from trio.testing import MockClock
 
 from agor_actors.daemon import Hub, Outbox, OutboxClosed, Principal, open_hub
 from agor_actors.domain.presence import PresenceConfig, color_for, status_of
-from agor_actors.store import SqlStore, open_store
+from agor_actors.store import Mutation, SqlStore, WriteRequest, open_store
 from agor_actors.world import simulated_world
 from protocols import Codec, Cursor, Limits, Presence, PresenceUpdate, Viewport, decode_server_frame
 
@@ -75,20 +75,53 @@ class Watcher:
         return out
 
 
-async def real_user(hub: Hub, n: int) -> Principal:
-    """A user that exists in the store (writes reference it)."""
+async def real_user(hub: Hub, n: int, board: str) -> Principal:
+    """A user that exists in the store (writes reference it), an editor of
+    ``board``."""
     made = await hub.call(
         OWNER, connection_id=None, service="users", method="create", data={"name": f"User {n}"}
     )
     principal = await hub.authenticate(made["token"])
     assert principal is not None and principal.user_id == made["id"]
+    await hub.call(
+        OWNER,
+        connection_id=None,
+        service="boards",
+        method="add_member",
+        id=board,
+        data={"user_id": made["id"], "role": "editor"},
+    )
     return principal
 
 
 async def make_board(hub: Hub) -> str:
+    """A board of the owner's, with ``user(0)``..``user(99)`` as viewers."""
     board = await hub.call(
         OWNER, connection_id=None, service="boards", method="create", data={"name": "B"}
     )
+    users = [
+        Mutation(
+            "upsert",
+            "users",
+            {"id": f"u{n}"},
+            {"name": f"User {n}", "token_hash": f"{n:064x}", "created_at": 0},
+        )
+        for n in range(100)
+    ]
+    members = [
+        Mutation(
+            "upsert",
+            "board_members",
+            {"board_id": board["id"], "user_id": f"u{n}"},
+            {"role": "viewer"},
+        )
+        for n in range(100)
+    ]
+    store = hub.store
+    (result,) = await hub.world.blocking.run(
+        lambda: store.commit([WriteRequest(mutations=(*users, *members))])
+    )
+    assert not isinstance(result, Exception)
     return str(board["id"])
 
 
@@ -236,7 +269,7 @@ async def test_board_actions_flash_highlights(autojump_clock: MockClock) -> None
         board = await make_board(hub)
         watcher = Watcher(hub, user(2), "w", board)
         await watcher.start(nursery)
-        alice = await real_user(hub, 1)
+        alice = await real_user(hub, 1, board)
         session = await hub.call(
             alice,
             connection_id="c1",
@@ -260,7 +293,7 @@ async def test_activity_log_paging_and_filters_across_restart(autojump_clock: Mo
     store = memory_store()
     async with hub_on(store) as hub:
         board = await make_board(hub)
-        people = [await real_user(hub, i) for i in range(3)]
+        people = [await real_user(hub, i, board) for i in range(3)]
         for i in range(30):
             who = people[i % 3]
             s = await hub.call(
@@ -298,8 +331,9 @@ async def test_activity_log_paging_and_filters_across_restart(autojump_clock: Mo
                 break
             query = {**query, "$cursor": page["next_cursor"]}
         assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen))
-        # board:created + 30 x (session:created, session:updated, session:status_changed)
-        assert len(seen) == 1 + 30 * 3
+        # board:created, 3 x board:member_added
+        # + 30 x (session:created, session:updated, session:status_changed)
+        assert len(seen) == 1 + 3 + 30 * 3
         u1 = people[1].user_id
         mine = await hub.call(
             OWNER,
@@ -317,7 +351,7 @@ async def test_activity_stream_is_a_live_resumable_projection(autojump_clock: Mo
 
     async with hub_on(memory_store()) as hub:
         board = await make_board(hub)
-        alice = await real_user(hub, 1)
+        alice = await real_user(hub, 1, board)
         out = Outbox(Codec.JSON)
         await hub.join(alice, "c", out, f"activity:{board}", None)
         # the same connection can watch the board itself too: separate subscriptions

@@ -11,13 +11,14 @@ below it, never a layer above):
    ``agor_actors.outbox`` (a connection's write path)
 3. ``agor_actors.domain`` (session, room and presence behaviours),
    ``agor_actors.identity`` (sign-in, access and refresh tokens)
-4. ``agor_actors.daemon`` (the hub: every service's calls, joins, presence)
-5. ``agor_actors.server``, ``agor_actors.client``, ``agor_actors.embed``
-6. ``agor_actors.cli``, ``sim``
+4. ``agor_actors.services`` (every service's rules and permissions)
+5. ``agor_actors.daemon`` (the hub: routing, joins, presence, actor wiring)
+6. ``agor_actors.server``, ``agor_actors.client``, ``agor_actors.embed``
+7. ``agor_actors.cli``, ``sim``
 
 The path of one write reads top to bottom: server (connection) → daemon
-(hub) → domain (session actor) → store (writer actor, commit) → domain (room)
-→ outbox → transport.
+(hub: route, check with services) → domain (session actor) → store (writer
+actor, commit) → domain (room) → outbox → transport.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ LAYERS: dict[str, int] = {
     "agor_actors.outbox": 2,
     "agor_actors.domain": 3,
     "agor_actors.identity": 3,
-    "agor_actors.daemon": 4,
-    "agor_actors.server": 5,
-    "agor_actors.client": 5,
-    "agor_actors.embed": 5,
-    "agor_actors.cli": 6,
+    "agor_actors.services": 4,
+    "agor_actors.daemon": 5,
+    "agor_actors.server": 6,
+    "agor_actors.client": 6,
+    "agor_actors.embed": 6,
+    "agor_actors.cli": 7,
     "agor_actors": 0,  # the package's own __init__: a docstring
-    "sim": 6,
+    "sim": 7,
 }
 
 

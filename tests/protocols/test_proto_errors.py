@@ -48,6 +48,7 @@ def test_close_codes_can_be_sent() -> None:
         ("server_error", 1011),
         ("going_away", 1001),
         ("heartbeat_timeout", 4000),
+        ("too_many_connections", 1008),
         ("unknown_type", None),
         ("invalid_field", None),
         ("rate_limited", None),

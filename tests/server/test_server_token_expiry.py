@@ -122,7 +122,10 @@ async def test_after_4002_the_client_refreshes_and_resumes_with_nothing_lost(
         connect(running.ws_url, token=running.token) as writer,
         connect(running.ws_url, token=ada.access_token, refresh=refresh) as watcher,
     ):
-        session = await writer.service("sessions").create({"title": "expiry"})
+        assert ada.user is not None
+        session = await writer.service("sessions").create(
+            {"title": "expiry", "permissions": {"viewers": [ada.user["id"]]}}
+        )
         room = f"session:{session['id']}"
         await watcher.join(room)
         first_connection = watcher.connection_id

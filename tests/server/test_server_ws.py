@@ -277,6 +277,9 @@ async def test_presence_updates_reach_the_other_viewers_of_a_board(running: Daem
     async with connect(running.ws_url, token=running.token) as owner:
         user = await owner.service("users").create({"name": "viewer"})
         board = (await owner.service("boards").create({"name": "canvas"}))["id"]
+        await owner.call(
+            "boards", "add_member", id=board, data={"user_id": user["id"], "role": "viewer"}
+        )
     async with (
         raw_client(running.ws_url, token=running.token) as a,
         raw_client(running.ws_url, token=user["token"]) as b,

@@ -183,6 +183,7 @@ test("presence: facepile, throttled cursors, hide cursors, follow", async () => 
   const admin = await open()
   const board = await admin.service("boards").create({ name: "presence" })
   const bob = await admin.service("users").create({ name: "Bob" })
+  await admin.service("boards").call("add_member", board.id, { user_id: bob.id })
   const alice = await open()
   const bobClient = await open({ token: bob.token })
   const pa = alice.presence(board.id)

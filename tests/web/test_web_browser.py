@@ -120,6 +120,7 @@ def test_two_pages_see_a_session_appear_and_a_reply_stream_in(
     api = Api(daemon)
     board = api("POST", "/boards", {"name": "Launch"})
     bob = api("POST", "/users", {"name": "Bob"})
+    api("POST", f"/boards/{board['id']}/add_member", {"user_id": bob["id"]})
     alice_page = open_board(browser, daemon, board["id"])
     bob_page = open_board(browser, daemon, board["id"], token=bob["token"])
 
@@ -191,6 +192,7 @@ def test_cursors_show_in_the_other_page_and_can_be_hidden(
     board = api("POST", "/boards", {"name": "Cursors"})
     api("POST", "/sessions", {"board_id": board["id"], "title": "One"})
     bob = api("POST", "/users", {"name": "Bob"})
+    api("POST", f"/boards/{board['id']}/add_member", {"user_id": bob["id"]})
     owner_page = open_board(browser, daemon, board["id"])
     bob_page = open_board(browser, daemon, board["id"], token=bob["token"])
     bob_page.wait_for_function(
@@ -339,6 +341,7 @@ def test_screenshots_of_the_board(
     api = Api(daemon)
     board = api("POST", "/boards", {"name": "Agor launch"})
     bob = api("POST", "/users", {"name": "Bob Marley"})
+    api("POST", f"/boards/{board['id']}/add_member", {"user_id": bob["id"]})
     sessions = {}
     for title, agent, status in [
         ("Refactor the auth middleware", "claude-code", "running"),
