@@ -464,16 +464,7 @@ def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = _appended(table.c[name], sa.literal(value.text, sa.Text))
         else:
             out[name] = value
-    return _next_rev(table, out)
-
-
-def _next_rev(table: sa.Table, values: dict[str, Any]) -> dict[str, Any]:
-    """Every update of a revisioned record moves its ``rev`` by one, unless
-    the caller sets it (a session's actor knows its rev)."""
-    if "rev" in table.c and "rev" not in values:
-        # the 1 as SQL, not a bound value (see _appended)
-        values["rev"] = table.c.rev + sa.literal_column("1", sa.BigInteger)
-    return values
+    return out
 
 
 def _same(current: Any, expected: Any) -> bool:
@@ -802,7 +793,7 @@ class SqlStore:
                         values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
                     else:
                         values[name] = sa.bindparam(f"v_{name}", type_=column.type)
-                statement = sa.update(table).where(*where).values(_next_rev(table, values))
+                statement = sa.update(table).where(*where).values(values)
         stmt = Prepared(statement, self._engine.dialect)
         if len(self._plain_statements) < _SHAPES_MAX:
             self._plain_statements[shape] = stmt
