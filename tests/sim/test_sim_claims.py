@@ -153,6 +153,7 @@ def test_a_sweep_with_bursts_checks_every_claim_and_merged_event(tmp_path: pathl
         "2",
         "--exclude",
         "crash_session,crash_writer,store_before,store_after",
+        "--skip-known",
         "--timeout",
         "60",
         timeout_s=280,
