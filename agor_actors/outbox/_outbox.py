@@ -120,6 +120,7 @@ class Outbox:
         self.sent_bytes = 0
         """Payload bytes taken by the transport (the WebSocket's framing not counted)."""
         self.lagged = 0
+        self._rooms: set[str] = set()  # rooms that offered events (until dropped)
 
     @property
     def closed(self) -> bool:
@@ -152,6 +153,7 @@ class Outbox:
         if not self._fits(len(events), size):
             self._lag(room, events[0][0])
             return False
+        self._rooms.add(room)
         for seq, item in events:
             self._queue.append(_Entry(item, room, seq, len(item)))
         self._event_count += len(events)
@@ -167,7 +169,9 @@ class Outbox:
         Overflow as for :meth:`offer_events`.  ``hold``: not written in the
         offering task even if the connection is idle; the writer sends it
         on its next turn, with whatever else was queued by then (the other
-        rooms whose batch window ended at the same instant): one frame."""
+        rooms whose batch window ended at the same instant): one frame.
+        An outbox that only one room offers to sends at once all the same
+        (nothing could join it; a task switch less per window)."""
         if self._closed:
             return False
         size = len(frame)
@@ -177,7 +181,9 @@ class Outbox:
         self._queue.append(_Entry(frame, room, first_seq, size, count))
         self._event_count += count
         self._event_bytes += size
-        if hold:
+        rooms = self._rooms
+        rooms.add(room)
+        if hold and len(rooms) > 1:
             self._lot.unpark()
         else:
             self._kick()
@@ -237,6 +243,7 @@ class Outbox:
     def drop_room(self, room: str) -> int | None:
         """Forget queued events of a room (after ``leave``, or when the room
         is gone); returns the first seq dropped (None: nothing was queued)."""
+        self._rooms.discard(room)
         first: int | None = None
         kept: deque[_Entry] = deque()
         for entry in self._queue:
