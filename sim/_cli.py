@@ -29,7 +29,7 @@ from ._sweep import SweepOptions, SweepSummary, default_jobs, sweep
 
 __all__ = ["KNOWN_BUGS", "main"]
 
-KNOWN_BUGS: tuple[str, ...] = ("store_chunk",)
+KNOWN_BUGS: tuple[str, ...] = ()
 """Fault kinds (and workloads) that reveal daemon bugs found by the
 simulator and not fixed yet; ``--skip-known`` leaves them out.  Add a kind
 here (with the replay command in the commit) only while its fix is pending.
@@ -38,11 +38,14 @@ past events offered but not sent), ``store_after``, ``crash_writer``,
 ``cursors``, and ``bursts`` (pipelined chunks reordered across a session
 restart: writes now enter the session's mailbox in the reader, in order).
 
-Pending: ``store_chunk``.  A streamed chunk refused on its own (an
-integrity error) while later chunks of the same message are already on
-their way to the writer: their events carry offsets that count the refused
-chunk, which the message's content does not hold, so a client applying
-them by offset cannot (``python -m sim --seed 21 --only store_chunk``).
+Fixed since: ``store_chunk``.  A streamed chunk refused on its own (an
+integrity error) while later chunks of the same message were already on
+their way to the writer: their events carried offsets that counted the
+refused chunk, which the message's content does not hold (``python -m sim
+--seed 21 --only store_chunk``).  The writer now moves those offsets back
+(``WriterState.shifts``, per coalesce key; the session names its
+knowledge of the message in the key, so chunks planned after it learned
+of the refusal are left as they are).
 
 Found and counted (``presence late`` in the summary), then fixed: a room
 actor that restarts (``crash_room``, some partitions) forgot its board's

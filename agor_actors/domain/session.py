@@ -106,6 +106,10 @@ class SessionState:
     loading: bool = False
     deferred: list[Request] = attrs.field(factory=list)
     writes: int = 0
+    knowledge: int = 0
+    """Bumped each time ``messages`` is forgotten after a failed write: a
+    chunk's coalesce key names it, so the writer can tell the chunks planned
+    on lengths that counted a refused chunk from those planned after."""
 
 
 @attrs.define
@@ -290,6 +294,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             # what this incarnation believes of messages may be off now:
             # forget it; it is loaded again from the store when needed
             state.messages.clear()
+            state.knowledge += 1
         try:
             result = done.result.unwrap()
             assert isinstance(result, WriteResult)
@@ -367,7 +372,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             return (*_if_rev(cmd, "tasks", *self._task(state, cmd)), None, False)
         if cmd.service == "messages":
             request, answer = self._message(state, cmd)
-            coalesce = f"message:{cmd.id}" if cmd.method == "stream" else None
+            coalesce = f"message:{cmd.id}:{state.knowledge}" if cmd.method == "stream" else None
             if coalesce is None:
                 request, answer = _if_rev(cmd, "messages", request, answer)
             return request, answer, coalesce, False

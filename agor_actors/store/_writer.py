@@ -91,8 +91,18 @@ class _Done:
     result: outcome.Outcome[list[WriteResult | StoreError]]
 
 
+SHIFTS_MAX = 1024
+"""Streamed messages whose refused chunks the writer remembers (overflow
+policy: the oldest is forgotten)."""
+
+
 @attrs.define
 class WriterState:
+    shifts: dict[str, int] = attrs.field(factory=dict)
+    """Per coalesce key (a streamed message as its session knew it): the
+    characters of its chunks the store refused.  Chunks of that key still
+    on their way were planned with offsets that count them: their events'
+    offsets are moved back by as much (the content never held them)."""
     pending: list[Request] = attrs.field(factory=list)
     committing: bool = False
     groups: int = 0
@@ -152,6 +162,29 @@ def coalesce(writes: Sequence[Write]) -> WriteRequest:
         history=tuple(h for w in writes for h in w.request.history),
         expect=first.expect,
     )
+
+
+def _appended(request: WriteRequest) -> int:
+    """Characters ``request`` appends (a streamed chunk's)."""
+    return sum(
+        len(value.text)
+        for mutation in request.mutations
+        for value in mutation.values.values()
+        if isinstance(value, Append)
+    )
+
+
+def _shifted(request: WriteRequest, shift: int) -> WriteRequest:
+    """``request`` with its chunk events' offsets moved back by ``shift``."""
+    if not shift:
+        return request
+    events = tuple(
+        attrs.evolve(e, data={**e.data, "offset": e.data["offset"] - shift})
+        if isinstance(e.data.get("offset"), int)
+        else e
+        for e in request.events
+    )
+    return attrs.evolve(request, events=events)
 
 
 def _touches(request: WriteRequest) -> list[tuple[str, ...]]:
@@ -239,7 +272,10 @@ class StoreWriter(Behaviour[WriterState]):
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
         batch = runs([req.body for req in taken], taken)
         requests = [
-            coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request
+            _shifted(
+                coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request,
+                state.shifts.get(run[0].body.coalesce_key or "", 0),
+            )
             for run in batch
         ]
         state.committing = True
@@ -288,6 +324,12 @@ class StoreWriter(Behaviour[WriterState]):
         if metrics is not None:
             metrics.events_committed.inc(sum(len(events) for events in by_room.values()))
         for run, result in zip(done.batch, results, strict=True):
+            key = run[0].body.coalesce_key
+            if key is not None and not isinstance(result, WriteResult):
+                refused = sum(_appended(req.body.request) for req in run)
+                state.shifts[key] = state.shifts.pop(key, 0) + refused
+                while len(state.shifts) > SHIFTS_MAX:
+                    del state.shifts[next(iter(state.shifts))]
             for req in run:
                 if isinstance(result, WriteResult):
                     effects.append(Reply(req.reply_to, result))

@@ -1,9 +1,24 @@
-"""The store writer's pure parts: coalescing streamed chunks."""
+"""The store writer's pure parts: coalescing streamed chunks, and the
+offsets of chunks planned past a refused one."""
 
 from __future__ import annotations
 
-from agor_actors.store import Append, EventDraft, Mutation, Write, WriteRequest
-from agor_actors.store._writer import coalesce, runs
+import outcome
+
+from agor_actors.runtime import AwaitInline, Request
+from agor_actors.store import (
+    Append,
+    EventDraft,
+    Mutation,
+    StoreError,
+    StoreIntegrityError,
+    StoreWriter,
+    Write,
+    WriteRequest,
+    WriteResult,
+)
+from agor_actors.store._writer import WriterState, coalesce, runs
+from agor_actors.world import simulated_world
 
 
 def chunk(text: str, ts: int, offset: int = 0, *, m: str = "m", s: str = "s") -> Write:
@@ -93,3 +108,50 @@ def test_coalesce_concatenates_appends_and_merges_events() -> None:
     (event,) = merged.events
     assert event.data == {"message_id": "m", "chunk": "Hello you", "offset": 7}
     assert event.merge_count == 3 and event.ts == 3
+
+
+class _Refusing:
+    """A store that refuses the chunks whose text is in ``refuse`` (as the
+    database refuses a row that breaks a constraint) and records what it
+    was asked to commit."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.committed: list[WriteRequest] = []
+
+    def commit(self, requests: list[WriteRequest]) -> list[WriteResult | StoreError]:
+        out: list[WriteResult | StoreError] = []
+        for request in requests:
+            if any(e.data.get("chunk") in self.refuse for e in request.events):
+                out.append(StoreIntegrityError("refused"))
+            else:
+                self.committed.append(request)
+                out.append(WriteResult(()))
+        return out
+
+
+async def test_chunks_planned_past_a_refused_one_have_their_offsets_moved_back() -> None:
+    """A session plans its chunks' offsets before the store answers: when
+    one is refused, the ones already on their way count it.  The writer
+    moves their offsets back by what was refused, for that key only (the
+    session plans later chunks under a new key once it knows)."""
+    store = _Refusing({"BAD"})
+    writer = StoreWriter(store, simulated_world(1))  # type: ignore[arg-type]
+    state = WriterState()
+
+    async def group(*writes: Write) -> None:
+        for write in writes:
+            writer.handle(state, Request(write, None), 0.0)  # type: ignore[arg-type]
+        (effect,) = writer.caught_up(state, 0.0)
+        assert isinstance(effect, AwaitInline)
+        writer.handle(state, effect.then(await outcome.acapture(effect.fn)), 0.0)
+
+    await group(chunk("ab", 1, 0))
+    await group(chunk("BAD", 2, 2), other("board:b", row="m"))  # refused alone
+    await group(chunk("cd", 3, 5), chunk("ef", 4, 7))  # planned counting "BAD"
+    await group(
+        Write(chunk("gh", 5, 4).request, coalesce_key="message:m:1")  # planned after: as it is
+    )
+    offsets = [e.data["offset"] for r in store.committed for e in r.events if "chunk" in e.data]
+    assert offsets == [0, 2, 4]
+    assert state.shifts == {"message:m": 3}
