@@ -5,6 +5,7 @@ durable."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -93,6 +94,11 @@ class Command:
     new_id: str  # an id the hub drew, for creates
 
 
+_INCARNATIONS = itertools.count()
+"""Session actor incarnations in this process: a restarted session plans
+its chunks under keys of its own (only their equality matters)."""
+
+
 @attrs.define
 class SessionState:
     session_id: str
@@ -108,8 +114,10 @@ class SessionState:
     writes: int = 0
     knowledge: int = 0
     """Bumped each time ``messages`` is forgotten after a failed write: a
-    chunk's coalesce key names it, so the writer can tell the chunks planned
-    on lengths that counted a refused chunk from those planned after."""
+    chunk's coalesce key names it (with the incarnation), so the writer can
+    tell the chunks planned on lengths that counted a refused chunk from
+    those planned after."""
+    incarnation: int = attrs.field(factory=lambda: next(_INCARNATIONS))
 
 
 @attrs.define
@@ -372,7 +380,11 @@ class SessionBehaviour(Behaviour[SessionState]):
             return (*_if_rev(cmd, "tasks", *self._task(state, cmd)), None, False)
         if cmd.service == "messages":
             request, answer = self._message(state, cmd)
-            coalesce = f"message:{cmd.id}:{state.knowledge}" if cmd.method == "stream" else None
+            coalesce = (
+                f"message:{cmd.id}:{state.incarnation}.{state.knowledge}"
+                if cmd.method == "stream"
+                else None
+            )
             if coalesce is None:
                 request, answer = _if_rev(cmd, "messages", request, answer)
             return request, answer, coalesce, False
