@@ -47,7 +47,7 @@ import agor_actors.outbox._outbox as outbox
 from agor_actors.domain.hlc import Hlc
 from agor_actors.domain.room import RoomBehaviour, RoomState, Subscribe
 from agor_actors.runtime import Effect, Reply
-from agor_actors.store import SqlStore, StoredEvent, StoreWriter, WriteResult
+from agor_actors.store import SqlStore, StoreWriter, WriteResult
 from agor_actors.store._writer import WriterState
 from protocols import (
     ClientConnection,
@@ -153,22 +153,9 @@ def _retry_seq_reused(original: Any) -> Any:
                     known = (head.epoch, head.base) if head else self.room_head(draft.room)
                     last[draft.room] = known or ("", 0)
                 epoch, seq = last[draft.room]
-                end = seq + draft.merge_count
-                taken.append(
-                    StoredEvent(
-                        room=draft.room,
-                        epoch=epoch,
-                        seq=seq + 1,
-                        last_seq=end if draft.merge_count > 1 else None,
-                        event=draft.event,
-                        data=draft.data,
-                        ts=draft.ts,
-                        user_id=draft.user_id,
-                        origin=draft.origin,
-                        temp_id=draft.temp_id,
-                    )
-                )
-                last[draft.room] = (epoch, end)
+                event = draft.stored(epoch, seq + 1)
+                taken.append(event)
+                last[draft.room] = (epoch, event.end_seq)
             results[index] = WriteResult(tuple(taken))
         return results, heads
 

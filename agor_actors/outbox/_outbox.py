@@ -181,9 +181,8 @@ class Outbox:
         self._queue.append(_Entry(frame, room, first_seq, size, count))
         self._event_count += count
         self._event_bytes += size
-        rooms = self._rooms
-        rooms.add(room)
-        if hold and len(rooms) > 1:
+        self._rooms.add(room)
+        if hold and len(self._rooms) > 1:
             self._lot.unpark()
         else:
             self._kick()

@@ -124,6 +124,22 @@ class EventDraft:
     temp_id: str | None = None
     merge_count: int = attrs.field(default=1, validator=_check_merge_count)
 
+    def stored(self, epoch: str, seq: int) -> StoredEvent:
+        """This event as the log holds it from ``seq`` (to ``seq +
+        merge_count - 1``) in ``epoch``."""
+        return StoredEvent(
+            room=self.room,
+            epoch=epoch,
+            seq=seq,
+            last_seq=seq + self.merge_count - 1 if self.merge_count > 1 else None,
+            event=self.event,
+            data=self.data,
+            ts=self.ts,
+            user_id=self.user_id,
+            origin=self.origin,
+            temp_id=self.temp_id,
+        )
+
 
 @attrs.frozen
 class History:
@@ -904,26 +920,13 @@ class SqlStore:
                 touched[room] = None
             elif room not in touched:
                 touched[room] = head.head
-            seq = head.head + 1
-            last = seq + draft.merge_count - 1
-            head.head = last
-            event = StoredEvent(
-                room=room,
-                epoch=head.epoch,
-                seq=seq,
-                last_seq=last if draft.merge_count > 1 else None,
-                event=draft.event,
-                data=draft.data,
-                ts=draft.ts,
-                user_id=draft.user_id,
-                origin=draft.origin,
-                temp_id=draft.temp_id,
-            )
+            event = draft.stored(head.epoch, head.head + 1)
+            head.head = event.end_seq
             stored.append(event)
             rows.append(
                 {
                     "room": room,
-                    "seq": seq,
+                    "seq": event.seq,
                     "last_seq": event.last_seq,
                     "epoch": head.epoch,
                     "event": draft.event,

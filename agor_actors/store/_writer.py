@@ -104,7 +104,6 @@ class WriterState:
     on their way were planned with offsets that count them: their events'
     offsets are moved back by as much (the content never held them)."""
     pending: list[Request] = attrs.field(factory=list)
-    committing: bool = False
     groups: int = 0
     writes: int = 0
     merged: int = 0
@@ -255,7 +254,7 @@ class StoreWriter(Behaviour[WriterState]):
     def handle(self, state: WriterState, msg: Any, now: float) -> Effects:
         if isinstance(msg, Request) and isinstance(msg.body, Write):
             state.pending.append(msg)
-            if len(state.pending) >= self.max_group and not state.committing:
+            if len(state.pending) >= self.max_group:
                 return self._start(state, now)
             return ()
         if isinstance(msg, _Done):
@@ -263,7 +262,7 @@ class StoreWriter(Behaviour[WriterState]):
         raise TypeError(f"store writer: unexpected {msg!r}")
 
     def caught_up(self, state: WriterState, now: float) -> Effects:
-        if state.pending and not state.committing:
+        if state.pending:
             return self._start(state, now)
         return ()
 
@@ -278,7 +277,6 @@ class StoreWriter(Behaviour[WriterState]):
             )
             for run in batch
         ]
-        state.committing = True
         state.groups += 1
         state.writes += len(taken)
         state.merged += len(taken) - len(batch)
@@ -294,7 +292,6 @@ class StoreWriter(Behaviour[WriterState]):
         return [AwaitInline(commit, lambda result: _Done(frozen, result))]
 
     def _finish(self, state: WriterState, done: _Done, now: float) -> list[Effect]:
-        state.committing = False
         effects: list[Effect] = []
         metrics = self.metrics
         if metrics is not None:
