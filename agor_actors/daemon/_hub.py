@@ -24,7 +24,7 @@ import trio
 from argon2 import PasswordHasher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from protocols import Call, Joined, Lagged, Left, PresenceUpdate, Since, encode
+from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
 
 from ..domain import Principal, ServiceError
 from ..domain.presence import (
@@ -199,15 +199,12 @@ class Hub:
                     self.presence_dropped += 1
         for subs in self._subs.values():
             for room, sub in list(subs.items()):
-                if _room_actor(room)[0] != name or not sub.active:
+                if _room_actor(room)[0] != name:
                     continue
-                sub.active = False
                 del subs[room]
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     # what was offered but not sent yet is resent too
-                    dropped = sub.outbox.drop_room(room)
-                    resume_from = sub.last_offered + 1 if dropped is None else dropped
-                    sub.outbox.offer_control(Lagged(room=room, resume_from=resume_from))
+                    sub.outbox.room_lost(room)
 
     # ------------------------------------------------------------------ auth
 
@@ -768,6 +765,7 @@ class Hub:
             return
         assert since is not None
         outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
+        outbox.open_room(room, since.seq)
         after = since.seq
         store = self.store
         page_size = max(1, min(500, outbox.max_messages // 2))
@@ -777,11 +775,12 @@ class Hub:
                     lambda a=after: store.events_since(log_room, a, page_size)  # type: ignore[misc]
                 )
                 items = [(e.seq, encode(outbox.codec, to_event(e, room))) for e in page]
+                ends = {e.seq: e.end_seq for e in page}
                 for chunk in _within(items, page_size, outbox.max_bytes // 2):
                     await outbox.wait_room(len(chunk), sum(len(item) for _, item in chunk))
                     if subs.get(room) is not sub:
                         return  # left or revoked meanwhile
-                    if not outbox.offer_events(room, chunk):
+                    if not outbox.offer_events(room, chunk, upto=ends[chunk[-1][0]]):
                         return  # lagged: the client resumes later
                 if page:
                     after = page[-1].end_seq
@@ -861,7 +860,6 @@ class Hub:
         if ref is not None:
             dropped = bool(await ref.call(Revoke(sub.key, reason), timeout_s=30.0))
         if not dropped:
-            sub.active = False
             with contextlib.suppress(OutboxClosed, OutboxOverflow):
                 sub.outbox.drop_room(sub.room)
                 sub.outbox.offer_control(Left(room=sub.room, reason=reason))
@@ -871,7 +869,6 @@ class Hub:
         sub = subs.pop(room, None) if subs else None
         if sub is None:
             return
-        sub.active = False
         sub.outbox.drop_room(room)
         ref = self.system.registry.lookup(_room_actor(room)[0])
         if ref is not None:

@@ -66,24 +66,33 @@ __all__ = [
 ]
 
 
-@attrs.define(eq=False)
+@attrs.frozen(eq=False)
 class Subscription:
-    """One connection in one room.  Shared by the room (which offers to the
-    outbox and records what it offered) and the connection's hub side."""
+    """One connection in one room: who it is and the outbox it is offered
+    to.  Immutable: the hub keeps it to name the subscription, the room
+    keeps its own record of what it offered (``_Member``), and what was
+    offered but not yet sent is the outbox's to know."""
 
     connection_id: str
     room: str
     outbox: Outbox
     user_id: str = ""
-    last_offered: int = 0
-    active: bool = True
     activity: bool = False
     """Subscribed to ``activity:<board>``: the board's events, projected
     as ``activity:new`` entries with the same seqs (gap-free, resumable)."""
+    key: str = attrs.field(
+        init=False,
+        default=attrs.Factory(lambda self: f"{self.connection_id}/{self.room}", takes_self=True),
+    )
 
-    @property
-    def key(self) -> str:
-        return f"{self.connection_id}/{self.room}"
+
+@attrs.define(slots=True)
+class _Member:
+    """The room's own record of one subscription."""
+
+    sub: Subscription
+    last_offered: int
+    """The end seq of the last event offered to its outbox."""
 
 
 @attrs.frozen
@@ -193,7 +202,7 @@ class RoomState:
     epoch: str
     head: int
     ring: deque[_Ring] = attrs.field(factory=deque)
-    subscribers: dict[str, Subscription] = attrs.field(factory=dict)
+    subscribers: dict[str, _Member] = attrs.field(factory=dict)
     delivered: int = 0
     lagged: int = 0
     presence: BoardPresence = attrs.field(factory=BoardPresence)
@@ -319,11 +328,9 @@ class RoomBehaviour(Behaviour[RoomState]):
                 return [Reply(msg.reply_to, self._revoke(state, body))]
             raise TypeError(f"room: unexpected request {body!r}")
         if isinstance(msg, Unsubscribe):
-            sub = state.subscribers.pop(msg.key, None)
-            if sub is not None:
-                sub.active = False
-                if not sub.activity:
-                    state.presence.watch.pop(sub.connection_id, None)
+            member = state.subscribers.pop(msg.key, None)
+            if member is not None and not member.sub.activity:
+                state.presence.watch.pop(member.sub.connection_id, None)
             return ()
         if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush):
             return self._presence(state, msg, now)
@@ -493,24 +500,27 @@ class RoomBehaviour(Behaviour[RoomState]):
     def _deliver_all(self, state: RoomState, entries: list[_Ring], hold: bool = False) -> None:
         base = entries[0].event.seq - 1
         shared: dict[tuple[Codec, bool, int], list[tuple[int, int, OutFrame]]] = {}
-        for sub in list(state.subscribers.values()):
-            if sub.last_offered != base:
-                self._offer(state, sub, entries)
+        upto = entries[-1].end_seq
+        for member in list(state.subscribers.values()):
+            if member.last_offered != base:
+                self._offer(state, member, entries)
                 continue
+            sub = member.sub
             key = (sub.outbox.codec, sub.activity, sub.outbox.max_frame_messages)
             frames = shared.get(key)
             if frames is None:
                 frames = shared[key] = self._batch_frames(state, sub, entries)
             for first_seq, count, frame in frames:
-                if not sub.outbox.offer_batch(sub.room, first_seq, count, frame, hold=hold):
+                if not sub.outbox.offer_batch(
+                    sub.room, first_seq, count, frame, upto=upto, hold=hold
+                ):
                     # it overflowed: the outbox dropped its backlog and queued ``lagged``
                     state.lagged += 1
-                    sub.active = False
                     state.subscribers.pop(sub.key, None)
                     break
                 state.delivered += count
             else:
-                sub.last_offered = entries[-1].end_seq
+                member.last_offered = upto
 
     def _batch_frames(
         self, state: RoomState, sub: Subscription, entries: list[_Ring]
@@ -543,17 +553,18 @@ class RoomBehaviour(Behaviour[RoomState]):
             items.append((entry.event.seq, frame))
         return items
 
-    def _offer(self, state: RoomState, sub: Subscription, entries: list[_Ring]) -> bool:
-        items = self._encoded(state, sub, [e for e in entries if e.end_seq > sub.last_offered])
+    def _offer(self, state: RoomState, member: _Member, entries: list[_Ring]) -> bool:
+        sub = member.sub
+        items = self._encoded(state, sub, [e for e in entries if e.end_seq > member.last_offered])
         if not items:
             return True
-        if sub.outbox.offer_events(sub.room, items):
-            sub.last_offered = entries[-1].end_seq
+        upto = entries[-1].end_seq
+        if sub.outbox.offer_events(sub.room, items, upto=upto):
+            member.last_offered = upto
             state.delivered += len(items)
             return True
         # it overflowed: the outbox dropped its backlog and queued ``lagged``
         state.lagged += 1
-        sub.active = False
         state.subscribers.pop(sub.key, None)
         return False
 
@@ -561,9 +572,7 @@ class RoomBehaviour(Behaviour[RoomState]):
 
     def _subscribe(self, state: RoomState, body: Subscribe) -> str | CatchUp:
         sub, since = body.sub, body.since
-        old = state.subscribers.pop(sub.key, None)
-        if old is not None:
-            old.active = False
+        state.subscribers.pop(sub.key, None)
         recovered = False
         start = state.head
         if since is not None and since.epoch not in ("", state.epoch):
@@ -585,21 +594,20 @@ class RoomBehaviour(Behaviour[RoomState]):
             sub.outbox.offer_control(
                 Joined(room=sub.room, epoch=state.epoch, seq=state.head, recovered=recovered)
             )
-        sub.last_offered = start
-        sub.active = True
-        state.subscribers[sub.key] = sub
+        sub.outbox.open_room(sub.room, start)
+        member = state.subscribers[sub.key] = _Member(sub, start)
         if self.is_board and not sub.activity:
             state.presence.watch.setdefault(sub.connection_id, _Watch()).full = True
         replay = [entry for entry in state.ring if entry.end_seq > start]
-        if replay and not self._offer(state, sub, replay):
+        if replay and not self._offer(state, member, replay):
             return "lagged"
         return "live"
 
     def _revoke(self, state: RoomState, body: Revoke) -> bool:
-        sub = state.subscribers.pop(body.key, None)
-        if sub is None:
+        member = state.subscribers.pop(body.key, None)
+        if member is None:
             return False
-        sub.active = False
+        sub = member.sub
         if not sub.activity:
             state.presence.watch.pop(sub.connection_id, None)
         with contextlib.suppress(OutboxClosed, OutboxOverflow):
@@ -704,7 +712,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         board = state.room.removeprefix("board:")
         margin = self.presence_config.cursor_margin
         all_users = sorted(p.users.values(), key=lambda e: str(e["user_id"]))
-        for sub in state.subscribers.values():
+        for member in state.subscribers.values():
+            sub = member.sub
             if sub.activity:
                 continue
             watch = p.watch.get(sub.connection_id)

@@ -121,6 +121,10 @@ class Outbox:
         """Payload bytes taken by the transport (the WebSocket's framing not counted)."""
         self.lagged = 0
         self._rooms: set[str] = set()  # rooms that offered events (until dropped)
+        self._upto: dict[str, int] = {}
+        """Per room this connection is in: the end seq of the last event
+        offered (what a room that forgot it must resume from, see
+        :meth:`room_lost`); a room that lagged or was dropped is not here."""
 
     @property
     def closed(self) -> bool:
@@ -140,11 +144,15 @@ class Outbox:
         self._control_count += 1
         self._kick()
 
-    def offer_events(self, room: str, events: list[tuple[int, Frame]]) -> bool:
-        """Queue encoded events ``(seq, item)`` of ``room``.  Returns False if
-        they did not fit: then the room's whole backlog here is dropped and a
-        ``lagged`` notice with the first undelivered seq is queued instead;
-        the caller must stop sending this room to this outbox."""
+    def offer_events(
+        self, room: str, events: list[tuple[int, Frame]], *, upto: int | None = None
+    ) -> bool:
+        """Queue encoded events ``(seq, item)`` of ``room``; ``upto``: the end
+        seq of the last (a merged event's ``last_seq``; default its seq).
+        Returns False if they did not fit: then the room's whole backlog here
+        is dropped and a ``lagged`` notice with the first undelivered seq is
+        queued instead; the caller must stop sending this room to this
+        outbox."""
         if self._closed:
             return False
         if not events:
@@ -154,6 +162,7 @@ class Outbox:
             self._lag(room, events[0][0])
             return False
         self._rooms.add(room)
+        self._upto[room] = events[-1][0] if upto is None else upto
         for seq, item in events:
             self._queue.append(_Entry(item, room, seq, len(item)))
         self._event_count += len(events)
@@ -162,10 +171,18 @@ class Outbox:
         return True
 
     def offer_batch(
-        self, room: str, first_seq: int, count: int, frame: OutFrame, *, hold: bool = False
+        self,
+        room: str,
+        first_seq: int,
+        count: int,
+        frame: OutFrame,
+        *,
+        upto: int | None = None,
+        hold: bool = False,
     ) -> bool:
         """Queue ``count`` events of ``room`` from ``first_seq`` already
-        joined into one frame (shared by every subscriber it goes to).
+        joined into one frame (shared by every subscriber it goes to);
+        ``upto`` as for :meth:`offer_events` (default ``first_seq + count - 1``).
         Overflow as for :meth:`offer_events`.  ``hold``: not written in the
         offering task even if the connection is idle; the writer sends it
         on its next turn, with whatever else was queued by then (the other
@@ -182,6 +199,7 @@ class Outbox:
         self._event_count += count
         self._event_bytes += size
         self._rooms.add(room)
+        self._upto[room] = first_seq + count - 1 if upto is None else upto
         if hold and len(self._rooms) > 1:
             self._lot.unpark()
         else:
@@ -198,6 +216,7 @@ class Outbox:
         """Drop the room's backlog here and queue ``lagged`` from the first
         seq the client has not been sent."""
         resume_from = first_seq
+        self._upto.pop(room, None)
         kept: deque[_Entry] = deque()
         for entry in self._queue:
             if entry.room == room:
@@ -243,6 +262,7 @@ class Outbox:
         """Forget queued events of a room (after ``leave``, or when the room
         is gone); returns the first seq dropped (None: nothing was queued)."""
         self._rooms.discard(room)
+        self._upto.pop(room, None)
         first: int | None = None
         kept: deque[_Entry] = deque()
         for entry in self._queue:
@@ -254,6 +274,22 @@ class Outbox:
                 kept.append(entry)
         self._queue = kept
         return first
+
+    def open_room(self, room: str, upto: int) -> None:
+        """``room`` took this connection in with everything up to ``upto``
+        already sent or offered (its join's start)."""
+        self._upto[room] = upto
+
+    def room_lost(self, room: str) -> None:
+        """``room`` forgot this connection (its actor crashed): what it
+        offered but not yet sent is dropped and ``lagged`` from the first
+        seq not sent is queued, so that the client resumes.  Nothing if the
+        room had already dropped it (it lagged, left or was revoked)."""
+        upto = self._upto.get(room)
+        if upto is None or self._closed:
+            return
+        dropped = self.drop_room(room)
+        self.offer_control(Lagged(room=room, resume_from=upto + 1 if dropped is None else dropped))
 
     # ------------------------------------------------------------- sending
 

@@ -198,3 +198,32 @@ async def test_delivery_latency_is_measured_once_per_frame_as_it_is_written() ->
         assert seen == [("fast", 10.0), ("slow", 10.5)]
         for out in (fast, other, slow):
             out.close()
+
+
+async def test_a_room_that_forgot_the_connection_is_resumed_from_the_first_seq_not_sent() -> None:
+    """A room's actor crashed: what it offered but the connection did not
+    send yet is dropped and ``lagged`` names the first seq not sent; if
+    everything was sent, the one after the last offered (a merged event's
+    end seq); a room that lagged already or was left is not told twice."""
+    out = Outbox(Codec.JSON)
+    out.open_room("session:a", 4)  # joined with 1..4 sent
+    out.open_room("board:b", 0)
+    out.open_room("session:c", 7)
+    assert out.offer_events("session:a", [ev(5)], upto=6)  # a chunk merging 5..6
+    assert out.offer_events("board:b", [ev(1, "board:b")])
+    sent = decode_server_frame(Codec.JSON, await out.next_frame(), Limits())
+    assert [m.seq for m in sent if isinstance(m, Event)] == [5, 1]
+    assert out.offer_events("session:a", [ev(7), ev(8)])  # queued, not sent
+    assert out.offer_events("board:b", [ev(2, "board:b")])
+    out.room_lost("session:a")
+    out.room_lost("session:a")  # once only: the room is no longer in it
+    out.drop_room("session:c")  # left
+    out.room_lost("session:c")
+    msgs = decode_server_frame(Codec.JSON, await out.next_frame(), Limits())
+    assert [(type(m).__name__, getattr(m, "resume_from", None)) for m in msgs] == [
+        ("Event", None),  # board:b's, untouched
+        ("Lagged", 7),
+    ]
+    out.room_lost("board:b")  # everything offered was sent: from the next one
+    (lagged,) = decode_server_frame(Codec.JSON, await out.next_frame(), Limits())
+    assert isinstance(lagged, Lagged) and (lagged.room, lagged.resume_from) == ("board:b", 3)

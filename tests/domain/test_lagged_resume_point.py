@@ -115,7 +115,7 @@ def _run(
                     if not len(outbox):
                         break
                     await receiver.take()
-            if not sub.active:
+            if sub.key not in state.subscribers:
                 # lagged: the room dropped the subscriber; the rest of the
                 # queue goes out, then the client would resume
                 while len(outbox):
