@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import outcome
@@ -107,8 +107,13 @@ class SessionState:
     inflight: int = 0
     poisoned: bool = False
     messages: OrderedDict[str, _Msg | None] = attrs.field(factory=OrderedDict)
-    """Messages this incarnation knows: task and content length (the offset
-    of the next chunk); None: no such message.  Bounded (LRU)."""
+    """Messages this incarnation knows: task, content length (the offset
+    of the next chunk) and rev; None: no such message.  Bounded (LRU)."""
+    tasks: OrderedDict[str, dict[str, Any] | None] = attrs.field(factory=OrderedDict)
+    """Tasks this incarnation knows, as stored (so a change's answer is the
+    record and its rev the next one); None: no such task in this session.
+    Bounded (LRU) in count and in prompt characters."""
+    task_chars: int = 0
     loading: bool = False
     deferred: list[Request] = attrs.field(factory=list)
     writes: int = 0
@@ -124,11 +129,13 @@ class SessionState:
 class _Msg:
     task_id: str | None
     length: int
+    rev: int = 1
 
 
 @attrs.frozen
 class _Loaded:
-    message_id: str
+    table: str  # "messages" or "tasks"
+    record_id: str
     result: outcome.Outcome[dict[str, Any] | None]
 
 
@@ -194,6 +201,29 @@ def _if_rev(
     return attrs.evolve(request, expect=(*request.expect, expect)), answer
 
 
+_TASK_TRANSITIONS: Final = {
+    "start": ("running", "task:started", None),
+    "complete": ("completed", "task:completed", "result"),
+    "fail": ("failed", "task:failed", "error"),
+    "stop": ("stopped", "task:stopped", None),
+}
+_TASK_CHANGES: Final = frozenset({*_TASK_TRANSITIONS, "patch", "update"})
+
+
+def _stale(base_rev: int, known: dict[str, Any], what: str) -> ServiceError:
+    rev = int(known["rev"])
+    return ServiceError(
+        "conflict",
+        f"stale base_rev {base_rev}; the {what} is at rev {rev}",
+        {"current": _public(known), "rev": rev},
+    )
+
+
+def _prompt_chars(row: dict[str, Any]) -> int:
+    prompt = row.get("prompt")
+    return len(prompt) if isinstance(prompt, str) else 0
+
+
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "clocks"}
 
@@ -206,6 +236,10 @@ class SessionBehaviour(Behaviour[SessionState]):
     max_inflight = 64
     max_deferred = 256
     max_messages = 4096
+    max_tasks = 1024
+    max_task_chars = 4 * 1024 * 1024
+    """Prompt characters of the tasks kept in memory (a prompt takes at most
+    ``PROMPT_CHARS_MAX``)."""
 
     def __init__(self, session_id: str, store: SqlStore, *, writer: str = WRITER_NAME) -> None:
         self.session_id = session_id
@@ -243,17 +277,18 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.poisoned:
             error = ServiceError("unavailable", "session is reloading; retry")
             return [Reply(msg.reply_to, error=error)]
-        unknown = self._unknown_message(state, cmd)
+        unknown = self._unknown(state, cmd)
         if unknown is not None:
             state.loading = True
             state.deferred.insert(0, msg)
             store = self.store
             blocking = self._blocking
+            table, record_id = unknown
 
             async def load() -> dict[str, Any] | None:
-                return await blocking.run(lambda: store.get("messages", unknown))
+                return await blocking.run(lambda: store.get(table, record_id))
 
-            return [Await(load, lambda result: _Loaded(unknown, result))]
+            return [Await(load, lambda result: _Loaded(table, record_id, result))]
         try:
             request, answer, coalesce_key, touched = self._plan(state, cmd)
         except ServiceError as exc:
@@ -263,12 +298,16 @@ class SessionBehaviour(Behaviour[SessionState]):
         body = Write(request, coalesce_key)
         return [_ask(self.writer, body, msg.reply_to, answer, touched)]
 
-    def _unknown_message(self, state: SessionState, cmd: Command) -> str | None:
-        """The id of a message this write needs to know (its content length,
-        the offset of a chunk) and that is not in memory."""
-        needs = cmd.service == "messages" and cmd.method in ("stream", "finish", "remove")
-        if needs and isinstance(cmd.id, str) and cmd.id not in state.messages:
-            return cmd.id
+    def _unknown(self, state: SessionState, cmd: Command) -> tuple[str, str] | None:
+        """``(table, id)`` of a record this write needs to know and that is
+        not in memory: a message (its content length, the offset of a
+        chunk; its rev) or a task (its rev, the record a change answers)."""
+        if not isinstance(cmd.id, str):
+            return None
+        if cmd.service == "messages" and cmd.method in ("stream", "finish", "remove"):
+            return None if cmd.id in state.messages else ("messages", cmd.id)
+        if cmd.service == "tasks" and cmd.method in _TASK_CHANGES:
+            return None if cmd.id in state.tasks else ("tasks", cmd.id)
         return None
 
     def _loaded(self, state: SessionState, done: _Loaded) -> list[Effect]:
@@ -280,10 +319,15 @@ class SessionBehaviour(Behaviour[SessionState]):
             waiting, state.deferred = state.deferred, []
             error = ServiceError("unavailable", f"store: {exc}")
             return [Reply(req.reply_to, error=error) for req in waiting]
-        if row is None or row.get("session_id") != state.session_id:
-            self._remember(state, done.message_id, None)
+        if row is not None and row.get("session_id") != state.session_id:
+            row = None
+        if done.table == "tasks":
+            self._remember_task(state, done.record_id, row)
+        elif row is None:
+            self._remember(state, done.record_id, None)
         else:
-            self._remember(state, done.message_id, _Msg(row["task_id"], len(row["content"])))
+            known = _Msg(row["task_id"], len(row["content"]), int(row["rev"]))
+            self._remember(state, done.record_id, known)
         effects: list[Effect] = []
         while state.deferred and not state.loading:
             effects.extend(self._command(state, state.deferred.pop(0)))
@@ -295,6 +339,20 @@ class SessionBehaviour(Behaviour[SessionState]):
         while len(state.messages) > self.max_messages:
             state.messages.popitem(last=False)
 
+    def _remember_task(self, state: SessionState, task_id: str, row: dict[str, Any] | None) -> None:
+        old = state.tasks.pop(task_id, None)
+        if old is not None:
+            state.task_chars -= _prompt_chars(old)
+        state.tasks[task_id] = row
+        if row is not None:
+            state.task_chars += _prompt_chars(row)
+        while len(state.tasks) > 1 and (
+            len(state.tasks) > self.max_tasks or state.task_chars > self.max_task_chars
+        ):
+            _, evicted = state.tasks.popitem(last=False)
+            if evicted is not None:
+                state.task_chars -= _prompt_chars(evicted)
+
     def _written(self, state: SessionState, done: _Written) -> list[Effect]:
         state.inflight -= 1
         effects: list[Effect] = []
@@ -302,6 +360,8 @@ class SessionBehaviour(Behaviour[SessionState]):
             # what this incarnation believes of messages may be off now:
             # forget it; it is loaded again from the store when needed
             state.messages.clear()
+            state.tasks.clear()
+            state.task_chars = 0
             state.knowledge += 1
         try:
             result = done.result.unwrap()
@@ -377,7 +437,7 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.row is None:
             raise ServiceError("not_found", f"no session {state.session_id}")
         if cmd.service == "tasks":
-            return (*_if_rev(cmd, "tasks", *self._task(state, cmd)), None, False)
+            return (*self._task(state, cmd), None, False)
         if cmd.service == "messages":
             request, answer = self._message(state, cmd)
             coalesce = (
@@ -385,7 +445,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 if cmd.method == "stream"
                 else None
             )
-            if coalesce is None:
+            if cmd.method == "remove":
                 request, answer = _if_rev(cmd, "messages", request, answer)
             return request, answer, coalesce, False
         raise ServiceError("unknown_method", f"{key[0]}.{key[1]} is not a session method")
@@ -613,41 +673,21 @@ class SessionBehaviour(Behaviour[SessionState]):
             events = self._events(
                 state, cmd, "task:created", {"task_id": cmd.new_id, "task": row}, board=True
             )
+            self._remember_task(state, cmd.new_id, dict(row))
             return WriteRequest(mutations=(mutation,), events=tuple(events)), row
         if not isinstance(cmd.id, str):
             raise _bad("id is required")
         tid = cmd.id
-        transitions = {
-            "start": ("running", "task:started", None),
-            "complete": ("completed", "task:completed", "result"),
-            "fail": ("failed", "task:failed", "error"),
-            "stop": ("stopped", "task:stopped", None),
-        }
-        if cmd.method in transitions:
-            status, event, payload_field = transitions[cmd.method]
-            values = {"status": status, "updated_at": cmd.now_ms}
-            payload: dict[str, Any] = {"task_id": tid, "status": status}
-            if payload_field is not None:
-                values[payload_field] = data.get(payload_field)
-                payload[payload_field] = data.get(payload_field)
-            mutation = Mutation("update", "tasks", {"id": tid}, values)
-            events = self._events(state, cmd, event, payload, board=True)
-            return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
-        if cmd.method in ("patch", "update"):
-            values = _pick(data, TASK_FIELDS)
-            if "prompt" in values and not isinstance(values["prompt"], str):
-                raise _bad("prompt must be a string")
-            check_text("prompt", values.get("prompt"), PROMPT_CHARS_MAX)
-            if "status" in values and values["status"] not in TASK_STATUSES:
-                raise _bad(f"status must be one of {', '.join(TASK_STATUSES)}")
-            if not values:
-                raise _bad("nothing to change")
-            mutation = Mutation(
-                "update", "tasks", {"id": tid}, {**values, "updated_at": cmd.now_ms}
-            )
-            payload = {"task_id": tid, "updates": values}
-            events = self._events(state, cmd, "task:updated", payload, board=False)
-            return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
+        if cmd.method in _TASK_CHANGES:
+            return self._change_task(state, cmd, tid, data)
+        if cmd.method == "remove":
+            if cmd.base_rev is not None:
+                known = state.tasks.get(tid)
+                if known is not None and known["rev"] != cmd.base_rev:
+                    raise _stale(cmd.base_rev, known, "task")
+            request, answer = _if_rev(cmd, "tasks", *self._remove_task(state, cmd, tid))
+            self._remember_task(state, tid, None)
+            return request, answer
         if cmd.method == "tool_call":
             call_id = data.get("tool_call_id") or cmd.new_id
             if not isinstance(data.get("name"), str):
@@ -690,11 +730,55 @@ class SessionBehaviour(Behaviour[SessionState]):
             }
             events = self._events(state, cmd, "task:tool_call", payload, board=False)
             return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
-        if cmd.method == "remove":
-            mutation = Mutation("delete", "tasks", {"id": tid})
-            events = self._events(state, cmd, "task:deleted", {"task_id": tid}, board=False)
-            return WriteRequest(mutations=(mutation,), events=tuple(events)), {"id": tid}
         raise ServiceError("unknown_method", f"tasks.{cmd.method} does not exist")
+
+    def _remove_task(self, state: SessionState, cmd: Command, tid: str) -> tuple[WriteRequest, Any]:
+        mutation = Mutation("delete", "tasks", {"id": tid})
+        events = self._events(state, cmd, "task:deleted", {"task_id": tid}, board=False)
+        return WriteRequest(mutations=(mutation,), events=tuple(events)), {"id": tid}
+
+    def _change_task(
+        self, state: SessionState, cmd: Command, tid: str, data: dict[str, Any]
+    ) -> tuple[WriteRequest, Any]:
+        """A status transition or a patch: the task's rev moves by one (the
+        write holds only if the stored rev is the one this actor knows, and,
+        with ``base_rev``, the caller's); a patch answers the record."""
+        known = state.tasks.get(tid)
+        if known is None:
+            raise ServiceError("not_found", f"no task {tid} in session {state.session_id}")
+        transition = _TASK_TRANSITIONS.get(cmd.method)
+        if transition is not None:
+            status, _, payload_field = transition
+            values: dict[str, Any] = {"status": status}
+            if payload_field is not None:
+                values[payload_field] = data.get(payload_field)
+        else:
+            values = _pick(data, TASK_FIELDS)
+            if "prompt" in values and not isinstance(values["prompt"], str):
+                raise _bad("prompt must be a string")
+            check_text("prompt", values.get("prompt"), PROMPT_CHARS_MAX)
+            if "status" in values and values["status"] not in TASK_STATUSES:
+                raise _bad(f"status must be one of {', '.join(TASK_STATUSES)}")
+            if not values:
+                raise _bad("nothing to change")
+        rev = int(known["rev"])
+        if cmd.base_rev is not None and cmd.base_rev != rev:
+            raise _stale(cmd.base_rev, known, "task")
+        new_rev = rev + 1
+        mutation = Mutation(
+            "update", "tasks", {"id": tid}, {**values, "updated_at": cmd.now_ms, "rev": new_rev}
+        )
+        expect = Expect("tasks", {"id": tid}, "rev", rev)
+        if transition is not None:
+            payload: dict[str, Any] = {"task_id": tid, **values, "rev": new_rev}
+            events = self._events(state, cmd, transition[1], payload, board=True)
+        else:
+            payload = {"task_id": tid, "updates": values, "rev": new_rev}
+            events = self._events(state, cmd, "task:updated", payload, board=False)
+        row = {**known, **values, "updated_at": cmd.now_ms, "rev": new_rev}
+        self._remember_task(state, tid, row)
+        request = WriteRequest(mutations=(mutation,), events=tuple(events), expect=(expect,))
+        return request, (payload if transition is not None else dict(row))
 
     def _message(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
         data = _as_dict(cmd.data)
@@ -771,15 +855,27 @@ class SessionBehaviour(Behaviour[SessionState]):
                 "appended": len(chunk),
             }
         if cmd.method == "finish":
+            # a chunk appends at its offset and leaves rev alone; finishing
+            # is a change of the record: its rev moves
+            if cmd.base_rev is not None and cmd.base_rev != known.rev:
+                raise ServiceError(
+                    "conflict",
+                    f"stale base_rev {cmd.base_rev}; the message is at rev {known.rev}",
+                    {"rev": known.rev},
+                )
+            new_rev = known.rev + 1
+            expect = Expect("messages", {"id": mid}, "rev", known.rev)
+            known.rev = new_rev
             mutation = Mutation(
-                "update", "messages", {"id": mid}, {"streaming": False, "updated_at": cmd.now_ms}
+                "update",
+                "messages",
+                {"id": mid},
+                {"streaming": False, "updated_at": cmd.now_ms, "rev": new_rev},
             )
-            payload = {"task_id": task_id, "message_id": mid, "streaming": False}
+            payload = {"task_id": task_id, "message_id": mid, "streaming": False, "rev": new_rev}
             events = self._events(state, cmd, "task:message", payload, board=False)
-            return WriteRequest(mutations=(mutation,), events=tuple(events)), {
-                "id": mid,
-                "streaming": False,
-            }
+            request = WriteRequest(mutations=(mutation,), events=tuple(events), expect=(expect,))
+            return request, {"id": mid, "streaming": False, "rev": new_rev}
         if cmd.method == "remove":
             self._remember(state, mid, None)
             mutation = Mutation("delete", "messages", {"id": mid})

@@ -335,6 +335,32 @@ async def test_chunk_offsets_survive_a_session_actor_restart(hub: Hub) -> None:
     assert missing.value.code == "not_found"
 
 
+async def test_revs_survive_a_session_actor_restart(hub: Hub) -> None:
+    """A task's and a message's revs are read back from the store by a new
+    incarnation of the session actor, and keep moving from there."""
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    sid = session["id"]
+
+    async def call(service: str, method: str, id: str | None = None, **data: Any) -> Any:
+        return await hub.call(
+            OWNER, connection_id="c1", service=service, method=method, id=id, data=data
+        )
+
+    task = await call("tasks", "create", session_id=sid, prompt="p")
+    msg = await call("messages", "create", session_id=sid, content="a", streaming=True)
+    assert (await call("tasks", "start", task["id"]))["rev"] == 2
+    ref = await hub.system.registry.get(f"session:{sid}")
+    await ref.stop()  # memory gone: the revs come from the store
+    patched = await call("tasks", "patch", task["id"], prompt="q")
+    assert (patched["rev"], patched["status"], patched["prompt"]) == (3, "running", "q")
+    await call("messages", "stream", msg["id"], chunk="b")  # a chunk leaves rev alone
+    assert (await call("messages", "finish", msg["id"]))["rev"] == 2
+    stored = await hub.world.blocking.run(lambda: hub.store.get("messages", msg["id"]))
+    assert stored is not None and (stored["rev"], stored["content"]) == (2, "ab")
+
+
 async def test_head_checks_read_the_log_only_when_the_store_knows_more(
     tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -113,6 +113,58 @@ async def test_strict_fields_use_if_match_as_base_rev(running: Daemon) -> None:
     assert bad.status == 400
 
 
+async def test_a_tasks_rev_moves_with_each_change_and_guards_if_match(
+    running: Daemon, tmp_path: pathlib.Path
+) -> None:
+    """A task's rev moves on every change (a patch, a transition), a
+    stale ``If-Match`` is refused with 412 and changes nothing, a patch
+    answers the record (with its ``ETag``), the events carry the rev, and
+    the stored record says the same."""
+    base, token = running.http_url, running.token
+    sid = (await http("POST", f"{base}/sessions", token=token, json={"title": "t"})).body["id"]
+    task = await http(
+        "POST", f"{base}/tasks", token=token, json={"session_id": sid, "prompt": "go"}
+    )
+    tid = task.body["id"]
+    assert task.body["rev"] == 1 and task.headers["etag"] == '"1"'
+    async with connect(running.ws_url, token=token) as client:
+        mirror = await client.join(f"session:{sid}")
+        events = client.events(f"session:{sid}")
+        patched = await http(
+            "PATCH",
+            f"{base}/tasks/{tid}",
+            token=token,
+            json={"prompt": "go on"},
+            headers={"If-Match": '"1"'},
+        )
+        assert patched.status == 200 and patched.headers["etag"] == '"2"'
+        assert patched.body["id"] == tid and patched.body["prompt"] == "go on"
+        assert patched.body["rev"] == 2 and patched.body["status"] == "created"
+        started = await http("POST", f"{base}/tasks/{tid}/start", token=token)
+        assert started.status == 200 and started.body["rev"] == 3
+        stale = await http(
+            "PATCH",
+            f"{base}/tasks/{tid}",
+            token=token,
+            json={"prompt": "lost"},
+            headers={"If-Match": '"2"'},
+        )
+        assert stale.status == 412 and stale.body["code"] == "conflict"
+        assert stale.body["data"]["rev"] == 3
+        seen = []
+        with trio.fail_after(10):
+            async for event in events:
+                seen.append((event.name, event.data.get("rev")))
+                if len(seen) == 2:
+                    break
+            await mirror.wait_until(lambda m: (m.get("tasks", tid) or {}).get("rev") == 3)
+        assert seen == [("task:updated", 2), ("task:started", 3)]
+        got = await http("GET", f"{base}/tasks/{tid}", token=token)
+        assert got.body["rev"] == 3 and got.body["prompt"] == "go on"
+        assert got.body["status"] == "running"
+        assert mirror.get("tasks", tid) == got.body  # what the events made of it
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "code"),
     [
