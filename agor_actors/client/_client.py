@@ -1079,12 +1079,16 @@ class Client:
 
     # --------------------------------------------------------- connection
 
-    async def _run(self, task_status: trio.TaskStatus[CallError | None]) -> None:
+    async def _run(self, retry_first: bool, task_status: trio.TaskStatus[CallError | None]) -> None:
         """Connect, serve the connection, reconnect after a loss; until
         closed.  ``task_status.started`` once the first connection is
-        welcomed (``None``) or failed (the error, then this returns)."""
+        welcomed (``None``) or failed (the error, then this returns); at
+        once with ``retry_first`` (a failed first connection is then tried
+        again like any other)."""
         attempt = 0
-        first = True
+        first = not retry_first
+        if retry_first:
+            task_status.started(None)
         while not self._closed:
             if not self._wants_connection():
                 self._wake = trio.Event()
@@ -1528,6 +1532,7 @@ async def connect(
     wall: WallClock | None = None,
     dialer: Dialer | None = None,
     observer: ClientObserver | None = None,
+    retry_first: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon at ``url`` (``ws://127.0.0.1:3030/ws``).
 
@@ -1551,7 +1556,9 @@ async def connect(
     ``dialer`` (the world's transport seam) opens each connection: by
     default a WebSocket (:class:`WebSocketDialer`); the simulator passes its
     network's.  ``observer`` sees every frame received and every protocol
-    event (:class:`ClientObserver`).
+    event (:class:`ClientObserver`).  ``retry_first``: return at once and
+    keep trying the first connection too (with the backoff of a reconnect),
+    for a program that starts before its server; calls wait meanwhile.
     """
     chosen = codec if isinstance(codec, Codec) else {"json": Codec.JSON, "cbor": Codec.CBOR}[codec]
     client = Client(
@@ -1579,7 +1586,7 @@ async def connect(
     try:
         async with trio.open_nursery() as nursery:
             client._nursery = nursery
-            error = await nursery.start(client._run)
+            error = await nursery.start(client._run, retry_first)
             if error is not None:
                 raise error
             try:
