@@ -175,3 +175,47 @@ async def test_a_reload_refused_for_good_gives_the_room_up(running: Daemon) -> N
         with trio.fail_after(10), pytest.raises(CallError) as caught:
             await client.join(f"session:{session['id']}")
         assert caught.value.code == "forbidden"
+
+
+class FailingFirst(CountingDialer):
+    """Unreachable for the first ``failures`` dials, then the real dialer."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AbstractAsyncContextManager[MessageTransport]:
+        if self.failures > 0:
+            self.failures -= 1
+            self.offered.append(list(subprotocols))
+            return RefusingDialer(DialFailed("unreachable", "not yet")).dial(
+                url, subprotocols=subprotocols
+            )
+        return super().dial(
+            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
+        )
+
+
+async def test_retry_first_keeps_trying_the_first_connection(running: Daemon) -> None:
+    dialer = FailingFirst(2)
+    async with connect(
+        running.url,
+        token=running.token,
+        dialer=dialer,
+        retry_first=True,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.02,
+    ) as client:
+        # a call waits for the connection the client keeps trying to make
+        with trio.fail_after(10):
+            session = await client.service("sessions").create({"title": "late"})
+        assert session["title"] == "late"
+        assert client.statistics().connects == 1
+    assert len(dialer.offered) == 3
