@@ -13,8 +13,9 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import trio
@@ -24,6 +25,8 @@ T = TypeVar("T")
 __all__ = [
     "Blocking",
     "Clock",
+    "DialFailed",
+    "Dialer",
     "Entropy",
     "InlineBlocking",
     "MessageTransport",
@@ -248,6 +251,54 @@ class MessageTransport(Protocol):
     async def send(self, data: bytes | str) -> None: ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class DialFailed(Exception):
+    """A connection could not be opened.
+
+    ``kind`` says whether trying again may help: ``"refused"`` (the peer
+    answered and said no: an HTTP status, a subprotocol it does not speak),
+    ``"timeout"`` (no answer in time) or ``"unreachable"`` (nothing
+    answered: no route, nothing listening).  ``reason`` says why in words
+    (``"connection refused"``); ``status`` and ``body`` are those of a
+    refusal over HTTP (0 and empty otherwise)."""
+
+    def __init__(
+        self,
+        kind: Literal["refused", "timeout", "unreachable"],
+        reason: str,
+        *,
+        status: int = 0,
+        body: bytes = b"",
+    ) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+        self.status = status
+        self.body = body
+
+
+@runtime_checkable
+class Dialer(Protocol):
+    """The client's way to the server: opens one message connection.  The
+    Python client's WebSocket opener (:mod:`agor_actors.client`) and the
+    simulator's network implement it, so the same client runs over both."""
+
+    def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AbstractAsyncContextManager[MessageTransport]:
+        """``async with dialer.dial(url, subprotocols=[...]) as transport``:
+        the connection, open (the handshake is done; ``transport.subprotocol``
+        is the one the server chose among ``subprotocols``).  Entering raises
+        :class:`DialFailed` (within ``connect_timeout_s``); leaving closes the
+        connection (1000, bounded in time; at once when cancelled).  An
+        exception raised in the block passes through unchanged."""
+        ...
 
 
 class OutFrame:

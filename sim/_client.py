@@ -1,41 +1,38 @@
-"""A simulated client: the protocol's :class:`~protocols.ClientConnection`
-over a simulated link, with a mirror of every room it is in.
+"""A simulated client: the real :class:`agor_actors.client.Client` over the
+simulated network, driven by the workloads and watched by the checks.
 
-It behaves like a real client: it reconnects with the protocol's backoff,
-pings at the announced heartbeat and gives a silent server up, rejoins its
-rooms where it left off, sends the resumes the machine asks for, applies each
-event the machine hands it once, and reloads a room through ``get`` and
-``find`` when the server answers ``recovered: false``.  On the way it checks
-what only a client can see: that events come gap-free and in order, and that
-the server never breaks the protocol.
+The real client does the work: it connects through the network's dialer,
+reconnects with backoff drawn from its seeded entropy, pings at the
+announced heartbeat and gives a silent server up, rejoins its rooms where it
+left off, sends the resumes its protocol machine asks for (after a gap or a
+``lagged``), applies each event once, and reloads a room when the server
+answers ``recovered: false`` (through the loader given here, which also
+builds this driver's model of the room).  The driver observes it
+(:class:`agor_actors.client.ClientObserver`) and checks what only a client
+can see: that events come gap-free and in order, and that the server never
+breaks the protocol; it records writes and their answers for the checks,
+and keeps a model mirror of every room it is in (``sim/_model.py``).
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 from typing import Any
 
 import attrs
 import trio
 
-from agor_actors.world import TransportClosed, VirtualWallClock
+from agor_actors.client import CallError, Client, ClientObserver, Resources, connect
+from agor_actors.world import SeededEntropy, VirtualWallClock
 from protocols import (
     CallResult,
     ClientConnection,
     ClientEvent,
-    ClientState,
     Codec,
     ErrorInfo,
     EventApplied,
-    Heartbeat,
-    HeartbeatAction,
-    Join,
-    Leave,
-    LocalProtocolError,
     PongReceived,
     PresenceChanged,
-    PresenceUpdate,
     ProtocolViolation,
     ReloadRequired,
     Result,
@@ -45,7 +42,6 @@ from protocols import (
     RoomStatus,
     ServerError,
     Welcomed,
-    backoff_s,
 )
 from protocols import Event as WireEvent
 
@@ -59,9 +55,9 @@ from ._model import (
     room_kind,
     session_view,
 )
-from ._net import ClientSide, Network
+from ._net import Network
 from ._record import Recorder, WriteRecord
-from ._trace import Trace, reached
+from ._trace import Trace
 
 __all__ = ["CallFailed", "NotConnected", "RoomMirror", "SimClient"]
 
@@ -71,8 +67,9 @@ def _appends(event: WireEvent) -> bool:
     return isinstance(event.data, dict) and "chunk" in event.data
 
 
-SEND_QUEUE_MAX = 512
-HELLO_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+RELOAD_RETRY_S = 0.25
 
 
 class NotConnected(Exception):
@@ -85,16 +82,9 @@ class CallFailed(Exception):
         self.code = code
 
 
-@attrs.define(eq=False)
-class _Slot:
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: Result | None = None
-    wid: str | None = None
-
-
 @attrs.define
 class RoomMirror:
-    """The client's copy of one room."""
+    """The client's model of one room."""
 
     room: str
     view: View | None = None
@@ -106,6 +96,17 @@ class RoomMirror:
     just_recovered: bool = False
     """A ``recovered: true`` join was answered and no event applied since."""
     reloads: int = 0
+
+
+class _Watch(ClientObserver):
+    def __init__(self, driver: SimClient) -> None:
+        self._driver = driver
+
+    def frame_received(self, frame: bytes | str) -> None:
+        self._driver._frame_in(frame)
+
+    def protocol_event(self, event: ClientEvent) -> None:
+        self._driver._handle(event)
 
 
 class SimClient:
@@ -128,27 +129,16 @@ class SimClient:
         self._trace = trace
         self._recorder = recorder
         self.codec = Codec.CBOR if spec.cbor else Codec.JSON
-        self.machine = ClientConnection(codec=self.codec, client_id=spec.name)
         self.rng = random.Random(f"{seed}/client/{spec.name}/workload")
-        self._backoff_rng = random.Random(f"{seed}/client/{spec.name}/backoff")
+        self._entropy = SeededEntropy(f"{seed}/client/{spec.name}/client")
         self._wall = VirtualWallClock(skew_ms=spec.skew_ms)
         self._hlc: tuple[int, int] = (0, 0)
+        self.client: Client | None = None
+        """The real client (once :meth:`run` started)."""
         self.mirrors: dict[str, RoomMirror] = {}
         self.wanted: dict[str, None] = {}
-        self.connection_id: str | None = None
-        self._slots: dict[int, _Slot] = {}
-        self._outq: deque[bytes | str] = deque()
-        self._out_lot = trio.lowlevel.ParkingLot()
-        self._welcomed = False
-        self._open_lot = trio.lowlevel.ParkingLot()
-        self._heartbeat_policy = Heartbeat()
-        self._conn_scope: trio.CancelScope | None = None
-        self._sock: ClientSide | None = None
-        self._stall_until_us = 0
-        self._stall_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._writes = 0
-        self.connections = 0
         self.presence_frames = 0
         self.presence_board: str | None = None
         """The board this client looks at: announced after every welcome."""
@@ -159,38 +149,35 @@ class SimClient:
 
     @property
     def is_open(self) -> bool:
-        return self.machine.state is ClientState.OPEN and self._welcomed
-
-    async def wait_open(self) -> None:
-        await trio.lowlevel.checkpoint()
-        while not self.is_open:
-            await self._open_lot.park()
+        return self.client is not None and self.client.connected
 
     @property
-    def send_queue_depth(self) -> int:
-        return len(self._outq)
+    def machine(self) -> ClientConnection:
+        """The real client's protocol machine (its rooms' tracks)."""
+        assert self.client is not None
+        return self.client.machine
+
+    @property
+    def connection_id(self) -> str | None:
+        return None if self.client is None else self.client.connection_id
 
     @property
     def pending_calls(self) -> bool:
-        return bool(self._slots)
+        return self.client is not None and self.client.statistics().pending_calls > 0
 
     def backoff_state(self) -> object:
-        return self._backoff_rng.getstate()
+        return self._entropy.rng.getstate()
 
     def stall(self, until_us: int) -> None:
         """Stop reading until ``until_us`` (a frozen tab, a slow consumer)."""
-        self._stall_until_us = max(self._stall_until_us, until_us)
-        self._trace.emit("stall", f"{self.name} until {until_us / 1e6:.3f}s")
-
-    def unstall(self) -> None:
-        self._stall_until_us = 0
-        self._stall_lot.unpark_all()
+        self._net.stall(self.name, until_us)
 
     def converged_rooms(self) -> dict[str, str]:
         """Rooms wanted but not (yet) in a checkable state, with why."""
         out: dict[str, str] = {}
+        rooms = {} if self.client is None else self.client.machine.rooms
         for room in self.wanted:
-            track = self.machine.rooms.get(room)
+            track = rooms.get(room)
             mirror = self.mirrors.get(room)
             if track is None:
                 out[room] = "not joined"
@@ -203,195 +190,78 @@ class SimClient:
     # ------------------------------------------------------------------ run
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
+        async with (
+            trio.open_nursery() as nursery,
+            connect(
+                "ws://sim/ws",
+                token=self._token,
+                codec=self.codec,
+                client_id=self.name,
+                entropy=self._entropy,
+                wall=self._wall,
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                call_timeout_s=CALL_TIMEOUT_S,
+                backoff_base_s=0.5,
+                backoff_cap_s=30.0,
+                loader=self._load_room,
+                read_retries=0,
+                dialer=self._net.dialer(self.name),
+                observer=_Watch(self),
+                retry_first=True,
+            ) as client,
+        ):
             self._nursery = nursery
+            self.client = client
+            for room in self.wanted:
+                nursery.start_soon(self._join, room)
+            if self.presence_board is not None:
+                nursery.start_soon(self._announce, self.presence_board)
             task_status.started()
-            attempt = 0
-            while True:
-                try:
-                    sock = await self._net.connect(self.name, self.codec)
-                except TransportClosed:
-                    welcomed = False
-                else:
-                    welcomed = await self._connection(sock)
-                attempt = 0 if welcomed else attempt + 1
-                delay = backoff_s(attempt, self._backoff_rng.random())
-                await trio.sleep(round(delay * 1_000_000) / 1_000_000)
+            await trio.sleep_forever()
 
-    async def _connection(self, sock: ClientSide) -> bool:
-        self.connections += 1
-        self._sock = sock
-        self._outq.clear()
-        self._welcomed = False
-        welcomed = False
-        try:
-            self._enqueue(self.machine.hello(self._token))
-            async with trio.open_nursery() as nursery:
-                self._conn_scope = nursery.cancel_scope
-                nursery.start_soon(self._writer, sock)
-                nursery.start_soon(self._reader, sock)
-                nursery.start_soon(self._heartbeat, sock)
-        finally:
-            welcomed = self._welcomed
-            self._welcomed = False
-            self._conn_scope = None
-            self._sock = None
-            self.connection_id = None
-            sock.abort(f"{self.name} closed")
-            self._handle(self.machine.connection_lost())
-            self._trace.emit("lost", f"{self.name} conn {sock.conn.name}")
-        return welcomed
+    # ------------------------------------------------------------------ observing
 
-    def _drop(self, sock: ClientSide, why: str) -> None:
-        self._trace.emit("drop", f"{self.name} {why}")
-        sock.abort(why)
-        if self._conn_scope is not None:
-            self._conn_scope.cancel()
+    def _frame_in(self, frame: bytes | str) -> None:
+        assert self.client is not None
+        self._recorder.frame_in(self.name, self.client.machine, frame)
 
-    def _enqueue(self, frame: bytes | str) -> None:
-        if len(self._outq) >= SEND_QUEUE_MAX:
-            # named overflow policy: a client that cannot send drops the connection
-            self._recorder.count("client_send_overflow")
-            if self._sock is not None:
-                self._drop(self._sock, "send queue full")
-            return
-        self._outq.append(frame)
-        self._out_lot.unpark()
-
-    async def _writer(self, sock: ClientSide) -> None:
-        while True:
-            while not self._outq:
-                await self._out_lot.park()
-            frame = self._outq.popleft()
-            try:
-                await sock.send(frame)
-            except TransportClosed:
-                self._drop(sock, "send failed")
-                return
-
-    async def _reader(self, sock: ClientSide) -> None:
-        while True:
-            while not reached(self._stall_until_us):
-                with trio.move_on_at(self._stall_until_us / 1_000_000):
-                    await self._stall_lot.park()
-            try:
-                frame = await sock.receive()
-            except TransportClosed as exc:
-                self._trace.emit("closed", f"{self.name} {exc.code} {exc.reason}")
-                self._drop(sock, f"closed {exc.code}")
-                return
-            self._recorder.frame_in(self.name, self.machine, frame)
-            events = self.machine.receive_data(frame, trio.current_time())
-            self._handle(events)
-
-    async def _heartbeat(self, sock: ClientSide) -> None:
-        opened_s = trio.current_time()
-        with trio.move_on_after(HELLO_TIMEOUT_S):
-            while not self._welcomed:
-                await self._open_lot.park()
-        if not self._welcomed:
-            self._drop(sock, "no welcome")
-            return
-        welcomed_s = trio.current_time()
-        heartbeat = self._heartbeat_policy
-        while True:
-            last_received = self.machine.last_received_s or opened_s
-            last_ping = self.machine.last_ping_s or welcomed_s
-            action = heartbeat.decide(
-                trio.current_time(), last_received_s=last_received, last_ping_s=last_ping
+    def _handle(self, event: ClientEvent) -> None:
+        if isinstance(event, EventApplied):
+            self._on_applied(event.event)
+        elif isinstance(event, CallResult):
+            pass  # answered to the caller (see :meth:`write`)
+        elif isinstance(event, RoomJoined):
+            self._on_joined(event)
+        elif isinstance(event, ReloadRequired):
+            self._on_reload(event)
+        elif isinstance(event, ResumeRequested):
+            self._on_resume(event)
+        elif isinstance(event, Welcomed):
+            self._trace.emit("welcome", f"{self.name} as {event.welcome.connection_id}")
+        elif isinstance(event, RoomLeft):
+            self._on_left(event)
+        elif isinstance(event, PresenceChanged):
+            self.presence_frames += 1
+            users = event.presence.users
+            if users is not None:
+                pile = {str(u["user_id"]): u for u in users}
+                if pile != self.facepiles.get(event.presence.board):
+                    self._trace.emit(
+                        "facepile",
+                        f"{self.name} {event.presence.board}: "
+                        + " ".join(f"{u[-4:]}:{e.get('status')}" for u, e in sorted(pile.items())),
+                    )
+                self.facepiles[event.presence.board] = pile
+        elif isinstance(event, PongReceived):
+            pass
+        elif isinstance(event, ServerError):
+            self._recorder.count(f"server_error:{event.error.code}")
+            self._trace.emit("error", f"{self.name} {event.error.code} {event.error.message}")
+        else:
+            assert isinstance(event, ProtocolViolation)
+            self._recorder.violate(
+                "protocol", self.name, f"the server broke the protocol: {event.error}"
             )
-            if action is HeartbeatAction.DEAD:
-                self._drop(sock, "heartbeat timeout")
-                return
-            if action is HeartbeatAction.PING:
-                self._enqueue(self.machine.ping(trio.current_time()))
-                continue
-            wake_s = heartbeat.next_check_s(last_received_s=last_received, last_ping_s=last_ping)
-            # ``decide`` computes ``now - last >= interval`` while ``next_check_s``
-            # computes ``last + interval``: at that instant float rounding can
-            # still say WAIT, which would spin forever on a mock clock.
-            await trio.sleep_until(max(wake_s, trio.current_time() + 1e-6))
-
-    # ------------------------------------------------------------------ events
-
-    def _handle(self, events: list[ClientEvent]) -> None:
-        for event in events:
-            if isinstance(event, EventApplied):
-                self._on_applied(event.event)
-            elif isinstance(event, CallResult):
-                self._on_result(event.result)
-            elif isinstance(event, RoomJoined):
-                self._on_joined(event)
-            elif isinstance(event, ReloadRequired):
-                self._on_reload(event)
-            elif isinstance(event, ResumeRequested):
-                self._on_resume(event)
-            elif isinstance(event, Welcomed):
-                self._on_welcome(event)
-            elif isinstance(event, RoomLeft):
-                self._on_left(event)
-            elif isinstance(event, PresenceChanged):
-                self.presence_frames += 1
-                users = event.presence.users
-                if users is not None:
-                    pile = {str(u["user_id"]): u for u in users}
-                    if pile != self.facepiles.get(event.presence.board):
-                        self._trace.emit(
-                            "facepile",
-                            f"{self.name} {event.presence.board}: "
-                            + " ".join(
-                                f"{u[-4:]}:{e.get('status')}" for u, e in sorted(pile.items())
-                            ),
-                        )
-                    self.facepiles[event.presence.board] = pile
-            elif isinstance(event, PongReceived):
-                pass
-            elif isinstance(event, ServerError):
-                self._recorder.count(f"server_error:{event.error.code}")
-                self._trace.emit("error", f"{self.name} {event.error.code} {event.error.message}")
-            else:
-                assert isinstance(event, ProtocolViolation)
-                self._recorder.violate(
-                    "protocol", self.name, f"the server broke the protocol: {event.error}"
-                )
-                if event.close_code is not None and self._sock is not None:
-                    self._drop(self._sock, f"protocol violation {event.close_code}")
-
-    def _on_welcome(self, event: Welcomed) -> None:
-        self.connection_id = event.welcome.connection_id
-        self._heartbeat_policy = Heartbeat.from_heartbeat_ms(event.welcome.heartbeat_ms)
-        self._trace.emit("welcome", f"{self.name} as {self.connection_id}")
-        leaves = [
-            Leave(room)
-            for room, track in self.machine.rooms.items()
-            if track.status is RoomStatus.DETACHED and room not in self.wanted
-        ]
-        joins: list[Join | Leave] = [*leaves, *self.machine.rejoin_all()]
-        joins += [Join(room) for room in self.wanted if room not in self.machine.rooms]
-        batch = self.machine.server_limits.max_batch
-        for i in range(0, len(joins), batch):
-            self._send(joins[i : i + batch])
-        self._welcomed = True
-        self._open_lot.unpark_all()
-        if self.presence_board is not None:
-            self.presence(PresenceUpdate(board=self.presence_board))
-
-    def _send(self, messages: list[Join | Leave]) -> None:
-        try:
-            self._enqueue(self.machine.send(messages))
-        except LocalProtocolError as exc:
-            self._recorder.count("client_refused_send")
-            self._trace.emit("refused", f"{self.name} {exc}")
-
-    def _on_result(self, result: Result) -> None:
-        slot = self._slots.pop(result.ref, None)
-        if slot is None:
-            return
-        slot.result = result
-        if slot.wid is not None:
-            code = result.error.code if result.error is not None else None
-            self._recorder.write_answered(slot.wid, result.ok, result.data, code)
-        slot.done.set()
 
     def _on_joined(self, event: RoomJoined) -> None:
         mirror = self.mirrors.setdefault(event.room, RoomMirror(event.room))
@@ -411,6 +281,7 @@ class SimClient:
             mirror.just_recovered = True
 
     def _on_reload(self, event: ReloadRequired) -> None:
+        """The real client reloads the room next, through :meth:`_load_room`."""
         mirror = self.mirrors.setdefault(event.room, RoomMirror(event.room))
         mirror.generation += 1
         mirror.reloading = True
@@ -419,8 +290,6 @@ class SimClient:
         mirror.expected_next = event.seq + 1
         mirror.just_recovered = False
         mirror.reloads += 1
-        if self._nursery is not None:
-            self._nursery.start_soon(self._reload, event.room, mirror.generation)
 
     def _on_resume(self, event: ResumeRequested) -> None:
         room = event.join.room
@@ -434,7 +303,6 @@ class SimClient:
                 f"{None if mirror is None or mirror.expected_next is None else mirror.expected_next - 1}",
             )
         self._trace.emit("resume", f"{self.name} {room} {event.reason} since {event.join.since}")
-        self._enqueue(event.data)
 
     def _on_left(self, event: RoomLeft) -> None:
         self._trace.emit("left", f"{self.name} {event.room} {event.reason}")
@@ -461,7 +329,8 @@ class SimClient:
             )
         mirror.expected_next = event.end_seq + 1
         mirror.just_recovered = False
-        track = self.machine.rooms.get(room)
+        assert self.client is not None
+        track = self.client.machine.rooms.get(room)
         epoch = track.epoch if track is not None and track.epoch is not None else ""
         self._recorder.applied_event(self.name, room, event, epoch)
         self._trace.emit("apply", f"{self.name} {room} {event.seq}-{event.end_seq} {event.event}")
@@ -484,21 +353,26 @@ class SimClient:
 
     # ------------------------------------------------------------------ reloads
 
-    async def _reload(self, room: str, generation: int) -> None:
+    async def _load_room(self, client: Client, room: str) -> Resources:
+        """The real client's loader: loads this driver's model of ``room``
+        (retrying until it can), installs it and applies the events that
+        arrived meanwhile.  The real client's mirror gets no resources: the
+        simulator checks its own model."""
+        mirror = self.mirrors.get(room)
+        generation = mirror.generation if mirror is not None else 0
         while True:
             mirror = self.mirrors.get(room)
             if mirror is None or mirror.generation != generation:
-                return
-            await self.wait_open()
+                return {}
             try:
-                view = await self._load(room)
-            except (CallFailed, NotConnected) as exc:
+                view = await self._load(client, room)
+            except CallFailed as exc:
                 self._trace.emit("reload", f"{self.name} {room} failed: {exc}")
-                await trio.sleep(0.25)
+                await trio.sleep(RELOAD_RETRY_S)
                 continue
             mirror = self.mirrors.get(room)
             if mirror is None or mirror.generation != generation:
-                return
+                return {}
             mirror.view = view
             mirror.reloading = False
             buffered, mirror.buffer = mirror.buffer, []
@@ -509,49 +383,54 @@ class SimClient:
                 # the load may already hold some of these chunks: their
                 # offsets say so (the mirror applies each chunk once)
                 self._recorder.count("chunks_during_reload")
-            return
+            return {}
 
-    async def _load(self, room: str) -> View:
+    async def _load(self, client: Client, room: str) -> View:
         kind, ident = room_kind(room)
         if kind == "activity":
-            newest = await self.call("activity", "find", query={"board_id": ident, "$limit": 1})
-            if not newest.ok:
-                assert newest.error is not None
-                raise CallFailed(newest.error.code, newest.error.message)
-            entries = newest.data["data"]
+            newest = await self._read(
+                client, "activity", "find", query={"board_id": ident, "$limit": 1}
+            )
+            entries = newest["data"]
             return activity_view(entries[0] if entries else None)
         if kind == "session":
-            session = await self._get("sessions", ident)
-            tasks = await self._find_all("tasks", {"session_id": ident})
-            messages = await self._find_all("messages", {"session_id": ident})
+            session = await self._get(client, "sessions", ident)
+            tasks = await self._find_all(client, "tasks", {"session_id": ident})
+            messages = await self._find_all(client, "messages", {"session_id": ident})
             return session_view(session, tasks, messages)
-        board = await self._get("boards", ident)
-        sessions = await self._find_all("sessions", {"board_id": ident})
+        board = await self._get(client, "boards", ident)
+        sessions = await self._find_all(client, "sessions", {"board_id": ident})
         return board_view(board, sessions)
 
-    async def _get(self, service: str, ident: str) -> dict[str, Any] | None:
-        result = await self.call(service, "get", id=ident)
-        if result.ok:
-            data: dict[str, Any] = result.data
-            return data
-        assert result.error is not None
-        if result.error.code == "not_found":
-            return None
-        raise CallFailed(result.error.code, result.error.message)
+    async def _read(self, client: Client, service: str, method: str, **kw: Any) -> Any:
+        try:
+            return await client.call(service, method, **kw)
+        except CallError as exc:
+            raise CallFailed(exc.code, exc.message) from None
+        except trio.TooSlowError:
+            raise CallFailed("timeout", "no answer in time") from None
 
-    async def _find_all(self, service: str, query: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _get(self, client: Client, service: str, ident: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = await self._read(client, service, "get", id=ident)
+        except CallFailed as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+        return data
+
+    async def _find_all(
+        self, client: Client, service: str, query: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         cursor: str | None = None
         while True:
             page_query = {**query, "$limit": 500}
             if cursor is not None:
                 page_query["$cursor"] = cursor
-            result = await self.call(service, "find", query=page_query)
-            if not result.ok:
-                assert result.error is not None
-                raise CallFailed(result.error.code, result.error.message)
-            rows.extend(result.data["data"])
-            cursor = result.data.get("next_cursor")
+            page = await self._read(client, service, "find", query=page_query)
+            rows.extend(page["data"])
+            cursor = page.get("next_cursor")
             if cursor is None:
                 return rows
 
@@ -566,28 +445,24 @@ class SimClient:
         data: Any = None,
         query: dict[str, Any] | None = None,
         wid: str | None = None,
-        timeout_s: float = 30.0,
         base_rev: int | None = None,
     ) -> Result:
-        """One call; its result (an error result ``timeout`` if none came in
-        time: the call may still be answered later, and is recorded then).
-        Raises :class:`NotConnected` if it cannot be sent now."""
-        if not self.is_open:
+        """One call through the real client; its result (an error result
+        ``timeout`` if none came within :data:`CALL_TIMEOUT_S`, and
+        ``connection_lost`` if the connection dropped meanwhile: the call
+        may have run).  Raises :class:`NotConnected` if not connected now."""
+        client = self.client
+        if client is None or not client.connected:
             raise NotConnected(self.name)
         try:
-            ref, frame = self.machine.call(
+            value = await client.call(
                 service, method, id=id, data=data, query=query, temp_id=wid, base_rev=base_rev
             )
-        except LocalProtocolError as exc:
-            raise NotConnected(str(exc)) from None
-        slot = _Slot(wid=wid)
-        self._slots[ref] = slot
-        self._enqueue(frame)
-        with trio.move_on_after(timeout_s):
-            await slot.done.wait()
-        if slot.result is None:
-            return Result(ref, False, error=ErrorInfo("timeout", "no answer in time"))
-        return slot.result
+        except CallError as exc:
+            return Result(0, False, error=ErrorInfo(exc.code, exc.message, exc.data))
+        except trio.TooSlowError:
+            return Result(0, False, error=ErrorInfo("timeout", "no answer in time"))
+        return Result(0, True, value)
 
     def next_stamp(self) -> tuple[int, int]:
         """A hybrid logical clock stamp from this client's (skewed) clock."""
@@ -608,7 +483,8 @@ class SimClient:
         base_rev: int | None = None,
     ) -> WriteRecord:
         """A write, recorded for the invariants.  Raises :class:`NotConnected`."""
-        if not self.is_open or self.connection_id is None:
+        connection_id = self.connection_id
+        if not self.is_open or connection_id is None:
             raise NotConnected(self.name)
         self._writes += 1
         wid = f"{self.name}-{self._writes}"
@@ -617,48 +493,67 @@ class SimClient:
         if stamped:
             wall, counter = self.next_stamp()
             query = {"hlc": [wall, counter]}
-            stamp = (wall, counter, f"{self.user_id}:{self.connection_id}")
+            stamp = (wall, counter, f"{self.user_id}:{connection_id}")
         record = WriteRecord(wid, self.name, service, method, id, session_id, data, stamp)
         self._recorder.write_sent(record)
         self._trace.emit("write", f"{wid} {service}.{method} {id or ''}")
         result = await self.call(
             service, method, id=id, data=data, query=query, wid=wid, base_rev=base_rev
         )
-        if result.error is not None and result.error.code == "timeout":
-            record.outcome = "unknown" if record.outcome == "pending" else record.outcome
+        code = result.error.code if result.error is not None else None
+        self._recorder.write_answered(wid, result.ok, result.data, code)
         return record
 
     # ------------------------------------------------------------------ rooms
 
     def want(self, room: str) -> None:
-        """Be in ``room`` (joined now if connected, else on the next welcome)."""
+        """Be in ``room`` (joined as soon as connected)."""
         if room in self.wanted:
             return
         self.wanted[room] = None
-        if self.is_open:
-            track = self.machine.rooms.get(room)
-            if track is None or track.status in (RoomStatus.LEAVING, RoomStatus.DETACHED):
-                self._send([Join(room, None if track is None else track.since)])
+        if self._nursery is not None:
+            self._nursery.start_soon(self._join, room)
+
+    async def _join(self, room: str) -> None:
+        assert self.client is not None
+        try:
+            await self.client.join(room)
+        except CallError as exc:
+            self._trace.emit("refused", f"{self.name} join {room}: {exc}")
+        except trio.TooSlowError:
+            pass  # still joining: the real client keeps at it
 
     def unwant(self, room: str) -> None:
         if room not in self.wanted:
             return
         del self.wanted[room]
-        track = self.machine.rooms.get(room)
-        if self.is_open and track is not None and track.status is not RoomStatus.LEAVING:
-            self._send([Leave(room)])
+        if self._nursery is not None:
+            self._nursery.start_soon(self._leave, room)
+
+    async def _leave(self, room: str) -> None:
+        assert self.client is not None
+        try:
+            await self.client.leave(room)
+        except (CallError, trio.TooSlowError) as exc:
+            self._trace.emit("refused", f"{self.name} leave {room}: {exc!r}")
 
     def announce(self, board: str | None) -> None:
         """Look at ``board`` (None: at no board) and tell the server."""
         self.presence_board = board
-        sent = self.presence(PresenceUpdate(board=board or ""))
-        self._trace.emit("presence", f"{self.name} at board {board} {'sent' if sent else 'later'}")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._announce, board)
+        self._trace.emit(
+            "presence", f"{self.name} at board {board} {'sent' if self.is_open else 'later'}"
+        )
 
-    def presence(self, update: PresenceUpdate) -> bool:
-        if not self.is_open:
-            return False
+    async def _announce(self, board: str | None) -> None:
+        assert self.client is not None
         try:
-            self._enqueue(self.machine.presence(update))
-        except LocalProtocolError:
-            return False
-        return True
+            await self.client.set_presence(board or "")
+        except CallError as exc:
+            self._trace.emit("refused", f"{self.name} presence: {exc}")
+
+    def move_cursor(self, board: str, x: float, y: float) -> None:
+        """The cursor moved (sent throttled by the real client, newest last)."""
+        if self.client is not None:
+            self.client.cursor_sender(board).move(x, y)

@@ -10,25 +10,29 @@ loses whatever is in flight and closes both ends.
 The server end is a :class:`agor_actors.world.PeerTransport`, what the
 daemon's :class:`agor_actors.server.Connection` drives: ``receive`` (raises
 ``TransportClosed`` once the peer is gone), ``try_send`` (never waits; drops
-frames once the peer is gone), ``wait_writable`` and ``close``.
+frames once the peer is gone), ``wait_writable`` and ``close``.  The client
+end is a :class:`agor_actors.world.MessageTransport`, opened through
+:class:`NetDialer` (an :class:`agor_actors.world.Dialer`): what the real
+:class:`agor_actors.client.Client` drives.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Literal
 
 import attrs
 import trio
 
-from agor_actors.world import OutFrame, TransportClosed
+from agor_actors.world import DialFailed, OutFrame, TransportClosed
 from protocols import CLIENT_LIMITS, Codec, Event, ProtocolError, decode_server_frame
 
 from ._trace import Trace, now_us, reached
 
-__all__ = ["ClientSide", "Conn", "Link", "Network", "PathState", "ServerSide"]
+__all__ = ["ClientSide", "Conn", "Link", "NetDialer", "Network", "PathState", "ServerSide"]
 
 Frame = bytes | str
 Direction = Literal["both", "up", "down"]
@@ -64,6 +68,14 @@ class PathState:
 
     up: _Hold = attrs.field(factory=_Hold)
     down: _Hold = attrs.field(factory=_Hold)
+    stalled_until_us: int = 0
+    """The client reads nothing before this instant (a frozen tab)."""
+    stall_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+
+    async def wait_unstalled(self) -> None:
+        while not reached(self.stalled_until_us):
+            with trio.move_on_at(self.stalled_until_us / 1_000_000):
+                await self.stall_lot.park()
 
 
 @attrs.define
@@ -293,17 +305,36 @@ class ServerSide:
 
 
 class ClientSide:
-    """The client's end of a connection."""
+    """The client's end of a connection
+    (:class:`agor_actors.world.MessageTransport`).  Its sends go out one at a
+    time in the order they were made (as a WebSocket's do)."""
 
-    def __init__(self, conn: Conn, trace: Trace) -> None:
+    def __init__(self, conn: Conn, trace: Trace, path: PathState) -> None:
         self.conn = conn
         self._trace = trace
+        self._path = path
+        self._send_lock = trio.StrictFIFOLock()
+
+    @property
+    def subprotocol(self) -> str:
+        return self.conn.codec.subprotocol
 
     async def receive(self) -> Frame:
+        """The next frame (none while the client is stalled).  A checkpoint;
+        raises :class:`TransportClosed`."""
+        await self._path.wait_unstalled()
         return await self.conn.down.receive()
 
     async def send(self, frame: Frame) -> None:
-        await self.conn.up.send(frame)
+        """Queue ``frame``; waits while the link is full.  A checkpoint;
+        raises :class:`TransportClosed`."""
+        async with self._send_lock:
+            await self.conn.up.send(frame)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send the close marker: the server reads what came before it."""
+        await trio.lowlevel.checkpoint()
+        self.conn.up.close(code, reason)
 
     def abort(self, why: str) -> None:
         """Drop the connection (what is in flight is lost)."""
@@ -390,7 +421,22 @@ class Network:
         self.conns[client] = conn
         self.connects += 1
         self._trace.emit("connect", f"{name} {codec.value}")
-        return ClientSide(conn, self._trace)
+        return ClientSide(conn, self._trace, path)
+
+    def dialer(self, client: str) -> NetDialer:
+        """``client``'s way to the server, for :class:`agor_actors.client.Client`."""
+        return NetDialer(self, client)
+
+    def stall(self, client: str, until_us: int) -> None:
+        """``client`` reads nothing until ``until_us`` (a frozen tab, a slow consumer)."""
+        path = self.paths[client]
+        path.stalled_until_us = max(path.stalled_until_us, until_us)
+        self._trace.emit("stall", f"{client} until {until_us / 1e6:.3f}s")
+
+    def unstall_all(self) -> None:
+        for path in self.paths.values():
+            path.stalled_until_us = 0
+            path.stall_lot.unpark_all()
 
     def partition(self, clients: list[str], direction: Direction, duration_us: int) -> None:
         start = now_us()
@@ -422,3 +468,40 @@ class Network:
     def reset_all(self, why: str) -> None:
         for conn in self.conns.values():
             conn.reset(why, self._trace)
+
+
+class NetDialer:
+    """One client's :class:`agor_actors.world.Dialer` on the network: the URL
+    is ignored (there is one server); the codec is the first of
+    ``subprotocols`` the server speaks.  Leaving the connection drops it
+    (what is in flight is lost), as a client that goes away does."""
+
+    def __init__(self, net: Network, client: str) -> None:
+        self._net = net
+        self.client = client
+
+    @asynccontextmanager
+    async def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AsyncIterator[ClientSide]:
+        codec = next((c for c in Codec if c.subprotocol in subprotocols), None)
+        if codec is None:
+            raise DialFailed(
+                "refused", f"no subprotocol spoken of {list(subprotocols)}", status=400
+            )
+        try:
+            side = await self._net.connect(self.client, codec)
+        except TransportClosed as exc:
+            kind: Literal["timeout", "unreachable"] = (
+                "timeout" if "timed out" in exc.reason else "unreachable"
+            )
+            raise DialFailed(kind, exc.reason) from None
+        try:
+            yield side
+        finally:
+            side.abort(f"{self.client} closed")

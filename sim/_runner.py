@@ -49,7 +49,7 @@ from ._checks import (
     presence_problems,
     room_log,
 )
-from ._client import SEND_QUEUE_MAX, SimClient
+from ._client import SimClient
 from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
@@ -291,8 +291,7 @@ class _Run:
                 phase.cancel_scope.cancel()
             trace.emit("phase", "quiet: faults stopped")
             net.heal_all()
-            for client in self.clients:
-                client.unstall()
+            net.unstall_all()
             self._store_faults.disarm()
             views = await self._converge(store)
             self._final_checks(store, views)
@@ -480,9 +479,6 @@ class _Run:
                         link.name,
                         f"link holds {link.queued_bytes} B, bound {link.bytes_max}",
                     )
-        for client in self.clients:
-            if client.send_queue_depth > SEND_QUEUE_MAX:
-                self.recorder.violate("bound", client.name, "client send queue over its bound")
 
     def _check_actor(self, actor: dict[str, Any]) -> None:
         name = str(actor.get("id"))

@@ -26,8 +26,6 @@ import contextlib
 import attrs
 import trio
 
-from protocols import Cursor, PresenceUpdate
-
 from ._client import NotConnected, SimClient
 from ._config import SimConfig
 from ._trace import Trace
@@ -270,7 +268,7 @@ async def cursors(client: SimClient, config: SimConfig, layout: Layout) -> None:
             y += client.rng.randint(-20, 20)
             board = client.presence_board
             if board is not None:
-                client.presence(PresenceUpdate(board=board, cursor=Cursor(float(x), float(y))))
+                client.move_cursor(board, float(x), float(y))
             await trio.sleep(period_s)
 
 

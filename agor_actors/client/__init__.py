@@ -19,6 +19,7 @@ from ._credentials import sign_in as sign_in
 from ._mirror import Mirror as Mirror
 from ._mirror import Resources as Resources
 from ._mirror import apply_event as apply_event
+from ._observer import ClientObserver as ClientObserver
 from ._presence import Activity as Activity
 from ._presence import ActivityEntry as ActivityEntry
 from ._presence import ActivityFeed as ActivityFeed
@@ -29,4 +30,6 @@ from ._presence import Highlight as Highlight
 from ._presence import PresenceSender as PresenceSender
 from ._presence import PresenceUser as PresenceUser
 from ._presence import Throttle as Throttle
+from ._transport import WebSocketDialer as WebSocketDialer
+from ._transport import WebSocketTransport as WebSocketTransport
 from ._transport import open_websocket as open_websocket

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -40,7 +39,6 @@ from typing import Any, Final, Literal
 
 import attrs
 import trio
-import trio_websocket
 
 from protocols import (
     CLIENT_LIMITS,
@@ -78,14 +76,19 @@ from protocols import Frame as WireFrame
 
 from ..world import (
     Clock,
+    Dialer,
+    DialFailed,
     Entropy,
+    MessageTransport,
     SecureEntropy,
     SeededEntropy,
     SystemWallClock,
+    TransportClosed,
     TrioClock,
     WallClock,
 )
 from ._mirror import Mirror, Resources
+from ._observer import ClientObserver
 from ._presence import (
     DEFAULT_RATE_PER_S,
     Activity,
@@ -93,7 +96,7 @@ from ._presence import (
     CursorSender,
     PresenceSender,
 )
-from ._transport import open_websocket
+from ._transport import WebSocketDialer
 
 __all__ = [
     "CallError",
@@ -383,6 +386,19 @@ RATE_LIMITED_RETRIES: Final = 3
 the ``retry_after_ms`` the answer carries, or once the pacer's bucket
 refilled from empty) up to this many times."""
 
+RELOAD_RETRY_CODES: Final = frozenset(
+    {
+        ErrorCode.INTERNAL.value,
+        ErrorCode.SERVER_ERROR.value,
+        ErrorCode.GOING_AWAY.value,
+        ErrorCode.TOO_MANY_PENDING.value,
+        ErrorCode.RATE_LIMITED.value,
+        "unavailable",
+    }
+)
+"""Errors of a room's reload that say the server could not answer now: the
+reload is tried again (after a backoff) instead of giving the room up."""
+
 RETRY_AFTER_MAX_S: Final = 10.0
 """The longest ``retry_after_ms`` honoured (a larger one waits this long)."""
 
@@ -536,8 +552,16 @@ class Client:
         refresh: Refresh | None = None,
         refresh_before_s: float = 60.0,
         wall: WallClock | None = None,
+        dialer: Dialer | None = None,
+        observer: ClientObserver | None = None,
     ) -> None:
         self.url = url
+        self.observer = observer
+        """Sees every frame and protocol event (see :class:`ClientObserver`)."""
+        self.dialer: Dialer = dialer or WebSocketDialer(
+            max_message_size=CLIENT_LIMITS.max_frame_bytes
+        )
+        """How connections are opened (the world's transport seam)."""
         self.refresh = refresh
         """Where a new access token comes from before this one expires."""
         self.refresh_before_s = refresh_before_s
@@ -568,10 +592,11 @@ class Client:
         """Every connection id this client has had: events whose ``origin``
         is one of them are its own echoes."""
         self.rtt_s: float | None = None
-        self.close_reason: trio_websocket.CloseReason | None = None
-        """How the last connection that was closed by a close frame closed."""
-        self._connection_close: trio_websocket.CloseReason | None = None
-        self._ws: trio_websocket.WebSocketConnection | None = None
+        self.close_reason: TransportClosed | None = None
+        """How the last connection that was closed ended (its ``code`` and
+        ``reason``: those of the close frame, 1006 without one)."""
+        self._connection_close: TransportClosed | None = None
+        self._ws: MessageTransport | None = None
         self._open = trio.Event()
         self._welcomed = trio.Event()
         self._closed = False
@@ -931,9 +956,9 @@ class Client:
         if ws is None:
             raise ConnectionLost("not connected")
         try:
-            await ws.send_message(frame)
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
-            raise ConnectionLost(f"send failed: {exc!r}") from None
+            await ws.send(frame)
+        except TransportClosed as exc:
+            raise ConnectionLost(f"send failed: {exc.code} {exc.reason}".rstrip()) from None
 
     async def _send_when_open(self, make_frame: Callable[[], WireFrame]) -> None:
         """Build a frame with the machine once a connection is open, and send
@@ -1054,12 +1079,16 @@ class Client:
 
     # --------------------------------------------------------- connection
 
-    async def _run(self, task_status: trio.TaskStatus[CallError | None]) -> None:
+    async def _run(self, retry_first: bool, task_status: trio.TaskStatus[CallError | None]) -> None:
         """Connect, serve the connection, reconnect after a loss; until
         closed.  ``task_status.started`` once the first connection is
-        welcomed (``None``) or failed (the error, then this returns)."""
+        welcomed (``None``) or failed (the error, then this returns); at
+        once with ``retry_first`` (a failed first connection is then tried
+        again like any other)."""
         attempt = 0
-        first = True
+        first = not retry_first
+        if retry_first:
+            task_status.started(None)
         while not self._closed:
             if not self._wants_connection():
                 self._wake = trio.Event()
@@ -1078,11 +1107,7 @@ class Client:
                 else:
                     log.error("connection refused for good: %s", exc.error)
                 return
-            except (
-                trio_websocket.HandshakeError,
-                trio_websocket.ConnectionClosed,
-                OSError,
-            ) as exc:
+            except (DialFailed, TransportClosed) as exc:
                 welcomed = False
                 error = _connect_error(self.url, exc)
             if welcomed:
@@ -1183,11 +1208,10 @@ class Client:
         try:
             with trio.CancelScope() as scope:
                 self._connection_scope = scope
-                async with open_websocket(
+                async with self.dialer.dial(
                     self.url,
                     subprotocols=[self.codec.subprotocol],
                     connect_timeout_s=self.connect_timeout_s,
-                    max_message_size=CLIENT_LIMITS.max_frame_bytes,
                 ) as ws:
                     if ws.subprotocol != self.codec.subprotocol:
                         raise _Fatal(
@@ -1207,7 +1231,7 @@ class Client:
 
     async def _serve(
         self,
-        ws: trio_websocket.WebSocketConnection,
+        ws: MessageTransport,
         connection_scope: trio.CancelScope,
         task_status: trio.TaskStatus[CallError | None] | None,
     ) -> None:
@@ -1258,6 +1282,8 @@ class Client:
             self._open = trio.Event()
         if self.machine.state is not ClientState.DISCONNECTED:
             for event in self.machine.connection_lost():
+                if self.observer is not None:
+                    self.observer.protocol_event(event)
                 self._dispatch_sync(event)
         if self._presence_out is not None:
             self._presence_out.interrupt()
@@ -1271,18 +1297,21 @@ class Client:
             self.pacer.spend(len(part))  # at once: the rooms wait for it
             await self._send(self.machine.send(part))
 
-    async def _reader(
-        self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
-    ) -> None:
+    async def _reader(self, ws: MessageTransport, scope: trio.CancelScope) -> None:
         """The one reader: frames into the machine, its events dispatched."""
         self._connection_close = None
         try:
+            observer = self.observer
             while True:
-                data = await ws.get_message()
+                data = await ws.receive()
+                if observer is not None:
+                    observer.frame_received(data)
                 for event in self.machine.receive_data(data, self.clock.now_s()):
+                    if observer is not None:
+                        observer.protocol_event(event)
                     await self._dispatch(ws, event)
-        except trio_websocket.ConnectionClosed as exc:
-            self.close_reason = self._connection_close = exc.reason
+        except TransportClosed as exc:
+            self.close_reason = self._connection_close = exc
         finally:
             scope.cancel()
 
@@ -1314,11 +1343,14 @@ class Client:
                     await self._send(self.machine.ping(now))
                 continue
             deadline = heartbeat.next_check_s(last_received_s=last_received, last_ping_s=last_ping)
-            await trio.sleep(max(0.0, deadline - now))
+            # at least a microsecond: ``decide`` compares ``now - last`` with
+            # the interval and ``next_check_s`` adds them, and float rounding
+            # can still say WAIT at that instant (a busy loop on a mock clock)
+            await trio.sleep(max(1e-6, deadline - now))
 
     # ------------------------------------------------------------ dispatch
 
-    async def _dispatch(self, ws: trio_websocket.WebSocketConnection, event: ClientEvent) -> None:
+    async def _dispatch(self, ws: MessageTransport, event: ClientEvent) -> None:
         if isinstance(event, ResumeRequested):
             self.pacer.spend()  # at once: the reader must not wait
             with contextlib.suppress(ConnectionLost):
@@ -1327,7 +1359,7 @@ class Client:
             log.warning("protocol violation by the server: %s", event.error)
             if event.close_code is not None:
                 with trio.move_on_after(2.0):
-                    await ws.aclose(int(event.close_code), event.error.close_reason)
+                    await ws.close(int(event.close_code), event.error.close_reason)
         else:
             self._dispatch_sync(event)
 
@@ -1424,6 +1456,7 @@ class Client:
 
     async def _reload(self, mirror: Mirror, scope: trio.CancelScope, seq: int) -> None:
         with scope:
+            attempt = 0
             while True:
                 try:
                     resources = await self._loader(self, mirror.room)
@@ -1431,9 +1464,18 @@ class Client:
                 except (ConnectionLost, trio.TooSlowError):
                     continue  # retried after the reconnect
                 except CallError as exc:
-                    log.error("reload of %s failed: %s", mirror.room, exc)
-                    mirror._left(exc.code)
-                    return
+                    if exc.code not in RELOAD_RETRY_CODES:
+                        log.error("reload of %s failed: %s", mirror.room, exc)
+                        mirror._left(exc.code)
+                        return
+                    # the server could not answer now (a crashed actor, a
+                    # store that failed): try again after a backoff
+                    log.info("reload of %s failed, retrying: %s", mirror.room, exc)
+                    delay = backoff_s(
+                        attempt, self.entropy.random(), self.backoff_base_s, self.backoff_cap_s
+                    )
+                    attempt += 1
+                    await trio.sleep(delay)
             if self._reloads.get(mirror.room) is scope:
                 del self._reloads[mirror.room]
             mirror._finish_reload(resources)
@@ -1455,29 +1497,15 @@ def _cursor_only(update: PresenceUpdate) -> bool:
 
 def _connect_error(url: str, exc: BaseException) -> CallError:
     """One readable error for a connection that could not be made."""
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        body = (exc.body or b"").decode("utf-8", "replace")
-        return CallError(
-            "rejected", f"{url} refused the WebSocket ({exc.status_code}): {body}".rstrip(": ")
-        )
+    if isinstance(exc, DialFailed):
+        if exc.kind == "refused":
+            return CallError("rejected", f"{url} {exc.reason}")
+        return CallError("unavailable", f"cannot connect to {url}: {exc.reason}")
     if isinstance(exc, CallError):
         return exc
-    if isinstance(exc, trio_websocket.ConnectionTimeout):
-        return CallError("unavailable", f"cannot connect to {url}: no answer in time")
-    cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
-    # trio's "all attempts to connect ... failed" holds each attempt's error
-    attempts = cause.__cause__ if cause is not None else None
-    if isinstance(attempts, BaseExceptionGroup) and isinstance(attempts.exceptions[0], OSError):
-        cause = attempts.exceptions[0]
-    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
-        errno = cause.errno or 0  # negative for getaddrinfo's errors
-        text = os.strerror(errno) if errno > 0 else str(cause.strerror)
-        reason = text[0].lower() + text[1:]
-    elif cause is not None and str(cause):
-        reason = str(cause)
-    else:
-        reason = type(exc).__name__
-    return CallError("unavailable", f"cannot connect to {url}: {reason}")
+    if isinstance(exc, TransportClosed):
+        return CallError("unavailable", f"cannot connect to {url}: closed ({exc.code})")
+    return CallError("unavailable", f"cannot connect to {url}: {type(exc).__name__}")
 
 
 @asynccontextmanager
@@ -1502,6 +1530,9 @@ async def connect(
     refresh: Refresh | None = None,
     refresh_before_s: float = 60.0,
     wall: WallClock | None = None,
+    dialer: Dialer | None = None,
+    observer: ClientObserver | None = None,
+    retry_first: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon at ``url`` (``ws://127.0.0.1:3030/ws``).
 
@@ -1521,6 +1552,13 @@ async def connect(
     connection for an expired token (4002), refreshes and reconnects,
     resuming every room with ``since``: nothing is lost.  Calls wait while
     the token is expired.
+
+    ``dialer`` (the world's transport seam) opens each connection: by
+    default a WebSocket (:class:`WebSocketDialer`); the simulator passes its
+    network's.  ``observer`` sees every frame received and every protocol
+    event (:class:`ClientObserver`).  ``retry_first``: return at once and
+    keep trying the first connection too (with the backoff of a reconnect),
+    for a program that starts before its server; calls wait meanwhile.
     """
     chosen = codec if isinstance(codec, Codec) else {"json": Codec.JSON, "cbor": Codec.CBOR}[codec]
     client = Client(
@@ -1542,11 +1580,13 @@ async def connect(
         refresh=refresh,
         refresh_before_s=refresh_before_s,
         wall=wall,
+        dialer=dialer,
+        observer=observer,
     )
     try:
         async with trio.open_nursery() as nursery:
             client._nursery = nursery
-            error = await nursery.start(client._run)
+            error = await nursery.start(client._run, retry_first)
             if error is not None:
                 raise error
             try:

@@ -8,19 +8,27 @@ draining server) and when the *server* closes the WebSocket (its client
 waits for the TCP close, then neither the reader nor ``aclose`` closes the
 stream).  Here the stream is opened first and wrapped with
 ``wrap_client_stream``, and closed on the way out whatever happened.
+
+:class:`WebSocketDialer` is this opener as the world's
+:class:`~agor_actors.world.Dialer`, the seam through which the client opens
+its connections (the simulator's network is the other implementation).
 """
 
 from __future__ import annotations
 
+import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
+import attrs
 import trio
 import trio_websocket
 
-__all__ = ["open_websocket"]
+from ..world import DialFailed, TransportClosed
+
+__all__ = ["WebSocketDialer", "WebSocketTransport", "dial_error", "open_websocket"]
 
 
 def _target(url: str) -> tuple[str, int, str, str, bool]:
@@ -103,3 +111,111 @@ async def open_websocket(
         raise _unwrap(group) from None
     finally:
         await trio.aclose_forcefully(stream)
+
+
+# ------------------------------------------------------------------ the seam
+
+
+def _closed(exc: trio_websocket.ConnectionClosed) -> TransportClosed:
+    reason = exc.reason
+    if reason is None:
+        return TransportClosed(1006, "")
+    return TransportClosed(reason.code, reason.reason or "")
+
+
+class WebSocketTransport:
+    """A trio-websocket connection as the world's
+    :class:`~agor_actors.world.MessageTransport`: its errors become
+    :class:`~agor_actors.world.TransportClosed`."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.ws.subprotocol
+
+    async def receive(self) -> bytes | str:
+        """The next message.  A checkpoint; raises :class:`TransportClosed`
+        with the close frame's code and reason (1006 without one)."""
+        try:
+            return await self.ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def send(self, data: bytes | str) -> None:
+        """Send one message; waits while the socket is busy.  A checkpoint;
+        raises :class:`TransportClosed` once the connection is gone."""
+        try:
+            await self.ws.send_message(data)
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise TransportClosed(1006, f"send failed: {exc!r}") from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """The closing handshake (trio-websocket bounds the wait)."""
+        await self.ws.aclose(code, reason)
+
+
+def dial_error(exc: BaseException) -> DialFailed:
+    """What went wrong opening a WebSocket, in words."""
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        body = exc.body or b""
+        text = f"refused the WebSocket ({exc.status_code}): {body.decode('utf-8', 'replace')}"
+        return DialFailed("refused", text.rstrip(": "), status=exc.status_code, body=body)
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return DialFailed("timeout", "no answer in time")
+    cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
+    # trio's "all attempts to connect ... failed" holds each attempt's error
+    attempts = cause.__cause__ if cause is not None else None
+    if isinstance(attempts, BaseExceptionGroup) and isinstance(attempts.exceptions[0], OSError):
+        cause = attempts.exceptions[0]
+    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+        errno = cause.errno or 0  # negative for getaddrinfo's errors
+        text = os.strerror(errno) if errno > 0 else str(cause.strerror)
+        reason = text[0].lower() + text[1:]
+    elif cause is not None and str(cause):
+        reason = str(cause)
+    else:
+        reason = type(exc).__name__
+    return DialFailed("unreachable", reason)
+
+
+@attrs.frozen
+class WebSocketDialer:
+    """The real :class:`~agor_actors.world.Dialer`: a WebSocket over TCP (or
+    TLS for ``wss://``) with trio-websocket, through :func:`open_websocket`.
+    Refusals, timeouts and socket errors while opening raise
+    :class:`~agor_actors.world.DialFailed`."""
+
+    max_message_size: int = 16 << 20
+    disconnect_timeout_s: float = 2.0
+    ssl_context: ssl.SSLContext | None = None
+
+    @asynccontextmanager
+    async def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AsyncIterator[WebSocketTransport]:
+        opened = False
+        try:
+            async with open_websocket(
+                url,
+                subprotocols=list(subprotocols),
+                extra_headers=[(k.encode(), v.encode()) for k, v in headers] or None,
+                connect_timeout_s=connect_timeout_s,
+                disconnect_timeout_s=self.disconnect_timeout_s,
+                max_message_size=self.max_message_size,
+                ssl_context=self.ssl_context,
+            ) as ws:
+                opened = True
+                yield WebSocketTransport(ws)
+        except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
+            if opened:
+                raise
+            raise dial_error(exc) from exc

@@ -18,6 +18,7 @@ PUBLIC = {
     "CallError",
     "Client",
     "ClientClosed",
+    "ClientObserver",
     "ClientStatistics",
     "ConnectionLost",
     "EventStream",
@@ -32,6 +33,8 @@ PUBLIC = {
     "sign_in",
     "load_room",
     "open_websocket",
+    "WebSocketDialer",
+    "WebSocketTransport",
 }
 
 

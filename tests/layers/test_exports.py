@@ -272,6 +272,8 @@ MODULES: dict[str, set[str]] = {
     "agor_actors.world": {
         "Blocking",
         "Clock",
+        "DialFailed",
+        "Dialer",
         "Entropy",
         "InlineBlocking",
         "MessageTransport",

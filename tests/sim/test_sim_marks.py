@@ -57,9 +57,12 @@ def test_marks_count_only_inside_counting() -> None:
 def test_a_run_reports_its_marks() -> None:
     from sim import run_seed
 
-    result = run_seed(0, only=("store_request",))
+    # a seed whose writes land in a refusal window (which seeds do depends
+    # on the run's interleaving: seed 0's stopped doing so when the
+    # simulator switched to the real client)
+    result = run_seed(10, only=("store_request",))
     assert result.ok, [v.describe() for v in result.violations]
-    assert result.injected == {"store_request": 3}
+    assert result.injected == {"store_request": 2}
     assert set(result.marks) <= set(MARKS)
     assert result.marks.get("store.request_failed", 0) > 0
     assert "actor.restarted" not in result.marks  # nothing crashed
