@@ -671,8 +671,6 @@ class SqlStore:
                     results, heads = self._commit_group(requests, isolate_events=True)
             except (sa.exc.SQLAlchemyError, StoreError, _GroupFailed) as exc:
                 self._heads.clear()
-                if isinstance(exc, sa.exc.OperationalError) and self._shared:
-                    mark("store.shared_group_failed")
                 if isinstance(exc, _GroupFailed):
                     error = exc.error
                 elif isinstance(exc, StoreError):
