@@ -87,12 +87,17 @@ from ..world import World
 from ._datadir import hold_data_dir
 from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
 
-__all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
+__all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
 
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
 
 OWNER_ID = "owner"
+
+
+class NotClusterOwner(Exception):
+    """A cluster node's owner token is not the one the cluster's database
+    knows: taking it would lock the other nodes' owner out."""
 
 
 class Authorizer(Protocol):
@@ -1143,6 +1148,12 @@ async def _open_hub(
         token_hash = str(owner_row["token_hash"])
         current = await world.blocking.run(lambda: store.user_by_token_hash(token_hash))
         # (rows never show token_hash: look the owner up by the hash instead)
+        if cluster and existing is not None and (current is None or current["id"] != OWNER_ID):
+            where = f"{data_dir / 'token'}" if data_dir is not None else "the owner token"
+            raise NotClusterOwner(
+                f"{where} is not the owner token of the cluster's database: copy the"
+                " token file (and jwt-secret) of a node of the cluster into this data dir"
+            )
         if current is None or current["id"] != OWNER_ID:
             values = owner_row if op == "insert" else {"token_hash": owner_row["token_hash"]}
             results = await world.blocking.run(

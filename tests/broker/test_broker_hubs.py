@@ -20,7 +20,7 @@ from cluster_support import (
     needs_cluster,
 )
 
-from agor_actors.daemon import Hub, Outbox, Principal, open_hub
+from agor_actors.daemon import Hub, NotClusterOwner, Outbox, Principal, open_hub
 from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Since
@@ -147,3 +147,15 @@ async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(pg_url: 
         assert b.feed.stats.received == before
         await b.leave("vb", f"session:{first}")
         assert b.feed.wanted() == []
+
+
+async def test_a_node_with_another_owner_token_refuses_to_start(pg_url: str) -> None:
+    async with node(pg_url) as a:
+        await _session(a)
+        with pytest.RaisesGroup(NotClusterOwner, allow_unwrapped=True, flatten_subgroups=True):
+            async with open_hub(
+                real_world(), db_url=pg_url, owner_token="another", broker_url=REDIS_URL
+            ):
+                pass  # pragma: no cover - it must not start
+        # a's owner token still works
+        assert await a.authenticate(TOKEN) is not None

@@ -265,6 +265,7 @@ PACKAGES: dict[str, set[str]] = {
         "DataDirLocked",
         "Authorizer",
         "Hub",
+        "NotClusterOwner",
         "Outbox",
         "OutboxClosed",
         "OutboxOverflow",
