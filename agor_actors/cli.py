@@ -1,7 +1,7 @@
 """``agor-actors``: the daemon's command line.
 
 ``agor-actors serve [--host 127.0.0.1] [--port 3030] [--data-dir .agor] [--db URL]
-[--log-format text|json] [--log-level INFO] [--metrics-token T]
+[--broker URL] [--log-format text|json] [--log-level INFO] [--metrics-token T]
 [--metrics-port N [--metrics-host H]] [--allow-origin ORIGIN]...
 [--certfile PEM --keyfile PEM] [--jwt-private-key PEM] [--jwt-public-key PEM]
 [--access-token-ttl S] [--refresh-token-ttl S]`` runs the daemon until SIGINT or
@@ -94,6 +94,13 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "PostgreSQL: postgresql+psycopg://...)",
     )
     parser.add_argument(
+        "--broker",
+        default=os.environ.get("AGOR_BROKER_URL"),
+        metavar="URL",
+        help="run as a node of a cluster: the Redis that daemons sharing --db fan out"
+        " through (redis://host:6379/0; or AGOR_BROKER_URL)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("AGOR_LOG_LEVEL", "INFO").upper(),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -180,6 +187,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .server._logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    if args.broker and not args.db:
+        return _fail("serve", "--broker needs --db: the database the cluster's daemons share")
     identity = IdentityConfig(
         issuer=args.jwt_issuer,
         audience=args.jwt_audience,
@@ -193,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         data_dir=args.data_dir,
         db_url=args.db,
+        broker_url=args.broker or None,
         banner_executable=_executable(),
         metrics_token=args.metrics_token,
         metrics_host=args.metrics_host,

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
 
+from ..broker import PUBLISHER_NAME, BrokerPublisher, RoomFeed, open_redis_link
 from ..domain import Principal, ServiceError
 from ..domain.presence import (
     PresenceConfig,
@@ -72,6 +73,7 @@ from ..services import (
 from ..store import (
     WRITER_NAME,
     Mutation,
+    Resync,
     SqlStore,
     StoreError,
     StoreWriter,
@@ -85,12 +87,17 @@ from ..world import World
 from ._datadir import hold_data_dir
 from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
 
-__all__ = ["AllowAll", "Authorizer", "Hub", "open_hub"]
+__all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
 
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
 
 OWNER_ID = "owner"
+
+
+class NotClusterOwner(Exception):
+    """A cluster node's owner token is not the one the cluster's database
+    knows: taking it would lock the other nodes' owner out."""
 
 
 class Authorizer(Protocol):
@@ -147,8 +154,11 @@ class Hub:
         *,
         tasks: trio.Nursery,
         limits: UserLimits | None = None,
+        feed: RoomFeed | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.feed = feed
+        """A cluster node's feed of the other daemons' commits; None alone."""
         self.world = world
         self.store = store
         self.system = system
@@ -202,6 +212,7 @@ class Hub:
                 if _room_actor(room)[0] != name:
                     continue
                 del subs[room]
+                self._unwatch(sub)
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     # what was offered but not sent yet is resent too
                     sub.outbox.room_lost(room)
@@ -747,7 +758,20 @@ class Hub:
         subs[room] = sub
         self._joining.add(sub.key)
         try:
-            await self._subscribe(sub, since)
+            fresh = False
+            if self.feed is not None:
+                fresh = await self.feed.watch(_room_actor(room)[1], connection_id, sub.key)
+            try:
+                await self._subscribe(sub, since)
+            except BaseException:
+                self._unwatch(sub)
+                raise
+            if fresh:
+                # the room may have missed what was published before its
+                # channel was subscribed (or started meanwhile): it reads its log
+                ref = self.system.registry.lookup(_room_actor(room)[0])
+                if ref is not None and not ref.try_send(Resync()):
+                    await ref.send(Resync())
         finally:
             self._joining.discard(sub.key)
             reason = self._revoked.pop(sub.key, None)
@@ -837,6 +861,7 @@ class Hub:
                 if subs.get(room) is not sub:
                     continue  # left meanwhile
                 del subs[room]
+                self._unwatch(sub)
                 _security_log.info(
                     "subscription revoked",
                     extra={
@@ -869,6 +894,7 @@ class Hub:
         sub = subs.pop(room, None) if subs else None
         if sub is None:
             return
+        self._unwatch(sub)
         sub.outbox.drop_room(room)
         ref = self.system.registry.lookup(_room_actor(room)[0])
         if ref is not None:
@@ -887,6 +913,8 @@ class Hub:
         for room in list(self._subs.get(connection_id, {})):
             await self.leave(connection_id, room)
         self._subs.pop(connection_id, None)
+        if self.feed is not None:
+            self.feed.forget(connection_id)
         principal = self._principals.pop(connection_id, None)
         if principal is not None:
             mine = self._connections_of.get(principal.user_id)
@@ -915,6 +943,10 @@ class Hub:
             PresenceTouch(connection_id, principal.user_id, principal.name, update)
         ):
             self.presence_dropped += 1
+
+    def _unwatch(self, sub: Subscription) -> None:
+        if self.feed is not None:
+            self.feed.unwatch(_room_actor(sub.room)[1], sub.connection_id, sub.key)
 
     def rooms_of(self, connection_id: str) -> list[str]:
         return list(self._subs.get(connection_id, {}))
@@ -1021,6 +1053,7 @@ async def open_hub(
     ring_size: int | None = None,
     idle_s: float | None = None,
     limits: UserLimits | None = None,
+    broker_url: str | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -1031,7 +1064,13 @@ async def open_hub(
     :class:`DataDirLocked` if another runtime holds it.  ``ring_size`` (a
     room's events in memory) and ``idle_s`` (how long a room or session
     actor idles before it passivates) replace the behaviours' own (the
-    simulator makes them small so that runs of seconds reach those paths)."""
+    simulator makes them small so that runs of seconds reach those paths).
+
+    ``broker_url`` (``redis://...``) makes this daemon a cluster node: its
+    store is shared with the other daemons on the same database (seqs are
+    taken under the rooms' row locks), it publishes what it commits, and
+    its rooms take the other daemons' commits for the rooms its clients
+    joined."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -1047,6 +1086,7 @@ async def open_hub(
             ring_size=ring_size,
             idle_s=idle_s,
             limits=limits,
+            broker_url=broker_url,
         ) as hub:
             yield hub
 
@@ -1065,8 +1105,10 @@ async def _open_hub(
     ring_size: int | None = None,
     idle_s: float | None = None,
     limits: UserLimits | None = None,
+    broker_url: str | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
+    cluster = broker_url is not None
     if store is None:
         if db_url is None:
             if data_dir is None:
@@ -1078,7 +1120,9 @@ async def _open_hub(
         def new_epoch() -> str:
             return world.entropy.new_id(world.wall.now_ms())
 
-        store = await world.blocking.run(lambda: open_store(url, new_epoch=new_epoch))
+        store = await world.blocking.run(
+            lambda: open_store(url, new_epoch=new_epoch, shared=cluster)
+        )
     try:
         if owner_token is None:
             if data_dir is None:
@@ -1101,6 +1145,12 @@ async def _open_hub(
         token_hash = str(owner_row["token_hash"])
         current = await world.blocking.run(lambda: store.user_by_token_hash(token_hash))
         # (rows never show token_hash: look the owner up by the hash instead)
+        if cluster and existing is not None and (current is None or current["id"] != OWNER_ID):
+            where = f"{data_dir / 'token'}" if data_dir is not None else "the owner token"
+            raise NotClusterOwner(
+                f"{where} is not the owner token of the cluster's database: copy the"
+                " token file (and jwt-secret) of a node of the cluster into this data dir"
+            )
         if current is None or current["id"] != OWNER_ID:
             values = owner_row if op == "insert" else {"token_hash": owner_row["token_hash"]}
             results = await world.blocking.run(
@@ -1112,9 +1162,20 @@ async def _open_hub(
                 raise results[0]
 
         metrics = Metrics()
+        node = world.entropy.new_id(world.wall.now_ms())
+        """This daemon among the cluster's (it skips its own broadcasts)."""
+        opened = contextlib.AsyncExitStack()
+        link = None
+        if broker_url is not None:
+            link = await opened.enter_async_context(open_redis_link(broker_url))
 
         def writer(name: str) -> Behaviour[Any]:
-            return StoreWriter(store, world, metrics=metrics)
+            announce = PUBLISHER_NAME if link is not None else None
+            return StoreWriter(store, world, metrics=metrics, announce=announce)
+
+        def publisher(name: str) -> Behaviour[Any]:
+            assert link is not None
+            return BrokerPublisher(link, node)
 
         def room(name: str) -> Behaviour[Any]:
             behaviour = RoomBehaviour(
@@ -1135,12 +1196,15 @@ async def _open_hub(
                 behaviour.idle_s = idle_s
             return behaviour
 
-        async with open_system(world) as system:
+        async with opened, open_system(world) as system:
             system.define(Kind("store:", writer))
+            system.define(Kind("broker:", publisher))
             system.define(Kind("room:", room))
             system.define(Kind("session:", session))
             system.define(Kind("presence:user:", user_presence))
             await system.registry.get(WRITER_NAME)
+            if link is not None:
+                await system.registry.get(PUBLISHER_NAME)
             tokens = await _access_tokens(world, identity or IdentityConfig(), data_dir)
             registry = system.registry
 
@@ -1157,6 +1221,10 @@ async def _open_hub(
                 refresh_ttl_s=config.refresh_ttl_s,
             )
             async with trio.open_nursery() as tasks:
+                feed = None
+                if link is not None:
+                    feed = RoomFeed(link, registry, node)
+                    await tasks.start(feed.run)
                 hub = Hub(
                     world,
                     store,
@@ -1167,6 +1235,7 @@ async def _open_hub(
                     identity=authentication,
                     tasks=tasks,
                     limits=limits,
+                    feed=feed,
                 )
                 tasks.start_soon(hub._rechecker)
                 try:

@@ -374,6 +374,7 @@ async def run_daemon(
     port: int,
     data_dir: pathlib.Path,
     db_url: str | None,
+    broker_url: str | None = None,
     world: World | None = None,
     settings: ServerSettings | None = None,
     identity: IdentityConfig | None = None,
@@ -382,7 +383,11 @@ async def run_daemon(
     """The daemon: take the port (:class:`ListenError` if it cannot be had,
     before anything is opened), open the hub, serve until SIGINT or SIGTERM,
     drain."""
-    from ..daemon import DataDirLocked, open_hub  # the daemon's core is only needed here
+    from ..daemon import (  # the daemon's core is only needed here
+        DataDirLocked,
+        NotClusterOwner,
+        open_hub,
+    )
 
     world = world or real_world()
     sock = listen_socket(host, port)
@@ -402,9 +407,15 @@ async def run_daemon(
         async with contextlib.AsyncExitStack() as opened:
             try:
                 hub = await opened.enter_async_context(
-                    open_hub(world, db_url=db_url, data_dir=data_dir, identity=identity)
+                    open_hub(
+                        world,
+                        db_url=db_url,
+                        data_dir=data_dir,
+                        identity=identity,
+                        broker_url=broker_url,
+                    )
                 )
-            except DataDirLocked as exc:
+            except (DataDirLocked, NotClusterOwner) as exc:
                 raise StartupError(str(exc)) from exc
             except IdentityConfigError as exc:
                 raise StartupError(f"cannot use the JWT keys: {exc}") from exc
@@ -507,6 +518,7 @@ def serve(
     data_dir: pathlib.Path | str = ".agor",
     db_url: str | None = None,
     *,
+    broker_url: str | None = None,
     banner_executable: str | None = "agor-actors",
     metrics_token: str | None = None,
     metrics_host: str = "127.0.0.1",
@@ -532,6 +544,7 @@ def serve(
                     port=port,
                     data_dir=path,
                     db_url=db_url,
+                    broker_url=broker_url,
                     settings=ServerSettings(
                         metrics_token=metrics_token,
                         metrics_host=metrics_host,

@@ -12,6 +12,14 @@ group commit costs no read per room.  That memory only ever holds committed
 heads: a request that fails takes no seq (no gap, no reuse) and makes the
 store forget its rooms' heads, a group that fails as a whole makes it forget
 all of them, and the next write re-reads them from the database.
+
+A *shared* store (``shared=True``: several daemons on one PostgreSQL) keeps
+no such memory: each group commit locks its rooms' head rows (``SELECT ...
+FOR UPDATE``, in room order, so two groups never wait on each other in a
+circle) and takes the seqs from what they hold, in the transaction that
+makes the events durable.  Another store's group on the same rooms waits for
+the lock and then reads the head this one committed: one sequence per room
+whichever daemon writes.
 """
 
 from __future__ import annotations
@@ -505,12 +513,20 @@ class SqlStore:
     Thread-safe: writes are serialized by a lock (there is one writer); reads
     may run in other threads on their own connections, except for an
     in-memory database, where every call takes the same lock.
+
+    ``shared``: other stores (other daemons) write the same database; the
+    heads are locked and read in each commit instead of remembered.
     """
 
-    def __init__(self, engine: sa.Engine, *, new_epoch: Callable[[], str]) -> None:
+    def __init__(
+        self, engine: sa.Engine, *, new_epoch: Callable[[], str], shared: bool = False
+    ) -> None:
         self._engine = engine
         self._new_epoch = new_epoch
+        self._shared = shared
         self._heads: dict[str, tuple[str, int]] = {}
+        """Single writer: each room's head as this store committed it.
+        Shared: the heads locked for the group being committed."""
         self._plain_statements: dict[_Shape, Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
@@ -556,6 +572,11 @@ class SqlStore:
     @property
     def engine(self) -> sa.Engine:
         return self._engine
+
+    @property
+    def shared(self) -> bool:
+        """Whether other stores write this database too (see the module)."""
+        return self._shared
 
     @property
     def dialect(self) -> str:
@@ -657,6 +678,9 @@ class SqlStore:
                 else:
                     error = _group_error(exc)
                 return [error] * len(requests)
+            if self._shared:
+                self._heads.clear()
+                return results
             for room, head in heads.items():
                 self._remember(room, head.epoch, head.head)
             return results
@@ -685,6 +709,8 @@ class SqlStore:
         pending: list[dict[str, Any]] = []
         run: _Run | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
+            if self._shared:
+                self._lock_heads(conn, requests)
             for request in requests:
                 # rooms this request moved: the head before it, None if it
                 # brought the room into the group (undone if it fails)
@@ -722,8 +748,10 @@ class SqlStore:
                             group[room].head = before
                         # Forget what this store believed about the room: if
                         # the failure was a seq already taken (another
-                        # writer), the next write re-reads the head.
-                        self._heads.pop(room, None)
+                        # writer), the next write re-reads the head.  (A
+                        # shared store's locked head is still right.)
+                        if not self._shared:
+                            self._heads.pop(room, None)
                     continue
                 results.append(WriteResult(tuple(stored)))
                 if not isolate_events:
@@ -939,6 +967,33 @@ class SqlStore:
             )
         return stored
 
+    def _lock_heads(self, conn: sa.Connection, requests: Sequence[WriteRequest]) -> None:
+        """Shared store: make sure every room the group writes has its head
+        row, lock those rows in room order, and hold what they say in
+        ``_heads`` for :meth:`_load_head` (the group's own, forgotten
+        after it).  The rows stay locked until the transaction ends, so no
+        other store allocates in these rooms meanwhile."""
+        self._heads.clear()
+        rooms = sorted({draft.room for request in requests for draft in request.events})
+        if not rooms:
+            return
+        r = s.rooms.c
+        # a new room: whoever inserts its row first draws its epoch; a
+        # concurrent insert of the same room waits for that one's outcome
+        conn.execute(
+            self._upsert_insert(s.rooms)
+            .values([{"room": room, "epoch": self._new_epoch(), "head_seq": 0} for room in rooms])
+            .on_conflict_do_nothing(index_elements=[r.room])
+        )
+        locked = conn.execute(
+            sa.select(r.room, r.epoch, r.head_seq)
+            .where(r.room.in_(rooms))
+            .order_by(r.room)
+            .with_for_update()
+        ).all()
+        for row in locked:
+            self._heads[row.room] = (row.epoch, row.head_seq)
+
     def _load_head(self, cursor: DBAPICursor, room: str) -> _Head:
         """``room``'s head as committed: remembered, else read."""
         cached = self._heads.get(room)
@@ -983,21 +1038,25 @@ class SqlStore:
             except sa.exc.SQLAlchemyError as exc:
                 self._heads.pop(room, None)
                 raise _group_error(exc) from exc
-            self._remember(room, new_epoch, 0)
+            if not self._shared:
+                self._remember(room, new_epoch, 0)
             mark("store.epoch_reset")
 
     # ----------------------------------------------------------------- reads: rooms
 
     def cached_head(self, room: str) -> tuple[str, int] | None:
         """``(epoch, head_seq)`` of ``room`` as this store (the single
-        writer) last committed it, or None if it does not know; no I/O, so
-        callable from any thread without the blocking seam."""
+        writer) last committed it, or None if it does not know (always, for
+        a shared store: others write too); no I/O, so callable from any
+        thread without the blocking seam."""
+        if self._shared:
+            return None
         return self._heads.get(room)
 
     def room_head(self, room: str) -> tuple[str, int] | None:
         """``(epoch, head_seq)`` of ``room``, or None if nothing was ever
         written to it (callers treat that as epoch-less, head 0)."""
-        cached = self._heads.get(room)
+        cached = self.cached_head(room)
         if cached is not None:
             return cached
         with self._reading() as conn:
@@ -1167,7 +1226,9 @@ def _group_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
 # --------------------------------------------------------------------------- opening
 
 
-def open_store(url: str, *, new_epoch: Callable[[], str], echo: bool = False) -> SqlStore:
+def open_store(
+    url: str, *, new_epoch: Callable[[], str], echo: bool = False, shared: bool = False
+) -> SqlStore:
     """Open (and on first use create) the store at ``url``:
 
     - ``sqlite:///path/to/agor.db``: a file, in WAL mode, synchronous=NORMAL,
@@ -1176,7 +1237,8 @@ def open_store(url: str, *, new_epoch: Callable[[], str], echo: bool = False) ->
     - ``postgresql+psycopg://user@host/db``.
 
     ``new_epoch`` draws the epoch of a room written for the first time (the
-    store reads no randomness itself).  Raises :class:`StoreSchemaError` for
+    store reads no randomness itself).  ``shared``: other daemons write the
+    same database (a cluster; see :class:`SqlStore`).  Raises :class:`StoreSchemaError` for
     a database of a newer schema version, :class:`StoreUnavailable` if the
     database cannot be reached.
     """
@@ -1200,7 +1262,7 @@ def open_store(url: str, *, new_epoch: Callable[[], str], echo: bool = False) ->
     else:
         raise StoreQueryError(f"unsupported database URL {parsed.render_as_string()!r}")
     try:
-        return SqlStore(engine, new_epoch=new_epoch)
+        return SqlStore(engine, new_epoch=new_epoch, shared=shared)
     except sa.exc.SQLAlchemyError as exc:
         engine.dispose()
         raise _group_error(exc) from exc

@@ -5,7 +5,9 @@ Writes queue up while a commit is in flight and go together in the next one
 of one streamed message in a group are merged into one write whose event
 covers their seqs.  Committed events go to their rooms in commit order, and
 only then are the writers answered: nobody sees an event a crash could take
-back, and a ``call`` is answered only once its write is durable.
+back, and a ``call`` is answered only once its write is durable.  In a
+cluster each room's committed events are also offered to the broker's
+publisher (``announce``), for the other daemons.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..runtime import (
     Reply,
     Request,
     Send,
+    TrySend,
 )
 from ..world import World
 from ._backend import (
@@ -242,11 +245,15 @@ class StoreWriter(Behaviour[WriterState]):
         *,
         max_group: int = 512,
         metrics: Metrics | None = None,
+        announce: str | None = None,
     ) -> None:
         self.store = store
         self.world = world
         self.max_group = max_group
         self.metrics = metrics
+        self.announce = announce
+        """An actor (the broker's publisher) offered every ``Committed``
+        too, without waiting: dropped if its mailbox is full."""
 
     async def init(self, ctx: ActorContext) -> WriterState:
         return WriterState()
@@ -316,8 +323,12 @@ class StoreWriter(Behaviour[WriterState]):
             if isinstance(result, WriteResult):
                 for event in result.events:
                     by_room.setdefault(event.room, []).append(event)
+        announce = self.announce
         for room, events in by_room.items():
-            effects.append(Send(f"room:{room}", Committed(room, tuple(events), now)))
+            committed = Committed(room, tuple(events), now)
+            if announce is not None:
+                effects.append(TrySend(announce, committed))
+            effects.append(Send(f"room:{room}", committed))
         if metrics is not None:
             metrics.events_committed.inc(sum(len(events) for events in by_room.values()))
         for run, result in zip(done.batch, results, strict=True):

@@ -10,7 +10,8 @@ below it, never a layer above):
 2. ``agor_actors.store`` (the database and its writer actor),
    ``agor_actors.outbox`` (a connection's write path)
 3. ``agor_actors.domain`` (session, room and presence behaviours),
-   ``agor_actors.identity`` (sign-in, access and refresh tokens)
+   ``agor_actors.identity`` (sign-in, access and refresh tokens),
+   ``agor_actors.broker`` (fan-out between the daemons of a cluster)
 4. ``agor_actors.services`` (every service's rules and permissions)
 5. ``agor_actors.daemon`` (the hub: routing, joins, presence, actor wiring)
 6. ``agor_actors.server``, ``agor_actors.client``, ``agor_actors.embed``
@@ -43,6 +44,7 @@ LAYERS: dict[str, int] = {
     "agor_actors.outbox": 2,
     "agor_actors.domain": 3,
     "agor_actors.identity": 3,
+    "agor_actors.broker": 3,
     "agor_actors.services": 4,
     "agor_actors.daemon": 5,
     "agor_actors.server": 6,

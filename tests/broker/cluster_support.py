@@ -1,0 +1,216 @@
+"""Shared helpers for the cluster tests (no tests here): a fresh schema on
+the machine's PostgreSQL per test, the machine's Redis, a reader of an
+outbox's events, ``agor-actors serve`` processes as cluster nodes, and a
+raw protocol viewer of one room."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import attrs
+import pytest
+import sqlalchemy as sa
+import trio
+import trio_websocket
+from sqlalchemy.pool import NullPool
+
+from agor_actors.client import open_websocket
+from agor_actors.daemon import Outbox
+from protocols import (
+    PROTOCOL_VERSION,
+    Codec,
+    Event,
+    Hello,
+    Join,
+    Joined,
+    Limits,
+    ServerMessage,
+    Since,
+    Welcome,
+    decode_server_frame,
+    encode,
+)
+
+PG_URL = os.environ.get("AGOR_TEST_PG_URL", "")
+REDIS_URL = os.environ.get("AGOR_TEST_REDIS_URL", "")
+
+needs_cluster = pytest.mark.skipif(
+    not (PG_URL and REDIS_URL),
+    reason="AGOR_TEST_PG_URL and AGOR_TEST_REDIS_URL are not both set (.ci/run sets them):"
+    " cluster tests on PostgreSQL and Redis skipped",
+)
+
+
+@contextmanager
+def fresh_schema(prefix: str = "agor_cluster") -> Iterator[str]:
+    """A PostgreSQL URL whose tables live in a schema of their own (made
+    here, dropped afterwards), so tests never see each other's rows."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL, poolclass=NullPool)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+class Reader:
+    """Everything an outbox was given, decoded, in order."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.messages: list[ServerMessage] = []
+
+    @property
+    def events(self) -> list[Event]:
+        return [m for m in self.messages if isinstance(m, Event)]
+
+    @property
+    def joined(self) -> Joined:
+        return next(m for m in self.messages if isinstance(m, Joined))
+
+    async def until_seq(self, seq: int, *, limit_s: float = 10.0) -> list[Event]:
+        """Read until an event covering ``seq`` arrived; the events so far."""
+        with trio.fail_after(limit_s):
+            while not any(e.end_seq >= seq for e in self.events):
+                frame = await self.outbox.next_frame()
+                self.messages += decode_server_frame(self.outbox.codec, frame, Limits())
+        return self.events
+
+
+def assert_gap_free(events: list[Event], first: int = 1) -> None:
+    """``events`` cover ``first``.. with no gap and no seq twice."""
+    expected = first
+    for event in events:
+        assert event.seq == expected, [(e.seq, e.end_seq) for e in events]
+        expected = event.end_seq + 1
+
+
+CODEC = Codec.CBOR
+
+
+# ---------------------------------------------------------------- processes
+
+CLI = (sys.executable, "-m", "agor_actors.cli")
+WS_URL_RE = re.compile(r"WebSocket\s+(ws://[^\s]+)")
+TOKEN = "the-cluster-owner-token"
+
+
+@attrs.define
+class Node:
+    """One ``agor-actors serve`` process of the cluster."""
+
+    process: trio.Process
+    ws_url: str
+    err: bytearray
+
+    def kill(self) -> None:
+        """``kill -9``: no drain, no goodbye."""
+        self.process.kill()
+
+
+def node_data_dir(root: pathlib.Path, name: str) -> pathlib.Path:
+    """A data dir holding the cluster's owner token (as an operator copies
+    it from the first node)."""
+    data_dir = root / name
+    data_dir.mkdir(mode=0o700)
+    token = data_dir / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    return data_dir
+
+
+@asynccontextmanager
+async def serving_node(
+    data_dir: pathlib.Path, db_url: str, *, ready_within_s: float = 30.0
+) -> AsyncIterator[Node]:
+    """``agor-actors serve --db ... --broker ...`` on an ephemeral port,
+    once it printed its banner; SIGTERM (then SIGKILL) on the way out."""
+    argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
+    argv += ["--db", db_url, "--broker", REDIS_URL, "--log-level", "WARNING"]
+    process = await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    out, err = bytearray(), bytearray()
+    ready = trio.Event()
+
+    async def pump(stream: trio.abc.ReceiveStream, into: bytearray, watch: bool) -> None:
+        async for chunk in stream:
+            into.extend(chunk)
+            if watch and WS_URL_RE.search(into.decode("utf-8", "replace")):
+                ready.set()
+        ready.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, process.stdout, out, True)
+            nursery.start_soon(pump, process.stderr, err, False)
+            with trio.fail_after(ready_within_s):
+                await ready.wait()
+            found = WS_URL_RE.search(out.decode("utf-8", "replace"))
+            assert found is not None, f"no banner; stderr:\n{err.decode('utf-8', 'replace')}"
+            yield Node(process, found.group(1), err)
+            if process.returncode is None:
+                process.terminate()
+            with trio.fail_after(15):
+                await process.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+class Viewer:
+    """A raw protocol connection joined to one room: every event, in order."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self.messages: list[ServerMessage] = []
+
+    @property
+    def events(self) -> list[Event]:
+        return [m for m in self.messages if isinstance(m, Event)]
+
+    @property
+    def joined(self) -> Joined:
+        return next(m for m in self.messages if isinstance(m, Joined))
+
+    async def read_until(self, done: object, *, limit_s: float = 20.0) -> None:
+        assert callable(done)
+        with trio.fail_after(limit_s):
+            while not done():
+                frame = await self.ws.get_message()
+                self.messages += decode_server_frame(CODEC, frame, Limits())
+
+    async def until_seq(self, seq: int, *, limit_s: float = 20.0) -> list[Event]:
+        await self.read_until(lambda: any(e.end_seq >= seq for e in self.events), limit_s=limit_s)
+        return self.events
+
+
+@asynccontextmanager
+async def viewing(url: str, room: str, since: Since | None = None) -> AsyncIterator[Viewer]:
+    async with open_websocket(url, subprotocols=[CODEC.subprotocol]) as ws:
+        viewer = Viewer(ws)
+        await ws.send_message(encode(CODEC, Hello(PROTOCOL_VERSION, TOKEN, None)))
+        await viewer.read_until(lambda: any(isinstance(m, Welcome) for m in viewer.messages))
+        await ws.send_message(encode(CODEC, Join(room, since)))
+        await viewer.read_until(lambda: any(isinstance(m, Joined) for m in viewer.messages))
+        yield viewer
