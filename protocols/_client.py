@@ -460,6 +460,15 @@ class ClientConnection:
         call = Call(ref, service, method, id, data, query, temp_id, base_rev)
         return ref, self.send(call)
 
+    def unsent(self, ref: int) -> None:
+        """The frame of call (or auth) ``ref`` was never sent: its send was
+        cancelled or failed before the transport took it.  The server will
+        not answer it, so it no longer counts as pending (it would hold one
+        of :attr:`max_pending_calls` for the life of the connection).
+        Nothing if ``ref`` is not pending (answered, or the connection was
+        lost meanwhile)."""
+        self._pending.pop(ref, None)
+
     def auth(self, token: str) -> tuple[int, Frame]:
         """Re-authenticate in band with ``token``; returns the ``ref`` of
         the :class:`CallResult` that answers it, and the frame.  Counts as a

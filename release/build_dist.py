@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -26,13 +27,31 @@ PACKAGES = ("agor_actors", "protocols", "supervisors", "sim")
 """Our import packages: every submodule goes in."""
 
 EXTRA_SUBMODULES = ("sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql")
-OPTIONAL_PACKAGES = ("psycopg",)
-"""Collected whole when installed (``--db postgresql+psycopg://...``)."""
+OPTIONAL_PACKAGES = ("psycopg", "coredis")
+"""Collected whole when installed (``--db postgresql+psycopg://...``,
+``--broker redis://...``)."""
 EXCLUDED = ("pytest", "_pytest", "hypothesis", "pygments", "pkg_resources", "setuptools", "tkinter")
 """Test and build tools that some imported package mentions but the
 executable never runs (they were ~6 MB of it)."""
 OPTIONAL_IMPORTS = ("psycopg_binary",)
 """Imported by psycopg at run time; PyInstaller's hook collects its binaries."""
+
+
+_MYPYC_HELPER = re.compile(rb"[0-9a-f]{20}__mypyc")
+
+
+def mypyc_helpers(package: str) -> set[str]:
+    """The top-level helper modules a mypyc-compiled package's extensions
+    import (coredis's: ``<hash>__mypyc``), which no import statement names,
+    so PyInstaller does not find them."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    found: set[str] = set()
+    for location in spec.submodule_search_locations:
+        for path in pathlib.Path(location).rglob("*.so"):
+            found.update(m.decode() for m in _MYPYC_HELPER.findall(path.read_bytes()))
+    return found
 
 
 def pyinstaller_args(dist_dir: pathlib.Path, work_dir: pathlib.Path) -> list[str]:
@@ -61,6 +80,8 @@ def pyinstaller_args(dist_dir: pathlib.Path, work_dir: pathlib.Path) -> list[str
     for package in OPTIONAL_PACKAGES:
         if importlib.util.find_spec(package) is not None:
             args += ["--collect-all", package]
+            for helper in sorted(mypyc_helpers(package)):
+                args += ["--hidden-import", helper]
     for module in EXCLUDED:
         args += ["--exclude-module", module]
     for module in OPTIONAL_IMPORTS:

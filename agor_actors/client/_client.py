@@ -1172,11 +1172,17 @@ class Client:
         """Send ``frame`` (the call or auth ``ref``) and wait for its result
         (a ``connection_lost`` one if the connection drops meanwhile)."""
         waiter = self._waiters[ref] = _Waiter()
+        sent = False
         try:
             await self._send(frame)
+            sent = True
             await waiter.event.wait()
         finally:
             self._waiters.pop(ref, None)
+            if not sent:
+                # cancelled (or failed) before the frame went out: nothing
+                # will answer it, so it must not hold a pending slot
+                self.machine.unsent(ref)
         assert waiter.result is not None
         return waiter.result
 

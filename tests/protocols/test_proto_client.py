@@ -117,6 +117,23 @@ def test_welcome_twice_is_a_violation() -> None:
     assert isinstance(violation, ProtocolViolation) and violation.close_code == 1002
 
 
+def test_a_call_never_sent_frees_its_pending_slot() -> None:
+    """A call whose send was cancelled before the transport took it is
+    never answered: ``unsent`` forgets it, so it does not hold one of the
+    connection's pending slots for good (found by the simulator: a write
+    cancelled while the link was full left ``can_call`` short by one)."""
+    client = open_client()
+    refs = [client.call("tasks", "get", id=str(i))[0] for i in range(client.max_pending_calls)]
+    assert not client.can_call
+    client.unsent(refs[0])
+    assert client.can_call and refs[0] not in client.pending_calls
+    client.unsent(refs[0])  # not pending any more: nothing
+    client.unsent(10_000)
+    assert len(client.pending_calls) == len(refs) - 1
+    [violation] = feed(client, Result(refs[0], True))  # an answer to it is unexpected
+    assert isinstance(violation, ProtocolViolation)
+
+
 def test_calls_are_matched_by_ref() -> None:
     client = open_client()
     ref1, frame1 = client.call("tasks", "create", data={"t": 1}, temp_id="tmp")
