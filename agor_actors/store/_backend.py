@@ -28,6 +28,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,6 +59,8 @@ from ._schema import (
     StoreSchemaError,
     StoreUnavailable,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Append",
@@ -632,9 +635,20 @@ class SqlStore:
                     f"agor-actors understands ({SCHEMA_VERSION}); upgrade agor-actors"
                 )
             if version is not None and version < SCHEMA_VERSION:
-                raise StoreSchemaError(
-                    f"the database has schema version {version}; no migration to "
-                    f"{SCHEMA_VERSION} exists"
+                # in this transaction: all the steps, or none
+                for step in range(version, SCHEMA_VERSION):
+                    migrate = _MIGRATIONS.get(step)
+                    if migrate is None:
+                        raise StoreSchemaError(
+                            f"the database has schema version {version}; no migration "
+                            f"from {step} to {step + 1} exists"
+                        )
+                    migrate(conn)
+                    log.info("store: schema migrated from version %d to %d", step, step + 1)
+                conn.execute(
+                    s.meta.update()
+                    .where(s.meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
                 )
             s.metadata.create_all(conn)
             if version is None:
@@ -1207,6 +1221,36 @@ class SqlStore:
                 sa.select(m).where(m.c.board_id == board_id).order_by(m.c.user_id)
             ).all()
         return [_plain_row(row) for row in rows]
+
+
+def _migrate_1_to_2(conn: sa.Connection) -> None:
+    """Board members may be ``admin``s: the role's CHECK constraint is
+    replaced.  PostgreSQL alters it in place; SQLite cannot, so the table is
+    rebuilt (renamed, created anew with its index, copied, dropped)."""
+    table = s.board_members
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            "ALTER TABLE board_members DROP CONSTRAINT IF EXISTS ck_board_members_role"
+        )
+        allowed = ", ".join(f"'{role}'" for role in s.BOARD_ROLES)
+        conn.exec_driver_sql(
+            f"ALTER TABLE board_members ADD CONSTRAINT ck_board_members_role "
+            f"CHECK (role IN ({allowed}))"
+        )
+        return
+    conn.exec_driver_sql("ALTER TABLE board_members RENAME TO board_members_v1")
+    for index in table.indexes:
+        conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{index.name}"')
+    table.create(conn)
+    conn.exec_driver_sql(
+        "INSERT INTO board_members (board_id, user_id, role) "
+        "SELECT board_id, user_id, role FROM board_members_v1"
+    )
+    conn.exec_driver_sql("DROP TABLE board_members_v1")
+
+
+_MIGRATIONS: Final[dict[int, Callable[[sa.Connection], None]]] = {1: _migrate_1_to_2}
+"""From each schema version to the next, run in the opening transaction."""
 
 
 def _plain_row(row: sa.Row[Any]) -> dict[str, Any]:

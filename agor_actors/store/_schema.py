@@ -48,8 +48,10 @@ __all__ = [
 ]
 
 #: Bumped whenever the tables change; a database stamped with a newer version
-#: is refused (an older daemon must not write into a newer schema).
-SCHEMA_VERSION: Final = 1
+#: is refused (an older daemon must not write into a newer schema), an older
+#: one is migrated (``store._backend``'s migrations).  2: board members may
+#: be ``admin``s (the role's CHECK constraint).
+SCHEMA_VERSION: Final = 2
 
 SESSION_STATUSES: Final = ("idle", "running", "awaiting_permission", "completed", "failed")
 TASK_STATUSES: Final = ("created", "running", "completed", "failed", "stopped")

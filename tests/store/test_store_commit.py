@@ -73,11 +73,11 @@ def seqs(result: WriteResult | StoreError) -> list[tuple[int, int | None]]:
 
 def test_schema_is_created_once_and_versioned(db: Backend) -> None:
     first = db.open()
-    assert first.schema_version() == SCHEMA_VERSION == 1
+    assert first.schema_version() == SCHEMA_VERSION == 2
     first.close()
     again = db.open()  # idempotent: opening an existing database changes nothing
     assert again.schema_version() == SCHEMA_VERSION
-    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["1"]
+    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["2"]
     inspector_tables = set(sa.inspect(again.engine).get_table_names())
     assert {
         "meta",
@@ -99,6 +99,98 @@ def test_a_newer_schema_is_refused(db: Backend) -> None:
     db.admin(f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
     with pytest.raises(StoreSchemaError, match="newer"):
         db.open()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_members(db: Backend) -> None:
+    """Version 1 refused board members with the role ``admin`` (its CHECK
+    constraint predates the role): opening it migrates it to the current
+    version in place, members kept, and ``admin`` is taken."""
+    store = db.open()
+    board = {"name": "B", "owner_id": "u1", "created_at": 1, "updated_at": 1}
+    ok(
+        store.commit(
+            [
+                WriteRequest(
+                    mutations=(
+                        Mutation(
+                            "insert",
+                            "users",
+                            {"id": "u1"},
+                            {"name": "a", "token_hash": "h1", "created_at": 1},
+                        ),
+                        Mutation(
+                            "insert",
+                            "users",
+                            {"id": "u2"},
+                            {"name": "b", "token_hash": "h2", "created_at": 1},
+                        ),
+                        Mutation("insert", "boards", {"id": "b1"}, board),
+                    )
+                )
+            ]
+        )[0]
+    )
+    store.close()
+    old = "CHECK (role IN ('owner', 'editor', 'viewer'))"
+    if db.kind == "postgresql":
+        db.admin(
+            "ALTER TABLE board_members DROP CONSTRAINT ck_board_members_role",
+            f"ALTER TABLE board_members ADD CONSTRAINT ck_board_members_role {old}",
+        )
+    else:
+        db.admin(
+            "DROP TABLE board_members",
+            "CREATE TABLE board_members (board_id VARCHAR NOT NULL REFERENCES boards (id)"
+            " ON DELETE CASCADE, user_id VARCHAR NOT NULL REFERENCES users (id)"
+            " ON DELETE CASCADE, role VARCHAR NOT NULL, PRIMARY KEY (board_id, user_id),"
+            f" CONSTRAINT ck_board_members_role {old})",
+            "CREATE INDEX ix_board_members_user_id ON board_members (user_id)",
+        )
+    db.admin(
+        "INSERT INTO board_members (board_id, user_id, role) VALUES ('b1', 'u1', 'owner')",
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+    )
+    with pytest.raises(sa.exc.IntegrityError):  # what version 1 did
+        db.admin("INSERT INTO board_members (board_id, user_id, role) VALUES ('b1', 'u2', 'admin')")
+    migrated = db.open()
+    assert migrated.schema_version() == SCHEMA_VERSION
+    ok(
+        migrated.commit(
+            [
+                WriteRequest(
+                    mutations=(
+                        Mutation(
+                            "insert",
+                            "board_members",
+                            {"board_id": "b1", "user_id": "u2"},
+                            {"role": "admin"},
+                        ),
+                    )
+                )
+            ]
+        )[0]
+    )
+    assert sorted((m["user_id"], m["role"]) for m in migrated.board_members("b1")) == [
+        ("u1", "owner"),
+        ("u2", "admin"),
+    ]
+    refused = migrated.commit(
+        [
+            WriteRequest(
+                mutations=(
+                    Mutation(
+                        "update",
+                        "board_members",
+                        {"board_id": "b1", "user_id": "u2"},
+                        {"role": "king"},
+                    ),
+                )
+            )
+        ]
+    )[0]
+    assert isinstance(refused, StoreError)  # the new constraint holds
+    migrated.close()
+    assert db.open().schema_version() == SCHEMA_VERSION  # and once only
 
 
 def test_sqlite_file_settings(tmp_path: Path) -> None:
