@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import gc
 import pathlib
 import shutil
 import socket
@@ -131,15 +130,6 @@ async def own_redis(directory: pathlib.Path) -> AsyncIterator[OwnRedis]:
         await redis.stop()
 
 
-# coredis (6.x) leaves a lost connection's anyio buffers unclosed; they are
-# collected, and warn in __del__: only those warnings are let through here
-_COREDIS_LOST_CONNECTION = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <function MemoryObject(Send|Receive)Stream.__del__"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
-
-
-@_COREDIS_LOST_CONNECTION
 async def test_redis_stopped_and_restarted_while_a_room_streams_loses_nothing(
     pg_url: str, tmp_path: pathlib.Path
 ) -> None:
@@ -172,7 +162,6 @@ async def test_redis_stopped_and_restarted_while_a_room_streams_loses_nothing(
         ]
         assert {e.seq for e in events} >= set(acked)
         assert b.feed.stats.sessions > sessions  # the feed connected again
-    gc.collect()  # coredis's unclosed buffers warn here, under this test's filter
 
 
 # ---------------------------------------------------------------- PostgreSQL cut off
