@@ -1,0 +1,259 @@
+"""Partitions of a cluster node (issue 14, step 5), on daemons' cores
+(hubs) in this process:
+
+- Redis stopped and restarted while a room streams: every acknowledged
+  write reaches the viewer on the other daemon, in order, with no gap and
+  no duplicate (a pause, then the feed's new connection has the room read
+  its log).  The test runs a ``redis-server`` of its own on a free port, so
+  the machine's shared Redis is never stopped.
+- PostgreSQL unreachable (a TCP forwarder of the test between the daemon
+  and the server, closed and reopened): writes fail with ``unavailable``,
+  a join that replays from the room's memory is still served, and the
+  daemon writes again by itself once the server is back.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+import sqlalchemy as sa
+import trio
+from cluster_support import (
+    CODEC,
+    PG_URL,
+    REDIS_URL,
+    Reader,
+    assert_gap_free,
+    fresh_schema,
+    needs_cluster,
+)
+
+from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
+from agor_actors.world import real_world
+from protocols import Since
+
+pytestmark = [needs_cluster, pytest.mark.timeout(120)]
+OWNER = Principal("owner", "owner", True)
+TOKEN = "partition-owner-token"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_schema("agor_partition") as url:
+        yield url
+
+
+async def _session(hub: Hub) -> str:
+    made = await hub.call(
+        OWNER, connection_id="w", service="sessions", method="create", data={"title": "P"}
+    )
+    return str(made["id"])
+
+
+async def _task(hub: Hub, session_id: str, prompt: str) -> int:
+    made = await hub.call(
+        OWNER,
+        connection_id="w",
+        service="tasks",
+        method="create",
+        data={"session_id": session_id, "prompt": prompt},
+    )
+    return int(made["_seq"])
+
+
+async def _view(hub: Hub, connection_id: str, room: str, since: Since | None = None) -> Reader:
+    outbox = Outbox(CODEC)
+    await hub.join(OWNER, connection_id, outbox, room, since)
+    return Reader(outbox)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- a Redis of our own
+
+
+class OwnRedis:
+    """A ``redis-server`` on ``port`` in ``directory`` (no persistence),
+    stopped and started again by the test."""
+
+    def __init__(self, directory: pathlib.Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: trio.Process | None = None
+
+    async def start(self) -> None:
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(self.directory), "--save", "", "--appendonly", "no"]
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.process = process
+        assert process.stdout is not None
+        seen = bytearray()
+        with trio.fail_after(15):
+            async for chunk in process.stdout:
+                seen += chunk
+                if b"Ready to accept connections" in seen:
+                    return
+        raise AssertionError(f"redis-server did not start:\n{seen.decode('utf-8', 'replace')}")
+
+    async def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.kill()
+        with trio.CancelScope(shield=True), trio.fail_after(15):
+            await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+
+
+@asynccontextmanager
+async def own_redis(directory: pathlib.Path) -> AsyncIterator[OwnRedis]:
+    redis = OwnRedis(directory, _free_port())
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        await redis.stop()
+
+
+async def test_redis_stopped_and_restarted_while_a_room_streams_loses_nothing(
+    pg_url: str, tmp_path: pathlib.Path
+) -> None:
+    async with (
+        own_redis(tmp_path) as redis,
+        open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as a,
+        open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as b,
+    ):
+        assert b.feed is not None
+        sid = await _session(a)
+        room = f"session:{sid}"
+        on_b = await _view(b, "vb", room)
+        acked = [await _task(a, sid, f"before {n}") for n in range(5)]
+        await on_b.until_seq(acked[-1])
+        sessions = b.feed.stats.sessions
+
+        await redis.stop()
+        # the store is there: writes are acknowledged; their broadcasts are lost
+        acked += [await _task(a, sid, f"during {n}") for n in range(5)]
+        await redis.start()
+        acked += [await _task(a, sid, f"after {n}") for n in range(5)]
+
+        events = await on_b.until_seq(acked[-1], limit_s=30)
+        assert_gap_free(events, on_b.joined.seq + 1)  # no gap, no seq twice
+        prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
+        assert prompts == [
+            *(f"before {n}" for n in range(5)),
+            *(f"during {n}" for n in range(5)),
+            *(f"after {n}" for n in range(5)),
+        ]
+        assert {e.seq for e in events} >= set(acked)
+        assert b.feed.stats.sessions > sessions  # the feed connected again
+
+
+# ---------------------------------------------------------------- PostgreSQL cut off
+
+
+class Forwarder:
+    """A TCP forwarder on 127.0.0.1 to ``target``: :meth:`cut` closes every
+    forwarded connection and refuses new ones (closes them at once) until
+    :meth:`restore`."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.open = True
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = int(listeners[0].socket.getsockname()[1])
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def cut(self) -> None:
+        self.open = False
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def restore(self) -> None:
+        self.open = True
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            if not self.open:
+                return
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    server = await trio.open_tcp_stream(*self.target)
+                    async with server, trio.open_nursery() as nursery:
+                        nursery.start_soon(_pump, client, server, nursery.cancel_scope)
+                        nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+                except OSError:
+                    pass
+                finally:
+                    self._scopes.discard(scope)
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+    try:
+        async for chunk in source:
+            await sink.send_all(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    done.cancel()
+
+
+def _through(url: str, port: int) -> str:
+    return sa.make_url(url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+async def test_postgresql_unreachable_writes_fail_unavailable_reads_from_memory_go_on(
+    pg_url: str,
+) -> None:
+    target = sa.make_url(PG_URL)
+    forwarder = Forwarder((target.host or "127.0.0.1", target.port or 5432))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        url = _through(pg_url, forwarder.port)
+        async with open_hub(real_world(), db_url=url, owner_token=TOKEN, broker_url=REDIS_URL) as a:
+            sid = await _session(a)
+            room = f"session:{sid}"
+            first = await _view(a, "v1", room)
+            acked = [await _task(a, sid, f"before {n}") for n in range(3)]
+            await first.until_seq(acked[-1])
+
+            forwarder.cut()
+            with trio.fail_after(30):
+                with pytest.raises(ServiceError) as refused:
+                    await _task(a, sid, "while cut")
+            assert refused.value.code == "unavailable"
+            # the room is in memory: a join that resumes from it is served
+            with trio.fail_after(10):
+                second = await _view(a, "v2", room, Since(first.joined.epoch, acked[0]))
+            replayed = await second.until_seq(acked[-1])
+            assert [e.seq for e in replayed] == acked[1:]
+
+            forwarder.restore()  # the daemon recovers by itself: no restart, no call
+            with trio.fail_after(30):
+                after = await _task(a, sid, "after")
+            events = await first.until_seq(after)
+            assert_gap_free(events, first.joined.seq + 1)
+            prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
+            assert prompts == ["before 0", "before 1", "before 2", "after"]
+            assert (await second.until_seq(after))[-1].seq == after
+        nursery.cancel_scope.cancel()
