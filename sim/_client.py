@@ -17,6 +17,7 @@ and keeps a model mirror of every room it is in (``sim/_model.py``).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -144,6 +145,8 @@ class SimClient:
         """The board this client looks at: announced after every welcome."""
         self.facepiles: dict[str, dict[str, Any]] = {}
         """Per board: the last facepile received (user id -> entry)."""
+        self.on_frame: Callable[[str, ClientConnection, bytes | str], None] | None = None
+        """Also shown every frame received (the access workload's watch)."""
 
     # ------------------------------------------------------------------ state
 
@@ -224,6 +227,8 @@ class SimClient:
     def _frame_in(self, frame: bytes | str) -> None:
         assert self.client is not None
         self._recorder.frame_in(self.name, self.client.machine, frame)
+        if self.on_frame is not None:
+            self.on_frame(self.name, self.client.machine, frame)
 
     def _handle(self, event: ClientEvent) -> None:
         if isinstance(event, EventApplied):

@@ -50,6 +50,7 @@ WORKLOADS: Final = (
     "agents",  # agents stream message chunks at about 10 per second
     "renames",  # clients rename one session at the same instant with their own clocks
     "cursors",  # cursor storms (presence updates at a high rate)
+    "access",  # guests shared a session and a board, then revoked mid-stream
 )
 
 PROFILES: Final = ("ci", "full")

@@ -223,6 +223,10 @@ def _apply_board(view: View, event: Event, data: dict[str, Any]) -> None:
         view["board"].update({k: v for k, v in data["updates"].items() if k in BOARD_FIELDS})
     elif name == "board:deleted":
         view["board"] = None
+    elif name in ("board:member_added", "board:member_removed"):
+        if view["board"] is None:
+            raise ModelError(f"{name} seq {event.seq} for a board the mirror does not have")
+        # membership is not mirrored (a board's rows hold no members)
     elif name == "session:created":
         session = data["session"]
         sessions[session["id"]] = _pick(session, BOARD_VISIBLE)

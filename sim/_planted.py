@@ -34,6 +34,10 @@ paths of the product carry nothing of them.
     or in the redo with every request isolated) is answered as committed,
     with the seqs it was given before it was taken back; those seqs were
     never written, and the next commit hands them out again.
+``revoke_keeps_subscription``
+    ``RoomBehaviour._revoke``: a revoked member is sent ``left``
+    ``forbidden`` but stays subscribed (the room's events keep reaching a
+    user who may no longer see it).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import agor_actors.domain.presence as presence
 import agor_actors.domain.session as session
 import agor_actors.outbox._outbox as outbox
 from agor_actors.domain.hlc import Hlc
-from agor_actors.domain.room import RoomBehaviour, RoomState, Subscribe
+from agor_actors.domain.room import Revoke, RoomBehaviour, RoomState, Subscribe
 from agor_actors.runtime import Effect, Reply
 from agor_actors.store import SqlStore, StoreWriter, WriteResult
 from agor_actors.store._writer import WriterState
@@ -162,6 +166,17 @@ def _retry_seq_reused(original: Any) -> Any:
     return _commit_group
 
 
+def _revoke_keeps_subscription(original: Any) -> Any:
+    def _revoke(self: RoomBehaviour, state: RoomState, body: Revoke) -> bool:
+        member = state.subscribers.get(body.key)
+        revoked: bool = original(self, state, body)
+        if member is not None:
+            state.subscribers[body.key] = member
+        return revoked
+
+    return _revoke
+
+
 _Patch = tuple[Any, str, Callable[[Any], Any]]
 
 _PATCHES: dict[str, _Patch] = {
@@ -173,6 +188,7 @@ _PATCHES: dict[str, _Patch] = {
     "presence_never_offline": (presence, "status_of", _presence_never_offline),
     "lagged_resume_high": (outbox, "Lagged", _lagged_resume_high),
     "retry_seq_reused": (SqlStore, "_commit_group", _retry_seq_reused),
+    "revoke_keeps_subscription": (RoomBehaviour, "_revoke", _revoke_keeps_subscription),
 }
 
 PLANTED: tuple[str, ...] = tuple(_PATCHES)

@@ -35,6 +35,7 @@ from agor_actors.store import SqlStore, open_store
 from agor_actors.world import SeededEntropy
 
 from . import _planted
+from ._access import GUESTS, AccessWatch, access
 from ._checks import (
     Reset,
     Resets,
@@ -50,7 +51,7 @@ from ._checks import (
     room_log,
 )
 from ._client import SimClient
-from ._config import Fault, Narrowing, SimConfig, draw_config, draw_faults
+from ._config import ClientSpec, Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import REFUSABLE, StoreFaults, poison
@@ -63,6 +64,8 @@ from ._workload import Layout, run_workloads
 __all__ = ["RunResult", "Script", "execute", "run_seed"]
 
 OWNER = Principal("owner", "owner", True)
+GUEST_LATENCY_US = (20_000, 5_000)
+"""The access workload's guests' link: latency and jitter."""
 MONITOR_PERIOD_S = 0.25
 CONVERGE_POLL_S = 0.1
 PRESENCE_LAG_S = 5.0
@@ -204,6 +207,8 @@ class _Run:
         self._heads_at: float | None = None
         """When every client first stood at every room's head (quiet phase)."""
         self.resets: Resets = {}
+        self.guests: list[SimClient] = []
+        self.access_watch = AccessWatch(self.recorder)
 
     # ------------------------------------------------------------------ main
 
@@ -226,7 +231,10 @@ class _Run:
             trace,
             bytes_max=config.link_bytes_max,
             dup_per_mille=config.dup_per_mille,
-            latency_us={c.name: (c.latency_us, c.jitter_us) for c in config.clients},
+            latency_us={
+                **{c.name: (c.latency_us, c.jitter_us) for c in config.clients},
+                **{g: GUEST_LATENCY_US for g in GUESTS},
+            },
         )
         settings = ServerSettings(
             heartbeat_ms=config.heartbeat_ms,
@@ -284,6 +292,8 @@ class _Run:
                     phase.start_soon(
                         run_workloads, self.clients, config, layout, trace, name="work"
                     )
+                    if "access" in config.workloads:
+                        phase.start_soon(self._access, root, name="access")
                 else:
                     phase.start_soon(self.script.run, self.clients, layout, trace, name="script")
                 phase.start_soon(self._inject, name="faults")
@@ -335,6 +345,39 @@ class _Run:
         layout = Layout(tuple(boards), tuple(sessions))
         self.trace.emit("setup", f"{len(users)} users, {len(boards)} boards")
         return layout, users
+
+    async def _access(self, root: trio.Nursery) -> None:
+        """The ``access`` workload (``sim/_access.py``), its guests started
+        in ``root`` so that they live on through the quiet phase."""
+        assert self._daemon is not None and self._net is not None
+        daemon, net = self._daemon, self._net
+
+        async def make_guest(name: str, token: str, user_id: str) -> SimClient:
+            spec = ClientSpec(name, 0, "window", False, 0, *GUEST_LATENCY_US)
+            guest = SimClient(
+                spec,
+                seed=self.seed,
+                token=token,
+                user_id=user_id,
+                net=net,
+                trace=self.trace,
+                recorder=self.recorder,
+            )
+            guest.on_frame = self.access_watch.frame
+            self.guests.append(guest)
+            await root.start(guest.run, name=f"guest:{name}")
+            return guest
+
+        await access(
+            wait_up=daemon.wait_up,
+            make_guest=make_guest,
+            watch=self.access_watch,
+            head_of=self._head_of,
+            fault_s=self.config.fault_s,
+            rng_seed=self.seed,
+            trace=self.trace,
+            recorder=self.recorder,
+        )
 
     def _assign_rooms(self, client: SimClient, layout: Layout) -> None:
         if client.spec.role == "agent":
@@ -600,6 +643,7 @@ class _Run:
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)
+        self.access_watch.final(self.guests)
         rooms: set[str] = set()
         for client in self.clients:
             rooms.update(client.wanted)

@@ -21,6 +21,7 @@ EXPECTED = {
     "presence_never_offline": ({"presence", "livelock"}, 30),
     "lagged_resume_high": ({"claim"}, 50),
     "retry_seq_reused": ({"ack", "log", "claim"}, 50),
+    "revoke_keeps_subscription": ({"access"}, 10),
 }
 
 
@@ -65,6 +66,10 @@ def test_an_early_ack_loses_an_acknowledged_write(tmp_path: pathlib.Path) -> Non
         "--only",
         "store_before",
         "--skip-known",
+        # the access workload's owner writes (through the hub, not recorded
+        # as clients' writes) would take some of the failing commits
+        "--exclude",
+        "access",
     )
     lost = [
         v["detail"]
