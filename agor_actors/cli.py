@@ -4,7 +4,8 @@
 [--broker URL] [--log-format text|json] [--log-level INFO] [--metrics-token T]
 [--metrics-port N [--metrics-host H]] [--allow-origin ORIGIN]...
 [--certfile PEM --keyfile PEM] [--jwt-private-key PEM] [--jwt-public-key PEM]
-[--access-token-ttl S] [--refresh-token-ttl S]`` runs the daemon until SIGINT or
+[--access-token-ttl S] [--refresh-token-ttl S] [--node-heartbeat S] [--node-liveness S]
+[--presence-grace S]`` runs the daemon until SIGINT or
 SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
 ``agor-actors token [--data-dir .agor]`` prints the local owner's token.
 
@@ -101,6 +102,29 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         " through (redis://host:6379/0; or AGOR_BROKER_URL)",
     )
     parser.add_argument(
+        "--node-heartbeat",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a cluster node tells the other daemons its users on a board this often (default 5)",
+    )
+    parser.add_argument(
+        "--node-liveness",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="a daemon not heard from for this long has vanished: its users go offline"
+        " after --presence-grace more (default 15)",
+    )
+    parser.add_argument(
+        "--presence-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a user stays on a board's facepile after their last connection"
+        " (or their daemon) went away (default 10)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("AGOR_LOG_LEVEL", "INFO").upper(),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -182,6 +206,7 @@ def _executable() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .domain.presence import PresenceConfig
     from .identity import IdentityConfig
     from .server import serve
     from .server._logs import configure_logging
@@ -189,6 +214,18 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.broker and not args.db:
         return _fail("serve", "--broker needs --db: the database the cluster's daemons share")
+    timings = (args.node_heartbeat, args.node_liveness, args.presence_grace)
+    if not all(t > 0 for t in timings):
+        return _fail(
+            "serve", "--node-heartbeat, --node-liveness and --presence-grace must be positive"
+        )
+    if args.node_liveness <= args.node_heartbeat:
+        return _fail("serve", "--node-liveness must be longer than --node-heartbeat")
+    presence = PresenceConfig(
+        offline_grace_s=args.presence_grace,
+        node_heartbeat_s=args.node_heartbeat,
+        node_liveness_s=args.node_liveness,
+    )
     identity = IdentityConfig(
         issuer=args.jwt_issuer,
         audience=args.jwt_audience,
@@ -211,6 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
         certfile=args.certfile,
         keyfile=args.keyfile,
         identity=identity,
+        presence=presence,
     )
 
 

@@ -16,4 +16,6 @@ from ._wire import BrokerMessageError as BrokerMessageError
 from ._wire import Remote as Remote
 from ._wire import channel_for as channel_for
 from ._wire import decode_events as decode_events
+from ._wire import decode_message as decode_message
 from ._wire import encode_events as encode_events
+from ._wire import encode_presence as encode_presence

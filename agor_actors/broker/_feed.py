@@ -1,5 +1,5 @@
-"""The feed: the other daemons' commits, for the rooms this daemon's
-clients joined.
+"""The feed: the other daemons' commits (and, on board rooms, their
+users' presence), for the rooms this daemon's clients joined.
 
 The hub tells it which rooms are wanted (:meth:`RoomFeed.watch` when a
 connection joins, :meth:`RoomFeed.unwatch` when it leaves); it holds one
@@ -29,10 +29,11 @@ from typing import Any
 
 import trio
 
+from ..domain.cluster_presence import RemotePresence
 from ..runtime import ActorDead, Registry
 from ..store import Committed, Resync
 from ._link import BrokerLink, BrokerSession
-from ._wire import BrokerMessageError, channel_for, decode_events
+from ._wire import BrokerMessageError, channel_for, decode_message
 
 __all__ = ["FeedStats", "RoomFeed"]
 
@@ -50,6 +51,9 @@ class FeedStats:
         self.malformed = 0
         self.resyncs = 0
         self.sessions = 0
+        self.presence = 0
+        """Presence messages of other daemons handed to their board rooms."""
+        self.presence_dropped = 0
 
 
 class RoomFeed:
@@ -191,7 +195,7 @@ class RoomFeed:
     async def _deliver(self) -> None:
         async for room, payload in self._receive:
             try:
-                remote = decode_events(room, payload)
+                remote = decode_message(room, payload)
             except BrokerMessageError as exc:
                 self.stats.malformed += 1
                 log.warning("a broker message on %s was refused: %s", room, exc)
@@ -199,6 +203,9 @@ class RoomFeed:
                 continue
             if remote.node == self._node:
                 self.stats.own += 1
+                continue
+            if isinstance(remote, RemotePresence):
+                self._presence(room, remote)
                 continue
             if not remote.events:
                 continue
@@ -213,6 +220,19 @@ class RoomFeed:
                 continue
             self.stats.dropped += 1
             self._mark_behind(room)
+
+    def _presence(self, room: str, remote: RemotePresence) -> None:
+        """Another daemon's users on a board, to its room actor.  Lossy:
+        dropped (and counted) when the room is busy or not running, since
+        that daemon's next heartbeat says it all again."""
+        ref = self._registry.lookup(f"room:{room}")
+        try:
+            if ref is not None and ref.try_send(remote):
+                self.stats.presence += 1
+                return
+        except ActorDead:
+            pass
+        self.stats.presence_dropped += 1
 
     def _mark_behind(self, room: str) -> None:
         if room in self._watchers:

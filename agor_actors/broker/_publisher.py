@@ -1,4 +1,5 @@
-"""The publisher: tells the other daemons about this daemon's commits.
+"""The publisher: tells the other daemons about this daemon's commits, and
+(from its board rooms) about its users' presence there.
 
 The store writer offers each room's committed events to it (``TrySend``:
 the writer never waits for the broker); they gather in its bounded mailbox
@@ -6,7 +7,8 @@ while a publish is in flight and go out together in the next one (one
 round trip), in commit order.  Overflow policy: a commit offered to a full
 mailbox, or one whose publish failed (the broker is unreachable), is not
 retried: the receiving daemons find the hole by its seqs, or by their rooms'
-periodic head check, and read it from the store.
+periodic head check, and read it from the store.  Presence is not
+retried either: the board room's next heartbeat says it all again.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import attrs
 import outcome
 import trio
 
+from ..domain.cluster_presence import PresenceOut
 from ..runtime import ActorContext, AwaitInline, Behaviour, Effect, Effects
 from ..store import Committed
 from ._link import BrokerLink
-from ._wire import channel_for, encode_events
+from ._wire import channel_for, encode_events, encode_presence
 
 __all__ = ["PUBLISHER_NAME", "BrokerPublisher", "PublisherState"]
 
@@ -32,7 +35,7 @@ PUBLISHER_NAME = "broker:out"
 
 @attrs.define
 class PublisherState:
-    pending: list[Committed] = attrs.field(factory=list)
+    pending: list[Committed | PresenceOut] = attrs.field(factory=list)
     published: int = 0
     """Broker messages published."""
     failed: int = 0
@@ -62,7 +65,7 @@ class BrokerPublisher(Behaviour[PublisherState]):
         return PublisherState()
 
     def handle(self, state: PublisherState, msg: Any, now: float) -> Effects:
-        if isinstance(msg, Committed):
+        if isinstance(msg, Committed | PresenceOut):
             state.pending.append(msg)
             if len(state.pending) >= self.max_group:
                 return self._start(state)
@@ -78,11 +81,14 @@ class BrokerPublisher(Behaviour[PublisherState]):
 
     def _start(self, state: PublisherState) -> list[Effect]:
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
-        messages = [
-            (channel_for(self.prefix, c.room), payload)
-            for c in taken
-            for payload in encode_events(self.node, c.events)
-        ]
+        messages: list[tuple[str, bytes]] = []
+        for item in taken:
+            if isinstance(item, PresenceOut):
+                channel = channel_for(self.prefix, f"board:{item.board}")
+                messages.append((channel, encode_presence(self.node, item)))
+                continue
+            channel = channel_for(self.prefix, item.room)
+            messages += [(channel, payload) for payload in encode_events(self.node, item.events)]
         link, timeout_s = self.link, self.publish_timeout_s
 
         async def publish() -> None:

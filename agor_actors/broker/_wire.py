@@ -1,15 +1,21 @@
-"""What daemons tell each other through the broker: a room's events just
-made durable, as CBOR.
+"""What daemons tell each other through the broker, as CBOR: a room's
+events just made durable, and a board's presence.
 
-A message is ``[1, node, epoch, [event, ...]]``: the version, the daemon
-that committed the events (so that it skips its own), the room's epoch, and
-the events as the wire protocol's ``event`` maps (``protocols.to_wire``;
-decoded with the protocol's strict converter).  Pure: no I/O.
+An events message is ``[1, node, epoch, [event, ...]]``: the version, the
+daemon that committed the events (so that it skips its own), the room's
+epoch, and the events as the wire protocol's ``event`` maps
+(``protocols.to_wire``; decoded with the protocol's strict converter).
+
+A presence message, on the board room's channel, is ``["presence", 1, node,
+full, {user_id: entry or None}, [[user_id, x, y], ...]]``: the daemon's users
+on the board (all of them when ``full``: its heartbeat; else what changed,
+None for a user who left) and their latest cursors.  Pure: no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -17,11 +23,22 @@ import cbor2
 
 from protocols import Event, ProtocolError, from_wire, to_wire
 
+from ..domain.cluster_presence import PresenceOut, RemotePresence
 from ..store import StoredEvent
 
-__all__ = ["BrokerMessageError", "Remote", "channel_for", "decode_events", "encode_events"]
+__all__ = [
+    "BrokerMessageError",
+    "Remote",
+    "channel_for",
+    "decode_events",
+    "decode_message",
+    "encode_events",
+    "encode_presence",
+]
 
 WIRE_VERSION: Final = 1
+PRESENCE: Final = "presence"
+STATUSES: Final = frozenset({"active", "idle", "away"})
 
 
 class BrokerMessageError(ValueError):
@@ -111,3 +128,66 @@ def decode_events(room: str, payload: bytes) -> Remote:
             )
         )
     return Remote(node, tuple(events))
+
+
+def encode_presence(node: str, out: PresenceOut) -> bytes:
+    """``out`` as a broker message on its board room's channel."""
+    cursors = [[uid, x, y] for uid, (x, y) in sorted(out.cursors.items())]
+    return cbor2.dumps([PRESENCE, WIRE_VERSION, node, out.full, dict(out.users), cursors])
+
+
+def decode_message(room: str, payload: bytes) -> Remote | RemotePresence:
+    """A broker message on ``room``'s channel: its events, or (a board's)
+    presence.  Raises :class:`BrokerMessageError` for anything else."""
+    try:
+        value = cbor2.loads(payload)
+    except Exception as exc:
+        raise BrokerMessageError(f"not CBOR: {exc}") from None
+    if isinstance(value, list) and value[:1] == [PRESENCE]:
+        return _presence(room, value)
+    return decode_events(room, payload)
+
+
+def _presence(room: str, value: list[Any]) -> RemotePresence:
+    if not room.startswith("board:"):
+        raise BrokerMessageError(f"presence on {room!r}, not a board")
+    if len(value) != 6 or value[1] != WIRE_VERSION:
+        raise BrokerMessageError("not a version 1 presence message")
+    _, _, node, full, users, cursors = value
+    if not isinstance(node, str) or not isinstance(full, bool):
+        raise BrokerMessageError("malformed presence message")
+    if not isinstance(users, dict) or not isinstance(cursors, list):
+        raise BrokerMessageError("malformed presence message")
+    entries: dict[str, dict[str, Any] | None] = {}
+    for uid, entry in users.items():
+        if not isinstance(uid, str) or not (entry is None or _is_entry(uid, entry)):
+            raise BrokerMessageError(f"a bad presence entry for {uid!r}")
+        entries[uid] = entry
+    moved: dict[str, tuple[float, float]] = {}
+    for item in cursors:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+            raise BrokerMessageError("a bad cursor")
+        x, y = item[1], item[2]
+        if not all(_finite(v) for v in (x, y)):
+            raise BrokerMessageError("a cursor that is not two finite numbers")
+        moved[item[0]] = (float(x), float(y))
+    return RemotePresence(node, room.removeprefix("board:"), full, entries, moved)
+
+
+def _is_entry(uid: str, entry: Any) -> bool:
+    """A facepile entry as ``domain.presence`` makes them."""
+    if not isinstance(entry, Mapping):
+        return False
+    return (
+        set(entry) == {"user_id", "name", "color", "status", "view", "typing"}
+        and entry["user_id"] == uid
+        and isinstance(entry["name"], str)
+        and isinstance(entry["color"], str)
+        and entry["status"] in STATUSES
+        and (entry["view"] is None or isinstance(entry["view"], str))
+        and isinstance(entry["typing"], bool)
+    )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

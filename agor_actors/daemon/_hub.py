@@ -1070,7 +1070,8 @@ async def open_hub(
     store is shared with the other daemons on the same database (seqs are
     taken under the rooms' row locks), it publishes what it commits, and
     its rooms take the other daemons' commits for the rooms its clients
-    joined."""
+    joined; its board rooms show the other daemons' users there too
+    (``presence`` sets the heartbeat and the liveness timeout)."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -1179,7 +1180,11 @@ async def _open_hub(
 
         def room(name: str) -> Behaviour[Any]:
             behaviour = RoomBehaviour(
-                name.removeprefix("room:"), store, presence=presence, metrics=metrics
+                name.removeprefix("room:"),
+                store,
+                presence=presence,
+                metrics=metrics,
+                announce=PUBLISHER_NAME if link is not None else None,
             )
             if ring_size is not None:
                 behaviour.ring_size = ring_size

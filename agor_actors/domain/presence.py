@@ -59,6 +59,11 @@ class PresenceConfig:
     typing_s: float = 3.0
     flush_hz: float = 30.0
     cursor_margin: float = 200.0
+    node_heartbeat_s: float = 5.0
+    """A cluster node tells the other daemons its users on a board this often."""
+    node_liveness_s: float = 15.0
+    """A daemon not heard from for this long has vanished: its users go
+    offline after ``offline_grace_s`` more."""
 
 
 def status_of(

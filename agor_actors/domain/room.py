@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -48,9 +49,11 @@ from ..runtime import (
     Reply,
     Request,
     StartTimer,
+    TrySend,
 )
 from ..store import Committed, Resync, SqlStore, StoredEvent
 from ..world import OutFrame
+from .cluster_presence import NodePresence, PresenceOut, RemotePresence, merged_entry, vanished
 from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_for
 
 __all__ = [
@@ -172,11 +175,26 @@ class BoardPresence:
     flush_pending: bool = False
     last_flush_s: float = -math.inf
     frames: int = 0
+    local: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """This daemon's users' entries (``users`` merges them with ``nodes``')."""
+    nodes: dict[str, NodePresence] = attrs.field(factory=dict)
+    """A cluster node's: the other daemons' users here, per daemon."""
+    out_users: dict[str, dict[str, Any] | None] = attrs.field(factory=dict)
+    out_cursors: dict[str, tuple[float, float]] = attrs.field(factory=dict)
+    """A cluster node's: what changed of its own users since it last told
+    the other daemons (latest wins)."""
+    beating: bool = False
+    """The heartbeat timer runs (own users to announce, or daemons to watch)."""
 
 
 @attrs.frozen
 class _PresenceFlush:
     pass
+
+
+@attrs.frozen
+class _PresenceBeat:
+    """A cluster node's board room: announce its users, forget vanished daemons."""
 
 
 @attrs.frozen
@@ -293,8 +311,12 @@ class RoomBehaviour(Behaviour[RoomState]):
         ring_size: int = 1024,
         presence: PresenceConfig | None = None,
         metrics: Metrics | None = None,
+        announce: str | None = None,
     ) -> None:
         self.metrics = metrics
+        self.announce = announce
+        """A cluster node's board room tells its users to this actor (the
+        broker's publisher) and takes the other daemons' (``RemotePresence``)."""
         self.room = room
         self.store = store
         self.ring_size = ring_size
@@ -332,8 +354,10 @@ class RoomBehaviour(Behaviour[RoomState]):
             if member is not None and not member.sub.activity:
                 state.presence.watch.pop(member.sub.connection_id, None)
             return ()
-        if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush):
+        if isinstance(msg, UserEntry | CursorMoved | WatchPrefs | _PresenceFlush | RemotePresence):
             return self._presence(state, msg, now)
+        if isinstance(msg, _PresenceBeat):
+            return self._beat(state, now)
         if isinstance(msg, _Filled):
             return self._filled(state, msg, now)
         if isinstance(msg, _WindowEnd):
@@ -642,23 +666,36 @@ class RoomBehaviour(Behaviour[RoomState]):
 
     def _presence(self, state: RoomState, msg: Any, now: float) -> list[Effect]:
         p = state.presence
+        effects: list[Effect] = []
         if isinstance(msg, _PresenceFlush):
             p.flush_pending = False
             p.last_flush_s = now
             self._flush(state)
-            return []
+            return self._announce(state, full=False)
         if isinstance(msg, UserEntry):
             if msg.entry is None:
-                if p.users.pop(msg.user_id, None) is not None:
-                    p.users_dirty = True
-                p.cursors.pop(msg.user_id, None)
-                p.viewports.pop(msg.user_id, None)
-            elif p.users.get(msg.user_id) != msg.entry:
-                p.users[msg.user_id] = msg.entry
-                p.users_dirty = True
+                p.local.pop(msg.user_id, None)
+            else:
+                p.local[msg.user_id] = msg.entry
+            if self.announce is not None:
+                p.out_users[msg.user_id] = msg.entry
+                effects += self._start_beat(state)
+            self._merge(state, (msg.user_id,))
         elif isinstance(msg, CursorMoved):
             p.cursors[msg.user_id] = (msg.x, msg.y)
             p.cursors_dirty[msg.user_id] = None
+            if self.announce is not None:
+                p.out_cursors[msg.user_id] = (msg.x, msg.y)
+        elif isinstance(msg, RemotePresence):
+            node = p.nodes.get(msg.node)
+            if node is None:
+                node = p.nodes[msg.node] = NodePresence(now)
+                effects += self._start_beat(state)
+            self._merge(state, node.apply(msg, now))
+            for uid, (x, y) in msg.cursors.items():
+                if uid in p.users:
+                    p.cursors[uid] = (x, y)
+                    p.cursors_dirty[uid] = None
         elif isinstance(msg, WatchPrefs):
             watch = p.watch.setdefault(msg.connection_id, _Watch())
             if msg.viewport is not None:
@@ -670,14 +707,73 @@ class RoomBehaviour(Behaviour[RoomState]):
             if msg.follow is not None:
                 watch.follow = msg.follow or None
                 watch.full = True
-        return self._schedule_flush(state, now)
+        return effects + self._schedule_flush(state, now)
+
+    def _merge(self, state: RoomState, user_ids: Iterable[str]) -> None:
+        """The facepile entries of ``user_ids`` again, from this daemon's
+        users and the other daemons'; a user no daemon shows loses the
+        cursor and viewport too."""
+        p = state.presence
+        nodes = [p.nodes[n] for n in sorted(p.nodes)]
+        for uid in user_ids:
+            entry = merged_entry(uid, p.local, nodes)
+            if entry is None:
+                if p.users.pop(uid, None) is not None:
+                    p.users_dirty = True
+                p.cursors.pop(uid, None)
+                p.viewports.pop(uid, None)
+            elif p.users.get(uid) != entry:
+                p.users[uid] = entry
+                p.users_dirty = True
+
+    def _announce(self, state: RoomState, *, full: bool) -> list[Effect]:
+        """Tell the other daemons what changed of this daemon's users (or,
+        ``full``, all of them: the heartbeat).  Lossy: a full publisher
+        mailbox drops it, and the next heartbeat repairs."""
+        p = state.presence
+        if self.announce is None or not (full or p.out_users or p.out_cursors):
+            return []
+        users: dict[str, dict[str, Any] | None] = dict(p.local) if full else p.out_users
+        out = PresenceOut(state.room.removeprefix("board:"), full, users, p.out_cursors)
+        p.out_users, p.out_cursors = {}, {}
+        return [TrySend(self.announce, out)]
+
+    def _start_beat(self, state: RoomState) -> list[Effect]:
+        p = state.presence
+        if p.beating:
+            return []
+        p.beating = True
+        beat_s = self.presence_config.node_heartbeat_s
+        return [StartTimer("presence-beat", beat_s, _PresenceBeat(), repeat=True)]
+
+    def _beat(self, state: RoomState, now: float) -> list[Effect]:
+        """Every ``node_heartbeat_s`` while there is something to do:
+        announce this daemon's users in full, and let go the users of the
+        daemons that vanished (no message for the liveness timeout, then
+        the offline grace)."""
+        p = state.presence
+        cfg = self.presence_config
+        gone = vanished(p.nodes, now, liveness_s=cfg.node_liveness_s, grace_s=cfg.offline_grace_s)
+        effects: list[Effect] = []
+        if gone:
+            users: set[str] = set()
+            for node in gone:
+                users |= set(p.nodes.pop(node).users)
+            self._merge(state, sorted(users))
+            effects += self._schedule_flush(state, now)
+        if p.local:
+            effects += self._announce(state, full=True)
+        if not p.local and not p.nodes:
+            p.beating = False
+            effects.append(CancelTimer("presence-beat"))
+        return effects
 
     def _schedule_flush(self, state: RoomState, now: float) -> list[Effect]:
         """Flush on a fixed cadence: at once if the last flush is a period
         old (no latency when quiet), else one period after it: at most
         ``flush_hz`` frames per second per client."""
         p = state.presence
-        if p.flush_pending or not state.subscribers:
+        if p.flush_pending or not (state.subscribers or p.out_users or p.out_cursors):
             return []
         p.flush_pending = True
         # the period rounded up to a whole microsecond, so that float error

@@ -50,6 +50,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
 
+from ..domain.presence import PresenceConfig
 from ..identity import IdentityConfig, IdentityConfigError
 from ..world import World, real_world
 from ._app import create_app
@@ -378,6 +379,7 @@ async def run_daemon(
     world: World | None = None,
     settings: ServerSettings | None = None,
     identity: IdentityConfig | None = None,
+    presence: PresenceConfig | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon: take the port (:class:`ListenError` if it cannot be had,
@@ -413,6 +415,7 @@ async def run_daemon(
                         data_dir=data_dir,
                         identity=identity,
                         broker_url=broker_url,
+                        presence=presence,
                     )
                 )
             except (DataDirLocked, NotClusterOwner) as exc:
@@ -527,6 +530,7 @@ def serve(
     certfile: pathlib.Path | None = None,
     keyfile: pathlib.Path | None = None,
     identity: IdentityConfig | None = None,
+    presence: PresenceConfig | None = None,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -554,6 +558,7 @@ def serve(
                         keyfile=keyfile,
                     ),
                     identity=identity,
+                    presence=presence,
                 )
             )
             log.info(

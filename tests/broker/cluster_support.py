@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
 import attrs
@@ -133,12 +133,16 @@ def node_data_dir(root: pathlib.Path, name: str) -> pathlib.Path:
 
 @asynccontextmanager
 async def serving_node(
-    data_dir: pathlib.Path, db_url: str, *, ready_within_s: float = 30.0
+    data_dir: pathlib.Path,
+    db_url: str,
+    *,
+    ready_within_s: float = 30.0,
+    extra: Sequence[str] = (),
 ) -> AsyncIterator[Node]:
-    """``agor-actors serve --db ... --broker ...`` on an ephemeral port,
-    once it printed its banner; SIGTERM (then SIGKILL) on the way out."""
+    """``agor-actors serve --db ... --broker ... *extra`` on an ephemeral
+    port, once it printed its banner; SIGTERM (then SIGKILL) on the way out."""
     argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
-    argv += ["--db", db_url, "--broker", REDIS_URL, "--log-level", "WARNING"]
+    argv += ["--db", db_url, "--broker", REDIS_URL, "--log-level", "WARNING", *extra]
     process = await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.DEVNULL,

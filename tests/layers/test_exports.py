@@ -227,7 +227,9 @@ PACKAGES: dict[str, set[str]] = {
         "RoomFeed",
         "channel_for",
         "decode_events",
+        "decode_message",
         "encode_events",
+        "encode_presence",
         "open_redis_link",
     },
     "agor_actors.services": {

@@ -1,0 +1,103 @@
+"""Presence across the daemons of a cluster, on real ``agor-actors serve
+--broker ...`` processes: users on two daemons see each other in one
+board's facepile and see each other's cursors; after ``kill -9`` of one
+daemon its user leaves the other's facepile once the liveness timeout and
+the offline grace are over, not at once and not never."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+import trio
+from cluster_support import (
+    TOKEN,
+    Node,
+    fresh_schema,
+    needs_cluster,
+    node_data_dir,
+    serving_node,
+)
+
+from agor_actors.client import BoardPresence, Client, connect
+
+pytestmark = [needs_cluster, pytest.mark.timeout(120)]
+
+HEARTBEAT_S = 0.2
+LIVENESS_S = 1.0
+GRACE_S = 1.0
+TIMINGS = [
+    "--node-heartbeat",
+    str(HEARTBEAT_S),
+    "--node-liveness",
+    str(LIVENESS_S),
+    "--presence-grace",
+    str(GRACE_S),
+]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_schema("agor_presence") as url:
+        yield url
+
+
+async def _board_with_users(node: Node, names: list[str]) -> tuple[str, list[dict[str, str]]]:
+    """A board of the owner's and users who are its editors (id, token)."""
+    async with connect(node.ws_url, token=TOKEN) as owner:
+        board = await owner.service("boards").create({"name": "cluster board"})
+        users = []
+        for name in names:
+            made = await owner.service("users").create({"name": name})
+            await owner.service("boards").call(
+                "add_member", id=board["id"], data={"user_id": made["id"], "role": "editor"}
+            )
+            users.append({"id": str(made["id"]), "token": str(made["token"])})
+        return str(board["id"]), users
+
+
+async def _until(presence: BoardPresence, done: object, limit_s: float = 20.0) -> None:
+    assert callable(done)
+    with trio.fail_after(limit_s):
+        await presence.wait_until(lambda p: bool(done(p)))
+
+
+async def test_users_on_two_daemons_share_one_facepile_and_cursors_until_one_dies(
+    pg_url: str, tmp_path: pathlib.Path
+) -> None:
+    async with (
+        serving_node(node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS) as one,
+        serving_node(node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS) as two,
+    ):
+        board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
+        async with connect(one.ws_url, token=ada["token"]) as on_one:
+            seen_on_one = await on_one.board_presence(board)
+            bob_client: Client
+            async with connect(two.ws_url, token=bob["token"]) as bob_client:
+                seen_on_two = await bob_client.board_presence(board)
+                # one facepile: each daemon shows its own user and the other's
+                both = {ada["id"], bob["id"]}
+                await _until(seen_on_one, lambda p: set(p.users) == both)
+                await _until(seen_on_two, lambda p: set(p.users) == both)
+                assert seen_on_one.users[bob["id"]].name == "Bob"
+                assert seen_on_two.users[ada["id"]].status == "active"
+                # one cursor stream: each sees the other's latest position
+                for x in range(5):
+                    await on_one.set_presence(board, cursor=(float(x), 10.0))
+                    await bob_client.set_presence(board, cursor=(100.0, float(x)))
+                await _until(seen_on_two, lambda p: p.cursors.get(ada["id"]) == (4.0, 10.0))
+                await _until(seen_on_one, lambda p: p.cursors.get(bob["id"]) == (100.0, 4.0))
+                assert bob["id"] not in seen_on_two.cursors  # never one's own
+                # daemon two dies with Bob on it: no goodbye reaches daemon one
+                two.kill()
+                killed_at = trio.current_time()
+                await two.process.wait()
+                await _until(seen_on_one, lambda p: bob["id"] not in p.users)
+                gone_after_s = trio.current_time() - killed_at
+                # not at once: daemon one last heard of two at most a heartbeat
+                # (and a little delivery) before the kill, and waits for the
+                # liveness timeout and then the grace from then
+                assert gone_after_s >= LIVENESS_S + GRACE_S - HEARTBEAT_S - 0.2, gone_after_s
+                assert bob["id"] not in seen_on_one.cursors  # the cursor went with him
+                assert set(seen_on_one.users) == {ada["id"]}

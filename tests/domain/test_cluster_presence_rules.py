@@ -1,0 +1,104 @@
+"""A cluster node's board room as a pure behaviour (no loop, no clock):
+what it tells the other daemons of its own users, how it merges theirs
+with its own, and when a silent daemon's users leave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agor_actors.domain.cluster_presence import (
+    NodePresence,
+    PresenceOut,
+    RemotePresence,
+    merged_entry,
+    vanished,
+)
+from agor_actors.domain.presence import CursorMoved, PresenceConfig, UserEntry
+from agor_actors.domain.room import RoomBehaviour, RoomState, _PresenceBeat, _PresenceFlush
+from agor_actors.runtime import CancelTimer, StartTimer, TrySend
+from agor_actors.store import open_store
+
+CONFIG = PresenceConfig(offline_grace_s=2.0, node_heartbeat_s=1.0, node_liveness_s=3.0)
+
+
+def entry(uid: str, status: str = "active") -> dict[str, Any]:
+    return {
+        "user_id": uid,
+        "name": uid.title(),
+        "color": "#e6194b",
+        "status": status,
+        "view": None,
+        "typing": False,
+    }
+
+
+def board_room() -> tuple[RoomBehaviour, RoomState]:
+    store = open_store("sqlite://", new_epoch=lambda: "e1")
+    room = RoomBehaviour("board:b", store, presence=CONFIG, announce="broker:out")
+    return room, RoomState(room="board:b", epoch="e1", head=0)
+
+
+def sent(effects: Any) -> list[PresenceOut]:
+    return [e.msg for e in effects if isinstance(e, TrySend) and isinstance(e.msg, PresenceOut)]
+
+
+def test_the_most_present_entry_shows_own_daemon_first_on_a_tie() -> None:
+    one, two = NodePresence(0.0), NodePresence(0.0)
+    one.users["u"] = entry("u", "away")
+    two.users["u"] = entry("u", "idle")
+    assert merged_entry("u", {}, [one, two]) == entry("u", "idle")
+    assert merged_entry("u", {"u": entry("u", "idle") | {"view": "here"}}, [two])["view"] == "here"
+    assert merged_entry("v", {}, [one, two]) is None
+
+
+def test_a_daemon_vanishes_after_liveness_and_grace_exactly() -> None:
+    nodes = {"n": NodePresence(10.0)}
+    assert vanished(nodes, 14.999, liveness_s=3.0, grace_s=2.0) == []
+    assert vanished(nodes, 15.0, liveness_s=3.0, grace_s=2.0) == ["n"]
+
+
+def test_a_full_message_replaces_and_a_change_patches() -> None:
+    node = NodePresence(0.0)
+    node.apply(RemotePresence("n", "b", True, {"a": entry("a"), "b": entry("b")}, {}), 1.0)
+    touched = node.apply(RemotePresence("n", "b", True, {"a": entry("a", "idle")}, {}), 2.0)
+    assert touched == {"a", "b"} and set(node.users) == {"a"} and node.seen_s == 2.0
+    node.apply(RemotePresence("n", "b", False, {"a": None, "c": entry("c")}, {}), 3.0)
+    assert set(node.users) == {"c"}
+
+
+def test_own_users_are_announced_at_the_flush_and_in_full_at_each_beat() -> None:
+    room, state = board_room()
+    effects = list(room.handle(state, UserEntry("a", entry("a")), 0.0))
+    beats = [e for e in effects if isinstance(e, StartTimer) and e.key == "presence-beat"]
+    assert len(beats) == 1 and beats[0].repeat and beats[0].delay_s == 1.0
+    list(room.handle(state, CursorMoved("a", "c1", 1.0, 2.0), 0.0))
+    list(room.handle(state, CursorMoved("a", "c1", 3.0, 4.0), 0.0))
+    (change,) = sent(room.handle(state, _PresenceFlush(), 0.01))
+    assert change == PresenceOut("b", False, {"a": entry("a")}, {"a": (3.0, 4.0)})
+    assert sent(room.handle(state, _PresenceFlush(), 0.05)) == []  # nothing new
+    (beat,) = sent(room.handle(state, _PresenceBeat(), 1.0))
+    assert beat.full and beat.users == {"a": entry("a")}
+    # the last user leaves: told once, then the beat stops
+    list(room.handle(state, UserEntry("a", None), 1.5))
+    (left,) = sent(room.handle(state, _PresenceFlush(), 1.5))
+    assert left.users == {"a": None}
+    effects = list(room.handle(state, _PresenceBeat(), 2.0))
+    assert sent(effects) == [] and CancelTimer("presence-beat") in effects
+
+
+def test_other_daemons_users_merge_and_leave_after_liveness_and_grace() -> None:
+    room, state = board_room()
+    p = state.presence
+    list(room.handle(state, UserEntry("a", entry("a")), 0.0))
+    remote = RemotePresence("n2", "b", True, {"b": entry("b")}, {"b": (5.0, 6.0)})
+    effects = list(room.handle(state, remote, 0.5))
+    assert sent(effects) == []  # never told on to others
+    assert set(p.users) == {"a", "b"} and p.cursors["b"] == (5.0, 6.0)
+    # a cursor of a user the daemon does not show is ignored
+    list(room.handle(state, RemotePresence("n2", "b", False, {}, {"z": (1.0, 1.0)}), 0.6))
+    assert "z" not in p.cursors
+    # silent from 0.6: still there at 0.6 + 3 + 2 - a bit, gone at 5.6
+    list(room.handle(state, _PresenceBeat(), 5.5))
+    assert "b" in p.users
+    list(room.handle(state, _PresenceBeat(), 5.6))
+    assert set(p.users) == {"a"} and "b" not in p.cursors and p.nodes == {}
