@@ -32,6 +32,7 @@ import trio
 
 from agor_actors.client import CallError
 from agor_actors.daemon import Hub, Principal, ServiceError
+from agor_actors.runtime import ActorExited, CallTimeout
 from protocols import ClientConnection, Event, Joined, Left, ProtocolError, RoomStatus
 from protocols._codec import Frame, decode_server_frame
 
@@ -121,6 +122,8 @@ async def _owner(
         except ServiceError as exc:
             if exc.code not in ("unavailable", "internal", "not_found", "invalid_data"):
                 raise
+        except (ActorExited, CallTimeout):
+            pass  # a crash fault took the actor that was answering: again
         await trio.sleep(0.05)
     raise RuntimeError(f"the owner's {service}.{method} was never answered")
 
@@ -189,7 +192,7 @@ async def access(
     while True:
         await trio.sleep(round(WRITE_PERIOD_S * (0.5 + rng.random()), 6))
         n += 1
-        with contextlib.suppress(ServiceError):
+        with contextlib.suppress(ServiceError, ActorExited, CallTimeout):
             hub = await wait_up()
             await hub.call(
                 OWNER,
