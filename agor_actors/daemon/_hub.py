@@ -1054,6 +1054,7 @@ async def open_hub(
     idle_s: float | None = None,
     limits: UserLimits | None = None,
     broker_url: str | None = None,
+    commit_linger_s: float = 0.0,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -1071,7 +1072,11 @@ async def open_hub(
     taken under the rooms' row locks), it publishes what it commits, and
     its rooms take the other daemons' commits for the rooms its clients
     joined; its board rooms show the other daemons' users there too
-    (``presence`` sets the heartbeat and the liveness timeout)."""
+    (``presence`` sets the heartbeat and the liveness timeout).
+
+    ``commit_linger_s``: how long a busy store writer waits for more writes
+    before committing a group (see :class:`~agor_actors.store.StoreWriter`;
+    0, the default here, commits at once; ``serve`` waits 2 ms)."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -1088,6 +1093,7 @@ async def open_hub(
             idle_s=idle_s,
             limits=limits,
             broker_url=broker_url,
+            commit_linger_s=commit_linger_s,
         ) as hub:
             yield hub
 
@@ -1107,6 +1113,7 @@ async def _open_hub(
     idle_s: float | None = None,
     limits: UserLimits | None = None,
     broker_url: str | None = None,
+    commit_linger_s: float = 0.0,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     cluster = broker_url is not None
@@ -1172,7 +1179,9 @@ async def _open_hub(
 
         def writer(name: str) -> Behaviour[Any]:
             announce = PUBLISHER_NAME if link is not None else None
-            return StoreWriter(store, world, metrics=metrics, announce=announce)
+            return StoreWriter(
+                store, world, metrics=metrics, announce=announce, linger_s=commit_linger_s
+            )
 
         def publisher(name: str) -> Behaviour[Any]:
             assert link is not None

@@ -416,6 +416,7 @@ async def run_daemon(
                         identity=identity,
                         broker_url=broker_url,
                         presence=presence,
+                        commit_linger_s=settings.commit_linger_s,
                     )
                 )
             except (DataDirLocked, NotClusterOwner) as exc:
@@ -531,6 +532,7 @@ def serve(
     keyfile: pathlib.Path | None = None,
     identity: IdentityConfig | None = None,
     presence: PresenceConfig | None = None,
+    commit_linger_ms: float = 2.0,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -556,6 +558,7 @@ def serve(
                         allow_origins=allow_origins,
                         certfile=certfile,
                         keyfile=keyfile,
+                        commit_linger_s=commit_linger_ms / 1000,
                     ),
                     identity=identity,
                     presence=presence,

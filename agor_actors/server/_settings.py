@@ -138,6 +138,10 @@ class ServerSettings:
     """TLS: the certificate chain (PEM); with ``keyfile``, the port speaks
     only TLS (``wss://``, ``https://``)."""
     keyfile: pathlib.Path | None = None
+    commit_linger_s: float = 0.002
+    """A busy store writer waits this long for more writes before it commits
+    a group (fewer, larger commits: less CPU per write for at most this much
+    latency); an idle one commits at once.  0: never waits."""
 
 
 def ws_max_message_bytes(settings: ServerSettings) -> int:

@@ -29,6 +29,7 @@ from ..runtime import (
     Reply,
     Request,
     Send,
+    StartTimer,
     TrySend,
 )
 from ..world import World
@@ -94,7 +95,14 @@ class _Done:
     result: outcome.Outcome[list[WriteResult | StoreError]]
 
 
+@attrs.frozen
+class _Linger:
+    """The linger after a drained mailbox ended: commit what gathered."""
+
+
 SHIFTS_MAX = 1024
+BUSY_S = 0.05
+"""A writer that started a group this recently is busy: it lingers."""
 """Streamed messages whose refused chunks the writer remembers (overflow
 policy: the oldest is forgotten)."""
 
@@ -111,7 +119,8 @@ class WriterState:
     writes: int = 0
     merged: int = 0
     max_group: int = 0
-    started_s: float = 0.0  # when the group being committed started
+    started_s: float = -1e9  # when the group being (or last) committed started
+    lingering: bool = False
 
 
 def coalesce(writes: Sequence[Write]) -> WriteRequest:
@@ -244,12 +253,19 @@ class StoreWriter(Behaviour[WriterState]):
         world: World,
         *,
         max_group: int = 512,
+        linger_s: float = 0.0,
         metrics: Metrics | None = None,
         announce: str | None = None,
     ) -> None:
         self.store = store
         self.world = world
         self.max_group = max_group
+        self.linger_s = linger_s
+        """When the writer is busy (a group started within the last
+        ``BUSY_S``), how long a drained mailbox waits for more writes before
+        the group commits: fewer, larger commits (each one costs a worker
+        thread's round trip and a transaction) for a bounded delay.  An idle
+        writer commits at once.  0: never waits."""
         self.metrics = metrics
         self.announce = announce
         """An actor (the broker's publisher) offered every ``Committed``
@@ -266,12 +282,18 @@ class StoreWriter(Behaviour[WriterState]):
             return ()
         if isinstance(msg, _Done):
             return self._finish(state, msg, now)
+        if isinstance(msg, _Linger):
+            state.lingering = False
+            return self._start(state, now) if state.pending else ()
         raise TypeError(f"store writer: unexpected {msg!r}")
 
     def caught_up(self, state: WriterState, now: float) -> Effects:
-        if state.pending:
-            return self._start(state, now)
-        return ()
+        if not state.pending or state.lingering:
+            return ()
+        if self.linger_s > 0 and now - state.started_s < BUSY_S:
+            state.lingering = True
+            return [StartTimer("linger", self.linger_s, _Linger())]
+        return self._start(state, now)
 
     def _start(self, state: WriterState, now: float) -> list[Effect]:
         state.started_s = now

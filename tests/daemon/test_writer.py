@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import outcome
 
-from agor_actors.runtime import AwaitInline, Request
+from agor_actors.runtime import AwaitInline, Request, StartTimer
 from agor_actors.store import (
     Append,
     EventDraft,
@@ -155,3 +155,30 @@ async def test_chunks_planned_past_a_refused_one_have_their_offsets_moved_back()
     offsets = [e.data["offset"] for r in store.committed for e in r.events if "chunk" in e.data]
     assert offsets == [0, 2, 4]
     assert state.shifts == {"message:m": 3}
+
+
+def test_a_busy_writer_lingers_and_an_idle_one_commits_at_once() -> None:
+    """With ``linger_s``, a writer that committed a group within ``BUSY_S``
+    waits that long after its mailbox drained (what arrives meanwhile joins
+    the group); one idle for longer commits at once."""
+    world = simulated_world(seed=1)
+    writer = StoreWriter(store=None, world=world, linger_s=0.002)  # type: ignore[arg-type]
+    state = WriterState()
+
+    def write(text: str) -> Request:
+        return Request(chunk(text, 1, m=text), None)  # type: ignore[arg-type]
+
+    writer.handle(state, write("a"), 10.0)
+    (first,) = writer.caught_up(state, 10.0)  # idle: at once
+    assert isinstance(first, AwaitInline)
+    writer.handle(state, write("b"), 10.01)
+    (timer,) = writer.caught_up(state, 10.01)  # busy: a group started 10 ms ago
+    assert isinstance(timer, StartTimer) and timer.delay_s == 0.002
+    writer.handle(state, write("c"), 10.011)
+    assert writer.caught_up(state, 10.011) == ()  # already lingering
+    (group,) = writer.handle(state, timer.msg, 10.012)
+    assert isinstance(group, AwaitInline) and state.writes == 3 and not state.pending
+    writer.handle(state, write("d"), 10.2)
+    (late,) = writer.caught_up(state, 10.2)  # 188 ms after the last group: idle again
+    assert isinstance(late, AwaitInline)
+    assert StoreWriter(store=None, world=world).linger_s == 0  # type: ignore[arg-type]
