@@ -24,6 +24,7 @@ MARKS: Final[dict[str, str]] = {
     "store.request_failed": "one request of a group refused by the database, the others commit",
     "store.epoch_reset": "a room's log reset: a new epoch, seqs from 1",
     "writer.merged": "consecutive chunks of one streamed message committed as one event",
+    "writer.group_cut": "a group ended early: a message's chunks would have been in two runs",
     "writer.group_failed": "a whole commit group failed or its answer was lost",
     "room.ring_evicted": "an event left a room's in-memory ring",
     "room.catch_up": "a join older than the ring: replayed from the log at the client's pace",

@@ -141,6 +141,9 @@ class SimConfig:
     the daemon's own, minutes)."""
     grace_s: float = 10.0
     """Presence: how long a user who left a board stays on it."""
+    commit_linger_s: float = 0.0
+    """How long a busy store writer waits for more writes (``serve
+    --commit-linger-ms``; 0: it commits each group at once)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -166,7 +169,7 @@ class SimConfig:
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
             f"  limits: ring {self.ring_size or 'default'}, idle "
             f"{'default' if self.idle_s is None else f'{self.idle_s:g}s'}, "
-            f"presence grace {self.grace_s:g}s",
+            f"presence grace {self.grace_s:g}s, commit linger {self.commit_linger_s * 1000:g} ms",
         ]
         for c in self.clients:
             lines.append(
@@ -310,6 +313,10 @@ def draw_config(
         idle_s=(None, 0.5, 2.0, 5.0)[limits.randrange(4)],
         grace_s=(10.0, 2.0, 0.5)[limits.randrange(3)],
     )
+    # the writer's linger: a stream of its own too (the daemon's 2 ms, a long
+    # 20 ms, or none as the library's default)
+    linger = random.Random(f"linger:{profile}:{seed}")
+    config = attrs.evolve(config, commit_linger_s=(0.0, 0.002, 0.02)[linger.randrange(3)])
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent
         # meanwhile queue up at the writer and go in one group

@@ -219,3 +219,4 @@ class SimDaemon:
             self._recorder.violate("server", conn.name, f"the connection code raised: {exc!r}")
         finally:
             state.connections.discard(connection)
+            conn.up.abandon()  # nothing reads it any more: the client's sends fail

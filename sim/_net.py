@@ -237,6 +237,15 @@ class Link:
         """Something about the hold changed: receivers look again."""
         self._recv_lot.unpark_all()
 
+    def abandon(self) -> None:
+        """The receiving end closed for good (the server's handler ended:
+        its socket is closed): what was queued is dropped and the sender's
+        sends fail from now on, as a TCP peer's reset makes them."""
+        self._closing = True
+        self._queue.clear()
+        self._bytes = 0
+        self._send_lot.unpark_all()
+
     def reset(self) -> None:
         self._reset = True
         self._queue.clear()

@@ -258,6 +258,7 @@ class _Run:
                 "ring_size": config.ring_size,
                 "idle_s": config.idle_s,
                 "presence": PresenceConfig(offline_grace_s=config.grace_s),
+                "commit_linger_s": config.commit_linger_s,
             },
         )
         self.recorder.on_frame = ServerClaims(self.recorder, self._head_of).frame

@@ -116,6 +116,9 @@ class SessionState:
     task_chars: int = 0
     loading: bool = False
     deferred: list[Request] = attrs.field(factory=list)
+    load_wanted: tuple[str, str] | None = None
+    """A record to load once every write in flight is answered (so that
+    what the store says of it counts them all)."""
     writes: int = 0
     knowledge: int = 0
     """Bumped each time ``messages`` is forgotten after a failed write: a
@@ -281,14 +284,13 @@ class SessionBehaviour(Behaviour[SessionState]):
         if unknown is not None:
             state.loading = True
             state.deferred.insert(0, msg)
-            store = self.store
-            blocking = self._blocking
-            table, record_id = unknown
-
-            async def load() -> dict[str, Any] | None:
-                return await blocking.run(lambda: store.get(table, record_id))
-
-            return [Await(load, lambda result: _Loaded(table, record_id, result))]
+            if state.inflight:
+                # writes of this session still on their way to the store
+                # (chunks of this message, a change of this task): read it
+                # once they are answered, or its length or rev misses them
+                state.load_wanted = unknown
+                return []
+            return [self._load(*unknown)]
         try:
             request, answer, coalesce_key, touched = self._plan(state, cmd)
         except ServiceError as exc:
@@ -297,6 +299,15 @@ class SessionBehaviour(Behaviour[SessionState]):
         state.writes += 1
         body = Write(request, coalesce_key)
         return [_ask(self.writer, body, msg.reply_to, answer, touched)]
+
+    def _load(self, table: str, record_id: str) -> Effect:
+        store = self.store
+        blocking = self._blocking
+
+        async def load() -> dict[str, Any] | None:
+            return await blocking.run(lambda: store.get(table, record_id))
+
+        return Await(load, lambda result: _Loaded(table, record_id, result))
 
     def _unknown(self, state: SessionState, cmd: Command) -> tuple[str, str] | None:
         """``(table, id)`` of a record this write needs to know and that is
@@ -407,7 +418,14 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.poisoned and state.inflight == 0:
             # the in-memory session may differ from the store: stop once the
             # replies are out; the next use spawns us again from the store
+            waiting, state.deferred = state.deferred, []
+            error = ServiceError("unavailable", "session is reloading; retry")
+            effects.extend(Reply(req.reply_to, error=error) for req in waiting)
+            state.loading, state.load_wanted = False, None
             effects.append(Stop())
+        elif state.load_wanted is not None and state.inflight == 0:
+            effects.append(self._load(*state.load_wanted))
+            state.load_wanted = None
         return effects
 
     # ------------------------------------------------------------------ planning

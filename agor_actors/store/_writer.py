@@ -205,6 +205,21 @@ def _touches(request: WriteRequest) -> list[tuple[str, ...]]:
     ]
 
 
+def _second_run(batch: list[tuple[Request, ...]], taken: list[Request]) -> int | None:
+    """The position in ``taken`` of the first write that starts a second
+    run of a coalesce key (None: each key has one run)."""
+    seen: set[str] = set()
+    for run in batch:
+        key = run[0].body.coalesce_key
+        if key is None:
+            continue
+        if key in seen:
+            first = run[0]
+            return next(i for i, req in enumerate(taken) if req is first)
+        seen.add(key)
+    return None
+
+
 def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
     """Group ``items`` (one per write, in order) into runs to commit as one
     request each.  A write with a coalesce key (a chunk of a streamed
@@ -299,6 +314,14 @@ class StoreWriter(Behaviour[WriterState]):
         state.started_s = now
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
         batch = runs([req.body for req in taken], taken)
+        cut = _second_run(batch, taken)
+        if cut is not None:
+            # a message's chunks in two runs: the second's offsets would not
+            # be moved back if the first is refused (shifts are taken when a
+            # group starts), so it waits for the next group
+            taken, state.pending = taken[:cut], taken[cut:] + state.pending
+            batch = runs([req.body for req in taken], taken)
+            mark("writer.group_cut")
         requests = [
             _shifted(
                 coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request,

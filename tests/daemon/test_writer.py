@@ -182,3 +182,25 @@ def test_a_busy_writer_lingers_and_an_idle_one_commits_at_once() -> None:
     (late,) = writer.caught_up(state, 10.2)  # 188 ms after the last group: idle again
     assert isinstance(late, AwaitInline)
     assert StoreWriter(store=None, world=world).linger_s == 0  # type: ignore[arg-type]
+
+
+def test_a_messages_chunks_in_two_runs_are_cut_into_two_groups() -> None:
+    """Offsets are moved back by what a group's refused chunks held only
+    from the next group on, so one group never holds two runs of one
+    message: the write that would start the second run waits."""
+    world = simulated_world(seed=1)
+    writer = StoreWriter(store=None, world=world)  # type: ignore[arg-type]
+    state = WriterState()
+    for write in (
+        chunk("a", 1, m="m1", s="s1"),
+        other("session:s1"),  # the room in between: a's run is closed
+        chunk("b", 2, m="m1", s="s1"),
+        chunk("c", 2, m="m2", s="s2"),
+    ):
+        writer.handle(state, Request(write, None), 1.0)  # type: ignore[arg-type]
+    (group,) = writer.caught_up(state, 1.0)
+    assert isinstance(group, AwaitInline)
+    assert state.writes == 2 and [r.body for r in state.pending] == [
+        chunk("b", 2, m="m1", s="s1"),
+        chunk("c", 2, m="m2", s="s2"),
+    ]
