@@ -175,6 +175,8 @@ class Hub:
         self._connections_of: dict[str, set[str]] = {}
         self._pending_of: dict[str, int] = {}
         self._joining: set[str] = set()
+        self._rechecks = 0
+        """Rechecks begun: a join checked before one began asks again."""
         self._revoked: dict[str, str] = {}
         """Subscriptions revoked while being joined: the join ends them."""
         self._recheck_users: set[str] = set()
@@ -725,6 +727,7 @@ class Hub:
                 f"no room {room!r}: rooms are session:<id>, board:<id> and activity:<board id>",
             )
         refused = ServiceError("forbidden", f"no room {room!r} that this user may see")
+        rechecks = self._rechecks
         try:
             if not await self.gate.may_see_room(principal, room):
                 raise refused
@@ -757,12 +760,20 @@ class Hub:
         )
         subs[room] = sub
         self._joining.add(sub.key)
+        if self._rechecks != rechecks and not await self.gate.may_see_room(principal, room):
+            # access changed while the join was being checked, before the
+            # recheck could see it: asked again, now that a recheck would
+            self._joining.discard(sub.key)
+            if subs.get(room) is sub:
+                del subs[room]
+            self.gate.denials += 1
+            raise refused
         try:
             fresh = False
             if self.feed is not None:
                 fresh = await self.feed.watch(_room_actor(room)[1], connection_id, sub.key)
             try:
-                await self._subscribe(sub, since)
+                turned_away = await self._subscribe(sub, since)
             except BaseException:
                 self._unwatch(sub)
                 raise
@@ -775,18 +786,21 @@ class Hub:
         finally:
             self._joining.discard(sub.key)
             reason = self._revoked.pop(sub.key, None)
-        if reason is not None:
+        if reason is not None and not turned_away:
             # revoked while joining: the room may have taken it meanwhile
             await self._drop(sub, reason)
 
-    async def _subscribe(self, sub: Subscription, since: Since | None) -> None:
+    async def _subscribe(self, sub: Subscription, since: Since | None) -> bool:
+        """Join ``sub`` to its room (from the log first if the room's memory
+        does not reach back to ``since``).  True: the room refused it, its
+        user having lost sight of the room meanwhile (``left`` is queued)."""
         room, outbox = sub.room, sub.outbox
         subs = self._subs[sub.connection_id]
         actor, log_room = _room_actor(room)
         registry = self.system.registry
         result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
         if not isinstance(result, CatchUp):
-            return
+            return bool(result == "revoked")
         assert since is not None
         outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
         outbox.open_room(room, since.seq)
@@ -803,22 +817,22 @@ class Hub:
                 for chunk in _within(items, page_size, outbox.max_bytes // 2):
                     await outbox.wait_room(len(chunk), sum(len(item) for _, item in chunk))
                     if subs.get(room) is not sub:
-                        return  # left or revoked meanwhile
+                        return False  # left or revoked meanwhile
                     if not outbox.offer_events(room, chunk, upto=ends[chunk[-1][0]]):
-                        return  # lagged: the client resumes later
+                        return False  # lagged: the client resumes later
                 if page:
                     after = page[-1].end_seq
                 if subs.get(room) is not sub:
-                    return
+                    return False
                 result = await registry.call(
                     actor,
                     Subscribe(sub, Since(result.epoch, after), quiet=True),
                     timeout_s=30.0,
                 )
                 if not isinstance(result, CatchUp):
-                    return
+                    return bool(result == "revoked")
         except OutboxClosed:
-            return
+            return False
 
     # ------------------------------------------------------------ revocation
 
@@ -849,6 +863,7 @@ class Hub:
         """Check again the subscriptions of ``users`` (or to ``rooms``)
         against the permissions as the gate knows them now, and drop each
         one that fails, with ``left`` ``forbidden``."""
+        self._rechecks += 1
         for connection_id, subs in list(self._subs.items()):
             principal = self._principals.get(connection_id)
             if principal is None or (users is not None and principal.user_id not in users):
@@ -873,6 +888,11 @@ class Hub:
                 self.revocations += 1
                 if sub.key in self._joining:
                     self._revoked[sub.key] = "forbidden"  # the join ends it
+                    # and the room refuses it if its join is still on the
+                    # way: nothing of the room, not even ``joined``, follows
+                    # the revocation
+                    ref = await self.system.registry.get(_room_actor(room)[0])
+                    await ref.call(Revoke(sub.key, "forbidden", ahead=True), timeout_s=30.0)
                 else:
                     await self._drop(sub, "forbidden")
 

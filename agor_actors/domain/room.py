@@ -125,10 +125,23 @@ class Unsubscribe:
 class Revoke:
     """Drop the subscription ``key`` (its user may no longer see the room)
     and queue ``left`` ``reason`` in its outbox, in the room's own order:
-    nothing of the room follows it.  Replies whether the room had it."""
+    nothing of the room follows it.  Replies whether the room had it.
+
+    ``ahead``: the subscription is being joined and may not have reached
+    the room yet: if the room does not have it, it remembers the key, and
+    a :class:`Subscribe` of that key that comes later is answered
+    ``"revoked"`` (``left`` queued, no ``joined``, nothing of the room).
+    Without ``ahead`` such a remembered key is forgotten."""
 
     key: str
     reason: str
+    ahead: bool = False
+
+
+REVOKED_AHEAD_MAX = 1024
+"""Keys a room remembers as revoked before their join reached it; beyond,
+the oldest is forgotten (overflow policy: drop oldest; its join then ends
+itself with ``left`` a moment later, as the hub's join does)."""
 
 
 @attrs.frozen
@@ -221,6 +234,8 @@ class RoomState:
     head: int
     ring: deque[_Ring] = attrs.field(factory=deque)
     subscribers: dict[str, _Member] = attrs.field(factory=dict)
+    revoked_ahead: dict[str, str] = attrs.field(factory=dict)
+    """Keys revoked before their join reached the room (see :class:`Revoke`)."""
     delivered: int = 0
     lagged: int = 0
     presence: BoardPresence = attrs.field(factory=BoardPresence)
@@ -597,6 +612,13 @@ class RoomBehaviour(Behaviour[RoomState]):
     def _subscribe(self, state: RoomState, body: Subscribe) -> str | CatchUp:
         sub, since = body.sub, body.since
         state.subscribers.pop(sub.key, None)
+        reason = state.revoked_ahead.pop(sub.key, None)
+        if reason is not None:
+            # its user lost sight of the room while the join was on its way
+            with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                sub.outbox.drop_room(sub.room)
+                sub.outbox.offer_control(Left(room=sub.room, reason=reason))
+            return "revoked"
         recovered = False
         start = state.head
         if since is not None and since.epoch not in ("", state.epoch):
@@ -630,6 +652,12 @@ class RoomBehaviour(Behaviour[RoomState]):
     def _revoke(self, state: RoomState, body: Revoke) -> bool:
         member = state.subscribers.pop(body.key, None)
         if member is None:
+            if body.ahead:
+                state.revoked_ahead[body.key] = body.reason
+                while len(state.revoked_ahead) > REVOKED_AHEAD_MAX:
+                    del state.revoked_ahead[next(iter(state.revoked_ahead))]
+            else:
+                state.revoked_ahead.pop(body.key, None)
             return False
         sub = member.sub
         if not sub.activity:
