@@ -1345,7 +1345,14 @@ class Client:
                 if self.machine.state is not ClientState.OPEN:
                     return  # closing: the reader ends the connection
                 self.pacer.spend()  # at once: the connection's life depends on it
-                with contextlib.suppress(ConnectionLost):
+                # a peer that stopped reading leaves the send waiting (a
+                # full socket, the send lock behind a blocked send): bounded
+                # by when the connection counts as dead, which the next turn
+                # then finds
+                with (
+                    contextlib.suppress(ConnectionLost),
+                    trio.move_on_at(last_received + heartbeat.timeout_s),
+                ):
                     await self._send(self.machine.ping(now))
                 continue
             deadline = heartbeat.next_check_s(last_received_s=last_received, last_ping_s=last_ping)

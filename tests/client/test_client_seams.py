@@ -23,7 +23,7 @@ from agor_actors.client import (
     load_room,
 )
 from agor_actors.world import Dialer, DialFailed, MessageTransport
-from protocols import ClientEvent, EventApplied, ReloadRequired, Welcomed
+from protocols import ClientEvent, EventApplied, Heartbeat, ReloadRequired, Welcomed
 
 
 @pytest.fixture
@@ -219,3 +219,75 @@ async def test_retry_first_keeps_trying_the_first_connection(running: Daemon) ->
         assert session["title"] == "late"
         assert client.statistics().connects == 1
     assert len(dialer.offered) == 3
+
+
+class _Stalling:
+    """A transport that, once told, neither takes nor delivers anything:
+    a peer that stopped reading and writing with its socket still open."""
+
+    def __init__(self, inner: MessageTransport) -> None:
+        self.inner = inner
+        self.stalled = False
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.inner.subprotocol
+
+    async def receive(self) -> bytes | str:
+        message = await self.inner.receive()
+        if self.stalled:
+            await trio.sleep_forever()
+        return message
+
+    async def send(self, data: bytes | str) -> None:
+        if self.stalled:
+            await trio.sleep_forever()
+        await self.inner.send(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.inner.close(code, reason)
+
+
+class StallingDialer(CountingDialer):
+    """The real dialer; its first connection stalls when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: _Stalling | None = None
+        self.redialed = trio.Event()
+
+    @asynccontextmanager
+    async def dial(  # type: ignore[override]
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AsyncIterator[MessageTransport]:
+        async with super().dial(
+            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
+        ) as transport:
+            if self.first is None:
+                self.first = _Stalling(transport)
+                yield self.first
+            else:
+                self.redialed.set()
+                yield transport
+
+
+async def test_a_peer_that_stops_reading_is_dropped_by_the_heartbeat(running: Daemon) -> None:
+    """The ping's send waits on a peer that stopped reading; it is bounded by
+    the heartbeat's timeout, so the connection is dropped as dead and the
+    client connects again (it used to wait on that send for good)."""
+    dialer = StallingDialer()
+    heartbeat = Heartbeat(interval_s=0.05, timeout_s=0.3)
+    async with connect(
+        running.url, token=running.token, dialer=dialer, heartbeat=heartbeat, backoff_cap_s=0.1
+    ) as client:
+        assert dialer.first is not None
+        dialer.first.stalled = True
+        with trio.fail_after(10):
+            await dialer.redialed.wait()
+        assert client.statistics().dead_connections >= 1
+        assert (await client.call("sessions", "find"))["data"] == []
