@@ -37,7 +37,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -380,6 +380,7 @@ async def run_daemon(
     settings: ServerSettings | None = None,
     identity: IdentityConfig | None = None,
     presence: PresenceConfig | None = None,
+    on_metrics_port: Callable[[int], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon: take the port (:class:`ListenError` if it cannot be had,
@@ -399,6 +400,8 @@ async def run_daemon(
             metrics_sock = listen_socket(
                 settings.metrics_host, settings.metrics_port, option="--metrics-port"
             )
+            if on_metrics_port is not None:  # the port taken (``--metrics-port 0``: any)
+                on_metrics_port(int(metrics_sock.getsockname()[1]))
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -540,6 +543,10 @@ def serve(
     why).  Once listening, prints :func:`ready_banner`
     to stdout (unless ``banner_executable`` is None)."""
     path = pathlib.Path(data_dir)
+    metrics_bound = [metrics_port]
+
+    def taken(port: int) -> None:
+        metrics_bound[0] = port
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -562,8 +569,10 @@ def serve(
                     ),
                     identity=identity,
                     presence=presence,
+                    on_metrics_port=taken,
                 )
             )
+            metrics_port_taken = metrics_bound[0]
             log.info(
                 "ready",
                 extra={
@@ -571,8 +580,8 @@ def serve(
                     "http_url": f"http://{host}:{bound}",
                     "token_file": str(path / "token"),
                     **(
-                        {"metrics_url": f"http://{metrics_host}:{metrics_port}/metrics"}
-                        if metrics_port is not None
+                        {"metrics_url": f"http://{metrics_host}:{metrics_port_taken}/metrics"}
+                        if metrics_port_taken is not None
                         else {}
                     ),
                 },
@@ -581,8 +590,8 @@ def serve(
                 banner = ready_banner(host, bound, path, banner_executable)
                 if certfile is not None:
                     banner = banner.replace("ws://", "wss://").replace("http://", "https://")
-                if metrics_port is not None:
-                    banner += f"\n  metrics    http://{metrics_host}:{metrics_port}/metrics"
+                if metrics_port_taken is not None:
+                    banner += f"\n  metrics    http://{metrics_host}:{metrics_port_taken}/metrics"
                 print(banner, flush=True)
 
     try:

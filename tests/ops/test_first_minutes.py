@@ -194,6 +194,29 @@ async def test_serve_with_a_metrics_port(tmp_path: pathlib.Path) -> None:
         assert await daemon_process.stop() == 0
 
 
+async def test_serve_with_metrics_port_0_names_the_port_it_took(tmp_path: pathlib.Path) -> None:
+    """``--metrics-port 0`` takes any free port, and the banner names that
+    one (it said 0)."""
+    import re
+    import urllib.request
+
+    argv = [*CLI, "serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    argv += ["--metrics-port", "0", "--metrics-token", "scrape"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with running(argv, cwd=tmp_path, env=env) as daemon_process:
+        found = re.search(r"metrics    (http://127\.0\.0\.1:(\d+)/metrics)", daemon_process.stdout)
+        assert found is not None and int(found.group(2)) > 0, daemon_process.stdout
+        url = found.group(1)
+
+        def get() -> str:
+            request = urllib.request.Request(url, headers={"Authorization": "Bearer scrape"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return str(response.read().decode())
+
+        assert "agor_connections" in await trio.to_thread.run_sync(get)
+        assert await daemon_process.stop() == 0
+
+
 async def test_top_finds_the_daemon_through_its_data_dir_and_creates_nothing(
     tmp_path: pathlib.Path,
 ) -> None:
