@@ -33,6 +33,9 @@ export const FATAL_CLOSE_CODES = new Set([4001])
 export const TOKEN_EXPIRED_CLOSE = 4002
 export const PRESENCE_RATE_PER_S = 30
 export const MAX_RESUMES = 3
+/** A call refused with `rate_limited` is sent again this many times at
+ * most, each after the `retry_after_ms` the server names. */
+export const RATE_LIMITED_RETRIES = 5
 
 /** Seconds to wait before reconnect attempt `attempt` (0 first): exponential
  * from `baseS`, capped at `capS`, full jitter over the whole window. */
@@ -457,7 +460,7 @@ export class Client extends Emitter {
     this.limits = {}
     this.heartbeatMs = 15_000
     this.closeReason = null
-    this.stats = { renewals: 0, reconnects: 0, applied: 0, duplicatesDropped: 0, gaps: 0, resumes: 0, reloads: 0, lagged: 0, ignored: 0 }
+    this.stats = { renewals: 0, reconnects: 0, applied: 0, duplicatesDropped: 0, gaps: 0, resumes: 0, reloads: 0, lagged: 0, ignored: 0, rateLimited: 0 }
     this._ws = null
     this._welcomed = false
     this._everWelcomed = false
@@ -507,13 +510,43 @@ export class Client extends Emitter {
       for (const [k, v] of Object.entries(fields)) if (v !== undefined && v !== null) message[k] = v
       const entry = { resolve, reject, message, read: method === "find" || method === "get", timer: null }
       entry.timer = setTimeout(() => {
+        entry.timer = null
         for (const [ref, e] of this._pending) if (e === entry) this._pending.delete(ref)
         this._waiting = this._waiting.filter((e) => e !== entry)
         reject(new CallError("timeout", `${service}.${method} got no answer in ${this.callTimeoutMs} ms`))
       }, this.callTimeoutMs)
-      if (this._welcomed) this._sendCall(entry)
-      else this._waiting.push(entry)
+      this._waiting.push(entry)
+      if (this._welcomed) this._pumpCalls()
     })
+  }
+
+  /** Send waiting calls while the server's `max_pending_calls` allows
+   * (beyond it the server would answer `too_many_pending`) and at most at
+   * 90 % of its announced rate (a token bucket like the server's, a tenth
+   * left for joins, pings and presence), so that a burst of calls is paced
+   * rather than refused, and never closed with `flood`. */
+  _pumpCalls() {
+    const most = this.limits.max_pending_calls ?? 64
+    while (this._welcomed && this._waiting.length && this._pending.size < most) {
+      const waitMs = this._takeToken()
+      if (waitMs > 0) {
+        if (!this._pumpTimer) this._pumpTimer = setTimeout(() => { this._pumpTimer = null; this._pumpCalls() }, waitMs)
+        return
+      }
+      this._sendCall(this._waiting.shift())
+    }
+  }
+
+  /** 0 and a token taken, or how long until one is there (ms). */
+  _takeToken() {
+    const rate = 0.9 * (this.limits.rate_per_s ?? 200)
+    const burst = Math.max(1, Math.floor(0.9 * (this.limits.rate_burst ?? 400)))
+    const now = this._now()
+    const bucket = this._bucket ?? (this._bucket = { tokens: burst, at: now })
+    bucket.tokens = Math.min(burst, bucket.tokens + ((now - bucket.at) / 1000) * rate)
+    bucket.at = now
+    if (bucket.tokens >= 1) { bucket.tokens -= 1; return 0 }
+    return Math.max(1, Math.ceil(((1 - bucket.tokens) / rate) * 1000))
   }
 
   /** Join `room` and return its mirror once the room's state is in. */
@@ -582,6 +615,7 @@ export class Client extends Emitter {
     if (this._closed) return
     this._closed = true
     clearTimeout(this._reconnectTimer)
+    clearTimeout(this._pumpTimer)
     clearTimeout(this._renewTimer)
     this._presenceOut.stop()
     const ws = this._ws
@@ -721,10 +755,11 @@ export class Client extends Emitter {
       this._pending.delete(ref)
       if (entry.read && !all) { this._waiting.push(entry); continue } // retried once welcomed
       clearTimeout(entry.timer)
+      entry.timer = null
       entry.reject(new CallError(code, message))
     }
     if (all) {
-      for (const entry of this._waiting.splice(0)) { clearTimeout(entry.timer); entry.reject(new CallError(code, message)) }
+      for (const entry of this._waiting.splice(0)) { clearTimeout(entry.timer); entry.timer = null; entry.reject(new CallError(code, message)) }
     }
   }
 
@@ -795,6 +830,7 @@ export class Client extends Emitter {
     this.ownConnectionIds.add(m.connection_id)
     this.heartbeatMs = m.heartbeat_ms ?? 15_000
     this.limits = m.limits ?? {}
+    this._bucket = null // a new connection: the server's bucket is full again
     this.expiresAt = m.expires_at ?? null
     this._scheduleRenewal()
     this._lastPingMs = this._now()
@@ -810,7 +846,7 @@ export class Client extends Emitter {
     }
     const maxBatch = this.limits.max_batch ?? 100
     for (let i = 0; i < joins.length; i += maxBatch) this._sendMessage(joins.slice(i, i + maxBatch))
-    for (const entry of this._waiting.splice(0)) this._sendCall(entry)
+    this._pumpCalls()
     for (const boardId of this._boards.keys()) this._presenceOut.restore(boardId)
     this._presenceOut._schedule()
     this._setState("live")
@@ -838,9 +874,24 @@ export class Client extends Emitter {
     const entry = this._pending.get(m.ref)
     if (!entry) return
     this._pending.delete(m.ref)
+    if (!m.ok && m.error?.code === "rate_limited" && (entry.rateRetries ?? 0) < RATE_LIMITED_RETRIES) {
+      // refused before it ran: send it again once the server says the rate allows
+      entry.rateRetries = (entry.rateRetries ?? 0) + 1
+      this.stats.rateLimited += 1
+      const waitMs = Math.min(Math.max(Number(m.error?.data?.retry_after_ms) || 1, 1), 5_000)
+      setTimeout(() => {
+        if (this._closed || !entry.timer) return
+        this._waiting.unshift(entry)
+        this._pumpCalls()
+      }, waitMs)
+      this._pumpCalls()
+      return
+    }
     clearTimeout(entry.timer)
+    entry.timer = null
     if (m.ok) entry.resolve(m.data ?? null)
     else entry.reject(new CallError(m.error?.code ?? "internal", m.error?.message ?? "error", m.error?.data ?? null))
+    this._pumpCalls()
   }
 
   _onEvent(ev) {

@@ -171,6 +171,16 @@ test("reconnect: the socket dies, the mirror resumes with since, nothing lost or
   assert.deepEqual(JSON.parse(JSON.stringify(other.resources)), JSON.parse(JSON.stringify(mirror.resources)))
 })
 
+test("a burst of calls is paced to the server's limits: none refused for good, no flood", async () => {
+  const client = await open()
+  // 1,000 at once: more than max_pending_calls (64) and than the rate's burst (400)
+  const results = await Promise.all(Array.from({ length: 1000 }, () => client.service("sessions").find({ $limit: 1 })))
+  assert.equal(results.length, 1000)
+  assert.ok(results.every((r) => Array.isArray(r.data)))
+  assert.equal(client.state, "live")
+  assert.equal(client.stats.reconnects, 0)
+})
+
 test("a call made while reconnecting waits for the connection", async () => {
   const client = await open()
   client.dropConnection()
