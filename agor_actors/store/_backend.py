@@ -539,6 +539,13 @@ class SqlStore:
         else:
             self._upsert_insert = sqlite_dialect.insert
         self._insert_events, self._select_head, self._move_heads = self._head_statements()
+        m = s.board_members
+        self._select_members = Prepared(
+            sa.select(m)
+            .where(m.c.board_id == sa.bindparam("board_id", type_=m.c.board_id.type))
+            .order_by(m.c.user_id),
+            engine.dialect,
+        )
         self._ensure_schema()
 
     def _head_statements(self) -> tuple[Prepared, Prepared, Prepared]:
@@ -1228,12 +1235,8 @@ class SqlStore:
 
     def board_members(self, board_id: str) -> list[dict[str, Any]]:
         """The members of ``board_id`` (board_id, user_id, role), by user id."""
-        m = s.board_members
-        with self._reading() as conn:
-            rows = conn.execute(
-                sa.select(m).where(m.c.board_id == board_id).order_by(m.c.user_id)
-            ).all()
-        return [_plain_row(row) for row in rows]
+        with self._reading() as conn, _raw_cursor(conn) as cursor:
+            return self._select_members.all(cursor, {"board_id": board_id})
 
 
 def _migrate_1_to_2(conn: sa.Connection) -> None:

@@ -97,24 +97,33 @@ class Prepared:
             cursor.execute(self.sql, params)
         return cursor
 
-    def one_or_none(self, cursor: DBAPICursor, row: Row) -> Row | None:
-        """Run the select for one row of parameters; its only row as a dict
-        of plain ``str`` keys (values through the column types' result
-        processors, as ``Connection.execute`` would give them), or None."""
+    def all(self, cursor: DBAPICursor, row: Row) -> list[Row]:
+        """Run the select for one row of parameters; its rows as dicts of
+        plain ``str`` keys, values through the column types' result
+        processors (as ``Connection.execute`` would give them)."""
         if not self._selected:
-            raise TypeError("one_or_none() runs a select of named columns")
+            raise TypeError("all() runs a select of named columns")
         found = self.execute(cursor, row).fetchall()
         if not found:
-            return None
-        if len(found) > 1:
-            raise sa.exc.MultipleResultsFound("more than one row where at most one was expected")
+            return []
         results = self._results
         if results is None:
             results = self._results = self._result_processors(cursor)
-        return {
-            name: value if process is None or value is None else process(value)
-            for (name, _), process, value in zip(self._selected, results, found[0], strict=True)
-        }
+        names = [name for name, _ in self._selected]
+        return [
+            {
+                name: value if process is None or value is None else process(value)
+                for name, process, value in zip(names, results, values, strict=True)
+            }
+            for values in found
+        ]
+
+    def one_or_none(self, cursor: DBAPICursor, row: Row) -> Row | None:
+        """Like :meth:`all` for a select of at most one row: the row, or None."""
+        found = self.all(cursor, row)
+        if len(found) > 1:
+            raise sa.exc.MultipleResultsFound("more than one row where at most one was expected")
+        return found[0] if found else None
 
     def _result_processors(self, cursor: DBAPICursor) -> tuple[Callable[[Any], Any] | None, ...]:
         """Each selected column's result processor for the type the driver
