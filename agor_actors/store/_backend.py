@@ -531,6 +531,7 @@ class SqlStore:
         """Single writer: each room's head as this store committed it.
         Shared: the heads locked for the group being committed."""
         self._plain_statements: dict[_Shape, Prepared] = {}
+        self._get_statements: dict[tuple[str, tuple[str, ...]], Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
         if engine.dialect.name == "postgresql":
@@ -538,6 +539,13 @@ class SqlStore:
         else:
             self._upsert_insert = sqlite_dialect.insert
         self._insert_events, self._select_head, self._move_heads = self._head_statements()
+        m = s.board_members
+        self._select_members = Prepared(
+            sa.select(m)
+            .where(m.c.board_id == sa.bindparam("board_id", type_=m.c.board_id.type))
+            .order_by(m.c.user_id),
+            engine.dialect,
+        )
         self._ensure_schema()
 
     def _head_statements(self) -> tuple[Prepared, Prepared, Prepared]:
@@ -1073,11 +1081,9 @@ class SqlStore:
         cached = self.cached_head(room)
         if cached is not None:
             return cached
-        with self._reading() as conn:
-            row = conn.execute(
-                sa.select(s.rooms.c.epoch, s.rooms.c.head_seq).where(s.rooms.c.room == room)
-            ).one_or_none()
-        return None if row is None else (row.epoch, row.head_seq)
+        with self._reading() as conn, _raw_cursor(conn) as cursor:
+            row = self._select_head.execute(cursor, {"room": room}).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def events_since(self, room: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
         """Events of ``room`` after ``after_seq`` in seq order, at most
@@ -1151,10 +1157,24 @@ class SqlStore:
             key = {pk[0]: id}
         else:
             raise StoreQueryError(f"{t.name} has a composite key {pk}: pass a mapping")
-        where = _key_clause(t, key)
-        with self._reading() as conn:
-            row = conn.execute(sa.select(*visible_columns(t)).where(*where)).one_or_none()
-        return None if row is None else _plain_row(row)
+        _check_key(t, key)
+        statement = self._get_statement(t, tuple(key))
+        with self._reading() as conn, _raw_cursor(conn) as cursor:
+            return statement.one_or_none(cursor, dict(key))
+
+    def _get_statement(self, table: sa.Table, key: tuple[str, ...]) -> Prepared:
+        """The visible columns of ``table`` where the columns of ``key``
+        equal the parameters of their names, compiled once (a read per
+        permission check or access load: SQLAlchemy's building, caching and
+        result objects cost more than SQLite's own work)."""
+        shape = (table.name, key)
+        statement = self._get_statements.get(shape)
+        if statement is None:
+            select = sa.select(*visible_columns(table)).where(
+                *(table.c[name] == sa.bindparam(name, type_=table.c[name].type) for name in key)
+            )
+            statement = self._get_statements[shape] = Prepared(select, self._engine.dialect)
+        return statement
 
     def find(self, table: str, query: Mapping[str, Any] | None = None) -> Page:
         """Rows of ``table`` matching a Feathers-like ``query`` (see
@@ -1215,12 +1235,8 @@ class SqlStore:
 
     def board_members(self, board_id: str) -> list[dict[str, Any]]:
         """The members of ``board_id`` (board_id, user_id, role), by user id."""
-        m = s.board_members
-        with self._reading() as conn:
-            rows = conn.execute(
-                sa.select(m).where(m.c.board_id == board_id).order_by(m.c.user_id)
-            ).all()
-        return [_plain_row(row) for row in rows]
+        with self._reading() as conn, _raw_cursor(conn) as cursor:
+            return self._select_members.all(cursor, {"board_id": board_id})
 
 
 def _migrate_1_to_2(conn: sa.Connection) -> None:

@@ -34,7 +34,7 @@ class Prepared:
     processor (the caller passes what the driver takes, e.g. JSON text it
     has already serialized)."""
 
-    __slots__ = ("_dialect", "_getter", "_one", "_processors", "sql")
+    __slots__ = ("_dialect", "_getter", "_one", "_processors", "_results", "_selected", "sql")
 
     def __init__(
         self, statement: sa.ClauseElement, dialect: sa.Dialect, *, raw: Collection[str] = ()
@@ -58,6 +58,10 @@ class Prepared:
             if process is not None:
                 processors.append((name, process))
         self._processors = tuple(processors)
+        self._selected: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = ()
+        if isinstance(statement, sa.Select):
+            self._selected = tuple((str(c.name), c.type) for c in statement.selected_columns)
+        self._results: tuple[Callable[[Any], Any] | None, ...] | None = None
         self._getter: Callable[[Row], Any] | None = None
         self._one = False
         if dialect.positional:
@@ -92,6 +96,45 @@ class Prepared:
         with driver_errors(self._dialect, self.sql):
             cursor.execute(self.sql, params)
         return cursor
+
+    def all(self, cursor: DBAPICursor, row: Row) -> list[Row]:
+        """Run the select for one row of parameters; its rows as dicts of
+        plain ``str`` keys, values through the column types' result
+        processors (as ``Connection.execute`` would give them)."""
+        if not self._selected:
+            raise TypeError("all() runs a select of named columns")
+        found = self.execute(cursor, row).fetchall()
+        if not found:
+            return []
+        results = self._results
+        if results is None:
+            results = self._results = self._result_processors(cursor)
+        names = [name for name, _ in self._selected]
+        return [
+            {
+                name: value if process is None or value is None else process(value)
+                for name, process, value in zip(names, results, values, strict=True)
+            }
+            for values in found
+        ]
+
+    def one_or_none(self, cursor: DBAPICursor, row: Row) -> Row | None:
+        """Like :meth:`all` for a select of at most one row: the row, or None."""
+        found = self.all(cursor, row)
+        if len(found) > 1:
+            raise sa.exc.MultipleResultsFound("more than one row where at most one was expected")
+        return found[0] if found else None
+
+    def _result_processors(self, cursor: DBAPICursor) -> tuple[Callable[[Any], Any] | None, ...]:
+        """Each selected column's result processor for the type the driver
+        reports (as SQLAlchemy's result metadata picks them)."""
+        description = cursor.description
+        assert description is not None and len(description) == len(self._selected)
+        dialect = self._dialect
+        return tuple(
+            type_.dialect_impl(dialect).result_processor(dialect, column[1])
+            for (_, type_), column in zip(self._selected, description, strict=True)
+        )
 
 
 @contextmanager
