@@ -187,6 +187,9 @@ class Hub:
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._presence_of: dict[str, Principal] = {}
+        self._forgotten_boards: dict[str, None] = {}
+        """Boards whose room passivated since its last join (an ordered set)."""
+        self._forgotten_boards_max = 65_536
         self.presence_dropped = 0
         system.registry.exit_hooks.append(self._on_actor_exit)
         self.metrics.add_collector(self._scraped)
@@ -198,17 +201,20 @@ class Hub:
         reason = ref.exit_reason
         if reason is not None and reason.abnormal:
             self.metrics.actor_exits.labels(name.partition(":")[0]).inc()
+        if name.startswith("room:board:") and reason is not None and not reason.abnormal:
+            # it passivated (nobody was subscribed): its facepile is gone;
+            # the next join asks those present to tell it again, whatever
+            # started the room meanwhile (a commit to the board does)
+            forgotten = self._forgotten_boards
+            forgotten[name.removeprefix("room:board:")] = None
+            while len(forgotten) > self._forgotten_boards_max:
+                del forgotten[next(iter(forgotten))]  # overflow: drop the oldest
         if not name.startswith("room:") or reason is None or not reason.abnormal:
             return
         if name.startswith("room:board:"):
             # the facepile was the room's memory: every user present asks
             # the new incarnation to take their entry again
-            board = name.removeprefix("room:board:")
-            registry = self.system.registry
-            for user_id in {p.user_id for p in self._presence_of.values()}:
-                presence_ref = registry.lookup(f"presence:user:{user_id}")
-                if presence_ref is not None and not presence_ref.try_send(Republish(board)):
-                    self.presence_dropped += 1
+            self._republish(name.removeprefix("room:board:"))
         for subs in self._subs.values():
             for room, sub in list(subs.items()):
                 if _room_actor(room)[0] != name:
@@ -218,6 +224,14 @@ class Hub:
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     # what was offered but not sent yet is resent too
                     sub.outbox.room_lost(room)
+
+    def _republish(self, board: str) -> None:
+        """Every user present asks ``board``'s room to take their entry again."""
+        registry = self.system.registry
+        for user_id in {p.user_id for p in self._presence_of.values()}:
+            presence_ref = registry.lookup(f"presence:user:{user_id}")
+            if presence_ref is not None and not presence_ref.try_send(Republish(board)):
+                self.presence_dropped += 1
 
     # ------------------------------------------------------------------ auth
 
@@ -777,6 +791,8 @@ class Hub:
             except BaseException:
                 self._unwatch(sub)
                 raise
+            if kind == "board" and self._forgotten_boards.pop(ident, False) is None:
+                self._republish(ident)
             if fresh:
                 # the room may have missed what was published before its
                 # channel was subscribed (or started meanwhile): it reads its log

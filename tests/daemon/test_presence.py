@@ -449,3 +449,47 @@ async def test_a_board_room_that_restarts_gets_its_facepile_back_at_once(
         await trio.sleep(1)
         assert set(again.facepile()) == {"u1", "u2"}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_board_room_that_passivated_gets_its_facepile_back_at_the_next_join(
+    autojump_clock: MockClock,
+) -> None:
+    """A user's tab drops and comes back within the grace while the board's
+    room passivated (nobody was subscribed) and a write started it again
+    with an empty facepile: the user is on it again at once.  (This path
+    passes without the hub's republish-on-next-join too; what that fixes,
+    a presence actor that sends nothing because to it nothing changed, is
+    shown by the simulator: seed 9 settled its facepiles 57 s late.)"""
+    async with (
+        open_hub(
+            simulated_world(1), store=memory_store(), owner_token="owner-token", idle_s=1.0
+        ) as hub,
+        trio.open_nursery() as nursery,
+    ):
+        board = await make_board(hub)
+        first = Watcher(hub, user(1), "w1", board)
+        await first.start(nursery)
+        await first.send(view="board")
+        await trio.sleep(1)
+        assert set(first.facepile()) == {"u1"}
+        room = hub.system.registry.lookup(f"room:board:{board}")
+        assert room is not None
+        await hub.disconnect("w1")  # the tab dropped: u1 stays for the grace
+        with trio.fail_after(30):
+            await room.wait_stopped()  # nobody subscribed: it passivated
+        # a write to the board starts its room again, facepile empty
+        await hub.call(
+            OWNER,
+            connection_id=None,
+            service="boards",
+            method="patch",
+            id=board,
+            data={"name": "B2"},
+        )
+        assert hub.system.registry.lookup(f"room:board:{board}") is not None
+        back = Watcher(hub, user(1), "w1b", board)
+        await back.start(nursery)
+        await back.send(view="board")  # the same presence as before
+        await trio.sleep(1)
+        assert set(back.facepile()) == {"u1"}
+        nursery.cancel_scope.cancel()
