@@ -24,6 +24,7 @@ import cbor2
 from protocols import Event, ProtocolError, from_wire, to_wire
 
 from ..domain.cluster_presence import PresenceOut, RemotePresence
+from ..domain.room import to_event
 from ..store import StoredEvent
 
 __all__ = [
@@ -69,21 +70,7 @@ def encode_events(node: str, events: Sequence[StoredEvent]) -> list[bytes]:
             payloads.append(cbor2.dumps([WIRE_VERSION, node, epoch, run]))
             run = []
         epoch = stored.epoch
-        run.append(
-            to_wire(
-                Event(
-                    room=stored.room,
-                    seq=stored.seq,
-                    event=stored.event,
-                    data=stored.data,
-                    ts=stored.ts,
-                    user_id=stored.user_id,
-                    origin=stored.origin,
-                    temp_id=stored.temp_id,
-                    last_seq=stored.last_seq,
-                )
-            )
-        )
+        run.append(to_wire(to_event(stored)))
     if run and epoch is not None:
         payloads.append(cbor2.dumps([WIRE_VERSION, node, epoch, run]))
     return payloads

@@ -22,7 +22,7 @@ import trio_websocket
 from sqlalchemy.pool import NullPool
 
 from agor_actors.client import open_websocket
-from agor_actors.daemon import Outbox
+from agor_actors.daemon import Hub, Outbox, Principal
 from protocols import (
     PROTOCOL_VERSION,
     Codec,
@@ -98,6 +98,34 @@ def assert_gap_free(events: list[Event], first: int = 1) -> None:
 
 
 CODEC = Codec.CBOR
+OWNER = Principal("owner", "owner", True)
+
+
+async def make_session(hub: Hub, title: str = "S") -> str:
+    """A session made by the owner through ``hub``; its id."""
+    made = await hub.call(
+        OWNER, connection_id="w", service="sessions", method="create", data={"title": title}
+    )
+    return str(made["id"])
+
+
+async def make_task(hub: Hub, session_id: str, prompt: str) -> int:
+    """A task made by the owner through ``hub``; the seq of its event."""
+    made = await hub.call(
+        OWNER,
+        connection_id="w",
+        service="tasks",
+        method="create",
+        data={"session_id": session_id, "prompt": prompt},
+    )
+    return int(made["_seq"])
+
+
+async def view(hub: Hub, connection_id: str, room: str, since: Since | None = None) -> Reader:
+    """The owner's connection ``connection_id`` joined to ``room`` on ``hub``."""
+    outbox = Outbox(CODEC)
+    await hub.join(OWNER, connection_id, outbox, room, since)
+    return Reader(outbox)
 
 
 # ---------------------------------------------------------------- processes

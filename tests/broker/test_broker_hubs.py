@@ -12,21 +12,21 @@ from typing import Any
 import pytest
 import trio
 from cluster_support import (
-    CODEC,
     REDIS_URL,
-    Reader,
     assert_gap_free,
     fresh_schema,
+    make_session,
+    make_task,
     needs_cluster,
+    view,
 )
 
-from agor_actors.daemon import Hub, NotClusterOwner, Outbox, Principal, open_hub
+from agor_actors.daemon import Hub, NotClusterOwner, open_hub
 from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Since
 
 pytestmark = needs_cluster
-OWNER = Principal("owner", "owner", True)
 TOKEN = "cluster-owner-token"
 
 
@@ -44,40 +44,16 @@ async def node(pg_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
         yield hub
 
 
-async def _session(hub: Hub) -> str:
-    made = await hub.call(
-        OWNER, connection_id="w", service="sessions", method="create", data={"title": "S"}
-    )
-    return str(made["id"])
-
-
-async def _task(hub: Hub, session_id: str, prompt: str) -> int:
-    made = await hub.call(
-        OWNER,
-        connection_id="w",
-        service="tasks",
-        method="create",
-        data={"session_id": session_id, "prompt": prompt},
-    )
-    return int(made["_seq"])
-
-
-async def _view(hub: Hub, connection_id: str, room: str, since: Since | None = None) -> Reader:
-    outbox = Outbox(CODEC)
-    await hub.join(OWNER, connection_id, outbox, room, since)
-    return Reader(outbox)
-
-
 async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(pg_url: str) -> None:
     async with node(pg_url) as a, node(pg_url) as b:
-        sid = await _session(a)
+        sid = await make_session(a)
         room = f"session:{sid}"
-        on_a = await _view(a, "va", room)
-        on_b = await _view(b, "vb", room)
+        on_a = await view(a, "va", room)
+        on_b = await view(b, "vb", room)
         seqs = []
         for n in range(5):
             writer = a if n % 2 == 0 else b  # both daemons write the room
-            seqs.append(await _task(writer, sid, f"p{n}"))
+            seqs.append(await make_task(writer, sid, f"p{n}"))
         assert sorted(seqs) == seqs and len(set(seqs)) == 5
         got_a = await on_a.until_seq(seqs[-1])
         got_b = await on_b.until_seq(seqs[-1])
@@ -91,10 +67,10 @@ async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(pg_url: str) 
 
 async def test_a_broadcast_that_never_came_is_read_from_the_store(pg_url: str) -> None:
     async with node(pg_url) as a, node(pg_url) as b:
-        sid = await _session(a)
+        sid = await make_session(a)
         room = f"session:{sid}"
-        viewer = await _view(b, "vb", room)
-        head = await _task(a, sid, "before")
+        viewer = await view(b, "vb", room)
+        head = await make_task(a, sid, "before")
         await viewer.until_seq(head)
         # a third daemon on the same database that publishes nothing: its
         # commits reach b only as a hole in the seqs of the next broadcast
@@ -102,10 +78,10 @@ async def test_a_broadcast_that_never_came_is_read_from_the_store(pg_url: str) -
         try:
             async with open_hub(real_world(), store=store, owner_token=TOKEN) as silent:
                 for n in range(3):
-                    await _task(silent, sid, f"unannounced {n}")
+                    await make_task(silent, sid, f"unannounced {n}")
         finally:
             store.close()
-        last = await _task(a, sid, "after")
+        last = await make_task(a, sid, "after")
         events = await viewer.until_seq(last)
         assert_gap_free(events, viewer.joined.seq + 1)
         assert [e.data["task"]["prompt"] for e in events if e.event == "task:created"][-5:] == [
@@ -121,13 +97,13 @@ async def test_a_viewer_that_resumes_on_the_other_daemon_gets_what_it_missed(
     pg_url: str,
 ) -> None:
     async with node(pg_url) as a, node(pg_url) as b:
-        sid = await _session(a)
+        sid = await make_session(a)
         room = f"session:{sid}"
-        on_a = await _view(a, "v", room)
-        seen = await on_a.until_seq(await _task(a, sid, "seen"))
+        on_a = await view(a, "v", room)
+        seen = await on_a.until_seq(await make_task(a, sid, "seen"))
         await a.disconnect("v")
-        missed = [await _task(a, sid, f"missed {n}") for n in range(3)]
-        resumed = await _view(b, "v", room, Since(on_a.joined.epoch, seen[-1].end_seq))
+        missed = [await make_task(a, sid, f"missed {n}") for n in range(3)]
+        resumed = await view(b, "v", room, Since(on_a.joined.epoch, seen[-1].end_seq))
         events = await resumed.until_seq(missed[-1])
         assert resumed.joined.recovered and resumed.joined.epoch == on_a.joined.epoch
         assert [e.seq for e in events] == missed
@@ -136,13 +112,13 @@ async def test_a_viewer_that_resumes_on_the_other_daemon_gets_what_it_missed(
 async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(pg_url: str) -> None:
     async with node(pg_url) as a, node(pg_url) as b:
         assert a.feed is not None and b.feed is not None
-        first, second = await _session(a), await _session(a)
-        await _view(b, "vb", f"session:{first}")
+        first, second = await make_session(a), await make_session(a)
+        await view(b, "vb", f"session:{first}")
         assert b.feed.wanted() == [f"session:{first}"]
         assert a.feed.wanted() == []
         before = b.feed.stats.received
         with trio.fail_after(10):
-            await _task(a, second, "not wanted on b")
+            await make_task(a, second, "not wanted on b")
             await b.feed.connected.wait()
         assert b.feed.stats.received == before
         await b.leave("vb", f"session:{first}")
@@ -151,7 +127,7 @@ async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(pg_url: 
 
 async def test_a_node_with_another_owner_token_refuses_to_start(pg_url: str) -> None:
     async with node(pg_url) as a:
-        await _session(a)
+        await make_session(a)
         with pytest.RaisesGroup(NotClusterOwner, allow_unwrapped=True, flatten_subgroups=True):
             async with open_hub(
                 real_world(), db_url=pg_url, owner_token="another", broker_url=REDIS_URL

@@ -25,21 +25,21 @@ import pytest
 import sqlalchemy as sa
 import trio
 from cluster_support import (
-    CODEC,
     PG_URL,
     REDIS_URL,
-    Reader,
     assert_gap_free,
     fresh_schema,
+    make_session,
+    make_task,
     needs_cluster,
+    view,
 )
 
-from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
+from agor_actors.daemon import ServiceError, open_hub
 from agor_actors.world import real_world
 from protocols import Since
 
 pytestmark = [needs_cluster, pytest.mark.timeout(120)]
-OWNER = Principal("owner", "owner", True)
 TOKEN = "partition-owner-token"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -48,30 +48,6 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 def pg_url() -> Iterator[str]:
     with fresh_schema("agor_partition") as url:
         yield url
-
-
-async def _session(hub: Hub) -> str:
-    made = await hub.call(
-        OWNER, connection_id="w", service="sessions", method="create", data={"title": "P"}
-    )
-    return str(made["id"])
-
-
-async def _task(hub: Hub, session_id: str, prompt: str) -> int:
-    made = await hub.call(
-        OWNER,
-        connection_id="w",
-        service="tasks",
-        method="create",
-        data={"session_id": session_id, "prompt": prompt},
-    )
-    return int(made["_seq"])
-
-
-async def _view(hub: Hub, connection_id: str, room: str, since: Since | None = None) -> Reader:
-    outbox = Outbox(CODEC)
-    await hub.join(OWNER, connection_id, outbox, room, since)
-    return Reader(outbox)
 
 
 def _free_port() -> int:
@@ -139,18 +115,18 @@ async def test_redis_stopped_and_restarted_while_a_room_streams_loses_nothing(
         open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as b,
     ):
         assert b.feed is not None
-        sid = await _session(a)
+        sid = await make_session(a, "P")
         room = f"session:{sid}"
-        on_b = await _view(b, "vb", room)
-        acked = [await _task(a, sid, f"before {n}") for n in range(5)]
+        on_b = await view(b, "vb", room)
+        acked = [await make_task(a, sid, f"before {n}") for n in range(5)]
         await on_b.until_seq(acked[-1])
         sessions = b.feed.stats.sessions
 
         await redis.stop()
         # the store is there: writes are acknowledged; their broadcasts are lost
-        acked += [await _task(a, sid, f"during {n}") for n in range(5)]
+        acked += [await make_task(a, sid, f"during {n}") for n in range(5)]
         await redis.start()
-        acked += [await _task(a, sid, f"after {n}") for n in range(5)]
+        acked += [await make_task(a, sid, f"after {n}") for n in range(5)]
 
         events = await on_b.until_seq(acked[-1], limit_s=30)
         assert_gap_free(events, on_b.joined.seq + 1)  # no gap, no seq twice
@@ -231,26 +207,26 @@ async def test_postgresql_unreachable_writes_fail_unavailable_reads_from_memory_
         await nursery.start(forwarder.run)
         url = _through(pg_url, forwarder.port)
         async with open_hub(real_world(), db_url=url, owner_token=TOKEN, broker_url=REDIS_URL) as a:
-            sid = await _session(a)
+            sid = await make_session(a, "P")
             room = f"session:{sid}"
-            first = await _view(a, "v1", room)
-            acked = [await _task(a, sid, f"before {n}") for n in range(3)]
+            first = await view(a, "v1", room)
+            acked = [await make_task(a, sid, f"before {n}") for n in range(3)]
             await first.until_seq(acked[-1])
 
             forwarder.cut()
             with trio.fail_after(30):
                 with pytest.raises(ServiceError) as refused:
-                    await _task(a, sid, "while cut")
+                    await make_task(a, sid, "while cut")
             assert refused.value.code == "unavailable"
             # the room is in memory: a join that resumes from it is served
             with trio.fail_after(10):
-                second = await _view(a, "v2", room, Since(first.joined.epoch, acked[0]))
+                second = await view(a, "v2", room, Since(first.joined.epoch, acked[0]))
             replayed = await second.until_seq(acked[-1])
             assert [e.seq for e in replayed] == acked[1:]
 
             forwarder.restore()  # the daemon recovers by itself: no restart, no call
             with trio.fail_after(30):
-                after = await _task(a, sid, "after")
+                after = await make_task(a, sid, "after")
             events = await first.until_seq(after)
             assert_gap_free(events, first.joined.seq + 1)
             prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
