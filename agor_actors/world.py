@@ -9,10 +9,11 @@ store inline on trio's (mock) clock.
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 import time
-import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Literal, Protocol, TypeVar, runtime_checkable
@@ -120,19 +121,58 @@ class Entropy(Protocol):
 
 
 def _uuid7(now_ms: int, rand_a: int, rand_b: int) -> str:
+    """The UUIDv7 string of ``now_ms`` with 12 + 62 random bits (RFC 9562:
+    48-bit milliseconds, version 7, variant 0b10), formatted directly
+    (``str(uuid.UUID(int=...))`` costs three times as much)."""
     value = (now_ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= (rand_a & 0xFFF) << 64
     value |= 0b10 << 62
     value |= rand_b & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_POOL_BYTES = 4096
+"""Bytes of operating-system randomness :class:`SecureEntropy` reads at a
+time for ids (one ``getrandom`` call per ~400 ids instead of two per id)."""
+
+
+_LIVE_SECURE: weakref.WeakSet[SecureEntropy] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for entropy in list(_LIVE_SECURE):
+        entropy._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SecureEntropy:
-    """Real entropy from the operating system (``secrets``)."""
+    """Real entropy from the operating system.  Tokens and draws come from
+    ``secrets`` each time; ids (unique, not secret) are cut from a pool of
+    ``os.urandom`` bytes, refilled when spent and emptied in a forked
+    child (so parent and child never hand out the same bits)."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        _LIVE_SECURE.add(self)
+
+    def _forget(self) -> None:
+        self._pool = b""
+        self._at = 0
 
     def new_id(self, now_ms: int) -> str:
-        return _uuid7(now_ms, secrets.randbits(12), secrets.randbits(62))
+        at = self._at
+        if at + 10 > len(self._pool):
+            self._pool = os.urandom(_POOL_BYTES)
+            at = 0
+        self._at = at + 10
+        bits = int.from_bytes(self._pool[at : at + 10], "big")
+        return _uuid7(now_ms, bits >> 68, bits)
 
     def token(self, nbytes: int = 32) -> str:
         return secrets.token_urlsafe(nbytes)
