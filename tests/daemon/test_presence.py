@@ -454,12 +454,15 @@ async def test_a_board_room_that_restarts_gets_its_facepile_back_at_once(
 async def test_a_board_room_that_passivated_gets_its_facepile_back_at_the_next_join(
     autojump_clock: MockClock,
 ) -> None:
-    """A user's tab drops and comes back within the grace while the board's
-    room passivated (nobody was subscribed) and a write started it again
-    with an empty facepile: the user is on it again at once.  (This path
-    passes without the hub's republish-on-next-join too; what that fixes,
-    a presence actor that sends nothing because to it nothing changed, is
-    shown by the simulator: seed 9 settled its facepiles 57 s late.)"""
+    """A user has two tabs on a board, one subscribed to its room and one
+    not (it only sends presence).  The subscribed tab drops; nobody is
+    subscribed any more, so the room passivates, and a write starts it again
+    with an empty facepile.  The tab comes back and says the same as before:
+    to the user's presence actor nothing changed (the other tab kept the
+    entry), so without the hub's republish on the first join after a
+    passivation the user would be missing until their next status change
+    (what the simulator's seed 9 showed: facepiles settled 57 s late).
+    This test fails without that republish."""
     async with (
         open_hub(
             simulated_world(1), store=memory_store(), owner_token="owner-token", idle_s=1.0
@@ -470,11 +473,13 @@ async def test_a_board_room_that_passivated_gets_its_facepile_back_at_the_next_j
         first = Watcher(hub, user(1), "w1", board)
         await first.start(nursery)
         await first.send(view="board")
+        second_tab = Watcher(hub, user(1), "w2", board)  # never joins the room
+        await second_tab.send(view="board")
         await trio.sleep(1)
         assert set(first.facepile()) == {"u1"}
         room = hub.system.registry.lookup(f"room:board:{board}")
         assert room is not None
-        await hub.disconnect("w1")  # the tab dropped: u1 stays for the grace
+        await hub.disconnect("w1")
         with trio.fail_after(30):
             await room.wait_stopped()  # nobody subscribed: it passivated
         # a write to the board starts its room again, facepile empty
@@ -487,7 +492,7 @@ async def test_a_board_room_that_passivated_gets_its_facepile_back_at_the_next_j
             data={"name": "B2"},
         )
         assert hub.system.registry.lookup(f"room:board:{board}") is not None
-        back = Watcher(hub, user(1), "w1b", board)
+        back = Watcher(hub, user(1), "w1", board)
         await back.start(nursery)
         await back.send(view="board")  # the same presence as before
         await trio.sleep(1)
