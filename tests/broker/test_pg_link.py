@@ -1,0 +1,239 @@
+"""The LISTEN/NOTIFY link on the machine's PostgreSQL: alone (subscribe,
+publish in order, unsubscribe, the payload limit, a terminated connection),
+then under two daemons' cores: an event too long for NOTIFY reaches the
+other daemon through its room's log, and a listening connection killed by
+the server (``pg_terminate_backend``) is made again with nothing missing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import trio
+from cluster_support import (
+    PG_URL,
+    assert_gap_free,
+    fresh_schema,
+    make_session,
+    make_task,
+    needs_pg,
+    terminate_backends,
+    view,
+)
+from psycopg.conninfo import conninfo_to_dict
+
+from agor_actors.broker import PgNotifyError, PgNotifyLink, open_pg_link, pg_channel
+from agor_actors.broker._pglink import MESSAGE_BYTES_MAX, pg_conninfo
+from agor_actors.daemon import Hub, open_hub
+from agor_actors.world import real_world
+
+pytestmark = needs_pg
+TOKEN = "cluster-owner-token"
+
+
+def with_name(url: str, application_name: str) -> str:
+    """``url`` whose connections show as ``application_name`` (the link's
+    own as ``<name>:listen`` and ``<name>:notify``)."""
+    named = sa.make_url(url).update_query_dict({"application_name": application_name})
+    return named.render_as_string(hide_password=False)
+
+
+class Inbox:
+    """What a session's handlers were given, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self._changed = trio.Event()
+
+    def __call__(self, channel: str, message: bytes) -> None:
+        self.got.append((channel, message))
+        self._changed.set()
+
+    async def until(self, count: int, *, limit_s: float = 10.0) -> list[tuple[str, bytes]]:
+        with trio.fail_after(limit_s):
+            while len(self.got) < count:
+                await self._changed.wait()
+                self._changed = trio.Event()
+        return self.got
+
+
+# ---------------------------------------------------------------- the link alone
+
+
+async def test_messages_arrive_in_order_and_stop_after_unsubscribing() -> None:
+    tag = uuid.uuid4().hex[:8]
+    short = f"agor:room:session:{tag}"
+    long = f"agor:room:board:{tag}:" + "x" * 80  # over the 63-byte identifier limit
+    inbox = Inbox()
+    async with open_pg_link(PG_URL) as link, link.session() as session:
+        await session.subscribe({short: inbox, long: inbox})
+        sent = [(short, b"\x00one"), (long, b"two\xff"), (short, b"three"), (long, b"four")]
+        await link.publish(sent)
+        await link.publish([(short, b"five")])
+        assert await inbox.until(5) == [*sent, (short, b"five")]
+        await session.unsubscribe([short])
+        # one transaction, delivered in order: once "seven" is in, "six" never comes
+        await link.publish([(short, b"six"), (long, b"seven")])
+        assert (await inbox.until(6))[5:] == [(long, b"seven")]
+
+
+async def test_a_session_hears_only_its_channels_and_binary_survives() -> None:
+    tag = uuid.uuid4().hex[:8]
+    mine, other = f"agor:room:a{tag}", f"agor:room:b{tag}"
+    inbox = Inbox()
+    every_byte = bytes(range(256)) * 3
+    async with open_pg_link(PG_URL) as link, link.session() as session:
+        await session.subscribe({mine: inbox})
+        await link.publish([(other, b"not mine"), (mine, every_byte)])
+        assert await inbox.until(1) == [(mine, every_byte)]
+
+
+async def test_the_longest_message_goes_and_a_longer_one_is_refused() -> None:
+    channel = f"agor:room:{uuid.uuid4().hex}"
+    inbox = Inbox()
+    biggest = bytes(range(256)) * (MESSAGE_BYTES_MAX // 256) + b"z" * (MESSAGE_BYTES_MAX % 256)
+    assert len(biggest) == MESSAGE_BYTES_MAX
+    async with open_pg_link(PG_URL) as link, link.session() as session:
+        assert link.max_message_bytes == MESSAGE_BYTES_MAX
+        await session.subscribe({channel: inbox})
+        with pytest.raises(ValueError, match="broker message of 5998 bytes"):
+            await link.publish([(channel, biggest + b"!")])
+        await link.publish([(channel, biggest)])
+        assert await inbox.until(1) == [(channel, biggest)]
+
+
+def test_channel_names_fit_an_identifier_and_hash_the_same_everywhere() -> None:
+    short = "agor:room:session:0192f0a1-7c3e-7000-8000-000000000000"
+    assert pg_channel(short) == short
+    a, b = "agor:room:" + "é" * 40, "agor:room:" + "é" * 39 + "e"
+    assert len(pg_channel(a).encode()) <= 63 and len(pg_channel(b).encode()) <= 63
+    assert pg_channel(a) != pg_channel(b)
+    assert pg_channel(a) == pg_channel("agor:room:" + "é" * 40)
+    assert pg_channel(a).startswith("agor:room:")
+
+
+def test_urls_of_either_spelling_become_a_conninfo() -> None:
+    for url in (
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        "postgresql://postgres@127.0.0.1:5432/test",
+        "postgres://postgres@127.0.0.1:5432/test",
+    ):
+        assert conninfo_to_dict(pg_conninfo(url)) == {
+            "user": "postgres",
+            "host": "127.0.0.1",
+            "port": "5432",
+            "dbname": "test",
+        }
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        pg_conninfo("redis://127.0.0.1:6379/0")
+
+
+async def test_a_terminated_listening_connection_ends_the_session() -> None:
+    name = f"agor_test_{uuid.uuid4().hex[:10]}"
+    async with open_pg_link(with_name(PG_URL, name)) as link, link.session() as session:
+        await session.subscribe({"agor:room:t": Inbox()})
+        assert terminate_backends(f"{name}:listen") == 1
+        with trio.fail_after(10), pytest.raises(PgNotifyError, match="lost"):
+            await session.closed()
+        with pytest.raises(PgNotifyError):
+            await session.subscribe({"agor:room:u": Inbox()})
+
+
+async def test_publishing_after_its_connection_was_terminated_connects_again() -> None:
+    name = f"agor_test_{uuid.uuid4().hex[:10]}"
+    channel = f"agor:room:{uuid.uuid4().hex}"
+    inbox = Inbox()
+    async with open_pg_link(with_name(PG_URL, name)) as link, link.session() as session:
+        await session.subscribe({channel: inbox})
+        await link.publish([(channel, b"before")])
+        assert terminate_backends(f"{name}:notify") == 1
+        # the first publish after may find the connection dead (and raise);
+        # the next one has a new connection
+        failed = 0
+        for _attempt in range(2):
+            try:
+                await link.publish([(channel, b"after")])
+                break
+            except PgNotifyError:
+                failed += 1
+        assert failed <= 1
+        assert await inbox.until(2) == [(channel, b"before"), (channel, b"after")]
+
+
+async def test_an_unreachable_server_fails_the_session_with_a_clear_error() -> None:
+    link = PgNotifyLink(pg_conninfo("postgresql://postgres@127.0.0.1:1/test"))
+    with pytest.raises(PgNotifyError, match="connection failed"):
+        async with link.session():
+            pass  # pragma: no cover - it must not open
+    with pytest.raises(PgNotifyError, match="connection failed"):
+        await link.publish([("agor:room:x", b"x")])
+
+
+# ---------------------------------------------------------------- under two daemons
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_schema() as url:
+        yield url
+
+
+@asynccontextmanager
+async def node(pg_url: str, broker_url: str | None = None, **kwargs: Any) -> AsyncIterator[Hub]:
+    async with open_hub(
+        real_world(),
+        db_url=pg_url,
+        owner_token=TOKEN,
+        broker_url=broker_url or pg_url,
+        **kwargs,
+    ) as hub:
+        yield hub
+
+
+async def test_an_event_too_long_for_notify_reaches_the_other_daemon_from_the_log(
+    pg_url: str,
+) -> None:
+    async with node(pg_url) as a, node(pg_url) as b:
+        assert b.feed is not None
+        sid = await make_session(a)
+        viewer = await view(b, "vb", f"session:{sid}")
+        first = await make_task(a, sid, "small")
+        await viewer.until_seq(first)
+        resyncs = b.feed.stats.resyncs
+        # a prompt longer than a NOTIFY payload: a lost marker goes instead
+        big = await make_task(a, sid, "long " + "y" * 8000)
+        events = await viewer.until_seq(big)
+        assert b.feed.stats.lost == 1 and b.feed.stats.resyncs > resyncs
+        last = await make_task(a, sid, "small again")
+        events = await viewer.until_seq(last)
+        assert_gap_free(events, viewer.joined.seq + 1)
+        prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
+        assert prompts == ["small", "long " + "y" * 8000, "small again"]
+
+
+async def test_a_killed_listening_connection_is_made_again_with_nothing_missing(
+    pg_url: str,
+) -> None:
+    name = f"agor_test_{uuid.uuid4().hex[:10]}"
+    async with node(pg_url) as a, node(pg_url, with_name(pg_url, name)) as b:
+        assert b.feed is not None
+        sid = await make_session(a)
+        viewer = await view(b, "vb", f"session:{sid}")
+        await viewer.until_seq(await make_task(a, sid, "before"))
+        sessions = b.feed.stats.sessions
+        assert terminate_backends(f"{name}:listen") == 1
+        # written while b has no listening connection (it waits 0.1 s and more
+        # before making one again): their notifications never reach b, whose
+        # rooms read them from the log once the new connection is up
+        during = [await make_task(a, sid, f"during {n}") for n in range(3)]
+        await viewer.until_seq(during[-1])
+        last = await make_task(a, sid, "after")
+        events = await viewer.until_seq(last)
+        assert b.feed.stats.sessions == sessions + 1
+        assert_gap_free(events, viewer.joined.seq + 1)
+        prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
+        assert prompts == ["before", "during 0", "during 1", "during 2", "after"]
