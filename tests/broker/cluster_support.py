@@ -201,11 +201,14 @@ async def serving_node(
     *,
     ready_within_s: float = 30.0,
     extra: Sequence[str] = (),
+    broker_url: str | None = None,
 ) -> AsyncIterator[Node]:
     """``agor-actors serve --db ... --broker ... *extra`` on an ephemeral
-    port, once it printed its banner; SIGTERM (then SIGKILL) on the way out."""
+    port, once it printed its banner; SIGTERM (then SIGKILL) on the way out.
+    The broker is the machine's Redis unless ``broker_url``."""
     argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
-    argv += ["--db", db_url, "--broker", REDIS_URL, "--log-level", "WARNING", *extra]
+    argv += ["--db", db_url, "--broker", broker_url or REDIS_URL]
+    argv += ["--log-level", "WARNING", *extra]
     process = await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.DEVNULL,

@@ -2,10 +2,12 @@
 publish in order, unsubscribe, the payload limit, a terminated connection),
 then under two daemons' cores: an event too long for NOTIFY reaches the
 other daemon through its room's log, and a listening connection killed by
-the server (``pg_terminate_backend``) is made again with nothing missing."""
+the server (``pg_terminate_backend``) is made again with nothing missing;
+then two ``agor-actors serve --broker postgresql+psycopg://...`` processes."""
 
 from __future__ import annotations
 
+import pathlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,23 +18,27 @@ import sqlalchemy as sa
 import trio
 from cluster_support import (
     PG_URL,
+    TOKEN,
     assert_gap_free,
     fresh_schema,
     make_session,
     make_task,
     needs_pg,
+    node_data_dir,
+    serving_node,
     terminate_backends,
     view,
+    viewing,
 )
 from psycopg.conninfo import conninfo_to_dict
 
 from agor_actors.broker import PgNotifyError, PgNotifyLink, open_pg_link, pg_channel
 from agor_actors.broker._pglink import MESSAGE_BYTES_MAX, pg_conninfo
+from agor_actors.client import connect
 from agor_actors.daemon import Hub, open_hub
 from agor_actors.world import real_world
 
 pytestmark = needs_pg
-TOKEN = "cluster-owner-token"
 
 
 def with_name(url: str, application_name: str) -> str:
@@ -237,3 +243,28 @@ async def test_a_killed_listening_connection_is_made_again_with_nothing_missing(
         assert_gap_free(events, viewer.joined.seq + 1)
         prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
         assert prompts == ["before", "during 0", "during 1", "during 2", "after"]
+
+
+# ---------------------------------------------------------------- serve processes
+
+
+@pytest.mark.timeout(120)
+async def test_two_serve_processes_fan_out_through_their_database(
+    pg_url: str, tmp_path: pathlib.Path
+) -> None:
+    async with (
+        serving_node(node_data_dir(tmp_path, "a"), pg_url, broker_url=pg_url) as a,
+        serving_node(node_data_dir(tmp_path, "b"), pg_url, broker_url=pg_url) as b,
+        connect(a.ws_url, token=TOKEN) as writer,
+    ):
+        made = await writer.service("sessions").create({"title": "over NOTIFY"})
+        sid = str(made["id"])
+        async with viewing(b.ws_url, f"session:{sid}") as on_b:
+            seqs = []
+            for prompt in ["one", "two", "long " + "z" * 7000, "three"]:
+                task = {"session_id": sid, "prompt": prompt}
+                seqs.append(int((await writer.service("tasks").create(task))["_seq"]))
+            events = await on_b.until_seq(seqs[-1])
+        assert_gap_free(events, on_b.joined.seq + 1)
+        prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
+        assert prompts == ["one", "two", "long " + "z" * 7000, "three"]
