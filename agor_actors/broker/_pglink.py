@@ -236,6 +236,10 @@ class _PgSession:
         if self._error is not None:
             raise PgNotifyError(self._error)
 
+    def end(self) -> None:
+        """The session is over (its connection about to close)."""
+        self._lose("the session ended")
+
     def _lose(self, because: str) -> None:
         if not self._lost.is_set():
             self._lost_because = because
@@ -300,8 +304,7 @@ class PgNotifyLink:
     async def session(self) -> AsyncIterator[_PgSession]:
         """A listening connection (one per session: a lost one is not made
         again here; the feed makes a new session)."""
-        with trio.fail_after(self._connect_timeout_s):
-            conn = await _Conn.open(self._listen_info)
+        conn = await self._connect(self._listen_info)
         try:
             session = _PgSession(conn, command_timeout_s=self._command_timeout_s)
             async with trio.open_nursery() as nursery:
@@ -310,9 +313,17 @@ class PgNotifyLink:
                 try:
                     yield session
                 finally:
+                    session.end()  # a command still waiting (a join's LISTEN) fails now
                     nursery.cancel_scope.cancel()
         finally:
             conn.close()
+
+    async def _connect(self, conninfo: str) -> _Conn:
+        try:
+            with trio.fail_after(self._connect_timeout_s):
+                return await _Conn.open(conninfo)
+        except trio.TooSlowError:
+            raise PgNotifyError(f"no connection within {self._connect_timeout_s} s") from None
 
     async def _keep_alive(self, session: _PgSession) -> None:
         """A ping every ``idle_ping_s``: a server that went away without a
@@ -342,8 +353,7 @@ class PgNotifyLink:
             conn = self._publishing
             try:
                 if conn is None:
-                    with trio.fail_after(self._connect_timeout_s):
-                        conn = self._publishing = await _Conn.open(self._notify_info)
+                    conn = self._publishing = await self._connect(self._notify_info)
                 escaping = pq.Escaping(conn.pgconn)
                 # base64 needs no quoting in a literal
                 sql = b";".join(

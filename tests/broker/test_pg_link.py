@@ -149,6 +149,62 @@ async def test_a_terminated_listening_connection_ends_the_session() -> None:
             await session.subscribe({"agor:room:u": Inbox()})
 
 
+class FreezingProxy:
+    """A TCP forwarder on 127.0.0.1 to the machine's PostgreSQL that, once
+    :meth:`freeze` is called, forwards nothing more and closes nothing: a
+    server gone silent (a partition with no FIN, no RST)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.frozen = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = int(listeners[0].socket.getsockname()[1])
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        target = sa.make_url(PG_URL)
+        async with (
+            client,
+            await trio.open_tcp_stream(target.host or "", target.port or 5432) as server,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._pump, client, server)
+            nursery.start_soon(self._pump, server, client)
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        async for chunk in source:
+            if self.frozen:
+                await trio.sleep_forever()
+            await sink.send_all(chunk)
+
+
+async def test_a_server_gone_silent_ends_the_session_at_the_next_ping() -> None:
+    proxy = FreezingProxy()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = sa.make_url(PG_URL).set(host="127.0.0.1", port=proxy.port)
+        link = PgNotifyLink(
+            pg_conninfo(url.render_as_string(hide_password=False)),
+            idle_ping_s=0.2,
+            command_timeout_s=0.5,
+        )
+        async with link.session() as session:
+            await session.subscribe({"agor:room:quiet": Inbox()})
+            proxy.freeze()
+            with (
+                trio.fail_after(10),
+                pytest.raises(PgNotifyError, match=r"no answer within 0\.5 s"),
+            ):
+                await session.closed()
+        nursery.cancel_scope.cancel()
+
+
 async def test_publishing_after_its_connection_was_terminated_connects_again() -> None:
     name = f"agor_test_{uuid.uuid4().hex[:10]}"
     channel = f"agor:room:{uuid.uuid4().hex}"
