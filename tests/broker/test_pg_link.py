@@ -30,9 +30,8 @@ from cluster_support import (
     view,
     viewing,
 )
-from psycopg.conninfo import conninfo_to_dict
 
-from agor_actors.broker import PgNotifyError, PgNotifyLink, open_pg_link, pg_channel
+from agor_actors.broker import PgNotifyError, PgNotifyLink, open_pg_link
 from agor_actors.broker._pglink import MESSAGE_BYTES_MAX, pg_conninfo
 from agor_actors.client import connect
 from agor_actors.daemon import Hub, open_hub
@@ -110,32 +109,6 @@ async def test_the_longest_message_goes_and_a_longer_one_is_refused() -> None:
             await link.publish([(channel, biggest + b"!")])
         await link.publish([(channel, biggest)])
         assert await inbox.until(1) == [(channel, biggest)]
-
-
-def test_channel_names_fit_an_identifier_and_hash_the_same_everywhere() -> None:
-    short = "agor:room:session:0192f0a1-7c3e-7000-8000-000000000000"
-    assert pg_channel(short) == short
-    a, b = "agor:room:" + "é" * 40, "agor:room:" + "é" * 39 + "e"
-    assert len(pg_channel(a).encode()) <= 63 and len(pg_channel(b).encode()) <= 63
-    assert pg_channel(a) != pg_channel(b)
-    assert pg_channel(a) == pg_channel("agor:room:" + "é" * 40)
-    assert pg_channel(a).startswith("agor:room:")
-
-
-def test_urls_of_either_spelling_become_a_conninfo() -> None:
-    for url in (
-        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
-        "postgresql://postgres@127.0.0.1:5432/test",
-        "postgres://postgres@127.0.0.1:5432/test",
-    ):
-        assert conninfo_to_dict(pg_conninfo(url)) == {
-            "user": "postgres",
-            "host": "127.0.0.1",
-            "port": "5432",
-            "dbname": "test",
-        }
-    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
-        pg_conninfo("redis://127.0.0.1:6379/0")
 
 
 async def test_a_terminated_listening_connection_ends_the_session() -> None:
