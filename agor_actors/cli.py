@@ -98,8 +98,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--broker",
         default=os.environ.get("AGOR_BROKER_URL"),
         metavar="URL",
-        help="run as a node of a cluster: the Redis that daemons sharing --db fan out"
-        " through (redis://host:6379/0; or AGOR_BROKER_URL)",
+        help="run as a node of a cluster: the broker that daemons sharing --db fan out"
+        " through: Redis (redis://host:6379/0) or PostgreSQL LISTEN/NOTIFY"
+        " (postgresql://...; may be --db itself); or AGOR_BROKER_URL",
     )
     parser.add_argument(
         "--node-heartbeat",
@@ -222,6 +223,13 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.broker and not args.db:
         return _fail("serve", "--broker needs --db: the database the cluster's daemons share")
+    if args.broker:
+        from .broker import broker_kind
+
+        try:
+            broker_kind(args.broker)
+        except ValueError as exc:
+            return _fail("serve", f"--broker: {exc}")
     timings = (args.node_heartbeat, args.node_liveness, args.presence_grace)
     if not all(t > 0 for t in timings):
         return _fail(

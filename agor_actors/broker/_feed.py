@@ -14,6 +14,8 @@ Bounds and overflow policies:
 - messages received wait in a queue of ``queue_max``; one that finds it
   full is dropped and its room is marked behind;
 - a room actor whose mailbox is full is marked behind too;
+- a lost marker (another daemon's events too long for the link) marks its
+  room behind;
 - a room marked behind is sent ``Resync`` (it reads its log from its head)
   by the repair task: at most one mark per wanted room;
 - a lost subscription connection is made again (backoff up to
@@ -33,7 +35,7 @@ from ..domain.cluster_presence import RemotePresence
 from ..runtime import ActorDead, Registry
 from ..store import Committed, Resync
 from ._link import BrokerLink, BrokerSession
-from ._wire import BrokerMessageError, channel_for, decode_message
+from ._wire import BrokerMessageError, Lost, channel_for, decode_message
 
 __all__ = ["FeedStats", "RoomFeed"]
 
@@ -54,6 +56,8 @@ class FeedStats:
         self.presence = 0
         """Presence messages of other daemons handed to their board rooms."""
         self.presence_dropped = 0
+        self.lost = 0
+        """Lost markers (events no broker message could hold) of other daemons."""
 
 
 class RoomFeed:
@@ -203,6 +207,10 @@ class RoomFeed:
                 continue
             if remote.node == self._node:
                 self.stats.own += 1
+                continue
+            if isinstance(remote, Lost):
+                self.stats.lost += 1  # events too long for the link: read the log
+                self._mark_behind(room)
                 continue
             if isinstance(remote, RemotePresence):
                 self._presence(room, remote)

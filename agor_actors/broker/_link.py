@@ -31,6 +31,11 @@ class BrokerSession(Protocol):
 
 
 class BrokerLink(Protocol):
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The longest message it carries (None: no limit worth minding);
+        the publisher cuts longer ones (``_wire``)."""
+
     def session(self) -> Any:
         """An async context manager of a :class:`BrokerSession`; raises on
         its way out when the connection is lost."""
@@ -70,6 +75,8 @@ class _RedisSession:
 
 class RedisLink:
     """:class:`BrokerLink` on a ``coredis`` client."""
+
+    max_message_bytes = None  # Redis takes up to 512 MB
 
     def __init__(self, client: coredis.Redis[bytes], *, idle_ping_s: float = 5.0) -> None:
         self._client = client

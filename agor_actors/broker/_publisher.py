@@ -24,7 +24,7 @@ from ..domain.cluster_presence import PresenceOut
 from ..runtime import ActorContext, AwaitInline, Behaviour, Effect, Effects
 from ..store import Committed
 from ._link import BrokerLink
-from ._wire import channel_for, encode_events, encode_presence
+from ._wire import channel_for, encode_events, encode_presence_parts
 
 __all__ = ["PUBLISHER_NAME", "BrokerPublisher", "PublisherState"]
 
@@ -82,13 +82,16 @@ class BrokerPublisher(Behaviour[PublisherState]):
     def _start(self, state: PublisherState) -> list[Effect]:
         taken, state.pending = state.pending[: self.max_group], state.pending[self.max_group :]
         messages: list[tuple[str, bytes]] = []
+        max_bytes = self.link.max_message_bytes
         for item in taken:
             if isinstance(item, PresenceOut):
                 channel = channel_for(self.prefix, f"board:{item.board}")
-                messages.append((channel, encode_presence(self.node, item)))
+                parts = encode_presence_parts(self.node, item, max_bytes=max_bytes)
+                messages += [(channel, payload) for payload in parts]
                 continue
             channel = channel_for(self.prefix, item.room)
-            messages += [(channel, payload) for payload in encode_events(self.node, item.events)]
+            payloads = encode_events(self.node, item.events, max_bytes=max_bytes)
+            messages += [(channel, payload) for payload in payloads]
         link, timeout_s = self.link, self.publish_timeout_s
 
         async def publish() -> None:

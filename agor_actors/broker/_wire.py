@@ -9,7 +9,14 @@ epoch, and the events as the wire protocol's ``event`` maps
 A presence message, on the board room's channel, is ``["presence", 1, node,
 full, {user_id: entry or None}, [[user_id, x, y], ...]]``: the daemon's users
 on the board (all of them when ``full``: its heartbeat; else what changed,
-None for a user who left) and their latest cursors.  Pure: no I/O.
+None for a user who left) and their latest cursors.
+
+A link whose messages are bounded (PostgreSQL's NOTIFY) passes
+``max_bytes``: a run of events or a presence message longer than that goes
+as several messages, in order (a heartbeat as one ``full`` part and the
+rest as changes); what cannot be cut to fit (one event alone) goes as a
+*lost* marker ``["lost", 1, node]``, which has the receiving room read its
+log from its head, as for a hole in the seqs.  Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -29,16 +36,20 @@ from ..store import StoredEvent
 
 __all__ = [
     "BrokerMessageError",
+    "Lost",
     "Remote",
     "channel_for",
     "decode_events",
     "decode_message",
     "encode_events",
+    "encode_lost",
     "encode_presence",
+    "encode_presence_parts",
 ]
 
 WIRE_VERSION: Final = 1
 PRESENCE: Final = "presence"
+LOST: Final = "lost"
 STATUSES: Final = frozenset({"active", "idle", "away"})
 
 
@@ -54,26 +65,53 @@ class Remote:
     events: tuple[StoredEvent, ...]
 
 
+@attrs.frozen
+class Lost:
+    """Daemon ``node`` committed events of the room that did not fit in a
+    broker message: the room reads its log."""
+
+    node: str
+
+
 def channel_for(prefix: str, room: str) -> str:
     """The broker channel of ``room``'s events."""
     return f"{prefix}room:{room}"
 
 
-def encode_events(node: str, events: Sequence[StoredEvent]) -> list[bytes]:
+def encode_events(
+    node: str, events: Sequence[StoredEvent], *, max_bytes: int | None = None
+) -> list[bytes]:
     """``events`` (one room's, in seq order) as broker messages: one per
-    run of one epoch (a log reset starts another)."""
+    run of one epoch (a log reset starts another), cut into several in seq
+    order where a run is longer than ``max_bytes`` (an event longer than
+    that alone: a :func:`encode_lost` marker in its place)."""
     payloads: list[bytes] = []
     run: list[dict[str, Any]] = []
     epoch: str | None = None
     for stored in events:
         if epoch is not None and stored.epoch != epoch and run:
-            payloads.append(cbor2.dumps([WIRE_VERSION, node, epoch, run]))
+            payloads += _fitted(node, epoch, run, max_bytes)
             run = []
         epoch = stored.epoch
         run.append(to_wire(to_event(stored)))
     if run and epoch is not None:
-        payloads.append(cbor2.dumps([WIRE_VERSION, node, epoch, run]))
+        payloads += _fitted(node, epoch, run, max_bytes)
     return payloads
+
+
+def _fitted(node: str, epoch: str, run: list[dict[str, Any]], max_bytes: int | None) -> list[bytes]:
+    payload = cbor2.dumps([WIRE_VERSION, node, epoch, run])
+    if max_bytes is None or len(payload) <= max_bytes:
+        return [payload]
+    if len(run) == 1:
+        return [encode_lost(node)]
+    half = len(run) // 2
+    return _fitted(node, epoch, run[:half], max_bytes) + _fitted(node, epoch, run[half:], max_bytes)
+
+
+def encode_lost(node: str) -> bytes:
+    """The marker of events ``node`` committed that no message could hold."""
+    return cbor2.dumps([LOST, WIRE_VERSION, node])
 
 
 def decode_events(room: str, payload: bytes) -> Remote:
@@ -123,15 +161,44 @@ def encode_presence(node: str, out: PresenceOut) -> bytes:
     return cbor2.dumps([PRESENCE, WIRE_VERSION, node, out.full, dict(out.users), cursors])
 
 
-def decode_message(room: str, payload: bytes) -> Remote | RemotePresence:
-    """A broker message on ``room``'s channel: its events, or (a board's)
-    presence.  Raises :class:`BrokerMessageError` for anything else."""
+def encode_presence_parts(node: str, out: PresenceOut, *, max_bytes: int | None) -> list[bytes]:
+    """``out`` as broker messages of at most ``max_bytes``: one if it fits,
+    else its users and cursors cut in order (a heartbeat's first part
+    ``full``, the others changes, which add up to the same facepile when
+    taken in order); a part that cannot be cut to fit is a lost marker."""
+    payload = encode_presence(node, out)
+    if max_bytes is None or len(payload) <= max_bytes:
+        return [payload]
+    users, cursors = list(out.users.items()), list(out.cursors.items())
+    if len(users) + len(cursors) <= 1:
+        return [encode_lost(node)]
+    if len(users) >= 2:
+        half = len(users) // 2
+        first = PresenceOut(out.board, out.full, dict(users[:half]), {})
+        rest = PresenceOut(out.board, False, dict(users[half:]), dict(cursors))
+    else:
+        half = len(cursors) // 2
+        first = PresenceOut(out.board, out.full, dict(users), dict(cursors[:half]))
+        rest = PresenceOut(out.board, False, {}, dict(cursors[half:]))
+    return encode_presence_parts(node, first, max_bytes=max_bytes) + encode_presence_parts(
+        node, rest, max_bytes=max_bytes
+    )
+
+
+def decode_message(room: str, payload: bytes) -> Remote | RemotePresence | Lost:
+    """A broker message on ``room``'s channel: its events, (a board's)
+    presence, or a lost marker.  Raises :class:`BrokerMessageError` for
+    anything else."""
     try:
         value = cbor2.loads(payload)
     except Exception as exc:
         raise BrokerMessageError(f"not CBOR: {exc}") from None
     if isinstance(value, list) and value[:1] == [PRESENCE]:
         return _presence(room, value)
+    if isinstance(value, list) and value[:1] == [LOST]:
+        if len(value) != 3 or value[1] != WIRE_VERSION or not isinstance(value[2], str):
+            raise BrokerMessageError("not a version 1 lost marker")
+        return Lost(value[2])
     return decode_events(room, payload)
 
 

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
 
-from ..broker import PUBLISHER_NAME, BrokerPublisher, RoomFeed, open_redis_link
+from ..broker import PUBLISHER_NAME, BrokerPublisher, RoomFeed, broker_kind, open_broker_link
 from ..domain import Principal, ServiceError
 from ..domain.presence import (
     PresenceConfig,
@@ -1103,8 +1103,9 @@ async def open_hub(
     actor idles before it passivates) replace the behaviours' own (the
     simulator makes them small so that runs of seconds reach those paths).
 
-    ``broker_url`` (``redis://...``) makes this daemon a cluster node: its
-    store is shared with the other daemons on the same database (seqs are
+    ``broker_url`` (``redis://...``; ``postgresql://...``: LISTEN/NOTIFY)
+    makes this daemon a cluster node: its store is shared with the other
+    daemons on the same database (seqs are
     taken under the rooms' row locks), it publishes what it commits, and
     its rooms take the other daemons' commits for the rooms its clients
     joined; its board rooms show the other daemons' users there too
@@ -1153,6 +1154,8 @@ async def _open_hub(
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     cluster = broker_url is not None
+    if broker_url is not None:
+        broker_kind(broker_url)  # an unknown scheme: ValueError before anything opens
     if store is None:
         if db_url is None:
             if data_dir is None:
@@ -1211,7 +1214,7 @@ async def _open_hub(
         opened = contextlib.AsyncExitStack()
         link = None
         if broker_url is not None:
-            link = await opened.enter_async_context(open_redis_link(broker_url))
+            link = await opened.enter_async_context(open_broker_link(broker_url))
 
         def writer(name: str) -> Behaviour[Any]:
             announce = PUBLISHER_NAME if link is not None else None

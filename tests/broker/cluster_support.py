@@ -1,5 +1,6 @@
 """Shared helpers for the cluster tests (no tests here): a fresh schema on
-the machine's PostgreSQL per test, the machine's Redis, a reader of an
+the machine's PostgreSQL per test, the machine's Redis (or LISTEN/NOTIFY on
+that PostgreSQL) as the broker, a reader of an
 outbox's events, ``agor-actors serve`` processes as cluster nodes, and a
 raw protocol viewer of one room."""
 
@@ -46,6 +47,40 @@ needs_cluster = pytest.mark.skipif(
     reason="AGOR_TEST_PG_URL and AGOR_TEST_REDIS_URL are not both set (.ci/run sets them):"
     " cluster tests on PostgreSQL and Redis skipped",
 )
+
+needs_pg = pytest.mark.skipif(
+    not PG_URL,
+    reason="AGOR_TEST_PG_URL is not set (.ci/run sets it): LISTEN/NOTIFY tests skipped",
+)
+
+BROKERS = ("redis", "postgresql")
+
+
+def broker_url_for(kind: str, pg_url: str) -> str:
+    """The broker of kind ``kind`` for daemons on ``pg_url``: the machine's
+    Redis, or LISTEN/NOTIFY on that very database (skips the test when the
+    server is not configured)."""
+    if kind == "redis":
+        if not REDIS_URL:
+            pytest.skip("AGOR_TEST_REDIS_URL is not set: the Redis broker's case skipped")
+        return REDIS_URL
+    return pg_url
+
+
+def terminate_backends(application_name: str) -> int:
+    """``pg_terminate_backend`` every connection of ``application_name`` (as
+    an operator or a failover would): how many there were."""
+    admin = sa.create_engine(PG_URL, poolclass=NullPool)
+    try:
+        with admin.begin() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %(name)s",
+                {"name": application_name},
+            ).fetchall()
+    finally:
+        admin.dispose()
+    return len(rows)
 
 
 @contextmanager
@@ -166,11 +201,14 @@ async def serving_node(
     *,
     ready_within_s: float = 30.0,
     extra: Sequence[str] = (),
+    broker_url: str | None = None,
 ) -> AsyncIterator[Node]:
     """``agor-actors serve --db ... --broker ... *extra`` on an ephemeral
-    port, once it printed its banner; SIGTERM (then SIGKILL) on the way out."""
+    port, once it printed its banner; SIGTERM (then SIGKILL) on the way out.
+    The broker is the machine's Redis unless ``broker_url``."""
     argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir)]
-    argv += ["--db", db_url, "--broker", REDIS_URL, "--log-level", "WARNING", *extra]
+    argv += ["--db", db_url, "--broker", broker_url or REDIS_URL]
+    argv += ["--log-level", "WARNING", *extra]
     process = await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.DEVNULL,

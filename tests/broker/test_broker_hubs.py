@@ -1,7 +1,8 @@
 """Two daemons' cores (hubs) in this process, on one PostgreSQL schema and
-the machine's Redis: a write on one reaches a viewer on the other, in
-order; a broadcast that never arrives is read from the store; a daemon
-subscribes only to the rooms its clients joined."""
+either broker (the machine's Redis, or LISTEN/NOTIFY on that database): a
+write on one reaches a viewer on the other, in order; a broadcast that
+never arrives is read from the store; a daemon subscribes only to the rooms
+its clients joined."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from typing import Any
 import pytest
 import trio
 from cluster_support import (
-    REDIS_URL,
+    BROKERS,
     assert_gap_free,
+    broker_url_for,
     fresh_schema,
     make_session,
     make_task,
-    needs_cluster,
+    needs_pg,
     view,
 )
 
@@ -26,7 +28,7 @@ from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Since
 
-pytestmark = needs_cluster
+pytestmark = needs_pg
 TOKEN = "cluster-owner-token"
 
 
@@ -36,16 +38,23 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    return broker_url_for(request.param, pg_url)
+
+
 @asynccontextmanager
-async def node(pg_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
+async def node(pg_url: str, broker_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
     async with open_hub(
-        real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=REDIS_URL, **kwargs
+        real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=broker_url, **kwargs
     ) as hub:
         yield hub
 
 
-async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(
+    pg_url: str, broker_url: str
+) -> None:
+    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         on_a = await view(a, "va", room)
@@ -65,8 +74,10 @@ async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(pg_url: str) 
         assert b.feed is not None and b.feed.stats.delivered >= 1
 
 
-async def test_a_broadcast_that_never_came_is_read_from_the_store(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+async def test_a_broadcast_that_never_came_is_read_from_the_store(
+    pg_url: str, broker_url: str
+) -> None:
+    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         viewer = await view(b, "vb", room)
@@ -94,9 +105,9 @@ async def test_a_broadcast_that_never_came_is_read_from_the_store(pg_url: str) -
 
 
 async def test_a_viewer_that_resumes_on_the_other_daemon_gets_what_it_missed(
-    pg_url: str,
+    pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         on_a = await view(a, "v", room)
@@ -109,8 +120,10 @@ async def test_a_viewer_that_resumes_on_the_other_daemon_gets_what_it_missed(
         assert [e.seq for e in events] == missed
 
 
-async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(
+    pg_url: str, broker_url: str
+) -> None:
+    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
         assert a.feed is not None and b.feed is not None
         first, second = await make_session(a), await make_session(a)
         await view(b, "vb", f"session:{first}")
@@ -125,12 +138,14 @@ async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(pg_url: 
         assert b.feed.wanted() == []
 
 
-async def test_a_node_with_another_owner_token_refuses_to_start(pg_url: str) -> None:
-    async with node(pg_url) as a:
+async def test_a_node_with_another_owner_token_refuses_to_start(
+    pg_url: str, broker_url: str
+) -> None:
+    async with node(pg_url, broker_url) as a:
         await make_session(a)
         with pytest.RaisesGroup(NotClusterOwner, allow_unwrapped=True, flatten_subgroups=True):
             async with open_hub(
-                real_world(), db_url=pg_url, owner_token="another", broker_url=REDIS_URL
+                real_world(), db_url=pg_url, owner_token="another", broker_url=broker_url
             ):
                 pass  # pragma: no cover - it must not start
         # a's owner token still works

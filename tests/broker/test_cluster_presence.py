@@ -1,5 +1,5 @@
 """Presence across the daemons of a cluster, on real ``agor-actors serve
---broker ...`` processes: users on two daemons see each other in one
+--broker ...`` processes (over Redis and over LISTEN/NOTIFY): users on two daemons see each other in one
 board's facepile and see each other's cursors; after ``kill -9`` of one
 daemon its user leaves the other's facepile once the liveness timeout and
 the offline grace are over, not at once and not never."""
@@ -12,17 +12,19 @@ from collections.abc import Iterator
 import pytest
 import trio
 from cluster_support import (
+    BROKERS,
     TOKEN,
     Node,
+    broker_url_for,
     fresh_schema,
-    needs_cluster,
+    needs_pg,
     node_data_dir,
     serving_node,
 )
 
 from agor_actors.client import BoardPresence, Client, connect
 
-pytestmark = [needs_cluster, pytest.mark.timeout(120)]
+pytestmark = [needs_pg, pytest.mark.timeout(120)]
 
 HEARTBEAT_S = 0.2
 LIVENESS_S = 1.0
@@ -41,6 +43,11 @@ TIMINGS = [
 def pg_url() -> Iterator[str]:
     with fresh_schema("agor_presence") as url:
         yield url
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    return broker_url_for(request.param, pg_url)
 
 
 async def _board_with_users(node: Node, names: list[str]) -> tuple[str, list[dict[str, str]]]:
@@ -64,11 +71,15 @@ async def _until(presence: BoardPresence, done: object, limit_s: float = 20.0) -
 
 
 async def test_users_on_two_daemons_share_one_facepile_and_cursors_until_one_dies(
-    pg_url: str, tmp_path: pathlib.Path
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
 ) -> None:
     async with (
-        serving_node(node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS) as one,
-        serving_node(node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS) as two,
+        serving_node(
+            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as one,
+        serving_node(
+            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as two,
     ):
         board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
         async with connect(one.ws_url, token=ada["token"]) as on_one:

@@ -1,6 +1,7 @@
 """A cluster of real ``agor-actors serve --db postgresql+psycopg://...
---broker redis://...`` processes on 127.0.0.1, on a schema of their own of
-the machine's PostgreSQL and on its Redis: a write on one daemon reaches a
+--broker redis://...`` (or ``--broker postgresql+psycopg://...``, the same
+database's LISTEN/NOTIFY) processes on 127.0.0.1, on a schema of their own
+of the machine's PostgreSQL and on its Redis: a write on one daemon reaches a
 viewer on another; a client resumes on another daemon with ``since``;
 writers on every daemon share one gap-free order that every viewer sees;
 ``kill -9`` of a daemon loses nothing that was acknowledged."""
@@ -14,11 +15,13 @@ from typing import Any
 import pytest
 import trio
 from cluster_support import (
+    BROKERS,
     TOKEN,
     Node,
     assert_gap_free,
+    broker_url_for,
     fresh_schema,
-    needs_cluster,
+    needs_pg,
     node_data_dir,
     serving_node,
     viewing,
@@ -27,13 +30,18 @@ from cluster_support import (
 from agor_actors.client import Client, ConnectionLost, connect
 from protocols import Since
 
-pytestmark = [needs_cluster, pytest.mark.timeout(180)]
+pytestmark = [needs_pg, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     with fresh_schema("agor_nodes") as url:
         yield url
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    return broker_url_for(request.param, pg_url)
 
 
 async def _session(node: Node) -> str:
@@ -55,11 +63,11 @@ def _prompts(events: list[Any]) -> list[str]:
 
 
 async def test_a_write_on_one_daemon_reaches_another_and_a_client_resumes_there(
-    pg_url: str, tmp_path: pathlib.Path
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
 ) -> None:
     async with (
-        serving_node(node_data_dir(tmp_path, "a"), pg_url) as a,
-        serving_node(node_data_dir(tmp_path, "b"), pg_url) as b,
+        serving_node(node_data_dir(tmp_path, "a"), pg_url, broker_url=broker_url) as a,
+        serving_node(node_data_dir(tmp_path, "b"), pg_url, broker_url=broker_url) as b,
     ):
         sid = await _session(a)
         room = f"session:{sid}"
@@ -81,13 +89,13 @@ async def test_a_write_on_one_daemon_reaches_another_and_a_client_resumes_there(
 
 
 async def test_writers_on_three_daemons_share_one_order_every_viewer_sees(
-    pg_url: str, tmp_path: pathlib.Path
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
 ) -> None:
     per_writer = 15
     async with (
-        serving_node(node_data_dir(tmp_path, "a"), pg_url) as a,
-        serving_node(node_data_dir(tmp_path, "b"), pg_url) as b,
-        serving_node(node_data_dir(tmp_path, "c"), pg_url) as c,
+        serving_node(node_data_dir(tmp_path, "a"), pg_url, broker_url=broker_url) as a,
+        serving_node(node_data_dir(tmp_path, "b"), pg_url, broker_url=broker_url) as b,
+        serving_node(node_data_dir(tmp_path, "c"), pg_url, broker_url=broker_url) as c,
     ):
         nodes = [a, b, c]
         sid = await _session(a)
@@ -120,11 +128,11 @@ async def test_writers_on_three_daemons_share_one_order_every_viewer_sees(
 
 
 async def test_kill_9_of_a_daemon_loses_nothing_acknowledged(
-    pg_url: str, tmp_path: pathlib.Path
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
 ) -> None:
     async with (
-        serving_node(node_data_dir(tmp_path, "a"), pg_url) as a,
-        serving_node(node_data_dir(tmp_path, "b"), pg_url) as b,
+        serving_node(node_data_dir(tmp_path, "a"), pg_url, broker_url=broker_url) as a,
+        serving_node(node_data_dir(tmp_path, "b"), pg_url, broker_url=broker_url) as b,
     ):
         sid = await _session(b)
         room = f"session:{sid}"
