@@ -92,6 +92,9 @@ class Command:
     base_rev: int | None
     now_ms: int
     new_id: str  # an id the hub drew, for creates
+    again: bool = False
+    """Set by the session actor on a write it runs again after loading the
+    record anew (a shared store said its view was stale): not a third time."""
 
 
 _INCARNATIONS = itertools.count()
@@ -148,6 +151,10 @@ class _Written:
     result: outcome.Outcome[Any]
     answer: Any
     touched_session: bool
+    again: Request | None = None
+    """A shared store's write whose precondition is this actor's belief of a
+    rev: on a conflict it is run again (``Command.again``) once the record is
+    loaded anew, instead of answered."""
 
 
 def _bad(message: str, data: Any = None) -> ServiceError:
@@ -280,6 +287,12 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.poisoned:
             error = ServiceError("unavailable", "session is reloading; retry")
             return [Reply(msg.reply_to, error=error)]
+        shared = self.store.shared
+        if shared and not cmd.again and self._behind(state, cmd):
+            # another daemon may have moved the record: load it before
+            # telling the caller its base_rev is stale
+            msg = Request(attrs.evolve(cmd, again=True), msg.reply_to)
+            cmd = msg.body
         unknown = self._unknown(state, cmd)
         if unknown is not None:
             state.loading = True
@@ -298,7 +311,28 @@ class SessionBehaviour(Behaviour[SessionState]):
         state.inflight += 1
         state.writes += 1
         body = Write(request, coalesce_key)
-        return [_ask(self.writer, body, msg.reply_to, answer, touched)]
+        again = None
+        if shared and not cmd.again and request.expect and _believed(cmd):
+            again = Request(attrs.evolve(cmd, again=True), msg.reply_to)
+        return [_ask(self.writer, body, msg.reply_to, answer, touched, again)]
+
+    def _behind(self, state: SessionState, cmd: Command) -> bool:
+        """Shared store: whether ``cmd``'s base_rev differs from the rev this
+        actor knows of its message or task (which is then forgotten, to be
+        loaded)."""
+        if cmd.base_rev is None or not isinstance(cmd.id, str):
+            return False
+        if cmd.service == "messages" and cmd.method == "finish":
+            message = state.messages.get(cmd.id)
+            if message is not None and message.rev != cmd.base_rev:
+                del state.messages[cmd.id]
+                return True
+        elif cmd.service == "tasks" and (cmd.method in _TASK_CHANGES or cmd.method == "remove"):
+            task = state.tasks.get(cmd.id)
+            if task is not None and task["rev"] != cmd.base_rev:
+                self._forget_task(state, cmd.id)
+                return True
+        return False
 
     def _load(self, table: str, record_id: str) -> Effect:
         store = self.store
@@ -350,6 +384,11 @@ class SessionBehaviour(Behaviour[SessionState]):
         while len(state.messages) > self.max_messages:
             state.messages.popitem(last=False)
 
+    def _forget_task(self, state: SessionState, task_id: str) -> None:
+        old = state.tasks.pop(task_id, None)
+        if old is not None:
+            state.task_chars -= _prompt_chars(old)
+
     def _remember_task(self, state: SessionState, task_id: str, row: dict[str, Any] | None) -> None:
         old = state.tasks.pop(task_id, None)
         if old is not None:
@@ -380,15 +419,25 @@ class SessionBehaviour(Behaviour[SessionState]):
             answer = dict(done.answer) if isinstance(done.answer, dict) else done.answer
             if isinstance(answer, dict) and result.events:
                 answer["_seq"] = result.events[0].seq
+                if "appended" in answer and self.store.shared:
+                    self._landed(state, result.events[0].data)
             effects.append(Reply(done.reply_to, answer))
         except StoreConflict as exc:
-            mark("session.conflict")
-            effects.append(
-                Reply(
-                    done.reply_to,
-                    error=ServiceError("conflict", str(exc), {"current": exc.current}),
+            if done.again is not None:
+                # the rev this actor believed is not the store's (another
+                # daemon changed the record): load it and plan the write again
+                effects.extend(self._again(state, done.again))
+            elif isinstance(done.answer, dict) and "appended" in done.answer:
+                # a shared store's landing of a chunk past the longest message
+                effects.append(Reply(done.reply_to, error=_too_long()))
+            else:
+                mark("session.conflict")
+                effects.append(
+                    Reply(
+                        done.reply_to,
+                        error=ServiceError("conflict", str(exc), {"current": exc.current}),
+                    )
                 )
-            )
             state.poisoned = state.poisoned or done.touched_session
         except StoreNotFound as exc:
             effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
@@ -427,6 +476,23 @@ class SessionBehaviour(Behaviour[SessionState]):
             effects.append(self._load(*state.load_wanted))
             state.load_wanted = None
         return effects
+
+    def _again(self, state: SessionState, again: Request) -> list[Effect]:
+        """Run ``again`` (an older write than any deferred one) now, or
+        first among the deferred while a record loads."""
+        if state.loading:
+            state.deferred.insert(0, again)
+            return []
+        return self._command(state, again)
+
+    def _landed(self, state: SessionState, data: Any) -> None:
+        """Shared store: a chunk landed where the store said (other daemons
+        may have appended before it): the message is at least that long."""
+        mid = data.get("message_id") if isinstance(data, dict) else None
+        known = state.messages.get(mid) if isinstance(mid, str) else None
+        if known is not None:
+            end = int(data["offset"]) + len(data["chunk"])
+            known.length = max(known.length, end)
 
     # ------------------------------------------------------------------ planning
 
@@ -849,17 +915,20 @@ class SessionBehaviour(Behaviour[SessionState]):
                 raise _bad("chunk must be a non-empty string")
             check_text("chunk", chunk, CHUNK_CHARS_MAX)
             if known.length + len(chunk) > MESSAGE_CHARS_MAX:
-                raise _bad(
-                    f"the message would be longer than {MESSAGE_CHARS_MAX} characters",
-                    {"field": "chunk", "chars_max": MESSAGE_CHARS_MAX},
-                )
+                raise _too_long()
             offset = known.length
             known.length += len(chunk)
             mutation = Mutation(
                 "update",
                 "messages",
                 {"id": mid},
-                {"content": Append(chunk), "streaming": True, "updated_at": cmd.now_ms},
+                {
+                    # a shared store takes the offset (and checks the length)
+                    # under the message row's lock: other daemons append too
+                    "content": Append(chunk, at="offset", limit=MESSAGE_CHARS_MAX),
+                    "streaming": True,
+                    "updated_at": cmd.now_ms,
+                },
             )
             payload: dict[str, Any] = {
                 "task_id": task_id,
@@ -916,5 +985,29 @@ class SessionBehaviour(Behaviour[SessionState]):
         }
 
 
-def _ask(writer: str, body: Any, reply_to: ReplyTo, answer: Any, touched: bool) -> Effect:
-    return Ask(writer, body, lambda result: _Written(reply_to, result, answer, touched))
+def _ask(
+    writer: str,
+    body: Any,
+    reply_to: ReplyTo,
+    answer: Any,
+    touched: bool,
+    again: Request | None = None,
+) -> Effect:
+    return Ask(writer, body, lambda result: _Written(reply_to, result, answer, touched, again))
+
+
+def _believed(cmd: Command) -> bool:
+    """Whether ``cmd``'s write is held by a precondition on the rev its
+    session actor believes (not on the caller's base_rev)."""
+    if cmd.base_rev is not None:
+        return False
+    if cmd.service == "messages":
+        return cmd.method == "finish"
+    return cmd.service == "tasks" and cmd.method in _TASK_CHANGES
+
+
+def _too_long() -> ServiceError:
+    return _bad(
+        f"the message would be longer than {MESSAGE_CHARS_MAX} characters",
+        {"field": "chunk", "chars_max": MESSAGE_CHARS_MAX},
+    )

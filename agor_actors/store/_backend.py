@@ -79,6 +79,7 @@ __all__ = [
 
 _WRITE: Final = "agor_store_write"  # execution option: BEGIN IMMEDIATE on SQLite
 _HEAD_CACHE_MAX: Final = 65_536
+_NO_LIMIT: Final = 2**62  # an Append without a limit: room for any column
 _SCHEMA_LOCK_KEY: Final = 0x41474F52  # pg_advisory_xact_lock key while creating the schema
 _SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
 
@@ -94,9 +95,22 @@ def hash_token(token: str) -> str:
 @attrs.frozen
 class Append:
     """A mutation value that appends ``text`` to a text column (streaming
-    message chunks) instead of rewriting it: ``content = content || text``."""
+    message chunks) instead of rewriting it: ``content = content || text``.
+
+    ``at`` and ``limit`` matter to a *shared* store only (a single writer
+    leaves the request as its caller planned it).  ``at``: the key, in the
+    data of the request's events, of where ``text`` lands (the column's
+    length before it, in characters), which the store sets from the row it
+    updates, under that row's lock in the commit's transaction, so another
+    daemon's appends in between count.  ``limit``: the column may not grow
+    past that many characters (else the request fails with
+    :class:`StoreConflict` on the column, ``current`` its length).  Both
+    hold for a request that is that one update (no precondition, no
+    history)."""
 
     text: str
+    at: str | None = None
+    limit: int | None = None
 
 
 Op = Literal["insert", "update", "delete", "upsert"]
@@ -531,6 +545,7 @@ class SqlStore:
         """Single writer: each room's head as this store committed it.
         Shared: the heads locked for the group being committed."""
         self._plain_statements: dict[_Shape, Prepared] = {}
+        self._landing_statements: dict[tuple[_Shape, str], Prepared] = {}
         self._get_statements: dict[tuple[str, tuple[str, ...]], Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
@@ -739,8 +754,18 @@ class SqlStore:
                 touched: dict[str, int | None] = {}
                 rows: list[dict[str, Any]] = []
                 try:
-                    plain = None if isolate_events else self._plain_write(request)
-                    if plain is not None:
+                    landing = self._landing(request) if self._shared else None
+                    plain = None if isolate_events or landing else self._plain_write(request)
+                    if landing is not None:
+                        if run is not None:
+                            self._flush_run(cursor, run)
+                            run = None
+                        with _savepoint(cursor) if isolate_events else nullcontext():
+                            drafts = self._land(cursor, request, *landing, isolated=isolate_events)
+                            stored = self._allocate(cursor, drafts, group, touched, rows)
+                            if isolate_events and rows:
+                                self._insert_events.executemany(cursor, rows)
+                    elif plain is not None:
                         shape, params = plain
                         stored = self._allocate(cursor, request.events, group, touched, rows)
                         if run is not None and run.shape != shape:
@@ -829,6 +854,112 @@ class SqlStore:
                     params[f"v_{name}"] = make()
                     columns.append((name, False))
         return (op, table.name, tuple(key), tuple(columns)), params
+
+    def _landing(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any], str, Append] | None:
+        """Shared store: ``(shape, parameters, column, append)`` if
+        ``request`` is one plain update whose one :class:`Append` with
+        ``at`` lands where the row says (see :class:`Append`); else None."""
+        mutations = request.mutations
+        if len(mutations) != 1 or mutations[0].op != "update":
+            return None
+        stamped = [
+            (name, value)
+            for name, value in mutations[0].values.items()
+            if isinstance(value, Append) and value.at is not None
+        ]
+        if len(stamped) != 1:
+            return None
+        plain = self._plain_write(request)
+        if plain is None:
+            return None
+        return (*plain, *stamped[0])
+
+    def _land(
+        self,
+        cursor: DBAPICursor,
+        request: WriteRequest,
+        shape: _Shape,
+        params: dict[str, Any],
+        column: str,
+        append: Append,
+        *,
+        isolated: bool,
+    ) -> tuple[EventDraft, ...]:
+        """Run ``request``'s update of one row, appending ``append`` where
+        the row's column ends now (the update locks the row until the
+        transaction ends), and answer its events with that offset under
+        ``append.at``.  Not isolated: a driver error redoes the group with
+        each request isolated (nothing else can have changed the row)."""
+        statement = self._landing_statement(shape, column)
+        room = _NO_LIMIT if append.limit is None else append.limit - len(append.text)
+        try:
+            found = statement.execute(cursor, {**params, "room": room}).fetchone()
+        except sa.exc.StatementError as exc:
+            if isolated:
+                raise
+            raise _RetryIsolated() from exc
+        if found is None:
+            mutation = request.mutations[0]
+            current = self._length(cursor, shape, params, column)
+            if current is None:
+                raise StoreNotFound(shape[1], dict(mutation.key))
+            raise StoreConflict(
+                shape[1],
+                dict(mutation.key),
+                column,
+                f"at most {append.limit} characters",
+                current + len(append.text),
+            )
+        offset = int(found[0]) - len(append.text)
+        key = append.at
+        assert key is not None  # _landing takes only such an Append
+        return tuple(
+            attrs.evolve(draft, data={**draft.data, key: offset})
+            if isinstance(draft.data, dict) and key in draft.data
+            else draft
+            for draft in request.events
+        )
+
+    def _length(
+        self, cursor: DBAPICursor, shape: _Shape, params: Mapping[str, Any], column: str
+    ) -> int | None:
+        """A refused landing: the row's ``column`` length now, None if no
+        row (a rare path: compiled here each time)."""
+        _, table_name, key, _ = shape
+        table = ENTITY_TABLES[table_name]
+        length = sa.func.length(sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text)))
+        select = sa.select(length.label("length")).where(
+            *(table.c[name] == sa.bindparam(f"k_{name}") for name in key)
+        )
+        found = Prepared(select, self._engine.dialect).one_or_none(
+            cursor, {f"k_{name}": params[f"k_{name}"] for name in key}
+        )
+        return None if found is None else int(found["length"])
+
+    def _landing_statement(self, shape: _Shape, column: str) -> Prepared:
+        """The plain update of ``shape``, only where the row's ``column``
+        has at most ``room`` characters, returning its length after."""
+        stmt = self._landing_statements.get((shape, column))
+        if stmt is not None:
+            return stmt
+        _, table_name, key, columns = shape
+        table = ENTITY_TABLES[table_name]
+        where = [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
+        length = sa.func.length(sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text)))
+        where.append(length <= sa.bindparam("room", type_=sa.BigInteger))
+        values: dict[str, Any] = {}
+        for name, append in columns:
+            if append:
+                values[name] = _appended(table.c[name], sa.bindparam(f"v_{name}", type_=sa.Text))
+            else:
+                values[name] = sa.bindparam(f"v_{name}", type_=table.c[name].type)
+        statement = (
+            sa.update(table).where(*where).values(values).returning(sa.func.length(table.c[column]))
+        )
+        stmt = Prepared(statement, self._engine.dialect)
+        if len(self._landing_statements) < _SHAPES_MAX:
+            self._landing_statements[(shape, column)] = stmt
+        return stmt
 
     def _plain_statement(self, shape: _Shape) -> Prepared:
         stmt = self._plain_statements.get(shape)

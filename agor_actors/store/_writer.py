@@ -137,7 +137,7 @@ def coalesce(writes: Sequence[Write]) -> WriteRequest:
             for column, value in mutation.values.items():
                 old = values.get(column)
                 if isinstance(value, Append) and isinstance(old, Append):
-                    values[column] = Append(old.text + value.text)
+                    values[column] = attrs.evolve(old, text=old.text + value.text)
                 else:
                     values[column] = value
     merged_mutations = tuple(

@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_store_support import BACKENDS, Backend, assert_gap_free, backend
+from test_store_support import BACKENDS, Backend, add_session, assert_gap_free, backend
 
 from agor_actors.store import (
+    Append,
     EventDraft,
     Mutation,
     SqlStore,
+    StoreConflict,
     StoredEvent,
     StoreNotFound,
     WriteRequest,
@@ -128,3 +130,70 @@ def test_a_shared_store_reads_heads_instead_of_remembering_them(db: Backend) -> 
     (d,) = single.commit([WriteRequest(events=[EventDraft(room, "x", None, 4)])])
     assert isinstance(d, WriteResult) and d.events[0].seq == 4
     assert single.cached_head(room) == (a.events[0].epoch, 4)
+
+
+def _chunk(message: str, text: str, planned: int, *, limit: int | None = None) -> WriteRequest:
+    """A streamed chunk as a session actor plans it: its offset is what
+    that actor believes the message's length to be."""
+    append = Append(text, at="offset", limit=limit)
+    return WriteRequest(
+        mutations=[Mutation("update", "messages", {"id": message}, {"content": append})],
+        events=[
+            EventDraft(
+                "session:s",
+                "task:message",
+                {"message_id": message, "chunk": text, "offset": planned},
+                ts=1,
+            )
+        ],
+    )
+
+
+def _offsets(results: list[WriteResult]) -> list[tuple[int, str]]:
+    return [(r.events[0].data["offset"], r.events[0].data["chunk"]) for r in results]
+
+
+def test_a_shared_store_lands_each_chunk_where_the_message_ends(db: Backend) -> None:
+    first, second = _shared(db), _shared(db)
+    message = Mutation(
+        "insert",
+        "messages",
+        {"id": "m"},
+        {"session_id": "s", "role": "assistant", "content": "", "created_at": 1, "updated_at": 1},
+    )
+    (made,) = first.commit([WriteRequest(mutations=[add_session("s"), message])])
+    assert isinstance(made, WriteResult)
+    landed: list[WriteResult] = []
+    # both stores' callers believe the message empty: each chunk lands where
+    # the row ends in the commit, and its event says so
+    for store, texts in ((first, ("ab", "c")), (second, ("de",)), (first, ("f",))):
+        results = store.commit([_chunk("m", text, 0) for text in texts])
+        assert all(isinstance(r, WriteResult) for r in results), results
+        landed += [r for r in results if isinstance(r, WriteResult)]
+    assert _offsets(landed) == [(0, "ab"), (2, "c"), (3, "de"), (5, "f")]
+    # a group whose plain run misses its row is redone with each request
+    # isolated: the chunk still lands, once
+    missing = WriteRequest(mutations=[Mutation("update", "sessions", {"id": "no"}, {"title": "t"})])
+    results = second.commit([missing, _chunk("m", "g", 0), _chunk("gone", "x", 0)])
+    assert isinstance(results[0], StoreNotFound) and isinstance(results[2], StoreNotFound)
+    assert isinstance(results[1], WriteResult) and _offsets([results[1]]) == [(6, "g")]
+    # past its limit, a chunk is refused and changes nothing
+    too_long, fits = first.commit([_chunk("m", "hij", 0, limit=9), _chunk("m", "hi", 0, limit=9)])
+    assert isinstance(too_long, StoreConflict) and too_long.current == 10
+    assert isinstance(fits, WriteResult) and _offsets([fits]) == [(7, "hi")]
+    row = second.get("messages", "m")
+    assert row is not None and row["content"] == "abcdefghi"
+    logged = [e for e in first.events_since("session:s", 0) if e.event == "task:message"]
+    assert [(e.data["offset"], e.data["chunk"]) for e in logged] == [
+        (0, "ab"),
+        (2, "c"),
+        (3, "de"),
+        (5, "f"),
+        (6, "g"),
+        (7, "hi"),
+    ]
+    # a single writer takes the offsets its callers planned (they are right
+    # when it is the only writer): no statement more per chunk
+    single = db.open()
+    (planned,) = single.commit([_chunk("m", "!", 4)])
+    assert isinstance(planned, WriteResult) and _offsets([planned]) == [(4, "!")]

@@ -1,0 +1,198 @@
+"""One streamed message written through two daemons (in-process hubs on
+one PostgreSQL schema and the machine's Redis): an agent that reconnects
+to the other daemon mid-stream, or two writers.  Whatever daemon takes a
+chunk, the chunks' offsets are contiguous in commit order, the stored
+content is their concatenation, and a message's rev is the store's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from cluster_support import (
+    OWNER,
+    REDIS_URL,
+    Reader,
+    fresh_schema,
+    make_session,
+    needs_cluster,
+    view,
+)
+
+from agor_actors.daemon import Hub, open_hub
+from agor_actors.domain import ServiceError
+from agor_actors.world import real_world
+from protocols import Event
+
+pytestmark = needs_cluster
+TOKEN = "cluster-owner-token"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_schema() as url:
+        yield url
+
+
+@asynccontextmanager
+async def node(pg_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
+    async with open_hub(
+        real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=REDIS_URL, **kwargs
+    ) as hub:
+        yield hub
+
+
+async def message_call(hub: Hub, method: str, mid: str | None = None, **kwargs: Any) -> Any:
+    return await hub.call(
+        OWNER, connection_id="agent", service="messages", method=method, id=mid, **kwargs
+    )
+
+
+async def create_message(hub: Hub, sid: str) -> str:
+    made = await message_call(
+        hub, "create", data={"session_id": sid, "content": "", "streaming": True}
+    )
+    return str(made["id"])
+
+
+async def stored(hub: Hub, mid: str) -> dict[str, Any]:
+    got = await message_call(hub, "get", mid)
+    assert isinstance(got, dict)
+    return got
+
+
+def chunks_of(events: list[Event], mid: str) -> list[tuple[int, str]]:
+    """``(offset, chunk)`` of ``mid``'s chunk events, in seq order."""
+    return [
+        (e.data["offset"], e.data["chunk"])
+        for e in events
+        if e.event == "task:message" and e.data.get("message_id") == mid and "chunk" in e.data
+    ]
+
+
+def rebuilt(chunks: list[tuple[int, str]]) -> str:
+    """The content a viewer builds from ``chunks``, each where its offset
+    says; fails on a gap or an overlap."""
+    content = ""
+    for offset, chunk in chunks:
+        assert offset == len(content), (offset, len(content), chunks)
+        content += chunk
+    return content
+
+
+async def seen_by(reader: Reader, seq: int) -> list[Event]:
+    return await reader.until_seq(seq)
+
+
+async def test_chunks_alternating_between_daemons_stay_contiguous(pg_url: str) -> None:
+    async with node(pg_url) as a, node(pg_url) as b:
+        sid = await make_session(a)
+        room = f"session:{sid}"
+        on_a = await view(a, "va", room)
+        on_b = await view(b, "vb", room)
+        mid = await create_message(a, sid)
+        sent = []
+        last_seq = 0
+        for n in range(12):
+            # the agent moves to the other daemon every two chunks: each
+            # daemon's session actor knows only part of the message
+            hub = a if (n // 2) % 2 == 0 else b
+            chunk = f"<{n}:{'x' * (n % 3)}>"
+            answer = await message_call(hub, "stream", mid, data={"chunk": chunk})
+            assert answer["appended"] == len(chunk)
+            sent.append(chunk)
+            last_seq = max(last_seq, int(answer["_seq"]))
+        content = "".join(sent)
+        assert (await stored(a, mid))["content"] == content
+        assert (await stored(b, mid))["content"] == content
+        for reader in (on_a, on_b):
+            events = await seen_by(reader, last_seq)
+            assert rebuilt(chunks_of(events, mid)) == content
+
+
+async def test_two_writers_on_two_daemons_at_once(pg_url: str) -> None:
+    async with node(pg_url) as a, node(pg_url) as b:
+        sid = await make_session(a)
+        room = f"session:{sid}"
+        on_a = await view(a, "va", room)
+        on_b = await view(b, "vb", room)
+        mid = await create_message(a, sid)
+        seqs: list[int] = []
+
+        async def write(hub: Hub, name: str) -> None:
+            for n in range(25):
+                answer = await message_call(hub, "stream", mid, data={"chunk": f"{name}{n};"})
+                seqs.append(int(answer["_seq"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, a, "a")
+            nursery.start_soon(write, b, "b")
+        content = (await stored(b, mid))["content"]
+        parts = [p for p in content.split(";") if p]
+        assert sorted(parts) == sorted([f"a{n}" for n in range(25)] + [f"b{n}" for n in range(25)])
+        # each writer's chunks in its own order
+        assert [p for p in parts if p[0] == "a"] == [f"a{n}" for n in range(25)]
+        assert [p for p in parts if p[0] == "b"] == [f"b{n}" for n in range(25)]
+        for reader in (on_a, on_b):
+            events = await seen_by(reader, max(seqs))
+            assert rebuilt(chunks_of(events, mid)) == content
+
+
+async def test_a_message_rev_is_the_stores_whatever_daemon_changes_it(pg_url: str) -> None:
+    async with node(pg_url) as a, node(pg_url) as b:
+        sid = await make_session(a)
+        mid = await create_message(a, sid)
+        await message_call(a, "stream", mid, data={"chunk": "one "})  # a knows rev 1
+        await message_call(b, "stream", mid, data={"chunk": "two "})  # b loads it
+        done = await message_call(b, "finish", mid)
+        assert done["rev"] == 2
+        # a still believes rev 1: a stale base_rev is a conflict, as on one
+        # daemon, and the current one is taken
+        with pytest.raises(ServiceError) as refused:
+            await message_call(a, "finish", mid, base_rev=1)
+        assert refused.value.code == "conflict"
+        again = await message_call(a, "finish", mid, base_rev=2)
+        assert again["rev"] == 3
+        # without base_rev the next rev is the store's, whichever daemon
+        assert (await message_call(b, "finish", mid))["rev"] == 4
+        assert (await message_call(a, "finish", mid))["rev"] == 5
+        row = await stored(b, mid)
+        assert row["rev"] == 5 and row["content"] == "one two "
+        with pytest.raises(ServiceError) as stale:
+            await message_call(b, "remove", mid, base_rev=4)
+        assert stale.value.code == "conflict"
+        await message_call(b, "remove", mid, base_rev=5)
+
+
+async def task_call(hub: Hub, method: str, tid: str, **kwargs: Any) -> Any:
+    return await hub.call(
+        OWNER, connection_id="agent", service="tasks", method=method, id=tid, **kwargs
+    )
+
+
+async def test_a_task_rev_is_the_stores_whatever_daemon_changes_it(pg_url: str) -> None:
+    async with node(pg_url) as a, node(pg_url) as b:
+        sid = await make_session(a)
+        made = await a.call(
+            OWNER,
+            connection_id="agent",
+            service="tasks",
+            method="create",
+            data={"session_id": sid, "prompt": "p"},
+        )
+        tid = str(made["id"])
+        assert (await task_call(a, "start", tid))["rev"] == 2
+        assert (await task_call(b, "complete", tid, data={"result": "r"}))["rev"] == 3
+        # a believes rev 2: the store's rev is taken, the record answered is the store's
+        patched = await task_call(a, "patch", tid, data={"prompt": "q"})
+        assert patched["rev"] == 4 and patched["status"] == "completed"
+        assert patched["result"] == "r"
+        # b believes rev 3 and is told base_rev 4: it looks again before refusing
+        assert (await task_call(b, "patch", tid, data={"prompt": "s"}, base_rev=4))["rev"] == 5
+        with pytest.raises(ServiceError) as stale:
+            await task_call(a, "patch", tid, data={"prompt": "t"}, base_rev=4)
+        assert stale.value.code == "conflict" and stale.value.data["rev"] == 5
+        await task_call(a, "remove", tid, base_rev=5)
