@@ -9,14 +9,19 @@ epoch, and the events as the wire protocol's ``event`` maps
 A presence message, on the board room's channel, is ``["presence", 1, node,
 full, {user_id: entry or None}, [[user_id, x, y], ...]]``: the daemon's users
 on the board (all of them when ``full``: its heartbeat; else what changed,
-None for a user who left) and their latest cursors.
+None for a user who left) and their latest cursors; then, only if some
+moved (so a message without is the first version's shape), their latest
+viewports ``[[user_id, x, y, w, h, zoom], ...]``, for followers on other
+daemons.
 
 A link whose messages are bounded (PostgreSQL's NOTIFY) passes
 ``max_bytes``: a run of events or a presence message longer than that goes
 as several messages, in order (a heartbeat as one ``full`` part and the
-rest as changes); what cannot be cut to fit (one event alone) goes as a
-*lost* marker ``["lost", 1, node]``, which has the receiving room read its
-log from its head, as for a hole in the seqs.  Pure: no I/O.
+rest as changes; users before cursors before viewports, so a part's cursor
+or viewport never comes before its user's entry); what cannot be cut to
+fit (one event alone) goes as a *lost* marker ``["lost", 1, node]``, which
+has the receiving room read its log from its head, as for a hole in the
+seqs.  Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Final
 import attrs
 import cbor2
 
-from protocols import Event, ProtocolError, from_wire, to_wire
+from protocols import Event, ProtocolError, Viewport, from_wire, to_wire
 
 from ..domain.cluster_presence import PresenceOut, RemotePresence
 from ..domain.room import to_event
@@ -158,31 +163,43 @@ def decode_events(room: str, payload: bytes) -> Remote:
 def encode_presence(node: str, out: PresenceOut) -> bytes:
     """``out`` as a broker message on its board room's channel."""
     cursors = [[uid, x, y] for uid, (x, y) in sorted(out.cursors.items())]
-    return cbor2.dumps([PRESENCE, WIRE_VERSION, node, out.full, dict(out.users), cursors])
+    value: list[Any] = [PRESENCE, WIRE_VERSION, node, out.full, dict(out.users), cursors]
+    if out.viewports:
+        value.append(
+            [[uid, v.x, v.y, v.w, v.h, v.zoom] for uid, v in sorted(out.viewports.items())]
+        )
+    return cbor2.dumps(value)
 
 
 def encode_presence_parts(node: str, out: PresenceOut, *, max_bytes: int | None) -> list[bytes]:
     """``out`` as broker messages of at most ``max_bytes``: one if it fits,
-    else its users and cursors cut in order (a heartbeat's first part
-    ``full``, the others changes, which add up to the same facepile when
-    taken in order); a part that cannot be cut to fit is a lost marker."""
+    else its users, cursors and viewports cut in that order (a heartbeat's
+    first part ``full``, the others changes, which add up to the same
+    facepile when taken in order); a part that cannot be cut to fit is a
+    lost marker."""
     payload = encode_presence(node, out)
     if max_bytes is None or len(payload) <= max_bytes:
         return [payload]
-    users, cursors = list(out.users.items()), list(out.cursors.items())
-    if len(users) + len(cursors) <= 1:
+    items: list[tuple[int, str, Any]] = [
+        *((0, uid, e) for uid, e in out.users.items()),
+        *((1, uid, xy) for uid, xy in out.cursors.items()),
+        *((2, uid, v) for uid, v in out.viewports.items()),
+    ]
+    if len(items) <= 1:
         return [encode_lost(node)]
-    if len(users) >= 2:
-        half = len(users) // 2
-        first = PresenceOut(out.board, out.full, dict(users[:half]), {})
-        rest = PresenceOut(out.board, False, dict(users[half:]), dict(cursors))
-    else:
-        half = len(cursors) // 2
-        first = PresenceOut(out.board, out.full, dict(users), dict(cursors[:half]))
-        rest = PresenceOut(out.board, False, {}, dict(cursors[half:]))
+    half = len(items) // 2
+    first = _presence_part(out, out.full, items[:half])
+    rest = _presence_part(out, False, items[half:])
     return encode_presence_parts(node, first, max_bytes=max_bytes) + encode_presence_parts(
         node, rest, max_bytes=max_bytes
     )
+
+
+def _presence_part(out: PresenceOut, full: bool, items: list[tuple[int, str, Any]]) -> PresenceOut:
+    users = {uid: value for kind, uid, value in items if kind == 0}
+    cursors = {uid: value for kind, uid, value in items if kind == 1}
+    viewports = {uid: value for kind, uid, value in items if kind == 2}
+    return PresenceOut(out.board, full, users, cursors, viewports)
 
 
 def decode_message(room: str, payload: bytes) -> Remote | RemotePresence | Lost:
@@ -205,9 +222,9 @@ def decode_message(room: str, payload: bytes) -> Remote | RemotePresence | Lost:
 def _presence(room: str, value: list[Any]) -> RemotePresence:
     if not room.startswith("board:"):
         raise BrokerMessageError(f"presence on {room!r}, not a board")
-    if len(value) != 6 or value[1] != WIRE_VERSION:
+    if len(value) not in (6, 7) or value[1] != WIRE_VERSION:
         raise BrokerMessageError("not a version 1 presence message")
-    _, _, node, full, users, cursors = value
+    _, _, node, full, users, cursors = value[:6]
     if not isinstance(node, str) or not isinstance(full, bool):
         raise BrokerMessageError("malformed presence message")
     if not isinstance(users, dict) or not isinstance(cursors, list):
@@ -225,7 +242,19 @@ def _presence(room: str, value: list[Any]) -> RemotePresence:
         if not all(_finite(v) for v in (x, y)):
             raise BrokerMessageError("a cursor that is not two finite numbers")
         moved[item[0]] = (float(x), float(y))
-    return RemotePresence(node, room.removeprefix("board:"), full, entries, moved)
+    viewports: dict[str, Viewport] = {}
+    looked = value[6] if len(value) == 7 else []
+    if not isinstance(looked, list):
+        raise BrokerMessageError("malformed presence message")
+    for item in looked:
+        if not (isinstance(item, list) and len(item) == 6 and isinstance(item[0], str)):
+            raise BrokerMessageError("a bad viewport")
+        if not all(_finite(v) for v in item[1:]):
+            raise BrokerMessageError("a viewport that is not five finite numbers")
+        x, y, w, h, zoom = (float(v) for v in item[1:])
+        viewports[item[0]] = Viewport(x, y, w, h, zoom)
+    board = room.removeprefix("board:")
+    return RemotePresence(node, board, full, entries, moved, viewports)
 
 
 def _is_entry(uid: str, entry: Any) -> bool:

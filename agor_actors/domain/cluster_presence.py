@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from protocols import Viewport
+
 __all__ = [
     "STATUS_RANK",
     "NodePresence",
@@ -43,12 +45,14 @@ class PresenceOut:
     """To the broker's publisher: this daemon's users on ``board``.  ``full``:
     ``users`` is all of them (a heartbeat); else only what changed (None:
     the user left).  ``cursors``: the latest position of each user that
-    moved."""
+    moved.  ``viewports``: the latest viewport of each user that moved it
+    (``full``: of each of the users), for followers on other daemons."""
 
     board: str
     full: bool
     users: Mapping[str, dict[str, Any] | None]
     cursors: Mapping[str, tuple[float, float]]
+    viewports: Mapping[str, Viewport] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -61,6 +65,7 @@ class RemotePresence:
     full: bool
     users: Mapping[str, dict[str, Any] | None]
     cursors: Mapping[str, tuple[float, float]]
+    viewports: Mapping[str, Viewport] = attrs.field(factory=dict)
 
 
 @attrs.define

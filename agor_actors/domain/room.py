@@ -194,6 +194,7 @@ class BoardPresence:
     """A cluster node's: the other daemons' users here, per daemon."""
     out_users: dict[str, dict[str, Any] | None] = attrs.field(factory=dict)
     out_cursors: dict[str, tuple[float, float]] = attrs.field(factory=dict)
+    out_viewports: dict[str, Viewport] = attrs.field(factory=dict)
     """A cluster node's: what changed of its own users since it last told
     the other daemons (latest wins)."""
     beating: bool = False
@@ -724,12 +725,20 @@ class RoomBehaviour(Behaviour[RoomState]):
                 if uid in p.users:
                     p.cursors[uid] = (x, y)
                     p.cursors_dirty[uid] = None
+            for uid, viewport in msg.viewports.items():
+                # for this daemon's followers of a user on another daemon; a
+                # heartbeat repeats it, which is no news for them
+                if uid in p.users and p.viewports.get(uid) != viewport:
+                    p.viewports[uid] = viewport
+                    p.viewports_dirty[uid] = None
         elif isinstance(msg, WatchPrefs):
             watch = p.watch.setdefault(msg.connection_id, _Watch())
             if msg.viewport is not None:
                 watch.viewport = msg.viewport
                 p.viewports[msg.user_id] = msg.viewport
                 p.viewports_dirty[msg.user_id] = None
+                if self.announce is not None:
+                    p.out_viewports[msg.user_id] = msg.viewport
             if msg.hide_cursors is not None:
                 watch.hide_cursors = msg.hide_cursors
             if msg.follow is not None:
@@ -759,11 +768,16 @@ class RoomBehaviour(Behaviour[RoomState]):
         ``full``, all of them: the heartbeat).  Lossy: a full publisher
         mailbox drops it, and the next heartbeat repairs."""
         p = state.presence
-        if self.announce is None or not (full or p.out_users or p.out_cursors):
+        if self.announce is None or not (full or p.out_users or p.out_cursors or p.out_viewports):
             return []
         users: dict[str, dict[str, Any] | None] = dict(p.local) if full else p.out_users
-        out = PresenceOut(state.room.removeprefix("board:"), full, users, p.out_cursors)
-        p.out_users, p.out_cursors = {}, {}
+        viewports = p.out_viewports
+        if full:
+            # a daemon whose follower came later learns where they look
+            viewports = {uid: p.viewports[uid] for uid in p.local if uid in p.viewports}
+        board = state.room.removeprefix("board:")
+        out = PresenceOut(board, full, users, p.out_cursors, viewports)
+        p.out_users, p.out_cursors, p.out_viewports = {}, {}, {}
         return [TrySend(self.announce, out)]
 
     def _start_beat(self, state: RoomState) -> list[Effect]:
@@ -801,7 +815,9 @@ class RoomBehaviour(Behaviour[RoomState]):
         old (no latency when quiet), else one period after it: at most
         ``flush_hz`` frames per second per client."""
         p = state.presence
-        if p.flush_pending or not (state.subscribers or p.out_users or p.out_cursors):
+        if p.flush_pending or not (
+            state.subscribers or p.out_users or p.out_cursors or p.out_viewports
+        ):
             return []
         p.flush_pending = True
         # the period rounded up to a whole microsecond, so that float error

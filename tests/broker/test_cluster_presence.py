@@ -1,8 +1,9 @@
 """Presence across the daemons of a cluster, on real ``agor-actors serve
---broker ...`` processes (over Redis and over LISTEN/NOTIFY): users on two daemons see each other in one
-board's facepile and see each other's cursors; after ``kill -9`` of one
-daemon its user leaves the other's facepile once the liveness timeout and
-the offline grace are over, not at once and not never."""
+--broker ...`` processes (over Redis and over LISTEN/NOTIFY): users on two
+daemons see each other in one board's facepile and see each other's
+cursors, and a follower sees the followed user's viewport; after ``kill
+-9`` of one daemon its user leaves the other's facepile once the liveness
+timeout and the offline grace are over, not at once and not never."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from cluster_support import (
 )
 
 from agor_actors.client import BoardPresence, Client, connect
+from protocols import Viewport
 
 pytestmark = [needs_pg, pytest.mark.timeout(120)]
 
@@ -112,3 +114,40 @@ async def test_users_on_two_daemons_share_one_facepile_and_cursors_until_one_die
                 assert gone_after_s >= LIVENESS_S + GRACE_S - HEARTBEAT_S - 0.2, gone_after_s
                 assert bob["id"] not in seen_on_one.cursors  # the cursor went with him
                 assert set(seen_on_one.users) == {ada["id"]}
+
+
+async def test_a_follower_on_one_daemon_sees_the_viewport_of_a_user_on_the_other(
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+) -> None:
+    async with (
+        serving_node(
+            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as one,
+        serving_node(
+            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as two,
+    ):
+        board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
+        first = Viewport(0.0, 0.0, 1280.0, 720.0, 1.0)
+        async with connect(one.ws_url, token=ada["token"]) as on_one:
+            await on_one.board_presence(board)
+            # Ada looks somewhere before anyone on daemon two is on the board
+            await on_one.set_presence(board, viewport=first)
+            async with connect(two.ws_url, token=bob["token"]) as on_two:
+                seen = await on_two.board_presence(board)
+                await _until(seen, lambda p: ada["id"] in p.users)
+                # a follower who came later learns where she looks (her
+                # daemon's heartbeat says it)
+                await on_two.set_presence(board, follow=ada["id"])
+                await _until(seen, lambda p: p.followed_viewport == first)
+                # she pans: the follower ends on her latest viewport
+                for x in range(1, 11):
+                    moved = Viewport(float(x * 100), 50.0, 1280.0, 720.0, 1.5)
+                    await on_one.set_presence(board, viewport=moved)
+                await _until(seen, lambda p: p.followed_viewport == moved)
+                # no longer following: no more of her viewport
+                await on_two.set_presence(board, follow="")
+                await on_one.set_presence(board, viewport=first)
+                await on_one.set_presence(board, cursor=(1.0, 2.0))
+                await _until(seen, lambda p: p.cursors.get(ada["id"]) == (1.0, 2.0))
+                assert seen.followed_viewport is None

@@ -10,6 +10,7 @@ import pytest
 
 from agor_actors.broker import BrokerMessageError, decode_message, encode_presence
 from agor_actors.domain.cluster_presence import PresenceOut, RemotePresence
+from protocols import Viewport
 
 ENTRY = {
     "user_id": "u1",
@@ -29,6 +30,17 @@ def test_presence_round_trips_on_a_board_channel() -> None:
     )
 
 
+def test_viewports_ride_along_only_when_some_moved() -> None:
+    viewport = Viewport(10.0, -5.5, 1280.0, 720.0, 1.25)
+    out = PresenceOut("b1", True, {"u1": ENTRY}, {}, {"u1": viewport})
+    got = decode_message("board:b1", encode_presence("node-a", out))
+    assert got == RemotePresence("node-a", "b1", True, {"u1": ENTRY}, {}, {"u1": viewport})
+    # none moved: the first version's six elements, which a daemon that
+    # knows no viewports still reads
+    plain = cbor2.loads(encode_presence("node-a", PresenceOut("b1", True, {"u1": ENTRY}, {})))
+    assert len(plain) == 6
+
+
 @pytest.mark.parametrize(
     ("room", "value", "error"),
     [
@@ -40,6 +52,11 @@ def test_presence_round_trips_on_a_board_channel() -> None:
         ("board:b1", ["presence", 1, "n", True, {}, [["u1", math.inf, 0]]], "finite"),
         ("board:b1", ["presence", 1, "n", True, {}, [["u1", True, 0]]], "finite"),
         ("board:b1", ["presence", 1, "n", True, {}, [["u1", 0]]], "bad cursor"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], {"u1": [0, 0, 1, 1, 1]}], "malformed"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], [["u1", 0, 0, 1, 1]]], "bad viewport"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], [["u1", 0, 0, 1, 1, math.nan]]], "finite"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], [["u1", 0, 0, 1, "1", 1]]], "finite"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], [], 1], "version 1"),
     ],
 )
 def test_a_bad_presence_message_is_refused(room: str, value: object, error: str) -> None:

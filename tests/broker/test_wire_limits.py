@@ -17,6 +17,7 @@ from agor_actors.broker import (
 )
 from agor_actors.domain.cluster_presence import NodePresence, PresenceOut, RemotePresence
 from agor_actors.store import StoredEvent
+from protocols import Viewport
 
 ROOM = "session:s1"
 LIMIT = 1000
@@ -95,3 +96,23 @@ def test_presence_that_fits_is_one_message() -> None:
 def test_a_bad_lost_marker_is_refused(value: object) -> None:
     with pytest.raises(BrokerMessageError, match="lost marker"):
         decode_message(ROOM, cbor2.dumps(value))
+
+
+def test_a_heartbeat_with_viewports_is_cut_users_first() -> None:
+    users = {f"u{n:03}": entry(f"u{n:03}") for n in range(20)}
+    cursors = {f"u{n:03}": (float(n), 0.0) for n in range(20)}
+    viewports = {f"u{n:03}": Viewport(float(n), 1.0, 1280.0, 720.0, 1.0) for n in range(20)}
+    parts = encode_presence_parts(
+        "n1", PresenceOut("b1", True, users, cursors, viewports), max_bytes=LIMIT
+    )
+    assert len(parts) > 2 and all(len(p) <= LIMIT for p in parts)
+    remote = [decode_message("board:b1", p) for p in parts]
+    node = NodePresence(0.0)
+    moved: dict[str, Viewport] = {}
+    for part in remote:
+        assert isinstance(part, RemotePresence)
+        node.apply(part, 1.0)
+        # a part's cursors and viewports are of users already told
+        assert set(part.cursors) <= set(node.users) and set(part.viewports) <= set(node.users)
+        moved.update(part.viewports)
+    assert node.users == users and moved == viewports

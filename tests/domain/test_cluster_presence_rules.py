@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from agor_actors.domain.cluster_presence import (
     NodePresence,
     PresenceOut,
@@ -13,10 +15,20 @@ from agor_actors.domain.cluster_presence import (
     merged_entry,
     vanished,
 )
-from agor_actors.domain.presence import CursorMoved, PresenceConfig, UserEntry
-from agor_actors.domain.room import RoomBehaviour, RoomState, _PresenceBeat, _PresenceFlush
+from agor_actors.domain.presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs
+from agor_actors.domain.room import (
+    RoomBehaviour,
+    RoomState,
+    Subscription,
+    _Member,
+    _PresenceBeat,
+    _PresenceFlush,
+    _Watch,
+)
+from agor_actors.outbox import Outbox
 from agor_actors.runtime import CancelTimer, StartTimer, TrySend
 from agor_actors.store import open_store
+from protocols import Codec, Limits, Presence, Viewport, decode_server_frame
 
 CONFIG = PresenceConfig(offline_grace_s=2.0, node_heartbeat_s=1.0, node_liveness_s=3.0)
 
@@ -102,3 +114,38 @@ def test_other_daemons_users_merge_and_leave_after_liveness_and_grace() -> None:
     assert "b" in p.users
     list(room.handle(state, _PresenceBeat(), 5.6))
     assert set(p.users) == {"a"} and "b" not in p.cursors and p.nodes == {}
+
+
+async def test_a_followed_users_viewport_goes_to_followers_on_other_daemons() -> None:
+    one, at_one = board_room()
+    two, at_two = board_room()
+    seen = Outbox(Codec.JSON)
+    at_two.presence.watch["c2"] = _Watch(follow="a")  # b follows a, on daemon two
+    sub = Subscription("c2", "board:b", seen, "b")
+    at_two.subscribers[sub.key] = _Member(sub, 0)
+    list(one.handle(at_one, UserEntry("a", entry("a")), 0.0))
+    # a moves the viewport twice before a flush: the latest goes, once
+    for n in range(2):
+        moved = WatchPrefs("c1", "a", Viewport(float(n), 0.0, 800.0, 600.0, 1.0), None, None)
+        list(one.handle(at_one, moved, 0.0))
+    (change,) = sent(one.handle(at_one, _PresenceFlush(), 0.01))
+    assert change.viewports == {"a": Viewport(1.0, 0.0, 800.0, 600.0, 1.0)}
+    assert sent(one.handle(at_one, _PresenceFlush(), 0.05)) == []  # rate-limited: nothing new
+    heard = RemotePresence("n1", "b", False, change.users, change.cursors, change.viewports)
+    list(two.handle(at_two, heard, 0.02))
+    list(two.handle(at_two, _PresenceFlush(), 0.03))
+    with trio.fail_after(5):  # queued already: no wait
+        frame = await seen.next_frame()
+    (shown,) = decode_server_frame(Codec.JSON, frame, Limits())
+    assert isinstance(shown, Presence)
+    assert shown.viewport == Viewport(1.0, 0.0, 800.0, 600.0, 1.0)
+    # every heartbeat says where a's users look (a follower that came later
+    # learns it), and an unchanged viewport is no news for the followers
+    (beat,) = sent(one.handle(at_one, _PresenceBeat(), 1.0))
+    assert beat.full and beat.viewports == change.viewports
+    list(two.handle(at_two, RemotePresence("n1", "b", True, beat.users, {}, beat.viewports), 1.0))
+    assert at_two.presence.viewports_dirty == {}
+    # a viewport of a user the daemon does not show is ignored
+    stray = RemotePresence("n1", "b", False, {}, {}, {"z": Viewport(0.0, 0.0, 1.0, 1.0, 1.0)})
+    list(two.handle(at_two, stray, 1.1))
+    assert "z" not in at_two.presence.viewports
