@@ -25,6 +25,7 @@ from argon2 import PasswordHasher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
+from supervisors import ChildStartError
 
 from ..broker import PUBLISHER_NAME, BrokerPublisher, RoomFeed, broker_kind, open_broker_link
 from ..domain import Principal, ServiceError
@@ -75,7 +76,9 @@ from ..store import (
     Mutation,
     Resync,
     SqlStore,
+    StoredEvent,
     StoreError,
+    StoreUnavailable,
     StoreWriter,
     Write,
     WriteRequest,
@@ -746,7 +749,11 @@ class Hub:
             if not await self.gate.may_see_room(principal, room):
                 raise refused
             await self.authorizer.authorize(principal, "join", room)
-        except ServiceError:
+        except ServiceError as exc:
+            if exc.code == "unavailable":
+                # the store could not say (whether the room exists, or who
+                # may see it): the same answer for every room it would read
+                raise
             # the same answer for a room that does not exist
             self.gate.denials += 1
             _security_log.info(
@@ -788,9 +795,24 @@ class Hub:
                 fresh = await self.feed.watch(_room_actor(room)[1], connection_id, sub.key)
             try:
                 turned_away = await self._subscribe(sub, since)
-            except BaseException:
+            except BaseException as exc:
                 self._unwatch(sub)
-                raise
+                unavailable = _store_away(exc)
+                if unavailable is None:
+                    raise
+                # the room's head or log is in the store, which is away: the
+                # join is answered ``left`` ``unavailable`` (the client may
+                # join again), and nothing of it stays
+                log.warning(
+                    "a join could not read the store: %s",
+                    exc,
+                    extra={"connection_id": connection_id, "room": room},
+                )
+                if subs.get(room) is sub:
+                    del subs[room]
+                with contextlib.suppress(OutboxClosed):
+                    outbox.drop_room(room)
+                raise unavailable from None
             if kind == "board" and self._forgotten_boards.pop(ident, False) is None:
                 self._republish(ident)
             if fresh:
@@ -818,16 +840,24 @@ class Hub:
         if not isinstance(result, CatchUp):
             return bool(result == "revoked")
         assert since is not None
-        outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
-        outbox.open_room(room, since.seq)
         after = since.seq
         store = self.store
         page_size = max(1, min(500, outbox.max_messages // 2))
+        # the first page before ``joined``: a store that is away makes the
+        # join's answer ``left`` alone
+        first: list[StoredEvent] | None = await self.world.blocking.run(
+            lambda: store.events_since(log_room, after, page_size)
+        )
+        outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
+        outbox.open_room(room, since.seq)
         try:
             while True:
-                page = await self.world.blocking.run(
-                    lambda a=after: store.events_since(log_room, a, page_size)  # type: ignore[misc]
-                )
+                if first is not None:
+                    page, first = first, None
+                else:
+                    page = await self.world.blocking.run(
+                        lambda a=after: store.events_since(log_room, a, page_size)  # type: ignore[misc]
+                    )
                 items = [(e.seq, encode(outbox.codec, to_event(e, room))) for e in page]
                 ends = {e.seq: e.end_seq for e in page}
                 for chunk in _within(items, page_size, outbox.max_bytes // 2):
@@ -1319,3 +1349,14 @@ async def _access_tokens(
         lambda: read_or_create_secret(path, lambda: entropy.token(48))
     )
     return config.access_tokens(secret)
+
+
+def _store_away(exc: BaseException) -> ServiceError | None:
+    """``unavailable`` if ``exc`` is the store failing (read directly, or
+    by a room actor whose start reads its head); None for anything else."""
+    cause: BaseException | None = exc
+    if isinstance(exc, ChildStartError):
+        cause = exc.__cause__
+    if isinstance(cause, StoreUnavailable):
+        return ServiceError("unavailable", "the store is unavailable")
+    return None

@@ -8,8 +8,10 @@
   the machine's shared Redis is never stopped.
 - PostgreSQL unreachable (a TCP forwarder of the test between the daemon
   and the server, closed and reopened): writes fail with ``unavailable``,
-  a join that replays from the room's memory is still served, and the
-  daemon writes again by itself once the server is back.
+  a join that replays from the room's memory is still served, one that
+  must read the store (a room not in memory, a resume older than the
+  ring) is answered ``unavailable`` at once, and the daemon writes and
+  joins again by itself once the server is back.
 """
 
 from __future__ import annotations
@@ -232,4 +234,62 @@ async def test_postgresql_unreachable_writes_fail_unavailable_reads_from_memory_
             prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
             assert prompts == ["before 0", "before 1", "before 2", "after"]
             assert (await second.until_seq(after))[-1].seq == after
+        nursery.cancel_scope.cancel()
+
+
+async def test_postgresql_unreachable_a_join_that_must_read_the_store_is_left_unavailable(
+    pg_url: str,
+) -> None:
+    target = sa.make_url(PG_URL)
+    forwarder = Forwarder((target.host or "127.0.0.1", target.port or 5432))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        url = _through(pg_url, forwarder.port)
+        async with (
+            open_hub(
+                real_world(), db_url=url, owner_token=TOKEN, broker_url=REDIS_URL, ring_size=2
+            ) as a,
+            open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=REDIS_URL) as b,
+        ):
+            sid = await make_session(a, "in memory")
+            room = f"session:{sid}"
+            first = await view(a, "v1", room)
+            acked = [await make_task(a, sid, f"before {n}") for n in range(5)]
+            await first.until_seq(acked[-1])
+            elsewhere = await make_session(b, "made on b")  # never in a's memory
+            known = await make_session(b, "seen by a's gate")
+            assert await a.gate.session(known) is not None  # its access is cached, not its room
+
+            forwarder.cut()
+            # a room this daemon has not in memory: whether it exists is in
+            # the store (not "forbidden": the store could not say)
+            with trio.fail_after(30):
+                with pytest.raises(ServiceError) as cold:
+                    await view(a, "v2", f"session:{elsewhere}")
+            assert cold.value.code == "unavailable"
+            # one whose access is known: the room's head is in the store
+            with trio.fail_after(30):
+                with pytest.raises(ServiceError) as headless:
+                    await view(a, "v2", f"session:{known}")
+            assert headless.value.code == "unavailable"
+            # a resume older than the room's ring (2 events): from the log
+            with trio.fail_after(30):
+                with pytest.raises(ServiceError) as old:
+                    await view(a, "v3", room, Since(first.joined.epoch, acked[0]))
+            assert old.value.code == "unavailable"
+            # the room still serves what it holds, and its viewer stays
+            with trio.fail_after(10):
+                recent = await view(a, "v4", room, Since(first.joined.epoch, acked[-2]))
+            assert [e.seq for e in await recent.until_seq(acked[-1])] == acked[-1:]
+
+            forwarder.restore()
+            with trio.fail_after(30):
+                again = await view(a, "v5", f"session:{elsewhere}")
+                resumed = await view(a, "v6", room, Since(first.joined.epoch, acked[0]))
+            await again.until_seq(await make_task(b, elsewhere, "live again"))
+            assert again.joined.seq >= 1
+            assert [e.seq for e in await resumed.until_seq(acked[-1])] == acked[1:]
+            after = await make_task(a, sid, "after")
+            events = await first.until_seq(after)
+            assert_gap_free(events, first.joined.seq + 1)
         nursery.cancel_scope.cancel()
