@@ -11,7 +11,9 @@
   a join that replays from the room's memory is still served, one that
   must read the store (a room not in memory, a resume older than the
   ring) is answered ``unavailable`` at once, and the daemon writes and
-  joins again by itself once the server is back.
+  joins again by itself once the server is back; a room that must read its
+  log meanwhile (a hole in what the broker brought) holds what it has,
+  still serves joins from memory, and reads the log once it can.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cluster_support import (
 )
 
 from agor_actors.daemon import ServiceError, open_hub
+from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Since
 
@@ -292,4 +295,50 @@ async def test_postgresql_unreachable_a_join_that_must_read_the_store_is_left_un
             after = await make_task(a, sid, "after")
             events = await first.until_seq(after)
             assert_gap_free(events, first.joined.seq + 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_postgresql_unreachable_a_room_that_must_read_its_log_waits_and_then_reads_it(
+    pg_url: str,
+) -> None:
+    target = sa.make_url(PG_URL)
+    forwarder = Forwarder((target.host or "127.0.0.1", target.port or 5432))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        url = _through(pg_url, forwarder.port)
+        async with (
+            open_hub(real_world(), db_url=url, owner_token=TOKEN, broker_url=REDIS_URL) as a,
+            open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=REDIS_URL) as b,
+        ):
+            sid = await make_session(b, "P")
+            room = f"session:{sid}"
+            viewer = await view(a, "v1", room)
+            before = await make_task(b, sid, "before")
+            await viewer.until_seq(before)
+
+            forwarder.cut()
+            # a write that is never broadcast (a daemon that publishes
+            # nothing), then one that is: a's room sees a hole and must read
+            # its log, which it cannot
+            silent_store = open_store(pg_url, new_epoch=lambda: "unused", shared=True)
+            try:
+                async with open_hub(real_world(), store=silent_store, owner_token=TOKEN) as silent:
+                    await make_task(silent, sid, "unannounced")
+            finally:
+                silent_store.close()
+            await make_task(b, sid, "during")
+            # the room holds what came after the hole (its read of the log
+            # fails, to be tried again), and serves a join from its memory
+            # meanwhile: it has not crashed.  (Whether its read fell within
+            # the cut is likely, the broadcast taking a millisecond, but not
+            # observed.)
+            with trio.fail_after(10):
+                second = await view(a, "v2", room, Since(viewer.joined.epoch, before - 1))
+            assert [e.seq for e in await second.until_seq(before)] == [before]
+            forwarder.restore()
+            after = await make_task(b, sid, "after")
+            events = await viewer.until_seq(after, limit_s=30)
+            assert_gap_free(events, viewer.joined.seq + 1)
+            prompts = [e.data["task"]["prompt"] for e in events if e.event == "task:created"]
+            assert prompts == ["before", "unannounced", "during", "after"]
         nursery.cancel_scope.cancel()
