@@ -119,6 +119,9 @@ class SessionState:
     task_chars: int = 0
     loading: bool = False
     deferred: list[Request] = attrs.field(factory=list)
+    retried: int = 0
+    """How many of ``deferred``, at its front, are writes to run again
+    (``Command.again``): older than the rest, in the order they were planned."""
     load_wanted: tuple[str, str] | None = None
     """A record to load once every write in flight is answered (so that
     what the store says of it counts them all)."""
@@ -281,7 +284,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             return ()
         return self._command(state, msg)
 
-    def _command(self, state: SessionState, msg: Request) -> list[Effect]:
+    def _command(self, state: SessionState, msg: Request, *, retry: bool = False) -> list[Effect]:
         cmd = msg.body
         assert isinstance(cmd, Command)
         if state.poisoned:
@@ -297,6 +300,8 @@ class SessionBehaviour(Behaviour[SessionState]):
         if unknown is not None:
             state.loading = True
             state.deferred.insert(0, msg)
+            if retry:
+                state.retried += 1
             if state.inflight:
                 # writes of this session still on their way to the store
                 # (chunks of this message, a change of this task): read it
@@ -361,7 +366,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             row = done.result.unwrap()
         except Exception as exc:
             # the store is unreachable: fail what waits, in order
-            waiting, state.deferred = state.deferred, []
+            waiting, state.deferred, state.retried = state.deferred, [], 0
             error = ServiceError("unavailable", f"store: {exc}")
             return [Reply(req.reply_to, error=error) for req in waiting]
         if row is not None and row.get("session_id") != state.session_id:
@@ -375,7 +380,10 @@ class SessionBehaviour(Behaviour[SessionState]):
             self._remember(state, done.record_id, known)
         effects: list[Effect] = []
         while state.deferred and not state.loading:
-            effects.extend(self._command(state, state.deferred.pop(0)))
+            retry = state.retried > 0
+            if retry:
+                state.retried -= 1
+            effects.extend(self._command(state, state.deferred.pop(0), retry=retry))
         return effects
 
     def _remember(self, state: SessionState, message_id: str, known: _Msg | None) -> None:
@@ -467,7 +475,7 @@ class SessionBehaviour(Behaviour[SessionState]):
         if state.poisoned and state.inflight == 0:
             # the in-memory session may differ from the store: stop once the
             # replies are out; the next use spawns us again from the store
-            waiting, state.deferred = state.deferred, []
+            waiting, state.deferred, state.retried = state.deferred, [], 0
             error = ServiceError("unavailable", "session is reloading; retry")
             effects.extend(Reply(req.reply_to, error=error) for req in waiting)
             state.loading, state.load_wanted = False, None
@@ -478,12 +486,14 @@ class SessionBehaviour(Behaviour[SessionState]):
         return effects
 
     def _again(self, state: SessionState, again: Request) -> list[Effect]:
-        """Run ``again`` (an older write than any deferred one) now, or
-        first among the deferred while a record loads."""
+        """Run ``again`` (a write planned before any deferred one) now, or,
+        while a record loads, ahead of the deferred writes and after the
+        writes to run again that were planned before it."""
         if state.loading:
-            state.deferred.insert(0, again)
+            state.deferred.insert(state.retried, again)
+            state.retried += 1
             return []
-        return self._command(state, again)
+        return self._command(state, again, retry=True)
 
     def _landed(self, state: SessionState, data: Any) -> None:
         """Shared store: a chunk landed where the store said (other daemons
