@@ -11,7 +11,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
@@ -38,6 +37,7 @@ from protocols import (
     decode_server_frame,
     encode,
 )
+from tests import pg_schema
 
 PG_URL = os.environ.get("AGOR_TEST_PG_URL", "")
 REDIS_URL = os.environ.get("AGOR_TEST_REDIS_URL", "")
@@ -87,17 +87,8 @@ def terminate_backends(application_name: str) -> int:
 def fresh_schema(prefix: str = "agor_cluster") -> Iterator[str]:
     """A PostgreSQL URL whose tables live in a schema of their own (made
     here, dropped afterwards), so tests never see each other's rows."""
-    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL, poolclass=NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+    with pg_schema.fresh_schema(PG_URL, prefix) as (url, _):
+        yield url
 
 
 class Reader:

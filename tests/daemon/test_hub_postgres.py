@@ -5,17 +5,15 @@ Runs when ``AGOR_TEST_PG_URL`` is set (``.ci/run`` sets it)."""
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
-import sqlalchemy as sa
 import trio
-from sqlalchemy.pool import NullPool
 
 from agor_actors.daemon import Outbox, Principal, open_hub
 from agor_actors.world import real_world
 from protocols import Codec, Event, Joined, Limits, Since, decode_server_frame
+from tests.pg_schema import fresh_schema
 
 PG_URL = os.environ.get("AGOR_TEST_PG_URL")
 pytestmark = pytest.mark.skipif(
@@ -28,17 +26,8 @@ OWNER = Principal("owner", "owner", True)
 def pg_url() -> Iterator[str]:
     """A schema of its own on the test server, dropped afterwards."""
     assert PG_URL is not None
-    schema = f"agor_hub_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL, poolclass=NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+    with fresh_schema(PG_URL, "agor_hub") as (url, _):
+        yield url
 
 
 async def test_writes_fan_out_and_resume_across_restart_on_postgres(pg_url: str) -> None:

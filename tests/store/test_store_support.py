@@ -8,7 +8,6 @@ Each test runs against a real SQLite file in ``tmp_path`` and, when
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from agor_actors.store import EventDraft, Mutation, SqlStore, WriteRequest, open_store
+from tests.pg_schema import fresh_schema
 
 PG_URL = os.environ.get("AGOR_TEST_PG_URL", "")
 
@@ -90,19 +90,12 @@ def backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
         finally:
             b.close()
         return
-    schema = f"agor_test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(PG_URL, poolclass=NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    b = Backend(kind, url.render_as_string(hide_password=False), schema)
-    try:
-        yield b
-    finally:
-        b.close()
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+    with fresh_schema(PG_URL, "agor_test") as (url, schema):
+        b = Backend(kind, url, schema)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 # --------------------------------------------------------------------------- builders
