@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
 
-from ..broker import PUBLISHER_NAME, BrokerPublisher, RoomFeed, open_redis_link
+from ..broker import PUBLISHER_NAME, BrokerLink, BrokerPublisher, RoomFeed, open_redis_link
 from ..domain import Principal, ServiceError
 from ..domain.presence import (
     PresenceConfig,
@@ -1091,6 +1091,7 @@ async def open_hub(
     limits: UserLimits | None = None,
     broker_url: str | None = None,
     commit_linger_s: float = 0.0,
+    broker: BrokerLink | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -1108,7 +1109,9 @@ async def open_hub(
     taken under the rooms' row locks), it publishes what it commits, and
     its rooms take the other daemons' commits for the rooms its clients
     joined; its board rooms show the other daemons' users there too
-    (``presence`` sets the heartbeat and the liveness timeout).
+    (``presence`` sets the heartbeat and the liveness timeout).  A
+    ``broker`` link passed in (the simulator's) is used instead of one to
+    ``broker_url``, and makes a cluster node the same way.
 
     ``commit_linger_s``: how long a busy store writer waits for more writes
     before committing a group (see :class:`~agor_actors.store.StoreWriter`;
@@ -1130,6 +1133,7 @@ async def open_hub(
             limits=limits,
             broker_url=broker_url,
             commit_linger_s=commit_linger_s,
+            broker=broker,
         ) as hub:
             yield hub
 
@@ -1150,9 +1154,10 @@ async def _open_hub(
     limits: UserLimits | None = None,
     broker_url: str | None = None,
     commit_linger_s: float = 0.0,
+    broker: BrokerLink | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
-    cluster = broker_url is not None
+    cluster = broker_url is not None or broker is not None
     if store is None:
         if db_url is None:
             if data_dir is None:
@@ -1209,8 +1214,8 @@ async def _open_hub(
         node = world.entropy.new_id(world.wall.now_ms())
         """This daemon among the cluster's (it skips its own broadcasts)."""
         opened = contextlib.AsyncExitStack()
-        link = None
-        if broker_url is not None:
+        link = broker
+        if link is None and broker_url is not None:
             link = await opened.enter_async_context(open_redis_link(broker_url))
 
         def writer(name: str) -> Behaviour[Any]:
