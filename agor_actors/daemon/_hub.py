@@ -51,7 +51,7 @@ from ..identity import AccessTokens, Authentication, IdentityConfig, Passwords, 
 from ..marks import mark
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
-from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
+from ..runtime import ActorDead, ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..services import (
     MINTS_ID,
     READ_METHODS,
@@ -175,6 +175,9 @@ class Hub:
         self._connections_of: dict[str, set[str]] = {}
         self._pending_of: dict[str, int] = {}
         self._joining: set[str] = set()
+        self._lost_joins: set[str] = set()
+        """Joins whose room's actor ended while their Subscribe was on its
+        way (a subset of ``_joining``): the join tells its client to resume."""
         self._rechecks = 0
         """Rechecks begun: a join checked before one began asks again."""
         self._revoked: dict[str, str] = {}
@@ -221,6 +224,9 @@ class Hub:
                     continue
                 del subs[room]
                 self._unwatch(sub)
+                if sub.key in self._joining:
+                    # its Subscribe may be answered by the next incarnation
+                    self._lost_joins.add(sub.key)
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     # what was offered but not sent yet is resent too
                     sub.outbox.room_lost(room)
@@ -801,6 +807,7 @@ class Hub:
                     await ref.send(Resync())
         finally:
             self._joining.discard(sub.key)
+            self._lost_joins.discard(sub.key)
             reason = self._revoked.pop(sub.key, None)
         if reason is not None and not turned_away:
             # revoked while joining: the room may have taken it meanwhile
@@ -816,10 +823,15 @@ class Hub:
         registry = self.system.registry
         result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
         if not isinstance(result, CatchUp):
+            if sub.key in self._lost_joins and result != "revoked":
+                await self._join_lost(sub)
             return bool(result == "revoked")
         assert since is not None
         outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
         outbox.open_room(room, since.seq)
+        if sub.key in self._lost_joins:
+            await self._join_lost(sub)
+            return False
         after = since.seq
         store = self.store
         page_size = max(1, min(500, outbox.max_messages // 2))
@@ -849,6 +861,21 @@ class Hub:
                     return bool(result == "revoked")
         except OutboxClosed:
             return False
+
+    async def _join_lost(self, sub: Subscription) -> None:
+        """``sub``'s room actor ended while its Subscribe was on its way, and
+        the hub forgot it (its ``lagged`` could not be queued: nothing was
+        offered yet).  Whichever incarnation answered, the client has its
+        ``joined`` by now: it is told ``lagged`` from where the join started,
+        so that it joins again, and a new incarnation that took the
+        subscription lets it go (the hub no longer knows it)."""
+        self._lost_joins.discard(sub.key)
+        ref = self.system.registry.lookup(_room_actor(sub.room)[0])
+        if ref is not None:
+            with contextlib.suppress(ActorDead):
+                await ref.send(Unsubscribe(sub.key))
+        with contextlib.suppress(OutboxClosed, OutboxOverflow):
+            sub.outbox.room_lost(sub.room)
 
     # ------------------------------------------------------------ revocation
 
