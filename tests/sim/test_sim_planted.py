@@ -25,8 +25,13 @@ EXPECTED = {
 }
 
 
+CLUSTER_ONLY = {"two_nodes_one_seq"}
+"""Bugs of a shared store: caught by the multi-node runs
+(``tests/sim/test_sim_nodes.py``); the single-node seeds here have none."""
+
+
 def test_every_planted_bug_has_an_expectation() -> None:
-    assert set(EXPECTED) == set(PLANTED)
+    assert set(EXPECTED) | CLUSTER_ONLY == set(PLANTED)
 
 
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
