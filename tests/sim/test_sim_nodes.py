@@ -21,7 +21,7 @@ from sim_support import run_sim
 from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
 from agor_actors.store import SqlStore, open_store
 from agor_actors.world import InlineBlocking, SeededEntropy, simulated_world
-from protocols import Codec, Event, Joined, Limits, decode_server_frame
+from protocols import Codec, Event, Joined, Limits, Since, decode_server_frame
 from sim import draw_config
 from sim._broker import SimBroker
 from sim._faults import FaultyBlocking, StoreFaults
@@ -203,3 +203,36 @@ def test_the_multi_node_sweep_catches_two_nodes_assigning_one_seq(tmp_path: path
     assert status == 1 and failures, f"two_nodes_one_seq went unnoticed:\n{output}"
     found = {v["kind"] for r in failures for v in r["violations"]}
     assert found & {"seq", "log", "ack"}, found
+
+
+async def test_a_client_resuming_on_a_node_whose_room_is_behind_is_not_told_an_older_head(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client that saw a room through one node and resumes on another
+    whose room has not heard of the latest commits yet (its broadcasts were
+    lost: the node is cut from the broker) must not be answered ``joined``
+    at that room's older head: the room reads its log first."""
+    async with cluster() as c:
+        first, second = c.hubs
+        session = await call(first, "sessions", "create", data={"title": "S"})
+        sid, room = session["id"], f"session:{session['id']}"
+        behind = Outbox(Codec.JSON)
+        await second.join(OWNER, "on-second", behind, room, None)  # its room runs, at seq 1
+        joined = (await read(behind, lambda m: any(isinstance(x, Joined) for x in m), 5))[0]
+        assert isinstance(joined, Joined) and joined.seq == 1
+        c.broker.cut(1, 60_000_000)  # nothing reaches the second node meanwhile
+        viewer = Outbox(Codec.JSON)
+        await first.join(OWNER, "viewer", viewer, room, None)
+        for n in range(3):
+            await trio.sleep(0.01)
+            await call(first, "sessions", "patch", id=sid, data={"title": f"t{n}"})
+        seen = await read(viewer, lambda m: seqs(m)[-1:] == [4], 5)
+        assert seqs(seen) == [2, 3, 4]
+
+        # the viewer's connection moves to the second node (within its
+        # room's head check period: nothing repaired it yet)
+        moved = Outbox(Codec.JSON)
+        await second.join(OWNER, "viewer-again", moved, room, Since(joined.epoch, 4))
+        got = await read(moved, lambda m: any(isinstance(x, Joined) for x in m), 5)
+        again = next(x for x in got if isinstance(x, Joined))
+        assert (again.seq, again.recovered) == (4, True)
