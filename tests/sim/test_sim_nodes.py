@@ -236,3 +236,43 @@ async def test_a_client_resuming_on_a_node_whose_room_is_behind_is_not_told_an_o
         got = await read(moved, lambda m: any(isinstance(x, Joined) for x in m), 5)
         again = next(x for x in got if isinstance(x, Joined))
         assert (again.seq, again.recovered) == (4, True)
+
+
+async def test_two_nodes_started_together_on_an_empty_database_both_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Both find no owner and both insert it (the same row, from the same
+    token): the second insert's conflict is the first one's owner."""
+    trace = Trace()
+    epochs = SeededEntropy("together/epochs")
+    store = open_store("sqlite://", new_epoch=lambda: epochs.new_id(0))
+    faults = StoreFaults(store, trace)
+    broker = SimBroker(2, trace, latency_us=(1_000, 0))
+    up: list[int] = []
+    both, done = trio.Event(), trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def node(n: int) -> None:
+                # store calls that take time: both read before either writes
+                world = attrs.evolve(
+                    simulated_world(f"together/{n}"),
+                    blocking=FaultyBlocking(InlineBlocking(), faults, latency_us=2_000),
+                )
+                own = SqlStore(store.engine, new_epoch=lambda: epochs.new_id(0), shared=True)
+                async with open_hub(world, store=own, owner_token="t", broker=broker.link(n, 1)):
+                    up.append(n)
+                    if len(up) == 2:
+                        both.set()
+                    await done.wait()
+
+            nursery.start_soon(node, 0)
+            nursery.start_soon(node, 1)
+            with trio.fail_after(5):
+                await both.wait()
+            done.set()
+        assert sorted(up) == [0, 1]
+        owner = store.get("users", "owner")
+        assert owner is not None and owner["is_owner"]
+    finally:
+        store.close()
