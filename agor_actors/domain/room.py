@@ -370,7 +370,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 if self.is_board and not body.sub.activity:
                     # the newcomer gets the whole facepile in the next flush
                     effects += self._schedule_flush(state, now)
-                return effects
+                return effects + self._watch_head(state)
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
             if isinstance(body, Revoke):
@@ -435,6 +435,15 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.head_check = True
             effects.append(StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True))
         return effects
+
+    def _watch_head(self, state: RoomState) -> list[Effect]:
+        """A cluster node's room checks its log's head from its first
+        subscriber on, not only once something was committed to it: the
+        broadcast of the only commit since it started may have been lost."""
+        if not self.store.shared or not state.subscribers or state.head_check:
+            return []
+        state.head_check = True
+        return [StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True)]
 
     def _log_known(self, state: RoomState) -> bool:
         """Whether the store's own record of what it committed (no read)
@@ -686,7 +695,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             effects.append(Reply(request.reply_to, self._subscribe(state, body)))
             if self.is_board and not body.sub.activity:
                 effects += self._schedule_flush(state, now)
-        return effects
+        return effects + self._watch_head(state)
 
     def _revoke(self, state: RoomState, body: Revoke) -> bool:
         member = state.subscribers.pop(body.key, None)
