@@ -134,6 +134,8 @@ class SimBrokerLink:
         latency, jitter = self._broker.latency_us
         await trio.sleep((latency + self._rng.randint(0, jitter)) / 1_000_000)
         await self._alive()
+        if self._broker.is_cut(self.node):  # cut on the way: lost
+            raise BrokerCut(f"node {self.node} lost the broker")
 
     async def _alive(self) -> None:
         if self.fenced:  # a dead process waits for good
@@ -193,7 +195,8 @@ class SimBroker:
         self.published = 0
         self.delivered = 0
         self.lost_cut = 0
-        """Messages a cut node's sessions would have got."""
+        """Messages a cut node's sessions would have got (none: a cut ends
+        them; counted in case one outlives it)."""
         self.overflows = 0
 
     def link(self, node: int, incarnation: int) -> SimBrokerLink:
