@@ -266,7 +266,11 @@ def plant(*names: str) -> tuple[str, ...]:
     unknown = sorted(set(names) - set(PLANTED))
     if unknown:
         raise ValueError(f"no planted bug {', '.join(unknown)}; known: {', '.join(PLANTED)}")
+    for name, (owner, attr, _wrap) in _PATCHES.items():
+        setattr(owner, attr, _ORIGINALS[name])
+    # then the planted ones (two may wrap one function: retry_seq_reused and
+    # two_nodes_one_seq; restoring it after the first would undo it)
     for name, (owner, attr, wrap) in _PATCHES.items():
-        original = _ORIGINALS[name]
-        setattr(owner, attr, wrap(original) if name in names else original)
+        if name in names:
+            setattr(owner, attr, wrap(_ORIGINALS[name]))
     return tuple(n for n in PLANTED if n in names)

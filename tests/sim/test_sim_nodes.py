@@ -153,14 +153,18 @@ async def test_a_node_cut_from_the_store_answers_unavailable_and_recovers(
 
 
 def test_the_cluster_profile_draws_several_nodes_and_leaves_single_seeds_alone() -> None:
+    on = {"broker_cut": 0, "store_cut": 0}
     for seed in range(50):
         config = draw_config(seed, "cluster")
         assert config.nodes in (2, 3)
         assert "epoch_reset" not in dict(config.faults)
+        for kind in on:
+            on[kind] += kind in dict(config.faults)
         single = draw_config(seed, "ci")
         assert single.nodes == 1
         assert not {"broker_cut", "store_cut"} & set(dict(single.faults))
         assert "nodes" not in single.describe()
+    assert all(0 < n < 50 for n in on.values()), on  # swarm: on in some seeds, off in others
 
 
 def test_a_small_multi_node_sweep_is_green_and_replays(tmp_path: pathlib.Path) -> None:
