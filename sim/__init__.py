@@ -10,6 +10,7 @@ recipe that makes trio runs deterministic.
 """
 
 from ._cli import KNOWN_BUGS as KNOWN_BUGS
+from ._cli import KNOWN_CLUSTER_BUGS as KNOWN_CLUSTER_BUGS
 from ._cli import main as main
 from ._config import EXCLUDABLE as EXCLUDABLE
 from ._config import FAULT_KINDS as FAULT_KINDS

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+import sqlalchemy as sa
 
 from agor_actors.domain.room import to_event
 from agor_actors.store import SqlStore, StoredEvent
@@ -67,6 +68,7 @@ __all__ = [
     "check_mirrors",
     "check_presence",
     "check_renames",
+    "check_seqs",
     "check_streams",
     "presence_problems",
     "room_log",
@@ -193,6 +195,58 @@ def check_log(
                     "log", client, f"{room}: applied seq {item.seq} of epoch {item.epoch}"
                 )
                 break
+
+
+def check_seqs(store: SqlStore, recorder: Recorder) -> None:
+    """No seq assigned twice (the multi-node runs' check), in two places:
+
+    - the store's log: in every room, the events' seq ranges (a merged
+      event covers ``seq..last_seq``) follow one another from 1 to the
+      room's head, each seq covered once, all of the room's epoch;
+    - what the clients saw: two clients (or one, twice) that applied
+      different events, or one event with different ranges, at one
+      ``(room, epoch, seq)``."""
+    with store.engine.connect() as conn:
+        heads = conn.execute(sa.text("SELECT room, epoch, head_seq FROM rooms ORDER BY room")).all()
+        for room, epoch, head in heads:
+            rows = conn.execute(
+                sa.text("SELECT seq, last_seq, epoch FROM events WHERE room = :room ORDER BY seq"),
+                {"room": room},
+            ).all()
+            expected = 1
+            for seq, last_seq, row_epoch in rows:
+                end = last_seq if last_seq is not None else seq
+                if seq != expected or end < seq or row_epoch != epoch:
+                    what = "taken twice" if seq < expected else "not where the last ended"
+                    recorder.violate(
+                        "seq",
+                        "store",
+                        f"{room}: event {seq}..{end} (epoch {row_epoch}) {what}: "
+                        f"expected seq {expected} of epoch {epoch}",
+                    )
+                    break
+                expected = end + 1
+            else:
+                if expected - 1 != head:
+                    recorder.violate(
+                        "seq",
+                        "store",
+                        f"{room}: the log ends at {expected - 1}, the head is {head}",
+                    )
+    seen: dict[tuple[str, str, int], tuple[bytes, int, str]] = {}
+    reported: set[tuple[str, str, int]] = set()
+    for (client, room), applied in sorted(recorder.applied.items()):
+        for item in applied:
+            key = (room, item.epoch, item.seq)
+            first = seen.setdefault(key, (item.digest, item.end, client))
+            if first[:2] != (item.digest, item.end) and key not in reported:
+                reported.add(key)
+                recorder.violate(
+                    "seq",
+                    client,
+                    f"{room}: seq {item.seq} of epoch {item.epoch} was another event for "
+                    f"{first[2]} (seq assigned twice)",
+                )
 
 
 def _event_for(log: dict[int, StoredEvent], seq: int) -> StoredEvent | None:

@@ -10,6 +10,7 @@ from typing import Final, Literal
 import attrs
 
 __all__ = [
+    "CLUSTER_ONLY",
     "EXCLUDABLE",
     "FAULT_KINDS",
     "PROFILES",
@@ -43,7 +44,15 @@ FAULT_KINDS: Final = (
     "store_chunk",  # the same for the rows of streamed messages (a chunk refused on its own)
     "daemon_crash",  # the daemon dies (memory gone, store kept) and starts again
     "epoch_reset",  # the daemon dies and a room's log is reset meanwhile (a new epoch)
+    "broker_cut",  # (cluster) a node loses the broker, then heals; what was published is lost
+    "store_cut",  # (cluster) a node loses the store: its store calls fail, then heal
 )
+
+CLUSTER_ONLY: Final = ("broker_cut", "store_cut")
+"""Fault kinds only a multi-node run has (drawn in the ``cluster`` profile only)."""
+NOT_CLUSTER: Final = ("epoch_reset",)
+"""Fault kinds a multi-node run does not draw (a room's log reset while
+other nodes serve it is not something the product supports)."""
 
 WORKLOADS: Final = (
     "windows",  # users with several windows: edits, tasks, navigation
@@ -53,7 +62,7 @@ WORKLOADS: Final = (
     "access",  # guests shared a session and a board, then revoked mid-stream
 )
 
-PROFILES: Final = ("ci", "full")
+PROFILES: Final = ("ci", "full", "cluster")
 
 EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate", "bursts")
 """What ``--exclude`` accepts: fault kinds, workloads, ``duplicate``
@@ -93,7 +102,7 @@ class Fault:
             extra += f" target={self.target} span={self.span}"
         if self.kind == "one_way":
             extra += f" {self.direction}"
-        if self.kind.startswith("crash") or self.kind == "epoch_reset":
+        if self.kind.startswith("crash") or self.kind in ("epoch_reset", *CLUSTER_ONLY):
             extra += f" target={self.target}"
         if self.kind in ("store_request", "store_chunk"):
             extra += f" target={self.target}"
@@ -144,6 +153,15 @@ class SimConfig:
     commit_linger_s: float = 0.0
     """How long a busy store writer waits for more writes (``serve
     --commit-linger-ms``; 0: it commits each group at once)."""
+    nodes: int = 1
+    """Daemons sharing the store and a simulated broker (the ``cluster``
+    profile: 2 or 3; 1: one daemon and no broker, as before)."""
+    broker_latency_us: tuple[int, int] = (0, 0)
+    """A hop between a node and the broker: latency and jitter (us)."""
+    broker_message_max: int | None = None
+    """The longest message the broker takes (None: Redis; 5,997 bytes:
+    LISTEN/NOTIFY's; a small bound makes the publisher cut often and send
+    events too long alone as "lost" markers)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -171,6 +189,13 @@ class SimConfig:
             f"{'default' if self.idle_s is None else f'{self.idle_s:g}s'}, "
             f"presence grace {self.grace_s:g}s, commit linger {self.commit_linger_s * 1000:g} ms",
         ]
+        if self.nodes > 1:
+            latency, jitter = self.broker_latency_us
+            lines.append(
+                f"  nodes {self.nodes} on one store and one broker "
+                f"(latency {latency} us jitter {jitter} us, messages up to "
+                f"{self.broker_message_max or 'any'} B)"
+            )
         for c in self.clients:
             lines.append(
                 f"  client {c.name}: user {c.user} {c.role} {'cbor' if c.cbor else 'json'} "
@@ -206,7 +231,7 @@ class Swarm:
 DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
 """The chance that any one fault kind is on in a seed (one drawn per seed)."""
 
-RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0)}
+RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0), "cluster": (1.0, 60.0)}
 """The range of a fault kind's rate per virtual minute (log-uniform)."""
 
 BURST_CHUNK_PER_S: Final = 400
@@ -225,7 +250,10 @@ def draw_swarm(seed: int, profile: str = "ci") -> Swarm:
     low, high = RATE_PER_MIN[profile]
     faults: list[tuple[str, float]] = []
     rates: list[tuple[str, float]] = []
+    cluster = profile == "cluster"
     for kind in FAULT_KINDS:
+        if (kind in CLUSTER_ONLY and not cluster) or (kind in NOT_CLUSTER and cluster):
+            continue
         rng = random.Random(f"swarm:{profile}:{seed}:{kind}")
         on = rng.random() < density
         rate = low * (high / low) ** rng.random()
@@ -317,6 +345,15 @@ def draw_config(
     # 20 ms, or none as the library's default)
     linger = random.Random(f"linger:{profile}:{seed}")
     config = attrs.evolve(config, commit_linger_s=(0.0, 0.002, 0.02)[linger.randrange(3)])
+    if profile == "cluster":  # streams of their own: the draws above stay as they were
+        nodes = random.Random(f"nodes:{profile}:{seed}")
+        config = attrs.evolve(
+            config,
+            nodes=nodes.choice((2, 3)),
+            broker_latency_us=(nodes.choice((100, 1_000, 5_000)), nodes.choice((0, 500, 2_000))),
+        )
+        # drawn after the others, so they stay as they were
+        config = attrs.evolve(config, broker_message_max=nodes.choice((None, None, 5_997, 700, 300)))
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent
         # meanwhile queue up at the writer and go in one group
@@ -377,6 +414,8 @@ def draw_faults(config: SimConfig) -> tuple[Fault, ...]:
                 duration = rng.randint(10_000, 3_000_000)
             elif kind in ("store_request", "store_chunk"):
                 duration = rng.randint(200_000, 4_000_000)
+            elif kind in CLUSTER_ONLY:
+                duration = rng.randint(100_000, 5_000_000)
             faults.append(Fault(t, kind, target, span, duration, direction))
     faults.sort(key=lambda f: (f.at_us, FAULT_KINDS.index(f.kind), f.target))
     return tuple(faults)

@@ -10,6 +10,13 @@ links are reset, the incarnation's store seam is fenced (a dead process
 touches nothing any more) and its scope is cancelled; its teardown, which a
 real crash would not run, finishes in the background while the next
 incarnation starts after the configured delay.
+
+In a multi-node run (``node`` and ``broker`` given) there are several of
+these on one engine: each incarnation's store is ``shared`` (seqs taken
+under the rooms' head rows, as on PostgreSQL), its hub a cluster node on
+its own link to the simulated broker (fenced when it crashes), its store
+seam can be cut from the store (``store_cut``), and it accepts the
+connections the network routes to it.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from agor_actors.store import SqlStore
 from agor_actors.world import InlineBlocking, SeededEntropy, VirtualWallClock, simulated_world
 from protocols import negotiate
 
+from ._broker import SimBroker, SimBrokerLink
 from ._faults import FaultyBlocking, StoreFaults
 from ._net import Conn, Network, ServerSide
 from ._record import Recorder
-from ._trace import Trace
+from ._trace import Trace, now_us
 
 __all__ = ["SimDaemon"]
 
@@ -49,6 +57,7 @@ class _Incarnation:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     hub: Hub | None = None
     state: AppState | None = None
+    link: SimBrokerLink | None = None
     crashed: bool = False
     ended: trio.Event = attrs.field(factory=trio.Event)
 
@@ -67,6 +76,8 @@ class SimDaemon:
         trace: Trace,
         recorder: Recorder,
         limits: dict[str, Any] | None = None,
+        node: int | None = None,
+        broker: SimBroker | None = None,
     ) -> None:
         self._seed = seed
         self._engine = engine
@@ -83,7 +94,17 @@ class SimDaemon:
         self._up_lot = trio.lowlevel.ParkingLot()
         self._crashed = trio.Event()
         self._down_for_s = 0.0
-        self._epochs = SeededEntropy(f"{seed}/store/epochs")
+        self.node = node
+        """This daemon's number in a multi-node run (None: the one daemon)."""
+        self._broker = broker
+        self._cut_until_us = 0
+        self.ending = False
+        """Set by the runner once the run is over (its checks made): a
+        multi-node daemon's teardown under the run's cancellation is then
+        not a finding (its actors are cancelled while its drain waits)."""
+        self._epochs = SeededEntropy(
+            f"{seed}/store/epochs" if node is None else f"{seed}/node{node}/store/epochs"
+        )
         self.incarnations = 0
         self.crashes = 0
         self.served = 0
@@ -114,7 +135,29 @@ class SimDaemon:
         """A store object on the shared database, as a new process opens it."""
         wall = VirtualWallClock()
         epochs = self._epochs
-        return SqlStore(self._engine, new_epoch=lambda: epochs.new_id(wall.now_ms()))
+        return SqlStore(
+            self._engine,
+            new_epoch=lambda: epochs.new_id(wall.now_ms()),
+            shared=self.node is not None,
+        )
+
+    @property
+    def _who(self) -> str:
+        return "daemon" if self.node is None else f"node {self.node}"
+
+    def cut_store(self, duration_us: int) -> None:
+        """Cut this node from the store for ``duration_us``: its store
+        calls fail as unavailable (connections refused) meanwhile."""
+        self._cut_until_us = max(self._cut_until_us, now_us() + duration_us)
+        self._trace.emit(
+            "fault", f"{self._who} cut from the store until {self._cut_until_us / 1e6:.3f}s"
+        )
+
+    def heal_store(self) -> None:
+        self._cut_until_us = 0
+
+    def _store_cut(self) -> bool:
+        return now_us() < self._cut_until_us
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the daemon, again after each crash, until cancelled."""
@@ -123,13 +166,19 @@ class SimDaemon:
             while True:
                 self.incarnations += 1
                 blocking = FaultyBlocking(
-                    InlineBlocking(), self._store_faults, latency_us=self._store_latency_us
+                    InlineBlocking(),
+                    self._store_faults,
+                    latency_us=self._store_latency_us,
+                    cut=None if self.node is None else self._store_cut,
                 )
                 incarnation = _Incarnation(self.incarnations, blocking)
+                if self._broker is not None:
+                    incarnation.link = self._broker.link(self.node or 0, incarnation.number)
                 self._current = incarnation
                 self._crashed = trio.Event()
+                prefix = "" if self.node is None else f"node{self.node}:"
                 nursery.start_soon(
-                    self._incarnation, incarnation, name=f"daemon:{incarnation.number}"
+                    self._incarnation, incarnation, name=f"{prefix}daemon:{incarnation.number}"
                 )
                 if not started:
                     started = True
@@ -138,16 +187,19 @@ class SimDaemon:
                 await trio.sleep(self._down_for_s)
 
     async def _incarnation(self, incarnation: _Incarnation) -> None:
-        world = attrs.evolve(
-            simulated_world(f"{self._seed}/daemon/{incarnation.number}"),
-            blocking=incarnation.blocking,
-        )
+        stream = f"{self._seed}/daemon/{incarnation.number}"
+        if self.node is not None:
+            stream = f"{self._seed}/node{self.node}/daemon/{incarnation.number}"
+        world = attrs.evolve(simulated_world(stream), blocking=incarnation.blocking)
+        cluster: dict[str, Any] = {}
+        if incarnation.link is not None:
+            cluster["broker"] = incarnation.link
         failed_start = False
         with incarnation.scope:
             try:
                 store = self.new_store()
                 async with open_hub(
-                    world, store=store, owner_token=self._token, **self._limits
+                    world, store=store, owner_token=self._token, **self._limits, **cluster
                 ) as hub:
                     state = AppState(hub=hub, world=world, settings=self.settings)
                     async with trio.open_nursery() as connections:
@@ -159,8 +211,11 @@ class SimDaemon:
                             return True
 
                         incarnation.hub, incarnation.state = hub, state
-                        self._net.accept = accept
-                        self._trace.emit("daemon", f"up (incarnation {incarnation.number})")
+                        self._net.set_accept(self.node or 0, accept)
+                        up = f"up (incarnation {incarnation.number})"
+                        self._trace.emit(
+                            "daemon", up if self.node is None else f"node {self.node} {up}"
+                        )
                         self._up_lot.unpark_all()
                         await trio.sleep_forever()
             except* Exception as group:
@@ -173,12 +228,14 @@ class SimDaemon:
             if failed_start:
                 self._trace.emit("daemon", "restarting after a failed start")
             self._down_for_s = RESTART_AFTER_FAILED_START_S
-            self._net.accept = None
+            self._net.set_accept(self.node or 0, None)
+            if incarnation.link is not None:
+                incarnation.link.fence()
             self._crashed.set()
 
     def _failed(self, incarnation: _Incarnation, group: ExceptionGroup[Exception]) -> None:
         for exc in _leaves(group):
-            if incarnation.crashed:
+            if incarnation.crashed or (self.ending and self.node is not None):
                 # A real crash runs no teardown: what failed in this one is a
                 # finding for the trace, not a violation.
                 self._recorder.count(f"crash_teardown_error:{type(exc).__name__}")
@@ -187,7 +244,7 @@ class SimDaemon:
                 self._recorder.count(f"start_failed:{type(exc).__name__}")
                 self._trace.emit("daemon", f"start failed: {exc!r}")
             else:
-                self._recorder.violate("daemon", "daemon", f"the daemon failed: {exc!r}")
+                self._recorder.violate("daemon", self._who, f"the daemon failed: {exc!r}")
 
     def crash(self, down_for_us: int) -> bool:
         """Kill the daemon now; the next one starts ``down_for_us`` later."""
@@ -197,10 +254,12 @@ class SimDaemon:
         self.crashes += 1
         current.crashed = True
         current.blocking.fence()
+        if current.link is not None:
+            current.link.fence()
         self._down_for_s = down_for_us / 1_000_000
-        self._net.accept = None
-        self._net.reset_all("daemon crash")
-        self._trace.emit("fault", f"daemon crash (incarnation {current.number})")
+        self._net.set_accept(self.node or 0, None)
+        self._net.reset_all("daemon crash", self.node)
+        self._trace.emit("fault", f"{self._who} crash (incarnation {current.number})")
         current.scope.cancel()
         self._crashed.set()
         return True

@@ -38,7 +38,7 @@ from agor_actors.world import Blocking
 
 from ._trace import Trace, now_us
 
-__all__ = ["FaultyBlocking", "SimPoison", "StoreFaults", "poison"]
+__all__ = ["CUT_OFF", "FaultyBlocking", "SimPoison", "StoreFaults", "poison"]
 
 T = TypeVar("T")
 
@@ -56,6 +56,9 @@ REFUSABLE: Final = ("sessions", "tasks", "sessions", "boards")
 """The tables whose rows a ``store_request`` fault can refuse, by its
 target (sessions twice: they take the most writes at once), (a
 ``store_chunk`` fault refuses ``messages`` rows: streamed chunks)."""
+
+CUT_OFF: Final = "simulated: node cut off"
+"""In the error of a store call of a node cut from the store."""
 
 REFUSE_CHANCE: Final = 1 / 2
 """The chance that a row is refused while a ``store_request`` fault lasts."""
@@ -148,11 +151,21 @@ class FaultyBlocking:
     from a worker thread does.  Cancelled after the call ran, the work is
     done and its answer lost, as with an abandoned worker thread."""
 
-    def __init__(self, inner: Blocking, faults: StoreFaults, *, latency_us: int = 0) -> None:
+    def __init__(
+        self,
+        inner: Blocking,
+        faults: StoreFaults,
+        *,
+        latency_us: int = 0,
+        cut: Callable[[], bool] | None = None,
+    ) -> None:
         self._inner = inner
         self._faults = faults
         self._half_s = latency_us / 2 / 1_000_000
         self._fenced = False
+        self._cut = cut
+        """True while this node is cut from the store (multi-node runs)."""
+        self.refused = 0
 
     def fence(self) -> None:
         """The process is dead: from now on nothing reaches the store."""
@@ -175,6 +188,9 @@ class FaultyBlocking:
         if self._half_s:
             await trio.sleep(self._half_s)
         await self._alive()
+        if self._cut is not None and self._cut():
+            self.refused += 1
+            raise StoreUnavailable(f"the store cannot be reached ({CUT_OFF})")
         result = await self._inner.run(call)
         if self._half_s:
             await trio.sleep(self._half_s)

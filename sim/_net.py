@@ -266,6 +266,8 @@ class Conn:
         self.gone = trio.Event()
         """Set when the server's handler must stop: reset, or the client's close arrived."""
         self.reset_by: str | None = None
+        self.node = 0
+        """The node (daemon) that accepted it."""
 
     def reset(self, why: str, trace: Trace) -> None:
         if self.reset_by is not None:
@@ -370,8 +372,12 @@ class Network:
         self.paths: dict[str, PathState] = {name: PathState() for name in latency_us}
         self.conns: dict[str, Conn] = {}
         self._ordinals: dict[str, int] = dict.fromkeys(latency_us, 0)
-        self.accept: Callable[[Conn], bool] | None = None
-        """Set by the daemon while it accepts connections."""
+        self.accepts: dict[int, Callable[[Conn], bool]] = {}
+        """Per node: set by its daemon while it accepts connections."""
+        self.nodes = 1
+        """Daemons a client may reach (more than one: each connect picks one
+        of those accepting, from the client's own stream)."""
+        self._routes: dict[str, random.Random] = {}
         self.connects = 0
         self.refused = 0
         self._links: list[Link] = []
@@ -419,7 +425,7 @@ class Network:
             down=link("down", path.down, self._dup_per_mille, codec),
         )
         self._links += (conn.up, conn.down)
-        accept = self.accept
+        accept = self._route(conn) if self.nodes > 1 else self.accepts.get(0)
         if accept is None or not accept(conn):
             self.refused += 1
             self._trace.emit("connect", f"{name} refused")
@@ -431,6 +437,30 @@ class Network:
         self.connects += 1
         self._trace.emit("connect", f"{name} {codec.value}")
         return ClientSide(conn, self._trace, path)
+
+    @property
+    def accept(self) -> Callable[[Conn], bool] | None:
+        """The one daemon's acceptor (node 0)."""
+        return self.accepts.get(0)
+
+    def set_accept(self, node: int, accept: Callable[[Conn], bool] | None) -> None:
+        if accept is None:
+            self.accepts.pop(node, None)
+        else:
+            self.accepts[node] = accept
+
+    def _route(self, conn: Conn) -> Callable[[Conn], bool] | None:
+        """A node for ``conn`` among those accepting (a load balancer that
+        sends each new connection to any node that is up)."""
+        rng = self._routes.get(conn.client)
+        if rng is None:
+            rng = self._routes[conn.client] = random.Random(f"{self._seed}/route/{conn.client}")
+        nodes = sorted(self.accepts)
+        if not nodes:
+            return None
+        conn.node = nodes[rng.randrange(len(nodes))]
+        self._trace.emit("route", f"{conn.name} to node {conn.node}")
+        return self.accepts[conn.node]
 
     def dialer(self, client: str) -> NetDialer:
         """``client``'s way to the server, for :class:`agor_actors.client.Client`."""
@@ -474,9 +504,11 @@ class Network:
         conn.reset(why, self._trace)
         return True
 
-    def reset_all(self, why: str) -> None:
+    def reset_all(self, why: str, node: int | None = None) -> None:
+        """Reset every connection (of ``node`` only, if given)."""
         for conn in self.conns.values():
-            conn.reset(why, self._trace)
+            if node is None or conn.node == node:
+                conn.reset(why, self._trace)
 
 
 class NetDialer:

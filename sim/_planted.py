@@ -38,12 +38,24 @@ paths of the product carry nothing of them.
     ``RoomBehaviour._revoke``: a revoked member is sent ``left``
     ``forbidden`` but stays subscribed (the room's events keep reaching a
     user who may no longer see it).
+``two_nodes_one_seq``
+    ``SqlStore._commit_group`` of a *shared* store (a cluster node's): it
+    takes each room's next seq from its own memory of what it last
+    committed, as a single writer's store does, instead of the locked head
+    row, and nothing in the database stops a second writer: the heads are
+    written without their compare-and-set and an event row at a seq this
+    store believes free is replaced (what a log without a unique ``(room,
+    seq)`` would keep twice).  Two nodes writing one room assign one seq
+    twice.  Only the multi-node runs (``--profile cluster``) have shared
+    stores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import sqlalchemy as sa
 
 import agor_actors.domain.presence as presence
 import agor_actors.domain.session as session
@@ -177,6 +189,53 @@ def _revoke_keeps_subscription(original: Any) -> Any:
     return _revoke
 
 
+def _two_nodes_one_seq(original: Any) -> Any:
+    def lock_heads(self: SqlStore, conn: sa.Connection, requests: Any) -> None:
+        memory: dict[str, tuple[str, int]] = self.__dict__.setdefault("_planted_heads", {})
+        self._heads.clear()
+        for room in sorted({d.room for r in requests for d in r.events}):
+            head = memory.get(room)
+            if head is None:
+                row = conn.execute(
+                    sa.text("SELECT epoch, head_seq FROM rooms WHERE room = :room"),
+                    {"room": room},
+                ).first()
+                if row is None:
+                    continue
+                head = (row[0], row[1])
+            self._heads[room] = head
+            conn.execute(
+                sa.text("DELETE FROM events WHERE room = :room AND seq > :head"),
+                {"room": room, "head": head[1]},
+            )
+
+    def write_heads(self: SqlStore, cursor: Any, group: Any) -> None:
+        for room, h in group.items():
+            cursor.execute(
+                "INSERT INTO rooms (room, epoch, head_seq) VALUES (?, ?, ?) ON CONFLICT(room)"
+                " DO UPDATE SET epoch = excluded.epoch, head_seq = excluded.head_seq",
+                (room, h.epoch, h.head),
+            )
+
+    def _commit_group(self: SqlStore, requests: Any, *, isolate_events: bool) -> Any:
+        if not self.shared:
+            return original(self, requests, isolate_events=isolate_events)
+        self.__dict__["_lock_heads"] = lock_heads.__get__(self)
+        self.__dict__["_write_heads"] = write_heads.__get__(self)
+        try:
+            results, heads = original(self, requests, isolate_events=isolate_events)
+        finally:
+            del self.__dict__["_lock_heads"], self.__dict__["_write_heads"]
+        memory: dict[str, tuple[str, int]] = self.__dict__.setdefault("_planted_heads", {})
+        for result in results:
+            if isinstance(result, WriteResult):
+                for event in result.events:
+                    memory[event.room] = (event.epoch, event.end_seq)
+        return results, heads
+
+    return _commit_group
+
+
 _Patch = tuple[Any, str, Callable[[Any], Any]]
 
 _PATCHES: dict[str, _Patch] = {
@@ -189,6 +248,7 @@ _PATCHES: dict[str, _Patch] = {
     "lagged_resume_high": (outbox, "Lagged", _lagged_resume_high),
     "retry_seq_reused": (SqlStore, "_commit_group", _retry_seq_reused),
     "revoke_keeps_subscription": (RoomBehaviour, "_revoke", _revoke_keeps_subscription),
+    "two_nodes_one_seq": (SqlStore, "_commit_group", _two_nodes_one_seq),
 }
 
 PLANTED: tuple[str, ...] = tuple(_PATCHES)
@@ -206,7 +266,11 @@ def plant(*names: str) -> tuple[str, ...]:
     unknown = sorted(set(names) - set(PLANTED))
     if unknown:
         raise ValueError(f"no planted bug {', '.join(unknown)}; known: {', '.join(PLANTED)}")
+    for name, (owner, attr, _wrap) in _PATCHES.items():
+        setattr(owner, attr, _ORIGINALS[name])
+    # then the planted ones (two may wrap one function: retry_seq_reused and
+    # two_nodes_one_seq; restoring it after the first would undo it)
     for name, (owner, attr, wrap) in _PATCHES.items():
-        original = _ORIGINALS[name]
-        setattr(owner, attr, wrap(original) if name in names else original)
+        if name in names:
+            setattr(owner, attr, wrap(_ORIGINALS[name]))
     return tuple(n for n in PLANTED if n in names)

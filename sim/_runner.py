@@ -36,6 +36,7 @@ from agor_actors.world import SeededEntropy
 
 from . import _planted
 from ._access import GUESTS, AccessWatch, access
+from ._broker import SimBroker
 from ._checks import (
     Reset,
     Resets,
@@ -46,6 +47,7 @@ from ._checks import (
     check_mirrors,
     check_presence,
     check_renames,
+    check_seqs,
     check_streams,
     presence_problems,
     room_log,
@@ -54,7 +56,7 @@ from ._client import SimClient
 from ._config import ClientSpec, Fault, Narrowing, SimConfig, draw_config, draw_faults
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
-from ._faults import REFUSABLE, StoreFaults, poison
+from ._faults import CUT_OFF, REFUSABLE, StoreFaults, poison
 from ._model import View, log_room, server_view
 from ._net import Network
 from ._record import Recorder, Violation
@@ -200,6 +202,11 @@ class _Run:
         self.frames = 0
         self._seen_crashes: set[tuple[str, str]] = set()
         self._daemon: SimDaemon | None = None
+        """The one daemon, or node 0 of several (the owner's calls go to it)."""
+        self._daemons: list[SimDaemon] = []
+        self._broker: SimBroker | None = None
+        self._reader: SqlStore | None = None
+        """Several nodes: the simulator's own store object, for heads."""
         self._net: Network | None = None
         self._store_faults: StoreFaults | None = None
         self._root: trio.CancelScope | None = None
@@ -244,28 +251,47 @@ class _Run:
             outbox_control_max=config.outbox_control_max,
         )
         owner_token = SeededEntropy(f"{self.seed}/owner").token()
-        self._daemon = daemon = SimDaemon(
-            seed=self.seed,
-            engine=store.engine,
-            store_faults=self._store_faults,
-            net=net,
-            settings=settings,
-            store_latency_us=config.store_latency_us,
-            owner_token=owner_token,
-            trace=trace,
-            recorder=self.recorder,
-            limits={
-                "ring_size": config.ring_size,
-                "idle_s": config.idle_s,
-                "presence": PresenceConfig(offline_grace_s=config.grace_s),
-                "commit_linger_s": config.commit_linger_s,
-            },
-        )
+        nodes: list[int | None] = [None]
+        if config.nodes > 1:
+            nodes = list(range(config.nodes))
+            net.nodes = config.nodes
+            self._reader = store
+            self._broker = SimBroker(
+                self.seed,
+                trace,
+                latency_us=config.broker_latency_us,
+                max_message_bytes=config.broker_message_max,
+            )
+        for node in nodes:
+            daemon = SimDaemon(
+                seed=self.seed,
+                engine=store.engine,
+                store_faults=self._store_faults,
+                net=net,
+                settings=settings,
+                store_latency_us=config.store_latency_us,
+                owner_token=owner_token,
+                trace=trace,
+                recorder=self.recorder,
+                limits={
+                    "ring_size": config.ring_size,
+                    "idle_s": config.idle_s,
+                    "presence": PresenceConfig(offline_grace_s=config.grace_s),
+                    "commit_linger_s": config.commit_linger_s,
+                },
+                node=node,
+                broker=self._broker,
+            )
+            self._daemons.append(daemon)
+        self._daemon = daemon = self._daemons[0]
         self.recorder.on_frame = ServerClaims(self.recorder, self._head_of).frame
         async with trio.open_nursery() as root:
             self._root = root.cancel_scope
-            await root.start(daemon.run, name="daemon")
+            for node, each in zip(nodes, self._daemons, strict=True):
+                await root.start(each.run, name="daemon" if node is None else f"node{node}")
             hub = await daemon.wait_up()
+            for each in self._daemons[1:]:  # a cluster is up before its clients come
+                await each.wait_up()
             layout, users = await self._setup(hub)
             self._layout = layout
             for spec in config.clients:
@@ -304,10 +330,16 @@ class _Run:
             net.heal_all()
             net.unstall_all()
             self._store_faults.disarm()
+            if self._broker is not None:
+                self._broker.heal_all()
+            for each in self._daemons:
+                each.heal_store()
             views = await self._converge(store)
             self._final_checks(store, views)
             self.virtual_s = trio.current_time()
             self.frames = net.frames
+            for each in self._daemons:
+                each.ending = True
             root.cancel_scope.cancel()
 
     async def _setup(self, hub: Hub) -> tuple[Layout, list[tuple[str, str]]]:
@@ -399,6 +431,8 @@ class _Run:
         hub = self._daemon.hub if self._daemon is not None else None
         if hub is None:
             return None
+        if self._reader is not None:  # several nodes: the database's head
+            return self._reader.room_head(log_room(room))
         return hub.store.cached_head(log_room(room))
 
     # ------------------------------------------------------------------ faults
@@ -463,11 +497,23 @@ class _Run:
             )
             self._store_faults.arm_refusals(table, fault.at_us + fault.duration_us)
             return True
+        nodes = len(self._daemons)
+        node = self._daemons[fault.target % nodes]
         if kind == "daemon_crash":
-            return self._daemon.crash(fault.duration_us)
+            return node.crash(fault.duration_us)
         if kind == "epoch_reset":
             return self._reset_epoch(fault)
-        hub = self._daemon.hub
+        if kind == "broker_cut":
+            if self._broker is None:
+                return False
+            self._broker.cut(fault.target % nodes, fault.duration_us)
+            return True
+        if kind == "store_cut":
+            if self._broker is None:
+                return False
+            node.cut_store(fault.duration_us)
+            return True
+        hub = node.hub
         if hub is None:
             return False
         prefix = {"crash_session": "session:", "crash_room": "room:", "crash_writer": "store:"}[
@@ -477,7 +523,7 @@ class _Run:
         names = [n for n in registry.names() if n.startswith(prefix)]
         if not names:
             return False
-        name = names[fault.target % len(names)]
+        name = names[fault.target // nodes % len(names)]
         ref = registry.lookup(name)
         if ref is None or not poison(ref):
             return False
@@ -492,8 +538,13 @@ class _Run:
             self._check_bounds()
 
     def _check_bounds(self) -> None:
-        assert self._daemon is not None and self._net is not None
-        hub, state = self._daemon.hub, self._daemon.state
+        for daemon in self._daemons:
+            self._check_daemon_bounds(daemon)
+        self._check_links()
+
+    def _check_daemon_bounds(self, daemon: SimDaemon) -> None:
+        assert self._net is not None
+        hub, state = daemon.hub, daemon.state
         if hub is not None:
             tree = hub.snapshot()
             for child in tree["children"]:
@@ -504,7 +555,7 @@ class _Run:
                 for actor in child.get("supervisor", {}).get("children", []):
                     self._check_actor(actor)
         if state is not None:
-            settings = self._daemon.settings
+            settings = daemon.settings
             for connection in state.connections:
                 stats = connection.outbox.statistics()
                 if (
@@ -515,6 +566,9 @@ class _Run:
                     self.recorder.violate(
                         "bound", str(connection.connection_id), f"outbox over its bound: {stats}"
                     )
+
+    def _check_links(self) -> None:
+        assert self._net is not None
         for conn in self._net.conns.values():
             for link in (conn.up, conn.down):
                 if not link.within_bound():
@@ -530,7 +584,7 @@ class _Run:
         if isinstance(depth, int) and isinstance(bound, int) and depth > bound:
             self.recorder.violate("bound", name, f"mailbox {depth} over its bound {bound}")
         crash = actor.get("last_crash")
-        if crash and "SimPoison" not in crash:
+        if crash and "SimPoison" not in crash and CUT_OFF not in crash:
             self._violate_once("crash", name, f"crashed without an injected fault: {crash}")
 
     def _violate_once(self, kind: str, who: str, detail: str) -> None:
@@ -546,7 +600,7 @@ class _Run:
         deadline = trio.current_time() + self.config.quiet_max_s
         while trio.current_time() < deadline:
             await trio.sleep(CONVERGE_POLL_S)
-            if not self._daemon.up:
+            if not all(daemon.up for daemon in self._daemons):
                 continue
             views = self._converged(store)
             if views is not None:
@@ -599,8 +653,10 @@ class _Run:
         """The quiet phase ended without convergence: say why (the mirror and
         presence checks that follow report their own differences)."""
         before = len(self.recorder.violations)
-        if not self._daemon or not self._daemon.up:
-            self.recorder.violate("liveness", "daemon", "the daemon is not up at the end")
+        for daemon in self._daemons:
+            if not daemon.up:
+                who = "daemon" if daemon.node is None else f"node {daemon.node}"
+                self.recorder.violate("liveness", who, f"the {who} is not up at the end")
         for client in self.clients:
             if not client.is_open:
                 self.recorder.violate(
@@ -644,6 +700,8 @@ class _Run:
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)
+        if len(self._daemons) > 1:
+            check_seqs(store, self.recorder)
         self.access_watch.final(self.guests)
         rooms: set[str] = set()
         for client in self.clients:

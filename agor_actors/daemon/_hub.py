@@ -27,7 +27,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
 from supervisors import ChildStartError
 
-from ..broker import PUBLISHER_NAME, BrokerPublisher, RoomFeed, broker_kind, open_broker_link
+from ..broker import (
+    PUBLISHER_NAME,
+    BrokerLink,
+    BrokerPublisher,
+    RoomFeed,
+    broker_kind,
+    open_broker_link,
+)
 from ..domain import Principal, ServiceError
 from ..domain.presence import (
     PresenceConfig,
@@ -52,7 +59,7 @@ from ..identity import AccessTokens, Authentication, IdentityConfig, Passwords, 
 from ..marks import mark
 from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
-from ..runtime import ActorRef, ActorSystem, Behaviour, Kind, open_system
+from ..runtime import ActorDead, ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..services import (
     MINTS_ID,
     READ_METHODS,
@@ -178,6 +185,9 @@ class Hub:
         self._connections_of: dict[str, set[str]] = {}
         self._pending_of: dict[str, int] = {}
         self._joining: set[str] = set()
+        self._lost_joins: set[str] = set()
+        """Joins whose room's actor ended while their Subscribe was on its
+        way (a subset of ``_joining``): the join tells its client to resume."""
         self._rechecks = 0
         """Rechecks begun: a join checked before one began asks again."""
         self._revoked: dict[str, str] = {}
@@ -224,6 +234,9 @@ class Hub:
                     continue
                 del subs[room]
                 self._unwatch(sub)
+                if sub.key in self._joining:
+                    # its Subscribe may be answered by the next incarnation
+                    self._lost_joins.add(sub.key)
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     # what was offered but not sent yet is resent too
                     sub.outbox.room_lost(room)
@@ -823,6 +836,7 @@ class Hub:
                     await ref.send(Resync())
         finally:
             self._joining.discard(sub.key)
+            self._lost_joins.discard(sub.key)
             reason = self._revoked.pop(sub.key, None)
         if reason is not None and not turned_away:
             # revoked while joining: the room may have taken it meanwhile
@@ -838,6 +852,8 @@ class Hub:
         registry = self.system.registry
         result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
         if not isinstance(result, CatchUp):
+            if sub.key in self._lost_joins and result != "revoked":
+                await self._join_lost(sub)
             return bool(result == "revoked")
         assert since is not None
         after = since.seq
@@ -850,6 +866,9 @@ class Hub:
         )
         outbox.offer_control(Joined(room=room, epoch=result.epoch, seq=result.head, recovered=True))
         outbox.open_room(room, since.seq)
+        if sub.key in self._lost_joins:
+            await self._join_lost(sub)
+            return False
         try:
             while True:
                 if first is not None:
@@ -879,6 +898,21 @@ class Hub:
                     return bool(result == "revoked")
         except OutboxClosed:
             return False
+
+    async def _join_lost(self, sub: Subscription) -> None:
+        """``sub``'s room actor ended while its Subscribe was on its way, and
+        the hub forgot it (its ``lagged`` could not be queued: nothing was
+        offered yet).  Whichever incarnation answered, the client has its
+        ``joined`` by now: it is told ``lagged`` from where the join started,
+        so that it joins again, and a new incarnation that took the
+        subscription lets it go (the hub no longer knows it)."""
+        self._lost_joins.discard(sub.key)
+        ref = self.system.registry.lookup(_room_actor(sub.room)[0])
+        if ref is not None:
+            with contextlib.suppress(ActorDead):
+                await ref.send(Unsubscribe(sub.key))
+        with contextlib.suppress(OutboxClosed, OutboxOverflow):
+            sub.outbox.room_lost(sub.room)
 
     # ------------------------------------------------------------ revocation
 
@@ -1121,6 +1155,7 @@ async def open_hub(
     limits: UserLimits | None = None,
     broker_url: str | None = None,
     commit_linger_s: float = 0.0,
+    broker: BrokerLink | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -1139,7 +1174,9 @@ async def open_hub(
     taken under the rooms' row locks), it publishes what it commits, and
     its rooms take the other daemons' commits for the rooms its clients
     joined; its board rooms show the other daemons' users there too
-    (``presence`` sets the heartbeat and the liveness timeout).
+    (``presence`` sets the heartbeat and the liveness timeout).  A
+    ``broker`` link passed in (the simulator's) is used instead of one to
+    ``broker_url``, and makes a cluster node the same way.
 
     ``commit_linger_s``: how long a busy store writer waits for more writes
     before committing a group (see :class:`~agor_actors.store.StoreWriter`;
@@ -1161,6 +1198,7 @@ async def open_hub(
             limits=limits,
             broker_url=broker_url,
             commit_linger_s=commit_linger_s,
+            broker=broker,
         ) as hub:
             yield hub
 
@@ -1181,10 +1219,11 @@ async def _open_hub(
     limits: UserLimits | None = None,
     broker_url: str | None = None,
     commit_linger_s: float = 0.0,
+    broker: BrokerLink | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
-    cluster = broker_url is not None
-    if broker_url is not None:
+    cluster = broker_url is not None or broker is not None
+    if broker is None and broker_url is not None:
         broker_kind(broker_url)  # an unknown scheme: ValueError before anything opens
     if store is None:
         if db_url is None:
@@ -1236,14 +1275,18 @@ async def _open_hub(
                 )
             )
             if isinstance(results[0], StoreError):
-                raise results[0]
+                # a cluster node started with another on an empty database:
+                # that one inserted the owner first (the same token)
+                again = await world.blocking.run(lambda: store.user_by_token_hash(token_hash))
+                if not (cluster and again is not None and again["id"] == OWNER_ID):
+                    raise results[0]
 
         metrics = Metrics()
         node = world.entropy.new_id(world.wall.now_ms())
         """This daemon among the cluster's (it skips its own broadcasts)."""
         opened = contextlib.AsyncExitStack()
-        link = None
-        if broker_url is not None:
+        link = broker
+        if link is None and broker_url is not None:
             link = await opened.enter_async_context(open_broker_link(broker_url))
 
         def writer(name: str) -> Behaviour[Any]:

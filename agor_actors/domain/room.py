@@ -142,6 +142,9 @@ REVOKED_AHEAD_MAX = 1024
 """Keys a room remembers as revoked before their join reached it; beyond,
 the oldest is forgotten (overflow policy: drop oldest; its join then ends
 itself with ``left`` a moment later, as the hub's join does)."""
+WAITING_MAX = 1024
+"""Joins from past its head that a cluster node's room holds while it reads
+its log; beyond, a join is answered at once from what the room has."""
 
 
 @attrs.frozen
@@ -253,6 +256,9 @@ class RoomState:
     window_timer: bool = False
     windows: int = 0
     """Windows that ended with a held delivery (the room was under load)."""
+    waiting: list[Request] = attrs.field(factory=list)
+    """A cluster node's joins from past this room's head (another daemon's
+    commits had not reached it): answered once it has read its log."""
 
 
 def activity_entry(event: Event | StoredEvent) -> dict[str, Any]:
@@ -349,17 +355,23 @@ class RoomBehaviour(Behaviour[RoomState]):
         return RoomState(room=room, epoch=epoch, head=seq)
 
     def can_passivate(self, state: RoomState) -> bool:
-        return not state.subscribers
+        return not state.subscribers and not state.waiting
 
     def handle(self, state: RoomState, msg: Any, now: float) -> Effects:
         if isinstance(msg, Request):
             body = msg.body
             if isinstance(body, Subscribe):
+                if self._ahead(state, body) and len(state.waiting) < WAITING_MAX:
+                    # a client that saw more of the room through another
+                    # daemon: its join waits for the log (overflow: answered
+                    # from what the room has, as a single daemon does)
+                    state.waiting.append(msg)
+                    return self._resync(state)
                 effects: list[Effect] = [Reply(msg.reply_to, self._subscribe(state, body))]
                 if self.is_board and not body.sub.activity:
                     # the newcomer gets the whole facepile in the next flush
                     effects += self._schedule_flush(state, now)
-                return effects
+                return effects + self._watch_head(state)
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
             if isinstance(body, Revoke):
@@ -375,7 +387,10 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, _PresenceBeat):
             return self._beat(state, now)
         if isinstance(msg, _Filled):
-            return self._filled(state, msg, now)
+            effects = self._filled(state, msg, now)
+            if state.waiting and not state.filling:
+                effects += self._answer_waiting(state, now)
+            return effects
         if isinstance(msg, _WindowEnd):
             return self._window_end(state, now)
         if isinstance(msg, _HeadCheck) and not state.subscribers:
@@ -421,6 +436,15 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.head_check = True
             effects.append(StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True))
         return effects
+
+    def _watch_head(self, state: RoomState) -> list[Effect]:
+        """A cluster node's room checks its log's head from its first
+        subscriber on, not only once something was committed to it: the
+        broadcast of the only commit since it started may have been lost."""
+        if not self.store.shared or not state.subscribers or state.head_check:
+            return []
+        state.head_check = True
+        return [StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True)]
 
     def _log_known(self, state: RoomState) -> bool:
         """Whether the store's own record of what it committed (no read)
@@ -649,6 +673,30 @@ class RoomBehaviour(Behaviour[RoomState]):
         if replay and not self._offer(state, member, replay):
             return "lagged"
         return "live"
+
+    def _ahead(self, state: RoomState, body: Subscribe) -> bool:
+        """Whether ``body`` joins a cluster node's room from past its head
+        in its epoch (or an epoch it has not seen yet: it started before
+        another daemon's first commit to the room)."""
+        since = body.since
+        return (
+            self.store.shared
+            and since is not None
+            and since.seq > state.head
+            and (since.epoch == state.epoch or state.epoch == "")
+        )
+
+    def _answer_waiting(self, state: RoomState, now: float) -> list[Effect]:
+        """The waiting joins, now that the log was read (whatever it held:
+        a join still past the head is answered as a single daemon does)."""
+        waiting, state.waiting = state.waiting, []
+        effects: list[Effect] = []
+        for request in waiting:
+            body = request.body
+            effects.append(Reply(request.reply_to, self._subscribe(state, body)))
+            if self.is_board and not body.sub.activity:
+                effects += self._schedule_flush(state, now)
+        return effects + self._watch_head(state)
 
     def _revoke(self, state: RoomState, body: Revoke) -> bool:
         member = state.subscribers.pop(body.key, None)

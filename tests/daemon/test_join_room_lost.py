@@ -1,0 +1,108 @@
+"""A join whose room's actor fails while the join waits for it (found by
+the simulator's multi-node runs: a node cut from the store cannot start a
+room for seconds, and each failed start ends the joins on their way): the
+client is told ``lagged`` after its ``joined``, so it joins again, instead
+of standing at the join's seq for good while the room, started at last,
+never heard of it.  A real SQLite file; the store seam refuses calls while
+told to (the database cannot be reached)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from agor_actors.daemon import Outbox, Principal, open_hub
+from agor_actors.store import StoreUnavailable
+from agor_actors.world import Blocking, real_world
+from protocols import Codec, Event, Joined, Lagged, Limits, Since, decode_server_frame
+
+T = TypeVar("T")
+OWNER = Principal("owner", "owner", True)
+
+
+class _Boom:
+    """A message no room knows: its handler raises (the room crashes)."""
+
+
+class Unreachable:
+    """The store seam, refusing every call while ``failing``."""
+
+    def __init__(self, inner: Blocking) -> None:
+        self.inner = inner
+        self.failing = False
+        self.refused = 0
+        self.refusal = trio.Event()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        if self.failing:
+            await trio.lowlevel.checkpoint()
+            self.refused += 1
+            self.refusal.set()
+            raise StoreUnavailable("the store cannot be reached (test)")
+        return await self.inner.run(fn)
+
+
+async def read(outbox: Outbox, until: Any, limit_s: float = 10.0) -> list[Any]:
+    got: list[Any] = []
+    with trio.fail_after(limit_s):
+        while not until(got):
+            got.extend(decode_server_frame(outbox.codec, await outbox.next_frame(), Limits()))
+    return got
+
+
+async def test_a_join_whose_room_fails_to_start_meanwhile_is_told_to_resume(
+    tmp_path: pathlib.Path,
+) -> None:
+    world = real_world()
+    seam = Unreachable(world.blocking)
+    world = attrs.evolve(world, blocking=seam)
+    async with open_hub(world, data_dir=tmp_path / "agor", ring_size=2) as hub:
+        session = await hub.call(
+            OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+        )
+        room = f"session:{session['id']}"
+        for n in range(5):
+            await hub.call(
+                OWNER,
+                connection_id="c1",
+                service="sessions",
+                method="patch",
+                id=session["id"],
+                data={"title": f"S{n}"},
+            )
+        first = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c2", first, room, None)
+        joined = (await read(first, lambda m: any(isinstance(x, Joined) for x in m)))[0]
+        assert isinstance(joined, Joined) and joined.seq == 6
+
+        # the store goes away and the room crashes: it cannot start again
+        seam.failing = True
+        ref = hub.system.registry.lookup(f"room:{room}")
+        assert ref is not None and ref.try_send(_Boom())
+        with trio.fail_after(10):
+            await seam.refusal.wait()  # its first start failed
+        out = Outbox(Codec.JSON)
+        async with trio.open_nursery() as nursery:
+            # since seq 1, older than the ring (2 events): a catch-up
+            nursery.start_soon(hub.join, OWNER, "c3", out, room, Since(joined.epoch, 1))
+            with trio.fail_after(10):
+                # another start of the room fails while the join waits for it
+                refused = seam.refused
+                while seam.refused == refused:
+                    seam.refusal = trio.Event()
+                    await seam.refusal.wait()
+            seam.failing = False
+        got = await read(out, lambda m: any(isinstance(x, Lagged) for x in m))
+        assert isinstance(got[0], Joined) and got[0].recovered
+        lagged = next(x for x in got if isinstance(x, Lagged))
+        assert lagged.resume_from == 2  # nothing of the room was sent yet
+
+        # the client joins again from there and gets everything, in order
+        again = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c4", again, room, Since(joined.epoch, lagged.resume_from - 1))
+        rest = await read(again, lambda m: len([x for x in m if isinstance(x, Event)]) >= 5)
+        assert [e.seq for e in rest if isinstance(e, Event)] == [2, 3, 4, 5, 6]
