@@ -353,7 +353,9 @@ def draw_config(
             broker_latency_us=(nodes.choice((100, 1_000, 5_000)), nodes.choice((0, 500, 2_000))),
         )
         # drawn after the others, so they stay as they were
-        config = attrs.evolve(config, broker_message_max=nodes.choice((None, None, 5_997, 700, 300)))
+        config = attrs.evolve(
+            config, broker_message_max=nodes.choice((None, None, 5_997, 700, 300))
+        )
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent
         # meanwhile queue up at the writer and go in one group
