@@ -293,6 +293,8 @@ _SHAPES_MAX: Final = 64
 #: key columns, and each value column with whether it appends (an insert's
 #: values include the columns it fills with their Python-side defaults).
 _Shape = tuple[Op, str, tuple[str, ...], tuple[tuple[str, bool], ...]]
+_Landed = tuple[str, str, tuple[Any, ...]]
+"""Where a landing appends: (table, column, the row's key values)."""
 
 
 @attrs.define
@@ -746,8 +748,11 @@ class SqlStore:
         pending: list[dict[str, Any]] = []
         run: _Run | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
+            lengths: dict[_Landed, int] = {}
             if self._shared:
                 self._lock_heads(conn, requests)
+                if not isolate_events:
+                    lengths = self._lock_lengths(conn, requests)
             for request in requests:
                 # rooms this request moved: the head before it, None if it
                 # brought the room into the group (undone if it fails)
@@ -756,24 +761,25 @@ class SqlStore:
                 try:
                     landing = self._landing(request) if self._shared else None
                     plain = None if isolate_events or landing else self._plain_write(request)
-                    if landing is not None:
+                    if landing is not None and not isolate_events and len(landing[0][2]) == 1:
+                        # planned on the lengths locked for the group, then
+                        # written as a plain update (in a run, as alone)
+                        landed, at, drafts = self._planned(request, *landing, lengths)
+                        stored = self._allocate(cursor, drafts, group, touched, rows)
+                        lengths[landed] = at + len(landing[3].text)
+                        run = self._join_run(cursor, run, landing[0], landing[1])
+                    elif landing is not None:
                         if run is not None:
                             self._flush_run(cursor, run)
                             run = None
-                        with _savepoint(cursor) if isolate_events else nullcontext():
-                            drafts = self._land(cursor, request, *landing, isolated=isolate_events)
+                        with _savepoint(cursor):
+                            drafts = self._land(cursor, request, *landing, isolated=True)
                             stored = self._allocate(cursor, drafts, group, touched, rows)
-                            if isolate_events and rows:
+                            if rows:
                                 self._insert_events.executemany(cursor, rows)
                     elif plain is not None:
-                        shape, params = plain
                         stored = self._allocate(cursor, request.events, group, touched, rows)
-                        if run is not None and run.shape != shape:
-                            self._flush_run(cursor, run)
-                            run = None
-                        if run is None:
-                            run = _Run(shape, self._plain_statement(shape))
-                        run.rows.append(params)
+                        run = self._join_run(cursor, run, *plain)
                     elif request.expect or request.mutations or request.history or isolate_events:
                         if run is not None:
                             self._flush_run(cursor, run)
@@ -812,6 +818,93 @@ class SqlStore:
                     raise _RetryIsolated() from exc
             self._write_heads(cursor, group)
         return results, group
+
+    def _join_run(
+        self, cursor: DBAPICursor, run: _Run | None, shape: _Shape, params: dict[str, Any]
+    ) -> _Run:
+        """``params`` added to the run of plain writes of ``shape`` (the run
+        before, of another shape, written first)."""
+        if run is not None and run.shape != shape:
+            self._flush_run(cursor, run)
+            run = None
+        if run is None:
+            run = _Run(shape, self._plain_statement(shape))
+        run.rows.append(params)
+        return run
+
+    def _lock_lengths(
+        self, conn: sa.Connection, requests: Sequence[WriteRequest]
+    ) -> dict[_Landed, int]:
+        """Shared store, a group not isolated: the length now of every
+        column the group's landings append to (see :class:`Append`), read
+        with the rows locked (in key order, after the rooms' heads) until
+        the transaction ends, so the landings are planned here in memory
+        and written as plain runs: one statement per group and table, not
+        one round trip per chunk.  A row missing is absent."""
+        wanted: dict[tuple[str, str, str], set[Any]] = {}
+        for request in requests:
+            try:
+                landing = self._landing(request)
+            except StoreError:
+                continue  # refused: the loop answers it
+            if landing is None:
+                continue
+            shape, params, column, _ = landing
+            _, table_name, key, _ = shape
+            if len(key) != 1:
+                continue  # (every streamed table has one key column)
+            wanted.setdefault((table_name, key[0], column), set()).add(params[f"k_{key[0]}"])
+        lengths: dict[_Landed, int] = {}
+        for (table_name, key_name, column), keys in wanted.items():
+            table = ENTITY_TABLES[table_name]
+            length = sa.func.length(
+                sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text))
+            )
+            found = conn.execute(
+                sa.select(table.c[key_name], length)
+                .where(table.c[key_name].in_(sorted(keys)))
+                .order_by(table.c[key_name])
+                .with_for_update()
+            ).all()
+            for key_value, current in found:
+                lengths[(table_name, column, (key_value,))] = int(current)
+        return lengths
+
+    def _planned(
+        self,
+        request: WriteRequest,
+        shape: _Shape,
+        params: dict[str, Any],
+        column: str,
+        append: Append,
+        lengths: Mapping[_Landed, int],
+    ) -> tuple[_Landed, int, tuple[EventDraft, ...]]:
+        """A landing planned on the group's locked lengths: ``(which,
+        offset, events)``, the events' ``append.at`` set to where the text
+        lands.  Raises as :meth:`_land` would: no row, or past the limit."""
+        _, table_name, key, _ = shape
+        landed: _Landed = (table_name, column, tuple(params[f"k_{name}"] for name in key))
+        current = lengths.get(landed)
+        mutation = request.mutations[0]
+        if current is None:
+            raise StoreNotFound(table_name, dict(mutation.key))
+        if append.limit is not None and current + len(append.text) > append.limit:
+            raise StoreConflict(
+                table_name,
+                dict(mutation.key),
+                column,
+                f"at most {append.limit} characters",
+                current + len(append.text),
+            )
+        at = append.at
+        assert at is not None  # _landing takes only such an Append
+        drafts = tuple(
+            attrs.evolve(draft, data={**draft.data, at: current})
+            if isinstance(draft.data, dict) and at in draft.data
+            else draft
+            for draft in request.events
+        )
+        return landed, current, drafts
 
     def _plain_write(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any]] | None:
         """``(shape, parameters)`` if ``request`` is one plain write of a
