@@ -34,6 +34,8 @@ MARKS: Final[dict[str, str]] = {
     "actor.passivated": "an idle actor stopped (it is spawned again on first use)",
     "actor.restarted": "an actor restarted by its supervisor after a crash",
     "supervisor.restart": "a supervisor restarted a child",
+    "supervisor.gave_up": "a supervisor's restarts passed its intensity: it stopped its"
+    " children and failed to its own supervisor (the actors' registry, restarted by the root)",
     "outbox.lagged": "a subscription fell behind its outbox's bound: lagged, resume later",
     "session.conflict": "a write refused with a conflict receipt (stale base_rev/If-Match)",
     "hub.activity_join": "a connection joined an activity: room",

@@ -29,6 +29,9 @@ __all__ = [
 
 Role = Literal["window", "agent"]
 
+RESTART_PERIOD_S: Final = 10.0
+"""The period of a seed's small registry intensity (``restarts_max``)."""
+
 FAULT_KINDS: Final = (
     "reset",  # one connection is cut; what was in flight is lost
     "partition",  # some clients lose the server both ways, then heal
@@ -150,6 +153,10 @@ class SimConfig:
     the daemon's own, minutes)."""
     grace_s: float = 10.0
     """Presence: how long a user who left a board stays on it."""
+    restarts_max: int | None = None
+    """The registry supervisor's intensity: restarts allowed per
+    ``RESTART_PERIOD_S`` before it gives up and every actor starts over
+    (None: the daemon's own, 50 in 5 s)."""
     commit_linger_s: float = 0.0
     """How long a busy store writer waits for more writes (``serve
     --commit-linger-ms``; 0: it commits each group at once)."""
@@ -187,7 +194,9 @@ class SimConfig:
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
             f"  limits: ring {self.ring_size or 'default'}, idle "
             f"{'default' if self.idle_s is None else f'{self.idle_s:g}s'}, "
-            f"presence grace {self.grace_s:g}s, commit linger {self.commit_linger_s * 1000:g} ms",
+            f"presence grace {self.grace_s:g}s, commit linger {self.commit_linger_s * 1000:g} ms, "
+            f"registry restarts "
+            f"{'default' if self.restarts_max is None else f'{self.restarts_max} per {RESTART_PERIOD_S:g}s'}",
         ]
         if self.nodes > 1:
             latency, jitter = self.broker_latency_us
@@ -345,6 +354,11 @@ def draw_config(
     # 20 ms, or none as the library's default)
     linger = random.Random(f"linger:{profile}:{seed}")
     config = attrs.evolve(config, commit_linger_s=(0.0, 0.002, 0.02)[linger.randrange(3)])
+    # one seed in four: a registry that gives up after one restart in
+    # RESTART_PERIOD_S, so two crashes close together restart every actor
+    escalate = random.Random(f"escalate:{profile}:{seed}")
+    if escalate.randrange(4) == 0:
+        config = attrs.evolve(config, restarts_max=1)
     if profile == "cluster":  # streams of their own: the draws above stay as they were
         nodes = random.Random(f"nodes:{profile}:{seed}")
         config = attrs.evolve(

@@ -33,6 +33,7 @@ from agor_actors.domain.presence import PresenceConfig
 from agor_actors.server import ServerSettings
 from agor_actors.store import SqlStore, open_store
 from agor_actors.world import SeededEntropy
+from supervisors import Intensity
 
 from . import _planted
 from ._access import GUESTS, AccessWatch, access
@@ -53,7 +54,15 @@ from ._checks import (
     room_log,
 )
 from ._client import SimClient
-from ._config import ClientSpec, Fault, Narrowing, SimConfig, draw_config, draw_faults
+from ._config import (
+    RESTART_PERIOD_S,
+    ClientSpec,
+    Fault,
+    Narrowing,
+    SimConfig,
+    draw_config,
+    draw_faults,
+)
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import CUT_OFF, REFUSABLE, StoreFaults, poison
@@ -278,6 +287,11 @@ class _Run:
                     "idle_s": config.idle_s,
                     "presence": PresenceConfig(offline_grace_s=config.grace_s),
                     "commit_linger_s": config.commit_linger_s,
+                    "restart_intensity": (
+                        None
+                        if config.restarts_max is None
+                        else Intensity(config.restarts_max, RESTART_PERIOD_S)
+                    ),
                 },
                 node=node,
                 broker=self._broker,
@@ -548,7 +562,11 @@ class _Run:
         if hub is not None:
             tree = hub.snapshot()
             for child in tree["children"]:
-                if child["id"] == "registry" and child["restarts"]:
+                if (
+                    child["id"] == "registry"
+                    and child["restarts"]
+                    and self.config.restarts_max is None
+                ):
                     self._violate_once(
                         "intensity", "registry", "the registry supervisor gave up and restarted"
                     )

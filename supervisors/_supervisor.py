@@ -252,6 +252,9 @@ class Supervisor:
         self._lock = trio.Lock()
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        self._running = trio.Event()
+        """Set while :meth:`run` supervises (a new one between runs)."""
+        self._runs = 0
         self.total_restarts = 0
 
     # ------------------------------------------------------------------ public
@@ -260,7 +263,12 @@ class Supervisor:
         self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Start the children in order, then supervise.  A checkpoint; returns
-        once stopped.  If cancelled, the children are cancelled at once."""
+        once stopped.  If cancelled, the children are cancelled at once.  A
+        supervisor that gave up may be run again (its own supervisor
+        restarts it): it starts empty."""
+        if self._stopped.is_set():
+            self._stopped = trio.Event()  # this run's end, not the last one's
+        self._runs += 1
         gave_up: SupervisorGaveUp | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -272,6 +280,7 @@ class Supervisor:
                     await self._stop_all()
                     raise
                 task_status.started(self)
+                self._running.set()
                 gave_up = await self._supervise()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -281,6 +290,7 @@ class Supervisor:
             raise
         finally:
             self._nursery = None
+            self._running = trio.Event()
             self._stopped.set()
         if gave_up is not None:
             raise gave_up
@@ -289,6 +299,11 @@ class Supervisor:
         """Ask the supervisor to stop its children (reverse order) and return."""
         self._stop.set()
         self._wake()
+
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop (its children going down for good, not for a restart)."""
+        return self._stop.is_set()
 
     async def stop(self) -> None:
         """Stop and wait until every child is down.  A checkpoint."""
@@ -299,11 +314,23 @@ class Supervisor:
         """Add a dynamic child and start it after the existing ones.  Returns
         the value the child passed to ``started``.  Raises
         :class:`ChildStartError` if it failed before it was ready (it is then
-        not kept), :class:`DuplicateChild` or :class:`TooManyChildren`."""
-        async with self._lock:
-            if self._nursery is None or self._stop.is_set():
-                raise RuntimeError(f"supervisor {self.name!r} is not running")
-            return await self._start_new(spec, initial=False)
+        not kept), :class:`DuplicateChild` or :class:`TooManyChildren`.
+        While the supervisor is between two runs (it gave up and its own
+        supervisor is starting it again) this waits for the next run; a
+        supervisor asked to stop raises RuntimeError."""
+        while True:
+            while self._between_runs():
+                await self._running.wait()
+            async with self._lock:
+                if self._between_runs():
+                    continue  # it gave up while this waited for the lock
+                if self._nursery is None or self._stop.is_set():
+                    raise RuntimeError(f"supervisor {self.name!r} is not running")
+                return await self._start_new(spec, initial=False)
+
+    def _between_runs(self) -> bool:
+        """It ran and gave up, and may be run again (not asked to stop)."""
+        return self._runs > 0 and self._nursery is None and not self._stop.is_set()
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child gracefully and drop it (it is not restarted)."""
@@ -466,6 +493,7 @@ class Supervisor:
         run.history = history
         reason = exit_.describe()
         if exceeded:
+            mark("supervisor.gave_up")
             log.error(
                 "supervisor %s gives up: %s exited (%s) more than %d times in %g s",
                 self.name,

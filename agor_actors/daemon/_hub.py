@@ -25,7 +25,7 @@ from argon2 import PasswordHasher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from protocols import Call, Joined, Left, PresenceUpdate, Since, encode
-from supervisors import ChildStartError
+from supervisors import ChildStartError, Intensity
 
 from ..broker import (
     PUBLISHER_NAME,
@@ -200,6 +200,10 @@ class Hub:
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._presence_of: dict[str, Principal] = {}
+        self._presence_last: dict[str, PresenceUpdate] = {}
+        """Each connection's presence as it last stood (its updates merged;
+        one per connection, gone with it), told again to a user's presence
+        actor that started over while their connections stayed."""
         self._forgotten_boards: dict[str, None] = {}
         """Boards whose room passivated since its last join (an ordered set)."""
         self._forgotten_boards_max = 65_536
@@ -222,8 +226,20 @@ class Hub:
             forgotten[name.removeprefix("room:board:")] = None
             while len(forgotten) > self._forgotten_boards_max:
                 del forgotten[next(iter(forgotten))]  # overflow: drop the oldest
-        if not name.startswith("room:") or reason is None or not reason.abnormal:
+        if name.startswith("presence:user:") and reason is not None:
+            self._presence_restarted(name.removeprefix("presence:user:"))
             return
+        if not name.startswith("room:") or reason is None:
+            return
+        if not reason.abnormal and (
+            self.system.registry.supervisor.stopping
+            or not any(
+                _room_actor(room)[0] == name for subs in self._subs.values() for room in subs
+            )
+        ):
+            return  # it passivated (nobody was subscribed), or the daemon stops
+        # it crashed, or it was stopped with subscribers (its supervisor gave
+        # up and every actor starts over): they are lost the same way
         if name.startswith("room:board:"):
             # the facepile was the room's memory: every user present asks
             # the new incarnation to take their entry again
@@ -240,6 +256,35 @@ class Hub:
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     # what was offered but not sent yet is resent too
                     sub.outbox.room_lost(room)
+
+    def _presence_restarted(self, user_id: str) -> None:
+        """A user's presence actor stopped while some of their connections
+        stayed (it crashed, or every actor started over): the next one is
+        told what each of them last said, rather than nothing until their
+        next change.  (A presence actor that passivated had none left.)"""
+        if self.system.registry.supervisor.stopping:
+            return
+        present = [
+            (conn, principal)
+            for conn in self._connections_of.get(user_id, ())
+            if (principal := self._presence_of.get(conn)) is not None
+        ]
+        if present:
+            self._tasks.start_soon(self._present_again, present)
+
+    async def _present_again(self, present: list[tuple[str, Principal]]) -> None:
+        for conn, principal in present:
+            update = self._presence_last.get(conn)
+            if update is None or self._presence_of.get(conn) is not principal:
+                continue  # gone meanwhile
+            try:
+                ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
+            except Exception as exc:  # the registry stopping: nothing to tell
+                log.info("presence of %s not told again: %r", principal.user_id, exc)
+                return
+            touch = PresenceTouch(conn, principal.user_id, principal.name, update)
+            if not ref.try_send(touch):
+                self.presence_dropped += 1
 
     def _republish(self, board: str) -> None:
         """Every user present asks ``board``'s room to take their entry again."""
@@ -1022,6 +1067,7 @@ class Hub:
                 mine.discard(connection_id)
                 if not mine:
                     del self._connections_of[principal.user_id]
+        self._presence_last.pop(connection_id, None)
         present = self._presence_of.pop(connection_id, None)
         if present is not None:
             await self.system.registry.send(
@@ -1038,6 +1084,14 @@ class Hub:
             if await self.gate.board_level(principal, update.board) < Level.READ:
                 raise self.gate.refuse(f"no board {update.board} that this user may see")
         self._presence_of[connection_id] = principal
+        last = self._presence_last.get(connection_id)
+        if last is not None and update.board in (None, last.board):
+            changed = {
+                k: v for k, v in attrs.asdict(update, recurse=False).items() if v is not None
+            }
+            self._presence_last[connection_id] = attrs.evolve(last, **changed)
+        else:
+            self._presence_last[connection_id] = update
         ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
         if not ref.try_send(
             PresenceTouch(connection_id, principal.user_id, principal.name, update)
@@ -1156,6 +1210,7 @@ async def open_hub(
     broker_url: str | None = None,
     commit_linger_s: float = 0.0,
     broker: BrokerLink | None = None,
+    restart_intensity: Intensity | None = None,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -1180,7 +1235,11 @@ async def open_hub(
 
     ``commit_linger_s``: how long a busy store writer waits for more writes
     before committing a group (see :class:`~agor_actors.store.StoreWriter`;
-    0, the default here, commits at once; ``serve`` waits 2 ms)."""
+    0, the default here, commits at once; ``serve`` waits 2 ms).
+
+    ``restart_intensity``: how many actor restarts in how long the
+    registry's supervisor allows before it gives up and every actor starts
+    over (the simulator makes it small so that runs reach that path)."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -1199,6 +1258,7 @@ async def open_hub(
             broker_url=broker_url,
             commit_linger_s=commit_linger_s,
             broker=broker,
+            restart_intensity=restart_intensity,
         ) as hub:
             yield hub
 
@@ -1220,6 +1280,7 @@ async def _open_hub(
     broker_url: str | None = None,
     commit_linger_s: float = 0.0,
     broker: BrokerLink | None = None,
+    restart_intensity: Intensity | None = None,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     cluster = broker_url is not None or broker is not None
@@ -1322,7 +1383,10 @@ async def _open_hub(
                 behaviour.idle_s = idle_s
             return behaviour
 
-        async with opened, open_system(world) as system:
+        async with (
+            opened,
+            open_system(world, registry_intensity=restart_intensity) as system,
+        ):
             system.define(Kind("store:", writer))
             system.define(Kind("broker:", publisher))
             system.define(Kind("room:", room))

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from supervisors import ChildSpec, Restart, Strategy, Supervisor, SupervisorSnapshot
+from supervisors import ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorSnapshot
 
 from ..world import World
 from ._actor import ActorRef, Behaviour, actor_child_spec
@@ -61,12 +61,24 @@ class ActorSystem:
 
 @asynccontextmanager
 async def open_system(
-    world: World, *, children: tuple[ChildSpec, ...] = (), name: str = "root"
+    world: World,
+    *,
+    children: tuple[ChildSpec, ...] = (),
+    name: str = "root",
+    registry_intensity: Intensity | None = None,
 ) -> AsyncIterator[ActorSystem]:
     """Run an actor system for the duration of the block; on exit every
     actor is stopped in reverse start order (each given its ``shutdown_s``).
-    ``children`` are started first, in order, under the root (one_for_one)."""
-    registry = Registry(world)
+    ``children`` are started first, in order, under the root (one_for_one).
+    ``registry_intensity``: how many restarts the registry's supervisor
+    allows in how long before it gives up (stops every actor and fails to
+    the root, which starts it again empty); the registry's own default
+    otherwise."""
+    registry = (
+        Registry(world)
+        if registry_intensity is None
+        else Registry(world, intensity=registry_intensity)
+    )
     spawned = Supervisor("spawned", now=world.clock.now_s)
     root = Supervisor(
         name,

@@ -198,6 +198,45 @@ async def test_intensity_escalates_through_two_levels(autojump_clock: MockClock)
     assert log.lines.count("start w") == 3
 
 
+async def test_a_supervisor_that_gave_up_runs_again_and_takes_children_meanwhile(
+    autojump_clock: MockClock,
+) -> None:
+    """The inner supervisor gives up (its intensity passed); the outer one,
+    which allows it, starts it again.  It runs again (it used to return at
+    once, its last run's end still marked, until the outer one gave up too),
+    and a dynamic child asked for while it was between runs is started by
+    the next run instead of failing with "not running"."""
+    log = Log()
+    inner = Supervisor(
+        "inner",
+        [log.worker("w")],
+        intensity=Intensity(max_restarts=0, period_s=10.0),
+        backoff=Backoff(base_s=0.0),
+    )
+    outer = Supervisor(
+        "outer", [inner.child_spec()], intensity=Intensity(max_restarts=5, period_s=10.0)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outer.run)
+        await wait_for(lambda: log.lines.count("start w") == 1)
+        log.crash["w"].set()  # 0 restarts allowed: inner gives up, outer restarts it
+        late = log.worker("late")
+        started: list[object] = []
+
+        async def start_late() -> None:
+            started.append(await inner.start_child(late))
+
+        nursery.start_soon(start_late)
+        await wait_for(lambda: log.lines.count("start w") == 2)  # the next run's child
+        await wait_for(lambda: "start late" in log.lines)
+        await wait_for(lambda: bool(started))
+        with trio.move_on_after(30):
+            await trio.sleep_forever()
+        assert log.lines.count("start w") == 2  # it stays up: no loop of restarts
+        assert outer.snapshot().children[0].restarts == 1
+        await outer.stop()
+
+
 async def test_shutdown_order_and_timeouts(autojump_clock: MockClock) -> None:
     log = Log()
     sup = Supervisor(
