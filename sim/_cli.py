@@ -205,16 +205,21 @@ def _write_json(path: str, payload: Any) -> None:
             f.write(text + "\n")
 
 
-KNOWN_CLUSTER_BUGS: tuple[str, ...] = ("access", "renames")
+KNOWN_CLUSTER_BUGS: tuple[str, ...] = ("access",)
 """The same, for the multi-node runs (``--profile cluster``) only.
 ``access``: a revocation takes effect on the daemon that wrote it only; a
 guest connected to another node keeps receiving the room (its gate's
 cache and subscriptions are not told), e.g. ``python -m sim --seed 5
---profile cluster --trace``.  ``renames``: each node runs its own actor for
-a session, which merges a write against the record and clocks *it* last
-saw, so an older stamp written through one node overwrites a newer one
-acknowledged through another (``python -m sim --seed 23 --profile
-cluster --exclude access --trace``: an acknowledged rename lost)."""
+--profile cluster --trace``.
+
+Fixed since: ``renames``.  Each node runs its own actor for a session,
+which merged a write against the record and clocks *it* last saw, so an
+older stamp written through one node overwrote a newer one acknowledged
+through another (``python -m sim --seed 18 --profile cluster --exclude
+access``: an acknowledged rename lost; seed 23 showed it before the
+cluster draws changed).  A write of the session's row in a shared store is
+now held by the rev and the fields' clocks its actor believes, and a
+refusal makes the actor load the row and merge again."""
 
 
 def main(argv: list[str] | None = None) -> int:

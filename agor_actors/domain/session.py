@@ -125,6 +125,10 @@ class SessionState:
     load_wanted: tuple[str, str] | None = None
     """A record to load once every write in flight is answered (so that
     what the store says of it counts them all)."""
+    row_stale: bool = False
+    """Shared store: a write of the session's own row was refused (another
+    daemon changed or removed it), so ``row`` may not be the store's: it is
+    loaded again before the next write is planned."""
     writes: int = 0
     knowledge: int = 0
     """Bumped each time ``messages`` is forgotten after a failed write: a
@@ -221,6 +225,7 @@ _TASK_TRANSITIONS: Final = {
     "stop": ("stopped", "task:stopped", None),
 }
 _TASK_CHANGES: Final = frozenset({*_TASK_TRANSITIONS, "patch", "update"})
+_SESSION_CHANGES: Final = frozenset({"patch", "update", "set_status", "set_git_state"})
 
 
 def _stale(base_rev: int, known: dict[str, Any], what: str) -> ServiceError:
@@ -323,9 +328,15 @@ class SessionBehaviour(Behaviour[SessionState]):
 
     def _behind(self, state: SessionState, cmd: Command) -> bool:
         """Shared store: whether ``cmd``'s base_rev differs from the rev this
-        actor knows of its message or task (which is then forgotten, to be
-        loaded)."""
+        actor knows of its message, task or session (which is then
+        forgotten, to be loaded)."""
         if cmd.base_rev is None or not isinstance(cmd.id, str):
+            return False
+        if cmd.service == "sessions":
+            row = None if state.row_stale else state.row  # stale: loaded anyway
+            if _strict_patch(cmd) and row is not None and int(row["rev"]) != cmd.base_rev:
+                state.row_stale = True
+                return True
             return False
         if cmd.service == "messages" and cmd.method == "finish":
             message = state.messages.get(cmd.id)
@@ -351,7 +362,12 @@ class SessionBehaviour(Behaviour[SessionState]):
     def _unknown(self, state: SessionState, cmd: Command) -> tuple[str, str] | None:
         """``(table, id)`` of a record this write needs to know and that is
         not in memory: a message (its content length, the offset of a
-        chunk; its rev) or a task (its rev, the record a change answers)."""
+        chunk; its rev) or a task (its rev, the record a change answers);
+        first of all the session's own row, after a shared store refused a
+        write of it (every write reads it: whether the session exists, its
+        board, its fields' clocks)."""
+        if state.row_stale:
+            return ("sessions", state.session_id)
         if not isinstance(cmd.id, str):
             return None
         if cmd.service == "messages" and cmd.method in ("stream", "finish", "remove"):
@@ -369,9 +385,17 @@ class SessionBehaviour(Behaviour[SessionState]):
             waiting, state.deferred, state.retried = state.deferred, [], 0
             error = ServiceError("unavailable", f"store: {exc}")
             return [Reply(req.reply_to, error=error) for req in waiting]
-        if row is not None and row.get("session_id") != state.session_id:
+        if (
+            row is not None
+            and done.table != "sessions"
+            and row.get("session_id") != state.session_id
+        ):
             row = None
-        if done.table == "tasks":
+        if done.table == "sessions":
+            # the row as the store has it now (None: another daemon removed
+            # the session): the writes planned next merge against its clocks
+            state.row, state.row_stale = row, False
+        elif done.table == "tasks":
             self._remember_task(state, done.record_id, row)
         elif row is None:
             self._remember(state, done.record_id, None)
@@ -414,6 +438,7 @@ class SessionBehaviour(Behaviour[SessionState]):
     def _written(self, state: SessionState, done: _Written) -> list[Effect]:
         state.inflight -= 1
         effects: list[Effect] = []
+        touched = done.touched_session
         if isinstance(done.result, outcome.Error):
             # what this incarnation believes of messages may be off now:
             # forget it; it is loaded again from the store when needed
@@ -421,6 +446,15 @@ class SessionBehaviour(Behaviour[SessionState]):
             state.tasks.clear()
             state.task_chars = 0
             state.knowledge += 1
+            if (
+                touched
+                and self.store.shared
+                and isinstance(done.result.error, StoreConflict | StoreNotFound)
+            ):
+                # another daemon changed (or removed) the session's row:
+                # load it again before the next write, rather than stop
+                state.row_stale = True
+                touched = False
         try:
             result = done.result.unwrap()
             assert isinstance(result, WriteResult)
@@ -431,13 +465,19 @@ class SessionBehaviour(Behaviour[SessionState]):
                     self._landed(state, result.events[0].data)
             effects.append(Reply(done.reply_to, answer))
         except StoreConflict as exc:
-            if done.again is not None:
+            if done.again is not None and not _refused_base_rev(done.again.body, exc):
                 # the rev this actor believed is not the store's (another
                 # daemon changed the record): load it and plan the write again
                 effects.extend(self._again(state, done.again))
             elif isinstance(done.answer, dict) and "appended" in done.answer:
                 # a shared store's landing of a chunk past the longest message
                 effects.append(Reply(done.reply_to, error=_too_long()))
+            elif exc.column == "clocks":
+                # a session's write refused twice on its fields' clocks (not
+                # shown: they name other users' connections)
+                mark("session.conflict")
+                message = f"session {state.session_id} changed meanwhile; retry"
+                effects.append(Reply(done.reply_to, error=ServiceError("conflict", message)))
             else:
                 mark("session.conflict")
                 effects.append(
@@ -446,10 +486,10 @@ class SessionBehaviour(Behaviour[SessionState]):
                         error=ServiceError("conflict", str(exc), {"current": exc.current}),
                     )
                 )
-            state.poisoned = state.poisoned or done.touched_session
+            state.poisoned = state.poisoned or touched
         except StoreNotFound as exc:
             effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
-            state.poisoned = state.poisoned or done.touched_session
+            state.poisoned = state.poisoned or touched
         except StoreIntegrityError as exc:
             log.info("the store refused a write: %s", exc)  # the detail stays here
             effects.append(
@@ -458,13 +498,13 @@ class SessionBehaviour(Behaviour[SessionState]):
                     error=ServiceError("invalid_data", "the data does not fit the records"),
                 )
             )
-            state.poisoned = state.poisoned or done.touched_session
+            state.poisoned = state.poisoned or touched
         except StoreError as exc:
             log.warning("the store failed a write: %s", exc)
             effects.append(
                 Reply(done.reply_to, error=ServiceError("unavailable", "the store is unavailable"))
             )
-            state.poisoned = state.poisoned or done.touched_session
+            state.poisoned = state.poisoned or touched
         except Exception as exc:
             effects.append(
                 Reply(
@@ -643,6 +683,16 @@ class SessionBehaviour(Behaviour[SessionState]):
                     {"current": {f: state.row.get(f) for f in strict}, "rev": rev},
                 )
             expect.append(Expect("sessions", {"id": state.session_id}, "rev", rev))
+        if self.store.shared:
+            # other daemons write this row too: the write holds only if the
+            # row is still the one merged against (its rev, and its fields'
+            # clocks: a write of this actor refused before this one leaves
+            # the rev it counted on to another daemon's write); else the
+            # actor loads the row and plans the write again
+            if not strict:
+                expect.append(Expect("sessions", {"id": state.session_id}, "rev", rev))
+            believed = state.row.get("clocks")
+            expect.append(Expect("sessions", {"id": state.session_id}, "clocks", believed))
         stamp = self._stamp(state, cmd)
         clocks: dict[str, str] = dict(state.row.get("clocks") or {})
         outcome_ = merge_fields(state.row, clocks, patch, stamp)
@@ -1008,12 +1058,35 @@ def _ask(
 
 def _believed(cmd: Command) -> bool:
     """Whether ``cmd``'s write is held by a precondition on the rev its
-    session actor believes (not on the caller's base_rev)."""
+    session actor believes (not on the caller's base_rev).  A change of the
+    session's row always is, on its fields' clocks (and on the rev, which a
+    base_rev names too: see :func:`_refused_base_rev`)."""
+    if cmd.service == "sessions":
+        return cmd.method in _SESSION_CHANGES
     if cmd.base_rev is not None:
         return False
     if cmd.service == "messages":
         return cmd.method == "finish"
     return cmd.service == "tasks" and cmd.method in _TASK_CHANGES
+
+
+def _strict_patch(cmd: Command) -> bool:
+    """Whether ``cmd`` patches a strict field of its session: the only
+    write of the session's row that its base_rev holds."""
+    return (
+        cmd.service == "sessions"
+        and cmd.method in ("patch", "update")
+        and cmd.base_rev is not None
+        and isinstance(cmd.data, dict)
+        and bool(STRICT_FIELDS & cmd.data.keys())
+    )
+
+
+def _refused_base_rev(cmd: Command, exc: StoreConflict) -> bool:
+    """Whether the store refused the session's rev that ``cmd``'s base_rev
+    names (the caller's view is stale: ``conflict``, as on one daemon)
+    rather than only what the actor believed (its fields' clocks)."""
+    return _strict_patch(cmd) and exc.column == "rev"
 
 
 def _too_long() -> ServiceError:

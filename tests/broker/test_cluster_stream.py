@@ -2,7 +2,9 @@
 one PostgreSQL schema and the machine's Redis): an agent that reconnects
 to the other daemon mid-stream, or two writers.  Whatever daemon takes a
 chunk, the chunks' offsets are contiguous in commit order, the stored
-content is their concatenation, and a message's rev is the store's."""
+content is their concatenation, and a message's rev is the store's, as
+are a task's and a session's (whose fields merge against the clocks the
+store holds, whatever daemon wrote them)."""
 
 from __future__ import annotations
 
@@ -196,3 +198,47 @@ async def test_a_task_rev_is_the_stores_whatever_daemon_changes_it(pg_url: str) 
             await task_call(a, "patch", tid, data={"prompt": "t"}, base_rev=4)
         assert stale.value.code == "conflict" and stale.value.data["rev"] == 5
         await task_call(a, "remove", tid, base_rev=5)
+
+
+async def session_call(hub: Hub, method: str, sid: str, **kwargs: Any) -> Any:
+    return await hub.call(
+        OWNER, connection_id="w", service="sessions", method=method, id=sid, **kwargs
+    )
+
+
+LATER_MS = 4_000_000_000_000
+"""Client stamps later than any the daemons give (the wall clock's)."""
+
+
+async def test_a_sessions_fields_merge_against_the_stores_clocks_whatever_daemon(
+    pg_url: str,
+) -> None:
+    async with node(pg_url) as a, node(pg_url) as b:
+        sid = await make_session(a)  # a's actor knows rev 1
+        running = await session_call(b, "set_status", sid, data={"status": "running"})
+        assert running["rev"] == 2  # b's actor knows rev 2
+        # a believes rev 1: the store's row is merged against, b's status kept
+        newer = await session_call(
+            a, "patch", sid, data={"title": "newer"}, query={"hlc": [LATER_MS + 2000, 0]}
+        )
+        assert (newer["rev"], newer["title"], newer["status"]) == (3, "newer", "running")
+        # b believes rev 2 and the creation's clock of the title: a rename
+        # stamped before a's, acknowledged through b afterwards, loses to it
+        older = await session_call(
+            b, "patch", sid, data={"title": "older"}, query={"hlc": [LATER_MS + 1000, 0]}
+        )
+        assert (older["rev"], older["title"]) == (4, "newer")
+        assert older["_lost"] == [{"field": "title", "value": "older", "current": "newer"}]
+        row = await trio.to_thread.run_sync(a.store.get, "sessions", sid)
+        assert row is not None and (row["rev"], row["title"]) == (4, "newer")
+        assert row["clocks"]["title"].startswith(f"{LATER_MS + 2000:013d}:000000:")
+        # a strict field's base_rev: a believes rev 3 and is told 4, so it
+        # looks again before refusing; b's view (rev 4) is then stale
+        locked = await session_call(a, "patch", sid, data={"locked_by": "owner"}, base_rev=4)
+        assert locked["rev"] == 5
+        with pytest.raises(ServiceError) as stale:
+            await session_call(b, "patch", sid, data={"locked_by": None}, base_rev=4)
+        assert stale.value.code == "conflict"
+        # and b goes on from the store's row (not stopped, not stale)
+        idle = await session_call(b, "set_status", sid, data={"status": "idle"})
+        assert (idle["rev"], idle["locked_by"], idle["title"]) == (6, "owner", "newer")
