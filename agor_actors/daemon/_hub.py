@@ -239,10 +239,10 @@ class Hub:
             # may have lost sight of it checked again
             kind, _, ident = name.removeprefix("room:").partition(":")
             if kind == "session":
-                self.gate.forget_session(ident, loaded_only=True)
+                self.gate.forget_session(ident)
                 self._recheck_soon(rooms={f"session:{ident}"})
             else:
-                self.gate.forget_board(ident, loaded_only=True)
+                self.gate.forget_board(ident)
                 self._recheck_soon(everyone=True)
         if name.startswith("room:board:"):
             # the facepile was the room's memory: every user present asks
@@ -377,6 +377,7 @@ class Hub:
             await self.system.registry.request(write.actor, write.cmd, answered)
         except BaseException:
             release()
+            self._settle_access(write)  # what it assumed (nothing is written)
             raise
         return None
 
@@ -511,7 +512,11 @@ class Hub:
             # check against the narrower of the two until the write is
             # answered, and drop now who will not see the session then
             self.gate.assume_session(changed)
-            await self._recheck(rooms={f"session:{session_id}"})
+            try:
+                await self._recheck(rooms={f"session:{session_id}"})
+            except BaseException:
+                self.gate.forget_session(session_id)  # nothing is written
+                raise
         cmd = Command(
             principal=principal,
             connection_id=connection_id,
@@ -1036,12 +1041,15 @@ class Hub:
         return None if change is None else partial(self._access_changed, change)
 
     async def _access_changed(self, change: AccessChange) -> None:
-        # what a write of this daemon still in flight assumes stays until
-        # that write is answered (then it is forgotten and checked again)
+        # the record is read again now, so that a join while the store is
+        # away is refused from what it became, not answered unavailable (a
+        # write of this daemon in flight rechecks once it is answered)
         if change.session_id is not None:
-            self.gate.forget_session(change.session_id, loaded_only=True)
+            self.gate.forget_session(change.session_id)
+            await self.gate.session(change.session_id)
         if change.board_id is not None:
-            self.gate.forget_board(change.board_id, loaded_only=True)
+            self.gate.forget_board(change.board_id)
+            await self.gate.board(change.board_id)
         if change.users or change.rooms:
             await self._recheck(users=set(change.users) or None, rooms=set(change.rooms) or None)
 

@@ -108,17 +108,11 @@ class Gate:
             cache.pop(key, None)
         return access
 
-    def forget_board(self, board_id: str, *, loaded_only: bool = False) -> None:
-        """Read the board again when next asked.  ``loaded_only``: unless
-        it is assumed (its write forgets it once answered)."""
-        if loaded_only and ("board", board_id) in self._assumed:
-            return
+    def forget_board(self, board_id: str) -> None:
         self._boards.pop(board_id, None)
         self._assumed.discard(("board", board_id))
 
-    def forget_session(self, session_id: str, *, loaded_only: bool = False) -> None:
-        if loaded_only and ("session", session_id) in self._assumed:
-            return
+    def forget_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
         self._assumed.discard(("session", session_id))
 

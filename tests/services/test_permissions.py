@@ -504,7 +504,6 @@ async def test_the_gate_reads_access_fresh_when_asked_and_keeps_what_it_assumes(
         assert shared is not None
         gate.assume_session(attrs.evolve(shared, viewers=frozenset({user.user_id})))
         gate.forget_loaded()
-        gate.forget_session(sid, loaded_only=True)
         assert await gate.may_see_room(user, room, fresh=True)
         gate.forget_session(sid)  # the write was answered
         assert not await gate.may_see_room(user, room)
