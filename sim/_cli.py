@@ -205,14 +205,13 @@ def _write_json(path: str, payload: Any) -> None:
             f.write(text + "\n")
 
 
-KNOWN_CLUSTER_BUGS: tuple[str, ...] = ("access",)
+KNOWN_CLUSTER_BUGS: tuple[str, ...] = ()
 """The same, for the multi-node runs (``--profile cluster``) only.
-``access``: a revocation takes effect on the daemon that wrote it only; a
-guest connected to another node keeps receiving the room (its gate's
-cache and subscriptions are not told), e.g. ``python -m sim --seed 5
---profile cluster --trace``.
 
-Fixed since: ``renames``.  Each node runs its own actor for a session,
+Fixed since: ``access``, a revocation that took effect on the daemon that
+wrote it only (a guest connected to another node kept receiving the room;
+``python -m sim --seed 5 --profile cluster``): DESIGN-NOTES "Permissions
+and revocation".  ``renames``: each node runs its own actor for a session,
 which merged a write against the record and clocks *it* last saw, so an
 older stamp written through one node overwrote a newer one acknowledged
 through another (``python -m sim --seed 18 --profile cluster --exclude

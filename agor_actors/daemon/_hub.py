@@ -65,11 +65,13 @@ from ..services import (
     READ_METHODS,
     READ_ONLY,
     SESSION_SCOPED,
+    AccessChange,
     BoardCall,
     BoardPlan,
     Gate,
     Level,
     UserLimits,
+    access_change,
     check_call,
     narrower_role,
     parse_activity,
@@ -152,6 +154,11 @@ def _needs_record(write: _SessionWrite, result: outcome.Outcome[Any]) -> bool:
 class Hub:
     """Made by :func:`open_hub`."""
 
+    access_sweep_s = 30.0
+    """A cluster node's: how often it forgets the access it read and checks
+    every subscription again (the fallback for a change it was not told:
+    see :meth:`access_check`)."""
+
     def __init__(
         self,
         world: World,
@@ -194,6 +201,7 @@ class Hub:
         """Subscriptions revoked while being joined: the join ends them."""
         self._recheck_users: set[str] = set()
         self._recheck_rooms: set[str] = set()
+        self._recheck_everyone = False
         self._recheck_wanted = trio.Event()
         self.revocations = 0
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -240,6 +248,18 @@ class Hub:
             return  # it passivated (nobody was subscribed), or the daemon stops
         # it crashed, or it was stopped with subscribers (its supervisor gave
         # up and every actor starts over): they are lost the same way
+        if self.feed is not None:
+            # its next incarnation starts at the log's head: an event that
+            # changed access and that it had not checked yet is never shown
+            # to :meth:`access_check`; the record is read again and who
+            # may have lost sight of it checked again
+            kind, _, ident = name.removeprefix("room:").partition(":")
+            if kind == "session":
+                self.gate.forget_session(ident)
+                self._recheck_soon(rooms={f"session:{ident}"})
+            else:
+                self.gate.forget_board(ident)
+                self._recheck_soon(everyone=True)
         if name.startswith("room:board:"):
             # the facepile was the room's memory: every user present asks
             # the new incarnation to take their entry again
@@ -402,6 +422,7 @@ class Hub:
             await self.system.registry.request(write.actor, write.cmd, answered)
         except BaseException:
             release()
+            self._settle_access(write)  # what it assumed (nothing is written)
             raise
         return None
 
@@ -536,7 +557,11 @@ class Hub:
             # check against the narrower of the two until the write is
             # answered, and drop now who will not see the session then
             self.gate.assume_session(changed)
-            await self._recheck(rooms={f"session:{session_id}"})
+            try:
+                await self._recheck(rooms={f"session:{session_id}"})
+            except BaseException:
+                self.gate.forget_session(session_id)  # nothing is written
+                raise
         cmd = Command(
             principal=principal,
             connection_id=connection_id,
@@ -803,8 +828,11 @@ class Hub:
             )
         refused = ServiceError("forbidden", f"no room {room!r} that this user may see")
         rechecks = self._rechecks
+        # a cluster node reads access from the store for a join: another
+        # daemon may have changed it in a room this one was not told about
+        from_store = self.feed is not None
         try:
-            if not await self.gate.may_see_room(principal, room):
+            if not await self.gate.may_see_room(principal, room, fresh=from_store):
                 raise refused
             await self.authorizer.authorize(principal, "join", room)
         except ServiceError as exc:
@@ -839,7 +867,9 @@ class Hub:
         )
         subs[room] = sub
         self._joining.add(sub.key)
-        if self._rechecks != rechecks and not await self.gate.may_see_room(principal, room):
+        if self._rechecks != rechecks and not await self.gate.may_see_room(
+            principal, room, fresh=from_store
+        ):
             # access changed while the join was being checked, before the
             # recheck could see it: asked again, now that a recheck would
             self._joining.discard(sub.key)
@@ -922,6 +952,11 @@ class Hub:
                     page = await self.world.blocking.run(
                         lambda a=after: store.events_since(log_room, a, page_size)  # type: ignore[misc]
                     )
+                change = False
+                if self.feed is not None:
+                    # a cluster node replays the log as its rooms deliver:
+                    # nothing past an event that changes access before its check
+                    page, change = _until_access_change(page)
                 items = [(e.seq, encode(outbox.codec, to_event(e, room))) for e in page]
                 ends = {e.seq: e.end_seq for e in page}
                 for chunk in _within(items, page_size, outbox.max_bytes // 2):
@@ -932,6 +967,8 @@ class Hub:
                         return False  # lagged: the client resumes later
                 if page:
                     after = page[-1].end_seq
+                if change and not await self._checked_in_join(sub):
+                    return False
                 if subs.get(room) is not sub:
                     return False
                 result = await registry.call(
@@ -943,6 +980,44 @@ class Hub:
                     return bool(result == "revoked")
         except OutboxClosed:
             return False
+
+    async def _checked_in_join(self, sub: Subscription) -> bool:
+        """A cluster node's join replayed an event of the log that changes
+        access: its user's sight of the room is read again from the store
+        before anything past it is offered (the room checks its own
+        subscribers when it takes the event).  False: the join ends, with
+        ``left`` ``forbidden`` if its user lost sight, or ``lagged`` (it
+        joins again later) if the store could not say."""
+        principal = self._principals.get(sub.connection_id)
+        subs = self._subs.get(sub.connection_id, {})
+        try:
+            visible = principal is not None and await self.gate.may_see_room(
+                principal, sub.room, fresh=True
+            )
+        except ServiceError as exc:
+            log.warning("a join's access check failed: %s", exc)
+            if subs.get(sub.room) is sub:
+                del subs[sub.room]
+                self._unwatch(sub)
+                with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                    sub.outbox.room_lost(sub.room)
+            return False
+        if visible:
+            return True
+        if subs.get(sub.room) is sub:
+            del subs[sub.room]
+            self._unwatch(sub)
+            self.revocations += 1
+            self._revoked[sub.key] = "forbidden"  # the join ends it
+            _security_log.info(
+                "subscription revoked",
+                extra={
+                    "connection_id": sub.connection_id,
+                    "user_id": sub.user_id,
+                    "room": sub.room,
+                },
+            )
+        return False
 
     async def _join_lost(self, sub: Subscription) -> None:
         """``sub``'s room actor ended while its Subscribe was on its way, and
@@ -962,13 +1037,18 @@ class Hub:
     # ------------------------------------------------------------ revocation
 
     def _recheck_soon(
-        self, *, users: set[str] | None = None, rooms: set[str] | None = None
+        self,
+        *,
+        users: set[str] | None = None,
+        rooms: set[str] | None = None,
+        everyone: bool = False,
     ) -> None:
         """:meth:`_recheck` in the hub's own task (from a synchronous
         answer).  Requests coalesce: at most one set of users and rooms
-        waits (overflow policy: merge)."""
+        waits (overflow policy: merge; ``everyone`` covers them all)."""
         self._recheck_users |= users or set()
         self._recheck_rooms |= rooms or set()
+        self._recheck_everyone |= everyone
         self._recheck_wanted.set()
 
     async def _rechecker(self) -> None:
@@ -977,10 +1057,54 @@ class Hub:
             self._recheck_wanted = trio.Event()
             users, self._recheck_users = self._recheck_users, set()
             rooms, self._recheck_rooms = self._recheck_rooms, set()
+            everyone, self._recheck_everyone = self._recheck_everyone, False
             try:
-                await self._recheck(users=users or None, rooms=rooms or None)
+                if everyone:
+                    await self._recheck()
+                else:
+                    await self._recheck(users=users or None, rooms=rooms or None)
             except Exception:
                 log.exception("checking the subscriptions again failed")
+
+    def access_check(self, event: StoredEvent) -> Callable[[], Awaitable[None]] | None:
+        """A cluster node's rooms show it every event they take (another
+        daemon's through the broker, their own writer's, or read from the
+        log): for one that changes access, the check its room runs before
+        it delivers anything past it.  As the daemon that wrote it did: the
+        gate forgets the session or board, and the subscriptions of the
+        users or rooms it concerns are checked again (who lost sight is sent
+        ``left`` ``forbidden`` by the room, in its order).
+
+        The room pauses its deliveries at the event until the check ended
+        (a failed check runs again), so none is lost while the room lives;
+        a room that crashed makes the hub forget what it read and recheck
+        everything (:meth:`_on_actor_exit`); what no room of this daemon is
+        shown (a member removed from a board whose room nobody here joined,
+        who watches a session on it) is caught by the sweep every
+        :attr:`access_sweep_s`, and joins read access from the store."""
+        change = access_change(event.event, event.data)
+        return None if change is None else partial(self._access_changed, change)
+
+    async def _access_changed(self, change: AccessChange) -> None:
+        # the record is read again now, so that a join while the store is
+        # away is refused from what it became, not answered unavailable (a
+        # write of this daemon in flight rechecks once it is answered)
+        if change.session_id is not None:
+            self.gate.forget_session(change.session_id)
+            await self.gate.session(change.session_id)
+        if change.board_id is not None:
+            self.gate.forget_board(change.board_id)
+            await self.gate.board(change.board_id)
+        if change.users or change.rooms:
+            await self._recheck(users=set(change.users) or None, rooms=set(change.rooms) or None)
+
+    async def _sweeper(self) -> None:
+        """A cluster node's fallback: every :attr:`access_sweep_s` the gate
+        forgets what it read, and every subscription is checked again."""
+        while True:
+            await trio.sleep(self.access_sweep_s)
+            self.gate.forget_loaded()
+            self._recheck_soon(everyone=True)
 
     async def _recheck(
         self, *, users: set[str] | None = None, rooms: set[str] | None = None
@@ -1184,6 +1308,15 @@ def _within(
     return runs
 
 
+def _until_access_change(page: list[StoredEvent]) -> tuple[list[StoredEvent], bool]:
+    """``page`` up to and with its first event that changes access, and
+    whether it has one."""
+    for i, event in enumerate(page):
+        if access_change(event.event, event.data) is not None:
+            return page[: i + 1], True
+    return page, False
+
+
 def _room_actor(room: str) -> tuple[str, str]:
     """The room actor serving ``room`` and the log it reads: an
     ``activity:<board>`` stream is a projection of the board room."""
@@ -1360,6 +1493,12 @@ async def _open_hub(
             assert link is not None
             return BrokerPublisher(link, node)
 
+        hubs: list[Hub] = []
+
+        def access(event: StoredEvent) -> Callable[[], Awaitable[None]] | None:
+            # no hub yet: no connection, nobody to check
+            return hubs[0].access_check(event) if hubs else None
+
         def room(name: str) -> Behaviour[Any]:
             behaviour = RoomBehaviour(
                 name.removeprefix("room:"),
@@ -1367,6 +1506,7 @@ async def _open_hub(
                 presence=presence,
                 metrics=metrics,
                 announce=PUBLISHER_NAME if link is not None else None,
+                access=access if link is not None else None,
             )
             if ring_size is not None:
                 behaviour.ring_size = ring_size
@@ -1427,7 +1567,10 @@ async def _open_hub(
                     limits=limits,
                     feed=feed,
                 )
+                hubs.append(hub)
                 tasks.start_soon(hub._rechecker)
+                if feed is not None:
+                    tasks.start_soon(hub._sweeper)
                 try:
                     yield hub
                 finally:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -57,6 +57,7 @@ from .cluster_presence import NodePresence, PresenceOut, RemotePresence, merged_
 from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_for
 
 __all__ = [
+    "AccessCheck",
     "CatchUp",
     "Resync",
     "Revoke",
@@ -145,6 +146,17 @@ itself with ``left`` a moment later, as the hub's join does)."""
 WAITING_MAX = 1024
 """Joins from past its head that a cluster node's room holds while it reads
 its log; beyond, a join is answered at once from what the room has."""
+ACCESS_RETRY_S = 1.0
+"""A cluster node's room whose access check failed (the store away) runs
+it again after this long; it delivers nothing past the event meanwhile."""
+
+AccessCheck = Callable[[StoredEvent], Callable[[], Awaitable[None]] | None]
+"""A cluster node's (the hub's): for an event that may change who sees rooms
+(a session's permissions, a board's members; committed by any daemon), the
+check to run before anything of the room after that event is delivered
+(the hub forgets what its gate knew and rechecks its subscriptions: who
+lost sight is sent ``left`` through :class:`Revoke`); None for any other
+event."""
 
 
 @attrs.frozen
@@ -227,6 +239,18 @@ class _Filled:
 
 
 @attrs.frozen
+class _AccessChecked:
+    """The hub's access check of the event the room paused at ended."""
+
+    result: outcome.Outcome[None]
+
+
+@attrs.frozen
+class _AccessRetry:
+    """Run the failed access check again."""
+
+
+@attrs.frozen
 class _WindowEnd:
     """The batch window ended: deliver what was held for it."""
 
@@ -259,6 +283,14 @@ class RoomState:
     waiting: list[Request] = attrs.field(factory=list)
     """A cluster node's joins from past this room's head (another daemon's
     commits had not reached it): answered once it has read its log."""
+    checking: Callable[[], Awaitable[None]] | None = None
+    """A cluster node's: the access check under way; the room delivers
+    nothing past its head (the event that changed access) until it ends."""
+    paused: list[StoredEvent] = attrs.field(factory=list)
+    """Events past the head, in order, waiting for the check (bounded by
+    ``max_held``: past it, or past a hole, they are read from the log)."""
+    paused_lost: bool = False
+    access_checks: int = 0
 
 
 def activity_entry(event: Event | StoredEvent) -> dict[str, Any]:
@@ -334,7 +366,13 @@ class RoomBehaviour(Behaviour[RoomState]):
         presence: PresenceConfig | None = None,
         metrics: Metrics | None = None,
         announce: str | None = None,
+        access: AccessCheck | None = None,
     ) -> None:
+        self.access = access
+        """A cluster node's: every event it takes (another daemon's through
+        the broker, its own writer's, or read from its log) is shown to
+        ``access``; one that changes access pauses the room's deliveries
+        until its check ended (see :data:`AccessCheck`)."""
         self.metrics = metrics
         self.announce = announce
         """A cluster node's board room tells its users to this actor (the
@@ -355,7 +393,7 @@ class RoomBehaviour(Behaviour[RoomState]):
         return RoomState(room=room, epoch=epoch, head=seq)
 
     def can_passivate(self, state: RoomState) -> bool:
-        return not state.subscribers and not state.waiting
+        return not state.subscribers and not state.waiting and state.checking is None
 
     def handle(self, state: RoomState, msg: Any, now: float) -> Effects:
         if isinstance(msg, Request):
@@ -393,6 +431,11 @@ class RoomBehaviour(Behaviour[RoomState]):
             return effects
         if isinstance(msg, _WindowEnd):
             return self._window_end(state, now)
+        if isinstance(msg, _AccessChecked):
+            return self._access_checked(state, msg, now)
+        if isinstance(msg, _AccessRetry):
+            check = state.checking
+            return [] if check is None else [Await(check, _AccessChecked)]
         if isinstance(msg, _HeadCheck) and not state.subscribers:
             state.head_check = False
             return [CancelTimer("head")]  # and the room may passivate again
@@ -422,12 +465,23 @@ class RoomBehaviour(Behaviour[RoomState]):
             else:
                 state.held.extend(events)
             return []
+        if state.checking is not None:
+            self._pause(state, events)
+            return []
         fresh = [e for e in events if e.end_seq > state.head]
         if fresh and fresh[0].seq > state.head + 1:
             # a hole: events were committed that never reached us (a lost
             # commit answer, a writer crash); read the log from our head
             state.held.extend(fresh)
             return self._resync(state)
+        check = None
+        if self.access is not None:
+            for i, event in enumerate(fresh):
+                check = self.access(event)
+                if check is not None:
+                    # delivered up to this event; the rest waits for the check
+                    events, later = tuple(fresh[: i + 1]), fresh[i + 1 :]
+                    break
         effects = self._fan_out(state, events, now, committed_s)
         if self.is_board:
             self._highlight(state, events)
@@ -435,6 +489,43 @@ class RoomBehaviour(Behaviour[RoomState]):
         if state.subscribers and not state.head_check:
             state.head_check = True
             effects.append(StartTimer("head", self.head_check_s, _HeadCheck(), repeat=True))
+        if check is not None:
+            state.checking = check
+            state.access_checks += 1
+            self._pause(state, later)
+            effects.append(Await(check, _AccessChecked))
+        return effects
+
+    def _pause(self, state: RoomState, events: Iterable[StoredEvent]) -> None:
+        """Keep ``events`` (past the head, in order, once each) for the end
+        of the access check.  Overflow policy: past ``max_held``, or past a
+        hole, they are dropped and the log is read once the check ended."""
+        if state.paused_lost:
+            return
+        last = state.paused[-1].end_seq if state.paused else state.head
+        for event in events:
+            if event.end_seq <= last:
+                continue  # known (read again from the log, or its own commit)
+            if event.seq > last + 1 or len(state.paused) >= self.max_held:
+                state.paused_lost = True
+                return
+            state.paused.append(event)
+            last = event.end_seq
+
+    def _access_checked(self, state: RoomState, msg: _AccessChecked, now: float) -> list[Effect]:
+        """The check ended: deliver what waited for it (up to the next event
+        that changes access).  A check that failed runs again later, and
+        nothing past the event is delivered meanwhile (fails closed)."""
+        if state.checking is None:
+            return []
+        if isinstance(msg.result, outcome.Error):
+            return [StartTimer("access", ACCESS_RETRY_S, _AccessRetry())]
+        state.checking = None
+        paused, state.paused = state.paused, []
+        lost, state.paused_lost = state.paused_lost, False
+        effects = self._committed(state, tuple(paused), now) if paused else []
+        if lost:
+            effects += self._resync(state)
         return effects
 
     def _watch_head(self, state: RoomState) -> list[Effect]:
@@ -957,6 +1048,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             "delivered": state.delivered,
             "lagged": state.lagged,
             "windows": state.windows,
+            "access_checks": state.access_checks,
         }
 
 

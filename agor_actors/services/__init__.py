@@ -6,9 +6,11 @@ session's own writes (sessions, tasks, messages) are its actor's
 (:mod:`agor_actors.domain.session`)."""
 
 from ._access import ACCESS_FIELDS as ACCESS_FIELDS
+from ._access import AccessChange as AccessChange
 from ._access import BoardAccess as BoardAccess
 from ._access import Level as Level
 from ._access import SessionAccess as SessionAccess
+from ._access import access_change as access_change
 from ._access import board_level as board_level
 from ._access import narrower_role as narrower_role
 from ._access import session_level as session_level

@@ -29,9 +29,11 @@ from ..domain.fields import ID_CHARS_MAX, check_text
 
 __all__ = [
     "ACCESS_FIELDS",
+    "AccessChange",
     "BoardAccess",
     "Level",
     "SessionAccess",
+    "access_change",
     "board_level",
     "check_permissions",
     "forbidden",
@@ -134,6 +136,57 @@ class SessionAccess:
         }
         row.update({k: v for k, v in values.items() if k in ACCESS_FIELDS})
         return SessionAccess.of(row)
+
+
+@attrs.frozen
+class AccessChange:
+    """What a committed event changes of access, for a daemon that did not
+    write it (a cluster node: see :func:`access_change`): the records its
+    gate forgets, and whose subscriptions it checks again (``users``' in
+    every room, every one in ``rooms``; neither: none)."""
+
+    session_id: str | None = None
+    board_id: str | None = None
+    users: frozenset[str] = frozenset()
+    rooms: frozenset[str] = frozenset()
+
+
+def access_change(event: str, data: Any) -> AccessChange | None:
+    """What the logged event ``event`` (its ``data``) changes of access, as
+    the daemon that wrote it handled it: a session's access fields
+    (:data:`ACCESS_FIELDS`) recheck its room; a member added or removed,
+    that user everywhere; a session or board deleted, or a board given
+    another owner, only forget the record.  None: nothing (every event of
+    a cluster node's rooms is asked: the event's name first)."""
+    if event == "session:updated" or event == "session:deleted":
+        if not isinstance(data, Mapping) or not isinstance(data.get("session_id"), str):
+            return None
+        session_id = str(data["session_id"])
+        if event == "session:deleted":
+            return AccessChange(session_id=session_id)
+        updates = data.get("updates")
+        if not isinstance(updates, Mapping) or not ACCESS_FIELDS & set(updates):
+            return None
+        return AccessChange(session_id=session_id, rooms=frozenset({f"session:{session_id}"}))
+    if event not in _BOARD_ACCESS_EVENTS:
+        return None
+    if not isinstance(data, Mapping) or not isinstance(data.get("board_id"), str):
+        return None
+    board_id = str(data["board_id"])
+    if event == "board:updated":
+        updates = data.get("updates")
+        if not isinstance(updates, Mapping) or "owner_id" not in updates:
+            return None
+        return AccessChange(board_id=board_id)
+    user = data.get("user_id")
+    if event == "board:deleted" or not isinstance(user, str):
+        return AccessChange(board_id=board_id)
+    return AccessChange(board_id=board_id, users=frozenset({user}))
+
+
+_BOARD_ACCESS_EVENTS: Final = frozenset(
+    {"board:member_added", "board:member_removed", "board:updated", "board:deleted"}
+)
 
 
 def narrower_role(a: str | None, b: str | None) -> str | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from ..domain import Principal, ServiceError
-from ..store import SqlStore, StoreError
+from ..store import SqlStore, StoreError, StoreUnavailable
 from ..world import World
 from ._access import (
     ACCESS_FIELDS,
@@ -53,60 +53,92 @@ class Gate:
         self.cache_max = cache_max
         self._boards: OrderedDict[str, BoardAccess] = OrderedDict()
         self._sessions: OrderedDict[str, SessionAccess] = OrderedDict()
+        self._assumed: set[tuple[str, str]] = set()
+        """``("board" | "session", id)`` held by an ``assume_*`` until forgotten."""
         self.denials = 0
 
     # ------------------------------------------------------------- records
 
-    async def board(self, board_id: str) -> BoardAccess | None:
+    async def board(self, board_id: str, *, fresh: bool = False) -> BoardAccess | None:
         store = self.store
 
         def load() -> BoardAccess | None:
             row = store.get("boards", board_id)
             return None if row is None else BoardAccess.of(row, store.board_members(board_id))
 
-        return await self._cached(self._boards, board_id, load)
+        fresh = fresh and ("board", board_id) not in self._assumed
+        return await self._cached(self._boards, board_id, load, fresh)
 
-    async def session(self, session_id: str) -> SessionAccess | None:
+    async def session(self, session_id: str, *, fresh: bool = False) -> SessionAccess | None:
         store = self.store
 
         def load() -> SessionAccess | None:
             row = store.get("sessions", session_id)
             return None if row is None else SessionAccess.of(row)
 
-        return await self._cached(self._sessions, session_id, load)
+        fresh = fresh and ("session", session_id) not in self._assumed
+        return await self._cached(self._sessions, session_id, load, fresh)
 
     async def _cached(
-        self, cache: OrderedDict[str, _A], key: str, load: Callable[[], _A | None]
+        self,
+        cache: OrderedDict[str, _A],
+        key: str,
+        load: Callable[[], _A | None],
+        fresh: bool = False,
     ) -> _A | None:
-        """From ``cache``, or loaded (in a worker thread) and kept if found."""
+        """From ``cache``, or loaded (in a worker thread) and kept if found.
+        ``fresh``: loaded whatever the cache holds, unless the store is
+        unavailable: then as last read (a cluster node serves joins from
+        its rooms' memory while PostgreSQL is away)."""
         cached = cache.get(key)
-        if cached is not None:
+        if cached is not None and not fresh:
             cache.move_to_end(key)
             return cached
         try:
             access = await self.world.blocking.run(load)
+        except StoreUnavailable as exc:
+            if cached is not None:
+                return cached
+            raise store_error(exc) from None
         except StoreError as exc:
             raise store_error(exc) from None
         if access is not None:
             _put(cache, key, access, self.cache_max)
+        else:
+            cache.pop(key, None)
         return access
 
     def forget_board(self, board_id: str) -> None:
         self._boards.pop(board_id, None)
+        self._assumed.discard(("board", board_id))
 
     def forget_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+        self._assumed.discard(("session", session_id))
+
+    def forget_loaded(self) -> None:
+        """Every record read from the store (what is assumed stays: its
+        write forgets it once answered)."""
+        for cache, kind in ((self._boards, "board"), (self._sessions, "session")):
+            for key in [k for k in cache if (kind, k) not in self._assumed]:
+                del cache[key]
 
     def assume_board(self, access: BoardAccess) -> None:
         """Check against ``access`` until the board is forgotten (a write
         that narrows it is in flight)."""
         _put(self._boards, access.board_id, access, self.cache_max)
+        self._assumed.add(("board", access.board_id))
 
     def assume_session(self, access: SessionAccess) -> None:
         _put(self._sessions, access.session_id, access, self.cache_max)
+        self._assumed.add(("session", access.session_id))
 
-    async def _session_board(self, session: SessionAccess) -> BoardAccess | None:
-        return None if session.board_id is None else await self.board(session.board_id)
+    async def _session_board(
+        self, session: SessionAccess, *, fresh: bool = False
+    ) -> BoardAccess | None:
+        if session.board_id is None:
+            return None
+        return await self.board(session.board_id, fresh=fresh)
 
     # ------------------------------------------------------------- levels
 
@@ -123,16 +155,21 @@ class Gate:
             return Level.ADMIN
         return board_level(principal, await self.board(board_id))
 
-    async def may_see_room(self, principal: Principal, room: str) -> bool:
-        """Whether the room exists and the principal may read it."""
+    async def may_see_room(self, principal: Principal, room: str, *, fresh: bool = False) -> bool:
+        """Whether the room exists and the principal may read it.  ``fresh``:
+        as the store has it now (a cluster node's join: another daemon may
+        have changed it unseen), or as assumed while a write is in flight."""
         kind, _, ident = room.partition(":")
         if kind == "session":
-            if principal.is_owner:
-                return await self.session(ident) is not None
-            return await self.session_level(principal, ident) >= Level.READ
+            session = await self.session(ident, fresh=fresh)
+            if session is None or principal.is_owner:
+                return session is not None
+            board = await self._session_board(session, fresh=fresh)
+            return session_level(principal, session, board) >= Level.READ
+        board = await self.board(ident, fresh=fresh)
         if principal.is_owner:
-            return await self.board(ident) is not None
-        return await self.board_level(principal, ident) >= Level.READ
+            return board is not None
+        return board_level(principal, board) >= Level.READ
 
     # ------------------------------------------------------------- calls
 

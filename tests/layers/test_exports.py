@@ -243,6 +243,8 @@ PACKAGES: dict[str, set[str]] = {
     },
     "agor_actors.services": {
         "ACCESS_FIELDS",
+        "AccessChange",
+        "access_change",
         "ActivityFilter",
         "BoardAccess",
         "Gate",

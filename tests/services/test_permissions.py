@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from trio.testing import MockClock
 
 from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
 from agor_actors.services import UserLimits
-from agor_actors.store import open_store
+from agor_actors.store import Mutation, WriteRequest, WriteResult, open_store
 from agor_actors.world import simulated_world
 from protocols import Codec, Event, Joined, Left, Limits, Since, decode_server_frame
 
@@ -479,3 +480,38 @@ async def test_per_user_caps(autojump_clock: MockClock) -> None:
         assert (await call(hub, user, "sessions", "get", id=sessions[1]))["id"] == sessions[1]
         await hub.disconnect("c1")
         hub.connect(user, "c3")
+
+
+async def test_the_gate_reads_access_fresh_when_asked_and_keeps_what_it_assumes(
+    autojump_clock: MockClock,
+) -> None:
+    # what a cluster node's join and sweep rely on: another daemon's write
+    # (here straight to the store, as a second daemon on the database does)
+    async with hub_on() as (hub, owner):
+        user = await new_user(hub, owner, "u")
+        session = await call(
+            hub, owner, "sessions", "create", data={"permissions": {"viewers": [user.user_id]}}
+        )
+        sid, room = session["id"], f"session:{session['id']}"
+        gate = hub.gate
+        assert await gate.may_see_room(user, room)
+        unshare = Mutation("update", "sessions", {"id": sid}, {"permissions": {}})
+        assert isinstance(hub.store.commit([WriteRequest(mutations=(unshare,))])[0], WriteResult)
+        assert await gate.may_see_room(user, room), "the cache answers (not told)"
+        assert not await gate.may_see_room(user, room, fresh=True)
+        # an assumption of a write in flight stays whatever is read or forgotten
+        shared = await gate.session(sid)
+        assert shared is not None
+        gate.assume_session(attrs.evolve(shared, viewers=frozenset({user.user_id})))
+        gate.forget_loaded()
+        assert await gate.may_see_room(user, room, fresh=True)
+        gate.forget_session(sid)  # the write was answered
+        assert not await gate.may_see_room(user, room)
+        # forget_loaded drops what was read
+        reshare = Mutation(
+            "update", "sessions", {"id": sid}, {"permissions": {"viewers": [user.user_id]}}
+        )
+        assert isinstance(hub.store.commit([WriteRequest(mutations=(reshare,))])[0], WriteResult)
+        assert not await gate.may_see_room(user, room)
+        gate.forget_loaded()
+        assert await gate.may_see_room(user, room)
