@@ -80,8 +80,12 @@ class AccessWatch:
             key = (guest, room)
             head = self.revoked[key]
             if isinstance(message, Left):
-                if message.reason != "forbidden":
+                # ``unavailable``: a node cut from the store could not check
+                # the join; it refused it all the same (nothing is sent)
+                if message.reason not in ("forbidden", "unavailable"):
                     self._violate(guest, f"{room}: left {message.reason!r} after revocation")
+                elif message.reason == "unavailable":
+                    self._recorder.count("access:left_unavailable")
                 elif key not in self.left_seen:
                     self._recorder.count("access:left_revoked")
                 self.left_seen.add(key)

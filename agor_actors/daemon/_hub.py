@@ -365,6 +365,10 @@ class Hub:
             result = await outcome.acapture(
                 self.system.registry.call, route.actor, route.cmd, timeout_s=30.0
             )
+            if isinstance(result, outcome.Error):
+                away = _store_away(result.error)
+                if away is not None:  # the session's actor cannot read its record
+                    result = outcome.Error(away)
             if self._settle_access(route):
                 await self._recheck(rooms={f"session:{route.session_id}"})
             return (await self._answer(route, result)).unwrap()
@@ -420,9 +424,12 @@ class Hub:
 
         try:
             await self.system.registry.request(write.actor, write.cmd, answered)
-        except BaseException:
+        except BaseException as exc:
             release()
             self._settle_access(write)  # what it assumed (nothing is written)
+            away = _store_away(exc)
+            if away is not None:  # the session's actor cannot read its record
+                raise away from exc
             raise
         return None
 

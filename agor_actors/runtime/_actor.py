@@ -11,7 +11,7 @@ import attrs
 import outcome
 import trio
 
-from supervisors import Child, ChildSpec, Restart
+from supervisors import Child, ChildSpec, ChildStartError, Restart
 
 from ..marks import mark
 from ..world import World
@@ -455,17 +455,20 @@ class _Actor:
                 if not effect.to._answer(effect.value, effect.error):
                     self.late_replies += 1
             elif isinstance(effect, Send):
+                # a target that cannot start now (its init failed: the store
+                # away) is a dead letter, as a dead one: it starts from the
+                # store when it can; this actor does not crash in a loop
                 try:
                     target = await self._resolve(effect.to)
                     await target._actor.mailbox.push(effect.msg)
-                except ActorDead:
+                except (ActorDead, ChildStartError):
                     self.dead_letters += 1
             elif isinstance(effect, TrySend):
                 try:
                     target = await self._resolve(effect.to)
                     if not target.try_send(effect.msg):
                         self.dead_letters += 1
-                except ActorDead:
+                except (ActorDead, ChildStartError):
                     self.dead_letters += 1
             elif isinstance(effect, StartTimer):
                 self._start_timer(effect)
