@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import attrs
 import pytest
@@ -22,7 +23,8 @@ import trio_websocket
 from sqlalchemy.pool import NullPool
 
 from agor_actors.client import open_websocket
-from agor_actors.daemon import Hub, Outbox, Principal
+from agor_actors.daemon import Hub, Outbox, Principal, open_hub
+from agor_actors.world import real_world
 from protocols import (
     PROTOCOL_VERSION,
     Codec,
@@ -152,6 +154,20 @@ async def view(hub: Hub, connection_id: str, room: str, since: Since | None = No
     outbox = Outbox(CODEC)
     await hub.join(OWNER, connection_id, outbox, room, since)
     return Reader(outbox)
+
+
+HUB_TOKEN = "cluster-owner-token"
+"""The owner token of the daemons' cores run in the test's process."""
+
+
+@asynccontextmanager
+async def hub_node(pg_url: str, broker_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
+    """A cluster node's core in this process: a hub on ``pg_url``'s store
+    and the broker at ``broker_url``."""
+    async with open_hub(
+        real_world(), db_url=pg_url, owner_token=HUB_TOKEN, broker_url=broker_url, **kwargs
+    ) as hub:
+        yield hub
 
 
 # ---------------------------------------------------------------- processes

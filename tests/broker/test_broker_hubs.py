@@ -6,55 +6,30 @@ its clients joined."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from typing import Any
-
 import pytest
 import trio
 from cluster_support import (
-    BROKERS,
+    HUB_TOKEN,
     assert_gap_free,
-    broker_url_for,
-    fresh_schema,
+    hub_node,
     make_session,
     make_task,
     needs_pg,
     view,
 )
 
-from agor_actors.daemon import Hub, NotClusterOwner, open_hub
+from agor_actors.daemon import NotClusterOwner, open_hub
 from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Since
 
 pytestmark = needs_pg
-TOKEN = "cluster-owner-token"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_schema() as url:
-        yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
-    return broker_url_for(request.param, pg_url)
-
-
-@asynccontextmanager
-async def node(pg_url: str, broker_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
-    async with open_hub(
-        real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=broker_url, **kwargs
-    ) as hub:
-        yield hub
 
 
 async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
+    async with hub_node(pg_url, broker_url) as a, hub_node(pg_url, broker_url) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         on_a = await view(a, "va", room)
@@ -77,7 +52,7 @@ async def test_a_write_on_one_daemon_reaches_a_viewer_on_the_other(
 async def test_a_broadcast_that_never_came_is_read_from_the_store(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
+    async with hub_node(pg_url, broker_url) as a, hub_node(pg_url, broker_url) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         viewer = await view(b, "vb", room)
@@ -87,7 +62,7 @@ async def test_a_broadcast_that_never_came_is_read_from_the_store(
         # commits reach b only as a hole in the seqs of the next broadcast
         store = open_store(pg_url, new_epoch=lambda: "unused", shared=True)
         try:
-            async with open_hub(real_world(), store=store, owner_token=TOKEN) as silent:
+            async with open_hub(real_world(), store=store, owner_token=HUB_TOKEN) as silent:
                 for n in range(3):
                     await make_task(silent, sid, f"unannounced {n}")
         finally:
@@ -107,7 +82,7 @@ async def test_a_broadcast_that_never_came_is_read_from_the_store(
 async def test_a_viewer_that_resumes_on_the_other_daemon_gets_what_it_missed(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
+    async with hub_node(pg_url, broker_url) as a, hub_node(pg_url, broker_url) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         on_a = await view(a, "v", room)
@@ -123,7 +98,7 @@ async def test_a_viewer_that_resumes_on_the_other_daemon_gets_what_it_missed(
 async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
+    async with hub_node(pg_url, broker_url) as a, hub_node(pg_url, broker_url) as b:
         assert a.feed is not None and b.feed is not None
         first, second = await make_session(a), await make_session(a)
         await view(b, "vb", f"session:{first}")
@@ -141,7 +116,7 @@ async def test_a_daemon_subscribes_only_to_the_rooms_its_clients_joined(
 async def test_a_node_with_another_owner_token_refuses_to_start(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a:
+    async with hub_node(pg_url, broker_url) as a:
         await make_session(a)
         with pytest.RaisesGroup(NotClusterOwner, allow_unwrapped=True, flatten_subgroups=True):
             async with open_hub(
@@ -149,4 +124,4 @@ async def test_a_node_with_another_owner_token_refuses_to_start(
             ):
                 pass  # pragma: no cover - it must not start
         # a's owner token still works
-        assert await a.authenticate(TOKEN) is not None
+        assert await a.authenticate(HUB_TOKEN) is not None

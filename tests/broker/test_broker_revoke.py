@@ -6,49 +6,24 @@ cluster bug ``access``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 from cluster_support import (
-    BROKERS,
     CODEC,
     OWNER,
     Reader,
-    broker_url_for,
-    fresh_schema,
+    hub_node,
     make_task,
     needs_pg,
     view,
 )
 
-from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
-from agor_actors.world import real_world
+from agor_actors.daemon import Hub, Outbox, Principal, ServiceError
 from protocols import Event, Joined, Left, Limits, decode_server_frame
 
 pytestmark = needs_pg
-TOKEN = "cluster-owner-token"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_schema() as url:
-        yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
-    return broker_url_for(request.param, pg_url)
-
-
-@asynccontextmanager
-async def node(pg_url: str, broker_url: str) -> AsyncIterator[Hub]:
-    async with open_hub(
-        real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=broker_url
-    ) as hub:
-        yield hub
 
 
 async def owner_call(hub: Hub, service: str, method: str, **kw: Any) -> Any:
@@ -74,7 +49,7 @@ async def read_until_left(box: Outbox, room: str, *, limit_s: float = 10.0) -> l
 async def test_a_session_unshared_on_one_daemon_drops_its_guest_on_the_other(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
+    async with hub_node(pg_url, broker_url) as a, hub_node(pg_url, broker_url) as b:
         guest = await guest_on(a, b)
         made = await owner_call(
             a,
@@ -120,7 +95,7 @@ async def test_a_session_unshared_on_one_daemon_drops_its_guest_on_the_other(
 async def test_a_member_removed_on_one_daemon_leaves_the_board_on_the_other(
     pg_url: str, broker_url: str
 ) -> None:
-    async with node(pg_url, broker_url) as a, node(pg_url, broker_url) as b:
+    async with hub_node(pg_url, broker_url) as a, hub_node(pg_url, broker_url) as b:
         guest = await guest_on(a, b)
         board = await owner_call(a, "boards", "create", data={"name": "B"})
         bid = board["id"]

@@ -13,10 +13,8 @@ from collections.abc import Iterator
 import pytest
 import trio
 from cluster_support import (
-    BROKERS,
     TOKEN,
     Node,
-    broker_url_for,
     fresh_schema,
     needs_pg,
     node_data_dir,
@@ -45,11 +43,6 @@ TIMINGS = [
 def pg_url() -> Iterator[str]:
     with fresh_schema("agor_presence") as url:
         yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
-    return broker_url_for(request.param, pg_url)
 
 
 async def _board_with_users(node: Node, names: list[str]) -> tuple[str, list[dict[str, str]]]:

@@ -15,11 +15,9 @@ from typing import Any
 import pytest
 import trio
 from cluster_support import (
-    BROKERS,
     TOKEN,
     Node,
     assert_gap_free,
-    broker_url_for,
     fresh_schema,
     needs_pg,
     node_data_dir,
@@ -37,11 +35,6 @@ pytestmark = [needs_pg, pytest.mark.timeout(180)]
 def pg_url() -> Iterator[str]:
     with fresh_schema("agor_nodes") as url:
         yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, pg_url: str) -> str:
-    return broker_url_for(request.param, pg_url)
 
 
 async def _session(node: Node) -> str:

@@ -8,8 +8,6 @@ store holds, whatever daemon wrote them)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -18,33 +16,17 @@ from cluster_support import (
     OWNER,
     REDIS_URL,
     Reader,
-    fresh_schema,
+    hub_node,
     make_session,
     needs_cluster,
     view,
 )
 
-from agor_actors.daemon import Hub, open_hub
+from agor_actors.daemon import Hub
 from agor_actors.domain import ServiceError
-from agor_actors.world import real_world
 from protocols import Event
 
 pytestmark = needs_cluster
-TOKEN = "cluster-owner-token"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_schema() as url:
-        yield url
-
-
-@asynccontextmanager
-async def node(pg_url: str, **kwargs: Any) -> AsyncIterator[Hub]:
-    async with open_hub(
-        real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=REDIS_URL, **kwargs
-    ) as hub:
-        yield hub
 
 
 async def message_call(hub: Hub, method: str, mid: str | None = None, **kwargs: Any) -> Any:
@@ -90,7 +72,7 @@ async def seen_by(reader: Reader, seq: int) -> list[Event]:
 
 
 async def test_chunks_alternating_between_daemons_stay_contiguous(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         on_a = await view(a, "va", room)
@@ -116,7 +98,7 @@ async def test_chunks_alternating_between_daemons_stay_contiguous(pg_url: str) -
 
 
 async def test_two_writers_on_two_daemons_at_once(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)
         room = f"session:{sid}"
         on_a = await view(a, "va", room)
@@ -144,7 +126,7 @@ async def test_two_writers_on_two_daemons_at_once(pg_url: str) -> None:
 
 
 async def test_a_message_rev_is_the_stores_whatever_daemon_changes_it(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)
         mid = await create_message(a, sid)
         await message_call(a, "stream", mid, data={"chunk": "one "})  # a knows rev 1
@@ -176,7 +158,7 @@ async def task_call(hub: Hub, method: str, tid: str, **kwargs: Any) -> Any:
 
 
 async def test_a_task_rev_is_the_stores_whatever_daemon_changes_it(pg_url: str) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)
         made = await a.call(
             OWNER,
@@ -213,7 +195,7 @@ LATER_MS = 4_000_000_000_000
 async def test_a_sessions_fields_merge_against_the_stores_clocks_whatever_daemon(
     pg_url: str,
 ) -> None:
-    async with node(pg_url) as a, node(pg_url) as b:
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)  # a's actor knows rev 1
         running = await session_call(b, "set_status", sid, data={"status": "running"})
         assert running["rev"] == 2  # b's actor knows rev 2
