@@ -295,6 +295,9 @@ _SHAPES_MAX: Final = 64
 _Shape = tuple[Op, str, tuple[str, ...], tuple[tuple[str, bool], ...]]
 _Landed = tuple[str, str, tuple[Any, ...]]
 """Where a landing appends: (table, column, the row's key values)."""
+_Landing = tuple[_Shape, dict[str, Any], str, Append]
+"""A request that is one update appending at a place the store sets:
+``(shape, parameters, column, append)`` (see :meth:`SqlStore._landing`)."""
 
 
 @attrs.define
@@ -749,17 +752,22 @@ class SqlStore:
         run: _Run | None = None
         with self._writing() as conn, _raw_cursor(conn) as cursor:
             lengths: dict[_Landed, int] = {}
+            # a shared store's landings, each found once (a refused one: its error)
+            landings: list[_Landing | StoreError | None] = [None] * len(requests)
             if self._shared:
                 self._lock_heads(conn, requests)
+                landings = [self._landing_or_error(request) for request in requests]
                 if not isolate_events:
-                    lengths = self._lock_lengths(conn, requests)
-            for request in requests:
+                    lengths = self._lock_lengths(conn, landings)
+            for request, found in zip(requests, landings, strict=True):
                 # rooms this request moved: the head before it, None if it
                 # brought the room into the group (undone if it fails)
                 touched: dict[str, int | None] = {}
                 rows: list[dict[str, Any]] = []
                 try:
-                    landing = self._landing(request) if self._shared else None
+                    if isinstance(found, StoreError):
+                        raise found
+                    landing = found
                     plain = None if isolate_events or landing else self._plain_write(request)
                     if landing is not None and not isolate_events and len(landing[0][2]) == 1:
                         # planned on the lengths locked for the group, then
@@ -832,8 +840,14 @@ class SqlStore:
         run.rows.append(params)
         return run
 
+    def _landing_or_error(self, request: WriteRequest) -> _Landing | StoreError | None:
+        try:
+            return self._landing(request)
+        except StoreError as exc:
+            return exc  # refused: the commit loop answers it
+
     def _lock_lengths(
-        self, conn: sa.Connection, requests: Sequence[WriteRequest]
+        self, conn: sa.Connection, landings: Sequence[_Landing | StoreError | None]
     ) -> dict[_Landed, int]:
         """Shared store, a group not isolated: the length now of every
         column the group's landings append to (see :class:`Append`), read
@@ -842,12 +856,8 @@ class SqlStore:
         and written as plain runs: one statement per group and table, not
         one round trip per chunk.  A row missing is absent."""
         wanted: dict[tuple[str, str, str], set[Any]] = {}
-        for request in requests:
-            try:
-                landing = self._landing(request)
-            except StoreError:
-                continue  # refused: the loop answers it
-            if landing is None:
+        for landing in landings:
+            if landing is None or isinstance(landing, StoreError):
                 continue
             shape, params, column, _ = landing
             _, table_name, key, _ = shape
@@ -948,7 +958,7 @@ class SqlStore:
                     columns.append((name, False))
         return (op, table.name, tuple(key), tuple(columns)), params
 
-    def _landing(self, request: WriteRequest) -> tuple[_Shape, dict[str, Any], str, Append] | None:
+    def _landing(self, request: WriteRequest) -> _Landing | None:
         """Shared store: ``(shape, parameters, column, append)`` if
         ``request`` is one plain update whose one :class:`Append` with
         ``at`` lands where the row says (see :class:`Append`); else None."""
