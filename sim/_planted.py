@@ -166,7 +166,9 @@ def _retry_seq_reused(original: Any) -> Any:
             for draft in request.events:
                 if draft.room not in last:
                     head = heads.get(draft.room)
-                    known = (head.epoch, head.base) if head else self.room_head(draft.room)
+                    # memory only: room_head would read through the store's
+                    # one in-memory connection, whose lock this commit holds
+                    known = (head.epoch, head.base) if head else self.cached_head(draft.room)
                     last[draft.room] = known or ("", 0)
                 epoch, seq = last[draft.room]
                 event = draft.stored(epoch, seq + 1)
