@@ -83,6 +83,23 @@ _NO_LIMIT: Final = 2**62  # an Append without a limit: room for any column
 _SCHEMA_LOCK_KEY: Final = 0x41474F52  # pg_advisory_xact_lock key while creating the schema
 _SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
 
+PG_CONNECT_TIMEOUT_S: Final = 5
+"""libpq's ``connect_timeout``: a server that accepts nothing (or a
+blackholed address) is unavailable after 5 s, not after the kernel's
+minutes of SYN retries."""
+
+_PG_CONNECT_DEFAULTS: Final[Mapping[str, int]] = {
+    # libpq's too: a server that vanishes mid-transaction (its host gone, the network cut):
+    # data unacknowledged for 15 s fails the statement (TCP_USER_TIMEOUT),
+    # and an idle pooled connection is probed (keepalives) instead of
+    # hanging the next write for the kernel's 15 minutes of retransmissions
+    "tcp_user_timeout": 15_000,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
+
 
 def hash_token(token: str) -> str:
     """The ``users.token_hash`` of ``token`` (sha256, hex)."""
@@ -1521,7 +1538,12 @@ def _group_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
 
 
 def open_store(
-    url: str, *, new_epoch: Callable[[], str], echo: bool = False, shared: bool = False
+    url: str,
+    *,
+    new_epoch: Callable[[], str],
+    echo: bool = False,
+    shared: bool = False,
+    connect_timeout_s: int = PG_CONNECT_TIMEOUT_S,
 ) -> SqlStore:
     """Open (and on first use create) the store at ``url``:
 
@@ -1534,7 +1556,8 @@ def open_store(
     store reads no randomness itself).  ``shared``: other daemons write the
     same database (a cluster; see :class:`SqlStore`).  Raises :class:`StoreSchemaError` for
     a database of a newer schema version, :class:`StoreUnavailable` if the
-    database cannot be reached.
+    database cannot be reached (a PostgreSQL server that does not answer:
+    within ``connect_timeout_s``, at least 2 s, libpq's floor).
     """
     parsed = sa.make_url(url)
     kwargs: dict[str, Any] = {
@@ -1552,6 +1575,7 @@ def open_store(
         engine = sa.create_engine(parsed, **kwargs)
         _configure_sqlite(engine, wal=not in_memory)
     elif parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = pg_connect_args(parsed, connect_timeout_s)
         engine = sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
     else:
         raise StoreQueryError(f"unsupported database URL {parsed.render_as_string()!r}")
@@ -1563,6 +1587,14 @@ def open_store(
     except BaseException:
         engine.dispose()
         raise
+
+
+def pg_connect_args(url: sa.URL, connect_timeout_s: int) -> dict[str, int]:
+    """The connection timeouts a PostgreSQL store uses, those the URL
+    names itself left as it says (``?connect_timeout=2`` overrides
+    ``connect_timeout_s``)."""
+    wanted = {"connect_timeout": connect_timeout_s, **_PG_CONNECT_DEFAULTS}
+    return {k: v for k, v in wanted.items() if k not in url.query}
 
 
 def _private_sqlite_files(database: str) -> None:
