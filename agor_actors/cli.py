@@ -5,8 +5,9 @@
 [--metrics-port N [--metrics-host H]] [--allow-origin ORIGIN]...
 [--certfile PEM --keyfile PEM] [--jwt-private-key PEM] [--jwt-public-key PEM]
 [--access-token-ttl S] [--refresh-token-ttl S] [--node-heartbeat S] [--node-liveness S]
-[--presence-grace S] [--commit-linger-ms MS]`` runs the daemon until SIGINT or
-SIGTERM (then drains and exits 0; exit 2 when the port cannot be had);
+[--presence-grace S] [--commit-linger-ms MS] [--sqlite-commit loop|thread]`` runs
+the daemon until SIGINT or SIGTERM (then drains and exits 0; exit 2 when the
+port cannot be had);
 ``agor-actors token [--data-dir .agor]`` prints the local owner's token.
 
 Only ``serve`` creates a data dir and its token: ``token`` and ``top`` read
@@ -132,6 +133,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="a busy daemon waits this long for more writes before a commit: fewer, larger"
         " commits, less CPU per write (default 2; 0: commit each group at once)",
+    )
+    parser.add_argument(
+        "--sqlite-commit",
+        choices=["loop", "thread"],
+        default="loop",
+        help="where a SQLite database's commits run: on the daemon's loop (less CPU per"
+        " write; the loop waits while SQLite appends to its log) or in a worker thread"
+        " (default loop; a PostgreSQL database's always run in a thread)",
     )
     parser.add_argument(
         "--log-level",
@@ -268,6 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
         identity=identity,
         presence=presence,
         commit_linger_ms=args.commit_linger_ms,
+        sqlite_commit_on_loop=args.sqlite_commit == "loop",
     )
 
 

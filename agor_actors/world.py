@@ -220,13 +220,22 @@ class SeededEntropy:
 
 @runtime_checkable
 class Blocking(Protocol):
-    """Runs blocking work (database calls).  Real: a worker thread.
-    Simulated: inline, so thread timing cannot leak into virtual time."""
+    """Runs blocking work (database calls).  Real: a worker thread, or the
+    loop's own thread for short local work.  Simulated: inline, so thread
+    timing cannot leak into virtual time."""
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
         """Run ``fn`` and return its result.  A checkpoint.  If cancelled
         while a worker thread runs ``fn``, the thread is abandoned and its
-        result discarded: callers must make ``fn`` idempotent or transactional."""
+        result discarded: callers must make ``fn`` idempotent or transactional.
+
+        ``local``: ``fn`` is short work on this machine's own files (a
+        SQLite commit: an append to its log, synced only at checkpoints),
+        which an implementation may run on the loop's thread: no thread
+        round trip and no GIL handed back and forth with the loop, for a
+        loop that waits while ``fn`` runs.  Then the call checks for
+        cancellation first but does not yield.  Work that waits on the
+        network (a PostgreSQL commit) is never ``local``."""
         ...
 
 
@@ -249,19 +258,25 @@ class _EagerLimiter:
 
 
 class ThreadBlocking:
-    """Blocking work in trio worker threads, at most ``max_threads`` at once."""
+    """Blocking work in trio worker threads, at most ``max_threads`` at once;
+    ``local`` work on the loop's own thread unless ``local_on_loop`` is
+    False (``serve --commit thread``)."""
 
-    def __init__(self, max_threads: int = 4) -> None:
+    def __init__(self, max_threads: int = 4, *, local_on_loop: bool = True) -> None:
         self._limiter = _EagerLimiter(max_threads)
+        self.local_on_loop = local_on_loop
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
+        if local and self.local_on_loop:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return fn()
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)  # type: ignore[arg-type]
 
 
 class InlineBlocking:
     """Blocking work called inline on the trio thread (simulator, tests)."""
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
         await trio.lowlevel.checkpoint()
         return fn()
 
@@ -416,12 +431,15 @@ class World:
     blocking: Blocking
 
 
-def real_world(*, max_threads: int = 4) -> World:
+def real_world(*, max_threads: int = 4, local_on_loop: bool = True) -> World:
+    """The real seams: trio's clock, the system's wall clock and
+    randomness, worker threads (``local`` work on the loop unless
+    ``local_on_loop`` is False; see :class:`Blocking`)."""
     return World(
         clock=TrioClock(),
         wall=SystemWallClock(),
         entropy=SecureEntropy(),
-        blocking=ThreadBlocking(max_threads),
+        blocking=ThreadBlocking(max_threads, local_on_loop=local_on_loop),
     )
 
 

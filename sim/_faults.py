@@ -175,7 +175,7 @@ class FaultyBlocking:
         if self._fenced:
             await trio.sleep_forever()
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
         faults = self._faults
         await self._alive()
 
@@ -191,7 +191,7 @@ class FaultyBlocking:
         if self._cut is not None and self._cut():
             self.refused += 1
             raise StoreUnavailable(f"the store cannot be reached ({CUT_OFF})")
-        result = await self._inner.run(call)
+        result = await self._inner.run(call, local=local)
         if self._half_s:
             await trio.sleep(self._half_s)
         return result

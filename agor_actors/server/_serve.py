@@ -392,7 +392,9 @@ async def run_daemon(
         open_hub,
     )
 
-    world = world or real_world()
+    if world is None:
+        on_loop = settings is None or settings.sqlite_commit_on_loop
+        world = real_world(local_on_loop=on_loop)
     sock = listen_socket(host, port)
     metrics_sock: socket.socket | None = None
     try:  # run_server closes them too; here for a failure before it runs
@@ -536,6 +538,7 @@ def serve(
     identity: IdentityConfig | None = None,
     presence: PresenceConfig | None = None,
     commit_linger_ms: float = 2.0,
+    sqlite_commit_on_loop: bool = True,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -566,6 +569,7 @@ def serve(
                         certfile=certfile,
                         keyfile=keyfile,
                         commit_linger_s=commit_linger_ms / 1000,
+                        sqlite_commit_on_loop=sqlite_commit_on_loop,
                     ),
                     identity=identity,
                     presence=presence,

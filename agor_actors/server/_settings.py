@@ -142,6 +142,12 @@ class ServerSettings:
     """A busy store writer waits this long for more writes before it commits
     a group (fewer, larger commits: less CPU per write for at most this much
     latency); an idle one commits at once.  0: never waits."""
+    sqlite_commit_on_loop: bool = True
+    """Whether a SQLite store's commits run on the loop's own thread
+    (``--sqlite-commit loop``: less CPU per write, the loop waits for each
+    commit) or in a worker thread (``thread``); see
+    :class:`~agor_actors.world.Blocking`.  A PostgreSQL store's always run
+    in a worker thread.  Read only when ``run_daemon`` makes the world."""
 
 
 def ws_max_message_bytes(settings: ServerSettings) -> int:

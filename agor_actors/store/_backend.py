@@ -630,6 +630,13 @@ class SqlStore:
     def dialect(self) -> str:
         return self._engine.dialect.name
 
+    @property
+    def local(self) -> bool:
+        """Whether the database is this machine's own SQLite (a commit is a
+        short local append: ``Blocking.run(local=True)``), not a server
+        across a network."""
+        return self._engine.dialect.name == "sqlite"
+
     def close(self) -> None:
         """Close every pooled connection.  The store is unusable afterwards."""
         self._engine.dispose()

@@ -338,7 +338,7 @@ class StoreWriter(Behaviour[WriterState]):
         store, blocking = self.store, self.world.blocking
 
         async def commit() -> list[WriteResult | StoreError]:
-            return await blocking.run(lambda: store.commit(requests))
+            return await blocking.run(lambda: store.commit(requests), local=store.local)
 
         frozen = tuple(batch)
         return [AwaitInline(commit, lambda result: _Done(frozen, result))]

@@ -5,10 +5,12 @@ from the log; a real SQLite file."""
 from __future__ import annotations
 
 import pathlib
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import trio
 
 from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
@@ -406,3 +408,31 @@ async def test_head_checks_read_the_log_only_when_the_store_knows_more(
             late = events(await drain(out, until=lambda m: len(events(m)) >= 1))
         assert [e.seq for e in late] == [first[-1].end_seq + 1]
         assert reads == [first[-1].end_seq]
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+async def test_sqlite_commits_run_on_the_loop_or_in_a_thread_as_asked(
+    tmp_path: pathlib.Path, on_loop: bool
+) -> None:
+    """A SQLite store's commits are ``local`` work: the real world runs them
+    on the loop's own thread (``serve``'s default) or, with
+    ``local_on_loop=False`` (``--sqlite-commit thread``), in a worker
+    thread.  Either way the write is durable and answered."""
+    loop_thread = threading.get_ident()
+    async with open_hub(real_world(local_on_loop=on_loop), data_dir=tmp_path / "agor") as h:
+        committed_on: list[int] = []
+
+        def on_commit(connection: object) -> None:
+            committed_on.append(threading.get_ident())
+
+        sa.event.listen(h.store.engine, "commit", on_commit)
+        board = await h.call(
+            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+        )
+        sa.event.remove(h.store.engine, "commit", on_commit)
+        found = await h.call(
+            OWNER, connection_id="c1", service="boards", method="get", id=board["id"]
+        )
+    assert found["name"] == "B"
+    assert committed_on, "the board's write committed no transaction"
+    assert all((ident == loop_thread) is on_loop for ident in committed_on), committed_on

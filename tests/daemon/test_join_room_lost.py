@@ -37,13 +37,13 @@ class Unreachable:
         self.refused = 0
         self.refusal = trio.Event()
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
         if self.failing:
             await trio.lowlevel.checkpoint()
             self.refused += 1
             self.refusal.set()
             raise StoreUnavailable("the store cannot be reached (test)")
-        return await self.inner.run(fn)
+        return await self.inner.run(fn, local=local)
 
 
 async def read(outbox: Outbox, until: Any, limit_s: float = 10.0) -> list[Any]:

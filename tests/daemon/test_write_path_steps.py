@@ -1,7 +1,9 @@
 """The path of one write, counted: from the connection's submit to the
 viewer's frame, the tasks that run are the session actor, the store writer
-(taking the write, and again when its commit thread is done) and the room:
-four task switches (DESIGN-NOTES.md, "One write, end to end").  trio's
+(which commits a SQLite file on the loop) and the room: two task switches;
+with commits in a worker thread (``--sqlite-commit thread``, and always on
+PostgreSQL) the writer wakes again when its thread is done, through trio's
+entry queue: four (DESIGN-NOTES.md, "One write, end to end").  trio's
 instrument API sees every task step, so an extra hop or a needless
 schedule point on this path fails here."""
 
@@ -11,6 +13,7 @@ import pathlib
 from typing import Any
 
 import outcome
+import pytest
 import trio
 
 from agor_actors.daemon import Outbox, Principal, open_hub
@@ -46,8 +49,20 @@ def _actor(task: trio.lowlevel.Task) -> str:
     return name
 
 
-async def test_one_write_reaches_a_viewer_in_four_task_switches(tmp_path: pathlib.Path) -> None:
-    async with open_hub(real_world(), data_dir=tmp_path) as hub:
+@pytest.mark.parametrize(
+    ("on_loop", "expected"),
+    [
+        # serve's default: SQLite commits on the loop, no thread round trip
+        (True, ["session", "store", "room"]),
+        # --sqlite-commit thread: the worker thread's answer comes back
+        # through trio's entry queue and wakes the writer again
+        (False, ["session", "store", "trio:entry-queue", "store", "room"]),
+    ],
+)
+async def test_one_write_reaches_a_viewer_in_at_most_four_task_switches(
+    tmp_path: pathlib.Path, on_loop: bool, expected: list[str]
+) -> None:
+    async with open_hub(real_world(local_on_loop=on_loop), data_dir=tmp_path) as hub:
 
         async def call(service: str, method: str, **kw: Any) -> Any:
             return await hub.call(OWNER, connection_id="c1", service=service, method=method, **kw)
@@ -102,6 +117,6 @@ async def test_one_write_reaches_a_viewer_in_four_task_switches(tmp_path: pathli
                 path = path[: last_writer + 1] + [
                     a for a in path[last_writer + 1 :] if a != "session"
                 ]
-                assert path == ["session", "store", "trio:entry-queue", "store", "room"], path
+                assert path == expected, path
         finally:
             trio.lowlevel.remove_instrument(steps)

@@ -115,6 +115,8 @@ class _Refusing:
     database refuses a row that breaks a constraint) and records what it
     was asked to commit."""
 
+    local = True  # as SqlStore.local: in this process, no network
+
     def __init__(self, refuse: set[str]) -> None:
         self.refuse = refuse
         self.committed: list[WriteRequest] = []
