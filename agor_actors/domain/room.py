@@ -230,7 +230,14 @@ class _PresenceBeat:
 class _HeadCheck:
     """While a room has subscribers it reads its log's head now and then, so
     that events whose announcement was lost (a writer crash, a lost commit
-    answer) reach the subscribers even if nothing else is written."""
+    answer) reach the subscribers even if nothing else is written.
+
+    ``again``: the room sent it to itself, behind what its mailbox held,
+    after a check found the store's record of its head past its own (the
+    commit's ``Committed`` is usually just queued: a busy room sees that at
+    most checks, and read its log for nothing each time)."""
+
+    again: bool = False
 
 
 @attrs.frozen
@@ -271,6 +278,10 @@ class RoomState:
     refill: bool = False
     held: list[StoredEvent] = attrs.field(factory=list)
     head_check: bool = False
+    head_seen: tuple[str, int] | None = None
+    """The store's record of this room's head when a check last found it
+    past the room's own; the room reads its log if it has not reached it by
+    the next check."""
     filled: int = 0
     window_start_s: float = -math.inf
     window_sends: int = 0
@@ -438,10 +449,13 @@ class RoomBehaviour(Behaviour[RoomState]):
             return [] if check is None else [Await(check, _AccessChecked)]
         if isinstance(msg, _HeadCheck) and not state.subscribers:
             state.head_check = False
+            state.head_seen = None
             return [CancelTimer("head")]  # and the room may passivate again
         if isinstance(msg, _HeadCheck) and self._log_known(state):
             return ()
-        if isinstance(msg, Resync | _HeadCheck):
+        if isinstance(msg, _HeadCheck):
+            return self._check_head(state, msg)
+        if isinstance(msg, Resync):
             return self._resync(state)
         if isinstance(msg, Committed):
             if self.metrics is not None and msg.committed_s:
@@ -543,7 +557,31 @@ class RoomBehaviour(Behaviour[RoomState]):
         not read the log (it was ~5 % of a core with 100 busy rooms)."""
         if state.filling or state.held:
             return False
-        return self.store.cached_head(self.room) == (state.epoch, state.head)
+        if self.store.cached_head(self.room) == (state.epoch, state.head):
+            state.head_seen = None
+            return True
+        return False
+
+    def _check_head(self, state: RoomState, check: _HeadCheck) -> list[Effect]:
+        """After :meth:`_log_known` said no.  The first time the store's
+        record is past the room's head, the room looks again once its
+        mailbox's present messages were handled (the ``Committed`` is most
+        likely among them) rather than read its log; if by then, or by the
+        next periodic check, it has not reached the head it saw, it reads
+        its log (a hole).  A room that reached it, but finds the store
+        further on again, waits for the next periodic check: a busy room
+        never sends itself checks in a loop.  A shared store keeps no
+        record: the log is read."""
+        seen, state.head_seen = state.head_seen, None
+        known = self.store.cached_head(self.room)
+        if known is None or state.filling or state.held:
+            return self._resync(state)
+        if seen is not None and (seen[0] != state.epoch or state.head < seen[1]):
+            return self._resync(state)
+        state.head_seen = known
+        if check.again:
+            return []
+        return [TrySend(f"room:{self.room}", _HeadCheck(again=True))]
 
     def _resync(self, state: RoomState) -> list[Effect]:
         if state.filling:

@@ -369,8 +369,10 @@ async def test_head_checks_read_the_log_only_when_the_store_knows_more(
     """A room with subscribers checks its log's head now and then, to find
     events whose announcement was lost.  While the store's own record of
     what it committed matches the room, no check reads the log; an event
-    committed without reaching the room is found by the next check."""
-    from agor_actors.store import EventDraft, WriteRequest
+    committed without reaching the room is found by the next check; one
+    whose announcement is queued behind the check is not read."""
+    from agor_actors.domain.room import _HeadCheck
+    from agor_actors.store import Committed, EventDraft, WriteRequest
     from agor_actors.world import simulated_world
 
     async with open_hub(simulated_world(7), data_dir=tmp_path / "agor") as hub:
@@ -407,6 +409,21 @@ async def test_head_checks_read_the_log_only_when_the_store_knows_more(
         with trio.fail_after(10):  # virtual: within two head checks
             late = events(await drain(out, until=lambda m: len(events(m)) >= 1))
         assert [e.seq for e in late] == [first[-1].end_seq + 1]
+        assert reads == [first[-1].end_seq]
+        # committed and announced, but the check comes first: the room
+        # looks again behind its mailbox (where the commit is) and reads
+        # nothing
+        draft = EventDraft(room=room, event="task:updated", data={"n": 2}, ts=2)
+        (result,) = store.commit([WriteRequest(events=(draft,))])
+        assert not isinstance(result, Exception)
+        room_ref = hub.system.registry.lookup(f"room:{room}")
+        assert room_ref is not None
+        assert room_ref.try_send(_HeadCheck())
+        assert room_ref.try_send(Committed(room, tuple(original(room, late[-1].seq))))
+        with trio.fail_after(10):
+            again = events(await drain(out, until=lambda m: len(events(m)) >= 1))
+        assert [e.seq for e in again] == [late[-1].seq + 1]
+        await trio.sleep(12)  # two more periodic checks: nothing to read
         assert reads == [first[-1].end_seq]
 
 
