@@ -169,6 +169,12 @@ class SimConfig:
     """The longest message the broker takes (None: Redis; 5,997 bytes:
     LISTEN/NOTIFY's; a small bound makes the publisher cut often and send
     events too long alone as "lost" markers)."""
+    store_cut_wait_us: int = 0
+    """How long a store call of a node cut from the store takes to fail: 0,
+    at once (the server's port closed: refused); or a wait as for packets
+    dropped on the way (the store's ``connect_timeout``, 5 s, or a pooled
+    connection's ``tcp_user_timeout``, 15 s), during which the writer and
+    the readers that asked wait too."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -203,7 +209,8 @@ class SimConfig:
             lines.append(
                 f"  nodes {self.nodes} on one store and one broker "
                 f"(latency {latency} us jitter {jitter} us, messages up to "
-                f"{self.broker_message_max or 'any'} B)"
+                f"{self.broker_message_max or 'any'} B); a store cut fails calls after "
+                f"{self.store_cut_wait_us / 1e6:g}s"
             )
         for c in self.clients:
             lines.append(
@@ -369,6 +376,11 @@ def draw_config(
         # drawn after the others, so they stay as they were
         config = attrs.evolve(
             config, broker_message_max=nodes.choice((None, None, 5_997, 700, 300))
+        )
+        # a stream of its own: the draws above stay as they were
+        cut = random.Random(f"store_cut_wait:{profile}:{seed}")
+        config = attrs.evolve(
+            config, store_cut_wait_us=cut.choice((0, 0, 500_000, 5_000_000, 15_000_000))
         )
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent

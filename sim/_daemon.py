@@ -78,8 +78,10 @@ class SimDaemon:
         limits: dict[str, Any] | None = None,
         node: int | None = None,
         broker: SimBroker | None = None,
+        store_cut_wait_us: int = 0,
     ) -> None:
         self._seed = seed
+        self._store_cut_wait_us = store_cut_wait_us
         self._engine = engine
         self._store_faults = store_faults
         self._net = net
@@ -147,7 +149,9 @@ class SimDaemon:
 
     def cut_store(self, duration_us: int) -> None:
         """Cut this node from the store for ``duration_us``: its store
-        calls fail as unavailable (connections refused) meanwhile."""
+        calls fail as unavailable meanwhile (at once, as when refused, or
+        after the seed's ``store_cut_wait_us``, as when the packets are
+        dropped)."""
         self._cut_until_us = max(self._cut_until_us, now_us() + duration_us)
         self._trace.emit(
             "fault", f"{self._who} cut from the store until {self._cut_until_us / 1e6:.3f}s"
@@ -170,6 +174,7 @@ class SimDaemon:
                     self._store_faults,
                     latency_us=self._store_latency_us,
                     cut=None if self.node is None else self._store_cut,
+                    cut_wait_us=self._store_cut_wait_us,
                 )
                 incarnation = _Incarnation(self.incarnations, blocking)
                 if self._broker is not None:

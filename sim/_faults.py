@@ -158,6 +158,7 @@ class FaultyBlocking:
         *,
         latency_us: int = 0,
         cut: Callable[[], bool] | None = None,
+        cut_wait_us: int = 0,
     ) -> None:
         self._inner = inner
         self._faults = faults
@@ -165,6 +166,10 @@ class FaultyBlocking:
         self._fenced = False
         self._cut = cut
         """True while this node is cut from the store (multi-node runs)."""
+        self._cut_wait_s = cut_wait_us / 1_000_000
+        """How long a call made during a cut waits before it fails (a
+        connection attempt or a query whose packets are dropped, until the
+        store's timeouts); 0: refused at once."""
         self.refused = 0
 
     def fence(self) -> None:
@@ -189,6 +194,8 @@ class FaultyBlocking:
             await trio.sleep(self._half_s)
         await self._alive()
         if self._cut is not None and self._cut():
+            if self._cut_wait_s:
+                await trio.sleep(self._cut_wait_s)
             self.refused += 1
             raise StoreUnavailable(f"the store cannot be reached ({CUT_OFF})")
         result = await self._inner.run(call, local=local)

@@ -279,6 +279,7 @@ class _Run:
                 net=net,
                 settings=settings,
                 store_latency_us=config.store_latency_us,
+                store_cut_wait_us=config.store_cut_wait_us,
                 owner_token=owner_token,
                 trace=trace,
                 recorder=self.recorder,

@@ -41,7 +41,7 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(nodes: int = 2) -> AsyncIterator[Cluster]:
+async def cluster(nodes: int = 2, cut_wait_us: int = 0) -> AsyncIterator[Cluster]:
     trace = Trace()
     epochs = SeededEntropy("nodes/epochs")
     wall = simulated_world("nodes").wall
@@ -59,7 +59,10 @@ async def cluster(nodes: int = 2) -> AsyncIterator[Cluster]:
                     return cut[n]
 
                 world = attrs.evolve(
-                    world, blocking=FaultyBlocking(InlineBlocking(), faults, cut=is_cut)
+                    world,
+                    blocking=FaultyBlocking(
+                        InlineBlocking(), faults, cut=is_cut, cut_wait_us=cut_wait_us
+                    ),
                 )
                 own = SqlStore(store.engine, new_epoch=lambda: epochs.new_id(0), shared=True)
                 hub = await stack.enter_async_context(
@@ -121,10 +124,14 @@ async def test_a_node_cut_from_the_broker_repairs_its_rooms_from_the_store(
         assert c.store.room_head(room) == (joined[0].epoch, 9)
 
 
+@pytest.mark.parametrize("cut_wait_s", [0, 5])
 async def test_a_node_cut_from_the_store_answers_unavailable_and_recovers(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, cut_wait_s: int
 ) -> None:
-    async with cluster() as c:
+    """A node cut from the store refuses writes as ``unavailable``: at once
+    (the server's port closed) or after the store's connect timeout
+    (packets dropped), while the other node goes on writing meanwhile."""
+    async with cluster(cut_wait_us=cut_wait_s * 1_000_000) as c:
         first, second = c.hubs
         session = await call(first, "sessions", "create", data={"title": "S"})
         sid, room = session["id"], f"session:{session['id']}"
@@ -136,10 +143,21 @@ async def test_a_node_cut_from_the_store_answers_unavailable_and_recovers(
 
         c.cut[1] = True
         await trio.sleep(0.01)
-        with pytest.raises(ServiceError) as refused:
-            await call(second, "sessions", "patch", id=sid, data={"title": "cut"})
-        assert refused.value.code == "unavailable"
-        await call(first, "sessions", "patch", id=sid, data={"title": "other node"})
+        refused_at: list[float] = []
+
+        async def cut_write() -> None:
+            with pytest.raises(ServiceError) as refused:
+                await call(second, "sessions", "patch", id=sid, data={"title": "cut"})
+            assert refused.value.code == "unavailable"
+            refused_at.append(trio.current_time())
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_write)
+            await trio.sleep(0.01)
+            await call(first, "sessions", "patch", id=sid, data={"title": "other node"})
+            assert trio.current_time() - started < 1  # not held up by the other node's wait
+        assert cut_wait_s <= refused_at[0] - started < cut_wait_s + 1
 
         c.cut[1] = False
         await trio.sleep(1)
