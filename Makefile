@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 3030
 DATA_DIR ?= .agor
+TEST_WORKERS ?= 2
 
 .PHONY: serve test lint typecheck unit sim-sweep bench clean dist
 
@@ -26,7 +27,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy agor_actors supervisors protocols sim release
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 test: lint typecheck unit
 

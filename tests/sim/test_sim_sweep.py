@@ -24,8 +24,11 @@ SEEDS = 300
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(920)
 def test_sim_sweep_ci_300_seeds(tmp_path: pathlib.Path) -> None:
+    # the bound is a guard against a hang, not a measure of speed (that is
+    # bench/sim.py's): about 80 s alone on a fast machine, 280-330 s on a
+    # slow one beside the rest of the suite (make test runs two workers)
     status, summary, output = run_sim(
         tmp_path,
         "--seeds",
@@ -35,7 +38,7 @@ def test_sim_sweep_ci_300_seeds(tmp_path: pathlib.Path) -> None:
         "--skip-known",
         "--timeout",
         "60",
-        timeout_s=280,
+        timeout_s=900,
     )
     totals = summary["totals"]
     failures = [r for r in summary["results"] if not r["ok"]]
