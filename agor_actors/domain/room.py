@@ -51,7 +51,7 @@ from ..runtime import (
     StartTimer,
     TrySend,
 )
-from ..store import Committed, Resync, SqlStore, StoredEvent
+from ..store import Committed, Resync, SqlStore, StoredEvent, StoreUnavailable
 from ..world import OutFrame
 from .cluster_presence import NodePresence, PresenceOut, RemotePresence, merged_entry, vanished
 from .presence import CursorMoved, PresenceConfig, UserEntry, WatchPrefs, color_for
@@ -438,7 +438,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, _Filled):
             effects = self._filled(state, msg, now)
             if state.waiting and not state.filling:
-                effects += self._answer_waiting(state, now)
+                read = not isinstance(msg.result, outcome.Error)
+                effects += self._answer_waiting(state, now, read=read)
             return effects
         if isinstance(msg, _WindowEnd):
             return self._window_end(state, now)
@@ -815,13 +816,21 @@ class RoomBehaviour(Behaviour[RoomState]):
             and (since.epoch == state.epoch or state.epoch == "")
         )
 
-    def _answer_waiting(self, state: RoomState, now: float) -> list[Effect]:
+    def _answer_waiting(self, state: RoomState, now: float, *, read: bool) -> list[Effect]:
         """The waiting joins, now that the log was read (whatever it held:
-        a join still past the head is answered as a single daemon does)."""
+        a join still past the head is answered as a single daemon does).
+        If the log could not be ``read`` (the store away), a join still past
+        the head is refused ``StoreUnavailable`` (its connection is told
+        ``left`` ``unavailable`` and may join again), not answered at a head
+        older than what its client saw."""
         waiting, state.waiting = state.waiting, []
         effects: list[Effect] = []
         for request in waiting:
             body = request.body
+            if not read and self._ahead(state, body):
+                away = StoreUnavailable("the room's log cannot be read: the store is away")
+                effects.append(Reply(request.reply_to, error=away))
+                continue
             effects.append(Reply(request.reply_to, self._subscribe(state, body)))
             if self.is_board and not body.sub.activity:
                 effects += self._schedule_flush(state, now)

@@ -185,6 +185,7 @@ def test_the_cluster_profile_draws_several_nodes_and_leaves_single_seeds_alone()
     assert all(0 < n < 50 for n in on.values()), on  # swarm: on in some seeds, off in others
 
 
+@pytest.mark.slow
 def test_a_small_multi_node_sweep_is_green_and_replays(tmp_path: pathlib.Path) -> None:
     status, summary, output = run_sim(
         tmp_path, "--seeds", "6", "--profile", "cluster", "--skip-known", "--jobs", "2"
@@ -202,6 +203,7 @@ def test_a_small_multi_node_sweep_is_green_and_replays(tmp_path: pathlib.Path) -
         assert again[key] == results[2][key], key
 
 
+@pytest.mark.slow
 def test_the_multi_node_sweep_catches_two_nodes_assigning_one_seq(tmp_path: pathlib.Path) -> None:
     # the multi-node CI sweep as it runs (--skip-known): it fails seeds 0
     # and 2 (5 of the first 20 seeds, as 'log', 'seq', 'ack', 'mirror')
@@ -256,6 +258,40 @@ async def test_a_client_resuming_on_a_node_whose_room_is_behind_is_not_told_an_o
         moved = Outbox(Codec.JSON)
         await second.join(OWNER, "viewer-again", moved, room, Since(joined.epoch, 4))
         got = await read(moved, lambda m: any(isinstance(x, Joined) for x in m), 5)
+        again = next(x for x in got if isinstance(x, Joined))
+        assert (again.seq, again.recovered) == (4, True)
+
+
+async def test_a_join_past_a_lagging_rooms_head_is_refused_while_its_log_cannot_be_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, but the second node is cut from the store too: its room
+    cannot read its log, so the join from past its head is answered
+    ``unavailable`` (the client joins again later), not ``joined`` at the
+    room's older head (simulator, cluster seed 115)."""
+    async with cluster() as c:
+        first, second = c.hubs
+        session = await call(first, "sessions", "create", data={"title": "S"})
+        sid, room = session["id"], f"session:{session['id']}"
+        behind = Outbox(Codec.JSON)
+        await second.join(OWNER, "on-second", behind, room, None)
+        joined = (await read(behind, lambda m: any(isinstance(x, Joined) for x in m), 5))[0]
+        assert isinstance(joined, Joined) and joined.seq == 1
+        c.broker.cut(1, 60_000_000)
+        for n in range(3):
+            await trio.sleep(0.01)
+            await call(first, "sessions", "patch", id=sid, data={"title": f"t{n}"})
+        c.cut[1] = True
+        moved = Outbox(Codec.JSON)
+        with pytest.raises(ServiceError) as refused:
+            await second.join(OWNER, "viewer-again", moved, room, Since(joined.epoch, 4))
+        assert refused.value.code == "unavailable"
+        assert not any(isinstance(x, Joined) for x in await read(moved, lambda m: False, 1))
+
+        c.cut[1] = False  # the store is back: the same join is answered from the log
+        again_out = Outbox(Codec.JSON)
+        await second.join(OWNER, "viewer-again", again_out, room, Since(joined.epoch, 4))
+        got = await read(again_out, lambda m: any(isinstance(x, Joined) for x in m), 5)
         again = next(x for x in got if isinstance(x, Joined))
         assert (again.seq, again.recovered) == (4, True)
 
