@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
 from sim_support import run_sim
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_in_fresh_processes(tmp_path: pathlib.Path) -> None:
     status_a, a, out_a = run_sim(tmp_path, "--seed", "1", "--skip-known")
     status_b, b, out_b = run_sim(tmp_path, "--seed", "1", "--skip-known")
@@ -18,6 +20,7 @@ def test_same_seed_same_run_in_fresh_processes(tmp_path: pathlib.Path) -> None:
     assert a["applied"] > 0 and a["log_events"] > 0
 
 
+@pytest.mark.slow
 def test_a_warm_worker_replays_a_seed_exactly(tmp_path: pathlib.Path) -> None:
     _, single, _ = run_sim(tmp_path, "--seed", "5", "--skip-known")
     status, swept, output = run_sim(

@@ -34,7 +34,9 @@ def test_every_planted_bug_has_an_expectation() -> None:
     assert set(EXPECTED) | CLUSTER_ONLY == set(PLANTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
+@pytest.mark.timeout(320)
 def test_planted_bug_is_caught(tmp_path: pathlib.Path, bug: str) -> None:
     kinds, bound = EXPECTED[bug]
     status, summary, output = run_sim(
@@ -48,8 +50,13 @@ def test_planted_bug_is_caught(tmp_path: pathlib.Path, bug: str) -> None:
         "--skip-known",
         "--stop-after",
         "1",
+        # hang guards, not speed checks: a seed the bug keeps from
+        # settling runs its whole quiet phase (a livelock, in virtual
+        # time), which took over 60 wall seconds on a slow machine beside
+        # the rest of the suite and was then reported as a timeout
         "--timeout",
-        "60",
+        "240",
+        timeout_s=300,
     )
     failures = [r for r in summary["results"] if not r["ok"]]
     assert status == 1 and failures, f"{bug} went unnoticed in {bound} seeds:\n{output}"
@@ -57,6 +64,7 @@ def test_planted_bug_is_caught(tmp_path: pathlib.Path, bug: str) -> None:
     assert found & kinds, f"{bug} caught as {found}, expected one of {kinds}"
 
 
+@pytest.mark.slow
 def test_an_early_ack_loses_an_acknowledged_write(tmp_path: pathlib.Path) -> None:
     """Not only does the answer lack the seq of a durable event: with
     commits that fail, an acknowledged write is missing from the store."""
