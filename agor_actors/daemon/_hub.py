@@ -187,6 +187,11 @@ class Hub:
         self.gate = Gate(world, store)
         self._tasks = tasks
         self._subs: dict[str, dict[str, Subscription]] = {}
+        self._by_actor: dict[str, dict[tuple[str, str], None]] = {}
+        """Room actor -> the ``(connection, room)`` of each subscription it
+        serves (an index of ``_subs``, kept by :meth:`_keep_sub` and
+        :meth:`_forget_sub`; in the order they joined), so a room's exit
+        looks at its own only."""
         self._principals: dict[str, Principal] = {}
         """Who each connection (joined or welcomed) is."""
         self._connections_of: dict[str, set[str]] = {}
@@ -239,12 +244,8 @@ class Hub:
             return
         if not name.startswith("room:") or reason is None:
             return
-        if not reason.abnormal and (
-            self.system.registry.supervisor.stopping
-            or not any(
-                _room_actor(room)[0] == name for subs in self._subs.values() for room in subs
-            )
-        ):
+        served = self._by_actor.get(name)
+        if not reason.abnormal and (self.system.registry.supervisor.stopping or not served):
             return  # it passivated (nobody was subscribed), or the daemon stops
         # it crashed, or it was stopped with subscribers (its supervisor gave
         # up and every actor starts over): they are lost the same way
@@ -264,18 +265,17 @@ class Hub:
             # the facepile was the room's memory: every user present asks
             # the new incarnation to take their entry again
             self._republish(name.removeprefix("room:board:"))
-        for subs in self._subs.values():
-            for room, sub in list(subs.items()):
-                if _room_actor(room)[0] != name:
-                    continue
-                del subs[room]
-                self._unwatch(sub)
-                if sub.key in self._joining:
-                    # its Subscribe may be answered by the next incarnation
-                    self._lost_joins.add(sub.key)
-                with contextlib.suppress(OutboxClosed, OutboxOverflow):
-                    # what was offered but not sent yet is resent too
-                    sub.outbox.room_lost(room)
+        for connection_id, room in list(served or ()):
+            sub = self._forget_sub(connection_id, room)
+            if sub is None:
+                continue
+            self._unwatch(sub)
+            if sub.key in self._joining:
+                # its Subscribe may be answered by the next incarnation
+                self._lost_joins.add(sub.key)
+            with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                # what was offered but not sent yet is resent too
+                sub.outbox.room_lost(room)
 
     def _presence_restarted(self, user_id: str) -> None:
         """A user's presence actor stopped while some of their connections
@@ -872,7 +872,7 @@ class Hub:
         sub = Subscription(
             connection_id, room, outbox, user_id=principal.user_id, activity=activity
         )
-        subs[room] = sub
+        self._keep_sub(sub)
         self._joining.add(sub.key)
         if self._rechecks != rechecks and not await self.gate.may_see_room(
             principal, room, fresh=from_store
@@ -881,7 +881,7 @@ class Hub:
             # recheck could see it: asked again, now that a recheck would
             self._joining.discard(sub.key)
             if subs.get(room) is sub:
-                del subs[room]
+                self._forget_sub(connection_id, room)
             self.gate.denials += 1
             raise refused
         try:
@@ -904,7 +904,7 @@ class Hub:
                     extra={"connection_id": connection_id, "room": room},
                 )
                 if subs.get(room) is sub:
-                    del subs[room]
+                    self._forget_sub(connection_id, room)
                 with contextlib.suppress(OutboxClosed):
                     outbox.drop_room(room)
                 raise unavailable from None
@@ -1004,7 +1004,7 @@ class Hub:
         except ServiceError as exc:
             log.warning("a join's access check failed: %s", exc)
             if subs.get(sub.room) is sub:
-                del subs[sub.room]
+                self._forget_sub(sub.connection_id, sub.room)
                 self._unwatch(sub)
                 with contextlib.suppress(OutboxClosed, OutboxOverflow):
                     sub.outbox.room_lost(sub.room)
@@ -1012,7 +1012,7 @@ class Hub:
         if visible:
             return True
         if subs.get(sub.room) is sub:
-            del subs[sub.room]
+            self._forget_sub(sub.connection_id, sub.room)
             self._unwatch(sub)
             self.revocations += 1
             self._revoked[sub.key] = "forbidden"  # the join ends it
@@ -1131,7 +1131,7 @@ class Hub:
                     continue
                 if subs.get(room) is not sub:
                     continue  # left meanwhile
-                del subs[room]
+                self._forget_sub(connection_id, room)
                 self._unwatch(sub)
                 _security_log.info(
                     "subscription revoked",
@@ -1166,8 +1166,7 @@ class Hub:
                 sub.outbox.offer_control(Left(room=sub.room, reason=reason))
 
     async def leave(self, connection_id: str, room: str) -> None:
-        subs = self._subs.get(connection_id)
-        sub = subs.pop(room, None) if subs else None
+        sub = self._forget_sub(connection_id, room)
         if sub is None:
             return
         self._unwatch(sub)
@@ -1188,6 +1187,8 @@ class Hub:
     async def disconnect(self, connection_id: str) -> None:
         for room in list(self._subs.get(connection_id, {})):
             await self.leave(connection_id, room)
+        for room in list(self._subs.get(connection_id, {})):
+            self._forget_sub(connection_id, room)  # joined while leaving the others
         self._subs.pop(connection_id, None)
         if self.feed is not None:
             self.feed.forget(connection_id)
@@ -1228,6 +1229,26 @@ class Hub:
             PresenceTouch(connection_id, principal.user_id, principal.name, update)
         ):
             self.presence_dropped += 1
+
+    def _keep_sub(self, sub: Subscription) -> None:
+        """Record ``sub`` as its connection's subscription to its room."""
+        self._subs.setdefault(sub.connection_id, {})[sub.room] = sub
+        actor = _room_actor(sub.room)[0]
+        self._by_actor.setdefault(actor, {})[(sub.connection_id, sub.room)] = None
+
+    def _forget_sub(self, connection_id: str, room: str) -> Subscription | None:
+        """Take the connection's subscription to ``room`` out of the
+        records; the subscription, or None if there was none."""
+        subs = self._subs.get(connection_id)
+        sub = subs.pop(room, None) if subs else None
+        if sub is not None:
+            actor = _room_actor(room)[0]
+            served = self._by_actor.get(actor)
+            if served is not None:
+                served.pop((connection_id, room), None)
+                if not served:
+                    del self._by_actor[actor]
+        return sub
 
     def _unwatch(self, sub: Subscription) -> None:
         if self.feed is not None:

@@ -453,3 +453,54 @@ async def test_sqlite_commits_run_on_the_loop_or_in_a_thread_as_asked(
     assert found["name"] == "B"
     assert committed_on, "the board's write committed no transaction"
     assert all((ident == loop_thread) is on_loop for ident in committed_on), committed_on
+
+
+async def test_the_subscriptions_by_room_actor_follow_joins_leaves_and_disconnects(
+    hub: Hub,
+) -> None:
+    """The hub's index of subscriptions by room actor (what a room's exit
+    reads, instead of every connection's) always says what the
+    connections' subscriptions say, an ``activity:`` stream counting for
+    its board's room."""
+
+    def derived() -> dict[str, set[tuple[str, str]]]:
+        out: dict[str, set[tuple[str, str]]] = {}
+        for connection_id, subs in hub._subs.items():
+            for room in subs:
+                actor = f"room:board:{room[9:]}" if room.startswith("activity:") else f"room:{room}"
+                out.setdefault(actor, set()).add((connection_id, room))
+        return out
+
+    def indexed() -> dict[str, set[tuple[str, str]]]:
+        return {actor: set(served) for actor, served in hub._by_actor.items()}
+
+    board = await hub.call(
+        OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+    )
+    session = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="sessions",
+        method="create",
+        data={"title": "S", "board_id": board["id"]},
+    )
+    rooms = [f"board:{board['id']}", f"activity:{board['id']}", f"session:{session['id']}"]
+    outs = {c: Outbox(Codec.JSON) for c in ("a", "b")}
+    for connection_id, out in outs.items():
+        for room in rooms:
+            await hub.join(OWNER, connection_id, out, room, None)
+    assert indexed() == derived() and len(indexed()) == 2
+    assert len(indexed()[f"room:board:{board['id']}"]) == 4
+    await hub.leave("a", rooms[0])
+    assert indexed() == derived()
+    await hub.disconnect("b")
+    assert (
+        indexed()
+        == derived()
+        == {
+            f"room:board:{board['id']}": {("a", rooms[1])},
+            f"room:session:{session['id']}": {("a", rooms[2])},
+        }
+    )
+    await hub.disconnect("a")
+    assert indexed() == {} and derived() == {}
