@@ -260,7 +260,7 @@ class _EagerLimiter:
 class ThreadBlocking:
     """Blocking work in trio worker threads, at most ``max_threads`` at once;
     ``local`` work on the loop's own thread unless ``local_on_loop`` is
-    False (``serve --commit thread``)."""
+    False (``serve --sqlite-commit thread``)."""
 
     def __init__(self, max_threads: int = 4, *, local_on_loop: bool = True) -> None:
         self._limiter = _EagerLimiter(max_threads)

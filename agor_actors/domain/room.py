@@ -453,6 +453,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.head_seen = None
             return [CancelTimer("head")]  # and the room may passivate again
         if isinstance(msg, _HeadCheck) and self._log_known(state):
+            state.head_seen = None
             return ()
         if isinstance(msg, _HeadCheck):
             return self._check_head(state, msg)
@@ -558,10 +559,7 @@ class RoomBehaviour(Behaviour[RoomState]):
         not read the log (it was ~5 % of a core with 100 busy rooms)."""
         if state.filling or state.held:
             return False
-        if self.store.cached_head(self.room) == (state.epoch, state.head):
-            state.head_seen = None
-            return True
-        return False
+        return self.store.cached_head(self.room) == (state.epoch, state.head)
 
     def _check_head(self, state: RoomState, check: _HeadCheck) -> list[Effect]:
         """After :meth:`_log_known` said no.  The first time the store's

@@ -635,7 +635,7 @@ class SqlStore:
         """Whether the database is this machine's own SQLite (a commit is a
         short local append: ``Blocking.run(local=True)``), not a server
         across a network."""
-        return self._engine.dialect.name == "sqlite"
+        return self.dialect == "sqlite"
 
     def close(self) -> None:
         """Close every pooled connection.  The store is unusable afterwards."""

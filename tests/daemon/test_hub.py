@@ -40,7 +40,8 @@ def events(msgs: list[Any]) -> list[Event]:
     return [m for m in msgs if isinstance(m, Event)]
 
 
-async def test_write_is_durable_and_fans_out(hub: Hub) -> None:
+async def board_and_session(hub: Hub) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A board "B" and a session "S" on it, made by the owner."""
     board = await hub.call(
         OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
     )
@@ -51,6 +52,11 @@ async def test_write_is_durable_and_fans_out(hub: Hub) -> None:
         method="create",
         data={"title": "S", "board_id": board["id"]},
     )
+    return board, session
+
+
+async def test_write_is_durable_and_fans_out(hub: Hub) -> None:
+    _, session = await board_and_session(hub)
     sid = session["id"]
     out = Outbox(Codec.JSON)
     await hub.join(OWNER, "c2", out, f"session:{sid}", None)
@@ -474,16 +480,7 @@ async def test_the_subscriptions_by_room_actor_follow_joins_leaves_and_disconnec
     def indexed() -> dict[str, set[tuple[str, str]]]:
         return {actor: set(served) for actor, served in hub._by_actor.items()}
 
-    board = await hub.call(
-        OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
-    )
-    session = await hub.call(
-        OWNER,
-        connection_id="c1",
-        service="sessions",
-        method="create",
-        data={"title": "S", "board_id": board["id"]},
-    )
+    board, session = await board_and_session(hub)
     rooms = [f"board:{board['id']}", f"activity:{board['id']}", f"session:{session['id']}"]
     outs = {c: Outbox(Codec.JSON) for c in ("a", "b")}
     for connection_id, out in outs.items():
