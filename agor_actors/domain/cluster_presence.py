@@ -10,12 +10,18 @@ frames), and every ``node_heartbeat_s`` while it has users of its own a
 which also repairs a lost change and tells a daemon that joined the board
 later who is there.
 
-A board room keeps, per other daemon, that daemon's users and when it last
-heard from it.  A daemon not heard from for ``node_liveness_s`` has vanished
+A board room keeps, per other daemon, that daemon's users, the viewports it
+last said they look at, and when it last heard from it.  A daemon not heard from for ``node_liveness_s`` has vanished
 (killed, cut off): its users stay for the offline grace (``offline_grace_s``,
 as a user whose last connection closed) and then leave the facepile.  A user
-shown by several daemons (tabs on two of them) shows once, with the most
-present status.
+shown by several daemons (tabs on two of them) shows once, merged as one
+daemon merges a user's own tabs: the most present status, typing if typing
+on any of them, the view of the most present one.
+
+A viewport (for followers) is the latest said, on whichever daemon: a
+daemon's heartbeat repeats its own users' viewports, which is news only
+where that daemon's viewport changed since it last said it, so a user who
+moved on another daemon since is not sent back to where it looked here.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class NodePresence:
 
     seen_s: float
     users: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    viewports: dict[str, Viewport] = attrs.field(factory=dict)
+    """What that daemon last said each of its users looks at."""
 
     def apply(self, msg: RemotePresence, now: float) -> set[str]:
         """Take ``msg`` (heard at ``now``); returns the user ids whose entry
@@ -87,9 +95,21 @@ class NodePresence:
         for uid, entry in msg.users.items():
             if entry is None:
                 self.users.pop(uid, None)
+                self.viewports.pop(uid, None)
             else:
                 self.users[uid] = entry
         return touched
+
+    def new_viewports(self, msg: RemotePresence) -> dict[str, Viewport]:
+        """The viewports of ``msg`` that this daemon did not say before
+        (a heartbeat repeats the unchanged ones); remembered.  A full
+        message's users without a viewport are forgotten."""
+        news = {uid: v for uid, v in msg.viewports.items() if self.viewports.get(uid) != v}
+        if msg.full:
+            self.viewports = {uid: v for uid, v in msg.viewports.items() if uid in msg.users}
+        else:
+            self.viewports.update(msg.viewports)
+        return news
 
 
 def vanished(
@@ -104,17 +124,28 @@ def vanished(
 def merged_entry(
     user_id: str, local: Mapping[str, dict[str, Any]], nodes: Iterable[NodePresence]
 ) -> dict[str, Any] | None:
-    """The facepile entry of ``user_id``: its own daemon's (``local``) and
-    every other daemon's (in the order given), the most present status
-    winning, the first on a tie; None if no daemon shows the user."""
-    best = local.get(user_id)
-    for node in nodes:
-        entry = node.users.get(user_id)
-        if entry is None:
-            continue
-        if best is None or _rank(entry) > _rank(best):
+    """The facepile entry of ``user_id`` from its own daemon's (``local``)
+    and every other daemon's (in the order given), merged as a daemon
+    merges the user's own connections: the entry of the most present status
+    (the first on a tie), typing if any of them is typing, and its view, or
+    else the first view any of them has; None if no daemon shows the user."""
+    entries = [local.get(user_id), *(node.users.get(user_id) for node in nodes)]
+    shown = [e for e in entries if e is not None]
+    if not shown:
+        return None
+    best = shown[0]
+    for entry in shown[1:]:
+        if _rank(entry) > _rank(best):
             best = entry
-    return best
+    if len(shown) == 1:
+        return best
+    typing = any(bool(e.get("typing")) for e in shown)
+    view = best.get("view")
+    if view is None:
+        view = next((e["view"] for e in shown if e.get("view") is not None), None)
+    if typing == bool(best.get("typing")) and view == best.get("view"):
+        return best
+    return {**best, "typing": typing, "view": view}
 
 
 def _rank(entry: Mapping[str, Any]) -> int:

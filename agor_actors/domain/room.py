@@ -212,6 +212,10 @@ class BoardPresence:
     out_viewports: dict[str, Viewport] = attrs.field(factory=dict)
     """A cluster node's: what changed of its own users since it last told
     the other daemons (latest wins)."""
+    own_viewports: dict[str, Viewport] = attrs.field(factory=dict)
+    """A cluster node's: where its own users last looked on its own
+    connections (``viewports`` has the latest from any daemon), for its
+    heartbeats."""
     beating: bool = False
     """The heartbeat timer runs (own users to announce, or daemons to watch)."""
 
@@ -888,6 +892,7 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, UserEntry):
             if msg.entry is None:
                 p.local.pop(msg.user_id, None)
+                p.own_viewports.pop(msg.user_id, None)
             else:
                 p.local[msg.user_id] = msg.entry
             if self.announce is not None:
@@ -909,9 +914,10 @@ class RoomBehaviour(Behaviour[RoomState]):
                 if uid in p.users:
                     p.cursors[uid] = (x, y)
                     p.cursors_dirty[uid] = None
-            for uid, viewport in msg.viewports.items():
+            for uid, viewport in node.new_viewports(msg).items():
                 # for this daemon's followers of a user on another daemon; a
-                # heartbeat repeats it, which is no news for them
+                # heartbeat's unchanged one is no news (the user may have
+                # moved on a third daemon since)
                 if uid in p.users and p.viewports.get(uid) != viewport:
                     p.viewports[uid] = viewport
                     p.viewports_dirty[uid] = None
@@ -923,6 +929,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 p.viewports_dirty[msg.user_id] = None
                 if self.announce is not None:
                     p.out_viewports[msg.user_id] = msg.viewport
+                    p.own_viewports[msg.user_id] = msg.viewport
             if msg.hide_cursors is not None:
                 watch.hide_cursors = msg.hide_cursors
             if msg.follow is not None:
@@ -958,7 +965,8 @@ class RoomBehaviour(Behaviour[RoomState]):
         viewports = p.out_viewports
         if full:
             # a daemon whose follower came later learns where they look
-            viewports = {uid: p.viewports[uid] for uid in p.local if uid in p.viewports}
+            # here (where they look on other daemons, those say)
+            viewports = {u: v for u, v in p.own_viewports.items() if u in p.local}
         board = state.room.removeprefix("board:")
         out = PresenceOut(board, full, users, p.out_cursors, viewports)
         p.out_users, p.out_cursors, p.out_viewports = {}, {}, {}

@@ -144,3 +144,33 @@ async def test_a_follower_on_one_daemon_sees_the_viewport_of_a_user_on_the_other
                 await on_one.set_presence(board, cursor=(1.0, 2.0))
                 await _until(seen, lambda p: p.cursors.get(ada["id"]) == (1.0, 2.0))
                 assert seen.followed_viewport is None
+
+
+async def test_a_user_typing_in_a_tab_on_another_daemon_shows_typing_everywhere(
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+) -> None:
+    # Ada has a tab on each daemon and types in the one on daemon two; Bob,
+    # on daemon one, sees her typing (her tab on one, as present, is not)
+    async with (
+        serving_node(
+            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as one,
+        serving_node(
+            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as two,
+    ):
+        board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
+        async with (
+            connect(one.ws_url, token=ada["token"]) as ada_one,
+            connect(two.ws_url, token=ada["token"]) as ada_two,
+            connect(one.ws_url, token=bob["token"]) as bob_one,
+        ):
+            seen = await bob_one.board_presence(board)
+            await ada_one.set_presence(board, view="s1")
+            await ada_two.board_presence(board)
+            await _until(seen, lambda p: ada["id"] in p.users and p.users[ada["id"]].view == "s1")
+            await ada_two.set_presence(board, typing=True)
+            await _until(seen, lambda p: p.users[ada["id"]].typing)
+            assert seen.users[ada["id"]].view == "s1"
+            await ada_two.set_presence(board, typing=False)
+            await _until(seen, lambda p: not p.users[ada["id"]].typing)

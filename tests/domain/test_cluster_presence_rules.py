@@ -63,6 +63,69 @@ def test_the_most_present_entry_shows_own_daemon_first_on_a_tie() -> None:
     assert merged_entry("v", {}, [one, two]) is None
 
 
+def test_a_user_on_several_daemons_merges_as_one_daemon_merges_tabs() -> None:
+    # typing on any daemon shows; the view is the most present entry's,
+    # else the first view any daemon has
+    one, two = NodePresence(0.0), NodePresence(0.0)
+    one.users["u"] = entry("u", "idle") | {"typing": True, "view": "s1"}
+    two.users["u"] = entry("u", "active") | {"view": "s2"}
+    assert merged_entry("u", {}, [one, two]) == entry("u", "active") | {
+        "typing": True,
+        "view": "s2",
+    }
+    two.users["u"] = entry("u", "active")
+    assert merged_entry("u", {}, [one, two]) == entry("u", "active") | {
+        "typing": True,
+        "view": "s1",
+    }
+    # a user on one daemon only is that daemon's entry as it is
+    local = {"u": entry("u", "away") | {"typing": True}}
+    assert merged_entry("u", local, []) is local["u"]
+    one.users["u"] = entry("u", "idle")
+    assert merged_entry("u", local, [one, two])["typing"] is True
+
+
+def test_a_heartbeat_does_not_take_a_followed_user_back_to_an_old_viewport() -> None:
+    # user a looks at v1 through daemon one, then moves on daemon three to
+    # v2; daemon one's heartbeat repeats its own v1, which is no news
+    two, at_two = board_room()
+    v1 = Viewport(1.0, 0.0, 800.0, 600.0, 1.0)
+    v2 = Viewport(2.0, 0.0, 800.0, 600.0, 1.0)
+    p = at_two.presence
+    list(two.handle(at_two, RemotePresence("n1", "b", True, {"a": entry("a")}, {}, {"a": v1}), 0.1))
+    assert p.viewports["a"] == v1
+    list(
+        two.handle(at_two, RemotePresence("n3", "b", False, {"a": entry("a")}, {}, {"a": v2}), 0.2)
+    )
+    assert p.viewports["a"] == v2
+    p.viewports_dirty.clear()
+    list(two.handle(at_two, RemotePresence("n1", "b", True, {"a": entry("a")}, {}, {"a": v1}), 1.1))
+    assert p.viewports["a"] == v2 and p.viewports_dirty == {}
+    # where a looks on daemon one changes: that is news again
+    v3 = Viewport(3.0, 0.0, 800.0, 600.0, 1.0)
+    list(two.handle(at_two, RemotePresence("n1", "b", False, {}, {}, {"a": v3}), 1.2))
+    assert p.viewports["a"] == v3 and "a" in p.viewports_dirty
+
+
+def test_a_heartbeat_says_where_own_users_look_here_not_elsewhere() -> None:
+    one, at_one = board_room()
+    v1 = Viewport(1.0, 0.0, 800.0, 600.0, 1.0)
+    v2 = Viewport(2.0, 0.0, 800.0, 600.0, 1.0)
+    list(one.handle(at_one, UserEntry("a", entry("a")), 0.0))
+    list(one.handle(at_one, WatchPrefs("c1", "a", v1, None, None), 0.0))
+    list(
+        one.handle(at_one, RemotePresence("n3", "b", False, {"a": entry("a")}, {}, {"a": v2}), 0.5)
+    )
+    assert at_one.presence.viewports["a"] == v2  # for followers here: the latest
+    (beat,) = sent(one.handle(at_one, _PresenceBeat(), 1.0))
+    assert beat.viewports == {"a": v1}
+    # a leaves this daemon: its viewport here is no longer said
+    list(one.handle(at_one, UserEntry("a", None), 1.5))
+    list(one.handle(at_one, UserEntry("b", entry("b")), 1.5))
+    (beat,) = sent(one.handle(at_one, _PresenceBeat(), 2.0))
+    assert beat.viewports == {}
+
+
 def test_a_daemon_vanishes_after_liveness_and_grace_exactly() -> None:
     nodes = {"n": NodePresence(10.0)}
     assert vanished(nodes, 14.999, liveness_s=3.0, grace_s=2.0) == []
