@@ -48,6 +48,20 @@ class _Scraped(Collector):
 class Metrics:
     """The counters and histograms of one daemon."""
 
+    _CALL_CHILDREN_MAX = 1024
+
+    def call_seconds(self, service: str, method: str) -> Histogram:
+        """The ``calls`` histogram of ``service`` and ``method``, looked up
+        once (``labels()`` takes a lock and builds a key at every call; the
+        caller keeps the label values bounded)."""
+        key = (service, method)
+        child = self._call_children.get(key)
+        if child is None:
+            child = self.calls.labels(service, method)
+            if len(self._call_children) < self._CALL_CHILDREN_MAX:
+                self._call_children[key] = child
+        return child
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.connections = Gauge(
@@ -63,6 +77,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self._call_children: dict[tuple[str, str], Histogram] = {}
         self.refused = Counter(
             "agor_messages_refused",
             "Client messages refused by the protocol machine, by error code"

@@ -649,7 +649,7 @@ class Connection:
         """The latency of a call that succeeded (so its service and method
         exist: the label values stay bounded)."""
         if call.service in _SERVICES:
-            self.hub.metrics.calls.labels(call.service, call.method).observe(
+            self.hub.metrics.call_seconds(call.service, call.method).observe(
                 self.world.clock.now_s() - started_s
             )
 

@@ -571,6 +571,10 @@ class SqlStore:
         self._get_statements: dict[tuple[str, tuple[str, ...]], Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
+        self._writer: sa.Connection | None = None
+        """A local file's writer connection, kept open between commits (a
+        checkout and a check-in, with its rollback, per commit were a tenth
+        of the commit path); only under ``_write_lock``."""
         if engine.dialect.name == "postgresql":
             self._upsert_insert: Callable[[sa.Table], Any] = pg_dialect.insert
         else:
@@ -639,6 +643,10 @@ class SqlStore:
 
     def close(self) -> None:
         """Close every pooled connection.  The store is unusable afterwards."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         self._engine.dispose()
 
     def __enter__(self) -> SqlStore:
@@ -664,8 +672,26 @@ class SqlStore:
 
     @contextmanager
     def _writing(self) -> Iterator[sa.Connection]:
-        with self._engine.connect().execution_options(**{_WRITE: True}) as conn, conn.begin():
-            yield conn
+        """A write transaction (under ``_write_lock``): on a local file, on
+        the writer's own connection, kept open; else on one from the pool.
+        (A server's connection can break between commits, which the pool's
+        pre-ping finds; an in-memory database has one connection for all.)"""
+        if not self.local or self._single_connection:
+            with self._engine.connect().execution_options(**{_WRITE: True}) as conn, conn.begin():
+                yield conn
+            return
+        writer = self._writer
+        if writer is None or writer.closed or writer.invalidated:
+            writer = self._writer = self._engine.connect().execution_options(**{_WRITE: True})
+        try:
+            with writer.begin():
+                yield writer
+        except BaseException:
+            # whatever state a failed commit left, the pool's check-in
+            # rolls back; the next write takes a fresh connection
+            self._writer = None
+            writer.close()
+            raise
 
     def _ensure_schema(self) -> None:
         with self._write_lock, self._writing() as conn:

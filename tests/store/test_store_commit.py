@@ -599,10 +599,13 @@ def test_a_full_disk_fails_the_group_and_loses_nothing(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'full.db'}", new_epoch=Epochs())
     limit: dict[str, int | None] = {"pages": None}
 
-    @sa.event.listens_for(store.engine, "checkout")
-    def _limit_pages(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    @sa.event.listens_for(store.engine, "begin")
+    def _limit_pages(conn: sa.Connection) -> None:
+        # at each transaction (the writer keeps its connection between commits)
         pages = limit["pages"]
-        dbapi_connection.execute(f"PRAGMA max_page_count = {pages or 1073741823}")
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute(f"PRAGMA max_page_count = {pages or 1073741823}")
 
     try:
         store.commit([_good("s0", "r", 0)])
@@ -623,6 +626,38 @@ def test_a_full_disk_fails_the_group_and_loses_nothing(tmp_path: Path) -> None:
         assert_gap_free(store, "r", 1)
         assert store.room_head("new") is None
         assert seqs(store.commit([_good("s1", "r", 1)])[0]) == [(2, None)]
+    finally:
+        store.close()
+
+
+def test_a_local_writer_keeps_its_connection_and_takes_a_new_one_after_a_failure(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'kept.db'}", new_epoch=Epochs())
+    checkouts: list[int] = []
+    refuse = {"next": False}
+
+    def _on_commit(conn: sa.Connection) -> None:
+        if refuse["next"]:
+            refuse["next"] = False
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("disk I/O error (injected)"))
+
+    sa.event.listen(store.engine, "checkout", lambda dbapi, *_: checkouts.append(id(dbapi)))
+    sa.event.listen(store.engine, "commit", _on_commit)
+    try:
+        for n in range(3):
+            assert seqs(store.commit([_good(f"s{n}", "r", n)])[0]) == [(n + 1, None)]
+        assert checkouts == []  # the connection that made the schema, kept
+        # a COMMIT that fails leaves the transaction open on the driver's
+        # connection: it goes back to the pool (which rolls it back) and
+        # the next commit takes a fresh one
+        refuse["next"] = True
+        failed = store.commit([_good("s9", "r", 9)])
+        assert all(isinstance(r, StoreUnavailable) for r in failed), failed
+        assert seqs(store.commit([_good("s3", "r", 3)])[0]) == [(4, None)]
+        assert len(checkouts) == 1
+        assert store.get("sessions", "s9") is None
+        assert_gap_free(store, "r", 4)
     finally:
         store.close()
 
