@@ -654,7 +654,7 @@ class _Run:
                     return None
         if self._heads_at is None:
             self._heads_at = trio.current_time()
-        if presence_problems(self.clients):
+        if presence_problems(self.clients) or self.access_watch.still_live(self.guests):
             return None
         views: dict[str, View] = {}
         for client in self.clients:
@@ -707,7 +707,11 @@ class _Run:
                         client.name,
                         f"{room}: stuck at seq {track.seq}, the room is at {head[1]}",
                     )
-        if len(self.recorder.violations) == before and not presence_problems(self.clients):
+        if (
+            len(self.recorder.violations) == before
+            and not presence_problems(self.clients)
+            and not self.access_watch.still_live(self.guests)  # the access check reports it
+        ):
             views: dict[str, View] = {}
             for client in self.clients:
                 for room in client.wanted:
