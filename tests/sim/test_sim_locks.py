@@ -7,7 +7,7 @@ notices; reads never wait."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,12 +70,16 @@ def nodes(count: int = 2) -> Iterator[Nodes]:
     faults = StoreFaults(store, trace)
     locks = StoreLocks(hold_us=HOLD_US, detect_us=DETECT_US, recorder=recorder, trace=trace)
     cut = [False] * count
+
+    def is_cut(node: int) -> Callable[[], bool]:
+        return lambda: cut[node]
+
     seams = [
         FaultyBlocking(
             InlineBlocking(),
             faults,
             latency_us=LATENCY_US,
-            cut=lambda n=n: cut[n],  # type: ignore[misc]
+            cut=is_cut(n),
             locks=locks,
             who=f"node {n}",
         )

@@ -198,6 +198,8 @@ def test_a_small_multi_node_sweep_is_green_and_replays(tmp_path: pathlib.Path) -
         for kind, n in r["injected"].items():
             injected[kind] = injected.get(kind, 0) + n
     assert injected.get("broker_cut") and injected.get("store_cut"), injected
+    # the nodes' commits contended for their rooms' locks (sim/_locks.py)
+    assert summary["totals"]["store_locks"].get("waited", 0) > 0, summary["totals"]
     _, again, _ = run_sim(tmp_path, "--seed", "2", "--profile", "cluster", "--skip-known")
     for key in ("trace_hash", "rng_hash", "steps"):  # a fresh process replays it exactly
         assert again[key] == results[2][key], key
