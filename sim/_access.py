@@ -106,14 +106,25 @@ class AccessWatch:
                         f"after the revocation was acknowledged at head {head}",
                     )
 
-    def final(self, guests: list[SimClient]) -> None:
-        """No revoked guest stands live in a revoked room."""
+    def still_live(self, guests: list[SimClient]) -> list[tuple[str, str]]:
+        """The revoked (guest, room) pairs in which the guest still stands
+        live.  The quiet phase waits for none to be left (a node that
+        could not check a revocation, cut from the store until the faults
+        stopped, checks it again a second later), as it waits for
+        facepiles."""
+        live: list[tuple[str, str]] = []
         for client in guests:
             rooms = {} if client.client is None else client.machine.rooms
             for (guest, room), _head in sorted(self.revoked.items()):
                 track = rooms.get(room)
                 if guest == client.name and track is not None and track.status is RoomStatus.LIVE:
-                    self._violate(guest, f"{room}: still live after revocation")
+                    live.append((guest, room))
+        return live
+
+    def final(self, guests: list[SimClient]) -> None:
+        """No revoked guest stands live in a revoked room."""
+        for guest, room in self.still_live(guests):
+            self._violate(guest, f"{room}: still live after revocation")
 
     def _violate(self, guest: str, detail: str) -> None:
         self._recorder.violate("access", guest, detail)

@@ -173,6 +173,9 @@ def _print_summary(summary: SweepSummary) -> None:
     print(f"faults injected  {sum(t['injected'].values())}: {injected}")
     claims = ", ".join(f"{k} {n}" for k, n in t["claims_checked"].items()) or "none"
     print(f"claims checked   {claims}")
+    if options.profile == "cluster" or t["store_locks"]:
+        locks = ", ".join(f"{k} {n}" for k, n in t["store_locks"].items()) or "none"
+        print(f"store locks      {locks}")
     reached = ", ".join(f"{k} {n}" for k, n in t["marks"].items() if n) or "none"
     print(f"coverage marks   {reached}")
     if t["marks_never"]:

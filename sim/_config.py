@@ -175,6 +175,13 @@ class SimConfig:
     dropped on the way (the store's ``connect_timeout``, 5 s, or a pooled
     connection's ``tcp_user_timeout``, 15 s), during which the writer and
     the readers that asked wait too."""
+    store_txn_us: int = 0
+    """Several nodes: how long a commit's transaction holds its rows' locks
+    before its COMMIT (a few store round trips; see ``sim/_locks.py``)."""
+    store_detect_us: int = 0
+    """Several nodes: how long the store takes to notice that a node died
+    or was cut off mid-transaction, holding its locks meanwhile (the seed's
+    ``store_cut_wait_us``, or ``STORE_DETECT_US`` when that is 0)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -211,6 +218,10 @@ class SimConfig:
                 f"(latency {latency} us jitter {jitter} us, messages up to "
                 f"{self.broker_message_max or 'any'} B); a store cut fails calls after "
                 f"{self.store_cut_wait_us / 1e6:g}s"
+            )
+            lines.append(
+                f"  commits hold their rows' locks {self.store_txn_us} us; a dead or cut "
+                f"node's for {self.store_detect_us / 1e6:g}s"
             )
         for c in self.clients:
             lines.append(
@@ -249,6 +260,24 @@ DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
 
 RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0), "cluster": (1.0, 60.0)}
 """The range of a fault kind's rate per virtual minute (log-uniform)."""
+
+STORE_TRIPS: Final = (3, 5, 8)
+"""Round trips of a multi-node commit's transaction after its first
+statement locked the rooms (the rows' locks, the events, the heads, the
+COMMIT; a streamed chunk's lengths; a savepoint per isolated request): one
+drawn per seed."""
+
+STORE_TRIP_MIN_US: Final = 200
+"""The shortest store round trip of a multi-node run (a seed whose store
+calls take no time still talks to a server across a network)."""
+
+STORE_DETECT_US: Final = 15_000_000
+"""How long the store takes to notice a dead or cut connection when the
+seed's ``store_cut_wait_us`` is 0 (a refused connect says nothing about an
+open transaction's): 15 s, the ``tcp_user_timeout`` our PostgreSQL
+connections use (``store._backend._PG_CONNECT_DEFAULTS``; their keepalives, 10 s idle and
+3 probes 3 s apart, come to about as much), as the server's own
+``tcp_user_timeout``/keepalive settings are configured to match."""
 
 BURST_CHUNK_PER_S: Final = 400
 """The chunk rate of an agent that streams in bursts (pipelined chunks)."""
@@ -390,6 +419,14 @@ def draw_config(
             chunk_pipeline=swarm.chunk_pipeline,
             chunk_per_s=BURST_CHUNK_PER_S,
             store_latency_us=max(config.store_latency_us, 2_000),
+        )
+    if profile == "cluster":  # a stream of its own, after the store latency is final
+        txn = random.Random(f"store_txn:{profile}:{seed}")
+        trip_us = max(config.store_latency_us, STORE_TRIP_MIN_US)
+        config = attrs.evolve(
+            config,
+            store_txn_us=STORE_TRIPS[txn.randrange(len(STORE_TRIPS))] * trip_us,
+            store_detect_us=config.store_cut_wait_us or STORE_DETECT_US,
         )
     return config
 

@@ -15,8 +15,11 @@ In a multi-node run (``node`` and ``broker`` given) there are several of
 these on one engine: each incarnation's store is ``shared`` (seqs taken
 under the rooms' head rows, as on PostgreSQL), its hub a cluster node on
 its own link to the simulated broker (fenced when it crashes), its store
-seam can be cut from the store (``store_cut``), and it accepts the
-connections the network routes to it.
+seam can be cut from the store (``store_cut``), its commits are
+transactions that hold their rows' locks for a while against the other
+nodes' (``sim/_locks.py``: a crash or a cut mid-transaction leaves them
+locked until the store notices), and it accepts the connections the
+network routes to it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from protocols import negotiate
 
 from ._broker import SimBroker, SimBrokerLink
 from ._faults import FaultyBlocking, StoreFaults
+from ._locks import SimStore, StoreLocks
 from ._net import Conn, Network, ServerSide
 from ._record import Recorder
 from ._trace import Trace, now_us
@@ -79,8 +83,12 @@ class SimDaemon:
         node: int | None = None,
         broker: SimBroker | None = None,
         store_cut_wait_us: int = 0,
+        locks: StoreLocks | None = None,
     ) -> None:
         self._seed = seed
+        self._locks = locks
+        """The run's row locks (several nodes): this node's commits are
+        transactions that wait for the other nodes' (``sim/_locks.py``)."""
         self._store_cut_wait_us = store_cut_wait_us
         self._engine = engine
         self._store_faults = store_faults
@@ -137,7 +145,8 @@ class SimDaemon:
         """A store object on the shared database, as a new process opens it."""
         wall = VirtualWallClock()
         epochs = self._epochs
-        return SqlStore(
+        kind = SqlStore if self._locks is None else SimStore
+        return kind(
             self._engine,
             new_epoch=lambda: epochs.new_id(wall.now_ms()),
             shared=self.node is not None,
@@ -175,6 +184,8 @@ class SimDaemon:
                     latency_us=self._store_latency_us,
                     cut=None if self.node is None else self._store_cut,
                     cut_wait_us=self._store_cut_wait_us,
+                    locks=self._locks,
+                    who=f"{self._who} (incarnation {self.incarnations})",
                 )
                 incarnation = _Incarnation(self.incarnations, blocking)
                 if self._broker is not None:

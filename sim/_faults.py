@@ -16,6 +16,10 @@ after the commit), and actors whose handler raises.
   did not foresee looks like).  A refused row in a run of plain writes
   makes the store redo the group with every request isolated; a refusal
   there fails that one request alone, and the others of its group commit.
+* Several nodes: a commit is a transaction that holds its rows' locks
+  against the other nodes' for a while, and a node that dies or is cut
+  off mid-transaction commits nothing and keeps them until the store
+  notices (``sim/_locks.py``, through :class:`FaultyBlocking`).
 * A crash: :class:`SimPoison`, a message no behaviour knows, makes the
   handler of a session, room or the store writer raise; the supervisor
   restarts the actor.
@@ -27,7 +31,7 @@ import random
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast
 
 import sqlalchemy as sa
 import trio
@@ -36,6 +40,7 @@ from sqlalchemy import event as sa_event
 from agor_actors.store import SqlStore, StoreUnavailable
 from agor_actors.world import Blocking
 
+from ._locks import CUT_OFF, PLANNING, CommitAsked, StoreLocks
 from ._trace import Trace, now_us
 
 __all__ = ["CUT_OFF", "FaultyBlocking", "SimPoison", "StoreFaults", "poison"]
@@ -56,9 +61,6 @@ REFUSABLE: Final = ("sessions", "tasks", "sessions", "boards")
 """The tables whose rows a ``store_request`` fault can refuse, by its
 target (sessions twice: they take the most writes at once), (a
 ``store_chunk`` fault refuses ``messages`` rows: streamed chunks)."""
-
-CUT_OFF: Final = "simulated: node cut off"
-"""In the error of a store call of a node cut from the store."""
 
 REFUSE_CHANCE: Final = 1 / 2
 """The chance that a row is refused while a ``store_request`` fault lasts."""
@@ -149,7 +151,13 @@ class FaultyBlocking:
     threads), with the failures :class:`StoreFaults` arms, and takes
     ``latency_us`` of virtual time split around the call, as the hop to and
     from a worker thread does.  Cancelled after the call ran, the work is
-    done and its answer lost, as with an abandoned worker thread."""
+    done and its answer lost, as with an abandoned worker thread.
+
+    In a multi-node run (``locks`` given) a commit of the node's store (a
+    :class:`~sim._locks.SimStore`) is a transaction in virtual time between
+    the two halves: it waits for the rows other nodes' transactions hold,
+    holds its own, and lands at its COMMIT point (:class:`StoreLocks`);
+    reads run at once, as before."""
 
     def __init__(
         self,
@@ -159,25 +167,49 @@ class FaultyBlocking:
         latency_us: int = 0,
         cut: Callable[[], bool] | None = None,
         cut_wait_us: int = 0,
+        locks: StoreLocks | None = None,
+        who: str = "daemon",
     ) -> None:
         self._inner = inner
         self._faults = faults
         self._half_s = latency_us / 2 / 1_000_000
-        self._fenced = False
+        self._fenced_at_s: float | None = None
         self._cut = cut
         """True while this node is cut from the store (multi-node runs)."""
         self._cut_wait_s = cut_wait_us / 1_000_000
         """How long a call made during a cut waits before it fails (a
         connection attempt or a query whose packets are dropped, until the
         store's timeouts); 0: refused at once."""
+        self._locks = locks
+        self._write_lock = trio.Lock()
+        self._who = who
         self.refused = 0
+
+    @property
+    def who(self) -> str:
+        return self._who
+
+    @property
+    def fenced_at_s(self) -> float | None:
+        """When the process died (:meth:`fence`); None while it lives."""
+        return self._fenced_at_s
+
+    @property
+    def write_lock(self) -> trio.Lock:
+        """Held by this seam's store transaction (a ``SqlStore`` commits one
+        group at a time, under its own lock)."""
+        return self._write_lock
+
+    def store_cut(self) -> bool:
+        return self._cut is not None and self._cut()
 
     def fence(self) -> None:
         """The process is dead: from now on nothing reaches the store."""
-        self._fenced = True
+        if self._fenced_at_s is None:
+            self._fenced_at_s = trio.current_time()
 
     async def _alive(self) -> None:
-        if self._fenced:
+        if self._fenced_at_s is not None:
             await trio.sleep_forever()
 
     async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
@@ -193,12 +225,30 @@ class FaultyBlocking:
         if self._half_s:
             await trio.sleep(self._half_s)
         await self._alive()
-        if self._cut is not None and self._cut():
+        if self.store_cut():
             if self._cut_wait_s:
                 await trio.sleep(self._cut_wait_s)
             self.refused += 1
             raise StoreUnavailable(f"the store cannot be reached ({CUT_OFF})")
-        result = await self._inner.run(call, local=local)
+        if self._locks is None:
+            result = await self._inner.run(call, local=local)
+        else:
+            asked: list[CommitAsked] = []
+
+            def plan() -> T:
+                # a read runs here, at once; a commit stops before writing
+                token = PLANNING.set(True)
+                try:
+                    return call()
+                except CommitAsked as commit:
+                    asked.append(commit)
+                    return cast(T, None)
+                finally:
+                    PLANNING.reset(token)
+
+            result = await self._inner.run(plan, local=local)
+            if asked:
+                result = await self._locks.commit(self, asked[0].requests, call)
         if self._half_s:
             await trio.sleep(self._half_s)
         return result

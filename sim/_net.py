@@ -132,8 +132,11 @@ class Link:
         return self._reset or self._eof is not None
 
     def within_bound(self) -> bool:
-        """A link holds at most ``bytes_max`` bytes, or a single frame."""
-        return self._bytes <= self.bytes_max or len(self._queue) <= 1
+        """A link holds at most ``bytes_max`` bytes, or a single frame (and
+        the close marker, which is no frame: a peer closing after a frame
+        too long to share the link does not overfill it)."""
+        closing = bool(self._queue) and self._queue[-1].frame is None
+        return self._bytes <= self.bytes_max or len(self._queue) - closing <= 1
 
     def _delay_us(self) -> int:
         jitter = self._rng.randint(0, self._jitter_us) if self._jitter_us else 0

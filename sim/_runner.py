@@ -66,6 +66,7 @@ from ._config import (
 from ._daemon import SimDaemon
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import CUT_OFF, REFUSABLE, StoreFaults, poison
+from ._locks import StoreLocks
 from ._model import View, log_room, server_view
 from ._net import Network
 from ._record import Recorder, Violation
@@ -261,6 +262,7 @@ class _Run:
         )
         owner_token = SeededEntropy(f"{self.seed}/owner").token()
         nodes: list[int | None] = [None]
+        locks: StoreLocks | None = None
         if config.nodes > 1:
             nodes = list(range(config.nodes))
             net.nodes = config.nodes
@@ -270,6 +272,12 @@ class _Run:
                 trace,
                 latency_us=config.broker_latency_us,
                 max_message_bytes=config.broker_message_max,
+            )
+            locks = StoreLocks(
+                hold_us=config.store_txn_us,
+                detect_us=config.store_detect_us,
+                recorder=self.recorder,
+                trace=trace,
             )
         for node in nodes:
             daemon = SimDaemon(
@@ -296,6 +304,7 @@ class _Run:
                 },
                 node=node,
                 broker=self._broker,
+                locks=locks,
             )
             self._daemons.append(daemon)
         self._daemon = daemon = self._daemons[0]
@@ -645,7 +654,7 @@ class _Run:
                     return None
         if self._heads_at is None:
             self._heads_at = trio.current_time()
-        if presence_problems(self.clients):
+        if presence_problems(self.clients) or self.access_watch.still_live(self.guests):
             return None
         views: dict[str, View] = {}
         for client in self.clients:
@@ -698,7 +707,11 @@ class _Run:
                         client.name,
                         f"{room}: stuck at seq {track.seq}, the room is at {head[1]}",
                     )
-        if len(self.recorder.violations) == before and not presence_problems(self.clients):
+        if (
+            len(self.recorder.violations) == before
+            and not presence_problems(self.clients)
+            and not self.access_watch.still_live(self.guests)  # the access check reports it
+        ):
             views: dict[str, View] = {}
             for client in self.clients:
                 for room in client.wanted:

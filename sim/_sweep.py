@@ -61,6 +61,7 @@ class SweepSummary:
         injected: dict[str, int] = {}
         kinds: dict[str, int] = {}
         claims: dict[str, int] = {}
+        locks: dict[str, int] = {}
         marks: dict[str, int] = dict.fromkeys(MARKS, 0)
         for r in done:
             for name, n in r.get("marks", {}).items():
@@ -70,6 +71,8 @@ class SweepSummary:
             for name, n in r.get("counters", {}).items():
                 if name.startswith("claims:"):
                     claims[name[len("claims:") :]] = claims.get(name[len("claims:") :], 0) + n
+                elif name.startswith("locks:"):  # several nodes (sim/_locks.py)
+                    locks[name[len("locks:") :]] = locks.get(name[len("locks:") :], 0) + n
             for v in r.get("violations", []):
                 kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
         virtual_s = sum(float(r.get("virtual_s", 0.0)) for r in done)
@@ -85,6 +88,7 @@ class SweepSummary:
             "injected": dict(sorted(injected.items())),
             "violation_kinds": dict(sorted(kinds.items())),
             "claims_checked": dict(sorted(claims.items())),
+            "store_locks": dict(sorted(locks.items())),
             "marks": marks,
             "presence_late": sum(1 for r in done if r.get("counters", {}).get("presence_late")),
             "marks_never": sorted(name for name, n in marks.items() if not n),

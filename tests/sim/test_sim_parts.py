@@ -94,6 +94,18 @@ async def test_a_full_link_blocks_its_sender(autojump_clock: trio.testing.MockCl
     assert await link.receive() == "abcdefgh"
 
 
+async def test_a_frame_longer_than_the_link_and_its_close_are_within_its_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # (cluster seed 49: the server closed a connection after a heartbeat
+    # timeout behind a 34 KB frame on a 2 KB link, and the bound check
+    # counted the close marker as a second frame)
+    link = _link(bytes_max=10)
+    await link.send("a frame of 26 bytes, alone")
+    link.close(4000, "heartbeat timeout")
+    assert link.within_bound()
+
+
 async def test_a_close_arrives_after_the_frames_before_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
