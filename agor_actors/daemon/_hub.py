@@ -107,6 +107,10 @@ _security_log = logging.getLogger("agor_actors.security")
 OWNER_ID = "owner"
 
 
+class _JoinRevoked(Exception):
+    """A join's user lost sight of the room before the join reached it."""
+
+
 class NotClusterOwner(Exception):
     """A cluster node's owner token is not the one the cluster's database
     knows: taking it would lock the other nodes' owner out."""
@@ -932,7 +936,34 @@ class Hub:
         subs = self._subs[sub.connection_id]
         actor, log_room = _room_actor(room)
         registry = self.system.registry
-        result = await registry.call(actor, Subscribe(sub, since), timeout_s=30.0)
+
+        async def still_wanted() -> None:
+            # the room had to start (or start again): what the join's check
+            # saw may be old by now (another daemon's revocation this one
+            # has not heard of yet): asked again, as fresh as the join's
+            principal = self._principals.get(sub.connection_id)
+            if sub.key in self._revoked or (
+                principal is not None
+                and not await self.gate.may_see_room(principal, room, fresh=self.feed is not None)
+            ):
+                self._revoked.setdefault(sub.key, "forbidden")
+                raise _JoinRevoked()
+
+        try:
+            result = await registry.call(
+                actor, Subscribe(sub, since), timeout_s=30.0, guard=still_wanted
+            )
+        except _JoinRevoked:
+            # revoked while the room was being reached (restarting, with its
+            # memory of revoked joins): nothing of the room, not even
+            # ``joined``, follows the revocation (simulator, cluster seed 261)
+            if subs.get(room) is sub:
+                self._forget_sub(sub.connection_id, room)
+                self._unwatch(sub)
+            with contextlib.suppress(OutboxClosed, OutboxOverflow):
+                outbox.drop_room(room)
+                outbox.offer_control(Left(room=room, reason=self._revoked[sub.key]))
+            return True
         if not isinstance(result, CatchUp):
             if sub.key in self._lost_joins and result != "revoked":
                 await self._join_lost(sub)

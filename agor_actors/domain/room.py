@@ -539,13 +539,20 @@ class RoomBehaviour(Behaviour[RoomState]):
         if state.checking is None:
             return []
         if isinstance(msg.result, outcome.Error):
-            return [StartTimer("access", ACCESS_RETRY_S, _AccessRetry())]
+            effects: list[Effect] = [StartTimer("access", ACCESS_RETRY_S, _AccessRetry())]
+            if state.waiting and not state.filling:
+                # joins waiting for the check: refused unavailable (the store
+                # is away), not kept for as long as it stays away
+                effects += self._answer_waiting(state, now, read=False)
+            return effects
         state.checking = None
         paused, state.paused = state.paused, []
         lost, state.paused_lost = state.paused_lost, False
         effects = self._committed(state, tuple(paused), now) if paused else []
         if lost:
             effects += self._resync(state)
+        if state.waiting and not state.filling and state.checking is None:
+            effects += self._answer_waiting(state, now, read=True)
         return effects
 
     def _watch_head(self, state: RoomState) -> list[Effect]:
@@ -824,7 +831,9 @@ class RoomBehaviour(Behaviour[RoomState]):
         If the log could not be ``read`` (the store away), a join still past
         the head is refused ``StoreUnavailable`` (its connection is told
         ``left`` ``unavailable`` and may join again), not answered at a head
-        older than what its client saw."""
+        older than what its client saw.  A join still past the head while
+        the log's next events wait for an access check keeps waiting for the
+        check (:meth:`_access_checked` answers it)."""
         waiting, state.waiting = state.waiting, []
         effects: list[Effect] = []
         for request in waiting:
@@ -832,6 +841,13 @@ class RoomBehaviour(Behaviour[RoomState]):
             if not read and self._ahead(state, body):
                 away = StoreUnavailable("the room's log cannot be read: the store is away")
                 effects.append(Reply(request.reply_to, error=away))
+                continue
+            if state.checking is not None and self._ahead(state, body):
+                # what the log held past the head waits for an access
+                # check (its client saw it through another daemon): so
+                # does the join, answered when the check ended (simulator,
+                # cluster seed 444)
+                state.waiting.append(request)
                 continue
             effects.append(Reply(request.reply_to, self._subscribe(state, body)))
             if self.is_board and not body.sub.activity:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -128,15 +128,33 @@ class Registry:
             except ActorDead:
                 await self._wait_gone(name, ref)
 
-    async def call(self, name: str, body: Any, *, timeout_s: float = 5.0) -> Any:
-        """``call`` on the named actor, spawning it if needed."""
+    async def call(
+        self,
+        name: str,
+        body: Any,
+        *,
+        timeout_s: float = 5.0,
+        guard: Callable[[], Awaitable[None]] | None = None,
+    ) -> Any:
+        """``call`` on the named actor, spawning it if needed.  ``guard`` is
+        awaited before sending whenever the actor was not there to take it
+        at once (spawned, restarting, or gone between look-up and send: that
+        can take long, and the body may no longer be wanted); what it raises
+        ends the call."""
         try:
             with trio.fail_after(timeout_s):
+                waited = False
                 while True:
-                    ref = self.lookup(name) or await self.get(name)
+                    ref = self.lookup(name)
+                    if ref is None:
+                        waited = True
+                        ref = await self.get(name)
+                    if waited and guard is not None:
+                        await guard()
                     try:
                         return await ref._call(body)
                     except ActorDead:
+                        waited = True
                         await self._wait_gone(name, ref)
         except trio.TooSlowError:
             raise CallTimeout(f"{name}: no reply within {timeout_s} s") from None

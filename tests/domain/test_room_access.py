@@ -18,10 +18,12 @@ from agor_actors.domain.room import (
     Subscribe,
     Subscription,
     _AccessChecked,
+    _Filled,
 )
-from agor_actors.runtime import Await, StartTimer
-from agor_actors.store import StoredEvent
-from protocols import Codec, Event, Joined, Left, Limits, decode_server_frame
+from agor_actors.runtime import Await, Reply, Request, StartTimer
+from agor_actors.store import StoredEvent, StoreUnavailable, open_store
+from agor_actors.world import InlineBlocking
+from protocols import Codec, Event, Joined, Left, Limits, Since, decode_server_frame
 
 ROOM = "session:s1"
 
@@ -111,3 +113,44 @@ async def test_what_waits_for_a_check_is_bounded_and_a_hole_marks_it_for_the_log
     room2._committed(state2, (revoking(1), stored(2)), 0.0)
     room2._committed(state2, (stored(4),), 0.0)  # 3 never came
     assert [e.seq for e in state2.paused] == [2] and state2.paused_lost
+
+
+async def test_a_join_from_past_the_head_waits_for_the_access_check_its_events_wait_for() -> None:
+    """A cluster node's room behind what a client saw through another
+    daemon reads its log; events there past an access change wait for its
+    check, and so does the join: answered at the head its client saw, not
+    an older one (simulator, cluster seed 444)."""
+    store = open_store("sqlite://", new_epoch=lambda: "e1", shared=True)
+    room = RoomBehaviour(ROOM, store=store, access=access)
+    room._blocking = InlineBlocking()  # what init takes from the world
+    state = RoomState(room=ROOM, epoch="e1", head=1)
+    sub = Subscription("c", ROOM, Outbox(Codec.JSON), user_id="owner")
+    caller = object()
+    join = Request(Subscribe(sub, Since("e1", 4)), caller)  # type: ignore[arg-type]
+    effects = list(room.handle(state, join, 0.0))
+    assert state.waiting and [type(e) for e in effects if isinstance(e, Await)] == [Await]
+    read = outcome.Value([stored(2), revoking(3), stored(4)])
+    effects = list(room.handle(state, _Filled(read), 0.0))
+    assert state.head == 3 and [e.seq for e in state.paused] == [4]
+    assert state.waiting and not [e for e in effects if isinstance(e, Reply)]
+    effects = list(room.handle(state, _AccessChecked(outcome.Value(None)), 0.0))
+    (reply,) = [e for e in effects if isinstance(e, Reply)]
+    assert reply.to is caller and reply.value == "live" and not state.waiting
+    (shown,) = [m for m in await decoded(sub.outbox) if isinstance(m, Joined)]
+    assert (shown.seq, shown.recovered) == (4, True)
+    store.close()
+
+
+async def test_a_join_waiting_for_a_failed_access_check_is_refused_unavailable() -> None:
+    store = open_store("sqlite://", new_epoch=lambda: "e1", shared=True)
+    room = RoomBehaviour(ROOM, store=store, access=access)
+    room._blocking = InlineBlocking()  # what init takes from the world
+    state = RoomState(room=ROOM, epoch="e1", head=1)
+    sub = Subscription("c", ROOM, Outbox(Codec.JSON), user_id="owner")
+    join = Request(Subscribe(sub, Since("e1", 4)), object())  # type: ignore[arg-type]
+    list(room.handle(state, join, 0.0))
+    list(room.handle(state, _Filled(outcome.Value([stored(2), revoking(3), stored(4)])), 0.0))
+    effects = list(room.handle(state, _AccessChecked(outcome.Error(RuntimeError("away"))), 0.0))
+    (reply,) = [e for e in effects if isinstance(e, Reply)]
+    assert isinstance(reply.error, StoreUnavailable) and not state.waiting
+    store.close()

@@ -301,6 +301,38 @@ async def test_registry_spawns_on_first_use_and_concurrent_uses_share(
         assert await system.registry.call("session:a", "get") == 1
 
 
+async def test_a_registry_call_asks_its_guard_only_when_the_actor_was_not_there(
+    autojump_clock: MockClock,
+) -> None:
+    asked: list[str] = []
+
+    async def guard() -> None:
+        asked.append("asked")
+
+    class Refused(Exception):
+        pass
+
+    async def refuse() -> None:
+        raise Refused()
+
+    async with open_system(WORLD) as system:
+        system.define(Kind("session:", lambda name: CounterBehaviour(idle_s=30.0)))
+        # spawned for the call: the guard is asked before the send
+        assert await system.registry.call("session:a", "get", guard=guard) == 0
+        assert asked == ["asked"]
+        # alive: sent at once, the guard not asked
+        await system.registry.send("session:a", "inc")
+        assert await system.registry.call("session:a", "get", guard=guard) == 1
+        assert asked == ["asked"]
+        # passivated meanwhile: started again, the guard asked; what it
+        # raises ends the call, and nothing is sent
+        await trio.sleep(31)
+        assert system.registry.lookup("session:a") is None
+        with pytest.raises(Refused):
+            await system.registry.call("session:a", "inc", guard=refuse)
+        assert await system.registry.call("session:a", "get") == 0
+
+
 async def test_passivation_and_respawn(autojump_clock: MockClock) -> None:
     async with open_system(WORLD) as system:
         system.define(Kind("session:", lambda name: CounterBehaviour(idle_s=30.0)))
