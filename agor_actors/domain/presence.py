@@ -9,6 +9,7 @@ queued behind anything, and it is the first thing shed under load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Any, Literal
@@ -44,9 +45,11 @@ PALETTE = (
 )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)
 def color_for(user_id: str) -> str:
     """A user's color: derived from the id alone, the same on every client
-    and every daemon."""
+    and every daemon (remembered for the last 4,096 users: a board room
+    asks at each event it highlights)."""
     digest = hashlib.sha256(user_id.encode("utf-8")).digest()
     return PALETTE[digest[0] % len(PALETTE)]
 
