@@ -228,6 +228,23 @@ def test_the_quiet_phase_waits_for_a_revocation_a_cut_node_checks_once_the_store
     assert result["converged_s"] > 13.3
 
 
+@pytest.mark.parametrize(
+    "seed",
+    [
+        # a join checked before a revocation another node committed, sent
+        # once its room's registry had restarted 10 s later: `joined`, then
+        # `left` (now checked again before it is sent)
+        261,
+        # a join from past a lagging room's head answered at the older head
+        # while the log's next events waited for an access check
+        444,
+    ],
+)
+def test_cluster_seeds_that_found_join_bugs_stay_green(tmp_path: pathlib.Path, seed: int) -> None:
+    status, result, output = run_sim(tmp_path, "--seed", str(seed), "--profile", "cluster")
+    assert status == 0 and result["ok"], output
+
+
 @pytest.mark.slow
 def test_the_multi_node_sweep_catches_two_nodes_assigning_one_seq(tmp_path: pathlib.Path) -> None:
     # the multi-node CI sweep as it runs (--skip-known): it fails seeds 0
