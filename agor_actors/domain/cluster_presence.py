@@ -26,7 +26,7 @@ moved on another daemon since is not sent back to where it looked here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -100,15 +100,22 @@ class NodePresence:
                 self.users[uid] = entry
         return touched
 
-    def new_viewports(self, msg: RemotePresence) -> dict[str, Viewport]:
-        """The viewports of ``msg`` that this daemon did not say before
-        (a heartbeat repeats the unchanged ones); remembered.  A full
+    def new_viewports(self, msg: RemotePresence, shown: Container[str]) -> dict[str, Viewport]:
+        """The viewports of ``msg`` that this daemon did not say before (a
+        heartbeat repeats the unchanged ones), of users ``shown`` here;
+        remembered.  Another's are neither news nor remembered (heard before
+        the user's entry, a repeat is news once they show).  A full
         message's users without a viewport are forgotten."""
-        news = {uid: v for uid, v in msg.viewports.items() if self.viewports.get(uid) != v}
+        news: dict[str, Viewport] = {}
+        for uid, viewport in msg.viewports.items():
+            if uid not in shown:
+                continue
+            if self.viewports.get(uid) != viewport:
+                news[uid] = viewport
+            self.viewports[uid] = viewport
         if msg.full:
-            self.viewports = {uid: v for uid, v in msg.viewports.items() if uid in msg.users}
-        else:
-            self.viewports.update(msg.viewports)
+            for uid in [u for u in self.viewports if u not in msg.viewports]:
+                del self.viewports[uid]
         return news
 
 

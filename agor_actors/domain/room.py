@@ -930,7 +930,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 if uid in p.users:
                     p.cursors[uid] = (x, y)
                     p.cursors_dirty[uid] = None
-            for uid, viewport in node.new_viewports(msg).items():
+            for uid, viewport in node.new_viewports(msg, p.users).items():
                 # for this daemon's followers of a user on another daemon; a
                 # heartbeat's unchanged one is no news (the user may have
                 # moved on a third daemon since)

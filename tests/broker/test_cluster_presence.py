@@ -8,7 +8,8 @@ timeout and the offline grace are over, not at once and not never."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -45,6 +46,23 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+@asynccontextmanager
+async def two_nodes(
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+) -> AsyncIterator[tuple[Node, Node]]:
+    """Two ``serve`` processes on one database and broker, with the short
+    presence timings."""
+    async with (
+        serving_node(
+            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as one,
+        serving_node(
+            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
+        ) as two,
+    ):
+        yield one, two
+
+
 async def _board_with_users(node: Node, names: list[str]) -> tuple[str, list[dict[str, str]]]:
     """A board of the owner's and users who are its editors (id, token)."""
     async with connect(node.ws_url, token=TOKEN) as owner:
@@ -68,14 +86,7 @@ async def _until(presence: BoardPresence, done: object, limit_s: float = 20.0) -
 async def test_users_on_two_daemons_share_one_facepile_and_cursors_until_one_dies(
     pg_url: str, broker_url: str, tmp_path: pathlib.Path
 ) -> None:
-    async with (
-        serving_node(
-            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
-        ) as one,
-        serving_node(
-            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
-        ) as two,
-    ):
+    async with two_nodes(pg_url, broker_url, tmp_path) as (one, two):
         board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
         async with connect(one.ws_url, token=ada["token"]) as on_one:
             seen_on_one = await on_one.board_presence(board)
@@ -112,14 +123,7 @@ async def test_users_on_two_daemons_share_one_facepile_and_cursors_until_one_die
 async def test_a_follower_on_one_daemon_sees_the_viewport_of_a_user_on_the_other(
     pg_url: str, broker_url: str, tmp_path: pathlib.Path
 ) -> None:
-    async with (
-        serving_node(
-            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
-        ) as one,
-        serving_node(
-            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
-        ) as two,
-    ):
+    async with two_nodes(pg_url, broker_url, tmp_path) as (one, two):
         board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
         first = Viewport(0.0, 0.0, 1280.0, 720.0, 1.0)
         async with connect(one.ws_url, token=ada["token"]) as on_one:
@@ -151,14 +155,7 @@ async def test_a_user_typing_in_a_tab_on_another_daemon_shows_typing_everywhere(
 ) -> None:
     # Ada has a tab on each daemon and types in the one on daemon two; Bob,
     # on daemon one, sees her typing (her tab on one, as present, is not)
-    async with (
-        serving_node(
-            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
-        ) as one,
-        serving_node(
-            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
-        ) as two,
-    ):
+    async with two_nodes(pg_url, broker_url, tmp_path) as (one, two):
         board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
         async with (
             connect(one.ws_url, token=ada["token"]) as ada_one,

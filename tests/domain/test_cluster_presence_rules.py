@@ -107,6 +107,18 @@ def test_a_heartbeat_does_not_take_a_followed_user_back_to_an_old_viewport() -> 
     assert p.viewports["a"] == v3 and "a" in p.viewports_dirty
 
 
+def test_a_viewport_heard_before_its_users_entry_is_news_once_the_user_shows() -> None:
+    # a change can say where a looks before any message says a is there
+    # (its entry reached that daemon's room later): the heartbeat's repeat
+    # is then news, else a follower would never learn it
+    two, at_two = board_room()
+    v1 = Viewport(1.0, 0.0, 800.0, 600.0, 1.0)
+    list(two.handle(at_two, RemotePresence("n1", "b", False, {}, {}, {"a": v1}), 0.1))
+    assert "a" not in at_two.presence.viewports
+    list(two.handle(at_two, RemotePresence("n1", "b", True, {"a": entry("a")}, {}, {"a": v1}), 0.2))
+    assert at_two.presence.viewports["a"] == v1 and "a" in at_two.presence.viewports_dirty
+
+
 def test_a_heartbeat_says_where_own_users_look_here_not_elsewhere() -> None:
     one, at_one = board_room()
     v1 = Viewport(1.0, 0.0, 800.0, 600.0, 1.0)
