@@ -11,9 +11,10 @@ which also repairs a lost change and tells a daemon that joined the board
 later who is there.
 
 A board room keeps, per other daemon, that daemon's users, the viewports it
-last said they look at, and when it last heard from it.  A daemon not heard from for ``node_liveness_s`` has vanished
-(killed, cut off): its users stay for the offline grace (``offline_grace_s``,
-as a user whose last connection closed) and then leave the facepile.  A user
+last said they look at, and when it last heard from it.  A daemon not heard
+from for ``node_liveness_s`` has vanished (killed, cut off): its users stay
+for the offline grace (``offline_grace_s``, as a user whose last connection
+closed) and then leave the facepile.  A user
 shown by several daemons (tabs on two of them) shows once, merged as one
 daemon merges a user's own tabs: the most present status, typing if typing
 on any of them, the view of the most present one.
