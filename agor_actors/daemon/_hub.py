@@ -1177,9 +1177,13 @@ class Hub:
                     self._revoked[sub.key] = "forbidden"  # the join ends it
                     # and the room refuses it if its join is still on the
                     # way: nothing of the room, not even ``joined``, follows
-                    # the revocation
-                    ref = await self.system.registry.get(_room_actor(room)[0])
-                    await ref.call(Revoke(sub.key, "forbidden", ahead=True), timeout_s=30.0)
+                    # the revocation.  A room that is not there now (not
+                    # started yet, or restarting) is neither started nor
+                    # waited for: the join's guard sees the revocation
+                    ref = self.system.registry.lookup(_room_actor(room)[0])
+                    if ref is not None:
+                        with contextlib.suppress(ActorDead):
+                            await ref.call(Revoke(sub.key, "forbidden", ahead=True), timeout_s=30.0)
                 else:
                     await self._drop(sub, "forbidden")
 
