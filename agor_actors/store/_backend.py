@@ -112,7 +112,10 @@ def hash_token(token: str) -> str:
 @attrs.frozen
 class Append:
     """A mutation value that appends ``text`` to a text column (streaming
-    message chunks) instead of rewriting it: ``content = content || text``.
+    message chunks) instead of rewriting it: ``content = content || text``,
+    or, for a column kept in parts (``PARTS`` of the schema: a message's
+    ``content``), a new part after the others (the row itself is not
+    rewritten).
 
     ``at`` and ``limit`` matter to a *shared* store only (a single writer
     leaves the request as its caller planned it).  ``at``: the key, in the
@@ -319,11 +322,62 @@ _Landing = tuple[_Shape, dict[str, Any], str, Append]
 
 @attrs.define
 class _Run:
-    """Consecutive plain writes of one shape: one ``executemany``."""
+    """Consecutive plain writes of one shape: one ``executemany`` (and one
+    for the parts they append, each ``(value parameter, key parameter,
+    insert)``)."""
 
     shape: _Shape
     statement: Prepared
+    parts: tuple[tuple[str, str, Prepared], ...] = ()
     rows: list[dict[str, Any]] = attrs.field(factory=list)
+
+
+@functools.cache
+def _parted(table: sa.Table) -> tuple[str, ...]:
+    """The columns of ``table`` kept in parts (see ``PARTS``)."""
+    return tuple(column for (name, column) in s.PARTS if name == table.name)
+
+
+def _owner_key(table: sa.Table) -> str:
+    """The one key column of a table with parted columns."""
+    (key,) = table.primary_key.columns
+    return str(key.name)
+
+
+def _length_of(table: sa.Table, column: str) -> sa.ColumnElement[Any]:
+    """SQL: the characters of ``column`` (NULL as empty), its parts included."""
+    own = sa.func.length(sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text)))
+    parted = s.PARTS.get((table.name, column))
+    if parted is None:
+        return own
+    parts, owner = parted
+    total = (
+        sa.select(
+            sa.func.coalesce(sa.func.sum(sa.func.length(parts.c.text)), sa.literal_column("0"))
+        )
+        .where(parts.c[owner] == table.c[_owner_key(table)])
+        .scalar_subquery()
+    )
+    return own + total
+
+
+def _update_values(table: sa.Table, columns: Iterable[tuple[str, bool]]) -> dict[str, Any]:
+    """The SET of a plain update of ``columns`` (each with whether it
+    appends), parameters ``v_<name>``: a parted column's append is a part,
+    not in the SET (which then sets the key to itself if nothing else)."""
+    values: dict[str, Any] = {}
+    for name, append in columns:
+        column = table.c[name]
+        if append and name in _parted(table):
+            continue
+        if append:
+            values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
+        else:
+            values[name] = sa.bindparam(f"v_{name}", type_=column.type)
+    if not values:
+        key = _owner_key(table)
+        values[key] = table.c[key]
+    return values
 
 
 def _dumps(value: Any) -> str:
@@ -521,12 +575,19 @@ def _appended(column: sa.Column[Any], text: sa.ColumnElement[Any]) -> sa.ColumnE
 
 
 def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The SET of an update of ``values`` (a parted column's append is a
+    part, written by ``_write_parts``; the key set to itself if nothing else)."""
     out: dict[str, Any] = {}
+    parted = _parted(table)
     for name, value in values.items():
         if isinstance(value, Append):
-            out[name] = _appended(table.c[name], sa.literal(value.text, sa.Text))
+            if name not in parted:
+                out[name] = _appended(table.c[name], sa.literal(value.text, sa.Text))
         else:
             out[name] = value
+    if not out:
+        key = _owner_key(table)
+        out[key] = table.c[key]
     return out
 
 
@@ -568,6 +629,8 @@ class SqlStore:
         Shared: the heads locked for the group being committed."""
         self._plain_statements: dict[_Shape, Prepared] = {}
         self._landing_statements: dict[tuple[_Shape, str], Prepared] = {}
+        self._parts_statements: dict[str, Prepared] = {}
+        self._parts_reads: dict[str, Prepared] = {}
         self._get_statements: dict[tuple[str, tuple[str, ...]], Prepared] = {}
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
@@ -886,9 +949,36 @@ class SqlStore:
             self._flush_run(cursor, run)
             run = None
         if run is None:
-            run = _Run(shape, self._plain_statement(shape))
+            run = _Run(shape, self._plain_statement(shape), self._run_parts(shape))
         run.rows.append(params)
         return run
+
+    def _run_parts(self, shape: _Shape) -> tuple[tuple[str, str, Prepared], ...]:
+        """The parts a plain write of ``shape`` appends: ``(value
+        parameter, key parameter, insert)`` per parted column it appends to."""
+        op, table_name, key, columns = shape
+        if op != "update":
+            return ()
+        out = []
+        for name, append in columns:
+            parted = s.PARTS.get((table_name, name)) if append else None
+            if parted is not None:
+                (key_name,) = key
+                out.append((f"v_{name}", f"k_{key_name}", self._parts_insert(*parted)))
+        return tuple(out)
+
+    def _parts_insert(self, parts: sa.Table, owner: str) -> Prepared:
+        """The insert of one part (parameters ``owner`` and ``text``)."""
+        stmt = self._parts_statements.get(parts.name)
+        if stmt is None:
+            insert = sa.insert(parts).values(
+                {
+                    owner: sa.bindparam("owner", type_=parts.c[owner].type),
+                    "text": sa.bindparam("text", type_=parts.c.text.type),
+                }
+            )
+            stmt = self._parts_statements[parts.name] = Prepared(insert, self._engine.dialect)
+        return stmt
 
     def _landing_or_error(self, request: WriteRequest) -> _Landing | StoreError | None:
         try:
@@ -917,9 +1007,7 @@ class SqlStore:
         lengths: dict[_Landed, int] = {}
         for (table_name, key_name, column), keys in wanted.items():
             table = ENTITY_TABLES[table_name]
-            length = sa.func.length(
-                sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text))
-            )
+            length = _length_of(table, column)
             found = conn.execute(
                 sa.select(table.c[key_name], length)
                 .where(table.c[key_name].in_(sorted(keys)))
@@ -991,7 +1079,10 @@ class SqlStore:
         _check_values(table, values)
         params = {f"k_{name}": value for name, value in key.items()}
         columns = []
+        parted = _parted(table)
         for name, value in values.items():
+            if parted and op == "update" and name in parted and not isinstance(value, Append):
+                return None  # its parts go too: _mutate
             if isinstance(value, Append):
                 params[f"v_{name}"] = value.text
                 columns.append((name, op == "update"))
@@ -1063,7 +1154,17 @@ class SqlStore:
                 f"at most {append.limit} characters",
                 current + len(append.text),
             )
-        offset = int(found[0]) - len(append.text)
+        parted = s.PARTS.get((shape[1], column))
+        if parted is None:
+            offset = int(found[0]) - len(append.text)
+        else:
+            # the update left the column and its parts alone: its length
+            # before this append, which goes in as the last part
+            offset = int(found[0])
+            (key_name,) = shape[2]
+            self._parts_insert(parted[0], parted[1]).execute(
+                cursor, {"owner": params[f"k_{key_name}"], "text": append.text}
+            )
         key = append.at
         assert key is not None  # _landing takes only such an Append
         return tuple(
@@ -1080,8 +1181,7 @@ class SqlStore:
         row (a rare path: compiled here each time)."""
         _, table_name, key, _ = shape
         table = ENTITY_TABLES[table_name]
-        length = sa.func.length(sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text)))
-        select = sa.select(length.label("length")).where(
+        select = sa.select(_length_of(table, column).label("length")).where(
             *(table.c[name] == sa.bindparam(f"k_{name}") for name in key)
         )
         found = Prepared(select, self._engine.dialect).one_or_none(
@@ -1098,16 +1198,10 @@ class SqlStore:
         _, table_name, key, columns = shape
         table = ENTITY_TABLES[table_name]
         where = [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
-        length = sa.func.length(sa.func.coalesce(table.c[column], sa.literal_column("''", sa.Text)))
+        length = _length_of(table, column)
         where.append(length <= sa.bindparam("room", type_=sa.BigInteger))
-        values: dict[str, Any] = {}
-        for name, append in columns:
-            if append:
-                values[name] = _appended(table.c[name], sa.bindparam(f"v_{name}", type_=sa.Text))
-            else:
-                values[name] = sa.bindparam(f"v_{name}", type_=table.c[name].type)
         statement = (
-            sa.update(table).where(*where).values(values).returning(sa.func.length(table.c[column]))
+            sa.update(table).where(*where).values(_update_values(table, columns)).returning(length)
         )
         stmt = Prepared(statement, self._engine.dialect)
         if len(self._landing_statements) < _SHAPES_MAX:
@@ -1136,14 +1230,7 @@ class SqlStore:
             if op == "delete":
                 statement = sa.delete(table).where(*where)
             else:
-                values: dict[str, Any] = {}
-                for name, append in columns:
-                    column = table.c[name]
-                    if append:
-                        values[name] = _appended(column, sa.bindparam(f"v_{name}", type_=sa.Text))
-                    else:
-                        values[name] = sa.bindparam(f"v_{name}", type_=column.type)
-                statement = sa.update(table).where(*where).values(values)
+                statement = sa.update(table).where(*where).values(_update_values(table, columns))
         stmt = Prepared(statement, self._engine.dialect)
         if len(self._plain_statements) < _SHAPES_MAX:
             self._plain_statements[shape] = stmt
@@ -1159,6 +1246,11 @@ class SqlStore:
             raise _RetryIsolated() from exc
         if changed != len(run.rows):
             raise _RetryIsolated()
+        for value, key, insert in run.parts:
+            try:
+                insert.executemany(cursor, [{"owner": r[key], "text": r[value]} for r in run.rows])
+            except sa.exc.StatementError as exc:
+                raise _RetryIsolated() from exc
 
     def _apply(self, conn: sa.Connection, request: WriteRequest) -> None:
         for expect in request.expect:
@@ -1184,6 +1276,10 @@ class SqlStore:
         if row is None:
             raise StoreNotFound(table.name, dict(expect.key))
         current = row[0]
+        if expect.column in _parted(table):
+            found = {expect.column: current, **expect.key}
+            self._fold_parts(conn, table, [found])
+            current = found[expect.column]
         if not _same(current, expect.expected):
             raise StoreConflict(
                 table.name, dict(expect.key), expect.column, expect.expected, current
@@ -1199,6 +1295,14 @@ class SqlStore:
             row = {**mutation.key, **_plain(mutation.values)}
             if op == "insert":
                 conn.execute(table.insert(), row)
+                return
+            if any(name in _parted(table) for name in mutation.values):
+                # an existing row's parts: as an update; else an insert
+                where = _key_clause(table, mutation.key)
+                if conn.execute(sa.select(sa.literal(1)).where(*where)).first() is None:
+                    conn.execute(table.insert(), row)
+                else:
+                    self._mutate(conn, attrs.evolve(mutation, op="update"))
                 return
             stmt = self._upsert_insert(table).values(row)
             index = [c.name for c in table.primary_key.columns]
@@ -1223,6 +1327,7 @@ class SqlStore:
                 found = conn.execute(sa.select(sa.literal(1)).where(*where)).first() is not None
             if not found:
                 raise StoreNotFound(table.name, dict(mutation.key))
+            self._write_parts(conn, table, mutation)
         elif op == "delete":
             where = _key_clause(table, mutation.key)
             if mutation.values:
@@ -1231,6 +1336,20 @@ class SqlStore:
                 raise StoreNotFound(table.name, dict(mutation.key))
         else:
             raise StoreQueryError(f"unknown mutation op {op!r}")
+
+    def _write_parts(self, conn: sa.Connection, table: sa.Table, mutation: Mutation) -> None:
+        """After ``mutation`` updated its row: each parted column's append
+        goes in as its last part; a parted column set outright loses its parts."""
+        for name in _parted(table):
+            if name not in mutation.values:
+                continue
+            parts, owner = s.PARTS[(table.name, name)]
+            (ident,) = mutation.key.values()
+            value = mutation.values[name]
+            if isinstance(value, Append):
+                conn.execute(sa.insert(parts).values({owner: ident, "text": value.text}))
+            else:
+                conn.execute(sa.delete(parts).where(parts.c[owner] == ident))
 
     def _allocate(
         self,
@@ -1444,7 +1563,49 @@ class SqlStore:
         _check_key(t, key)
         statement = self._get_statement(t, tuple(key))
         with self._reading() as conn, _raw_cursor(conn) as cursor:
-            return statement.one_or_none(cursor, dict(key))
+            row = statement.one_or_none(cursor, dict(key))
+            if row is not None and _parted(t):
+                self._fold_one(cursor, t, row)
+            return row
+
+    def _fold_one(self, cursor: DBAPICursor, table: sa.Table, row: dict[str, Any]) -> None:
+        """``row``'s parted columns with their parts appended (one row: a
+        statement compiled once)."""
+        ident = row[_owner_key(table)]
+        for column in _parted(table):
+            parts, owner = s.PARTS[(table.name, column)]
+            read = self._parts_reads.get(parts.name)
+            if read is None:
+                select = (
+                    sa.select(parts.c.text)
+                    .where(parts.c[owner] == sa.bindparam("owner", type_=parts.c[owner].type))
+                    .order_by(parts.c.n)
+                )
+                read = self._parts_reads[parts.name] = Prepared(select, self._engine.dialect)
+            texts = read.all(cursor, {"owner": ident})
+            if texts:
+                row[column] = (row[column] or "") + "".join(t["text"] for t in texts)
+
+    @staticmethod
+    def _fold_parts(conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+        """``rows``' parted columns (those they hold) with their parts appended."""
+        key = _owner_key(table)
+        for column in _parted(table):
+            holding = {row[key]: row for row in rows if column in row}
+            if not holding:
+                continue
+            parts, owner = s.PARTS[(table.name, column)]
+            appended: dict[Any, list[str]] = {}
+            found = conn.execute(
+                sa.select(parts.c[owner], parts.c.text)
+                .where(parts.c[owner].in_(sorted(holding)))
+                .order_by(parts.c[owner], parts.c.n)
+            )
+            for ident, text in found:
+                appended.setdefault(ident, []).append(text)
+            for ident, texts in appended.items():
+                row = holding[ident]
+                row[column] = (row[column] or "") + "".join(texts)
 
     def _get_statement(self, table: sa.Table, key: tuple[str, ...]) -> Prepared:
         """The visible columns of ``table`` where the columns of ``key``
@@ -1463,7 +1624,8 @@ class SqlStore:
     def find(self, table: str, query: Mapping[str, Any] | None = None) -> Page:
         """Rows of ``table`` matching a Feathers-like ``query`` (see
         ``agor_actors.store._query``), one page at a time."""
-        compiled = compile_find(table_for(table), query)
+        t = table_for(table)
+        compiled = compile_find(t, query)
         with self._reading() as conn:
             total = None
             if compiled.count_stmt is not None:
@@ -1471,10 +1633,13 @@ class SqlStore:
             if compiled.limit == 0:
                 return Page(items=[], next_cursor=None, total=total)
             rows = conn.execute(compiled.stmt).all()
-        page = rows[: compiled.limit]
+            page = rows[: compiled.limit]
+            items = [compiled.item(row) for row in page]
+            if _parted(t) and items:
+                self._fold_parts(conn, t, items)
         more = len(rows) > compiled.limit
         return Page(
-            items=[compiled.item(row) for row in page],
+            items=items,
             next_cursor=compiled.cursor_for(page[-1]) if more else None,
             total=total,
         )
@@ -1549,7 +1714,17 @@ def _migrate_1_to_2(conn: sa.Connection) -> None:
     conn.exec_driver_sql("DROP TABLE board_members_v1")
 
 
-_MIGRATIONS: Final[dict[int, Callable[[sa.Connection], None]]] = {1: _migrate_1_to_2}
+def _migrate_2_to_3(conn: sa.Connection) -> None:
+    """A streamed message's appends go to ``message_parts``, which
+    ``create_all`` adds; the messages as they are stay whole in ``content``
+    (no parts yet).  The version moves so that an older daemon, which would
+    read the messages without their parts, refuses the database."""
+
+
+_MIGRATIONS: Final[dict[int, Callable[[sa.Connection], None]]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+}
 """From each schema version to the next, run in the opening transaction."""
 
 

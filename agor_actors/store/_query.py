@@ -36,7 +36,7 @@ import attrs
 import orjson
 import sqlalchemy as sa
 
-from ._schema import READABLE_TABLES, SECRET_COLUMNS, StoreQueryError
+from ._schema import PARTS, READABLE_TABLES, SECRET_COLUMNS, StoreQueryError
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "CompiledFind", "Page", "compile_find", "table_for"]
 
@@ -109,6 +109,11 @@ def column_for(table: sa.Table, name: object, purpose: str) -> sa.Column[Any]:
         choices = ", ".join(c.name for c in visible_columns(table))
         raise StoreQueryError(f"unknown column {name!r} in {table.name}; columns: {choices}")
     column = table.c[name]
+    if purpose != "select" and (table.name, name) in PARTS:
+        # its text is the column followed by its parts: not one SQL value
+        raise StoreQueryError(
+            f"cannot {purpose} on {table.name}.{name}: a streamed text is stored in parts"
+        )
     if purpose != "select" and isinstance(column.type, sa.JSON):
         raise StoreQueryError(f"cannot {purpose} on JSON column {table.name}.{name}")
     return column

@@ -19,6 +19,7 @@ __all__ = [
     "BOARD_ROLES",
     "ENTITY_TABLES",
     "IDENTITY_TABLES",
+    "PARTS",
     "READABLE_TABLES",
     "SCHEMA_VERSION",
     "SECRET_COLUMNS",
@@ -36,6 +37,7 @@ __all__ = [
     "credentials",
     "events",
     "field_history",
+    "message_parts",
     "messages",
     "meta",
     "metadata",
@@ -50,8 +52,10 @@ __all__ = [
 #: Bumped whenever the tables change; a database stamped with a newer version
 #: is refused (an older daemon must not write into a newer schema), an older
 #: one is migrated (``store._backend``'s migrations).  2: board members may
-#: be ``admin``s (the role's CHECK constraint).
-SCHEMA_VERSION: Final = 2
+#: be ``admin``s (the role's CHECK constraint).  3: a streamed message's
+#: appended text is kept in ``message_parts`` (an older daemon would read
+#: the messages without it).
+SCHEMA_VERSION: Final = 3
 
 SESSION_STATUSES: Final = ("idle", "running", "awaiting_permission", "completed", "failed")
 TASK_STATUSES: Final = ("created", "running", "completed", "failed", "stopped")
@@ -241,6 +245,25 @@ messages: Final = sa.Table(
     sa.Index("ix_messages_session_created", "session_id", "created_at"),
 )
 
+# A streamed text's appends, one row each, in the order ``n`` (a message's
+# ``content`` is its column followed by its parts): appending to the column
+# itself made SQLite rewrite the whole, growing row (and its overflow pages)
+# per chunk.  ``n`` rises with each insert; appends to one message are
+# serialized by its row (the writer, or its row lock on a shared store).
+message_parts: Final = sa.Table(
+    "message_parts",
+    metadata,
+    sa.Column("n", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column(
+        "message_id",
+        sa.String,
+        sa.ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Index("ix_message_parts_message_n", "message_id", "n"),
+)
+
 tool_calls: Final = sa.Table(
     "tool_calls",
     metadata,
@@ -374,6 +397,13 @@ ENTITY_TABLES: Final[dict[str, sa.Table]] = {
 READABLE_TABLES: Final[dict[str, sa.Table]] = {
     **{name: t for name, t in ENTITY_TABLES.items() if name not in IDENTITY_TABLES},
     "field_history": field_history,
+}
+
+#: Text columns whose appends (``Append``) are stored as rows of a parts
+#: table, not in the column: ``(table, column)`` -> ``(parts table, the
+#: parts' column naming the row)``.  The row's one key column is the owner.
+PARTS: Final[dict[tuple[str, str], tuple[sa.Table, str]]] = {
+    ("messages", "content"): (message_parts, "message_id"),
 }
 
 #: Columns that ``get``/``find`` never return nor filter on.

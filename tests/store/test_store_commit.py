@@ -73,11 +73,11 @@ def seqs(result: WriteResult | StoreError) -> list[tuple[int, int | None]]:
 
 def test_schema_is_created_once_and_versioned(db: Backend) -> None:
     first = db.open()
-    assert first.schema_version() == SCHEMA_VERSION == 2
+    assert first.schema_version() == SCHEMA_VERSION == 3
     first.close()
     again = db.open()  # idempotent: opening an existing database changes nothing
     assert again.schema_version() == SCHEMA_VERSION
-    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["2"]
+    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["3"]
     inspector_tables = set(sa.inspect(again.engine).get_table_names())
     assert {
         "meta",
@@ -87,6 +87,7 @@ def test_schema_is_created_once_and_versioned(db: Backend) -> None:
         "sessions",
         "tasks",
         "messages",
+        "message_parts",
         "tool_calls",
         "rooms",
         "events",
@@ -742,6 +743,109 @@ def test_update_upsert_append_and_delete(store: SqlStore) -> None:
     assert store.get("messages", "m1") is None
     gone = store.commit([WriteRequest(mutations=[Mutation("delete", "sessions", {"id": "s1"})])])
     assert isinstance(gone[0], StoreNotFound)
+
+
+def test_a_streamed_text_is_kept_in_parts_and_read_back_whole(db: Backend) -> None:
+    """Appends to a message's ``content`` go in as parts (the row is not
+    rewritten per chunk); every read, the precondition included, sees the
+    column followed by its parts; setting the text outright drops them."""
+    store = db.open()
+    ok(
+        store.commit([WriteRequest(mutations=[add_session("s1"), _message("m1"), _message("m2")])])[
+            0
+        ]
+    )
+    ok(
+        store.commit(
+            [
+                WriteRequest(
+                    mutations=[Mutation("update", "messages", {"id": "m1"}, {"content": "He"})]
+                )
+            ]
+        )[0]
+    )
+    # plain runs (two messages interleaved), a request with a precondition
+    # (its own savepoint) and an upsert all append
+    results = store.commit(
+        [
+            _chunk("m1", "l", "session:s1", 1),
+            _chunk("m2", "ab", "session:s1", 2),
+            _chunk("m1", "lo", "session:s1", 3),
+            WriteRequest(
+                expect=[Expect("messages", {"id": "m1"}, "content", "Hello")],
+                mutations=[Mutation("update", "messages", {"id": "m1"}, {"content": Append(",")})],
+            ),
+            WriteRequest(
+                mutations=[Mutation("upsert", "messages", {"id": "m1"}, {"content": Append(" w")})]
+            ),
+            _chunk("m2", "c", "session:s1", 4),
+        ]
+    )
+    assert all(isinstance(r, WriteResult) for r in results), results
+    assert db.admin("SELECT content FROM messages WHERE id = 'm1'") == ["He"]
+    assert db.admin("SELECT count(*) FROM message_parts WHERE message_id = 'm1'") == [4]
+    m1, m2 = store.get("messages", "m1"), store.get("messages", "m2")
+    assert m1 is not None and m1["content"] == "Hello, w" and m1["updated_at"] == 13
+    assert m2 is not None and m2["content"] == "abc"
+    page = store.find("messages", {"session_id": "s1", "$sort": {"id": 1}})
+    assert [(m["id"], m["content"]) for m in page.items] == [("m1", "Hello, w"), ("m2", "abc")]
+    chosen = store.find("messages", {"$select": ["content"], "$sort": {"id": -1}, "$limit": 1})
+    assert chosen.items == [{"id": "m2", "content": "abc"}]
+    # a precondition on the text compares the whole of it
+    stale = store.commit(
+        [
+            WriteRequest(
+                expect=[Expect("messages", {"id": "m1"}, "content", "He")],
+                mutations=[Mutation("update", "messages", {"id": "m1"}, {"streaming": False})],
+            )
+        ]
+    )[0]
+    assert isinstance(stale, StoreConflict) and stale.current == "Hello, w"
+    # a text of several parts is not one SQL value: no filter or sort on it
+    for query in ({"content": "abc"}, {"$sort": {"content": 1}}):
+        with pytest.raises(StoreQueryError, match="stored in parts"):
+            store.find("messages", query)
+    # set outright (a plain update, and an upsert), the text starts over
+    ok(
+        store.commit(
+            [
+                WriteRequest(
+                    mutations=[Mutation("update", "messages", {"id": "m1"}, {"content": "new"})]
+                ),
+                _chunk("m1", "!", "session:s1", 5),
+                WriteRequest(
+                    mutations=[Mutation("upsert", "messages", {"id": "m2"}, {"content": "x"})]
+                ),
+            ]
+        )[0]
+    )
+    m1, m2 = store.get("messages", "m1"), store.get("messages", "m2")
+    assert m1 is not None and m1["content"] == "new!"
+    assert m2 is not None and m2["content"] == "x"
+    assert db.admin("SELECT count(*) FROM message_parts") == [1]
+    # a message's parts go with it
+    ok(store.commit([WriteRequest(mutations=[Mutation("delete", "messages", {"id": "m1"})])])[0])
+    assert db.admin("SELECT count(*) FROM message_parts") == [0]
+    store.close()
+
+
+def test_a_version_2_database_keeps_its_messages_whole(db: Backend) -> None:
+    """Opened by this version, a database of schema 2 gains the parts table;
+    its messages read as they were and stream on."""
+    store = db.open()
+    ok(store.commit([WriteRequest(mutations=[add_session("s1"), _message("m1")])])[0])
+    store.close()
+    db.admin(
+        "UPDATE messages SET content = 'before' WHERE id = 'm1'",
+        "DROP TABLE message_parts",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    )
+    migrated = db.open()
+    assert migrated.schema_version() == SCHEMA_VERSION == 3
+    ok(migrated.commit([_chunk("m1", " and after", "session:s1", 1)])[0])
+    message = migrated.get("messages", "m1")
+    assert message is not None and message["content"] == "before and after"
+    migrated.close()
 
 
 def _message(mid: str, session: str = "s1") -> Mutation:
