@@ -29,6 +29,7 @@ from ..runtime import (
 from ..store import (
     WRITER_NAME,
     Append,
+    Compact,
     EventDraft,
     Expect,
     History,
@@ -1017,7 +1018,13 @@ class SessionBehaviour(Behaviour[SessionState]):
                 "update",
                 "messages",
                 {"id": mid},
-                {"streaming": False, "updated_at": cmd.now_ms, "rev": new_rev},
+                # its streamed parts folded into the row, once: read whole
+                {
+                    "streaming": False,
+                    "updated_at": cmd.now_ms,
+                    "rev": new_rev,
+                    "content": Compact(),
+                },
             )
             payload = {"task_id": task_id, "message_id": mid, "streaming": False, "rev": new_rev}
             events = self._events(state, cmd, "task:message", payload, board=False)

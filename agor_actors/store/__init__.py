@@ -7,6 +7,7 @@ for writes: group commits, and the durable events sent to their rooms.
 """
 
 from ._backend import Append as Append
+from ._backend import Compact as Compact
 from ._backend import EventDraft as EventDraft
 from ._backend import EventPage as EventPage
 from ._backend import Expect as Expect

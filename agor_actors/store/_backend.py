@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Append",
+    "Compact",
     "EventDraft",
     "EventPage",
     "Expect",
@@ -131,6 +132,14 @@ class Append:
     text: str
     at: str | None = None
     limit: int | None = None
+
+
+@attrs.frozen
+class Compact:
+    """A mutation value (in an ``update``) for a column kept in parts (see
+    ``PARTS`` of the schema): its parts folded into the column, one rewrite
+    of the row, so that reads find the text whole (a streamed message when
+    it is finished).  Nothing to fold: the column is left as it is."""
 
 
 Op = Literal["insert", "update", "delete", "upsert"]
@@ -545,6 +554,9 @@ def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
         if isinstance(value, Append):
             if not text or not isinstance(value.text, str):
                 raise StoreQueryError(f"cannot append to {table.name}.{name}: not a text column")
+        elif isinstance(value, Compact):
+            if name not in _parted(table):
+                raise StoreQueryError(f"cannot compact {table.name}.{name}: not kept in parts")
         elif expected is None:
             _check_json(value, f"{table.name}.{name}")
         elif value is not None and type(value) is not expected:
@@ -583,7 +595,7 @@ def _set_clause(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, Append):
             if name not in parted:
                 out[name] = _appended(table.c[name], sa.literal(value.text, sa.Text))
-        else:
+        elif not isinstance(value, Compact):
             out[name] = value
     if not out:
         key = _owner_key(table)
@@ -1081,6 +1093,8 @@ class SqlStore:
         columns = []
         parted = _parted(table)
         for name, value in values.items():
+            if parted and name in parted and isinstance(value, Compact):
+                return None  # folded (or refused, in an insert): _mutate
             if parted and op == "update" and name in parted and not isinstance(value, Append):
                 return None  # its parts go too: _mutate
             if isinstance(value, Append):
@@ -1292,6 +1306,8 @@ class SqlStore:
             _check_key(table, mutation.key)
             _check_columns(table, mutation.values, allow_key=False)
             _check_values(table, {**mutation.key, **mutation.values})
+            if any(isinstance(v, Compact) for v in mutation.values.values()):
+                raise StoreQueryError(f"Compact applies to an update, not an {op}")
             row = {**mutation.key, **_plain(mutation.values)}
             if op == "insert":
                 conn.execute(table.insert(), row)
@@ -1339,7 +1355,8 @@ class SqlStore:
 
     def _write_parts(self, conn: sa.Connection, table: sa.Table, mutation: Mutation) -> None:
         """After ``mutation`` updated its row: each parted column's append
-        goes in as its last part; a parted column set outright loses its parts."""
+        goes in as its last part, a compacted one takes its parts in, one
+        set outright loses them."""
         for name in _parted(table):
             if name not in mutation.values:
                 continue
@@ -1348,8 +1365,20 @@ class SqlStore:
             value = mutation.values[name]
             if isinstance(value, Append):
                 conn.execute(sa.insert(parts).values({owner: ident, "text": value.text}))
-            else:
-                conn.execute(sa.delete(parts).where(parts.c[owner] == ident))
+                continue
+            if isinstance(value, Compact):
+                texts = conn.execute(
+                    sa.select(parts.c.text).where(parts.c[owner] == ident).order_by(parts.c.n)
+                ).scalars()
+                folded = "".join(texts)
+                if not folded:
+                    continue
+                conn.execute(
+                    sa.update(table)
+                    .where(table.c[_owner_key(table)] == ident)
+                    .values({name: _appended(table.c[name], sa.literal(folded, sa.Text))})
+                )
+            conn.execute(sa.delete(parts).where(parts.c[owner] == ident))
 
     def _allocate(
         self,

@@ -157,6 +157,7 @@ PACKAGES: dict[str, set[str]] = {
     },
     "agor_actors.store": {
         "Append",
+        "Compact",
         "Committed",
         "DEFAULT_LIMIT",
         "EventDraft",

@@ -29,6 +29,7 @@ from test_store_support import (
 from agor_actors.store import (
     SCHEMA_VERSION,
     Append,
+    Compact,
     EventDraft,
     Expect,
     History,
@@ -826,6 +827,44 @@ def test_a_streamed_text_is_kept_in_parts_and_read_back_whole(db: Backend) -> No
     # a message's parts go with it
     ok(store.commit([WriteRequest(mutations=[Mutation("delete", "messages", {"id": "m1"})])])[0])
     assert db.admin("SELECT count(*) FROM message_parts") == [0]
+    store.close()
+
+
+def test_compact_folds_a_streamed_text_into_its_row(db: Backend) -> None:
+    store = db.open()
+    ok(
+        store.commit([WriteRequest(mutations=[add_session("s1"), _message("m1"), _message("m2")])])[
+            0
+        ]
+    )
+    ok(store.commit([_chunk("m1", text, "session:s1", n) for n, text in enumerate("abc")])[0])
+    finish = {"streaming": False, "content": Compact()}
+    results = store.commit(
+        [
+            WriteRequest(
+                expect=[Expect("messages", {"id": "m1"}, "content", "abc")],
+                mutations=[Mutation("update", "messages", {"id": "m1"}, finish)],
+            ),
+            # nothing to fold: the row as it was
+            WriteRequest(mutations=[Mutation("update", "messages", {"id": "m2"}, finish)]),
+            _chunk("m1", "d", "session:s1", 9, streaming=False),  # after it: a part again
+        ]
+    )
+    assert all(isinstance(r, WriteResult) for r in results), results
+    assert db.admin("SELECT content FROM messages ORDER BY id") == ["abc", ""]
+    assert db.admin("SELECT text FROM message_parts") == ["d"]
+    m1, m2 = store.get("messages", "m1"), store.get("messages", "m2")
+    assert m1 is not None and m1["content"] == "abcd" and m1["streaming"] is False
+    assert m2 is not None and m2["content"] == "" and m2["streaming"] is False
+    for bad in (
+        Mutation("update", "messages", {"id": "m1"}, {"role": Compact()}),
+        Mutation("update", "sessions", {"id": "s1"}, {"title": Compact()}),
+        Mutation("upsert", "messages", {"id": "m1"}, {"content": Compact()}),
+        Mutation("insert", "messages", {"id": "m3"}, {"session_id": "s1", "content": Compact()}),
+    ):
+        refused = store.commit([WriteRequest(mutations=[bad])])[0]
+        assert isinstance(refused, StoreQueryError), (bad, refused)
+    assert store.get("messages", "m3") is None
     store.close()
 
 
