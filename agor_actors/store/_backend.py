@@ -83,6 +83,12 @@ _HEAD_CACHE_MAX: Final = 65_536
 _NO_LIMIT: Final = 2**62  # an Append without a limit: room for any column
 _SCHEMA_LOCK_KEY: Final = 0x41474F52  # pg_advisory_xact_lock key while creating the schema
 _SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+_SQLITE_AUTOCHECKPOINT_PAGES: Final = 16_384
+"""A SQLite file's WAL is copied back into the database by
+:meth:`SqlStore.checkpoint` (the writer asks for it in a worker thread);
+past this many pages (64 MiB) the committing connection does it itself
+(SQLite's own default, 1,000 pages, made every few seconds' commit stall
+the event loop on the copy and its fsync)."""
 
 PG_CONNECT_TIMEOUT_S: Final = 5
 """libpq's ``connect_timeout``: a server that accepts nothing (or a
@@ -715,6 +721,40 @@ class SqlStore:
         short local append: ``Blocking.run(local=True)``), not a server
         across a network."""
         return self.dialect == "sqlite"
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether :meth:`checkpoint` does anything: a local SQLite file
+        (write-ahead logged), not a server nor an in-memory database."""
+        return self.local and not self._single_connection
+
+    def checkpoint(self) -> tuple[int, int] | None:
+        """Copy what the write-ahead log holds back into the database file
+        (SQLite's PASSIVE checkpoint: the writer is not blocked, and it
+        starts the log over once all of it is copied), on a connection of
+        its own, so that no commit pays for the copy and its fsync: call it
+        from a worker thread.  ``(frames in the log, frames copied)``; None
+        if the store does not checkpoint (see :attr:`checkpoints`)."""
+        if not self.checkpoints:
+            return None
+        sql = "PRAGMA wal_checkpoint(PASSIVE)"
+        try:
+            # the driver's connection, outside any transaction (a checkpoint
+            # cannot run inside one; SQLAlchemy's connection would begin one)
+            raw = self._engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                with driver_errors(self._engine.dialect, sql):
+                    cursor.execute(sql)
+                    row = cursor.fetchone()
+                cursor.close()
+            finally:
+                raw.close()
+        except sa.exc.SQLAlchemyError as exc:
+            raise _group_error(exc) from exc
+        if row is None:  # pragma: no cover - the pragma always answers a row
+            raise StoreUnavailable("the checkpoint answered nothing")
+        return int(row[1]), int(row[2])
 
     def close(self) -> None:
         """Close every pooled connection.  The store is unusable afterwards."""
@@ -1857,6 +1897,8 @@ def _configure_sqlite(engine: sa.Engine, *, wal: bool) -> None:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+            if wal:
+                cursor.execute(f"PRAGMA wal_autocheckpoint={_SQLITE_AUTOCHECKPOINT_PAGES}")
         finally:
             cursor.close()
 

@@ -12,6 +12,7 @@ publisher (``announce``), for the other daemons.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from ..marks import mark
 from ..metrics import Metrics
 from ..runtime import (
     ActorContext,
+    Await,
     AwaitInline,
     Behaviour,
     Effect,
@@ -56,6 +58,8 @@ __all__ = [
 ]
 
 WRITER_NAME = "store:writer"
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -100,6 +104,16 @@ class _Linger:
     """The linger after a drained mailbox ended: commit what gathered."""
 
 
+@attrs.frozen
+class _Checkpointed:
+    result: outcome.Outcome[tuple[int, int] | None]
+
+
+CHECKPOINT_GROUPS = 64
+"""Groups committed between two checkpoints of a SQLite file's log (see
+:meth:`SqlStore.checkpoint`), each in a worker thread while commits go on."""
+
+
 SHIFTS_MAX = 1024
 BUSY_S = 0.05
 """A writer that started a group this recently is busy: it lingers."""
@@ -121,6 +135,10 @@ class WriterState:
     max_group: int = 0
     started_s: float = -1e9  # when the group being (or last) committed started
     lingering: bool = False
+    since_checkpoint: int = 0
+    """Groups committed since the last checkpoint began."""
+    checkpointing: bool = False
+    checkpoints: int = 0
 
 
 def coalesce(writes: Sequence[Write]) -> WriteRequest:
@@ -300,6 +318,14 @@ class StoreWriter(Behaviour[WriterState]):
         if isinstance(msg, _Linger):
             state.lingering = False
             return self._start(state, now) if state.pending else ()
+        if isinstance(msg, _Checkpointed):
+            state.checkpointing = False
+            state.checkpoints += 1
+            try:
+                msg.result.unwrap()
+            except Exception as exc:  # SQLite checkpoints on commit past its limit anyway
+                log.warning("store writer: the checkpoint failed: %r", exc)
+            return ()
         raise TypeError(f"store writer: unexpected {msg!r}")
 
     def caught_up(self, state: WriterState, now: float) -> Effects:
@@ -343,8 +369,25 @@ class StoreWriter(Behaviour[WriterState]):
         frozen = tuple(batch)
         return [AwaitInline(commit, lambda result: _Done(frozen, result))]
 
+    def _checkpoint(self, state: WriterState) -> list[Effect]:
+        """A checkpoint in a worker thread every :data:`CHECKPOINT_GROUPS`
+        groups (one at a time), if the store keeps a log to copy back."""
+        state.since_checkpoint += 1
+        store = self.store
+        if state.checkpointing or state.since_checkpoint < CHECKPOINT_GROUPS:
+            return []
+        if not store.checkpoints:
+            return []
+        state.checkpointing, state.since_checkpoint = True, 0
+        blocking = self.world.blocking
+
+        async def checkpoint() -> tuple[int, int] | None:
+            return await blocking.run(store.checkpoint)
+
+        return [Await(checkpoint, _Checkpointed)]
+
     def _finish(self, state: WriterState, done: _Done, now: float) -> list[Effect]:
-        effects: list[Effect] = []
+        effects: list[Effect] = self._checkpoint(state)
         metrics = self.metrics
         if metrics is not None:
             metrics.commit_seconds.observe(now - state.started_s)
@@ -397,4 +440,5 @@ class StoreWriter(Behaviour[WriterState]):
             "writes": state.writes,
             "merged": state.merged,
             "max_group": state.max_group,
+            "checkpoints": state.checkpoints,
         }

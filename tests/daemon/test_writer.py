@@ -3,9 +3,11 @@ offsets of chunks planned past a refused one."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import outcome
 
-from agor_actors.runtime import AwaitInline, Request, StartTimer
+from agor_actors.runtime import Await, AwaitInline, Request, StartTimer
 from agor_actors.store import (
     Append,
     EventDraft,
@@ -16,8 +18,9 @@ from agor_actors.store import (
     Write,
     WriteRequest,
     WriteResult,
+    open_store,
 )
-from agor_actors.store._writer import WriterState, coalesce, runs
+from agor_actors.store._writer import CHECKPOINT_GROUPS, WriterState, coalesce, runs
 from agor_actors.world import simulated_world
 
 
@@ -206,3 +209,43 @@ def test_a_messages_chunks_in_two_runs_are_cut_into_two_groups() -> None:
         chunk("b", 2, m="m1", s="s1"),
         chunk("c", 2, m="m2", s="s2"),
     ]
+
+
+async def test_a_sqlite_files_log_is_checkpointed_beside_the_commits(tmp_path: Path) -> None:
+    """Every ``CHECKPOINT_GROUPS`` groups the writer copies the file's
+    write-ahead log back into the database (an awaited effect, in a worker
+    thread for the daemon: no commit pays for it), one at a time; an
+    in-memory store has no log and is never asked."""
+    epochs = iter(range(1_000_000))
+
+    def new_epoch() -> str:
+        return f"e{next(epochs)}"
+
+    for url, expected in ((f"sqlite:///{tmp_path / 'a.db'}", 2), ("sqlite://", 0)):
+        store = open_store(url, new_epoch=new_epoch)
+        writer = StoreWriter(store, simulated_world(1))
+        state = WriterState()
+        started: list[int] = []  # the groups after which a checkpoint began
+        running: Await | None = None
+        for n in range(2 * CHECKPOINT_GROUPS + 1):
+            write = Write(WriteRequest(events=(EventDraft("r", "x", {"n": n}, n),)))
+            writer.handle(state, Request(write, None), 0.0)  # type: ignore[arg-type]
+            (commit,) = writer.caught_up(state, 0.0)
+            assert isinstance(commit, AwaitInline)
+            effects = writer.handle(state, commit.then(await outcome.acapture(commit.fn)), 0.0)
+            for effect in effects:
+                if isinstance(effect, Await):
+                    assert running is None, "a checkpoint began while another ran"
+                    running = effect
+                    started.append(n)
+            if running is not None and n == started[-1] + 5:
+                # it ends five groups later: all of the log was copied
+                result = await outcome.acapture(running.fn)
+                frames, copied = result.unwrap()
+                assert frames > 0 and copied == frames
+                assert writer.handle(state, running.then(result), 0.0) == ()
+                running = None
+        expected_at = [CHECKPOINT_GROUPS - 1, 2 * CHECKPOINT_GROUPS - 1]
+        assert started == (expected_at if expected else [])
+        assert writer.describe(state)["checkpoints"] == (1 if expected else 0)
+        store.close()

@@ -203,8 +203,15 @@ def test_sqlite_file_settings(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+            # the writer checkpoints in a worker thread; the commit only past 64 MiB
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 16384
+        assert store.checkpoints
+        assert store.checkpoint() is not None
     finally:
         store.close()
+    memory = open_store("sqlite://", new_epoch=Epochs())
+    assert not memory.checkpoints and memory.checkpoint() is None
+    memory.close()
 
 
 def test_unsupported_url_is_refused() -> None:
