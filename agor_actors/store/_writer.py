@@ -107,18 +107,25 @@ class _Linger:
 @attrs.frozen
 class _Checkpointed:
     result: outcome.Outcome[tuple[int, int] | None]
+    tail: bool = False
 
 
 CHECKPOINT_GROUPS = 64
-"""Groups committed between two checkpoints of a SQLite file's log (see
-:meth:`SqlStore.checkpoint`), each in a worker thread while commits go on."""
+CHECKPOINT_WRITES = 1024
+"""Groups, or writes, committed between two checkpoints of a SQLite file's
+log (see :meth:`SqlStore.checkpoint`), whichever comes first (a few
+thousand pages of log, as SQLite's own 1,000 pages: a group of one write
+adds ~10, a write in a large group ~1): each copies the log in a worker thread while
+commits go on, then what those commits added between two groups (a short
+copy), so that the next commit starts the log over: SQLite does only when
+all of it was copied, which commits beside a checkpoint never let happen."""
 
 
 SHIFTS_MAX = 1024
-BUSY_S = 0.05
-"""A writer that started a group this recently is busy: it lingers."""
 """Streamed messages whose refused chunks the writer remembers (overflow
 policy: the oldest is forgotten)."""
+BUSY_S = 0.05
+"""A writer that started a group this recently is busy: it lingers."""
 
 
 @attrs.define
@@ -137,6 +144,7 @@ class WriterState:
     lingering: bool = False
     since_checkpoint: int = 0
     """Groups committed since the last checkpoint began."""
+    writes_since_checkpoint: int = 0
     checkpointing: bool = False
     checkpoints: int = 0
 
@@ -319,12 +327,16 @@ class StoreWriter(Behaviour[WriterState]):
             state.lingering = False
             return self._start(state, now) if state.pending else ()
         if isinstance(msg, _Checkpointed):
-            state.checkpointing = False
-            state.checkpoints += 1
             try:
                 msg.result.unwrap()
             except Exception as exc:  # SQLite checkpoints on commit past its limit anyway
                 log.warning("store writer: the checkpoint failed: %r", exc)
+                state.checkpointing = False
+                return ()
+            if not msg.tail:
+                return [self._tail()]
+            state.checkpointing = False
+            state.checkpoints += 1
             return ()
         raise TypeError(f"store writer: unexpected {msg!r}")
 
@@ -369,16 +381,21 @@ class StoreWriter(Behaviour[WriterState]):
         frozen = tuple(batch)
         return [AwaitInline(commit, lambda result: _Done(frozen, result))]
 
-    def _checkpoint(self, state: WriterState) -> list[Effect]:
+    def _checkpoint(self, state: WriterState, writes: int) -> list[Effect]:
         """A checkpoint in a worker thread every :data:`CHECKPOINT_GROUPS`
-        groups (one at a time), if the store keeps a log to copy back."""
+        groups or :data:`CHECKPOINT_WRITES` writes (one at a time), if the
+        store keeps a log to copy back."""
         state.since_checkpoint += 1
+        state.writes_since_checkpoint += writes
         store = self.store
-        if state.checkpointing or state.since_checkpoint < CHECKPOINT_GROUPS:
+        if state.checkpointing or (
+            state.since_checkpoint < CHECKPOINT_GROUPS
+            and state.writes_since_checkpoint < CHECKPOINT_WRITES
+        ):
             return []
         if not store.checkpoints:
             return []
-        state.checkpointing, state.since_checkpoint = True, 0
+        state.checkpointing, state.since_checkpoint, state.writes_since_checkpoint = True, 0, 0
         blocking = self.world.blocking
 
         async def checkpoint() -> tuple[int, int] | None:
@@ -386,8 +403,19 @@ class StoreWriter(Behaviour[WriterState]):
 
         return [Await(checkpoint, _Checkpointed)]
 
+    def _tail(self) -> AwaitInline:
+        """The checkpoint's tail, between two groups (no commit runs):
+        what the commits beside the checkpoint added, and then the log is
+        all copied."""
+        store, blocking = self.store, self.world.blocking
+
+        async def tail() -> tuple[int, int] | None:
+            return await blocking.run(store.checkpoint, local=store.local)
+
+        return AwaitInline(tail, lambda result: _Checkpointed(result, tail=True))
+
     def _finish(self, state: WriterState, done: _Done, now: float) -> list[Effect]:
-        effects: list[Effect] = self._checkpoint(state)
+        effects: list[Effect] = self._checkpoint(state, sum(len(run) for run in done.batch))
         metrics = self.metrics
         if metrics is not None:
             metrics.commit_seconds.observe(now - state.started_s)

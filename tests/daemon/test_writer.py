@@ -227,6 +227,7 @@ async def test_a_sqlite_files_log_is_checkpointed_beside_the_commits(tmp_path: P
         state = WriterState()
         started: list[int] = []  # the groups after which a checkpoint began
         running: Await | None = None
+        restarted = -1
         for n in range(2 * CHECKPOINT_GROUPS + 1):
             write = Write(WriteRequest(events=(EventDraft("r", "x", {"n": n}, n),)))
             writer.handle(state, Request(write, None), 0.0)  # type: ignore[arg-type]
@@ -239,12 +240,28 @@ async def test_a_sqlite_files_log_is_checkpointed_beside_the_commits(tmp_path: P
                     running = effect
                     started.append(n)
             if running is not None and n == started[-1] + 5:
-                # it ends five groups later: all of the log was copied
+                # it ends five groups later: the log as it stood was copied
                 result = await outcome.acapture(running.fn)
-                frames, copied = result.unwrap()
+                assert isinstance(result, outcome.Value)
+                frames, copied = result.value
                 assert frames > 0 and copied == frames
-                assert writer.handle(state, running.then(result), 0.0) == ()
+                # a group committed beside it (the copy ran in a thread)
+                extra = WriteRequest(events=(EventDraft("r", "y", {}, n),))
+                assert isinstance(store.commit([extra])[0], WriteResult)
+                # then, between two groups, what came meanwhile: all of it
+                (tail,) = writer.handle(state, running.then(result), 0.0)
+                assert isinstance(tail, AwaitInline) and writer.describe(state)["checkpoints"] == 0
+                grown = await outcome.acapture(tail.fn)
+                assert isinstance(grown, outcome.Value)
+                assert grown.value[0] == grown.value[1]  # all of it copied
+                assert writer.handle(state, tail.then(grown), 0.0) == ()
+                assert writer.describe(state)["checkpoints"] == 1
                 running = None
+                restarted = n + 1
+            if n == restarted:
+                # and the next group started the log over
+                log_frames = store.checkpoint()
+                assert log_frames is not None and log_frames[0] < frames
         expected_at = [CHECKPOINT_GROUPS - 1, 2 * CHECKPOINT_GROUPS - 1]
         assert started == (expected_at if expected else [])
         assert writer.describe(state)["checkpoints"] == (1 if expected else 0)
