@@ -884,10 +884,15 @@ def test_a_version_2_database_keeps_its_messages_whole(db: Backend) -> None:
     db.admin(
         "UPDATE messages SET content = 'before' WHERE id = 'm1'",
         "DROP TABLE message_parts",
+        "DROP INDEX ix_events_board_user_seq",
+        "CREATE INDEX ix_events_room_user_seq ON events (room, user_id, seq)",
         "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
     )
     migrated = db.open()
     assert migrated.schema_version() == SCHEMA_VERSION == 3
+    indexes = {i["name"] for i in sa.inspect(migrated.engine).get_indexes("events")}
+    assert "ix_events_board_user_seq" in indexes
+    assert "ix_events_room_user_seq" not in indexes
     ok(migrated.commit([_chunk("m1", " and after", "session:s1", 1)])[0])
     message = migrated.get("messages", "m1")
     assert message is not None and message["content"] == "before and after"

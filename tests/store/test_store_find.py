@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_store_support import BACKENDS, Backend, add_session, backend
@@ -471,6 +472,32 @@ def test_events_page_newest_first_with_filters(db: Backend) -> None:
     for bad in (0, MAX_LIMIT + 1):
         with pytest.raises(StoreQueryError, match="limit"):
             store.events_page("board:b1", limit=bad)
+    # any room's log reads the same way (a session room's has no index by user)
+    store.commit([WriteRequest(events=[EventDraft("session:s", "x", {"i": 1}, 1, user_id="u1")])])
+    assert [e.data for e in store.events_page("session:s", user_id="u1").items] == [{"i": 1}]
+    assert store.events_page("session:s", user_id="u2").items == []
+
+
+def test_a_boards_activity_by_user_reads_the_partial_index(tmp_path: Path) -> None:
+    """Only board rooms' events are indexed by user (a commit of streamed
+    chunks writes no page of it); the activity query says so in the index's
+    own words, and SQLite's planner takes it."""
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}", new_epoch=lambda: "e")
+    statements: list[tuple[str, Any]] = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, *rest: Any) -> None:
+        if "FROM events" in statement:
+            statements.append((statement, params))
+
+    try:
+        store.events_page("board:b1", user_id="u1", events=["x"])
+        ((statement, params),) = statements
+        with store.engine.connect() as conn:
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params).all()
+        assert "ix_events_board_user_seq" in str(plan), plan
+    finally:
+        store.close()
 
 
 def test_rows_have_plain_str_keys(tmp_path: Path) -> None:
