@@ -247,6 +247,25 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "clocks"}
 
 
+def _observe_clocks(state: SessionState) -> None:
+    """The actor's clock orders its next stamps after every field clock of
+    the row it loaded: a write planned on what it read is later than what
+    it read (another daemon's clock ahead of this one, an earlier
+    incarnation's, a client's stamp from the future), so the merge lets it
+    win rather than record it as lost."""
+    clocks = (state.row or {}).get("clocks")
+    if not isinstance(clocks, dict):
+        return
+    stamps = []
+    for text in clocks.values():
+        try:
+            stamps.append(Hlc.decode(text))
+        except (AttributeError, ValueError):
+            continue  # not a stamp: nothing to order after
+    if stamps:
+        state.clock.observe(max(stamps), 0)
+
+
 class SessionBehaviour(Behaviour[SessionState]):
     """One per session.  ``writer`` is the store writer's registry name."""
 
@@ -269,7 +288,9 @@ class SessionBehaviour(Behaviour[SessionState]):
         store, sid = self.store, self.session_id
         self._blocking = ctx.world.blocking
         row = await ctx.world.blocking.run(lambda: store.get("sessions", sid))
-        return SessionState(session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"))
+        state = SessionState(session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"))
+        _observe_clocks(state)
+        return state
 
     def can_passivate(self, state: SessionState) -> bool:
         return state.inflight == 0
@@ -396,6 +417,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             # the row as the store has it now (None: another daemon removed
             # the session): the writes planned next merge against its clocks
             state.row, state.row_stale = row, False
+            _observe_clocks(state)
         elif done.table == "tasks":
             self._remember_task(state, done.record_id, row)
         elif row is None:

@@ -265,3 +265,28 @@ def test_one_daemon_merges_against_its_memory_without_a_precondition(
         assert ask.body.request.expect == ()  # the hot path: no extra statement
     finally:
         single.close()
+
+
+def test_a_write_planned_on_a_loaded_row_orders_after_its_clocks(shared: SqlStore) -> None:
+    """Another daemon's clock runs ahead of this one's: its title carries a
+    stamp from this daemon's future.  A rename planned after this actor
+    loaded that row is the later write (the actor's clock observes the
+    clocks it loads, as a hybrid logical clock does), so it wins the
+    merge instead of being recorded as lost."""
+    behaviour, state = actor(shared)
+    state.row = session_row(1, "first", {})
+    caller = object()
+    rename = session_command("patch", {"title": "mine"})  # stamped here, at 5 ms
+    (ask,) = asks(behaviour.handle(state, Request(rename, caller), 0.0))
+    refused = StoreConflict("sessions", {"id": "s"}, "rev", 1, 2)
+    (load,) = behaviour.handle(state, ask.then(outcome.Error(refused)), 0.1)
+    assert isinstance(load, Await)
+    theirs = {"title": stamp(4000, "other:d")}
+    fresh = outcome.Value(session_row(2, "theirs", theirs))
+    (again,) = asks(behaviour.handle(state, _Loaded("sessions", "s", fresh), 0.2))
+    assert sets(again) == {"title": "mine", "rev": 3}
+    (mutation,) = again.body.request.mutations
+    assert Hlc.decode(mutation.values["clocks"]["title"]) > Hlc.decode(theirs["title"])
+    (done,) = behaviour.handle(state, again.then(outcome.Value(WriteResult(()))), 0.3)
+    assert isinstance(done, Reply) and done.value["title"] == "mine"
+    assert "_lost" not in done.value
