@@ -79,6 +79,7 @@ class StoreFaults:
         self.refused = 0
         self._refuse_table = ""
         self._committed = False
+        self._engine = store.engine
         sa_event.listen(store.engine, "commit", self._on_commit)
         with store.engine.begin() as conn:
             dbapi: Any = conn.connection.dbapi_connection  # sqlite3's, in memory
@@ -90,6 +91,11 @@ class StoreFaults:
                         f"WHEN sim_refuse('{table}') BEGIN "
                         "SELECT RAISE(ABORT, 'simulated: the database refused this row'); END"
                     )
+
+    def detach(self) -> None:
+        """The run is over: the engine (kept for the next run) forgets this seam."""
+        if sa_event.contains(self._engine, "commit", self._on_commit):
+            sa_event.remove(self._engine, "commit", self._on_commit)
 
     def arm_refusals(self, table: str, until_us: int) -> None:
         """Refuse rows written to ``table`` (one in two) until ``until_us``."""

@@ -31,7 +31,7 @@ from agor_actors import marks
 from agor_actors.daemon import Hub, Principal, ServiceError
 from agor_actors.domain.presence import PresenceConfig
 from agor_actors.server import ServerSettings
-from agor_actors.store import SqlStore, open_store
+from agor_actors.store import SqlStore
 from agor_actors.world import SeededEntropy
 from supervisors import Intensity
 
@@ -64,6 +64,7 @@ from ._config import (
     draw_faults,
 )
 from ._daemon import SimDaemon
+from ._db import open_run_store, release_run_store
 from ._det import StepRecorder, new_clock, run_deterministic
 from ._faults import CUT_OFF, REFUSABLE, StoreFaults, poison
 from ._locks import StoreLocks
@@ -233,11 +234,13 @@ class _Run:
         def no_epochs() -> str:
             raise AssertionError("the simulator's own store object never writes")
 
-        store = open_store("sqlite://", new_epoch=no_epochs)
+        store = open_run_store(no_epochs)
         try:
             await self._main(store)
         finally:
-            store.close()
+            if self._store_faults is not None:
+                self._store_faults.detach()
+            release_run_store(store)
 
     async def _main(self, store: SqlStore) -> None:
         config = self.config
