@@ -254,6 +254,9 @@ class Supervisor:
         self._stopped = trio.Event()
         self._running = trio.Event()
         """Set while :meth:`run` supervises (a new one between runs)."""
+        self._giving_up = False
+        """This run gave up: its children are being stopped, its nursery
+        closes; a child asked for now is for the next run."""
         self._runs = 0
         self.total_restarts = 0
 
@@ -269,6 +272,7 @@ class Supervisor:
         if self._stopped.is_set():
             self._stopped = trio.Event()  # this run's end, not the last one's
         self._runs += 1
+        self._giving_up = False
         gave_up: SupervisorGaveUp | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -290,7 +294,9 @@ class Supervisor:
             raise
         finally:
             self._nursery = None
-            self._running = trio.Event()
+            self._giving_up = False
+            if self._running.is_set():  # (one made when it gave up is waited on)
+                self._running = trio.Event()
             self._stopped.set()
         if gave_up is not None:
             raise gave_up
@@ -329,8 +335,13 @@ class Supervisor:
                 return await self._start_new(spec, initial=False)
 
     def _between_runs(self) -> bool:
-        """It ran and gave up, and may be run again (not asked to stop)."""
-        return self._runs > 0 and self._nursery is None and not self._stop.is_set()
+        """It ran and gave up (or is giving up), and may be run again (not
+        asked to stop)."""
+        return (
+            self._runs > 0
+            and (self._nursery is None or self._giving_up)
+            and not self._stop.is_set()
+        )
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child gracefully and drop it (it is not restarted)."""
@@ -494,6 +505,10 @@ class Supervisor:
         reason = exit_.describe()
         if exceeded:
             mark("supervisor.gave_up")
+            # from now on a child asked for waits for the next run (this
+            # one's nursery will take none)
+            self._giving_up = True
+            self._running = trio.Event()
             log.error(
                 "supervisor %s gives up: %s exited (%s) more than %d times in %g s",
                 self.name,

@@ -237,6 +237,47 @@ async def test_a_supervisor_that_gave_up_runs_again_and_takes_children_meanwhile
         await outer.stop()
 
 
+async def test_a_child_asked_for_while_a_supervisor_gives_up_waits_for_its_next_run(
+    autojump_clock: MockClock,
+) -> None:
+    """A dynamic child asked for while the supervisor is giving up (its
+    children being stopped, the request waiting for the supervisor's lock)
+    is started by the next run: it used to reach the nursery the run was
+    closing ("Nursery is closed to new arrivals"; simulator seed 15 with
+    30 s of faults, then a room that never answered a join)."""
+
+    async def one_round() -> None:
+        log = Log()
+        inner = Supervisor(
+            "inner",
+            [log.worker("w"), log.worker("slow", cleanup_s=1.0)],
+            intensity=Intensity(max_restarts=0, period_s=10.0),
+            backoff=Backoff(base_s=0.0),
+        )
+        outer = Supervisor(
+            "outer", [inner.child_spec()], intensity=Intensity(max_restarts=5, period_s=10.0)
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outer.run)
+            await wait_for(lambda: log.lines.count("start slow") == 1)
+            log.crash["w"].set()  # inner gives up: it stops "slow", which takes 1 s
+            await trio.sleep(0.5)
+            started: list[object] = []
+
+            async def start_late() -> None:
+                started.append(await inner.start_child(log.worker("late")))
+
+            nursery.start_soon(start_late)  # while "slow" is being stopped
+            await wait_for(lambda: bool(started))
+            assert started == ["late"]
+            assert log.lines.count("start w") == 2  # in the next run, after its children
+            assert log.lines.index("stop slow") < log.lines.index("start late")
+            await outer.stop()
+
+    for _ in range(10):  # the order of the tasks around the give-up varies
+        await one_round()
+
+
 async def test_shutdown_order_and_timeouts(autojump_clock: MockClock) -> None:
     log = Log()
     sup = Supervisor(
