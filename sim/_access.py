@@ -131,19 +131,31 @@ class AccessWatch:
 
 
 async def _owner(
-    wait_up: Callable[[], Awaitable[Hub]], service: str, method: str, **kw: Any
+    wait_up: Callable[[], Awaitable[Hub]],
+    service: str,
+    method: str,
+    *,
+    removal: bool = False,
+    **kw: Any,
 ) -> Any:
     """An owner's call, again after a crash or a store request refused by
-    a fault (``invalid_data``), until it is answered."""
+    a fault (``invalid_data``), until it is answered.  A ``removal`` whose
+    answer was lost after its commit (``unavailable``) finds, when tried
+    again, the row already gone (``not_found``): that is its answer; a
+    removal refused ``not_found`` before any such loss is not."""
+    lost = False
     for _attempt in range(200):
         hub = await wait_up()
         try:
             return await hub.call(OWNER, connection_id=None, service=service, method=method, **kw)
         except ServiceError as exc:
+            if removal and lost and exc.code == "not_found":
+                return None
             if exc.code not in ("unavailable", "internal", "not_found", "invalid_data"):
                 raise
+            lost = lost or exc.code in ("unavailable", "internal")
         except (ActorExited, CallTimeout):
-            pass  # a crash fault took the actor that was answering: again
+            lost = True  # a crash fault took the actor that was answering: again
         await trio.sleep(0.05)
     raise RuntimeError(f"the owner's {service}.{method} was never answered")
 
@@ -242,7 +254,14 @@ async def access(
             await _permissions(wait_up, sid, {"collaborators": [], "viewers": []})
             _mark(watch, head_of, rooms[0], trace)
             for user in (viewer, collab):
-                await _owner(wait_up, "boards", "remove_member", id=bid, data={"user_id": user})
+                await _owner(
+                    wait_up,
+                    "boards",
+                    "remove_member",
+                    removal=True,
+                    id=bid,
+                    data={"user_id": user},
+                )
             _mark(watch, head_of, rooms[1], trace)
             recorder.count("access:revoked")
         if revoked and n % 5 == 0:
