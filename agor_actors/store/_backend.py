@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Final, Literal
@@ -324,10 +325,84 @@ class _RetryIsolated(Exception):
 
 _SHAPES_MAX: Final = 64
 
+
 #: What the statement of a plain write depends on: the op, the table, the
 #: key columns, and each value column with whether it appends (an insert's
 #: values include the columns it fills with their Python-side defaults).
 _Shape = tuple[Op, str, tuple[str, ...], tuple[tuple[str, bool], ...]]
+
+
+def _head_statements(dialect: sa.Dialect) -> tuple[Prepared, Prepared, Prepared]:
+    """The commit path's fixed statements, compiled for ``dialect``: the
+    events insert (``payload`` bound as the JSON text the event's check
+    already made), a room's head, and the heads' upsert, which moves a
+    room's head only from what this store last committed (``base``, and its
+    epoch), so another writer's move shows as a row not written."""
+    insert_events = sa.insert(s.events).values(
+        {c.name: sa.bindparam(c.name, type_=c.type) for c in s.events.c}
+    )
+    r = s.rooms.c
+    select_head = sa.select(r.epoch, r.head_seq).where(r.room == sa.bindparam("room"))
+    upsert_insert = pg_dialect.insert if dialect.name == "postgresql" else sqlite_dialect.insert
+    upsert = upsert_insert(s.rooms).values(
+        room=sa.bindparam("room", type_=r.room.type),
+        epoch=sa.bindparam("epoch", type_=r.epoch.type),
+        head_seq=sa.bindparam("head", type_=r.head_seq.type),
+    )
+    move_heads = upsert.on_conflict_do_update(
+        index_elements=[r.room],
+        set_={"head_seq": upsert.excluded.head_seq},
+        where=sa.and_(
+            r.epoch == upsert.excluded.epoch,
+            r.head_seq == sa.bindparam("base", type_=r.head_seq.type),
+        ),
+    )
+    return (
+        Prepared(insert_events, dialect, raw={"payload"}),
+        Prepared(select_head, dialect),
+        Prepared(move_heads, dialect),
+    )
+
+
+class _Compiled:
+    """The statements a store compiles, kept per engine (:data:`_COMPILED`):
+    a store opened again on the same engine (the simulator opens one per
+    run on one engine per process) compiles none of them again.  A
+    statement depends only on the engine's dialect; the shape caches are
+    bounded (:data:`_SHAPES_MAX` entries each, past which a statement is
+    compiled for its one use)."""
+
+    __slots__ = (
+        "checks",
+        "gets",
+        "insert_events",
+        "landing",
+        "move_heads",
+        "parts",
+        "parts_reads",
+        "plain",
+        "select_head",
+        "select_members",
+    )
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self.plain: dict[_Shape, Prepared] = {}
+        self.landing: dict[tuple[_Shape, str], Prepared] = {}
+        self.parts: dict[str, Prepared] = {}
+        self.parts_reads: dict[str, Prepared] = {}
+        self.gets: dict[tuple[str, tuple[str, ...]], Prepared] = {}
+        self.checks: dict[tuple[str, str, tuple[str, ...]], Prepared] = {}
+        self.insert_events, self.select_head, self.move_heads = _head_statements(dialect)
+        m = s.board_members
+        self.select_members = Prepared(
+            sa.select(m)
+            .where(m.c.board_id == sa.bindparam("board_id", type_=m.c.board_id.type))
+            .order_by(m.c.user_id),
+            dialect,
+        )
+
+
+_COMPILED: weakref.WeakKeyDictionary[sa.Engine, _Compiled] = weakref.WeakKeyDictionary()
 _Landed = tuple[str, str, tuple[Any, ...]]
 """Where a landing appends: (table, column, the row's key values)."""
 _Landing = tuple[_Shape, dict[str, Any], str, Append]
@@ -585,6 +660,38 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.text if isinstance(v, Append) else v) for k, v in values.items()}
 
 
+def _shape_of(
+    table: sa.Table, op: Op, key: Mapping[str, Any], values: Mapping[str, Any]
+) -> tuple[_Shape, dict[str, Any]] | None:
+    """``(shape, parameters)`` of an ``insert``, an ``update`` or a
+    ``delete`` of one row, its key and values checked already; None if the
+    write needs more than one plain statement (a parted column compacted or
+    set outright) or an insert has a default that is not Python's."""
+    params = {f"k_{name}": value for name, value in key.items()}
+    columns = []
+    parted = _parted(table)
+    for name, value in values.items():
+        if parted and name in parted and isinstance(value, Compact):
+            return None  # folded (or refused, in an insert): _mutate
+        if parted and op == "update" and name in parted and not isinstance(value, Append):
+            return None  # its parts go too: _mutate
+        if isinstance(value, Append):
+            params[f"v_{name}"] = value.text
+            columns.append((name, op == "update"))
+        else:
+            params[f"v_{name}"] = value
+            columns.append((name, False))
+    if op == "insert":
+        defaults = _python_defaults(table)
+        if defaults is None:
+            return None
+        for name, make in defaults.items():
+            if name not in values:
+                params[f"v_{name}"] = make()
+                columns.append((name, False))
+    return (op, table.name, tuple(key), tuple(columns)), params
+
+
 def _appended(column: sa.Column[Any], text: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """``column || text`` (an :class:`Append`), a NULL column counting as empty."""
     # the empty string as SQL, not a bound value: a prepared statement binds
@@ -645,11 +752,16 @@ class SqlStore:
         self._heads: dict[str, tuple[str, int]] = {}
         """Single writer: each room's head as this store committed it.
         Shared: the heads locked for the group being committed."""
-        self._plain_statements: dict[_Shape, Prepared] = {}
-        self._landing_statements: dict[tuple[_Shape, str], Prepared] = {}
-        self._parts_statements: dict[str, Prepared] = {}
-        self._parts_reads: dict[str, Prepared] = {}
-        self._get_statements: dict[tuple[str, tuple[str, ...]], Prepared] = {}
+        compiled = _COMPILED.get(engine)
+        if compiled is None:
+            compiled = _COMPILED[engine] = _Compiled(engine.dialect)
+        self._compiled = compiled
+        self._plain_statements = compiled.plain
+        self._landing_statements = compiled.landing
+        self._parts_statements = compiled.parts
+        self._parts_reads = compiled.parts_reads
+        self._get_statements = compiled.gets
+        self._check_statements = compiled.checks
         self._write_lock = threading.Lock()
         self._single_connection = isinstance(engine.pool, StaticPool)
         self._writer: sa.Connection | None = None
@@ -660,47 +772,11 @@ class SqlStore:
             self._upsert_insert: Callable[[sa.Table], Any] = pg_dialect.insert
         else:
             self._upsert_insert = sqlite_dialect.insert
-        self._insert_events, self._select_head, self._move_heads = self._head_statements()
-        m = s.board_members
-        self._select_members = Prepared(
-            sa.select(m)
-            .where(m.c.board_id == sa.bindparam("board_id", type_=m.c.board_id.type))
-            .order_by(m.c.user_id),
-            engine.dialect,
-        )
+        self._insert_events = compiled.insert_events
+        self._select_head = compiled.select_head
+        self._move_heads = compiled.move_heads
+        self._select_members = compiled.select_members
         self._ensure_schema()
-
-    def _head_statements(self) -> tuple[Prepared, Prepared, Prepared]:
-        """The commit path's fixed statements, compiled for this engine:
-        the events insert (``payload`` bound as the JSON text the event's
-        check already made), a room's head, and the heads' upsert, which
-        moves a room's head only from what this store last committed
-        (``base``, and its epoch), so another writer's move shows as a
-        row not written."""
-        dialect = self._engine.dialect
-        insert_events = sa.insert(s.events).values(
-            {c.name: sa.bindparam(c.name, type_=c.type) for c in s.events.c}
-        )
-        r = s.rooms.c
-        select_head = sa.select(r.epoch, r.head_seq).where(r.room == sa.bindparam("room"))
-        upsert = self._upsert_insert(s.rooms).values(
-            room=sa.bindparam("room", type_=r.room.type),
-            epoch=sa.bindparam("epoch", type_=r.epoch.type),
-            head_seq=sa.bindparam("head", type_=r.head_seq.type),
-        )
-        move_heads = upsert.on_conflict_do_update(
-            index_elements=[r.room],
-            set_={"head_seq": upsert.excluded.head_seq},
-            where=sa.and_(
-                r.epoch == upsert.excluded.epoch,
-                r.head_seq == sa.bindparam("base", type_=r.head_seq.type),
-            ),
-        )
-        return (
-            Prepared(insert_events, dialect, raw={"payload"}),
-            Prepared(select_head, dialect),
-            Prepared(move_heads, dialect),
-        )
 
     @property
     def engine(self) -> sa.Engine:
@@ -958,7 +1034,7 @@ class SqlStore:
                             self._flush_run(cursor, run)
                             run = None
                         with _savepoint(cursor):
-                            self._apply(conn, request)
+                            self._apply(conn, cursor, request)
                             stored = self._allocate(cursor, request.events, group, touched, rows)
                             if isolate_events and rows:
                                 self._insert_events.executemany(cursor, rows)
@@ -1129,29 +1205,7 @@ class SqlStore:
         _check_key(table, key)
         _check_columns(table, values, allow_key=False)
         _check_values(table, values)
-        params = {f"k_{name}": value for name, value in key.items()}
-        columns = []
-        parted = _parted(table)
-        for name, value in values.items():
-            if parted and name in parted and isinstance(value, Compact):
-                return None  # folded (or refused, in an insert): _mutate
-            if parted and op == "update" and name in parted and not isinstance(value, Append):
-                return None  # its parts go too: _mutate
-            if isinstance(value, Append):
-                params[f"v_{name}"] = value.text
-                columns.append((name, op == "update"))
-            else:
-                params[f"v_{name}"] = value
-                columns.append((name, False))
-        if op == "insert":
-            defaults = _python_defaults(table)
-            if defaults is None:
-                return None
-            for name, make in defaults.items():
-                if name not in values:
-                    params[f"v_{name}"] = make()
-                    columns.append((name, False))
-        return (op, table.name, tuple(key), tuple(columns)), params
+        return _shape_of(table, op, key, values)
 
     def _landing(self, request: WriteRequest) -> _Landing | None:
         """Shared store: ``(shape, parameters, column, append)`` if
@@ -1306,11 +1360,14 @@ class SqlStore:
             except sa.exc.StatementError as exc:
                 raise _RetryIsolated() from exc
 
-    def _apply(self, conn: sa.Connection, request: WriteRequest) -> None:
+    def _apply(self, conn: sa.Connection, cursor: DBAPICursor, request: WriteRequest) -> None:
+        """``request`` in its savepoint: its preconditions, then its
+        mutations (a plain insert, update or delete by a statement compiled
+        once, on the group's cursor; anything else through SQLAlchemy)."""
         for expect in request.expect:
-            self._check(conn, expect)
+            self._check(conn, cursor, expect)
         for mutation in request.mutations:
-            self._mutate(conn, mutation)
+            self._mutate(conn, cursor, mutation)
         if request.history:
             for h in request.history:
                 _check_json(h.value, f"history of {h.entity}.{h.field}")
@@ -1319,17 +1376,17 @@ class SqlStore:
                 [attrs.asdict(h, recurse=False) for h in request.history],
             )
 
-    def _check(self, conn: sa.Connection, expect: Expect) -> None:
+    def _check(self, conn: sa.Connection, cursor: DBAPICursor, expect: Expect) -> None:
         table = _entity_table(expect.table)
-        where = _key_clause(table, expect.key)
+        _check_key(table, expect.key)
         if expect.column not in table.c:
             raise StoreQueryError(f"unknown column {expect.column!r} in {table.name}")
-        row = conn.execute(
-            sa.select(table.c[expect.column]).where(*where).with_for_update()
-        ).one_or_none()
+        row = self._check_statement(table, expect.column, tuple(expect.key)).one_or_none(
+            cursor, {f"k_{name}": value for name, value in expect.key.items()}
+        )
         if row is None:
             raise StoreNotFound(table.name, dict(expect.key))
-        current = row[0]
+        current = row[expect.column]
         if expect.column in _parted(table):
             found = {expect.column: current, **expect.key}
             self._fold_parts(conn, table, [found])
@@ -1339,7 +1396,30 @@ class SqlStore:
                 table.name, dict(expect.key), expect.column, expect.expected, current
             )
 
-    def _mutate(self, conn: sa.Connection, mutation: Mutation) -> None:
+    def _check_statement(self, table: sa.Table, column: str, key: tuple[str, ...]) -> Prepared:
+        """A precondition's read: ``column`` of the row at ``key``, locked
+        for the transaction (``FOR UPDATE``: a no-op on SQLite, which
+        writes one transaction at a time)."""
+        shape = (table.name, column, key)
+        stmt = self._check_statements.get(shape)
+        if stmt is not None:
+            return stmt
+        select = (
+            sa.select(table.c[column])
+            .where(
+                *(
+                    table.c[name] == sa.bindparam(f"k_{name}", type_=table.c[name].type)
+                    for name in key
+                )
+            )
+            .with_for_update()
+        )
+        stmt = Prepared(select, self._engine.dialect)
+        if len(self._check_statements) < _SHAPES_MAX:
+            self._check_statements[shape] = stmt
+        return stmt
+
+    def _mutate(self, conn: sa.Connection, cursor: DBAPICursor, mutation: Mutation) -> None:
         table = _entity_table(mutation.table)
         op = mutation.op
         if op == "insert" or op == "upsert":
@@ -1348,17 +1428,21 @@ class SqlStore:
             _check_values(table, {**mutation.key, **mutation.values})
             if any(isinstance(v, Compact) for v in mutation.values.values()):
                 raise StoreQueryError(f"Compact applies to an update, not an {op}")
-            row = {**mutation.key, **_plain(mutation.values)}
             if op == "insert":
-                conn.execute(table.insert(), row)
+                plain = _shape_of(table, op, mutation.key, mutation.values)
+                if plain is not None:
+                    self._plain_statement(plain[0]).execute(cursor, plain[1])
+                else:
+                    conn.execute(table.insert(), {**mutation.key, **_plain(mutation.values)})
                 return
+            row = {**mutation.key, **_plain(mutation.values)}
             if any(name in _parted(table) for name in mutation.values):
                 # an existing row's parts: as an update; else an insert
                 where = _key_clause(table, mutation.key)
                 if conn.execute(sa.select(sa.literal(1)).where(*where)).first() is None:
                     conn.execute(table.insert(), row)
                 else:
-                    self._mutate(conn, attrs.evolve(mutation, op="update"))
+                    self._mutate(conn, cursor, attrs.evolve(mutation, op="update"))
                 return
             stmt = self._upsert_insert(table).values(row)
             index = [c.name for c in table.primary_key.columns]
@@ -1371,24 +1455,32 @@ class SqlStore:
             else:
                 conn.execute(stmt.on_conflict_do_nothing(index_elements=index))
         elif op == "update":
-            where = _key_clause(table, mutation.key)
+            _check_key(table, mutation.key)
             _check_columns(table, mutation.values, allow_key=False)
             _check_values(table, mutation.values)
-            if mutation.values:
+            plain = _shape_of(table, op, mutation.key, mutation.values)
+            if mutation.values and plain is not None:
+                found = self._plain_statement(plain[0]).execute(cursor, plain[1]).rowcount == 1
+            elif mutation.values:
                 result = conn.execute(
-                    sa.update(table).where(*where).values(_set_clause(table, mutation.values))
+                    sa.update(table)
+                    .where(*_key_clause(table, mutation.key))
+                    .values(_set_clause(table, mutation.values))
                 )
                 found = result.rowcount == 1
             else:
+                where = _key_clause(table, mutation.key)
                 found = conn.execute(sa.select(sa.literal(1)).where(*where)).first() is not None
             if not found:
                 raise StoreNotFound(table.name, dict(mutation.key))
             self._write_parts(conn, table, mutation)
         elif op == "delete":
-            where = _key_clause(table, mutation.key)
+            _check_key(table, mutation.key)
             if mutation.values:
                 raise StoreQueryError("a delete takes no values")
-            if conn.execute(sa.delete(table).where(*where)).rowcount != 1:
+            delete = self._plain_statement(("delete", table.name, tuple(mutation.key), ()))
+            params = {f"k_{name}": value for name, value in mutation.key.items()}
+            if delete.execute(cursor, params).rowcount != 1:
                 raise StoreNotFound(table.name, dict(mutation.key))
         else:
             raise StoreQueryError(f"unknown mutation op {op!r}")

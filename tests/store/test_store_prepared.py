@@ -14,11 +14,15 @@ from test_store_support import BACKENDS, Backend, Epochs, add_session, backend, 
 
 from agor_actors.store import (
     Append,
+    Expect,
     Mutation,
     SqlStore,
+    StoreConflict,
+    StoreNotFound,
     StoreUnavailable,
     WriteRequest,
     WriteResult,
+    _backend,
     metadata,
     open_store,
 )
@@ -156,6 +160,104 @@ def test_plain_writes_run_no_statement_through_sqlalchemy(db: Backend) -> None:
     assert store.get("tasks", "t1") is None
     assert store.room_head("session:s1") == ("epoch-1", 4)
     assert store.room_head("board:b1") == ("epoch-2", 1)
+
+
+def test_requests_with_preconditions_run_their_statements_on_the_cursor(db: Backend) -> None:
+    """A request in a savepoint (a precondition, several mutations): its
+    precondition's read and its plain insert, update and delete are
+    statements compiled once, run on the cursor, not through SQLAlchemy;
+    a precondition that fails and a row that is missing are still that
+    request's own errors, and change nothing."""
+    store = db.open()
+    assert isinstance(
+        store.commit([WriteRequest(mutations=[add_session("s1", rev=1)])])[0], WriteResult
+    )
+    seen: list[str] = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    task = {"session_id": "s1", "prompt": "p", "created_at": 2, "updated_at": 2}
+    at_rev = (Expect("sessions", {"id": "s1"}, "rev", 1),)
+    results = store.commit(
+        [
+            WriteRequest(  # the precondition holds: both mutations land
+                mutations=[
+                    Mutation("update", "sessions", {"id": "s1"}, {"title": "one", "rev": 2}),
+                    Mutation("insert", "tasks", {"id": "t1"}, task),
+                ],
+                expect=at_rev,
+                events=[ev("session:s1", "session:updated", 1)],
+            ),
+            WriteRequest(  # planned on the same revision: refused, nothing written
+                mutations=[
+                    Mutation("update", "sessions", {"id": "s1"}, {"title": "two", "rev": 2}),
+                    Mutation("insert", "tasks", {"id": "t2"}, task),
+                ],
+                expect=at_rev,
+                events=[ev("session:s1", "session:updated", 2)],
+            ),
+            WriteRequest(  # a delete of a row that is not there
+                mutations=[
+                    Mutation("insert", "tasks", {"id": "t3"}, task),
+                    Mutation("delete", "tasks", {"id": "t-none"}),
+                ]
+            ),
+            WriteRequest(  # a delete, after an update, in one request
+                mutations=[
+                    Mutation("update", "tasks", {"id": "t1"}, {"prompt": "q"}),
+                    Mutation("delete", "tasks", {"id": "t1"}),
+                ],
+                expect=(Expect("sessions", {"id": "s1"}, "title", "one"),),
+            ),
+        ]
+    )
+    sa.event.remove(store.engine, "before_cursor_execute", _count)
+    assert isinstance(results[0], WriteResult) and isinstance(results[3], WriteResult), results
+    assert isinstance(results[1], StoreConflict) and results[1].current == 2
+    assert isinstance(results[2], StoreNotFound)
+    assert seen == []
+    session = store.get("sessions", "s1")
+    assert session is not None and (session["title"], session["rev"]) == ("one", 2)
+    assert [store.get("tasks", t) for t in ("t1", "t2", "t3")] == [None, None, None]
+    assert store.room_head("session:s1") == ("epoch-1", 1)
+
+
+def test_a_store_opened_again_on_its_engine_compiles_nothing_again(
+    db: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator opens a store per run on one engine: the statements
+    the first store compiled (fixed ones and each write's shape) are the
+    engine's, and the next store compiles none of them again."""
+    first = db.open()
+    request = WriteRequest(
+        mutations=[add_session("s1")], events=[ev("session:s1", "session:created")]
+    )
+    assert isinstance(first.commit([request])[0], WriteResult)
+    assert first.get("sessions", "s1") is not None
+    compiled: list[str] = []
+
+    class Counted(Prepared):
+        def __init__(self, statement: sa.ClauseElement, dialect: sa.Dialect, **kw: Any) -> None:
+            compiled.append(str(statement))
+            super().__init__(statement, dialect, **kw)
+
+    monkeypatch.setattr(_backend, "Prepared", Counted)
+    again = SqlStore(first.engine, new_epoch=Epochs())
+    request = WriteRequest(
+        mutations=[add_session("s2")], events=[ev("session:s2", "session:created")]
+    )
+    assert isinstance(again.commit([request])[0], WriteResult)
+    assert again.get("sessions", "s2") is not None
+    assert compiled == []
+    # a store on another engine compiles its own
+    other = sa.create_engine("sqlite://")
+    try:
+        SqlStore(other, new_epoch=Epochs())
+        assert compiled
+    finally:
+        other.dispose()
 
 
 def test_a_locked_database_fails_the_group_and_it_recovers(tmp_path: Path) -> None:
