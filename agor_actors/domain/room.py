@@ -408,7 +408,17 @@ class RoomBehaviour(Behaviour[RoomState]):
         return RoomState(room=room, epoch=epoch, head=seq)
 
     def can_passivate(self, state: RoomState) -> bool:
-        return not state.subscribers and not state.waiting and state.checking is None
+        """No subscriber, no join waiting, no access check running, and (a
+        board) no entry of this daemon's users on its facepile: that is the
+        room's own memory, which a user's presence actor sends only when the
+        entry changes, so a room started again would show the board empty
+        of them until their next change (up to a minute, at ``idle``)."""
+        return (
+            not state.subscribers
+            and not state.waiting
+            and state.checking is None
+            and not state.presence.local
+        )
 
     def handle(self, state: RoomState, msg: Any, now: float) -> Effects:
         if isinstance(msg, Request):
