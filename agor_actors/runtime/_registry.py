@@ -204,7 +204,20 @@ class Registry:
             on_removed=on_removed,
         )
         self.spawned += 1
-        ref = await self.supervisor.start_child(spec)
+        try:
+            ref = await self.supervisor.start_child(spec)
+        except BaseException:
+            # given up before the supervisor took the child (cancelled while
+            # it waited for the supervisor's next run or for its lock, or
+            # the supervisor stopping): no incarnation will ever be ready,
+            # so the entry goes, and whoever waits on it spawns again
+            if (
+                self._entries.get(name) is entry
+                and entry.ref is None
+                and name not in self.supervisor.which_children()
+            ):
+                on_removed()
+            raise
         assert isinstance(ref, ActorRef)
         return ref
 

@@ -301,6 +301,36 @@ async def test_registry_spawns_on_first_use_and_concurrent_uses_share(
         assert await system.registry.call("session:a", "get") == 1
 
 
+async def test_a_spawn_cancelled_before_the_supervisor_took_it_leaves_no_entry_behind(
+    autojump_clock: MockClock,
+) -> None:
+    """A spawn waits for the supervisor's lock while another actor starts
+    (the simulator's seed 909: the hub's join that spawned a board room was
+    cancelled there, after a registry restart).  Its entry must not stay:
+    every later use of the name waited on it for ever (each call timing out,
+    the room never answering a join again)."""
+    release = trio.Event()
+
+    class Blocked(CounterBehaviour):
+        async def init(self, ctx: ActorContext) -> Counter:
+            await release.wait()  # holds the supervisor's lock meanwhile
+            return Counter()
+
+    async with open_system(WORLD) as system:
+        system.define(Kind("slow:", lambda name: Blocked()))
+        system.define(Kind("session:", lambda name: CounterBehaviour(idle_s=30.0)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(system.registry.get, "slow:a")
+            await trio.sleep(0.1)
+            with trio.move_on_after(1.0) as waited:
+                await system.registry.get("session:b")  # behind slow:a's start
+            assert waited.cancelled_caught
+            release.set()
+        with trio.fail_after(5):
+            await system.registry.send("session:b", "inc")
+            assert await system.registry.call("session:b", "get") == 1
+
+
 async def test_a_registry_call_asks_its_guard_only_when_the_actor_was_not_there(
     autojump_clock: MockClock,
 ) -> None:
