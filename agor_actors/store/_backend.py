@@ -368,9 +368,11 @@ class _Compiled:
     """The statements a store compiles, kept per engine (:data:`_COMPILED`):
     a store opened again on the same engine (the simulator opens one per
     run on one engine per process) compiles none of them again.  A
-    statement depends only on the engine's dialect; the shape caches are
-    bounded (:data:`_SHAPES_MAX` entries each, past which a statement is
-    compiled for its one use)."""
+    statement depends only on the engine's dialect.  The caches of write
+    shapes (plain writes, landings, preconditions) hold at most
+    :data:`_SHAPES_MAX` entries each, past which a statement is compiled for
+    its one use; the others are bounded by the schema (one per table, or per
+    table and key)."""
 
     __slots__ = (
         "checks",
