@@ -332,6 +332,11 @@ _SHAPES_MAX: Final = 64
 _Shape = tuple[Op, str, tuple[str, ...], tuple[tuple[str, bool], ...]]
 
 
+def _upsert_insert_for(dialect: sa.Dialect) -> Callable[[sa.Table], Any]:
+    """The dialect's INSERT that takes ``on_conflict_do_update``."""
+    return pg_dialect.insert if dialect.name == "postgresql" else sqlite_dialect.insert
+
+
 def _head_statements(dialect: sa.Dialect) -> tuple[Prepared, Prepared, Prepared]:
     """The commit path's fixed statements, compiled for ``dialect``: the
     events insert (``payload`` bound as the JSON text the event's check
@@ -343,8 +348,7 @@ def _head_statements(dialect: sa.Dialect) -> tuple[Prepared, Prepared, Prepared]
     )
     r = s.rooms.c
     select_head = sa.select(r.epoch, r.head_seq).where(r.room == sa.bindparam("room"))
-    upsert_insert = pg_dialect.insert if dialect.name == "postgresql" else sqlite_dialect.insert
-    upsert = upsert_insert(s.rooms).values(
+    upsert = _upsert_insert_for(dialect)(s.rooms).values(
         room=sa.bindparam("room", type_=r.room.type),
         epoch=sa.bindparam("epoch", type_=r.epoch.type),
         head_seq=sa.bindparam("head", type_=r.head_seq.type),
@@ -662,6 +666,12 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.text if isinstance(v, Append) else v) for k, v in values.items()}
 
 
+def _at_key(table: sa.Table, key: Iterable[str]) -> list[sa.ColumnElement[bool]]:
+    """The WHERE of a compiled statement on one row: each column of ``key``
+    equal to the parameter ``k_<name>``."""
+    return [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
+
+
 def _shape_of(
     table: sa.Table, op: Op, key: Mapping[str, Any], values: Mapping[str, Any]
 ) -> tuple[_Shape, dict[str, Any]] | None:
@@ -757,7 +767,6 @@ class SqlStore:
         compiled = _COMPILED.get(engine)
         if compiled is None:
             compiled = _COMPILED[engine] = _Compiled(engine.dialect)
-        self._compiled = compiled
         self._plain_statements = compiled.plain
         self._landing_statements = compiled.landing
         self._parts_statements = compiled.parts
@@ -770,10 +779,7 @@ class SqlStore:
         """A local file's writer connection, kept open between commits (a
         checkout and a check-in, with its rollback, per commit were a tenth
         of the commit path); only under ``_write_lock``."""
-        if engine.dialect.name == "postgresql":
-            self._upsert_insert: Callable[[sa.Table], Any] = pg_dialect.insert
-        else:
-            self._upsert_insert = sqlite_dialect.insert
+        self._upsert_insert = _upsert_insert_for(engine.dialect)
         self._insert_events = compiled.insert_events
         self._select_head = compiled.select_head
         self._move_heads = compiled.move_heads
@@ -1291,9 +1297,7 @@ class SqlStore:
         row (a rare path: compiled here each time)."""
         _, table_name, key, _ = shape
         table = ENTITY_TABLES[table_name]
-        select = sa.select(_length_of(table, column).label("length")).where(
-            *(table.c[name] == sa.bindparam(f"k_{name}") for name in key)
-        )
+        select = sa.select(_length_of(table, column).label("length")).where(*_at_key(table, key))
         found = Prepared(select, self._engine.dialect).one_or_none(
             cursor, {f"k_{name}": params[f"k_{name}"] for name in key}
         )
@@ -1307,7 +1311,7 @@ class SqlStore:
             return stmt
         _, table_name, key, columns = shape
         table = ENTITY_TABLES[table_name]
-        where = [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
+        where = _at_key(table, key)
         length = _length_of(table, column)
         where.append(length <= sa.bindparam("room", type_=sa.BigInteger))
         statement = (
@@ -1336,7 +1340,7 @@ class SqlStore:
                 }
             )
         else:
-            where = [table.c[name] == sa.bindparam(f"k_{name}") for name in key]
+            where = _at_key(table, key)
             if op == "delete":
                 statement = sa.delete(table).where(*where)
             else:
@@ -1406,16 +1410,7 @@ class SqlStore:
         stmt = self._check_statements.get(shape)
         if stmt is not None:
             return stmt
-        select = (
-            sa.select(table.c[column])
-            .where(
-                *(
-                    table.c[name] == sa.bindparam(f"k_{name}", type_=table.c[name].type)
-                    for name in key
-                )
-            )
-            .with_for_update()
-        )
+        select = sa.select(table.c[column]).where(*_at_key(table, key)).with_for_update()
         stmt = Prepared(select, self._engine.dialect)
         if len(self._check_statements) < _SHAPES_MAX:
             self._check_statements[shape] = stmt
@@ -1480,9 +1475,9 @@ class SqlStore:
             _check_key(table, mutation.key)
             if mutation.values:
                 raise StoreQueryError("a delete takes no values")
-            delete = self._plain_statement(("delete", table.name, tuple(mutation.key), ()))
-            params = {f"k_{name}": value for name, value in mutation.key.items()}
-            if delete.execute(cursor, params).rowcount != 1:
+            plain = _shape_of(table, op, mutation.key, {})
+            assert plain is not None  # a delete is always one plain statement
+            if self._plain_statement(plain[0]).execute(cursor, plain[1]).rowcount != 1:
                 raise StoreNotFound(table.name, dict(mutation.key))
         else:
             raise StoreQueryError(f"unknown mutation op {op!r}")
