@@ -5,8 +5,10 @@
   it first sorts the batch by task creation order, so reseeding ``_r`` makes
   the interleaving a function of the seed.  Both names are private: the
   start-up self-test fails loudly if an upgrade of trio removes them.
-* ``MockClock(autojump_threshold=0)``: virtual time jumps to the next
-  deadline as soon as every task is blocked.
+* :class:`SimClock`: virtual time jumps to the next deadline as soon as
+  every task is blocked, as ``MockClock(autojump_threshold=0)`` does, but
+  in the same pass of trio's run loop (MockClock's jump costs a second,
+  empty pass: a quarter of all passes) and without reading the real clock.
 * ``PYTHONHASHSEED=0`` (set by re-executing the command line) pins the
   iteration order of sets of strings between processes.
 * One run at a time per process (two runs in threads would share ``_r``).
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import secrets
@@ -28,12 +31,12 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import trio
-import trio.testing
 
 T = TypeVar("T")
 
 __all__ = [
     "DeterminismUnavailable",
+    "SimClock",
     "SimLeak",
     "StepRecorder",
     "ensure_hash_seed",
@@ -108,7 +111,7 @@ class StepRecorder(trio.abc.Instrument):
 
     def __init__(
         self,
-        clock: trio.testing.MockClock | None = None,
+        clock: SimClock | None = None,
         *,
         spin_steps: int = 8_192,
         max_nudges: int = 64,
@@ -193,10 +196,52 @@ def _guards() -> Iterator[None]:
             setattr(module, name, original)
 
 
-def new_clock() -> trio.testing.MockClock:
-    """The virtual clock of a run: it jumps to the next deadline as soon as
-    every task is blocked."""
-    return trio.testing.MockClock(autojump_threshold=0)
+class SimClock(trio.abc.Clock):
+    """Virtual time, in seconds from 0, that moves only when every task is
+    blocked: then it jumps to the next deadline.
+
+    trio asks a clock how long to sleep until the next deadline only when
+    no task is runnable; this clock answers by jumping there and saying
+    "no sleep", so trio's same pass of its loop expires that deadline and
+    runs the tasks it wakes.  ``MockClock(autojump_threshold=0)`` reaches
+    the same instants with the same tasks runnable, but its jump comes
+    after the pass's I/O wait, so each instant costs a second pass that
+    runs nothing; and each of its readings converts the real clock.  The
+    runs are the same step for step (the scheduler's random draws are
+    made per runnable batch, and the empty passes ran none).
+
+    Nothing under simulation does real I/O (see ``SIMULATION.md``); with
+    no deadline left and every task blocked the run is deadlocked, and,
+    as under MockClock, trio then waits on real I/O for ever."""
+
+    __slots__ = ("_now",)
+
+    def __init__(self) -> None:
+        self._now = 0.0
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        return self._now
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        if deadline > self._now:
+            if deadline == math.inf:
+                return 86_400.0
+            self._now = deadline
+        return 0.0
+
+    def jump(self, seconds: float) -> None:
+        """Move virtual time forward (the busy-loop nudge)."""
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        self._now += seconds
+
+
+def new_clock() -> SimClock:
+    """The virtual clock of a run (:class:`SimClock`)."""
+    return SimClock()
 
 
 def run_deterministic(
@@ -204,7 +249,7 @@ def run_deterministic(
     *,
     seed: int | str,
     instruments: tuple[trio.abc.Instrument, ...] = (),
-    clock: trio.testing.MockClock | None = None,
+    clock: trio.abc.Clock | None = None,
 ) -> T:
     """Run ``fn`` under trio on virtual time, scheduled as a function of
     ``seed``.  Call from the main thread, one run at a time."""

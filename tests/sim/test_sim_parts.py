@@ -219,6 +219,52 @@ def test_deterministic_runs_repeat_and_guard_real_randomness() -> None:
     uuid.uuid4()  # restored after the run
 
 
+class _Passes(trio.abc.Instrument):
+    """Counts the passes of trio's run loop (one I/O wait each)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.passes += 1
+
+
+def test_the_sim_clock_reaches_mock_clocks_instants_in_fewer_passes() -> None:
+    async def workload() -> list[tuple[str, float]]:
+        seen: list[tuple[str, float]] = []
+
+        async def sleeper(name: str, delays: tuple[float, ...]) -> None:
+            for delay in delays:
+                await trio.sleep(delay)
+                seen.append((name, trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sleeper, "a", (0.25, 0.5, 0.125))
+            nursery.start_soon(sleeper, "b", (0.5, 0.25, 1.0))
+            nursery.start_soon(sleeper, "c", (0.0, 3.0))
+            with trio.move_on_after(0.6):
+                await trio.sleep_forever()
+            seen.append(("timeout", trio.current_time()))
+        return seen
+
+    runs = []
+    for clock in (trio.testing.MockClock(autojump_threshold=0), new_clock()):
+        passes = _Passes()
+        runs.append(
+            (run_deterministic(workload, seed=3, clock=clock, instruments=(passes,)), passes)
+        )
+    (mock_seen, mock_passes), (sim_seen, sim_passes) = runs
+    assert sim_seen == mock_seen
+    assert [t for _, t in sim_seen] == sorted(t for _, t in sim_seen)
+    assert ("c", 3.0) in sim_seen and ("timeout", 0.6) in sim_seen
+    assert sim_passes.passes < mock_passes.passes
+    clock = new_clock()
+    clock.jump(0.5)
+    assert clock.current_time() == 0.5
+    with pytest.raises(ValueError):
+        clock.jump(-1)
+
+
 def test_a_busy_loop_moves_the_virtual_clock_and_is_reported() -> None:
     async def spin_until(deadline_s: float) -> None:
         while trio.current_time() < deadline_s:
