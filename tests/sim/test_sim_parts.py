@@ -5,6 +5,7 @@ deterministic-run machinery."""
 from __future__ import annotations
 
 import functools
+import gc
 import random
 import uuid
 from typing import Any
@@ -18,7 +19,14 @@ from agor_actors.store import open_store
 from agor_actors.world import SeededEntropy, TransportClosed, simulated_world
 from protocols import Event
 from sim import FAULT_KINDS, draw_config, draw_faults
-from sim._det import SimLeak, StepRecorder, new_clock, run_deterministic, self_test
+from sim._det import (
+    RUN_GC_THRESHOLDS,
+    SimLeak,
+    StepRecorder,
+    new_clock,
+    run_deterministic,
+    self_test,
+)
 from sim._model import apply_event, empty_view, server_view
 from sim._net import Link, _Hold
 from sim._trace import Trace, now_us
@@ -263,6 +271,17 @@ def test_the_sim_clock_reaches_mock_clocks_instants_in_fewer_passes() -> None:
     assert clock.current_time() == 0.5
     with pytest.raises(ValueError):
         clock.jump(-1)
+
+
+def test_a_run_collects_garbage_less_often_and_restores_the_setting() -> None:
+    before = gc.get_threshold()
+
+    async def thresholds() -> tuple[int, ...]:
+        await trio.sleep(1)
+        return gc.get_threshold()
+
+    assert run_deterministic(thresholds, seed=1) == RUN_GC_THRESHOLDS != before
+    assert gc.get_threshold() == before
 
 
 def test_a_busy_loop_moves_the_virtual_clock_and_is_reported() -> None:
