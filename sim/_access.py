@@ -37,6 +37,7 @@ from protocols import ClientConnection, Event, Joined, Left, ProtocolError, Room
 from protocols._codec import Frame, decode_server_frame
 
 from ._client import NotConnected, SimClient
+from ._det import sleep
 from ._record import Recorder
 from ._trace import Trace
 
@@ -156,7 +157,7 @@ async def _owner(
             lost = lost or exc.code in ("unavailable", "internal")
         except (ActorExited, CallTimeout):
             lost = True  # a crash fault took the actor that was answering: again
-        await trio.sleep(0.05)
+        await sleep(0.05)
     raise RuntimeError(f"the owner's {service}.{method} was never answered")
 
 
@@ -222,7 +223,7 @@ async def access(
     probes = 0
     n = 0
     while True:
-        await trio.sleep(round(WRITE_PERIOD_S * (0.5 + rng.random()), 6))
+        await sleep(round(WRITE_PERIOD_S * (0.5 + rng.random()), 6))
         n += 1
         with contextlib.suppress(ServiceError, ActorExited, CallTimeout):
             hub = await wait_up()

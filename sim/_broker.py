@@ -36,6 +36,7 @@ import trio
 from agor_actors.broker import BrokerSession
 from agor_actors.broker._link import Handler
 
+from ._det import sleep
 from ._trace import Trace, now_us
 
 __all__ = ["BrokerCut", "SimBroker", "SimBrokerLink"]
@@ -108,7 +109,7 @@ class _Session:
             at_us, channel, payload = self.queue[0]
             wait_us = at_us - now_us()
             if wait_us > 0:
-                await trio.sleep(wait_us / 1_000_000)
+                await sleep(wait_us / 1_000_000)
                 continue
             self.queue.popleft()
             handler = self.handlers.get(channel)
@@ -138,10 +139,10 @@ class SimBrokerLink:
         connect timeout) while the node is cut, never returns once fenced."""
         await self._alive()
         if self._broker.is_cut(self.node):
-            await trio.sleep(CONNECT_TIMEOUT_US / 1_000_000)
+            await sleep(CONNECT_TIMEOUT_US / 1_000_000)
             raise BrokerCut(f"node {self.node} cannot reach the broker")
         latency, jitter = self._broker.latency_us
-        await trio.sleep((latency + self._rng.randint(0, jitter)) / 1_000_000)
+        await sleep((latency + self._rng.randint(0, jitter)) / 1_000_000)
         await self._alive()
         if self._broker.is_cut(self.node):  # cut on the way: lost
             raise BrokerCut(f"node {self.node} lost the broker")

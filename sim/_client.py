@@ -47,6 +47,7 @@ from protocols import (
 from protocols import Event as WireEvent
 
 from ._config import ClientSpec
+from ._det import sleep
 from ._model import (
     ModelError,
     View,
@@ -373,7 +374,7 @@ class SimClient:
                 view = await self._load(client, room)
             except CallFailed as exc:
                 self._trace.emit("reload", f"{self.name} {room} failed: {exc}")
-                await trio.sleep(RELOAD_RETRY_S)
+                await sleep(RELOAD_RETRY_S)
                 continue
             mirror = self.mirrors.get(room)
             if mirror is None or mirror.generation != generation:

@@ -37,6 +37,7 @@ from agor_actors.world import InlineBlocking, SeededEntropy, VirtualWallClock, s
 from protocols import negotiate
 
 from ._broker import SimBroker, SimBrokerLink
+from ._det import sleep
 from ._faults import FaultyBlocking, StoreFaults
 from ._locks import SimStore, StoreLocks
 from ._net import Conn, Network, ServerSide
@@ -200,7 +201,7 @@ class SimDaemon:
                     started = True
                     task_status.started()
                 await self._crashed.wait()
-                await trio.sleep(self._down_for_s)
+                await sleep(self._down_for_s)
 
     async def _incarnation(self, incarnation: _Incarnation) -> None:
         stream = f"{self._seed}/daemon/{incarnation.number}"

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import gc
+import heapq
 import math
 import os
 import random
@@ -49,8 +50,11 @@ __all__ = [
     "ensure_hash_seed",
     "hash_seed_pinned",
     "new_clock",
+    "park_until",
     "run_deterministic",
     "self_test",
+    "sleep",
+    "sleep_until",
 ]
 
 _PRIVATE_NAMES = ("_ALLOW_DETERMINISTIC_SCHEDULING", "_r")
@@ -203,6 +207,23 @@ def _guards() -> Iterator[None]:
             setattr(module, name, original)
 
 
+class Sleeper:
+    """A task parked until an instant (:func:`park_until`), or until woken
+    before it (:meth:`wake`), whichever comes first."""
+
+    __slots__ = ("live", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.live = True
+
+    def wake(self) -> None:
+        """Reschedule the task now, unless it was woken (or cancelled) already."""
+        if self.live:
+            self.live = False
+            trio.lowlevel.reschedule(self.task)
+
+
 class SimClock(trio.abc.Clock):
     """Virtual time, in seconds from 0, that moves only when every task is
     blocked: then it jumps to the next deadline.
@@ -217,14 +238,25 @@ class SimClock(trio.abc.Clock):
     runs are the same step for step (the scheduler's random draws are
     made per runnable batch, and the empty passes ran none).
 
+    It also keeps deadlines of its own, for the simulator's sleeps and
+    timed waits (:func:`sleep`, :func:`park_until`): a parked task, woken
+    with a value when its instant comes, in the same pass as a trio
+    deadline at that instant would wake it.  A trio deadline wakes its task
+    by cancelling a scope, which raises and catches ``Cancelled``: the
+    simulator waits for some 10,000 instants a seed, and its own wake-ups
+    cost a fraction of that.  The tasks woken are the same, in the same
+    passes: the runs are the same step for step.
+
     Nothing under simulation does real I/O (see ``SIMULATION.md``); with
     no deadline left and every task blocked the run is deadlocked, and,
     as under MockClock, trio then waits on real I/O for ever."""
 
-    __slots__ = ("_now",)
+    __slots__ = ("_now", "_seq", "_sleepers")
 
     def __init__(self) -> None:
         self._now = 0.0
+        self._sleepers: list[tuple[float, int, Sleeper]] = []
+        self._seq = 0
 
     def start_clock(self) -> None:
         pass
@@ -233,6 +265,14 @@ class SimClock(trio.abc.Clock):
         return self._now
 
     def deadline_to_sleep_time(self, deadline: float) -> float:
+        sleepers = self._sleepers
+        while sleepers and not sleepers[0][2].live:
+            heapq.heappop(sleepers)  # woken before its instant, or cancelled
+        if sleepers and sleepers[0][0] <= deadline:
+            self._now = max(self._now, sleepers[0][0])
+            while sleepers and sleepers[0][0] <= self._now:
+                heapq.heappop(sleepers)[2].wake()
+            return 0.0
         if deadline > self._now:
             if deadline == math.inf:
                 return 86_400.0
@@ -244,6 +284,57 @@ class SimClock(trio.abc.Clock):
         if seconds < 0:
             raise ValueError("time does not go backwards")
         self._now += seconds
+
+    def park(self, at_s: float, sleeper: Sleeper) -> None:
+        """Wake ``sleeper`` at ``at_s`` (a later instant than now)."""
+        self._seq += 1
+        heapq.heappush(self._sleepers, (at_s, self._seq, sleeper))
+
+
+async def park_until(at_s: float, waiters: list[Sleeper] | None = None) -> None:
+    """Block until virtual time ``at_s`` (``math.inf``: no time), or until
+    woken earlier through the :class:`Sleeper` appended to ``waiters`` (the
+    caller wakes what it holds there).  A checkpoint; cancellable.  Under another clock than
+    :class:`SimClock` (unit tests on MockClock): trio's own deadline."""
+    clock = trio.lowlevel.current_clock()
+    if not isinstance(clock, SimClock):
+        if waiters is None:
+            await trio.sleep_until(at_s)
+            return
+        sleeper = Sleeper(trio.lowlevel.current_task())
+        waiters.append(sleeper)
+        with trio.move_on_at(at_s):
+            await _park(sleeper)
+        return
+    if at_s <= clock._now:
+        await trio.lowlevel.checkpoint()
+        return
+    sleeper = Sleeper(trio.lowlevel.current_task())
+    if at_s != math.inf:
+        clock.park(at_s, sleeper)
+    if waiters is not None:
+        waiters.append(sleeper)
+    await _park(sleeper)
+
+
+async def _park(sleeper: Sleeper) -> None:
+    def abort(_: object) -> trio.lowlevel.Abort:
+        sleeper.live = False
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+async def sleep_until(at_s: float) -> None:
+    """``trio.sleep_until`` for the simulator's own tasks (:func:`park_until`)."""
+    await park_until(at_s)
+
+
+async def sleep(seconds: float) -> None:
+    """``trio.sleep`` for the simulator's own tasks (:func:`park_until`)."""
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    await park_until(trio.current_time() + seconds)
 
 
 def new_clock() -> SimClock:

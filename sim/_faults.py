@@ -40,6 +40,7 @@ from sqlalchemy import event as sa_event
 from agor_actors.store import SqlStore, StoreUnavailable
 from agor_actors.world import Blocking
 
+from ._det import sleep
 from ._locks import CUT_OFF, PLANNING, CommitAsked, StoreLocks
 from ._trace import Trace, now_us
 
@@ -229,11 +230,11 @@ class FaultyBlocking:
             return result
 
         if self._half_s:
-            await trio.sleep(self._half_s)
+            await sleep(self._half_s)
         await self._alive()
         if self.store_cut():
             if self._cut_wait_s:
-                await trio.sleep(self._cut_wait_s)
+                await sleep(self._cut_wait_s)
             self.refused += 1
             raise StoreUnavailable(f"the store cannot be reached ({CUT_OFF})")
         if self._locks is None:
@@ -256,7 +257,7 @@ class FaultyBlocking:
             if asked:
                 result = await self._locks.commit(self, asked[0].requests, call)
         if self._half_s:
-            await trio.sleep(self._half_s)
+            await sleep(self._half_s)
         return result
 
 

@@ -66,6 +66,7 @@ import trio
 
 from agor_actors.store import SqlStore, StoreError, StoreUnavailable, WriteRequest, WriteResult
 
+from ._det import sleep, sleep_until
 from ._record import Recorder
 from ._trace import Trace
 
@@ -211,7 +212,7 @@ class StoreLocks:
                         if holder.fenced_at_s is not None:
                             break  # a dead client's backend is sent nothing more
                     if holder.fenced_at_s is None:
-                        await trio.sleep(self._hold_s)
+                        await sleep(self._hold_s)
                     if holder.fenced_at_s is None and not holder.store_cut():
                         return run()  # the COMMIT point
                     await self._lost(txn, held)
@@ -243,7 +244,7 @@ class StoreLocks:
                 f"{txn.holder.who} {why} mid-transaction: nothing committed, "
                 f"{len(held)} rows locked until {until:.6f}s",
             )
-        await trio.sleep_until(until)
+        await sleep_until(until)
 
     async def _acquire(self, name: str, txn: _Transaction) -> None:
         """Take the lock ``name``, after those who asked for it first.  A

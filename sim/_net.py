@@ -18,6 +18,7 @@ end is a :class:`agor_actors.world.MessageTransport`, opened through
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,6 +31,7 @@ import trio
 from agor_actors.world import DialFailed, OutFrame, TransportClosed
 from protocols import CLIENT_LIMITS, Codec, Event, ProtocolError, decode_server_frame
 
+from ._det import Sleeper, park_until, sleep
 from ._trace import Trace, now_us, reached
 
 __all__ = ["ClientSide", "Conn", "Link", "NetDialer", "Network", "PathState", "ServerSide"]
@@ -117,7 +119,7 @@ class Link:
         self._reset = False
         self._closing = False
         self._eof: tuple[int, str] | None = None
-        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._receivers: list[Sleeper] = []  # parked in receive
         self._send_lot = trio.lowlevel.ParkingLot()
         self.frames = 0
         self.duplicates = 0
@@ -157,7 +159,7 @@ class Link:
                 self._bytes += len(frame)
                 self.duplicates += 1
                 self._trace.emit("dup", f"{self.name} {len(frame)}B")
-        self._recv_lot.unpark_all()
+        self._wake_receivers()
 
     def _events_only(self, frame: Frame) -> bool:
         """Whether a server frame holds room events only (the at-least-once
@@ -229,16 +231,24 @@ class Link:
                         raise TransportClosed(head.code, head.reason)
                     self._bytes -= len(head.frame)
                     return head.frame
-                with trio.move_on_at(at / 1_000_000):
-                    await self._recv_lot.park()
+                if len(self._receivers) > 4:  # woken by the clock: drop them
+                    self._receivers = [s for s in self._receivers if s.live]
+                await park_until(at / 1_000_000, self._receivers)
             elif self._eof is not None:
                 raise TransportClosed(*self._eof)
             else:
-                await self._recv_lot.park()
+                await park_until(math.inf, self._receivers)
+
+    def _wake_receivers(self) -> None:
+        receivers = self._receivers
+        if receivers:
+            for sleeper in receivers:
+                sleeper.wake()
+            receivers.clear()
 
     def wake(self) -> None:
         """Something about the hold changed: receivers look again."""
-        self._recv_lot.unpark_all()
+        self._wake_receivers()
 
     def abandon(self) -> None:
         """The receiving end closed for good (the server's handler ended:
@@ -253,7 +263,7 @@ class Link:
         self._reset = True
         self._queue.clear()
         self._bytes = 0
-        self._recv_lot.unpark_all()
+        self._wake_receivers()
         self._send_lot.unpark_all()
 
 
@@ -395,10 +405,10 @@ class Network:
         Raises :class:`TransportClosed` if it is refused or times out."""
         latency, _ = self._latency_us[client]
         path = self.paths[client]
-        await trio.sleep(3 * latency / 1_000_000)
+        await sleep(3 * latency / 1_000_000)
         now = now_us()
         if path.up.active(now) or path.down.active(now):
-            await trio.sleep(CONNECT_TIMEOUT_US / 1_000_000)
+            await sleep(CONNECT_TIMEOUT_US / 1_000_000)
             self.refused += 1
             self._trace.emit("connect", f"{client} timed out")
             raise TransportClosed(1006, "connect timed out")

@@ -65,7 +65,7 @@ from ._config import (
 )
 from ._daemon import SimDaemon
 from ._db import open_run_store, release_run_store
-from ._det import StepRecorder, new_clock, run_deterministic
+from ._det import StepRecorder, new_clock, run_deterministic, sleep, sleep_until
 from ._faults import CUT_OFF, REFUSABLE, StoreFaults, poison
 from ._locks import StoreLocks
 from ._model import View, log_room, server_view
@@ -351,7 +351,7 @@ class _Run:
                 else:
                     phase.start_soon(self.script.run, self.clients, layout, trace, name="script")
                 phase.start_soon(self._inject, name="faults")
-                await trio.sleep_until(config.fault_s)
+                await sleep_until(config.fault_s)
                 phase.cancel_scope.cancel()
             trace.emit("phase", "quiet: faults stopped")
             net.heal_all()
@@ -466,7 +466,7 @@ class _Run:
 
     async def _inject(self) -> None:
         for fault in self.plan:
-            await trio.sleep_until(fault.at_us / 1_000_000)
+            await sleep_until(fault.at_us / 1_000_000)
             if self._apply(fault):
                 self.injected[fault.kind] = self.injected.get(fault.kind, 0) + 1
 
@@ -561,7 +561,7 @@ class _Run:
 
     async def _monitor(self) -> None:
         while True:
-            await trio.sleep(MONITOR_PERIOD_S)
+            await sleep(MONITOR_PERIOD_S)
             self._check_bounds()
 
     def _check_bounds(self) -> None:
@@ -630,7 +630,7 @@ class _Run:
         assert self._daemon is not None
         deadline = trio.current_time() + self.config.quiet_max_s
         while trio.current_time() < deadline:
-            await trio.sleep(CONVERGE_POLL_S)
+            await sleep(CONVERGE_POLL_S)
             if not all(daemon.up for daemon in self._daemons):
                 continue
             views = self._converged(store)
@@ -888,5 +888,5 @@ async def _add_member(hub: Hub, board_id: str, user_id: str) -> None:
         except ServiceError as exc:
             if exc.code != "not_found":
                 raise
-            await trio.sleep(0.01)
+            await sleep(0.01)
     raise RuntimeError(f"board {board_id} never became durable")

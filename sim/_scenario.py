@@ -43,6 +43,7 @@ import trio
 
 from ._client import NotConnected, SimClient
 from ._config import FAULT_KINDS, ClientSpec, Fault, SimConfig
+from ._det import sleep, sleep_until
 from ._runner import RunResult, execute
 from ._trace import Trace
 from ._workload import Layout, open_turn
@@ -164,7 +165,7 @@ class Stream:
             return
         tid, mid = opened
         for k in range(self.chunks):
-            await trio.sleep(round(1_000_000 / self.per_s) / 1_000_000)
+            await sleep(round(1_000_000 / self.per_s) / 1_000_000)
             with contextlib.suppress(NotConnected):
                 chunk = {"chunk": f"{client.name}.{mid[-6:]}.{k};"}
                 await client.write("messages", "stream", session_id=sid, id=mid, data=chunk)
@@ -182,7 +183,7 @@ async def _until_sent(
             await client.write(service, method, session_id=sid, id=ident, data=data)
             return
         except NotConnected:
-            await trio.sleep(0.2)
+            await sleep(0.2)
 
 
 @attrs.frozen
@@ -381,7 +382,7 @@ class Scenario:
         by_name = {c.name: c for c in clients}
 
         async def one(step: Step) -> None:
-            await trio.sleep_until(step.at_us / 1_000_000)
+            await sleep_until(step.at_us / 1_000_000)
             trace.emit("step", f"{step.client} {step.action!r}")
             client = by_name[step.client]
             while True:
@@ -389,7 +390,7 @@ class Scenario:
                     await step.action.run(client, layout)
                     return
                 except NotConnected:
-                    await trio.sleep(0.2)  # try again once connected
+                    await sleep(0.2)  # try again once connected
 
         async with trio.open_nursery() as nursery:
             for step in sorted(self.steps, key=lambda s: s.at_us):

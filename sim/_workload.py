@@ -28,6 +28,7 @@ import trio
 
 from ._client import NotConnected, SimClient
 from ._config import SimConfig
+from ._det import sleep, sleep_until
 from ._trace import Trace
 
 __all__ = ["Layout", "open_turn", "run_workloads"]
@@ -53,7 +54,7 @@ def _us(seconds: float) -> float:
 
 
 async def _sleep_exp(client: SimClient, mean_s: float) -> None:
-    await trio.sleep(_us(client.rng.expovariate(1.0) * mean_s))
+    await sleep(_us(client.rng.expovariate(1.0) * mean_s))
 
 
 async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
@@ -129,7 +130,7 @@ async def windows(client: SimClient, config: SimConfig, layout: Layout) -> None:
                 else:
                     client.want(rooms[client.rng.randrange(len(rooms))])
         except NotConnected:
-            await trio.sleep(RETRY_S)
+            await sleep(RETRY_S)
 
 
 async def _lock(client: SimClient, sid: str) -> None:
@@ -187,7 +188,7 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
                 await _stream_pipelined(client, sid, mid, chunks, period_s, config.chunk_pipeline)
             else:
                 for chunk in chunks:
-                    await trio.sleep(_us(period_s * (0.5 + client.rng.random())))
+                    await sleep(_us(period_s * (0.5 + client.rng.random())))
                     await client.write(
                         "messages", "stream", session_id=sid, id=mid, data={"chunk": chunk}
                     )
@@ -196,7 +197,7 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
                 "tasks", "complete", session_id=sid, id=tid, data={"result": {"chunks": k}}
             )
         except NotConnected:
-            await trio.sleep(RETRY_S)
+            await sleep(RETRY_S)
 
 
 async def _stream_pipelined(
@@ -225,7 +226,7 @@ async def _stream_pipelined(
     before.set()
     async with trio.open_nursery() as nursery:
         for chunk in chunks:
-            await trio.sleep(_us(period_s * (0.5 + client.rng.random())))
+            await sleep(_us(period_s * (0.5 + client.rng.random())))
             await slots.acquire()
             sent = trio.Event()
             nursery.start_soon(one, chunk, before, sent, name=f"chunk:{client.name}")
@@ -252,7 +253,7 @@ async def renames(clients: list[SimClient], config: SimConfig, layout: Layout) -
     async with trio.open_nursery() as nursery:
         while True:
             round_no += 1
-            await trio.sleep_until(round_no * period_s)
+            await sleep_until(round_no * period_s)
             for client in clients:
                 nursery.start_soon(rename, client, round_no)
 
@@ -269,7 +270,7 @@ async def cursors(client: SimClient, config: SimConfig, layout: Layout) -> None:
             board = client.presence_board
             if board is not None:
                 client.move_cursor(board, float(x), float(y))
-            await trio.sleep(period_s)
+            await sleep(period_s)
 
 
 async def run_workloads(

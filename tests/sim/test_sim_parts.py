@@ -24,9 +24,11 @@ from sim._det import (
     SimLeak,
     StepRecorder,
     new_clock,
+    park_until,
     run_deterministic,
     self_test,
 )
+from sim._det import sleep as sim_sleep
 from sim._model import apply_event, empty_view, server_view
 from sim._net import Link, _Hold
 from sim._trace import Trace, now_us
@@ -271,6 +273,62 @@ def test_the_sim_clock_reaches_mock_clocks_instants_in_fewer_passes() -> None:
     assert clock.current_time() == 0.5
     with pytest.raises(ValueError):
         clock.jump(-1)
+
+
+def test_the_sim_clocks_own_sleeps_wake_the_same_tasks_in_the_same_passes_as_trios() -> None:
+    def workload(sleep: Any) -> Any:
+        async def run() -> list[tuple[str, float]]:
+            seen: list[tuple[str, float]] = []
+
+            async def sleeper(name: str, delays: tuple[float, ...]) -> None:
+                for delay in delays:
+                    await sleep(delay)
+                    seen.append((name, trio.current_time()))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sleeper, "a", (0.25, 0.5, 0.125))
+                nursery.start_soon(sleeper, "b", (0.5, 0.25, 1.0))
+                nursery.start_soon(sleeper, "c", (0.0, 3.0))
+                with trio.move_on_after(0.6):  # a sleep cancelled from outside
+                    await sleep(10)
+                seen.append(("timeout", trio.current_time()))
+            return seen
+
+        return run
+
+    runs = []
+    for sleep in (trio.sleep, sim_sleep):
+        passes, steps = _Passes(), StepRecorder()
+        seen = run_deterministic(
+            workload(sleep), seed=3, clock=new_clock(), instruments=(passes, steps)
+        )
+        runs.append((seen, passes.passes, steps.steps, steps.checksum))
+    assert runs[0] == runs[1]
+    assert ("c", 3.0) in runs[1][0] and ("timeout", 0.6) in runs[1][0]
+
+
+def test_a_parked_task_wakes_when_woken_or_at_its_instant_on_either_clock() -> None:
+    async def run() -> list[float]:
+        woke: list[float] = []
+        waiters: list[Any] = []
+
+        async def parked() -> None:
+            await park_until(5.0, waiters)
+            woke.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(parked)
+            await trio.sleep(1.0)
+            for sleeper in waiters:
+                sleeper.wake()
+                sleeper.wake()  # a second wake does nothing
+            waiters.clear()
+            await trio.sleep(0.5)
+            nursery.start_soon(parked)  # nobody wakes this one
+        return woke
+
+    for clock in (new_clock(), trio.testing.MockClock(autojump_threshold=0)):
+        assert run_deterministic(run, seed=1, clock=clock) == [1.0, 5.0]
 
 
 def test_a_run_collects_garbage_less_often_and_restores_the_setting() -> None:
