@@ -306,6 +306,13 @@ class Hub:
             except Exception as exc:  # the registry stopping: nothing to tell
                 log.info("presence of %s not told again: %r", principal.user_id, exc)
                 return
+            # the wait for the actor can be long (every actor starting over):
+            # a connection that closed meanwhile is not brought back (its
+            # PresenceGone may have found no actor to tell), and one that
+            # said something new meanwhile is told as it is now
+            update = self._presence_last.get(conn)
+            if update is None or self._presence_of.get(conn) is not principal:
+                continue
             touch = PresenceTouch(conn, principal.user_id, principal.name, update)
             if not ref.try_send(touch):
                 self.presence_dropped += 1

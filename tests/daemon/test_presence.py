@@ -16,6 +16,7 @@ from agor_actors.domain.presence import PresenceConfig, color_for, status_of
 from agor_actors.store import Mutation, SqlStore, WriteRequest, open_store
 from agor_actors.world import simulated_world
 from protocols import Codec, Cursor, Limits, Presence, PresenceUpdate, Viewport, decode_server_frame
+from supervisors import Intensity
 
 OWNER = Principal("owner", "owner", True)
 
@@ -493,4 +494,50 @@ async def test_a_board_room_keeps_its_facepile_while_a_user_is_present_unsubscri
         await hub.disconnect("w2")
         with trio.fail_after(60):
             await room.wait_stopped()  # the user offline after the grace: it passivated
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_closes_while_every_actor_starts_over_leaves_the_facepile(
+    autojump_clock: MockClock,
+) -> None:
+    """Every actor starting over (the registry gave up) has the hub tell each
+    user's new presence actor what their connections last said; a connection
+    that closed while the registry was away is not among them (simulator,
+    seed 955: its entry came back after its PresenceGone and stayed on the
+    board for good)."""
+    store = memory_store()
+    world = simulated_world(1)
+    async with (
+        open_hub(
+            world,
+            store=store,
+            owner_token="owner-token",
+            restart_intensity=Intensity(max_restarts=0, period_s=60.0),
+        ) as hub,
+        trio.open_nursery() as nursery,
+    ):
+        board = await make_board(hub)
+        one = Watcher(hub, user(1), "w1", board)
+        two = Watcher(hub, user(2), "w2", board)
+        await one.start(nursery)
+        await two.start(nursery)
+        await one.send(view="board")
+        await two.send(view="board")
+        await trio.sleep(1)
+        assert set(two.facepile()) == {"u1", "u2"}
+        for crash in range(2):  # the second give-up restarts the registry after a backoff
+            actor = hub.system.registry.lookup("presence:user:u2")
+            assert actor is not None
+            assert actor.try_send(object())  # it crashes: the registry gives up
+            await trio.sleep(0)
+            if crash == 0:
+                await trio.sleep(1)
+        # while the registry is away, user 1's connection closes
+        await hub.disconnect("w1")
+        await trio.sleep(PresenceConfig().offline_grace_s + 5)  # past the grace
+        three = Watcher(hub, user(3), "w3", board)
+        await three.start(nursery)
+        await three.send(view="board")
+        await trio.sleep(1)
+        assert set(three.facepile()) == {"u2", "u3"}
         nursery.cancel_scope.cancel()
