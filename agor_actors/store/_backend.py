@@ -125,8 +125,9 @@ class Append:
     ``content``), a new part after the others (the row itself is not
     rewritten).
 
-    ``at`` and ``limit`` matter to a *shared* store only (a single writer
-    leaves the request as its caller planned it).  ``at``: the key, in the
+    ``at`` and ``limit`` matter to a *shared* store, and to a single
+    writer for a request marked ``land`` (else a single writer leaves the
+    request as its caller planned it).  ``at``: the key, in the
     data of the request's events, of where ``text`` lands (the column's
     length before it, in characters), which the store sets from the row it
     updates, under that row's lock in the commit's transaction, so another
@@ -259,6 +260,11 @@ class WriteRequest:
     events: tuple[EventDraft, ...] = attrs.field(default=(), converter=_drafts)
     history: tuple[History, ...] = attrs.field(default=(), converter=_history)
     expect: tuple[Expect, ...] = attrs.field(default=(), converter=_expects)
+    land: bool = False
+    """A single writer too lands this request's :class:`Append` (with
+    ``at``) where the row ends now, as a shared store always does: its
+    caller planned it on a length that a commit of unknown outcome may
+    have made wrong (see the store writer)."""
 
 
 @attrs.frozen
@@ -1006,8 +1012,13 @@ class SqlStore:
             if self._shared:
                 self._lock_heads(conn, requests)
                 landings = [self._landing_or_error(request) for request in requests]
-                if not isolate_events:
-                    lengths = self._lock_lengths(conn, landings)
+            elif any(request.land for request in requests):
+                landings = [
+                    self._landing_or_error(request) if request.land else None
+                    for request in requests
+                ]
+            if not isolate_events and any(found is not None for found in landings):
+                lengths = self._lock_lengths(conn, landings)
             for request, found in zip(requests, landings, strict=True):
                 # rooms this request moved: the head before it, None if it
                 # brought the room into the group (undone if it fails)

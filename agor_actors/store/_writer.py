@@ -122,8 +122,9 @@ all of it was copied, which commits beside a checkpoint never let happen."""
 
 
 SHIFTS_MAX = 1024
-"""Streamed messages whose refused chunks the writer remembers (overflow
-policy: the oldest is forgotten)."""
+"""Streamed messages whose refused chunks, and whose chunks of unknown
+outcome, the writer remembers (overflow policy, each: the oldest is
+forgotten)."""
 BUSY_S = 0.05
 """A writer that started a group this recently is busy: it lingers."""
 
@@ -135,6 +136,12 @@ class WriterState:
     characters of its chunks the store refused.  Chunks of that key still
     on their way were planned with offsets that count them: their events'
     offsets are moved back by as much (the content never held them)."""
+    uncertain: dict[str, None] = attrs.field(factory=dict)
+    """Coalesce keys with chunks in a group that failed as a whole: the
+    commit may have happened (its answer lost) or not, so nobody knows
+    where the chunks of that key still on their way land.  They are
+    landed where the row ends when they commit (``WriteRequest.land``),
+    not at the offsets their session planned."""
     pending: list[Request] = attrs.field(factory=list)
     groups: int = 0
     writes: int = 0
@@ -222,6 +229,19 @@ def _shifted(request: WriteRequest, shift: int) -> WriteRequest:
         for e in request.events
     )
     return attrs.evolve(request, events=events)
+
+
+def _planned(run: tuple[Request, ...], state: WriterState) -> WriteRequest:
+    """The request to commit for ``run`` (its writes merged): a key with
+    chunks of unknown outcome lands where its row ends; else its offsets
+    are moved back by what the store refused of its key."""
+    request = coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request
+    key = run[0].body.coalesce_key
+    if key is None:
+        return request
+    if key in state.uncertain:
+        return attrs.evolve(request, land=True)
+    return _shifted(request, state.shifts.get(key, 0))
 
 
 def _touches(request: WriteRequest) -> list[tuple[str, ...]]:
@@ -360,13 +380,7 @@ class StoreWriter(Behaviour[WriterState]):
             taken, state.pending = taken[:cut], taken[cut:] + state.pending
             batch = runs([req.body for req in taken], taken)
             mark("writer.group_cut")
-        requests = [
-            _shifted(
-                coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request,
-                state.shifts.get(run[0].body.coalesce_key or "", 0),
-            )
-            for run in batch
-        ]
+        requests = [_planned(run, state) for run in batch]
         state.groups += 1
         state.writes += len(taken)
         state.merged += len(taken) - len(batch)
@@ -427,6 +441,14 @@ class StoreWriter(Behaviour[WriterState]):
             mark("writer.group_failed")
             for run in done.batch:
                 effects.extend(Reply(req.reply_to, error=error) for req in run)
+                key = run[0].body.coalesce_key
+                if key is not None:
+                    # landed or not, nobody knows: later chunks of the key
+                    # land where the row ends (a shift would guess)
+                    state.shifts.pop(key, None)
+                    state.uncertain[key] = None
+                    while len(state.uncertain) > SHIFTS_MAX:
+                        del state.uncertain[next(iter(state.uncertain))]
             # the group may be durable all the same (the answer was lost):
             # its rooms read their log to find out, so no event is skipped
             rooms = sorted(

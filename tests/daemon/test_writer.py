@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import outcome
+import pytest
 
-from agor_actors.runtime import Await, AwaitInline, Request, StartTimer
+from agor_actors.runtime import Await, AwaitInline, Reply, Request, StartTimer
 from agor_actors.store import (
     Append,
     EventDraft,
     Mutation,
+    SqlStore,
     StoreError,
     StoreIntegrityError,
+    StoreUnavailable,
     StoreWriter,
     Write,
     WriteRequest,
@@ -160,6 +164,81 @@ async def test_chunks_planned_past_a_refused_one_have_their_offsets_moved_back()
     offsets = [e.data["offset"] for r in store.committed for e in r.events if "chunk" in e.data]
     assert offsets == [0, 2, 4]
     assert state.shifts == {"message:m": 3}
+
+
+class _AnswerLost:
+    """A real SQLite store whose commit ``lose_at`` (counted from 1) fails
+    as a whole with :class:`StoreUnavailable`: after committing (the
+    answer lost) or instead of it."""
+
+    local = True
+
+    def __init__(self, store: SqlStore, lose_at: int, *, committed: bool) -> None:
+        self.store = store
+        self.lose_at = lose_at
+        self.committed = committed
+        self.commits = 0
+        self.checkpoints = False
+
+    def commit(self, requests: list[WriteRequest]) -> list[WriteResult | StoreError]:
+        self.commits += 1
+        if self.commits != self.lose_at:
+            return self.store.commit(requests)
+        if self.committed:
+            self.store.commit(requests)
+        raise StoreUnavailable("the connection dropped during COMMIT")
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["not_committed", "answer_lost"])
+async def test_chunks_planned_past_one_of_unknown_outcome_land_where_the_row_ends(
+    committed: bool,
+) -> None:
+    """A group fails as a whole (the connection dropped during its
+    COMMIT): its chunk may be in the store or not.  Chunks of the same
+    message already on their way were planned counting it, and no shift
+    can be right in both cases: they land where the message's content
+    ends when they commit, so each event's offset is where its text is."""
+    store = open_store("sqlite://", new_epoch=lambda: "e1")
+    lossy = _AnswerLost(store, lose_at=3, committed=committed)
+    writer = StoreWriter(lossy, simulated_world(1))  # type: ignore[arg-type]
+    state = WriterState()
+    errors: list[BaseException] = []
+
+    async def group(*writes: Write) -> None:
+        for write in writes:
+            writer.handle(state, Request(write, None), 0.0)  # type: ignore[arg-type]
+        (effect,) = writer.caught_up(state, 0.0)
+        assert isinstance(effect, AwaitInline)
+        for out in writer.handle(state, effect.then(await outcome.acapture(effect.fn)), 0.0):
+            if isinstance(out, Reply) and out.error is not None:
+                errors.append(out.error)
+
+    def stamped(text: str, ts: int, offset: int, key: str = "message:m") -> Write:
+        write = chunk(text, ts, offset)
+        (mutation,) = write.request.mutations
+        values = {**mutation.values, "content": Append(text, at="offset")}
+        request = attrs.evolve(write.request, mutations=(attrs.evolve(mutation, values=values),))
+        return Write(request, coalesce_key=key)
+
+    new_message = Mutation(
+        "insert",
+        "messages",
+        {"id": "m"},
+        {"session_id": "s", "role": "assistant", "content": "", "created_at": 1, "updated_at": 1},
+    )
+    new_session = Mutation("insert", "sessions", {"id": "s"}, {"created_at": 1, "updated_at": 1})
+    await group(Write(WriteRequest(mutations=(new_session, new_message))))
+    await group(stamped("ab", 2, 0))
+    await group(stamped("cd", 3, 2))  # the group of unknown outcome
+    assert len(errors) == 1 and isinstance(errors[0], StoreUnavailable)
+    await group(stamped("ef", 4, 4), stamped("gh", 5, 6))  # planned counting "cd"
+    content = store.get("messages", "m")["content"]  # type: ignore[index]
+    assert content == ("abcdefgh" if committed else "abefgh")
+    for event in store.events_since("session:s", 0, limit=100):
+        text = event.data["chunk"]
+        assert content[event.data["offset"] :].startswith(text), (event.data, content)
+    assert "message:m" in state.uncertain and "message:m" not in state.shifts
+    store.close()
 
 
 def test_a_busy_writer_lingers_and_an_idle_one_commits_at_once() -> None:
