@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import heapq
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -294,6 +295,17 @@ class ActorRef:
         return self._actor.exit_reason
 
 
+class _Timer:
+    """A started timer: its effect and when it fires next."""
+
+    __slots__ = ("due_s", "effect", "key")
+
+    def __init__(self, effect: StartTimer, due_s: float) -> None:
+        self.effect = effect
+        self.key = effect.key
+        self.due_s = due_s
+
+
 class _Actor:
     def __init__(
         self,
@@ -315,7 +327,13 @@ class _Actor:
         self.monitors: dict[int, ActorRef] = {}
         self._next_monitor = 0
         self.pending: dict[ReplyTo, None] = {}
-        self.timers: dict[str, trio.CancelScope] = {}
+        self.timers: dict[str, _Timer] = {}
+        # the timers by due time, with stale entries (replaced or cancelled
+        # timers, skipped when they come up; compacted when they outnumber
+        # the live ones): one task fires them all (_fire_timers)
+        self._timer_heap: list[tuple[float, int, _Timer]] = []
+        self._timer_seq = 0
+        self._timer_scope: trio.CancelScope | None = None
         self.inflight = 0
         self.handled = 0
         self.late_replies = 0
@@ -363,9 +381,8 @@ class _Actor:
     def _finish(self, reason: ExitReason) -> None:
         self.exit_reason = reason
         left = self.mailbox.close()
-        for timer in self.timers.values():
-            timer.cancel()
         self.timers.clear()
+        self._timer_heap.clear()
         for reply in self._asks:
             reply._notify = None
             reply._abandoned = True
@@ -473,9 +490,7 @@ class _Actor:
             elif isinstance(effect, StartTimer):
                 self._start_timer(effect)
             elif isinstance(effect, CancelTimer):
-                scope = self.timers.pop(effect.key, None)
-                if scope is not None:
-                    scope.cancel()
+                self.timers.pop(effect.key, None)  # its heap entry is stale now
             elif isinstance(effect, Await):
                 assert self._nursery is not None
                 self.inflight += 1
@@ -510,30 +525,57 @@ class _Actor:
 
     def _start_timer(self, effect: StartTimer) -> None:
         assert self._nursery is not None
-        old = self.timers.pop(effect.key, None)
-        if old is not None:
-            old.cancel()
+        self.timers.pop(effect.key, None)  # replaced: its heap entry is stale now
         if len(self.timers) >= self.behaviour.max_timers:
             raise MailboxFull(f"{self.name}: at most {self.behaviour.max_timers} timers")
-        scope = trio.CancelScope()
-        self.timers[effect.key] = scope
-        self._nursery.start_soon(self._timer, effect, scope)
+        # trio's time, as trio.sleep's: the deadline is a cancel scope's
+        due_s = trio.current_time() + effect.delay_s if effect.at_s is None else effect.at_s
+        timer = _Timer(effect, due_s)
+        self.timers[effect.key] = timer
+        heap = self._timer_heap
+        if len(heap) >= 2 * len(self.timers) + 16:
+            heap[:] = [entry for entry in heap if self.timers.get(entry[2].key) is entry[2]]
+            heapq.heapify(heap)
+        self._push_timer(timer)
+        scope = self._timer_scope
+        if scope is None:
+            self._timer_scope = scope = trio.CancelScope(deadline=due_s)
+            self._nursery.start_soon(self._fire_timers, scope)
+        elif due_s < scope.deadline:
+            scope.deadline = due_s
 
-    async def _timer(self, effect: StartTimer, scope: trio.CancelScope) -> None:
-        with scope:
-            while True:
-                if effect.at_s is not None:
-                    await trio.sleep_until(effect.at_s)
+    def _push_timer(self, timer: _Timer) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timer_heap, (timer.due_s, self._timer_seq, timer))
+
+    async def _fire_timers(self, scope: trio.CancelScope) -> None:
+        """Deliver the timers that are due; one task for all of an actor's
+        timers (started with its first), sleeping until the earliest.  Timers
+        due at one instant fire in the order they were started."""
+        heap = self._timer_heap
+        timers = self.timers
+        while True:
+            with scope:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            again: list[_Timer] = []
+            while heap and heap[0][0] <= now:
+                timer = heapq.heappop(heap)[2]
+                if timers.get(timer.key) is not timer:
+                    continue  # replaced or cancelled
+                effect = timer.effect
+                if effect.repeat and effect.at_s is None:
+                    timer.due_s = now + effect.delay_s
+                    again.append(timer)  # after this round, even with no delay
                 else:
-                    await trio.sleep(effect.delay_s)
-                if self.timers.get(effect.key) is not scope:
-                    return
-                once = not effect.repeat or effect.at_s is not None
-                if once:
-                    del self.timers[effect.key]
+                    del timers[timer.key]
                 self.mailbox.put_system(effect.msg)
-                if once:
-                    return
+            for timer in again:
+                self._push_timer(timer)
+            while heap and timers.get(heap[0][2].key) is not heap[0][2]:
+                heapq.heappop(heap)
+            scope = trio.CancelScope(deadline=heap[0][0] if heap else math.inf)
+            self._timer_scope = scope
 
     async def _ask(self, effect: Ask) -> None:
         """Send the request; the reply comes back through the reply slot's

@@ -108,7 +108,7 @@ async def test_one_write_reaches_a_viewer_in_at_most_four_task_switches(
                     _actor(t)
                     for t in steps.tasks
                     if t is not me
-                    and not t.name.endswith("_Actor._timer")
+                    and not t.name.endswith("_Actor._fire_timers")
                     and ("registry/" not in t.name or t.name.split("registry/", 1)[1] in ours)
                 ]
                 # the session wakes again for the writer's reply: that is not on the
