@@ -65,7 +65,11 @@ WORKLOADS: Final = (
     "access",  # guests shared a session and a board, then revoked mid-stream
 )
 
-PROFILES: Final = ("ci", "full", "cluster")
+PROFILES: Final = ("ci", "full", "cluster", "medium")
+"""``ci``: small runs (1-11 clients, a 6-16 s fault phase), the CI sweep's;
+``medium``: the size issue 15 sets for the sweep's speed (5-20 clients, a
+30 s fault phase); ``full``: larger and longer (up to 30 clients, 30-120 s);
+``cluster``: ``ci``'s sizes on several nodes sharing a store and a broker."""
 
 EXCLUDABLE: Final = (*FAULT_KINDS, *WORKLOADS, "duplicate", "bursts")
 """What ``--exclude`` accepts: fault kinds, workloads, ``duplicate``
@@ -258,7 +262,12 @@ class Swarm:
 DENSITIES: Final = (0.2, 0.4, 0.6, 0.85)
 """The chance that any one fault kind is on in a seed (one drawn per seed)."""
 
-RATE_PER_MIN: Final = {"ci": (1.0, 60.0), "full": (0.5, 20.0), "cluster": (1.0, 60.0)}
+RATE_PER_MIN: Final = {
+    "ci": (1.0, 60.0),
+    "full": (0.5, 20.0),
+    "cluster": (1.0, 60.0),
+    "medium": (1.0, 60.0),
+}
 """The range of a fault kind's rate per virtual minute (log-uniform)."""
 
 STORE_TRIPS: Final = (3, 5, 8)
@@ -336,14 +345,18 @@ def draw_config(
         raise ValueError(f"unknown fault kind or workload: {', '.join(unknown)}")
     rng = random.Random(f"config:{profile}:{seed}")
     big = profile == "full"
-    users = rng.randint(1, 6 if big else 3)
+    medium = profile == "medium"
+    users = rng.randint(2, 5) if medium else rng.randint(1, 6 if big else 3)
     max_skew_ms = _pick(rng, (0, 0, 5, 50, 2_000, 30_000))
     clients: list[ClientSpec] = []
     slow = rng.random() < 0.3
     for user in range(users):
         for _ in range(rng.randint(1, 4 if big else 3)):
             clients.append(_client(rng, f"w{len(clients)}", user, "window", max_skew_ms, slow))
-    for _ in range(rng.randint(0, 6 if big else 2)):
+    agents = rng.randint(1, 5) if medium else rng.randint(0, 6 if big else 2)
+    if medium:  # 5-20 clients: at least 5, windows before agents as drawn
+        agents = max(agents, 5 - len(clients))
+    for _ in range(agents):
         clients.append(_client(rng, f"a{len(clients)}", users, "agent", max_skew_ms, slow))
     swarm = draw_swarm(seed, profile)
     workloads = tuple(w for w in swarm.workloads if w not in exclude)
@@ -361,7 +374,7 @@ def draw_config(
         sessions_per_board=rng.randint(1, 4 if big else 2),
         workloads=workloads,
         faults=faults,
-        fault_s=rng.randint(30, 120) if big else rng.randint(6, 16),
+        fault_s=rng.randint(30, 120) if big else 30 if medium else rng.randint(6, 16),
         quiet_max_s=90,
         link_bytes_max=_pick(rng, (2_048, 16_384, 262_144)),
         dup_per_mille=_pick(rng, (0, 0, 20, 200)) if "duplicate" not in exclude else 0,

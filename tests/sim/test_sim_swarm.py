@@ -61,3 +61,16 @@ def test_only_turns_its_kinds_on_in_every_seed_at_the_seeds_rate() -> None:
         rates = dict(draw_swarm(seed).rates)
         assert dict(config.faults) == {"reset": rates["reset"], "stall": rates["stall"]}
         assert draw_config(seed, only=("reset",), exclude=("reset",)).faults == ()
+
+
+def test_the_medium_profile_has_the_size_the_speed_target_names() -> None:
+    """``medium``: 5-20 clients and a 30 s fault phase (issue 15's size for
+    the sweep's speed), every size in between drawn."""
+    sizes = set()
+    for seed in range(300):
+        config = draw_config(seed, "medium")
+        assert 5 <= len(config.clients) <= 20, seed
+        assert config.fault_s == 30
+        assert any(c.role == "agent" for c in config.clients)
+        sizes.add(len(config.clients))
+    assert {5, 10, 15} <= sizes
