@@ -5,6 +5,7 @@ durable."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections import OrderedDict
@@ -16,11 +17,14 @@ import outcome
 from ..marks import mark
 from ..runtime import (
     ActorContext,
+    ActorDead,
+    ActorExited,
     Ask,
     Await,
     Behaviour,
     Effect,
     Effects,
+    Registry,
     Reply,
     ReplyTo,
     Request,
@@ -32,6 +36,7 @@ from ..store import (
     Compact,
     EventDraft,
     Expect,
+    Flush,
     History,
     Mutation,
     SqlStore,
@@ -98,6 +103,11 @@ class Command:
     record anew (a shared store said its view was stale): not a third time."""
 
 
+FLUSH_TIMEOUT_S: Final = 30.0
+"""How long a session's first load waits for the writer to answer the
+writes before its :class:`~agor_actors.store.Flush` (a write's own ask
+waits as long); past it the load fails as the store's unreachable would."""
+
 _INCARNATIONS = itertools.count()
 """Session actor incarnations in this process: a restarted session plans
 its chunks under keys of its own (only their equality matters)."""
@@ -137,6 +147,9 @@ class SessionState:
     tell the chunks planned on lengths that counted a refused chunk from
     those planned after."""
     incarnation: int = attrs.field(factory=lambda: next(_INCARNATIONS))
+    flushed: bool = False
+    """Whether a load of this incarnation waited for the writer's answers
+    to the writes it held (see :meth:`SessionBehaviour._flush`)."""
 
 
 @attrs.define
@@ -283,10 +296,12 @@ class SessionBehaviour(Behaviour[SessionState]):
         self.session_id = session_id
         self.store = store
         self.writer = writer
+        self._registry: Registry | None = None  # init sets it
 
     async def init(self, ctx: ActorContext) -> SessionState:
         store, sid = self.store, self.session_id
         self._blocking = ctx.world.blocking
+        self._registry = ctx.registry
         row = await ctx.world.blocking.run(lambda: store.get("sessions", sid))
         state = SessionState(session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"))
         _observe_clocks(state)
@@ -335,7 +350,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 # once they are answered, or its length or rev misses them
                 state.load_wanted = unknown
                 return []
-            return [self._load(*unknown)]
+            return [self._load(state, *unknown)]
         try:
             request, answer, coalesce_key, touched = self._plan(state, cmd)
         except ServiceError as exc:
@@ -372,14 +387,33 @@ class SessionBehaviour(Behaviour[SessionState]):
                 return True
         return False
 
-    def _load(self, table: str, record_id: str) -> Effect:
+    def _load(self, state: SessionState, table: str, record_id: str) -> Effect:
         store = self.store
         blocking = self._blocking
+        flush = None if state.flushed else self._flush
 
         async def load() -> dict[str, Any] | None:
+            if flush is not None:
+                await flush()
             return await blocking.run(lambda: store.get(table, record_id))
 
         return Await(load, lambda result: _Loaded(table, record_id, result))
+
+    async def _flush(self) -> None:
+        """Wait until the writer has answered every write it holds: an
+        earlier incarnation of this session (crashed, restarted at once) may
+        have sent chunks that are still on their way, and a message's length
+        read before they commit would plan the next chunk at an offset one of
+        them takes.  Once per incarnation, before its first load (not in
+        ``init``, which runs under the supervisor's lock: a flush waits for a
+        commit).  A writer that is not running holds nothing: what the last
+        one held was answered when it stopped, and never committed."""
+        writer = self._registry.lookup(self.writer) if self._registry is not None else None
+        if writer is None:
+            return
+        # stopped meanwhile: what it held was answered, never committed
+        with contextlib.suppress(ActorExited, ActorDead):
+            await writer.call(Flush(), timeout_s=FLUSH_TIMEOUT_S)
 
     def _unknown(self, state: SessionState, cmd: Command) -> tuple[str, str] | None:
         """``(table, id)`` of a record this write needs to know and that is
@@ -402,6 +436,7 @@ class SessionBehaviour(Behaviour[SessionState]):
         state.loading = False
         try:
             row = done.result.unwrap()
+            state.flushed = True
         except Exception as exc:
             # the store is unreachable: fail what waits, in order
             waiting, state.deferred, state.retried = state.deferred, [], 0
@@ -544,7 +579,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             state.loading, state.load_wanted = False, None
             effects.append(Stop())
         elif state.load_wanted is not None and state.inflight == 0:
-            effects.append(self._load(*state.load_wanted))
+            effects.append(self._load(state, *state.load_wanted))
             state.load_wanted = None
         return effects
 

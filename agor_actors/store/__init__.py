@@ -33,6 +33,7 @@ from ._schema import StoreUnavailable as StoreUnavailable
 from ._schema import metadata as metadata
 from ._writer import WRITER_NAME as WRITER_NAME
 from ._writer import Committed as Committed
+from ._writer import Flush as Flush
 from ._writer import Resync as Resync
 from ._writer import StoreWriter as StoreWriter
 from ._writer import Write as Write

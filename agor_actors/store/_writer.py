@@ -29,6 +29,7 @@ from ..runtime import (
     Effect,
     Effects,
     Reply,
+    ReplyTo,
     Request,
     Send,
     StartTimer,
@@ -49,6 +50,7 @@ from ._schema import StoreError, StoreUnavailable
 __all__ = [
     "WRITER_NAME",
     "Committed",
+    "Flush",
     "Resync",
     "StoreWriter",
     "Write",
@@ -74,6 +76,21 @@ class Write:
 
     request: WriteRequest
     coalesce_key: str | None = None
+
+
+@attrs.frozen
+class Flush:
+    """Ask the writer to answer (``None``) once every write it received
+    before this one has been answered: what a reader reads of the store
+    afterwards counts them, committed or not.  A restarted session reads
+    its records after one, so that a chunk its crashed predecessor sent is
+    not overtaken by a load of the message's length (which would plan the
+    next chunk at an offset the earlier one then takes)."""
+
+
+FLUSHES_MAX = 4096
+"""Flushes a writer holds until the writes before them are answered
+(overflow policy: the newest is refused with ``StoreUnavailable``)."""
 
 
 @attrs.frozen
@@ -143,6 +160,12 @@ class WriterState:
     landed where the row ends when they commit (``WriteRequest.land``),
     not at the offsets their session planned."""
     pending: list[Request] = attrs.field(factory=list)
+    received: int = 0
+    """Writes received (``writes``: taken into groups, answered once the
+    group ends)."""
+    flushes: list[tuple[int, ReplyTo]] = attrs.field(factory=list)
+    """:class:`Flush` requests waiting: answered once ``writes`` reaches the
+    count of writes received before each."""
     groups: int = 0
     writes: int = 0
     merged: int = 0
@@ -338,11 +361,25 @@ class StoreWriter(Behaviour[WriterState]):
     def handle(self, state: WriterState, msg: Any, now: float) -> Effects:
         if isinstance(msg, Request) and isinstance(msg.body, Write):
             state.pending.append(msg)
+            state.received += 1
             if len(state.pending) >= self.max_group:
                 return self._start(state, now)
             return ()
+        if isinstance(msg, Request) and isinstance(msg.body, Flush):
+            # between groups (a group is awaited inline): every write taken
+            # so far is answered; the pending ones are not
+            if not state.pending:
+                return [Reply(msg.reply_to, None)]
+            if len(state.flushes) >= FLUSHES_MAX:
+                return [Reply(msg.reply_to, error=StoreUnavailable("too many flushes waiting"))]
+            state.flushes.append((state.received, msg.reply_to))
+            return ()
         if isinstance(msg, _Done):
-            return self._finish(state, msg, now)
+            effects = self._finish(state, msg, now)
+            flushes = state.flushes
+            while flushes and flushes[0][0] <= state.writes:
+                effects.append(Reply(flushes.pop(0)[1], None))
+            return effects
         if isinstance(msg, _Linger):
             state.lingering = False
             return self._start(state, now) if state.pending else ()

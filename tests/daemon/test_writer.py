@@ -4,6 +4,7 @@ offsets of chunks planned past a refused one."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 import outcome
@@ -13,6 +14,7 @@ from agor_actors.runtime import Await, AwaitInline, Reply, Request, StartTimer
 from agor_actors.store import (
     Append,
     EventDraft,
+    Flush,
     Mutation,
     SqlStore,
     StoreError,
@@ -345,3 +347,41 @@ async def test_a_sqlite_files_log_is_checkpointed_beside_the_commits(tmp_path: P
         assert started == (expected_at if expected else [])
         assert writer.describe(state)["checkpoints"] == (1 if expected else 0)
         store.close()
+
+
+def slot() -> Any:
+    """A reply slot as the writer sees one: only its identity matters."""
+    return object()
+
+
+def test_a_flush_is_answered_once_the_writes_before_it_are() -> None:
+    """``Flush``: at once when nothing waits; else once every write the
+    writer received before it has been answered (committed or refused),
+    not waiting for the writes after it."""
+    writer = StoreWriter(store=None, world=simulated_world(1))  # type: ignore[arg-type]
+    state = WriterState()
+    first = slot()
+    (reply,) = writer.handle(state, Request(Flush(), first), 0.0)
+    assert isinstance(reply, Reply) and reply.to is first and reply.error is None
+
+    before = [Request(chunk("a", 1, 0), slot()) for _ in range(2)]
+    for req in before:
+        assert writer.handle(state, req, 0.0) == ()
+    flush = slot()
+    assert writer.handle(state, Request(Flush(), flush), 0.0) == ()
+    after = Request(other("session:s"), slot())
+    assert writer.handle(state, after, 0.0) == ()
+
+    # the group takes the two writes before the flush only
+    writer.max_group = 2
+    (effect,) = writer.caught_up(state, 0.0)
+    assert isinstance(effect, AwaitInline)
+    results: list[WriteResult | StoreError] = [StoreUnavailable("refused")]  # one run: merged
+    done = writer.handle(state, effect.then(outcome.Value(results)), 0.0)
+    flushed = [e for e in done if isinstance(e, Reply) and e.to is flush]
+    assert len(flushed) == 1 and flushed[0].error is None
+    # the flush comes after the answers of the writes before it
+    assert done.index(flushed[0]) > max(
+        i for i, e in enumerate(done) if isinstance(e, Reply) and e.to is not flush
+    )
+    assert state.flushes == [] and state.pending == [after]

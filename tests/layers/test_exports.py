@@ -163,6 +163,7 @@ PACKAGES: dict[str, set[str]] = {
         "EventDraft",
         "EventPage",
         "Expect",
+        "Flush",
         "History",
         "MAX_LIMIT",
         "Mutation",
