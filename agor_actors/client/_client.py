@@ -611,6 +611,9 @@ class Client:
         self._waiters: dict[int, _Waiter] = {}
         self._slots = trio.lowlevel.ParkingLot()
         self._mirrors: dict[str, Mirror] = {}
+        self._handing: set[str] = set()
+        """Rooms whose join waits for an open connection to be sent (at most
+        one task each; bounded by the rooms joined)."""
         self._reloads: dict[str, trio.CancelScope] = {}
         self._streams: dict[str, set[EventStream]] = {}
         self._services: dict[str, Service] = {}
@@ -752,14 +755,56 @@ class Client:
         mirror = self._mirrors.get(room)
         if mirror is None or mirror.left_reason is not None:
             mirror = self._mirrors[room] = Mirror(room)
-        with trio.fail_after(self.call_timeout_s):
-            track = self.machine.rooms.get(room)
-            if track is None or track.status is RoomStatus.LEAVING:
-                await self._send_when_open(lambda: self.machine.join(room))
-            await mirror.ready.wait()
+        track = self.machine.rooms.get(room)
+        needs = (track is None or track.status is RoomStatus.LEAVING) and room not in self._handing
+        handed = not needs
+
+        def make() -> WireFrame:
+            nonlocal handed
+            frame = self.machine.join(room)
+            handed = True  # the machine has the room now: it rejoins it after drops
+            return frame
+
+        try:
+            with trio.fail_after(self.call_timeout_s):
+                if needs:
+                    self._handing.add(room)
+                    try:
+                        await self._send_when_open(make)
+                    finally:
+                        self._handing.discard(room)
+                await mirror.ready.wait()
+        except trio.TooSlowError:
+            if not handed and room not in self._handing:
+                # no connection opened in time: the join is sent once one
+                # does, by a task of the client's own (the room stays wanted
+                # until left), as a Phoenix channel keeps rejoining
+                assert self._nursery is not None
+                self._handing.add(room)
+                self._nursery.start_soon(self._hand_join, room)
+            raise
         if mirror.left_reason is not None:
             raise CallError(mirror.left_reason, f"could not join {room}")
         return mirror
+
+    async def _hand_join(self, room: str) -> None:
+        """Send ``room``'s join once a connection is open, unless the room is
+        no longer wanted by then (left)."""
+
+        def wanted() -> bool:
+            mirror = self._mirrors.get(room)
+            return mirror is not None and mirror.left_reason is None
+
+        try:
+            await self._send_when_open(lambda: self.machine.join(room), wanted=wanted)
+        except ClientClosed:
+            pass
+        except CallError as exc:  # refused before sending: an invalid room
+            mirror = self._mirrors.get(room)
+            if mirror is not None:
+                mirror._left(exc.code)
+        finally:
+            self._handing.discard(room)
 
     async def leave(self, room: str) -> None:
         """Leave ``room``: its mirror is dropped and its streams end."""
@@ -960,15 +1005,20 @@ class Client:
         except TransportClosed as exc:
             raise ConnectionLost(f"send failed: {exc.code} {exc.reason}".rstrip()) from None
 
-    async def _send_when_open(self, make_frame: Callable[[], WireFrame]) -> None:
+    async def _send_when_open(
+        self, make_frame: Callable[[], WireFrame], *, wanted: Callable[[], bool] | None = None
+    ) -> None:
         """Build a frame with the machine once a connection is open, and send
         it; rebuilt after a drop (the machine refuses sends while
-        disconnected)."""
+        disconnected).  ``wanted``: asked just before building; False: send
+        nothing."""
         async with self.pacer.turn():
             while True:
                 await self.wait_connected()
                 if self.machine.state is ClientState.OPEN and await self.pacer.wait_for_token():
                     continue  # the connection may have changed meanwhile
+                if wanted is not None and not wanted():
+                    return
                 try:
                     frame = make_frame()
                 except LocalProtocolError as exc:

@@ -378,3 +378,41 @@ async def test_a_board_mirror_follows_its_sessions(running: Daemon) -> None:
             )
         async with connect(running.url, token=running.token) as late:
             assert (await late.join(room)).snapshot() == mirror.snapshot()
+
+
+async def test_a_join_that_timed_out_while_disconnected_is_sent_once_connected(
+    running: Daemon,
+) -> None:
+    """``join`` while no connection is open for longer than the call's
+    timeout raises ``TooSlowError``, but the room stays wanted: once a
+    connection opens the client joins it, loads its mirror and keeps it
+    across drops, as a Phoenix channel keeps rejoining (before, the join was
+    dropped with the timeout and the room never joined: simulator, profile
+    ``medium``, seeds 258 and 556)."""
+    async with connect(running.url, token=running.token, call_timeout_s=0.5) as client:
+        sid, room = await _session(client)
+        await client.disconnect()
+        with pytest.raises(trio.TooSlowError):
+            await client.join(room)
+        mirror = client.mirror(room)
+        assert mirror is not None and not mirror.ready.is_set()
+        client.reconnect()
+        with trio.fail_after(10):
+            await mirror.ready.wait()
+        assert mirror.left_reason is None and mirror.get("sessions", sid) is not None
+        # joined for good: a write made afterwards reaches the mirror
+        row = await client.service("tasks").create({"session_id": sid, "prompt": "after"})
+        await _caught_up(mirror, seq=row["_seq"])
+
+
+async def test_a_room_left_before_the_connection_opens_is_not_joined(running: Daemon) -> None:
+    async with connect(running.url, token=running.token, call_timeout_s=0.5) as client:
+        _, room = await _session(client)
+        await client.disconnect()
+        with pytest.raises(trio.TooSlowError):
+            await client.join(room)
+        await client.leave(room)
+        client.reconnect()
+        await client.wait_connected()
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.mirror(room) is None and room not in client.machine.rooms
