@@ -223,9 +223,14 @@ class SimDaemon:
                     async with trio.open_nursery() as connections:
 
                         def accept(conn: Conn) -> bool:
-                            connections.start_soon(
-                                self._serve, state, conn, name=f"serve:{conn.name}"
-                            )
+                            try:
+                                connections.start_soon(
+                                    self._serve, state, conn, name=f"serve:{conn.name}"
+                                )
+                            except RuntimeError:
+                                # this incarnation is ending (it gave up):
+                                # its listener is gone, the dial refused
+                                return False
                             return True
 
                         incarnation.hub, incarnation.state = hub, state
