@@ -751,7 +751,10 @@ class Client:
 
     async def join(self, room: str) -> Mirror:
         """Join ``room`` and return its mirror once loaded.  Raises
-        :class:`CallError` if the server refuses (the code of its ``left``)."""
+        :class:`CallError` if the server refuses (the code of its ``left``),
+        ``trio.TooSlowError`` if it is not loaded within ``call_timeout_s``:
+        the room stays wanted all the same (joined once a connection opens,
+        and again after every drop) until :meth:`leave`."""
         mirror = self._mirrors.get(room)
         if mirror is None or mirror.left_reason is not None:
             mirror = self._mirrors[room] = Mirror(room)
@@ -1107,9 +1110,14 @@ class Client:
         if board is not None and board.left_reason is not None and room in self.machine.rooms:
             board._rejoined()
         due = self._restore_due
-        if due is not None and room == f"board:{due}" and self._presence_out is not None:
+        sender = self._presence_out
+        if due is not None and room == f"board:{due}" and sender is not None:
             self._restore_due = None
-            self._presence_out.restore(due)
+            if sender.current_board == due:
+                # (not if the client moved to another board, or to none,
+                # while the room was being rejoined: restoring would put it
+                # back on this one)
+                sender.restore(due)
 
     def _fail_waiters(self, code: str, message: str) -> None:
         for waiter in self._waiters.values():

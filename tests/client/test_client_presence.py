@@ -458,3 +458,31 @@ async def test_activity_pages_filters_and_live_feed(running: Daemon) -> None:
         assert bobs and all(e.user_id == mate for e in bobs)
         made = (await activity.find(action="session:created")).entries
         assert [e.data["session"]["id"] for e in made] == [s["id"] for s in reversed(created)]
+
+
+async def test_a_board_left_while_its_room_was_rejoined_is_not_restored(
+    short_grace: Daemon,
+) -> None:
+    """After a reconnect the client restores its board's presence once the
+    board's room is rejoined.  A window that moved to no board meanwhile
+    must not be put back on it: before, the restore ran anyway and the
+    user sat on the board's facepile for good (simulator, profile
+    ``medium``, seeds 219 and 723)."""
+    async with team(short_grace, windows=1) as ([me, bob], board_id):
+        owner, mate = me.user_id, bob.user_id
+        assert owner is not None and mate is not None
+        await me.board_presence(board_id)
+        bobs = await bob.board_presence(board_id)
+        await _until(bobs, lambda p: set(p.users) == {owner, mate})
+        await me.set_presence(board_id, view="session:s-1")
+        sender = me.presence_sender
+        assert sender is not None and sender.current_board == board_id
+        # what a new connection's welcome does: the restore waits for the room
+        me._presence_welcomed()
+        assert me._restore_due == board_id
+        await me.set_presence("")  # the window looks at no board now
+        me._presence_rejoined(f"board:{board_id}")  # the room is back
+        assert sender.current_board == ""
+        assert sender.pending(board_id) is None  # nothing queued for the board left
+        # the server let the user go (after the short grace), and keeps it so
+        await _until(bobs, lambda p: set(p.users) == {mate})
