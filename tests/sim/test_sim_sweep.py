@@ -16,6 +16,7 @@ the test and prints the command that replays it; so does a coverage mark
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import pytest
 from sim_support import run_sim
@@ -23,6 +24,17 @@ from sim_support import run_sim
 SEEDS = 250
 """Every coverage mark fires in 200 seeds (20 times or more each, on
 2026-12-04); 250 keep the suite within 15 minutes on a slow machine."""
+
+
+def _assert_no_failures(summary: dict[str, Any], output: str) -> None:
+    """Each failed seed, its first violation and its replay command."""
+    failures = [r for r in summary["results"] if not r["ok"]]
+    report = "\n".join(
+        f"seed {r['seed']}: {r['violations'][0]['kind']}: {r['violations'][0]['detail'][:200]}\n"
+        f"  replay: {r['replay']}"
+        for r in failures
+    )
+    assert not failures, f"{len(failures)} seeds failed:\n{report}\n{output[-2000:]}"
 
 
 @pytest.mark.slow
@@ -43,13 +55,7 @@ def test_sim_sweep_ci_250_seeds(tmp_path: pathlib.Path) -> None:
         timeout_s=900,
     )
     totals = summary["totals"]
-    failures = [r for r in summary["results"] if not r["ok"]]
-    report = "\n".join(
-        f"seed {r['seed']}: {r['violations'][0]['kind']}: {r['violations'][0]['detail'][:200]}\n"
-        f"  replay: {r['replay']}"
-        for r in failures
-    )
-    assert not failures, f"{len(failures)} seeds failed:\n{report}\n{output[-2000:]}"
+    _assert_no_failures(summary, output)
     assert status == 0, output
     assert totals["seeds"] == SEEDS
     assert totals["applied"] > 0 and totals["log_events"] > 0
@@ -59,3 +65,35 @@ def test_sim_sweep_ci_250_seeds(tmp_path: pathlib.Path) -> None:
     # every rare path of the product ran (agor_actors.marks), and the sweep says how often
     assert not totals["marks_never"], f"coverage marks never reached: {totals['marks_never']}"
     assert "coverage marks" in output and "never reached" not in output
+
+
+MEDIUM_FIRST, MEDIUM_SEEDS = 65, 60
+"""A slice of the ``medium`` profile (5-20 clients, 30 s of faults): the
+``ci`` sweep's small runs missed every bug that size found on 2026-12-06
+(a restarted session's chunk offsets, a client's join dropped by a timeout,
+a presence restored on a board left, a root that gave up); seeds 65 and
+120 were two of them."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sim_sweep_medium_slice(tmp_path: pathlib.Path) -> None:
+    # about 60 s alone on 2 cores; a guard against a hang, not a measure
+    status, summary, output = run_sim(
+        tmp_path,
+        "--seeds",
+        str(MEDIUM_SEEDS),
+        "--first",
+        str(MEDIUM_FIRST),
+        "--profile",
+        "medium",
+        "--jobs",
+        "2",
+        "--skip-known",
+        "--timeout",
+        "120",
+        timeout_s=580,
+    )
+    _assert_no_failures(summary, output)
+    assert status == 0, output
+    assert summary["totals"]["seeds"] == MEDIUM_SEEDS
