@@ -147,9 +147,12 @@ class SessionState:
     tell the chunks planned on lengths that counted a refused chunk from
     those planned after."""
     incarnation: int = attrs.field(factory=lambda: next(_INCARNATIONS))
-    flushed: bool = False
+    flushed: bool = True
     """Whether a load of this incarnation waited for the writer's answers
-    to the writes it held (see :meth:`SessionBehaviour._flush`)."""
+    to the writes it held (see :meth:`SessionBehaviour._flush`); ``init``
+    starts an incarnation with False, so that its first write reads the
+    session's row again after one (a state made otherwise, as by the
+    behaviour's unit tests, needs none)."""
 
 
 @attrs.define
@@ -303,7 +306,9 @@ class SessionBehaviour(Behaviour[SessionState]):
         self._blocking = ctx.world.blocking
         self._registry = ctx.registry
         row = await ctx.world.blocking.run(lambda: store.get("sessions", sid))
-        state = SessionState(session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"))
+        state = SessionState(
+            session_id=sid, row=row, clock=HlcClock(node=f"session:{sid}"), flushed=False
+        )
         _observe_clocks(state)
         return state
 
@@ -421,8 +426,10 @@ class SessionBehaviour(Behaviour[SessionState]):
         chunk; its rev) or a task (its rev, the record a change answers);
         first of all the session's own row, after a shared store refused a
         write of it (every write reads it: whether the session exists, its
-        board, its fields' clocks)."""
-        if state.row_stale:
+        board, its fields' clocks), and before this incarnation's first write
+        (the row read in ``init`` may miss a write of its crashed predecessor
+        still at the writer: it is read again after the writer's flush)."""
+        if state.row_stale or not state.flushed:
             return ("sessions", state.session_id)
         if not isinstance(cmd.id, str):
             return None

@@ -101,3 +101,57 @@ async def test_a_restarted_session_plans_chunks_after_its_predecessors(
                 assert content[c["offset"] : c["offset"] + len(c["chunk"])] == c["chunk"], chunks
     finally:
         store.close()
+
+
+async def test_a_restarted_session_writes_its_row_after_its_predecessors(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The same for the session's own row: a patch of the crashed
+    incarnation still at the writer, then one of the new incarnation.  The
+    new one must merge against the row as that patch left it (its fields'
+    clocks), not the row read before it committed, whose clocks it would
+    write back."""
+    store = open_store(f"sqlite:///{tmp_path / 'agor.db'}", new_epoch=lambda: "e1")
+    store.__class__ = _Gated
+    assert isinstance(store, _Gated)
+    store.gate = threading.Event()
+    store.gate.set()
+    try:
+        async with open_hub(real_world(), data_dir=tmp_path / "agor", store=store) as hub:
+
+            async def call(service: str, method: str, **kw: Any) -> Any:
+                return await hub.call(
+                    OWNER, connection_id="c", service=service, method=method, **kw
+                )
+
+            sid = (await call("sessions", "create", data={"title": "S"}))["id"]
+            created = store.get("sessions", sid) or {}
+            answers: dict[str, Any] = {}
+
+            async def patch(field: str, value: Any) -> None:
+                try:
+                    answers[field] = await call("sessions", "patch", id=sid, data={field: value})
+                except Exception as exc:  # the crash answers the one in flight
+                    answers[field] = exc
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    store.gate.clear()
+                    nursery.start_soon(patch, "title", "renamed before the crash")
+                    await trio.testing.wait_all_tasks_blocked()
+                    ref = hub.system.registry.lookup(f"session:{sid}")
+                    assert ref is not None and ref.try_send(object())  # a crash
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(patch, "agent", "after the crash")
+                    await trio.testing.wait_all_tasks_blocked()
+                    store.gate.set()
+            assert not isinstance(answers["agent"], Exception), answers
+
+            row = store.get("sessions", sid) or {}
+            assert row["title"] == "renamed before the crash"
+            assert row["agent"] == "after the crash"
+            # the rename's clock and rev survived the later write
+            assert row["clocks"]["title"] != created["clocks"]["title"], (created, row)
+            assert row["rev"] == created["rev"] + 2, (created, row)
+    finally:
+        store.close()

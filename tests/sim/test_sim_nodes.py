@@ -208,16 +208,17 @@ def test_a_small_multi_node_sweep_is_green_and_replays(tmp_path: pathlib.Path) -
 def test_the_quiet_phase_waits_for_a_revocation_a_cut_node_checks_once_the_store_is_back(
     tmp_path: pathlib.Path,
 ) -> None:
-    # the viewer guest is on node 1, cut from the store from before the
-    # revocation until the faults stop at 13 s: its rooms hold their
-    # deliveries at the revocation and check it again a second later; the
-    # run converged at 13.1 s and reported the guest "still live after
-    # revocation" before that check could run (it sends left forbidden at
-    # 13.33 s)
+    # the viewer guest is on node 1, cut from the store from 5.49 s, before
+    # the revocation (6.69 s), until the faults stop at 8 s: its rooms hold
+    # their deliveries at the revocation and check it again once the store
+    # is back; without the access predicate the run converged at 8.1 s and
+    # reported the guest "still live after revocation" before that check
+    # could run (it sends left forbidden at 8.23 s).  (Seed 44 showed it
+    # first; a later change to the sessions' reads moved its timings.)
     status, result, output = run_sim(
         tmp_path,
         "--seed",
-        "44",
+        "121",
         "--profile",
         "cluster",
         "--only",
@@ -225,7 +226,7 @@ def test_the_quiet_phase_waits_for_a_revocation_a_cut_node_checks_once_the_store
     )
     assert status == 0 and result["ok"], output
     assert result["counters"].get("access:left_revoked") == 4, result["counters"]
-    assert result["converged_s"] > 13.3
+    assert result["converged_s"] > 8.2
 
 
 @pytest.mark.parametrize(
