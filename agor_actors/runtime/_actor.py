@@ -427,7 +427,14 @@ class _Actor:
             msg: Any = self._next
             if msg is not EMPTY:
                 self._next = EMPTY
-            elif self._unyielded < _BURST:
+            elif self._unyielded >= _BURST:
+                # the turn is over: yield, then look again (not a wait on
+                # the mailbox: emptied by this turn, it would skip
+                # ``caught_up`` until some later message came, if any did)
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+                continue
+            else:
                 msg = mailbox.get_nowait(user=take_user)
                 if msg is EMPTY and self._catches_up:
                     caught = list(behaviour.caught_up(self.state, clock.now_s()))

@@ -610,3 +610,24 @@ async def test_await_inline_gathers_a_group_and_its_outcome_comes_first(
             "done",
         ]
         await ref.stop()
+
+
+@pytest.mark.parametrize("waiting", range(1, 40))
+async def test_a_burst_as_long_as_the_actors_turn_still_ends_in_caught_up(waiting: int) -> None:
+    # messages waiting at once: the actor takes up to _BURST (16) of them
+    # between checkpoints; when its mailbox is empty after the last one, the
+    # group commits then, not when some later message arrives (there is none
+    # here; with 17 or 34 it used to wait for one forever: the turn's end
+    # waited on the mailbox instead of yielding and looking again)
+    gate = trio.Event()
+    gate.set()
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, GroupingBehaviour(gate), name="g", world=WORLD)
+        for n in range(waiting):
+            assert ref.try_send(n)
+        state = ref._actor.state
+        with trio.fail_after(5):
+            while sum(len(g) for g in state.groups) < waiting:
+                await trio.sleep(0)
+        assert [m for g in state.groups for m in g] == list(range(waiting))
+        await ref.stop()
