@@ -590,7 +590,9 @@ class _Run:
             for connection in state.connections:
                 stats = connection.outbox.statistics()
                 if (
-                    stats.queued_bytes > settings.outbox_bytes_max
+                    # one batch taken by an outbox holding no events may
+                    # exceed the byte bound alone (see Outbox)
+                    (stats.queued_bytes > settings.outbox_bytes_max and stats.queued_batches > 1)
                     or stats.queued_messages
                     > settings.outbox_messages_max + settings.outbox_control_max
                 ):

@@ -66,6 +66,9 @@ class OutboxStats:
     sent_messages: int
     lagged: int
     sent_bytes: int = 0
+    queued_batches: int = 0
+    """Queue entries holding room events (a batch or a single event): the
+    byte bound holds whenever there are two or more (see :class:`Outbox`)."""
 
 
 @attrs.define(slots=True)
@@ -82,7 +85,12 @@ class Outbox:
     room events: overflow policy *drop the room's backlog and tell the
     client ``lagged``*.  Control messages are bounded by ``max_control``:
     overflow policy *close the connection*.  A transport adds at most one
-    frame's unwritten tail (:class:`~agor_actors.world.PeerTransport`)."""
+    frame's unwritten tail (:class:`~agor_actors.world.PeerTransport`).
+
+    An outbox that holds no events takes any one batch, whatever its size
+    (else an event, or a window's batch, larger than ``max_bytes`` could
+    never be sent: the client would lag and catch up on it forever); so the
+    events held are at most ``max_bytes``, or one batch alone."""
 
     def __init__(
         self,
@@ -459,6 +467,7 @@ class Outbox:
             sent_messages=self.sent_messages,
             lagged=self.lagged,
             sent_bytes=self.sent_bytes,
+            queued_batches=sum(1 for entry in self._queue if entry.room is not None),
         )
 
 

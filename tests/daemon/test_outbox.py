@@ -96,6 +96,10 @@ async def test_an_empty_outbox_takes_one_oversized_batch_and_wait_room_counts_by
     big = ev(1)
     assert len(big[1]) > 50
     assert out.offer_events("session:a", [big])  # alone, it goes: never a lag loop
+    assert not out.offer_events("session:b", [ev(2)])  # nothing joins it: b lags
+    stats = out.statistics()
+    # over the byte bound, as one batch alone (what the simulator's check allows)
+    assert (stats.queued_bytes, stats.queued_batches, stats.queued_messages) == (len(big[1]), 1, 2)
     assert not out.fits_half(1, 10)
     with trio.move_on_after(60) as cancel:  # virtual time: nothing drains it meanwhile
         await out.wait_room(1, 10)  # waits: over half the byte bound
