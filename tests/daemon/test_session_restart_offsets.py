@@ -7,15 +7,16 @@ planned the new chunk at an offset one of them takes (simulator, profile
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 import trio.testing
 
-from agor_actors.daemon import Principal, open_hub
+from agor_actors.daemon import Hub, Principal, open_hub
 from agor_actors.store import SqlStore, StoreError, WriteRequest, WriteResult, open_store
 from agor_actors.world import real_world
 
@@ -38,9 +39,12 @@ class _Gated(SqlStore):
         return super().commit(requests)
 
 
-async def test_a_restarted_session_plans_chunks_after_its_predecessors(
+@contextlib.asynccontextmanager
+async def _gated_hub(
     tmp_path: pathlib.Path,
-) -> None:
+) -> AsyncIterator[tuple[_Gated, Hub, Callable[..., Awaitable[Any]]]]:
+    """A hub on a :class:`_Gated` store (its gate open), and a ``call`` as
+    the owner."""
     store = open_store(f"sqlite:///{tmp_path / 'agor.db'}", new_epoch=lambda: "e1")
     store.__class__ = _Gated
     assert isinstance(store, _Gated)
@@ -54,53 +58,60 @@ async def test_a_restarted_session_plans_chunks_after_its_predecessors(
                     OWNER, connection_id="c", service=service, method=method, **kw
                 )
 
-            session = await call("sessions", "create", data={"title": "S"})
-            sid = session["id"]
-            message = await call(
-                "messages",
-                "create",
-                data={"session_id": sid, "role": "assistant", "content": "", "streaming": True},
-            )
-            mid = message["id"]
-            await call("messages", "stream", id=mid, data={"chunk": "c0;"})
-
-            answers: dict[str, Any] = {}
-
-            async def stream(text: str) -> None:
-                try:
-                    answers[text] = await call("messages", "stream", id=mid, data={"chunk": text})
-                except Exception as exc:  # the crash answers those in flight
-                    answers[text] = exc
-
-            with trio.fail_after(10):
-                async with trio.open_nursery() as nursery:
-                    store.gate.clear()
-                    for text in ("c1;", "c2;"):  # in this order
-                        nursery.start_soon(stream, text)
-                        await trio.testing.wait_all_tasks_blocked()
-                    # both planned and sent to the writer, which holds them
-                    assert not answers
-                    ref = hub.system.registry.lookup(f"session:{sid}")
-                    assert ref is not None
-                    assert ref.try_send(object())  # a message no behaviour knows: a crash
-                    await trio.testing.wait_all_tasks_blocked()
-                    nursery.start_soon(stream, "c3;")
-                    await trio.testing.wait_all_tasks_blocked()
-                    store.gate.set()
-            assert not isinstance(answers["c3;"], Exception), answers
-
-            content = (store.get("messages", mid) or {})["content"]
-            assert content == "c0;c1;c2;c3;"  # the store appended each, in order
-            chunks = [
-                e.data
-                for e in store.events_since(f"session:{sid}", 0)
-                if e.data.get("message_id") == mid and "chunk" in e.data
-            ]
-            assert "".join(c["chunk"] for c in chunks) == content
-            for c in chunks:  # every event says where its chunk is
-                assert content[c["offset"] : c["offset"] + len(c["chunk"])] == c["chunk"], chunks
+            yield store, hub, call
     finally:
         store.close()
+
+
+async def test_a_restarted_session_plans_chunks_after_its_predecessors(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with _gated_hub(tmp_path) as (store, hub, call):
+        session = await call("sessions", "create", data={"title": "S"})
+        sid = session["id"]
+        message = await call(
+            "messages",
+            "create",
+            data={"session_id": sid, "role": "assistant", "content": "", "streaming": True},
+        )
+        mid = message["id"]
+        await call("messages", "stream", id=mid, data={"chunk": "c0;"})
+
+        answers: dict[str, Any] = {}
+
+        async def stream(text: str) -> None:
+            try:
+                answers[text] = await call("messages", "stream", id=mid, data={"chunk": text})
+            except Exception as exc:  # the crash answers those in flight
+                answers[text] = exc
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                store.gate.clear()
+                for text in ("c1;", "c2;"):  # in this order
+                    nursery.start_soon(stream, text)
+                    await trio.testing.wait_all_tasks_blocked()
+                # both planned and sent to the writer, which holds them
+                assert not answers
+                ref = hub.system.registry.lookup(f"session:{sid}")
+                assert ref is not None
+                assert ref.try_send(object())  # a message no behaviour knows: a crash
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(stream, "c3;")
+                await trio.testing.wait_all_tasks_blocked()
+                store.gate.set()
+        assert not isinstance(answers["c3;"], Exception), answers
+
+        content = (store.get("messages", mid) or {})["content"]
+        assert content == "c0;c1;c2;c3;"  # the store appended each, in order
+        chunks = [
+            e.data
+            for e in store.events_since(f"session:{sid}", 0)
+            if e.data.get("message_id") == mid and "chunk" in e.data
+        ]
+        assert "".join(c["chunk"] for c in chunks) == content
+        for c in chunks:  # every event says where its chunk is
+            assert content[c["offset"] : c["offset"] + len(c["chunk"])] == c["chunk"], chunks
 
 
 async def test_a_restarted_session_writes_its_row_after_its_predecessors(
@@ -111,47 +122,33 @@ async def test_a_restarted_session_writes_its_row_after_its_predecessors(
     new one must merge against the row as that patch left it (its fields'
     clocks), not the row read before it committed, whose clocks it would
     write back."""
-    store = open_store(f"sqlite:///{tmp_path / 'agor.db'}", new_epoch=lambda: "e1")
-    store.__class__ = _Gated
-    assert isinstance(store, _Gated)
-    store.gate = threading.Event()
-    store.gate.set()
-    try:
-        async with open_hub(real_world(), data_dir=tmp_path / "agor", store=store) as hub:
+    async with _gated_hub(tmp_path) as (store, hub, call):
+        sid = (await call("sessions", "create", data={"title": "S"}))["id"]
+        created = store.get("sessions", sid) or {}
+        answers: dict[str, Any] = {}
 
-            async def call(service: str, method: str, **kw: Any) -> Any:
-                return await hub.call(
-                    OWNER, connection_id="c", service=service, method=method, **kw
-                )
+        async def patch(field: str, value: Any) -> None:
+            try:
+                answers[field] = await call("sessions", "patch", id=sid, data={field: value})
+            except Exception as exc:  # the crash answers the one in flight
+                answers[field] = exc
 
-            sid = (await call("sessions", "create", data={"title": "S"}))["id"]
-            created = store.get("sessions", sid) or {}
-            answers: dict[str, Any] = {}
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                store.gate.clear()
+                nursery.start_soon(patch, "title", "renamed before the crash")
+                await trio.testing.wait_all_tasks_blocked()
+                ref = hub.system.registry.lookup(f"session:{sid}")
+                assert ref is not None and ref.try_send(object())  # a crash
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(patch, "agent", "after the crash")
+                await trio.testing.wait_all_tasks_blocked()
+                store.gate.set()
+        assert not isinstance(answers["agent"], Exception), answers
 
-            async def patch(field: str, value: Any) -> None:
-                try:
-                    answers[field] = await call("sessions", "patch", id=sid, data={field: value})
-                except Exception as exc:  # the crash answers the one in flight
-                    answers[field] = exc
-
-            with trio.fail_after(10):
-                async with trio.open_nursery() as nursery:
-                    store.gate.clear()
-                    nursery.start_soon(patch, "title", "renamed before the crash")
-                    await trio.testing.wait_all_tasks_blocked()
-                    ref = hub.system.registry.lookup(f"session:{sid}")
-                    assert ref is not None and ref.try_send(object())  # a crash
-                    await trio.testing.wait_all_tasks_blocked()
-                    nursery.start_soon(patch, "agent", "after the crash")
-                    await trio.testing.wait_all_tasks_blocked()
-                    store.gate.set()
-            assert not isinstance(answers["agent"], Exception), answers
-
-            row = store.get("sessions", sid) or {}
-            assert row["title"] == "renamed before the crash"
-            assert row["agent"] == "after the crash"
-            # the rename's clock and rev survived the later write
-            assert row["clocks"]["title"] != created["clocks"]["title"], (created, row)
-            assert row["rev"] == created["rev"] + 2, (created, row)
-    finally:
-        store.close()
+        row = store.get("sessions", sid) or {}
+        assert row["title"] == "renamed before the crash"
+        assert row["agent"] == "after the crash"
+        # the rename's clock and rev survived the later write
+        assert row["clocks"]["title"] != created["clocks"]["title"], (created, row)
+        assert row["rev"] == created["rev"] + 2, (created, row)
