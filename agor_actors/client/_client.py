@@ -866,8 +866,10 @@ class Client:
 
         Updates are merged with pending ones and throttled with the cursor
         (at most ``presence_rate_per_s`` per second in all).  Returns True
-        once the update is written to the connection, False when the client
-        is not connected (it goes out after the reconnect).  The view,
+        once the update is written to the connection, or superseded by an
+        update for another board (what was still pending for this one is
+        not sent: the server would show the connection back here), False
+        when the client is not connected (it goes out after the reconnect).  The view,
         viewport, hidden cursors and followed user are sent again after every
         reconnect."""
         self._check_usable()

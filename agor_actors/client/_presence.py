@@ -307,7 +307,14 @@ class PresenceSender:
     """The client's own presence, coalesced per board and throttled to at
     most ``rate_per_s`` updates per second (all boards together), on
     ``clock`` (the world's seam).  Updates of the board with the oldest
-    pending change go first."""
+    pending change go first.
+
+    The server shows a connection on one board at a time, the board of its
+    latest update, so an update for another board *supersedes* what is
+    still pending for the others: sent later, it would put this connection
+    back on a board it has left, for one throttle interval (a flicker on
+    that board's facepile).  A superseded change counts as settled for
+    :meth:`wait_sent`."""
 
     def __init__(
         self,
@@ -336,6 +343,8 @@ class PresenceSender:
         """Calls of :meth:`update` and :meth:`move`."""
         self.retries = 0
         """Updates put back because the connection was lost."""
+        self.superseded = 0
+        """Pending updates dropped for an update of another board."""
 
     @property
     def rate_per_s(self) -> float:
@@ -360,6 +369,8 @@ class PresenceSender:
         values = {name: _value(name, v) for name, v in fields.items() if v is not None}
         self.changes += 1
         self._version += 1
+        if board != self.current_board:
+            self._supersede(board)
         self.current_board = board
         remembered = self._remembered.setdefault(board, {})
         remembered.update({name: v for name, v in values.items() if name in _REMEMBERED})
@@ -384,6 +395,16 @@ class PresenceSender:
         entry = self._pending.get(board)
         return None if entry is None else dict(entry.fields)
 
+    def _supersede(self, board: str) -> None:
+        """Drop what is pending for boards other than ``board``."""
+        for other in [b for b in self._pending if b != board]:
+            self._settle(other, self._pending.pop(other).version)
+            self.superseded += 1
+
+    def _settle(self, board: str, version: int) -> None:
+        self._sent[board] = max(self._sent.get(board, 0), version)
+        self._done.unpark_all()
+
     def _merge(
         self, board: str, fields: dict[str, Any], version: int, *, first: bool = False
     ) -> None:
@@ -404,11 +425,14 @@ class PresenceSender:
     # ------------------------------------------------------------- waiting
 
     def is_sent(self, board: str, version: int) -> bool:
+        """Whether the change ``version`` of ``board`` was sent, or
+        superseded by a change of another board."""
         return self._sent.get(board, 0) >= version
 
     async def wait_sent(self, board: str, version: int) -> bool:
-        """Wait until the change ``version`` of ``board`` is sent (True), or
-        until :meth:`interrupt` (False: it goes out later)."""
+        """Wait until the change ``version`` of ``board`` is sent or
+        superseded (True), or until :meth:`interrupt` (False: it goes out
+        later)."""
         interrupts = self._interrupts
         while not self.is_sent(board, version):
             if self._interrupts != interrupts:
@@ -439,10 +463,12 @@ class PresenceSender:
             done = await self._send(update)
             self.throttle.sent(self._clock.now_s())
             if done:
-                self._sent[board] = max(self._sent.get(board, 0), entry.version)
                 self.frames_sent += 1
                 self.frames_by_board[board] = self.frames_by_board.get(board, 0) + 1
-                self._done.unpark_all()
+                self._settle(board, entry.version)
+            elif board != self.current_board:  # moved on meanwhile
+                self.superseded += 1
+                self._settle(board, entry.version)
             else:
                 self.retries += 1
                 self._merge(board, entry.fields, entry.version, first=True)

@@ -165,6 +165,65 @@ async def test_updates_merge_and_the_remembered_state_is_restored(
     assert sender.pending("b-1") is None and sender.changes == 5
 
 
+async def test_an_update_for_another_board_supersedes_what_is_pending_for_the_last(
+    autojump_clock: MockClock,
+) -> None:
+    recorder = Recorder()
+    sender = PresenceSender(recorder.send, rate_per_s=RATE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run)
+        sender.update("b-1", view="a")
+        await trio.testing.wait_all_tasks_blocked()  # at once (leading edge)
+        stale = sender.move("b-1", 5.0, 5.0)  # throttled: pending
+        assert sender.pending("b-1") == {"cursor": Cursor(x=5.0, y=5.0)}
+        moved = sender.update("b-2", view="c")
+        assert sender.pending("b-1") is None and sender.superseded == 1
+        with trio.fail_after(1):
+            assert await sender.wait_sent("b-1", stale)  # settled, not sent
+            assert await sender.wait_sent("b-2", moved)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    # b-1's cursor never follows b-2's update: the connection stays on b-2
+    assert [u for _, u in recorder.sent] == [
+        PresenceUpdate(board="b-1", view="a"),
+        PresenceUpdate(board="b-2", view="c"),
+    ]
+
+
+async def test_a_lost_send_for_a_board_left_meanwhile_is_not_sent_again(
+    autojump_clock: MockClock,
+) -> None:
+    sent: list[PresenceUpdate] = []
+    in_flight = trio.Event()
+    answer = trio.Event()
+    lose = [True]
+
+    async def send(update: PresenceUpdate) -> bool:
+        if lose[0]:  # the connection is lost while this update is on its way
+            lose[0] = False
+            in_flight.set()
+            await answer.wait()
+            return False
+        sent.append(update)
+        return True
+
+    sender = PresenceSender(send, rate_per_s=RATE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run)
+        left = sender.update("b-1", view="a")
+        with trio.fail_after(1):
+            await in_flight.wait()
+        moved = sender.update("b-2", view="c")
+        answer.set()
+        with trio.fail_after(1):
+            assert await sender.wait_sent("b-1", left)
+            assert await sender.wait_sent("b-2", moved)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert sent == [PresenceUpdate(board="b-2", view="c")]
+    assert sender.retries == 0 and sender.superseded == 1
+
+
 # ---------------------------------------------------------- real daemon
 
 
