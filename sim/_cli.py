@@ -183,7 +183,10 @@ def _print_summary(summary: SweepSummary) -> None:
     if t["presence_late"]:
         print(
             f"presence late    {t['presence_late']} seeds: facepiles settled over "
-            f"{PRESENCE_LAG_S:g} s after the rooms (a restarted room forgets presence)"
+            f"{PRESENCE_LAG_S:g} s after the rooms (seeds "
+            f"{', '.join(map(str, t['presence_late_seeds']))}"
+            f"{', ...' if t['presence_late'] > len(t['presence_late_seeds']) else ''}: "
+            "their traces' facepile lines say when)"
         )
     print(f"failures         {t['failures']}")
     for failure in summary.failures[:20]:

@@ -91,6 +91,9 @@ class SweepSummary:
             "store_locks": dict(sorted(locks.items())),
             "marks": marks,
             "presence_late": sum(1 for r in done if r.get("counters", {}).get("presence_late")),
+            "presence_late_seeds": [
+                r["seed"] for r in done if r.get("counters", {}).get("presence_late")
+            ][:10],
             "marks_never": sorted(name for name, n in marks.items() if not n),
             "wall_s": self.wall_s,
             "seeds_per_min": 60 * len(done) / self.wall_s if self.wall_s else 0.0,

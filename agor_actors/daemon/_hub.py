@@ -239,10 +239,7 @@ class Hub:
             # it passivated (nobody was subscribed): its facepile is gone;
             # the next join asks those present to tell it again, whatever
             # started the room meanwhile (a commit to the board does)
-            forgotten = self._forgotten_boards
-            forgotten[name.removeprefix("room:board:")] = None
-            while len(forgotten) > self._forgotten_boards_max:
-                del forgotten[next(iter(forgotten))]  # overflow: drop the oldest
+            self._forget_board(name.removeprefix("room:board:"))
         if name.startswith("presence:user:") and reason is not None:
             self._presence_restarted(name.removeprefix("presence:user:"))
             return
@@ -266,9 +263,18 @@ class Hub:
                 self.gate.forget_board(ident)
                 self._recheck_soon(everyone=True)
         if name.startswith("room:board:"):
-            # the facepile was the room's memory: every user present asks
-            # the new incarnation to take their entry again
-            self._republish(name.removeprefix("room:board:"))
+            board = name.removeprefix("room:board:")
+            if ref.started:
+                # the facepile was the room's memory: every user present
+                # asks the new incarnation to take their entry again
+                self._republish(board)
+            else:
+                # it failed to start (the store away): what a republish now
+                # sends would start it again at once, and a start that fails
+                # at once would republish again, a loop with no time passing
+                # (the simulator's cluster seeds 1692 and 1987); the next
+                # join asks instead, as after a passivation
+                self._forget_board(board)
         for connection_id, room in list(served or ()):
             sub = self._forget_sub(connection_id, room)
             if sub is None:
@@ -317,11 +323,22 @@ class Hub:
             if not ref.try_send(touch):
                 self.presence_dropped += 1
 
+    def _forget_board(self, board: str) -> None:
+        """``board``'s room holds no facepile: its next join republishes."""
+        forgotten = self._forgotten_boards
+        forgotten[board] = None
+        while len(forgotten) > self._forgotten_boards_max:
+            del forgotten[next(iter(forgotten))]  # overflow: drop the oldest
+
     def _republish(self, board: str) -> None:
-        """Every user present asks ``board``'s room to take their entry again."""
+        """Every user with an entry asks ``board``'s room to take it again:
+        every live presence actor, not only those of users connected now (a
+        user in the offline grace has an entry too, and their actor, which
+        believes the room holds it, would not send it again when they come
+        back saying the same).  A passivated presence actor had none."""
         registry = self.system.registry
-        for user_id in {p.user_id for p in self._presence_of.values()}:
-            presence_ref = registry.lookup(f"presence:user:{user_id}")
+        for name in registry.names_of("presence:user:"):
+            presence_ref = registry.lookup(name)
             if presence_ref is not None and not presence_ref.try_send(Republish(board)):
                 self.presence_dropped += 1
 

@@ -294,6 +294,12 @@ class ActorRef:
         """Why it stopped; None while it runs."""
         return self._actor.exit_reason
 
+    @property
+    def started(self) -> bool:
+        """Whether this incarnation's ``init`` completed: False while it
+        starts, and for good if its start failed (it never ran)."""
+        return self._actor.started
+
 
 class _Timer:
     """A started timer: its effect and when it fires next."""
@@ -341,6 +347,8 @@ class _Actor:
         self.restarts = restarts
         self.exited = trio.Event()
         self.exit_reason: ExitReason | None = None
+        self.started = False
+        """Its ``init`` completed (it ran, if only briefly)."""
         self.state: Any = None
         self._nursery: trio.Nursery | None = None
         # asks awaiting their reply: the effect, its deadline, the target's name
@@ -364,6 +372,7 @@ class _Actor:
                     self.state = await self.behaviour.init(
                         ActorContext(self.name, self.ref, self.world, self.registry)
                     )
+                    self.started = True
                     on_ready(self.ref)
                     reason = await self._loop()
                     if reason.kind in ("normal", "shutdown"):

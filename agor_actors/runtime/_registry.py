@@ -68,6 +68,8 @@ class Registry:
         )
         self._kinds: list[Kind] = []
         self._entries: dict[str, _Entry] = {}
+        self._of_kind: dict[str, dict[str, None]] = {}
+        """Per kind (its prefix): the names in ``_entries``, in spawn order."""
         self._turns: dict[str, trio.Lock] = {}
         """Per name, while requests wait for its actor (see :meth:`request`)."""
         self.spawned = 0
@@ -203,6 +205,8 @@ class Registry:
         kind = self._kind_for(name)
         entry = _Entry()
         self._entries[name] = entry
+        of_kind = self._of_kind.setdefault(kind.prefix, {})
+        of_kind[name] = None
 
         def on_ready(ref: ActorRef) -> None:
             entry.ref = ref
@@ -223,6 +227,7 @@ class Registry:
             entry.removed = True
             if self._entries.get(name) is entry:
                 del self._entries[name]
+                del of_kind[name]
             entry.ready.set()
 
         spec = actor_child_spec(
@@ -256,6 +261,11 @@ class Registry:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def names_of(self, prefix: str) -> list[str]:
+        """The names of the kind defined with ``prefix``, live or starting
+        (as :meth:`names`, without walking every other kind's)."""
+        return list(self._of_kind.get(prefix, ()))
 
     def statistics(self) -> list[ActorStats]:
         out = []

@@ -14,11 +14,22 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
+import trio.testing
 
 from agor_actors.daemon import Outbox, Principal, open_hub
 from agor_actors.store import StoreUnavailable
 from agor_actors.world import Blocking, real_world
-from protocols import Codec, Event, Joined, Lagged, Limits, Since, decode_server_frame
+from protocols import (
+    Codec,
+    Event,
+    Joined,
+    Lagged,
+    Limits,
+    Presence,
+    PresenceUpdate,
+    Since,
+    decode_server_frame,
+)
 
 T = TypeVar("T")
 OWNER = Principal("owner", "owner", True)
@@ -106,3 +117,49 @@ async def test_a_join_whose_room_fails_to_start_meanwhile_is_told_to_resume(
         await hub.join(OWNER, "c4", again, room, Since(joined.epoch, lagged.resume_from - 1))
         rest = await read(again, lambda m: len([x for x in m if isinstance(x, Event)]) >= 5)
         assert [e.seq for e in rest if isinstance(e, Event)] == [2, 3, 4, 5, 6]
+
+
+async def test_a_board_room_that_cannot_start_again_is_not_restarted_in_a_loop(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A board room stops while the store is away.  Its facepile was its
+    memory, so every user with an entry is asked to send it again; sending
+    it starts the room, whose start fails at once (the store), and a failed
+    start used to ask them again: rooms started and failed in a loop that
+    no time passed in (the simulator's cluster seeds 1692 and 1987).  Now a
+    room that never ran asks nobody; the next join, once the store is back,
+    has the users send their entries again."""
+    world = real_world()
+    seam = Unreachable(world.blocking)
+    world = attrs.evolve(world, blocking=seam)
+    async with open_hub(world, data_dir=tmp_path / "agor") as hub:
+        board = await hub.call(
+            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+        )
+        room = f"board:{board['id']}"
+        watcher = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c1", watcher, room, None)
+        await hub.presence(OWNER, "c1", PresenceUpdate(board=board["id"]))
+
+        def on_facepile(msgs: list[Any]) -> bool:
+            return any(isinstance(m, Presence) and m.users for m in msgs)
+
+        await read(watcher, on_facepile)
+
+        # the store goes away, and the room is stopped with its subscriber
+        # (as when its supervisor gives up and every actor starts over)
+        seam.failing = True
+        await hub.system.registry.supervisor.terminate_child(f"room:{room}")
+        with trio.fail_after(10):
+            await seam.refusal.wait()  # a start of the room failed
+            spawned = hub.system.registry.spawned
+            # the daemon settles: no task keeps running (the loop never did)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+        assert hub.system.registry.spawned - spawned <= 2
+
+        seam.failing = False
+        again = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c2", again, room, None)
+        got = await read(again, on_facepile)
+        [users] = [m.users for m in got if isinstance(m, Presence) and m.users]
+        assert [u["user_id"] for u in users] == ["owner"]

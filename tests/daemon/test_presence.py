@@ -452,6 +452,50 @@ async def test_a_board_room_that_restarts_gets_its_facepile_back_at_once(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_board_room_that_restarts_in_a_users_grace_gets_their_entry_too(
+    autojump_clock: MockClock,
+) -> None:
+    """A user's only connection drops (they stay on the facepile for the
+    offline grace) and the board's room crashes meanwhile.  The new room is
+    given the entry of every user with one, not only of those connected:
+    before, the user vanished at once, and when they came back saying what
+    they had said before, their presence actor (which still believed the
+    room held their entry) sent nothing, so the facepile lacked them until
+    their next status change, a minute later (the simulator's medium seed
+    2648)."""
+    async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
+        board = await make_board(hub)
+        one = Watcher(hub, user(1), "w1", board)
+        two = Watcher(hub, user(2), "w2", board)
+        await one.start(nursery)
+        await two.start(nursery)
+        await one.send(hide_cursors=False)  # no view: the entry is the same connected or not
+        await two.send(view="board")
+        await trio.sleep(1)
+        assert set(two.facepile()) == {"u1", "u2"}
+        await hub.disconnect("w1")  # in the grace: still on the facepile
+        await trio.sleep(1)
+        assert set(two.facepile()) == {"u1", "u2"}
+        room = hub.system.registry.lookup(f"room:board:{board}")
+        assert room is not None
+        assert room.try_send(object())  # a message no behaviour knows: the room crashes
+        with trio.fail_after(5):
+            await room.wait_stopped()
+        again = Watcher(hub, user(2), "w2b", board)
+        await again.start(nursery)
+        await trio.sleep(1)
+        assert set(again.facepile()) == {"u1", "u2"}  # u1 still in the grace
+        back = Watcher(hub, user(1), "w1b", board)
+        await back.start(nursery)
+        await back.send(hide_cursors=False)  # the same as before
+        await trio.sleep(1)
+        assert set(again.facepile()) == {"u1", "u2"}
+        await trio.sleep(20)  # past the first grace: u1 is connected again
+        assert set(again.facepile()) == {"u1", "u2"}
+        assert again.facepile()["u1"]["status"] == "active"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_board_room_keeps_its_facepile_while_a_user_is_present_unsubscribed(
     autojump_clock: MockClock,
 ) -> None:

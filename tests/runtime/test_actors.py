@@ -411,7 +411,12 @@ async def test_a_registry_call_asks_its_guard_only_when_the_actor_was_not_there(
 async def test_passivation_and_respawn(autojump_clock: MockClock) -> None:
     async with open_system(WORLD) as system:
         system.define(Kind("session:", lambda name: CounterBehaviour(idle_s=30.0)))
+        system.define(Kind("room:", lambda name: CounterBehaviour(idle_s=1000.0)))
         first = await system.registry.get("session:a")
+        await system.registry.get("room:r")
+        assert system.registry.names_of("session:") == ["session:a"]
+        assert system.registry.names_of("room:") == ["room:r"]
+        assert system.registry.names_of("user:") == []
         await first.send("inc")
         await trio.sleep(20)
         assert first.alive  # not idle long enough
@@ -423,7 +428,10 @@ async def test_passivation_and_respawn(autojump_clock: MockClock) -> None:
         assert system.registry.lookup("session:a") is None
         await trio.sleep(0.1)  # the supervisor drops the child once it has exited
         assert "session:a" not in system.registry.supervisor.which_children()
+        assert system.registry.names_of("session:") == []  # forgotten with its entry
+        assert system.registry.names_of("room:") == ["room:r"]
         second = await system.registry.get("session:a")  # spawned again
+        assert system.registry.names_of("session:") == ["session:a"]
         assert second is not first and second.alive
         assert await system.registry.call("session:a", "get") == 0
 
