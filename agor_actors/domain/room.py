@@ -217,7 +217,14 @@ class BoardPresence:
     connections (``viewports`` has the latest from any daemon), for its
     heartbeats."""
     beating: bool = False
-    """The heartbeat timer runs (own users to announce, or daemons to watch)."""
+    """The heartbeat timer runs (own users to announce, daemons to watch, or
+    farewells to repeat)."""
+    farewells: int = 0
+    """A cluster node's: heartbeats still to send once none of its own users
+    is here (each a full message with none): the goodbye of its last user
+    is a change the broker may lose (at most once), which the other
+    daemons would otherwise correct only after their liveness timeout and
+    the grace."""
 
 
 @attrs.frozen
@@ -923,6 +930,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 p.local[msg.user_id] = msg.entry
             if self.announce is not None:
                 p.out_users[msg.user_id] = msg.entry
+                p.farewells = self._farewell_beats()
                 effects += self._start_beat(state)
             self._merge(state, (msg.user_id,))
         elif isinstance(msg, CursorMoved):
@@ -1023,10 +1031,21 @@ class RoomBehaviour(Behaviour[RoomState]):
             effects += self._schedule_flush(state, now)
         if p.local:
             effects += self._announce(state, full=True)
-        if not p.local and not p.nodes:
+            p.farewells = self._farewell_beats()
+        elif p.farewells:
+            p.farewells -= 1
+            effects += self._announce(state, full=True)  # none of ours here
+        if not p.local and not p.nodes and not p.farewells:
             p.beating = False
             effects.append(CancelTimer("presence-beat"))
         return effects
+
+    def _farewell_beats(self) -> int:
+        """Heartbeats that say "none of ours" after the last own user left:
+        as many as fit in the others' liveness timeout (after it they drop
+        this daemon's users anyway)."""
+        cfg = self.presence_config
+        return max(1, math.ceil(cfg.node_liveness_s / cfg.node_heartbeat_s))
 
     def _schedule_flush(self, state: RoomState, now: float) -> list[Effect]:
         """Flush on a fixed cadence: at once if the last flush is a period

@@ -165,12 +165,38 @@ def test_own_users_are_announced_at_the_flush_and_in_full_at_each_beat() -> None
     assert sent(room.handle(state, _PresenceFlush(), 0.05)) == []  # nothing new
     (beat,) = sent(room.handle(state, _PresenceBeat(), 1.0))
     assert beat.full and beat.users == {"a": entry("a")}
-    # the last user leaves: told once, then the beat stops
+    # the last user leaves: told at the flush, then "none of ours" in full
+    # at each beat for the others' liveness timeout (3 beats of 1 s), in
+    # case the broker lost the goodbye; the beat stops with the last
     list(room.handle(state, UserEntry("a", None), 1.5))
     (left,) = sent(room.handle(state, _PresenceFlush(), 1.5))
     assert left.users == {"a": None}
-    effects = list(room.handle(state, _PresenceBeat(), 2.0))
-    assert sent(effects) == [] and CancelTimer("presence-beat") in effects
+    for at in (2.0, 3.0, 4.0):
+        effects = list(room.handle(state, _PresenceBeat(), at))
+        assert sent(effects) == [PresenceOut("b", True, {}, {})]
+        assert (CancelTimer("presence-beat") in effects) is (at == 4.0)
+
+
+def test_a_lost_goodbye_is_repaired_by_the_next_heartbeat() -> None:
+    """Daemon one's last user leaves; the broker loses that change (at most
+    once).  Daemon two drops the user at one's next heartbeat, not after
+    its liveness timeout and the grace (cluster seed 1528: 16 s late)."""
+    one, one_state = board_room()
+    two, two_state = board_room()
+
+    def deliver(outs: list[PresenceOut], at: float) -> None:
+        for out in outs:
+            remote = RemotePresence("n1", out.board, out.full, out.users, out.cursors)
+            list(two.handle(two_state, remote, at))
+
+    list(one.handle(one_state, UserEntry("a", entry("a")), 0.0))
+    deliver(sent(one.handle(one_state, _PresenceFlush(), 0.01)), 0.01)
+    assert set(two_state.presence.users) == {"a"}
+    list(one.handle(one_state, UserEntry("a", None), 0.5))
+    lost = sent(one.handle(one_state, _PresenceFlush(), 0.5))
+    assert lost and lost[0].users == {"a": None}  # never delivered
+    deliver(sent(one.handle(one_state, _PresenceBeat(), 1.0)), 1.0)
+    assert two_state.presence.users == {}
 
 
 def test_other_daemons_users_merge_and_leave_after_liveness_and_grace() -> None:
