@@ -417,6 +417,12 @@ class PeerTransport(Protocol):
         """The closing handshake, bounded in time by the transport."""
         ...
 
+    def peer_gone(self) -> bool:
+        """Whether the peer is seen gone now (closed, reset), without
+        waiting: what has arrived may be read ahead, bounded, into what
+        :meth:`receive` returns next.  False when it cannot tell."""
+        ...
+
 
 # --------------------------------------------------------------------------- the world
 

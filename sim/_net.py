@@ -239,6 +239,16 @@ class Link:
             else:
                 await park_until(math.inf, self._receivers)
 
+    def close_arrived(self) -> bool:
+        """Reset, or the close marker has arrived (a receiver would get it
+        after the frames before it)."""
+        if self._reset or self._eof is not None:
+            return True
+        return any(
+            item.frame is None and reached(self._hold.deliverable_at(item.at_us))
+            for item in self._queue
+        )
+
     def _wake_receivers(self) -> None:
         receivers = self._receivers
         if receivers:
@@ -326,6 +336,9 @@ class ServerSide:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await trio.lowlevel.checkpoint()
         self.conn.down.close(code, reason)
+
+    def peer_gone(self) -> bool:
+        return self.conn.gone.is_set() or self.conn.up.close_arrived()
 
 
 class ClientSide:

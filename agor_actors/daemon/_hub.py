@@ -409,6 +409,8 @@ class Hub:
         connection_id: str | None,
         call: Call,
         reply: Callable[[outcome.Outcome[Any]], None],
+        *,
+        caller_gone: Callable[[], bool] | None = None,
     ) -> Callable[[], Awaitable[Any]] | None:
         """Start one service ``call``, for a connection that answers calls as
         they complete.  A session's write is put in the session's mailbox
@@ -417,7 +419,15 @@ class Hub:
         outcome is handed to ``reply`` in the answering actor's task, once
         durable: then None.  Anything else (reads, boards, users, activity)
         is returned as a call for the caller to run concurrently.  Raises
-        :class:`ServiceError` for a call refused before it starts."""
+        :class:`ServiceError` for a call refused before it starts.
+
+        ``caller_gone`` is asked before a write that had to wait for its
+        session's actor (spawning, restarting: up to the registry's restart
+        back-off) is sent to it: a write whose caller has gone meanwhile is
+        dropped, unwritten (``unavailable``), rather than written after
+        what the caller, told the connection was lost, wrote since through
+        another connection, maybe another daemon (the simulator's cluster
+        seed 2812: a stream's chunk landed after the five next ones)."""
         release = self._pending(principal)
         try:
             route = await self._route(
@@ -450,8 +460,16 @@ class Hub:
                 self._written(write, result.value)
             reply(result)
 
+        guard = None
+        if caller_gone is not None:
+            gone = caller_gone
+
+            def guard() -> None:
+                if gone():
+                    raise ServiceError("unavailable", "the caller is gone: not written")
+
         try:
-            await self.system.registry.request(write.actor, write.cmd, answered)
+            await self.system.registry.request(write.actor, write.cmd, answered, guard=guard)
         except BaseException as exc:
             release()
             self._settle_access(write)  # what it assumed (nothing is written)

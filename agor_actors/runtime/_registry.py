@@ -120,10 +120,18 @@ class Registry:
                 await self._wait_gone(name, ref)
 
     async def request(
-        self, name: str, body: Any, on_reply: Callable[[outcome.Outcome[Any]], None]
+        self,
+        name: str,
+        body: Any,
+        on_reply: Callable[[outcome.Outcome[Any]], None],
+        *,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         """:meth:`ActorRef.request` on the named actor, spawning it if
-        needed: returns once the request is in its mailbox.
+        needed: returns once the request is in its mailbox.  ``guard`` is
+        called before sending whenever the actor was not there to take it
+        at once (that can take long, and the request may no longer be
+        wanted: its caller gone); what it raises ends the request, unsent.
 
         Requests to one name reach it in the order they were made, also
         across an actor's absence: one that has to wait for it (spawning,
@@ -150,6 +158,8 @@ class Registry:
             async with turn:
                 while True:
                     ref = self.lookup(name) or await self.get(name)
+                    if guard is not None:
+                        guard()
                     try:
                         await ref.request(body, on_reply)
                         return

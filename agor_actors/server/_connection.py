@@ -608,6 +608,7 @@ class Connection:
                 self.connection_id,
                 call,
                 partial(self._answered, call, started_s),
+                caller_gone=self.ws.peer_gone,
             )
         except Exception as exc:
             self._answer_exception(call, exc)

@@ -66,6 +66,8 @@ class ServerHub(Protocol):
         connection_id: str | None,
         call: Call,
         reply: Callable[[outcome.Outcome[Any]], None],
+        *,
+        caller_gone: Callable[[], bool] | None = None,
     ) -> Callable[[], Awaitable[Any]] | None: ...
 
     async def join(

@@ -188,6 +188,25 @@ class WsTransport:
 
     # -------------------------------------------------------------- receiving
 
+    def peer_gone(self) -> bool:
+        """Whether the peer is seen gone now: closed, reset, or its close or
+        EOF among what has arrived.  Reads ahead without waiting, once
+        (``RECV_BYTES``), and only while no message is queued, so what it
+        queues is bounded; False when it cannot tell."""
+        if self._eof is not None or self._broken:
+            return True
+        if self._messages:
+            return False
+        try:
+            data = self._sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""  # reset
+        self._more = len(data) == RECV_BYTES
+        self._feed(data)
+        return self._eof is not None
+
     async def receive(self) -> bytes | str:
         """The next message; a checkpoint when it has to read.  Raises
         :class:`TransportClosed` once the peer is gone, closed, or broke the
@@ -322,6 +341,11 @@ class TlsWsTransport(WsTransport):
         if self._broken:
             self._tail = b""
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def peer_gone(self) -> bool:
+        """Closed or broken as far as it knows: a TLS read cannot be made
+        without awaiting, so nothing is read ahead."""
+        return self._eof is not None or self._broken
 
     async def _recv(self) -> bytes:
         try:

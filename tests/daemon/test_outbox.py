@@ -143,6 +143,9 @@ class SlowPeer:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         return None
 
+    def peer_gone(self) -> bool:
+        return False
+
 
 async def test_a_frame_the_transport_took_only_partly_is_finished_by_the_writer() -> None:
     out = Outbox(Codec.JSON)

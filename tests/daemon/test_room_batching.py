@@ -41,6 +41,9 @@ class Recorder:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         return None
 
+    def peer_gone(self) -> bool:
+        return False
+
 
 def stored(seq: int) -> StoredEvent:
     return StoredEvent(ROOM, "e1", seq, None, "task:created", {"n": seq}, 0, "u", None, None)

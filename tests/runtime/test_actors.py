@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import attrs
@@ -374,6 +375,59 @@ async def test_requests_waiting_for_a_named_actor_reach_it_in_the_order_they_wer
             assert ref._actor.state == list(range(6)), (r, ref._actor.state)
             release = trio.Event()
         assert system.registry._turns == {}  # nothing kept once no one waits
+
+
+async def test_a_registry_request_asks_its_guard_only_when_the_actor_was_not_there(
+    autojump_clock: MockClock,
+) -> None:
+    """A request that waited for its actor asks its guard before it is
+    sent; what the guard raises ends it unsent.  One that finds the actor
+    there at once never asks."""
+    release = trio.Event()
+
+    class Gated(Behaviour[list[Any]]):
+        async def init(self, ctx: ActorContext) -> list[Any]:
+            await release.wait()
+            return []
+
+        def handle(self, state: list[Any], msg: Any, now: float) -> Effects:
+            state.append(msg.body)
+            return [Reply(msg.reply_to, None)]
+
+    asked: list[str] = []
+
+    def wanted() -> None:
+        asked.append("wanted")
+
+    def gone() -> None:
+        asked.append("gone")
+        raise LookupError("the caller is gone")
+
+    answered: list[Any] = []
+    async with open_system(WORLD) as system:
+        system.define(Kind("gated:", lambda name: Gated()))
+        async with trio.open_nursery() as nursery:
+
+            async def dropped() -> None:
+                with pytest.raises(LookupError):
+                    await system.registry.request("gated:a", "dropped", answered.append, guard=gone)
+
+            nursery.start_soon(dropped)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(
+                partial(system.registry.request, "gated:a", "kept", answered.append, guard=wanted)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert asked == []  # not while they wait
+            release.set()
+        assert asked == ["gone", "wanted"]
+        await system.registry.request("gated:a", "at once", answered.append, guard=gone)
+        with trio.fail_after(5):
+            while len(answered) < 2:
+                await trio.sleep(0.01)
+        ref = system.registry.lookup("gated:a")
+        assert ref is not None and ref._actor.state == ["kept", "at once"]
+        assert asked == ["gone", "wanted"]  # the actor was there: not asked
 
 
 async def test_a_registry_call_asks_its_guard_only_when_the_actor_was_not_there(
