@@ -201,6 +201,9 @@ class _Running:
     value: object = None
     stopping: bool = False
     started_ok: bool = False
+    orphaned: bool = False
+    """Whoever started it stopped waiting for its start (cancelled): how the
+    start ends is the supervisor loop's to handle."""
     inspect: Callable[[], Mapping[str, Any] | SupervisorSnapshot] | None = None
 
     def renew(self) -> None:
@@ -212,6 +215,7 @@ class _Running:
         self.value = None
         self.stopping = False
         self.started_ok = False
+        self.orphaned = False
         self.state = "starting"
         self.inspect = None
 
@@ -428,7 +432,15 @@ class Supervisor:
         assert self._nursery is not None
         run.renew()
         self._nursery.start_soon(self._child_task, run, name=f"{self.name}/{run.spec.id}")
-        await run.ready.wait()
+        try:
+            await run.ready.wait()
+        except BaseException:
+            # the caller gave up waiting (cancelled; the start has not ended,
+            # as the wait began before the child ran): a start that fails
+            # now would be reported to nobody, and the child kept for good,
+            # neither running nor removed; the loop drops it instead
+            run.orphaned = True
+            raise
         if not run.started_ok:
             # it finished before calling started(): a start failure
             assert run.exit is not None
@@ -454,6 +466,8 @@ class Supervisor:
         run.done.set()
         if not run.ready.is_set():
             run.ready.set()  # wakes _launch, which reports a start failure
+            if run.orphaned:  # ... unless it stopped waiting: then the loop
+                self._exits_send.send_nowait((run, exit_))
             return
         if not run.stopping and started:
             self._exits_send.send_nowait((run, exit_))
@@ -497,6 +511,11 @@ class Supervisor:
                 return gave_up
 
     async def _handle_exit(self, run: _Running, exit_: Exit) -> SupervisorGaveUp | None:
+        if run.orphaned and not run.started_ok:
+            # a start that failed with no one waiting for it: dropped, as
+            # :meth:`_start_new` drops one it reports to its caller
+            self._remove(run)
+            return None
         if not should_restart(run.spec.restart, abnormal=exit_.abnormal):
             self._remove(run)
             return None

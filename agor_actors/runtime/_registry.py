@@ -258,7 +258,9 @@ class Registry:
             # given up before the supervisor took the child (cancelled while
             # it waited for the supervisor's next run or for its lock, or
             # the supervisor stopping): no incarnation will ever be ready,
-            # so the entry goes, and whoever waits on it spawns again
+            # so the entry goes, and whoever waits on it spawns again.  (One
+            # the supervisor took goes on starting; if that start fails,
+            # the supervisor drops it and ``on_removed`` runs.)
             if (
                 self._entries.get(name) is entry
                 and entry.ref is None

@@ -349,3 +349,42 @@ async def test_backoff_delays_restarts(autojump_clock: MockClock) -> None:
         gaps = [round(b - a, 6) for a, b in zip(crashes, log.start_times[1:], strict=True)]
         assert gaps == [0.0, 1.0, 2.0, 3.0]
         await sup.stop()
+
+
+async def test_a_start_that_fails_after_its_caller_gave_up_is_dropped(
+    autojump_clock: MockClock,
+) -> None:
+    """``start_child`` is cancelled while its child starts (a join's timeout),
+    and the start then fails (the store away).  Nobody was left to report
+    it: the child stayed for good, neither running nor removed, and a
+    registry's name waited on it forever (the simulator's cluster seed
+    3974: a room no client could join again).  Now the loop drops it and
+    ``on_removed`` runs."""
+    release = trio.Event()
+    removed: list[str] = []
+
+    async def failing_start(child: Child) -> None:
+        await release.wait()
+        raise RuntimeError("the store is away")
+
+    spec = ChildSpec("room", failing_start, on_removed=lambda: removed.append("room"))
+    sup = Supervisor("dyn")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        with trio.move_on_after(1.0) as waited:
+            await sup.start_child(spec)
+        assert waited.cancelled_caught
+        release.set()
+        with trio.fail_after(5):
+            while sup.which_children():
+                await trio.sleep(0.01)
+        assert removed == ["room"]
+        # the id is free again: a new start of it runs
+        ok = ChildSpec("room", _ready_forever)
+        assert await sup.start_child(ok) == "room"
+        await sup.stop()
+
+
+async def _ready_forever(child: Child) -> None:
+    child.started("room")
+    await child.stop_requested.wait()
