@@ -76,6 +76,7 @@ class SweepSummary:
             for v in r.get("violations", []):
                 kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
         virtual_s = sum(float(r.get("virtual_s", 0.0)) for r in done)
+        late = [r["seed"] for r in done if r.get("counters", {}).get("presence_late")]
         return {
             "seeds": len(done),
             "failures": len(self.failures),
@@ -90,10 +91,8 @@ class SweepSummary:
             "claims_checked": dict(sorted(claims.items())),
             "store_locks": dict(sorted(locks.items())),
             "marks": marks,
-            "presence_late": sum(1 for r in done if r.get("counters", {}).get("presence_late")),
-            "presence_late_seeds": [
-                r["seed"] for r in done if r.get("counters", {}).get("presence_late")
-            ][:10],
+            "presence_late": len(late),
+            "presence_late_seeds": late[:10],
             "marks_never": sorted(name for name, n in marks.items() if not n),
             "wall_s": self.wall_s,
             "seeds_per_min": 60 * len(done) / self.wall_s if self.wall_s else 0.0,

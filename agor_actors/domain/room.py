@@ -1031,8 +1031,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             effects += self._schedule_flush(state, now)
         if p.local:
             effects += self._announce(state, full=True)
-            p.farewells = self._farewell_beats()
-        elif p.farewells:
+        elif p.farewells:  # (counted from the last entry's change)
             p.farewells -= 1
             effects += self._announce(state, full=True)  # none of ours here
         if not p.local and not p.nodes and not p.farewells:

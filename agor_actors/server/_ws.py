@@ -198,12 +198,11 @@ class WsTransport:
         if self._messages:
             return False
         try:
-            data = self._sock.recv(RECV_BYTES)
-        except BlockingIOError:
-            return False
+            data = self._read_now()
         except OSError:
-            data = b""  # reset
-        self._more = len(data) == RECV_BYTES
+            data = b""  # any other error: as good as gone
+        if data is None:
+            return False
         self._feed(data)
         return self._eof is not None
 
@@ -227,21 +226,26 @@ class WsTransport:
         if not self._more:
             await trio.lowlevel.wait_readable(self._sock)
             waited = True
-        while True:
-            try:
-                data = self._sock.recv(RECV_BYTES)
-            except BlockingIOError:
-                waited = True
-                await trio.lowlevel.wait_readable(self._sock)
-                continue
-            except OSError as exc:
-                data = b""
-                if exc.errno not in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
-                    raise
-            if not waited:
-                await trio.lowlevel.checkpoint()
-            self._more = len(data) == RECV_BYTES
-            return data
+        while (data := self._read_now()) is None:
+            waited = True
+            await trio.lowlevel.wait_readable(self._sock)
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return data
+
+    def _read_now(self) -> bytes | None:
+        """One read of the socket without waiting: None if nothing has
+        arrived, ``b""`` if the peer closed or reset it."""
+        try:
+            data = self._sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                raise
+            data = b""
+        self._more = len(data) == RECV_BYTES
+        return data
 
     def _feed(self, data: bytes) -> None:
         """``data`` (``b""``: the peer closed) into wsproto; messages queued."""

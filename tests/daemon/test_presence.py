@@ -423,6 +423,28 @@ async def test_newcomer_gets_the_facepile_and_arrival_counts_as_active(
         nursery.cancel_scope.cancel()
 
 
+async def two_on_a_board(hub: Hub, nursery: trio.Nursery, board: str, **first: Any) -> Watcher:
+    """u1 (connection w1, saying ``first``) and u2 (w2, on view "board") on
+    ``board``'s facepile; u2's watcher."""
+    one = Watcher(hub, user(1), "w1", board)
+    two = Watcher(hub, user(2), "w2", board)
+    await one.start(nursery)
+    await two.start(nursery)
+    await one.send(**first)
+    await two.send(view="board")
+    await trio.sleep(1)
+    assert set(two.facepile()) == {"u1", "u2"}
+    return two
+
+
+async def crash_board_room(hub: Hub, board: str) -> None:
+    room = hub.system.registry.lookup(f"room:board:{board}")
+    assert room is not None
+    assert room.try_send(object())  # a message no behaviour knows: the room crashes
+    with trio.fail_after(5):
+        await room.wait_stopped()
+
+
 async def test_a_board_room_that_restarts_gets_its_facepile_back_at_once(
     autojump_clock: MockClock,
 ) -> None:
@@ -431,19 +453,8 @@ async def test_a_board_room_that_restarts_gets_its_facepile_back_at_once(
     it stayed empty until someone's next status change, a minute later)."""
     async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
         board = await make_board(hub)
-        one = Watcher(hub, user(1), "w1", board)
-        two = Watcher(hub, user(2), "w2", board)
-        await one.start(nursery)
-        await two.start(nursery)
-        await one.send(view="board")
-        await two.send(view="board")
-        await trio.sleep(1)
-        assert set(two.facepile()) == {"u1", "u2"}
-        room = hub.system.registry.lookup(f"room:board:{board}")
-        assert room is not None
-        assert room.try_send(object())  # a message no behaviour knows: the room crashes
-        with trio.fail_after(5):
-            await room.wait_stopped()
+        await two_on_a_board(hub, nursery, board, view="board")
+        await crash_board_room(hub, board)
         # the connections were told lagged; a client joins again
         again = Watcher(hub, user(2), "w2b", board)
         await again.start(nursery)
@@ -465,22 +476,12 @@ async def test_a_board_room_that_restarts_in_a_users_grace_gets_their_entry_too(
     2648)."""
     async with hub_on(memory_store()) as hub, trio.open_nursery() as nursery:
         board = await make_board(hub)
-        one = Watcher(hub, user(1), "w1", board)
-        two = Watcher(hub, user(2), "w2", board)
-        await one.start(nursery)
-        await two.start(nursery)
-        await one.send(hide_cursors=False)  # no view: the entry is the same connected or not
-        await two.send(view="board")
-        await trio.sleep(1)
-        assert set(two.facepile()) == {"u1", "u2"}
+        # u1 says no view: its entry is the same connected or not
+        two = await two_on_a_board(hub, nursery, board, hide_cursors=False)
         await hub.disconnect("w1")  # in the grace: still on the facepile
         await trio.sleep(1)
         assert set(two.facepile()) == {"u1", "u2"}
-        room = hub.system.registry.lookup(f"room:board:{board}")
-        assert room is not None
-        assert room.try_send(object())  # a message no behaviour knows: the room crashes
-        with trio.fail_after(5):
-            await room.wait_stopped()
+        await crash_board_room(hub, board)
         again = Watcher(hub, user(2), "w2b", board)
         await again.start(nursery)
         await trio.sleep(1)

@@ -333,6 +333,21 @@ async def test_a_spawn_cancelled_before_the_supervisor_took_it_leaves_no_entry_b
             assert await system.registry.call("session:b", "get") == 1
 
 
+class Gated(Behaviour[list[Any]]):
+    """Starts once ``release`` is set; keeps the bodies of its requests."""
+
+    def __init__(self, release: trio.Event) -> None:
+        self.release = release
+
+    async def init(self, ctx: ActorContext) -> list[Any]:
+        await self.release.wait()
+        return []
+
+    def handle(self, state: list[Any], msg: Any, now: float) -> Effects:
+        state.append(msg.body)
+        return [Reply(msg.reply_to, None)]
+
+
 async def test_requests_waiting_for_a_named_actor_reach_it_in_the_order_they_were_made(
     autojump_clock: MockClock,
 ) -> None:
@@ -342,18 +357,9 @@ async def test_requests_waiting_for_a_named_actor_reach_it_in_the_order_they_wer
     order: the simulator's seed 2191 of ``medium``)."""
     release = trio.Event()
 
-    class Gated(Behaviour[list[Any]]):
-        async def init(self, ctx: ActorContext) -> list[Any]:
-            await release.wait()
-            return []
-
-        def handle(self, state: list[Any], msg: Any, now: float) -> Effects:
-            state.append(msg.body)
-            return [Reply(msg.reply_to, None)]
-
     rounds = 8  # either order is a coin toss per round: all in order by chance 1 in 256
     async with open_system(WORLD) as system:
-        system.define(Kind("gated:", lambda name: Gated()))
+        system.define(Kind("gated:", lambda name: Gated(release)))
         for r in range(rounds):
             name = f"gated:{r}"
             answered: list[int] = []
@@ -385,15 +391,6 @@ async def test_a_registry_request_asks_its_guard_only_when_the_actor_was_not_the
     there at once never asks."""
     release = trio.Event()
 
-    class Gated(Behaviour[list[Any]]):
-        async def init(self, ctx: ActorContext) -> list[Any]:
-            await release.wait()
-            return []
-
-        def handle(self, state: list[Any], msg: Any, now: float) -> Effects:
-            state.append(msg.body)
-            return [Reply(msg.reply_to, None)]
-
     asked: list[str] = []
 
     def wanted() -> None:
@@ -405,7 +402,7 @@ async def test_a_registry_request_asks_its_guard_only_when_the_actor_was_not_the
 
     answered: list[Any] = []
     async with open_system(WORLD) as system:
-        system.define(Kind("gated:", lambda name: Gated()))
+        system.define(Kind("gated:", lambda name: Gated(release)))
         async with trio.open_nursery() as nursery:
 
             async def dropped() -> None:
