@@ -152,7 +152,8 @@ def _needs_record(write: _SessionWrite, result: outcome.Outcome[Any]) -> bool:
     if isinstance(result, outcome.Value):
         return cmd.method in ("patch", "update")
     error = result.error  # type: ignore[attr-defined]
-    return isinstance(error, ServiceError) and error.code == "conflict"
+    # a streamed chunk's conflict (its ``at``) carries the message's length
+    return isinstance(error, ServiceError) and error.code == "conflict" and cmd.method != "stream"
 
 
 class Hub:

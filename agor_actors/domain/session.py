@@ -535,8 +535,14 @@ class SessionBehaviour(Behaviour[SessionState]):
                 # daemon changed the record): load it and plan the write again
                 effects.extend(self._again(state, done.again))
             elif isinstance(done.answer, dict) and "appended" in done.answer:
-                # a shared store's landing of a chunk past the longest message
-                effects.append(Reply(done.reply_to, error=_too_long()))
+                if type(exc.expected) is int:
+                    # a chunk that named its offset (``at``) did not land
+                    # there: the message is ``current`` characters long
+                    error = _misplaced(done.answer["id"], exc.expected, int(exc.current))
+                else:
+                    # a shared store's landing of a chunk past the longest message
+                    error = _too_long()
+                effects.append(Reply(done.reply_to, error=error))
             elif exc.column == "clocks":
                 # a session's write refused twice on its fields' clocks (not
                 # shown: they name other users' connections)
@@ -1039,6 +1045,17 @@ class SessionBehaviour(Behaviour[SessionState]):
             if not isinstance(chunk, str) or not chunk:
                 raise _bad("chunk must be a non-empty string")
             check_text("chunk", chunk, CHUNK_CHARS_MAX)
+            at = _chunk_at(data)
+            if at is not None and at != known.length and not self.store.shared:
+                # this actor plans every append of a single writer: it knows,
+                # once the writes on their way are answered (a length that
+                # counts a chunk not yet durable would tell the caller that
+                # chunk is there)
+                if state.inflight:
+                    raise ServiceError(
+                        "unavailable", f"message {mid}: a chunk is still being written; retry"
+                    )
+                raise _misplaced(mid, at, known.length)
             if known.length + len(chunk) > MESSAGE_CHARS_MAX:
                 raise _too_long()
             offset = known.length
@@ -1050,7 +1067,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 {
                     # a shared store takes the offset (and checks the length)
                     # under the message row's lock: other daemons append too
-                    "content": Append(chunk, at="offset", limit=MESSAGE_CHARS_MAX),
+                    "content": Append(chunk, at="offset", limit=MESSAGE_CHARS_MAX, expect=at),
                     "streaming": True,
                     "updated_at": cmd.now_ms,
                 },
@@ -1158,6 +1175,28 @@ def _refused_base_rev(cmd: Command, exc: StoreConflict) -> bool:
     names (the caller's view is stale: ``conflict``, as on one daemon)
     rather than only what the actor believed (its fields' clocks)."""
     return _strict_patch(cmd) and exc.column == "rev"
+
+
+def _chunk_at(data: dict[str, Any]) -> int | None:
+    """A chunk's ``at``: the message's length it must land at (None: where
+    the message ends)."""
+    at = data.get("at")
+    if at is None:
+        return None
+    if type(at) is not int or at < 0:
+        raise _bad("at must be a non-negative integer", {"field": "at"})
+    return at
+
+
+def _misplaced(message_id: str, at: int, length: int) -> ServiceError:
+    """A chunk sent for offset ``at`` of a message ``length`` characters
+    long: refused, with the length (a chunk the caller sent before landed,
+    or did not)."""
+    return ServiceError(
+        "conflict",
+        f"message {message_id} is {length} characters long, not {at}",
+        {"length": length},
+    )
 
 
 def _too_long() -> ServiceError:

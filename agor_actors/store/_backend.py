@@ -133,13 +133,21 @@ class Append:
     updates, under that row's lock in the commit's transaction, so another
     daemon's appends in between count.  ``limit``: the column may not grow
     past that many characters (else the request fails with
-    :class:`StoreConflict` on the column, ``current`` its length).  Both
-    hold for a request that is that one update (no precondition, no
-    history)."""
+    :class:`StoreConflict` on the column, ``current`` its length).
+    ``expect``: the text lands only where the column is exactly that many
+    characters long (an append that names its offset, as a streaming client
+    does so that a chunk sent twice, or after a chunk that did not land, is
+    refused rather than written twice or out of order); else the request
+    fails with :class:`StoreConflict`, ``expected`` that int and
+    ``current`` the column's length.  A single writer checks it only where
+    it lands the request (``WriteRequest.land``): otherwise its caller
+    planned the append at that offset already.  All three hold for a
+    request that is that one update (no precondition, no history)."""
 
     text: str
     at: str | None = None
     limit: int | None = None
+    expect: int | None = None
 
 
 @attrs.frozen
@@ -710,6 +718,14 @@ def _shape_of(
     return (op, table.name, tuple(key), tuple(columns)), params
 
 
+def _misplaced(
+    table_name: str, key: dict[str, Any], column: str, expect: int, current: int
+) -> StoreConflict:
+    """An :class:`Append` with ``expect`` refused: the column is ``current``
+    characters long, not ``expect``."""
+    return StoreConflict(table_name, key, column, expect, current)
+
+
 def _appended(column: sa.Column[Any], text: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """``column || text`` (an :class:`Append`), a NULL column counting as empty."""
     # the empty string as SQL, not a bound value: a prepared statement binds
@@ -1183,6 +1199,8 @@ class SqlStore:
         mutation = request.mutations[0]
         if current is None:
             raise StoreNotFound(table_name, dict(mutation.key))
+        if append.expect is not None and current != append.expect:
+            raise _misplaced(table_name, dict(mutation.key), column, append.expect, current)
         if append.limit is not None and current + len(append.text) > append.limit:
             raise StoreConflict(
                 table_name,
@@ -1263,8 +1281,11 @@ class SqlStore:
         each request isolated (nothing else can have changed the row)."""
         statement = self._landing_statement(shape, column)
         room = _NO_LIMIT if append.limit is None else append.limit - len(append.text)
+        floor = 0
+        if append.expect is not None:  # the column's length exactly that
+            floor, room = append.expect, min(room, append.expect)
         try:
-            found = statement.execute(cursor, {**params, "room": room}).fetchone()
+            found = statement.execute(cursor, {**params, "room": room, "floor": floor}).fetchone()
         except sa.exc.StatementError as exc:
             if isolated:
                 raise
@@ -1274,6 +1295,8 @@ class SqlStore:
             current = self._length(cursor, shape, params, column)
             if current is None:
                 raise StoreNotFound(shape[1], dict(mutation.key))
+            if append.expect is not None and current != append.expect:
+                raise _misplaced(shape[1], dict(mutation.key), column, append.expect, current)
             raise StoreConflict(
                 shape[1],
                 dict(mutation.key),
@@ -1316,7 +1339,8 @@ class SqlStore:
 
     def _landing_statement(self, shape: _Shape, column: str) -> Prepared:
         """The plain update of ``shape``, only where the row's ``column``
-        has at most ``room`` characters, returning its length after."""
+        has at least ``floor`` and at most ``room`` characters, returning
+        its length after."""
         stmt = self._landing_statements.get((shape, column))
         if stmt is not None:
             return stmt
@@ -1325,6 +1349,7 @@ class SqlStore:
         where = _at_key(table, key)
         length = _length_of(table, column)
         where.append(length <= sa.bindparam("room", type_=sa.BigInteger))
+        where.append(length >= sa.bindparam("floor", type_=sa.BigInteger))
         statement = (
             sa.update(table).where(*where).values(_update_values(table, columns)).returning(length)
         )

@@ -254,17 +254,32 @@ def _shifted(request: WriteRequest, shift: int) -> WriteRequest:
     return attrs.evolve(request, events=events)
 
 
+def _expected(request: WriteRequest) -> int | None:
+    """The length a streamed chunk's ``Append`` expects its column to have
+    (``Append.expect``), None if it names none."""
+    for mutation in request.mutations:
+        for value in mutation.values.values():
+            if isinstance(value, Append) and value.expect is not None:
+                return value.expect
+    return None
+
+
 def _planned(run: tuple[Request, ...], state: WriterState) -> WriteRequest:
     """The request to commit for ``run`` (its writes merged): a key with
     chunks of unknown outcome lands where its row ends; else its offsets
-    are moved back by what the store refused of its key."""
+    are moved back by what the store refused of its key, or, for chunks
+    that name their offset (``Append.expect``), the store checks it there:
+    the length they were planned on counted a refused chunk."""
     request = coalesce([r.body for r in run]) if len(run) > 1 else run[0].body.request
     key = run[0].body.coalesce_key
     if key is None:
         return request
     if key in state.uncertain:
         return attrs.evolve(request, land=True)
-    return _shifted(request, state.shifts.get(key, 0))
+    shift = state.shifts.get(key, 0)
+    if shift and _expected(request) is not None:
+        return attrs.evolve(request, land=True)
+    return _shifted(request, shift)
 
 
 def _touches(request: WriteRequest) -> list[tuple[str, ...]]:
@@ -296,9 +311,13 @@ def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
     between, unless one of those touched a room or a row this write
     touches: then it starts a new run.  So what a room sees and what a row
     goes through keep their order; only writes whose order nothing can tell
-    are moved together.  A write that touches nothing ends every run."""
+    are moved together.  A write that touches nothing ends every run.  A
+    chunk that names its offset (``Append.expect``) joins a run only where
+    the run ends at that offset, so that a merged request's one offset
+    stands for each of its chunks."""
     batch: list[tuple[_T, ...]] = []
     open_run: dict[str, int] = {}  # coalesce key -> index in batch of its run
+    ends: dict[str, int | None] = {}  # coalesce key -> the offset its open run ends at
     last: dict[tuple[str, ...], int] = {}  # what was touched -> last index touching it
     barrier = 0  # runs before this index are closed
     for write, item in zip(writes, items, strict=True):
@@ -307,6 +326,11 @@ def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
         index = open_run.get(key) if key is not None else None
         if index is not None and (index < barrier or any(last.get(t, -1) > index for t in touches)):
             index = None
+        if key is not None:
+            expect = _expected(write.request)
+            if index is not None and expect is not None and ends.get(key) != expect:
+                index = None
+            ends[key] = None if expect is None else expect + _appended(write.request)
         if index is None:
             batch.append((item,))
             index = len(batch) - 1

@@ -97,6 +97,29 @@ async def test_chunks_alternating_between_daemons_stay_contiguous(pg_url: str) -
             assert rebuilt(chunks_of(events, mid)) == content
 
 
+async def test_a_chunk_that_names_its_offset_lands_once_whatever_daemon(pg_url: str) -> None:
+    """``at``: an agent that resends a chunk through the other daemon (its
+    answer was lost with the connection) is told it landed already, and a
+    chunk sent past one that has not landed is refused, on either daemon;
+    the content is each chunk once, in order."""
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
+        sid = await make_session(a)
+        mid = await create_message(a, sid)
+        await message_call(a, "stream", mid, data={"chunk": "one ", "at": 0})
+        for hub in (b, a):  # b's actor has never seen the message; a's knows it
+            with pytest.raises(ServiceError) as again:
+                await message_call(hub, "stream", mid, data={"chunk": "one ", "at": 0})
+            assert again.value.code == "conflict" and again.value.data == {"length": 4}
+        await message_call(b, "stream", mid, data={"chunk": "two ", "at": 4})
+        # a believes the message 4 long: the store knows better
+        with pytest.raises(ServiceError) as early:
+            await message_call(a, "stream", mid, data={"chunk": "four", "at": 12})
+        assert early.value.code == "conflict" and early.value.data == {"length": 8}
+        await message_call(a, "stream", mid, data={"chunk": "three ", "at": 8})
+        await message_call(b, "stream", mid, data={"chunk": "four", "at": 14})
+        assert (await stored(a, mid))["content"] == "one two three four"
+
+
 async def test_two_writers_on_two_daemons_at_once(pg_url: str) -> None:
     async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)

@@ -30,12 +30,23 @@ from agor_actors.store._writer import CHECKPOINT_GROUPS, WriterState, coalesce, 
 from agor_actors.world import simulated_world
 
 
-def chunk(text: str, ts: int, offset: int = 0, *, m: str = "m", s: str = "s") -> Write:
+def chunk(
+    text: str,
+    ts: int,
+    offset: int = 0,
+    *,
+    m: str = "m",
+    s: str = "s",
+    expect: int | None = None,
+) -> Write:
     return Write(
         WriteRequest(
             mutations=(
                 Mutation(
-                    "update", "messages", {"id": m}, {"content": Append(text), "updated_at": ts}
+                    "update",
+                    "messages",
+                    {"id": m},
+                    {"content": Append(text, expect=expect), "updated_at": ts},
                 ),
             ),
             events=(
@@ -109,6 +120,23 @@ def test_runs_keep_the_order_of_what_a_room_or_a_row_sees() -> None:
     ) == [(0,), (1,), (2,)]
 
 
+def test_runs_merge_chunks_that_name_their_offsets_only_where_they_follow() -> None:
+    # each merged request lands at its first chunk's offset: a chunk that
+    # names another offset (a resend, one past a gap) starts a run of its own
+    assert grouped(
+        chunk("ab", 1, expect=0),
+        chunk("cd", 2, expect=2),
+        chunk("ab", 3, expect=0),  # sent again
+        chunk("ef", 4, expect=4),  # follows "cd", but the run now ends at 2
+        chunk("gh", 5, expect=6),
+        chunk("ij", 6),  # names none: joins any run
+    ) == [(0, 1), (2,), (3, 4, 5)]
+    # a run whose end is not known (a chunk without one) takes no offset
+    assert grouped(chunk("ab", 1), chunk("cd", 2, expect=2)) == [(0,), (1,)]
+    merged = coalesce([chunk("ef", 4, expect=4), chunk("gh", 5, expect=6)])
+    assert merged.mutations[0].values["content"] == Append("efgh", expect=4)
+
+
 def test_coalesce_concatenates_appends_and_merges_events() -> None:
     merged = coalesce([chunk("Hel", 1, 7), chunk("lo ", 2, 10), chunk("you", 3, 13)])
     (mutation,) = merged.mutations
@@ -166,6 +194,11 @@ async def test_chunks_planned_past_a_refused_one_have_their_offsets_moved_back()
     offsets = [e.data["offset"] for r in store.committed for e in r.events if "chunk" in e.data]
     assert offsets == [0, 2, 4]
     assert state.shifts == {"message:m": 3}
+    # a chunk that names its offset is not moved: the store lands it and
+    # checks the offset there (refused: "BAD" took no place)
+    await group(chunk("ij", 6, 9, expect=9))
+    last = store.committed[-1]
+    assert last.land and last.events[0].data["offset"] == 9
 
 
 class _AnswerLost:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from test_store_support import BACKENDS, Backend, add_session, assert_gap_free, backend
 
@@ -132,10 +133,12 @@ def test_a_shared_store_reads_heads_instead_of_remembering_them(db: Backend) -> 
     assert single.cached_head(room) == (a.events[0].epoch, 4)
 
 
-def _chunk(message: str, text: str, planned: int, *, limit: int | None = None) -> WriteRequest:
+def _chunk(
+    message: str, text: str, planned: int, *, limit: int | None = None, expect: int | None = None
+) -> WriteRequest:
     """A streamed chunk as a session actor plans it: its offset is what
     that actor believes the message's length to be."""
-    append = Append(text, at="offset", limit=limit)
+    append = Append(text, at="offset", limit=limit, expect=expect)
     return WriteRequest(
         mutations=[Mutation("update", "messages", {"id": message}, {"content": append})],
         events=[
@@ -153,7 +156,9 @@ def _offsets(results: list[WriteResult]) -> list[tuple[int, str]]:
     return [(r.events[0].data["offset"], r.events[0].data["chunk"]) for r in results]
 
 
-def test_a_shared_store_lands_each_chunk_where_the_message_ends(db: Backend) -> None:
+def _two_with_a_message(db: Backend) -> tuple[SqlStore, SqlStore]:
+    """Two shared stores on ``db``, which holds session ``s`` and its empty
+    message ``m``."""
     first, second = _shared(db), _shared(db)
     message = Mutation(
         "insert",
@@ -163,6 +168,11 @@ def test_a_shared_store_lands_each_chunk_where_the_message_ends(db: Backend) -> 
     )
     (made,) = first.commit([WriteRequest(mutations=[add_session("s"), message])])
     assert isinstance(made, WriteResult)
+    return first, second
+
+
+def test_a_shared_store_lands_each_chunk_where_the_message_ends(db: Backend) -> None:
+    first, second = _two_with_a_message(db)
     landed: list[WriteResult] = []
     # both stores' callers believe the message empty: each chunk lands where
     # the row ends in the commit, and its event says so
@@ -197,3 +207,42 @@ def test_a_shared_store_lands_each_chunk_where_the_message_ends(db: Backend) -> 
     single = db.open()
     (planned,) = single.commit([_chunk("m", "!", 4)])
     assert isinstance(planned, WriteResult) and _offsets([planned]) == [(4, "!")]
+
+
+def test_a_chunk_that_names_its_offset_lands_only_there(db: Backend) -> None:
+    """``Append.expect``: a chunk sent twice (through two daemons, after a
+    lost connection) lands once, and one sent before the chunk it follows
+    landed is refused, in a group and isolated alike, by a shared store and
+    by a single writer that lands the request."""
+    first, second = _two_with_a_message(db)
+    (ab,) = first.commit([_chunk("m", "ab", 0, expect=0)])
+    assert isinstance(ab, WriteResult) and _offsets([ab]) == [(0, "ab")]
+    # the same chunk again, through the other store: refused, with the length
+    (again,) = second.commit([_chunk("m", "ab", 0, expect=0)])
+    assert isinstance(again, StoreConflict)
+    assert (again.column, again.expected, again.current) == ("content", 0, 2)
+    # in one group: the next chunk lands, one that skips a chunk does not
+    cd, skipped = second.commit([_chunk("m", "cd", 0, expect=2), _chunk("m", "f", 0, expect=5)])
+    assert isinstance(cd, WriteResult) and _offsets([cd]) == [(2, "cd")]
+    assert isinstance(skipped, StoreConflict) and skipped.current == 4
+    # a group redone with each request isolated checks it the same way
+    missing = WriteRequest(mutations=[Mutation("update", "sessions", {"id": "no"}, {"title": "t"})])
+    results = first.commit([missing, _chunk("m", "e", 0, expect=4), _chunk("m", "x", 0, expect=3)])
+    assert isinstance(results[0], StoreNotFound)
+    assert isinstance(results[1], WriteResult) and _offsets([results[1]]) == [(4, "e")]
+    assert isinstance(results[2], StoreConflict) and results[2].current == 5
+    # the limit still holds for a chunk at the right offset
+    (too_long,) = first.commit([_chunk("m", "fgh", 0, expect=5, limit=7)])
+    assert isinstance(too_long, StoreConflict) and too_long.expected != 5
+    # a single writer checks it where it lands the request
+    single = db.open()
+    stale, fits = single.commit(
+        [
+            attrs.evolve(_chunk("m", "z", 0, expect=1), land=True),
+            attrs.evolve(_chunk("m", "f", 0, expect=5), land=True),
+        ]
+    )
+    assert isinstance(stale, StoreConflict) and stale.current == 5
+    assert isinstance(fits, WriteResult) and _offsets([fits]) == [(5, "f")]
+    row = second.get("messages", "m")
+    assert row is not None and row["content"] == "abcdef"
