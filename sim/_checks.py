@@ -315,7 +315,9 @@ def check_streams(store: SqlStore, recorder: Recorder) -> None:
             recorder.violate("stream", records[0].client, f"message {mid} is gone")
             continue
         tokens = [t for t in str(row["content"]).split(";") if t]
-        order = {str(r.data["chunk"]).rstrip(";"): i for i, r in enumerate(records)}
+        order: dict[str, int] = {}  # a chunk sent again (with ``at``): its first send
+        for i, r in enumerate(records):
+            order.setdefault(str(r.data["chunk"]).rstrip(";"), i)
         seen: list[int] = []
         for token in tokens:
             index = order.get(token)
@@ -328,18 +330,36 @@ def check_streams(store: SqlStore, recorder: Recorder) -> None:
                 "stream", records[0].client, f"{mid}: chunks out of order or twice: {tokens}"
             )
             continue
-        present = set(seen)
-        for i, record in enumerate(records):
-            if record.outcome == "ok" and i not in present:
+        present = set(tokens)
+        for record in records:
+            token = str(record.data["chunk"]).rstrip(";")
+            if record.outcome == "ok" and token not in present:
                 recorder.violate(
                     "stream", record.client, f"{record.wid}: acknowledged chunk missing in {mid}"
                 )
                 break
-            if record.outcome == "failed" and i in present:
+            if record.outcome == "failed" and token in present and not _already(record):
                 recorder.violate(
                     "stream", record.client, f"{record.wid}: a refused chunk is in {mid}"
                 )
                 break
+        exact = recorder.exact_streams.get(mid)
+        if exact is not None:
+            sent, landed = exact
+            wanted = [c.rstrip(";") for c in sent]
+            if tokens != wanted[: len(tokens)] or len(tokens) < landed:
+                recorder.violate(
+                    "stream",
+                    records[0].client,
+                    f"{mid}: streamed with offsets, {landed} landed: {tokens} is not a"
+                    f" gap-free prefix of {wanted}",
+                )
+
+
+def _already(record: WriteRecord) -> bool:
+    """A chunk that named its offset (``at``) refused as ``conflict``: the
+    message was past it (an earlier send of it landed) or short of it."""
+    return isinstance(record.data, dict) and "at" in record.data and record.error == "conflict"
 
 
 def _stamp(text: str) -> tuple[int, int, str]:

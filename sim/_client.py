@@ -470,6 +470,16 @@ class SimClient:
             return Result(0, False, error=ErrorInfo("timeout", "no answer in time"))
         return Result(0, True, value)
 
+    def stream_progress(
+        self, message_id: str, chunks: list[str], landed: int, *, resent: int = 0
+    ) -> None:
+        """A :class:`~agor_actors.client.MessageWriter` streaming
+        ``chunks`` saw the first ``landed`` of them land, after sending
+        ``resent`` more of them again (for the checks and the counters)."""
+        self._recorder.exact_streams[message_id] = (chunks, landed)
+        if resent:
+            self._recorder.count("chunks_resent", resent)
+
     def next_stamp(self) -> tuple[int, int]:
         """A hybrid logical clock stamp from this client's (skewed) clock."""
         wall = self._wall.now_ms()
@@ -506,8 +516,14 @@ class SimClient:
         result = await self.call(
             service, method, id=id, data=data, query=query, wid=wid, base_rev=base_rev
         )
-        code = result.error.code if result.error is not None else None
-        self._recorder.write_answered(wid, result.ok, result.data, code)
+        error = result.error
+        self._recorder.write_answered(
+            wid,
+            result.ok,
+            result.data,
+            None if error is None else error.code,
+            None if error is None else error.data,
+        )
         return record
 
     # ------------------------------------------------------------------ rooms

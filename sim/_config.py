@@ -150,6 +150,10 @@ class SimConfig:
     """The chance each fault kind had to be on in this seed (see :class:`Swarm`)."""
     chunk_pipeline: int = 1
     """Chunks an agent has in flight at once (see :class:`Swarm`)."""
+    chunk_at: bool = False
+    """Agents with one chunk in flight stream through the client's
+    :class:`~agor_actors.client.MessageWriter`: each chunk names its offset
+    and is sent again after a lost answer, landing once."""
     ring_size: int | None = None
     """Events a room keeps in memory (None: the daemon's own, 1,024)."""
     idle_s: float | None = None
@@ -206,7 +210,7 @@ class SimConfig:
             f"{self.outbox_control_max} control; links {self.link_bytes_max} B",
             f"  heartbeat {self.heartbeat_ms} ms, dead after {self.dead_after_s:.1f}s; "
             f"edits {self.edit_per_min}/min/window, chunks {self.chunk_per_s}/s "
-            f"({self.chunk_pipeline} in flight), "
+            f"({self.chunk_pipeline} in flight{', offsets named' if self.chunk_at else ''}), "
             f"renames every {self.rename_period_ms} ms, cursors {self.cursor_per_s}/s, "
             f"skew up to {self.max_skew_ms} ms, store calls {self.store_latency_us} us",
             f"  limits: ring {self.ring_size or 'default'}, idle "
@@ -424,6 +428,9 @@ def draw_config(
         config = attrs.evolve(
             config, store_cut_wait_us=cut.choice((0, 0, 500_000, 5_000_000, 15_000_000))
         )
+    # a stream of its own: the draws above stay as they were
+    named = random.Random(f"chunk_at:{profile}:{seed}")
+    config = attrs.evolve(config, chunk_at=named.random() < 0.5)
     if swarm.chunk_pipeline > 1 and "bursts" not in exclude:
         # commits that take time (the worker-thread hops): chunks sent
         # meanwhile queue up at the writer and go in one group

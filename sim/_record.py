@@ -75,6 +75,8 @@ class WriteRecord:
     outcome: Outcome = "pending"
     result: Any = None
     error: str | None = None
+    error_data: Any = None
+    """A refusal's details (a streamed chunk's ``conflict``: the length)."""
 
 
 @attrs.frozen
@@ -111,6 +113,11 @@ class Recorder:
         self.applied: dict[tuple[str, str], list[Applied]] = {}
         """(client, room) -> events applied, in order."""
         self.counters: dict[str, int] = {}
+        self.exact_streams: dict[str, tuple[list[str], int]] = {}
+        """Messages streamed by a :class:`~agor_actors.client.MessageWriter`
+        (each chunk naming its offset): their chunks and how many of them
+        the writer saw land, for the check that the content is a gap-free
+        prefix of them."""
         self.on_frame: Callable[[str, Any, bytes | str], None] | None = None
         """Sees every frame a client receives, before its protocol machine
         does: ``(client name, machine, frame)`` (the server's claims)."""
@@ -131,7 +138,9 @@ class Recorder:
         record.sent_us = now_us()
         self.writes[record.wid] = record
 
-    def write_answered(self, wid: str, ok: bool, data: Any, code: str | None) -> None:
+    def write_answered(
+        self, wid: str, ok: bool, data: Any, code: str | None, error_data: Any = None
+    ) -> None:
         record = self.writes.get(wid)
         if record is None:
             return
@@ -141,6 +150,7 @@ class Recorder:
         else:
             record.outcome = "failed" if code in DEFINITE_ERRORS else "unknown"
             record.error = code
+            record.error_data = error_data
         self.trace.emit(
             "answer", f"{wid} {'ok' if ok else code}", lambda: _short(data) if ok else ""
         )

@@ -22,9 +22,12 @@ in the store.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import attrs
 import trio
+
+from agor_actors.client import CallError, Client, ConnectionLost, MessageWriter, StreamBroken
 
 from ._client import NotConnected, SimClient
 from ._config import SimConfig
@@ -186,6 +189,8 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
             k = len(chunks) - 1
             if config.chunk_pipeline > 1:
                 await _stream_pipelined(client, sid, mid, chunks, period_s, config.chunk_pipeline)
+            elif config.chunk_at:
+                await _stream_exactly(client, sid, mid, chunks, period_s)
             else:
                 for chunk in chunks:
                     await sleep(_us(period_s * (0.5 + client.rng.random())))
@@ -198,6 +203,49 @@ async def agent(client: SimClient, config: SimConfig, layout: Layout, index: int
             )
         except NotConnected:
             await sleep(RETRY_S)
+
+
+class _RecordedWriter(MessageWriter):
+    """The real client's :class:`MessageWriter`, each send recorded as a
+    write (and sent only while connected: else it counts as a lost
+    connection, which the writer waits out and sends again)."""
+
+    def __init__(self, sim: SimClient, client: Client, session_id: str, message_id: str) -> None:
+        super().__init__(client, session_id, message_id)
+        self._sim = sim
+
+    async def _send(self, data: dict[str, Any]) -> None:
+        try:
+            record = await self._sim.write(
+                "messages", "stream", session_id=self.session_id, id=self.message_id, data=data
+            )
+        except NotConnected:
+            raise ConnectionLost("not connected") from None
+        if record.outcome != "ok":
+            code = record.error or "unknown"
+            if code in ("connection_lost", "timeout"):
+                raise ConnectionLost(code)
+            raise CallError(code, "refused", record.error_data)
+
+
+async def _stream_exactly(
+    client: SimClient, sid: str, mid: str, chunks: list[str], period_s: float
+) -> None:
+    """Send ``chunks`` through a :class:`MessageWriter`: each lands once, in
+    order, or the writer gives up (the message is then left as it is)."""
+    if client.client is None:
+        raise NotConnected(client.name)
+    writer = _RecordedWriter(client, client.client, sid, mid)
+    landed = 0
+    try:
+        for chunk in chunks:
+            await sleep(_us(period_s * (0.5 + client.rng.random())))
+            await writer.write(chunk)
+            landed += 1
+    except (StreamBroken, CallError):
+        pass
+    finally:
+        client.stream_progress(mid, chunks, landed, resent=writer.resent)
 
 
 async def _stream_pipelined(

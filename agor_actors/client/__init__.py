@@ -1,7 +1,7 @@
 """The Python client of the daemon (trio): calls, joined rooms kept as local
 mirrors, event streams, reconnect and resume; board presence (facepile,
 cursors, follow mode, highlights), the throttled cursor sender and the
-activity log."""
+activity log; a message streamed exactly once across reconnects (``MessageWriter``)."""
 
 from ._client import CallError as CallError
 from ._client import Client as Client
@@ -30,6 +30,8 @@ from ._presence import Highlight as Highlight
 from ._presence import PresenceSender as PresenceSender
 from ._presence import PresenceUser as PresenceUser
 from ._presence import Throttle as Throttle
+from ._stream import MessageWriter as MessageWriter
+from ._stream import StreamBroken as StreamBroken
 from ._transport import WebSocketDialer as WebSocketDialer
 from ._transport import WebSocketTransport as WebSocketTransport
 from ._transport import open_websocket as open_websocket

@@ -87,6 +87,7 @@ from ..world import (
     TrioClock,
     WallClock,
 )
+from ._errors import CallError, ClientClosed, ConnectionLost
 from ._mirror import Mirror, Resources
 from ._observer import ClientObserver
 from ._presence import (
@@ -96,6 +97,7 @@ from ._presence import (
     CursorSender,
     PresenceSender,
 )
+from ._stream import MessageWriter
 from ._transport import WebSocketDialer
 
 __all__ = [
@@ -130,37 +132,6 @@ _OPTIMISTIC_ROOMS: Final[Mapping[str, tuple[str, str]]] = {
     "messages": ("session", "session_id"),
     "sessions": ("board", "board_id"),
 }
-
-
-# ------------------------------------------------------------------- errors
-
-
-class CallError(Exception):
-    """A call, a join or a connect that the server refused: ``code`` is one
-    of the protocol's error codes (``not_found``, ``conflict``...), ``data``
-    its details (for ``conflict``: the current value)."""
-
-    def __init__(self, code: str, message: str, data: Any = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.data = data
-
-
-class ConnectionLost(CallError):
-    """The connection dropped while the call was in flight: it may or may not
-    have run."""
-
-    def __init__(self, message: str = "the connection was lost") -> None:
-        super().__init__(ErrorCode.CONNECTION_LOST.value, message)
-
-
-class ClientClosed(CallError):
-    """The client is closed (by :meth:`Client.aclose`, or for good after the
-    server refused its token)."""
-
-    def __init__(self, message: str = "the client is closed") -> None:
-        super().__init__("closed", message)
 
 
 # ------------------------------------------------------------------- events
@@ -832,6 +803,12 @@ class Client:
         return stream
 
     # ------------------------------------------------------------ presence
+
+    def message_writer(self, session_id: str, message_id: str, length: int = 0) -> MessageWriter:
+        """A writer of ``message_id``'s chunks that lands each once, in
+        order, across lost connections and daemons (each chunk names its
+        offset: ``length``, the message's length now, for the first)."""
+        return MessageWriter(self, session_id, message_id, length)
 
     async def board_presence(self, board_id: str, *, announce: bool = True) -> BoardPresence:
         """Join ``board:<board_id>`` (unless joined) and return the board's

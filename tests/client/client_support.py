@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import attrs
 
+from agor_actors.client import WebSocketDialer
 from agor_actors.daemon import Hub, open_hub
 from agor_actors.server import serving
-from agor_actors.world import real_world
+from agor_actors.world import MessageTransport, real_world
 
 
 @attrs.frozen
@@ -33,3 +34,45 @@ async def daemon(data_dir: pathlib.Path, *, port: int = 0) -> AsyncIterator[Daem
     world = real_world()
     async with open_hub(world, data_dir=data_dir) as hub, serving(hub, world, port=port) as bound:
         yield Daemon(hub, bound)
+
+
+class WrappedTransport:
+    """A transport that hands everything to ``inner``: tests override
+    what they change (a peer that stalls, a connection that drops)."""
+
+    def __init__(self, inner: MessageTransport) -> None:
+        self.inner = inner
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.inner.subprotocol
+
+    async def receive(self) -> bytes | str:
+        return await self.inner.receive()
+
+    async def send(self, data: bytes | str) -> None:
+        await self.inner.send(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.inner.close(code, reason)
+
+
+class CountingDialer:
+    """The real dialer, counting what it opens and what it is offered."""
+
+    def __init__(self) -> None:
+        self.inner = WebSocketDialer()
+        self.offered: list[list[str]] = []
+
+    def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AbstractAsyncContextManager[MessageTransport]:
+        self.offered.append(list(subprotocols))
+        return self.inner.dial(
+            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
+        )

@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
-from client_support import Daemon, daemon
+from client_support import CountingDialer, Daemon, WrappedTransport, daemon
 
 from agor_actors.client import (
     CallError,
@@ -30,27 +30,6 @@ from protocols import ClientEvent, EventApplied, Heartbeat, ReloadRequired, Welc
 async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
     async with daemon(tmp_path / "agor") as d:
         yield d
-
-
-class CountingDialer:
-    """The real dialer, counting what it opens and what it is offered."""
-
-    def __init__(self) -> None:
-        self.inner = WebSocketDialer()
-        self.offered: list[list[str]] = []
-
-    def dial(
-        self,
-        url: str,
-        *,
-        subprotocols: Sequence[str],
-        headers: Sequence[tuple[str, str]] = (),
-        connect_timeout_s: float = 10.0,
-    ) -> AbstractAsyncContextManager[MessageTransport]:
-        self.offered.append(list(subprotocols))
-        return self.inner.dial(
-            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
-        )
 
 
 class RefusingDialer:
@@ -221,17 +200,13 @@ async def test_retry_first_keeps_trying_the_first_connection(running: Daemon) ->
     assert len(dialer.offered) == 3
 
 
-class _Stalling:
+class _Stalling(WrappedTransport):
     """A transport that, once told, neither takes nor delivers anything:
     a peer that stopped reading and writing with its socket still open."""
 
     def __init__(self, inner: MessageTransport) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.stalled = False
-
-    @property
-    def subprotocol(self) -> str | None:
-        return self.inner.subprotocol
 
     async def receive(self) -> bytes | str:
         message = await self.inner.receive()
@@ -243,9 +218,6 @@ class _Stalling:
         if self.stalled:
             await trio.sleep_forever()
         await self.inner.send(data)
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        await self.inner.close(code, reason)
 
 
 class StallingDialer(CountingDialer):

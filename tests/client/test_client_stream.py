@@ -1,0 +1,117 @@
+"""A message streamed with :class:`MessageWriter` against a real daemon
+over real WebSockets: each chunk names its offset (``at``), so a chunk
+sent again after its connection dropped lands once, and the server refuses
+a chunk at the wrong offset with the message's length."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from client_support import CountingDialer, Daemon, WrappedTransport, daemon
+
+from agor_actors.client import CallError, Client, StreamBroken, connect
+from agor_actors.world import MessageTransport
+
+
+@pytest.fixture
+async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
+    async with daemon(tmp_path / "agor") as d:
+        yield d
+
+
+class _DropsAfter(WrappedTransport):
+    """A transport that closes itself right after sending a frame that
+    holds ``marker``: the call reaches the server, its answer never comes
+    back, and the client sees ``connection_lost``."""
+
+    def __init__(self, inner: MessageTransport, dialer: DroppingDialer) -> None:
+        super().__init__(inner)
+        self.dialer = dialer
+
+    async def send(self, data: bytes | str) -> None:
+        await self.inner.send(data)
+        marker = self.dialer.marker
+        if marker is not None and isinstance(data, str) and marker in data:
+            self.dialer.marker = None
+            self.dialer.dropped += 1
+            await self.inner.close()
+
+
+class DroppingDialer(CountingDialer):
+    """The real dialer, whose connections drop once after sending ``marker``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marker: str | None = None
+        self.dropped = 0
+
+    @asynccontextmanager
+    async def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AsyncIterator[MessageTransport]:
+        async with super().dial(
+            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
+        ) as transport:
+            yield _DropsAfter(transport, self)
+
+
+async def _message(client: Client) -> tuple[str, str]:
+    session = await client.service("sessions").create({"title": "stream"})
+    message = await client.service("messages").create(
+        {"session_id": session["id"], "role": "assistant", "streaming": True}
+    )
+    return str(session["id"]), str(message["id"])
+
+
+async def test_a_chunk_whose_answer_was_lost_lands_once(running: Daemon) -> None:
+    dialer = DroppingDialer()
+    async with connect(
+        running.url, token=running.token, codec="json", dialer=dialer, backoff_cap_s=0.1
+    ) as client:
+        sid, mid = await _message(client)
+        writer = client.message_writer(sid, mid)
+        with trio.fail_after(20):
+            await writer.write("one ")
+            dialer.marker = "two "  # its answer is lost with the connection
+            await writer.write("two ")
+            await writer.write("three")
+        assert dialer.dropped == 1 and writer.resent >= 1
+        assert writer.length == len("one two three")
+        stored = await client.service("messages").get(mid)
+        assert stored["content"] == "one two three"
+
+
+async def test_the_server_refuses_a_chunk_at_the_wrong_offset(running: Daemon) -> None:
+    async with connect(running.url, token=running.token, codec="cbor") as client:
+        sid, mid = await _message(client)
+        messages = client.service("messages")
+        await messages.call("stream", mid, {"chunk": "ab", "at": 0})
+        for at in (0, 5):  # sent twice; past a gap
+            with pytest.raises(CallError) as refused:
+                await messages.call("stream", mid, {"chunk": "cd", "at": at})
+            assert refused.value.code == "conflict" and refused.value.data == {"length": 2}
+        for bad in (-1, "2", 1.5, True):
+            with pytest.raises(CallError) as invalid:
+                await messages.call("stream", mid, {"chunk": "cd", "at": bad})
+            assert invalid.value.code == "invalid_field"
+        await messages.call("stream", mid, {"chunk": "cd", "at": 2})
+        await messages.call("stream", mid, {"chunk": "!"})  # without at: where it ends
+        # a writer that starts at the length it was told
+        writer = client.message_writer(sid, mid, length=5)
+        await writer.write("ef")
+        # a writer whose chunk would start inside what is there: the
+        # message is not its alone
+        behind = client.message_writer(sid, mid, length=6)
+        with pytest.raises(StreamBroken) as broken:
+            await behind.write("xyz")
+        assert broken.value.length == 6
+        assert (await messages.get(mid))["content"] == "abcd!ef"
