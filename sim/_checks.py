@@ -331,22 +331,29 @@ def check_streams(store: SqlStore, recorder: Recorder) -> None:
             )
             continue
         present = set(tokens)
+        sends: dict[str, list[WriteRecord]] = {}  # a chunk sent again (``at``): each send
         for record in records:
-            token = str(record.data["chunk"]).rstrip(";")
-            if record.outcome == "ok" and token not in present:
+            sends.setdefault(str(record.data["chunk"]).rstrip(";"), []).append(record)
+        for token, sent in sends.items():
+            acknowledged = next((r for r in sent if r.outcome == "ok"), None)
+            if acknowledged is not None and token not in present:
                 recorder.violate(
-                    "stream", record.client, f"{record.wid}: acknowledged chunk missing in {mid}"
+                    "stream",
+                    acknowledged.client,
+                    f"{acknowledged.wid}: acknowledged chunk missing in {mid}",
                 )
                 break
-            if record.outcome == "failed" and token in present and not _already(record):
+            if token in present and all(r.outcome == "failed" for r in sent):
+                # every send refused (a resend refused as ``conflict`` too:
+                # it wrote nothing), yet the chunk is there
                 recorder.violate(
-                    "stream", record.client, f"{record.wid}: a refused chunk is in {mid}"
+                    "stream", sent[-1].client, f"{sent[-1].wid}: a refused chunk is in {mid}"
                 )
                 break
         exact = recorder.exact_streams.get(mid)
         if exact is not None:
-            sent, landed = exact
-            wanted = [c.rstrip(";") for c in sent]
+            streamed, landed = exact
+            wanted = [c.rstrip(";") for c in streamed]
             if tokens != wanted[: len(tokens)] or len(tokens) < landed:
                 recorder.violate(
                     "stream",
@@ -354,12 +361,6 @@ def check_streams(store: SqlStore, recorder: Recorder) -> None:
                     f"{mid}: streamed with offsets, {landed} landed: {tokens} is not a"
                     f" gap-free prefix of {wanted}",
                 )
-
-
-def _already(record: WriteRecord) -> bool:
-    """A chunk that named its offset (``at``) refused as ``conflict``: the
-    message was past it (an earlier send of it landed) or short of it."""
-    return isinstance(record.data, dict) and "at" in record.data and record.error == "conflict"
 
 
 def _stamp(text: str) -> tuple[int, int, str]:

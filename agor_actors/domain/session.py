@@ -160,6 +160,8 @@ class _Msg:
     task_id: str | None
     length: int
     rev: int = 1
+    unanswered: int = 0
+    """Chunks planned and not answered yet: ``length`` counts them."""
 
 
 @attrs.frozen
@@ -524,6 +526,10 @@ class SessionBehaviour(Behaviour[SessionState]):
             result = done.result.unwrap()
             assert isinstance(result, WriteResult)
             answer = dict(done.answer) if isinstance(done.answer, dict) else done.answer
+            if isinstance(answer, dict) and "appended" in answer:
+                known = state.messages.get(answer["id"])
+                if known is not None:
+                    known.unanswered -= 1
             if isinstance(answer, dict) and result.events:
                 answer["_seq"] = result.events[0].seq
                 if "appended" in answer and self.store.shared:
@@ -1048,10 +1054,10 @@ class SessionBehaviour(Behaviour[SessionState]):
             at = _chunk_at(data)
             if at is not None and at != known.length and not self.store.shared:
                 # this actor plans every append of a single writer: it knows,
-                # once the writes on their way are answered (a length that
-                # counts a chunk not yet durable would tell the caller that
-                # chunk is there)
-                if state.inflight:
+                # once the message's chunks on their way are answered (a
+                # length that counts a chunk not yet durable would tell the
+                # caller that chunk is there)
+                if known.unanswered:
                     raise ServiceError(
                         "unavailable", f"message {mid}: a chunk is still being written; retry"
                     )
@@ -1060,6 +1066,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 raise _too_long()
             offset = known.length
             known.length += len(chunk)
+            known.unanswered += 1
             mutation = Mutation(
                 "update",
                 "messages",

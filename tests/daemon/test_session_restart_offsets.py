@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from agor_actors.daemon import Hub, Principal, open_hub
+from agor_actors.domain import ServiceError
 from agor_actors.store import SqlStore, StoreError, WriteRequest, WriteResult, open_store
 from agor_actors.world import real_world
 
@@ -152,3 +153,53 @@ async def test_a_restarted_session_writes_its_row_after_its_predecessors(
         # the rename's clock and rev survived the later write
         assert row["clocks"]["title"] != created["clocks"]["title"], (created, row)
         assert row["rev"] == created["rev"] + 2, (created, row)
+
+
+async def test_a_chunk_at_a_taken_offset_waits_for_the_chunks_on_their_way(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``at`` on one daemon: while a chunk of the message is on its way to
+    the store, a chunk at another offset is told ``unavailable`` (the
+    length the actor knows counts a chunk not yet durable: answering
+    ``conflict`` with it would tell a writer that resends that chunk it is
+    there); once answered, ``conflict`` with the durable length."""
+    async with _gated_hub(tmp_path) as (store, _hub, call):
+        session = await call("sessions", "create", data={"title": "S"})
+        message = await call(
+            "messages",
+            "create",
+            data={"session_id": session["id"], "role": "assistant", "streaming": True},
+        )
+        mid = message["id"]
+        other = await call(
+            "messages",
+            "create",
+            data={"session_id": session["id"], "role": "assistant", "streaming": True},
+        )
+        await call("messages", "stream", id=other["id"], data={"chunk": "xyz"})
+        answers: dict[str, Any] = {}
+
+        async def stream(key: str, chunk: str, at: int, target: str = mid) -> None:
+            try:
+                answers[key] = await call(
+                    "messages", "stream", id=target, data={"chunk": chunk, "at": at}
+                )
+            except ServiceError as exc:
+                answers[key] = exc.code, exc.data
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                store.gate.clear()
+                nursery.start_soon(stream, "first", "ab", 0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not answers  # planned, held at the writer
+                await stream("again", "ab", 0)  # its answer lost, sent again
+                assert answers["again"] == ("unavailable", None)
+                # another message, with nothing on its way: known at once
+                await stream("other", "!", 0, other["id"])
+                assert answers["other"] == ("conflict", {"length": 3})
+                store.gate.set()
+            await stream("later", "ab", 0)
+        assert answers["first"]["appended"] == 2
+        assert answers["later"] == ("conflict", {"length": 2})
+        assert (store.get("messages", mid) or {})["content"] == "ab"
