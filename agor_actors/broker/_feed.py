@@ -20,13 +20,20 @@ Bounds and overflow policies:
   by the repair task: at most one mark per wanted room;
 - a lost subscription connection is made again (backoff up to
   ``reconnect_max_s``), and every wanted room is marked behind, since what
-  was published meanwhile never arrived.
+  was published meanwhile never arrived.  Access changes of other rooms
+  may be among it (a member removed from a board, read by the board's room
+  only once it catches up, while a session room of that board catches up
+  too): nothing received on the new connection reaches a room, and no room
+  reads its log, until the hub's :attr:`RoomFeed.gap_check` has checked
+  every subscription against the store (again after a second while it
+  fails: closed, not open).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -58,6 +65,9 @@ class FeedStats:
         self.presence_dropped = 0
         self.lost = 0
         """Lost markers (events no broker message could hold) of other daemons."""
+        self.gap_checks = 0
+        """Access checks run after the subscription connection came back."""
+        self.gap_checks_failed = 0
 
 
 class RoomFeed:
@@ -88,6 +98,12 @@ class RoomFeed:
         self._unwanted_wanted = trio.Event()
         self.connected = trio.Event()
         """Set while a subscription connection is up (a new one when lost)."""
+        self.gap_check: Callable[[], Awaitable[None]] | None = None
+        """Set by the hub: run once a lost subscription connection is back,
+        before anything reaches the rooms (see the module's docstring)."""
+        self._open = trio.Event()
+        self._open.set()
+        """Clear while a gap check runs: deliveries and resyncs wait."""
         self.stats = FeedStats()
 
     # ------------------------------------------------------------ the hub's side
@@ -157,18 +173,28 @@ class RoomFeed:
         """Keep one subscription connection, with every wanted channel."""
         backoff_s = self.reconnect_min_s
         failing = False
+        lost = False  # a connection was up before: what came meanwhile is missed
         while True:
             try:
                 async with self._link.session() as session:
                     # from here on, a room wanted meanwhile subscribes itself
                     self._session = session
-                    await session.subscribe({c: self._on_message for c in self._room_of})
-                    self.stats.sessions += 1
-                    if failing:
-                        log.info("the broker's subscription connection is back")
-                    failing = False
-                    self.connected.set()
-                    backoff_s = self.reconnect_min_s
+                    gap = lost and self.gap_check is not None
+                    if gap:
+                        self._open = trio.Event()
+                    try:
+                        await session.subscribe({c: self._on_message for c in self._room_of})
+                        self.stats.sessions += 1
+                        if failing:
+                            log.info("the broker's subscription connection is back")
+                        failing = False
+                        self.connected.set()
+                        backoff_s = self.reconnect_min_s
+                        if gap:
+                            await self._check_gap()
+                    finally:
+                        self._open.set()
+                    lost = True
                     # what was published while no connection was up never arrives
                     for room in self._watchers:
                         self._mark_behind(room)
@@ -184,6 +210,20 @@ class RoomFeed:
             await trio.sleep(backoff_s)
             backoff_s = min(self.reconnect_max_s, backoff_s * 2)
 
+    async def _check_gap(self) -> None:
+        """The hub's gap check, again after a second while it fails."""
+        assert self.gap_check is not None
+        while True:
+            try:
+                await self.gap_check()
+            except Exception as exc:
+                self.stats.gap_checks_failed += 1
+                log.warning("checking access after the broker's gap failed: %s", exc)
+                await trio.sleep(1.0)
+                continue
+            self.stats.gap_checks += 1
+            return
+
     def _on_message(self, channel: str, payload: bytes) -> None:
         """In the connection's reading task: queue, never wait."""
         self.stats.received += 1
@@ -198,6 +238,8 @@ class RoomFeed:
 
     async def _deliver(self) -> None:
         async for room, payload in self._receive:
+            if not self._open.is_set():
+                await self._open.wait()
             try:
                 remote = decode_message(room, payload)
             except BrokerMessageError as exc:
@@ -252,6 +294,8 @@ class RoomFeed:
         mailboxes: this task alone waits, not the delivery)."""
         while True:
             await self._behind_wanted.wait()
+            if not self._open.is_set():
+                await self._open.wait()
             self._behind_wanted = trio.Event()
             behind, self._behind = self._behind, {}
             for room in behind:

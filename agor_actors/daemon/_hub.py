@@ -181,6 +181,8 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.feed = feed
         """A cluster node's feed of the other daemons' commits; None alone."""
+        if feed is not None:
+            feed.gap_check = self._gap_check
         self.world = world
         self.store = store
         self.system = system
@@ -1178,6 +1180,18 @@ class Hub:
             await self.gate.board(change.board_id)
         if change.users or change.rooms:
             await self._recheck(users=set(change.users) or None, rooms=set(change.rooms) or None)
+
+    async def _gap_check(self) -> None:
+        """The feed's subscription connection is back: what the other
+        daemons published meanwhile never arrived, access changes of any
+        room included, and the rooms are about to read it from their logs,
+        each on its own (a session room could deliver past a board's
+        member removal its board room has not read yet).  So first the gate
+        forgets what it read and every subscription is checked against the
+        store (raises while the store is away: the feed holds everything
+        and tries again)."""
+        self.gate.forget_loaded()
+        await self._recheck()
 
     async def _sweeper(self) -> None:
         """A cluster node's fallback: every :attr:`access_sweep_s` the gate

@@ -24,11 +24,13 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import trio
 from cluster_support import (
+    CODEC,
     PG_URL,
     REDIS_URL,
     assert_gap_free,
@@ -39,10 +41,10 @@ from cluster_support import (
     view,
 )
 
-from agor_actors.daemon import ServiceError, open_hub
+from agor_actors.daemon import Outbox, ServiceError, open_hub
 from agor_actors.store import open_store
 from agor_actors.world import real_world
-from protocols import Since
+from protocols import Event, Left, Limits, Since, decode_server_frame
 
 pytestmark = [needs_cluster, pytest.mark.timeout(120)]
 TOKEN = "partition-owner-token"
@@ -143,6 +145,63 @@ async def test_redis_stopped_and_restarted_while_a_room_streams_loses_nothing(
         ]
         assert {e.seq for e in events} >= set(acked)
         assert b.feed.stats.sessions > sessions  # the feed connected again
+
+
+async def test_a_member_removed_while_redis_was_away_sees_nothing_past_it(
+    pg_url: str, tmp_path: pathlib.Path
+) -> None:
+    """A guest who sees a session through its board watches it on daemon B
+    (not the board's room). Redis goes away; through daemon A the owner
+    removes the guest from the board, then writes to the session. When B's
+    feed connects again, its session room reads what it missed from its
+    log: before it may deliver any of it, B checks every subscription
+    against the store (nothing of B ever shows it the board's event), so
+    the guest is told ``left`` ``forbidden`` and sees nothing past it. (It
+    used to get the write, until the 30 s sweep; simulator, cluster seeds
+    4508 and 4522.)"""
+    async with (
+        own_redis(tmp_path) as redis,
+        open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as a,
+        open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as b,
+    ):
+        assert b.feed is not None
+        owner = await a.authenticate(TOKEN)
+        assert owner is not None
+
+        async def call(service: str, method: str, **kw: Any) -> Any:
+            return await a.call(owner, connection_id="w", service=service, method=method, **kw)
+
+        made = await call("users", "create", data={"name": "guest"})
+        guest = await b.authenticate(made["token"])
+        assert guest is not None
+        bid = (await call("boards", "create", data={"name": "B"}))["id"]
+        await call(
+            "boards", "add_member", id=bid, data={"user_id": guest.user_id, "role": "viewer"}
+        )
+        sid = (await call("sessions", "create", data={"title": "S", "board_id": bid}))["id"]
+        room = f"session:{sid}"
+        box = Outbox(CODEC)
+        await b.join(guest, "g", box, room, None)
+        on_b = await view(b, "ob", room)
+        seen = await make_task(a, sid, "seen")
+        await on_b.until_seq(seen)
+        checks = b.feed.stats.gap_checks
+
+        await redis.stop()
+        await call("boards", "remove_member", id=bid, data={"user_id": guest.user_id})
+        hidden = await make_task(a, sid, "hidden")
+        await redis.start()
+
+        got: list[object] = []
+        with trio.fail_after(30):
+            while not any(isinstance(m, Left) for m in got):
+                got += decode_server_frame(CODEC, await box.next_frame(), Limits())
+        assert [(m.room, m.reason) for m in got if isinstance(m, Left)] == [(room, "forbidden")]
+        assert isinstance(got[-1], Left), "something of the room followed left"
+        assert all(m.end_seq < hidden for m in got if isinstance(m, Event)), got
+        assert b.feed.stats.gap_checks > checks
+        await on_b.until_seq(hidden, limit_s=30)  # B's room did read it
+        assert len(box) == 0
 
 
 # ---------------------------------------------------------------- PostgreSQL cut off
