@@ -82,9 +82,8 @@ class MessageWriter:
                 try:
                     await self._send({"chunk": chunk, "at": at})
                 except CallError as exc:
-                    if exc.code == ErrorCode.CONFLICT.value and _length(exc.data) is not None:
-                        length = _length(exc.data)
-                        assert length is not None
+                    length = _length(exc.data) if exc.code == ErrorCode.CONFLICT.value else None
+                    if length is not None:
                         if length >= at + len(chunk):
                             break  # an earlier send landed; its answer was lost
                         if length != at:

@@ -8,12 +8,21 @@ from __future__ import annotations
 import pathlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 from client_support import CountingDialer, Daemon, WrappedTransport, daemon
+from trio.testing import MockClock
 
-from agor_actors.client import CallError, Client, StreamBroken, connect
+from agor_actors.client import (
+    CallError,
+    Client,
+    ConnectionLost,
+    MessageWriter,
+    StreamBroken,
+    connect,
+)
 from agor_actors.world import MessageTransport
 
 
@@ -115,3 +124,59 @@ async def test_the_server_refuses_a_chunk_at_the_wrong_offset(running: Daemon) -
             await behind.write("xyz")
         assert broken.value.length == 6
         assert (await messages.get(mid))["content"] == "abcd!ef"
+
+
+class _Scripted(MessageWriter):
+    """A writer whose sends are answered from ``answers`` (None: ok)."""
+
+    def __init__(self, answers: list[CallError | None]) -> None:
+        super().__init__(None, "s", "m")  # type: ignore[arg-type]
+        self.answers = answers
+        self.sent: list[dict[str, Any]] = []
+
+    async def _send(self, data: dict[str, Any]) -> None:
+        self.sent.append(data)
+        answer = self.answers.pop(0)
+        if answer is not None:
+            raise answer
+
+
+def _conflict(length: int) -> CallError:
+    return CallError("conflict", "elsewhere", {"length": length})
+
+
+@pytest.mark.parametrize(
+    ("answers", "sends", "length"),
+    [
+        ([None], 1, 3),
+        ([ConnectionLost(), _conflict(3)], 2, 3),  # the first send landed
+        ([ConnectionLost(), CallError("unavailable", "busy"), None], 3, 3),
+        ([_conflict(0), None], 2, 3),  # refused beside another chunk: sent again
+    ],
+    ids=["ok", "lost_then_there", "lost_busy_then_ok", "merged_refusal"],
+)
+async def test_the_writer_sends_a_chunk_until_it_is_known_to_be_there(
+    answers: list[CallError | None], sends: int, length: int, autojump_clock: MockClock
+) -> None:
+    writer = _Scripted(list(answers))
+    await writer.write("abc")
+    assert [d["at"] for d in writer.sent] == [0] * sends
+    assert writer.length == length and writer.resent == sends - 1
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        [_conflict(1)],  # inside what it believes it wrote: another writer
+        [CallError("forbidden", "no")],
+        [ConnectionLost()] * 20,
+    ],
+    ids=["another_writer", "refused", "never_answered"],
+)
+async def test_the_writer_gives_up_on_what_sending_again_cannot_mend(
+    answers: list[CallError | None], autojump_clock: MockClock
+) -> None:
+    writer = _Scripted(list(answers))
+    with pytest.raises((StreamBroken, CallError)):
+        await writer.write("abc")
+    assert writer.length == 0
