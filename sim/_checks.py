@@ -315,9 +315,10 @@ def check_streams(store: SqlStore, recorder: Recorder) -> None:
             recorder.violate("stream", records[0].client, f"message {mid} is gone")
             continue
         tokens = [t for t in str(row["content"]).split(";") if t]
-        order: dict[str, int] = {}  # a chunk sent again (with ``at``): its first send
-        for i, r in enumerate(records):
-            order.setdefault(str(r.data["chunk"]).rstrip(";"), i)
+        sends: dict[str, list[WriteRecord]] = {}  # a chunk sent again (``at``): each send
+        for record in records:
+            sends.setdefault(str(record.data["chunk"]).rstrip(";"), []).append(record)
+        order = {token: i for i, token in enumerate(sends)}  # in the order first sent
         seen: list[int] = []
         for token in tokens:
             index = order.get(token)
@@ -331,9 +332,6 @@ def check_streams(store: SqlStore, recorder: Recorder) -> None:
             )
             continue
         present = set(tokens)
-        sends: dict[str, list[WriteRecord]] = {}  # a chunk sent again (``at``): each send
-        for record in records:
-            sends.setdefault(str(record.data["chunk"]).rstrip(";"), []).append(record)
         for token, sent in sends.items():
             acknowledged = next((r for r in sent if r.outcome == "ok"), None)
             if acknowledged is not None and token not in present:

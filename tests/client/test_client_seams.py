@@ -5,13 +5,12 @@ a server that cannot answer for a moment."""
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
-from client_support import CountingDialer, Daemon, WrappedTransport, daemon
+from client_support import CountingDialer, Daemon, WrappedTransport
 
 from agor_actors.client import (
     CallError,
@@ -24,12 +23,6 @@ from agor_actors.client import (
 )
 from agor_actors.world import Dialer, DialFailed, MessageTransport
 from protocols import ClientEvent, EventApplied, Heartbeat, ReloadRequired, Welcomed
-
-
-@pytest.fixture
-async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
-    async with daemon(tmp_path / "agor") as d:
-        yield d
 
 
 class RefusingDialer:

@@ -5,14 +5,13 @@ a chunk at the wrong offset with the message's length."""
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
-from client_support import CountingDialer, Daemon, WrappedTransport, daemon
+from client_support import CountingDialer, Daemon, WrappedTransport
 from trio.testing import MockClock
 
 from agor_actors.client import (
@@ -24,12 +23,6 @@ from agor_actors.client import (
     connect,
 )
 from agor_actors.world import MessageTransport
-
-
-@pytest.fixture
-async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
-    async with daemon(tmp_path / "agor") as d:
-        yield d
 
 
 class _DropsAfter(WrappedTransport):

@@ -27,12 +27,6 @@ from protocols import (
 )
 
 
-@pytest.fixture
-async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
-    async with daemon(tmp_path / "agor") as d:
-        yield d
-
-
 async def _caught_up(*mirrors: Mirror, seq: int) -> None:
     with trio.fail_after(10):
         for mirror in mirrors:
