@@ -163,6 +163,11 @@ class Hub:
     """A cluster node's: how often it forgets the access it read and checks
     every subscription again (the fallback for a change it was not told:
     see :meth:`access_check`)."""
+    board_retry_min_s = 0.5
+    board_retry_max_s = 30.0
+    """The pause before asking again for a board's facepile whose room
+    failed to start, doubling from the first to the second (see
+    :meth:`_republish_later`)."""
 
     def __init__(
         self,
@@ -227,6 +232,12 @@ class Hub:
         self._forgotten_boards: dict[str, None] = {}
         """Boards whose room passivated since its last join (an ordered set)."""
         self._forgotten_boards_max = 65_536
+        self._board_retries: dict[str, tuple[int, float]] = {}
+        """Boards whose room failed to start with users present: how many
+        times in a row, and when last (an ordered map, as large at most as
+        ``_forgotten_boards``: overflow drops the oldest)."""
+        self._board_retry_pending: set[str] = set()
+        """Boards with a republish scheduled (one task each)."""
         self.presence_dropped = 0
         system.registry.exit_hooks.append(self._on_actor_exit)
         self.metrics.add_collector(self._scraped)
@@ -276,8 +287,10 @@ class Hub:
                 # sends would start it again at once, and a start that fails
                 # at once would republish again, a loop with no time passing
                 # (the simulator's cluster seeds 1692 and 1987); the next
-                # join asks instead, as after a passivation
+                # join asks, as after a passivation, or else a republish
+                # after a pause that grows while its starts keep failing
                 self._forget_board(board)
+                self._republish_later(board)
         for connection_id, room in list(served or ()):
             sub = self._forget_sub(connection_id, room)
             if sub is None:
@@ -332,6 +345,37 @@ class Hub:
         forgotten[board] = None
         while len(forgotten) > self._forgotten_boards_max:
             del forgotten[next(iter(forgotten))]  # overflow: drop the oldest
+
+    def _republish_later(self, board: str) -> None:
+        """A board's room failed to start (someone present sent it an entry,
+        so someone is there): ask again after a pause, 0.5 s doubling to
+        30 s while starts keep failing, unless a join asked meanwhile.  On
+        one daemon only a join shows a facepile, but a cluster's other
+        daemons see this daemon's users only through its board room's
+        heartbeats: a room started by nobody left them out until a user's
+        next change, up to a minute (the simulator's cluster seed 5446,
+        where every actor of a node started over while the store was
+        away, and its clients gave up the board)."""
+        if self.system.registry.supervisor.stopping or board in self._board_retry_pending:
+            return
+        now = self.world.clock.now_s()
+        failures, last_s = self._board_retries.pop(board, (0, now))
+        if now - last_s > self.board_retry_max_s * 2:
+            failures = 0  # it ran since: start over
+        self._board_retries[board] = (failures + 1, now)
+        while len(self._board_retries) > self._forgotten_boards_max:
+            del self._board_retries[next(iter(self._board_retries))]
+        pause_s = min(self.board_retry_max_s, self.board_retry_min_s * 2**failures)
+        self._board_retry_pending.add(board)
+        self._tasks.start_soon(self._republish_after, board, pause_s)
+
+    async def _republish_after(self, board: str, pause_s: float) -> None:
+        try:
+            await trio.sleep(pause_s)
+        finally:
+            self._board_retry_pending.discard(board)
+        if self._forgotten_boards.pop(board, False) is None:  # no join asked meanwhile
+            self._republish(board)
 
     def _republish(self, board: str) -> None:
         """Every user with an entry asks ``board``'s room to take it again:

@@ -47,6 +47,7 @@ class Unreachable:
         self.failing = False
         self.refused = 0
         self.refusal = trio.Event()
+        self.served = trio.Event()
 
     async def run(self, fn: Callable[[], T], *, local: bool = False) -> T:
         if self.failing:
@@ -54,7 +55,9 @@ class Unreachable:
             self.refused += 1
             self.refusal.set()
             raise StoreUnavailable("the store cannot be reached (test)")
-        return await self.inner.run(fn, local=local)
+        result = await self.inner.run(fn, local=local)
+        self.served.set()
+        return result
 
 
 async def read(outbox: Outbox, until: Any, limit_s: float = 10.0) -> list[Any]:
@@ -158,6 +161,59 @@ async def test_a_board_room_that_cannot_start_again_is_not_restarted_in_a_loop(
         assert hub.system.registry.spawned - spawned <= 2
 
         seam.failing = False
+        again = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c2", again, room, None)
+        got = await read(again, on_facepile)
+        [users] = [m.users for m in got if isinstance(m, Presence) and m.users]
+        assert [u["user_id"] for u in users] == ["owner"]
+
+
+async def test_a_board_room_that_failed_to_start_is_asked_again_without_a_join(
+    tmp_path: pathlib.Path,
+) -> None:
+    """As above, but nobody joins the board again: its users are still
+    there (a cluster's other daemons see them only through this room's
+    heartbeats).  The failed start is followed, after a pause, by the users
+    sending their entries again, which starts the room once the store is
+    back; before, it stayed stopped until a user's next change, up to a
+    minute later (the simulator's cluster seed 5446)."""
+    world = real_world()
+    seam = Unreachable(world.blocking)
+    world = attrs.evolve(world, blocking=seam)
+    async with open_hub(world, data_dir=tmp_path / "agor") as hub:
+        hub.board_retry_min_s = 0.05
+        board = await hub.call(
+            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+        )
+        room = f"board:{board['id']}"
+        watcher = Outbox(Codec.JSON)
+        await hub.join(OWNER, "c1", watcher, room, None)
+        await hub.presence(OWNER, "c1", PresenceUpdate(board=board["id"]))
+
+        def on_facepile(msgs: list[Any]) -> bool:
+            return any(isinstance(m, Presence) and m.users for m in msgs)
+
+        await read(watcher, on_facepile)
+
+        seam.failing = True
+        await hub.system.registry.supervisor.terminate_child(f"room:{room}")
+        with trio.fail_after(10):
+            await seam.refusal.wait()  # a start of the room failed
+            seam.refused = 0
+            seam.refusal = trio.Event()
+            await seam.refusal.wait()  # and, after the pause, failed again
+        assert hub.system.registry.lookup(f"room:{room}") is None
+
+        # the store is back; c1 stays connected and present, but nobody joins
+        seam.served = trio.Event()
+        seam.failing = False
+        with trio.fail_after(10):
+            await seam.served.wait()  # the room is started by itself
+            await trio.testing.wait_all_tasks_blocked(0.05)
+        assert hub.system.registry.lookup(f"room:{room}") is not None
+
+        # a join now finds the entry in the room's memory (the board is no
+        # longer one whose join asks the users again)
         again = Outbox(Codec.JSON)
         await hub.join(OWNER, "c2", again, room, None)
         got = await read(again, on_facepile)
