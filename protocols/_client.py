@@ -427,6 +427,9 @@ class ClientConnection:
                         code=ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                     )
                 track = RoomTrack(room, _R.JOINING)
+                if message.since is not None:
+                    # the caller's copy stands there (see :meth:`join`)
+                    track = attrs.evolve(track, epoch=message.since.epoch, seq=message.since.seq)
             self._rooms[room] = attrs.evolve(track, status=status, requested_since=message.since)
         elif isinstance(message, Leave):
             status = self._room_move(message.room, _RT.SEND_LEAVE)
@@ -478,11 +481,16 @@ class ClientConnection:
             raise LocalProtocolError("call refs exhausted")
         return ref, self.send(Auth(ref, token))
 
-    def join(self, room: str) -> Frame:
+    def join(self, room: str, since: Since | None = None) -> Frame:
         """Join ``room``; when the client was in it before (a detached room),
-        the join resumes from where it stood."""
+        the join resumes from where it stood.  ``since``, for a room this
+        machine no longer tracks (the server let it go, with ``left``): where
+        the caller's copy of it stands, every event up to ``since.seq``
+        applied; the join resumes from there as from a detached room's."""
         track = self._rooms.get(room)
-        return self.send(Join(room, None if track is None else track.since))
+        if track is not None:
+            since = track.since
+        return self.send(Join(room, since))
 
     def leave(self, room: str) -> Frame:
         return self.send(Leave(room))

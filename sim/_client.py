@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from agor_actors.client import CallError, Client, ClientObserver, Resources, connect
+from agor_actors.client import REJOIN_CODES, CallError, Client, ClientObserver, Resources, connect
 from agor_actors.world import SeededEntropy, VirtualWallClock
 from protocols import (
     CallResult,
@@ -312,10 +312,15 @@ class SimClient:
 
     def _on_left(self, event: RoomLeft) -> None:
         self._trace.emit("left", f"{self.name} {event.room} {event.reason}")
-        self.mirrors.pop(event.room, None)
         kind, ident = room_kind(event.room)
         if kind == "board":
             self.facepiles.pop(ident, None)
+        if event.reason in REJOIN_CODES and event.room in self.wanted:
+            # the real client keeps the room's mirror and joins it again
+            # after a backoff, from where the mirror stands
+            self._recorder.count(f"left:{event.reason}")
+            return
+        self.mirrors.pop(event.room, None)
         if event.reason not in ("left", "connection_lost"):
             self._recorder.count(f"left:{event.reason}")
             self.wanted.pop(event.room, None)

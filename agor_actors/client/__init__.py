@@ -3,6 +3,7 @@ mirrors, event streams, reconnect and resume; board presence (facepile,
 cursors, follow mode, highlights), the throttled cursor sender and the
 activity log; a message streamed exactly once across reconnects (``MessageWriter``)."""
 
+from ._client import REJOIN_CODES as REJOIN_CODES
 from ._client import CallError as CallError
 from ._client import Client as Client
 from ._client import ClientClosed as ClientClosed

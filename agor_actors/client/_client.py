@@ -66,6 +66,7 @@ from protocols import (
     RoomLeft,
     RoomStatus,
     ServerError,
+    Since,
     TokenBucket,
     Viewport,
     Welcome,
@@ -370,6 +371,20 @@ RELOAD_RETRY_CODES: Final = frozenset(
 """Errors of a room's reload that say the server could not answer now: the
 reload is tried again (after a backoff) instead of giving the room up."""
 
+REJOIN_CODES: Final = frozenset(
+    {
+        ErrorCode.INTERNAL.value,
+        ErrorCode.SERVER_ERROR.value,
+        ErrorCode.RATE_LIMITED.value,
+        "unavailable",
+    }
+)
+"""A room's ``left`` with one of these says the server could not take the
+client in now (its room could not start: the store away; a crash; too many
+joins): the room stays wanted, its mirror kept, and it is joined again
+after a backoff (from where the mirror stands), as a Phoenix channel
+rejoins after an error, until :meth:`Client.leave`."""
+
 RETRY_AFTER_MAX_S: Final = 10.0
 """The longest ``retry_after_ms`` honoured (a larger one waits this long)."""
 
@@ -585,6 +600,9 @@ class Client:
         self._handing: set[str] = set()
         """Rooms whose join waits for an open connection to be sent (at most
         one task each; bounded by the rooms joined)."""
+        self._rejoining: dict[str, int] = {}
+        """Rooms the server let go for now (see :data:`REJOIN_CODES`), with
+        the attempts so far (their task is one of ``_handing``'s)."""
         self._reloads: dict[str, trio.CancelScope] = {}
         self._streams: dict[str, set[EventStream]] = {}
         self._services: dict[str, Service] = {}
@@ -722,10 +740,14 @@ class Client:
 
     async def join(self, room: str) -> Mirror:
         """Join ``room`` and return its mirror once loaded.  Raises
-        :class:`CallError` if the server refuses (the code of its ``left``),
-        ``trio.TooSlowError`` if it is not loaded within ``call_timeout_s``:
-        the room stays wanted all the same (joined once a connection opens,
-        and again after every drop) until :meth:`leave`."""
+        :class:`CallError` if the server refuses (the code of its ``left``:
+        ``forbidden``, ``not_found``...), ``trio.TooSlowError`` if it is not
+        loaded within ``call_timeout_s``: the room stays wanted all the same
+        (joined once a connection opens, and again after every drop) until
+        :meth:`leave`.  A refusal that says the server cannot take the room
+        now (:data:`REJOIN_CODES`: ``unavailable``...) is not raised: the
+        join is sent again after a backoff, here as for a room joined long
+        ago, until it is taken, the timeout, or :meth:`leave`."""
         mirror = self._mirrors.get(room)
         if mirror is None or mirror.left_reason is not None:
             mirror = self._mirrors[room] = Mirror(room)
@@ -1098,6 +1120,56 @@ class Client:
                 # back on this one)
                 sender.restore(due)
 
+    def _rejoin_later(self, room: str) -> bool:
+        """The server let ``room`` go for now: if it is still wanted (its
+        mirror not left), keep the mirror and join again after a backoff.
+        Returns False if it is not wanted (the caller ends it)."""
+        mirror = self._mirrors.get(room)
+        if mirror is None or mirror.left_reason is not None or self._nursery is None:
+            return False
+        self._cancel_reload(room)  # (a reload's resources would be stale)
+        since = None
+        if mirror.ready.is_set() and not mirror.reloading and mirror.epoch is not None:
+            since = Since(mirror.epoch, mirror.seq)
+        attempt = self._rejoining.get(room)
+        self._rejoining[room] = 0 if attempt is None else attempt + 1
+        if room not in self._handing:  # (else a join is on its way already)
+            self._handing.add(room)
+            self._nursery.start_soon(self._rejoin_room, room, mirror, since)
+        if room.startswith("board:"):
+            self._presence_rejoined(room)  # not joined: send it anyway
+        return True
+
+    async def _rejoin_room(self, room: str, mirror: Mirror, since: Since | None) -> None:
+        """Join ``room`` again after a backoff, unless it was left (or joined
+        again by :meth:`join`) meanwhile."""
+
+        def wanted() -> bool:
+            return (
+                self._mirrors.get(room) is mirror
+                and mirror.left_reason is None
+                and room not in self.machine.rooms
+            )
+
+        try:
+            attempt = self._rejoining.get(room, 0)
+            await trio.sleep(
+                backoff_s(attempt, self.entropy.random(), self.backoff_base_s, self.backoff_cap_s)
+            )
+            if mirror.reloading:
+                since = None  # a join meanwhile began a reload: it starts over
+            await self._send_when_open(lambda: self.machine.join(room, since), wanted=wanted)
+        except ClientClosed:
+            pass
+        except CallError as exc:  # refused before sending (too many rooms)
+            if self._mirrors.get(room) is mirror:
+                del self._mirrors[room]
+                mirror._left(exc.code)
+        finally:
+            self._handing.discard(room)
+            if room not in self.machine.rooms:
+                self._rejoining.pop(room, None)
+
     def _fail_waiters(self, code: str, message: str) -> None:
         for waiter in self._waiters.values():
             if waiter.result is None:
@@ -1433,6 +1505,7 @@ class Client:
             self._presence_welcomed()
             self._welcomed.set()
         elif isinstance(event, RoomJoined):
+            self._rejoining.pop(event.room, None)
             mirror = self._mirrors.get(event.room)
             if mirror is None:
                 mirror = self._mirrors[event.room] = Mirror(event.room)
@@ -1445,6 +1518,8 @@ class Client:
         elif isinstance(event, RoomLeft):
             if event.reason == ErrorCode.RATE_LIMITED.value:
                 self._rate_limited += 1
+            if event.reason in REJOIN_CODES and self._rejoin_later(event.room):
+                return
             mirror = self._mirrors.pop(event.room, None)
             if mirror is not None:
                 mirror._left(event.reason)

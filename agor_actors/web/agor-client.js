@@ -33,6 +33,12 @@ export const FATAL_CLOSE_CODES = new Set([4001])
 export const TOKEN_EXPIRED_CLOSE = 4002
 export const PRESENCE_RATE_PER_S = 30
 export const MAX_RESUMES = 3
+/** A room's `left` with one of these says the server cannot take the client
+ * in now (its room could not start: the store away; a crash; too many
+ * joins): the room stays wanted, its mirror kept, and it is joined again
+ * after a backoff from where the mirror stands (as a Phoenix channel
+ * rejoins after an error), until `leave`. */
+export const REJOIN_CODES = new Set(["internal", "server_error", "rate_limited", "unavailable"])
 /** A call refused with `rate_limited` is sent again this many times at
  * most, each after the `retry_after_ms` the server names. */
 export const RATE_LIMITED_RETRIES = 5
@@ -570,6 +576,7 @@ export class Client extends Emitter {
     const track = this._rooms.get(room)
     this._mirrors.delete(room)
     if (!track) return
+    clearTimeout(track.rejoinTimer)
     track.status = "leaving"
     track.leaves += 1
     if (this._welcomed) this._sendMessage({ type: "leave", room })
@@ -617,6 +624,7 @@ export class Client extends Emitter {
     clearTimeout(this._reconnectTimer)
     clearTimeout(this._pumpTimer)
     clearTimeout(this._renewTimer)
+    for (const track of this._rooms.values()) clearTimeout(track.rejoinTimer)
     this._presenceOut.stop()
     const ws = this._ws
     if (ws) { this._detach(ws); try { ws.close(1000) } catch { /* already closed */ } }
@@ -961,6 +969,7 @@ export class Client extends Emitter {
       (track.status !== "joining" || asked != null) &&
       (asked == null || (asked.epoch === m.epoch && asked.seq <= track.seq))
     track.status = "live"
+    track.rejoins = undefined
     track.requestedSince = null
     let mirror = this._mirrors.get(m.room)
     if (recovered) {
@@ -997,6 +1006,25 @@ export class Client extends Emitter {
     }
   }
 
+  /** The server let `room` go for now: keep its track (detached, so that a
+   * reconnect meanwhile rejoins it too) and its mirror, and join again after
+   * a backoff, from where the mirror stands. */
+  _rejoinLater(room, track, mirror) {
+    track.status = "detached"
+    track.requestedSince = null
+    track.leaves = 0
+    if (mirror.reloading || mirror.epoch == null) { track.epoch = null; track.seq = null }
+    else { track.epoch = mirror.epoch; track.seq = mirror.seq }
+    track.rejoins = (track.rejoins ?? -1) + 1
+    clearTimeout(track.rejoinTimer)
+    const delayS = backoffS(track.rejoins, this.random(), this.backoffBaseS, this.backoffCapS)
+    track.rejoinTimer = setTimeout(() => {
+      track.rejoinTimer = null
+      if (this._rooms.get(room) !== track || track.status !== "detached" || !this._welcomed) return
+      this._sendJoin(room, this._since(track))
+    }, delayS * 1000)
+  }
+
   _onLeft(m) {
     const track = this._rooms.get(m.room)
     if (!track) return
@@ -1004,8 +1032,13 @@ export class Client extends Emitter {
       track.leaves -= 1
       if (track.status !== "leaving" || track.leaves > 0) return
     }
-    this._rooms.delete(m.room)
     const mirror = this._mirrors.get(m.room)
+    if (REJOIN_CODES.has(m.reason) && mirror && !mirror.leftReason && !this._closed) {
+      this._rejoinLater(m.room, track, mirror)
+      this.emit("left", m)
+      return
+    }
+    this._rooms.delete(m.room)
     if (mirror) { this._mirrors.delete(m.room); mirror._left(m.reason) }
     if (m.room.startsWith("board:")) this._boards.get(m.room.slice(6))?._left(m.reason)
     this.emit("left", m)

@@ -12,7 +12,7 @@ import attrs
 from agor_actors.client import WebSocketDialer
 from agor_actors.daemon import Hub, open_hub
 from agor_actors.server import serving
-from agor_actors.world import MessageTransport, real_world
+from agor_actors.world import MessageTransport, World, real_world
 
 
 @attrs.frozen
@@ -30,8 +30,10 @@ class Daemon:
 
 
 @asynccontextmanager
-async def daemon(data_dir: pathlib.Path, *, port: int = 0) -> AsyncIterator[Daemon]:
-    world = real_world()
+async def daemon(
+    data_dir: pathlib.Path, *, port: int = 0, world: World | None = None
+) -> AsyncIterator[Daemon]:
+    world = world or real_world()
     async with open_hub(world, data_dir=data_dir) as hub, serving(hub, world, port=port) as bound:
         yield Daemon(hub, bound)
 

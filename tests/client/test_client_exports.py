@@ -21,6 +21,7 @@ PUBLIC = {
     "ClientObserver",
     "ClientStatistics",
     "ConnectionLost",
+    "REJOIN_CODES",
     "EventStream",
     "Loader",
     "MessageWriter",

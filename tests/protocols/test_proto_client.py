@@ -407,7 +407,32 @@ def test_join_of_a_detached_room_resumes() -> None:
     client.connection_lost()
     client.hello("tok")
     feed(client, Welcome("k", "u", 1, {}))
-    assert sent(client.join("session:1")) == [Join("session:1", Since("e1", 1))]
+    # (a since the caller gives is for an untracked room: the track's wins)
+    assert sent(client.join("session:1", Since("e9", 9))) == [Join("session:1", Since("e1", 1))]
+
+
+def test_a_room_let_go_is_joined_again_from_where_the_caller_stands() -> None:
+    """``left`` ends the track; a join with ``since`` (the caller's copy, e.g.
+    after ``left: unavailable``) resumes from there: recovered, and only
+    what follows it is applied."""
+    client = open_client()
+    live_room(client)
+    feed(client, ev(1), ev(2))
+    assert feed(client, Left("session:1", "unavailable")) == [RoomLeft("session:1", "unavailable")]
+    assert client.rooms == {}
+    assert sent(client.join("session:1", Since("e1", 2))) == [Join("session:1", Since("e1", 2))]
+    events = feed(client, Joined("session:1", "e1", 3, True), ev(2), ev(3))
+    assert events[0] == RoomJoined("session:1", "e1", 2, True)
+    assert applied(events) == [(3, 3)]
+    # another epoch: the server cannot resume it, and the caller reloads
+    client.leave("session:1")
+    feed(client, Left("session:1", "left"))
+    client.join("session:1", Since("e1", 3))
+    events = feed(client, Joined("session:1", "e2", 0, False))
+    assert events == [
+        RoomJoined("session:1", "e2", 0, False),
+        ReloadRequired("session:1", "e2", 0),
+    ]
 
 
 def test_presence_pong_and_errors() -> None:

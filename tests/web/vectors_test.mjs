@@ -164,6 +164,39 @@ test("a refused join: left with a reason", async () => {
   client.close()
 })
 
+test("a room the server lets go for now (unavailable) is joined again from where it stood", async () => {
+  const { client, socket } = newClient()
+  welcome(socket)
+  const joining = client.join("session:s-1")
+  socket.deliver(JSON.stringify({ type: "joined", room: "session:s-1", epoch: "ep-1", seq: 41, recovered: false }))
+  const mirror = await joining
+  assert.equal(mirror.reloads, 1)
+  socket.take()
+  const left = []
+  client.on("left", (m) => left.push(m.reason))
+  let sent = socket.sentSomething()
+  socket.deliver(JSON.stringify({ type: "left", room: "session:s-1", reason: "unavailable" }))
+  assert.equal(mirror.leftReason, null)
+  assert.equal(client.mirror("session:s-1"), mirror)
+  await sent // the backoff's timer fired (random() is 0 here)
+  assert.deepEqual(socket.take(), [{ type: "join", room: "session:s-1", since: { epoch: "ep-1", seq: 41 } }])
+  // refused again: again after a backoff
+  sent = socket.sentSomething()
+  socket.deliver(JSON.stringify({ type: "left", room: "session:s-1", reason: "unavailable" }))
+  await sent
+  assert.deepEqual(socket.take(), [{ type: "join", room: "session:s-1", since: { epoch: "ep-1", seq: 41 } }])
+  socket.deliver(JSON.stringify({ type: "joined", room: "session:s-1", epoch: "ep-1", seq: 41, recovered: true }))
+  socket.deliver(JSON.stringify({ type: "event", room: "session:s-1", seq: 42, event: "task:created", data: { task: { id: "t1" } } }))
+  assert.equal(mirror.reloads, 1) // resumed, not reloaded
+  assert.equal(mirror.seq, 42)
+  assert.deepEqual(left, ["unavailable", "unavailable"])
+  // a refusal for good still ends it
+  socket.deliver(JSON.stringify({ type: "left", room: "session:s-1", reason: "forbidden" }))
+  assert.equal(mirror.leftReason, "forbidden")
+  assert.equal(client.mirror("session:s-1"), null)
+  client.close()
+})
+
 test("reconnect: after the welcome every room is rejoined with since, in one batch", async () => {
   const { client, socket } = newClient()
   welcome(socket)
