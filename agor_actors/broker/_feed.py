@@ -98,6 +98,8 @@ class RoomFeed:
         self._unwanted_wanted = trio.Event()
         self.connected = trio.Event()
         """Set while a subscription connection is up (a new one when lost)."""
+        self.lost = trio.Event()
+        """Set while none is up after one was (a new one when connected)."""
         self.gap_check: Callable[[], Awaitable[None]] | None = None
         """Set by the hub: run once a lost subscription connection is back,
         before anything reaches the rooms (see the module's docstring)."""
@@ -188,6 +190,8 @@ class RoomFeed:
                         if failing:
                             log.info("the broker's subscription connection is back")
                         failing = False
+                        if self.lost.is_set():
+                            self.lost = trio.Event()
                         self.connected.set()
                         backoff_s = self.reconnect_min_s
                         if gap:
@@ -207,6 +211,7 @@ class RoomFeed:
                 self._session = None
                 if self.connected.is_set():
                     self.connected = trio.Event()
+                    self.lost.set()
             await trio.sleep(backoff_s)
             backoff_s = min(self.reconnect_max_s, backoff_s * 2)
 

@@ -163,6 +163,10 @@ class Hub:
     """A cluster node's: how often it forgets the access it read and checks
     every subscription again (the fallback for a change it was not told:
     see :meth:`access_check`)."""
+    access_sweep_cut_s = 2.0
+    """How often it does so while its subscription to the broker is down:
+    it hears of no other daemon's access change then, and its own writer's
+    events still reach its subscribers at once."""
     board_retry_min_s = 0.5
     board_retry_max_s = 30.0
     """The pause before asking again for a board's facepile whose room
@@ -1239,9 +1243,20 @@ class Hub:
 
     async def _sweeper(self) -> None:
         """A cluster node's fallback: every :attr:`access_sweep_s` the gate
-        forgets what it read, and every subscription is checked again."""
+        forgets what it read, and every subscription is checked again; every
+        :attr:`access_sweep_cut_s` while the broker's subscription is down.
+        (A member removed through another daemon while this one is cut off
+        from the broker went on getting what this daemon's own writer wrote
+        to the session until the broker was back, or the 30 s sweep.)"""
+        waited_s = 0.0
         while True:
-            await trio.sleep(self.access_sweep_s)
+            await trio.sleep(self.access_sweep_cut_s)
+            waited_s += self.access_sweep_cut_s
+            feed = self.feed
+            cut = feed is not None and not feed.connected.is_set()
+            if not cut and waited_s < self.access_sweep_s:
+                continue
+            waited_s = 0.0
             self.gate.forget_loaded()
             self._recheck_soon(everyone=True)
 

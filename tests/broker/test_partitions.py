@@ -206,6 +206,88 @@ async def test_a_member_removed_while_redis_was_away_sees_nothing_past_it(
         assert len(box) == 0
 
 
+async def test_a_member_removed_through_another_daemon_is_let_go_while_redis_is_away(
+    pg_url: str, tmp_path: pathlib.Path
+) -> None:
+    """As above, but an agent streams a message into the session through
+    the guest's daemon B while Redis is away: B's own writer's events reach
+    its subscribers at once, and B hears nothing of the removal A made
+    (the chunks touch the session's log only). B checks every subscription
+    against the store every ``access_sweep_cut_s`` while its broker
+    subscription is down (30 s otherwise), so the guest is told ``left``
+    ``forbidden`` while Redis is still away, and gets nothing after it.
+    Before, it got every chunk until Redis was back or the 30 s sweep."""
+    async with (
+        own_redis(tmp_path) as redis,
+        open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as a,
+        open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as b,
+    ):
+        assert b.feed is not None
+        b.access_sweep_cut_s = 0.2
+        owner = await a.authenticate(TOKEN)
+        assert owner is not None
+
+        async def call(service: str, method: str, **kw: Any) -> Any:
+            return await a.call(owner, connection_id="w", service=service, method=method, **kw)
+
+        made = await call("users", "create", data={"name": "guest"})
+        guest = await b.authenticate(made["token"])
+        assert guest is not None
+        bid = (await call("boards", "create", data={"name": "B"}))["id"]
+        await call(
+            "boards", "add_member", id=bid, data={"user_id": guest.user_id, "role": "viewer"}
+        )
+        sid = (await call("sessions", "create", data={"title": "S", "board_id": bid}))["id"]
+        room = f"session:{sid}"
+        box = Outbox(CODEC)
+        await b.join(guest, "g", box, room, None)
+        seen = await make_task(b, sid, "seen")
+        got: list[object] = []
+        with trio.fail_after(10):
+            while not any(isinstance(m, Event) and m.seq == seen for m in got):
+                got += decode_server_frame(CODEC, await box.next_frame(), Limits())
+
+        await redis.stop()
+        with trio.fail_after(10):
+            await b.feed.lost.wait()
+        await call("boards", "remove_member", id=bid, data={"user_id": guest.user_id})
+
+        # a streamed message: events of the session's log only (a write that
+        # touches the board's log too would have B's board room read the
+        # removal, through the gap the write shows it)
+        async def stream(chunk: str) -> int:
+            done = await b.call(
+                owner,
+                connection_id="w",
+                service="messages",
+                method="stream",
+                id=mid,
+                data={"chunk": chunk},
+            )
+            return int(done["_seq"])
+
+        made_message = await b.call(
+            owner,
+            connection_id="w",
+            service="messages",
+            method="create",
+            data={"session_id": sid, "content": "", "streaming": True},
+        )
+        mid = made_message["id"]
+        got = []
+        with trio.fail_after(10):  # (the 30 s sweep would not come in time)
+            while not any(isinstance(m, Left) for m in got):
+                await stream("written on B;")
+                with trio.move_on_after(0.1):
+                    got += decode_server_frame(CODEC, await box.next_frame(), Limits())
+        assert [(m.room, m.reason) for m in got if isinstance(m, Left)] == [(room, "forbidden")]
+        after = await stream("after;")
+        assert all(m.end_seq < after for m in got if isinstance(m, Event))
+        assert isinstance(got[-1], Left) and len(box) == 0
+        assert not b.feed.connected.is_set()  # all of it while Redis was away
+        await redis.start()
+
+
 # ---------------------------------------------------------------- PostgreSQL cut off
 
 
