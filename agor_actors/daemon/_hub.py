@@ -156,6 +156,12 @@ def _needs_record(write: _SessionWrite, result: outcome.Outcome[Any]) -> bool:
     return isinstance(error, ServiceError) and error.code == "conflict" and cmd.method != "stream"
 
 
+def _merged(first: PresenceUpdate, then: PresenceUpdate) -> PresenceUpdate:
+    """``first`` with what ``then`` says (its fields that are not None)."""
+    changed = {k: v for k, v in attrs.asdict(then, recurse=False).items() if v is not None}
+    return attrs.evolve(first, **changed)
+
+
 class Hub:
     """Made by :func:`open_hub`."""
 
@@ -233,6 +239,12 @@ class Hub:
         """Each connection's presence as it last stood (its updates merged;
         one per connection, gone with it), told again to a user's presence
         actor that started over while their connections stayed."""
+        self._presence_unchecked: dict[str, tuple[Principal, PresenceUpdate]] = {}
+        """Per connection: its latest presence update whose board could not
+        be checked (the store away; later updates of the same board merged
+        in), applied once the check can be made (see :meth:`presence`)."""
+        self._presence_checking = False
+        """The task that checks them again runs."""
         self._forgotten_boards: dict[str, None] = {}
         """Boards whose room passivated since its last join (an ordered set)."""
         self._forgotten_boards_max = 65_536
@@ -1351,6 +1363,7 @@ class Hub:
                 if not mine:
                     del self._connections_of[principal.user_id]
         self._presence_last.pop(connection_id, None)
+        self._presence_unchecked.pop(connection_id, None)
         present = self._presence_of.pop(connection_id, None)
         if present is not None:
             await self.system.registry.send(
@@ -1361,18 +1374,40 @@ class Hub:
         self, principal: Principal, connection_id: str, update: PresenceUpdate
     ) -> None:
         """A connection's presence update.  Lossy: dropped (and counted) when
-        the user's presence actor is busy, since the next one replaces it."""
+        the user's presence actor is busy, since the next one replaces it.
+
+        One whose board cannot be checked now (the store away, the board
+        not in the gate's memory) is kept, not refused: a client sends its
+        presence once (after each welcome, then its changes), so refused it
+        was lost until the user's next change, and the user missing from
+        every facepile of the board for good (cluster seed 7243).  It is
+        checked again every second, and applied once the check passes;
+        updates of the same board that follow it are merged into it
+        meanwhile (one kept per connection: latest wins)."""
+        unchecked = self._presence_unchecked.get(connection_id)
+        if unchecked is not None:
+            if update.board in (None, unchecked[1].board):
+                self._presence_unchecked[connection_id] = (principal, _merged(unchecked[1], update))
+                return
+            del self._presence_unchecked[connection_id]  # another board (or none) now
         if update.board is not None and update.board:
             await self.authorizer.authorize(principal, "presence", f"board:{update.board}")
-            if await self.gate.board_level(principal, update.board) < Level.READ:
+            try:
+                level = await self.gate.board_level(principal, update.board)
+            except ServiceError as exc:
+                if exc.code != "unavailable":
+                    raise
+                self._presence_unchecked[connection_id] = (principal, update)
+                if not self._presence_checking:
+                    self._presence_checking = True
+                    self._tasks.start_soon(self._check_presence_again)
+                return
+            if level < Level.READ:
                 raise self.gate.refuse(f"no board {update.board} that this user may see")
         self._presence_of[connection_id] = principal
         last = self._presence_last.get(connection_id)
         if last is not None and update.board in (None, last.board):
-            changed = {
-                k: v for k, v in attrs.asdict(update, recurse=False).items() if v is not None
-            }
-            self._presence_last[connection_id] = attrs.evolve(last, **changed)
+            self._presence_last[connection_id] = _merged(last, update)
         else:
             self._presence_last[connection_id] = update
         ref = await self.system.registry.get(f"presence:user:{principal.user_id}")
@@ -1380,6 +1415,35 @@ class Hub:
             PresenceTouch(connection_id, principal.user_id, principal.name, update)
         ):
             self.presence_dropped += 1
+
+    async def _check_presence_again(self) -> None:
+        """Every second, the presence updates kept unchecked: applied once
+        their board can be checked, dropped if the user may not see it."""
+        try:
+            while self._presence_unchecked:
+                await trio.sleep(1.0)
+                for connection_id, (principal, update) in list(self._presence_unchecked.items()):
+                    if self._presence_unchecked.get(connection_id) != (principal, update):
+                        continue  # replaced or gone meanwhile
+                    assert update.board
+                    try:
+                        await self.gate.board_level(principal, update.board)
+                    except ServiceError as exc:
+                        if exc.code == "unavailable":
+                            continue  # still away
+                    if self._presence_unchecked.get(connection_id) != (principal, update):
+                        continue
+                    del self._presence_unchecked[connection_id]
+                    try:
+                        await self.presence(principal, connection_id, update)
+                    except ServiceError as exc:
+                        log.info(
+                            "a presence update kept unchecked was refused: %s",
+                            exc,
+                            extra={"connection_id": connection_id},
+                        )
+        finally:
+            self._presence_checking = False
 
     def _keep_sub(self, sub: Subscription) -> None:
         """Record ``sub`` as its connection's subscription to its room."""
