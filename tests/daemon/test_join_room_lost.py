@@ -16,7 +16,7 @@ import attrs
 import trio
 import trio.testing
 
-from agor_actors.daemon import Outbox, Principal, open_hub
+from agor_actors.daemon import Hub, Outbox, Principal, open_hub
 from agor_actors.store import StoreUnavailable
 from agor_actors.world import Blocking, real_world
 from protocols import (
@@ -221,6 +221,31 @@ async def test_a_board_room_that_failed_to_start_is_asked_again_without_a_join(
         assert [u["user_id"] for u in users] == ["owner"]
 
 
+async def watched_board(hub: Hub, guest: str, *, member: bool) -> tuple[str, Principal, Outbox]:
+    """A board of the owner's watched by the owner's connection ``c1``, and
+    a user ``guest`` (a viewer of it if ``member``)."""
+    board = await hub.call(
+        OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+    )
+    made = await hub.call(
+        OWNER, connection_id=None, service="users", method="create", data={"name": guest}
+    )
+    principal = await hub.authenticate(made["token"])
+    assert principal is not None
+    if member:
+        await hub.call(
+            OWNER,
+            connection_id=None,
+            service="boards",
+            method="add_member",
+            id=board["id"],
+            data={"user_id": principal.user_id, "role": "viewer"},
+        )
+    watcher = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c1", watcher, f"board:{board['id']}", None)
+    return board["id"], principal, watcher
+
+
 async def test_a_presence_update_whose_board_cannot_be_checked_is_kept_until_it_can(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -234,30 +259,12 @@ async def test_a_presence_update_whose_board_cannot_be_checked_is_kept_until_it_
     seam = Unreachable(world.blocking)
     world = attrs.evolve(world, blocking=seam)
     async with open_hub(world, data_dir=tmp_path / "agor") as hub:
-        board = await hub.call(
-            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
-        )
-        made = await hub.call(
-            OWNER, connection_id=None, service="users", method="create", data={"name": "Ann"}
-        )
-        ann = await hub.authenticate(made["token"])
-        assert ann is not None
-        await hub.call(
-            OWNER,
-            connection_id=None,
-            service="boards",
-            method="add_member",
-            id=board["id"],
-            data={"user_id": ann.user_id, "role": "viewer"},
-        )
-        room = f"board:{board['id']}"
-        watcher = Outbox(Codec.JSON)
-        await hub.join(OWNER, "c1", watcher, room, None)
+        board_id, ann, watcher = await watched_board(hub, "Ann", member=True)
 
         seam.failing = True
-        hub.gate.forget_board(board["id"])
-        await hub.presence(ann, "c2", PresenceUpdate(board=board["id"]))  # not refused
-        await hub.presence(ann, "c2", PresenceUpdate(board=board["id"], typing=True))
+        hub.gate.forget_board(board_id)
+        await hub.presence(ann, "c2", PresenceUpdate(board=board_id))  # not refused
+        await hub.presence(ann, "c2", PresenceUpdate(board=board_id, typing=True))
         seam.failing = False
 
         def on_ann(msgs: list[Any]) -> bool:
@@ -281,22 +288,12 @@ async def test_a_presence_update_kept_unchecked_is_dropped_if_the_board_is_not_t
     seam = Unreachable(world.blocking)
     world = attrs.evolve(world, blocking=seam)
     async with open_hub(world, data_dir=tmp_path / "agor") as hub:
-        board = await hub.call(
-            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
-        )
-        made = await hub.call(
-            OWNER, connection_id=None, service="users", method="create", data={"name": "Eve"}
-        )
-        eve = await hub.authenticate(made["token"])
-        assert eve is not None
-        room = f"board:{board['id']}"
-        watcher = Outbox(Codec.JSON)
-        await hub.join(OWNER, "c1", watcher, room, None)
-        await hub.presence(OWNER, "c1", PresenceUpdate(board=board["id"]))
+        board_id, eve, watcher = await watched_board(hub, "Eve", member=False)
+        await hub.presence(OWNER, "c1", PresenceUpdate(board=board_id))
 
         seam.failing = True
-        hub.gate.forget_board(board["id"])
-        await hub.presence(eve, "c2", PresenceUpdate(board=board["id"]))
+        hub.gate.forget_board(board_id)
+        await hub.presence(eve, "c2", PresenceUpdate(board=board_id))
         seam.refusal = trio.Event()
         seam.served = trio.Event()
         seam.failing = False
