@@ -602,7 +602,7 @@ class Client:
         one task each; bounded by the rooms joined)."""
         self._rejoining: dict[str, int] = {}
         """Rooms the server let go for now (see :data:`REJOIN_CODES`), with
-        the attempts so far (their task is one of ``_handing``'s)."""
+        the attempts so far (their join waits in ``_handing``)."""
         self._reloads: dict[str, trio.CancelScope] = {}
         self._streams: dict[str, set[EventStream]] = {}
         self._services: dict[str, Service] = {}
@@ -783,24 +783,39 @@ class Client:
             raise CallError(mirror.left_reason, f"could not join {room}")
         return mirror
 
-    async def _hand_join(self, room: str) -> None:
-        """Send ``room``'s join once a connection is open, unless the room is
-        no longer wanted by then (left)."""
+    async def _hand_join(self, room: str, delay_s: float = 0.0) -> None:
+        """Send ``room``'s join once a connection is open (after ``delay_s``),
+        unless the room is no longer wanted by then (left, or joined again
+        meanwhile); from where its mirror stands if that is loaded (a room
+        the server let go for now: see :data:`REJOIN_CODES`)."""
 
         def wanted() -> bool:
             mirror = self._mirrors.get(room)
-            return mirror is not None and mirror.left_reason is None
+            return (
+                mirror is not None and mirror.left_reason is None and room not in self.machine.rooms
+            )
+
+        def make() -> WireFrame:
+            mirror = self._mirrors[room]
+            since = None
+            if mirror.ready.is_set() and not mirror.reloading and mirror.epoch is not None:
+                since = Since(mirror.epoch, mirror.seq)
+            return self.machine.join(room, since)
 
         try:
-            await self._send_when_open(lambda: self.machine.join(room), wanted=wanted)
+            if delay_s:
+                await trio.sleep(delay_s)
+            await self._send_when_open(make, wanted=wanted)
         except ClientClosed:
             pass
-        except CallError as exc:  # refused before sending: an invalid room
+        except CallError as exc:  # refused before sending: an invalid room, too many
             mirror = self._mirrors.get(room)
             if mirror is not None:
                 mirror._left(exc.code)
         finally:
             self._handing.discard(room)
+            if room not in self.machine.rooms:
+                self._rejoining.pop(room, None)
 
     async def leave(self, room: str) -> None:
         """Leave ``room``: its mirror is dropped and its streams end."""
@@ -1128,47 +1143,17 @@ class Client:
         if mirror is None or mirror.left_reason is not None or self._nursery is None:
             return False
         self._cancel_reload(room)  # (a reload's resources would be stale)
-        since = None
-        if mirror.ready.is_set() and not mirror.reloading and mirror.epoch is not None:
-            since = Since(mirror.epoch, mirror.seq)
         attempt = self._rejoining.get(room)
-        self._rejoining[room] = 0 if attempt is None else attempt + 1
+        attempt = self._rejoining[room] = 0 if attempt is None else attempt + 1
         if room not in self._handing:  # (else a join is on its way already)
             self._handing.add(room)
-            self._nursery.start_soon(self._rejoin_room, room, mirror, since)
+            delay_s = backoff_s(
+                attempt, self.entropy.random(), self.backoff_base_s, self.backoff_cap_s
+            )
+            self._nursery.start_soon(self._hand_join, room, delay_s)
         if room.startswith("board:"):
             self._presence_rejoined(room)  # not joined: send it anyway
         return True
-
-    async def _rejoin_room(self, room: str, mirror: Mirror, since: Since | None) -> None:
-        """Join ``room`` again after a backoff, unless it was left (or joined
-        again by :meth:`join`) meanwhile."""
-
-        def wanted() -> bool:
-            return (
-                self._mirrors.get(room) is mirror
-                and mirror.left_reason is None
-                and room not in self.machine.rooms
-            )
-
-        try:
-            attempt = self._rejoining.get(room, 0)
-            await trio.sleep(
-                backoff_s(attempt, self.entropy.random(), self.backoff_base_s, self.backoff_cap_s)
-            )
-            if mirror.reloading:
-                since = None  # a join meanwhile began a reload: it starts over
-            await self._send_when_open(lambda: self.machine.join(room, since), wanted=wanted)
-        except ClientClosed:
-            pass
-        except CallError as exc:  # refused before sending (too many rooms)
-            if self._mirrors.get(room) is mirror:
-                del self._mirrors[room]
-                mirror._left(exc.code)
-        finally:
-            self._handing.discard(room)
-            if room not in self.machine.rooms:
-                self._rejoining.pop(room, None)
 
     def _fail_waiters(self, code: str, message: str) -> None:
         for waiter in self._waiters.values():

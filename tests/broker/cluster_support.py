@@ -149,6 +149,19 @@ async def make_task(hub: Hub, session_id: str, prompt: str) -> int:
     return int(made["_seq"])
 
 
+async def message_call(hub: Hub, method: str, mid: str | None = None, **kwargs: Any) -> Any:
+    return await hub.call(
+        OWNER, connection_id="agent", service="messages", method=method, id=mid, **kwargs
+    )
+
+
+async def create_message(hub: Hub, sid: str) -> str:
+    made = await message_call(
+        hub, "create", data={"session_id": sid, "content": "", "streaming": True}
+    )
+    return str(made["id"])
+
+
 async def view(hub: Hub, connection_id: str, room: str, since: Since | None = None) -> Reader:
     """The owner's connection ``connection_id`` joined to ``room`` on ``hub``."""
     outbox = Outbox(CODEC)

@@ -16,8 +16,10 @@ from cluster_support import (
     OWNER,
     REDIS_URL,
     Reader,
+    create_message,
     hub_node,
     make_session,
+    message_call,
     needs_cluster,
     view,
 )
@@ -27,19 +29,6 @@ from agor_actors.domain import ServiceError
 from protocols import Event
 
 pytestmark = needs_cluster
-
-
-async def message_call(hub: Hub, method: str, mid: str | None = None, **kwargs: Any) -> Any:
-    return await hub.call(
-        OWNER, connection_id="agent", service="messages", method=method, id=mid, **kwargs
-    )
-
-
-async def create_message(hub: Hub, sid: str) -> str:
-    made = await message_call(
-        hub, "create", data={"session_id": sid, "content": "", "streaming": True}
-    )
-    return str(made["id"])
 
 
 async def stored(hub: Hub, mid: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import sqlalchemy as sa
 import trio
@@ -34,14 +35,16 @@ from cluster_support import (
     PG_URL,
     REDIS_URL,
     assert_gap_free,
+    create_message,
     fresh_schema,
     make_session,
     make_task,
+    message_call,
     needs_cluster,
     view,
 )
 
-from agor_actors.daemon import Outbox, ServiceError, open_hub
+from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
 from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Event, Left, Limits, Since, decode_server_frame
@@ -147,6 +150,45 @@ async def test_redis_stopped_and_restarted_while_a_room_streams_loses_nothing(
         assert b.feed.stats.sessions > sessions  # the feed connected again
 
 
+@attrs.frozen
+class Guest:
+    """A guest who sees session ``sid`` through board ``bid``, watching it
+    on daemon B (``box``); ``call`` is the local owner's, on daemon A."""
+
+    a: Hub
+    owner: Principal
+    principal: Principal
+    bid: str
+    sid: str
+    box: Outbox
+
+    @property
+    def room(self) -> str:
+        return f"session:{self.sid}"
+
+    async def call(self, service: str, method: str, **kw: Any) -> Any:
+        return await self.a.call(
+            self.owner, connection_id="w", service=service, method=method, **kw
+        )
+
+
+async def guest_on_b(a: Hub, b: Hub) -> Guest:
+    owner = await a.authenticate(TOKEN)
+    assert owner is not None
+    made = await a.call(
+        owner, connection_id="w", service="users", method="create", data={"name": "guest"}
+    )
+    guest = await b.authenticate(made["token"])
+    assert guest is not None
+    g = Guest(a, owner, guest, "", "", Outbox(CODEC))
+    bid = (await g.call("boards", "create", data={"name": "B"}))["id"]
+    await g.call("boards", "add_member", id=bid, data={"user_id": guest.user_id, "role": "viewer"})
+    sid = (await g.call("sessions", "create", data={"title": "S", "board_id": bid}))["id"]
+    g = attrs.evolve(g, bid=bid, sid=sid)
+    await b.join(guest, "g", g.box, g.room, None)
+    return g
+
+
 async def test_a_member_removed_while_redis_was_away_sees_nothing_past_it(
     pg_url: str, tmp_path: pathlib.Path
 ) -> None:
@@ -165,30 +207,15 @@ async def test_a_member_removed_while_redis_was_away_sees_nothing_past_it(
         open_hub(real_world(), db_url=pg_url, owner_token=TOKEN, broker_url=redis.url) as b,
     ):
         assert b.feed is not None
-        owner = await a.authenticate(TOKEN)
-        assert owner is not None
-
-        async def call(service: str, method: str, **kw: Any) -> Any:
-            return await a.call(owner, connection_id="w", service=service, method=method, **kw)
-
-        made = await call("users", "create", data={"name": "guest"})
-        guest = await b.authenticate(made["token"])
-        assert guest is not None
-        bid = (await call("boards", "create", data={"name": "B"}))["id"]
-        await call(
-            "boards", "add_member", id=bid, data={"user_id": guest.user_id, "role": "viewer"}
-        )
-        sid = (await call("sessions", "create", data={"title": "S", "board_id": bid}))["id"]
-        room = f"session:{sid}"
-        box = Outbox(CODEC)
-        await b.join(guest, "g", box, room, None)
+        g = await guest_on_b(a, b)
+        room, box, sid = g.room, g.box, g.sid
         on_b = await view(b, "ob", room)
         seen = await make_task(a, sid, "seen")
         await on_b.until_seq(seen)
         checks = b.feed.stats.gap_checks
 
         await redis.stop()
-        await call("boards", "remove_member", id=bid, data={"user_id": guest.user_id})
+        await g.call("boards", "remove_member", id=g.bid, data={"user_id": g.principal.user_id})
         hidden = await make_task(a, sid, "hidden")
         await redis.start()
 
@@ -224,23 +251,8 @@ async def test_a_member_removed_through_another_daemon_is_let_go_while_redis_is_
     ):
         assert b.feed is not None
         b.access_sweep_cut_s = 0.2
-        owner = await a.authenticate(TOKEN)
-        assert owner is not None
-
-        async def call(service: str, method: str, **kw: Any) -> Any:
-            return await a.call(owner, connection_id="w", service=service, method=method, **kw)
-
-        made = await call("users", "create", data={"name": "guest"})
-        guest = await b.authenticate(made["token"])
-        assert guest is not None
-        bid = (await call("boards", "create", data={"name": "B"}))["id"]
-        await call(
-            "boards", "add_member", id=bid, data={"user_id": guest.user_id, "role": "viewer"}
-        )
-        sid = (await call("sessions", "create", data={"title": "S", "board_id": bid}))["id"]
-        room = f"session:{sid}"
-        box = Outbox(CODEC)
-        await b.join(guest, "g", box, room, None)
+        g = await guest_on_b(a, b)
+        room, box, sid = g.room, g.box, g.sid
         seen = await make_task(b, sid, "seen")
         got: list[object] = []
         with trio.fail_after(10):
@@ -250,30 +262,16 @@ async def test_a_member_removed_through_another_daemon_is_let_go_while_redis_is_
         await redis.stop()
         with trio.fail_after(10):
             await b.feed.lost.wait()
-        await call("boards", "remove_member", id=bid, data={"user_id": guest.user_id})
+        await g.call("boards", "remove_member", id=g.bid, data={"user_id": g.principal.user_id})
 
         # a streamed message: events of the session's log only (a write that
         # touches the board's log too would have B's board room read the
         # removal, through the gap the write shows it)
         async def stream(chunk: str) -> int:
-            done = await b.call(
-                owner,
-                connection_id="w",
-                service="messages",
-                method="stream",
-                id=mid,
-                data={"chunk": chunk},
-            )
+            done = await message_call(b, "stream", mid, data={"chunk": chunk})
             return int(done["_seq"])
 
-        made_message = await b.call(
-            owner,
-            connection_id="w",
-            service="messages",
-            method="create",
-            data={"session_id": sid, "content": "", "streaming": True},
-        )
-        mid = made_message["id"]
+        mid = await create_message(b, sid)
         got = []
         with trio.fail_after(10):  # (the 30 s sweep would not come in time)
             while not any(isinstance(m, Left) for m in got):

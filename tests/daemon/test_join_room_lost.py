@@ -9,7 +9,8 @@ told to (the database cannot be reached)."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import attrs
@@ -68,13 +69,62 @@ async def read(outbox: Outbox, until: Any, limit_s: float = 10.0) -> list[Any]:
     return got
 
 
+@asynccontextmanager
+async def cut_off_hub(
+    tmp_path: pathlib.Path, **kwargs: Any
+) -> AsyncIterator[tuple[Hub, Unreachable]]:
+    """A hub on a SQLite file whose store seam refuses calls while told to."""
+    world = real_world()
+    seam = Unreachable(world.blocking)
+    async with open_hub(
+        attrs.evolve(world, blocking=seam), data_dir=tmp_path / "agor", **kwargs
+    ) as hub:
+        yield hub, seam
+
+
+def facepile_where(wanted: Callable[[dict[str, Any]], bool]) -> Callable[[list[Any]], bool]:
+    """Until a presence frame whose facepile has an entry ``wanted``."""
+
+    def until(msgs: list[Any]) -> bool:
+        return any(
+            isinstance(m, Presence) and m.users and any(wanted(u) for u in m.users) for m in msgs
+        )
+
+    return until
+
+
+def last_facepile(msgs: list[Any]) -> list[dict[str, Any]]:
+    return [m.users for m in msgs if isinstance(m, Presence) and m.users][-1]
+
+
+anyone = facepile_where(lambda entry: True)
+
+
+async def owner_on_board(hub: Hub) -> tuple[str, str, Outbox]:
+    """A board of the owner's, its room watched by the owner's connection
+    ``c1``, which is present there (its facepile read)."""
+    board = await hub.call(
+        OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
+    )
+    room = f"board:{board['id']}"
+    watcher = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c1", watcher, room, None)
+    await hub.presence(OWNER, "c1", PresenceUpdate(board=board["id"]))
+    await read(watcher, anyone)
+    return board["id"], room, watcher
+
+
+async def facepile_of_a_join(hub: Hub, room: str) -> list[str]:
+    """Who the facepile shows to a new join of ``room`` (connection ``c2``)."""
+    again = Outbox(Codec.JSON)
+    await hub.join(OWNER, "c2", again, room, None)
+    return [u["user_id"] for u in last_facepile(await read(again, anyone))]
+
+
 async def test_a_join_whose_room_fails_to_start_meanwhile_is_told_to_resume(
     tmp_path: pathlib.Path,
 ) -> None:
-    world = real_world()
-    seam = Unreachable(world.blocking)
-    world = attrs.evolve(world, blocking=seam)
-    async with open_hub(world, data_dir=tmp_path / "agor", ring_size=2) as hub:
+    async with cut_off_hub(tmp_path, ring_size=2) as (hub, seam):
         session = await hub.call(
             OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
         )
@@ -132,22 +182,8 @@ async def test_a_board_room_that_cannot_start_again_is_not_restarted_in_a_loop(
     no time passed in (the simulator's cluster seeds 1692 and 1987).  Now a
     room that never ran asks nobody; the next join, once the store is back,
     has the users send their entries again."""
-    world = real_world()
-    seam = Unreachable(world.blocking)
-    world = attrs.evolve(world, blocking=seam)
-    async with open_hub(world, data_dir=tmp_path / "agor") as hub:
-        board = await hub.call(
-            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
-        )
-        room = f"board:{board['id']}"
-        watcher = Outbox(Codec.JSON)
-        await hub.join(OWNER, "c1", watcher, room, None)
-        await hub.presence(OWNER, "c1", PresenceUpdate(board=board["id"]))
-
-        def on_facepile(msgs: list[Any]) -> bool:
-            return any(isinstance(m, Presence) and m.users for m in msgs)
-
-        await read(watcher, on_facepile)
+    async with cut_off_hub(tmp_path) as (hub, seam):
+        _, room, _ = await owner_on_board(hub)
 
         # the store goes away, and the room is stopped with its subscriber
         # (as when its supervisor gives up and every actor starts over)
@@ -161,11 +197,7 @@ async def test_a_board_room_that_cannot_start_again_is_not_restarted_in_a_loop(
         assert hub.system.registry.spawned - spawned <= 2
 
         seam.failing = False
-        again = Outbox(Codec.JSON)
-        await hub.join(OWNER, "c2", again, room, None)
-        got = await read(again, on_facepile)
-        [users] = [m.users for m in got if isinstance(m, Presence) and m.users]
-        assert [u["user_id"] for u in users] == ["owner"]
+        assert await facepile_of_a_join(hub, room) == ["owner"]
 
 
 async def test_a_board_room_that_failed_to_start_is_asked_again_without_a_join(
@@ -177,23 +209,9 @@ async def test_a_board_room_that_failed_to_start_is_asked_again_without_a_join(
     sending their entries again, which starts the room once the store is
     back; before, it stayed stopped until a user's next change, up to a
     minute later (the simulator's cluster seed 5446)."""
-    world = real_world()
-    seam = Unreachable(world.blocking)
-    world = attrs.evolve(world, blocking=seam)
-    async with open_hub(world, data_dir=tmp_path / "agor") as hub:
+    async with cut_off_hub(tmp_path) as (hub, seam):
         hub.board_retry_min_s = 0.05
-        board = await hub.call(
-            OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
-        )
-        room = f"board:{board['id']}"
-        watcher = Outbox(Codec.JSON)
-        await hub.join(OWNER, "c1", watcher, room, None)
-        await hub.presence(OWNER, "c1", PresenceUpdate(board=board["id"]))
-
-        def on_facepile(msgs: list[Any]) -> bool:
-            return any(isinstance(m, Presence) and m.users for m in msgs)
-
-        await read(watcher, on_facepile)
+        _, room, _ = await owner_on_board(hub)
 
         seam.failing = True
         await hub.system.registry.supervisor.terminate_child(f"room:{room}")
@@ -214,21 +232,13 @@ async def test_a_board_room_that_failed_to_start_is_asked_again_without_a_join(
 
         # a join now finds the entry in the room's memory (the board is no
         # longer one whose join asks the users again)
-        again = Outbox(Codec.JSON)
-        await hub.join(OWNER, "c2", again, room, None)
-        got = await read(again, on_facepile)
-        [users] = [m.users for m in got if isinstance(m, Presence) and m.users]
-        assert [u["user_id"] for u in users] == ["owner"]
+        assert await facepile_of_a_join(hub, room) == ["owner"]
 
 
-async def watched_board(hub: Hub, guest: str, *, member: bool) -> tuple[str, Principal, Outbox]:
-    """A board of the owner's watched by the owner's connection ``c1``, and
-    a user ``guest`` (a viewer of it if ``member``)."""
-    board = await hub.call(
-        OWNER, connection_id="c1", service="boards", method="create", data={"name": "B"}
-    )
+async def user_of(hub: Hub, name: str, board_id: str, *, member: bool) -> Principal:
+    """A user ``name`` (a viewer of the board if ``member``)."""
     made = await hub.call(
-        OWNER, connection_id=None, service="users", method="create", data={"name": guest}
+        OWNER, connection_id=None, service="users", method="create", data={"name": name}
     )
     principal = await hub.authenticate(made["token"])
     assert principal is not None
@@ -238,12 +248,10 @@ async def watched_board(hub: Hub, guest: str, *, member: bool) -> tuple[str, Pri
             connection_id=None,
             service="boards",
             method="add_member",
-            id=board["id"],
+            id=board_id,
             data={"user_id": principal.user_id, "role": "viewer"},
         )
-    watcher = Outbox(Codec.JSON)
-    await hub.join(OWNER, "c1", watcher, f"board:{board['id']}", None)
-    return board["id"], principal, watcher
+    return principal
 
 
 async def test_a_presence_update_whose_board_cannot_be_checked_is_kept_until_it_can(
@@ -255,11 +263,9 @@ async def test_a_presence_update_whose_board_cannot_be_checked_is_kept_until_it_
     and applied once the store answers.  Refused, it was lost: a client
     sends its presence once, so the user stayed off the board's facepile
     until their next change (the simulator's cluster seed 7243, for good)."""
-    world = real_world()
-    seam = Unreachable(world.blocking)
-    world = attrs.evolve(world, blocking=seam)
-    async with open_hub(world, data_dir=tmp_path / "agor") as hub:
-        board_id, ann, watcher = await watched_board(hub, "Ann", member=True)
+    async with cut_off_hub(tmp_path) as (hub, seam):
+        board_id, _, watcher = await owner_on_board(hub)
+        ann = await user_of(hub, "Ann", board_id, member=True)
 
         seam.failing = True
         hub.gate.forget_board(board_id)
@@ -267,29 +273,17 @@ async def test_a_presence_update_whose_board_cannot_be_checked_is_kept_until_it_
         await hub.presence(ann, "c2", PresenceUpdate(board=board_id, typing=True))
         seam.failing = False
 
-        def on_ann(msgs: list[Any]) -> bool:
-            return any(
-                isinstance(m, Presence)
-                and m.users
-                and any(u["user_id"] == ann.user_id for u in m.users)
-                for m in msgs
-            )
-
-        got = await read(watcher, on_ann)
-        [users] = [m.users for m in got if isinstance(m, Presence) and m.users][-1:]
-        [entry] = [u for u in users if u["user_id"] == ann.user_id]
+        got = await read(watcher, facepile_where(lambda u: u["user_id"] == ann.user_id))
+        [entry] = [u for u in last_facepile(got) if u["user_id"] == ann.user_id]
         assert entry["typing"] is True  # the update that followed was merged in
 
 
 async def test_a_presence_update_kept_unchecked_is_dropped_if_the_board_is_not_theirs(
     tmp_path: pathlib.Path,
 ) -> None:
-    world = real_world()
-    seam = Unreachable(world.blocking)
-    world = attrs.evolve(world, blocking=seam)
-    async with open_hub(world, data_dir=tmp_path / "agor") as hub:
-        board_id, eve, watcher = await watched_board(hub, "Eve", member=False)
-        await hub.presence(OWNER, "c1", PresenceUpdate(board=board_id))
+    async with cut_off_hub(tmp_path) as (hub, seam):
+        board_id, _, watcher = await owner_on_board(hub)
+        eve = await user_of(hub, "Eve", board_id, member=False)
 
         seam.failing = True
         hub.gate.forget_board(board_id)
@@ -304,12 +298,6 @@ async def test_a_presence_update_kept_unchecked_is_dropped_if_the_board_is_not_t
         # room's after Eve's check (which would have put her in it)
         await hub.presence(OWNER, "c1", PresenceUpdate(typing=True))
 
-        def on_typing(msgs: list[Any]) -> bool:
-            return any(
-                isinstance(m, Presence) and m.users and any(u.get("typing") for u in m.users)
-                for m in msgs
-            )
-
-        got = await read(watcher, on_typing)
-        [users] = [m.users for m in got if isinstance(m, Presence) and m.users][-1:]
+        got = await read(watcher, facepile_where(lambda u: bool(u.get("typing"))))
+        users = last_facepile(got)
         assert [u["user_id"] for u in users] == ["owner"]
