@@ -23,6 +23,7 @@ MARKS: Final[dict[str, str]] = {
     "store.isolated_retry": "a commit group redone with every request in its own savepoint",
     "store.request_failed": "one request of a group refused by the database, the others commit",
     "store.epoch_reset": "a room's log reset: a new epoch, seqs from 1",
+    "store.repeated": "a write sent again under an idempotency key the store holds: not run again",
     "writer.merged": "consecutive chunks of one streamed message committed as one event",
     "writer.group_cut": "a group ended early: a message's chunks would have been in two runs",
     "writer.group_failed": "a whole commit group failed or its answer was lost",

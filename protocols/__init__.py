@@ -62,6 +62,7 @@ from ._limits import MAX_WIRE_DEPTH as MAX_WIRE_DEPTH
 from ._limits import Limits as Limits
 from ._limits import TokenBucket as TokenBucket
 from ._messages import CLIENT_MESSAGE_TYPES as CLIENT_MESSAGE_TYPES
+from ._messages import MAX_IDEMPOTENCY_KEY_CHARS as MAX_IDEMPOTENCY_KEY_CHARS
 from ._messages import MAX_REF as MAX_REF
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._messages import SERVER_MESSAGE_TYPES as SERVER_MESSAGE_TYPES

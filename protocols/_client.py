@@ -453,14 +453,19 @@ class ClientConnection:
         query: dict[str, Any] | None = None,
         temp_id: str | None = None,
         base_rev: int | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[int, Frame]:
         """A call; returns its ``ref`` (the key of the :class:`CallResult`) and
         the frame.  Raises :class:`LocalProtocolError` with code
-        ``too_many_pending`` when :attr:`can_call` is false."""
+        ``too_many_pending`` when :attr:`can_call` is false, and with
+        ``invalid_field`` for an ``idempotency_key`` out of bounds."""
         ref = self._next_ref
         if ref > MAX_REF:
             raise LocalProtocolError("call refs exhausted")
-        call = Call(ref, service, method, id, data, query, temp_id, base_rev)
+        try:
+            call = Call(ref, service, method, id, data, query, temp_id, base_rev, idempotency_key)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc), code=ErrorCode.INVALID_FIELD) from None
         return ref, self.send(call)
 
     def unsent(self, ref: int) -> None:

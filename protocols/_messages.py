@@ -24,6 +24,7 @@ import attrs
 
 __all__ = [
     "CLIENT_MESSAGE_TYPES",
+    "MAX_IDEMPOTENCY_KEY_CHARS",
     "MAX_REF",
     "MAX_ROOM_CHARS",
     "PROTOCOL_VERSION",
@@ -57,6 +58,7 @@ PROTOCOL_VERSION: Final = 1
 MAX_REF: Final = 2**53 - 1
 """Largest call ``ref`` (the largest integer a JavaScript number holds exactly)."""
 MAX_ROOM_CHARS: Final = 256
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 
 
 def _ref(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -72,6 +74,11 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: int | N
 def _room(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not 0 < len(value) <= MAX_ROOM_CHARS:
         raise ValueError(f"{attribute.name} must have 1 to {MAX_ROOM_CHARS} characters")
+
+
+def _idempotency_key(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise ValueError(f"{attribute.name} must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
 
 
 # ----------------------------------------------------------------- parts of messages
@@ -140,6 +147,10 @@ class Call:
     query: dict[str, Any] | None = None
     temp_id: str | None = None
     base_rev: int | None = None
+    idempotency_key: str | None = attrs.field(default=None, validator=_idempotency_key)
+    """The caller's name for this write, unique among its user's writes: a
+    write sent again under the same key (after the connection dropped before
+    its result came) is not run again; its first result is answered."""
 
 
 @attrs.frozen

@@ -17,7 +17,10 @@ the run goes live in the client, the monitor and the network).
   same facepile, holding exactly the users with a connected window that
   looks at the board (offline users gone, statuses equal everywhere);
 * ``merge``: a merged chunk event covering ``seq..last_seq`` holds exactly
-  that many chunks, and every chunk whose write was answered with its seq.
+  that many chunks, and every chunk whose write was answered with its seq;
+* ``once``: no write ran twice: its events (which carry its ``temp_id``)
+  are in each room's log once, also for a write sent again under its
+  idempotency key after its connection dropped.
 
 And the server's claims, checked as the frames arrive (:class:`ServerClaims`,
 fed by the simulated client before its protocol machine sees a frame; the
@@ -66,6 +69,7 @@ __all__ = [
     "check_log",
     "check_merged",
     "check_mirrors",
+    "check_once",
     "check_presence",
     "check_renames",
     "check_seqs",
@@ -136,19 +140,19 @@ Resets = dict[str, list[Reset]]
 """Per room, its resets in time order."""
 
 
-def _log_of(
+def _logs_since(
     store: SqlStore,
     logs: dict[str, dict[int, StoredEvent]],
     resets: Resets | None,
     room: str,
     sent_us: int,
-) -> dict[int, StoredEvent]:
-    """The log a write sent at ``sent_us`` went into: that of the epoch
-    the room was in then."""
-    for reset in (resets or {}).get(room, ()):
-        if reset.at_us > sent_us:
-            return reset.log
-    return _current_log(store, logs, room)
+) -> list[dict[int, StoredEvent]]:
+    """The logs a write sent at ``sent_us`` may have gone into: that of the
+    epoch the room was in then, first, and those of the epochs after it (a
+    write under an idempotency key is sent again after its connection
+    dropped, maybe after the room's log was reset)."""
+    later = [reset.log for reset in (resets or {}).get(room, ()) if reset.at_us > sent_us]
+    return [*later, _current_log(store, logs, room)]
 
 
 def _current_log(
@@ -292,8 +296,10 @@ def check_acknowledged(
                 )
             continue
         room = f"session:{record.session_id}"
-        log = _log_of(store, logs, resets, room, record.sent_us)
-        event = _event_for(log, seq)
+        found = [
+            _event_for(log, seq) for log in _logs_since(store, logs, resets, room, record.sent_us)
+        ]
+        event = next((e for e in found if e is not None and e.temp_id == record.wid), found[0])
         merged = event is not None and event.last_seq is not None
         if event is None or (event.temp_id != record.wid and not merged):
             recorder.violate(
@@ -302,6 +308,32 @@ def check_acknowledged(
                 f"{record.wid} {record.service}.{record.method} acknowledged at {room} seq {seq}, "
                 f"but the log has {'nothing' if event is None else event.temp_id} there",
             )
+
+
+def check_once(store: SqlStore, recorder: Recorder) -> None:
+    """No write ran twice: no event of a write (named by its ``temp_id``)
+    is twice in its room's log."""
+    rooms = sorted(
+        {
+            f"session:{record.session_id}"
+            for record in recorder.writes.values()
+            if record.session_id is not None
+        }
+    )
+    for room in rooms:
+        seen: dict[tuple[str, str], int] = {}
+        for seq, event in room_log(store, room).items():
+            record = recorder.writes.get(event.temp_id or "")
+            if record is None:
+                continue
+            first = seen.setdefault((event.event, record.wid), seq)
+            if first != seq:
+                recorder.violate(
+                    "once",
+                    record.client,
+                    f"{record.wid} {record.service}.{record.method} ran twice: {event.event} "
+                    f"at {room} seq {first} and {seq}",
+                )
 
 
 def check_streams(store: SqlStore, recorder: Recorder) -> None:

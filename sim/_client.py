@@ -209,6 +209,8 @@ class SimClient:
                 backoff_cap_s=30.0,
                 loader=self._load_room,
                 read_retries=0,
+                idempotent_writes=self.spec.keyed,
+                write_retries=2,
                 dialer=self._net.dialer(self.name),
                 observer=_Watch(self),
                 retry_first=True,

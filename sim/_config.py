@@ -86,6 +86,10 @@ class ClientSpec:
     skew_ms: int
     latency_us: int
     jitter_us: int
+    keyed: bool = True
+    """Whether its writes go under idempotency keys (the client's
+    ``idempotent_writes``): a write whose connection dropped is then sent
+    again and must run once; without, it ends ``connection_lost``."""
 
 
 @attrs.frozen
@@ -235,6 +239,7 @@ class SimConfig:
             lines.append(
                 f"  client {c.name}: user {c.user} {c.role} {'cbor' if c.cbor else 'json'} "
                 f"skew {c.skew_ms} ms latency {c.latency_us} us jitter {c.jitter_us} us"
+                f"{'' if c.keyed else ' unkeyed'}"
             )
         return "\n".join(lines)
 
@@ -402,6 +407,12 @@ def draw_config(
         ring_size=_pick(limits, (0, 4, 16, 64)) or None,
         idle_s=(None, 0.5, 2.0, 5.0)[limits.randrange(4)],
         grace_s=(10.0, 2.0, 0.5)[limits.randrange(3)],
+    )
+    # idempotency keys: most clients' writes go under one (a stream of its own)
+    keys = random.Random(f"keys:{profile}:{seed}")
+    config = attrs.evolve(
+        config,
+        clients=tuple(attrs.evolve(c, keyed=keys.random() < 0.75) for c in config.clients),
     )
     # the writer's linger: a stream of its own too (the daemon's 2 ms, a long
     # 20 ms, or none as the library's default)

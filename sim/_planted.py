@@ -38,6 +38,11 @@ paths of the product carry nothing of them.
     ``RoomBehaviour._revoke``: a revoked member is sent ``left``
     ``forbidden`` but stays subscribed (the room's events keep reaching a
     user who may no longer see it).
+``keys_ignored``
+    ``SqlStore._claim``: the store takes no idempotency key, so a write sent
+    again under its key after its commit's answer was lost (or after the
+    daemon restarted) runs a second time; the daemon's own table of keys
+    still answers a write sent again while it lives.
 ``two_nodes_one_seq``
     ``SqlStore._commit_group`` of a *shared* store (a cluster node's): it
     takes each room's next seq from its own memory of what it last
@@ -191,6 +196,13 @@ def _revoke_keeps_subscription(original: Any) -> Any:
     return _revoke
 
 
+def _keys_ignored(original: Any) -> Any:
+    def _claim(self: SqlStore, conn: sa.Connection, once: Any, stored: Any = ()) -> None:
+        return None
+
+    return _claim
+
+
 def _two_nodes_one_seq(original: Any) -> Any:
     def lock_heads(self: SqlStore, conn: sa.Connection, requests: Any) -> None:
         memory: dict[str, tuple[str, int]] = self.__dict__.setdefault("_planted_heads", {})
@@ -250,6 +262,7 @@ _PATCHES: dict[str, _Patch] = {
     "lagged_resume_high": (outbox, "Lagged", _lagged_resume_high),
     "retry_seq_reused": (SqlStore, "_commit_group", _retry_seq_reused),
     "revoke_keeps_subscription": (RoomBehaviour, "_revoke", _revoke_keeps_subscription),
+    "keys_ignored": (SqlStore, "_claim", _keys_ignored),
     "two_nodes_one_seq": (SqlStore, "_commit_group", _two_nodes_one_seq),
 }
 

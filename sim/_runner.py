@@ -46,6 +46,7 @@ from ._checks import (
     check_log,
     check_merged,
     check_mirrors,
+    check_once,
     check_presence,
     check_renames,
     check_seqs,
@@ -734,6 +735,7 @@ class _Run:
         check_log(store, self.recorder, logs, self.resets)
         check_acknowledged(store, self.recorder, logs, self.resets)
         check_merged(store, self.recorder, logs, self.resets)
+        check_once(store, self.recorder)
         check_streams(store, self.recorder)
         check_renames(store, self.recorder)
         check_presence(self.clients, self.recorder)

@@ -127,6 +127,17 @@ Refresh = Callable[[], Awaitable[str]]
 :class:`agor_actors.client.Credentials`)."""
 
 _READ_METHODS: Final = frozenset({"find", "get"})
+_KEYED_SERVICES: Final = frozenset({"sessions", "tasks", "messages"})
+"""The services whose writes take an idempotency key."""
+
+
+def _keyed_by_default(service: str, method: str) -> bool:
+    """Whether a write gets a key of its own (``idempotent_writes``)."""
+    if service not in _KEYED_SERVICES or method in _READ_METHODS:
+        return False
+    return not (service == "messages" and method == "stream")
+
+
 _OPTIMISTIC_ROOMS: Final[Mapping[str, tuple[str, str]]] = {
     # service -> (room kind, field of the created data naming the room)
     "tasks": ("session", "session_id"),
@@ -269,18 +280,27 @@ class Service:
     async def get(self, id: str) -> Any:
         return await self.client.call(self.name, "get", id=id)
 
-    async def create(self, data: dict[str, Any], *, temp_id: str | None = None) -> Any:
+    async def create(
+        self,
+        data: dict[str, Any],
+        *,
+        temp_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
         """Create; optimistic: the mirror of the room the new resource belongs
         to (if joined) shows it at once under ``temp_id`` (one is made when
         not given), replaced by the real one when the result or the event
-        arrives, removed if the create fails."""
+        arrives, removed if the create fails.  ``idempotency_key``: see
+        :meth:`Client.call`."""
         client = self.client
         temp_id = temp_id or client._new_temp_id()
         mirrors = client._optimistic_mirrors(self.name, data)
         for mirror in mirrors:
             mirror._put_optimistic(self.name, temp_id, data)
         try:
-            row = await client.call(self.name, "create", data=data, temp_id=temp_id)
+            row = await client.call(
+                self.name, "create", data=data, temp_id=temp_id, idempotency_key=idempotency_key
+            )
         except BaseException:
             for mirror in mirrors:
                 mirror._settle(self.name, temp_id, None)
@@ -289,14 +309,32 @@ class Service:
             mirror._settle(self.name, temp_id, row)
         return row
 
-    async def update(self, id: str, data: dict[str, Any], *, base_rev: int | None = None) -> Any:
-        return await self.client.call(self.name, "update", id=id, data=data, base_rev=base_rev)
+    async def update(
+        self,
+        id: str,
+        data: dict[str, Any],
+        *,
+        base_rev: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        return await self.call(
+            "update", id, data, base_rev=base_rev, idempotency_key=idempotency_key
+        )
 
-    async def patch(self, id: str, data: dict[str, Any], *, base_rev: int | None = None) -> Any:
-        return await self.client.call(self.name, "patch", id=id, data=data, base_rev=base_rev)
+    async def patch(
+        self,
+        id: str,
+        data: dict[str, Any],
+        *,
+        base_rev: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        return await self.call(
+            "patch", id, data, base_rev=base_rev, idempotency_key=idempotency_key
+        )
 
-    async def remove(self, id: str) -> Any:
-        return await self.client.call(self.name, "remove", id=id)
+    async def remove(self, id: str, *, idempotency_key: str | None = None) -> Any:
+        return await self.client.call(self.name, "remove", id=id, idempotency_key=idempotency_key)
 
     async def call(
         self,
@@ -306,10 +344,17 @@ class Service:
         *,
         query: dict[str, Any] | None = None,
         base_rev: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
         """A custom method (``tasks.start``, ``messages.stream``...)."""
         return await self.client.call(
-            self.name, method, id=id, data=data, query=query, base_rev=base_rev
+            self.name,
+            method,
+            id=id,
+            data=data,
+            query=query,
+            base_rev=base_rev,
+            idempotency_key=idempotency_key,
         )
 
 
@@ -535,6 +580,8 @@ class Client:
         loader: Loader,
         read_retries: int,
         presence_rate_per_s: float = DEFAULT_RATE_PER_S,
+        idempotent_writes: bool = True,
+        write_retries: int = 3,
         refresh: Refresh | None = None,
         refresh_before_s: float = 60.0,
         wall: WallClock | None = None,
@@ -567,6 +614,9 @@ class Client:
         self.backoff_cap_s = backoff_cap_s
         self.events_queue_max = events_queue_max
         self.read_retries = read_retries
+        self.idempotent_writes = idempotent_writes
+        self.write_retries = write_retries
+        """Whether writes get an idempotency key of their own (see :meth:`call`)."""
         self._token = token
         self._heartbeat_override = heartbeat
         self._loader = loader
@@ -661,25 +711,60 @@ class Client:
         query: dict[str, Any] | None = None,
         temp_id: str | None = None,
         base_rev: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
         """One call; returns the result's data or raises :class:`CallError`
-        (:class:`ConnectionLost` if the connection dropped meanwhile: reads
-        are retried, writes are not).  Waits for a connection and for a free
-        slot (the server bounds pending calls) up to ``call_timeout_s``.
-        Cancelling it forgets the result (the call may still run)."""
-        retries = self.read_retries if method in _READ_METHODS else 0
+        (:class:`ConnectionLost` if the connection dropped meanwhile and the
+        call may have run).  Waits for a connection and for a free slot (the
+        server bounds pending calls) up to ``call_timeout_s``.  Cancelling
+        it forgets the result (the call may still run).
+
+        A call whose connection dropped before its result came is sent
+        again on the next connection if it can run only once: a read (up to
+        ``read_retries`` times), or a write under an ``idempotency_key`` (up
+        to ``write_retries`` times, also after an ``unavailable`` answer:
+        the store may have failed after the commit; after a backoff)
+        (the server answers a write sent again under its key with the first
+        one's result, marked ``_replayed``, and runs it once).  With
+        ``idempotent_writes`` (the default) every write of ``sessions``,
+        ``tasks`` and ``messages`` gets a key of its own, but
+        ``messages.stream`` (a chunk that names its offset is written once
+        already: see :meth:`message_writer`)."""
+        key = idempotency_key
+        if key is None and self.idempotent_writes and _keyed_by_default(service, method):
+            key = self._new_key()
+        if method in _READ_METHODS:
+            retries = self.read_retries
+        else:
+            retries = 0 if key is None else self.write_retries
         rate_retries = RATE_LIMITED_RETRIES
         with trio.fail_after(self.call_timeout_s):
             while True:
                 try:
                     return await self._call_once(
-                        service, method, id, data, query, temp_id, base_rev
+                        service, method, id, data, query, temp_id, base_rev, key
                     )
                 except ConnectionLost:
                     if retries <= 0:
                         raise
                     retries -= 1
                 except CallError as exc:
+                    if exc.code == "unavailable" and key is not None:
+                        # the store failed, maybe after the commit: a keyed
+                        # write is sent again after a pause, and runs once
+                        if retries <= 0:
+                            raise
+                        attempt = self.write_retries - retries
+                        retries -= 1
+                        await trio.sleep(
+                            backoff_s(
+                                attempt,
+                                self.entropy.random(),
+                                self.backoff_base_s,
+                                self.backoff_cap_s,
+                            )
+                        )
+                        continue
                     # refused before it ran: slow down and send it again
                     if exc.code != ErrorCode.RATE_LIMITED.value:
                         raise
@@ -698,6 +783,7 @@ class Client:
         query: dict[str, Any] | None,
         temp_id: str | None,
         base_rev: int | None,
+        idempotency_key: str | None,
     ) -> Any:
         async with self.pacer.turn():
             while True:
@@ -721,6 +807,7 @@ class Client:
                     query=query,
                     temp_id=temp_id,
                     base_rev=base_rev,
+                    idempotency_key=idempotency_key,
                 )
             except LocalProtocolError as exc:
                 raise CallError(
@@ -1000,6 +1087,12 @@ class Client:
     def _new_temp_id(self) -> str:
         self._temp_counter += 1
         return f"temp-{self.entropy.randrange(1 << 48):012x}-{self._temp_counter}"
+
+    def _new_key(self) -> str:
+        """An idempotency key of this client's: unique among its user's
+        writes (64 random bits, and a count)."""
+        self._temp_counter += 1
+        return f"key-{self.entropy.randrange(1 << 64):016x}-{self._temp_counter}"
 
     def _optimistic_mirrors(self, service: str, data: Any) -> list[Mirror]:
         spec = _OPTIMISTIC_ROOMS.get(service)
@@ -1636,6 +1729,8 @@ async def connect(
     events_queue_max: int = 1000,
     loader: Loader = load_room,
     read_retries: int = 3,
+    idempotent_writes: bool = True,
+    write_retries: int = 3,
     presence_rate_per_s: float = DEFAULT_RATE_PER_S,
     refresh: Refresh | None = None,
     refresh_before_s: float = 60.0,
@@ -1653,7 +1748,11 @@ async def connect(
     system's) draws the reconnect jitter and the temp ids; ``clock`` (the
     world's seam) times heartbeats, backoff and presence pacing; ``heartbeat`` overrides the server's (tests);
     ``presence_rate_per_s`` caps the presence updates (cursor moves
-    included) sent per second.
+    included) sent per second.  ``read_retries`` and ``write_retries``: how
+    often a read, and a write under an idempotency key (which
+    ``idempotent_writes`` gives every write of sessions, tasks and
+    messages), whose connection dropped are sent again (see
+    :meth:`Client.call`).
 
     An access token (a JWT from sign-in) expires: with ``refresh`` (an
     async callable returning a new one, e.g. :meth:`Credentials.refresh`)
@@ -1686,6 +1785,8 @@ async def connect(
         events_queue_max=events_queue_max,
         loader=loader,
         read_retries=read_retries,
+        idempotent_writes=idempotent_writes,
+        write_retries=write_retries,
         presence_rate_per_s=presence_rate_per_s,
         refresh=refresh,
         refresh_before_s=refresh_before_s,

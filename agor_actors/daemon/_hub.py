@@ -54,7 +54,7 @@ from ..domain.room import (
     activity_entry,
     to_event,
 )
-from ..domain.session import Command, SessionBehaviour
+from ..domain.session import Command, SessionBehaviour, idempotency_of
 from ..identity import AccessTokens, Authentication, IdentityConfig, Passwords, looks_like_jwt
 from ..marks import mark
 from ..metrics import Metrics
@@ -97,6 +97,7 @@ from ..store import (
 )
 from ..world import World
 from ._datadir import hold_data_dir
+from ._keys import KeyedWrite, WriteKeys
 from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
@@ -173,6 +174,11 @@ class Hub:
     """How often it does so while its subscription to the broker is down:
     it hears of no other daemon's access change then, and its own writer's
     events still reach its subscribers at once."""
+    keys_kept_s = 3600.0
+    """How long the store keeps a write's idempotency key (a write sent
+    again later runs again); :meth:`_key_sweeper` drops older ones every
+    :attr:`keys_sweep_s`."""
+    keys_sweep_s = 300.0
     board_retry_min_s = 0.5
     board_retry_max_s = 30.0
     """The pause before asking again for a board's facepile whose room
@@ -232,6 +238,8 @@ class Hub:
         self._recheck_wanted = trio.Event()
         self.revocations = 0
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.keys = WriteKeys()
+        """Writes under an idempotency key this daemon has in hand."""
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._presence_of: dict[str, Principal] = {}
@@ -443,14 +451,65 @@ class Hub:
         query: dict[str, Any] | None = None,
         temp_id: str | None = None,
         base_rev: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
         """Run one service call; returns once any write is durable.  Raises
-        :class:`ServiceError`."""
+        :class:`ServiceError`.  A write under an ``idempotency_key`` its
+        user sent before is not run again: it gets the first one's answer
+        (marked ``_replayed``)."""
+        try:
+            call = Call(0, service, method, id, data, query, temp_id, base_rev, idempotency_key)
+        except ValueError as exc:  # an idempotency key out of bounds
+            raise ServiceError("invalid_field", str(exc)) from None
+        return await self._call_keyed(principal, connection_id, call)
+
+    async def _call_keyed(self, principal: Principal, connection_id: str | None, call: Call) -> Any:
+        keyed = self._keyed(principal, call)
+        if keyed is None:
+            return await self._call(principal, connection_id, call)
+        write, first = keyed
+        if not first:
+            return await self._twin(
+                write, partial(self._call_keyed, principal, connection_id, call)
+            )
+        result: outcome.Outcome[Any] = outcome.Error(ServiceError("unavailable", "cancelled"))
+        try:
+            result = await outcome.acapture(self._call, principal, connection_id, call)
+        finally:
+            self.keys.settle(write, result)
+        return result.unwrap()
+
+    def _keyed(self, principal: Principal, call: Call) -> tuple[KeyedWrite, bool] | None:
+        """A write sent under an idempotency key: its entry in :attr:`keys`
+        and whether this call runs it (see :meth:`WriteKeys.claim`); None
+        for a call without a key or a read (which may be sent again as it
+        is).  A key is taken by the writes of sessions, tasks and messages
+        (their store request takes it); on another service's write it is
+        refused."""
+        key, service = call.idempotency_key, call.service
+        if key is None or call.method in READ_METHODS or service == "authentication":
+            return None
+        if service in ("boards", "users"):
+            raise ServiceError(
+                "invalid_field",
+                "idempotency_key is taken by the writes of sessions, tasks and messages only",
+            )
+        what, digest = idempotency_of(service, call.method, call.id, call.data, call.base_rev)
+        return self.keys.claim(principal.user_id, key, what, digest)
+
+    async def _twin(self, write: KeyedWrite, again: Callable[[], Awaitable[Any]]) -> Any:
+        """A write sent again under the key of ``write``: its answer, once
+        it has one; if it failed (nothing written), it is called ``again``
+        (under its key: the first of its twins runs it)."""
+        answered = await self.keys.outcome_of(write)
+        if answered is not None:
+            return answered.unwrap()
+        return await again()
+
+    async def _call(self, principal: Principal, connection_id: str | None, call: Call) -> Any:
         release = self._pending(principal)
         try:
-            route = await self._route(
-                principal, connection_id, service, method, id, data, query, temp_id, base_rev
-            )
+            route = await self._route(principal, connection_id, call)
             if not isinstance(route, _SessionWrite):
                 return await route()
             result = await outcome.acapture(
@@ -490,20 +549,52 @@ class Hub:
         dropped, unwritten (``unavailable``), rather than written after
         what the caller, told the connection was lost, wrote since through
         another connection, maybe another daemon (the simulator's cluster
-        seed 2812: a stream's chunk landed after the five next ones)."""
+        seed 2812: a stream's chunk landed after the five next ones).
+
+        A write under an ``idempotency_key`` its user sent before is not
+        run again: it is returned as a call that waits for the first one's
+        answer (see :meth:`call`)."""
+        keyed = self._keyed(principal, call)
+        if keyed is None:
+            return await self._submit(principal, connection_id, call, reply, caller_gone)
+        write, first = keyed
+        if not first:
+            return partial(
+                self._twin, write, partial(self._call_keyed, principal, connection_id, call)
+            )
+        keys = self.keys
+
+        def settled(result: outcome.Outcome[Any]) -> None:
+            keys.settle(write, result)
+            reply(result)
+
+        try:
+            run = await self._submit(principal, connection_id, call, settled, caller_gone)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else ServiceError("unavailable", "cancelled")
+            keys.settle(write, outcome.Error(error))
+            raise
+        return None if run is None else partial(self._settled_run, write, run)
+
+    async def _settled_run(self, write: KeyedWrite, run: Callable[[], Awaitable[Any]]) -> Any:
+        result: outcome.Outcome[Any] = outcome.Error(ServiceError("unavailable", "cancelled"))
+        try:
+            result = await outcome.acapture(run)
+        finally:
+            self.keys.settle(write, result)
+        return result.unwrap()
+
+    async def _submit(
+        self,
+        principal: Principal,
+        connection_id: str | None,
+        call: Call,
+        reply: Callable[[outcome.Outcome[Any]], None],
+        caller_gone: Callable[[], bool] | None,
+    ) -> Callable[[], Awaitable[Any]] | None:
         release = self._pending(principal)
         try:
-            route = await self._route(
-                principal,
-                connection_id,
-                call.service,
-                call.method,
-                call.id,
-                call.data,
-                call.query,
-                call.temp_id,
-                call.base_rev,
-            )
+            route = await self._route(principal, connection_id, call)
         except BaseException:
             release()
             raise
@@ -624,19 +715,12 @@ class Hub:
         return write.access_change
 
     async def _route(
-        self,
-        principal: Principal,
-        connection_id: str | None,
-        service: str,
-        method: str,
-        id: str | None,
-        data: Any,
-        query: dict[str, Any] | None,
-        temp_id: str | None,
-        base_rev: int | None,
+        self, principal: Principal, connection_id: str | None, call: Call
     ) -> _SessionWrite | Callable[[], Awaitable[Any]]:
         """Check and authorize a call, and say where it goes: a session's
         write, or a call to run here."""
+        service, method, id, data = call.service, call.method, call.id, call.data
+        query, temp_id, base_rev = call.query, call.temp_id, call.base_rev
         if service == "authentication":  # anyone connected may sign in or out
             return partial(self.authentication, method, data)
         check_call(service, id)
@@ -658,10 +742,10 @@ class Hub:
             return partial(self._users, method, id, data, now_ms, new_id)
         if service == "boards":
             await self.gate.check_board_call(principal, method, id, data)
-            call = BoardCall(
+            board_call = BoardCall(
                 principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
-            return partial(self._boards, call)
+            return partial(self._boards, board_call)
         if service == "sessions":
             session_id = new_id if method == "create" else id
             if session_id is None:
@@ -690,6 +774,7 @@ class Hub:
             base_rev=base_rev,
             now_ms=now_ms,
             new_id=new_id,
+            idempotency_key=call.idempotency_key,
         )
         return _SessionWrite(f"session:{session_id}", cmd, session_id, changed is not None)
 
@@ -1193,6 +1278,20 @@ class Hub:
         self._recheck_rooms |= rooms or set()
         self._recheck_everyone |= everyone
         self._recheck_wanted.set()
+
+    async def _key_sweeper(self) -> None:
+        """Drop the idempotency keys older than :attr:`keys_kept_s`, every
+        :attr:`keys_sweep_s` (in passes of a bounded size; a failure is
+        logged and tried again next time)."""
+        store, world = self.store, self.world
+        while True:
+            await trio.sleep(self.keys_sweep_s)
+            before_ms = world.wall.now_ms() - int(self.keys_kept_s * 1000)
+            try:
+                while await world.blocking.run(partial(store.forget_keys, before_ms)) >= 10_000:
+                    pass
+            except StoreError as exc:
+                log.warning("dropping old idempotency keys failed: %s", exc)
 
     async def _rechecker(self) -> None:
         while True:
@@ -1812,6 +1911,7 @@ async def _open_hub(
                 )
                 hubs.append(hub)
                 tasks.start_soon(hub._rechecker)
+                tasks.start_soon(hub._key_sweeper)
                 if feed is not None:
                     tasks.start_soon(hub._sweeper)
                 try:

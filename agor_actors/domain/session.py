@@ -6,12 +6,14 @@ durable."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 from collections import OrderedDict
 from typing import Any, Final
 
 import attrs
+import cbor2
 import outcome
 
 from ..marks import mark
@@ -39,11 +41,13 @@ from ..store import (
     Flush,
     History,
     Mutation,
+    Once,
     SqlStore,
     StoreConflict,
     StoreError,
     StoreIntegrityError,
     StoreNotFound,
+    StoreRepeated,
     Write,
     WriteRequest,
     WriteResult,
@@ -101,6 +105,37 @@ class Command:
     again: bool = False
     """Set by the session actor on a write it runs again after loading the
     record anew (a shared store said its view was stale): not a third time."""
+    idempotency_key: str | None = None
+    """The caller's key for this write (see :func:`idempotency_of`)."""
+
+
+def idempotency_of(
+    service: str, method: str, id: str | None, data: Any, base_rev: int | None
+) -> tuple[str, str]:
+    """``(call, digest)`` of a write sent under an idempotency key: what it
+    was ("service.method id") and a digest of what it carried, so that the
+    key sent again with another call is refused rather than answered with
+    the first one's result."""
+    call = f"{service}.{method}" if id is None else f"{service}.{method} {id}"
+    carried = cbor2.dumps([data, base_rev], canonical=True)
+    return call, hashlib.sha256(carried).hexdigest()
+
+
+def key_reused(key: str, call: str) -> ServiceError:
+    """The error of a write sent under a key that names another ``call``."""
+    return ServiceError(
+        "invalid_field", f"idempotency_key {key!r} was used for another call ({call})"
+    )
+
+
+def repeated_answer(call: str, digest: str, exc: StoreRepeated) -> Any:
+    """What a write sent again under a key the store holds is answered: the
+    first write's answer, marked ``_replayed``; raises ``invalid_field`` if
+    the key was taken by another call."""
+    if (exc.call, exc.digest) != (call, digest):
+        raise key_reused(exc.key, exc.call)
+    answer = exc.answer
+    return {**answer, "_replayed": True} if isinstance(answer, dict) else answer
 
 
 FLUSH_TIMEOUT_S: Final = 30.0
@@ -181,6 +216,8 @@ class _Written:
     """A shared store's write whose precondition is this actor's belief of a
     rev: on a conflict it is run again (``Command.again``) once the record is
     loaded anew, instead of answered."""
+    idempotency: tuple[str, str] | None = None
+    """``(call, digest)`` of a write sent under an idempotency key."""
 
 
 def _bad(message: str, data: Any = None) -> ServiceError:
@@ -362,13 +399,20 @@ class SessionBehaviour(Behaviour[SessionState]):
             request, answer, coalesce_key, touched = self._plan(state, cmd)
         except ServiceError as exc:
             return [Reply(msg.reply_to, error=exc)]
+        idempotency = None
+        if cmd.idempotency_key is not None:
+            idempotency = idempotency_of(cmd.service, cmd.method, cmd.id, cmd.data, cmd.base_rev)
+            once = Once(
+                cmd.principal.user_id, cmd.idempotency_key, *idempotency, answer, cmd.now_ms
+            )
+            request = attrs.evolve(request, once=once)
         state.inflight += 1
         state.writes += 1
         body = Write(request, coalesce_key)
         again = None
         if shared and not cmd.again and request.expect and _believed(cmd):
             again = Request(attrs.evolve(cmd, again=True), msg.reply_to)
-        return [_ask(self.writer, body, msg.reply_to, answer, touched, again)]
+        return [_ask(self.writer, body, msg.reply_to, answer, touched, again, idempotency)]
 
     def _behind(self, state: SessionState, cmd: Command) -> bool:
         """Shared store: whether ``cmd``'s base_rev differs from the rev this
@@ -564,6 +608,19 @@ class SessionBehaviour(Behaviour[SessionState]):
                     )
                 )
             state.poisoned = state.poisoned or touched
+        except StoreRepeated as exc:
+            # sent again under its idempotency key: nothing of it was
+            # written, but this actor planned it on its copy of the session's
+            # row, which is read again before the next write is planned (as a
+            # shared store's refusal does; the writes already on their way
+            # were planned on a rev that counted it: a strict one is refused
+            # by its precondition, another leaves a rev unused)
+            call, digest = done.idempotency or ("", "")
+            try:
+                effects.append(Reply(done.reply_to, repeated_answer(call, digest, exc)))
+            except ServiceError as refused:
+                effects.append(Reply(done.reply_to, error=refused))
+            state.row_stale = state.row_stale or touched
         except StoreNotFound as exc:
             effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
             state.poisoned = state.poisoned or touched
@@ -1147,8 +1204,13 @@ def _ask(
     answer: Any,
     touched: bool,
     again: Request | None = None,
+    idempotency: tuple[str, str] | None = None,
 ) -> Effect:
-    return Ask(writer, body, lambda result: _Written(reply_to, result, answer, touched, again))
+    return Ask(
+        writer,
+        body,
+        lambda result: _Written(reply_to, result, answer, touched, again, idempotency),
+    )
 
 
 def _believed(cmd: Command) -> bool:

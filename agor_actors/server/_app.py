@@ -367,6 +367,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
                 data=data,
                 query=query,
                 base_rev=base_rev,
+                idempotency_key=request.headers.get("Idempotency-Key") if verb != "GET" else None,
             )
         except ServiceError as exc:
             if exc.code == "conflict" and request.headers.get("If-Match") is not None:
@@ -389,6 +390,8 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             )
             return error_response("internal", "internal error", 500)
         headers: dict[str, str] = {}
+        if isinstance(result, dict) and result.pop("_replayed", False):
+            headers["Idempotent-Replayed"] = "true"  # as Stripe's API says it
         if isinstance(result, dict) and type(result.get("rev")) is int:
             headers["ETag"] = f'"{result["rev"]}"'
         status = 201 if method == "create" and request.method == "POST" and id is None else 200

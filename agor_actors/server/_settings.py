@@ -58,6 +58,7 @@ class ServerHub(Protocol):
         query: dict[str, Any] | None = None,
         temp_id: str | None = None,
         base_rev: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Any: ...
 
     async def submit(

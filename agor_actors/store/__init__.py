@@ -13,6 +13,7 @@ from ._backend import EventPage as EventPage
 from ._backend import Expect as Expect
 from ._backend import History as History
 from ._backend import Mutation as Mutation
+from ._backend import Once as Once
 from ._backend import SqlStore as SqlStore
 from ._backend import StoredEvent as StoredEvent
 from ._backend import WriteRequest as WriteRequest
@@ -28,6 +29,7 @@ from ._schema import StoreError as StoreError
 from ._schema import StoreIntegrityError as StoreIntegrityError
 from ._schema import StoreNotFound as StoreNotFound
 from ._schema import StoreQueryError as StoreQueryError
+from ._schema import StoreRepeated as StoreRepeated
 from ._schema import StoreSchemaError as StoreSchemaError
 from ._schema import StoreUnavailable as StoreUnavailable
 from ._schema import metadata as metadata

@@ -57,6 +57,7 @@ from ._schema import (
     StoreIntegrityError,
     StoreNotFound,
     StoreQueryError,
+    StoreRepeated,
     StoreSchemaError,
     StoreUnavailable,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "Expect",
     "History",
     "Mutation",
+    "Once",
     "SqlStore",
     "StoredEvent",
     "WriteRequest",
@@ -260,9 +262,28 @@ def _expects(items: Iterable[Expect]) -> tuple[Expect, ...]:
 
 
 @attrs.frozen
+class Once:
+    """A request's idempotency key: the request is written only if
+    ``user_id``'s ``key`` is not taken, and then takes it, in the same
+    transaction, with what a write sent again under it is answered
+    (``call``: "service.method id"; ``digest``: of its data; ``answer``:
+    JSON).  A taken key fails the request with
+    :class:`~agor_actors.store.StoreRepeated` (the earlier write's call,
+    digest and answer) before anything of it is written."""
+
+    user_id: str
+    key: str
+    call: str
+    digest: str
+    answer: Any
+    ts: int
+
+
+@attrs.frozen
 class WriteRequest:
     """What one caller wants written atomically: preconditions, then
-    mutations, then history rows, then events (seqs assigned in order)."""
+    mutations, then history rows, then events (seqs assigned in order);
+    first of all, with ``once``, its idempotency key."""
 
     mutations: tuple[Mutation, ...] = attrs.field(default=(), converter=_mutations)
     events: tuple[EventDraft, ...] = attrs.field(default=(), converter=_drafts)
@@ -273,6 +294,7 @@ class WriteRequest:
     ``at``) where the row ends now, as a shared store always does: its
     caller planned it on a length that a commit of unknown outcome may
     have made wrong (see the store writer)."""
+    once: Once | None = None
 
 
 @attrs.frozen
@@ -508,6 +530,14 @@ def _stored(row: sa.Row[Any]) -> StoredEvent:
         origin=m["origin"],
         temp_id=m["temp_id"],
     )
+
+
+def _with_seq(answer: Any, stored: Sequence[StoredEvent]) -> Any:
+    """A write's answer as its caller gets it: with ``_seq``, the seq of
+    its first event (if it has any, and the answer is a map)."""
+    if not stored or not isinstance(answer, dict):
+        return answer
+    return {**answer, "_seq": stored[0].seq}
 
 
 def _request_error(exc: Exception) -> StoreError:
@@ -1044,8 +1074,31 @@ class SqlStore:
                     if isinstance(found, StoreError):
                         raise found
                     landing = found
-                    plain = None if isolate_events or landing else self._plain_write(request)
-                    if landing is not None and not isolate_events and len(landing[0][2]) == 1:
+                    plain = (
+                        None
+                        if isolate_events or landing or request.once
+                        else self._plain_write(request)
+                    )
+                    if request.once is not None:
+                        # its key first, then the rest, all in one savepoint
+                        if run is not None:
+                            self._flush_run(cursor, run)
+                            run = None
+                        with _savepoint(cursor):
+                            if landing is not None:  # where it lands, the answer's seq after
+                                self._claim(conn, request.once)
+                                drafts = self._land(cursor, request, *landing, isolated=True)
+                                stored = self._allocate(cursor, drafts, group, touched, rows)
+                                self._answered_at(conn, request.once, stored)
+                            else:  # its events' seqs first: its answer names the first
+                                stored = self._allocate(
+                                    cursor, request.events, group, touched, rows
+                                )
+                                self._claim(conn, request.once, stored)
+                                self._apply(conn, cursor, request)
+                            if isolate_events and rows:
+                                self._insert_events.executemany(cursor, rows)
+                    elif landing is not None and not isolate_events and len(landing[0][2]) == 1:
                         # planned on the lengths locked for the group, then
                         # written as a plain update (in a run, as alone)
                         landed, at, drafts = self._planned(request, *landing, lengths)
@@ -1417,6 +1470,75 @@ class SqlStore:
                 s.field_history.insert(),
                 [attrs.asdict(h, recurse=False) for h in request.history],
             )
+
+    def _claim(self, conn: sa.Connection, once: Once, stored: Sequence[StoredEvent] = ()) -> None:
+        """Take ``once``'s key (its answer with the seq of the first of the
+        ``stored`` events, as its caller answers it), or raise
+        :class:`StoreRepeated` with the write that took it.  On PostgreSQL a
+        concurrent transaction taking the same key makes this wait for its
+        outcome (then it is taken, or free again)."""
+        k = s.idempotency_keys.c
+        taken = conn.execute(
+            _upsert_insert_for(conn.dialect)(s.idempotency_keys)
+            .values(
+                user_id=once.user_id,
+                key=once.key,
+                call=once.call,
+                digest=once.digest,
+                answer=_with_seq(once.answer, stored),
+                created_at=once.ts,
+            )
+            .on_conflict_do_nothing(index_elements=[k.user_id, k.key])
+            .returning(k.user_id)  # a row if taken now (rowcount is not reliable here)
+        )
+        if taken.first() is not None:
+            return
+        row = conn.execute(
+            sa.select(k.call, k.digest, k.answer).where(
+                k.user_id == once.user_id, k.key == once.key
+            )
+        ).one()
+        mark("store.repeated")
+        raise StoreRepeated(once.user_id, once.key, row.call, row.digest, row.answer)
+
+    @staticmethod
+    def _answered_at(conn: sa.Connection, once: Once, stored: Sequence[StoredEvent]) -> None:
+        """A landed write's answer gains the seq of its first event."""
+        answer = _with_seq(once.answer, stored)
+        if answer is once.answer:
+            return
+        k = s.idempotency_keys.c
+        conn.execute(
+            s.idempotency_keys.update()
+            .where(k.user_id == once.user_id, k.key == once.key)
+            .values(answer=answer)
+        )
+
+    def forget_keys(self, before_ms: int, limit: int = 10_000) -> int:
+        """Drop the idempotency keys taken before ``before_ms``, about
+        ``limit`` at most (the oldest first; all those of the last time
+        dropped); returns how many were dropped."""
+        k = s.idempotency_keys.c
+        with self._write_lock, self._writing() as conn:
+            last = conn.execute(
+                sa.select(k.created_at)
+                .where(k.created_at < before_ms)
+                .order_by(k.created_at)
+                .offset(limit)
+                .limit(1)
+            ).scalar_one_or_none()
+            old = k.created_at < before_ms if last is None else k.created_at <= last
+            return int(conn.execute(s.idempotency_keys.delete().where(old)).rowcount)
+
+    def check_key(self, user_id: str, key: str) -> tuple[str, str, Any] | None:
+        """``(call, digest, answer)`` of the write that took ``user_id``'s
+        idempotency ``key``; None if none did (or it was forgotten)."""
+        k = s.idempotency_keys.c
+        with self._reading() as conn:
+            row = conn.execute(
+                sa.select(k.call, k.digest, k.answer).where(k.user_id == user_id, k.key == key)
+            ).one_or_none()
+        return None if row is None else (row.call, row.digest, row.answer)
 
     def _check(self, conn: sa.Connection, cursor: DBAPICursor, expect: Expect) -> None:
         table = _entity_table(expect.table)
@@ -1923,9 +2045,16 @@ def _migrate_2_to_3(conn: sa.Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_3_to_4(conn: sa.Connection) -> None:
+    """Writes' idempotency keys go to ``idempotency_keys``, which
+    ``create_all`` adds.  The version moves so that an older daemon, which
+    would run a write sent again under its key, refuses the database."""
+
+
 _MIGRATIONS: Final[dict[int, Callable[[sa.Connection], None]]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
 }
 """From each schema version to the next, run in the opening transaction."""
 

@@ -31,6 +31,7 @@ __all__ = [
     "StoreIntegrityError",
     "StoreNotFound",
     "StoreQueryError",
+    "StoreRepeated",
     "StoreSchemaError",
     "StoreUnavailable",
     "board_members",
@@ -38,6 +39,7 @@ __all__ = [
     "credentials",
     "events",
     "field_history",
+    "idempotency_keys",
     "message_parts",
     "messages",
     "meta",
@@ -55,8 +57,9 @@ __all__ = [
 #: one is migrated (``store._backend``'s migrations).  2: board members may
 #: be ``admin``s (the role's CHECK constraint).  3: a streamed message's
 #: appended text is kept in ``message_parts`` (an older daemon would read
-#: the messages without it).
-SCHEMA_VERSION: Final = 3
+#: the messages without it).  4: writes' idempotency keys
+#: (``idempotency_keys``; an older daemon would run a write sent again).
+SCHEMA_VERSION: Final = 4
 
 SESSION_STATUSES: Final = ("idle", "running", "awaiting_permission", "completed", "failed")
 TASK_STATUSES: Final = ("created", "running", "completed", "failed", "stopped")
@@ -101,6 +104,21 @@ class StoreNotFound(StoreError):
 class StoreIntegrityError(StoreError):
     """The database refused the data: a duplicate key, a missing referenced
     row, a value outside a column's allowed set, a value it cannot store."""
+
+
+class StoreRepeated(StoreError):
+    """A request's :class:`~agor_actors.store.Once` key was taken by an
+    earlier write: nothing of this request was written.  ``call`` and
+    ``digest`` are the earlier write's (the caller compares them with its
+    own), ``answer`` what it answered."""
+
+    def __init__(self, user_id: str, key: str, call: str, digest: str, answer: Any) -> None:
+        super().__init__(f"idempotency key {key!r} of {user_id!r} was used by {call}")
+        self.user_id = user_id
+        self.key = key
+        self.call = call
+        self.digest = digest
+        self.answer = answer
 
 
 class StoreQueryError(StoreError):
@@ -386,6 +404,22 @@ refresh_tokens: Final = sa.Table(
     # set when it was exchanged for the next one (then presenting it is reuse)
     sa.Column("rotated_at", Ms, nullable=True),
     sa.Column("revoked_at", Ms, nullable=True),
+)
+
+idempotency_keys: Final = sa.Table(
+    "idempotency_keys",
+    metadata,
+    # whose key (the same key of two users names two writes)
+    sa.Column("user_id", sa.String, primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    # what the write was ("service.method id"), and a digest of its data: a
+    # key sent again with another call is refused rather than answered
+    sa.Column("call", sa.String, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    # the answer of the write, as its caller got it (without ``_seq``)
+    sa.Column("answer", JSONType, nullable=True),
+    # when it was written: keys older than the daemon's retention are dropped
+    sa.Column("created_at", Ms, nullable=False, index=True),
 )
 
 IDENTITY_TABLES: Final = frozenset({"credentials", "refresh_tokens"})

@@ -314,7 +314,9 @@ def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
     are moved together.  A write that touches nothing ends every run.  A
     chunk that names its offset (``Append.expect``) joins a run only where
     the run ends at that offset, so that a merged request's one offset
-    stands for each of its chunks."""
+    stands for each of its chunks.  A write under an idempotency key
+    (``WriteRequest.once``) is a run of its own: its key takes that write
+    alone."""
     batch: list[tuple[_T, ...]] = []
     open_run: dict[str, int] = {}  # coalesce key -> index in batch of its run
     ends: dict[str, int | None] = {}  # coalesce key -> the offset its open run ends at
@@ -331,10 +333,13 @@ def runs(writes: Sequence[Write], items: list[_T]) -> list[tuple[_T, ...]]:
             if index is not None and expect is not None and ends.get(key) != expect:
                 index = None
             ends[key] = None if expect is None else expect + _appended(write.request)
+        alone = write.request.once is not None
+        if alone:
+            index = None
         if index is None:
             batch.append((item,))
             index = len(batch) - 1
-            if key is not None:
+            if key is not None and not alone:
                 open_run[key] = index
         else:
             batch[index] = (*batch[index], item)

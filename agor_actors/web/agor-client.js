@@ -42,6 +42,10 @@ export const REJOIN_CODES = new Set(["internal", "server_error", "rate_limited",
 /** A call refused with `rate_limited` is sent again this many times at
  * most, each after the `retry_after_ms` the server names. */
 export const RATE_LIMITED_RETRIES = 5
+/** How often a write under an idempotency key answered `unavailable` is sent again. */
+export const WRITE_RETRIES = 3
+/** The services whose writes take an idempotency key. */
+export const KEYED_SERVICES = new Set(["sessions", "tasks", "messages"])
 
 /** Seconds to wait before reconnect attempt `attempt` (0 first): exponential
  * from `baseS`, capped at `capS`, full jitter over the whole window. */
@@ -296,14 +300,14 @@ export class Service extends Emitter {
   /** Create; the mirror of the room the new row belongs to (if joined) shows
    * it at once under `tempId` (`_pending: true`), swapped for the real row
    * when the result (or its event) arrives, dropped if the create fails. */
-  async create(data, { tempId } = {}) {
+  async create(data, { tempId, idempotencyKey } = {}) {
     const client = this.client
     tempId = tempId ?? client._newTempId()
     const mirrors = client._optimisticMirrors(this.name, data)
     for (const m of mirrors) m._putOptimistic(this.name, tempId, data)
     let row
     try {
-      row = await client.call(this.name, "create", { data, temp_id: tempId })
+      row = await client.call(this.name, "create", { data, temp_id: tempId, idempotency_key: idempotencyKey })
     } catch (err) {
       for (const m of mirrors) m._settle(this.name, tempId, null)
       throw err
@@ -311,12 +315,16 @@ export class Service extends Emitter {
     for (const m of mirrors) m._settle(this.name, tempId, row)
     return row
   }
-  update(id, data, { baseRev } = {}) { return this.client.call(this.name, "update", { id, data, base_rev: baseRev }) }
-  patch(id, data, { baseRev } = {}) { return this.client.call(this.name, "patch", { id, data, base_rev: baseRev }) }
-  remove(id) { return this.client.call(this.name, "remove", { id }) }
+  update(id, data, { baseRev, idempotencyKey } = {}) {
+    return this.client.call(this.name, "update", { id, data, base_rev: baseRev, idempotency_key: idempotencyKey })
+  }
+  patch(id, data, { baseRev, idempotencyKey } = {}) {
+    return this.client.call(this.name, "patch", { id, data, base_rev: baseRev, idempotency_key: idempotencyKey })
+  }
+  remove(id, { idempotencyKey } = {}) { return this.client.call(this.name, "remove", { id, idempotency_key: idempotencyKey }) }
   /** A custom method: `tasks.call("start", id)`, `messages.call("stream", id, {chunk})`. */
-  call(method, id = null, data = null, { query, baseRev } = {}) {
-    return this.client.call(this.name, method, { id, data, query, base_rev: baseRev })
+  call(method, id = null, data = null, { query, baseRev, idempotencyKey } = {}) {
+    return this.client.call(this.name, method, { id, data, query, base_rev: baseRev, idempotency_key: idempotencyKey })
   }
 }
 
@@ -457,6 +465,7 @@ export class Client extends Emitter {
     this.backoffCapS = options.backoffCapS ?? 30
     this.random = options.random ?? Math.random
     this.callTimeoutMs = options.callTimeoutMs ?? 30_000
+    this.idempotentWrites = options.idempotentWrites ?? true
     this.loader = options.loader ?? loadRoom
     this._now = options.now ?? (() => (globalThis.performance ? performance.now() : Date.now()))
     this.state = "connecting"
@@ -506,15 +515,28 @@ export class Client extends Emitter {
     return new Promise((resolve, reject) => this._readyWaiters.push({ resolve, reject }))
   }
 
-  /** One call: `{id, data, query, temp_id, base_rev}`. Waits for the
-   * connection while disconnected (up to `callTimeoutMs`); `find`/`get` are
-   * retried after a reconnect, writes fail with `connection_lost`. */
+  /** One call: `{id, data, query, temp_id, base_rev, idempotency_key}`.
+   * Waits for the connection while disconnected (up to `callTimeoutMs`).
+   * A call whose connection dropped before its result came is sent again
+   * after the reconnect if it runs once whatever happens: `find`/`get`, and
+   * a write under an `idempotency_key` (also after an `unavailable`
+   * answer, after a backoff: the store may have failed after the commit);
+   * the server answers a write sent again under its key with the first
+   * one's result (`_replayed: true`).  With `idempotentWrites` (the
+   * default) every write of sessions, tasks and messages but
+   * `messages.stream` gets a key of its own; other writes fail with
+   * `connection_lost` (they may or may not have run). */
   call(service, method, fields = {}) {
     return new Promise((resolve, reject) => {
       if (this._closed) { reject(new CallError("connection_lost", "the client is closed")); return }
       const message = { type: "call", service, method }
       for (const [k, v] of Object.entries(fields)) if (v !== undefined && v !== null) message[k] = v
-      const entry = { resolve, reject, message, read: method === "find" || method === "get", timer: null }
+      const read = method === "find" || method === "get"
+      if (message.idempotency_key == null && this.idempotentWrites && !read && KEYED_SERVICES.has(service) &&
+          !(service === "messages" && method === "stream")) {
+        message.idempotency_key = this._newKey()
+      }
+      const entry = { resolve, reject, message, read, resend: read || message.idempotency_key != null, timer: null }
       entry.timer = setTimeout(() => {
         entry.timer = null
         for (const [ref, e] of this._pending) if (e === entry) this._pending.delete(ref)
@@ -645,6 +667,13 @@ export class Client extends Emitter {
 
   _newTempId() { return `tmp-${this.clientId}-${++this._tempCounter}` }
 
+  /** An idempotency key: unique among the user's writes (this client's id,
+   * a count, and random digits: a reloaded tab may keep its id). */
+  _newKey() {
+    const draw = Math.floor(this.random() * 2 ** 48).toString(36)
+    return `key-${this.clientId}-${++this._tempCounter}-${draw}`
+  }
+
   _optimisticMirrors(service, data) {
     const spec = OPTIMISTIC_ROOMS[service]
     if (!spec || !data) return []
@@ -761,7 +790,7 @@ export class Client extends Emitter {
   _failCalls(code, message, all) {
     for (const [ref, entry] of [...this._pending]) {
       this._pending.delete(ref)
-      if (entry.read && !all) { this._waiting.push(entry); continue } // retried once welcomed
+      if (entry.resend && !all) { this._waiting.push(entry); continue } // sent again once welcomed
       clearTimeout(entry.timer)
       entry.timer = null
       entry.reject(new CallError(code, message))
@@ -882,6 +911,20 @@ export class Client extends Emitter {
     const entry = this._pending.get(m.ref)
     if (!entry) return
     this._pending.delete(m.ref)
+    if (!m.ok && m.error?.code === "unavailable" && entry.message.idempotency_key != null &&
+        (entry.unavailableRetries ?? 0) < WRITE_RETRIES) {
+      // the store failed, maybe after the commit: a keyed write is sent
+      // again after a backoff, and runs once
+      const delayS = backoffS(entry.unavailableRetries ?? 0, this.random(), this.backoffBaseS, this.backoffCapS)
+      entry.unavailableRetries = (entry.unavailableRetries ?? 0) + 1
+      setTimeout(() => {
+        if (this._closed || !entry.timer) return
+        this._waiting.push(entry)
+        this._pumpCalls()
+      }, delayS * 1000)
+      this._pumpCalls()
+      return
+    }
     if (!m.ok && m.error?.code === "rate_limited" && (entry.rateRetries ?? 0) < RATE_LIMITED_RETRIES) {
       // refused before it ran: send it again once the server says the rate allows
       entry.rateRetries = (entry.rateRetries ?? 0) + 1

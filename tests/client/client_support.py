@@ -78,3 +78,44 @@ class CountingDialer:
         return self.inner.dial(
             url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
         )
+
+
+class _DropsAfter(WrappedTransport):
+    """A transport that closes itself right after sending a frame that
+    holds ``marker``: the call reaches the server, its answer never comes
+    back, and the client sees ``connection_lost``."""
+
+    def __init__(self, inner: MessageTransport, dialer: DroppingDialer) -> None:
+        super().__init__(inner)
+        self.dialer = dialer
+
+    async def send(self, data: bytes | str) -> None:
+        await self.inner.send(data)
+        marker = self.dialer.marker
+        if marker is not None and isinstance(data, str) and marker in data:
+            self.dialer.marker = None
+            self.dialer.dropped += 1
+            await self.inner.close()
+
+
+class DroppingDialer(CountingDialer):
+    """The real dialer, whose connections drop once after sending ``marker``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marker: str | None = None
+        self.dropped = 0
+
+    @asynccontextmanager
+    async def dial(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
+        connect_timeout_s: float = 10.0,
+    ) -> AsyncIterator[MessageTransport]:
+        async with super().dial(
+            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
+        ) as transport:
+            yield _DropsAfter(transport, self)

@@ -5,13 +5,11 @@ a chunk at the wrong offset with the message's length."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
-from client_support import CountingDialer, Daemon, WrappedTransport
+from client_support import Daemon, DroppingDialer
 from trio.testing import MockClock
 
 from agor_actors.client import (
@@ -22,48 +20,6 @@ from agor_actors.client import (
     StreamBroken,
     connect,
 )
-from agor_actors.world import MessageTransport
-
-
-class _DropsAfter(WrappedTransport):
-    """A transport that closes itself right after sending a frame that
-    holds ``marker``: the call reaches the server, its answer never comes
-    back, and the client sees ``connection_lost``."""
-
-    def __init__(self, inner: MessageTransport, dialer: DroppingDialer) -> None:
-        super().__init__(inner)
-        self.dialer = dialer
-
-    async def send(self, data: bytes | str) -> None:
-        await self.inner.send(data)
-        marker = self.dialer.marker
-        if marker is not None and isinstance(data, str) and marker in data:
-            self.dialer.marker = None
-            self.dialer.dropped += 1
-            await self.inner.close()
-
-
-class DroppingDialer(CountingDialer):
-    """The real dialer, whose connections drop once after sending ``marker``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.marker: str | None = None
-        self.dropped = 0
-
-    @asynccontextmanager
-    async def dial(
-        self,
-        url: str,
-        *,
-        subprotocols: Sequence[str],
-        headers: Sequence[tuple[str, str]] = (),
-        connect_timeout_s: float = 10.0,
-    ) -> AsyncIterator[MessageTransport]:
-        async with super().dial(
-            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
-        ) as transport:
-            yield _DropsAfter(transport, self)
 
 
 async def _message(client: Client) -> tuple[str, str]:

@@ -371,3 +371,24 @@ def test_own_origins() -> None:
     assert own_origins("agor.example.com", 443, tls=True) == {"https://agor.example.com"}
     assert normalize_origin("https://A.example:443/") == "https://a.example"
     assert normalize_origin("https://a.example/path") is None
+
+
+async def test_the_idempotency_key_header(running: Daemon) -> None:
+    """A POST sent again under its ``Idempotency-Key`` is answered as the
+    first was (``Idempotent-Replayed: true``), and runs once; the key sent
+    with another body is refused."""
+    base, token = running.http_url, running.token
+    session = await http("POST", f"{base}/sessions", token=token, json={"title": "keys"})
+    body = {"session_id": session.body["id"], "prompt": "over http"}
+    keyed = {"Idempotency-Key": "http-key-1"}
+    first = await http("POST", f"{base}/tasks", token=token, json=body, headers=keyed)
+    again = await http("POST", f"{base}/tasks", token=token, json=body, headers=keyed)
+    assert first.status == again.status == 201
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.body == first.body
+    other = {**body, "prompt": "other"}
+    refused = await http("POST", f"{base}/tasks", token=token, json=other, headers=keyed)
+    assert refused.status == 400 and refused.body["code"] == "invalid_field"
+    found = await http("GET", f"{base}/tasks?session_id={session.body['id']}", token=token)
+    assert [t["id"] for t in found.body["data"]] == [first.body["id"]]

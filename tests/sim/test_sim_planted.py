@@ -22,6 +22,9 @@ EXPECTED = {
     "lagged_resume_high": ({"claim"}, 50),
     "retry_seq_reused": ({"ack", "log", "claim"}, 50),
     "revoke_keeps_subscription": ({"access"}, 10),
+    # a write sent again after its commit's answer was lost (store_after)
+    # is a create or a task's change in about one seed in 25 (seed 75)
+    "keys_ignored": ({"once"}, 100),
 }
 
 

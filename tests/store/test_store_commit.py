@@ -34,6 +34,7 @@ from agor_actors.store import (
     Expect,
     History,
     Mutation,
+    Once,
     SqlStore,
     StoreConflict,
     StoreError,
@@ -74,11 +75,11 @@ def seqs(result: WriteResult | StoreError) -> list[tuple[int, int | None]]:
 
 def test_schema_is_created_once_and_versioned(db: Backend) -> None:
     first = db.open()
-    assert first.schema_version() == SCHEMA_VERSION == 3
+    assert first.schema_version() == SCHEMA_VERSION == 4
     first.close()
     again = db.open()  # idempotent: opening an existing database changes nothing
     assert again.schema_version() == SCHEMA_VERSION
-    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["3"]
+    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["4"]
     inspector_tables = set(sa.inspect(again.engine).get_table_names())
     assert {
         "meta",
@@ -93,6 +94,7 @@ def test_schema_is_created_once_and_versioned(db: Backend) -> None:
         "rooms",
         "events",
         "field_history",
+        "idempotency_keys",
     } <= inspector_tables
 
 
@@ -889,13 +891,30 @@ def test_a_version_2_database_keeps_its_messages_whole(db: Backend) -> None:
         "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
     )
     migrated = db.open()
-    assert migrated.schema_version() == SCHEMA_VERSION == 3
+    assert migrated.schema_version() == SCHEMA_VERSION == 4
     indexes = {i["name"] for i in sa.inspect(migrated.engine).get_indexes("events")}
     assert "ix_events_board_user_seq" in indexes
     assert "ix_events_room_user_seq" not in indexes
     ok(migrated.commit([_chunk("m1", " and after", "session:s1", 1)])[0])
     message = migrated.get("messages", "m1")
     assert message is not None and message["content"] == "before and after"
+    migrated.close()
+
+
+def test_a_version_3_database_gains_the_idempotency_keys(db: Backend) -> None:
+    store = db.open()
+    ok(store.commit([WriteRequest(mutations=[add_session("s1")])])[0])
+    store.close()
+    db.admin(
+        "DROP TABLE idempotency_keys",
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+    )
+    migrated = db.open()
+    assert migrated.schema_version() == SCHEMA_VERSION == 4
+    once = Once("u-1", "k-1", "sessions.create", "d", {"id": "s2"}, 1)
+    ok(migrated.commit([WriteRequest(mutations=[add_session("s2")], once=once)])[0])
+    assert migrated.check_key("u-1", "k-1") == ("sessions.create", "d", {"id": "s2"})
+    assert migrated.get("sessions", "s1") is not None
     migrated.close()
 
 

@@ -86,7 +86,7 @@ test("hello, then welcome: the subprotocol, the hello vector, the live state", (
 })
 
 test("calls: the call vectors out, the result vectors answer them", async () => {
-  const { client, socket } = newClient()
+  const { client, socket } = newClient({ idempotentWrites: false }) // the vectors carry no keys
   welcome(socket)
   socket.take()
   client._nextRef = 7 // the vectors' refs
@@ -103,6 +103,39 @@ test("calls: the call vectors out, the result vectors answer them", async () => 
   const write = client.service("tasks").create({ session_id: "s-1", title: "x" })
   socket.drop()
   await assert.rejects(write, (err) => err.code === "connection_lost")
+  client.close()
+})
+
+test("keyed writes: sent again after a drop and after unavailable, under the same key", async () => {
+  const { client, socket } = newClient()
+  welcome(socket)
+  socket.take()
+  const created = client.service("tasks").create({ session_id: "s-1", title: "once" }, { tempId: "tmp-1" })
+  const streamed = client.service("messages").call("stream", "m-1", { chunk: "x" }) // no key: offsets do it
+  const [first, chunk] = socket.take()
+  assert.match(first.idempotency_key, /^key-tab-3f2a-/)
+  assert.equal(chunk.idempotency_key, undefined)
+  socket.drop() // the answer is lost with the connection
+  await assert.rejects(streamed, (err) => err.code === "connection_lost")
+  await ScriptedSocket.nextOpen()
+  const again = ScriptedSocket.opened.at(-1)
+  again.open()
+  again.take() // hello
+  welcome(again)
+  const [resent] = again.take()
+  assert.equal(resent.idempotency_key, first.idempotency_key) // the same write, the same key
+  assert.deepEqual(resent.data, first.data)
+  // the store failed (maybe after its commit): sent again after a backoff
+  again.deliver(JSON.stringify({ type: "result", ref: resent.ref, ok: false, error: { code: "unavailable", message: "store" } }))
+  await again.sentSomething()
+  const [third] = again.take()
+  assert.equal(third.idempotency_key, first.idempotency_key)
+  again.deliver(JSON.stringify({ type: "result", ref: third.ref, ok: true, data: { id: "t-1", rev: 1, _replayed: true } }))
+  assert.deepEqual(await created, { id: "t-1", rev: 1, _replayed: true })
+  // a key of the caller's own, and none when the client is told so
+  const own = client.service("sessions").patch("s-1", { title: "T" }, { idempotencyKey: "mine-1" })
+  assert.equal(again.take()[0].idempotency_key, "mine-1")
+  own.catch(() => {})
   client.close()
 })
 
