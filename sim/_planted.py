@@ -197,7 +197,7 @@ def _revoke_keeps_subscription(original: Any) -> Any:
 
 
 def _keys_ignored(original: Any) -> Any:
-    def _claim(self: SqlStore, conn: sa.Connection, once: Any, stored: Any = ()) -> None:
+    def _claim(self: SqlStore, cursor: Any, once: Any, stored: Any = ()) -> None:
         return None
 
     return _claim

@@ -404,6 +404,23 @@ def _head_statements(dialect: sa.Dialect) -> tuple[Prepared, Prepared, Prepared]
     )
 
 
+def _key_statements(dialect: sa.Dialect) -> tuple[Prepared, Prepared]:
+    """An idempotency key's claim (a row returned: taken now) and the read
+    of the write that took it, compiled for ``dialect``."""
+    k = s.idempotency_keys.c
+    insert = _upsert_insert_for(dialect)(s.idempotency_keys).values(
+        {c.name: sa.bindparam(c.name, type_=c.type) for c in s.idempotency_keys.c}
+    )
+    claim = insert.on_conflict_do_nothing(index_elements=[k.user_id, k.key]).returning(
+        k.user_id  # a row if taken now (a rowcount is not reliable here)
+    )
+    taken_by = sa.select(k.call, k.digest, k.answer).where(
+        k.user_id == sa.bindparam("user_id", type_=k.user_id.type),
+        k.key == sa.bindparam("key", type_=k.key.type),
+    )
+    return Prepared(claim, dialect), Prepared(taken_by, dialect)
+
+
 class _Compiled:
     """The statements a store compiles, kept per engine (:data:`_COMPILED`):
     a store opened again on the same engine (the simulator opens one per
@@ -416,8 +433,10 @@ class _Compiled:
 
     __slots__ = (
         "checks",
+        "claim_key",
         "gets",
         "insert_events",
+        "key_taken_by",
         "landing",
         "move_heads",
         "parts",
@@ -435,6 +454,7 @@ class _Compiled:
         self.gets: dict[tuple[str, tuple[str, ...]], Prepared] = {}
         self.checks: dict[tuple[str, str, tuple[str, ...]], Prepared] = {}
         self.insert_events, self.select_head, self.move_heads = _head_statements(dialect)
+        self.claim_key, self.key_taken_by = _key_statements(dialect)
         m = s.board_members
         self.select_members = Prepared(
             sa.select(m)
@@ -836,6 +856,7 @@ class SqlStore:
         self._select_head = compiled.select_head
         self._move_heads = compiled.move_heads
         self._select_members = compiled.select_members
+        self._claim_key, self._key_taken_by = compiled.claim_key, compiled.key_taken_by
         self._ensure_schema()
 
     @property
@@ -1086,7 +1107,7 @@ class SqlStore:
                             run = None
                         with _savepoint(cursor):
                             if landing is not None:  # where it lands, the answer's seq after
-                                self._claim(conn, request.once)
+                                self._claim(cursor, request.once)
                                 drafts = self._land(cursor, request, *landing, isolated=True)
                                 stored = self._allocate(cursor, drafts, group, touched, rows)
                                 self._answered_at(conn, request.once, stored)
@@ -1094,7 +1115,7 @@ class SqlStore:
                                 stored = self._allocate(
                                     cursor, request.events, group, touched, rows
                                 )
-                                self._claim(conn, request.once, stored)
+                                self._claim(cursor, request.once, stored)
                                 self._apply(conn, cursor, request)
                             if isolate_events and rows:
                                 self._insert_events.executemany(cursor, rows)
@@ -1471,35 +1492,27 @@ class SqlStore:
                 [attrs.asdict(h, recurse=False) for h in request.history],
             )
 
-    def _claim(self, conn: sa.Connection, once: Once, stored: Sequence[StoredEvent] = ()) -> None:
+    def _claim(self, cursor: DBAPICursor, once: Once, stored: Sequence[StoredEvent] = ()) -> None:
         """Take ``once``'s key (its answer with the seq of the first of the
         ``stored`` events, as its caller answers it), or raise
         :class:`StoreRepeated` with the write that took it.  On PostgreSQL a
         concurrent transaction taking the same key makes this wait for its
         outcome (then it is taken, or free again)."""
-        k = s.idempotency_keys.c
-        taken = conn.execute(
-            _upsert_insert_for(conn.dialect)(s.idempotency_keys)
-            .values(
-                user_id=once.user_id,
-                key=once.key,
-                call=once.call,
-                digest=once.digest,
-                answer=_with_seq(once.answer, stored),
-                created_at=once.ts,
-            )
-            .on_conflict_do_nothing(index_elements=[k.user_id, k.key])
-            .returning(k.user_id)  # a row if taken now (rowcount is not reliable here)
-        )
-        if taken.first() is not None:
+        row = {
+            "user_id": once.user_id,
+            "key": once.key,
+            "call": once.call,
+            "digest": once.digest,
+            "answer": _with_seq(once.answer, stored),
+            "created_at": once.ts,
+        }
+        if self._claim_key.execute(cursor, row).fetchone() is not None:
             return
-        row = conn.execute(
-            sa.select(k.call, k.digest, k.answer).where(
-                k.user_id == once.user_id, k.key == once.key
-            )
-        ).one()
+        taken = self._key_taken_by.one_or_none(cursor, {"user_id": once.user_id, "key": once.key})
+        if taken is None:  # pragma: no cover - the key's row went between the two
+            raise StoreUnavailable("an idempotency key was dropped while it was claimed")
         mark("store.repeated")
-        raise StoreRepeated(once.user_id, once.key, row.call, row.digest, row.answer)
+        raise StoreRepeated(once.user_id, once.key, taken["call"], taken["digest"], taken["answer"])
 
     @staticmethod
     def _answered_at(conn: sa.Connection, once: Once, stored: Sequence[StoredEvent]) -> None:
