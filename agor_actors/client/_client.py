@@ -127,7 +127,7 @@ Refresh = Callable[[], Awaitable[str]]
 :class:`agor_actors.client.Credentials`)."""
 
 _READ_METHODS: Final = frozenset({"find", "get"})
-_KEYED_SERVICES: Final = frozenset({"sessions", "tasks", "messages"})
+_KEYED_SERVICES: Final = frozenset({"sessions", "tasks", "messages", "boards"})
 """The services whose writes take an idempotency key."""
 
 
@@ -727,7 +727,7 @@ class Client:
         (the server answers a write sent again under its key with the first
         one's result, marked ``_replayed``, and runs it once).  With
         ``idempotent_writes`` (the default) every write of ``sessions``,
-        ``tasks`` and ``messages`` gets a key of its own, but
+        ``tasks``, ``messages`` and ``boards`` gets a key of its own, but
         ``messages.stream`` (a chunk that names its offset is written once
         already: see :meth:`message_writer`)."""
         key = idempotency_key
@@ -1750,7 +1750,7 @@ async def connect(
     ``presence_rate_per_s`` caps the presence updates (cursor moves
     included) sent per second.  ``read_retries`` and ``write_retries``: how
     often a read, and a write under an idempotency key (which
-    ``idempotent_writes`` gives every write of sessions, tasks and
+    ``idempotent_writes`` gives every write of sessions, tasks, boards and
     messages), whose connection dropped are sent again (see
     :meth:`Client.call`).
 

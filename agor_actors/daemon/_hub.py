@@ -54,7 +54,7 @@ from ..domain.room import (
     activity_entry,
     to_event,
 )
-from ..domain.session import Command, SessionBehaviour, idempotency_of
+from ..domain.session import Command, SessionBehaviour, idempotency_of, repeated_answer
 from ..identity import AccessTokens, Authentication, IdentityConfig, Passwords, looks_like_jwt
 from ..marks import mark
 from ..metrics import Metrics
@@ -83,10 +83,12 @@ from ..services import (
 from ..store import (
     WRITER_NAME,
     Mutation,
+    Once,
     Resync,
     SqlStore,
     StoredEvent,
     StoreError,
+    StoreRepeated,
     StoreUnavailable,
     StoreWriter,
     Write,
@@ -97,7 +99,7 @@ from ..store import (
 )
 from ..world import World
 from ._datadir import hold_data_dir
-from ._keys import KeyedWrite, WriteKeys
+from ._keys import KeyedWrite, WriteKeys, replayed
 from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
@@ -483,16 +485,16 @@ class Hub:
         """A write sent under an idempotency key: its entry in :attr:`keys`
         and whether this call runs it (see :meth:`WriteKeys.claim`); None
         for a call without a key or a read (which may be sent again as it
-        is).  A key is taken by the writes of sessions, tasks and messages
-        (their store request takes it); on another service's write it is
-        refused."""
+        is).  A key is taken by the writes of sessions, tasks, messages and
+        boards (their store request takes it); on a user's write it is
+        refused (the store would keep the token ``users.create`` answers)."""
         key, service = call.idempotency_key, call.service
         if key is None or call.method in READ_METHODS or service == "authentication":
             return None
-        if service in ("boards", "users"):
+        if service == "users":  # its create answers a token, which the store would keep
             raise ServiceError(
                 "invalid_field",
-                "idempotency_key is taken by the writes of sessions, tasks and messages only",
+                "idempotency_key is taken by the writes of sessions, tasks, messages and boards",
             )
         what, digest = idempotency_of(service, call.method, call.id, call.data, call.base_rev)
         return self.keys.claim(principal.user_id, key, what, digest)
@@ -745,7 +747,7 @@ class Hub:
             board_call = BoardCall(
                 principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
-            return partial(self._boards, board_call)
+            return partial(self._boards, board_call, call.idempotency_key)
         if service == "sessions":
             session_id = new_id if method == "create" else id
             if session_id is None:
@@ -883,8 +885,12 @@ class Hub:
         }
 
     async def _write(self, request: WriteRequest) -> WriteResult:
+        """Write ``request``; raises its :class:`ServiceError`, or
+        :class:`StoreRepeated` for one whose idempotency key was taken."""
         try:
             result = await self.system.registry.call(WRITER_NAME, Write(request), timeout_s=30.0)
+        except StoreRepeated:
+            raise
         except StoreError as exc:
             raise store_error(exc) from None
         assert isinstance(result, WriteResult)
@@ -952,17 +958,31 @@ class Hub:
             raise ServiceError("unavailable", "this daemon does not sign people in")
         return self.identity
 
-    async def _boards(self, call: BoardCall) -> Any:
+    async def _boards(self, call: BoardCall, key: str | None = None) -> Any:
+        """A board's write; under an idempotency ``key``, taken in its
+        store request (a write sent again answers as the first: with the
+        answer it stored, else the board as it is now)."""
         current = None
         if call.method != "create" and call.id is not None:
             current = await self._read_row("boards", call.id)
         plan = plan_board(call, current)
         board_id = call.id or call.new_id
-        if plan.revoked is None:
-            await self._board_write(board_id, plan.request)
-            self.gate.forget_board(board_id)
-        else:
-            await self._membership_write(board_id, plan)
+        what = digest = ""
+        if key is not None:
+            what, digest = idempotency_of("boards", call.method, call.id, call.data, call.base_rev)
+            once = Once(call.principal.user_id, key, what, digest, plan.answer, call.now_ms)
+            plan = attrs.evolve(plan, request=attrs.evolve(plan.request, once=once))
+        try:
+            if plan.revoked is None:
+                await self._board_write(board_id, plan.request)
+                self.gate.forget_board(board_id)
+            else:
+                await self._membership_write(board_id, plan)
+        except StoreRepeated as exc:
+            answer = repeated_answer(what, digest, exc)
+            if answer is not None:
+                return answer
+            return replayed(await self._read(call.principal, "boards", "get", board_id, None))
         if plan.answer is not None:
             return plan.answer
         return await self._read(call.principal, "boards", "get", board_id, None)

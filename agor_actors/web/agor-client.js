@@ -45,7 +45,7 @@ export const RATE_LIMITED_RETRIES = 5
 /** How often a write under an idempotency key answered `unavailable` is sent again. */
 export const WRITE_RETRIES = 3
 /** The services whose writes take an idempotency key. */
-export const KEYED_SERVICES = new Set(["sessions", "tasks", "messages"])
+export const KEYED_SERVICES = new Set(["sessions", "tasks", "messages", "boards"])
 
 /** Seconds to wait before reconnect attempt `attempt` (0 first): exponential
  * from `baseS`, capped at `capS`, full jitter over the whole window. */
@@ -523,7 +523,7 @@ export class Client extends Emitter {
    * answer, after a backoff: the store may have failed after the commit);
    * the server answers a write sent again under its key with the first
    * one's result (`_replayed: true`).  With `idempotentWrites` (the
-   * default) every write of sessions, tasks and messages but
+   * default) every write of sessions, tasks, messages and boards but
    * `messages.stream` gets a key of its own; other writes fail with
    * `connection_lost` (they may or may not have run). */
   call(service, method, fields = {}) {

@@ -134,16 +134,16 @@ async def test_a_key_for_another_call_is_refused(tmp_path: pathlib.Path) -> None
         with pytest.raises(ServiceError) as refused:
             await create_task(hub, sid, "k-1", "second")  # other data
         assert refused.value.code == "invalid_field" and "k-1" in refused.value.message
-        with pytest.raises(ServiceError) as boards:
+        with pytest.raises(ServiceError) as users:  # its answer holds a token
             await hub.call(
                 OWNER,
                 connection_id="c1",
-                service="boards",
+                service="users",
                 method="create",
-                data={"name": "B"},
-                idempotency_key="k-b",
+                data={"name": "bo"},
+                idempotency_key="k-u",
             )
-        assert boards.value.code == "invalid_field"
+        assert users.value.code == "invalid_field"
         with pytest.raises(ServiceError) as long:
             await create_task(hub, sid, "k" * 129)
         assert long.value.code == "invalid_field"
@@ -190,3 +190,29 @@ async def test_submit_answers_a_twin_with_the_first_ones_result(tmp_path: pathli
             second = await twin()
             await answered.wait()
         assert second["_replayed"] is True and second["id"] == replies[0]["id"]
+
+
+async def board_call(hub: Hub, method: str, key: str, **fields: Any) -> Any:
+    return await hub.call(
+        OWNER, connection_id="c1", service="boards", method=method, idempotency_key=key, **fields
+    )
+
+
+async def test_a_boards_write_sent_again_runs_once(tmp_path: pathlib.Path) -> None:
+    data_dir = tmp_path / "agor"
+    async with open_hub(real_world(), data_dir=data_dir) as hub:
+        board = await board_call(hub, "create", "k-board", data={"name": "B"})
+        again = await board_call(hub, "create", "k-board", data={"name": "B"})
+        assert again["id"] == board["id"] and again["_replayed"] is True
+        user = await hub.call(
+            OWNER, connection_id="c1", service="users", method="create", data={"name": "bo"}
+        )
+        member = {"user_id": user["id"], "role": "editor"}
+        added = await board_call(hub, "add_member", "k-add", id=board["id"], data=member)
+    async with open_hub(real_world(), data_dir=data_dir) as hub:  # the store answers
+        again = await board_call(hub, "create", "k-board", data={"name": "B"})
+        assert again["id"] == board["id"] and again["_replayed"] is True
+        readded = await board_call(hub, "add_member", "k-add", id=board["id"], data=member)
+        assert readded["_replayed"] is True and readded["rev"] == added["rev"]
+    assert len(rows(data_dir, "SELECT id FROM boards")) == 1
+    assert rows(data_dir, f"SELECT rev FROM boards WHERE id = '{board['id']}'") == [(added["rev"],)]
