@@ -55,6 +55,10 @@ class Gate:
         self._sessions: OrderedDict[str, SessionAccess] = OrderedDict()
         self._assumed: set[tuple[str, str]] = set()
         """``("board" | "session", id)`` held by an ``assume_*`` until forgotten."""
+        self._changes = 0
+        """Bumped by every forget and assume: a load that began before one
+        is not kept (what it read may be what the change made stale, and it
+        would land over a newer load's, or over what is assumed)."""
         self.denials = 0
 
     # ------------------------------------------------------------- records
@@ -94,6 +98,7 @@ class Gate:
         if cached is not None and not fresh:
             cache.move_to_end(key)
             return cached
+        changes = self._changes
         try:
             access = await self.world.blocking.run(load)
         except StoreUnavailable as exc:
@@ -102,6 +107,8 @@ class Gate:
             raise store_error(exc) from None
         except StoreError as exc:
             raise store_error(exc) from None
+        if self._changes != changes:
+            return access  # the caller's answer, not kept (see ``_changes``)
         if access is not None:
             _put(cache, key, access, self.cache_max)
         else:
@@ -109,16 +116,19 @@ class Gate:
         return access
 
     def forget_board(self, board_id: str) -> None:
+        self._changes += 1
         self._boards.pop(board_id, None)
         self._assumed.discard(("board", board_id))
 
     def forget_session(self, session_id: str) -> None:
+        self._changes += 1
         self._sessions.pop(session_id, None)
         self._assumed.discard(("session", session_id))
 
     def forget_loaded(self) -> None:
         """Every record read from the store (what is assumed stays: its
         write forgets it once answered)."""
+        self._changes += 1
         for cache, kind in ((self._boards, "board"), (self._sessions, "session")):
             for key in [k for k in cache if (kind, k) not in self._assumed]:
                 del cache[key]
@@ -126,10 +136,12 @@ class Gate:
     def assume_board(self, access: BoardAccess) -> None:
         """Check against ``access`` until the board is forgotten (a write
         that narrows it is in flight)."""
+        self._changes += 1
         _put(self._boards, access.board_id, access, self.cache_max)
         self._assumed.add(("board", access.board_id))
 
     def assume_session(self, access: SessionAccess) -> None:
+        self._changes += 1
         _put(self._sessions, access.session_id, access, self.cache_max)
         self._assumed.add(("session", access.session_id))
 
