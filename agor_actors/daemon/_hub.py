@@ -231,11 +231,11 @@ class Hub:
         """Joins whose room's actor ended while their Subscribe was on its
         way (a subset of ``_joining``): the join tells its client to resume."""
         self._rechecks = 0
+        """Rechecks begun: a join checked before one began asks again."""
         self._drops: dict[str, int] = {}
         """Rooms with subscriptions being dropped by a recheck (forgotten
         here, their room not told yet), with how many."""
         self._drops_done = trio.lowlevel.ParkingLot()
-        """Rechecks begun: a join checked before one began asks again."""
         self._revoked: dict[str, str] = {}
         """Subscriptions revoked while being joined: the join ends them."""
         self._recheck_users: set[str] = set()
