@@ -245,7 +245,7 @@ class Hub:
         self.revocations = 0
         self._owner_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.keys = WriteKeys()
-        """Writes under an idempotency key this daemon has in hand."""
+        """Writes under an idempotency key this daemon has in flight."""
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._presence_of: dict[str, Principal] = {}

@@ -1,21 +1,19 @@
-"""Writes sent under an idempotency key that this daemon has in hand.
+"""Writes sent under an idempotency key that this daemon has in flight.
 
 A client that lost its connection before a write's result came sends the
 write again under the same key.  The store makes that safe everywhere (the
 key is taken in the write's own transaction: a second write under it is
 refused and answered with the first's answer, see ``store.Once``); this
-table makes the common cases cheap and keeps the session's actor out of
-them: a write sent again while the first is still on its way waits for the
-first's outcome, and one sent again after it was answered is answered from
-here.  Bounded: at most ``max_answered`` answered writes are kept (the
-oldest go first; the store still holds them), and writes in flight are
-bounded by the hub's pending calls.
+table covers the case the store cannot see yet: a write sent again while
+the first is still on its way waits for the first's outcome instead of
+being written beside it.  Once answered, a write leaves the table (its
+answer may be large: the store keeps it), so the table is bounded by the
+writes in flight, which the hub's pending calls bound.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Final
+from typing import Any
 
 import attrs
 import outcome
@@ -25,14 +23,12 @@ from ..domain.session import key_reused
 
 __all__ = ["KeyedWrite", "WriteKeys", "replayed"]
 
-MAX_ANSWERED: Final = 10_000
-
 
 @attrs.define(eq=False)
 class KeyedWrite:
     """One key's write: in flight until ``done`` is set, then answered
-    (``result`` a value: kept; an error: nothing was written, the key is
-    free again)."""
+    ``result`` (an error: nothing was written, and its twins run the write
+    themselves)."""
 
     user_id: str
     key: str
@@ -48,12 +44,10 @@ def replayed(value: Any) -> Any:
 
 
 class WriteKeys:
-    def __init__(self, max_answered: int = MAX_ANSWERED) -> None:
-        self.max_answered = max_answered
-        self._writes: OrderedDict[tuple[str, str], KeyedWrite] = OrderedDict()
-        self._answered = 0
+    def __init__(self) -> None:
+        self._writes: dict[tuple[str, str], KeyedWrite] = {}
         self.replays = 0
-        """Writes answered here with an earlier write's outcome."""
+        """Writes answered here with the outcome of the same write in flight."""
 
     def __len__(self) -> int:
         return len(self._writes)
@@ -67,36 +61,21 @@ class WriteKeys:
         if found is not None:
             if (found.call, found.digest) != (call, digest):
                 raise key_reused(key, found.call)
-            self._writes.move_to_end((user_id, key))
             return found, False
         write = KeyedWrite(user_id, key, call, digest)
         self._writes[(user_id, key)] = write
         return write, True
 
     def settle(self, write: KeyedWrite, result: outcome.Outcome[Any]) -> None:
-        """``write`` was answered ``result`` (once; later calls do nothing)."""
+        """``write`` was answered ``result`` (once; later calls do nothing):
+        its twins wake with it, and it leaves the table."""
         if write.done.is_set():
             return
         write.result = result
         write.done.set()
         ident = (write.user_id, write.key)
-        if self._writes.get(ident) is not write:
-            return
-        if isinstance(result, outcome.Error):
-            del self._writes[ident]  # nothing was written: the key is free
-            return
-        self._answered += 1
-        # the oldest answered go first; one in flight is passed over (moved
-        # to the end: at most one look at each per call)
-        for _ in range(len(self._writes)):
-            if self._answered <= self.max_answered:
-                break
-            oldest, first = next(iter(self._writes.items()))
-            if first.done.is_set():
-                del self._writes[oldest]
-                self._answered -= 1
-            else:
-                self._writes.move_to_end(oldest)
+        if self._writes.get(ident) is write:
+            del self._writes[ident]
 
     async def outcome_of(self, write: KeyedWrite) -> outcome.Value[Any] | None:
         """The first write's answer once it has one, marked replayed; None
