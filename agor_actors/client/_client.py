@@ -549,6 +549,23 @@ class ClientStatistics:
 class _Waiter:
     event: trio.Event = attrs.field(factory=trio.Event)
     result: Result | None = None
+    ref: int = 0
+    again: _Again | None = None
+    """A write under an idempotency key: what to send again, first, on the
+    next connection if this one drops before its result comes."""
+    resent: int = 0
+
+
+@attrs.frozen
+class _Again:
+    service: str
+    method: str
+    id: str | None
+    data: Any
+    query: dict[str, Any] | None
+    temp_id: str | None
+    base_rev: int | None
+    key: str
 
 
 class _Fatal(Exception):
@@ -645,6 +662,11 @@ class Client:
         self._serve_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._waiters: dict[int, _Waiter] = {}
+        self._resends: list[_Waiter] = []
+        """Writes under an idempotency key whose connection dropped before
+        their result came, in the order they were sent: sent again on the
+        next connection before anything else (bounded by the pending calls
+        of the connection they were sent on)."""
         self._slots = trio.lowlevel.ParkingLot()
         self._mirrors: dict[str, Mirror] = {}
         self._handing: set[str] = set()
@@ -745,8 +767,8 @@ class Client:
                         service, method, id, data, query, temp_id, base_rev, key
                     )
                 except ConnectionLost:
-                    if retries <= 0:
-                        raise
+                    if retries <= 0 or method not in _READ_METHODS:
+                        raise  # a keyed write was sent again by the connection
                     retries -= 1
                 except CallError as exc:
                     if exc.code == "unavailable" and key is not None:
@@ -814,7 +836,10 @@ class Client:
                     (exc.code or ErrorCode.INVALID_FIELD).value, f"cannot send the call: {exc}"
                 ) from None
             self.pacer.spend()
-        result = await self._result_of(ref, frame)
+        again = None
+        if idempotency_key is not None and method not in _READ_METHODS:
+            again = _Again(service, method, id, data, query, temp_id, base_rev, idempotency_key)
+        result = await self._result_of(ref, frame, again)
         if result.ok:
             return result.data
         error = result.error
@@ -1249,7 +1274,8 @@ class Client:
         return True
 
     def _fail_waiters(self, code: str, message: str) -> None:
-        for waiter in self._waiters.values():
+        resends, self._resends = self._resends, []
+        for waiter in [*self._waiters.values(), *resends]:
             if waiter.result is None:
                 waiter.result = Result(0, False, error=ErrorInfo(code, message))
                 waiter.event.set()
@@ -1355,17 +1381,21 @@ class Client:
             self.expires_at = expires_at if isinstance(expires_at, int) else None
             self.renewals += 1
 
-    async def _result_of(self, ref: int, frame: WireFrame) -> Result:
+    async def _result_of(self, ref: int, frame: WireFrame, again: _Again | None = None) -> Result:
         """Send ``frame`` (the call or auth ``ref``) and wait for its result
-        (a ``connection_lost`` one if the connection drops meanwhile)."""
-        waiter = self._waiters[ref] = _Waiter()
+        (a ``connection_lost`` one if the connection drops meanwhile, but
+        for a write under an idempotency key, ``again``: it is sent again on
+        the next connections, up to ``write_retries`` times)."""
+        waiter = self._waiters[ref] = _Waiter(ref=ref, again=again)
         sent = False
         try:
             await self._send(frame)
             sent = True
             await waiter.event.wait()
         finally:
-            self._waiters.pop(ref, None)
+            self._waiters.pop(waiter.ref, None)
+            if waiter in self._resends:
+                self._resends.remove(waiter)  # cancelled while it waited to go again
             if not sent:
                 # cancelled (or failed) before the frame went out: nothing
                 # will answer it, so it must not hold a pending slot
@@ -1447,6 +1477,7 @@ class Client:
                     self._connects += 1
                     with contextlib.suppress(ConnectionLost):
                         await self._rejoin()
+                        await self._resend()
                     self._open.set()
                     self._slots.unpark_all()
                     if task_status is not None:
@@ -1489,6 +1520,36 @@ class Client:
             part = joins[start : start + batch]
             self.pacer.spend(len(part))  # at once: the rooms wait for it
             await self._send(self.machine.send(part))
+
+    async def _resend(self) -> None:
+        """Send again the keyed writes the last connection lost, in the
+        order they were first sent, before any other call goes out (a write
+        pipelined after another lands after it); each is answered as the
+        first was if that one ran (see :meth:`call`)."""
+        while self._resends:
+            waiter = self._resends.pop(0)
+            again = waiter.again
+            if waiter.result is not None or again is None:
+                continue
+            try:
+                ref, frame = self.machine.call(
+                    again.service,
+                    again.method,
+                    id=again.id,
+                    data=again.data,
+                    query=again.query,
+                    temp_id=again.temp_id,
+                    base_rev=again.base_rev,
+                    idempotency_key=again.key,
+                )
+            except LocalProtocolError as exc:  # more than the pending calls the server allows
+                waiter.result = Result(0, False, error=ErrorInfo("connection_lost", str(exc)))
+                waiter.event.set()
+                continue
+            waiter.ref, waiter.resent = ref, waiter.resent + 1
+            self._waiters[ref] = waiter
+            self.pacer.spend()  # at once, as the rejoin
+            await self._send(frame)
 
     async def _reader(self, ws: MessageTransport, scope: trio.CancelScope) -> None:
         """The one reader: frames into the machine, its events dispatched."""
@@ -1567,10 +1628,18 @@ class Client:
         if isinstance(event, EventApplied):
             self._on_event(event.event)
         elif isinstance(event, CallResult):
-            waiter = self._waiters.get(event.result.ref)
+            result = event.result
+            waiter = self._waiters.get(result.ref)
             if waiter is not None and waiter.result is None:
-                waiter.result = event.result
-                waiter.event.set()
+                error = result.error
+                lost = error is not None and error.code == ErrorCode.CONNECTION_LOST.value
+                if lost and waiter.again is not None and waiter.resent < self.write_retries:
+                    # sent again first thing on the next connection, in order
+                    del self._waiters[result.ref]
+                    self._resends.append(waiter)
+                else:
+                    waiter.result = result
+                    waiter.event.set()
             self._slots.unpark_all()
         elif isinstance(event, Welcomed):
             welcome = event.welcome
