@@ -788,15 +788,18 @@ export class Client extends Emitter {
   }
 
   _failCalls(code, message, all) {
+    const again = [] // sent again once welcomed, first, in the order they were sent
     for (const [ref, entry] of [...this._pending]) {
       this._pending.delete(ref)
-      if (entry.resend && !all) { this._waiting.push(entry); continue } // sent again once welcomed
+      if (entry.resend && !all) { again.push(entry); continue }
       clearTimeout(entry.timer)
       entry.timer = null
       entry.reject(new CallError(code, message))
     }
     if (all) {
       for (const entry of this._waiting.splice(0)) { clearTimeout(entry.timer); entry.timer = null; entry.reject(new CallError(code, message)) }
+    } else if (again.length) {
+      this._waiting = [...again, ...this._waiting] // ahead of the calls queued after them
     }
   }
 

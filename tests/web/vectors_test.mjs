@@ -139,6 +139,33 @@ test("keyed writes: sent again after a drop and after unavailable, under the sam
   client.close()
 })
 
+test("keyed writes lost with the connection go again first, ahead of calls queued after them", async () => {
+  const { client, socket } = newClient()
+  const oneAtATime = JSON.stringify({ ...vector("welcome"), limits: { ...vector("welcome").limits, max_pending_calls: 1 } })
+  socket.deliver(oneAtATime)
+  socket.take()
+  const sessions = client.service("sessions")
+  const first = sessions.patch("s-1", { title: "first" })
+  const second = sessions.patch("s-1", { title: "second" }) // queued: one call at a time
+  const [sent] = socket.take()
+  assert.equal(sent.data.title, "first")
+  socket.drop()
+  await ScriptedSocket.nextOpen()
+  const again = ScriptedSocket.opened.at(-1)
+  again.open()
+  again.take() // hello
+  again.deliver(oneAtATime)
+  const [resent] = again.take()
+  assert.equal(resent.data.title, "first") // the lost one first, under its key
+  assert.equal(resent.idempotency_key, sent.idempotency_key)
+  again.deliver(JSON.stringify({ type: "result", ref: resent.ref, ok: true, data: { id: "s-1", title: "first" } }))
+  assert.deepEqual(await first, { id: "s-1", title: "first" })
+  const [next] = again.take()
+  assert.equal(next.data.title, "second")
+  second.catch(() => {})
+  client.close()
+})
+
 test("rooms: join, joined, events in seq order once, merged chunks, batches, duplicates, gaps", async () => {
   const events = []
   const { client, socket } = newClient()
