@@ -480,7 +480,7 @@ class Hub:
             )
         result: outcome.Outcome[Any] = outcome.Error(ServiceError("unavailable", "cancelled"))
         try:
-            result = await outcome.acapture(self._call, principal, connection_id, call)
+            result = await outcome.acapture(self._call, principal, connection_id, call, write)
         finally:
             self.keys.settle(write, result)
         return result.unwrap()
@@ -512,10 +512,16 @@ class Hub:
             return answered.unwrap()
         return await again()
 
-    async def _call(self, principal: Principal, connection_id: str | None, call: Call) -> Any:
+    async def _call(
+        self,
+        principal: Principal,
+        connection_id: str | None,
+        call: Call,
+        keyed: KeyedWrite | None = None,
+    ) -> Any:
         release = self._pending(principal)
         try:
-            route = await self._route(principal, connection_id, call)
+            route = await self._route(principal, connection_id, call, keyed)
             if not isinstance(route, _SessionWrite):
                 return await route()
             result = await outcome.acapture(
@@ -575,7 +581,7 @@ class Hub:
             reply(result)
 
         try:
-            run = await self._submit(principal, connection_id, call, settled, caller_gone)
+            run = await self._submit(principal, connection_id, call, settled, caller_gone, write)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else ServiceError("unavailable", "cancelled")
             keys.settle(write, outcome.Error(error))
@@ -597,10 +603,11 @@ class Hub:
         call: Call,
         reply: Callable[[outcome.Outcome[Any]], None],
         caller_gone: Callable[[], bool] | None,
+        keyed: KeyedWrite | None = None,
     ) -> Callable[[], Awaitable[Any]] | None:
         release = self._pending(principal)
         try:
-            route = await self._route(principal, connection_id, call)
+            route = await self._route(principal, connection_id, call, keyed)
         except BaseException:
             release()
             raise
@@ -721,10 +728,15 @@ class Hub:
         return write.access_change
 
     async def _route(
-        self, principal: Principal, connection_id: str | None, call: Call
+        self,
+        principal: Principal,
+        connection_id: str | None,
+        call: Call,
+        keyed: KeyedWrite | None = None,
     ) -> _SessionWrite | Callable[[], Awaitable[Any]]:
         """Check and authorize a call, and say where it goes: a session's
-        write, or a call to run here."""
+        write, or a call to run here.  ``keyed``: its idempotency key's
+        entry (see :meth:`_keyed`), taken by its store request."""
         service, method, id, data = call.service, call.method, call.id, call.data
         query, temp_id, base_rev = call.query, call.temp_id, call.base_rev
         if service == "authentication":  # anyone connected may sign in or out
@@ -751,7 +763,7 @@ class Hub:
             board_call = BoardCall(
                 principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
-            return partial(self._boards, board_call, call.idempotency_key)
+            return partial(self._boards, board_call, keyed)
         if service == "sessions":
             session_id = new_id if method == "create" else id
             if session_id is None:
@@ -780,7 +792,7 @@ class Hub:
             base_rev=base_rev,
             now_ms=now_ms,
             new_id=new_id,
-            idempotency_key=call.idempotency_key,
+            idempotency=None if keyed is None else (keyed.key, keyed.call, keyed.digest),
         )
         return _SessionWrite(f"session:{session_id}", cmd, session_id, changed is not None)
 
@@ -962,19 +974,24 @@ class Hub:
             raise ServiceError("unavailable", "this daemon does not sign people in")
         return self.identity
 
-    async def _boards(self, call: BoardCall, key: str | None = None) -> Any:
-        """A board's write; under an idempotency ``key``, taken in its
-        store request (a write sent again answers as the first: with the
+    async def _boards(self, call: BoardCall, keyed: KeyedWrite | None = None) -> Any:
+        """A board's write; under an idempotency key (``keyed``), taken in
+        its store request (a write sent again answers as the first: with the
         answer it stored, else the board as it is now)."""
         current = None
         if call.method != "create" and call.id is not None:
             current = await self._read_row("boards", call.id)
         plan = plan_board(call, current)
         board_id = call.id or call.new_id
-        what = digest = ""
-        if key is not None:
-            what, digest = idempotency_of("boards", call.method, call.id, call.data, call.base_rev)
-            once = Once(call.principal.user_id, key, what, digest, plan.answer, call.now_ms)
+        if keyed is not None:
+            once = Once(
+                call.principal.user_id,
+                keyed.key,
+                keyed.call,
+                keyed.digest,
+                plan.answer,
+                call.now_ms,
+            )
             plan = attrs.evolve(plan, request=attrs.evolve(plan.request, once=once))
         try:
             if plan.revoked is None:
@@ -982,8 +999,9 @@ class Hub:
                 self.gate.forget_board(board_id)
             else:
                 await self._membership_write(board_id, plan)
-        except StoreRepeated as exc:
-            answer = repeated_answer(what, digest, exc)
+        except StoreRepeated as exc:  # only a request with ``once``
+            assert keyed is not None
+            answer = repeated_answer(keyed.call, keyed.digest, exc)
             if answer is not None:
                 return answer
             return replayed(await self._read(call.principal, "boards", "get", board_id, None))

@@ -105,8 +105,9 @@ class Command:
     again: bool = False
     """Set by the session actor on a write it runs again after loading the
     record anew (a shared store said its view was stale): not a third time."""
-    idempotency_key: str | None = None
-    """The caller's key for this write (see :func:`idempotency_of`)."""
+    idempotency: tuple[str, str, str] | None = None
+    """The caller's key for this write, with its call and digest (see
+    :func:`idempotency_of`), as the hub worked them out."""
 
 
 def idempotency_of(
@@ -400,12 +401,11 @@ class SessionBehaviour(Behaviour[SessionState]):
         except ServiceError as exc:
             return [Reply(msg.reply_to, error=exc)]
         idempotency = None
-        if cmd.idempotency_key is not None:
-            idempotency = idempotency_of(cmd.service, cmd.method, cmd.id, cmd.data, cmd.base_rev)
-            once = Once(
-                cmd.principal.user_id, cmd.idempotency_key, *idempotency, answer, cmd.now_ms
-            )
+        if cmd.idempotency is not None:
+            key, what, digest = cmd.idempotency
+            once = Once(cmd.principal.user_id, key, what, digest, answer, cmd.now_ms)
             request = attrs.evolve(request, once=once)
+            idempotency = (what, digest)
         state.inflight += 1
         state.writes += 1
         body = Write(request, coalesce_key)
