@@ -459,14 +459,19 @@ class ClientConnection:
         the frame.  Raises :class:`LocalProtocolError` with code
         ``too_many_pending`` when :attr:`can_call` is false, and with
         ``invalid_field`` for an ``idempotency_key`` out of bounds."""
+        try:
+            call = Call(0, service, method, id, data, query, temp_id, base_rev, idempotency_key)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc), code=ErrorCode.INVALID_FIELD) from None
+        return self.send_call(call)
+
+    def send_call(self, call: Call) -> tuple[int, Frame]:
+        """``call`` under the next ``ref`` (its own is ignored), as
+        :meth:`call` sends it: a write sent again on a new connection."""
         ref = self._next_ref
         if ref > MAX_REF:
             raise LocalProtocolError("call refs exhausted")
-        try:
-            call = Call(ref, service, method, id, data, query, temp_id, base_rev, idempotency_key)
-        except ValueError as exc:
-            raise LocalProtocolError(str(exc), code=ErrorCode.INVALID_FIELD) from None
-        return ref, self.send(call)
+        return ref, self.send(attrs.evolve(call, ref=ref))
 
     def unsent(self, ref: int) -> None:
         """The frame of call (or auth) ``ref`` was never sent: its send was

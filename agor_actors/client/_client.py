@@ -42,6 +42,7 @@ import trio
 
 from protocols import (
     CLIENT_LIMITS,
+    Call,
     CallResult,
     ClientConnection,
     ClientEvent,
@@ -545,27 +546,15 @@ class ClientStatistics:
     """Total time calls, joins and leaves waited for the :class:`Pacer`."""
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Waiter:
     event: trio.Event = attrs.field(factory=trio.Event)
     result: Result | None = None
     ref: int = 0
-    again: _Again | None = None
+    again: Call | None = None
     """A write under an idempotency key: what to send again, first, on the
     next connection if this one drops before its result comes."""
     resent: int = 0
-
-
-@attrs.frozen
-class _Again:
-    service: str
-    method: str
-    id: str | None
-    data: Any
-    query: dict[str, Any] | None
-    temp_id: str | None
-    base_rev: int | None
-    key: str
 
 
 class _Fatal(Exception):
@@ -838,7 +827,8 @@ class Client:
             self.pacer.spend()
         again = None
         if idempotency_key is not None and method not in _READ_METHODS:
-            again = _Again(service, method, id, data, query, temp_id, base_rev, idempotency_key)
+            pending = self.machine.pending_calls.get(ref)
+            again = pending if isinstance(pending, Call) else None
         result = await self._result_of(ref, frame, again)
         if result.ok:
             return result.data
@@ -1381,7 +1371,7 @@ class Client:
             self.expires_at = expires_at if isinstance(expires_at, int) else None
             self.renewals += 1
 
-    async def _result_of(self, ref: int, frame: WireFrame, again: _Again | None = None) -> Result:
+    async def _result_of(self, ref: int, frame: WireFrame, again: Call | None = None) -> Result:
         """Send ``frame`` (the call or auth ``ref``) and wait for its result
         (a ``connection_lost`` one if the connection drops meanwhile, but
         for a write under an idempotency key, ``again``: it is sent again on
@@ -1532,16 +1522,7 @@ class Client:
             if waiter.result is not None or again is None:
                 continue
             try:
-                ref, frame = self.machine.call(
-                    again.service,
-                    again.method,
-                    id=again.id,
-                    data=again.data,
-                    query=again.query,
-                    temp_id=again.temp_id,
-                    base_rev=again.base_rev,
-                    idempotency_key=again.key,
-                )
+                ref, frame = self.machine.send_call(again)
             except LocalProtocolError as exc:  # more than the pending calls the server allows
                 waiter.result = Result(0, False, error=ErrorInfo("connection_lost", str(exc)))
                 waiter.event.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 
 from protocols import (
@@ -156,6 +157,23 @@ def test_calls_are_matched_by_ref() -> None:
     assert isinstance(violation, ProtocolViolation)
     assert violation.error.code is ErrorCode.UNKNOWN_REF and violation.close_code is None
     assert client.state is ClientState.OPEN
+
+
+def test_a_call_sent_again_goes_under_the_next_ref() -> None:
+    """``send_call``: the same call (a keyed write lost with its connection)
+    under a ref of this connection, pending like any; bounded the same."""
+    client = open_client()
+    ref, frame = client.call("tasks", "create", data={"t": 1}, idempotency_key="k-1")
+    [first] = sent(frame)
+    again_ref, again_frame = client.send_call(first)
+    [again] = sent(again_frame)
+    assert again_ref == ref + 1 and again == attrs.evolve(first, ref=again_ref)
+    assert set(client.pending_calls) == {ref, again_ref}
+    client.send_call(first)
+    assert not client.can_call  # the server's 3
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_call(first)
+    assert info.value.code is ErrorCode.TOO_MANY_PENDING
 
 
 def test_pending_calls_are_bounded_by_the_server() -> None:
