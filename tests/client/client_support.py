@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import attrs
 
@@ -60,24 +60,31 @@ class WrappedTransport:
 
 
 class CountingDialer:
-    """The real dialer, counting what it opens and what it is offered."""
+    """The real dialer, counting what it opens and what it is offered; each
+    connection it opens goes through :meth:`wrap` (tests override it: a
+    connection that stalls, drops or swallows what it is sent)."""
 
     def __init__(self) -> None:
         self.inner = WebSocketDialer()
         self.offered: list[list[str]] = []
 
-    def dial(
+    def wrap(self, transport: MessageTransport) -> MessageTransport:
+        return transport
+
+    @asynccontextmanager
+    async def dial(
         self,
         url: str,
         *,
         subprotocols: Sequence[str],
         headers: Sequence[tuple[str, str]] = (),
         connect_timeout_s: float = 10.0,
-    ) -> AbstractAsyncContextManager[MessageTransport]:
+    ) -> AsyncIterator[MessageTransport]:
         self.offered.append(list(subprotocols))
-        return self.inner.dial(
+        async with self.inner.dial(
             url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
-        )
+        ) as transport:
+            yield self.wrap(transport)
 
 
 class _DropsAfter(WrappedTransport):
@@ -106,16 +113,5 @@ class DroppingDialer(CountingDialer):
         self.marker: str | None = None
         self.dropped = 0
 
-    @asynccontextmanager
-    async def dial(
-        self,
-        url: str,
-        *,
-        subprotocols: Sequence[str],
-        headers: Sequence[tuple[str, str]] = (),
-        connect_timeout_s: float = 10.0,
-    ) -> AsyncIterator[MessageTransport]:
-        async with super().dial(
-            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
-        ) as transport:
-            yield _DropsAfter(transport, self)
+    def wrap(self, transport: MessageTransport) -> MessageTransport:
+        return _DropsAfter(transport, self)

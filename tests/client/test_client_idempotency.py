@@ -4,8 +4,6 @@ key, they run once and answer as the first did."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -96,23 +94,11 @@ class SwallowingDialer(CountingDialer):
         super().__init__()
         self.first: _Swallowing | None = None
 
-    @asynccontextmanager
-    async def dial(  # type: ignore[override]
-        self,
-        url: str,
-        *,
-        subprotocols: Sequence[str],
-        headers: Sequence[tuple[str, str]] = (),
-        connect_timeout_s: float = 10.0,
-    ) -> AsyncIterator[MessageTransport]:
-        async with super().dial(
-            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
-        ) as transport:
-            if self.first is None:
-                self.first = _Swallowing(transport)
-                yield self.first
-            else:
-                yield transport
+    def wrap(self, transport: MessageTransport) -> MessageTransport:
+        if self.first is None:
+            self.first = _Swallowing(transport)
+            return self.first
+        return transport
 
 
 async def test_writes_sent_again_go_in_the_order_they_were_sent_and_before_new_ones(

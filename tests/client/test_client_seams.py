@@ -221,24 +221,12 @@ class StallingDialer(CountingDialer):
         self.first: _Stalling | None = None
         self.redialed = trio.Event()
 
-    @asynccontextmanager
-    async def dial(  # type: ignore[override]
-        self,
-        url: str,
-        *,
-        subprotocols: Sequence[str],
-        headers: Sequence[tuple[str, str]] = (),
-        connect_timeout_s: float = 10.0,
-    ) -> AsyncIterator[MessageTransport]:
-        async with super().dial(
-            url, subprotocols=subprotocols, headers=headers, connect_timeout_s=connect_timeout_s
-        ) as transport:
-            if self.first is None:
-                self.first = _Stalling(transport)
-                yield self.first
-            else:
-                self.redialed.set()
-                yield transport
+    def wrap(self, transport: MessageTransport) -> MessageTransport:
+        if self.first is None:
+            self.first = _Stalling(transport)
+            return self.first
+        self.redialed.set()
+        return transport
 
 
 async def test_a_peer_that_stops_reading_is_dropped_by_the_heartbeat(running: Daemon) -> None:
