@@ -5,6 +5,10 @@ semantics, behind the daemon's own seam (:class:`agor_actors.broker.BrokerLink`)
   (node to broker, broker to node) takes the node's latency plus jitter
   (integer microseconds, from the node's own named stream), and what one
   session receives arrives in the order the broker took it.
+- A session is one connection: its commands (subscribe, unsubscribe) reach
+  the broker in the order they were sent, whatever their jitter, as
+  Redis's commands on one TCP connection do (a command sent while another
+  is on its way waits for it, then takes its own hop).
 - At most once, as Redis pub/sub: a message goes to the sessions
   subscribed to its channel *when the broker takes it*; a session that is
   not there (cut, crashed, not yet subscribed) never gets it.
@@ -62,6 +66,10 @@ class _Session:
         self.wake = trio.Event()
         self.lost: str | None = None
         self.ended = trio.Event()
+        self.way_there = trio.Lock()
+        """Held by a command on its way to the broker: the next one, sent
+        meanwhile, arrives after it (trio's lock is fair: first come, first
+        served)."""
 
     def drop(self, why: str) -> None:
         if self.lost is None:
@@ -75,19 +83,21 @@ class _Session:
     async def subscribe(self, handlers: Mapping[str, Handler]) -> None:
         if not handlers:
             return
-        await self.link._hop()
-        self._alive()
-        self.handlers.update(handlers)
+        async with self.way_there:
+            await self.link._hop()
+            self._alive()
+            self.handlers.update(handlers)
         await self.link._hop()  # the confirmation's way back
         self._alive()
 
     async def unsubscribe(self, channels: Sequence[str]) -> None:
         if not channels:
             return
-        await self.link._hop()
-        self._alive()
-        for channel in channels:
-            self.handlers.pop(channel, None)
+        async with self.way_there:
+            await self.link._hop()
+            self._alive()
+            for channel in channels:
+                self.handlers.pop(channel, None)
         await self.link._hop()
 
     async def closed(self) -> None:

@@ -19,7 +19,11 @@ subscription's connection: must not block."""
 
 
 class BrokerSession(Protocol):
-    """One subscription connection; lost as a whole (then a new one is made)."""
+    """One subscription connection; lost as a whole (then a new one is made).
+    Its calls take effect at the server in the order they are made, as
+    commands on one connection do: the feed may give a channel up and want
+    it again before the first call has returned, and counts on the second
+    one winning (Redis: one connection; PostgreSQL: one, behind a lock)."""
 
     async def subscribe(self, handlers: Mapping[str, Handler]) -> None:
         """Subscribe to the channels; returns once the server confirmed."""
