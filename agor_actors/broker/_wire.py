@@ -12,7 +12,9 @@ on the board (all of them when ``full``: its heartbeat; else what changed,
 None for a user who left) and their latest cursors; then, only if some
 moved (so a message without is the first version's shape), their latest
 viewports ``[[user_id, x, y, w, h, zoom], ...]``, for followers on other
-daemons.
+daemons; then, only when the daemon asks the others for their users (its
+board room just started), ``true`` (the viewports before it, empty if
+none moved).
 
 A link whose messages are bounded (PostgreSQL's NOTIFY) passes
 ``max_bytes``: a run of events or a presence message longer than that goes
@@ -164,10 +166,12 @@ def encode_presence(node: str, out: PresenceOut) -> bytes:
     """``out`` as a broker message on its board room's channel."""
     cursors = [[uid, x, y] for uid, (x, y) in sorted(out.cursors.items())]
     value: list[Any] = [PRESENCE, WIRE_VERSION, node, out.full, dict(out.users), cursors]
-    if out.viewports:
+    if out.viewports or out.ask:
         value.append(
             [[uid, v.x, v.y, v.w, v.h, v.zoom] for uid, v in sorted(out.viewports.items())]
         )
+    if out.ask:
+        value.append(True)
     return cbor2.dumps(value)
 
 
@@ -188,18 +192,20 @@ def encode_presence_parts(node: str, out: PresenceOut, *, max_bytes: int | None)
     if len(items) <= 1:
         return [encode_lost(node)]
     half = len(items) // 2
-    first = _presence_part(out, out.full, items[:half])
+    first = _presence_part(out, out.full, items[:half], ask=out.ask)
     rest = _presence_part(out, False, items[half:])
     return encode_presence_parts(node, first, max_bytes=max_bytes) + encode_presence_parts(
         node, rest, max_bytes=max_bytes
     )
 
 
-def _presence_part(out: PresenceOut, full: bool, items: list[tuple[int, str, Any]]) -> PresenceOut:
+def _presence_part(
+    out: PresenceOut, full: bool, items: list[tuple[int, str, Any]], *, ask: bool = False
+) -> PresenceOut:
     users = {uid: value for kind, uid, value in items if kind == 0}
     cursors = {uid: value for kind, uid, value in items if kind == 1}
     viewports = {uid: value for kind, uid, value in items if kind == 2}
-    return PresenceOut(out.board, full, users, cursors, viewports)
+    return PresenceOut(out.board, full, users, cursors, viewports, ask)
 
 
 def decode_message(room: str, payload: bytes) -> Remote | RemotePresence | Lost:
@@ -222,10 +228,11 @@ def decode_message(room: str, payload: bytes) -> Remote | RemotePresence | Lost:
 def _presence(room: str, value: list[Any]) -> RemotePresence:
     if not room.startswith("board:"):
         raise BrokerMessageError(f"presence on {room!r}, not a board")
-    if len(value) not in (6, 7) or value[1] != WIRE_VERSION:
+    if len(value) not in (6, 7, 8) or value[1] != WIRE_VERSION:
         raise BrokerMessageError("not a version 1 presence message")
     _, _, node, full, users, cursors = value[:6]
-    if not isinstance(node, str) or not isinstance(full, bool):
+    ask = value[7] if len(value) == 8 else False
+    if not isinstance(node, str) or not isinstance(full, bool) or not isinstance(ask, bool):
         raise BrokerMessageError("malformed presence message")
     if not isinstance(users, dict) or not isinstance(cursors, list):
         raise BrokerMessageError("malformed presence message")
@@ -243,7 +250,7 @@ def _presence(room: str, value: list[Any]) -> RemotePresence:
             raise BrokerMessageError("a cursor that is not two finite numbers")
         moved[item[0]] = (float(x), float(y))
     viewports: dict[str, Viewport] = {}
-    looked = value[6] if len(value) == 7 else []
+    looked = value[6] if len(value) >= 7 else []
     if not isinstance(looked, list):
         raise BrokerMessageError("malformed presence message")
     for item in looked:
@@ -254,7 +261,7 @@ def _presence(room: str, value: list[Any]) -> RemotePresence:
         x, y, w, h, zoom = (float(v) for v in item[1:])
         viewports[item[0]] = Viewport(x, y, w, h, zoom)
     board = room.removeprefix("board:")
-    return RemotePresence(node, board, full, entries, moved, viewports)
+    return RemotePresence(node, board, full, entries, moved, viewports, ask)
 
 
 def _is_entry(uid: str, entry: Any) -> bool:

@@ -8,7 +8,12 @@ flush (``flush_hz``: the same latest-wins rate limit as its own clients'
 frames), and every ``node_heartbeat_s`` while it has users of its own a
 *full* message with all of them: the heartbeat of this daemon on that board,
 which also repairs a lost change and tells a daemon that joined the board
-later who is there.
+later who is there.  A board room that starts (its first subscriber) or
+lost the broker for a while (a resync) does not wait for the others'
+heartbeats: it *asks* (``ask``), and every daemon with users on the board
+answers with its heartbeat at once, so a facepile opened on one daemon
+shows the users of the others within a round trip through the broker, not
+up to ``node_heartbeat_s`` later.
 
 A board room keeps, per other daemon, that daemon's users, the viewports it
 last said they look at, and when it last heard from it.  A daemon not heard
@@ -53,13 +58,16 @@ class PresenceOut:
     ``users`` is all of them (a heartbeat); else only what changed (None:
     the user left).  ``cursors``: the latest position of each user that
     moved.  ``viewports``: the latest viewport of each user that moved it
-    (``full``: of each of the users), for followers on other daemons."""
+    (``full``: of each of the users), for followers on other daemons.
+    ``ask``: the other daemons are asked for their users (each answers with
+    its heartbeat)."""
 
     board: str
     full: bool
     users: Mapping[str, dict[str, Any] | None]
     cursors: Mapping[str, tuple[float, float]]
     viewports: Mapping[str, Viewport] = attrs.field(factory=dict)
+    ask: bool = False
 
 
 @attrs.frozen
@@ -73,6 +81,7 @@ class RemotePresence:
     users: Mapping[str, dict[str, Any] | None]
     cursors: Mapping[str, tuple[float, float]]
     viewports: Mapping[str, Viewport] = attrs.field(factory=dict)
+    ask: bool = False
 
 
 @attrs.define

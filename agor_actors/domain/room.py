@@ -225,6 +225,9 @@ class BoardPresence:
     is a change the broker may lose (at most once), which the other
     daemons would otherwise correct only after their liveness timeout and
     the grace."""
+    asked: bool = False
+    """A cluster node's: this room asked the other daemons for their users
+    (once it has a subscriber; again after a resync)."""
 
 
 @attrs.frozen
@@ -440,7 +443,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 effects: list[Effect] = [Reply(msg.reply_to, self._subscribe(state, body))]
                 if self.is_board and not body.sub.activity:
                     # the newcomer gets the whole facepile in the next flush
-                    effects += self._schedule_flush(state, now)
+                    effects += self._ask(state) + self._schedule_flush(state, now)
                 return effects + self._watch_head(state)
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
@@ -479,7 +482,9 @@ class RoomBehaviour(Behaviour[RoomState]):
         if isinstance(msg, _HeadCheck):
             return self._check_head(state, msg)
         if isinstance(msg, Resync):
-            return self._resync(state)
+            # what the broker brought meanwhile may be missing: presence too
+            state.presence.asked = False
+            return self._ask(state) + self._resync(state)
         if isinstance(msg, Committed):
             if self.metrics is not None and msg.committed_s:
                 self.metrics.room_seconds.observe(max(0.0, now - msg.committed_s))
@@ -944,6 +949,8 @@ class RoomBehaviour(Behaviour[RoomState]):
                 node = p.nodes[msg.node] = NodePresence(now)
                 effects += self._start_beat(state)
             self._merge(state, node.apply(msg, now))
+            if msg.ask and p.local:  # a daemon whose room just started
+                effects += self._announce(state, full=True)
             for uid, (x, y) in msg.cursors.items():
                 if uid in p.users:
                     p.cursors[uid] = (x, y)
@@ -1005,6 +1012,17 @@ class RoomBehaviour(Behaviour[RoomState]):
         out = PresenceOut(board, full, users, p.out_cursors, viewports)
         p.out_users, p.out_cursors, p.out_viewports = {}, {}, {}
         return [TrySend(self.announce, out)]
+
+    def _ask(self, state: RoomState) -> list[Effect]:
+        """A cluster node's board room with subscribers asks the other
+        daemons for their users once (they answer with their heartbeats):
+        its facepile need not wait up to a heartbeat for them."""
+        p = state.presence
+        if self.announce is None or not self.is_board or p.asked or not state.subscribers:
+            return []
+        p.asked = True
+        board = state.room.removeprefix("board:")
+        return [TrySend(self.announce, PresenceOut(board, False, {}, {}, ask=True))]
 
     def _start_beat(self, state: RoomState) -> list[Effect]:
         p = state.presence

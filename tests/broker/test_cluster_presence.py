@@ -48,16 +48,16 @@ def pg_url() -> Iterator[str]:
 
 @asynccontextmanager
 async def two_nodes(
-    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path, timings: list[str] = TIMINGS
 ) -> AsyncIterator[tuple[Node, Node]]:
     """Two ``serve`` processes on one database and broker, with the short
-    presence timings."""
+    presence timings (or ``timings``)."""
     async with (
         serving_node(
-            node_data_dir(tmp_path, "one"), pg_url, extra=TIMINGS, broker_url=broker_url
+            node_data_dir(tmp_path, "one"), pg_url, extra=timings, broker_url=broker_url
         ) as one,
         serving_node(
-            node_data_dir(tmp_path, "two"), pg_url, extra=TIMINGS, broker_url=broker_url
+            node_data_dir(tmp_path, "two"), pg_url, extra=timings, broker_url=broker_url
         ) as two,
     ):
         yield one, two
@@ -118,6 +118,25 @@ async def test_users_on_two_daemons_share_one_facepile_and_cursors_until_one_die
                 assert gone_after_s >= LIVENESS_S + GRACE_S - HEARTBEAT_S - 0.2, gone_after_s
                 assert bob["id"] not in seen_on_one.cursors  # the cursor went with him
                 assert set(seen_on_one.users) == {ada["id"]}
+
+
+async def test_a_board_opened_on_another_daemon_shows_its_users_without_waiting_a_heartbeat(
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+) -> None:
+    # heartbeats 60 s apart: Bob, the first on the board on daemon two, sees
+    # Ada (on daemon one since before) at once, because two's board room
+    # asks the other daemons for their users when it starts
+    slow = ["--node-heartbeat", "60", "--node-liveness", "180", "--presence-grace", "1"]
+    async with two_nodes(pg_url, broker_url, tmp_path, slow) as (one, two):
+        board, (ada, bob) = await _board_with_users(one, ["Ada", "Bob"])
+        async with connect(one.ws_url, token=ada["token"]) as on_one:
+            seen_on_one = await on_one.board_presence(board)
+            await _until(seen_on_one, lambda p: ada["id"] in p.users)
+            async with connect(two.ws_url, token=bob["token"]) as on_two:
+                seen_on_two = await on_two.board_presence(board)
+                both = {ada["id"], bob["id"]}
+                await _until(seen_on_two, lambda p: set(p.users) == both, limit_s=10.0)
+                await _until(seen_on_one, lambda p: set(p.users) == both, limit_s=10.0)
 
 
 async def test_a_follower_on_one_daemon_sees_the_viewport_of_a_user_on_the_other(

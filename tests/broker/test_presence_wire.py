@@ -41,6 +41,20 @@ def test_viewports_ride_along_only_when_some_moved() -> None:
     assert len(plain) == 6
 
 
+def test_an_ask_rides_last_and_only_when_asked() -> None:
+    # a board room that just started asks the other daemons for their users
+    ask = PresenceOut("b1", False, {}, {}, ask=True)
+    payload = encode_presence("node-a", ask)
+    assert cbor2.loads(payload)[6:] == [[], True]  # no viewport moved: an empty list before it
+    assert decode_message("board:b1", payload) == RemotePresence(
+        "node-a", "b1", False, {}, {}, ask=True
+    )
+    viewport = Viewport(0.0, 0.0, 10.0, 10.0, 1.0)
+    both = PresenceOut("b1", True, {"u1": ENTRY}, {}, {"u1": viewport}, ask=True)
+    got = decode_message("board:b1", encode_presence("node-a", both))
+    assert isinstance(got, RemotePresence) and got.ask and got.viewports == {"u1": viewport}
+
+
 @pytest.mark.parametrize(
     ("room", "value", "error"),
     [
@@ -56,7 +70,8 @@ def test_viewports_ride_along_only_when_some_moved() -> None:
         ("board:b1", ["presence", 1, "n", True, {}, [], [["u1", 0, 0, 1, 1]]], "bad viewport"),
         ("board:b1", ["presence", 1, "n", True, {}, [], [["u1", 0, 0, 1, 1, math.nan]]], "finite"),
         ("board:b1", ["presence", 1, "n", True, {}, [], [["u1", 0, 0, 1, "1", 1]]], "finite"),
-        ("board:b1", ["presence", 1, "n", True, {}, [], [], 1], "version 1"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], [], 1], "malformed"),
+        ("board:b1", ["presence", 1, "n", True, {}, [], [], True, 1], "version 1"),
     ],
 )
 def test_a_bad_presence_message_is_refused(room: str, value: object, error: str) -> None:

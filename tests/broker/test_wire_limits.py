@@ -4,6 +4,7 @@ presence heartbeat in parts that add up to the same facepile."""
 
 from __future__ import annotations
 
+import attrs
 import cbor2
 import pytest
 
@@ -82,6 +83,10 @@ def test_a_heartbeat_too_long_goes_in_parts_that_add_up_to_it() -> None:
     assert node.users == users
     moved = {uid: xy for d in remote for uid, xy in d.cursors.items()}
     assert moved == cursors
+    # a heartbeat that also asks (its room just started) asks once, first
+    asking = encode_presence_parts("n1", attrs.evolve(out, ask=True), max_bytes=LIMIT)
+    asks = [d.ask for d in (decode_message("board:b1", p) for p in asking)]  # type: ignore[union-attr]
+    assert asks == [True] + [False] * (len(asks) - 1)
 
 
 def test_presence_that_fits_is_one_message() -> None:

@@ -19,6 +19,7 @@ from agor_actors.domain.presence import CursorMoved, PresenceConfig, UserEntry, 
 from agor_actors.domain.room import (
     RoomBehaviour,
     RoomState,
+    Subscribe,
     Subscription,
     _Member,
     _PresenceBeat,
@@ -26,8 +27,9 @@ from agor_actors.domain.room import (
     _Watch,
 )
 from agor_actors.outbox import Outbox
-from agor_actors.runtime import CancelTimer, StartTimer, TrySend
-from agor_actors.store import open_store
+from agor_actors.runtime import CancelTimer, Request, StartTimer, TrySend
+from agor_actors.store import Resync, open_store
+from agor_actors.world import InlineBlocking
 from protocols import Codec, Limits, Presence, Viewport, decode_server_frame
 
 CONFIG = PresenceConfig(offline_grace_s=2.0, node_heartbeat_s=1.0, node_liveness_s=3.0)
@@ -175,6 +177,40 @@ def test_own_users_are_announced_at_the_flush_and_in_full_at_each_beat() -> None
         effects = list(room.handle(state, _PresenceBeat(), at))
         assert sent(effects) == [PresenceOut("b", True, {}, {})]
         assert (CancelTimer("presence-beat") in effects) is (at == 4.0)
+
+
+def test_a_room_that_starts_asks_the_others_and_they_answer_at_once() -> None:
+    """A board room does not wait up to a heartbeat for the other daemons'
+    users: its first subscriber makes it ask, once (again after a resync:
+    the broker may have lost what it said meanwhile), and a daemon with
+    users there answers with its heartbeat at once (cluster seed 11332:
+    a facepile that waited 8.3 s for another daemon's users)."""
+    one, at_one = board_room()  # has a user
+    two, at_two = board_room()  # starts now: its first subscriber
+    list(one.handle(at_one, UserEntry("a", entry("a")), 0.0))
+    list(one.handle(at_one, _PresenceFlush(), 0.0))  # told as a change, which two missed
+
+    def join(connection_id: str, at: float) -> list[PresenceOut]:
+        sub = Subscription(connection_id, "board:b", Outbox(Codec.JSON), "b")
+        request = Request(Subscribe(sub, None), object())  # type: ignore[arg-type]
+        return sent(two.handle(at_two, request, at))
+
+    (ask,) = join("c1", 0.1)
+    assert ask == PresenceOut("b", False, {}, {}, ask=True)
+    assert join("c2", 0.2) == []  # asked already
+    heard = RemotePresence("n2", ask.board, ask.full, ask.users, ask.cursors, ask=True)
+    (answer,) = sent(one.handle(at_one, heard, 0.2))
+    assert answer.full and answer.users == {"a": entry("a")} and not answer.ask
+    remote = RemotePresence("n1", "b", answer.full, answer.users, answer.cursors)
+    list(two.handle(at_two, remote, 0.3))
+    assert set(at_two.presence.users) == {"a"}
+    # a daemon with none of its users there has nothing to answer
+    three, at_three = board_room()
+    assert sent(three.handle(at_three, heard, 0.2)) == []
+    # a resync (the broker's connection was lost) asks again
+    two._blocking = InlineBlocking()  # what init takes from the world: the log's read
+    effects = list(two.handle(at_two, Resync(), 0.4))
+    assert sent(effects) == [PresenceOut("b", False, {}, {}, ask=True)]
 
 
 def test_a_lost_goodbye_is_repaired_by_the_next_heartbeat() -> None:
