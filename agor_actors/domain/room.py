@@ -225,9 +225,10 @@ class BoardPresence:
     is a change the broker may lose (at most once), which the other
     daemons would otherwise correct only after their liveness timeout and
     the grace."""
-    asked: bool = False
-    """A cluster node's: this room asked the other daemons for their users
-    (once it has a subscriber; again after a resync)."""
+    asked_s: float = -math.inf
+    """A cluster node's: when this room last asked the other daemons for
+    their users (its first subscriber; again at a resync, at most once per
+    flush period)."""
 
 
 @attrs.frozen
@@ -443,7 +444,7 @@ class RoomBehaviour(Behaviour[RoomState]):
                 effects: list[Effect] = [Reply(msg.reply_to, self._subscribe(state, body))]
                 if self.is_board and not body.sub.activity:
                     # the newcomer gets the whole facepile in the next flush
-                    effects += self._ask(state) + self._schedule_flush(state, now)
+                    effects += self._ask(state, now) + self._schedule_flush(state, now)
                 return effects + self._watch_head(state)
             if isinstance(body, ActivityQuery):
                 return [Reply(msg.reply_to, self._activity(state, body))]
@@ -483,8 +484,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             return self._check_head(state, msg)
         if isinstance(msg, Resync):
             # what the broker brought meanwhile may be missing: presence too
-            state.presence.asked = False
-            return self._ask(state) + self._resync(state)
+            return self._ask(state, now, again=True) + self._resync(state)
         if isinstance(msg, Committed):
             if self.metrics is not None and msg.committed_s:
                 self.metrics.room_seconds.observe(max(0.0, now - msg.committed_s))
@@ -1013,16 +1013,34 @@ class RoomBehaviour(Behaviour[RoomState]):
         p.out_users, p.out_cursors, p.out_viewports = {}, {}, {}
         return [TrySend(self.announce, out)]
 
-    def _ask(self, state: RoomState) -> list[Effect]:
+    def _ask(self, state: RoomState, now: float, *, again: bool = False) -> list[Effect]:
         """A cluster node's board room with subscribers asks the other
-        daemons for their users once (they answer with their heartbeats):
-        its facepile need not wait up to a heartbeat for them."""
+        daemons for their users (they answer with their heartbeats): its
+        facepile need not wait up to a heartbeat for them.  Once when it
+        starts; ``again`` (a resync) at most once per flush period.
+
+        A room that starts also beats once even with none of its users
+        here: the others may still show users of its previous life (a
+        room, or the whole registry, started again), whom its full
+        message of none replaces within a heartbeat rather than after
+        their liveness timeout and the grace (cluster seed 9763: 27 s).
+        Not at once: the users' entries come back to a restarted room
+        from their presence actors just after its start."""
         p = state.presence
-        if self.announce is None or not self.is_board or p.asked or not state.subscribers:
+        if self.announce is None or not self.is_board or not state.subscribers:
             return []
-        p.asked = True
+        first = p.asked_s == -math.inf
+        if not (first or again) or now - p.asked_s < 1.0 / self.presence_config.flush_hz:
+            return []
+        p.asked_s = now
         board = state.room.removeprefix("board:")
-        return [TrySend(self.announce, PresenceOut(board, False, {}, {}, ask=True))]
+        effects: list[Effect] = [
+            TrySend(self.announce, PresenceOut(board, False, {}, {}, ask=True))
+        ]
+        if first:
+            p.farewells = max(p.farewells, 1)
+            effects += self._start_beat(state)
+        return effects
 
     def _start_beat(self, state: RoomState) -> list[Effect]:
         p = state.presence

@@ -207,10 +207,33 @@ def test_a_room_that_starts_asks_the_others_and_they_answer_at_once() -> None:
     # a daemon with none of its users there has nothing to answer
     three, at_three = board_room()
     assert sent(three.handle(at_three, heard, 0.2)) == []
-    # a resync (the broker's connection was lost) asks again
+    # a resync (the broker's connection was lost) asks again, at most once
+    # per flush period (a fresh join's resync comes right after its join)
     two._blocking = InlineBlocking()  # what init takes from the world: the log's read
     effects = list(two.handle(at_two, Resync(), 0.4))
     assert sent(effects) == [PresenceOut("b", False, {}, {}, ask=True)]
+    at_two.filling = False  # (the log's read is not answered here)
+    assert sent(two.handle(at_two, Resync(), 0.41)) == []
+
+
+def test_a_room_that_starts_again_says_none_of_its_users_are_left_at_its_first_beat() -> None:
+    """Daemon two's room showed user b; its registry started over and b
+    left meanwhile.  Daemon one drops b at two's first heartbeat, not after
+    two's liveness timeout and the grace (cluster seed 9763: 27 s)."""
+    one, at_one = board_room()
+    two, at_two = board_room()
+    list(one.handle(at_one, RemotePresence("n2", "b", True, {"b": entry("b")}, {}), 0.0))
+    assert set(at_one.presence.users) == {"b"}
+    sub = Subscription("c1", "board:b", Outbox(Codec.JSON), "a")
+    effects = list(two.handle(at_two, Request(Subscribe(sub, None), object()), 5.0))  # type: ignore[arg-type]
+    assert StartTimer("presence-beat", 1.0, _PresenceBeat(), repeat=True) in effects
+    (beat,) = sent(two.handle(at_two, _PresenceBeat(), 6.0))
+    assert beat == PresenceOut("b", True, {}, {})
+    list(one.handle(at_one, RemotePresence("n2", beat.board, beat.full, beat.users, {}), 6.0))
+    assert at_one.presence.users == {}
+    # said once: nothing more to say, and nothing to watch, so the beat stops
+    effects = list(two.handle(at_two, _PresenceBeat(), 7.0))
+    assert sent(effects) == [] and CancelTimer("presence-beat") in effects
 
 
 def test_a_lost_goodbye_is_repaired_by_the_next_heartbeat() -> None:
