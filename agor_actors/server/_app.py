@@ -77,6 +77,13 @@ _LIST_OPS: Final = frozenset({"$in", "$nin"})
 _SCALAR_OPS: Final = frozenset({"$ne", "$gt", "$gte", "$lt", "$lte"})
 
 
+_TEXT_GUESSED: Final = ": expected str, got "
+_QUOTE_HINT: Final = (
+    " (a query-string value that reads as a number, true, false or null is taken as"
+    ' one; put it in double quotes for the text: name="1")'
+)
+
+
 def _bad_query(message: str) -> ServiceError:
     return ServiceError("bad_request", f"query string: {message}")
 
@@ -342,11 +349,11 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         return int(text)
 
     async def _service(service: str, id: str | None = None, method: str | None = None) -> Response:
+        query: dict[str, Any] | None = None
         try:
             principal = await _principal()
             verb = request.method
             data: Any = None
-            query: dict[str, Any] | None = None
             base_rev: int | None = None
             if method is None:
                 method = _HTTP_METHODS.get((verb, id is not None))
@@ -373,6 +380,8 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             if exc.code == "conflict" and request.headers.get("If-Match") is not None:
                 # a stale If-Match is a failed precondition (RFC 9110)
                 return error_response(exc.code, exc.message, 412, exc.data)
+            if query is not None and exc.code == "invalid_field" and _TEXT_GUESSED in exc.message:
+                exc = ServiceError(exc.code, exc.message + _QUOTE_HINT, exc.data)
             return _service_error(exc)
         except HTTPException as exc:  # the body was too large, the client went away...
             return http_error_response(exc)

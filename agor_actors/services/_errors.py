@@ -1,12 +1,20 @@
-"""What a client is told of a store error: a stable code, no SQL, no
-column names (the detail goes to the log)."""
+"""What a client is told of a store error: a stable code, no SQL, and no
+detail but what a ``find`` query got wrong in its own terms (the rest of
+the detail goes to the log)."""
 
 from __future__ import annotations
 
 import logging
 
 from ..domain import ServiceError
-from ..store import StoreConflict, StoreError, StoreIntegrityError, StoreNotFound, StoreQueryError
+from ..store import (
+    StoreConflict,
+    StoreError,
+    StoreFindError,
+    StoreIntegrityError,
+    StoreNotFound,
+    StoreQueryError,
+)
 
 __all__ = ["store_error"]
 
@@ -19,6 +27,9 @@ def store_error(exc: StoreError) -> ServiceError:
         return ServiceError("not_found", "no such record")
     if isinstance(exc, StoreConflict):
         return ServiceError("conflict", "stale revision", {"current": exc.current})
+    if isinstance(exc, StoreFindError):
+        # the client's own query, in the query language's terms
+        return ServiceError("invalid_field", f"query: {exc}")
     if isinstance(exc, StoreQueryError):
         log.info("the store refused a query: %s", exc)
         return ServiceError(

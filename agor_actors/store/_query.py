@@ -19,9 +19,10 @@ so a row is returned exactly once across the pages even while rows are
 inserted; a cursor is tied to the table, filters and sort it came from.
 NULLs sort as the smallest value on every database.
 
-Only columns of the schema can be named (anything else is a
-:class:`StoreQueryError`), and values are bound parameters checked against
-the column's type: there is no path from a query to SQL text.
+Only columns of the schema can be named (neither secrets nor the internal
+merge clocks), and values are bound parameters checked against the
+column's type: there is no path from a query to SQL text.  Every refusal is
+a :class:`StoreFindError`, whose message may be shown to the client.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ import attrs
 import orjson
 import sqlalchemy as sa
 
-from ._schema import PARTS, READABLE_TABLES, SECRET_COLUMNS, StoreQueryError
+from ._schema import (
+    INTERNAL_COLUMNS,
+    PARTS,
+    READABLE_TABLES,
+    SECRET_COLUMNS,
+    StoreFindError,
+    StoreQueryError,
+)
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "CompiledFind", "Page", "compile_find", "table_for"]
 
@@ -96,17 +104,27 @@ def visible_columns(table: sa.Table) -> list[sa.Column[Any]]:
     return [c for c in table.columns if c.name not in secret]
 
 
+def findable_columns(table: sa.Table) -> list[sa.Column[Any]]:
+    """The columns a ``find`` may name and returns: no secret, nothing internal."""
+    return [c for c in visible_columns(table) if c.name not in INTERNAL_COLUMNS]
+
+
 def column_for(table: sa.Table, name: object, purpose: str) -> sa.Column[Any]:
-    """A column of ``table`` that may be used for ``purpose`` (filter, sort,
-    select), else a :class:`StoreQueryError` naming the choices."""
+    """A column of ``table`` that a ``find`` may use for ``purpose`` (filter,
+    sort, select), else a :class:`StoreQueryError` naming the choices."""
     secret = SECRET_COLUMNS.get(table.name, frozenset())
-    if not isinstance(name, str) or name not in table.c or name in secret:
+    if (
+        not isinstance(name, str)
+        or name not in table.c
+        or name in secret
+        or name in INTERNAL_COLUMNS
+    ):
         if isinstance(name, str) and name.startswith("$"):
             raise StoreQueryError(
                 f"unknown operator {name!r}; supported: {', '.join(_SPECIALS)} at the top "
                 f"level and {', '.join(_OPERATORS)} on a column"
             )
-        choices = ", ".join(c.name for c in visible_columns(table))
+        choices = ", ".join(c.name for c in findable_columns(table))
         raise StoreQueryError(f"unknown column {name!r} in {table.name}; columns: {choices}")
     column = table.c[name]
     if purpose != "select" and (table.name, name) in PARTS:
@@ -224,7 +242,7 @@ def _parse_limit(value: object) -> int:
 def _parse_select(table: sa.Table, value: object) -> tuple[str, ...]:
     pk = [c.name for c in table.primary_key.columns]
     if value is None:
-        return tuple(c.name for c in visible_columns(table))
+        return tuple(c.name for c in findable_columns(table))
     if not isinstance(value, list | tuple) or not value:
         raise StoreQueryError("$select takes a non-empty list of column names")
     chosen = [column_for(table, name, "select").name for name in value]
@@ -288,7 +306,17 @@ def _fingerprint(
 
 
 def compile_find(table: sa.Table, query: Mapping[str, Any] | None) -> CompiledFind:
-    """Check ``query`` against ``table`` and compile it (see the module doc)."""
+    """Check ``query`` against ``table`` and compile it (see the module
+    doc); a :class:`StoreFindError` says what is wrong with it."""
+    try:
+        return _compile(table, query)
+    except StoreFindError:
+        raise
+    except StoreQueryError as exc:
+        raise StoreFindError(str(exc)) from None
+
+
+def _compile(table: sa.Table, query: Mapping[str, Any] | None) -> CompiledFind:
     if query is None:
         query = {}
     if not isinstance(query, Mapping):

@@ -20,6 +20,7 @@ __all__ = [
     "BOARD_ROOMS_SQL",
     "ENTITY_TABLES",
     "IDENTITY_TABLES",
+    "INTERNAL_COLUMNS",
     "PARTS",
     "READABLE_TABLES",
     "SCHEMA_VERSION",
@@ -28,6 +29,7 @@ __all__ = [
     "TASK_STATUSES",
     "StoreConflict",
     "StoreError",
+    "StoreFindError",
     "StoreIntegrityError",
     "StoreNotFound",
     "StoreQueryError",
@@ -124,6 +126,13 @@ class StoreRepeated(StoreError):
 class StoreQueryError(StoreError):
     """A query or mutation names an unknown table, column or operator, or has
     a malformed value; callers answer it as a bad request."""
+
+
+class StoreFindError(StoreQueryError):
+    """A ``find`` query the query language refuses.  Its message says what
+    is wrong in the language's own terms (an operator, a value's type, a
+    column and the ones a query may name: never SQL, a secret or an
+    internal column), so a service may show it to the client as is."""
 
 
 class StoreSchemaError(StoreError):
@@ -457,3 +466,7 @@ PARTS: Final[dict[tuple[str, str], tuple[sa.Table, str]]] = {
 
 #: Columns that ``get``/``find`` never return nor filter on.
 SECRET_COLUMNS: Final[dict[str, frozenset[str]]] = {"users": frozenset({"token_hash"})}
+
+#: Columns ``get`` returns (the session actors' merge bookkeeping) but
+#: ``find`` neither returns, filters, sorts on nor names: no client sees them.
+INTERNAL_COLUMNS: Final[frozenset[str]] = frozenset({"clocks"})

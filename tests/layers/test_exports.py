@@ -175,6 +175,7 @@ PACKAGES: dict[str, set[str]] = {
         "SqlStore",
         "StoreConflict",
         "StoreError",
+        "StoreFindError",
         "StoreIntegrityError",
         "StoreNotFound",
         "StoreQueryError",

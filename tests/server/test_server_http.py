@@ -13,7 +13,7 @@ import pytest
 import trio
 from server_support import Daemon, daemon, http
 
-from agor_actors.client import connect
+from agor_actors.client import CallError, connect
 from agor_actors.server import ServerSettings, origin_allowed, parse_query
 from agor_actors.server._settings import normalize_origin, own_origins
 
@@ -371,6 +371,49 @@ def test_own_origins() -> None:
     assert own_origins("agor.example.com", 443, tls=True) == {"https://agor.example.com"}
     assert normalize_origin("https://A.example:443/") == "https://a.example"
     assert normalize_origin("https://a.example/path") is None
+
+
+async def test_a_refused_find_says_what_is_wrong_and_hides_what_clients_never_see(
+    running: Daemon,
+) -> None:
+    """A ``find`` the query language refuses names the fault (over HTTP and
+    over the WebSocket alike); the merge clocks and token hashes can be
+    neither named nor listed."""
+    base, token = running.http_url, running.token
+
+    async def refused(path: str) -> str:
+        reply = await http("GET", f"{base}{path}", token=token)
+        assert reply.status == 400 and reply.body["code"] == "invalid_field", reply.body
+        return str(reply.body["message"])
+
+    unknown = await refused("/sessions?titl=1")
+    assert unknown.startswith("query: unknown column 'titl' in sessions; columns: id, ")
+    assert "title" in unknown and "clocks" not in unknown
+    assert await refused("/sessions?$limit=-1") == (
+        "query: $limit must be an integer from 0 to 500, got -1"
+    )
+    assert "unknown column 'clocks'" in await refused("/sessions?$select=clocks")
+    assert "unknown column 'clocks'" in await refused("/sessions?$sort=-clocks")
+    hashes = await refused("/users?token_hash[$gt]=0")
+    assert "unknown column 'token_hash'" in hashes and "columns: id, name," in hashes
+    assert "token_hash" not in hashes.partition("columns:")[2]
+    assert await refused("/sessions?created_at[$gt]=soon") == (
+        "query: created_at: expected int, got str 'soon'"
+    )
+    # a query-string value that reads as a number is one: the answer says how to quote it
+    assert 'put it in double quotes for the text: name="1"' in await refused("/tasks?prompt=1")
+    assert (await http("GET", f"{base}/tasks?prompt=%221%22", token=token)).status == 200
+    # nothing internal in a page either
+    await http("POST", f"{base}/sessions", token=token, json={"title": "one"})
+    page = await http("GET", f"{base}/sessions", token=token)
+    assert page.status == 200 and page.body["data"]
+    assert all("clocks" not in row for row in page.body["data"])
+
+    async with connect(running.ws_url, token=token) as client:
+        with pytest.raises(CallError) as caught:
+            await client.service("sessions").find({"titl": 1})
+        assert caught.value.code == "invalid_field"
+        assert caught.value.message.startswith("query: unknown column 'titl' in sessions")
 
 
 async def test_the_idempotency_key_header(running: Daemon) -> None:
