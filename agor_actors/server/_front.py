@@ -15,7 +15,8 @@ connection next:
   (also by the head's deadline) and serves the connection on the socket
   itself (the transport writes without awaiting: :mod:`._ws`);
 * anything else: hypercorn's own per-connection server
-  (``hypercorn.trio.tcp_server.TCPServer``) over a :class:`ReplayStream`
+  (``hypercorn.trio.tcp_server.TCPServer``, as :class:`KeptAliveServer`:
+  its keep-alive timer and close mended) over a :class:`ReplayStream`
   that receives those bytes again first, with
   the worker context and lifespan state that :mod:`._serve` keeps, exactly
   as hypercorn's ``worker_serve`` would run it.
@@ -50,6 +51,7 @@ from typing import Any, Final, cast
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -57,7 +59,7 @@ from hypercorn.typing import AppWrapper, ConnectionState
 from ._settings import AppState
 from ._websocket import serve_websocket
 
-__all__ = ["Front", "HeadError", "ReplayStream", "read_head", "route"]
+__all__ = ["Front", "HeadError", "KeptAliveServer", "ReplayStream", "read_head", "route"]
 
 log = logging.getLogger("agor_actors.server")
 
@@ -121,6 +123,32 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         if scope is not None:
             scope.cancel()
         await self._stream.aclose()
+
+
+class KeptAliveServer(TCPServer):
+    """hypercorn's per-connection server, whose connection changes are not
+    lost to the app's cancellation.
+
+    hypercorn makes them from the task that finished the response, which
+    is the app's: after each response it (re)starts the connection's idle
+    timer with ``nursery.start`` (the timer closes the connection after
+    ``keep_alive_timeout``, or at once once ``context.terminated`` is set),
+    and on shutdown it closes the connection (``send_eof``, ``aclose``).
+    quart-trio cancels that task's nursery as soon as the request is over,
+    so the timer could die at once (trio leaves a task started under a
+    cancelled scope out of its nursery if the cancel comes before
+    ``started()``) and the close could be cut at its first checkpoint: an
+    idle keep-alive connection then stayed open for good and held every
+    shutdown for the whole ``graceful_timeout``.  Here those changes are
+    made shielded: a lock, a task started, a half close and a close, none
+    of which waits on the peer.  (Bytes are sent as hypercorn sends them.)"""
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        with trio.CancelScope(shield=True):
+            await super().protocol_send(event)
 
 
 class HeadError(Exception):
@@ -255,7 +283,7 @@ class Front:
         else:
             replay = ReplayStream(stream, head) if tls is None else TlsReplayStream(tls, head)
             del head  # the replay holds it until it is read, no longer
-            server = TCPServer(
+            server = KeptAliveServer(
                 self.app, self.config, self.context, self.connection_state, cast(Any, replay)
             )
             await server.run()

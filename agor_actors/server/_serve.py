@@ -187,10 +187,11 @@ def listen_socket(
     return sock
 
 
-def _config() -> Config:
+def _config(settings: ServerSettings) -> Config:
     """hypercorn's config for the HTTP routes (``/ws`` is not hypercorn's)."""
     config = Config()
-    config.graceful_timeout = 3.0
+    config.graceful_timeout = settings.http_graceful_s
+    config.keep_alive_timeout = settings.http_keep_alive_s
     config.accesslog = None
     # hypercorn's messages go through logging like ours (no handler of its own);
     # the access lines are the app's (see ._logs).
@@ -239,7 +240,7 @@ async def run_server(
         if metrics_sock is not None:
             metrics_sock.close()
         raise
-    config = _config()
+    config = _config(settings)
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
     try:
         bound_port = int(sock.getsockname()[1])
@@ -253,7 +254,7 @@ async def run_server(
             metrics_done = trio.Event()
             if metrics_sock is not None:
                 await lifespan_nursery.start(
-                    serve_metrics, state, metrics_sock, _config(), metrics_done
+                    serve_metrics, state, metrics_sock, _config(settings), metrics_done
                 )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:

@@ -120,6 +120,12 @@ class ServerSettings:
     through the WebSocket handshake) within this, or it is closed."""
     head_max_bytes: int = 16 * 1024
     """Largest request line and headers (431 beyond)."""
+    http_keep_alive_s: float = 5.0
+    """An HTTP connection idle this long after its last response is closed
+    (on shutdown: at once)."""
+    http_graceful_s: float = 3.0
+    """On shutdown, once the WebSockets are drained: how long HTTP requests
+    in flight may take to be answered before their connections are cut."""
     close_timeout_s: float = 2.0
     """On close: how long the WebSocket closing handshake may take before the
     TCP connection is cut (a stalled peer never answers it)."""
