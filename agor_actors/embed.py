@@ -13,7 +13,8 @@ calls, status, git state — as the same events a remote client gets.
         await agent.complete_task(task, {"summary": "done"})
 
 Pass ``serve=(host, port)`` to also serve WebSocket and HTTP clients from the
-same process.
+same process: they connect to ``rt.ws_url`` / ``rt.http_url`` with
+``rt.token``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,28 @@ class Runtime:
         self.origin = origin
         self.port: int | None = None
         """The port WebSocket and HTTP clients connect to, when serving."""
+        self.host: str | None = None
+        """The address served on, when serving."""
+
+    @property
+    def token(self) -> str:
+        """The owner's token: what a client of this runtime signs in with."""
+        return self.hub.owner_token
+
+    @property
+    def http_url(self) -> str | None:
+        """Where HTTP clients connect (``http://host:port``), when serving;
+        a wildcard address is reached on the loopback one."""
+        if self.port is None or self.host is None:
+            return None
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str | None:
+        """Where WebSocket clients connect (``ws://host:port/ws``), when serving."""
+        http = self.http_url
+        return None if http is None else "ws" + http.removeprefix("http") + "/ws"
 
     async def create_session(self, **fields: Any) -> dict[str, Any]:
         result: dict[str, Any] = await self.hub.call(
@@ -169,5 +192,5 @@ async def open_runtime(
 
         async with serving(hub, world, host=serve[0], port=serve[1]) as port:
             runtime = Runtime(hub, principal, origin)
-            runtime.port = port
+            runtime.host, runtime.port = serve[0], port
             yield runtime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
 import trio
 
 from agor_actors.daemon import Outbox
@@ -58,9 +59,11 @@ async def test_embedded_runtime_can_serve_websocket_clients(tmp_path: pathlib.Pa
 
     async with open_runtime(data_dir=tmp_path, serve=("127.0.0.1", 0)) as rt:
         assert rt.port is not None
+        assert rt.ws_url == f"ws://127.0.0.1:{rt.port}/ws"
+        assert rt.http_url == f"http://127.0.0.1:{rt.port}"
+        assert rt.token == rt.hub.owner_token == (tmp_path / "token").read_text().strip()
         session = await rt.create_session(title="served")
-        url = f"ws://127.0.0.1:{rt.port}/ws"
-        async with connect(url, token=rt.hub.owner_token) as client:
+        async with connect(rt.ws_url, token=rt.token) as client:
             mirror = await client.join(f"session:{session['id']}")
             agent = rt.reporter(session["id"])
             await agent.status("running")
@@ -68,3 +71,27 @@ async def test_embedded_runtime_can_serve_websocket_clients(tmp_path: pathlib.Pa
                 await mirror.wait_until(
                     lambda m: (m.get("sessions", session["id"]) or {}).get("status") == "running"
                 )
+
+
+async def test_an_embedded_runtime_that_does_not_serve_has_no_urls(tmp_path: pathlib.Path) -> None:
+    async with open_runtime(data_dir=tmp_path) as rt:
+        assert rt.port is None and rt.ws_url is None and rt.http_url is None
+        assert rt.token == rt.hub.owner_token
+
+
+@pytest.mark.parametrize(
+    ("host", "ws_url"),
+    [
+        ("0.0.0.0", "ws://127.0.0.1:4242/ws"),
+        ("::", "ws://[::1]:4242/ws"),
+        ("::1", "ws://[::1]:4242/ws"),
+        ("192.0.2.7", "ws://192.0.2.7:4242/ws"),
+    ],
+)
+async def test_the_urls_of_a_served_runtime_reach_its_address(
+    tmp_path: pathlib.Path, host: str, ws_url: str
+) -> None:
+    async with open_runtime(data_dir=tmp_path) as rt:
+        rt.host, rt.port = host, 4242
+        assert rt.ws_url == ws_url
+        assert rt.http_url == "http" + ws_url.removeprefix("ws").removesuffix("/ws")
