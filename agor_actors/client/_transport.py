@@ -20,6 +20,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -54,6 +55,45 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
+class _Watched(trio.abc.HalfCloseableStream):
+    """The stream under a client WebSocket, which notes (``ended``) when the
+    peer closed it or it broke: trio-websocket's client waits for the
+    server's handshake answer, and a connection cut before it (a TLS port
+    spoken to in plain text, a server that died) would be waited out until
+    the connect timeout."""
+
+    __slots__ = ("_stream", "ended")
+
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self._stream, trio.SocketStream):
+            await self._stream.send_eof()
+        else:
+            await trio.lowlevel.checkpoint()  # TLS has no half close
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 @asynccontextmanager
 async def open_websocket(
     url: str,
@@ -80,27 +120,54 @@ async def open_websocket(
                     ssl_context=ssl_context or ssl.create_default_context(),
                     https_compatible=True,
                 )
+                # now, not lazily on the first write: a failed handshake is
+                # then this error, not a WebSocket closed mid-handshake that
+                # trio-websocket waits out until the timeout
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    await trio.aclose_forcefully(stream)
+                    raise trio_websocket.HandshakeError() from (exc.__cause__ or exc)
             else:
                 stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
         raise trio_websocket.ConnectionTimeout() from None
     except OSError as exc:
         raise trio_websocket.HandshakeError() from exc
+    watched = _Watched(stream)
     try:
         async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(connect_timeout_s):
-                    ws = await trio_websocket.wrap_client_stream(
+            opened: list[trio_websocket.WebSocketConnection] = []
+
+            async def handshake(race: trio.CancelScope) -> None:
+                opened.append(
+                    await trio_websocket.wrap_client_stream(
                         nursery,
-                        stream,
+                        cast(Any, watched),  # any trio stream works (its endpoint: a repr)
                         host_header,
                         resource,
                         subprotocols=subprotocols,
                         extra_headers=extra_headers,
                         max_message_size=max_message_size,
                     )
+                )
+                race.cancel()
+
+            async def cut(race: trio.CancelScope) -> None:
+                await watched.ended.wait()
+                race.cancel()
+
+            try:
+                with trio.fail_after(connect_timeout_s):
+                    async with trio.open_nursery() as race:
+                        race.start_soon(handshake, race.cancel_scope)
+                        race.start_soon(cut, race.cancel_scope)
             except trio.TooSlowError:
                 raise trio_websocket.ConnectionTimeout() from None
+            if not opened:  # trio-websocket would wait for the timeout
+                cause = ConnectionError("the server closed the connection during the handshake")
+                raise trio_websocket.HandshakeError() from cause
+            ws = opened[0]
             try:
                 yield ws
             finally:
@@ -108,7 +175,8 @@ async def open_websocket(
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _unwrap(group) from None
+        inner = _unwrap(group)
+        raise inner from inner.__cause__  # its cause says why (dial_error reads it)
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -171,7 +239,14 @@ def dial_error(exc: BaseException) -> DialFailed:
     attempts = cause.__cause__ if cause is not None else None
     if isinstance(attempts, BaseExceptionGroup) and isinstance(attempts.exceptions[0], OSError):
         cause = attempts.exceptions[0]
-    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+    if isinstance(cause, ssl.SSLError):
+        detail = cause.reason or str(cause)
+        reason = f"TLS handshake failed: {detail.lower().replace('_', ' ')}"
+        if cause.reason == "WRONG_VERSION_NUMBER":
+            reason += " (the server does not speak TLS there: a ws:// URL?)"
+        elif isinstance(cause, ssl.SSLCertVerificationError):
+            reason = f"TLS handshake failed: {cause.verify_message or detail}"
+    elif isinstance(cause, OSError) and (cause.errno or cause.strerror):
         errno = cause.errno or 0  # negative for getaddrinfo's errors
         text = os.strerror(errno) if errno > 0 else str(cause.strerror)
         reason = text[0].lower() + text[1:]

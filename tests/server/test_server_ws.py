@@ -261,13 +261,14 @@ async def test_silent_connections_are_closed_by_the_heartbeat(tmp_path: pathlib.
 
 
 async def test_pings_keep_a_connection_open(tmp_path: pathlib.Path) -> None:
-    settings = ServerSettings(dead_after_s=0.6, hello_timeout_s=0.6)
+    # a ping every 0.2 s against 1.2 s of silence allowed: room for a loaded machine
+    settings = ServerSettings(dead_after_s=1.2, hello_timeout_s=1.2)
     async with (
         daemon(tmp_path / "agor", settings) as d,
         raw_client(d.ws_url, token=d.token) as client,
     ):
         await client.expect(Welcome)
-        for t in range(8):  # 1.6 s, well past dead_after_s
+        for t in range(12):  # 2.4 s, twice dead_after_s
             await trio.sleep(0.2)
             await client.send(Ping(t))
             assert (await client.expect(Pong)).t == t
