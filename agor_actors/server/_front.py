@@ -14,6 +14,8 @@ connection next:
   it to :func:`~._websocket.serve_websocket`, which answers the handshake
   (also by the head's deadline) and serves the connection on the socket
   itself (the transport writes without awaiting: :mod:`._ws`);
+* a WebSocket handshake on another path: 404, "WebSocket connections are
+  served at /ws" (hypercorn would answer a bare 400);
 * anything else: hypercorn's own per-connection server
   (``hypercorn.trio.tcp_server.TCPServer``, as :class:`KeptAliveServer`:
   its keep-alive timer and close mended) over a :class:`ReplayStream`
@@ -78,6 +80,15 @@ def _reply(status: int, reason: str) -> bytes:
 
 _BAD_REQUEST: Final = _reply(400, "Bad Request")
 _TOO_LARGE: Final = _reply(431, "Request Header Fields Too Large")
+_UPGRADE_WEBSOCKET: Final = re.compile(rb"\nupgrade:[ \t]*websocket[ \t]*\r?\n", re.IGNORECASE)
+_WS_ELSEWHERE_BODY: Final = (
+    b'{"code":"not_found","message":"WebSocket connections are served at /ws","data":null}'
+)
+_WS_ELSEWHERE: Final = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+    + f"content-length: {len(_WS_ELSEWHERE_BODY)}\r\nconnection: close\r\n\r\n".encode()
+    + _WS_ELSEWHERE_BODY
+)
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -274,12 +285,14 @@ class Front:
         head = await self._head(stream, deadline)
         if head is None:
             return
+        end = _HEAD_END.search(head)
+        assert end is not None  # read_head returns a whole head
         if route(head) == "ws":
-            end = _HEAD_END.search(head)
-            assert end is not None
             await serve_websocket(
                 self.state, sock, head[: end.end()], head[end.end() :], deadline=deadline, tls=tls
             )
+        elif _UPGRADE_WEBSOCKET.search(head, 0, end.end()):
+            await self._refuse(stream, _WS_ELSEWHERE)  # the app has no WebSocket but /ws
         else:
             replay = ReplayStream(stream, head) if tls is None else TlsReplayStream(tls, head)
             del head  # the replay holds it until it is read, no longer

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
-from server_support import Daemon, daemon, raw_client, until_closed
+from server_support import Daemon, daemon, http, raw_client, until_closed
 
-from agor_actors.client import Mirror, connect, open_websocket
+from agor_actors.client import CallError, Mirror, connect, open_websocket
 from agor_actors.server import ServerSettings
 from protocols import (
     PROTOCOL_VERSION,
@@ -91,6 +91,22 @@ async def test_unknown_subprotocol_offer_is_refused_and_the_client_does_not_hang
             pass
     assert caught.value.status_code == 400
     assert b"unsupported_protocol" in (caught.value.body or b"")
+
+
+@pytest.mark.parametrize("path", ["", "/", "/socket.io/", "/sessions", "/ws/"])
+async def test_a_websocket_on_another_path_is_told_where_they_are_served(
+    running: Daemon, path: str
+) -> None:
+    url = f"ws://127.0.0.1:{running.port}{path}"
+    with trio.fail_after(5), pytest.raises(CallError) as caught:
+        async with connect(url, token=running.token):
+            pass
+    assert caught.value.code == "rejected"
+    assert "(404)" in caught.value.message
+    assert "WebSocket connections are served at /ws" in caught.value.message
+    # plain HTTP on those paths is unchanged
+    health = await http("GET", f"{running.http_url}/health")
+    assert health.status == 200
 
 
 async def test_the_first_supported_offer_wins(running: Daemon) -> None:
