@@ -46,7 +46,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..domain import Principal, ServiceError
 from ..world import World
@@ -221,6 +221,19 @@ _HTTP_CODES: Final = {404: "not_found", 405: "unknown_method", 413: "too_large"}
 
 def http_error_response(exc: HTTPException) -> Response:
     status = exc.code or 500
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        # what is allowed instead, in words and in ``Allow`` (RFC 9110)
+        allowed = sorted(m for m in exc.valid_methods if m != "HEAD")
+        message = (
+            f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}"
+        )
+        if request.method == "DELETE" and allowed == ["GET", "POST"]:
+            message += " (a record is removed at /<service>/<id>)"
+        elif allowed == ["POST"]:
+            message += " (a custom method is called with POST)"
+        response = error_response(_HTTP_CODES[405], message, 405)
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
     return error_response(
         _HTTP_CODES.get(status, "bad_request"), exc.description or exc.name, status
     )

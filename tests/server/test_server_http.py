@@ -189,6 +189,26 @@ async def test_malformed_requests_get_json_errors(
     assert (await http("GET", f"{running.http_url}/health")).status == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow", "hint"),
+    [
+        ("DELETE", "/sessions", "GET, POST", "a record is removed at /<service>/<id>"),
+        ("PUT", "/sessions", "GET, POST", None),
+        ("POST", "/sessions/x", "DELETE, GET, PATCH, PUT", None),
+        ("GET", "/tasks/x/start", "POST", "a custom method is called with POST"),
+    ],
+)
+async def test_a_method_not_allowed_says_which_are(
+    running: Daemon, method: str, path: str, allow: str, hint: str | None
+) -> None:
+    reply = await http(method, f"{running.http_url}{path}", token=running.token)
+    assert reply.status == 405 and reply.body["code"] == "unknown_method"
+    assert reply.headers["allow"] == allow
+    message = reply.body["message"]
+    assert message.startswith(f"{method} is not allowed on {path}; allowed: {allow}")
+    assert hint is None or hint in message
+
+
 async def test_oversized_bodies_are_refused(tmp_path: pathlib.Path) -> None:
     from agor_actors.server import ServerSettings
 
