@@ -253,12 +253,24 @@ class Front:
         self.connection_state = connection_state
         self._reading: set[trio.CancelScope] = set()
         self._stopping = False
+        self._http: set[trio.socket.SocketType] = set()
 
     def stop_reading_heads(self) -> None:
         """Shutdown: connections still sending their head are closed now."""
         self._stopping = True
         for scope in self._reading:
             scope.cancel()
+
+    def cut_http(self) -> int:
+        """Shutdown, once the graceful time is over: close the socket of
+        every HTTP connection still served (how many).  hypercorn writes
+        shielded from cancellation, so a client that stopped reading holds
+        its connection, and the shutdown, until the kernel gives up on it
+        (``TCP_USER_TIMEOUT``); a closed socket wakes the write at once."""
+        cut = list(self._http)
+        for sock in cut:
+            sock.close()
+        return len(cut)
 
     async def handle(self, sock: socket.socket) -> None:
         """One accepted (non-blocking) socket, until it is done; closes it.
@@ -299,7 +311,13 @@ class Front:
             server = KeptAliveServer(
                 self.app, self.config, self.context, self.connection_state, cast(Any, replay)
             )
-            await server.run()
+            plain = stream if tls is None else tls.transport_stream
+            assert isinstance(plain, trio.SocketStream)
+            self._http.add(plain.socket)
+            try:
+                await server.run()
+            finally:
+                self._http.discard(plain.socket)
 
     async def _tls_handshake(self, tls: trio.SSLStream[trio.SocketStream], deadline: float) -> bool:
         """The TLS handshake by ``deadline``; False (logged) if it failed."""

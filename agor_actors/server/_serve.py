@@ -21,7 +21,11 @@ Shutdown, in order: :meth:`AppState.drain` (new WebSockets get 503, HTTP
 requests 503 except ``/health``; in-flight calls are answered, outboxes
 flushed, every WebSocket closed with 1001), then accepting stops and the
 socket is closed, connections still sending their head are closed, then
-hypercorn's graceful end, then the app's lifespan shutdown.
+hypercorn's graceful end (idle keep-alive connections closed at once,
+requests in flight given ``http_graceful_s``; then the sockets of HTTP
+connections still writing to a client that stopped reading are closed, as
+hypercorn's shielded writes cannot be cancelled), then the app's lifespan
+shutdown.
 """
 
 from __future__ import annotations
@@ -269,7 +273,9 @@ async def run_server(
                 sock.close()  # refuse new connections from now
                 front.stop_reading_heads()
                 await context.terminated.set()
-                connections.cancel_scope.deadline = world.clock.now_s() + config.graceful_timeout
+                graceful_end = world.clock.now_s() + config.graceful_timeout
+                connections.cancel_scope.deadline = graceful_end
+                lifespan_nursery.start_soon(_cut_http_at, front, graceful_end)
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
     finally:
@@ -306,6 +312,19 @@ def _allowed_origins(settings: ServerSettings) -> frozenset[str]:
 _ACCEPT_BURST = 64
 _ACCEPT_PAUSE_S = 0.1
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def _cut_http_at(front: Front, deadline: float) -> None:
+    """At ``deadline`` (the graceful end, on trio's clock as the world's is),
+    close the HTTP connections still served: what the deadline's
+    cancellation cannot end (see :meth:`Front.cut_http`).  Cancelled with
+    the lifespan once they have ended."""
+    await trio.sleep_until(deadline)
+    cut = front.cut_http()
+    if cut:
+        log.warning(
+            "shutdown: %d HTTP connection(s) still writing after the graceful time; cut", cut
+        )
 
 
 async def _accept(sock: socket.socket, front: Front, connections: trio.Nursery) -> None:

@@ -1,15 +1,17 @@
-"""HTTP keep-alive connections on the daemon's port: kept for the next
-request, closed once idle for ``http_keep_alive_s``, and closed at once on
-shutdown rather than holding it for ``http_graceful_s`` (hypercorn's idle
-timer used to die with the first request's app task: see
-``agor_actors.server._front.KeptAliveServer``)."""
+"""HTTP connections on the daemon's port and its shutdown: a keep-alive
+connection is kept for the next request, closed once idle for
+``http_keep_alive_s``, and closed at once on shutdown rather than holding
+it for ``http_graceful_s`` (hypercorn's idle timer used to die with the
+first request's app task: see ``agor_actors.server._front.KeptAliveServer``);
+one whose client stopped reading is cut at the end of ``http_graceful_s``."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import trio
-from server_support import daemon
+from server_support import daemon, http
 
 from agor_actors.server import ServerSettings
 
@@ -75,3 +77,41 @@ async def test_shutdown_closes_idle_keep_alive_connections_at_once(
             # the daemon has stopped (within the guard, not after 600 s)
             await closed.wait()
             await stream.aclose()
+
+
+async def test_a_client_that_stops_reading_does_not_hold_the_shutdown(
+    tmp_path: pathlib.Path,
+) -> None:
+    """hypercorn writes shielded from cancellation: a response to a client
+    that stopped reading held the daemon's shutdown until the kernel gave
+    up on the connection (``TCP_USER_TIMEOUT_MS``, 30 s).  After the
+    graceful time the front closes the socket under the write."""
+    settings = ServerSettings(http_graceful_s=0.5)
+    with trio.fail_after(20):  # well under TCP_USER_TIMEOUT_MS
+        async with daemon(tmp_path / "agor", settings) as d:
+            session = await http(
+                "POST", f"{d.http_url}/sessions", token=d.token, json={"title": "t"}
+            )
+            sid = session.body["id"]
+            for _ in range(30):  # a page of ~7.5 MB: more than the sockets hold
+                made = await http(
+                    "POST",
+                    f"{d.http_url}/messages",
+                    token=d.token,
+                    json={"session_id": sid, "role": "user", "content": "x" * 250_000},
+                )
+                assert made.status == 201
+            sock = trio.socket.socket()
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", d.port))
+            stalled = trio.SocketStream(sock)
+            await stalled.send_all(
+                f"GET /messages?session_id={sid}&$limit=30 HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {d.token}\r\n\r\n".encode()
+            )
+            assert await stalled.receive_some(64)  # the answer has begun; read no more
+        # the daemon has stopped (within the guard): the stalled connection was cut
+        with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+            while await stalled.receive_some(1 << 20):
+                pass
+        await stalled.aclose()
