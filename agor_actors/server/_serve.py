@@ -204,6 +204,15 @@ def _config(settings: ServerSettings) -> Config:
     return config
 
 
+def _metrics_config(settings: ServerSettings) -> Config:
+    """hypercorn's config for the metrics port, served by hypercorn's own
+    ``worker_serve``, whose keep-alive timer dies as the front's did (see
+    ``._front.KeptAliveServer``): a read timeout closes idle connections."""
+    config = _config(settings)
+    config.read_timeout = settings.metrics_idle_s
+    return config
+
+
 async def run_server(
     hub: ServerHub,
     world: World,
@@ -258,7 +267,7 @@ async def run_server(
             metrics_done = trio.Event()
             if metrics_sock is not None:
                 await lifespan_nursery.start(
-                    serve_metrics, state, metrics_sock, _config(settings), metrics_done
+                    serve_metrics, state, metrics_sock, _metrics_config(settings), metrics_done
                 )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:

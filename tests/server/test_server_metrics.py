@@ -130,3 +130,21 @@ async def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path) -> None:
     # closed with the server
     with pytest.raises(OSError):
         await http("GET", f"{metrics_url}/health")
+
+
+async def test_an_idle_connection_to_the_metrics_port_is_closed(tmp_path: pathlib.Path) -> None:
+    """hypercorn's own server runs the metrics port, and its keep-alive
+    timer dies with the request's task (see ``KeptAliveServer``): without a
+    read timeout an idle connection stayed open for good."""
+    metrics_sock = listen_socket("127.0.0.1", 0)
+    port = metrics_sock.getsockname()[1]
+    settings = ServerSettings(metrics_idle_s=0.5)
+    async with daemon(tmp_path / "agor", settings, metrics_sock=metrics_sock):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            with trio.fail_after(10):
+                received = b""
+                while chunk := await stream.receive_some(65536):
+                    received += chunk  # the answer, then the close once idle
+            assert received.startswith(b"HTTP/1.1 200")
