@@ -34,6 +34,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import os
 import pathlib
 import re
@@ -209,7 +210,7 @@ def _metrics_config(settings: ServerSettings) -> Config:
     ``worker_serve``, whose keep-alive timer dies as the front's did (see
     ``._front.KeptAliveServer``): a read timeout closes idle connections."""
     config = _config(settings)
-    config.read_timeout = settings.metrics_idle_s
+    config.read_timeout = max(1, math.ceil(settings.metrics_idle_s))  # whole seconds
     return config
 
 

@@ -138,8 +138,9 @@ class ServerSettings:
     ``metrics_host:metrics_port``, and not on the public port (404 there);
     None: on the public port."""
     metrics_idle_s: float = 30.0
-    """A connection to the metrics port that sends nothing for this long is
-    closed (a scraper that keeps one open between scrapes reconnects)."""
+    """A connection to the metrics port that sends nothing for this long
+    (whole seconds, rounded up) is closed (a scraper that keeps one open
+    between scrapes reconnects)."""
     data_dir: pathlib.Path | None = None
     """Where the browser session cookie's key lives (``web-secret``); None: a
     key in memory (cookies then last as long as the process)."""
