@@ -167,7 +167,7 @@ class Auth:
 
 @attrs.frozen
 class Join:
-    """Subscribe to a room (``session:<id>``, ``board:<id>``, ``user:<id>``);
+    """Subscribe to a room (``session:<id>``, ``board:<id>``, ``activity:<board id>``);
     with ``since``, resume after the last applied ``seq``."""
 
     TYPE: ClassVar[str] = "join"
