@@ -216,7 +216,12 @@ def _service_error(exc: ServiceError) -> Response:
     return error_response(exc.code, exc.message, exc.http_status, exc.data)
 
 
-_HTTP_CODES: Final = {404: "not_found", 405: "unknown_method", 413: "too_large"}
+_HTTP_CODES: Final = {
+    404: "not_found",
+    405: "unknown_method",
+    408: "timeout",
+    413: "too_large",
+}
 
 
 def http_error_response(exc: HTTPException) -> Response:
@@ -307,6 +312,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     settings = settings or ServerSettings()
     app = QuartTrio("agor_actors.server")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = settings.http_body_timeout_s
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     state = AppState(hub=hub, world=world, settings=settings)
     app.extensions["agor"] = state

@@ -114,6 +114,11 @@ class ServerSettings:
     """On drain: how long to wait for every connection to be closed."""
     max_body_bytes: int = 1 << 20
     """Largest HTTP request body (413 beyond)."""
+    http_body_timeout_s: float = 20.0
+    """An HTTP request's whole body must arrive within this (408 beyond): a
+    client that announces a body and sends it slowly, or never, does not
+    hold its connection longer (quart's default is 60 s; 1 MiB in 20 s is
+    52 KB/s)."""
     disconnect_timeout_s: float = 5.0
     head_timeout_s: float = 10.0
     """A new connection must send its request head (and, on ``/ws``, get

@@ -3,7 +3,9 @@ connection is kept for the next request, closed once idle for
 ``http_keep_alive_s``, and closed at once on shutdown rather than holding
 it for ``http_graceful_s`` (hypercorn's idle timer used to die with the
 first request's app task: see ``agor_actors.server._front.KeptAliveServer``);
-one whose client stopped reading is cut at the end of ``http_graceful_s``."""
+one whose client stopped reading is cut at the end of ``http_graceful_s``;
+one whose request body never comes is answered 408 after
+``http_body_timeout_s``."""
 
 from __future__ import annotations
 
@@ -115,3 +117,25 @@ async def test_a_client_that_stops_reading_does_not_hold_the_shutdown(
             while await stalled.receive_some(1 << 20):
                 pass
         await stalled.aclose()
+
+
+async def test_a_body_that_never_comes_gets_408_and_frees_the_connection(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Sign-in reads its body before anyone is known: a client that
+    announces a body and never sends it is answered 408 after
+    ``http_body_timeout_s`` and its connection closed."""
+    settings = ServerSettings(http_body_timeout_s=0.5)
+    async with daemon(tmp_path / "agor", settings) as d:
+        stream = await trio.open_tcp_stream("127.0.0.1", d.port)
+        async with stream:
+            await stream.send_all(
+                b"POST /authentication HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            received = b""
+            with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+        assert received.startswith(b"HTTP/1.1 408"), received[:80]
+        assert b'"code":"timeout"' in received
