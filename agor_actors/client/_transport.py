@@ -55,7 +55,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
-class _Watched(trio.abc.HalfCloseableStream):
+class _Watched(trio.abc.Stream):
     """The stream under a client WebSocket, which notes (``ended``) when the
     peer closed it or it broke: trio-websocket's client waits for the
     server's handshake answer, and a connection cut before it (a TLS port
@@ -83,12 +83,6 @@ class _Watched(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        if isinstance(self._stream, trio.SocketStream):
-            await self._stream.send_eof()
-        else:
-            await trio.lowlevel.checkpoint()  # TLS has no half close
 
     async def aclose(self) -> None:
         await self._stream.aclose()

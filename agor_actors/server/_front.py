@@ -73,21 +73,22 @@ _LINGER_READS: Final = 16
 _LINGER_READ_BYTES: Final = 64 * 1024
 
 
-def _reply(status: int, reason: str) -> bytes:
-    head = f"HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    return head.encode("ascii")
+def _reply(status: int, reason: str, body: bytes = b"") -> bytes:
+    kind = "content-type: application/json\r\n" if body else ""
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n{kind}"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 _BAD_REQUEST: Final = _reply(400, "Bad Request")
 _TOO_LARGE: Final = _reply(431, "Request Header Fields Too Large")
 _UPGRADE_WEBSOCKET: Final = re.compile(rb"\nupgrade:[ \t]*websocket[ \t]*\r?\n", re.IGNORECASE)
-_WS_ELSEWHERE_BODY: Final = (
-    b'{"code":"not_found","message":"WebSocket connections are served at /ws","data":null}'
-)
-_WS_ELSEWHERE: Final = (
-    b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
-    + f"content-length: {len(_WS_ELSEWHERE_BODY)}\r\nconnection: close\r\n\r\n".encode()
-    + _WS_ELSEWHERE_BODY
+_WS_ELSEWHERE: Final = _reply(
+    404,
+    "Not Found",
+    b'{"code":"not_found","message":"WebSocket connections are served at /ws","data":null}',
 )
 
 

@@ -112,20 +112,16 @@ def findable_columns(table: sa.Table) -> list[sa.Column[Any]]:
 def column_for(table: sa.Table, name: object, purpose: str) -> sa.Column[Any]:
     """A column of ``table`` that a ``find`` may use for ``purpose`` (filter,
     sort, select), else a :class:`StoreQueryError` naming the choices."""
-    secret = SECRET_COLUMNS.get(table.name, frozenset())
-    if (
-        not isinstance(name, str)
-        or name not in table.c
-        or name in secret
-        or name in INTERNAL_COLUMNS
-    ):
+    findable = [c.name for c in findable_columns(table)]
+    if not isinstance(name, str) or name not in findable:
         if isinstance(name, str) and name.startswith("$"):
             raise StoreQueryError(
                 f"unknown operator {name!r}; supported: {', '.join(_SPECIALS)} at the top "
                 f"level and {', '.join(_OPERATORS)} on a column"
             )
-        choices = ", ".join(c.name for c in findable_columns(table))
-        raise StoreQueryError(f"unknown column {name!r} in {table.name}; columns: {choices}")
+        raise StoreQueryError(
+            f"unknown column {name!r} in {table.name}; columns: {', '.join(findable)}"
+        )
     column = table.c[name]
     if purpose != "select" and (table.name, name) in PARTS:
         # its text is the column followed by its parts: not one SQL value

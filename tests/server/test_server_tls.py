@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from server_support import Daemon, daemon
 
-from agor_actors.client import CallError, WebSocketDialer, connect, open_websocket
+from agor_actors.client import CallError, connect, open_websocket
 from agor_actors.server import ServerSettings
 from protocols import PROTOCOL_VERSION, Codec, Hello, Welcome, decode_server_frame, encode
 
@@ -157,15 +157,22 @@ async def test_half_a_tls_configuration_is_refused(tmp_path: pathlib.Path) -> No
     assert "both --certfile and --keyfile" in str(error)
 
 
+async def _refused(url: str, token: str) -> CallError:
+    """The error of a client that cannot connect to ``url``: at once, not
+    after the connect timeout."""
+    with trio.fail_after(5), pytest.raises(CallError) as caught:
+        async with connect(url, token=token):
+            pass
+    assert caught.value.code == "unavailable"
+    return caught.value
+
+
 async def test_a_wss_url_with_an_untrusted_certificate_fails_at_once_saying_why(
     secure: tuple[Daemon, ssl.SSLContext],
 ) -> None:
     d, _ = secure
-    with trio.fail_after(5), pytest.raises(CallError) as caught:
-        async with connect(f"wss://127.0.0.1:{d.port}/ws", token=d.token):
-            pass
-    assert caught.value.code == "unavailable"
-    assert "TLS handshake failed: self-signed certificate" in caught.value.message
+    refused = await _refused(f"wss://127.0.0.1:{d.port}/ws", d.token)
+    assert "TLS handshake failed: self-signed certificate" in refused.message
 
 
 async def test_a_wss_url_on_a_plain_port_fails_at_once_saying_why(tmp_path: pathlib.Path) -> None:
@@ -173,22 +180,12 @@ async def test_a_wss_url_on_a_plain_port_fails_at_once_saying_why(tmp_path: path
     the error (it was a WebSocket closed mid-handshake, waited out for the
     whole connect timeout and reported as "no answer in time")."""
     async with daemon(tmp_path / "data") as d:
-        with trio.fail_after(5), pytest.raises(CallError) as caught:
-            async with connect(
-                f"wss://127.0.0.1:{d.port}/ws",
-                token=d.token,
-                dialer=WebSocketDialer(ssl_context=ssl.create_default_context()),
-            ):
-                pass
-    assert caught.value.code == "unavailable"
-    assert "TLS handshake failed: wrong version number" in caught.value.message
-    assert "a ws:// URL?" in caught.value.message
+        refused = await _refused(f"wss://127.0.0.1:{d.port}/ws", d.token)
+    assert "TLS handshake failed: wrong version number" in refused.message
+    assert "a ws:// URL?" in refused.message
 
 
 async def test_a_ws_url_on_a_tls_port_fails_at_once(secure: tuple[Daemon, ssl.SSLContext]) -> None:
     d, _ = secure
-    with trio.fail_after(5), pytest.raises(CallError) as caught:
-        async with connect(f"ws://127.0.0.1:{d.port}/ws", token=d.token):
-            pass
-    assert caught.value.code == "unavailable"
-    assert "the server closed the connection during the handshake" in caught.value.message
+    refused = await _refused(f"ws://127.0.0.1:{d.port}/ws", d.token)
+    assert "the server closed the connection during the handshake" in refused.message
