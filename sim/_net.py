@@ -31,7 +31,7 @@ import trio
 from agor_actors.world import DialFailed, OutFrame, TransportClosed
 from protocols import CLIENT_LIMITS, Codec, Event, ProtocolError, decode_server_frame
 
-from ._det import Sleeper, park_until, sleep
+from ._det import SimClock, Sleeper, park_until, sleep
 from ._trace import Trace, now_us, reached
 
 __all__ = ["ClientSide", "Conn", "Link", "NetDialer", "Network", "PathState", "ServerSide"]
@@ -147,6 +147,7 @@ class Link:
     def _push(self, frame: Frame | None, code: int = 1000, reason: str = "") -> None:
         at = max(self._last_at_us, now_us() + self._delay_us())
         self._last_at_us = at
+        was_empty = not self._queue
         self._queue.append(_Item(at, frame, code, reason))
         if frame is not None:
             self._bytes += len(frame)
@@ -159,7 +160,8 @@ class Link:
                 self._bytes += len(frame)
                 self.duplicates += 1
                 self._trace.emit("dup", f"{self.name} {len(frame)}B")
-        self._wake_receivers()
+        if was_empty:  # else receivers already wait for an earlier head
+            self._arrives(self._hold.deliverable_at(at))
 
     def _events_only(self, frame: Frame) -> bool:
         """Whether a server frame holds room events only (the at-least-once
@@ -214,11 +216,15 @@ class Link:
         self._send_lot.unpark_all()
 
     async def receive(self) -> Frame:
-        """The next frame once it has arrived.  A checkpoint.  Raises
+        """The next frame once it has arrived.  A checkpoint (one task step
+        whether it waits or not, as trio's memory channels).  Raises
         :class:`TransportClosed` after a reset or the close marker."""
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             if self._reset:
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 raise TransportClosed(1006, "connection reset")
             if self._queue:
                 head = self._queue[0]
@@ -226,18 +232,24 @@ class Link:
                 if reached(at):
                     self._queue.popleft()
                     self._send_lot.unpark_all()
+                    if head.frame is not None:
+                        self._bytes -= len(head.frame)
+                    if not waited:  # taken first, so a cancel here loses nothing
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     if head.frame is None:
                         self._eof = (head.code, head.reason)
                         raise TransportClosed(head.code, head.reason)
-                    self._bytes -= len(head.frame)
                     return head.frame
                 if len(self._receivers) > 4:  # woken by the clock: drop them
                     self._receivers = [s for s in self._receivers if s.live]
                 await park_until(at / 1_000_000, self._receivers)
             elif self._eof is not None:
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 raise TransportClosed(*self._eof)
             else:
                 await park_until(math.inf, self._receivers)
+            waited = True
 
     def close_arrived(self) -> bool:
         """Reset, or the close marker has arrived (a receiver would get it
@@ -255,6 +267,21 @@ class Link:
             for sleeper in receivers:
                 sleeper.wake()
             receivers.clear()
+
+    def _arrives(self, at_us: int) -> None:
+        """A frame reaches an empty link, deliverable at ``at_us``: a
+        receiver parked for ever (for want of one) wakes then, not now, so
+        that a frame in flight costs its receiver one task step."""
+        receivers = self._receivers
+        if not receivers:
+            return
+        clock = trio.lowlevel.current_clock()
+        if reached(at_us) or not isinstance(clock, SimClock):
+            self._wake_receivers()
+            return
+        for sleeper in receivers:
+            if sleeper.live:
+                clock.park(at_us / 1_000_000, sleeper)
 
     def wake(self) -> None:
         """Something about the hold changed: receivers look again."""

@@ -239,6 +239,59 @@ class _Passes(trio.abc.Instrument):
         self.passes += 1
 
 
+class _StepsOf(trio.abc.Instrument):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task.name == self.name
+
+
+def _receiver_steps(frames: int, *, burst: bool) -> tuple[list[str], list[float], int]:
+    async def run() -> tuple[list[str], list[float]]:
+        link = _link(jitter_us=3_000)
+        got: list[str] = []
+        at: list[float] = []
+
+        async def receiver() -> None:
+            while True:
+                got.append(str(await link.receive()))
+                at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver, name="receiver")
+            for i in range(frames):
+                if not burst:
+                    await sim_sleep(0.01)  # each arrives 1-4 ms later, the receiver waiting
+                await link.send(f"m{i}")
+            await sim_sleep(1)
+            with trio.move_on_after(0.5):  # a receive cancelled while it waits
+                await link.receive()
+            nursery.cancel_scope.cancel()
+        return got, at
+
+    counter = _StepsOf("receiver")
+    got, at = run_deterministic(run, seed=2, clock=new_clock(), instruments=(counter,))
+    return got, at, counter.steps
+
+
+def test_a_waiting_receiver_takes_one_task_step_per_frame() -> None:
+    # A frame sent on an empty link used to wake its parked receiver at
+    # once, only for it to park again until the frame arrived, after a
+    # checkpoint of its own: three steps a frame, the most common step of
+    # a seed.  Now it wakes when the frame arrives, and a frame taken
+    # without waiting costs its one checkpoint.
+    for burst in (False, True):
+        got, at, steps = _receiver_steps(20, burst=burst)
+        assert got == [f"m{i}" for i in range(20)]
+        assert at == sorted(at)
+        if not burst:
+            assert all(round((t - 0.01 * (i + 1)) * 1e6) >= 1_000 for i, t in enumerate(at))
+        # the first step starts the task, the last one is its cancellation
+        assert steps == 20 + 2, (burst, steps)
+
+
 def test_the_sim_clock_reaches_mock_clocks_instants_in_fewer_passes() -> None:
     async def workload() -> list[tuple[str, float]]:
         seen: list[tuple[str, float]] = []
