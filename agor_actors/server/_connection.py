@@ -326,6 +326,12 @@ class Connection:
                 return
             self.bytes_received += len(data)
             events = self.machine.receive_data(data, self.world.clock.now_s())
+            if self.machine.state is ServerState.CLOSING:
+                # a message of this frame closes the connection: the frame
+                # is refused whole (the messages before it in its batch are
+                # not run: no pong, result, left or welcome could answer
+                # them after the close), with the one error that says why
+                events = [e for e in events if isinstance(e, ProtocolViolation) and e.close_code]
             for event in events:
                 await self._dispatch(event)
                 if self.closing():
@@ -754,13 +760,21 @@ class Connection:
             if rejoin:
                 await self.hub.leave(self.connection_id, join.room)
                 self.outbox.drop_room(join.room)
-            self.outbox.offer_control(self.machine.left(join.room, exc.code))
+            self._left(join.room, exc.code)
 
     async def _leave(self, room: str) -> None:
         assert self.connection_id is not None
         await self.hub.leave(self.connection_id, room)
         self.outbox.drop_room(room)
-        self.outbox.offer_control(self.machine.left(room))
+        self._left(room)
+
+    def _left(self, room: str, reason: str = "left") -> None:
+        """Answer a join or leave with ``left``; nothing once the connection
+        is closing (a bad frame came while the hub was asked: the close
+        says why, and the client gets no more messages)."""
+        if self.machine.state is not ServerState.OPEN:
+            return
+        self.outbox.offer_control(self.machine.left(room, reason))
 
     async def _drop(self, room: str) -> None:
         assert self.connection_id is not None

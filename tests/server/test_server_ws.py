@@ -233,6 +233,79 @@ async def test_malformed_input_gets_its_code_and_hurts_nobody_else(
         await _bystander_sees_a_write(bystander, mirror, session["id"])
 
 
+@pytest.mark.parametrize("room", ["board", "board:nope"], ids=["leave", "refused-join"])
+async def test_a_bad_frame_right_after_a_join_or_leave_closes_without_a_server_error(
+    running: Daemon, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (a fuzz found it: the join or leave finishes after the bad frame has
+    # put the connection in its closing state, and its ``left`` could not
+    # be sent: an ERROR with a traceback for a client's bad input)
+    board = await http(
+        "POST", f"{running.http_url}/boards", token=running.token, json={"name": "b"}
+    )
+    name = f"board:{board.body['id']}" if room == "board" else room
+    for _ in range(5):
+        async with raw_client(running.ws_url, token=running.token) as bad:
+            await bad.expect(Welcome)
+            if room == "board":
+                await bad.send(Join(name))
+                await bad.expect(Joined)
+                await bad.send_raw(_frame(Codec.JSON, {"type": "leave", "room": name}))
+            else:
+                await bad.send(Join(name))
+            await bad.send_raw('{"type": "ping", ')
+            messages, reason = await until_closed(bad)
+            assert reason.code == 1007
+            assert [m.code for m in messages if isinstance(m, Error)] == ["bad_json"]
+    failed = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert failed == [], [r.getMessage() for r in failed]
+
+
+BEFORE_THE_CLOSE = {
+    "ping": {"type": "ping", "t": 1},
+    "create": {
+        "type": "call",
+        "ref": 1,
+        "service": "sessions",
+        "method": "create",
+        "data": {"title": "in a refused batch"},
+    },
+    "join": {"type": "join", "room": "board:nope"},
+    "presence": {"type": "presence", "cursor": {"x": 1.0, "y": 2.0}},
+    "auth": {"type": "auth", "token": "x"},
+}
+
+
+@pytest.mark.parametrize("first", list(BEFORE_THE_CLOSE))
+@pytest.mark.parametrize("welcomed", [True, False], ids=["after-welcome", "with-hello"])
+async def test_a_batch_whose_message_closes_the_connection_is_refused_whole(
+    running: Daemon, first: str, welcomed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (a fuzz found it: the messages before the fatal one were dispatched
+    # with the connection already closing, and their pong, welcome or
+    # left could not be sent: an ERROR, and the client got 1006 instead
+    # of its error and 1002)
+    hello = {"type": "hello", "protocol": 1, "token": running.token}
+    second_hello = {"type": "hello", "protocol": 1}
+    async with raw_client(running.ws_url, token=running.token, hello=welcomed) as bad:
+        if welcomed:
+            await bad.expect(Welcome)
+            batch = [BEFORE_THE_CLOSE[first], second_hello]
+        else:
+            batch = [hello, BEFORE_THE_CLOSE[first], second_hello]
+        await bad.send_raw(_frame(Codec.JSON, batch))
+        messages, reason = await until_closed(bad)
+    # (before its welcome, any message after a hello closes the connection)
+    code, close_code = ("invalid_state", 1002) if welcomed else ("not_authenticated", 4001)
+    assert reason.code == close_code
+    assert [type(m).__name__ for m in messages] == ["Error"]
+    assert isinstance(messages[0], Error) and messages[0].code == code
+    failed = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert failed == [], [r.getMessage() for r in failed]
+    found = await http("GET", f"{running.http_url}/sessions", token=running.token)
+    assert [s["title"] for s in found.body["data"]] == []  # the create did not run
+
+
 async def test_a_malformed_call_is_answered_with_an_error_result(running: Daemon) -> None:
     async with raw_client(running.ws_url, token=running.token) as client:
         await client.expect(Welcome)
