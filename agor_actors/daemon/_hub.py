@@ -983,6 +983,10 @@ class Hub:
             current = await self._read_row("boards", call.id)
         plan = plan_board(call, current)
         board_id = call.id or call.new_id
+        added = plan.revoked if call.method == "add_member" else None
+        if added is not None and await self._read_row("users", added) is None:
+            # named here: the store's refusal says only that the data does not fit
+            raise ServiceError("invalid_field", f"data.user_id: no user {added}")
         if keyed is not None:
             once = Once(
                 call.principal.user_id,

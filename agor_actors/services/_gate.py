@@ -211,6 +211,8 @@ class Gate:
                 return None  # the session actor answers not_found
             raise self.refuse(f"no session {session_id} that this user may see")
         if principal.is_owner:
+            if "board_id" in fields:
+                await self._board_exists(values["board_id"])
             return session.patched(values) if fields else None
         board = await self._session_board(session)
         refusal = session_write_refusal(
@@ -233,6 +235,7 @@ class Gate:
     async def _check_create(self, principal: Principal, values: dict[str, Any]) -> None:
         check_permissions(values.get("permissions"))
         if principal.is_owner:
+            await self._board_exists(values.get("board_id"))
             return
         owner = values.get("owner_id", principal.user_id)
         if owner != principal.user_id:
@@ -240,6 +243,14 @@ class Gate:
         board = values.get("board_id")
         if isinstance(board, str) and await self.board_level(principal, board) < Level.WRITE:
             raise self.refuse(f"no board {board} that this user writes to")
+
+    async def _board_exists(self, board_id: Any) -> None:
+        """A session placed on a board that does not exist is refused by its
+        name (the store's refusal says only that the data does not fit).
+        Only for the owner, who may write to any board: another user is
+        refused a board it cannot write to, whether it exists or not."""
+        if isinstance(board_id, str) and await self.board(board_id) is None:
+            raise ServiceError("invalid_field", f"data.board_id: no board {board_id}")
 
     async def check_board_call(
         self, principal: Principal, method: str, board_id: str | None, data: Any

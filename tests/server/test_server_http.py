@@ -455,3 +455,47 @@ async def test_the_idempotency_key_header(running: Daemon) -> None:
     assert refused.status == 400 and refused.body["code"] == "invalid_field"
     found = await http("GET", f"{base}/tasks?session_id={session.body['id']}", token=token)
     assert [t["id"] for t in found.body["data"]] == [first.body["id"]]
+
+
+async def test_a_reference_to_a_record_that_does_not_exist_is_named(running: Daemon) -> None:
+    # (the store's refusal says only "the data does not fit the records",
+    # which left a newcomer guessing which field was wrong)
+    url, token = running.http_url, running.token
+    board = (await http("POST", f"{url}/boards", token=token, json={"name": "b"})).body
+    session = (await http("POST", f"{url}/sessions", token=token, json={"title": "s"})).body
+    refused = [
+        await http("POST", f"{url}/sessions", token=token, json={"title": "x", "board_id": "nope"}),
+        await http(
+            "PATCH", f"{url}/sessions/{session['id']}", token=token, json={"board_id": "nope"}
+        ),
+        await http(
+            "POST",
+            f"{url}/boards/{board['id']}/add_member",
+            token=token,
+            json={"user_id": "nobody", "role": "viewer"},
+        ),
+    ]
+    assert [(r.status, r.body["code"], r.body["message"]) for r in refused] == [
+        (400, "invalid_field", "data.board_id: no board nope"),
+        (400, "invalid_field", "data.board_id: no board nope"),
+        (400, "invalid_field", "data.user_id: no user nobody"),
+    ]
+    # nothing of them was written, and the same writes with real records work
+    moved = await http(
+        "PATCH", f"{url}/sessions/{session['id']}", token=token, json={"board_id": board["id"]}
+    )
+    assert moved.status == 200 and moved.body["board_id"] == board["id"] and moved.body["rev"] == 2
+    user = (await http("POST", f"{url}/users", token=token, json={"name": "ann"})).body
+    added = await http(
+        "POST",
+        f"{url}/boards/{board['id']}/add_member",
+        token=token,
+        json={"user_id": user["id"], "role": "viewer"},
+    )
+    assert added.status == 200
+    # another user is refused a board it cannot write to, whether or not it
+    # exists (the refusal does not tell it which boards exist)
+    theirs = await http(
+        "POST", f"{url}/sessions", token=user["token"], json={"title": "x", "board_id": "nope"}
+    )
+    assert (theirs.status, theirs.body["code"]) == (403, "forbidden")
