@@ -732,7 +732,7 @@ class ClientConnection:
         status = ROOM_TRANSITIONS[(track.status, _RT.RECV_LEFT)]
         assert status is None
         del self._rooms[left.room]
-        return [RoomLeft(left.room, left.reason)]
+        return [RoomLeft(left.room, left.reason, left.message)]
 
 
 def _recovers(track: RoomTrack, joined: Joined) -> bool:

@@ -213,6 +213,8 @@ class RoomLeft:
 
     room: str
     reason: str
+    message: str | None = None
+    """Why, in words, when the server said (a refused join)."""
 
 
 @attrs.frozen

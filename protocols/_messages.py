@@ -317,11 +317,13 @@ class Lagged:
 class Left:
     """The client is no longer in ``room``: ``reason`` is ``"left"`` after a
     :class:`Leave`, otherwise an error code (``forbidden``, ``not_found``,
-    ``too_many_subscriptions``, ``rate_limited``...)."""
+    ``too_many_subscriptions``, ``rate_limited``...); ``message`` says why
+    in words when a join was refused."""
 
     TYPE: ClassVar[str] = "left"
     room: str = attrs.field(validator=_room)
     reason: str
+    message: str | None = None
 
 
 @attrs.frozen

@@ -397,7 +397,7 @@ class ServerConnection:
         if exc.ref is not None:
             answer = Result(exc.ref, False, error=ErrorInfo(exc.code.value, exc.message, exc.data))
         elif type(room) is str and _valid_room(room):
-            answer = Left(room, exc.code.value)
+            answer = Left(room, exc.code.value, exc.message)
             if self._rooms.pop(room, False):
                 events.append(SubscriptionDropped(room, exc.code.value))
         else:
@@ -486,10 +486,11 @@ class ServerConnection:
         """The connection is in ``room`` (send the replay after this frame)."""
         return self.send(Joined(room, epoch, seq, recovered))
 
-    def left(self, room: str, reason: str = "left") -> Frame:
+    def left(self, room: str, reason: str = "left", message: str | None = None) -> Frame:
         """The connection is out of ``room``: after a leave, a refused join or
-        revoked access (``reason``: ``left`` or an error code)."""
-        return self.send(Left(room, str(reason)))
+        revoked access (``reason``: ``left`` or an error code; ``message``:
+        why, in words)."""
+        return self.send(Left(room, str(reason), message))
 
     def lagged(self, room: str, resume_from: int) -> Frame:
         """This connection's backlog of ``room`` was dropped from

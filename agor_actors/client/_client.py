@@ -882,7 +882,8 @@ class Client:
                 self._nursery.start_soon(self._hand_join, room)
             raise
         if mirror.left_reason is not None:
-            raise CallError(mirror.left_reason, f"could not join {room}")
+            why = f": {mirror.left_message}" if mirror.left_message else ""
+            raise CallError(mirror.left_reason, f"could not join {room}{why}")
         return mirror
 
     async def _hand_join(self, room: str, delay_s: float = 0.0) -> None:
@@ -913,7 +914,7 @@ class Client:
         except CallError as exc:  # refused before sending: an invalid room, too many
             mirror = self._mirrors.get(room)
             if mirror is not None:
-                mirror._left(exc.code)
+                mirror._left(exc.code, exc.message)
         finally:
             self._handing.discard(room)
             if room not in self.machine.rooms:
@@ -1650,7 +1651,7 @@ class Client:
                 return
             mirror = self._mirrors.pop(event.room, None)
             if mirror is not None:
-                mirror._left(event.reason)
+                mirror._left(event.reason, event.message)
             self._cancel_reload(event.room)
             self._end_streams(event.room)
             if event.room.startswith("board:"):
@@ -1719,7 +1720,7 @@ class Client:
                 except CallError as exc:
                     if exc.code not in RELOAD_RETRY_CODES:
                         log.error("reload of %s failed: %s", mirror.room, exc)
-                        mirror._left(exc.code)
+                        mirror._left(exc.code, exc.message)
                         return
                     # the server could not answer now (a crashed actor, a
                     # store that failed): try again after a backoff

@@ -205,6 +205,8 @@ class Mirror:
         self.left_reason: str | None = None
         """Set when the client is no longer in the room (``left`` or an
         error code: the join was refused, access was revoked)."""
+        self.left_message: str | None = None
+        """Why, in words, when the server said (a refused join)."""
         self._reloading = False
         self._buffer: list[Event] = []
         self._pending: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -279,8 +281,9 @@ class Mirror:
         self.ready.set()
         self._changed()
 
-    def _left(self, reason: str) -> None:
+    def _left(self, reason: str, message: str | None = None) -> None:
         self.left_reason = reason
+        self.left_message = message
         self.ready.set()
         self._changed()
 

@@ -760,7 +760,7 @@ class Connection:
             if rejoin:
                 await self.hub.leave(self.connection_id, join.room)
                 self.outbox.drop_room(join.room)
-            self._left(join.room, exc.code)
+            self._left(join.room, exc.code, exc.message)
 
     async def _leave(self, room: str) -> None:
         assert self.connection_id is not None
@@ -768,13 +768,13 @@ class Connection:
         self.outbox.drop_room(room)
         self._left(room)
 
-    def _left(self, room: str, reason: str = "left") -> None:
+    def _left(self, room: str, reason: str = "left", message: str | None = None) -> None:
         """Answer a join or leave with ``left``; nothing once the connection
         is closing (a bad frame came while the hub was asked: the close
         says why, and the client gets no more messages)."""
         if self.machine.state is not ServerState.OPEN:
             return
-        self.outbox.offer_control(self.machine.left(room, reason))
+        self.outbox.offer_control(self.machine.left(room, reason, message))
 
     async def _drop(self, room: str) -> None:
         assert self.connection_id is not None

@@ -193,6 +193,7 @@ export class Mirror extends Emitter {
     this.applied = 0
     this.reloads = 0
     this.leftReason = null
+    this.leftMessage = null
     this._reloading = false
     this._buffer = []
     this._pending = new Map() // temp_id -> [service, row]
@@ -232,8 +233,9 @@ export class Mirror extends Emitter {
     this.emit("reload", this)
     this._changed({ reload: true })
   }
-  _left(reason) {
+  _left(reason, message = null) {
     this.leftReason = reason
+    this.leftMessage = message
     this._resolveReady(this)
     this.emit("left", reason)
     this._changed({ left: reason })
@@ -589,7 +591,8 @@ export class Client extends Emitter {
     const result = await mirror.ready
     if (result.leftReason && result.leftReason !== "left") {
       this._mirrors.delete(room)
-      throw new CallError(result.leftReason, `join ${room} refused`)
+      const why = result.leftMessage ? `: ${result.leftMessage}` : ""
+      throw new CallError(result.leftReason, `join ${room} refused${why}`)
     }
     return mirror
   }
@@ -1046,7 +1049,7 @@ export class Client extends Emitter {
       } catch (err) {
         if (mirror._reloadToken !== token || this._closed) return
         if (err.code === "connection_lost" || err.code === "timeout") continue
-        mirror._left(err.code ?? "internal")
+        mirror._left(err.code ?? "internal", err.message ?? null)
         return
       }
     }
@@ -1085,7 +1088,7 @@ export class Client extends Emitter {
       return
     }
     this._rooms.delete(m.room)
-    if (mirror) { this._mirrors.delete(m.room); mirror._left(m.reason) }
+    if (mirror) { this._mirrors.delete(m.room); mirror._left(m.reason, m.message ?? null) }
     if (m.room.startsWith("board:")) this._boards.get(m.room.slice(6))?._left(m.reason)
     this.emit("left", m)
   }

@@ -270,6 +270,17 @@ async def test_leaving_ends_streams_and_refused_joins_raise(running: Daemon) -> 
         with pytest.raises(CallError) as caught:
             await client.join("nowhere:1")
         assert caught.value.code == "bad_request"
+        # the server's left says why, and the error carries it
+        assert caught.value.message == (
+            "could not join nowhere:1: no room 'nowhere:1': rooms are session:<id>,"
+            " board:<id> and activity:<board id>"
+        )
+        with pytest.raises(CallError) as caught:
+            await client.join("session:gone")
+        assert caught.value.code == "forbidden"
+        assert caught.value.message == (
+            "could not join session:gone: no room 'session:gone' that this user may see"
+        )
 
 
 async def test_connect_errors_are_raised(running: Daemon) -> None:

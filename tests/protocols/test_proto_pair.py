@@ -91,7 +91,9 @@ def test_the_servers_automatic_answers_reach_the_client() -> None:
 
     [refused] = pair.to_server(pair.client.join("board:1"))
     assert isinstance(refused, ProtocolViolation) and refused.reply is not None
-    assert pair.to_client(refused.reply) == [RoomLeft("board:1", "rate_limited")]
+    assert pair.to_client(refused.reply) == [
+        RoomLeft("board:1", "rate_limited", "more than 1 messages per second")
+    ]
 
 
 def test_reconnect_resumes_each_room() -> None:

@@ -219,7 +219,7 @@ def test_bad_messages_get_an_answer_and_the_connection_stays_open() -> None:
     assert isinstance(answers[0], Result) and answers[0].ref == 4
     assert answers[0].error is not None and answers[0].error.code == "invalid_field"
     assert isinstance(answers[1], Error) and answers[1].code == "unknown_type"
-    assert answers[2] == Left("r", "invalid_field")
+    assert answers[2] == Left("r", "invalid_field", "join: expected a map, got a string @ $.since")
     assert isinstance(answers[3], Error) and answers[3].code == "invalid_field"
     assert all(e.close_code is None for e in events[:4])  # type: ignore[union-attr]
     assert server.state is ServerState.OPEN
@@ -247,7 +247,9 @@ def test_rooms() -> None:
     server.receive_data(frame(join("board:2")), 0.0)
     violation = only_violation(server.receive_data(frame(join("board:3")), 0.0))
     assert violation.error.code is ErrorCode.TOO_MANY_SUBSCRIPTIONS
-    assert server_messages(violation.reply) == [Left("board:3", "too_many_subscriptions")]
+    assert server_messages(violation.reply) == [
+        Left("board:3", "too_many_subscriptions", "more than 2 rooms")
+    ]
     # refusing a join frees its slot
     server.left("board:2", ErrorCode.FORBIDDEN)
     [event] = server.receive_data(frame(join("board:3")), 0.0)
@@ -286,7 +288,7 @@ def test_rate_limit_is_a_function_of_now() -> None:
     assert isinstance(answers[1], Result) and answers[1].ref == 1 and not answers[1].ok
     # the refused call is told when a token is back: 1 token at 10/s
     assert answers[1].error is not None and answers[1].error.data == {"retry_after_ms": 100}
-    assert answers[2] == Left("r", "rate_limited")
+    assert answers[2] == Left("r", "rate_limited", "more than 10 messages per second")
     assert server.retry_after_ms() == 100
     assert server.state is ServerState.OPEN
     # 0.04 s later, 0.4 of a token: 60 ms more (rounded up to the millisecond)

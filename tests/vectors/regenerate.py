@@ -131,6 +131,9 @@ SERVER: dict[str, Message | list[Message]] = {
     "presence_viewport": Presence("b-1", viewport=Viewport(100.0, 50.0, 1280.0, 720.0, 1.0)),
     "lagged": Lagged("board:b-1", 1042),
     "left": Left("session:s-2", "forbidden"),
+    "left_refused": Left(
+        "session:s-2", "invalid_field", "join: expected a map, got a string @ $.since"
+    ),
     "error": Error("unknown_type", "unknown client message type 'subscribe'"),
     "pong": Pong(123),
     "batch_server": [

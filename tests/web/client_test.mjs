@@ -278,3 +278,13 @@ test("an expiring access token is renewed in band, and after a 4002 the client r
   const made = await expiring.service("sessions").create({ title: "after a refresh" })
   assert.equal(made.title, "after a refresh")
 })
+
+test("a refused join throws the server's reason in words", async () => {
+  const client = await open()
+  await assert.rejects(client.join("session:gone"), (err) => {
+    assert.ok(err instanceof CallError)
+    assert.equal(err.code, "forbidden")
+    assert.equal(err.message, "forbidden: join session:gone refused: no room 'session:gone' that this user may see")
+    return true
+  })
+})

@@ -66,7 +66,7 @@ test("the manifest lists the vectors this test uses", () => {
   assert.equal(manifest.subprotocols.json, "agor.v1.json")
   const names = new Set(manifest.valid.map((v) => v.name))
   for (const name of ["hello", "call_create", "call_patch", "call_find", "call_stream", "join", "leave", "batch_client",
-    "welcome", "result_ok", "result_error", "joined", "event", "event_merged", "batch_server", "lagged", "left",
+    "welcome", "result_ok", "result_error", "joined", "event", "event_merged", "batch_server", "lagged", "left", "left_refused",
     "presence", "presence_viewport", "presence_update", "presence_update_follow", "error", "pong"]) {
     assert.ok(names.has(name), name)
   }
@@ -221,6 +221,11 @@ test("a refused join: left with a reason", async () => {
   const joining = client.join("session:s-2")
   socket.deliver(raw("left"))
   await assert.rejects(joining, (err) => err.code === "forbidden")
+  // with the reason in words, which the error carries
+  const refused = client.join("session:s-2")
+  socket.deliver(raw("left_refused"))
+  await assert.rejects(refused, (err) => err.code === "invalid_field" &&
+    err.message === "invalid_field: join session:s-2 refused: join: expected a map, got a string @ $.since")
   client.close()
 })
 
