@@ -84,9 +84,21 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535: the socket layer would take
+    70000 as 4464 without a word."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: 0 (any free port) to 65535")
+    return port
+
+
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=3030, help="port to bind (default 3030)")
+    parser.add_argument("--port", type=_port, default=3030, help="port to bind (default 3030)")
     _add_data_dir(parser)
     parser.add_argument(
         "--db",
@@ -157,7 +169,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=None,
         metavar="N",
         help="serve /metrics (and /health) on this port of their own, not on --port",
@@ -248,6 +260,12 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail("serve", "--node-liveness must be longer than --node-heartbeat")
     if not 0 <= args.commit_linger_ms <= 100:
         return _fail("serve", "--commit-linger-ms must be between 0 and 100")
+    if args.access_token_ttl < 1 or args.refresh_token_ttl < 1:
+        # (a token would be issued expired: every sign-in refused, and no
+        # word of why)
+        return _fail(
+            "serve", "--access-token-ttl and --refresh-token-ttl must be at least 1 second"
+        )
     presence = PresenceConfig(
         offline_grace_s=args.presence_grace,
         node_heartbeat_s=args.node_heartbeat,

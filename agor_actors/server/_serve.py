@@ -114,9 +114,15 @@ class StartupError(Exception):
         return str(self)
 
 
-def _first_line(error: BaseException) -> str:
+def _sole(error: BaseException) -> BaseException:
+    """``error``, or the one exception of a group (of groups) of one."""
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    error = _sole(error)
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -454,11 +460,12 @@ async def run_daemon(
                         commit_linger_s=settings.commit_linger_s,
                     )
                 )
-            except (DataDirLocked, NotClusterOwner) as exc:
-                raise StartupError(str(exc)) from exc
-            except IdentityConfigError as exc:
-                raise StartupError(f"cannot use the JWT keys: {exc}") from exc
             except Exception as exc:
+                cause = _sole(exc)  # raised in a nursery of the hub's, or not
+                if isinstance(cause, DataDirLocked | NotClusterOwner):
+                    raise StartupError(str(cause)) from exc
+                if isinstance(cause, IdentityConfigError):
+                    raise StartupError(f"cannot use the JWT keys: {cause}") from exc
                 raise StartupError(
                     f"cannot open the database {_shown_url(db_url)}: {_first_line(exc)}"
                 ) from exc

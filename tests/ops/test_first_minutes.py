@@ -156,6 +156,42 @@ async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
     assert "refused" in line and "secret" not in line
 
 
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        # the socket layer took 70000 as port 4464, without a word
+        (
+            ("--port", "70000"),
+            "error: argument --port: 70000 is not a port: 0 (any free port) to 65535",
+        ),
+        (("--port", "-5"), "error: argument --port: -5 is not a port: 0 (any free port) to 65535"),
+        (("--metrics-port", "http"), "error: argument --metrics-port: 'http' is not a port number"),
+        # tokens were issued expired: every sign-in refused, and no word of why
+        (
+            ("--access-token-ttl", "0"),
+            "--access-token-ttl and --refresh-token-ttl must be at least 1 second",
+        ),
+        (
+            ("--refresh-token-ttl", "-1"),
+            "--access-token-ttl and --refresh-token-ttl must be at least 1 second",
+        ),
+        # a key that is no PEM was reported as a database that cannot be opened
+        (("--jwt-private-key", "a-file"), "cannot use the JWT keys: cannot read the key: "),
+    ],
+    ids=["port-70000", "port-negative", "metrics-port-word", "access-ttl", "refresh-ttl", "key"],
+)
+async def test_serve_refuses_settings_it_cannot_honour_in_one_line(
+    tmp_path: pathlib.Path, arguments: tuple[str, ...], said: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a key\n")
+    data = tmp_path / "data"
+    status, out, err = await _cli(
+        "serve", "--port", "0", "--data-dir", str(data), *arguments, cwd=tmp_path
+    )
+    assert status == 2 and out == ""
+    assert err.splitlines()[-1].startswith(f"agor-actors serve: {said}"), err
+
+
 async def test_serve_with_a_metrics_port(tmp_path: pathlib.Path) -> None:
     """``--metrics-port``: the banner names the metrics URL, a scrape with the
     ``--metrics-token`` works there; a metrics port in use is one line."""
