@@ -9,6 +9,7 @@ from ._app import parse_query as parse_query
 from ._connection import Connection as Connection
 from ._serve import LISTEN_BACKLOG as LISTEN_BACKLOG
 from ._serve import TCP_USER_TIMEOUT_MS as TCP_USER_TIMEOUT_MS
+from ._serve import ListenError as ListenError
 from ._serve import listen_socket as listen_socket
 from ._serve import run_daemon as run_daemon
 from ._serve import run_server as run_server

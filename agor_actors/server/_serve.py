@@ -160,6 +160,8 @@ class ListenError(OSError):
             return (
                 f"cannot listen on {where}: {self.host} is not an address of this machine (--host)"
             )
+        if not 0 <= self.port <= 65535:
+            return f"{self.port} is not a port: {self.option} takes 0 (any free port) to 65535"
         return f"cannot listen on {where}: {self.strerror}"
 
 
@@ -174,7 +176,10 @@ def listen_socket(
     """A listening, non-blocking TCP socket on ``host:port`` (0: any free
     port) with ``TCP_USER_TIMEOUT`` and ``TCP_NODELAY`` set.  Raises
     :class:`ListenError` (its advice naming ``option``) when the address
-    cannot be had."""
+    cannot be had, with ``EINVAL`` for a port outside 0-65535 (which the
+    socket layer would take modulo 65536, without a word)."""
+    if not 0 <= port <= 65535:
+        raise ListenError(host, port, OSError(errno.EINVAL, "no such port"), option)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -95,3 +95,20 @@ async def test_the_urls_of_a_served_runtime_reach_its_address(
         rt.host, rt.port = host, 4242
         assert rt.ws_url == ws_url
         assert rt.http_url == "http" + ws_url.removeprefix("ws").removesuffix("/ws")
+
+
+@pytest.mark.parametrize("port", [70_000, -1])
+async def test_an_embedded_runtime_refuses_a_port_that_is_none(
+    tmp_path: pathlib.Path, port: int
+) -> None:
+    # (the socket layer took 70000 as port 4464, without a word)
+    from agor_actors.server import ListenError
+
+    with pytest.raises(BaseException) as caught:  # in the runtime's nurseries' groups
+        async with open_runtime(data_dir=tmp_path, serve=("127.0.0.1", port)):
+            pytest.fail("served")
+    error = caught.value
+    while isinstance(error, BaseExceptionGroup):
+        [error] = error.exceptions
+    assert isinstance(error, ListenError)
+    assert error.explain() == f"{port} is not a port: --port takes 0 (any free port) to 65535"
