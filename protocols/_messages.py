@@ -76,6 +76,13 @@ def _room(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
         raise ValueError(f"{attribute.name} must have 1 to {MAX_ROOM_CHARS} characters")
 
 
+def _short_text(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """A presence field that names a board, a room or a user: at most a
+    room name long (every subscriber of the board gets it, at each change)."""
+    if value is not None and len(value) > MAX_ROOM_CHARS:
+        raise ValueError(f"{attribute.name} must have at most {MAX_ROOM_CHARS} characters")
+
+
 def _idempotency_key(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None and not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_CHARS:
         raise ValueError(f"{attribute.name} must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
@@ -189,13 +196,13 @@ class PresenceUpdate:
     ``hide_cursors`` asks the server not to send other users' cursors."""
 
     TYPE: ClassVar[str] = "presence"
-    board: str | None = None
+    board: str | None = attrs.field(default=None, validator=_short_text)
     cursor: Cursor | None = None
     viewport: Viewport | None = None
-    view: str | None = None
+    view: str | None = attrs.field(default=None, validator=_short_text)
     typing: bool | None = None
     hide_cursors: bool | None = None
-    follow: str | None = None
+    follow: str | None = attrs.field(default=None, validator=_short_text)
 
 
 @attrs.frozen

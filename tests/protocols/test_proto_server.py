@@ -350,6 +350,21 @@ def test_presence_over_its_rate_is_dropped_silently() -> None:
     assert len(server.receive_data(frame(update), 1 / 30)) == 1
 
 
+@pytest.mark.parametrize("field", ["board", "view", "follow"])
+def test_a_presence_name_longer_than_a_room_name_is_refused(field: str) -> None:
+    # (a 500 KB view went to every member of the board, at each change)
+    server = open_server()
+    ok = {"type": "presence", field: "v" * 256}
+    too_long = {"type": "presence", field: "v" * 257}
+    events = server.receive_data(frame(ok, too_long, PING), 0.0)
+    assert [type(e) for e in events] == [PresenceReceived, ProtocolViolation, PingReceived]
+    violation = events[1]
+    assert isinstance(violation, ProtocolViolation) and violation.close_code is None
+    assert violation.error.code is ErrorCode.INVALID_FIELD
+    assert f"{field} must have at most 256 characters" in violation.error.message
+    assert server.state is ServerState.OPEN
+
+
 def test_a_refused_rejoin_drops_the_subscription() -> None:
     server = open_server(Limits(rate_per_s=1, rate_burst=1))
     server.receive_data(frame(join("board:1")), 0.0)
