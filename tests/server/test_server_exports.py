@@ -8,6 +8,7 @@ PUBLIC = {
     "AppState",
     "Connection",
     "LISTEN_BACKLOG",
+    "ListenError",
     "ServerHub",
     "ServerSettings",
     "TCP_USER_TIMEOUT_MS",
