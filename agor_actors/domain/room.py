@@ -176,6 +176,8 @@ class _Ring:
     frames: dict[tuple[Codec, bool], Frame]
     committed_s: float = 0.0
     """When it was made durable (0: read back from the log)."""
+    size: int = 0
+    """Its JSON frame's length: what the ring counts against ``ring_bytes_max``."""
 
 
 @attrs.define
@@ -283,6 +285,8 @@ class RoomState:
     epoch: str
     head: int
     ring: deque[_Ring] = attrs.field(factory=deque)
+    ring_bytes: int = 0
+    """The ring's events as JSON, in bytes (``_Ring.size``)."""
     subscribers: dict[str, _Member] = attrs.field(factory=dict)
     revoked_ahead: dict[str, str] = attrs.field(factory=dict)
     """Keys revoked before their join reached the room (see :class:`Revoke`)."""
@@ -363,8 +367,9 @@ def to_event(stored: StoredEvent, room: str | None = None) -> Event:
 
 
 class RoomBehaviour(Behaviour[RoomState]):
-    """``ring_size`` recent events stay in memory for resumes; older gaps
-    come from the log.  A room with subscribers never passivates."""
+    """``ring_size`` recent events (at most ``ring_bytes_max`` of them as
+    JSON) stay in memory for resumes; older gaps come from the log.  A room
+    with subscribers never passivates."""
 
     mailbox_size = 1024
     idle_s = 300.0
@@ -376,6 +381,11 @@ class RoomBehaviour(Behaviour[RoomState]):
     window; a session room of 2 viewers: 1,000)."""
     max_batch = Limits().max_batch
     """Messages per frame: a client refuses frames holding more."""
+
+    ring_bytes_max = 8 * 1024 * 1024
+    """The ring's bound in bytes (its events as JSON; with their other
+    encodings and decoded data, some 3 to 4 times that in memory): a
+    writer's 1 MB events would otherwise keep 1,024 of them, per room."""
 
     max_highlights = 64
     activity_memory = 100
@@ -670,12 +680,21 @@ class RoomBehaviour(Behaviour[RoomState]):
             state.epoch = fresh[0].epoch
         entries = []
         for stored_event in fresh:
-            entry = _Ring(to_event(stored_event), stored_event.end_seq, {}, committed_s)
+            event = to_event(stored_event)
+            # encoded at once for the JSON subscribers (most of them), and to
+            # know its size: the ring is bounded in bytes as in events
+            frame = encode(Codec.JSON, event)
+            entry = _Ring(
+                event, stored_event.end_seq, {(Codec.JSON, False): frame}, committed_s, len(frame)
+            )
             entries.append(entry)
             state.ring.append(entry)
+            state.ring_bytes += entry.size
         state.head = fresh[-1].end_seq
-        while len(state.ring) > self.ring_size:
-            state.ring.popleft()
+        while len(state.ring) > self.ring_size or (
+            state.ring_bytes > self.ring_bytes_max and len(state.ring) > 1
+        ):
+            state.ring_bytes -= state.ring.popleft().size
             mark("room.ring_evicted")
         if state.window_timer:
             state.unsent.extend(entries)
@@ -1178,6 +1197,7 @@ class RoomBehaviour(Behaviour[RoomState]):
             "head": state.head,
             "subscribers": len(state.subscribers),
             "ring": len(state.ring),
+            "ring_bytes": state.ring_bytes,
             "delivered": state.delivered,
             "lagged": state.lagged,
             "windows": state.windows,
