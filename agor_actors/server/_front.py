@@ -82,8 +82,24 @@ def _reply(status: int, reason: str, body: bytes = b"") -> bytes:
     return head.encode("ascii") + body
 
 
-_BAD_REQUEST: Final = _reply(400, "Bad Request")
-_TOO_LARGE: Final = _reply(431, "Request Header Fields Too Large")
+_BAD_REQUEST: Final = _reply(
+    400,
+    "Bad Request",
+    b'{"code":"bad_request","message":"not an HTTP/1.1 request","data":null}',
+)
+_TOO_LARGE: Final = _reply(
+    431,
+    "Request Header Fields Too Large",
+    b'{"code":"bad_request","message":"the request\'s headers are too large","data":null}',
+)
+_URI_TOO_LONG: Final = _reply(
+    414,
+    "URI Too Long",
+    b'{"code":"bad_request","message":"the request line is too long: a long query'
+    b' goes in fewer, shorter parameters","data":null}',
+)
+_TARGET_START: Final = re.compile(rb"[A-Z]{1,20} [\x21-\x7e]+\Z")
+"""The start of a request line that goes on (a long target)."""
 _UPGRADE_WEBSOCKET: Final = re.compile(rb"\nupgrade:[ \t]*websocket[ \t]*\r?\n", re.IGNORECASE)
 _WS_ELSEWHERE: Final = _reply(
     404,
@@ -200,8 +216,9 @@ class TlsReplayStream(ReplayStream):
 async def read_head(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
     """Everything received up to the end of the request head (and whatever
     came with it).  Raises :class:`HeadError`: with no reply if the peer
-    closed first, 400 if its first line is not a request line, 431 if the
-    head is longer than ``max_bytes``."""
+    closed first, 400 if its first line is not a request line, 414 if that
+    line is longer than ``max_bytes`` (a long query string), 431 if the
+    head is."""
     received = bytearray()
     line_checked = False
     while True:
@@ -222,7 +239,10 @@ async def read_head(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
                 raise HeadError(_TOO_LARGE)
             return bytes(received)
         if len(received) >= max_bytes:
-            raise HeadError(_TOO_LARGE if line_checked else _BAD_REQUEST)
+            if line_checked:
+                raise HeadError(_TOO_LARGE)
+            long_target = _TARGET_START.match(bytes(received[:max_bytes]))
+            raise HeadError(_URI_TOO_LONG if long_target else _BAD_REQUEST)
 
 
 def route(head: bytes) -> str:

@@ -178,6 +178,7 @@ async def test_garbage_gets_400_and_is_closed(running: Daemon, garbage: bytes) -
                 await stream.send_all(garbage)
             reply = await _read_to_eof(stream)
     assert _status(reply) == 400
+    assert b'"message":"not an HTTP/1.1 request"' in reply
     await _everything_else_works(running)
 
 
@@ -189,6 +190,22 @@ async def test_a_head_beyond_the_bound_gets_431(running: Daemon) -> None:
             await stream.send_all(head)
             reply = await _read_to_eof(stream)
     assert _status(reply) == 431
+    assert b'"message":"the request\'s headers are too large"' in reply
+    await _everything_else_works(running)
+
+
+async def test_a_request_line_beyond_the_bound_gets_414_saying_why(running: Daemon) -> None:
+    # (a find with 20,000 query parameters got a bare 400, no word of why)
+    stream = await _tcp(running.port)
+    query = "&".join(f"title[$in]={i}" for i in range(20_000)).encode()
+    async with stream:
+        with trio.fail_after(5):
+            with contextlib.suppress(trio.BrokenResourceError):  # closed before it all went
+                await stream.send_all(b"GET /sessions?" + query + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await _read_to_eof(stream)
+    assert _status(reply) == 414
+    assert b"content-type: application/json" in reply
+    assert b'"message":"the request line is too long: a long query goes in fewer' in reply
     await _everything_else_works(running)
 
 
@@ -409,7 +426,8 @@ async def test_read_head_reads_to_the_blank_line_and_refuses_the_rest() -> None:
         ([b""], None),
         ([b"get / HTTP/1.1\r\n\r\n"], b"400"),
         ([b"GET / HTTP/1.1\r\nX: " + b"a" * 100], b"431"),
-        ([b"GET /" + b"a" * 100], b"400"),  # no request line within the bound
+        ([b"GET /" + b"a" * 100], b"414"),  # a request line beyond the bound
+        ([b"GETaaa" + b"a" * 100], b"400"),  # no request line at all
     ]:
         with pytest.raises(HeadError) as caught:
             await _head_of(chunks)
