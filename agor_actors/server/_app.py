@@ -49,6 +49,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..domain import Principal, ServiceError
+from ..services import SERVICES
 from ..world import World
 from ._logs import SCOPE_USER_ID, install_access_log, note_user
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
@@ -216,6 +217,15 @@ def _service_error(exc: ServiceError) -> Response:
     return error_response(exc.code, exc.message, exc.http_status, exc.data)
 
 
+_OWN_ROUTES: Final = {
+    "/authentication": ["DELETE", "POST"],
+    "/health": ["GET"],
+    "/metrics": ["GET"],
+    "/debug/actors": ["GET"],
+    "/debug/connections": ["GET"],
+}
+"""The daemon's own paths, beside the services', and their methods."""
+
 _HTTP_CODES: Final = {
     404: "not_found",
     405: "unknown_method",
@@ -226,9 +236,18 @@ _HTTP_CODES: Final = {
 
 def http_error_response(exc: HTTPException) -> Response:
     status = exc.code or 500
+    own = _OWN_ROUTES.get(request.path.rstrip("/"))
+    if isinstance(exc, MethodNotAllowed) and own is None:
+        first = request.path.strip("/").partition("/")[0]
+        if first not in SERVICES:
+            # the shape of /<service>/<id>/<method>, but no service: a 405
+            # naming the methods of that shape would mislead
+            message = f"no such path: services are at /<service>: {', '.join(SERVICES)}"
+            return error_response(_HTTP_CODES[404], message, 404)
     if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
-        # what is allowed instead, in words and in ``Allow`` (RFC 9110)
-        allowed = sorted(m for m in exc.valid_methods if m != "HEAD")
+        # what is allowed instead, in words and in ``Allow`` (RFC 9110);
+        # on the daemon's own paths, theirs (not the services' alike shape)
+        allowed = own or sorted(m for m in exc.valid_methods if m != "HEAD")
         message = (
             f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}"
         )

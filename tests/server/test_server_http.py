@@ -196,6 +196,9 @@ async def test_malformed_requests_get_json_errors(
         ("PUT", "/sessions", "GET, POST", None),
         ("POST", "/sessions/x", "DELETE, GET, PATCH, PUT", None),
         ("GET", "/tasks/x/start", "POST", "a custom method is called with POST"),
+        # the daemon's own paths name their own methods (not the services')
+        ("PUT", "/health", "GET", None),
+        ("PATCH", "/metrics", "GET", None),
     ],
 )
 async def test_a_method_not_allowed_says_which_are(
@@ -207,6 +210,15 @@ async def test_a_method_not_allowed_says_which_are(
     message = reply.body["message"]
     assert message.startswith(f"{method} is not allowed on {path}; allowed: {allow}")
     assert hint is None or hint in message
+
+
+@pytest.mark.parametrize("path", ["/web//etc/passwd", "/client/../token", "/nothing/x/y"])
+async def test_a_path_of_no_service_is_404_not_405(running: Daemon, path: str) -> None:
+    # (/web//etc/passwd has the shape of /<service>/<id>/<method>: it got
+    # 405 "allowed: POST", as though POSTing there could help)
+    reply = await http("GET", f"{running.http_url}{path}", token=running.token)
+    assert reply.status == 404 and reply.body["code"] == "not_found"
+    assert reply.body["message"].startswith("no such path: services are at /<service>: boards")
 
 
 async def test_oversized_bodies_are_refused(tmp_path: pathlib.Path) -> None:
