@@ -501,6 +501,8 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     @app.route("/<service>", methods=["GET", "POST"])
     async def collection(service: str) -> Response:
+        if f"/{service}" in _OWN_ROUTES:  # POST /health: a wrong method, not a service
+            raise MethodNotAllowed(valid_methods=_OWN_ROUTES[f"/{service}"])
         return await _service(service)
 
     @app.route("/<service>/<id>", methods=["GET", "PATCH", "PUT", "DELETE"])

@@ -199,6 +199,8 @@ async def test_malformed_requests_get_json_errors(
         # the daemon's own paths name their own methods (not the services')
         ("PUT", "/health", "GET", None),
         ("PATCH", "/metrics", "GET", None),
+        ("POST", "/health", "GET", None),
+        ("POST", "/metrics", "GET", None),
     ],
 )
 async def test_a_method_not_allowed_says_which_are(
