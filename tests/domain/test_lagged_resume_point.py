@@ -12,30 +12,16 @@ right after the last event of the room that went out.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-
-import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agor_actors.daemon import Outbox
 from agor_actors.domain.room import RoomBehaviour, RoomState, Subscribe, Subscription
-from agor_actors.store import Committed, SqlStore, StoredEvent, open_store
+from agor_actors.store import Committed, SqlStore, StoredEvent
 from protocols import Codec, Event, Joined, Lagged, Limits, Since, decode_server_frame
 
 ROOM = "session:s1"
-
-
-@pytest.fixture
-def store() -> Iterator[SqlStore]:
-    epochs = itertools.count(1)
-    store = open_store("sqlite://", new_epoch=lambda: f"epoch-{next(epochs)}")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def _stored(seq: int, merged: int, size: int) -> StoredEvent:

@@ -14,8 +14,6 @@ simulator's sweep guarded them.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,7 +28,7 @@ from agor_actors.domain.session import (
     SessionBehaviour,
     SessionState,
 )
-from agor_actors.store import Expect, SqlStore, open_store
+from agor_actors.store import Expect, SqlStore
 
 
 def _apply(
@@ -232,16 +230,6 @@ def test_a_clock_ticks_after_everything_it_saw_even_when_the_wall_goes_back(
 
 
 # --------------------------------------------------------------------------- strict fields
-
-
-@pytest.fixture
-def store() -> Iterator[SqlStore]:
-    epochs = itertools.count(1)
-    store = open_store("sqlite://", new_epoch=lambda: f"epoch-{next(epochs)}")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def _session(rev: int = 3) -> SessionState:

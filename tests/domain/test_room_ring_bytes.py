@@ -5,10 +5,6 @@ room.  A resume from before the ring is caught up from the log."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-
-import pytest
 import trio
 
 from agor_actors.daemon import Outbox
@@ -19,20 +15,10 @@ from agor_actors.domain.room import (
     Subscribe,
     Subscription,
 )
-from agor_actors.store import EventDraft, SqlStore, WriteRequest, open_store
+from agor_actors.store import EventDraft, SqlStore, WriteRequest
 from protocols import Codec, Event, Joined, Limits, Since, decode_server_frame
 
 ROOM = "session:s1"
-
-
-@pytest.fixture
-def store() -> Iterator[SqlStore]:
-    epochs = itertools.count(1)
-    store = open_store("sqlite://", new_epoch=lambda: f"epoch-{next(epochs)}")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def test_the_ring_keeps_at_most_its_bytes_and_a_resume_past_it_reads_the_log(
