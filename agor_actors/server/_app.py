@@ -44,7 +44,7 @@ from typing import Any, Final
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request
+from quart import Quart, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -217,14 +217,20 @@ def _service_error(exc: ServiceError) -> Response:
     return error_response(exc.code, exc.message, exc.http_status, exc.data)
 
 
-_OWN_ROUTES: Final = {
-    "/authentication": ["DELETE", "POST"],
-    "/health": ["GET"],
-    "/metrics": ["GET"],
-    "/debug/actors": ["GET"],
-    "/debug/connections": ["GET"],
-}
-"""The daemon's own paths, beside the services', and their methods."""
+def _own_routes(app: Quart) -> dict[str, list[str]]:
+    """The app's paths of its own (``/health``, ``/auth/me``...: the rules
+    without a variable part, beside the services' ``/<service>...``) and
+    their methods, read once from its routes."""
+    own: dict[str, list[str]] | None = app.extensions.get("agor_own_routes")
+    if own is None:
+        methods: dict[str, set[str]] = {}
+        for rule in app.url_map.iter_rules():
+            if not rule.arguments:
+                methods.setdefault(rule.rule, set()).update(rule.methods or ())
+        own = {path: sorted(m - {"HEAD", "OPTIONS"}) for path, m in methods.items()}
+        app.extensions["agor_own_routes"] = own
+    return own
+
 
 _HTTP_CODES: Final = {
     404: "not_found",
@@ -234,9 +240,22 @@ _HTTP_CODES: Final = {
 }
 
 
+def _own_methods(app: Quart) -> list[str] | None:
+    """The methods of the request's path if it is one of the app's own."""
+    return _own_routes(app).get(request.path.rstrip("/") or "/")
+
+
+def _not_own(app: Quart) -> None:
+    """A service route matched one of the app's own paths (``POST /health``,
+    ``GET /auth/logout``): a wrong method there, not a call of a service."""
+    own = _own_methods(app)
+    if own is not None:
+        raise MethodNotAllowed(valid_methods=own)
+
+
 def http_error_response(exc: HTTPException) -> Response:
     status = exc.code or 500
-    own = _OWN_ROUTES.get(request.path.rstrip("/"))
+    own = _own_methods(current_app)
     if isinstance(exc, MethodNotAllowed) and own is None:
         first = request.path.strip("/").partition("/")[0]
         if first not in SERVICES:
@@ -251,9 +270,9 @@ def http_error_response(exc: HTTPException) -> Response:
         message = (
             f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}"
         )
-        if request.method == "DELETE" and allowed == ["GET", "POST"]:
+        if own is None and request.method == "DELETE" and allowed == ["GET", "POST"]:
             message += " (a record is removed at /<service>/<id>)"
-        elif allowed == ["POST"]:
+        elif own is None and allowed == ["POST"]:
             message += " (a custom method is called with POST)"
         response = error_response(_HTTP_CODES[405], message, 405)
         response.headers["Allow"] = ", ".join(allowed)
@@ -501,12 +520,12 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
 
     @app.route("/<service>", methods=["GET", "POST"])
     async def collection(service: str) -> Response:
-        if f"/{service}" in _OWN_ROUTES:  # POST /health: a wrong method, not a service
-            raise MethodNotAllowed(valid_methods=_OWN_ROUTES[f"/{service}"])
+        _not_own(app)
         return await _service(service)
 
     @app.route("/<service>/<id>", methods=["GET", "PATCH", "PUT", "DELETE"])
     async def resource(service: str, id: str) -> Response:
+        _not_own(app)
         return await _service(service, id)
 
     @app.route("/<service>/<id>/<method>", methods=["POST"])

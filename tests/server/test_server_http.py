@@ -201,6 +201,8 @@ async def test_malformed_requests_get_json_errors(
         ("PATCH", "/metrics", "GET", None),
         ("POST", "/health", "GET", None),
         ("POST", "/metrics", "GET", None),
+        ("POST", "/auth/me", "GET", None),
+        ("GET", "/auth/logout", "POST", None),
     ],
 )
 async def test_a_method_not_allowed_says_which_are(
@@ -211,7 +213,7 @@ async def test_a_method_not_allowed_says_which_are(
     assert reply.headers["allow"] == allow
     message = reply.body["message"]
     assert message.startswith(f"{method} is not allowed on {path}; allowed: {allow}")
-    assert hint is None or hint in message
+    assert (hint is None and "(" not in message) or (hint is not None and hint in message)
 
 
 @pytest.mark.parametrize("path", ["/web//etc/passwd", "/client/../token", "/nothing/x/y"])
