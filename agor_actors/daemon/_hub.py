@@ -77,6 +77,7 @@ from ..services import (
     parse_activity,
     plan_board,
     plan_user,
+    plan_user_removal,
     public,
     store_error,
 )
@@ -248,6 +249,9 @@ class Hub:
         """Writes under an idempotency key this daemon has in flight."""
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
+        self._removed_hooks: list[Callable[[str], None]] = []
+        self._removals = 0
+        """Told the id of each user removed (the server closes its connections)."""
         self._presence_of: dict[str, Principal] = {}
         self._presence_last: dict[str, PresenceUpdate] = {}
         """Each connection's presence as it last stood (its updates merged;
@@ -433,8 +437,10 @@ class Hub:
         cached = self._tokens.get(digest)
         if cached is not None:
             return cached
-        store = self.store
+        store, removals = self.store, self._removals
         row = await self.world.blocking.run(lambda: store.user_by_token_hash(digest))
+        if removals != self._removals:  # a user was removed meanwhile: it may be this one
+            return await self.authenticate(token)
         if row is None:
             return None
         principal = Principal(user_id=row["id"], name=row["name"], is_owner=bool(row["is_owner"]))
@@ -442,6 +448,57 @@ class Hub:
         if len(self._tokens) > 4096:
             self._tokens.popitem(last=False)
         return principal
+
+    async def confirm(self, principal: Principal) -> Principal | None:
+        """``principal`` (a browser's, from its signed cookie) if its user is
+        there and not removed, else None.  Read from the store each time:
+        cookies are checked once per request or connection.  Raises
+        ``ServiceError`` (``unavailable``) while the store is away."""
+        user_id, removals = principal.user_id, self._removals
+        row = await self._read_row("users", user_id)
+        if removals != self._removals:  # a user was removed meanwhile: it may be this one
+            return await self.confirm(principal)
+        if row is None or row.get("removed_at") is not None:
+            _security_log.info("cookie refused", extra={"user_id": user_id, "reason": "no_user"})
+            return None
+        return principal
+
+    def on_user_removed(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(user_id)`` for each user removed (here by
+        ``users.remove``, or found removed by another daemon of a cluster)."""
+        self._removed_hooks.append(hook)
+
+    def _user_removed(self, user_id: str) -> None:
+        """Forget what lets the user in, and tell the hooks.  A check of a
+        token or cookie that read the store before (its answer may predate
+        the removal) reads it again (:attr:`_removals` moved)."""
+        self._removals += 1
+        for digest in [d for d, p in self._tokens.items() if p.user_id == user_id]:
+            del self._tokens[digest]
+        if self.identity is not None:
+            self.identity.forget(user_id)
+        for hook in self._removed_hooks:
+            try:
+                hook(user_id)
+            except Exception:
+                log.exception("a hook for a removed user failed", extra={"user_id": user_id})
+
+    async def _find_removed(self) -> None:
+        """A cluster node's sweep: users removed through another daemon.  The
+        caches of tokens are emptied, and the users connected here are read
+        again; those removed are told to the hooks."""
+        self._tokens.clear()
+        if self.identity is not None:
+            self.identity.forget()
+        store = self.store
+        for user_id in list(self._connections_of):
+            try:
+                row = await self.world.blocking.run(partial(store.get, "users", user_id))
+            except StoreError as exc:
+                log.warning("checking for removed users failed: %s", exc)
+                return
+            if row is not None and row.get("removed_at") is not None:
+                self._user_removed(user_id)
 
     # ------------------------------------------------------------------ calls
 
@@ -943,6 +1000,8 @@ class Hub:
     async def _users(self, method: str, id: str | None, data: Any, now_ms: int, new_id: str) -> Any:
         if method == "patch" and id is not None:
             return await self._set_password(id, data)
+        if method == "remove" and id is not None:
+            return await self._remove_user(id, now_ms)
         plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
         request = plan.request
         if isinstance(data, dict) and "password" in data:
@@ -961,12 +1020,40 @@ class Hub:
         user = await self._read_row("users", user_id)
         if user is None:
             raise ServiceError("not_found", "no such record")
+        if user.get("removed_at") is not None:
+            raise ServiceError("invalid_field", f"user {user_id} was removed")
         identity = self._identity()
         mutation = await identity.password_mutation(
             user_id, str(user["name"]), data["password"], replace=True
         )
         await self._write(WriteRequest(mutations=(mutation,)))
         await identity.password_changed(user_id)
+        return user
+
+    async def _remove_user(self, user_id: str, now_ms: int) -> Any:
+        """``users.remove``: the user signs in no more (its token, password,
+        refresh tokens, access tokens and browser cookies are refused from
+        now on) and its open connections are closed (``unauthorized``,
+        4001).  Its row stays, marked ``removed_at`` (records and history
+        name it); removing it again answers the same."""
+        user = await self._read_row("users", user_id)
+        if user is None:
+            raise ServiceError("not_found", "no such record")
+        if user.get("is_owner"):
+            raise ServiceError("forbidden", "the owner cannot be removed")
+        if user.get("removed_at") is None:
+            store = self.store
+            try:
+                password = await self.world.blocking.run(partial(store.credential, user_id=user_id))
+            except StoreError as exc:
+                raise store_error(exc) from None
+            token = self.world.entropy.token()
+            await self._write(plan_user_removal(user_id, now_ms, token, password is not None))
+            if self.identity is not None:
+                await self.identity.password_changed(user_id)  # its refresh tokens revoked
+            _security_log.warning("user removed", extra={"user_id": user_id})
+            user = {**user, "removed_at": now_ms}
+        self._user_removed(user_id)
         return user
 
     def _identity(self) -> Authentication:
@@ -984,9 +1071,13 @@ class Hub:
         plan = plan_board(call, current)
         board_id = call.id or call.new_id
         added = plan.revoked if call.method == "add_member" else None
-        if added is not None and await self._read_row("users", added) is None:
-            # named here: the store's refusal says only that the data does not fit
-            raise ServiceError("invalid_field", f"data.user_id: no user {added}")
+        if added is not None and call.method == "add_member":
+            member = await self._read_row("users", added)
+            if member is None:
+                # named here: the store's refusal says only that the data does not fit
+                raise ServiceError("invalid_field", f"data.user_id: no user {added}")
+            if member.get("removed_at") is not None:
+                raise ServiceError("invalid_field", f"data.user_id: user {added} was removed")
         if keyed is not None:
             once = Once(
                 call.principal.user_id,
@@ -1411,7 +1502,8 @@ class Hub:
         :attr:`access_sweep_cut_s` while the broker's subscription is down.
         (A member removed through another daemon while this one is cut off
         from the broker went on getting what this daemon's own writer wrote
-        to the session until the broker was back, or the 30 s sweep.)"""
+        to the session until the broker was back, or the 30 s sweep.)  Users
+        removed through another daemon are looked for then too."""
         waited_s = 0.0
         while True:
             await trio.sleep(self.access_sweep_cut_s)
@@ -1423,6 +1515,7 @@ class Hub:
             waited_s = 0.0
             self.gate.forget_loaded()
             self._recheck_soon(everyone=True)
+            await self._find_removed()
 
     async def _recheck(
         self, *, users: set[str] | None = None, rooms: set[str] | None = None

@@ -62,6 +62,7 @@ class Authentication:
         self.refresh_ttl_s = refresh_ttl_s
         self.throttle = throttle or SignInThrottle()
         self._users: OrderedDict[str, Principal] = OrderedDict()
+        self._forgets = 0
 
     # ------------------------------------------------------------ checking
 
@@ -86,6 +87,16 @@ class Authentication:
             expires_ms=claims.expires_ms,
         )
 
+    def forget(self, user_id: str | None = None) -> None:
+        """Forget the cached user ``user_id`` (None: every one), so that its
+        next access token reads it again (a removed user is refused); a
+        read begun before is made again."""
+        self._forgets += 1
+        if user_id is None:
+            self._users.clear()
+        else:
+            self._users.pop(user_id, None)
+
     @staticmethod
     def is_access_token(token: str) -> bool:
         return looks_like_jwt(token)
@@ -95,9 +106,11 @@ class Authentication:
         if cached is not None:
             self._users.move_to_end(user_id)
             return cached
-        store = self.store
+        store, forgets = self.store, self._forgets
         row = await self.world.blocking.run(lambda: store.get("users", user_id))
-        if row is None:
+        if forgets != self._forgets:  # a user was forgotten meanwhile: read again
+            return await self._user(user_id)
+        if row is None or row.get("removed_at") is not None:
             return None
         principal = Principal(user_id=row["id"], name=row["name"], is_owner=bool(row["is_owner"]))
         self._users[user_id] = principal

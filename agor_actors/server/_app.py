@@ -353,6 +353,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     app.config["BODY_TIMEOUT"] = settings.http_body_timeout_s
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     state = AppState(hub=hub, world=world, settings=settings)
+    hub.on_user_removed(state.user_removed)
     app.extensions["agor"] = state
     install_access_log(app, world.clock)  # first: its clock starts before other hooks
 
@@ -377,7 +378,11 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         token = bearer(request.headers.get("Authorization"))
         cookie = state.web.principal_from_request() if state.web and token is None else None
         if cookie is not None:
-            return cookie
+            confirmed = await hub.confirm(cookie)
+            if confirmed is None:
+                raise ServiceError("not_authenticated", "this sign-in is no longer valid")
+            note_user(request.scope, confirmed.user_id)
+            return confirmed
         if token is None:
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)

@@ -511,7 +511,12 @@ class Connection:
     async def _on_hello(self, event: HelloReceived) -> None:
         token = event.hello.token
         try:
-            principal = await self.hub.authenticate(token) if token else self.cookie_principal
+            if token:
+                principal = await self.hub.authenticate(token)
+            elif self.cookie_principal is not None:
+                principal = await self.hub.confirm(self.cookie_principal)
+            else:
+                principal = None
         except Exception:
             log.exception("authenticate failed", extra=self.log_fields())
             self._close_with(ErrorCode.SERVER_ERROR, "authentication failed")
@@ -520,6 +525,8 @@ class Connection:
             if token:
                 security_log.info("token refused", extra={"transport": "websocket"})
                 self._close_with(ErrorCode.UNAUTHORIZED, "invalid token")
+            elif self.cookie_principal is not None:
+                self._close_with(ErrorCode.UNAUTHORIZED, "this sign-in is no longer valid")
             else:
                 self._close_with(ErrorCode.NOT_AUTHENTICATED, "hello without a token")
             return

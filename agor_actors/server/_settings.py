@@ -13,7 +13,7 @@ import attrs
 import outcome
 import trio
 
-from protocols import Call, Limits, PresenceUpdate, Since
+from protocols import Call, ErrorCode, Limits, PresenceUpdate, Since
 
 from ..domain import Principal
 from ..metrics import Metrics
@@ -42,6 +42,10 @@ class ServerHub(Protocol):
     metrics: Metrics
 
     async def authenticate(self, token: str | None) -> Principal | None: ...
+
+    async def confirm(self, principal: Principal) -> Principal | None: ...
+
+    def on_user_removed(self, hook: Callable[[str], None]) -> None: ...
 
     async def authentication(self, method: str, data: Any) -> Any: ...
     def connect(self, principal: Principal, connection_id: str) -> None: ...
@@ -260,6 +264,14 @@ class AppState:
 
     def is_draining(self) -> bool:
         return self.draining
+
+    def user_removed(self, user_id: str) -> None:
+        """Close every connection of a removed user (``unauthorized``, 4001;
+        calls in flight are answered first)."""
+        for connection in list(self.connections):
+            principal = connection.principal
+            if principal is not None and principal.user_id == user_id:
+                connection.go_away(ErrorCode.UNAUTHORIZED, "this user was removed")
 
     async def drain(self) -> None:
         """Refuse new work (503), answer in-flight calls, flush every outbox

@@ -35,3 +35,4 @@ from ._gate import Gate as Gate
 from ._limits import UserLimits as UserLimits
 from ._users import UserPlan as UserPlan
 from ._users import plan_user as plan_user
+from ._users import plan_user_removal as plan_user_removal

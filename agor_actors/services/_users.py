@@ -1,5 +1,5 @@
 """The users service: the owner creates users, each with a token of its own
-(shown once)."""
+(shown once), and removes them (they sign in no more, by any means)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..domain import ServiceError
 from ..domain.fields import NAME_CHARS_MAX, check_text
 from ..store import Mutation, WriteRequest, hash_token
 
-__all__ = ["UserPlan", "plan_user"]
+__all__ = ["UserPlan", "plan_user", "plan_user_removal"]
 
 
 @attrs.frozen
@@ -33,3 +33,21 @@ def plan_user(method: str, data: Any, now_ms: int, new_id: str, token: str) -> U
     row = {"name": name, "token_hash": hash_token(token), "is_owner": False, "created_at": now_ms}
     request = WriteRequest(mutations=(Mutation("insert", "users", {"id": new_id}, row),))
     return UserPlan(request, {"id": new_id, "name": name, "token": token})
+
+
+def plan_user_removal(user_id: str, now_ms: int, token: str, has_password: bool) -> WriteRequest:
+    """``users.remove``: the user is marked removed and its token replaced
+    by ``token`` (never shown: the old one stops working); its password,
+    if it has one, is deleted.  The row stays: records and history name
+    it."""
+    mutations = [
+        Mutation(
+            "update",
+            "users",
+            {"id": user_id},
+            {"removed_at": now_ms, "token_hash": hash_token(token)},
+        )
+    ]
+    if has_password:
+        mutations.append(Mutation("delete", "credentials", {"user_id": user_id}))
+    return WriteRequest(mutations=tuple(mutations))

@@ -1981,7 +1981,9 @@ class SqlStore:
         u = s.users
         with self._reading() as conn:
             row = conn.execute(
-                sa.select(*visible_columns(u)).where(u.c.token_hash == token_hash)
+                sa.select(*visible_columns(u)).where(
+                    u.c.token_hash == token_hash, u.c.removed_at.is_(None)
+                )
             ).one_or_none()
         return None if row is None else _plain_row(row)
 
@@ -2064,10 +2066,20 @@ def _migrate_3_to_4(conn: sa.Connection) -> None:
     would run a write sent again under its key, refuses the database."""
 
 
+def _migrate_4_to_5(conn: sa.Connection) -> None:
+    """Users may be removed (``users.removed_at``, empty for those there
+    are).  The version moves so that an older daemon, which would let a
+    removed user in, refuses the database.  (A database made by this
+    version and stamped older, as tests do, has the column already.)"""
+    if "removed_at" not in {c["name"] for c in sa.inspect(conn).get_columns("users")}:
+        conn.exec_driver_sql("ALTER TABLE users ADD COLUMN removed_at BIGINT")
+
+
 _MIGRATIONS: Final[dict[int, Callable[[sa.Connection], None]]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
     3: _migrate_3_to_4,
+    4: _migrate_4_to_5,
 }
 """From each schema version to the next, run in the opening transaction."""
 

@@ -61,7 +61,8 @@ __all__ = [
 #: appended text is kept in ``message_parts`` (an older daemon would read
 #: the messages without it).  4: writes' idempotency keys
 #: (``idempotency_keys``; an older daemon would run a write sent again).
-SCHEMA_VERSION: Final = 4
+#: 5: a removed user (``users.removed_at``; an older daemon would let it in).
+SCHEMA_VERSION: Final = 5
 
 SESSION_STATUSES: Final = ("idle", "running", "awaiting_permission", "completed", "failed")
 TASK_STATUSES: Final = ("created", "running", "completed", "failed", "stopped")
@@ -187,6 +188,8 @@ users: Final = sa.Table(
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("is_owner", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", Ms, nullable=False),
+    # set by ``users.remove``: the user signs in no more, by any means
+    sa.Column("removed_at", Ms, nullable=True),
 )
 
 boards: Final = sa.Table(

@@ -276,6 +276,7 @@ PACKAGES: dict[str, set[str]] = {
         "parse_activity",
         "plan_board",
         "plan_user",
+        "plan_user_removal",
         "public",
         "store_error",
     },

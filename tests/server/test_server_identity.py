@@ -54,7 +54,8 @@ async def test_sign_in_and_use_the_access_token(running: Daemon) -> None:
     reply = await http("GET", f"{running.http_url}/sessions", token=access)
     assert reply.status == 200
     reply = await http("GET", f"{running.http_url}/users/{user['id']}", token=access)
-    assert reply.status == 200 and set(reply.body) == {"id", "name", "is_owner", "created_at"}
+    assert reply.status == 200
+    assert set(reply.body) == {"id", "name", "is_owner", "created_at", "removed_at"}
     async with connect(running.ws_url, token=access) as client:
         assert client.user_id == user["id"]
         created = await client.service("sessions").create({"title": "mine"})

@@ -75,11 +75,11 @@ def seqs(result: WriteResult | StoreError) -> list[tuple[int, int | None]]:
 
 def test_schema_is_created_once_and_versioned(db: Backend) -> None:
     first = db.open()
-    assert first.schema_version() == SCHEMA_VERSION == 4
+    assert first.schema_version() == SCHEMA_VERSION == 5
     first.close()
     again = db.open()  # idempotent: opening an existing database changes nothing
     assert again.schema_version() == SCHEMA_VERSION
-    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["4"]
+    assert db.admin("SELECT value FROM meta WHERE key = 'schema_version'") == ["5"]
     inspector_tables = set(sa.inspect(again.engine).get_table_names())
     assert {
         "meta",
@@ -195,6 +195,34 @@ def test_a_version_1_database_is_migrated_and_keeps_its_members(db: Backend) -> 
     assert isinstance(refused, StoreError)  # the new constraint holds
     migrated.close()
     assert db.open().schema_version() == SCHEMA_VERSION  # and once only
+
+
+def test_a_version_4_database_gains_removed_users(db: Backend) -> None:
+    """Version 4 had no ``users.removed_at``: opening it adds the column,
+    the users there are not removed, and a removed user's token finds no
+    one."""
+    store = db.open()
+    user = {"name": "a", "token_hash": "h1", "created_at": 1}
+    ok(
+        store.commit([WriteRequest(mutations=(Mutation("insert", "users", {"id": "u1"}, user),))])[
+            0
+        ]
+    )
+    store.close()
+    db.admin(
+        "ALTER TABLE users DROP COLUMN removed_at",
+        "UPDATE meta SET value = '4' WHERE key = 'schema_version'",
+    )
+    migrated = db.open()
+    assert migrated.schema_version() == SCHEMA_VERSION
+    found = migrated.user_by_token_hash("h1")
+    assert found is not None and found["id"] == "u1" and found["removed_at"] is None
+    removed = Mutation("update", "users", {"id": "u1"}, {"removed_at": 5})
+    ok(migrated.commit([WriteRequest(mutations=(removed,))])[0])
+    assert migrated.user_by_token_hash("h1") is None
+    got = migrated.get("users", "u1")
+    assert got is not None and got["removed_at"] == 5
+    migrated.close()
 
 
 def test_sqlite_file_settings(tmp_path: Path) -> None:
@@ -891,7 +919,7 @@ def test_a_version_2_database_keeps_its_messages_whole(db: Backend) -> None:
         "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
     )
     migrated = db.open()
-    assert migrated.schema_version() == SCHEMA_VERSION == 4
+    assert migrated.schema_version() == SCHEMA_VERSION
     indexes = {i["name"] for i in sa.inspect(migrated.engine).get_indexes("events")}
     assert "ix_events_board_user_seq" in indexes
     assert "ix_events_room_user_seq" not in indexes
@@ -910,7 +938,7 @@ def test_a_version_3_database_gains_the_idempotency_keys(db: Backend) -> None:
         "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
     )
     migrated = db.open()
-    assert migrated.schema_version() == SCHEMA_VERSION == 4
+    assert migrated.schema_version() == SCHEMA_VERSION
     once = Once("u-1", "k-1", "sessions.create", "d", {"id": "s2"}, 1)
     ok(migrated.commit([WriteRequest(mutations=[add_session("s2")], once=once)])[0])
     assert migrated.check_key("u-1", "k-1") == ("sessions.create", "d", {"id": "s2"})
@@ -1132,7 +1160,13 @@ def test_users_and_board_members(store: SqlStore) -> None:
     assert hash_token("secret-1") == hashlib.sha256(b"secret-1").hexdigest()
 
     found = store.user_by_token_hash(hash_token("secret-1"))
-    assert found == {"id": "u1", "name": "U1", "is_owner": True, "created_at": 1}
+    assert found == {
+        "id": "u1",
+        "name": "U1",
+        "is_owner": True,
+        "created_at": 1,
+        "removed_at": None,
+    }
     assert store.user_by_token_hash(hash_token("nobody")) is None
     assert store.get("users", "u4") is None  # its request failed as a whole
     assert store.board_members("b1") == [

@@ -421,6 +421,7 @@ def test_get(seeded: SqlStore) -> None:
         "name": "u1",
         "is_owner": False,
         "created_at": 1,
+        "removed_at": None,
     }
     with pytest.raises(StoreQueryError, match="composite"):
         seeded.get("board_members", "b1")
