@@ -1417,18 +1417,24 @@ class Hub:
         self._recheck_wanted.set()
 
     async def _key_sweeper(self) -> None:
-        """Drop the idempotency keys older than :attr:`keys_kept_s`, every
-        :attr:`keys_sweep_s` (in passes of a bounded size; a failure is
-        logged and tried again next time)."""
+        """Drop the idempotency keys older than :attr:`keys_kept_s`, and the
+        refresh tokens that have expired, every :attr:`keys_sweep_s` (in
+        passes of a bounded size; a failure is logged and tried again next
+        time)."""
         store, world = self.store, self.world
         while True:
             await trio.sleep(self.keys_sweep_s)
-            before_ms = world.wall.now_ms() - int(self.keys_kept_s * 1000)
+            now_ms = world.wall.now_ms()
+            before_ms = now_ms - int(self.keys_kept_s * 1000)
             try:
                 while await world.blocking.run(partial(store.forget_keys, before_ms)) >= 10_000:
                     pass
+                while (
+                    await world.blocking.run(partial(store.forget_refresh_tokens, now_ms)) >= 10_000
+                ):
+                    pass
             except StoreError as exc:
-                log.warning("dropping old idempotency keys failed: %s", exc)
+                log.warning("dropping old idempotency keys or refresh tokens failed: %s", exc)
 
     async def _rechecker(self) -> None:
         while True:

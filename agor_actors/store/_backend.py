@@ -1531,17 +1531,25 @@ class SqlStore:
         """Drop the idempotency keys taken before ``before_ms``, about
         ``limit`` at most (the oldest first; all those of the last time
         dropped); returns how many were dropped."""
-        k = s.idempotency_keys.c
+        return self._forget_before(s.idempotency_keys.c.created_at, before_ms, limit)
+
+    def forget_refresh_tokens(self, before_ms: int, limit: int = 10_000) -> int:
+        """Drop the refresh tokens that expired before ``before_ms`` (used,
+        revoked or not: an expired one is refused whatever it was), about
+        ``limit`` at most; returns how many were dropped."""
+        return self._forget_before(s.refresh_tokens.c.expires_at, before_ms, limit)
+
+    def _forget_before(self, column: sa.Column[Any], before_ms: int, limit: int) -> int:
+        """Delete the rows of ``column``'s table whose ``column`` is before
+        ``before_ms``, the oldest first, about ``limit`` (all those of the
+        last value dropped)."""
+        table = column.table
         with self._write_lock, self._writing() as conn:
             last = conn.execute(
-                sa.select(k.created_at)
-                .where(k.created_at < before_ms)
-                .order_by(k.created_at)
-                .offset(limit)
-                .limit(1)
+                sa.select(column).where(column < before_ms).order_by(column).offset(limit).limit(1)
             ).scalar_one_or_none()
-            old = k.created_at < before_ms if last is None else k.created_at <= last
-            return int(conn.execute(s.idempotency_keys.delete().where(old)).rowcount)
+            old = column < before_ms if last is None else column <= last
+            return int(conn.execute(table.delete().where(old)).rowcount)
 
     def check_key(self, user_id: str, key: str) -> tuple[str, str, Any] | None:
         """``(call, digest, answer)`` of the write that took ``user_id``'s

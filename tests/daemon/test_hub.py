@@ -501,3 +501,43 @@ async def test_the_subscriptions_by_room_actor_follow_joins_leaves_and_disconnec
     )
     await hub.disconnect("a")
     assert indexed() == {} and derived() == {}
+
+
+async def test_the_sweeper_drops_expired_refresh_tokens_and_old_keys(
+    tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every ``keys_sweep_s`` the hub drops the idempotency keys older than
+    ``keys_kept_s`` and the refresh tokens that have expired, so neither
+    table grows without end."""
+    from argon2 import profiles
+
+    from agor_actors.identity import IdentityConfig
+    from agor_actors.store import hash_token
+    from agor_actors.world import simulated_world
+
+    config = IdentityConfig(password_params=profiles.CHEAPEST, refresh_ttl_s=3600)
+    async with open_hub(simulated_world(7), data_dir=tmp_path / "agor", identity=config) as hub:
+        await hub.call(
+            OWNER,
+            connection_id=None,
+            service="users",
+            method="create",
+            data={"name": "ada", "password": "correct horse"},
+        )
+        signed = await hub.authentication(
+            "create", {"strategy": "local", "name": "ada", "password": "correct horse"}
+        )
+        await hub.call(
+            OWNER,
+            connection_id=None,
+            service="boards",
+            method="create",
+            data={"name": "B"},
+            idempotency_key="k-1",
+        )
+        digest = hash_token(signed["refreshToken"])
+        assert hub.store.refresh_token(digest) is not None
+        assert hub.store.check_key(OWNER.user_id, "k-1") is not None
+        await trio.sleep(3600 + 2 * hub.keys_sweep_s)  # both are past their time; a sweep ran
+        assert hub.store.refresh_token(digest) is None
+        assert hub.store.check_key(OWNER.user_id, "k-1") is None

@@ -1120,6 +1120,42 @@ def test_history_rows_are_kept(store: SqlStore) -> None:
     ]
 
 
+def test_expired_refresh_tokens_are_dropped(db: Backend) -> None:
+    store = db.open()
+    user = Mutation(
+        "insert", "users", {"id": "u1"}, {"name": "a", "token_hash": "h", "created_at": 1}
+    )
+    tokens = [
+        Mutation(
+            "insert",
+            "refresh_tokens",
+            {"id": f"r{n}"},
+            {
+                "token_hash": f"t{n}",
+                "family_id": "f",
+                "user_id": "u1",
+                "created_at": 1,
+                "expires_at": n * 10,
+                "rotated_at": 2 if n % 2 else None,
+            },
+        )
+        for n in range(1, 6)
+    ]
+    ok(store.commit([WriteRequest(mutations=(user, *tokens))])[0])
+    assert store.forget_refresh_tokens(before_ms=31) == 3  # expired at 10, 20 and 30
+    assert [store.refresh_token(f"t{n}") is None for n in range(1, 6)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert store.forget_refresh_tokens(before_ms=100, limit=1) >= 1  # bounded passes
+    assert store.forget_refresh_tokens(before_ms=100) <= 1
+    assert store.live_refresh_tokens(user_id="u1") == []
+    assert store.get("users", "u1") is not None
+
+
 def test_users_and_board_members(store: SqlStore) -> None:
     def user(uid: str, token: str, owner: bool = False) -> Mutation:
         return Mutation(
