@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import http
 import json
+import math
 import os
 import pathlib
 import sys
@@ -94,6 +95,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port: 0 (any free port) to 65535")
     return port
+
+
+def _watch_seconds(text: str) -> float:
+    """``top --watch``: seconds between redraws, finite (0: draw once)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= seconds < math.inf:  # nan is neither
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds: 0 (once) or more")
+    return seconds
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,9 +264,10 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail("serve", f"--broker: {exc}")
     timings = (args.node_heartbeat, args.node_liveness, args.presence_grace)
-    if not all(t > 0 for t in timings):
+    if not all(0 < t < math.inf for t in timings):  # nan is neither
         return _fail(
-            "serve", "--node-heartbeat, --node-liveness and --presence-grace must be positive"
+            "serve",
+            "--node-heartbeat, --node-liveness and --presence-grace must be positive (and finite)",
         )
     if args.node_liveness <= args.node_heartbeat:
         return _fail("serve", "--node-liveness must be longer than --node-heartbeat")
@@ -322,7 +335,7 @@ def _top_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_dir(parser)
     parser.add_argument("--token", default=None, help="token (default: <data-dir>/token)")
     parser.add_argument(
-        "--watch", type=float, default=0.0, metavar="S", help="refresh every S seconds"
+        "--watch", type=_watch_seconds, default=0.0, metavar="S", help="refresh every S seconds"
     )
     parser.add_argument("--limit", type=int, default=40, help="rows to show (busiest first)")
 

@@ -177,8 +177,21 @@ async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
         ),
         # a key that is no PEM was reported as a database that cannot be opened
         (("--jwt-private-key", "a-file"), "cannot use the JWT keys: cannot read the key: "),
+        # users stayed on every facepile for ever
+        (
+            ("--presence-grace", "inf"),
+            "--node-heartbeat, --node-liveness and --presence-grace must be positive (and finite)",
+        ),
     ],
-    ids=["port-70000", "port-negative", "metrics-port-word", "access-ttl", "refresh-ttl", "key"],
+    ids=[
+        "port-70000",
+        "port-negative",
+        "metrics-port-word",
+        "access-ttl",
+        "refresh-ttl",
+        "key",
+        "grace-inf",
+    ],
 )
 async def test_serve_refuses_settings_it_cannot_honour_in_one_line(
     tmp_path: pathlib.Path, arguments: tuple[str, ...], said: str
@@ -190,6 +203,21 @@ async def test_serve_refuses_settings_it_cannot_honour_in_one_line(
     )
     assert status == 2 and out == ""
     assert err.splitlines()[-1].startswith(f"agor-actors serve: {said}"), err
+
+
+@pytest.mark.parametrize("watch", ["inf", "-1", "nan", "often"])
+async def test_top_refuses_a_watch_that_is_no_number_of_seconds(
+    tmp_path: pathlib.Path, watch: str
+) -> None:
+    """``top --watch inf`` ended in a traceback (``time.sleep``'s
+    OverflowError); -1 and nan drew once without a word."""
+    status, out, err = await _cli("top", "--watch", watch, cwd=tmp_path)
+    assert status == 2 and out == ""
+    assert err.splitlines()[-1].startswith(
+        f"agor-actors top: error: argument --watch: {watch!r}"
+        if watch == "often"
+        else f"agor-actors top: error: argument --watch: {watch} is not a number of seconds"
+    ), err
 
 
 async def test_serve_with_a_metrics_port(tmp_path: pathlib.Path) -> None:
