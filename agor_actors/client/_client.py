@@ -647,6 +647,8 @@ class Client:
         self._wake = trio.Event()
         self._gone = trio.Event()
         self._was_welcomed = False
+        self._first_started = False
+        """``connect``'s start was told the first connection was welcomed."""
         self._connection_scope: trio.CancelScope | None = None
         self._serve_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -1306,7 +1308,7 @@ class Client:
                 self._fatal = exc.error
                 self._fail_waiters(exc.error.code, exc.error.message)
                 self._open.set()  # waiters raise the error
-                if first:
+                if first and not self._first_started:
                     task_status.started(exc.error)
                 else:
                     log.error("connection refused for good: %s", exc.error)
@@ -1473,6 +1475,7 @@ class Client:
                     self._slots.unpark_all()
                     if task_status is not None:
                         task_status.started(None)
+                        self._first_started = True
                     nursery.start_soon(self._heartbeat, connection_scope)
                     nursery.start_soon(self._renewer)
         finally:

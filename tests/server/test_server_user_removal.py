@@ -180,3 +180,23 @@ async def test_a_user_removed_by_another_daemon_is_found_by_the_sweep(running: D
         assert await hub.authenticate(ada["token"]) is None
         _, reason = await until_closed(raw)
         assert reason.code == 4001
+
+
+async def test_a_client_whose_user_is_removed_ends_with_unauthorized(running: Daemon) -> None:
+    """The real client, welcomed on its first connection, then closed for
+    good (4001): its calls fail with ``unauthorized`` and ``connect``'s
+    block ends cleanly.  (It raised "called 'started' twice" from the
+    block's exit.)"""
+    from agor_actors.client import CallError, connect
+
+    url = running.http_url
+    ada = (await http("POST", f"{url}/users", token=running.token, json={"name": "ada"})).body
+    async with connect(running.ws_url, token=ada["token"]) as client:
+        await client.service("boards").create({"name": "mine"})
+        removed = await http("DELETE", f"{url}/users/{ada['id']}", token=running.token)
+        assert removed.status == 200
+        # the server stopped reading before it answered the removal: this
+        # call is never read, and fails with the close
+        with trio.fail_after(10), pytest.raises(CallError) as refused:
+            await client.service("boards").find()
+        assert refused.value.code == "unauthorized"
