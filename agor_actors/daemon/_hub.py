@@ -463,6 +463,51 @@ class Hub:
             return None
         return principal
 
+    async def new_sign_in_code(
+        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
+    ) -> str:
+        """A one-time browser sign-in code for ``principal``, good for
+        ``ttl_s`` on any daemon sharing this store (only its SHA-256 is
+        kept).  Raises ``ServiceError``: ``rate_limited`` while
+        ``pending_max`` codes are pending, ``unavailable``."""
+        code = self.world.entropy.token(24)
+        now_ms = self.world.wall.now_ms()
+        put = partial(
+            self.store.put_sign_in_code,
+            hash_token(code),
+            principal.user_id,
+            next_path,
+            now_ms=now_ms,
+            expires_ms=now_ms + int(ttl_s * 1000),
+            pending_max=pending_max,
+        )
+        try:
+            kept = await self.world.blocking.run(put)
+        except StoreError as exc:
+            raise store_error(exc) from None
+        if not kept:
+            raise ServiceError("rate_limited", "too many sign-in links pending; try in a minute")
+        return code
+
+    async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None:
+        """``(principal, next_path)`` of a sign-in code, once; None if it
+        is unknown, used, expired, or its user was removed.  Raises
+        ``ServiceError`` (``unavailable``)."""
+        take = partial(
+            self.store.take_sign_in_code, hash_token(code), now_ms=self.world.wall.now_ms()
+        )
+        try:
+            taken = await self.world.blocking.run(take)
+        except StoreError as exc:
+            raise store_error(exc) from None
+        if taken is None:
+            return None
+        user_id, next_path = taken
+        row = await self._read_row("users", user_id)
+        if row is None or row.get("removed_at") is not None:
+            return None
+        return Principal(user_id, str(row["name"]), bool(row["is_owner"])), next_path
+
     def on_user_removed(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(user_id)`` for each user removed (here by
         ``users.remove``, or found removed by another daemon of a cluster)."""

@@ -53,7 +53,7 @@ from ..services import SERVICES
 from ..world import World
 from ._logs import SCOPE_USER_ID, install_access_log, note_user
 from ._settings import AppState, ServerHub, ServerSettings, origin_allowed
-from ._web import WebAuth, install_web_routes
+from ._web import COOKIE_PREFIX, WebAuth, install_web_routes
 
 __all__ = [
     "bearer",
@@ -384,6 +384,12 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             note_user(request.scope, confirmed.user_id)
             return confirmed
         if token is None:
+            if state.web and any(n.startswith(COOKIE_PREFIX) for n in request.cookies):
+                raise ServiceError(
+                    "not_authenticated",
+                    "the sign-in cookie is not valid here (expired, or signed with another"
+                    " daemon's web-secret): sign in again (agor-actors open)",
+                )
             raise ServiceError("not_authenticated", "Authorization: Bearer <token> required")
         principal = await hub.authenticate(token)
         if principal is None:
@@ -502,7 +508,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
             return error_response("not_found", "the metrics are served on the metrics port", 404)
         return await metrics_answer(hub, settings, _principal)
 
-    state.web = WebAuth(world, settings.data_dir)
+    state.web = WebAuth(world, settings.data_dir, codes=hub)
     install_web_routes(app, state.web, _principal)
 
     @app.route("/authentication", methods=["POST", "DELETE"])

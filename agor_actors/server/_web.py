@@ -15,11 +15,14 @@
 Signing in, the way Jupyter does it: ``agor-actors open`` asks the daemon
 (with the owner's token, or a user's) for a one-time code and prints the
 link ``/auth/open?code=...``.  The code is good for ``code_ttl_s`` and once;
-the daemon keeps only its SHA-256, in memory (at most ``codes_max`` pending:
-expired ones are dropped first, then a new one is refused with 429).  The
-exchange sets an ``HttpOnly; SameSite=Strict`` cookie signed with a key kept
-in ``<data_dir>/web-secret`` (mode 0600), so that it outlives a restart of
-the daemon, and never holds the token: it names the user and its expiry.
+the daemon keeps only its SHA-256, in its store (``sign_in_codes``: any
+daemon of a cluster takes a link another made; at most ``codes_max``
+pending: expired ones are dropped first, then a new one is refused with
+429).  The exchange sets an ``HttpOnly; SameSite=Strict`` cookie signed
+with a key kept in ``<data_dir>/web-secret`` (mode 0600), so that it
+outlives a restart of the daemon, and never holds the token: it names the
+user and its expiry (the daemons of a cluster share the key: copy the
+file).
 The WebSocket handshake and the REST routes accept the cookie where they
 accept the token (the ``Origin`` check applies to both); deleting the key
 file signs every browser out.
@@ -31,7 +34,7 @@ import hashlib
 import importlib.resources
 import pathlib
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import attrs
@@ -44,7 +47,14 @@ from ..daemon._token import read_or_create_secret
 from ..domain import Principal, ServiceError
 from ..world import World
 
-__all__ = ["STATIC_FILES", "WebAuth", "cookie_name", "install_web_routes"]
+__all__ = [
+    "STATIC_FILES",
+    "MemoryCodes",
+    "SignInCodes",
+    "WebAuth",
+    "cookie_name",
+    "install_web_routes",
+]
 
 SECRET_FILE: Final = "web-secret"
 COOKIE_PREFIX: Final = "agor_session_"
@@ -85,11 +95,48 @@ def _digest(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
+class SignInCodes(Protocol):
+    """Where one-time sign-in codes are kept: the hub's store (shared by the
+    daemons of a cluster), or :class:`MemoryCodes`."""
+
+    async def new_sign_in_code(
+        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
+    ) -> str: ...
+
+    async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None: ...
+
+
 @attrs.frozen
 class _Code:
     principal: Principal
     expires_s: float
     next_path: str
+
+
+class MemoryCodes:
+    """Sign-in codes in this process's memory (their SHA-256 only)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self._codes: dict[str, _Code] = {}
+
+    async def new_sign_in_code(
+        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
+    ) -> str:
+        now = self.world.clock.now_s()
+        for digest in [d for d, c in self._codes.items() if c.expires_s <= now]:
+            del self._codes[digest]
+        if len(self._codes) >= pending_max:
+            raise ServiceError("rate_limited", "too many sign-in links pending; try in a minute")
+        code = self.world.entropy.token(24)
+        self._codes[_digest(code)] = _Code(principal, now + ttl_s, next_path)
+        return code
+
+    async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None:
+        record = self._codes.pop(_digest(code), None)
+        if record is None or record.expires_s <= self.world.clock.now_s():
+            return None
+        return record.principal, record.next_path
 
 
 class WebAuth:
@@ -100,6 +147,7 @@ class WebAuth:
         world: World,
         data_dir: pathlib.Path | None,
         *,
+        codes: SignInCodes | None = None,
         code_ttl_s: float = 60.0,
         codes_max: int = 64,
         session_max_age_s: int = 7 * 24 * 3600,
@@ -107,31 +155,26 @@ class WebAuth:
         self.world = world
         secret = _read_or_create_secret(data_dir, world) if data_dir else world.entropy.token(32)
         self._serializer = URLSafeSerializer(secret, salt=_SALT)
+        self.codes: SignInCodes = codes if codes is not None else MemoryCodes(world)
         self.code_ttl_s = code_ttl_s
         self.codes_max = codes_max
         self.session_max_age_s = session_max_age_s
-        self._codes: dict[str, _Code] = {}
 
     # ------------------------------------------------------------- codes
 
-    def new_code(self, principal: Principal, next_path: str = "/") -> str:
+    async def new_code(self, principal: Principal, next_path: str = "/") -> str:
         """A one-time code for ``principal``; raises ``ServiceError``
         (``rate_limited``) while ``codes_max`` codes are pending."""
-        now = self.world.clock.now_s()
-        for digest in [d for d, c in self._codes.items() if c.expires_s <= now]:
-            del self._codes[digest]
-        if len(self._codes) >= self.codes_max:
-            raise ServiceError("rate_limited", "too many sign-in links pending; try in a minute")
-        code = self.world.entropy.token(24)
-        self._codes[_digest(code)] = _Code(principal, now + self.code_ttl_s, next_path)
-        return code
+        return await self.codes.new_sign_in_code(
+            principal, next_path, ttl_s=self.code_ttl_s, pending_max=self.codes_max
+        )
 
-    def redeem(self, code: str) -> _Code | None:
-        """The code's record, once: None if unknown, used or expired."""
-        record = self._codes.pop(_digest(code), None)
-        if record is None or record.expires_s <= self.world.clock.now_s():
+    async def redeem(self, code: str) -> tuple[Principal, str] | None:
+        """The code's principal and where to go next, once: None if
+        unknown, used or expired."""
+        if not code or len(code) > 256:
             return None
-        return record
+        return await self.codes.take_sign_in_code(code)
 
     # ------------------------------------------------------------ cookie
 
@@ -265,7 +308,7 @@ def install_web_routes(
             if not isinstance(body, dict):
                 raise ServiceError("invalid_field", "the body must be a JSON object")
             next_path = _safe_next(body.get("next", "/"))
-            code = auth.new_code(who, next_path)
+            code = await auth.new_code(who, next_path)
         except orjson.JSONDecodeError as exc:
             return _error("bad_json", f"the body is not JSON: {exc}", 400)
         except ServiceError as exc:
@@ -283,16 +326,20 @@ def install_web_routes(
 
     @app.route("/auth/open", methods=["GET"])
     async def open_link() -> Response:
-        record = auth.redeem(request.args.get("code", ""))
+        try:
+            record = await auth.redeem(request.args.get("code", ""))
+        except ServiceError as exc:
+            return _error(exc.code, exc.message, exc.http_status)
         if record is None:
             response = Response(_EXPIRED_PAGE, status=400, content_type="text/html; charset=utf-8")
             response.headers["Cache-Control"] = "no-store"
             return response
         response = Response("", status=303)
-        response.headers["Location"] = record.next_path
+        principal, next_path = record
+        response.headers["Location"] = next_path
         response.set_cookie(
             cookie_name(_server_port()),
-            auth.cookie_value(record.principal),
+            auth.cookie_value(principal),
             max_age=auth.session_max_age_s,
             path="/",
             httponly=True,

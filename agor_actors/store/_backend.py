@@ -1539,6 +1539,47 @@ class SqlStore:
         ``limit`` at most; returns how many were dropped."""
         return self._forget_before(s.refresh_tokens.c.expires_at, before_ms, limit)
 
+    def put_sign_in_code(
+        self,
+        digest: str,
+        user_id: str,
+        next_path: str,
+        *,
+        now_ms: int,
+        expires_ms: int,
+        pending_max: int,
+    ) -> bool:
+        """Keep a one-time sign-in code's digest for ``user_id`` until
+        ``expires_ms``.  Expired codes are dropped first; False (nothing
+        kept) while ``pending_max`` codes are pending."""
+        c = s.sign_in_codes
+        with self._write_lock, self._writing() as conn:
+            conn.execute(c.delete().where(c.c.expires_at <= now_ms))
+            pending = conn.execute(sa.select(sa.func.count()).select_from(c)).scalar_one()
+            if pending >= pending_max:
+                return False
+            conn.execute(
+                c.insert().values(
+                    digest=digest, user_id=user_id, next_path=next_path, expires_at=expires_ms
+                )
+            )
+            return True
+
+    def take_sign_in_code(self, digest: str, *, now_ms: int) -> tuple[str, str] | None:
+        """``(user_id, next_path)`` of the code whose digest this is, once:
+        it is dropped; None if unknown, taken already or expired."""
+        c = s.sign_in_codes
+        with self._write_lock, self._writing() as conn:
+            row = conn.execute(
+                sa.select(c.c.user_id, c.c.next_path, c.c.expires_at).where(c.c.digest == digest)
+            ).one_or_none()
+            if row is None:
+                return None
+            # another daemon taking it at the same time deletes nothing
+            if conn.execute(c.delete().where(c.c.digest == digest)).rowcount != 1:
+                return None
+        return None if row.expires_at <= now_ms else (str(row.user_id), str(row.next_path))
+
     def _forget_before(self, column: sa.Column[Any], before_ms: int, limit: int) -> int:
         """Delete the rows of ``column``'s table whose ``column`` is before
         ``before_ms``, the oldest first, about ``limit`` (all those of the

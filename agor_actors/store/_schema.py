@@ -49,6 +49,7 @@ __all__ = [
     "refresh_tokens",
     "rooms",
     "sessions",
+    "sign_in_codes",
     "tasks",
     "tool_calls",
     "users",
@@ -433,6 +434,19 @@ idempotency_keys: Final = sa.Table(
     # when it was written: keys older than the daemon's retention are dropped
     sa.Column("created_at", Ms, nullable=False, index=True),
 )
+
+sign_in_codes: Final = sa.Table(
+    "sign_in_codes",
+    metadata,
+    # sha256 hex of a one-time browser sign-in code (the code is never stored)
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # where the browser goes once signed in (a local path)
+    sa.Column("next_path", sa.String, nullable=False),
+    sa.Column("expires_at", Ms, nullable=False, index=True),
+)
+"""Pending sign-in links (``agor-actors open``): in the store, so that any
+daemon of a cluster takes a link another made; each is taken once."""
 
 IDENTITY_TABLES: Final = frozenset({"credentials", "refresh_tokens"})
 """Written through mutations; never read by ``get``/``find``."""

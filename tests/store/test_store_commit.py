@@ -1156,6 +1156,29 @@ def test_expired_refresh_tokens_are_dropped(db: Backend) -> None:
     assert store.get("users", "u1") is not None
 
 
+def test_sign_in_codes_are_taken_once(db: Backend) -> None:
+    store = db.open()
+    user = Mutation(
+        "insert", "users", {"id": "u1"}, {"name": "a", "token_hash": "h", "created_at": 1}
+    )
+    ok(store.commit([WriteRequest(mutations=(user,))])[0])
+
+    def put(digest: str, now_ms: int) -> bool:
+        return store.put_sign_in_code(
+            digest, "u1", "/?b", now_ms=now_ms, expires_ms=now_ms + 60, pending_max=2
+        )
+
+    assert put("d1", 0) and put("d2", 0)
+    assert not put("d3", 10)  # two pending
+    assert store.take_sign_in_code("d1", now_ms=10) == ("u1", "/?b")
+    assert store.take_sign_in_code("d1", now_ms=10) is None  # once
+    assert store.take_sign_in_code("nope", now_ms=10) is None
+    assert put("d3", 10)
+    assert store.take_sign_in_code("d2", now_ms=60) is None  # expired (and dropped)
+    assert put("d4", 80) and put("d5", 80)  # d3 expired at 70: dropped to make room
+    assert store.take_sign_in_code("d3", now_ms=80) is None
+
+
 def test_users_and_board_members(store: SqlStore) -> None:
     def user(uid: str, token: str, owner: bool = False) -> Mutation:
         return Mutation(

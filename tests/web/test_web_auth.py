@@ -22,22 +22,57 @@ from agor_actors.world import simulated_world
 BOB = Principal("u-bob", "Bob")
 
 
+async def _codes_sequence(auth: WebAuth, bob: Principal) -> None:
+    code = await auth.new_code(bob, "/?board=b-1")
+    assert await auth.redeem(code) == (bob, "/?board=b-1")
+    assert await auth.redeem(code) is None  # single use
+    assert await auth.redeem("") is None and await auth.redeem("x" * 10_000) is None
+    late = await auth.new_code(bob)
+    await trio.sleep(60.0)
+    assert await auth.redeem(late) is None  # expired
+    # at most codes_max pending: expired ones are dropped first, then refused
+    await auth.new_code(bob)
+    await auth.new_code(bob)
+    with pytest.raises(Exception, match="too many sign-in links"):
+        await auth.new_code(bob)
+    await trio.sleep(61.0)
+    assert await auth.redeem(await auth.new_code(bob)) is not None
+
+
 async def test_a_code_works_once_and_expires(autojump_clock: trio.testing.MockClock) -> None:
     auth = WebAuth(simulated_world(1), None, code_ttl_s=60.0, codes_max=2)
-    code = auth.new_code(BOB, "/?board=b-1")
-    record = auth.redeem(code)
-    assert record is not None and record.principal == BOB and record.next_path == "/?board=b-1"
-    assert auth.redeem(code) is None  # single use
-    late = auth.new_code(BOB)
-    await trio.sleep(60.0)
-    assert auth.redeem(late) is None  # expired
-    # at most codes_max pending: expired ones are dropped first, then refused
-    auth.new_code(BOB)
-    auth.new_code(BOB)
-    with pytest.raises(Exception, match="too many sign-in links"):
-        auth.new_code(BOB)
-    await trio.sleep(61.0)
-    assert auth.redeem(auth.new_code(BOB)) is not None
+    await _codes_sequence(auth, BOB)
+
+
+async def test_codes_kept_in_the_store_work_on_another_daemon(
+    tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The daemon's codes are kept in its store, so that another daemon on
+    the same store (a cluster behind a load balancer) takes a link this one
+    made; the same rules hold.  A removed user's link is refused."""
+    from agor_actors.daemon import open_hub
+
+    world = simulated_world(4)
+    async with (
+        open_hub(world, data_dir=tmp_path / "a") as hub,
+        open_hub(world, db_url=f"sqlite:///{tmp_path / 'a' / 'agor.db'}") as other,
+    ):
+        owner = Principal("owner", "owner", True)
+        made = await hub.call(
+            owner, connection_id=None, service="users", method="create", data={"name": "Bob"}
+        )
+        bob = Principal(made["id"], "Bob")
+        auth = WebAuth(world, None, codes=hub, code_ttl_s=60.0, codes_max=2)
+        elsewhere = WebAuth(world, None, codes=other, code_ttl_s=60.0, codes_max=2)
+        code = await auth.new_code(bob, "/?board=b-2")
+        assert await elsewhere.redeem(code) == (bob, "/?board=b-2")
+        assert await auth.redeem(code) is None  # taken once, by either
+        await trio.sleep(61.0)  # none pending
+        await _codes_sequence(auth, bob)
+        await trio.sleep(61.0)
+        code = await auth.new_code(bob)
+        await hub.call(owner, connection_id=None, service="users", method="remove", id=bob.user_id)
+        assert await elsewhere.redeem(code) is None
 
 
 async def test_the_cookie_names_the_user_and_expires(
@@ -100,6 +135,10 @@ async def test_sign_in_with_a_one_time_link(tmp_path: pathlib.Path) -> None:
         assert status == 201 and body["name"] == "B"
         evil = {**jar, "Origin": "https://evil.example"}
         assert request("GET", daemon.http_url + "/boards", headers=evil)[0] == 403
+        # a cookie this daemon did not sign says so (not "Bearer required")
+        forged = {"Cookie": f"{name}={value[:-4]}AAAA"}
+        status, _, body = request("GET", daemon.http_url + "/boards", headers=forged)
+        assert status == 401 and "sign-in cookie is not valid here" in body["message"]
         # the link is single use
         status, _, code = request(
             "POST", daemon.http_url + "/auth/codes", token=owner, body={"next": "/?board=x"}
