@@ -464,12 +464,19 @@ class Hub:
         return principal
 
     async def new_sign_in_code(
-        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
+        self,
+        principal: Principal,
+        next_path: str,
+        *,
+        ttl_s: float,
+        pending_max: int,
+        user_pending_max: int,
     ) -> str:
         """A one-time browser sign-in code for ``principal``, good for
         ``ttl_s`` on any daemon sharing this store (only its SHA-256 is
         kept).  Raises ``ServiceError``: ``rate_limited`` while
-        ``pending_max`` codes are pending, ``unavailable``."""
+        ``pending_max`` codes are pending, or ``user_pending_max`` of the
+        principal's; ``unavailable``."""
         code = self.world.entropy.token(24)
         now_ms = self.world.wall.now_ms()
         put = partial(
@@ -480,13 +487,16 @@ class Hub:
             now_ms=now_ms,
             expires_ms=now_ms + int(ttl_s * 1000),
             pending_max=pending_max,
+            user_pending_max=user_pending_max,
         )
         try:
-            kept = await self.world.blocking.run(put)
+            refused = await self.world.blocking.run(put)
         except StoreError as exc:
             raise store_error(exc) from None
-        if not kept:
-            raise ServiceError("rate_limited", "too many sign-in links pending; try in a minute")
+        if refused is not None:
+            raise ServiceError(
+                "rate_limited", f"too many sign-in links pending{refused}; try in a minute"
+            )
         return code
 
     async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None:

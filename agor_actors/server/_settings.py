@@ -19,6 +19,7 @@ from ..domain import Principal
 from ..metrics import Metrics
 from ..outbox import Outbox
 from ..world import World
+from ._web import SignInCodes
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -36,8 +37,9 @@ __all__ = [
 ]
 
 
-class ServerHub(Protocol):
-    """What the server needs of the daemon's hub (``agor_actors.daemon.Hub``)."""
+class ServerHub(SignInCodes, Protocol):
+    """What the server needs of the daemon's hub (``agor_actors.daemon.Hub``):
+    its sign-in codes too."""
 
     metrics: Metrics
 
@@ -46,12 +48,6 @@ class ServerHub(Protocol):
     async def confirm(self, principal: Principal) -> Principal | None: ...
 
     def on_user_removed(self, hook: Callable[[str], None]) -> None: ...
-
-    async def new_sign_in_code(
-        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
-    ) -> str: ...
-
-    async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None: ...
 
     async def authentication(self, method: str, data: Any) -> Any: ...
     def connect(self, principal: Principal, connection_id: str) -> None: ...

@@ -17,8 +17,9 @@ Signing in, the way Jupyter does it: ``agor-actors open`` asks the daemon
 link ``/auth/open?code=...``.  The code is good for ``code_ttl_s`` and once;
 the daemon keeps only its SHA-256, in its store (``sign_in_codes``: any
 daemon of a cluster takes a link another made; at most ``codes_max``
-pending: expired ones are dropped first, then a new one is refused with
-429).  The exchange sets an ``HttpOnly; SameSite=Strict`` cookie signed
+pending, and ``user_codes_max`` of one user's, so that a user cannot hold
+up everyone's sign-in: expired ones are dropped first, then a new one is
+refused with 429).  The exchange sets an ``HttpOnly; SameSite=Strict`` cookie signed
 with a key kept in ``<data_dir>/web-secret`` (mode 0600), so that it
 outlives a restart of the daemon, and never holds the token: it names the
 user and its expiry (the daemons of a cluster share the key: copy the
@@ -100,7 +101,13 @@ class SignInCodes(Protocol):
     daemons of a cluster), or :class:`MemoryCodes`."""
 
     async def new_sign_in_code(
-        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
+        self,
+        principal: Principal,
+        next_path: str,
+        *,
+        ttl_s: float,
+        pending_max: int,
+        user_pending_max: int,
     ) -> str: ...
 
     async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None: ...
@@ -121,13 +128,24 @@ class MemoryCodes:
         self._codes: dict[str, _Code] = {}
 
     async def new_sign_in_code(
-        self, principal: Principal, next_path: str, *, ttl_s: float, pending_max: int
+        self,
+        principal: Principal,
+        next_path: str,
+        *,
+        ttl_s: float,
+        pending_max: int,
+        user_pending_max: int,
     ) -> str:
         now = self.world.clock.now_s()
         for digest in [d for d, c in self._codes.items() if c.expires_s <= now]:
             del self._codes[digest]
         if len(self._codes) >= pending_max:
             raise ServiceError("rate_limited", "too many sign-in links pending; try in a minute")
+        mine = sum(1 for c in self._codes.values() if c.principal.user_id == principal.user_id)
+        if mine >= user_pending_max:
+            raise ServiceError(
+                "rate_limited", "too many sign-in links pending for this user; try in a minute"
+            )
         code = self.world.entropy.token(24)
         self._codes[_digest(code)] = _Code(principal, now + ttl_s, next_path)
         return code
@@ -149,7 +167,8 @@ class WebAuth:
         *,
         codes: SignInCodes | None = None,
         code_ttl_s: float = 60.0,
-        codes_max: int = 64,
+        codes_max: int = 1024,
+        user_codes_max: int = 8,
         session_max_age_s: int = 7 * 24 * 3600,
     ) -> None:
         self.world = world
@@ -158,15 +177,21 @@ class WebAuth:
         self.codes: SignInCodes = codes if codes is not None else MemoryCodes(world)
         self.code_ttl_s = code_ttl_s
         self.codes_max = codes_max
+        self.user_codes_max = user_codes_max
         self.session_max_age_s = session_max_age_s
 
     # ------------------------------------------------------------- codes
 
     async def new_code(self, principal: Principal, next_path: str = "/") -> str:
         """A one-time code for ``principal``; raises ``ServiceError``
-        (``rate_limited``) while ``codes_max`` codes are pending."""
+        (``rate_limited``) while ``codes_max`` codes are pending, or
+        ``user_codes_max`` of the principal's."""
         return await self.codes.new_sign_in_code(
-            principal, next_path, ttl_s=self.code_ttl_s, pending_max=self.codes_max
+            principal,
+            next_path,
+            ttl_s=self.code_ttl_s,
+            pending_max=self.codes_max,
+            user_pending_max=self.user_codes_max,
         )
 
     async def redeem(self, code: str) -> tuple[Principal, str] | None:

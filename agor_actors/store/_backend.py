@@ -1548,22 +1548,27 @@ class SqlStore:
         now_ms: int,
         expires_ms: int,
         pending_max: int,
-    ) -> bool:
+        user_pending_max: int,
+    ) -> str | None:
         """Keep a one-time sign-in code's digest for ``user_id`` until
-        ``expires_ms``.  Expired codes are dropped first; False (nothing
-        kept) while ``pending_max`` codes are pending."""
+        ``expires_ms``.  Expired codes are dropped first.  Nothing is kept
+        while ``pending_max`` codes are pending, or ``user_pending_max`` of
+        ``user_id``'s: then the answer says which ('' or ' for this user';
+        None: kept)."""
         c = s.sign_in_codes
         with self._write_lock, self._writing() as conn:
             conn.execute(c.delete().where(c.c.expires_at <= now_ms))
-            pending = conn.execute(sa.select(sa.func.count()).select_from(c)).scalar_one()
-            if pending >= pending_max:
-                return False
+            count = sa.select(sa.func.count()).select_from(c)
+            if conn.execute(count).scalar_one() >= pending_max:
+                return ""
+            if conn.execute(count.where(c.c.user_id == user_id)).scalar_one() >= user_pending_max:
+                return " for this user"
             conn.execute(
                 c.insert().values(
                     digest=digest, user_id=user_id, next_path=next_path, expires_at=expires_ms
                 )
             )
-            return True
+            return None
 
     def take_sign_in_code(self, digest: str, *, now_ms: int) -> tuple[str, str] | None:
         """``(user_id, next_path)`` of the code whose digest this is, once:

@@ -1163,19 +1163,32 @@ def test_sign_in_codes_are_taken_once(db: Backend) -> None:
     )
     ok(store.commit([WriteRequest(mutations=(user,))])[0])
 
-    def put(digest: str, now_ms: int) -> bool:
+    other = Mutation(
+        "insert", "users", {"id": "u2"}, {"name": "b", "token_hash": "i", "created_at": 1}
+    )
+    ok(store.commit([WriteRequest(mutations=(other,))])[0])
+
+    def put(digest: str, now_ms: int, user: str = "u1") -> str | None:
         return store.put_sign_in_code(
-            digest, "u1", "/?b", now_ms=now_ms, expires_ms=now_ms + 60, pending_max=2
+            digest,
+            user,
+            "/?b",
+            now_ms=now_ms,
+            expires_ms=now_ms + 60,
+            pending_max=3,
+            user_pending_max=2,
         )
 
-    assert put("d1", 0) and put("d2", 0)
-    assert not put("d3", 10)  # two pending
+    assert put("d1", 0) is None and put("d2", 0) is None
+    assert put("d3", 10) == " for this user"  # two of u1's pending
+    assert put("e1", 10, "u2") is None
+    assert put("e2", 10, "u2") == ""  # three pending in all
     assert store.take_sign_in_code("d1", now_ms=10) == ("u1", "/?b")
     assert store.take_sign_in_code("d1", now_ms=10) is None  # once
     assert store.take_sign_in_code("nope", now_ms=10) is None
-    assert put("d3", 10)
+    assert put("d3", 10) is None
     assert store.take_sign_in_code("d2", now_ms=60) is None  # expired (and dropped)
-    assert put("d4", 80) and put("d5", 80)  # d3 expired at 70: dropped to make room
+    assert put("d4", 80) is None and put("d5", 80) is None  # d3 expired at 70: dropped
     assert store.take_sign_in_code("d3", now_ms=80) is None
 
 

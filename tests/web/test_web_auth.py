@@ -22,7 +22,7 @@ from agor_actors.world import simulated_world
 BOB = Principal("u-bob", "Bob")
 
 
-async def _codes_sequence(auth: WebAuth, bob: Principal) -> None:
+async def _codes_sequence(auth: WebAuth, bob: Principal, other: Principal) -> None:
     code = await auth.new_code(bob, "/?board=b-1")
     assert await auth.redeem(code) == (bob, "/?board=b-1")
     assert await auth.redeem(code) is None  # single use
@@ -30,18 +30,22 @@ async def _codes_sequence(auth: WebAuth, bob: Principal) -> None:
     late = await auth.new_code(bob)
     await trio.sleep(60.0)
     assert await auth.redeem(late) is None  # expired
-    # at most codes_max pending: expired ones are dropped first, then refused
+    # at most user_codes_max of a user's pending, codes_max in all: expired
+    # ones are dropped first, then refused
     await auth.new_code(bob)
     await auth.new_code(bob)
-    with pytest.raises(Exception, match="too many sign-in links"):
+    with pytest.raises(Exception, match="too many sign-in links pending for this user"):
         await auth.new_code(bob)
+    await auth.new_code(other)  # another user is not held up by bob's
+    with pytest.raises(Exception, match="too many sign-in links pending; try"):
+        await auth.new_code(other)
     await trio.sleep(61.0)
     assert await auth.redeem(await auth.new_code(bob)) is not None
 
 
 async def test_a_code_works_once_and_expires(autojump_clock: trio.testing.MockClock) -> None:
-    auth = WebAuth(simulated_world(1), None, code_ttl_s=60.0, codes_max=2)
-    await _codes_sequence(auth, BOB)
+    auth = WebAuth(simulated_world(1), None, code_ttl_s=60.0, codes_max=3, user_codes_max=2)
+    await _codes_sequence(auth, BOB, Principal("u-ann", "Ann"))
 
 
 async def test_codes_kept_in_the_store_work_on_another_daemon(
@@ -62,13 +66,17 @@ async def test_codes_kept_in_the_store_work_on_another_daemon(
             owner, connection_id=None, service="users", method="create", data={"name": "Bob"}
         )
         bob = Principal(made["id"], "Bob")
-        auth = WebAuth(world, None, codes=hub, code_ttl_s=60.0, codes_max=2)
-        elsewhere = WebAuth(world, None, codes=other, code_ttl_s=60.0, codes_max=2)
+        ann = await hub.call(
+            owner, connection_id=None, service="users", method="create", data={"name": "Ann"}
+        )
+        limits = {"code_ttl_s": 60.0, "codes_max": 3, "user_codes_max": 2}
+        auth = WebAuth(world, None, codes=hub, **limits)
+        elsewhere = WebAuth(world, None, codes=other, **limits)
         code = await auth.new_code(bob, "/?board=b-2")
         assert await elsewhere.redeem(code) == (bob, "/?board=b-2")
         assert await auth.redeem(code) is None  # taken once, by either
         await trio.sleep(61.0)  # none pending
-        await _codes_sequence(auth, bob)
+        await _codes_sequence(auth, bob, Principal(ann["id"], "Ann"))
         await trio.sleep(61.0)
         code = await auth.new_code(bob)
         await hub.call(owner, connection_id=None, service="users", method="remove", id=bob.user_id)
