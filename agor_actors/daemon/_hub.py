@@ -76,6 +76,7 @@ from ..services import (
     narrower_role,
     parse_activity,
     plan_board,
+    plan_token_rotation,
     plan_user,
     plan_user_removal,
     public,
@@ -250,7 +251,7 @@ class Hub:
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._removed_hooks: list[Callable[[str], None]] = []
-        self._removals = 0
+        self._signouts = 0
         """Told the id of each user removed (the server closes its connections)."""
         self._presence_of: dict[str, Principal] = {}
         self._presence_last: dict[str, PresenceUpdate] = {}
@@ -437,9 +438,9 @@ class Hub:
         cached = self._tokens.get(digest)
         if cached is not None:
             return cached
-        store, removals = self.store, self._removals
+        store, signouts = self.store, self._signouts
         row = await self.world.blocking.run(lambda: store.user_by_token_hash(digest))
-        if removals != self._removals:  # a user was removed meanwhile: it may be this one
+        if signouts != self._signouts:  # a user was removed, or its token renewed, meanwhile
             return await self.authenticate(token)
         if row is None:
             return None
@@ -454,9 +455,9 @@ class Hub:
         there and not removed, else None.  Read from the store each time:
         cookies are checked once per request or connection.  Raises
         ``ServiceError`` (``unavailable``) while the store is away."""
-        user_id, removals = principal.user_id, self._removals
+        user_id, signouts = principal.user_id, self._signouts
         row = await self._read_row("users", user_id)
-        if removals != self._removals:  # a user was removed meanwhile: it may be this one
+        if signouts != self._signouts:  # a user was removed, or its token renewed, meanwhile
             return await self.confirm(principal)
         if row is None or row.get("removed_at") is not None:
             _security_log.info("cookie refused", extra={"user_id": user_id, "reason": "no_user"})
@@ -526,8 +527,8 @@ class Hub:
     def _user_removed(self, user_id: str) -> None:
         """Forget what lets the user in, and tell the hooks.  A check of a
         token or cookie that read the store before (its answer may predate
-        the removal) reads it again (:attr:`_removals` moved)."""
-        self._removals += 1
+        the removal) reads it again (:attr:`_signouts` moved)."""
+        self._signouts += 1
         for digest in [d for d, p in self._tokens.items() if p.user_id == user_id]:
             del self._tokens[digest]
         if self.identity is not None:
@@ -1057,6 +1058,8 @@ class Hub:
             return await self._set_password(id, data)
         if method == "remove" and id is not None:
             return await self._remove_user(id, now_ms)
+        if method == "rotate_token" and id is not None:
+            return await self._rotate_token(id)
         plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
         request = plan.request
         if isinstance(data, dict) and "password" in data:
@@ -1110,6 +1113,31 @@ class Hub:
             user = {**user, "removed_at": now_ms}
         self._user_removed(user_id)
         return user
+
+    async def _rotate_token(self, user_id: str) -> Any:
+        """``users.rotate_token``: a new token for the user, answered once
+        (``{id, name, token}``); the old one is refused from now on here,
+        and on the other daemons of a cluster within their access sweep.
+        Connections already open stay open (``users.remove`` closes them).
+        The owner's token is the data dir's: it is renewed by deleting
+        ``<data-dir>/token`` and starting again."""
+        user = await self._read_row("users", user_id)
+        if user is None:
+            raise ServiceError("not_found", "no such record")
+        if user.get("removed_at") is not None:
+            raise ServiceError("invalid_field", f"user {user_id} was removed")
+        if user.get("is_owner"):
+            raise ServiceError(
+                "invalid_field",
+                "the owner's token is the data dir's: delete <data-dir>/token and start again",
+            )
+        token = self.world.entropy.token()
+        await self._write(plan_token_rotation(user_id, token))
+        self._signouts += 1  # a check that read the old token's user reads again
+        for digest in [d for d, p in self._tokens.items() if p.user_id == user_id]:
+            del self._tokens[digest]
+        _security_log.warning("user token renewed", extra={"user_id": user_id})
+        return {"id": user_id, "name": user["name"], "token": token}
 
     def _identity(self) -> Authentication:
         if self.identity is None:

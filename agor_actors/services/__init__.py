@@ -34,5 +34,6 @@ from ._errors import store_error as store_error
 from ._gate import Gate as Gate
 from ._limits import UserLimits as UserLimits
 from ._users import UserPlan as UserPlan
+from ._users import plan_token_rotation as plan_token_rotation
 from ._users import plan_user as plan_user
 from ._users import plan_user_removal as plan_user_removal

@@ -272,8 +272,9 @@ class Gate:
             raise self.refuse("a viewer of this board reads and never writes")
 
     def check_users_call(self, principal: Principal, method: str, id: str | None) -> None:
-        if principal.is_owner or (method in ("get", "patch") and id == principal.user_id):
-            return  # a user reads its own record and sets its own password
+        own = ("get", "patch", "rotate_token")
+        if principal.is_owner or (method in own and id == principal.user_id):
+            return  # a user reads its own record, sets its own password, renews its token
         raise self.refuse("only the owner manages users")
 
     # ------------------------------------------------------------- reads

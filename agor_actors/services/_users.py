@@ -1,5 +1,6 @@
 """The users service: the owner creates users, each with a token of its own
-(shown once), and removes them (they sign in no more, by any means)."""
+(shown once) and renews it (``rotate_token``: the old one is refused from
+then on), and removes them (they sign in no more, by any means)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..domain import ServiceError
 from ..domain.fields import NAME_CHARS_MAX, check_text
 from ..store import Mutation, WriteRequest, hash_token
 
-__all__ = ["UserPlan", "plan_user", "plan_user_removal"]
+__all__ = ["UserPlan", "plan_token_rotation", "plan_user", "plan_user_removal"]
 
 
 @attrs.frozen
@@ -51,3 +52,11 @@ def plan_user_removal(user_id: str, now_ms: int, token: str, has_password: bool)
     if has_password:
         mutations.append(Mutation("delete", "credentials", {"user_id": user_id}))
     return WriteRequest(mutations=tuple(mutations))
+
+
+def plan_token_rotation(user_id: str, token: str) -> WriteRequest:
+    """``users.rotate_token``: the user's token becomes ``token`` (its hash
+    is stored; the old one finds no one)."""
+    return WriteRequest(
+        mutations=(Mutation("update", "users", {"id": user_id}, {"token_hash": hash_token(token)}),)
+    )

@@ -275,6 +275,7 @@ PACKAGES: dict[str, set[str]] = {
         "check_call",
         "parse_activity",
         "plan_board",
+        "plan_token_rotation",
         "plan_user",
         "plan_user_removal",
         "public",

@@ -1,6 +1,7 @@
 """``users.remove``: a removed user is let in no more, by any of the ways it
 had (its own token, a password, an access token, a refresh token, a browser
-cookie), and its open connections are closed; against a real daemon."""
+cookie), and its open connections are closed; ``users.rotate_token``: a
+user's token renewed, the old one refused.  Against a real daemon."""
 
 from __future__ import annotations
 
@@ -200,3 +201,38 @@ async def test_a_client_whose_user_is_removed_ends_with_unauthorized(running: Da
         with trio.fail_after(10), pytest.raises(CallError) as refused:
             await client.service("boards").find()
         assert refused.value.code == "unauthorized"
+
+
+async def test_a_user_renews_its_token_and_the_old_one_is_refused(running: Daemon) -> None:
+    """``users.rotate_token``: the user itself or the owner gets a new
+    token, once; the old one is refused at once (also where it was cached);
+    the user keeps its id, boards and sign-in."""
+    url, owner = running.http_url, running.token
+    ada = (await http("POST", f"{url}/users", token=owner, json={"name": "ada"})).body
+    bob = (await http("POST", f"{url}/users", token=owner, json={"name": "bob"})).body
+    board = (await http("POST", f"{url}/boards", token=ada["token"], json={"name": "B"})).body
+    assert (await http("GET", f"{url}/boards/{board['id']}", token=ada["token"])).status == 200
+
+    renewed = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=ada["token"])
+    assert renewed.status == 200, renewed.body
+    assert set(renewed.body) == {"id", "name", "token"} and renewed.body["id"] == ada["id"]
+    new = renewed.body["token"]
+    assert new != ada["token"]
+    assert (await http("GET", f"{url}/sessions", token=ada["token"])).status == 401
+    async with raw_client(running.ws_url, token=ada["token"]) as raw:
+        _, reason = await until_closed(raw)
+    assert reason.code == 4001
+    mine = await http("GET", f"{url}/boards/{board['id']}", token=new)
+    assert mine.status == 200 and mine.body["owner_id"] == ada["id"]
+
+    # the owner renews anyone's but its own; another user renews none
+    again = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=owner)
+    assert again.status == 200 and again.body["token"] != new
+    assert (await http("GET", f"{url}/sessions", token=new)).status == 401
+    refused = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=bob["token"])
+    assert refused.status == 403
+    own = await http("POST", f"{url}/users/owner/rotate_token", token=owner)
+    assert own.status == 400 and "<data-dir>/token" in own.body["message"]
+    await http("DELETE", f"{url}/users/{bob['id']}", token=owner)
+    gone = await http("POST", f"{url}/users/{bob['id']}/rotate_token", token=owner)
+    assert gone.status == 400 and "was removed" in gone.body["message"]
