@@ -272,9 +272,11 @@ def _error(code: str, message: str, status: int) -> Response:
 
 
 def _safe_next(value: Any) -> str:
-    """A local path to go to after signing in (anything else: ``/``)."""
+    """A local path to go to after signing in, of at most 2,048 characters
+    (anything else: ``/``)."""
     if (
         isinstance(value, str)
+        and len(value) <= 2048
         and value.startswith("/")
         and not value.startswith("//")
         and all(32 < ord(c) < 127 and c != "\\" for c in value)

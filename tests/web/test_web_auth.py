@@ -159,6 +159,11 @@ async def test_sign_in_with_a_one_time_link(tmp_path: pathlib.Path) -> None:
             "POST", daemon.http_url + "/auth/codes", token=owner, body={"next": "//evil.example/"}
         )
         assert request("GET", daemon.http_url + code["path"])[1]["location"] == "/"
+        # and so is one too long to keep (it is stored until the link is used)
+        _, _, code = request(
+            "POST", daemon.http_url + "/auth/codes", token=owner, body={"next": "/" + "x" * 5000}
+        )
+        assert request("GET", daemon.http_url + code["path"])[1]["location"] == "/"
 
         # the WebSocket: the cookie stands for the token in hello
         welcome = await _ws_hello(daemon, [("Cookie", f"{name}={value}")])
