@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 import outcome
@@ -105,6 +105,8 @@ from ._keys import KeyedWrite, WriteKeys, replayed
 from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
@@ -451,18 +453,59 @@ class Hub:
         return principal
 
     async def confirm(self, principal: Principal) -> Principal | None:
-        """``principal`` (a browser's, from its signed cookie) if its user is
-        there and not removed, else None.  Read from the store each time:
-        cookies are checked once per request or connection.  Raises
-        ``ServiceError`` (``unavailable``) while the store is away."""
-        user_id, signouts = principal.user_id, self._signouts
+        """``principal`` (a browser's, from its signed cookie) if its
+        sign-in is open (:meth:`open_web_session`; not logged out, its
+        password not changed since) and its user there and not removed,
+        else None.  Read from the store each time: cookies are checked once
+        per request or connection.  Raises ``ServiceError``
+        (``unavailable``) while the store is away."""
+        user_id, signouts, session = principal.user_id, self._signouts, principal.session
+        if session is None:  # a cookie of a daemon before sign-ins were kept
+            _security_log.info("cookie refused", extra={"user_id": user_id, "reason": "no_session"})
+            return None
         row = await self._read_row("users", user_id)
+        check = partial(
+            self.store.web_session_user, hash_token(session), now_ms=self.world.wall.now_ms()
+        )
+        session_user = await self._stored(check)
         if signouts != self._signouts:  # a user was removed, or its token renewed, meanwhile
             return await self.confirm(principal)
-        if row is None or row.get("removed_at") is not None:
-            _security_log.info("cookie refused", extra={"user_id": user_id, "reason": "no_user"})
+        if row is None or row.get("removed_at") is not None or session_user != user_id:
+            reason = "no_user" if row is None or row.get("removed_at") else "no_session"
+            _security_log.info("cookie refused", extra={"user_id": user_id, "reason": reason})
             return None
         return principal
+
+    async def open_web_session(self, principal: Principal, max_age_s: int) -> Principal:
+        """A browser sign-in of ``principal``, kept for ``max_age_s``: the
+        principal with its ``session`` (what the cookie names).  Raises
+        ``ServiceError`` (``unavailable``)."""
+        session = self.world.entropy.token(24)
+        now_ms = self.world.wall.now_ms()
+        keep = partial(
+            self.store.open_web_session,
+            hash_token(session),
+            principal.user_id,
+            now_ms=now_ms,
+            expires_ms=now_ms + max_age_s * 1000,
+        )
+        await self._stored(keep)
+        return attrs.evolve(principal, session=session)
+
+    async def close_web_session(self, principal: Principal) -> None:
+        """Log a browser out: the sign-in its cookie names is closed (the
+        cookie is refused from then on, wherever it is).  Raises
+        ``ServiceError`` (``unavailable``)."""
+        if principal.session is None:
+            return
+        close = partial(self.store.close_web_sessions, digest=hash_token(principal.session))
+        await self._stored(close)
+
+    async def _close_web_sessions_of(self, user_id: str) -> None:
+        close = partial(self.store.close_web_sessions, user_id=user_id)
+        closed = await self._stored(close)
+        if closed:
+            _security_log.info("browsers signed out", extra={"user_id": user_id, "closed": closed})
 
     async def new_sign_in_code(
         self,
@@ -490,10 +533,7 @@ class Hub:
             pending_max=pending_max,
             user_pending_max=user_pending_max,
         )
-        try:
-            refused = await self.world.blocking.run(put)
-        except StoreError as exc:
-            raise store_error(exc) from None
+        refused = await self._stored(put)
         if refused is not None:
             raise ServiceError(
                 "rate_limited", f"too many sign-in links pending{refused}; try in a minute"
@@ -507,10 +547,7 @@ class Hub:
         take = partial(
             self.store.take_sign_in_code, hash_token(code), now_ms=self.world.wall.now_ms()
         )
-        try:
-            taken = await self.world.blocking.run(take)
-        except StoreError as exc:
-            raise store_error(exc) from None
+        taken = await self._stored(take)
         if taken is None:
             return None
         user_id, next_path = taken
@@ -937,6 +974,14 @@ class Hub:
         self._remember(service, id, row["session_id"])
         return str(row["session_id"])
 
+    async def _stored(self, fn: Callable[[], T]) -> T:
+        """``fn`` (a store call) as blocking work; a store error becomes the
+        ``ServiceError`` a client is told."""
+        try:
+            return await self.world.blocking.run(fn)
+        except StoreError as exc:
+            raise store_error(exc) from None
+
     async def _read_row(self, table: str, id: str) -> dict[str, Any] | None:
         store = self.store
         try:
@@ -1086,6 +1131,7 @@ class Hub:
         )
         await self._write(WriteRequest(mutations=(mutation,)))
         await identity.password_changed(user_id)
+        await self._close_web_sessions_of(user_id)  # its browsers sign in again
         return user
 
     async def _remove_user(self, user_id: str, now_ms: int) -> Any:
@@ -1109,6 +1155,7 @@ class Hub:
             await self._write(plan_user_removal(user_id, now_ms, token, password is not None))
             if self.identity is not None:
                 await self.identity.password_changed(user_id)  # its refresh tokens revoked
+            await self._close_web_sessions_of(user_id)
             _security_log.warning("user removed", extra={"user_id": user_id})
             user = {**user, "removed_at": now_ms}
         self._user_removed(user_id)
@@ -1501,7 +1548,7 @@ class Hub:
 
     async def _key_sweeper(self) -> None:
         """Drop the idempotency keys older than :attr:`keys_kept_s`, and the
-        refresh tokens that have expired, every :attr:`keys_sweep_s` (in
+        refresh tokens and browser sign-ins that have expired, every :attr:`keys_sweep_s` (in
         passes of a bounded size; a failure is logged and tried again next
         time)."""
         store, world = self.store, self.world
@@ -1512,12 +1559,11 @@ class Hub:
             try:
                 while await world.blocking.run(partial(store.forget_keys, before_ms)) >= 10_000:
                     pass
-                while (
-                    await world.blocking.run(partial(store.forget_refresh_tokens, now_ms)) >= 10_000
-                ):
-                    pass
+                for forget in (store.forget_refresh_tokens, store.forget_web_sessions):
+                    while await world.blocking.run(partial(forget, now_ms)) >= 10_000:
+                        pass
             except StoreError as exc:
-                log.warning("dropping old idempotency keys or refresh tokens failed: %s", exc)
+                log.warning("dropping old keys, refresh tokens or sign-ins failed: %s", exc)
 
     async def _rechecker(self) -> None:
         while True:

@@ -13,12 +13,14 @@ __all__ = ["Principal", "ServiceError"]
 class Principal:
     """Who is calling: the local owner (the daemon's token) or a user.
     ``expires_ms``: when the credential it was authenticated with expires
-    (wall clock, ms; None: a local token, which does not)."""
+    (wall clock, ms; None: a local token, which does not).  ``session``: the
+    browser sign-in a cookie names (None: not a cookie's)."""
 
     user_id: str
     name: str
     is_owner: bool = False
     expires_ms: int | None = attrs.field(default=None, eq=False)
+    session: str | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class ServiceError(Exception):

@@ -509,7 +509,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         return await metrics_answer(hub, settings, _principal)
 
     state.web = WebAuth(world, settings.data_dir, codes=hub)
-    install_web_routes(app, state.web, _principal)
+    install_web_routes(app, state.web, _principal, hub)
 
     @app.route("/authentication", methods=["POST", "DELETE"])
     async def authentication() -> Response:

@@ -19,7 +19,7 @@ from ..domain import Principal
 from ..metrics import Metrics
 from ..outbox import Outbox
 from ..world import World
-from ._web import SignInCodes
+from ._web import SignInCodes, WebSessions
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-class ServerHub(SignInCodes, Protocol):
+class ServerHub(SignInCodes, WebSessions, Protocol):
     """What the server needs of the daemon's hub (``agor_actors.daemon.Hub``):
     its sign-in codes too."""
 

@@ -22,8 +22,10 @@ up everyone's sign-in: expired ones are dropped first, then a new one is
 refused with 429).  The exchange sets an ``HttpOnly; SameSite=Strict`` cookie signed
 with a key kept in ``<data_dir>/web-secret`` (mode 0600), so that it
 outlives a restart of the daemon, and never holds the token: it names the
-user and its expiry (the daemons of a cluster share the key: copy the
-file).
+user, its expiry and its sign-in (``web_sessions`` in the store, checked
+on each request and connection: logging out, a password change and
+removing the user close it; the daemons of a cluster share the key: copy
+the file).
 The WebSocket handshake and the REST routes accept the cookie where they
 accept the token (the ``Origin`` check applies to both); deleting the key
 file signs every browser out.
@@ -53,6 +55,7 @@ __all__ = [
     "MemoryCodes",
     "SignInCodes",
     "WebAuth",
+    "WebSessions",
     "cookie_name",
     "install_web_routes",
 ]
@@ -94,6 +97,15 @@ def _read_or_create_secret(data_dir: pathlib.Path, world: World) -> str:
 
 def _digest(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
+
+
+class WebSessions(Protocol):
+    """Where browsers' sign-ins are kept (the hub's store): a cookie is good
+    while its sign-in is open."""
+
+    async def open_web_session(self, principal: Principal, max_age_s: int) -> Principal: ...
+
+    async def close_web_session(self, principal: Principal) -> None: ...
 
 
 class SignInCodes(Protocol):
@@ -204,12 +216,15 @@ class WebAuth:
     # ------------------------------------------------------------ cookie
 
     def cookie_value(self, principal: Principal) -> str:
+        """The cookie of ``principal`` and its browser sign-in
+        (``principal.session``, which the store keeps)."""
         expires_ms = self.world.wall.now_ms() + self.session_max_age_s * 1000
         payload = {
             "u": principal.user_id,
             "n": principal.name,
             "o": principal.is_owner,
             "e": expires_ms,
+            "s": principal.session,
         }
         return str(self._serializer.dumps(payload))
 
@@ -229,7 +244,13 @@ class WebAuth:
             return None
         if not isinstance(expires_ms, int) or expires_ms <= self.world.wall.now_ms():
             return None
-        return Principal(user_id=user_id, name=name, is_owner=owner)
+        session = payload.get("s")
+        return Principal(
+            user_id=user_id,
+            name=name,
+            is_owner=owner,
+            session=session if isinstance(session, str) else None,
+        )
 
     def principal_from_cookies(self, cookies: Iterable[tuple[str, str]]) -> Principal | None:
         """The principal of the first ``agor_session_*`` cookie that this
@@ -297,10 +318,11 @@ def install_web_routes(
     app: QuartTrio,
     auth: WebAuth,
     principal: Any,
+    sessions: WebSessions,
 ) -> None:
     """Add the page, the client and the ``/auth`` routes to ``app``.
     ``principal`` is the app's ``async () -> Principal`` (token or cookie;
-    raises ``ServiceError``)."""
+    raises ``ServiceError``); ``sessions`` keeps the browsers' sign-ins."""
     files: dict[str, bytes] = {}
     package = importlib.resources.files("agor_actors.web")
     for name in STATIC_FILES:
@@ -363,6 +385,10 @@ def install_web_routes(
             return response
         response = Response("", status=303)
         principal, next_path = record
+        try:
+            principal = await sessions.open_web_session(principal, auth.session_max_age_s)
+        except ServiceError as exc:
+            return _error(exc.code, exc.message, exc.http_status)
         response.headers["Location"] = next_path
         response.set_cookie(
             cookie_name(_server_port()),
@@ -387,6 +413,12 @@ def install_web_routes(
 
     @app.route("/auth/logout", methods=["POST"])
     async def logout() -> Response:
+        signed_in = auth.principal_from_request()
+        if signed_in is not None:  # the cookie is refused from now on, wherever it is
+            try:
+                await sessions.close_web_session(signed_in)
+            except ServiceError as exc:
+                return _error(exc.code, exc.message, exc.http_status)
         response = _json({"signed_out": True})
         response.delete_cookie(
             cookie_name(_server_port()), path="/", httponly=True, samesite="Strict"

@@ -1585,6 +1585,39 @@ class SqlStore:
                 return None
         return None if row.expires_at <= now_ms else (str(row.user_id), str(row.next_path))
 
+    def open_web_session(self, digest: str, user_id: str, *, now_ms: int, expires_ms: int) -> None:
+        """Keep a browser sign-in (its id's digest) of ``user_id`` until
+        ``expires_ms``."""
+        w = s.web_sessions
+        with self._write_lock, self._writing() as conn:
+            conn.execute(
+                w.insert().values(
+                    digest=digest, user_id=user_id, created_at=now_ms, expires_at=expires_ms
+                )
+            )
+
+    def web_session_user(self, digest: str, *, now_ms: int) -> str | None:
+        """The user of the browser sign-in whose id has this digest; None if
+        there is none (closed) or it expired."""
+        w = s.web_sessions
+        with self._reading() as conn:
+            row = conn.execute(
+                sa.select(w.c.user_id).where(w.c.digest == digest, w.c.expires_at > now_ms)
+            ).one_or_none()
+        return None if row is None else str(row.user_id)
+
+    def close_web_sessions(self, *, digest: str | None = None, user_id: str | None = None) -> int:
+        """Close the browser sign-in whose id has ``digest``, or every one of
+        ``user_id``; returns how many."""
+        w = s.web_sessions
+        where = w.c.digest == digest if digest is not None else w.c.user_id == user_id
+        with self._write_lock, self._writing() as conn:
+            return int(conn.execute(w.delete().where(where)).rowcount)
+
+    def forget_web_sessions(self, before_ms: int, limit: int = 10_000) -> int:
+        """Drop the browser sign-ins that expired before ``before_ms``."""
+        return self._forget_before(s.web_sessions.c.expires_at, before_ms, limit)
+
     def _forget_before(self, column: sa.Column[Any], before_ms: int, limit: int) -> int:
         """Delete the rows of ``column``'s table whose ``column`` is before
         ``before_ms``, the oldest first, about ``limit`` (all those of the

@@ -53,6 +53,7 @@ __all__ = [
     "tasks",
     "tool_calls",
     "users",
+    "web_sessions",
 ]
 
 #: Bumped whenever the tables change; a database stamped with a newer version
@@ -447,6 +448,24 @@ sign_in_codes: Final = sa.Table(
 )
 """Pending sign-in links (``agor-actors open``): in the store, so that any
 daemon of a cluster takes a link another made; each is taken once."""
+
+web_sessions: Final = sa.Table(
+    "web_sessions",
+    metadata,
+    # sha256 hex of a browser sign-in's id (the id is in the signed cookie)
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column(
+        "user_id",
+        sa.String,
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("expires_at", Ms, nullable=False, index=True),
+)
+"""Browser sign-ins: a cookie is good while its row is here (logging out,
+a password change and removing the user delete them)."""
 
 IDENTITY_TABLES: Final = frozenset({"credentials", "refresh_tokens"})
 """Written through mutations; never read by ``get``/``find``."""

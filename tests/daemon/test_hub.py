@@ -503,12 +503,12 @@ async def test_the_subscriptions_by_room_actor_follow_joins_leaves_and_disconnec
     assert indexed() == {} and derived() == {}
 
 
-async def test_the_sweeper_drops_expired_refresh_tokens_and_old_keys(
+async def test_the_sweeper_drops_expired_refresh_tokens_sign_ins_and_old_keys(
     tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Every ``keys_sweep_s`` the hub drops the idempotency keys older than
-    ``keys_kept_s`` and the refresh tokens that have expired, so neither
-    table grows without end."""
+    ``keys_kept_s`` and the refresh tokens and browser sign-ins that have
+    expired, so no such table grows without end."""
     from argon2 import profiles
 
     from agor_actors.identity import IdentityConfig
@@ -537,7 +537,13 @@ async def test_the_sweeper_drops_expired_refresh_tokens_and_old_keys(
         )
         digest = hash_token(signed["refreshToken"])
         assert hub.store.refresh_token(digest) is not None
+        browser = await hub.open_web_session(OWNER, 3600)
+        assert browser.session is not None and await hub.confirm(browser) == OWNER
+        session_digest = hash_token(browser.session)
         assert hub.store.check_key(OWNER.user_id, "k-1") is not None
         await trio.sleep(3600 + 2 * hub.keys_sweep_s)  # both are past their time; a sweep ran
         assert hub.store.refresh_token(digest) is None
         assert hub.store.check_key(OWNER.user_id, "k-1") is None
+        assert await hub.confirm(browser) is None
+        assert hub.store.forget_web_sessions(2**62) == 0  # the sweep dropped it already
+        assert hub.store.web_session_user(session_digest, now_ms=0) is None

@@ -1192,6 +1192,27 @@ def test_sign_in_codes_are_taken_once(db: Backend) -> None:
     assert store.take_sign_in_code("d3", now_ms=80) is None
 
 
+def test_web_sessions_open_close_and_expire(db: Backend) -> None:
+    store = db.open()
+    users = [
+        Mutation("insert", "users", {"id": u}, {"name": u, "token_hash": u, "created_at": 1})
+        for u in ("u1", "u2")
+    ]
+    ok(store.commit([WriteRequest(mutations=tuple(users))])[0])
+    for digest, user, expires in (("a", "u1", 100), ("b", "u1", 200), ("c", "u2", 300)):
+        store.open_web_session(digest, user, now_ms=0, expires_ms=expires)
+    assert store.web_session_user("a", now_ms=50) == "u1"
+    assert store.web_session_user("a", now_ms=100) is None  # expired
+    assert store.web_session_user("nope", now_ms=0) is None
+    assert store.close_web_sessions(digest="b") == 1  # logged out
+    assert store.web_session_user("b", now_ms=0) is None
+    store.open_web_session("d", "u1", now_ms=0, expires_ms=400)
+    assert store.close_web_sessions(user_id="u1") == 2  # a password change: a and d
+    assert store.web_session_user("c", now_ms=0) == "u2"
+    assert store.forget_web_sessions(before_ms=301) == 1
+    assert store.web_session_user("c", now_ms=0) is None
+
+
 def test_users_and_board_members(store: SqlStore) -> None:
     def user(uid: str, token: str, owner: bool = False) -> Mutation:
         return Mutation(

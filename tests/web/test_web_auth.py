@@ -185,16 +185,32 @@ async def test_sign_in_with_a_one_time_link(tmp_path: pathlib.Path) -> None:
         welcome = await _ws_hello(daemon, [("Cookie", f"{bob_name}={bob_value}")])
         assert welcome["user_id"] == bob["id"]
 
-        # logging out clears the cookie
+        # logging out clears the cookie, and closes its sign-in: the cookie's
+        # value, kept elsewhere, is refused from then on
         status, headers, _ = request("POST", daemon.http_url + "/auth/logout", headers=jar)
         assert status == 200 and "Max-Age=0" in headers["set-cookie"]
+        status, _, body = request("GET", daemon.http_url + "/auth/me", headers=jar)
+        assert status == 401 and body["message"] == "this sign-in is no longer valid"
+        refused = await _ws_hello(daemon, [("Cookie", f"{name}={value}")])
+        assert refused["type"] == "error" and refused["code"] == "unauthorized"
 
-        # the key is kept in the data dir: the cookie outlives a restart
+        # the key and the sign-ins are kept in the data dir: a cookie
+        # outlives a restart
         assert (daemon.data_dir / "web-secret").stat().st_mode & 0o777 == 0o600
         daemon.stop()
         daemon.start()
-        status, _, me = request("GET", daemon.http_url + "/auth/me", headers=jar)
-        assert status == 200 and me["user_id"] == "owner"
+        bob_jar = {"Cookie": f"{bob_name}={bob_value}"}
+        status, _, me = request("GET", daemon.http_url + "/auth/me", headers=bob_jar)
+        assert status == 200 and me["user_id"] == bob["id"]
+        # a password change signs the user's browsers out
+        status, _, _ = request(
+            "PATCH",
+            daemon.http_url + f"/users/{bob['id']}",
+            token=owner,
+            body={"password": "a new password"},
+        )
+        assert status == 200
+        assert request("GET", daemon.http_url + "/auth/me", headers=bob_jar)[0] == 401
 
 
 @pytest.mark.slow
