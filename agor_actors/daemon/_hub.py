@@ -253,8 +253,10 @@ class Hub:
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._removed_hooks: list[Callable[[str], None]] = []
-        self._signouts = 0
         """Told the id of each user removed (the server closes its connections)."""
+        self._signouts = 0
+        """Moves when a user is removed or its token renewed: a check of a
+        token or cookie that read the store before reads it again."""
         self._presence_of: dict[str, Principal] = {}
         self._presence_last: dict[str, PresenceUpdate] = {}
         """Each connection's presence as it last stood (its updates merged;
@@ -470,8 +472,9 @@ class Hub:
         session_user = await self._stored(check)
         if signouts != self._signouts:  # a user was removed, or its token renewed, meanwhile
             return await self.confirm(principal)
-        if row is None or row.get("removed_at") is not None or session_user != user_id:
-            reason = "no_user" if row is None or row.get("removed_at") else "no_session"
+        removed = row is None or row.get("removed_at") is not None
+        if removed or session_user != user_id:
+            reason = "no_user" if removed else "no_session"
             _security_log.info("cookie refused", extra={"user_id": user_id, "reason": reason})
             return None
         return principal
@@ -561,13 +564,17 @@ class Hub:
         ``users.remove``, or found removed by another daemon of a cluster)."""
         self._removed_hooks.append(hook)
 
-    def _user_removed(self, user_id: str) -> None:
-        """Forget what lets the user in, and tell the hooks.  A check of a
-        token or cookie that read the store before (its answer may predate
-        the removal) reads it again (:attr:`_signouts` moved)."""
+    def _forget_tokens_of(self, user_id: str) -> None:
+        """Forget the user's cached local token; a check of a token or
+        cookie that read the store before (its answer may predate this)
+        reads it again (:attr:`_signouts` moves)."""
         self._signouts += 1
         for digest in [d for d, p in self._tokens.items() if p.user_id == user_id]:
             del self._tokens[digest]
+
+    def _user_removed(self, user_id: str) -> None:
+        """Forget what lets the user in, and tell the hooks."""
+        self._forget_tokens_of(user_id)
         if self.identity is not None:
             self.identity.forget(user_id)
         for hook in self._removed_hooks:
@@ -983,11 +990,7 @@ class Hub:
             raise store_error(exc) from None
 
     async def _read_row(self, table: str, id: str) -> dict[str, Any] | None:
-        store = self.store
-        try:
-            row = await self.world.blocking.run(lambda: store.get(table, id))
-        except StoreError as exc:
-            raise store_error(exc) from None
+        row = await self._stored(partial(self.store.get, table, id))
         return None if row is None else public(row)
 
     async def _read(
@@ -1146,11 +1149,7 @@ class Hub:
         if user.get("is_owner"):
             raise ServiceError("forbidden", "the owner cannot be removed")
         if user.get("removed_at") is None:
-            store = self.store
-            try:
-                password = await self.world.blocking.run(partial(store.credential, user_id=user_id))
-            except StoreError as exc:
-                raise store_error(exc) from None
+            password = await self._stored(partial(self.store.credential, user_id=user_id))
             token = self.world.entropy.token()
             await self._write(plan_user_removal(user_id, now_ms, token, password is not None))
             if self.identity is not None:
@@ -1180,9 +1179,7 @@ class Hub:
             )
         token = self.world.entropy.token()
         await self._write(plan_token_rotation(user_id, token))
-        self._signouts += 1  # a check that read the old token's user reads again
-        for digest in [d for d, p in self._tokens.items() if p.user_id == user_id]:
-            del self._tokens[digest]
+        self._forget_tokens_of(user_id)
         _security_log.warning("user token renewed", extra={"user_id": user_id})
         return {"id": user_id, "name": user["name"], "token": token}
 
@@ -1548,9 +1545,9 @@ class Hub:
 
     async def _key_sweeper(self) -> None:
         """Drop the idempotency keys older than :attr:`keys_kept_s`, and the
-        refresh tokens and browser sign-ins that have expired, every :attr:`keys_sweep_s` (in
-        passes of a bounded size; a failure is logged and tried again next
-        time)."""
+        refresh tokens and browser sign-ins that have expired, every
+        :attr:`keys_sweep_s` (in passes of a bounded size; a failure is
+        logged and tried again next time)."""
         store, world = self.store, self.world
         while True:
             await trio.sleep(self.keys_sweep_s)

@@ -19,9 +19,9 @@ the daemon keeps only its SHA-256, in its store (``sign_in_codes``: any
 daemon of a cluster takes a link another made; at most ``codes_max``
 pending, and ``user_codes_max`` of one user's, so that a user cannot hold
 up everyone's sign-in: expired ones are dropped first, then a new one is
-refused with 429).  The exchange sets an ``HttpOnly; SameSite=Strict`` cookie signed
-with a key kept in ``<data_dir>/web-secret`` (mode 0600), so that it
-outlives a restart of the daemon, and never holds the token: it names the
+refused with 429).  The exchange sets an ``HttpOnly; SameSite=Strict``
+cookie signed with a key kept in ``<data_dir>/web-secret`` (mode 0600), so
+that it outlives a restart of the daemon, and never holds the token: it names the
 user, its expiry and its sign-in (``web_sessions`` in the store, checked
 on each request and connection: logging out, a password change and
 removing the user close it; the daemons of a cluster share the key: copy
@@ -33,7 +33,6 @@ file signs every browser out.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import pathlib
 from collections.abc import Iterable
@@ -48,6 +47,7 @@ from quart_trio import QuartTrio
 
 from ..daemon._token import read_or_create_secret
 from ..domain import Principal, ServiceError
+from ..store import hash_token
 from ..world import World
 
 __all__ = [
@@ -93,10 +93,6 @@ def cookie_name(port: int | None) -> str:
 def _read_or_create_secret(data_dir: pathlib.Path, world: World) -> str:
     """The signing key in ``<data_dir>/web-secret`` (created, mode 0600)."""
     return read_or_create_secret(data_dir / SECRET_FILE, lambda: world.entropy.token(32))
-
-
-def _digest(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()
 
 
 class WebSessions(Protocol):
@@ -159,11 +155,11 @@ class MemoryCodes:
                 "rate_limited", "too many sign-in links pending for this user; try in a minute"
             )
         code = self.world.entropy.token(24)
-        self._codes[_digest(code)] = _Code(principal, now + ttl_s, next_path)
+        self._codes[hash_token(code)] = _Code(principal, now + ttl_s, next_path)
         return code
 
     async def take_sign_in_code(self, code: str) -> tuple[Principal, str] | None:
-        record = self._codes.pop(_digest(code), None)
+        record = self._codes.pop(hash_token(code), None)
         if record is None or record.expires_s <= self.world.clock.now_s():
             return None
         return record.principal, record.next_path
