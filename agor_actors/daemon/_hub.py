@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import attrs
 import outcome
@@ -35,7 +35,7 @@ from ..broker import (
     broker_kind,
     open_broker_link,
 )
-from ..domain import Principal, ServiceError
+from ..domain import Principal, ServiceError, SignOut
 from ..domain.presence import (
     PresenceConfig,
     PresenceGone,
@@ -110,6 +110,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
+_PASSWORD_CHANGED: Final = "the password was changed: sign in again"
 
 OWNER_ID = "owner"
 
@@ -252,7 +253,7 @@ class Hub:
         """Writes under an idempotency key this daemon has in flight."""
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
-        self._removed_hooks: list[Callable[[str], None]] = []
+        self._sign_out_hooks: list[Callable[[SignOut], None]] = []
         """Told the id of each user removed (the server closes its connections)."""
         self._signouts = 0
         """Moves when a user is removed or its token renewed: a check of a
@@ -559,10 +560,11 @@ class Hub:
             return None
         return Principal(user_id, str(row["name"]), bool(row["is_owner"])), next_path
 
-    def on_user_removed(self, hook: Callable[[str], None]) -> None:
-        """Call ``hook(user_id)`` for each user removed (here by
-        ``users.remove``, or found removed by another daemon of a cluster)."""
-        self._removed_hooks.append(hook)
+    def on_sign_out(self, hook: Callable[[SignOut], None]) -> None:
+        """Call ``hook`` with the connections to close when a user is
+        removed, or its password changed (here, or, found by the sweep,
+        through another daemon of a cluster)."""
+        self._sign_out_hooks.append(hook)
 
     def _forget_tokens_of(self, user_id: str) -> None:
         """Forget the user's cached local token; a check of a token or
@@ -573,32 +575,46 @@ class Hub:
             del self._tokens[digest]
 
     def _user_removed(self, user_id: str) -> None:
-        """Forget what lets the user in, and tell the hooks."""
+        """Forget what lets the user in, and close its connections."""
         self._forget_tokens_of(user_id)
         if self.identity is not None:
             self.identity.forget(user_id)
-        for hook in self._removed_hooks:
+        self._sign_out(SignOut(user_id, "this user was removed", removed=True))
+
+    def _sign_out(self, sign_out: SignOut) -> None:
+        for hook in self._sign_out_hooks:
             try:
-                hook(user_id)
+                hook(sign_out)
             except Exception:
-                log.exception("a hook for a removed user failed", extra={"user_id": user_id})
+                log.exception("a sign-out hook failed", extra={"user_id": sign_out.user_id})
 
     async def _find_removed(self) -> None:
-        """A cluster node's sweep: users removed through another daemon.  The
-        caches of tokens are emptied, and the users connected here are read
-        again; those removed are told to the hooks."""
+        """A cluster node's sweep: users removed, and passwords changed,
+        through another daemon.  The caches of tokens are emptied, and the
+        users connected here are read again: those removed are closed out,
+        and the connections of the others that an access token issued under
+        an older password opened.  (A browser's, opened with a cookie whose
+        sign-in was closed there, stays.)"""
         self._tokens.clear()
-        if self.identity is not None:
-            self.identity.forget()
+        identity = self.identity
+        if identity is not None:
+            identity.forget()
         store = self.store
         for user_id in list(self._connections_of):
             try:
                 row = await self.world.blocking.run(partial(store.get, "users", user_id))
+                known = None if identity is None else await identity.known_user(user_id)
             except StoreError as exc:
                 log.warning("checking for removed users failed: %s", exc)
                 return
             if row is not None and row.get("removed_at") is not None:
                 self._user_removed(user_id)
+            elif known is not None:
+                sign_out = SignOut(user_id, _PASSWORD_CHANGED, generation=known[1])
+                principals = self._principals
+                mine = self._connections_of.get(user_id, ())
+                if any(c in principals and sign_out.ends(principals[c]) for c in mine):
+                    self._sign_out(sign_out)
 
     # ------------------------------------------------------------------ calls
 
@@ -1120,7 +1136,10 @@ class Hub:
 
     async def _set_password(self, user_id: str, data: Any) -> Any:
         """``users.patch`` ``{password}``: the user signs in with its name
-        and this password from now on; its refresh tokens are revoked."""
+        and this password from now on; its refresh tokens are revoked, the
+        access tokens and browser sign-ins it had are refused, and the
+        connections they opened are closed (``unauthorized``; the caller's
+        after its answer)."""
         if not isinstance(data, dict) or set(data) != {"password"}:
             raise ServiceError("invalid_field", "users.patch takes only data.password")
         user = await self._read_row("users", user_id)
@@ -1135,6 +1154,9 @@ class Hub:
         await self._write(WriteRequest(mutations=(mutation,)))
         await identity.password_changed(user_id)
         await self._close_web_sessions_of(user_id)  # its browsers sign in again
+        known = await identity.known_user(user_id)
+        generation = None if known is None else known[1]
+        self._sign_out(SignOut(user_id, _PASSWORD_CHANGED, generation=generation, cookies=True))
         return user
 
     async def _remove_user(self, user_id: str, now_ms: int) -> Any:

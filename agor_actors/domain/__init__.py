@@ -4,3 +4,4 @@ is refused with."""
 
 from ._api import Principal as Principal
 from ._api import ServiceError as ServiceError
+from ._api import SignOut as SignOut

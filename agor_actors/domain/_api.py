@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Principal", "ServiceError"]
+__all__ = ["Principal", "ServiceError", "SignOut"]
 
 
 @attrs.frozen
@@ -14,13 +14,43 @@ class Principal:
     """Who is calling: the local owner (the daemon's token) or a user.
     ``expires_ms``: when the credential it was authenticated with expires
     (wall clock, ms; None: a local token, which does not).  ``session``: the
-    browser sign-in a cookie names (None: not a cookie's)."""
+    browser sign-in a cookie names (None: not a cookie's).  ``generation``:
+    the password an access token was issued under (see
+    :meth:`SignOut.ends`; None: not an access token's, or one this daemon
+    does not check)."""
 
     user_id: str
     name: str
     is_owner: bool = False
     expires_ms: int | None = attrs.field(default=None, eq=False)
     session: str | None = attrs.field(default=None, eq=False, repr=False)
+    generation: str | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class SignOut:
+    """The open connections of ``user_id`` to close (``unauthorized``, with
+    ``message``): every one if the user was ``removed``; otherwise those a
+    password opened, after it changed: an access token's issued under
+    another password than ``generation`` (the current one's), and, if
+    ``cookies``, a browser sign-in's.  A connection opened with the user's
+    own token stays."""
+
+    user_id: str
+    message: str
+    removed: bool = False
+    generation: str | None = None
+    cookies: bool = False
+
+    def ends(self, principal: Principal) -> bool:
+        """Whether a connection of ``principal`` is to be closed."""
+        if principal.user_id != self.user_id:
+            return False
+        if self.removed:
+            return True
+        if principal.session is not None:
+            return self.cookies
+        return principal.generation is not None and principal.generation != self.generation
 
 
 class ServiceError(Exception):

@@ -8,6 +8,12 @@
   with a new pair.  A rotated token presented again revokes its family.
 * ``remove`` ``{refreshToken}``: sign out: the token's family is revoked.
 
+An access token names the password it was issued under (its ``gen``, a
+digest of the password's stored hash, which every change renews): once the
+password changes, the tokens issued before are refused (``signed_out``),
+as the refresh tokens are revoked.  A daemon that only verifies tokens
+(another service signs) does not check it.
+
 Everything the service writes goes through the store's writer (``write``);
 it reads through ``World.blocking``.  Security-relevant refusals are logged
 to ``agor_actors.security`` with the user id when known, never a secret.
@@ -15,10 +21,13 @@ to ``agor_actors.security`` with the user id when known, never a secret.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
+
+import attrs
 
 from ..domain import Principal, ServiceError
 from ..store import Expect, Mutation, SqlStore, StoreConflict, WriteRequest, hash_token
@@ -38,6 +47,15 @@ Write = Callable[[WriteRequest], Awaitable[object]]
 _REFUSED: Final = "invalid name or password"
 _USERS_CACHED_MAX: Final = 4096
 _SALT_BYTES: Final = 16
+
+
+def _password_generation(credential: dict[str, Any] | None) -> str:
+    """What names a user's current password in its access tokens: a
+    digest of the stored hash (salted afresh at every change); "" for a
+    user without one."""
+    if credential is None:
+        return ""
+    return hashlib.sha256(str(credential["password_hash"]).encode()).hexdigest()[:16]
 
 
 class Authentication:
@@ -61,7 +79,9 @@ class Authentication:
         self.passwords = passwords or Passwords()
         self.refresh_ttl_s = refresh_ttl_s
         self.throttle = throttle or SignInThrottle()
-        self._users: OrderedDict[str, Principal] = OrderedDict()
+        self._users: OrderedDict[str, tuple[Principal, str]] = OrderedDict()
+        """The users tokens were checked for: each with its password's
+        generation."""
         self._forgets = 0
 
     # ------------------------------------------------------------ checking
@@ -74,18 +94,19 @@ class Authentication:
         except TokenRefused as exc:
             security_log.info("access token refused", extra={"reason": exc.reason})
             return None
-        principal = await self._user(claims.user_id)
-        if principal is None:
-            security_log.info(
-                "access token refused", extra={"reason": "no_user", "user_id": claims.user_id}
-            )
-            return None
-        return Principal(
-            user_id=principal.user_id,
-            name=principal.name,
-            is_owner=principal.is_owner,
-            expires_ms=claims.expires_ms,
+        known = await self.known_user(claims.user_id)
+        reason = "no_user"
+        if known is not None:
+            principal, generation = known
+            if not self.tokens.keys.can_sign:  # another service signs: no generation
+                return attrs.evolve(principal, expires_ms=claims.expires_ms)
+            if claims.generation == generation:
+                return attrs.evolve(principal, expires_ms=claims.expires_ms, generation=generation)
+            reason = "signed_out"
+        security_log.info(
+            "access token refused", extra={"reason": reason, "user_id": claims.user_id}
         )
+        return None
 
     def forget(self, user_id: str | None = None) -> None:
         """Forget the cached user ``user_id`` (None: every one), so that its
@@ -101,22 +122,29 @@ class Authentication:
     def is_access_token(token: str) -> bool:
         return looks_like_jwt(token)
 
-    async def _user(self, user_id: str) -> Principal | None:
+    async def known_user(self, user_id: str) -> tuple[Principal, str] | None:
+        """The user (None: unknown or removed) and its password's generation
+        (what its access tokens name), as last read from the store."""
         cached = self._users.get(user_id)
         if cached is not None:
             self._users.move_to_end(user_id)
             return cached
         store, forgets = self.store, self._forgets
-        row = await self.world.blocking.run(lambda: store.get("users", user_id))
+
+        def read() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            return store.get("users", user_id), store.credential(user_id=user_id)
+
+        row, credential = await self.world.blocking.run(read)
         if forgets != self._forgets:  # a user was forgotten meanwhile: read again
-            return await self._user(user_id)
+            return await self.known_user(user_id)
         if row is None or row.get("removed_at") is not None:
             return None
         principal = Principal(user_id=row["id"], name=row["name"], is_owner=bool(row["is_owner"]))
-        self._users[user_id] = principal
+        known = (principal, _password_generation(credential))
+        self._users[user_id] = known
         if len(self._users) > _USERS_CACHED_MAX:
             self._users.popitem(last=False)
-        return principal
+        return known
 
     # ------------------------------------------------------------- the service
 
@@ -235,12 +263,12 @@ class Authentication:
         return token, Mutation("insert", "refresh_tokens", {"id": row_id}, values)
 
     async def _answer(self, user_id: str, refresh: str, now_ms: int) -> dict[str, Any]:
-        principal = await self._user(user_id)
-        if principal is None:
+        known = await self.known_user(user_id)
+        if known is None:
             raise ServiceError("not_authenticated", _REFUSED)
-        access, claims = self.tokens.issue(
-            user_id, now_ms=now_ms, jti=self.world.entropy.new_id(now_ms)
-        )
+        principal, generation = known
+        jti = self.world.entropy.new_id(now_ms)
+        access, claims = self.tokens.issue(user_id, now_ms=now_ms, jti=jti, generation=generation)
         return {
             "accessToken": access,
             "refreshToken": refresh,
@@ -295,6 +323,10 @@ class Authentication:
         )
 
     async def password_changed(self, user_id: str) -> None:
-        """After a password change: every refresh token of the user is revoked."""
+        """After a password change: every refresh token of the user is
+        revoked; its access tokens issued before are refused from now on
+        (here; on the other daemons of a cluster after their next sweep,
+        which forgets what they know of users)."""
+        self.forget(user_id)
         revoked = await self._revoke(user_id=user_id)
         security_log.info("password changed", extra={"user_id": user_id, "revoked": revoked})

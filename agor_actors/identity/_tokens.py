@@ -3,7 +3,9 @@ on first start, or RS256/ES256 with a configured key pair, or only verified
 (a public key and no private one: another service signs).
 
 Claims: ``sub`` (the user id), ``aud``, ``iss``, ``iat``, ``exp`` (seconds
-since the epoch) and ``jti`` (a fresh id).  Verification pins the one
+since the epoch) and ``jti`` (a fresh id); ``gen`` (optional) names the
+password the token was issued under, so that a token issued before the
+password changed can be refused (:class:`~.Authentication`).  Verification pins the one
 configured algorithm (``alg: none`` and algorithm confusion are refused by
 pyjwt), requires every claim, checks ``aud`` and ``iss``, and checks ``exp``
 and ``iat`` against the caller's ``now_ms`` (the world's wall clock, not
@@ -36,7 +38,8 @@ CLOCK_SKEW_S: Final = 60
 class TokenRefused(Exception):
     """An access token that does not stand for anyone.  ``reason`` is one of
     ``malformed``, ``bad_signature``, ``bad_algorithm``, ``wrong_audience``,
-    ``wrong_issuer``, ``expired``, ``not_yet_valid`` (for the security log;
+    ``wrong_issuer``, ``expired``, ``not_yet_valid``, ``signed_out`` (issued
+    under a password since changed) (for the security log;
     the client is told ``not_authenticated`` whatever it is)."""
 
     def __init__(self, reason: str) -> None:
@@ -50,6 +53,8 @@ class AccessClaims:
     jti: str
     issued_ms: int
     expires_ms: int
+    generation: str = ""
+    """The ``gen`` claim ("" if the token has none)."""
 
 
 @attrs.frozen
@@ -121,9 +126,12 @@ class AccessTokens:
     audience: str = "agor"
     ttl_s: int = 15 * 60
 
-    def issue(self, user_id: str, *, now_ms: int, jti: str) -> tuple[str, AccessClaims]:
-        """A signed token for ``user_id`` and its claims.  Raises
-        :class:`RuntimeError` in verify-only mode."""
+    def issue(
+        self, user_id: str, *, now_ms: int, jti: str, generation: str = ""
+    ) -> tuple[str, AccessClaims]:
+        """A signed token for ``user_id`` and its claims (``gen``:
+        ``generation``, if any).  Raises :class:`RuntimeError` in
+        verify-only mode."""
         if not self.keys.can_sign:
             raise RuntimeError("verify-only: no private key to sign with")
         issued_s = now_ms // 1000
@@ -135,8 +143,11 @@ class AccessTokens:
             "exp": issued_s + self.ttl_s,
             "jti": jti,
         }
+        if generation:
+            claims["gen"] = generation
         token = jwt.encode(claims, self.keys.signing_key, algorithm=self.keys.algorithm)
-        return token, AccessClaims(user_id, jti, issued_s * 1000, (issued_s + self.ttl_s) * 1000)
+        expires_ms = (issued_s + self.ttl_s) * 1000
+        return token, AccessClaims(user_id, jti, issued_s * 1000, expires_ms, generation)
 
     def verify(self, token: str, *, now_ms: int) -> AccessClaims:
         """The claims of a valid token; raises :class:`TokenRefused`."""
@@ -169,8 +180,11 @@ class AccessTokens:
             raise TokenRefused("malformed")
         if type(iat) is not int or type(exp) is not int:
             raise TokenRefused("malformed")
+        generation = claims.get("gen", "")
+        if not isinstance(generation, str):
+            raise TokenRefused("malformed")
         if exp * 1000 <= now_ms:
             raise TokenRefused("expired")
         if iat * 1000 > now_ms + CLOCK_SKEW_S * 1000:
             raise TokenRefused("not_yet_valid")
-        return AccessClaims(sub, jti, iat * 1000, exp * 1000)
+        return AccessClaims(sub, jti, iat * 1000, exp * 1000, generation)

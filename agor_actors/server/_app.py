@@ -353,7 +353,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
     app.config["BODY_TIMEOUT"] = settings.http_body_timeout_s
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     state = AppState(hub=hub, world=world, settings=settings)
-    hub.on_user_removed(state.user_removed)
+    hub.on_sign_out(state.signed_out)
     app.extensions["agor"] = state
     install_access_log(app, world.clock)  # first: its clock starts before other hooks
 

@@ -15,7 +15,7 @@ import trio
 
 from protocols import Call, ErrorCode, Limits, PresenceUpdate, Since
 
-from ..domain import Principal
+from ..domain import Principal, SignOut
 from ..metrics import Metrics
 from ..outbox import Outbox
 from ..world import World
@@ -47,7 +47,7 @@ class ServerHub(SignInCodes, WebSessions, Protocol):
 
     async def confirm(self, principal: Principal) -> Principal | None: ...
 
-    def on_user_removed(self, hook: Callable[[str], None]) -> None: ...
+    def on_sign_out(self, hook: Callable[[SignOut], None]) -> None: ...
 
     async def authentication(self, method: str, data: Any) -> Any: ...
     def connect(self, principal: Principal, connection_id: str) -> None: ...
@@ -267,13 +267,13 @@ class AppState:
     def is_draining(self) -> bool:
         return self.draining
 
-    def user_removed(self, user_id: str) -> None:
-        """Close every connection of a removed user (``unauthorized``, 4001;
+    def signed_out(self, sign_out: SignOut) -> None:
+        """Close the connections ``sign_out`` ends (``unauthorized``, 4001;
         calls in flight are answered first)."""
         for connection in list(self.connections):
             principal = connection.principal
-            if principal is not None and principal.user_id == user_id:
-                connection.go_away(ErrorCode.UNAUTHORIZED, "this user was removed")
+            if principal is not None and sign_out.ends(principal):
+                connection.go_away(ErrorCode.UNAUTHORIZED, sign_out.message)
 
     async def drain(self) -> None:
         """Refuse new work (503), answer in-flight calls, flush every outbox

@@ -14,6 +14,7 @@ from argon2 import PasswordHasher, profiles
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agor_actors.domain import Principal, SignOut
 from agor_actors.identity import (
     AccessTokens,
     IdentityConfig,
@@ -58,6 +59,36 @@ def test_a_token_round_trips_with_every_claim() -> None:
     payload = jwt.decode(token, options={"verify_signature": False})
     assert set(payload) == {"sub", "aud", "iss", "exp", "iat", "jti"}
     assert payload["sub"] == "u1" and payload["jti"] == "j1"
+
+
+def test_a_token_names_the_password_it_was_issued_under() -> None:
+    tokens = _tokens()
+    token, claims = tokens.issue("u1", now_ms=NOW_MS, jti="j1", generation="0123abcd0123abcd")
+    assert claims.generation == "0123abcd0123abcd"
+    assert tokens.verify(token, now_ms=NOW_MS) == claims
+    assert jwt.decode(token, options={"verify_signature": False})["gen"] == "0123abcd0123abcd"
+    # a token without one verifies with "", one with a non-string is malformed
+    bare, _ = tokens.issue("u1", now_ms=NOW_MS, jti="j1")
+    assert tokens.verify(bare, now_ms=NOW_MS).generation == ""
+    odd = jwt.encode({**OWNER_CLAIMS, "gen": 7}, SECRET, algorithm="HS256")
+    assert _refused(tokens, odd) == "malformed"
+
+
+def test_a_sign_out_ends_what_it_says() -> None:
+    jwt_old = Principal("u1", "ada", expires_ms=1, generation="old")
+    jwt_new = Principal("u1", "ada", expires_ms=1, generation="new")
+    cookie = Principal("u1", "ada", expires_ms=1, session="s")
+    own = Principal("u1", "ada")  # the user's own token
+    unchecked = Principal("u1", "ada", expires_ms=1)  # another service's token
+    everyone = [jwt_old, jwt_new, cookie, own, unchecked]
+    changed = SignOut("u1", "changed", generation="new", cookies=True)
+    assert [changed.ends(p) for p in everyone] == [True, False, True, False, False]
+    swept = SignOut("u1", "changed", generation="new")  # another daemon's change
+    assert [swept.ends(p) for p in everyone] == [True, False, False, False, False]
+    removed = SignOut("u1", "removed", removed=True)
+    assert all(removed.ends(p) for p in everyone)
+    assert not removed.ends(Principal("u2", "bob"))
+    assert not changed.ends(Principal("u2", "bob", expires_ms=1, generation="old"))
 
 
 def test_a_forged_signature_is_refused() -> None:

@@ -203,6 +203,7 @@ PACKAGES: dict[str, set[str]] = {
     "agor_actors.domain": {
         "Principal",
         "ServiceError",
+        "SignOut",
     },
     "agor_actors.identity": {
         "AccessClaims",

@@ -168,7 +168,12 @@ async def test_a_password_change_revokes_refresh_tokens(running: Daemon) -> None
         json={"strategy": "refresh", "refreshToken": signed["refreshToken"]},
     )
     assert reply.status == 401
-    await _sign_in(running, password="battery staple")
+    # the access token issued under the old password is refused too
+    reply = await http("GET", f"{running.http_url}/boards", token=signed["accessToken"])
+    assert reply.status == 401
+    again = await _sign_in(running, password="battery staple")
+    reply = await http("GET", f"{running.http_url}/boards", token=again["accessToken"])
+    assert reply.status == 200
     reply = await http(
         "POST",
         f"{running.http_url}/authentication",
@@ -180,7 +185,7 @@ async def test_a_password_change_revokes_refresh_tokens(running: Daemon) -> None
     reply = await http(
         "PATCH",
         f"{running.http_url}/users/{other['id']}",
-        token=signed["accessToken"],
+        token=again["accessToken"],
         json={"password": "taken over!"},
     )
     assert reply.status == 403
@@ -287,6 +292,9 @@ async def test_tokens_signed_with_the_daemons_key_but_wrong_are_refused(running:
     user = await _user(running)
     secret = (running.data_dir / "jwt-secret").read_text().strip()
     now_s = running.hub.world.wall.now_ms() // 1000
+    assert running.hub.identity is not None
+    known = await running.hub.identity.known_user(user["id"])
+    assert known is not None and len(known[1]) == 16
     good = {
         "sub": user["id"],
         "aud": "agor",
@@ -294,6 +302,7 @@ async def test_tokens_signed_with_the_daemons_key_but_wrong_are_refused(running:
         "iat": now_s,
         "exp": now_s + 60,
         "jti": "j",
+        "gen": known[1],  # the user's password, as the daemon names it
     }
     assert (
         await http("GET", f"{running.http_url}/sessions", token=jwt.encode(good, secret))
@@ -305,6 +314,9 @@ async def test_tokens_signed_with_the_daemons_key_but_wrong_are_refused(running:
         jwt.encode({**good, "sub": "owner"}, "x" * 48),  # forged: another key
         jwt.encode({**good, "sub": "owner"}, None, algorithm="none"),  # type: ignore[arg-type]
         jwt.encode({**good, "sub": "nobody"}, secret),  # no such user
+        jwt.encode({**good, "gen": "0" * 16}, secret),  # issued under another password
+        jwt.encode({k: v for k, v in good.items() if k != "gen"}, secret),  # under none
+        jwt.encode({**good, "gen": 7}, secret),  # malformed
     ]
     for token in bad:
         reply = await http("GET", f"{running.http_url}/sessions", token=token)

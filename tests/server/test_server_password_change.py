@@ -1,0 +1,160 @@
+"""A password change signs the user out of what the old password opened:
+its access tokens are refused (not only its refresh tokens), and the
+connections they or a browser sign-in opened are closed (``unauthorized``,
+4001), the caller's after its answer.  A connection opened with the user's
+own token stays.  Against a real daemon."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+from argon2 import profiles
+from server_support import Daemon, daemon, http, raw_client, until_closed
+from test_server_user_removal import _cookie
+
+from agor_actors.client import CallError, connect, open_websocket
+from agor_actors.identity import IdentityConfig
+from agor_actors.store import Mutation, WriteRequest
+from protocols import Ping, Pong, Welcome
+
+CHEAP = IdentityConfig(password_params=profiles.CHEAPEST)
+CHANGED = "unauthorized: the password was changed: sign in again"
+
+
+@pytest.fixture
+async def running(tmp_path: pathlib.Path) -> AsyncIterator[Daemon]:
+    async with daemon(tmp_path, identity=CHEAP) as d:
+        yield d
+
+
+async def _ada(d: Daemon) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ada (with a password and her own token) and a sign-in of hers."""
+    url = d.http_url
+    user = await http(
+        "POST", f"{url}/users", token=d.token, json={"name": "ada", "password": "pw-ada-123"}
+    )
+    assert user.status == 201, user.body
+    return user.body, await _sign_in(d, "pw-ada-123")
+
+
+async def _sign_in(d: Daemon, password: str) -> dict[str, Any]:
+    reply = await http(
+        "POST",
+        f"{d.http_url}/authentication",
+        json={"strategy": "local", "name": "ada", "password": password},
+    )
+    assert reply.status == 201, reply.body
+    return reply.body
+
+
+async def test_a_password_change_closes_what_the_old_password_opened(running: Daemon) -> None:
+    url = running.http_url
+    ada, signed = await _ada(running)
+    other = await _sign_in(running, "pw-ada-123")  # another window
+    cookie = await _cookie(running, ada["token"])
+    closed: dict[str, tuple[int | None, str | None]] = {}
+
+    async def browser(welcomed: trio.Event) -> None:
+        """A browser's connection, opened with its cookie: how it closed."""
+        async with open_websocket(
+            running.ws_url,
+            subprotocols=["agor.v1.json"],
+            extra_headers=[(b"Cookie", cookie.encode())],
+        ) as ws:
+            await ws.send_message(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+            while orjson.loads(await ws.get_message()).get("type") != "welcome":
+                pass
+            welcomed.set()
+            try:
+                while True:
+                    await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                assert exc.reason is not None
+                closed["browser"] = (exc.reason.code, exc.reason.reason)
+
+    async with (
+        raw_client(running.ws_url, token=ada["token"]) as own,
+        raw_client(running.ws_url, token=other["accessToken"]) as window,
+        connect(running.ws_url, token=signed["accessToken"]) as caller,
+        trio.open_nursery() as nursery,
+    ):
+        await own.expect(Welcome)
+        await window.expect(Welcome)
+        welcomed = trio.Event()
+        nursery.start_soon(browser, welcomed)
+        with trio.fail_after(10):
+            await welcomed.wait()
+
+        # the caller changes its password over its connection: answered first
+        changed = await caller.service("users").patch(ada["id"], {"password": "pw-new-4567"})
+        assert changed["id"] == ada["id"] and "password" not in str(changed)
+        _, reason = await until_closed(window)
+        closed["window"] = (reason.code, reason.reason)
+        # then the caller's is closed for good: each call waits for the close
+        codes = []
+        with trio.fail_after(10):
+            while not codes or codes[-1] != "unauthorized":
+                with pytest.raises(CallError) as failed:
+                    await caller.service("boards").find()
+                codes.append(failed.value.code)
+        assert set(codes[:-1]) <= {"connection_lost"} and len(codes) <= 3, codes
+        assert not caller.connected
+
+        # the connection opened with her own token stays
+        await own.send(Ping(7))
+        assert (await own.expect(Pong)).t == 7
+    assert closed == {"window": (4001, CHANGED), "browser": (4001, CHANGED)}
+
+    # what the old password opened is refused; the new one signs in
+    for token in (signed["accessToken"], other["accessToken"]):
+        assert (await http("GET", f"{url}/sessions", token=token)).status == 401
+        async with raw_client(running.ws_url, token=token) as raw:
+            messages, reason = await until_closed(raw)
+        assert reason.code == 4001 and not any(isinstance(m, Welcome) for m in messages)
+    assert (await http("GET", f"{url}/auth/me", headers={"Cookie": cookie})).status == 401
+    again = await _sign_in(running, "pw-new-4567")
+    assert (await http("GET", f"{url}/sessions", token=again["accessToken"])).status == 200
+    async with raw_client(running.ws_url, token=again["accessToken"]) as raw:
+        await raw.expect(Welcome)
+
+
+async def test_a_password_changed_by_another_daemon_is_found_by_the_sweep(
+    running: Daemon,
+) -> None:
+    """A cluster node learns of a password changed elsewhere from the store,
+    in its access sweep: the access tokens issued before are refused and
+    the connections they opened closed; one opened with the user's own
+    token stays.  The change is written behind the hub's back, as another
+    daemon's would be."""
+    hub = running.hub
+    ada, signed = await _ada(running)
+    async with (
+        raw_client(running.ws_url, token=ada["token"]) as own,
+        raw_client(running.ws_url, token=signed["accessToken"]) as window,
+    ):
+        await own.expect(Welcome)
+        await window.expect(Welcome)
+        elsewhere = Mutation(
+            "upsert",
+            "credentials",
+            {"user_id": ada["id"]},
+            {"login": "ada", "password_hash": "another daemon's hash", "updated_at": 5},
+        )
+        request = WriteRequest(mutations=(elsewhere,))
+        (result,) = await trio.to_thread.run_sync(hub.store.commit, [request])
+        assert not isinstance(result, Exception)
+        # the hub knows the user as it was (cached) until its sweep
+        assert await hub.authenticate(signed["accessToken"]) is not None
+        await hub._find_removed()
+        assert await hub.authenticate(signed["accessToken"]) is None
+        _, reason = await until_closed(window)
+        assert (reason.code, reason.reason) == (4001, CHANGED)
+        assert await hub.authenticate(ada["token"]) is not None
+        await own.send(Ping(7))  # still open: answered
+        assert (await own.expect(Pong)).t == 7
