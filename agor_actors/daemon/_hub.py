@@ -498,12 +498,14 @@ class Hub:
 
     async def close_web_session(self, principal: Principal) -> None:
         """Log a browser out: the sign-in its cookie names is closed (the
-        cookie is refused from then on, wherever it is).  Raises
+        cookie is refused from then on, wherever it is), and the connections
+        it opened here are closed (``unauthorized``).  Raises
         ``ServiceError`` (``unavailable``)."""
         if principal.session is None:
             return
         close = partial(self.store.close_web_sessions, digest=hash_token(principal.session))
         await self._stored(close)
+        self._sign_out(SignOut(principal.user_id, "signed out", session=principal.session))
 
     async def _close_web_sessions_of(self, user_id: str) -> None:
         close = partial(self.store.close_web_sessions, user_id=user_id)
@@ -1155,7 +1157,7 @@ class Hub:
         await identity.password_changed(user_id)
         await self._close_web_sessions_of(user_id)  # its browsers sign in again
         known = await identity.known_user(user_id)
-        generation = None if known is None else known[1]
+        generation = None if known is None else known[1]  # None: removed meanwhile
         self._sign_out(SignOut(user_id, _PASSWORD_CHANGED, generation=generation, cookies=True))
         return user
 

@@ -30,17 +30,19 @@ class Principal:
 @attrs.frozen
 class SignOut:
     """The open connections of ``user_id`` to close (``unauthorized``, with
-    ``message``): every one if the user was ``removed``; otherwise those a
-    password opened, after it changed: an access token's issued under
-    another password than ``generation`` (the current one's), and, if
-    ``cookies``, a browser sign-in's.  A connection opened with the user's
-    own token stays."""
+    ``message``): every one if the user was ``removed``; otherwise those an
+    access token issued under another password than ``generation`` (the
+    current one's, after a change; None: none of them) opened, those a
+    browser's sign-in opened if ``cookies`` (all of them) or ``session``
+    names it (a browser that logged out).  A connection opened with the
+    user's own token stays."""
 
     user_id: str
     message: str
     removed: bool = False
     generation: str | None = None
     cookies: bool = False
+    session: str | None = attrs.field(default=None, repr=False)
 
     def ends(self, principal: Principal) -> bool:
         """Whether a connection of ``principal`` is to be closed."""
@@ -49,8 +51,10 @@ class SignOut:
         if self.removed:
             return True
         if principal.session is not None:
-            return self.cookies
-        return principal.generation is not None and principal.generation != self.generation
+            return self.cookies or principal.session == self.session
+        if principal.generation is None or self.generation is None:
+            return False
+        return principal.generation != self.generation
 
 
 class ServiceError(Exception):

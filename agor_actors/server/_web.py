@@ -9,7 +9,7 @@
 ``GET /auth/open?code=<code>``         exchanges the code for a session cookie,
                                        then redirects to the page
 ``GET /auth/me``                       who the cookie (or token) stands for
-``POST /auth/logout``                  clears the cookie
+``POST /auth/logout``                  clears the cookie, closes its sign-in
 =====================================  ==========================================
 
 Signing in, the way Jupyter does it: ``agor-actors open`` asks the daemon

@@ -85,6 +85,9 @@ def test_a_sign_out_ends_what_it_says() -> None:
     assert [changed.ends(p) for p in everyone] == [True, False, True, False, False]
     swept = SignOut("u1", "changed", generation="new")  # another daemon's change
     assert [swept.ends(p) for p in everyone] == [True, False, False, False, False]
+    logout = SignOut("u1", "signed out", session="s")  # that browser's only
+    others = [*everyone, Principal("u1", "ada", expires_ms=1, session="t")]
+    assert [logout.ends(p) for p in others] == [False, False, True, False, False, False]
     removed = SignOut("u1", "removed", removed=True)
     assert all(removed.ends(p) for p in everyone)
     assert not removed.ends(Principal("u2", "bob"))

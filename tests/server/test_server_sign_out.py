@@ -1,13 +1,15 @@
-"""A password change signs the user out of what the old password opened:
-its access tokens are refused (not only its refresh tokens), and the
+"""Signing out closes what it signed out of.  A password change: the
+user's access tokens are refused (not only its refresh tokens), and the
 connections they or a browser sign-in opened are closed (``unauthorized``,
-4001), the caller's after its answer.  A connection opened with the user's
-own token stays.  Against a real daemon."""
+4001), the caller's after its answer; a connection opened with the user's
+own token stays.  A browser's logout: the connections its cookie opened are
+closed, another browser's stay.  Against a real daemon."""
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -158,3 +160,49 @@ async def test_a_password_changed_by_another_daemon_is_found_by_the_sweep(
         assert await hub.authenticate(ada["token"]) is not None
         await own.send(Ping(7))  # still open: answered
         assert (await own.expect(Pong)).t == 7
+
+
+@asynccontextmanager
+async def _browser(d: Daemon, cookie: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A browser's connection, opened with its cookie, once welcomed."""
+    async with open_websocket(
+        d.ws_url, subprotocols=["agor.v1.json"], extra_headers=[(b"Cookie", cookie.encode())]
+    ) as ws:
+        await ws.send_message(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+        with trio.fail_after(10):
+            while orjson.loads(await ws.get_message()).get("type") != "welcome":
+                pass
+        yield ws
+
+
+async def _closed(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, str | None]:
+    with trio.fail_after(10):
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            assert exc.reason is not None
+            return exc.reason.code, exc.reason.reason
+
+
+async def test_a_browser_that_logs_out_has_its_connections_closed(running: Daemon) -> None:
+    url = running.http_url
+    ada, signed = await _ada(running)
+    laptop, phone = await _cookie(running, ada["token"]), await _cookie(running, ada["token"])
+    async with (
+        _browser(running, laptop) as on_laptop,
+        _browser(running, phone) as on_phone,
+        raw_client(running.ws_url, token=signed["accessToken"]) as window,
+    ):
+        await window.expect(Welcome)
+        out = await http("POST", f"{url}/auth/logout", headers={"Cookie": laptop})
+        assert out.status == 200 and out.body == {"signed_out": True}
+        assert await _closed(on_laptop) == (4001, "unauthorized: signed out")
+        # the other browser and the access token's connection stay
+        await on_phone.send_message(orjson.dumps({"type": "ping", "t": 3}).decode())
+        with trio.fail_after(10):
+            assert orjson.loads(await on_phone.get_message()) == {"type": "pong", "t": 3}
+        await window.send(Ping(7))
+        assert (await window.expect(Pong)).t == 7
+    assert (await http("GET", f"{url}/auth/me", headers={"Cookie": laptop})).status == 401
+    assert (await http("GET", f"{url}/auth/me", headers={"Cookie": phone})).status == 200
