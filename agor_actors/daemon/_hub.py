@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pathlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -102,7 +103,13 @@ from ..store import (
 from ..world import World
 from ._datadir import hold_data_dir
 from ._keys import KeyedWrite, WriteKeys, replayed
-from ._token import JWT_SECRET_FILE, read_or_create_secret, read_or_create_token
+from ._token import (
+    JWT_SECRET_FILE,
+    TOKEN_FILE,
+    read_or_create_secret,
+    read_or_create_token,
+    stage_secret,
+)
 
 __all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
 
@@ -205,6 +212,7 @@ class Hub:
         tasks: trio.Nursery,
         limits: UserLimits | None = None,
         feed: RoomFeed | None = None,
+        owner_token_file: pathlib.Path | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.feed = feed
@@ -215,6 +223,9 @@ class Hub:
         self.store = store
         self.system = system
         self.owner_token = owner_token
+        self.owner_token_file = owner_token_file
+        """Where the owner's token is kept (``<data_dir>/token``); None: the
+        program embedding the daemon gave it."""
         self.authorizer = authorizer
         self.identity = identity
         """Sign-in and access tokens (JWT); None: local tokens only."""
@@ -1189,22 +1200,45 @@ class Hub:
         (``{id, name, token}``); the old one is refused from now on here,
         and on the other daemons of a cluster within their access sweep.
         Connections already open stay open (``users.remove`` closes them).
-        The owner's token is the data dir's: it is renewed by deleting
-        ``<data-dir>/token`` and starting again."""
+        The owner's new token is also written to ``<data-dir>/token`` (the
+        other nodes of a cluster need a copy of the file to start again);
+        the token of a daemon embedded in a program is that program's."""
         user = await self._read_row("users", user_id)
         if user is None:
             raise ServiceError("not_found", "no such record")
         if user.get("removed_at") is not None:
             raise ServiceError("invalid_field", f"user {user_id} was removed")
-        if user.get("is_owner"):
+        token_file = self.owner_token_file
+        owner = bool(user.get("is_owner"))
+        if owner and token_file is None:
             raise ServiceError(
                 "invalid_field",
-                "the owner's token is the data dir's: delete <data-dir>/token and start again",
+                "the owner's token was given by the program that embeds the daemon;"
+                " that program renews it",
             )
         token = self.world.entropy.token()
-        await self._write(plan_token_rotation(user_id, token))
+        staged = None
+        if owner and token_file is not None:  # the file first: a full disk changes nothing
+            try:
+                staged = await self.world.blocking.run(partial(stage_secret, token_file, token))
+            except OSError as exc:
+                raise ServiceError(
+                    "unavailable", f"cannot write the new token beside {token_file}: {exc}"
+                ) from None
+        try:
+            await self._write(plan_token_rotation(user_id, token))
+        except BaseException:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            raise
         self._forget_tokens_of(user_id)
         _security_log.warning("user token renewed", extra={"user_id": user_id})
+        if staged is not None and token_file is not None:
+            self.owner_token = token
+            try:
+                os.replace(staged, token_file)
+            except OSError as exc:  # the new token is in force: the file must follow
+                log.error("the owner's new token is in %s, not in %s: %s", staged, token_file, exc)
         return {"id": user_id, "name": user["name"], "token": token}
 
     def _identity(self) -> Authentication:
@@ -2092,6 +2126,7 @@ async def _open_hub(
         store = await world.blocking.run(
             lambda: open_store(url, new_epoch=new_epoch, shared=cluster)
         )
+    token_file = None
     try:
         if owner_token is None:
             if data_dir is None:
@@ -2101,6 +2136,7 @@ async def _open_hub(
                 token = await world.blocking.run(
                     lambda: read_or_create_token(directory, world.entropy)
                 )
+                token_file = data_dir / TOKEN_FILE
         else:
             token = owner_token
         owner_row = {
@@ -2225,6 +2261,7 @@ async def _open_hub(
                     tasks=tasks,
                     limits=limits,
                     feed=feed,
+                    owner_token_file=token_file,
                 )
                 hubs.append(hub)
                 tasks.start_soon(hub._rechecker)

@@ -9,7 +9,13 @@ from typing import Final
 
 from ..world import Entropy
 
-__all__ = ["JWT_SECRET_FILE", "TOKEN_FILE", "read_or_create_secret", "read_or_create_token"]
+__all__ = [
+    "JWT_SECRET_FILE",
+    "TOKEN_FILE",
+    "read_or_create_secret",
+    "read_or_create_token",
+    "stage_secret",
+]
 
 TOKEN_FILE: Final = "token"
 JWT_SECRET_FILE: Final = "jwt-secret"
@@ -39,3 +45,16 @@ def read_or_create_secret(path: pathlib.Path, new_secret: Callable[[], str]) -> 
     with os.fdopen(fd, "w") as file:
         file.write(secret + "\n")
     return secret
+
+
+def stage_secret(path: pathlib.Path, secret: str) -> pathlib.Path:
+    """Write ``secret`` (mode 0600) beside the file ``path``, to take its
+    place by ``os.replace(staged, path)``: a reader of ``path`` finds the old
+    secret or the new one, never a part.  Returns the staged file."""
+    staged = path.with_name(path.name + ".new")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    return staged

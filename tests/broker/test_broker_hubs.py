@@ -6,6 +6,10 @@ its clients joined."""
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+from typing import Any
+
 import pytest
 import trio
 from cluster_support import (
@@ -125,3 +129,41 @@ async def test_a_node_with_another_owner_token_refuses_to_start(
                 pass  # pragma: no cover - it must not start
         # a's owner token still works
         assert await a.authenticate(HUB_TOKEN) is not None
+
+
+async def test_the_owner_token_of_a_cluster_is_renewed_and_copied(
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+) -> None:
+    """Renewed on one node, the owner's token is written to that node's
+    data dir; another node refuses the old one after its sweep, and will
+    not start again with the old file, only with a copy of the new."""
+    from agor_actors.cli import read_token
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+
+    def node(data_dir: pathlib.Path) -> Any:
+        return open_hub(real_world(), db_url=pg_url, data_dir=data_dir, broker_url=broker_url)
+
+    async with node(a_dir) as a:
+        old = read_token(a_dir)
+        b_dir.mkdir()
+        shutil.copy(a_dir / "token", b_dir / "token")
+        async with node(b_dir) as b:
+            assert await b.authenticate(old) is not None
+            owner = await a.authenticate(old)
+            assert owner is not None
+            renewed = await a.call(
+                owner, connection_id=None, service="users", method="rotate_token", id="owner"
+            )
+            new = renewed["token"]
+            assert read_token(a_dir) == new and read_token(b_dir) == old
+            assert await a.authenticate(old) is None
+            await b._find_removed()  # its sweep
+            assert await b.authenticate(old) is None
+            assert await b.authenticate(new) is not None
+        with pytest.RaisesGroup(NotClusterOwner, allow_unwrapped=True, flatten_subgroups=True):
+            async with node(b_dir):
+                pass  # pragma: no cover - it must not start
+        shutil.copy(a_dir / "token", b_dir / "token")
+        async with node(b_dir) as b:
+            assert await b.authenticate(new) is not None

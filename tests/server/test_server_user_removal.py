@@ -18,8 +18,9 @@ from argon2 import profiles
 from server_support import Daemon, daemon, http, raw_client, until_closed
 
 from agor_actors.client import open_websocket
+from agor_actors.daemon import open_hub
 from agor_actors.identity import IdentityConfig
-from protocols import Welcome
+from protocols import Ping, Pong, Welcome
 
 CHEAP = IdentityConfig(password_params=profiles.CHEAPEST)
 
@@ -232,14 +233,57 @@ async def test_a_user_renews_its_token_and_the_old_one_is_refused(running: Daemo
     mine = await http("GET", f"{url}/boards/{board['id']}", token=new)
     assert mine.status == 200 and mine.body["owner_id"] == ada["id"]
 
-    # the owner renews anyone's but its own; another user renews none
+    # the owner renews anyone's; another user renews none
     again = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=owner)
     assert again.status == 200 and again.body["token"] != new
     assert (await http("GET", f"{url}/sessions", token=new)).status == 401
     refused = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=bob["token"])
     assert refused.status == 403
-    own = await http("POST", f"{url}/users/owner/rotate_token", token=owner)
-    assert own.status == 400 and "<data-dir>/token" in own.body["message"]
     await http("DELETE", f"{url}/users/{bob['id']}", token=owner)
     gone = await http("POST", f"{url}/users/{bob['id']}/rotate_token", token=owner)
     assert gone.status == 400 and "was removed" in gone.body["message"]
+
+
+async def test_the_owner_renews_its_token_and_the_token_file_follows(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The owner's token, renewed through the API, is written to
+    ``<data-dir>/token`` (nothing left beside it): the old one is refused,
+    the owner's open connection stays, and the daemon started again on the
+    data dir takes the new one."""
+    from agor_actors.cli import read_token
+    from agor_actors.world import real_world
+
+    async with daemon(tmp_path, identity=CHEAP) as running:
+        old = running.token
+        async with raw_client(running.ws_url, token=old) as raw:
+            await raw.expect(Welcome)
+            renewed = await http("POST", f"{running.http_url}/users/owner/rotate_token", token=old)
+            assert renewed.status == 200, renewed.body
+            new = renewed.body["token"]
+            assert new != old and read_token(tmp_path) == new
+            assert sorted(p.name for p in tmp_path.glob("token*")) == ["token"]
+            assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+            assert (await http("GET", f"{running.http_url}/sessions", token=old)).status == 401
+            assert (await http("GET", f"{running.http_url}/sessions", token=new)).status == 200
+            await raw.send(Ping(5))  # the connection open with the old one stays
+            assert (await raw.expect(Pong)).t == 5
+    async with open_hub(real_world(), data_dir=tmp_path) as hub:
+        assert await hub.authenticate(new) is not None
+        assert await hub.authenticate(old) is None
+
+
+async def test_an_embedded_daemons_owner_token_is_its_programs(tmp_path: pathlib.Path) -> None:
+    from agor_actors.domain import ServiceError
+    from agor_actors.world import real_world
+
+    async with open_hub(real_world(), data_dir=tmp_path, owner_token="the program's") as hub:
+        owner = await hub.authenticate("the program's")
+        assert owner is not None
+        with pytest.raises(ServiceError) as refused:
+            await hub.call(
+                owner, connection_id=None, service="users", method="rotate_token", id="owner"
+            )
+        assert refused.value.code == "invalid_field" and "embeds" in refused.value.message
+        assert await hub.authenticate("the program's") is not None
+        assert not (tmp_path / "token").exists()
