@@ -8,7 +8,10 @@
 [--presence-grace S] [--commit-linger-ms MS] [--sqlite-commit loop|thread]`` runs
 the daemon until SIGINT or SIGTERM (then drains and exits 0; exit 2 when the
 port cannot be had);
-``agor-actors token [--data-dir .agor]`` prints the local owner's token.
+``agor-actors token [--data-dir .agor] [--rotate [--url URL]]`` prints the
+local owner's token; with ``--rotate`` it asks the running daemon for a new
+one (the old one is refused from then on; the daemon writes it to
+``<data-dir>/token``) and prints that.
 
 Only ``serve`` creates a data dir and its token: ``token`` and ``top`` read
 the token a daemon made and fail with a message naming where they looked
@@ -317,12 +320,58 @@ def _fail(command: str, message: str, status: int = 2) -> int:
     return status
 
 
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_dir(parser)
+    parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="renew it: the running daemon makes a new one and refuses the old one",
+    )
+    parser.add_argument(
+        "--url", default=None, help="with --rotate: the daemon's base URL (default: as for top)"
+    )
+
+
 def _token(args: argparse.Namespace) -> int:
     try:
-        print(read_token(args.data_dir))
+        token = read_token(args.data_dir)
     except NoToken as exc:
         return _fail("token", str(exc))
+    if args.rotate:
+        base = daemon_url(args.url, args.data_dir).rstrip("/")
+        answer = _post_json("token", base, "/users/owner/rotate_token", token, None)
+        if isinstance(answer, int):
+            print(
+                "(a daemon that is not running renews it when started again"
+                f" after deleting {args.data_dir / 'token'})",
+                file=sys.stderr,
+            )
+            return answer
+        token = str(answer["token"])
+    print(token)
     return 0
+
+
+def _post_json(command: str, base: str, path: str, token: str, body: Any) -> Any:
+    """POST ``body`` (JSON) to the daemon at ``base`` as ``token``'s user:
+    its answer, or 1 after saying on stderr why there is none."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")
+        return _fail(command, f"{base} refused: {exc.code} {detail}", 1)
+    except (urllib.error.URLError, OSError) as exc:
+        return _fail(command, f"cannot reach {base} (is it running?): {exc}", 1)
 
 
 def _top_arguments(parser: argparse.ArgumentParser) -> None:
@@ -583,35 +632,18 @@ def _open_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _open(args: argparse.Namespace) -> int:
     """Ask the daemon for a one-time sign-in code; print (and open) the link."""
-    import json
-    import urllib.error
     import urllib.parse
-    import urllib.request
     import webbrowser
 
     try:
         token = args.token or read_token(args.data_dir)
     except NoToken as exc:
-        print(f"agor-actors open: {exc}", file=sys.stderr)
-        return 2
+        return _fail("open", str(exc))
     base = daemon_url(args.url, args.data_dir).rstrip("/")
     next_path = "/" if args.board is None else "/?board=" + urllib.parse.quote(args.board)
-    request = urllib.request.Request(
-        base + "/auth/codes",
-        data=json.dumps({"next": next_path}).encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode("utf-8", "replace")
-        print(f"agor-actors open: {base} refused: {exc.code} {detail}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"agor-actors open: cannot reach {base} (is it running?): {exc}", file=sys.stderr)
-        return 1
+    answer = _post_json("open", base, "/auth/codes", token, {"next": next_path})
+    if isinstance(answer, int):
+        return answer
     link = base + answer["path"]
     print(link)
     print(f"(one use, valid {answer['expires_in_s']:.0f} s)", file=sys.stderr)
@@ -640,8 +672,8 @@ COMMANDS: Final[
 ] = {
     "serve": ("run the daemon", _serve_arguments, _serve),
     "token": (
-        "print the local owner's token (a daemon must have run there)",
-        _add_data_dir,
+        "print (or --rotate: renew) the local owner's token (a daemon must have run there)",
+        _token_arguments,
         _token,
     ),
     "top": ("show the supervision tree of a running daemon", _top_arguments, _top),

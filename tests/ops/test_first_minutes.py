@@ -91,6 +91,39 @@ async def test_token_and_top_never_create_a_token(tmp_path: pathlib.Path, comman
     assert list(tmp_path.iterdir()) == []
 
 
+async def test_the_token_command_renews_the_owners_token(tmp_path: pathlib.Path) -> None:
+    """``token --rotate``: the running daemon makes a new owner token, the
+    old one is refused, and ``token`` prints the new one from then on.
+    Without a daemon: one line that says how else to renew it."""
+    data_dir = tmp_path / "agor"
+    async with daemon(data_dir) as d:
+        old = d.token
+        status, out, err = await _cli(
+            "token", "--rotate", "--url", d.http_url, "--data-dir", str(data_dir), cwd=tmp_path
+        )
+        assert status == 0, err
+        new = out.strip()
+        assert new != old and d.token == new
+        status, out, _ = await _cli("token", "--data-dir", str(data_dir), cwd=tmp_path)
+        assert status == 0 and out.strip() == new
+        async with connect(d.ws_url, token=new) as client:
+            assert await client.service("boards").find() is not None
+        with pytest.raises(CallError) as refused:
+            async with connect(d.ws_url, token=old):
+                pass  # pragma: no cover - refused
+        assert refused.value.code == "unauthorized"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    status, out, err = await _cli(
+        "token", "--rotate", "--url", url, "--data-dir", str(data_dir), cwd=tmp_path
+    )
+    assert status == 1 and out == ""
+    first, second = err.splitlines()
+    assert first.startswith(f"agor-actors token: cannot reach {url} (is it running?)")
+    assert str(data_dir / "token") in second
+    assert (data_dir / "token").read_text().strip() == new
+
+
 async def test_top_without_a_daemon_or_with_a_wrong_token(tmp_path: pathlib.Path) -> None:
     port = free_port()
     status, _, err = await _cli(
