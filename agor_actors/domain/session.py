@@ -474,9 +474,15 @@ class SessionBehaviour(Behaviour[SessionState]):
         write of it (every write reads it: whether the session exists, its
         board, its fields' clocks), and before this incarnation's first write
         (the row read in ``init`` may miss a write of its crashed predecessor
-        still at the writer: it is read again after the writer's flush)."""
+        still at the writer: it is read again after the writer's flush).
+        A new message's task, too: whether it is one of this session's."""
         if state.row_stale or not state.flushed:
             return ("sessions", state.session_id)
+        if cmd.service == "messages" and cmd.method == "create":
+            task_id = cmd.data.get("task_id") if isinstance(cmd.data, dict) else None
+            if isinstance(task_id, str) and 0 < len(task_id) <= ID_CHARS_MAX:
+                return None if task_id in state.tasks else ("tasks", task_id)
+            return None  # (the plan refuses a task_id that is no id)
         if not isinstance(cmd.id, str):
             return None
         if cmd.service == "messages" and cmd.method in ("stream", "finish", "remove"):
@@ -1072,8 +1078,12 @@ class SessionBehaviour(Behaviour[SessionState]):
                 raise _bad("content must be a string")
             check_text("content", content, CONTENT_CHARS_MAX)
             task_id = values.get("task_id")
-            if task_id is not None and not isinstance(task_id, str):
-                raise _bad("task_id must be a string")
+            if task_id is not None:
+                if not isinstance(task_id, str):
+                    raise _bad("task_id must be a string")
+                check_text("task_id", task_id, ID_CHARS_MAX)
+                if task_id in state.tasks and state.tasks[task_id] is None:  # read: none
+                    raise _bad(f"task_id: there is no task {task_id} in this session")
             row = {
                 "id": cmd.new_id,
                 "session_id": sid,

@@ -547,3 +547,50 @@ async def test_the_sweeper_drops_expired_refresh_tokens_sign_ins_and_old_keys(
         assert await hub.confirm(browser) is None
         assert hub.store.forget_web_sessions(2**62) == 0  # the sweep dropped it already
         assert hub.store.web_session_user(session_digest, now_ms=0) is None
+
+
+async def test_a_message_names_a_task_of_its_own_session(hub: Hub) -> None:
+    """A new message's ``task_id`` must be a task of its session (read from
+    the store when the session actor does not know it): another session's
+    task or none at all is ``invalid_field``, refused before the store, so
+    the session's other writes meanwhile go through (the store's refusal
+    used to make the session reload and fail them with ``unavailable``)."""
+
+    async def call(service: str, method: str, id: str | None = None, **data: Any) -> Any:
+        return await hub.call(
+            OWNER, connection_id="c1", service=service, method=method, id=id, data=data
+        )
+
+    sid = (await call("sessions", "create", title="S"))["id"]
+    other = (await call("sessions", "create", title="T"))["id"]
+    task = await call("tasks", "create", session_id=sid, prompt="p")
+    elsewhere = await call("tasks", "create", session_id=other, prompt="q")
+    first = await call("messages", "create", session_id=sid, task_id=task["id"], content="a")
+    assert first["task_id"] == task["id"]
+    ref = await hub.system.registry.get(f"session:{sid}")
+    await ref.stop()  # a new incarnation reads the task from the store
+    again = await call("messages", "create", session_id=sid, task_id=task["id"], content="b")
+    assert again["task_id"] == task["id"]
+    streamed = await call("messages", "create", session_id=sid, content="", streaming=True)
+
+    refusals: list[str] = []
+
+    async def bad(task_id: str) -> None:
+        with pytest.raises(ServiceError) as refused:
+            await call("messages", "create", session_id=sid, task_id=task_id, content="x")
+        assert refused.value.code == "invalid_field", refused.value
+        refusals.append(refused.value.message)
+
+    async def good(n: int) -> None:
+        await call("messages", "stream", streamed["id"], chunk=f"{n},")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(good, n)
+            if n % 4 == 0:
+                nursery.start_soon(bad, elsewhere["id"] if n % 8 else f"t-nope-{n}")
+    assert len(refusals) == 5
+    assert all("there is no task" in m and "in this session" in m for m in refusals)
+    stored = await hub.world.blocking.run(lambda: hub.store.get("messages", streamed["id"]))
+    assert stored is not None
+    assert sorted(int(n) for n in stored["content"].rstrip(",").split(",")) == list(range(20))

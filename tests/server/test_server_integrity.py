@@ -61,16 +61,17 @@ async def test_a_stale_if_match_is_412_with_the_current_record(running: Daemon) 
 async def test_store_errors_do_not_show_sql(running: Daemon) -> None:
     base, token = running.http_url, running.token
     session = await http("POST", f"{base}/sessions", token=token, json={"title": "t"})
-    # (a message's task is not looked up before the write: the store refuses it)
+    # a message's task that is none: refused by name, before the store
     refused = await http(
         "POST",
         f"{base}/messages",
         token=token,
         json={"session_id": session.body["id"], "task_id": "no-such-task", "role": "user"},
     )
-    assert 400 <= refused.status < 500, refused
+    assert refused.status == 400 and refused.body["code"] == "invalid_field", refused
+    assert refused.body["message"].startswith("task_id: there is no task no-such-task")
     text = str(refused.body).lower()
-    for leak in ("foreign key", "constraint", "sqlite", "select", "task_id", "messages."):
+    for leak in ("foreign key", "constraint", "sqlite", "select", "messages."):
         assert leak not in text, refused.body
     # a refused find names the client's own key, and only the columns a find may name
     query = await http("GET", f"{base}/sessions?token_hash=x", token=token)
