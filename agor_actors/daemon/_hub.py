@@ -602,12 +602,12 @@ class Hub:
                 log.exception("a sign-out hook failed", extra={"user_id": sign_out.user_id})
 
     async def _find_removed(self) -> None:
-        """A cluster node's sweep: users removed, and passwords changed,
-        through another daemon.  The caches of tokens are emptied, and the
-        users connected here are read again: those removed are closed out,
-        and the connections of the others that an access token issued under
-        an older password opened.  (A browser's, opened with a cookie whose
-        sign-in was closed there, stays.)"""
+        """A cluster node's sweep: users removed, passwords changed and
+        browsers logged out through another daemon.  The caches of tokens
+        are emptied, and the users connected here are read again: those
+        removed are closed out, and the connections of the others that an
+        access token issued under an older password opened, or a browser
+        sign-in since closed (or expired)."""
         self._tokens.clear()
         identity = self.identity
         if identity is not None:
@@ -628,6 +628,28 @@ class Hub:
                 mine = self._connections_of.get(user_id, ())
                 if any(c in principals and sign_out.ends(principals[c]) for c in mine):
                     self._sign_out(sign_out)
+        await self._find_closed_sign_ins()
+
+    async def _find_closed_sign_ins(self) -> None:
+        """Close the connections of browser sign-ins closed or expired since
+        they were opened (one read for all of them)."""
+        cookies = {
+            hash_token(p.session): p for p in self._principals.values() if p.session is not None
+        }
+        if not cookies:
+            return
+        check = partial(
+            self.store.open_web_sessions, list(cookies), now_ms=self.world.wall.now_ms()
+        )
+        try:
+            still = await self.world.blocking.run(check)
+        except StoreError as exc:
+            log.warning("checking for closed sign-ins failed: %s", exc)
+            return
+        for digest, principal in cookies.items():
+            if digest not in still:
+                message = "this sign-in is no longer valid"
+                self._sign_out(SignOut(principal.user_id, message, session=principal.session))
 
     # ------------------------------------------------------------------ calls
 

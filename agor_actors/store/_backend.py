@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Final, Literal
 
@@ -1605,6 +1605,22 @@ class SqlStore:
                 sa.select(w.c.user_id).where(w.c.digest == digest, w.c.expires_at > now_ms)
             ).one_or_none()
         return None if row is None else str(row.user_id)
+
+    def open_web_sessions(self, digests: Collection[str], *, now_ms: int) -> set[str]:
+        """Those of ``digests`` whose browser sign-ins are open (neither
+        closed nor expired)."""
+        w = s.web_sessions
+        wanted, found = list(digests), set[str]()
+        with self._reading() as conn:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                found.update(
+                    str(digest)
+                    for (digest,) in conn.execute(
+                        sa.select(w.c.digest).where(w.c.digest.in_(part), w.c.expires_at > now_ms)
+                    )
+                )
+        return found
 
     def close_web_sessions(self, *, digest: str | None = None, user_id: str | None = None) -> int:
         """Close the browser sign-in whose id has ``digest``, or every one of

@@ -206,3 +206,37 @@ async def test_a_browser_that_logs_out_has_its_connections_closed(running: Daemo
         assert (await window.expect(Pong)).t == 7
     assert (await http("GET", f"{url}/auth/me", headers={"Cookie": laptop})).status == 401
     assert (await http("GET", f"{url}/auth/me", headers={"Cookie": phone})).status == 200
+
+
+async def test_sign_ins_closed_by_another_daemon_are_found_by_the_sweep(
+    running: Daemon,
+) -> None:
+    """A cluster node learns from the store, in its access sweep, that a
+    browser sign-in was closed elsewhere (a logout or a password change on
+    another daemon): the connections that sign-in opened here are closed.
+    Another user's browser and an access token's connection stay.  The
+    sign-ins are closed behind the hub's back, as another daemon would."""
+    hub = running.hub
+    ada, signed = await _ada(running)
+    bob = await http("POST", f"{running.http_url}/users", token=running.token, json={"name": "bob"})
+    laptop, phone = await _cookie(running, ada["token"]), await _cookie(running, ada["token"])
+    bobs = await _cookie(running, bob.body["token"])
+    async with (
+        _browser(running, laptop) as on_laptop,
+        _browser(running, phone) as on_phone,
+        _browser(running, bobs) as on_bobs,
+        raw_client(running.ws_url, token=signed["accessToken"]) as window,
+    ):
+        await window.expect(Welcome)
+        closed = await trio.to_thread.run_sync(
+            lambda: hub.store.close_web_sessions(user_id=ada["id"])
+        )
+        assert closed == 2
+        await hub._find_removed()  # its sweep
+        for ws in (on_laptop, on_phone):
+            assert await _closed(ws) == (4001, "unauthorized: this sign-in is no longer valid")
+        await on_bobs.send_message(orjson.dumps({"type": "ping", "t": 3}).decode())
+        with trio.fail_after(10):
+            assert orjson.loads(await on_bobs.get_message()) == {"type": "pong", "t": 3}
+        await window.send(Ping(7))
+        assert (await window.expect(Pong)).t == 7

@@ -1204,6 +1204,12 @@ def test_web_sessions_open_close_and_expire(db: Backend) -> None:
     assert store.web_session_user("a", now_ms=50) == "u1"
     assert store.web_session_user("a", now_ms=100) is None  # expired
     assert store.web_session_user("nope", now_ms=0) is None
+    assert store.open_web_sessions(["a", "b", "c", "nope"], now_ms=100) == {"b", "c"}
+    many = [f"x{n}" for n in range(1_200)]  # asked in parts
+    for digest in many[::100]:
+        store.open_web_session(digest, "u2", now_ms=0, expires_ms=500)
+    assert store.open_web_sessions([*many, "c"], now_ms=0) == {*many[::100], "c"}
+    assert store.open_web_sessions([], now_ms=0) == set()
     assert store.close_web_sessions(digest="b") == 1  # logged out
     assert store.web_session_user("b", now_ms=0) is None
     store.open_web_session("d", "u1", now_ms=0, expires_ms=400)
