@@ -308,6 +308,28 @@ def test_an_optimistic_create_shows_at_once_then_the_real_row(
     assert page.locator(".card.pending").count() == 0
 
 
+def test_a_page_whose_sign_in_ends_says_so_and_offers_signing_in_again(
+    browser: Any, daemon: DaemonProcess
+) -> None:
+    """Bob's password changes while his page is live: the daemon closes the
+    page's connection (its browser sign-in is closed), and the page shows
+    how to sign in again instead of reconnecting for ever; Alice's page,
+    another user's, stays live."""
+    api = Api(daemon)
+    board = api("POST", "/boards", {"name": "Signed out"})
+    bob = api("POST", "/users", {"name": "Bob"})
+    api("POST", f"/boards/{board['id']}/add_member", {"user_id": bob["id"]})
+    alice_page = open_board(browser, daemon, board["id"])
+    bob_page = open_board(browser, daemon, board["id"], token=bob["token"])
+    assert bob_page.is_hidden("#signin")
+    api("PATCH", f"/users/{bob['id']}", {"password": "a new password 123"})
+    bob_page.wait_for_selector("#signin:not([hidden])", timeout=WAIT_MS)
+    assert "agor-actors open" in text_of(bob_page, "#signin")
+    assert bob_page.get_attribute("#status", "data-state") != "live"
+    assert alice_page.get_attribute("#status", "data-state") == "live"
+    assert not bob_page.errors and not alice_page.errors
+
+
 def test_phone_width_has_no_horizontal_scroll(browser: Any, daemon: DaemonProcess) -> None:
     api = Api(daemon)
     board = api("POST", "/boards", {"name": "Phone"})
