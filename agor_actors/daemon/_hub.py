@@ -615,12 +615,16 @@ class Hub:
         store = self.store
         for user_id in list(self._connections_of):
             try:
-                row = await self.world.blocking.run(partial(store.get, "users", user_id))
-                known = None if identity is None else await identity.known_user(user_id)
+                if identity is None:
+                    row = await self.world.blocking.run(partial(store.get, "users", user_id))
+                    known, removed = None, row is not None and row.get("removed_at") is not None
+                else:  # one read of the user and its password
+                    known = await identity.known_user(user_id)
+                    removed = known is None
             except StoreError as exc:
                 log.warning("checking for removed users failed: %s", exc)
                 return
-            if row is not None and row.get("removed_at") is not None:
+            if removed:
                 self._user_removed(user_id)
             elif known is not None:
                 sign_out = SignOut(user_id, _PASSWORD_CHANGED, generation=known[1])
