@@ -265,7 +265,7 @@ class Hub:
         self._owner_cache_max = 65_536
         self._tokens: OrderedDict[str, Principal] = OrderedDict()
         self._sign_out_hooks: list[Callable[[SignOut], None]] = []
-        """Told the id of each user removed (the server closes its connections)."""
+        """Told which connections a sign-out ends (the server closes them)."""
         self._signouts = 0
         """Moves when a user is removed or its token renewed: a check of a
         token or cookie that read the store before reads it again."""
