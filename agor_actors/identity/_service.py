@@ -21,7 +21,6 @@ to ``agor_actors.security`` with the user id when known, never a secret.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -55,7 +54,7 @@ def _password_generation(credential: dict[str, Any] | None) -> str:
     user without one."""
     if credential is None:
         return ""
-    return hashlib.sha256(str(credential["password_hash"]).encode()).hexdigest()[:16]
+    return hash_token(str(credential["password_hash"]))[:16]
 
 
 class Authentication:

@@ -160,6 +160,25 @@ async def until_closed(
             return messages, exc.reason
 
 
+async def calls_until_unauthorized(client: Any) -> list[str]:
+    """Call ``client`` until it answers ``unauthorized`` (closed for good by
+    the server): the codes it answered.  The server stops reading before it
+    closes, so a call sent while the connection was still open fails with
+    ``connection_lost``; each call waits for the close, so a few at most."""
+    from agor_actors.client import CallError
+
+    codes: list[str] = []
+    with trio.fail_after(10):
+        while not codes or codes[-1] != "unauthorized":
+            try:
+                await client.service("boards").find()
+            except CallError as failed:
+                codes.append(failed.code)
+            else:
+                raise AssertionError(f"answered after {codes}")
+    return codes
+
+
 def _lower(headers: Any) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
 

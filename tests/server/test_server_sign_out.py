@@ -17,10 +17,17 @@ import pytest
 import trio
 import trio_websocket
 from argon2 import profiles
-from server_support import Daemon, daemon, http, raw_client, until_closed
+from server_support import (
+    Daemon,
+    calls_until_unauthorized,
+    daemon,
+    http,
+    raw_client,
+    until_closed,
+)
 from test_server_user_removal import _cookie
 
-from agor_actors.client import CallError, connect, open_websocket
+from agor_actors.client import connect, open_websocket
 from agor_actors.identity import IdentityConfig
 from agor_actors.store import Mutation, WriteRequest
 from protocols import Ping, Pong, Welcome
@@ -55,63 +62,57 @@ async def _sign_in(d: Daemon, password: str) -> dict[str, Any]:
     return reply.body
 
 
+@asynccontextmanager
+async def _browser(d: Daemon, cookie: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A browser's connection, opened with its cookie, once welcomed."""
+    async with open_websocket(
+        d.ws_url, subprotocols=["agor.v1.json"], extra_headers=[(b"Cookie", cookie.encode())]
+    ) as ws:
+        await ws.send_message(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+        with trio.fail_after(10):
+            while orjson.loads(await ws.get_message()).get("type") != "welcome":
+                pass
+        yield ws
+
+
+async def _closed(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, str | None]:
+    with trio.fail_after(10):
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            assert exc.reason is not None
+            return exc.reason.code, exc.reason.reason
+
+
 async def test_a_password_change_closes_what_the_old_password_opened(running: Daemon) -> None:
     url = running.http_url
     ada, signed = await _ada(running)
     other = await _sign_in(running, "pw-ada-123")  # another window
     cookie = await _cookie(running, ada["token"])
-    closed: dict[str, tuple[int | None, str | None]] = {}
-
-    async def browser(welcomed: trio.Event) -> None:
-        """A browser's connection, opened with its cookie: how it closed."""
-        async with open_websocket(
-            running.ws_url,
-            subprotocols=["agor.v1.json"],
-            extra_headers=[(b"Cookie", cookie.encode())],
-        ) as ws:
-            await ws.send_message(orjson.dumps({"type": "hello", "protocol": 1}).decode())
-            while orjson.loads(await ws.get_message()).get("type") != "welcome":
-                pass
-            welcomed.set()
-            try:
-                while True:
-                    await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                assert exc.reason is not None
-                closed["browser"] = (exc.reason.code, exc.reason.reason)
-
     async with (
         raw_client(running.ws_url, token=ada["token"]) as own,
         raw_client(running.ws_url, token=other["accessToken"]) as window,
+        _browser(running, cookie) as browser,
         connect(running.ws_url, token=signed["accessToken"]) as caller,
-        trio.open_nursery() as nursery,
     ):
         await own.expect(Welcome)
         await window.expect(Welcome)
-        welcomed = trio.Event()
-        nursery.start_soon(browser, welcomed)
-        with trio.fail_after(10):
-            await welcomed.wait()
 
         # the caller changes its password over its connection: answered first
         changed = await caller.service("users").patch(ada["id"], {"password": "pw-new-4567"})
         assert changed["id"] == ada["id"] and "password" not in str(changed)
         _, reason = await until_closed(window)
-        closed["window"] = (reason.code, reason.reason)
+        assert (reason.code, reason.reason) == (4001, CHANGED)
+        assert await _closed(browser) == (4001, CHANGED)
         # then the caller's is closed for good: each call waits for the close
-        codes = []
-        with trio.fail_after(10):
-            while not codes or codes[-1] != "unauthorized":
-                with pytest.raises(CallError) as failed:
-                    await caller.service("boards").find()
-                codes.append(failed.value.code)
+        codes = await calls_until_unauthorized(caller)
         assert set(codes[:-1]) <= {"connection_lost"} and len(codes) <= 3, codes
         assert not caller.connected
 
         # the connection opened with her own token stays
         await own.send(Ping(7))
         assert (await own.expect(Pong)).t == 7
-    assert closed == {"window": (4001, CHANGED), "browser": (4001, CHANGED)}
 
     # what the old password opened is refused; the new one signs in
     for token in (signed["accessToken"], other["accessToken"]):
@@ -160,29 +161,6 @@ async def test_a_password_changed_by_another_daemon_is_found_by_the_sweep(
         assert await hub.authenticate(ada["token"]) is not None
         await own.send(Ping(7))  # still open: answered
         assert (await own.expect(Pong)).t == 7
-
-
-@asynccontextmanager
-async def _browser(d: Daemon, cookie: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A browser's connection, opened with its cookie, once welcomed."""
-    async with open_websocket(
-        d.ws_url, subprotocols=["agor.v1.json"], extra_headers=[(b"Cookie", cookie.encode())]
-    ) as ws:
-        await ws.send_message(orjson.dumps({"type": "hello", "protocol": 1}).decode())
-        with trio.fail_after(10):
-            while orjson.loads(await ws.get_message()).get("type") != "welcome":
-                pass
-        yield ws
-
-
-async def _closed(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, str | None]:
-    with trio.fail_after(10):
-        try:
-            while True:
-                await ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            assert exc.reason is not None
-            return exc.reason.code, exc.reason.reason
 
 
 async def test_a_browser_that_logs_out_has_its_connections_closed(running: Daemon) -> None:

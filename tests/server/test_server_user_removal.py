@@ -15,7 +15,14 @@ import orjson
 import pytest
 import trio
 from argon2 import profiles
-from server_support import Daemon, daemon, http, raw_client, until_closed
+from server_support import (
+    Daemon,
+    calls_until_unauthorized,
+    daemon,
+    http,
+    raw_client,
+    until_closed,
+)
 
 from agor_actors.client import open_websocket
 from agor_actors.daemon import open_hub
@@ -189,7 +196,7 @@ async def test_a_client_whose_user_is_removed_ends_with_unauthorized(running: Da
     good (4001): it ends with ``unauthorized`` and ``connect``'s block ends
     cleanly.  (It raised "called 'started' twice" from the
     block's exit.)"""
-    from agor_actors.client import CallError, connect
+    from agor_actors.client import connect
 
     url = running.http_url
     ada = (await http("POST", f"{url}/users", token=running.token, json={"name": "ada"})).body
@@ -201,12 +208,7 @@ async def test_a_client_whose_user_is_removed_ends_with_unauthorized(running: Da
         # is never read, and fails with the close: connection_lost while the
         # connection was open when it was sent, unauthorized once the client
         # is closed for good (each call waits for the close; a few at most)
-        codes = []
-        with trio.fail_after(10):
-            while not codes or codes[-1] != "unauthorized":
-                with pytest.raises(CallError) as failed:
-                    await client.service("boards").find()
-                codes.append(failed.value.code)
+        codes = await calls_until_unauthorized(client)
         assert set(codes[:-1]) <= {"connection_lost"} and len(codes) <= 3, codes
         assert not client.connected
 
