@@ -183,7 +183,8 @@ def _print_summary(summary: SweepSummary) -> None:
     if t["presence_late"]:
         print(
             f"presence late    {t['presence_late']} seeds: facepiles settled over "
-            f"{PRESENCE_LAG_S:g} s after the rooms (seeds "
+            f"{PRESENCE_LAG_S:g} s past the grace after the rooms, or past a dead node's "
+            f"liveness too (seeds "
             f"{', '.join(map(str, t['presence_late_seeds']))}"
             f"{', ...' if t['presence_late'] > len(t['presence_late_seeds']) else ''}: "
             "their traces' facepile lines say when)"

@@ -65,6 +65,10 @@ WORKLOADS: Final = (
     "access",  # guests shared a session and a board, then revoked mid-stream
 )
 
+NODE_BEATS: Final = ((5.0, 15.0), (1.0, 3.0), (0.5, 1.5))
+"""A cluster seed's node heartbeat and liveness (seconds): the daemon's
+defaults, or shorter."""
+
 PROFILES: Final = ("ci", "full", "cluster", "medium")
 """``ci``: small runs (1-11 clients, a 6-16 s fault phase), the CI sweep's;
 ``medium``: the size issue 15 sets for the sweep's speed (5-20 clients, a
@@ -194,6 +198,12 @@ class SimConfig:
     """Several nodes: how long the store takes to notice that a node died
     or was cut off mid-transaction, holding its locks meanwhile (the seed's
     ``store_cut_wait_us``, or ``STORE_DETECT_US`` when that is 0)."""
+    node_heartbeat_s: float = 5.0
+    """Several nodes: how often a board room repeats its own users to the
+    other nodes (``serve --node-heartbeat``)."""
+    node_liveness_s: float = 15.0
+    """Several nodes: how long a node goes unheard before its users leave
+    the others' facepiles, after the grace (``serve --node-liveness``)."""
 
     def fault_rate(self, kind: str) -> float:
         return dict(self.faults).get(kind, 0.0)
@@ -234,6 +244,10 @@ class SimConfig:
             lines.append(
                 f"  commits hold their rows' locks {self.store_txn_us} us; a dead or cut "
                 f"node's for {self.store_detect_us / 1e6:g}s"
+            )
+            lines.append(
+                f"  presence across nodes: heartbeat {self.node_heartbeat_s:g}s, "
+                f"a node unheard for {self.node_liveness_s:g}s has vanished"
             )
         for c in self.clients:
             lines.append(
@@ -459,6 +473,11 @@ def draw_config(
             store_txn_us=STORE_TRIPS[txn.randrange(len(STORE_TRIPS))] * trip_us,
             store_detect_us=config.store_cut_wait_us or STORE_DETECT_US,
         )
+        # a stream of its own: the daemon's heartbeat and liveness, or sim-sized
+        # ones, so that a dead node's users leave facepiles within a run
+        beat = random.Random(f"node_beat:{profile}:{seed}")
+        heartbeat_s, liveness_s = NODE_BEATS[beat.randrange(len(NODE_BEATS))]
+        config = attrs.evolve(config, node_heartbeat_s=heartbeat_s, node_liveness_s=liveness_s)
     return config
 
 

@@ -298,7 +298,11 @@ class _Run:
                 limits={
                     "ring_size": config.ring_size,
                     "idle_s": config.idle_s,
-                    "presence": PresenceConfig(offline_grace_s=config.grace_s),
+                    "presence": PresenceConfig(
+                        offline_grace_s=config.grace_s,
+                        node_heartbeat_s=config.node_heartbeat_s,
+                        node_liveness_s=config.node_liveness_s,
+                    ),
                     "commit_linger_s": config.commit_linger_s,
                     "restart_intensity": (
                         None
@@ -679,7 +683,13 @@ class _Run:
         if self._heads_at is None:
             return
         lag_s = converged_s - self._heads_at
-        if lag_s > self.config.grace_s + PRESENCE_LAG_S:
+        allowed_s = self.config.grace_s + PRESENCE_LAG_S
+        if self.config.nodes > 1:
+            # a node that died or lost the broker keeps its users on the
+            # others' facepiles until it has gone unheard for the liveness
+            # (from its last heartbeat), by design
+            allowed_s += self.config.node_liveness_s + self.config.node_heartbeat_s
+        if lag_s > allowed_s:
             self.recorder.count("presence_late")
             self.trace.emit("presence", f"facepiles settled {lag_s:.1f}s after the rooms")
 

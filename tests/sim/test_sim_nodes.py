@@ -19,11 +19,13 @@ import trio.testing
 from sim_support import run_sim
 
 from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
+from agor_actors.domain.presence import PresenceConfig
 from agor_actors.store import SqlStore, open_store
 from agor_actors.world import InlineBlocking, SeededEntropy, simulated_world
 from protocols import Codec, Event, Joined, Limits, Since, decode_server_frame
 from sim import draw_config
 from sim._broker import SimBroker
+from sim._config import NODE_BEATS
 from sim._faults import FaultyBlocking, StoreFaults
 from sim._trace import Trace
 
@@ -183,6 +185,39 @@ def test_the_cluster_profile_draws_several_nodes_and_leaves_single_seeds_alone()
         assert not {"broker_cut", "store_cut"} & set(dict(single.faults))
         assert "nodes" not in single.describe()
     assert all(0 < n < 50 for n in on.values()), on  # swarm: on in some seeds, off in others
+
+
+def test_cluster_seeds_draw_the_nodes_heartbeat_and_liveness() -> None:
+    """The daemon's own (5 s, 15 s) or shorter, so that a dead node's users
+    leave the facepiles within a run in some seeds; one node keeps the
+    daemon's defaults, which nothing in it reads."""
+    drawn = {
+        (c.node_heartbeat_s, c.node_liveness_s)
+        for c in (draw_config(seed, "cluster") for seed in range(40))
+    }
+    assert drawn == set(NODE_BEATS)
+    assert all(liveness > heartbeat for heartbeat, liveness in NODE_BEATS)
+    defaults = PresenceConfig()
+    single = draw_config(3, "ci")
+    assert (single.node_heartbeat_s, single.node_liveness_s) == (
+        defaults.node_heartbeat_s,
+        defaults.node_liveness_s,
+    )
+    assert "vanished" not in single.describe()
+
+
+def test_a_dead_nodes_users_leaving_after_the_liveness_is_not_counted_late(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Cluster seed 33061: a node killed at 15.8 s held a user on a board it
+    no longer watches; the others drop that user 15 s after the node's last
+    heartbeat, as designed, 8.8 s after the rooms settled.  That is not a
+    late facepile (it was counted as one)."""
+    status, result, output = run_sim(tmp_path, "--seed", "33061", "--profile", "cluster")
+    assert status == 0, output
+    assert "heartbeat 5s, a node unheard for 15s" in result["config"]
+    assert result["converged_s"] > 16.0 + 5.0  # the dead node's user left late in the run
+    assert "presence_late" not in result["counters"], result["counters"]
 
 
 @pytest.mark.slow
