@@ -953,7 +953,7 @@ class Hub:
         query, temp_id, base_rev = call.query, call.temp_id, call.base_rev
         if service == "authentication":  # anyone connected may sign in or out
             return partial(self.authentication, method, data)
-        check_call(service, id)
+        check_call(service, method, id)
         resource = service if id is None else f"{service}:{id}"
         await self.authorizer.authorize(principal, method, resource)
         if service == "users":

@@ -23,6 +23,7 @@ from ._boards import MEMBER_ROLES as MEMBER_ROLES
 from ._boards import BoardCall as BoardCall
 from ._boards import BoardPlan as BoardPlan
 from ._boards import plan_board as plan_board
+from ._catalog import METHODS as METHODS
 from ._catalog import MINTS_ID as MINTS_ID
 from ._catalog import READ_METHODS as READ_METHODS
 from ._catalog import READ_ONLY as READ_ONLY

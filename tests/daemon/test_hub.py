@@ -14,6 +14,7 @@ import sqlalchemy as sa
 import trio
 
 from agor_actors.daemon import Hub, Outbox, Principal, ServiceError, open_hub
+from agor_actors.services import METHODS, SERVICES
 from agor_actors.world import real_world
 from protocols import Codec, Event, Joined, Lagged, Limits, Since, decode_server_frame
 
@@ -594,3 +595,28 @@ async def test_a_message_names_a_task_of_its_own_session(hub: Hub) -> None:
     stored = await hub.world.blocking.run(lambda: hub.store.get("messages", streamed["id"]))
     assert stored is not None
     assert sorted(int(n) for n in stored["content"].rstrip(",").split(",")) == list(range(20))
+
+
+async def test_a_method_a_service_does_not_have_is_unknown_method(hub: Hub) -> None:
+    """A misspelt method is ``unknown_method`` naming the service's methods,
+    with or without an id, before anything reads the id (it was answered
+    ``not_found: no session x`` or ``id is required``); every method a
+    service lists gets past that check."""
+    assert set(METHODS) == set(SERVICES)
+    for service, methods in METHODS.items():
+        for id in (None, "x"):
+            with pytest.raises(ServiceError) as refused:
+                await hub.call(
+                    OWNER, connection_id="c1", service=service, method="set_stauts", id=id
+                )
+            assert refused.value.code == "unknown_method", (service, refused.value)
+            assert refused.value.message == (
+                f"{service}.set_stauts does not exist; {service} has {', '.join(methods)}"
+            )
+        for method in methods:
+            try:
+                await hub.call(
+                    OWNER, connection_id="c1", service=service, method=method, id="x", data={}
+                )
+            except ServiceError as exc:
+                assert exc.code != "unknown_method", (service, method, exc)

@@ -267,6 +267,7 @@ PACKAGES: dict[str, set[str]] = {
         "BoardPlan",
         "MEMBER_METHODS",
         "MEMBER_ROLES",
+        "METHODS",
         "MINTS_ID",
         "READ_METHODS",
         "READ_ONLY",

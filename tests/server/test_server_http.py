@@ -177,6 +177,8 @@ async def test_a_tasks_rev_moves_with_each_change_and_guards_if_match(
         ("GET", "/sessions?no_such_column=1", None, 400, "invalid_field"),
         ("POST", "/sessions/x/y/z", None, 404, "not_found"),
         ("PUT", "/sessions", b"{}", 405, "unknown_method"),
+        # a misspelt custom method is not a missing record
+        ("POST", "/sessions/does-not-exist/set_stauts", b"{}", 405, "unknown_method"),
     ],
 )
 async def test_malformed_requests_get_json_errors(
