@@ -670,29 +670,36 @@ class Hub:
         temp_id: str | None = None,
         base_rev: int | None = None,
         idempotency_key: str | None = None,
+        if_match: bool = False,
     ) -> Any:
         """Run one service call; returns once any write is durable.  Raises
         :class:`ServiceError`.  A write under an ``idempotency_key`` its
         user sent before is not run again: it gets the first one's answer
-        (marked ``_replayed``)."""
+        (marked ``_replayed``).  ``if_match``: ``base_rev`` is HTTP's
+        ``If-Match``, which holds a session's whole write (a stale one
+        changes nothing), not only its strict fields."""
         try:
             call = Call(0, service, method, id, data, query, temp_id, base_rev, idempotency_key)
         except ValueError as exc:  # an idempotency key out of bounds
             raise ServiceError("invalid_field", str(exc)) from None
-        return await self._call_keyed(principal, connection_id, call)
+        return await self._call_keyed(principal, connection_id, call, if_match)
 
-    async def _call_keyed(self, principal: Principal, connection_id: str | None, call: Call) -> Any:
+    async def _call_keyed(
+        self, principal: Principal, connection_id: str | None, call: Call, if_match: bool = False
+    ) -> Any:
         keyed = self._keyed(principal, call)
         if keyed is None:
-            return await self._call(principal, connection_id, call)
+            return await self._call(principal, connection_id, call, if_match=if_match)
         write, first = keyed
         if not first:
             return await self._twin(
-                write, partial(self._call_keyed, principal, connection_id, call)
+                write, partial(self._call_keyed, principal, connection_id, call, if_match)
             )
         result: outcome.Outcome[Any] = outcome.Error(ServiceError("unavailable", "cancelled"))
         try:
-            result = await outcome.acapture(self._call, principal, connection_id, call, write)
+            result = await outcome.acapture(
+                partial(self._call, if_match=if_match), principal, connection_id, call, write
+            )
         finally:
             self.keys.settle(write, result)
         return result.unwrap()
@@ -730,10 +737,12 @@ class Hub:
         connection_id: str | None,
         call: Call,
         keyed: KeyedWrite | None = None,
+        *,
+        if_match: bool = False,
     ) -> Any:
         release = self._pending(principal)
         try:
-            route = await self._route(principal, connection_id, call, keyed)
+            route = await self._route(principal, connection_id, call, keyed, if_match=if_match)
             if not isinstance(route, _SessionWrite):
                 return await route()
             result = await outcome.acapture(
@@ -945,10 +954,13 @@ class Hub:
         connection_id: str | None,
         call: Call,
         keyed: KeyedWrite | None = None,
+        *,
+        if_match: bool = False,
     ) -> _SessionWrite | Callable[[], Awaitable[Any]]:
         """Check and authorize a call, and say where it goes: a session's
         write, or a call to run here.  ``keyed``: its idempotency key's
-        entry (see :meth:`_keyed`), taken by its store request."""
+        entry (see :meth:`_keyed`), taken by its store request;
+        ``if_match``: see :meth:`call`."""
         service, method, id, data = call.service, call.method, call.id, call.data
         query, temp_id, base_rev = call.query, call.temp_id, call.base_rev
         if service == "authentication":  # anyone connected may sign in or out
@@ -1005,6 +1017,7 @@ class Hub:
             now_ms=now_ms,
             new_id=new_id,
             idempotency=None if keyed is None else (keyed.key, keyed.call, keyed.digest),
+            if_match=if_match,
         )
         return _SessionWrite(f"session:{session_id}", cmd, session_id, changed is not None)
 

@@ -108,6 +108,10 @@ class Command:
     idempotency: tuple[str, str, str] | None = None
     """The caller's key for this write, with its call and digest (see
     :func:`idempotency_of`), as the hub worked them out."""
+    if_match: bool = False
+    """``base_rev`` came as HTTP's ``If-Match``: it holds the whole write of
+    the session's row (RFC 9110: a stale one changes nothing), not only of
+    its strict fields, whose other fields merge."""
 
 
 def idempotency_of(
@@ -422,7 +426,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             return False
         if cmd.service == "sessions":
             row = None if state.row_stale else state.row  # stale: loaded anyway
-            if _strict_patch(cmd) and row is not None and int(row["rev"]) != cmd.base_rev:
+            if _held_by_base_rev(cmd) and row is not None and int(row["rev"]) != cmd.base_rev:
                 state.row_stale = True
                 return True
             return False
@@ -807,20 +811,22 @@ class SessionBehaviour(Behaviour[SessionState]):
         rev = int(state.row["rev"])
         expect: list[Expect] = []
         strict = sorted(STRICT_FIELDS & set(patch))
-        if strict:
+        held = _held_by_base_rev(cmd)
+        if strict or held:
+            shown = strict or sorted(patch)  # If-Match holds every field
             if cmd.base_rev != rev:
                 mark("session.conflict")
             if cmd.base_rev is None:
                 raise ServiceError(
                     "conflict",
                     f"{', '.join(strict)} need base_rev",
-                    {"current": {f: state.row.get(f) for f in strict}, "rev": rev},
+                    {"current": {f: state.row.get(f) for f in shown}, "rev": rev},
                 )
             if cmd.base_rev != rev:
                 raise ServiceError(
                     "conflict",
                     f"stale base_rev {cmd.base_rev}; the session is at rev {rev}",
-                    {"current": {f: state.row.get(f) for f in strict}, "rev": rev},
+                    {"current": {f: state.row.get(f) for f in shown}, "rev": rev},
                 )
             expect.append(Expect("sessions", {"id": state.session_id}, "rev", rev))
         if self.store.shared:
@@ -829,7 +835,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             # clocks: a write of this actor refused before this one leaves
             # the rev it counted on to another daemon's write); else the
             # actor loads the row and plans the write again
-            if not strict:
+            if not (strict or held):
                 expect.append(Expect("sessions", {"id": state.session_id}, "rev", rev))
             believed = state.row.get("clocks")
             expect.append(Expect("sessions", {"id": state.session_id}, "clocks", believed))
@@ -919,6 +925,12 @@ class SessionBehaviour(Behaviour[SessionState]):
 
     def _remove_session(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
         assert state.row is not None
+        expect: tuple[Expect, ...] = ()
+        if cmd.base_rev is not None:  # as a task's or a message's remove
+            if cmd.base_rev != int(state.row["rev"]):
+                mark("session.conflict")
+                raise _stale(cmd.base_rev, state.row, "session")
+            expect = (Expect("sessions", {"id": state.session_id}, "rev", cmd.base_rev),)
         events = self._events(
             state, cmd, "session:deleted", {"session_id": state.session_id}, board=True
         )
@@ -926,7 +938,7 @@ class SessionBehaviour(Behaviour[SessionState]):
         sid = state.session_id
         mutations = (Mutation("delete", "sessions", {"id": sid}),)
         state.row = None
-        return WriteRequest(mutations=mutations, events=tuple(events)), public
+        return WriteRequest(mutations=mutations, events=tuple(events), expect=expect), public
 
     def _task(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
         data = _as_dict(cmd.data)
@@ -1237,13 +1249,16 @@ def _believed(cmd: Command) -> bool:
     return cmd.service == "tasks" and cmd.method in _TASK_CHANGES
 
 
-def _strict_patch(cmd: Command) -> bool:
-    """Whether ``cmd`` patches a strict field of its session: the only
-    write of the session's row that its base_rev holds."""
+def _held_by_base_rev(cmd: Command) -> bool:
+    """Whether ``cmd``'s base_rev holds its write of the session's row: a
+    patch of a strict field, any change under HTTP's ``If-Match``, or a
+    remove (the other fields of a patch merge)."""
+    if cmd.service != "sessions" or cmd.base_rev is None:
+        return False
+    if cmd.method == "remove" or (cmd.if_match and cmd.method in _SESSION_CHANGES):
+        return True
     return (
-        cmd.service == "sessions"
-        and cmd.method in ("patch", "update")
-        and cmd.base_rev is not None
+        cmd.method in ("patch", "update")
         and isinstance(cmd.data, dict)
         and bool(STRICT_FIELDS & cmd.data.keys())
     )
@@ -1253,7 +1268,7 @@ def _refused_base_rev(cmd: Command, exc: StoreConflict) -> bool:
     """Whether the store refused the session's rev that ``cmd``'s base_rev
     names (the caller's view is stale: ``conflict``, as on one daemon)
     rather than only what the actor believed (its fields' clocks)."""
-    return _strict_patch(cmd) and exc.column == "rev"
+    return _held_by_base_rev(cmd) and exc.column == "rev"
 
 
 def _chunk_at(data: dict[str, Any]) -> int | None:

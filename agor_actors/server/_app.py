@@ -9,7 +9,7 @@ with ``Authorization: Bearer <token>`` and JSON bodies:
 ``GET /<service>?<query>``             ``find`` (query string: :func:`parse_query`)
 ``POST /<service>``                    ``create`` (201)
 ``GET /<service>/<id>``                ``get``
-``PATCH /<service>/<id>``              ``patch`` (``If-Match: <rev>`` = ``base_rev``)
+``PATCH /<service>/<id>``              ``patch`` (``If-Match: <rev>`` = ``base_rev``, whole)
 ``PUT /<service>/<id>``                ``update`` (same)
 ``DELETE /<service>/<id>``             ``remove``
 ``POST /<service>/<id>/<method>``      a custom method (``tasks/<id>/start``...)
@@ -411,6 +411,8 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
         header = request.headers.get("If-Match")
         if header is None:
             return None
+        if header.strip() == "*":  # any current representation: the record exists
+            return None
         text = header.strip().removeprefix("W/").strip('"')
         if not _INT_RE.fullmatch(text):
             raise ServiceError("bad_request", "If-Match must be a revision number")
@@ -443,6 +445,7 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
                 query=query,
                 base_rev=base_rev,
                 idempotency_key=request.headers.get("Idempotency-Key") if verb != "GET" else None,
+                if_match=base_rev is not None,
             )
         except ServiceError as exc:
             if exc.code == "conflict" and request.headers.get("If-Match") is not None:

@@ -65,6 +65,7 @@ class ServerHub(SignInCodes, WebSessions, Protocol):
         temp_id: str | None = None,
         base_rev: int | None = None,
         idempotency_key: str | None = None,
+        if_match: bool = False,
     ) -> Any: ...
 
     async def submit(

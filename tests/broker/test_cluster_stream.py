@@ -236,3 +236,30 @@ async def test_a_sessions_fields_merge_against_the_stores_clocks_whatever_daemon
         # and b goes on from the store's row (not stopped, not stale)
         idle = await session_call(b, "set_status", sid, data={"status": "idle"})
         assert (idle["rev"], idle["locked_by"], idle["title"]) == (6, "owner", "newer")
+
+
+async def test_a_sessions_if_match_and_remove_hold_at_the_stores_rev_whatever_daemon(
+    pg_url: str,
+) -> None:
+    """HTTP's If-Match (``if_match``) holds a whole session patch, and a
+    base_rev a session's remove, at the store's rev: a daemon whose actor
+    believes an older rev looks again before refusing, and a stale one is
+    refused whatever the daemon believes."""
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
+        sid = await make_session(a)  # a's actor knows rev 1
+        assert (await session_call(b, "patch", sid, data={"title": "b"}))["rev"] == 2
+        # a believes rev 1 and is told 2: it looks again, and the write holds
+        held = await session_call(a, "patch", sid, data={"title": "a"}, base_rev=2, if_match=True)
+        assert (held["rev"], held["title"]) == (3, "a")
+        # b believes rev 2, as it is told: the store's rev 3 refuses it
+        with pytest.raises(ServiceError) as stale:
+            await session_call(b, "patch", sid, data={"title": "c"}, base_rev=2, if_match=True)
+        assert stale.value.code == "conflict"
+        with pytest.raises(ServiceError) as kept:
+            await session_call(b, "remove", sid, base_rev=2)
+        assert kept.value.code == "conflict"
+        assert (await session_call(a, "get", sid))["title"] == "a"
+        await session_call(b, "remove", sid, base_rev=3)
+        with pytest.raises(ServiceError) as gone:
+            await session_call(a, "get", sid)
+        assert gone.value.code == "not_found"

@@ -620,3 +620,34 @@ async def test_a_method_a_service_does_not_have_is_unknown_method(hub: Hub) -> N
                 )
             except ServiceError as exc:
                 assert exc.code != "unknown_method", (service, method, exc)
+
+
+async def test_a_sessions_base_rev_holds_its_remove_and_if_match_its_whole_patch(
+    hub: Hub,
+) -> None:
+    """A session's ``base_rev`` holds its remove (as a task's); on a patch
+    it holds only the strict fields and the others merge, unless it came as
+    HTTP's If-Match (``if_match``): then a stale one changes nothing."""
+
+    async def call(method: str, id: str | None = None, **kw: Any) -> Any:
+        return await hub.call(
+            OWNER, connection_id="c1", service="sessions", method=method, id=id, **kw
+        )
+
+    sid = (await call("create", data={"title": "S"}))["id"]
+    merged = await call("patch", sid, data={"title": "T"}, base_rev=7)
+    assert merged["title"] == "T" and merged["rev"] == 2
+    with pytest.raises(ServiceError) as stale:
+        await call("patch", sid, data={"title": "U"}, base_rev=1, if_match=True)
+    assert stale.value.code == "conflict"
+    assert stale.value.data == {"current": {"title": "T"}, "rev": 2}
+    held = await call("patch", sid, data={"title": "U"}, base_rev=2, if_match=True)
+    assert held["title"] == "U" and held["rev"] == 3
+    with pytest.raises(ServiceError) as kept:
+        await call("remove", sid, base_rev=2)
+    assert kept.value.code == "conflict" and kept.value.data["rev"] == 3
+    assert (await call("get", sid))["title"] == "U"
+    await call("remove", sid, base_rev=3)
+    with pytest.raises(ServiceError) as gone:
+        await call("get", sid)
+    assert gone.value.code == "not_found"

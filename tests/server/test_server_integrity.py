@@ -42,15 +42,32 @@ async def test_a_stale_if_match_is_412_with_the_current_record(running: Daemon) 
         # every service answers the record, not {task_id, updates}
         assert fresh.body["id"] == path.rsplit("/", 1)[1]
         assert "x" in fresh.body.values() and "rev" in fresh.body
-    # a session's title merges (by clock) whatever the base; its answer is the record
-    merged = await http(
-        "PATCH",
-        f"{base}/sessions/{session['id']}",
-        token=token,
-        json={"title": "x"},
-        headers={"If-Match": '"99"'},
+    # a session's title merges (by clock) with no If-Match; with one, the
+    # whole write holds only at that rev (RFC 9110), a merged field's too
+    url = f"{base}/sessions/{session['id']}"
+    stale = await http("PATCH", url, token=token, json={"title": "x"}, headers={"If-Match": '"99"'})
+    assert stale.status == 412 and stale.body["code"] == "conflict", stale
+    assert stale.body["data"] == {"current": {"title": "t"}, "rev": session["rev"]}
+    assert (await http("GET", url, token=token)).body["title"] == "t"  # nothing changed
+    rev = session["rev"]
+    fresh = await http(
+        "PATCH", url, token=token, json={"title": "x"}, headers={"If-Match": f'"{rev}"'}
     )
-    assert merged.status == 200 and merged.body["title"] == "x", merged
+    assert fresh.status == 200 and fresh.body["title"] == "x" and fresh.body["rev"] == rev + 1
+    assert fresh.headers["etag"] == f'"{rev + 1}"'
+    anyone = await http("PATCH", url, token=token, json={"title": "y"}, headers={"If-Match": "*"})
+    assert anyone.status == 200 and anyone.body["title"] == "y", anyone
+    merged = await http("PATCH", url, token=token, json={"title": "z"})
+    assert merged.status == 200 and merged.body["title"] == "z", merged
+    # a session's remove too (as a task's, a message's or a board's)
+    kept = await http("DELETE", url, token=token, headers={"If-Match": f'"{rev}"'})
+    assert kept.status == 412 and kept.body["data"]["rev"] == merged.body["rev"], kept
+    assert (await http("GET", url, token=token)).status == 200
+    removed = await http(
+        "DELETE", url, token=token, headers={"If-Match": f'"{merged.body["rev"]}"'}
+    )
+    assert removed.status == 200, removed
+    assert (await http("GET", url, token=token)).status == 404
     gone = await http(
         "DELETE", f"{base}/boards/{board['id']}", token=token, headers={"If-Match": '"99"'}
     )
