@@ -981,6 +981,10 @@ class Hub:
         now_ms = self.world.wall.now_ms()
         new_id = self.world.entropy.new_id(now_ms) if method in MINTS_ID else ""
         if service == "users":
+            if base_rev is not None:  # HTTP's If-Match on a record without an ETag
+                raise ServiceError(
+                    "conflict", "users have no revision: no base_rev (If-Match) holds for them"
+                )
             return partial(self._users, method, id, data, now_ms, new_id)
         if service == "boards":
             await self.gate.check_board_call(principal, method, id, data)

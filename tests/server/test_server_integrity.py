@@ -97,3 +97,20 @@ async def test_store_errors_do_not_show_sql(running: Daemon) -> None:
     assert "unknown column 'token_hash'" in said, said
     for hidden in ("token_hash", "clocks"):
         assert hidden not in said.partition("columns:")[2], said
+
+
+async def test_if_match_on_a_user_which_has_no_revision_is_412(running: Daemon) -> None:
+    """Users carry no rev (their answers no ETag), so no If-Match but ``*``
+    can hold for them (RFC 9110): 412 and nothing changes (it was ignored:
+    the user was removed)."""
+    base, token = running.http_url, running.token
+    user = (await http("POST", f"{base}/users", token=token, json={"name": "zed"})).body
+    url = f"{base}/users/{user['id']}"
+    assert "etag" not in (await http("GET", url, token=token)).headers
+    refused = await http("DELETE", url, token=token, headers={"If-Match": '"1"'})
+    assert refused.status == 412 and refused.body["code"] == "conflict", refused
+    assert "no revision" in refused.body["message"]
+    assert (await http("GET", url, token=token)).body["removed_at"] is None
+    removed = await http("DELETE", url, token=token, headers={"If-Match": "*"})
+    assert removed.status == 200, removed
+    assert (await http("GET", url, token=token)).body["removed_at"] is not None
