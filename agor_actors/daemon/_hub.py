@@ -36,7 +36,7 @@ from ..broker import (
     broker_kind,
     open_broker_link,
 )
-from ..domain import Principal, ServiceError, SignOut
+from ..domain import Principal, ServiceError, SignOut, own_token_id
 from ..domain.presence import (
     PresenceConfig,
     PresenceGone,
@@ -118,6 +118,7 @@ T = TypeVar("T")
 log = logging.getLogger("agor_actors.daemon")
 _security_log = logging.getLogger("agor_actors.security")
 _PASSWORD_CHANGED: Final = "the password was changed: sign in again"
+_TOKEN_RENEWED: Final = "this user's token was renewed: connect with the new one"
 
 OWNER_ID = "owner"
 
@@ -460,7 +461,12 @@ class Hub:
             return await self.authenticate(token)
         if row is None:
             return None
-        principal = Principal(user_id=row["id"], name=row["name"], is_owner=bool(row["is_owner"]))
+        principal = Principal(
+            user_id=row["id"],
+            name=row["name"],
+            is_owner=bool(row["is_owner"]),
+            token_id=own_token_id(digest),
+        )
         self._tokens[digest] = principal
         if len(self._tokens) > 4096:
             self._tokens.popitem(last=False)
@@ -627,12 +633,32 @@ class Hub:
             if removed:
                 self._user_removed(user_id)
             elif known is not None:
-                sign_out = SignOut(user_id, _PASSWORD_CHANGED, generation=known[1])
-                principals = self._principals
-                mine = self._connections_of.get(user_id, ())
-                if any(c in principals and sign_out.ends(principals[c]) for c in mine):
-                    self._sign_out(sign_out)
+                self._sign_out_if_any(SignOut(user_id, _PASSWORD_CHANGED, generation=known[1]))
+        await self._find_renewed_tokens()
         await self._find_closed_sign_ins()
+
+    def _sign_out_if_any(self, sign_out: SignOut) -> None:
+        """``sign_out``, if it ends a connection here."""
+        principals = self._principals
+        mine = self._connections_of.get(sign_out.user_id, ())
+        if any(c in principals and sign_out.ends(principals[c]) for c in mine):
+            self._sign_out(sign_out)
+
+    async def _find_renewed_tokens(self) -> None:
+        """Close the connections of own tokens renewed since they were
+        opened (one read for all the users they are of)."""
+        users = sorted({p.user_id for p in self._principals.values() if p.token_id is not None})
+        if not users:
+            return
+        try:
+            hashes = await self.world.blocking.run(partial(self.store.token_hashes, users))
+        except StoreError as exc:
+            log.warning("checking for renewed tokens failed: %s", exc)
+            return
+        for user_id, token_hash in hashes.items():
+            self._sign_out_if_any(
+                SignOut(user_id, _TOKEN_RENEWED, token_id=own_token_id(token_hash))
+            )
 
     async def _find_closed_sign_ins(self) -> None:
         """Close the connections of browser sign-ins closed or expired since
@@ -1276,6 +1302,8 @@ class Hub:
             raise
         self._forget_tokens_of(user_id)
         _security_log.warning("user token renewed", extra={"user_id": user_id})
+        # the connections the old token opened close (the caller's after its answer)
+        self._sign_out(SignOut(user_id, _TOKEN_RENEWED, token_id=own_token_id(hash_token(token))))
         if staged is not None and token_file is not None:
             self.owner_token = token
             try:

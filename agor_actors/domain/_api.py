@@ -6,7 +6,13 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Principal", "ServiceError", "SignOut"]
+__all__ = ["Principal", "ServiceError", "SignOut", "own_token_id"]
+
+
+def own_token_id(token_hash: str) -> str:
+    """What names a user's own token in :attr:`Principal.token_id` and
+    :attr:`SignOut.token_id`: the first 16 hex digits of its stored hash."""
+    return token_hash[:16]
 
 
 @attrs.frozen
@@ -17,7 +23,10 @@ class Principal:
     browser sign-in a cookie names (None: not a cookie's).  ``generation``:
     the password an access token was issued under (see
     :meth:`SignOut.ends`; None: not an access token's, or one this daemon
-    does not check)."""
+    does not check).  ``token_id``: the user's own token it was
+    authenticated with (the first 16 hex digits of its ``hash_token``;
+    None: not an own token's, or the token of a program that embeds the
+    daemon)."""
 
     user_id: str
     name: str
@@ -25,6 +34,7 @@ class Principal:
     expires_ms: int | None = attrs.field(default=None, eq=False)
     session: str | None = attrs.field(default=None, eq=False, repr=False)
     generation: str | None = attrs.field(default=None, eq=False, repr=False)
+    token_id: str | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -34,8 +44,9 @@ class SignOut:
     access token issued under another password than ``generation`` (the
     current one's, after a change; None: none of them) opened, those a
     browser's sign-in opened if ``cookies`` (all of them) or ``session``
-    names it (a browser that logged out).  A connection opened with the
-    user's own token stays."""
+    names it (a browser that logged out), and those an own token other than
+    ``token_id`` (the user's current one, after a renewal; None: none of
+    them) opened."""
 
     user_id: str
     message: str
@@ -43,6 +54,7 @@ class SignOut:
     generation: str | None = None
     cookies: bool = False
     session: str | None = attrs.field(default=None, repr=False)
+    token_id: str | None = None
 
     def ends(self, principal: Principal) -> bool:
         """Whether a connection of ``principal`` is to be closed."""
@@ -52,6 +64,8 @@ class SignOut:
             return True
         if principal.session is not None:
             return self.cookies or principal.session == self.session
+        if principal.token_id is not None:
+            return self.token_id is not None and principal.token_id != self.token_id
         if principal.generation is None or self.generation is None:
             return False
         return principal.generation != self.generation

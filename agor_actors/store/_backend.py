@@ -2090,6 +2090,20 @@ class SqlStore:
             ).one_or_none()
         return None if row is None else _plain_row(row)
 
+    def token_hashes(self, user_ids: Collection[str]) -> dict[str, str]:
+        """The token hash of each of ``user_ids`` that is not removed (a
+        secret column: for the hub's sweep only, never a client)."""
+        u = s.users
+        wanted, found = list(user_ids), dict[str, str]()
+        with self._reading() as conn:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                query = sa.select(u.c.id, u.c.token_hash).where(
+                    u.c.id.in_(part), u.c.removed_at.is_(None)
+                )
+                found.update((str(id), str(token_hash)) for id, token_hash in conn.execute(query))
+        return found
+
     def credential(
         self, *, login: str | None = None, user_id: str | None = None
     ) -> dict[str, Any] | None:

@@ -78,7 +78,7 @@ def test_a_sign_out_ends_what_it_says() -> None:
     jwt_old = Principal("u1", "ada", expires_ms=1, generation="old")
     jwt_new = Principal("u1", "ada", expires_ms=1, generation="new")
     cookie = Principal("u1", "ada", expires_ms=1, session="s")
-    own = Principal("u1", "ada")  # the user's own token
+    own = Principal("u1", "ada", token_id="t-old")  # the user's own token
     unchecked = Principal("u1", "ada", expires_ms=1)  # another service's token
     everyone = [jwt_old, jwt_new, cookie, own, unchecked]
     changed = SignOut("u1", "changed", generation="new", cookies=True)
@@ -92,6 +92,16 @@ def test_a_sign_out_ends_what_it_says() -> None:
     assert all(removed.ends(p) for p in everyone)
     assert not removed.ends(Principal("u2", "bob"))
     assert not changed.ends(Principal("u2", "bob", expires_ms=1, generation="old"))
+    # a renewed own token: the connections another own token opened, only
+    renewed = SignOut("u1", "renewed", token_id="t-new")
+    current = Principal("u1", "ada", token_id="t-new")
+    assert [renewed.ends(p) for p in [*everyone, current]] == [
+        *(False, False, False, True, False),
+        False,
+    ]
+    embedded = Principal("u1", "ada")  # a program's token: no id, never ended by a renewal
+    assert not renewed.ends(embedded) and not changed.ends(embedded)
+    assert not renewed.ends(Principal("u2", "bob", token_id="t-old"))
 
 
 def test_a_forged_signature_is_refused() -> None:

@@ -204,6 +204,7 @@ PACKAGES: dict[str, set[str]] = {
         "Principal",
         "ServiceError",
         "SignOut",
+        "own_token_id",
     },
     "agor_actors.identity": {
         "AccessClaims",

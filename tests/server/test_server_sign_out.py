@@ -29,7 +29,7 @@ from test_server_user_removal import _cookie
 
 from agor_actors.client import connect, open_websocket
 from agor_actors.identity import IdentityConfig
-from agor_actors.store import Mutation, WriteRequest
+from agor_actors.store import Mutation, WriteRequest, hash_token
 from protocols import Ping, Pong, Welcome
 
 CHEAP = IdentityConfig(password_params=profiles.CHEAPEST)
@@ -161,6 +161,42 @@ async def test_a_password_changed_by_another_daemon_is_found_by_the_sweep(
         assert await hub.authenticate(ada["token"]) is not None
         await own.send(Ping(7))  # still open: answered
         assert (await own.expect(Pong)).t == 7
+
+
+async def test_a_token_renewed_by_another_daemon_is_found_by_the_sweep(running: Daemon) -> None:
+    """A cluster node learns of a user's token renewed elsewhere from the
+    store, in its access sweep: the connections the old token opened close
+    (4001), one an access token of the same user opened stays, and so does
+    another user's.  The renewal is written behind the hub's back, as
+    another daemon's would be."""
+    hub = running.hub
+    ada, signed = await _ada(running)
+    bob = (
+        await http("POST", f"{running.http_url}/users", token=running.token, json={"name": "bob"})
+    ).body
+    async with (
+        raw_client(running.ws_url, token=ada["token"]) as own,
+        raw_client(running.ws_url, token=signed["accessToken"]) as window,
+        raw_client(running.ws_url, token=bob["token"]) as other,
+    ):
+        for client in (own, window, other):
+            await client.expect(Welcome)
+        renewed = hash_token("ada's token from another daemon")
+        elsewhere = Mutation("update", "users", {"id": ada["id"]}, {"token_hash": renewed})
+        request = WriteRequest(mutations=(elsewhere,))
+        (result,) = await trio.to_thread.run_sync(hub.store.commit, [request])
+        assert not isinstance(result, Exception)
+        assert await hub.authenticate(ada["token"]) is not None  # cached until the sweep
+        await hub._find_removed()
+        assert await hub.authenticate(ada["token"]) is None
+        _, reason = await until_closed(own)
+        assert (reason.code, reason.reason) == (
+            4001,
+            "unauthorized: this user's token was renewed: connect with the new one",
+        )
+        for n, client in enumerate((window, other)):
+            await client.send(Ping(n))  # still open: answered
+            assert (await client.expect(Pong)).t == n
 
 
 async def test_a_browser_that_logs_out_has_its_connections_closed(running: Daemon) -> None:

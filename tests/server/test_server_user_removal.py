@@ -213,19 +213,34 @@ async def test_a_client_whose_user_is_removed_ends_with_unauthorized(running: Da
         assert not client.connected
 
 
+_RENEWED = "unauthorized: this user's token was renewed: connect with the new one"
+
+
 async def test_a_user_renews_its_token_and_the_old_one_is_refused(running: Daemon) -> None:
     """``users.rotate_token``: the user itself or the owner gets a new
-    token, once; the old one is refused at once (also where it was cached);
-    the user keeps its id, boards and sign-in."""
+    token, once; the old one is refused at once (also where it was cached)
+    and the connections it opened are closed (4001: a leaked token's holder
+    keeps no open connection; another user's stays); the user keeps its
+    id, boards and sign-in."""
     url, owner = running.http_url, running.token
     ada = (await http("POST", f"{url}/users", token=owner, json={"name": "ada"})).body
     bob = (await http("POST", f"{url}/users", token=owner, json={"name": "bob"})).body
     board = (await http("POST", f"{url}/boards", token=ada["token"], json={"name": "B"})).body
     assert (await http("GET", f"{url}/boards/{board['id']}", token=ada["token"])).status == 200
 
-    renewed = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=ada["token"])
-    assert renewed.status == 200, renewed.body
-    assert set(renewed.body) == {"id", "name", "token"} and renewed.body["id"] == ada["id"]
+    async with (
+        raw_client(running.ws_url, token=ada["token"]) as leaked,
+        raw_client(running.ws_url, token=bob["token"]) as other,
+    ):
+        await leaked.expect(Welcome)
+        await other.expect(Welcome)
+        renewed = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=ada["token"])
+        assert renewed.status == 200, renewed.body
+        assert set(renewed.body) == {"id", "name", "token"} and renewed.body["id"] == ada["id"]
+        _, closed = await until_closed(leaked)
+        assert (closed.code, closed.reason) == (4001, _RENEWED)
+        await other.send(Ping(1))
+        assert (await other.expect(Pong)).t == 1
     new = renewed.body["token"]
     assert new != ada["token"]
     assert (await http("GET", f"{url}/sessions", token=ada["token"])).status == 401
@@ -236,8 +251,12 @@ async def test_a_user_renews_its_token_and_the_old_one_is_refused(running: Daemo
     assert mine.status == 200 and mine.body["owner_id"] == ada["id"]
 
     # the owner renews anyone's; another user renews none
-    again = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=owner)
-    assert again.status == 200 and again.body["token"] != new
+    async with raw_client(running.ws_url, token=new) as opened:
+        await opened.expect(Welcome)
+        again = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=owner)
+        assert again.status == 200 and again.body["token"] != new
+        _, closed = await until_closed(opened)
+        assert (closed.code, closed.reason) == (4001, _RENEWED)
     assert (await http("GET", f"{url}/sessions", token=new)).status == 401
     refused = await http("POST", f"{url}/users/{ada['id']}/rotate_token", token=bob["token"])
     assert refused.status == 403
@@ -246,13 +265,32 @@ async def test_a_user_renews_its_token_and_the_old_one_is_refused(running: Daemo
     assert gone.status == 400 and "was removed" in gone.body["message"]
 
 
+async def test_a_user_renewing_its_token_on_a_connection_gets_it_then_the_close(
+    running: Daemon,
+) -> None:
+    """The caller's own connection, opened with the old token, is answered
+    the new token first, then closed; the real client ends ``unauthorized``
+    and the new token connects."""
+    from agor_actors.client import connect
+
+    url = running.http_url
+    ada = (await http("POST", f"{url}/users", token=running.token, json={"name": "ada"})).body
+    async with connect(running.ws_url, token=ada["token"]) as client:
+        renewed = await client.service("users").call("rotate_token", ada["id"])
+        assert renewed["id"] == ada["id"] and renewed["token"] != ada["token"]
+        codes = await calls_until_unauthorized(client)
+        assert set(codes[:-1]) <= {"connection_lost"} and len(codes) <= 3, codes
+    async with connect(running.ws_url, token=renewed["token"]) as client:
+        assert (await client.service("users").get(ada["id"]))["name"] == "ada"
+
+
 async def test_the_owner_renews_its_token_and_the_token_file_follows(
     tmp_path: pathlib.Path,
 ) -> None:
     """The owner's token, renewed through the API, is written to
     ``<data-dir>/token`` (nothing left beside it): the old one is refused,
-    the owner's open connection stays, and the daemon started again on the
-    data dir takes the new one."""
+    the connections it opened are closed, and the daemon started again on
+    the data dir takes the new one."""
     from agor_actors.cli import read_token
     from agor_actors.world import real_world
 
@@ -268,8 +306,8 @@ async def test_the_owner_renews_its_token_and_the_token_file_follows(
             assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
             assert (await http("GET", f"{running.http_url}/sessions", token=old)).status == 401
             assert (await http("GET", f"{running.http_url}/sessions", token=new)).status == 200
-            await raw.send(Ping(5))  # the connection open with the old one stays
-            assert (await raw.expect(Pong)).t == 5
+            _, closed = await until_closed(raw)  # the connection the old one opened
+            assert (closed.code, closed.reason) == (4001, _RENEWED)
     async with open_hub(real_world(), data_dir=tmp_path) as hub:
         assert await hub.authenticate(new) is not None
         assert await hub.authenticate(old) is None

@@ -1268,6 +1268,17 @@ def test_users_and_board_members(store: SqlStore) -> None:
     }
     assert store.user_by_token_hash(hash_token("nobody")) is None
     assert store.get("users", "u4") is None  # its request failed as a whole
+    # the sweep's read: the token hashes of users not removed, in parts of 500
+    assert store.token_hashes(["u1", "u2", "u4", *(f"x{n}" for n in range(1_000))]) == {
+        "u1": hash_token("secret-1"),
+        "u2": hash_token("secret-2"),
+    }
+    ok(
+        store.commit(
+            [WriteRequest(mutations=[Mutation("update", "users", {"id": "u2"}, {"removed_at": 9})])]
+        )[0]
+    )
+    assert store.token_hashes(["u2"]) == {} and store.token_hashes([]) == {}
     assert store.board_members("b1") == [
         {"board_id": "b1", "user_id": "u1", "role": "owner"},
         {"board_id": "b1", "user_id": "u2", "role": "viewer"},
