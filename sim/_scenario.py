@@ -112,7 +112,8 @@ class Rename:
 
 @attrs.frozen
 class Patch:
-    """Patch a session's fields (``base_rev``: only at that revision)."""
+    """Patch a session's fields (``base_rev``: its strict fields only at that
+    revision; the others merge whatever the base, as over WebSocket)."""
 
     session: int
     data: dict[str, Any]

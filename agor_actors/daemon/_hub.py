@@ -581,8 +581,8 @@ class Hub:
 
     def on_sign_out(self, hook: Callable[[SignOut], None]) -> None:
         """Call ``hook`` with the connections to close when a user is
-        removed, or its password changed (here, or, found by the sweep,
-        through another daemon of a cluster)."""
+        removed, its password changed or its token renewed (here, or,
+        found by the sweep, through another daemon of a cluster)."""
         self._sign_out_hooks.append(hook)
 
     def _forget_tokens_of(self, user_id: str) -> None:
@@ -608,12 +608,13 @@ class Hub:
                 log.exception("a sign-out hook failed", extra={"user_id": sign_out.user_id})
 
     async def _find_removed(self) -> None:
-        """A cluster node's sweep: users removed, passwords changed and
-        browsers logged out through another daemon.  The caches of tokens
-        are emptied, and the users connected here are read again: those
-        removed are closed out, and the connections of the others that an
-        access token issued under an older password opened, or a browser
-        sign-in since closed (or expired)."""
+        """A cluster node's sweep: users removed, passwords changed, tokens
+        renewed and browsers logged out through another daemon.  The caches
+        of tokens are emptied, and the users connected here are read again:
+        those removed are closed out, and the connections of the others
+        that an access token issued under an older password, an own token
+        since renewed, or a browser sign-in since closed (or expired)
+        opened."""
         self._tokens.clear()
         identity = self.identity
         if identity is not None:
@@ -1268,7 +1269,8 @@ class Hub:
         """``users.rotate_token``: a new token for the user, answered once
         (``{id, name, token}``); the old one is refused from now on here,
         and on the other daemons of a cluster within their access sweep.
-        Connections already open stay open (``users.remove`` closes them).
+        The connections the old token opened are closed (the caller's after
+        its answer), here at once and on the other daemons in their sweep.
         The owner's new token is also written to ``<data-dir>/token`` (the
         other nodes of a cluster need a copy of the file to start again);
         the token of a daemon embedded in a program is that program's."""
