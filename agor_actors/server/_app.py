@@ -342,6 +342,11 @@ _HTTP_METHODS: Final = {
     ("PUT", True): "update",
     ("DELETE", True): "remove",
 }
+_ROUTE_OF: Final = {
+    method: f"{verb} /<service>{'/<id>' if has_id else ''}"
+    for (verb, has_id), method in _HTTP_METHODS.items()
+}
+"""Where each standard method is called: not as a custom method."""
 
 
 def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = None) -> QuartTrio:
@@ -429,6 +434,11 @@ def create_app(hub: ServerHub, world: World, settings: ServerSettings | None = N
                 method = _HTTP_METHODS.get((verb, id is not None))
                 if method is None:
                     raise ServiceError("unknown_method", f"{verb} is not allowed here")
+            elif method in _ROUTE_OF:  # POST /sessions/<id>/remove is no path
+                raise ServiceError(
+                    "not_found",
+                    f"no such path: {method} is not a custom method; it is {_ROUTE_OF[method]}",
+                )
             if verb == "GET" and id is None:
                 query = parse_query(request.args.items(multi=True))
             elif verb in ("POST", "PATCH", "PUT"):

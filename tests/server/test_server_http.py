@@ -179,6 +179,10 @@ async def test_a_tasks_rev_moves_with_each_change_and_guards_if_match(
         ("PUT", "/sessions", b"{}", 405, "unknown_method"),
         # a misspelt custom method is not a missing record
         ("POST", "/sessions/does-not-exist/set_stauts", b"{}", 405, "unknown_method"),
+        # a standard method is called with its own verb, not as a custom one
+        ("POST", "/sessions/x/remove", None, 404, "not_found"),
+        ("POST", "/sessions/x/patch", b'{"title": "t"}', 404, "not_found"),
+        ("POST", "/tasks/x/find", None, 404, "not_found"),
     ],
 )
 async def test_malformed_requests_get_json_errors(
@@ -189,6 +193,32 @@ async def test_malformed_requests_get_json_errors(
     assert reply.body["code"] == code and reply.body["message"]
     # and the daemon is fine
     assert (await http("GET", f"{running.http_url}/health")).status == 200
+
+
+async def test_a_standard_method_is_no_custom_method(running: Daemon) -> None:
+    """``POST /<service>/<id>/<method>`` names custom methods only: a
+    standard one there is no path (it removed, patched or created a record
+    past its own verb, and past the If-Match that verb reads)."""
+    base, token = running.http_url, running.token
+    sid = (await http("POST", f"{base}/sessions", token=token, json={"title": "t"})).body["id"]
+    for name, route in (
+        ("remove", "DELETE /<service>/<id>"),
+        ("patch", "PATCH /<service>/<id>"),
+        ("update", "PUT /<service>/<id>"),
+        ("create", "POST /<service>"),
+        ("get", "GET /<service>/<id>"),
+        ("find", "GET /<service>"),
+    ):
+        reply = await http(
+            "POST", f"{base}/sessions/{sid}/{name}", token=token, json={"title": "x"}
+        )
+        assert reply.status == 404, (name, reply)
+        assert reply.body["message"] == (
+            f"no such path: {name} is not a custom method; it is {route}"
+        )
+    kept = await http("GET", f"{base}/sessions/{sid}", token=token)
+    assert kept.status == 200 and kept.body["title"] == "t" and kept.body["rev"] == 1
+    assert len((await http("GET", f"{base}/sessions", token=token)).body["data"]) == 1
 
 
 @pytest.mark.parametrize(
