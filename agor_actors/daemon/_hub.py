@@ -64,7 +64,6 @@ from ..runtime import ActorDead, ActorRef, ActorSystem, Behaviour, Kind, open_sy
 from ..services import (
     MINTS_ID,
     READ_METHODS,
-    READ_ONLY,
     SESSION_SCOPED,
     AccessChange,
     BoardCall,
@@ -1001,10 +1000,6 @@ class Hub:
             return partial(self._activity, principal, method, query)
         if method in READ_METHODS:
             return partial(self._read, principal, service, method, id, query)
-        if service in READ_ONLY:
-            raise ServiceError(
-                "unknown_method", f"{service} is read-only: {', '.join(READ_METHODS)}"
-            )
         now_ms = self.world.wall.now_ms()
         new_id = self.world.entropy.new_id(now_ms) if method in MINTS_ID else ""
         if service == "users":

@@ -26,7 +26,6 @@ from ._boards import plan_board as plan_board
 from ._catalog import METHODS as METHODS
 from ._catalog import MINTS_ID as MINTS_ID
 from ._catalog import READ_METHODS as READ_METHODS
-from ._catalog import READ_ONLY as READ_ONLY
 from ._catalog import SERVICES as SERVICES
 from ._catalog import SESSION_SCOPED as SESSION_SCOPED
 from ._catalog import check_call as check_call

@@ -12,15 +12,12 @@ __all__ = [
     "METHODS",
     "MINTS_ID",
     "READ_METHODS",
-    "READ_ONLY",
     "SERVICES",
     "SESSION_SCOPED",
     "check_call",
     "public",
 ]
 
-SERVICES: Final = ("boards", "sessions", "tasks", "messages", "tool_calls", "users", "activity")
-READ_ONLY: Final = ("tool_calls",)  # written through tasks.tool_call / tasks.tool_result
 SESSION_SCOPED: Final = ("tasks", "messages")
 """Services whose records belong to a session (written by its actor)."""
 READ_METHODS: Final = ("find", "get")
@@ -44,13 +41,14 @@ METHODS: Final[Mapping[str, tuple[str, ...]]] = {
         "tool_result",
     ),
     "messages": (*READ_METHODS, "create", "stream", "finish", "remove"),
-    "tool_calls": READ_METHODS,
+    "tool_calls": READ_METHODS,  # written through tasks.tool_call / tasks.tool_result
     "users": (*READ_METHODS, "create", "patch", "remove", "rotate_token"),
     "activity": ("find",),
 }
 """Every service's methods: a call to another is refused (``unknown_method``)
 before anything reads its id (so a misspelt method is not answered
 ``not_found`` or ``id is required``)."""
+SERVICES: Final = tuple(METHODS)
 
 
 def check_call(service: str, method: str, id: Any) -> None:

@@ -271,7 +271,6 @@ PACKAGES: dict[str, set[str]] = {
         "METHODS",
         "MINTS_ID",
         "READ_METHODS",
-        "READ_ONLY",
         "SERVICES",
         "SESSION_SCOPED",
         "UserPlan",
