@@ -18,6 +18,7 @@ from agor_actors.client import Client, Mirror, open_websocket
 from agor_actors.daemon import Hub, open_hub
 from agor_actors.identity import IdentityConfig
 from agor_actors.server import ServerSettings, serving
+from agor_actors.store import WriteRequest
 from agor_actors.world import real_world
 from protocols import (
     PROTOCOL_VERSION,
@@ -158,6 +159,13 @@ async def until_closed(
         except trio_websocket.ConnectionClosed as exc:
             assert exc.reason is not None
             return messages, exc.reason
+
+
+async def commit_behind(hub: Hub, request: WriteRequest) -> None:
+    """Commit ``request`` straight to ``hub``'s store, behind the hub's back,
+    as another daemon of a cluster would."""
+    (result,) = await trio.to_thread.run_sync(hub.store.commit, [request])
+    assert not isinstance(result, Exception), result
 
 
 async def calls_until_unauthorized(client: Any) -> list[str]:

@@ -20,6 +20,7 @@ from argon2 import profiles
 from server_support import (
     Daemon,
     calls_until_unauthorized,
+    commit_behind,
     daemon,
     http,
     raw_client,
@@ -73,6 +74,13 @@ async def _browser(d: Daemon, cookie: str) -> AsyncIterator[trio_websocket.WebSo
             while orjson.loads(await ws.get_message()).get("type") != "welcome":
                 pass
         yield ws
+
+
+async def _answers_ping(ws: trio_websocket.WebSocketConnection, t: int) -> None:
+    """A browser's connection still open: its ping answered."""
+    await ws.send_message(orjson.dumps({"type": "ping", "t": t}).decode())
+    with trio.fail_after(10):
+        assert orjson.loads(await ws.get_message()) == {"type": "pong", "t": t}
 
 
 async def _closed(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, str | None]:
@@ -149,9 +157,7 @@ async def test_a_password_changed_by_another_daemon_is_found_by_the_sweep(
             {"user_id": ada["id"]},
             {"login": "ada", "password_hash": "another daemon's hash", "updated_at": 5},
         )
-        request = WriteRequest(mutations=(elsewhere,))
-        (result,) = await trio.to_thread.run_sync(hub.store.commit, [request])
-        assert not isinstance(result, Exception)
+        await commit_behind(hub, WriteRequest(mutations=(elsewhere,)))
         # the hub knows the user as it was (cached) until its sweep
         assert await hub.authenticate(signed["accessToken"]) is not None
         await hub._find_removed()
@@ -183,9 +189,7 @@ async def test_a_token_renewed_by_another_daemon_is_found_by_the_sweep(running: 
             await client.expect(Welcome)
         renewed = hash_token("ada's token from another daemon")
         elsewhere = Mutation("update", "users", {"id": ada["id"]}, {"token_hash": renewed})
-        request = WriteRequest(mutations=(elsewhere,))
-        (result,) = await trio.to_thread.run_sync(hub.store.commit, [request])
-        assert not isinstance(result, Exception)
+        await commit_behind(hub, WriteRequest(mutations=(elsewhere,)))
         assert await hub.authenticate(ada["token"]) is not None  # cached until the sweep
         await hub._find_removed()
         assert await hub.authenticate(ada["token"]) is None
@@ -213,9 +217,7 @@ async def test_a_browser_that_logs_out_has_its_connections_closed(running: Daemo
         assert out.status == 200 and out.body == {"signed_out": True}
         assert await _closed(on_laptop) == (4001, "unauthorized: signed out")
         # the other browser and the access token's connection stay
-        await on_phone.send_message(orjson.dumps({"type": "ping", "t": 3}).decode())
-        with trio.fail_after(10):
-            assert orjson.loads(await on_phone.get_message()) == {"type": "pong", "t": 3}
+        await _answers_ping(on_phone, 3)
         await window.send(Ping(7))
         assert (await window.expect(Pong)).t == 7
     assert (await http("GET", f"{url}/auth/me", headers={"Cookie": laptop})).status == 401
@@ -249,8 +251,6 @@ async def test_sign_ins_closed_by_another_daemon_are_found_by_the_sweep(
         await hub._find_removed()  # its sweep
         for ws in (on_laptop, on_phone):
             assert await _closed(ws) == (4001, "unauthorized: this sign-in is no longer valid")
-        await on_bobs.send_message(orjson.dumps({"type": "ping", "t": 3}).decode())
-        with trio.fail_after(10):
-            assert orjson.loads(await on_bobs.get_message()) == {"type": "pong", "t": 3}
+        await _answers_ping(on_bobs, 3)
         await window.send(Ping(7))
         assert (await window.expect(Pong)).t == 7

@@ -18,6 +18,7 @@ from argon2 import profiles
 from server_support import (
     Daemon,
     calls_until_unauthorized,
+    commit_behind,
     daemon,
     http,
     raw_client,
@@ -180,9 +181,7 @@ async def test_a_user_removed_by_another_daemon_is_found_by_the_sweep(running: D
     ada = (await http("POST", f"{url}/users", token=running.token, json={"name": "ada"})).body
     async with raw_client(running.ws_url, token=ada["token"]) as raw:
         await raw.expect(Welcome)
-        request = plan_user_removal(ada["id"], 5, "another-daemons-token", False)
-        (result,) = await trio.to_thread.run_sync(hub.store.commit, [request])
-        assert not isinstance(result, Exception)
+        await commit_behind(hub, plan_user_removal(ada["id"], 5, "another-daemons-token", False))
         # the hub still knows the token (cached) until its sweep
         assert await hub.authenticate(ada["token"]) is not None
         await hub._find_removed()
