@@ -111,6 +111,17 @@ _PG_CONNECT_DEFAULTS: Final[Mapping[str, int]] = {
 }
 
 
+_IN_PART_MAX: Final = 500
+"""Values per ``IN`` list of a read asked about many keys at once."""
+
+
+def _in_parts(values: Collection[str]) -> Iterator[list[str]]:
+    """``values`` in lists of at most :data:`_IN_PART_MAX` (an ``IN`` each)."""
+    wanted = list(values)
+    for start in range(0, len(wanted), _IN_PART_MAX):
+        yield wanted[start : start + _IN_PART_MAX]
+
+
 def hash_token(token: str) -> str:
     """The ``users.token_hash`` of ``token`` (sha256, hex)."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -1610,10 +1621,9 @@ class SqlStore:
         """Those of ``digests`` whose browser sign-ins are open (neither
         closed nor expired)."""
         w = s.web_sessions
-        wanted, found = list(digests), set[str]()
+        found = set[str]()
         with self._reading() as conn:
-            for start in range(0, len(wanted), 500):
-                part = wanted[start : start + 500]
+            for part in _in_parts(digests):
                 found.update(
                     str(digest)
                     for (digest,) in conn.execute(
@@ -2094,10 +2104,9 @@ class SqlStore:
         """The token hash of each of ``user_ids`` that is not removed (a
         secret column: for the hub's sweep only, never a client)."""
         u = s.users
-        wanted, found = list(user_ids), dict[str, str]()
+        found = dict[str, str]()
         with self._reading() as conn:
-            for start in range(0, len(wanted), 500):
-                part = wanted[start : start + 500]
+            for part in _in_parts(user_ids):
                 query = sa.select(u.c.id, u.c.token_hash).where(
                     u.c.id.in_(part), u.c.removed_at.is_(None)
                 )
