@@ -469,6 +469,9 @@ export class Client extends Emitter {
     this.callTimeoutMs = options.callTimeoutMs ?? 30_000
     this.idempotentWrites = options.idempotentWrites ?? true
     this.loader = options.loader ?? loadRoom
+    // false (connect's default): a first connection that fails before the
+    // server's welcome rejects ready() instead of retrying (a page retries)
+    this.retryFirst = options.retryFirst ?? true
     this._now = options.now ?? (() => (globalThis.performance ? performance.now() : Date.now()))
     this.state = "connecting"
     this.userId = null
@@ -692,6 +695,7 @@ export class Client extends Emitter {
     try {
       ws = new this.WebSocket(this.url, [SUBPROTOCOL])
     } catch (err) {
+      if (this._failFirst(`${err?.message ?? err}`)) return
       this._scheduleReconnect()
       return
     }
@@ -704,7 +708,10 @@ export class Client extends Emitter {
     }
     ws.onmessage = (ev) => this._onFrame(ws, ev.data)
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason)
-    ws.onerror = () => { /* onclose follows */ }
+    // a browser fires close right after error; Node 20's WebSocket fires
+    // only error when the connection is refused, so the error counts as the
+    // close unless a close came first (then `ws` is no longer current)
+    ws.onerror = () => { setTimeout(() => this._lost(ws, 1006, ""), 0) }
   }
 
   _detach(ws) { ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null }
@@ -727,7 +734,8 @@ export class Client extends Emitter {
     }
     if (FATAL_CLOSE_CODES.has(code)) {
       this.closeReason = reason || `closed with ${code}`
-      const err = new CallError(reason?.split(":")[0] || "unauthorized", reason || "refused")
+      const [errCode, ...rest] = (reason || "unauthorized: refused").split(": ")
+      const err = new CallError(errCode, rest.length ? rest.join(": ") : errCode)
       for (const w of this._readyWaiters.splice(0)) w.reject(err)
       this._closed = true
       this._failCalls("connection_lost", this.closeReason, true)
@@ -735,6 +743,7 @@ export class Client extends Emitter {
       this.emit("closed", err)
       return
     }
+    if (this._failFirst(`closed (${code}${reason ? `: ${reason}` : ""}) before the server's welcome`)) return
     if (wasWelcomed) this.stats.reconnects += 1
     if (code === TOKEN_EXPIRED_CLOSE && this.refresh) {
       // a new token first (if that fails, the old one is refused: fatal)
@@ -744,6 +753,21 @@ export class Client extends Emitter {
       return
     }
     this._scheduleReconnect()
+  }
+
+  /** With `retryFirst` false, a first connection that never got a welcome
+   * is not tried again: ready() rejects with `unavailable` and the client
+   * closes (as the Python client's `connect`). */
+  _failFirst(why) {
+    if (this.retryFirst || this._everWelcomed || this._closed) return false
+    const err = new CallError("unavailable", `cannot connect to ${this.url}: ${why}`)
+    this.closeReason = err.message
+    this._closed = true
+    for (const w of this._readyWaiters.splice(0)) w.reject(err)
+    this._failCalls("connection_lost", this.closeReason, true)
+    this._setState("offline")
+    this.emit("closed", err)
+    return true
   }
 
   /** Renew the access token in band a little before it expires. */
@@ -1098,9 +1122,12 @@ export class Client extends Emitter {
 export function createClient(url, options = {}) { return new Client(url, options) }
 
 /** A client, once the server has welcomed it. Rejects if the server refuses
- * the token (4001): `err.code` says why. */
+ * the token (4001): `err.code` says why; or, unless `retryFirst: true`, with
+ * `unavailable` if the first connection fails (no daemon there, a wrong
+ * path): a client that never connected does not retry in silence. Once
+ * welcomed it reconnects by itself whatever happens. */
 export async function connect(url, options = {}) {
-  const client = new Client(url, options)
+  const client = new Client(url, { retryFirst: false, ...options })
   try {
     return await client.ready()
   } catch (err) {

@@ -60,7 +60,12 @@ test("applyEvent merges whole rows, appends chunks once, cascades deletes", () =
 })
 
 test("a bad token is refused with unauthorized, and the client goes offline", async () => {
-  await assert.rejects(connect(URL, { token: "not-a-token" }), (err) => err instanceof CallError && err.code === "unauthorized")
+  await assert.rejects(connect(URL, { token: "not-a-token" }), (err) => {
+    assert.ok(err instanceof CallError)
+    assert.equal(err.code, "unauthorized")
+    assert.equal(err.message, "unauthorized: invalid token")
+    return true
+  })
   const client = createClient(URL, { token: "not-a-token" })
   const states = [client.state]
   client.on("state", (s) => states.push(s))
@@ -287,4 +292,51 @@ test("a refused join throws the server's reason in words", async () => {
     assert.equal(err.message, "forbidden: join session:gone refused: no room 'session:gone' that this user may see")
     return true
   })
+})
+
+// a port nothing listens on (refused at once)
+const REFUSED = "ws://127.0.0.1:9/ws"
+
+test("connect to where no daemon listens, or to a wrong path, rejects with unavailable at once", { timeout: 10_000 }, async () => {
+  for (const url of [REFUSED, URL.replace(/\/ws$/, "/nows")]) {
+    await assert.rejects(connect(url, { token: TOKEN, backoffBaseS: 0.02 }), (err) => {
+      assert.ok(err instanceof CallError)
+      assert.equal(err.code, "unavailable")
+      assert.ok(err.message.startsWith(`unavailable: cannot connect to ${url}: `), err.message)
+      return true
+    })
+  }
+})
+
+test("refused reconnects are tried again until the daemon answers (also when the socket only errors)", { timeout: 10_000 }, async () => {
+  // counts the client's attempts; after `refusals` to REFUSED, points it back
+  function counting(refusals, good) {
+    const seen = { attempts: 0 }
+    seen.WebSocket = class extends globalThis.WebSocket {
+      constructor(url, protocols) {
+        seen.attempts += 1
+        super(seen.attempts > refusals ? good : url, protocols)
+      }
+    }
+    return seen
+  }
+  const seen = counting(4, URL)
+  const client = await open({ WebSocket: seen.WebSocket })
+  client.url = REFUSED
+  const states = []
+  client.on("state", (s) => states.push(s))
+  const welcomed = nextEvent(client, "welcome")
+  seen.attempts = 0
+  client.dropConnection()
+  await welcomed
+  assert.equal(seen.attempts, 5, "4 refused, the fifth welcomed")
+  assert.deepEqual(states, ["reconnecting", "live"])
+  const boards = await client.service("boards").find({ $limit: 1 })
+  assert.ok(Array.isArray(boards.data))
+  // a first connection is retried too, when asked
+  const late = counting(3, URL)
+  const first = createClient(REFUSED, { token: TOKEN, backoffBaseS: 0.02, backoffCapS: 0.05, retryFirst: true, WebSocket: late.WebSocket })
+  clients.push(first)
+  await first.ready()
+  assert.equal(late.attempts, 4)
 })
