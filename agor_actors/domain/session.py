@@ -225,6 +225,19 @@ class _Written:
     """``(call, digest)`` of a write sent under an idempotency key."""
 
 
+_NOUNS: Final = {"tool_calls": "tool call", "tasks": "task", "messages": "message"}
+
+
+def _missing(exc: StoreNotFound) -> str:
+    """What a client is told of a row a write named that is not there, in
+    the service's words (not the table's)."""
+    key = exc.key
+    what = f"no {_NOUNS.get(exc.table, exc.table.removesuffix('s'))} {key.get('id', '')}".rstrip()
+    if "task_id" in key:
+        what += f" in task {key['task_id']}"
+    return what
+
+
 def _bad(message: str, data: Any = None) -> ServiceError:
     return ServiceError("invalid_field", message, data)
 
@@ -603,6 +616,12 @@ class SessionBehaviour(Behaviour[SessionState]):
                     # a shared store's landing of a chunk past the longest message
                     error = _too_long()
                 effects.append(Reply(done.reply_to, error=error))
+            elif exc.table == "tool_calls":
+                # another task's tool call: not found here (its task unsaid)
+                missing = StoreNotFound("tool_calls", {**exc.key, "task_id": exc.expected})
+                effects.append(
+                    Reply(done.reply_to, error=ServiceError("not_found", _missing(missing)))
+                )
             elif exc.column == "clocks":
                 # a session's write refused twice on its fields' clocks (not
                 # shown: they name other users' connections)
@@ -632,7 +651,7 @@ class SessionBehaviour(Behaviour[SessionState]):
                 effects.append(Reply(done.reply_to, error=refused))
             state.row_stale = state.row_stale or touched
         except StoreNotFound as exc:
-            effects.append(Reply(done.reply_to, error=ServiceError("not_found", str(exc))))
+            effects.append(Reply(done.reply_to, error=ServiceError("not_found", _missing(exc))))
             state.poisoned = state.poisoned or touched
         except StoreIntegrityError as exc:
             log.info("the store refused a write: %s", exc)  # the detail stays here
@@ -1020,12 +1039,16 @@ class SessionBehaviour(Behaviour[SessionState]):
                 raise _bad("status must be completed or failed")
             values = {"output": data.get("output"), "status": status, "updated_at": cmd.now_ms}
             mutation = Mutation("update", "tool_calls", {"id": call_id}, values)
+            # a tool call of another task (of a session the caller may not
+            # even see) is not this task's to answer: refused as not found
+            mine = Expect("tool_calls", {"id": call_id}, "task_id", tid)
             payload = {
                 "task_id": tid,
                 "tool_call": {"id": call_id, "output": values["output"], "status": status},
             }
             events = self._events(state, cmd, "task:tool_call", payload, board=False)
-            return WriteRequest(mutations=(mutation,), events=tuple(events)), payload
+            request = WriteRequest(mutations=(mutation,), events=tuple(events), expect=(mine,))
+            return request, payload
         raise ServiceError("unknown_method", f"tasks.{cmd.method} does not exist")
 
     def _remove_task(self, state: SessionState, cmd: Command, tid: str) -> tuple[WriteRequest, Any]:

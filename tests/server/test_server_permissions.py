@@ -219,3 +219,52 @@ async def test_denials_and_revocations_are_counted(running: Daemon) -> None:
     }
     assert values["agor_permission_denials_total"] >= 1
     assert values["agor_revocations_total"] == 1
+
+
+async def test_a_tool_result_answers_only_its_own_tasks_tool_calls(running: Daemon) -> None:
+    # a viewer of the owner's session knows its tool calls' ids; through a
+    # task of a session of its own it could once overwrite their output
+    d = running
+    user = await owner_call(d, "POST", "/users", {"name": "viewer"})
+    secret = await owner_call(
+        d, "POST", "/sessions", {"title": "s", "permissions": {"viewers": [user["id"]]}}
+    )
+    task = await owner_call(d, "POST", "/tasks", {"session_id": secret["id"], "prompt": "p"})
+    call = await owner_call(d, "POST", f"/tasks/{task['id']}/tool_call", {"name": "bash"})
+    own = await http("POST", d.http_url + "/sessions", token=user["token"], json={"title": "o"})
+    own_task = await http(
+        "POST",
+        d.http_url + "/tasks",
+        token=user["token"],
+        json={"session_id": own.body["id"], "prompt": "p"},
+    )
+    for answered_by, token in (
+        (own_task.body["id"], user["token"]),
+        (own_task.body["id"], d.token),
+    ):
+        reply = await http(
+            "POST",
+            f"{d.http_url}/tasks/{answered_by}/tool_result",
+            token=token,
+            json={"tool_call_id": call["id"], "output": "overwritten"},
+        )
+        assert reply.status == 404, reply
+        assert reply.body == {
+            "code": "not_found",
+            "message": f"no tool call {call['id']} in task {answered_by}",
+            "data": None,
+        }
+    stored = await owner_call(d, "GET", f"/tool_calls/{call['id']}")
+    assert (stored["output"], stored["status"]) == (None, "started")
+    # its own task answers it; a tool call that does not exist is named
+    done = await owner_call(
+        d, "POST", f"/tasks/{task['id']}/tool_result", {"tool_call_id": call["id"], "output": 1}
+    )
+    assert done["tool_call"] == {"id": call["id"], "output": 1, "status": "completed"}
+    reply = await http(
+        "POST",
+        f"{d.http_url}/tasks/{task['id']}/tool_result",
+        token=d.token,
+        json={"tool_call_id": "nope", "output": 1},
+    )
+    assert (reply.status, reply.body["message"]) == (404, "no tool call nope"), reply
