@@ -181,16 +181,29 @@ async def open_runtime(
     origin: str = "embedded",
 ) -> AsyncIterator[Runtime]:
     """Run the runtime in this process for the block; with ``serve``, also
-    serve WebSocket and HTTP clients on ``(host, port)``."""
+    serve WebSocket and HTTP clients on ``(host, port)`` (port 0: any free
+    one).  Raises :class:`agor_actors.server.ListenError` (its ``explain()``
+    says what to do) when
+    that port cannot be had, before the data dir is opened, and
+    :class:`DataDirLocked` when another process runs on the data dir."""
     world = world or real_world()
-    async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:
-        principal = Principal(user_id=OWNER_ID, name="owner", is_owner=True)
-        if serve is None:
-            yield Runtime(hub, principal, origin)
-            return
-        from .server import serving
+    sock = None
+    if serve is not None:
+        from .server import listen_socket
 
-        async with serving(hub, world, host=serve[0], port=serve[1]) as port:
-            runtime = Runtime(hub, principal, origin)
-            runtime.host, runtime.port = serve[0], port
-            yield runtime
+        sock = listen_socket(serve[0], serve[1], option="serve=(host, port)")
+    try:
+        async with open_hub(world, db_url=db_url, data_dir=data_dir) as hub:
+            principal = Principal(user_id=OWNER_ID, name="owner", is_owner=True)
+            if serve is None:
+                yield Runtime(hub, principal, origin)
+                return
+            from .server import serving
+
+            async with serving(hub, world, host=serve[0], port=serve[1], sock=sock) as port:
+                runtime = Runtime(hub, principal, origin)
+                runtime.host, runtime.port = serve[0], port
+                yield runtime
+    finally:
+        if sock is not None:
+            sock.close()  # (the server closes it too; a second close does nothing)

@@ -141,21 +141,22 @@ class ListenError(OSError):
         self.host = host
         self.port = port
         self.option = option
-        """The command line option that chooses the port."""
+        """What chooses the port: a command line option (``--port``) or a
+        call's argument (``serve=(host, port)``)."""
 
     def explain(self) -> str:
         """One line for a person: what failed and what to do."""
         where = f"{self.host}:{self.port}"
+        # a command line option takes N after it; a call's argument names itself
+        choose = f"{self.option} N" if self.option.startswith("--") else self.option
         if self.errno == errno.EADDRINUSE:
             return (
                 f"port {self.port} is already in use on {self.host} (another agor-actors?): "
-                f"stop it, or choose another port with {self.option} N"
+                f"stop it, or choose another port with {choose}"
                 + (" (make serve PORT=N)" if self.option == "--port" else "")
             )
         if self.errno == errno.EACCES:
-            return (
-                f"not allowed to listen on {where}: choose a port above 1023 with {self.option} N"
-            )
+            return f"not allowed to listen on {where}: choose a port above 1023 with {choose}"
         if self.errno == errno.EADDRNOTAVAIL:
             return (
                 f"cannot listen on {where}: {self.host} is not an address of this machine (--host)"
@@ -378,10 +379,12 @@ async def serving(
     host: str = "127.0.0.1",
     port: int = 0,
     settings: ServerSettings | None = None,
+    sock: socket.socket | None = None,
     metrics_sock: socket.socket | None = None,
 ) -> AsyncIterator[int]:
     """Serve ``hub`` in the background for the block (the bound port is what
-    it gets: ``port=0`` picks a free one); on exit, drain as on SIGTERM."""
+    it gets: ``port=0`` picks a free one; ``sock``: a socket from
+    :func:`listen_socket` to serve on instead); on exit, drain as on SIGTERM."""
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         bound: int = await nursery.start(
@@ -393,6 +396,7 @@ async def serving(
                 port=port,
                 shutdown=shutdown,
                 settings=settings,
+                sock=sock,
                 metrics_sock=metrics_sock,
             )
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import socket
 
 import pytest
 import trio
@@ -104,11 +105,31 @@ async def test_an_embedded_runtime_refuses_a_port_that_is_none(
     # (the socket layer took 70000 as port 4464, without a word)
     from agor_actors.server import ListenError
 
-    with pytest.raises(BaseException) as caught:  # in the runtime's nurseries' groups
+    with pytest.raises(ListenError) as caught:  # itself, not in the runtime's groups
         async with open_runtime(data_dir=tmp_path, serve=("127.0.0.1", port)):
             pytest.fail("served")
-    error = caught.value
-    while isinstance(error, BaseExceptionGroup):
-        [error] = error.exceptions
-    assert isinstance(error, ListenError)
-    assert error.explain() == f"{port} is not a port: --port takes 0 (any free port) to 65535"
+    assert caught.value.explain() == (
+        f"{port} is not a port: serve=(host, port) takes 0 (any free port) to 65535"
+    )
+
+
+async def test_a_taken_port_is_refused_before_the_data_dir_is_opened(
+    tmp_path: pathlib.Path,
+) -> None:
+    from agor_actors.server import ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError) as caught:
+            async with open_runtime(data_dir=tmp_path / "agor", serve=("127.0.0.1", port)):
+                pytest.fail("served on a taken port")
+    assert caught.value.explain() == (
+        f"port {port} is already in use on 127.0.0.1 (another agor-actors?): "
+        "stop it, or choose another port with serve=(host, port)"
+    )
+    assert not (tmp_path / "agor").exists()  # nothing made, nothing locked
+    # the port, once free, is served
+    async with open_runtime(data_dir=tmp_path / "agor", serve=("127.0.0.1", port)) as rt:
+        assert rt.port == port
