@@ -10,6 +10,7 @@ store writer (durable, group commit, seq) → room (fan-out) → outboxes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import pathlib
@@ -62,12 +63,14 @@ from ..metrics import Metrics
 from ..outbox import Outbox, OutboxClosed, OutboxOverflow
 from ..runtime import ActorDead, ActorRef, ActorSystem, Behaviour, Kind, open_system
 from ..services import (
+    CURSOR_KEY,
     MINTS_ID,
     READ_METHODS,
     SESSION_SCOPED,
     AccessChange,
     BoardCall,
     BoardPlan,
+    CursorSeal,
     Gate,
     Level,
     UserLimits,
@@ -81,11 +84,13 @@ from ..services import (
     plan_user_removal,
     public,
     store_error,
+    visible_page,
 )
 from ..store import (
     WRITER_NAME,
     Mutation,
     Once,
+    Page,
     Resync,
     SqlStore,
     StoredEvent,
@@ -231,6 +236,7 @@ class Hub:
         """Sign-in and access tokens (JWT); None: local tokens only."""
         self.limits = limits or UserLimits()
         self.gate = Gate(world, store)
+        self._seal: CursorSeal | None = None
         self._tasks = tasks
         self._subs: dict[str, dict[str, Subscription]] = {}
         self._by_actor: dict[str, dict[tuple[str, str], None]] = {}
@@ -1111,13 +1117,38 @@ class Hub:
                     raise gate.refuse(f"no {service[:-1]} {id} that this user may see")
                 return public(row)
             asked, extra = gate.access_query(service, query or {})
-            page = await self.world.blocking.run(lambda: store.find(service, asked))
+            seal = await self._cursor_seal()
+            if asked.get("$cursor") is not None:
+                asked = {**asked, "$cursor": seal.open(asked["$cursor"])}
+
+            async def find(q: dict[str, Any]) -> Page:
+                return await self.world.blocking.run(lambda: store.find(service, q, cursors=True))
+
+            async def visible(row: dict[str, Any]) -> bool:
+                return await gate.visible(principal, service, row)
+
+            rows, after = await visible_page(find, asked, visible)
         except StoreError as exc:
             raise store_error(exc) from None
-        rows = [r for r in page.items if await gate.visible(principal, service, r)]
         if extra:
             rows = [{k: v for k, v in r.items() if k not in extra} for r in rows]
-        return {"data": [public(r) for r in rows], "next_cursor": page.next_cursor}
+        next_cursor = None if after is None else seal.seal(after)
+        return {"data": [public(r) for r in rows], "next_cursor": next_cursor}
+
+    async def _cursor_seal(self) -> CursorSeal:
+        """What seals ``find``'s cursors, under the key the database keeps
+        (made on the first ``find`` of the first daemon)."""
+        if self._seal is None:
+            # 64 bytes, in hex, from the hub's entropy (a stream of its own)
+            drawn = self.world.entropy.fork("cursor-key").token(64)
+            candidate = hashlib.sha512(drawn.encode("ascii")).hexdigest()
+            store = self.store
+
+            def kept() -> str:
+                return store.meta_secret(CURSOR_KEY, candidate)
+
+            self._seal = CursorSeal(await self.world.blocking.run(kept))
+        return self._seal
 
     async def _activity(
         self, principal: Principal, method: str, query: dict[str, Any] | None

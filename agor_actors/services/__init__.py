@@ -33,6 +33,10 @@ from ._catalog import public as public
 from ._errors import store_error as store_error
 from ._gate import Gate as Gate
 from ._limits import UserLimits as UserLimits
+from ._pages import CURSOR_KEY as CURSOR_KEY
+from ._pages import SCAN_ROWS as SCAN_ROWS
+from ._pages import CursorSeal as CursorSeal
+from ._pages import visible_page as visible_page
 from ._users import UserPlan as UserPlan
 from ._users import plan_token_rotation as plan_token_rotation
 from ._users import plan_user as plan_user

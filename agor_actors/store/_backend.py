@@ -2066,28 +2066,48 @@ class SqlStore:
             statement = self._get_statements[shape] = Prepared(select, self._engine.dialect)
         return statement
 
-    def find(self, table: str, query: Mapping[str, Any] | None = None) -> Page:
+    def find(
+        self, table: str, query: Mapping[str, Any] | None = None, *, cursors: bool = False
+    ) -> Page:
         """Rows of ``table`` matching a Feathers-like ``query`` (see
-        ``agor_actors.store._query``), one page at a time."""
+        ``agor_actors.store._query``), one page at a time; with ``cursors``,
+        the cursor after each row too."""
         t = table_for(table)
         compiled = compile_find(t, query)
+        limit = compiled.limit
         with self._reading() as conn:
             total = None
             if compiled.count_stmt is not None:
                 total = conn.execute(compiled.count_stmt).scalar_one()
-            if compiled.limit == 0:
-                return Page(items=[], next_cursor=None, total=total)
+            if limit == 0:
+                return Page(items=[], next_cursor=None, total=total, limit=0, cursors=[])
             rows = conn.execute(compiled.stmt).all()
-            page = rows[: compiled.limit]
+            page = rows[:limit]
             items = [compiled.item(row) for row in page]
             if _parted(t) and items:
                 self._fold_parts(conn, t, items)
-        more = len(rows) > compiled.limit
+        more = len(rows) > limit
         return Page(
             items=items,
             next_cursor=compiled.cursor_for(page[-1]) if more else None,
             total=total,
+            limit=limit,
+            cursors=[compiled.cursor_for(row) for row in page] if cursors else None,
         )
+
+    def meta_secret(self, name: str, candidate: str) -> str:
+        """The secret kept in the database under ``name``, the same for
+        every daemon on it: ``candidate`` if none was kept (it is then)."""
+        with self._write_lock, self._writing() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            kept = conn.execute(
+                sa.select(s.meta.c.value).where(s.meta.c.key == name)
+            ).scalar_one_or_none()
+            if kept is None:
+                conn.execute(s.meta.insert().values(key=name, value=candidate))
+                return candidate
+            return str(kept)
 
     def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
         """The user whose token hashes to ``token_hash`` (see :func:`hash_token`)."""

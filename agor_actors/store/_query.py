@@ -59,11 +59,16 @@ _SPECIALS: Final = ("$sort", "$limit", "$cursor", "$select", "$total")
 @attrs.frozen
 class Page:
     """One page of ``find``: ``next_cursor`` is None on the last page;
-    ``total`` is the number of matching rows when the query asked ``$total``."""
+    ``total`` is the number of matching rows when the query asked ``$total``;
+    ``limit`` the page size the query asked (``$limit`` or the default);
+    ``cursors``, when asked, the cursor after each item (to go on from any
+    of them, not only the last)."""
 
     items: list[dict[str, Any]]
     next_cursor: str | None
     total: int | None = None
+    limit: int = DEFAULT_LIMIT
+    cursors: list[str] | None = None
 
 
 @attrs.frozen

@@ -263,3 +263,25 @@ async def test_a_sessions_if_match_and_remove_hold_at_the_stores_rev_whatever_da
         with pytest.raises(ServiceError) as gone:
             await session_call(a, "get", sid)
         assert gone.value.code == "not_found"
+
+
+async def test_a_find_cursor_of_one_daemon_goes_on_at_another(pg_url: str) -> None:
+    # cursors are sealed under a key the database keeps, the same for all
+    async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
+        made = [await make_session(a) for _ in range(3)]
+        seen: list[str] = []
+        cursor = None
+        hubs = [b, a]
+        while True:
+            hub = hubs[len(seen) % 2]
+            query: dict[str, Any] = {"$limit": 1, "$sort": {"created_at": 1}}
+            if cursor is not None:
+                query["$cursor"] = cursor
+            page = await hub.call(
+                OWNER, connection_id="r", service="sessions", method="find", query=query
+            )
+            seen += [row["id"] for row in page["data"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert [ident for ident in seen if ident in made] == made

@@ -282,6 +282,10 @@ PACKAGES: dict[str, set[str]] = {
         "plan_user_removal",
         "public",
         "store_error",
+        "CURSOR_KEY",
+        "SCAN_ROWS",
+        "CursorSeal",
+        "visible_page",
     },
     "agor_actors.daemon": {
         "AllowAll",

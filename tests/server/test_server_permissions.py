@@ -268,3 +268,76 @@ async def test_a_tool_result_answers_only_its_own_tasks_tool_calls(running: Daem
         json={"tool_call_id": "nope", "output": 1},
     )
     assert (reply.status, reply.body["message"]) == (404, "no tool call nope"), reply
+
+
+async def test_a_find_says_nothing_of_records_the_caller_may_not_see(running: Daemon) -> None:
+    # paged before the permission filter, a stranger's find came back empty
+    # with a cursor naming the next hidden record (its id, and the title or
+    # prompt it was sorted on); whether a cursor came back told whether
+    # hidden records matched a filter
+    d = running
+    user = await owner_call(d, "POST", "/users", {"name": "stranger"})
+    board = await owner_call(d, "POST", "/boards", {"name": "hidden board"})
+    hidden = await owner_call(d, "POST", "/sessions", {"title": "hidden", "board_id": board["id"]})
+    shown = []
+    for n in range(7):
+        await owner_call(d, "POST", "/tasks", {"session_id": hidden["id"], "prompt": f"hidden {n}"})
+        session = await owner_call(
+            d,
+            "POST",
+            "/sessions",
+            {"title": f"shown {n}", "permissions": {"viewers": [user["id"]]}},
+        )
+        shown.append(session["id"])
+        await owner_call(d, "POST", "/tasks", {"session_id": session["id"], "prompt": f"t{n}"})
+    token = user["token"]
+
+    async def pages(service: str, query: str) -> list[list[str]]:
+        got: list[list[str]] = []
+        cursor = ""
+        while True:
+            reply = await http("GET", f"{d.http_url}/{service}?{query}{cursor}", token=token)
+            assert reply.status == 200, reply
+            got.append([row["id"] for row in reply.body["data"]])
+            for row in reply.body["data"]:
+                assert "hidden" not in str(row)
+            after = reply.body["next_cursor"]
+            if after is None:
+                return got
+            assert "hidden" not in str(after)
+            cursor = f"&$cursor={after}"
+            assert len(got) < 50
+
+    for service, field in (("sessions", "title"), ("tasks", "prompt"), ("boards", "name")):
+        for query in ("$limit=1", f"$limit=2&$sort[{field}]=-1", f"$limit=3&$sort[{field}]=1"):
+            got = await pages(service, query)
+            assert all(got) or got == [[]], (service, query, got)  # no empty page
+            seen = [ident for page in got for ident in page]
+            assert len(seen) == len(set(seen))
+            if service == "sessions":
+                assert sorted(seen) == sorted(shown), (query, got)
+    # a filter on hidden records: nothing, and no cursor to tell they exist
+    for query in ("title=hidden&$limit=1", "prompt[$lt]=i&$limit=1", "board_id=x&$limit=0"):
+        service = "tasks" if "prompt" in query else "sessions"
+        reply = await http("GET", f"{d.http_url}/{service}?{query}", token=token)
+        assert reply.body == {"data": [], "next_cursor": None}, (query, reply)
+    # the owner pages through everything; a cursor changed or of another query is refused
+    first = await http("GET", f"{d.http_url}/sessions?$limit=2", token=d.token)
+    after = first.body["next_cursor"]
+    for bad, query in ((after[:-2] + "AA", "$limit=2"), (after, "$limit=2&$sort[title]=1")):
+        reply = await http("GET", f"{d.http_url}/sessions?{query}&$cursor={bad}", token=d.token)
+        assert reply.status == 400, reply
+        assert reply.body["code"] == "invalid_field", reply
+    owner_seen = [ident for page in await owner_pages(d, "sessions") for ident in page]
+    assert len(owner_seen) == 8 and set(shown) < set(owner_seen)
+
+
+async def owner_pages(d: Daemon, service: str) -> list[list[str]]:
+    got: list[list[str]] = []
+    cursor = ""
+    while True:
+        reply = await http("GET", f"{d.http_url}/{service}?$limit=3{cursor}", token=d.token)
+        got.append([row["id"] for row in reply.body["data"]])
+        if reply.body["next_cursor"] is None:
+            return got
+        cursor = f"&$cursor={reply.body['next_cursor']}"

@@ -531,3 +531,27 @@ def test_rows_have_plain_str_keys(tmp_path: Path) -> None:
             assert keys and all(type(k) is str for k in keys)
     finally:
         store.close()
+
+
+def test_per_row_cursors_go_on_from_each_row(seeded: SqlStore) -> None:
+    query: dict[str, Any] = {"$sort": {"title": -1}, "$limit": 7}
+    page = seeded.find("sessions", query, cursors=True)
+    assert page.limit == 7 and page.cursors is not None
+    assert len(page.cursors) == len(page.items) == 7
+    assert page.cursors[-1] == page.next_cursor
+    everything = list(itertools.chain(*all_pages(seeded, "sessions", {**query, "$limit": 500})))
+    for n, cursor in enumerate(page.cursors):
+        after = seeded.find("sessions", {**query, "$cursor": cursor, "$limit": 3})
+        assert ids(after.items) == everything[n + 1 : n + 4]
+    assert seeded.find("sessions", {"$limit": 2}).cursors is None  # only when asked
+    assert seeded.find("sessions", {}).limit == DEFAULT_LIMIT
+
+
+def test_a_meta_secret_is_the_first_one_kept_for_every_store_on_the_database(
+    db: Backend,
+) -> None:
+    first, second = db.open(), db.open()  # (two daemons on one database)
+    assert first.meta_secret("cursor_key", "aa") == "aa"
+    assert second.meta_secret("cursor_key", "bb") == "aa"
+    assert second.meta_secret("other", "cc") == "cc"
+    assert db.open().meta_secret("cursor_key", "dd") == "aa"
