@@ -96,6 +96,13 @@ async def test_the_executable_serves_from_an_empty_directory_and_resumes_after_a
                     assert "listening on" in second.stderr
                     async with connect(second.ws_url, token=token, seed=3) as again:
                         await _stream(again, message["id"], chunks[20:])
+                        # pages go on with sealed cursors (AES-SIV, in the executable too)
+                        sessions = again.service("sessions")
+                        await sessions.create({"title": "a second"})
+                        page = await sessions.find({"$limit": 1})
+                        rest = await sessions.find({"$limit": 1, "$cursor": page["next_cursor"]})
+                        assert len(page["data"]) == len(rest["data"]) == 1
+                        assert page["data"] != rest["data"] and rest["next_cursor"] is None
                     watcher.reconnect()
                     with trio.fail_after(15):
                         await mirror.wait_until(
