@@ -725,11 +725,27 @@ def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
             check_value(table.c[name], value)  # a subclass, or the error
 
 
+_INT64: Final = range(-(2**63), 2**63)
+
+
+def _json_loads(stored: Any) -> Any:
+    """A JSON column's value as read.  SQLite's ``JSON`` columns have
+    numeric affinity: a value that is a bare number (a task's ``result`` of
+    ``0``) is kept as an INTEGER or a REAL, not as its text, and comes back
+    as that number."""
+    if type(stored) is int or type(stored) is float:
+        return stored
+    return orjson.loads(stored)
+
+
 def _check_json(value: Any, what: str) -> str:
     """``value`` as JSON text (what the engine's ``json_serializer``
     makes of it); refuses a value that cannot be stored as JSON before any
     driver sees it (psycopg serializes inside the driver, where a failure is
-    a bare ``TypeError``)."""
+    a bare ``TypeError``), and a bare integer beyond 64 bits (SQLite would
+    keep it as a REAL: not the number written)."""
+    if type(value) is int and value not in _INT64:
+        raise StoreIntegrityError(f"{what} is an integer beyond 64 bits")
     try:
         return orjson.dumps(value).decode("utf-8")
     except TypeError as exc:
@@ -2273,7 +2289,7 @@ def open_store(
     kwargs: dict[str, Any] = {
         "echo": echo,
         "json_serializer": _dumps,
-        "json_deserializer": orjson.loads,
+        "json_deserializer": _json_loads,
     }
     if parsed.get_backend_name() == "sqlite":
         in_memory = parsed.database in (None, "", ":memory:")

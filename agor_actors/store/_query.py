@@ -150,6 +150,8 @@ def check_value(column: sa.Column[Any], value: object, *, allow_none: bool = Tru
         ok = isinstance(value, bool)
     elif python_type is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # (the driver overflows)
+            raise StoreQueryError(f"{column.name}: {value} is beyond a 64-bit integer")
     else:
         ok = isinstance(value, python_type)
     if not ok:

@@ -23,6 +23,7 @@ from agor_actors.store import (
     EventDraft,
     Mutation,
     SqlStore,
+    StoreIntegrityError,
     StoreQueryError,
     WriteRequest,
     WriteResult,
@@ -555,3 +556,49 @@ def test_a_meta_secret_is_the_first_one_kept_for_every_store_on_the_database(
     assert second.meta_secret("cursor_key", "bb") == "aa"
     assert second.meta_secret("other", "cc") == "cc"
     assert db.open().meta_secret("cursor_key", "dd") == "aa"
+
+
+TIMES: dict[str, Any] = {"created_at": 1, "updated_at": 1}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 7, -3, 2**63 - 1, -(2**63), 1.5, -0.25, 1e300, "5", "1e5", True, None, [0], {"n": 1}],
+)
+def test_a_json_column_holding_a_bare_number_reads_back(db: Backend, value: Any) -> None:
+    # SQLite's JSON columns have numeric affinity: "5" was kept as 5 and
+    # read back through the JSON decoder, which refused it; every read of
+    # the row (a task whose result is 0) failed
+    store = db.open()
+    store.commit([WriteRequest(mutations=(add_session("s1"),))])
+    task = Mutation(
+        "insert",
+        "tasks",
+        {"id": "t1"},
+        {"session_id": "s1", "prompt": "p", "status": "completed", "result": value, **TIMES},
+    )
+    assert store.commit([WriteRequest(mutations=(task,))]) == [WriteResult(events=())]
+    row = store.get("tasks", "t1")
+    assert row is not None and row["result"] == value and type(row["result"]) is type(value)
+    assert [item["result"] for item in store.find("tasks", {}).items] == [value]
+
+
+def test_a_bare_integer_beyond_64_bits_is_refused_in_data_and_queries(db: Backend) -> None:
+    store = db.open()
+    store.commit([WriteRequest(mutations=(add_session("s1"),))])
+    task = Mutation(
+        "insert",
+        "tasks",
+        {"id": "t1"},
+        {"session_id": "s1", "prompt": "p", "result": 2**64 - 1, **TIMES},
+    )
+    [refused] = store.commit([WriteRequest(mutations=(task,))])
+    assert isinstance(refused, StoreIntegrityError)
+    assert "beyond 64 bits" in str(refused)
+    for query in (
+        {"created_at": 2**63},
+        {"rev": {"$gt": 2**64 - 1}},
+        {"rev": {"$in": [-(2**63) - 1]}},
+    ):
+        with pytest.raises(StoreQueryError, match="beyond a 64-bit integer"):
+            store.find("tasks", query)
