@@ -35,8 +35,8 @@ class Hlc:
             wall, counter = value.get("wall_ms"), value.get("counter", 0)
         else:
             return None
-        if not isinstance(wall, int) or not isinstance(counter, int) or wall < 0 or counter < 0:
-            return None
+        if type(wall) is not int or type(counter) is not int or wall < 0 or counter < 0:
+            return None  # (not a bool either)
         return cls(wall, counter, writer)
 
 

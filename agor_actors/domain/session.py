@@ -143,6 +143,10 @@ def repeated_answer(call: str, digest: str, exc: StoreRepeated) -> Any:
     return {**answer, "_replayed": True} if isinstance(answer, dict) else answer
 
 
+CLIENT_LEAD_MS_MAX: Final = 300_000
+"""How far ahead of the daemon's clock a caller's ``hlc`` stamp may be (a
+skewed clock), in milliseconds; further is ``invalid_field``."""
+
 FLUSH_TIMEOUT_S: Final = 30.0
 """How long a session's first load waits for the writer to answer the
 writes before its :class:`~agor_actors.store.Flush` (a write's own ask
@@ -771,12 +775,24 @@ class SessionBehaviour(Behaviour[SessionState]):
         ]
 
     def _stamp(self, state: SessionState, cmd: Command) -> Hlc:
+        """The write's stamp: the caller's ``query.hlc`` (an edit made
+        offline merges by when it was made), or the session's clock."""
         writer = f"{cmd.principal.user_id}:{cmd.connection_id or 'http'}"
-        client = Hlc.parse_client((cmd.query or {}).get("hlc"), writer)
-        if client is not None:
-            state.clock.observe(client, cmd.now_ms)
-            return client
-        return state.clock.tick(cmd.now_ms, writer)
+        given = (cmd.query or {}).get("hlc")
+        if given is None:
+            return state.clock.tick(cmd.now_ms, writer)
+        client = Hlc.parse_client(given, writer)
+        if client is None:
+            raise _bad("hlc must be [wall_ms, counter], two non-negative integers")
+        lead = client.wall_ms - cmd.now_ms
+        if lead > CLIENT_LEAD_MS_MAX:
+            # a stamp from the far future would win every later edit of its
+            # fields (and drag the session's clock along)
+            raise _bad(
+                f"hlc is {lead} ms ahead of the daemon's clock; at most {CLIENT_LEAD_MS_MAX}"
+            )
+        state.clock.observe(client, cmd.now_ms)
+        return client
 
     def _create_session(self, state: SessionState, cmd: Command) -> tuple[WriteRequest, Any]:
         if state.row is not None:

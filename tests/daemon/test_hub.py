@@ -651,3 +651,46 @@ async def test_a_sessions_base_rev_holds_its_remove_and_if_match_its_whole_patch
     with pytest.raises(ServiceError) as gone:
         await call("get", sid)
     assert gone.value.code == "not_found"
+
+
+async def test_a_client_stamp_from_the_far_future_or_malformed_is_refused(hub: Hub) -> None:
+    # a stamp far ahead would win every later edit of the field
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    now_ms = hub.world.wall.now_ms()
+
+    async def stamped(hlc: object) -> Any:
+        return await hub.call(
+            OWNER,
+            connection_id="c2",
+            service="sessions",
+            method="patch",
+            id=session["id"],
+            data={"title": f"at {hlc}"},
+            query={"hlc": hlc},
+        )
+
+    for hlc, message in (
+        ([now_ms + 3_600_000, 0], "ahead of the daemon's clock; at most 300000"),
+        ([2**63 - 1, 0], "ahead of the daemon's clock; at most 300000"),
+        ("soon", "hlc must be [wall_ms, counter], two non-negative integers"),
+        ([True, 0], "hlc must be"),
+        ([now_ms, -1], "hlc must be"),
+    ):
+        with pytest.raises(ServiceError) as refused:
+            await stamped(hlc)
+        assert refused.value.code == "invalid_field"
+        assert message in refused.value.message, refused.value.message
+    # a skewed clock a little ahead is taken, and later plain edits still win
+    ahead = await stamped([now_ms + 60_000, 0])
+    assert ahead["title"] == f"at {[now_ms + 60_000, 0]}"
+    plain = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="sessions",
+        method="patch",
+        id=session["id"],
+        data={"title": "plain"},
+    )
+    assert plain["title"] == "plain" and "_lost" not in plain
