@@ -47,6 +47,7 @@ from ..store import (
     StoreError,
     StoreIntegrityError,
     StoreNotFound,
+    StoreQueryError,
     StoreRepeated,
     Write,
     WriteRequest,
@@ -666,6 +667,12 @@ class SessionBehaviour(Behaviour[SessionState]):
                 )
             )
             state.poisoned = state.poisoned or touched
+        except StoreQueryError as exc:
+            # a value the plan let through that the store's types refuse
+            log.warning("the store refused a write: %s", exc)
+            error = ServiceError("invalid_field", "a field of the data is of the wrong type")
+            effects.append(Reply(done.reply_to, error=error))
+            state.poisoned = state.poisoned or touched
         except StoreError as exc:
             log.warning("the store failed a write: %s", exc)
             effects.append(
@@ -1020,13 +1027,16 @@ class SessionBehaviour(Behaviour[SessionState]):
             self._remember_task(state, tid, None)
             return request, answer
         if cmd.method == "tool_call":
-            call_id = data.get("tool_call_id") or cmd.new_id
+            given = data.get("tool_call_id")
+            if given is not None and (not isinstance(given, str) or not given):
+                raise _bad("tool_call_id must be a non-empty string (or left out: one is made)")
+            check_text("tool_call_id", given, ID_CHARS_MAX)
+            new_call_id: str = given or cmd.new_id
             if not isinstance(data.get("name"), str):
                 raise _bad("name must be a string")
             check_text("name", data["name"], NAME_CHARS_MAX)
-            check_text("tool_call_id", data.get("tool_call_id"), ID_CHARS_MAX)
             tool = {
-                "id": call_id,
+                "id": new_call_id,
                 "session_id": sid,
                 "task_id": tid,
                 "name": data["name"],
@@ -1039,7 +1049,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             mutation = Mutation(
                 "insert",
                 "tool_calls",
-                {"id": call_id},
+                {"id": new_call_id},
                 {k: v for k, v in tool.items() if k != "id"},
             )
             events = self._events(

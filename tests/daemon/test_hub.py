@@ -694,3 +694,49 @@ async def test_a_client_stamp_from_the_far_future_or_malformed_is_refused(hub: H
         data={"title": "plain"},
     )
     assert plain["title"] == "plain" and "_lost" not in plain
+
+
+async def test_a_tool_call_id_that_is_no_string_is_refused_and_the_session_stays(
+    hub: Hub,
+) -> None:
+    # it reached the store, which refused the key: answered "the store is
+    # unavailable", and the session's actor stopped, failing its other writes
+    session = await hub.call(
+        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
+    )
+    task = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="tasks",
+        method="create",
+        data={"session_id": session["id"], "prompt": "p"},
+    )
+    for given in (7, 1.5, True, False, 0, "", [], {"a": 1}):
+        with pytest.raises(ServiceError) as refused:
+            await hub.call(
+                OWNER,
+                connection_id="c1",
+                service="tasks",
+                method="tool_call",
+                id=task["id"],
+                data={"name": "bash", "tool_call_id": given},
+            )
+        assert refused.value.code == "invalid_field", (given, refused.value)
+        assert "tool_call_id must be a non-empty string" in refused.value.message
+    named = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="tasks",
+        method="tool_call",
+        id=task["id"],
+        data={"name": "bash", "tool_call_id": "call-1"},
+    )
+    made = await hub.call(
+        OWNER,
+        connection_id="c1",
+        service="tasks",
+        method="tool_call",
+        id=task["id"],
+        data={"name": "bash", "tool_call_id": None},
+    )
+    assert named["id"] == "call-1" and made["id"] not in ("call-1", None)
