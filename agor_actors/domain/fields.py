@@ -17,6 +17,7 @@ __all__ = [
     "MESSAGE_CHARS_MAX",
     "NAME_CHARS_MAX",
     "PROMPT_CHARS_MAX",
+    "check_json",
     "check_text",
 ]
 
@@ -38,10 +39,40 @@ MESSAGE_CHARS_MAX: Final = 4 * 1024 * 1024
 
 def check_text(field: str, value: Any, chars_max: int) -> None:
     """Refuse (``invalid_field``) a string ``value`` of more than ``chars_max``
-    characters; other types are the caller's to check."""
-    if isinstance(value, str) and len(value) > chars_max:
-        raise ServiceError(
-            "invalid_field",
-            f"{field} is longer than {chars_max} characters",
-            {"field": field, "chars_max": chars_max},
-        )
+    characters, or holding a NUL; other types are the caller's to check."""
+    if isinstance(value, str):
+        if len(value) > chars_max:
+            raise ServiceError(
+                "invalid_field",
+                f"{field} is longer than {chars_max} characters",
+                {"field": field, "chars_max": chars_max},
+            )
+        if "\x00" in value:
+            raise _nul(field)
+
+
+def check_json(field: str, value: Any) -> None:
+    """Refuse (``invalid_field``) a JSON value with a NUL in any of its
+    strings or keys.  (PostgreSQL keeps no NUL in a text or a JSON value; it
+    is refused on every store alike, before it is written.)"""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise _nul(field)
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                if isinstance(key, str) and "\x00" in key:
+                    raise _nul(field)
+                stack.append(item)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _nul(field: str) -> ServiceError:
+    return ServiceError(
+        "invalid_field",
+        f"{field} holds a NUL character (\\u0000), which the store does not keep",
+        {"field": field},
+    )

@@ -61,6 +61,7 @@ from .fields import (
     MESSAGE_CHARS_MAX,
     NAME_CHARS_MAX,
     PROMPT_CHARS_MAX,
+    check_json,
     check_text,
 )
 from .hlc import Hlc, HlcClock, merge_fields
@@ -284,6 +285,8 @@ def _check_session_values(values: dict[str, Any]) -> None:
         and not isinstance(values["permissions"], dict)
     ):
         raise _bad("permissions must be an object")
+    for name in ("git_state", "permissions"):
+        check_json(name, values.get(name))
 
 
 def _if_rev(
@@ -1035,6 +1038,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             if not isinstance(data.get("name"), str):
                 raise _bad("name must be a string")
             check_text("name", data["name"], NAME_CHARS_MAX)
+            check_json("input", data.get("input"))
             tool = {
                 "id": new_call_id,
                 "session_id": sid,
@@ -1063,6 +1067,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             status = data.get("status", "completed")
             if status not in ("completed", "failed"):
                 raise _bad("status must be completed or failed")
+            check_json("output", data.get("output"))
             values = {"output": data.get("output"), "status": status, "updated_at": cmd.now_ms}
             mutation = Mutation("update", "tool_calls", {"id": call_id}, values)
             # a tool call of another task (of a session the caller may not
@@ -1096,6 +1101,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             status, _, payload_field = transition
             values: dict[str, Any] = {"status": status}
             if payload_field is not None:
+                check_json(payload_field, data.get(payload_field))
                 values[payload_field] = data.get(payload_field)
         else:
             values = _pick(data, TASK_FIELDS)

@@ -158,6 +158,8 @@ def check_value(column: sa.Column[Any], value: object, *, allow_none: bool = Tru
         raise StoreQueryError(
             f"{column.name}: expected {python_type.__name__}, got {type(value).__name__} {value!r}"
         )
+    if isinstance(value, str) and "\x00" in value:  # (no text kept holds one: PostgreSQL's rule)
+        raise StoreQueryError(f"{column.name}: a NUL character (\\u0000) is never stored")
     return value
 
 

@@ -602,3 +602,11 @@ def test_a_bare_integer_beyond_64_bits_is_refused_in_data_and_queries(db: Backen
     ):
         with pytest.raises(StoreQueryError, match="beyond a 64-bit integer"):
             store.find("tasks", query)
+
+
+def test_a_nul_in_a_query_is_refused_on_every_store(db: Backend) -> None:
+    # PostgreSQL refuses one in a text; SQLite would only match nothing
+    store = db.open()
+    for query in ({"title": "a\x00b"}, {"title": {"$in": ["ok", "\x00"]}}):
+        with pytest.raises(StoreQueryError, match="NUL"):
+            store.find("sessions", query)
