@@ -1354,6 +1354,8 @@ class Hub:
             current = await self._read_row("boards", call.id)
         plan = plan_board(call, current)
         board_id = call.id or call.new_id
+        if call.method == "remove":
+            await self._refuse_a_board_with_sessions(board_id)
         added = plan.revoked if call.method == "add_member" else None
         if added is not None and call.method == "add_member":
             member = await self._read_row("users", added)
@@ -1378,6 +1380,11 @@ class Hub:
                 self.gate.forget_board(board_id)
             else:
                 await self._membership_write(board_id, plan)
+        except ServiceError as exc:
+            if call.method == "remove" and exc.code == "invalid_data":
+                # a session put on the board meanwhile (the key refused it)
+                await self._refuse_a_board_with_sessions(board_id)
+            raise
         except StoreRepeated as exc:  # only a request with ``once``
             assert keyed is not None
             answer = repeated_answer(keyed.call, keyed.digest, exc)
@@ -1387,6 +1394,21 @@ class Hub:
         if plan.answer is not None:
             return plan.answer
         return await self._read(call.principal, "boards", "get", board_id, None)
+
+    async def _refuse_a_board_with_sessions(self, board_id: str) -> None:
+        """``conflict`` if sessions are on the board: removing it would
+        leave them on none (the store refuses it), and they are work too
+        valuable to remove with it."""
+        store = self.store
+        query = {"board_id": board_id, "$limit": 0, "$total": True}
+        page = await self._stored(lambda: store.find("sessions", query))
+        if page.total:
+            raise ServiceError(
+                "conflict",
+                f"board {board_id} still holds {page.total} session(s): move them to "
+                "another board (sessions.patch board_id) or remove them first",
+                {"sessions": page.total},
+            )
 
     async def _membership_write(self, board_id: str, plan: BoardPlan) -> None:
         """A member added, narrowed or removed.  Until the write is durable

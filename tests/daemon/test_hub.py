@@ -740,3 +740,33 @@ async def test_a_tool_call_id_that_is_no_string_is_refused_and_the_session_stays
         data={"name": "bash", "tool_call_id": None},
     )
     assert named["id"] == "call-1" and made["id"] not in ("call-1", None)
+
+
+async def test_a_board_that_holds_sessions_is_not_removed_and_says_why(hub: Hub) -> None:
+    # the store's key refused it: answered "the data does not fit the records"
+    async def call(service: str, method: str, id: str | None = None, data: Any = None) -> Any:
+        return await hub.call(
+            OWNER, connection_id="c1", service=service, method=method, id=id, data=data
+        )
+
+    board = await call("boards", "create", data={"name": "B"})
+    other = await call("boards", "create", data={"name": "C"})
+    sessions = [
+        await call("sessions", "create", data={"title": f"s{n}", "board_id": board["id"]})
+        for n in range(2)
+    ]
+    with pytest.raises(ServiceError) as refused:
+        await call("boards", "remove", board["id"])
+    assert refused.value.code == "conflict"
+    assert refused.value.message == (
+        f"board {board['id']} still holds 2 session(s): move them to another board "
+        "(sessions.patch board_id) or remove them first"
+    )
+    assert refused.value.data == {"sessions": 2}
+    assert (await call("boards", "get", board["id"]))["name"] == "B"
+    await call("sessions", "patch", sessions[0]["id"], {"board_id": other["id"]})
+    await call("sessions", "remove", sessions[1]["id"])
+    assert await call("boards", "remove", board["id"]) == {"id": board["id"]}
+    with pytest.raises(ServiceError) as gone:
+        await call("boards", "get", board["id"])
+    assert gone.value.code == "not_found"
