@@ -770,3 +770,35 @@ async def test_a_board_that_holds_sessions_is_not_removed_and_says_why(hub: Hub)
     with pytest.raises(ServiceError) as gone:
         await call("boards", "get", board["id"])
     assert gone.value.code == "not_found"
+
+
+async def test_a_write_that_names_no_user_or_a_removed_one_says_which_field(hub: Hub) -> None:
+    # the store's key refused the first with "the data does not fit the records"
+    async def call(service: str, method: str, id: str | None = None, **kw: Any) -> Any:
+        return await hub.call(
+            OWNER, connection_id="c1", service=service, method=method, id=id, **kw
+        )
+
+    session = await call("sessions", "create", data={"title": "S"})
+    board = await call("boards", "create", data={"name": "B"})
+    gone = await call("users", "create", data={"name": "gone"})
+    await call("users", "remove", gone["id"])
+    for user_id, why in (
+        ("nobody", "no user nobody"),
+        (gone["id"], f"user {gone['id']} was removed"),
+    ):
+        for service, method, id, data, base_rev in (
+            ("sessions", "create", None, {"title": "x", "locked_by": user_id}, None),
+            ("sessions", "patch", session["id"], {"locked_by": user_id}, 1),
+            ("sessions", "patch", session["id"], {"owner_id": user_id}, 1),
+            ("boards", "patch", board["id"], {"owner_id": user_id}, None),
+        ):
+            with pytest.raises(ServiceError) as refused:
+                await call(service, method, id, data=data, base_rev=base_rev)
+            field = next(iter(k for k in data if k != "title"))
+            assert (refused.value.code, refused.value.message) == (
+                "invalid_field",
+                f"data.{field}: {why}",
+            ), (service, method, data)
+    locked = await call("sessions", "patch", session["id"], data={"locked_by": "owner"}, base_rev=1)
+    assert locked["locked_by"] == "owner"
