@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ._config import EXCLUDABLE, FAULT_KINDS, PROFILES, Narrowing, draw_config, parse_faults
@@ -65,6 +66,22 @@ def _names(values: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (``--seeds 0`` or
+    ``--jobs -1`` ran nothing, or one job, without a word)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sim",
@@ -72,13 +89,17 @@ def _parser() -> argparse.ArgumentParser:
         "on virtual time, with faults, from one seed.",
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--seeds", type=int, metavar="N", help="sweep N seeds (from --first)")
-    which.add_argument("--seed", type=int, metavar="S", help="run one seed")
+    which.add_argument(
+        "--seeds", type=_at_least(1), metavar="N", help="sweep N seeds (from --first)"
+    )
+    which.add_argument("--seed", type=_at_least(0), metavar="S", help="run one seed")
     which.add_argument(
         "--scenario", metavar="NAME", help="run a scenario of sim.scenarios (see its list)"
     )
-    parser.add_argument("--first", type=int, default=0, metavar="S", help="first seed of a sweep")
-    parser.add_argument("--jobs", type=int, default=default_jobs(), metavar="N")
+    parser.add_argument(
+        "--first", type=_at_least(0), default=0, metavar="S", help="first seed of a sweep"
+    )
+    parser.add_argument("--jobs", type=_at_least(1), default=default_jobs(), metavar="N")
     parser.add_argument("--profile", choices=PROFILES, default="ci")
     parser.add_argument(
         "--plant", action="append", metavar="BUG", help=f"plant a bug: {', '.join(PLANTED)}"
@@ -98,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--timeout", type=float, default=120.0, help="wall seconds per seed")
     parser.add_argument(
-        "--stop-after", type=int, metavar="N", help="stop a sweep after N failed seeds"
+        "--stop-after", type=_at_least(1), metavar="N", help="stop a sweep after N failed seeds"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -111,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         "--clients", metavar="NAMES", help="keep only these clients of the seed (--seed)"
     )
     parser.add_argument(
-        "--fault-s", type=int, metavar="S", help="length of the fault phase (--seed)"
+        "--fault-s", type=_at_least(0), metavar="S", help="length of the fault phase (--seed)"
     )
     parser.add_argument(
         "--shrink",
@@ -120,7 +141,11 @@ def _parser() -> argparse.ArgumentParser:
         "fault list, workloads and clients, printed as a replay command and a short trace",
     )
     parser.add_argument(
-        "--shrink-runs", type=int, default=200, metavar="N", help="at most N runs for --shrink"
+        "--shrink-runs",
+        type=_at_least(1),
+        default=200,
+        metavar="N",
+        help="at most N runs for --shrink",
     )
     return parser
 

@@ -97,3 +97,28 @@ def test_sim_sweep_medium_slice(tmp_path: pathlib.Path) -> None:
     _assert_no_failures(summary, output)
     assert status == 0, output
     assert summary["totals"]["seeds"] == MEDIUM_SEEDS
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--seeds", "0"], "argument --seeds: 0 is less than 1"),
+        (["--seeds", "-5"], "argument --seeds: -5 is less than 1"),
+        (["--seeds", "x"], "argument --seeds: 'x' is not an integer"),
+        (["--seeds", "2", "--jobs", "0"], "argument --jobs: 0 is less than 1"),
+        (["--seeds", "2", "--stop-after", "0"], "argument --stop-after: 0 is less than 1"),
+        (["--seed", "1", "--fault-s", "-3"], "argument --fault-s: -3 is less than 0"),
+        (["--seed", "1", "--shrink-runs", "0"], "argument --shrink-runs: 0 is less than 1"),
+    ],
+)
+def test_numbers_that_mean_nothing_are_refused(
+    capsys: pytest.CaptureFixture[str], args: list[str], said: str
+) -> None:
+    # --seeds 0 swept nothing and --jobs 0 ran one job, without a word
+    # (the parser alone: main() runs again under a fixed PYTHONHASHSEED)
+    from sim._cli import _parser
+
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args([*args, "--quiet"])
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
