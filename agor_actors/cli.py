@@ -355,13 +355,19 @@ def _token(args: argparse.Namespace) -> int:
 def _post_json(command: str, base: str, path: str, token: str, body: Any) -> Any:
     """POST ``body`` (JSON) to the daemon at ``base`` as ``token``'s user:
     its answer, or 1 after saying on stderr why there is none."""
+    return _ask_json(command, base, path, token, json.dumps(body).encode())
+
+
+def _ask_json(command: str, base: str, path: str, token: str, body: bytes | None = None) -> Any:
+    """GET (or with ``body``, POST) ``path`` of the daemon at ``base`` as
+    ``token``'s user: its answer, or 1 after saying on stderr why there is none."""
     import urllib.error
     import urllib.request
 
     request = urllib.request.Request(
         base + path,
-        data=json.dumps(body).encode(),
-        method="POST",
+        data=body,
+        method="GET" if body is None else "POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
@@ -641,6 +647,11 @@ def _open(args: argparse.Namespace) -> int:
         return _fail("open", str(exc))
     base = daemon_url(args.url, args.data_dir).rstrip("/")
     next_path = "/" if args.board is None else "/?board=" + urllib.parse.quote(args.board)
+    if args.board is not None:
+        # a link to a board that is not there (or not this user's) opens nothing
+        board = _ask_json("open", base, "/boards/" + urllib.parse.quote(args.board, safe=""), token)
+        if isinstance(board, int):
+            return board
     answer = _post_json("open", base, "/auth/codes", token, {"next": next_path})
     if isinstance(answer, int):
         return answer

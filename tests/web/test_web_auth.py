@@ -216,31 +216,43 @@ async def test_sign_in_with_a_one_time_link(tmp_path: pathlib.Path) -> None:
 @pytest.mark.slow
 def test_the_open_command_prints_a_working_link(tmp_path: pathlib.Path) -> None:
     with daemon_process(tmp_path / "agor") as daemon:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "agor_actors.cli",
-                "open",
-                "--url",
-                daemon.http_url,
-                "--data-dir",
-                str(daemon.data_dir),
-                "--board",
-                "b-7",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=30,
+        status, _, board = request(
+            "POST", daemon.http_url + "/boards", token=daemon.token, body={"name": "B"}
         )
+        assert status == 201
+
+        def open_board(board_id: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "agor_actors.cli",
+                    "open",
+                    "--url",
+                    daemon.http_url,
+                    "--data-dir",
+                    str(daemon.data_dir),
+                    "--board",
+                    board_id,
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+
+        result = open_board(board["id"])
         assert result.returncode == 0, result.stderr
         link = result.stdout.strip()
         assert link.startswith(daemon.http_url + "/auth/open?code=")
         assert daemon.token not in link
         status, headers, _ = request("GET", link)
-        assert status == 303 and headers["location"] == "/?board=b-7"
+        assert status == 303 and headers["location"] == f"/?board={board['id']}"
         assert "HttpOnly" in headers["set-cookie"]
+        # a board that is not there: no link to a page that opens nothing
+        missing = open_board("b-7")
+        assert missing.returncode == 1 and missing.stdout == ""
+        assert "refused: 404" in missing.stderr and "no board b-7" in missing.stderr
     stopped = subprocess.run(
         [
             sys.executable,
