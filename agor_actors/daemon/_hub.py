@@ -1016,7 +1016,7 @@ class Hub:
             return partial(self._users, method, id, data, now_ms, new_id)
         if service == "boards":
             await self.gate.check_board_call(principal, method, id, data)
-            await self._check_users_named(data, ("owner_id",))
+            await self._check_users_named(principal, data, ("owner_id",))
             board_call = BoardCall(
                 principal, connection_id, method, id, data, now_ms, new_id, temp_id, base_rev
             )
@@ -1029,7 +1029,7 @@ class Hub:
             session_id = await self._session_of(service, method, id, data)
         changed = await self.gate.check_session_write(principal, service, method, session_id, data)
         if service == "sessions":
-            await self._check_users_named(data, ("owner_id", "locked_by"))
+            await self._check_users_named(principal, data, ("owner_id", "locked_by"))
         if changed is not None:
             # check against the narrower of the two until the write is
             # answered, and drop now who will not see the session then
@@ -1398,15 +1398,18 @@ class Hub:
             return plan.answer
         return await self._read(call.principal, "boards", "get", board_id, None)
 
-    async def _check_users_named(self, data: Any, fields: tuple[str, ...]) -> None:
+    async def _check_users_named(
+        self, principal: Principal, data: Any, fields: tuple[str, ...]
+    ) -> None:
         """``invalid_field`` if a field of ``data`` names a user that does
         not exist or was removed (the store's key would refuse the first
-        with no word of which field, and take the second)."""
+        with no word of which field, and take the second); the caller
+        itself (a lock taken for oneself) is not read again."""
         if not isinstance(data, dict):
             return
         for field in fields:
             user_id = data.get(field)
-            if not isinstance(user_id, str) or not user_id:
+            if not isinstance(user_id, str) or not user_id or user_id == principal.user_id:
                 continue
             user = await self._read_row("users", user_id)
             if user is None:

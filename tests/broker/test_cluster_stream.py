@@ -200,32 +200,30 @@ async def session_call(hub: Hub, method: str, sid: str, **kwargs: Any) -> Any:
     )
 
 
-LATER_MS = 4_000_000_000_000
-"""Client stamps later than any the daemons give (the wall clock's)."""
-
-
 async def test_a_sessions_fields_merge_against_the_stores_clocks_whatever_daemon(
     pg_url: str,
 ) -> None:
     async with hub_node(pg_url, REDIS_URL) as a, hub_node(pg_url, REDIS_URL) as b:
         sid = await make_session(a)  # a's actor knows rev 1
+        # stamps later than the daemons' own (a client's may lead by 5 minutes)
+        later_ms = a.world.wall.now_ms() + 60_000
         running = await session_call(b, "set_status", sid, data={"status": "running"})
         assert running["rev"] == 2  # b's actor knows rev 2
         # a believes rev 1: the store's row is merged against, b's status kept
         newer = await session_call(
-            a, "patch", sid, data={"title": "newer"}, query={"hlc": [LATER_MS + 2000, 0]}
+            a, "patch", sid, data={"title": "newer"}, query={"hlc": [later_ms + 2000, 0]}
         )
         assert (newer["rev"], newer["title"], newer["status"]) == (3, "newer", "running")
         # b believes rev 2 and the creation's clock of the title: a rename
         # stamped before a's, acknowledged through b afterwards, loses to it
         older = await session_call(
-            b, "patch", sid, data={"title": "older"}, query={"hlc": [LATER_MS + 1000, 0]}
+            b, "patch", sid, data={"title": "older"}, query={"hlc": [later_ms + 1000, 0]}
         )
         assert (older["rev"], older["title"]) == (4, "newer")
         assert older["_lost"] == [{"field": "title", "value": "older", "current": "newer"}]
         row = await trio.to_thread.run_sync(a.store.get, "sessions", sid)
         assert row is not None and (row["rev"], row["title"]) == (4, "newer")
-        assert row["clocks"]["title"].startswith(f"{LATER_MS + 2000:013d}:000000:")
+        assert row["clocks"]["title"].startswith(f"{later_ms + 2000:013d}:000000:")
         # a strict field's base_rev: a believes rev 3 and is told 4, so it
         # looks again before refusing; b's view (rev 4) is then stale
         locked = await session_call(a, "patch", sid, data={"locked_by": "owner"}, base_rev=4)
