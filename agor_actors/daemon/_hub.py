@@ -1013,7 +1013,7 @@ class Hub:
                 raise ServiceError(
                     "conflict", "users have no revision: no base_rev (If-Match) holds for them"
                 )
-            return partial(self._users, method, id, data, now_ms, new_id)
+            return partial(self._users, principal, method, id, data, now_ms, new_id)
         if service == "boards":
             await self.gate.check_board_call(principal, method, id, data)
             await self._check_users_named(principal, data, ("owner_id",))
@@ -1229,9 +1229,17 @@ class Hub:
             return await identity.remove(data)
         raise ServiceError("unknown_method", f"authentication.{method} is not supported")
 
-    async def _users(self, method: str, id: str | None, data: Any, now_ms: int, new_id: str) -> Any:
+    async def _users(
+        self,
+        principal: Principal,
+        method: str,
+        id: str | None,
+        data: Any,
+        now_ms: int,
+        new_id: str,
+    ) -> Any:
         if method == "patch" and id is not None:
-            return await self._set_password(id, data)
+            return await self._set_password(principal, id, data)
         if method == "remove" and id is not None:
             return await self._remove_user(id, now_ms)
         if method == "rotate_token" and id is not None:
@@ -1246,20 +1254,29 @@ class Hub:
         await self._write(request)
         return plan.answer
 
-    async def _set_password(self, user_id: str, data: Any) -> Any:
+    async def _set_password(self, principal: Principal, user_id: str, data: Any) -> Any:
         """``users.patch`` ``{password}``: the user signs in with its name
         and this password from now on; its refresh tokens are revoked, the
         access tokens and browser sign-ins it had are refused, and the
         connections they opened are closed (``unauthorized``; the caller's
-        after its answer)."""
-        if not isinstance(data, dict) or set(data) != {"password"}:
-            raise ServiceError("invalid_field", "users.patch takes only data.password")
+        after its answer).  The user itself names its current password
+        (``current_password``) once it has one; the owner does not."""
+        if (
+            not isinstance(data, dict)
+            or "password" not in data
+            or not set(data) <= {"password", "current_password"}
+        ):
+            raise ServiceError(
+                "invalid_field", "users.patch takes only data.password (and current_password)"
+            )
         user = await self._read_row("users", user_id)
         if user is None:
             raise ServiceError("not_found", "no such record")
         if user.get("removed_at") is not None:
             raise ServiceError("invalid_field", f"user {user_id} was removed")
         identity = self._identity()
+        if not principal.is_owner:
+            await identity.check_current_password(user_id, data.get("current_password"))
         mutation = await identity.password_mutation(
             user_id, str(user["name"]), data["password"], replace=True
         )

@@ -321,6 +321,36 @@ class Authentication:
             "upsert" if replace else "insert", "credentials", {"user_id": user_id}, values
         )
 
+    async def check_current_password(self, user_id: str, given: Any) -> None:
+        """A user changing its own password names the current one (a stolen
+        access token must not be enough to take the account over): refused
+        with ``invalid_field`` if missing or wrong, counted against the
+        sign-in name as a failed sign-in (``rate_limited`` past the limit).
+        A user without a password yet has none to name."""
+        store = self.store
+        row = await self.world.blocking.run(lambda: store.credential(user_id=user_id))
+        if row is None:
+            return
+        if not isinstance(given, str) or not given:
+            raise ServiceError(
+                "invalid_field", "data.current_password is required to change a password"
+            )
+        login = str(row["login"])
+        now_ms = self.world.wall.now_ms()
+        wait_ms = self.throttle.retry_after_ms(login, now_ms)
+        if wait_ms:
+            raise ServiceError(
+                "rate_limited",
+                f"too many failed sign-ins for this name; try again in {wait_ms // 1000 + 1} s",
+                {"retry_after_ms": wait_ms},
+            )
+        stored, passwords = str(row["password_hash"]), self.passwords
+        if not await self.world.blocking.run(lambda: passwords.verify(stored, given[:4096])):
+            self.throttle.failed(login, self.world.wall.now_ms())
+            security_log.warning("password change refused", extra={"user_id": user_id})
+            raise ServiceError("invalid_field", "data.current_password is not this user's password")
+        self.throttle.succeeded(login)
+
     async def password_changed(self, user_id: str) -> None:
         """After a password change: every refresh token of the user is
         revoked; its access tokens issued before are refused from now on

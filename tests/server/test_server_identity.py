@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import pathlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from argon2 import profiles
@@ -159,7 +160,7 @@ async def test_a_password_change_revokes_refresh_tokens(running: Daemon) -> None
         "PATCH",
         f"{running.http_url}/users/{user['id']}",
         token=signed["accessToken"],
-        json={"password": "battery staple"},
+        json={"password": "battery staple", "current_password": "correct horse"},
     )
     assert reply.status == 200 and "password" not in str(reply.body)
     reply = await http(
@@ -321,3 +322,49 @@ async def test_tokens_signed_with_the_daemons_key_but_wrong_are_refused(running:
     for token in bad:
         reply = await http("GET", f"{running.http_url}/sessions", token=token)
         assert reply.status == 401 and reply.body["code"] == "not_authenticated", token
+
+
+async def test_changing_ones_own_password_needs_the_current_one(running: Daemon) -> None:
+    # a stolen access token (or an open tab) was enough to take the account
+    # over: a new password, and every other sign-in of the user closed
+    user = await _user(running)
+    signed = await _sign_in(running)
+    url = f"{running.http_url}/users/{user['id']}"
+
+    async def change(body: dict, token: str = signed["accessToken"]) -> Any:  # type: ignore[type-arg]
+        return await http("PATCH", url, token=token, json=body)
+
+    for body, said in (
+        ({"password": "taken over!"}, "data.current_password is required to change a password"),
+        (
+            {"password": "taken over!", "current_password": "a guess"},
+            "data.current_password is not this user's password",
+        ),
+        ({"password": "taken over!", "name": "x"}, "users.patch takes only data.password"),
+    ):
+        reply = await change(body)
+        assert reply.status == 400 and reply.body["code"] == "invalid_field", reply
+        assert reply.body["message"].startswith(said), reply.body
+    # wrong guesses count as failed sign-ins of the name: past the limit, refused
+    for _ in range(9):
+        await change({"password": "taken over!", "current_password": "a guess"})
+    reply = await change({"password": "taken over!", "current_password": "correct horse"})
+    assert reply.status == 429 and reply.body["code"] == "rate_limited", reply
+    reply = await http(
+        "POST",
+        f"{running.http_url}/authentication",
+        json={"strategy": "local", "name": "ada", "password": "correct horse"},
+    )
+    assert reply.status == 429  # (the same count as a sign-in's)
+    # the owner needs none; a user without a password sets its first one
+    assert (await change({"password": "reset by owner"}, running.token)).status == 200
+    fresh = await http(
+        "POST", f"{running.http_url}/users", token=running.token, json={"name": "nopw"}
+    )
+    first = await http(
+        "PATCH",
+        f"{running.http_url}/users/{fresh.body['id']}",
+        token=fresh.body["token"],
+        json={"password": "my first password"},
+    )
+    assert first.status == 200, first

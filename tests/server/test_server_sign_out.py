@@ -108,7 +108,9 @@ async def test_a_password_change_closes_what_the_old_password_opened(running: Da
         await window.expect(Welcome)
 
         # the caller changes its password over its connection: answered first
-        changed = await caller.service("users").patch(ada["id"], {"password": "pw-new-4567"})
+        changed = await caller.service("users").patch(
+            ada["id"], {"password": "pw-new-4567", "current_password": "pw-ada-123"}
+        )
         assert changed["id"] == ada["id"] and "password" not in str(changed)
         _, reason = await until_closed(window)
         assert (reason.code, reason.reason) == (4001, CHANGED)
