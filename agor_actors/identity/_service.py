@@ -176,14 +176,7 @@ class Authentication:
         if not isinstance(name, str) or not isinstance(password, str) or not name:
             raise ServiceError("invalid_field", "data.name and data.password are required")
         name = name[:1024]
-        wait_ms = self.throttle.retry_after_ms(name, self.world.wall.now_ms())
-        if wait_ms:
-            security_log.warning("sign-in throttled", extra={"retry_after_ms": wait_ms})
-            raise ServiceError(
-                "rate_limited",
-                f"too many failed sign-ins for this name; try again in {wait_ms // 1000 + 1} s",
-                {"retry_after_ms": wait_ms},
-            )
+        self._refuse_if_throttled(name)
         store, passwords = self.store, self.passwords
         row = await self.world.blocking.run(lambda: store.credential(login=name))
         stored = None if row is None else str(row["password_hash"])
@@ -203,6 +196,17 @@ class Authentication:
         await self.write(WriteRequest(mutations=(mutation,)))
         security_log.info("signed in", extra={"user_id": user_id, "family_id": family})
         return await self._answer(user_id, refresh, now_ms)
+
+    def _refuse_if_throttled(self, name: str) -> None:
+        """``rate_limited`` while ``name`` has too many failed sign-ins."""
+        wait_ms = self.throttle.retry_after_ms(name, self.world.wall.now_ms())
+        if wait_ms:
+            security_log.warning("sign-in throttled", extra={"retry_after_ms": wait_ms})
+            raise ServiceError(
+                "rate_limited",
+                f"too many failed sign-ins for this name; try again in {wait_ms // 1000 + 1} s",
+                {"retry_after_ms": wait_ms},
+            )
 
     async def _refresh(self, token: Any) -> dict[str, Any]:
         if not isinstance(token, str) or not token:
@@ -336,14 +340,7 @@ class Authentication:
                 "invalid_field", "data.current_password is required to change a password"
             )
         login = str(row["login"])
-        now_ms = self.world.wall.now_ms()
-        wait_ms = self.throttle.retry_after_ms(login, now_ms)
-        if wait_ms:
-            raise ServiceError(
-                "rate_limited",
-                f"too many failed sign-ins for this name; try again in {wait_ms // 1000 + 1} s",
-                {"retry_after_ms": wait_ms},
-            )
+        self._refuse_if_throttled(login)
         stored, passwords = str(row["password_hash"]), self.passwords
         if not await self.world.blocking.run(lambda: passwords.verify(stored, given[:4096])):
             self.throttle.failed(login, self.world.wall.now_ms())
