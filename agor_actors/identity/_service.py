@@ -325,7 +325,9 @@ class Authentication:
             "upsert" if replace else "insert", "credentials", {"user_id": user_id}, values
         )
 
-    async def check_current_password(self, user_id: str, given: Any) -> None:
+    async def check_current_password(
+        self, user_id: str, given: Any, *, to: str = "change a password"
+    ) -> None:
         """A user changing its own password names the current one (a stolen
         access token must not be enough to take the account over): refused
         with ``invalid_field`` if missing or wrong, counted against the
@@ -336,9 +338,7 @@ class Authentication:
         if row is None:
             return
         if not isinstance(given, str) or not given:
-            raise ServiceError(
-                "invalid_field", "data.current_password is required to change a password"
-            )
+            raise ServiceError("invalid_field", f"data.current_password is required to {to}")
         login = str(row["login"])
         self._refuse_if_throttled(login)
         stored, passwords = str(row["password_hash"]), self.passwords

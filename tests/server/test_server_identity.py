@@ -368,3 +368,27 @@ async def test_changing_ones_own_password_needs_the_current_one(running: Daemon)
         json={"password": "my first password"},
     )
     assert first.status == 200, first
+
+
+async def test_renewing_ones_token_with_an_access_token_needs_the_password(
+    running: Daemon,
+) -> None:
+    # an access token (15 minutes) was enough to get a token that never expires
+    user = await _user(running)
+    signed = await _sign_in(running)
+    url = f"{running.http_url}/users/{user['id']}/rotate_token"
+    bare = await http("POST", url, token=signed["accessToken"])
+    assert bare.status == 400, bare
+    assert bare.body["message"] == "data.current_password is required to renew a token"
+    wrong = await http(
+        "POST", url, token=signed["accessToken"], json={"current_password": "a guess"}
+    )
+    assert wrong.status == 400 and "is not this user's password" in wrong.body["message"]
+    renewed = await http(
+        "POST", url, token=signed["accessToken"], json={"current_password": "correct horse"}
+    )
+    assert renewed.status == 200 and renewed.body["token"] != user["token"], renewed
+    # with the token itself (or by the owner) no password is asked
+    again = await http("POST", url, token=renewed.body["token"])
+    assert again.status == 200, again
+    assert (await http("POST", url, token=running.token)).status == 200
