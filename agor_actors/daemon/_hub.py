@@ -1243,7 +1243,8 @@ class Hub:
         if method == "remove" and id is not None:
             return await self._remove_user(id, now_ms)
         if method == "rotate_token" and id is not None:
-            await self._may_renew_token(principal, id, data)
+            given = data.get("current_password") if isinstance(data, dict) else None
+            await self.confirm_own(principal, given, to="renew a token")
             return await self._rotate_token(id)
         plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
         request = plan.request
@@ -1312,22 +1313,23 @@ class Hub:
         self._user_removed(user_id)
         return user
 
-    async def _may_renew_token(self, principal: Principal, user_id: str, data: Any) -> None:
-        """A user renews its own token with that token, or names its password
-        (``data.current_password``): an access token or a browser's cookie
-        alone (stolen, or an open tab) would get a token that never expires."""
+    async def confirm_own(self, principal: Principal, given: Any, *, to: str) -> None:
+        """Before a credential that outlives the caller's is made for it (a
+        token that never expires, a week-long browser sign-in): the owner,
+        or a user's own token, goes on; a user signed in by password or a
+        browser names its password (``given``), since an access token or a
+        cookie alone (stolen, or an open tab) must not buy a longer one."""
         if principal.is_owner or principal.token_id is not None:
             return
-        store = self.store
+        store, user_id = self.store, principal.user_id
         credential = await self._stored(lambda: store.credential(user_id=user_id))
         if credential is None or self.identity is None:
             raise ServiceError(
                 "forbidden",
-                "a user's token is renewed with the token itself, with its password"
-                " (data.current_password), or by the owner",
+                f"to {to}, use the user's own token, its password"
+                " (current_password), or the owner's",
             )
-        given = data.get("current_password") if isinstance(data, dict) else None
-        await self.identity.check_current_password(user_id, given, to="renew a token")
+        await self.identity.check_current_password(user_id, given, to=to)
 
     async def _rotate_token(self, user_id: str) -> Any:
         """``users.rotate_token``: a new token for the user, answered once

@@ -103,6 +103,8 @@ class WebSessions(Protocol):
 
     async def close_web_session(self, principal: Principal) -> None: ...
 
+    async def confirm_own(self, principal: Principal, given: Any, *, to: str) -> None: ...
+
 
 class SignInCodes(Protocol):
     """Where one-time sign-in codes are kept: the hub's store (shared by the
@@ -353,6 +355,8 @@ def install_web_routes(
             if not isinstance(body, dict):
                 raise ServiceError("invalid_field", "the body must be a JSON object")
             next_path = _safe_next(body.get("next", "/"))
+            # a week's sign-in from an access token or a cookie: the password too
+            await sessions.confirm_own(who, body.get("current_password"), to="sign a browser in")
             code = await auth.new_code(who, next_path)
         except orjson.JSONDecodeError as exc:
             return _error("bad_json", f"the body is not JSON: {exc}", 400)

@@ -392,3 +392,29 @@ async def test_renewing_ones_token_with_an_access_token_needs_the_password(
     again = await http("POST", url, token=renewed.body["token"])
     assert again.status == 200, again
     assert (await http("POST", url, token=running.token)).status == 200
+
+
+async def test_a_browser_sign_in_from_an_access_token_or_a_cookie_needs_the_password(
+    running: Daemon,
+) -> None:
+    # a 15-minute access token (or a cookie) minted a week-long browser sign-in
+    from test_server_user_removal import _cookie
+
+    user = await _user(running)
+    signed = await _sign_in(running)
+    codes = f"{running.http_url}/auth/codes"
+    bare = await http("POST", codes, token=signed["accessToken"], json={})
+    assert bare.status == 400, bare
+    assert bare.body["message"] == "data.current_password is required to sign a browser in"
+    made = await http(
+        "POST", codes, token=signed["accessToken"], json={"current_password": "correct horse"}
+    )
+    assert made.status == 201, made
+    # a browser signed in with the user's own token mints none without it
+    cookie = await _cookie(running, user["token"])
+    origin = running.http_url
+    headers = {"Cookie": cookie, "Origin": origin}
+    by_cookie = await http("POST", codes, headers=headers, json={})
+    assert by_cookie.status == 400 and "current_password" in by_cookie.body["message"]
+    with_pw = await http("POST", codes, headers=headers, json={"current_password": "correct horse"})
+    assert with_pw.status == 201, with_pw
