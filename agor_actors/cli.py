@@ -375,6 +375,8 @@ def _ask_json(command: str, base: str, path: str, token: str, body: bytes | None
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")
+        if command == "open" and "current_password" in detail:
+            detail += " (give the password on stdin with --password-stdin)"
         return _fail(command, f"{base} refused: {exc.code} {detail}", 1)
     except (urllib.error.URLError, OSError) as exc:
         return _fail(command, f"cannot reach {base} (is it running?): {exc}", 1)
@@ -634,6 +636,12 @@ def _open_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--browser", action="store_true", help="also open the link in the default web browser"
     )
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the user's password from stdin (needed when --token is an access token"
+        " from a password sign-in)",
+    )
 
 
 def _open(args: argparse.Namespace) -> int:
@@ -652,7 +660,10 @@ def _open(args: argparse.Namespace) -> int:
         board = _ask_json("open", base, "/boards/" + urllib.parse.quote(args.board, safe=""), token)
         if isinstance(board, int):
             return board
-    answer = _post_json("open", base, "/auth/codes", token, {"next": next_path})
+    body: dict[str, Any] = {"next": next_path}
+    if args.password_stdin:
+        body["current_password"] = sys.stdin.readline().rstrip("\r\n")
+    answer = _post_json("open", base, "/auth/codes", token, body)
     if isinstance(answer, int):
         return answer
     link = base + answer["path"]

@@ -253,6 +253,45 @@ def test_the_open_command_prints_a_working_link(tmp_path: pathlib.Path) -> None:
         missing = open_board("b-7")
         assert missing.returncode == 1 and missing.stdout == ""
         assert "refused: 404" in missing.stderr and "no board b-7" in missing.stderr
+        # a password sign-in's access token needs the password too, on stdin
+        status, _, _ = request(
+            "POST",
+            daemon.http_url + "/users",
+            token=daemon.token,
+            body={"name": "ada", "password": "correct horse"},
+        )
+        status, _, signed = request(
+            "POST",
+            daemon.http_url + "/authentication",
+            body={"strategy": "local", "name": "ada", "password": "correct horse"},
+        )
+        assert status == 201, signed
+
+        def open_as(token: str, *extra: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "agor_actors.cli",
+                    "open",
+                    "--url",
+                    daemon.http_url,
+                    "--token",
+                    token,
+                    *extra,
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                input=stdin,
+                timeout=30,
+            )
+
+        bare = open_as(signed["accessToken"])
+        assert bare.returncode == 1 and "--password-stdin" in bare.stderr, bare.stderr
+        given = open_as(signed["accessToken"], "--password-stdin", stdin="correct horse\n")
+        assert given.returncode == 0, given.stderr
+        assert given.stdout.startswith(daemon.http_url + "/auth/open?code=")
     stopped = subprocess.run(
         [
             sys.executable,
