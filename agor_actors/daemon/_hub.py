@@ -1315,11 +1315,13 @@ class Hub:
 
     async def confirm_own(self, principal: Principal, given: Any, *, to: str) -> None:
         """Before a credential that outlives the caller's is made for it (a
-        token that never expires, a week-long browser sign-in): the owner,
-        or a user's own token, goes on; a user signed in by password or a
-        browser names its password (``given``), since an access token or a
-        cookie alone (stolen, or an open tab) must not buy a longer one."""
-        if principal.is_owner or principal.token_id is not None:
+        token that never expires, a week-long browser sign-in): a token that
+        does not expire (the owner's, a user's own, a program's that embeds
+        the daemon) goes on; a caller signed in by password or a browser
+        (the owner too) names its password (``given``), since an access
+        token or a cookie alone (stolen, or an open tab) must not buy a
+        longer one."""
+        if principal.expires_ms is None and principal.session is None:
             return
         store, user_id = self.store, principal.user_id
         credential = await self._stored(lambda: store.credential(user_id=user_id))

@@ -418,3 +418,24 @@ async def test_a_browser_sign_in_from_an_access_token_or_a_cookie_needs_the_pass
     assert by_cookie.status == 400 and "current_password" in by_cookie.body["message"]
     with_pw = await http("POST", codes, headers=headers, json={"current_password": "correct horse"})
     assert with_pw.status == 201, with_pw
+
+
+async def test_the_owner_signed_in_by_password_names_it_too(running: Daemon) -> None:
+    # what is asked of a sign-in is the credential's, not the user's rank
+    url = running.http_url
+    given = await http(
+        "PATCH", f"{url}/users/owner", token=running.token, json={"password": "owner's own pw"}
+    )
+    assert given.status == 200, given
+    signed = await _sign_in(running, "owner", "owner's own pw")
+    bare = await http("POST", f"{url}/auth/codes", token=signed["accessToken"], json={})
+    assert bare.status == 400 and "current_password" in bare.body["message"], bare
+    with_pw = await http(
+        "POST",
+        f"{url}/auth/codes",
+        token=signed["accessToken"],
+        json={"current_password": "owner's own pw"},
+    )
+    assert with_pw.status == 201, with_pw
+    # the owner's token itself is asked nothing
+    assert (await http("POST", f"{url}/auth/codes", token=running.token, json={})).status == 201
