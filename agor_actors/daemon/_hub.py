@@ -1246,6 +1246,11 @@ class Hub:
             given = data.get("current_password") if isinstance(data, dict) else None
             await self.confirm_own(principal, given, to="renew a token")
             return await self._rotate_token(id)
+        if method == "create":
+            # a user whose token never expires: a sign-in's access token or
+            # a cookie alone does not make one (the owner's password too)
+            given = data.get("current_password") if isinstance(data, dict) else None
+            await self.confirm_own(principal, given, to="create a user")
         plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
         request = plan.request
         if isinstance(data, dict) and "password" in data:

@@ -437,5 +437,15 @@ async def test_the_owner_signed_in_by_password_names_it_too(running: Daemon) -> 
         json={"current_password": "owner's own pw"},
     )
     assert with_pw.status == 201, with_pw
+    # a user (whose token never expires) is made with the password too
+    made = await http("POST", f"{url}/users", token=signed["accessToken"], json={"name": "x"})
+    assert made.status == 400 and "to create a user" in made.body["message"], made
+    made = await http(
+        "POST",
+        f"{url}/users",
+        token=signed["accessToken"],
+        json={"name": "x", "current_password": "owner's own pw"},
+    )
+    assert made.status == 201 and made.body["name"] == "x", made
     # the owner's token itself is asked nothing
     assert (await http("POST", f"{url}/auth/codes", token=running.token, json={})).status == 201
