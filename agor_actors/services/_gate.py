@@ -290,6 +290,12 @@ class Gate:
         extra = [c for c in needed if c not in select and c != "id"]  # the key is always there
         return {**query, "$select": [*select, *extra]}, extra
 
+    @staticmethod
+    def access_columns(service: str) -> tuple[str, ...] | None:
+        """The columns :meth:`visible` reads of a ``service`` record (None:
+        none listed: read the record whole)."""
+        return _ACCESS_COLUMNS.get(service)
+
     async def visible(self, principal: Principal, service: str, row: dict[str, Any]) -> bool:
         """Whether the principal may read this record."""
         if principal.is_owner:

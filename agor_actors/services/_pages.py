@@ -13,7 +13,11 @@ has no cursor); only past :data:`SCAN_ROWS` records read in one call does it
 end early, after the last record read.  Every cursor is sealed (AES-SIV
 under a key the database keeps, the same on every daemon of a cluster):
 opaque, and refused if changed.  What remains: past :data:`SCAN_ROWS`
-unseen records, a cursor says that more records follow, not which."""
+unseen records, a cursor says that more records follow, not which.  For
+a caller who may not see every row, the rows are read with only the
+columns the gate needs, and the visible ones whole afterwards: a
+stranger's page does not read (and put together) the streamed texts and
+outputs of rows it never shows."""
 
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ SCAN_ROWS: Final = 2_000
 CURSOR_KEY: Final = "cursor_key"
 """The name of the sealing key in the store's ``meta`` table."""
 
-_SEALED_CHARS_MAX: Final = 8_192
+_SEALED_CHARS_MAX: Final = 6 * 1024 * 1024
+"""A sealed cursor's longest: the store's longest, base64'd (a frame of 1
+MiB, or a URL, bounds it sooner)."""
 
 
 class CursorSeal:
@@ -76,6 +82,32 @@ async def visible_page(
     visible: Callable[[dict[str, Any]], Awaitable[bool]],
     *,
     scan_rows: int = SCAN_ROWS,
+    narrow: tuple[str, ...] | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """See :func:`_visible_page`.  With ``narrow`` (the columns ``visible``
+    reads), the rows are read with only those columns, and then the
+    visible ones whole, by id, in one more read: a caller who sees few
+    rows does not have the others' prompts, outputs and streamed texts read
+    (and put together) for nothing."""
+    if narrow is None:
+        return await _visible_page(find, query, visible, scan_rows)
+    rows, after = await _visible_page(find, {**query, "$select": list(narrow)}, visible, scan_rows)
+    if not rows:
+        return rows, after
+    ids = [row["id"] for row in rows]
+    whole: dict[str, Any] = {"id": {"$in": ids}, "$limit": len(ids)}
+    if query.get("$select") is not None:
+        whole["$select"] = query["$select"]
+    by_id = {row["id"]: row for row in (await find(whole)).items}
+    # (one removed meanwhile is left out)
+    return [by_id[ident] for ident in ids if ident in by_id], after
+
+
+async def _visible_page(
+    find: Callable[[dict[str, Any]], Awaitable[Page]],
+    query: dict[str, Any],
+    visible: Callable[[dict[str, Any]], Awaitable[bool]],
+    scan_rows: int,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Up to the query's ``$limit`` records ``visible`` lets through, and
     the store's cursor to go on from: None unless a visible record follows

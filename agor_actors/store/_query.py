@@ -51,6 +51,10 @@ __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "CompiledFind", "Page", "compile_find",
 DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 500
 MAX_IN_VALUES: Final = 1000
+CURSOR_CHARS_MAX: Final = 4 * 1024 * 1024
+"""The longest cursor taken: it holds the sort columns' values of a row, and
+a page sorted on a task's prompt (up to 262,144 characters) has a cursor of
+that prompt (the daemon seals cursors for clients, who cannot change them)."""
 
 _OPERATORS: Final = ("$in", "$nin", "$ne", "$gt", "$gte", "$lt", "$lte")
 _SPECIALS: Final = ("$sort", "$limit", "$cursor", "$select", "$total")
@@ -257,7 +261,7 @@ def _parse_select(table: sa.Table, value: object) -> tuple[str, ...]:
 def _decode_cursor(
     cursor: object, fingerprint: str, keys: Sequence[tuple[sa.Column[Any], int]]
 ) -> list[Any]:
-    if not isinstance(cursor, str) or len(cursor) > 4096:
+    if not isinstance(cursor, str) or len(cursor) > CURSOR_CHARS_MAX:
         raise StoreQueryError("$cursor must be the next_cursor string of a previous page")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))

@@ -40,7 +40,7 @@ def store(tmp_path: Path) -> Iterator[SqlStore]:
         s.close()
 
 
-def pager(store: SqlStore, scan_rows: int = 2_000) -> Any:
+def pager(store: SqlStore, scan_rows: int = 2_000, narrow: tuple[str, ...] | None = None) -> Any:
     reads: list[dict[str, Any]] = []
 
     async def find(query: dict[str, Any]) -> Page:
@@ -51,7 +51,8 @@ def pager(store: SqlStore, scan_rows: int = 2_000) -> Any:
         return str(row["title"]).startswith("mine")
 
     async def page(query: dict[str, Any]) -> tuple[list[str], str | None]:
-        rows, after = await visible_page(find, query, visible, scan_rows=scan_rows)
+        rows, after = await visible_page(find, query, visible, scan_rows=scan_rows, narrow=narrow)
+        page.rows = rows  # type: ignore[attr-defined]
         return [r["id"] for r in rows], after
 
     page.reads = reads  # type: ignore[attr-defined]
@@ -116,3 +117,16 @@ def test_a_sealed_cursor_opens_only_unchanged_and_under_its_key() -> None:
         CursorSeal(key(2)).open(sealed)
     with pytest.raises(ValueError):
         CursorSeal("ab" * 16)
+
+
+async def test_a_narrow_read_answers_the_same_rows_whole(store: SqlStore) -> None:
+    # read with only the columns the check needs, then the visible rows whole
+    for query in ({"$limit": 3}, {"$limit": 2, "$sort": {"title": -1}}, {"$select": ["title"]}):
+        whole, narrow = pager(store), pager(store, narrow=("id", "title"))
+        assert await whole(dict(query)) == await narrow(dict(query))
+        assert narrow.rows == whole.rows and narrow.rows
+    reads = pager(store, narrow=("id", "title"))
+    await reads({"$limit": 2})
+    # the scan read only the named columns (and the key); then two rows whole
+    assert reads.reads[0]["$select"] == ["id", "title"]
+    assert reads.reads[-1] == {"id": {"$in": ["s03", "s13"]}, "$limit": 2}

@@ -610,3 +610,22 @@ def test_a_nul_in_a_query_is_refused_on_every_store(db: Backend) -> None:
     for query in ({"title": "a\x00b"}, {"title": {"$in": ["ok", "\x00"]}}):
         with pytest.raises(StoreQueryError, match="NUL"):
             store.find("sessions", query)
+
+
+def test_pages_sorted_on_a_long_text_go_on(db: Backend) -> None:
+    # the cursor holds the sort value: one of a 100,000-character prompt was
+    # refused as "not the next_cursor of a previous page"
+    store = db.open()
+    store.commit([WriteRequest(mutations=(add_session("s1"),))])
+    tasks = [
+        Mutation(
+            "insert",
+            "tasks",
+            {"id": f"t{n}"},
+            {"session_id": "s1", "prompt": str(n) * 100_000, **TIMES},
+        )
+        for n in range(3)
+    ]
+    store.commit([WriteRequest(mutations=tuple(tasks))])
+    pages = list(all_pages(store, "tasks", {"$sort": {"prompt": -1}, "$limit": 1}))
+    assert pages == [["t2"], ["t1"], ["t0"]]
