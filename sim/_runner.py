@@ -683,13 +683,7 @@ class _Run:
         if self._heads_at is None:
             return
         lag_s = converged_s - self._heads_at
-        allowed_s = self.config.grace_s + PRESENCE_LAG_S
-        if self.config.nodes > 1:
-            # a node that died or lost the broker keeps its users on the
-            # others' facepiles until it has gone unheard for the liveness
-            # (from its last heartbeat), by design
-            allowed_s += self.config.node_liveness_s + self.config.node_heartbeat_s
-        if lag_s > allowed_s:
+        if lag_s > presence_allowance_s(self.config):
             self.recorder.count("presence_late")
             self.trace.emit("presence", f"facepiles settled {lag_s:.1f}s after the rooms")
 
@@ -904,3 +898,15 @@ async def _add_member(hub: Hub, board_id: str, user_id: str) -> None:
                 raise
             await sleep(0.01)
     raise RuntimeError(f"board {board_id} never became durable")
+
+
+def presence_allowance_s(config: SimConfig) -> float:
+    """How long after the rooms settle the facepiles may still be settling
+    before a run counts ``presence_late``: the grace and :data:`PRESENCE_LAG_S`;
+    on several nodes also the liveness and a heartbeat (a node that died or
+    lost the broker keeps its users on the others' facepiles until it has
+    gone unheard for the liveness, from its last heartbeat, by design)."""
+    allowed_s = config.grace_s + PRESENCE_LAG_S
+    if config.nodes > 1:
+        allowed_s += config.node_liveness_s + config.node_heartbeat_s
+    return allowed_s

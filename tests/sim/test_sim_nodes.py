@@ -206,18 +206,25 @@ def test_cluster_seeds_draw_the_nodes_heartbeat_and_liveness() -> None:
     assert "vanished" not in single.describe()
 
 
-def test_a_dead_nodes_users_leaving_after_the_liveness_is_not_counted_late(
-    tmp_path: pathlib.Path,
-) -> None:
-    """Cluster seed 33061: a node killed at 15.8 s held a user on a board it
-    no longer watches; the others drop that user 15 s after the node's last
-    heartbeat, as designed, 8.8 s after the rooms settled.  That is not a
-    late facepile (it was counted as one)."""
-    status, result, output = run_sim(tmp_path, "--seed", "33061", "--profile", "cluster")
-    assert status == 0, output
-    assert "heartbeat 5s, a node unheard for 15s" in result["config"]
-    assert result["converged_s"] > 16.0 + 5.0  # the dead node's user left late in the run
-    assert "presence_late" not in result["counters"], result["counters"]
+def test_a_dead_nodes_users_leaving_after_the_liveness_is_not_counted_late() -> None:
+    """A node killed (or cut from the broker) keeps its users on the other
+    nodes' facepiles until it has gone unheard for the liveness, from its
+    last heartbeat: by design, not a late facepile.  Cluster seed 33061 was
+    such a run (a node killed at 15.8 s, its user dropped 8.8 s after the
+    rooms settled, counted late); the session's later read paths moved its
+    schedule off that case, so the allowance is checked as a rule here."""
+    from sim._runner import PRESENCE_LAG_S, presence_allowance_s
+
+    cluster = next(
+        c
+        for c in (draw_config(seed, "cluster") for seed in range(33000, 33100))
+        if (c.node_heartbeat_s, c.node_liveness_s) == (5.0, 15.0)
+    )
+    assert cluster.nodes > 1
+    assert presence_allowance_s(cluster) == cluster.grace_s + PRESENCE_LAG_S + 15.0 + 5.0
+    single = draw_config(3, "ci")
+    assert single.nodes == 1
+    assert presence_allowance_s(single) == single.grace_s + PRESENCE_LAG_S
 
 
 @pytest.mark.slow
