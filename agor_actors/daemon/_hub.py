@@ -1249,14 +1249,13 @@ class Hub:
             return await self._set_password(principal, id, data)
         if method == "remove" and id is not None:
             return await self._remove_user(id, now_ms)
+        given = data.get("current_password") if isinstance(data, dict) else None
         if method == "rotate_token" and id is not None:
-            given = data.get("current_password") if isinstance(data, dict) else None
             await self.confirm_own(principal, given, to="renew a token")
             return await self._rotate_token(id)
         if method == "create":
             # a user whose token never expires: a sign-in's access token or
             # a cookie alone does not make one (the owner's password too)
-            given = data.get("current_password") if isinstance(data, dict) else None
             await self.confirm_own(principal, given, to="create a user")
         plan = plan_user(method, data, now_ms, new_id, self.world.entropy.token())
         request = plan.request
@@ -1335,15 +1334,19 @@ class Hub:
         longer one."""
         if principal.expires_ms is None and principal.session is None:
             return
-        store, user_id = self.store, principal.user_id
-        credential = await self._stored(lambda: store.credential(user_id=user_id))
-        if credential is None or self.identity is None:
+        identity = self.identity
+        try:  # (False: the user has no password to name)
+            named = identity is not None and await identity.check_current_password(
+                principal.user_id, given, to=to
+            )
+        except StoreError as exc:
+            raise store_error(exc) from None
+        if not named:
             raise ServiceError(
                 "forbidden",
                 f"to {to}, use the user's own token, its password"
                 " (current_password), or the owner's",
             )
-        await self.identity.check_current_password(user_id, given, to=to)
 
     async def _rotate_token(self, user_id: str) -> Any:
         """``users.rotate_token``: a new token for the user, answered once
@@ -1412,12 +1415,7 @@ class Hub:
             await self._refuse_a_board_with_sessions(board_id)
         added = plan.revoked if call.method == "add_member" else None
         if added is not None and call.method == "add_member":
-            member = await self._read_row("users", added)
-            if member is None:
-                # named here: the store's refusal says only that the data does not fit
-                raise ServiceError("invalid_field", f"data.user_id: no user {added}")
-            if member.get("removed_at") is not None:
-                raise ServiceError("invalid_field", f"data.user_id: user {added} was removed")
+            await self._check_user_named("user_id", added)
         if keyed is not None:
             once = Once(
                 call.principal.user_id,
@@ -1460,13 +1458,18 @@ class Hub:
             return
         for field in fields:
             user_id = data.get(field)
-            if not isinstance(user_id, str) or not user_id or user_id == principal.user_id:
-                continue
-            user = await self._read_row("users", user_id)
-            if user is None:
-                raise ServiceError("invalid_field", f"data.{field}: no user {user_id}")
-            if user.get("removed_at") is not None:
-                raise ServiceError("invalid_field", f"data.{field}: user {user_id} was removed")
+            if isinstance(user_id, str) and user_id and user_id != principal.user_id:
+                await self._check_user_named(field, user_id)
+
+    async def _check_user_named(self, field: str, user_id: str) -> None:
+        """``invalid_field`` if ``data.<field>``'s ``user_id`` is no user or
+        a removed one (named here: the store's refusal says only that the
+        data does not fit)."""
+        user = await self._read_row("users", user_id)
+        if user is None:
+            raise ServiceError("invalid_field", f"data.{field}: no user {user_id}")
+        if user.get("removed_at") is not None:
+            raise ServiceError("invalid_field", f"data.{field}: user {user_id} was removed")
 
     async def _refuse_a_board_with_sessions(self, board_id: str) -> None:
         """``conflict`` if sessions are on the board: removing it would

@@ -177,18 +177,16 @@ class Authentication:
             raise ServiceError("invalid_field", "data.name and data.password are required")
         name = name[:1024]
         self._refuse_if_throttled(name)
-        store, passwords = self.store, self.passwords
+        store = self.store
         row = await self.world.blocking.run(lambda: store.credential(login=name))
         stored = None if row is None else str(row["password_hash"])
-        ok = await self.world.blocking.run(lambda: passwords.verify(stored, password[:4096]))
+        ok = await self._verified(name, stored, password)  # (the same work without a row)
         if row is None or not ok:
-            self.throttle.failed(name, self.world.wall.now_ms())
             security_log.warning(
                 "sign-in refused",
                 extra={"user_id": None if row is None else row["user_id"], "strategy": "local"},
             )
             raise ServiceError("not_authenticated", _REFUSED)
-        self.throttle.succeeded(name)
         user_id = str(row["user_id"])
         now_ms = self.world.wall.now_ms()
         family = self.world.entropy.new_id(now_ms)
@@ -196,6 +194,17 @@ class Authentication:
         await self.write(WriteRequest(mutations=(mutation,)))
         security_log.info("signed in", extra={"user_id": user_id, "family_id": family})
         return await self._answer(user_id, refresh, now_ms)
+
+    async def _verified(self, name: str, stored: str | None, password: str) -> bool:
+        """Whether ``password`` matches ``stored`` (None: no such name, after
+        the same work), counted for ``name``'s sign-in throttle."""
+        passwords = self.passwords
+        ok = await self.world.blocking.run(lambda: passwords.verify(stored, password[:4096]))
+        if ok:
+            self.throttle.succeeded(name)
+        else:
+            self.throttle.failed(name, self.world.wall.now_ms())
+        return ok
 
     def _refuse_if_throttled(self, name: str) -> None:
         """``rate_limited`` while ``name`` has too many failed sign-ins."""
@@ -327,26 +336,24 @@ class Authentication:
 
     async def check_current_password(
         self, user_id: str, given: Any, *, to: str = "change a password"
-    ) -> None:
+    ) -> bool:
         """A user changing its own password names the current one (a stolen
         access token must not be enough to take the account over): refused
         with ``invalid_field`` if missing or wrong, counted against the
         sign-in name as a failed sign-in (``rate_limited`` past the limit).
-        A user without a password yet has none to name."""
+        False: the user has no password yet, so none to name."""
         store = self.store
         row = await self.world.blocking.run(lambda: store.credential(user_id=user_id))
         if row is None:
-            return
+            return False
         if not isinstance(given, str) or not given:
             raise ServiceError("invalid_field", f"data.current_password is required to {to}")
         login = str(row["login"])
         self._refuse_if_throttled(login)
-        stored, passwords = str(row["password_hash"]), self.passwords
-        if not await self.world.blocking.run(lambda: passwords.verify(stored, given[:4096])):
-            self.throttle.failed(login, self.world.wall.now_ms())
+        if not await self._verified(login, str(row["password_hash"]), given):
             security_log.warning("password change refused", extra={"user_id": user_id})
             raise ServiceError("invalid_field", "data.current_password is not this user's password")
-        self.throttle.succeeded(login)
+        return True
 
     async def password_changed(self, user_id: str) -> None:
         """After a password change: every refresh token of the user is
