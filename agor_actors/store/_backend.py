@@ -48,7 +48,15 @@ from sqlalchemy.pool import StaticPool
 from ..marks import mark
 from . import _schema as s
 from ._prepared import Prepared, driver_errors
-from ._query import MAX_LIMIT, Page, check_value, compile_find, table_for, visible_columns
+from ._query import (
+    INT64,
+    MAX_LIMIT,
+    Page,
+    check_value,
+    compile_find,
+    table_for,
+    visible_columns,
+)
 from ._schema import (
     ENTITY_TABLES,
     SCHEMA_VERSION,
@@ -725,7 +733,10 @@ def _check_values(table: sa.Table, values: Mapping[str, Any]) -> None:
             check_value(table.c[name], value)  # a subclass, or the error
 
 
-_INT64: Final = range(-(2**63), 2**63)
+def _meta_value(conn: sa.Connection, key: str) -> str | None:
+    """The ``meta`` table's value under ``key`` (None: none)."""
+    value = conn.execute(sa.select(s.meta.c.value).where(s.meta.c.key == key)).scalar_one_or_none()
+    return None if value is None else str(value)
 
 
 def _json_loads(stored: Any) -> Any:
@@ -744,7 +755,7 @@ def _check_json(value: Any, what: str) -> str:
     driver sees it (psycopg serializes inside the driver, where a failure is
     a bare ``TypeError``), and a bare integer beyond 64 bits (SQLite would
     keep it as a REAL: not the number written)."""
-    if type(value) is int and value not in _INT64:
+    if type(value) is int and value not in INT64:
         raise StoreIntegrityError(f"{what} is an integer beyond 64 bits")
     try:
         return orjson.dumps(value).decode("utf-8")
@@ -992,15 +1003,21 @@ class SqlStore:
             writer.close()
             raise
 
-    def _ensure_schema(self) -> None:
+    @contextmanager
+    def _meta_writing(self) -> Iterator[sa.Connection]:
+        """A write transaction of the ``meta`` table, one daemon at a time
+        (on PostgreSQL under an advisory lock: every daemon of a cluster
+        may start at once)."""
         with self._write_lock, self._writing() as conn:
             if self.dialect == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            yield conn
+
+    def _ensure_schema(self) -> None:
+        with self._meta_writing() as conn:
             version: int | None = None
             if sa.inspect(conn).has_table(s.meta.name):
-                raw = conn.execute(
-                    sa.select(s.meta.c.value).where(s.meta.c.key == "schema_version")
-                ).scalar_one_or_none()
+                raw = _meta_value(conn, "schema_version")
                 if raw is not None:
                     try:
                         version = int(raw)
@@ -2114,12 +2131,8 @@ class SqlStore:
     def meta_secret(self, name: str, candidate: str) -> str:
         """The secret kept in the database under ``name``, the same for
         every daemon on it: ``candidate`` if none was kept (it is then)."""
-        with self._write_lock, self._writing() as conn:
-            if self.dialect == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
-            kept = conn.execute(
-                sa.select(s.meta.c.value).where(s.meta.c.key == name)
-            ).scalar_one_or_none()
+        with self._meta_writing() as conn:
+            kept = _meta_value(conn, name)
             if kept is None:
                 conn.execute(s.meta.insert().values(key=name, value=candidate))
                 return candidate

@@ -51,6 +51,9 @@ __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "CompiledFind", "Page", "compile_find",
 DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 500
 MAX_IN_VALUES: Final = 1000
+INT64: Final = range(-(2**63), 2**63)
+"""The integers a column or a bare JSON value holds (SQLite's and
+PostgreSQL's 64 bits)."""
 CURSOR_CHARS_MAX: Final = 4 * 1024 * 1024
 """The longest cursor taken: it holds the sort columns' values of a row, and
 a page sorted on a task's prompt (up to 262,144 characters) has a cursor of
@@ -154,7 +157,7 @@ def check_value(column: sa.Column[Any], value: object, *, allow_none: bool = Tru
         ok = isinstance(value, bool)
     elif python_type is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # (the driver overflows)
+        if isinstance(value, int) and value not in INT64:  # (the driver overflows)
             raise StoreQueryError(f"{column.name}: {value} is beyond a 64-bit integer")
     else:
         ok = isinstance(value, python_type)
