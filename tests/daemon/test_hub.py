@@ -56,6 +56,15 @@ async def board_and_session(hub: Hub) -> tuple[dict[str, Any], dict[str, Any]]:
     return board, session
 
 
+async def as_owner(
+    hub: Hub, service: str, method: str, id: str | None = None, **kwargs: Any
+) -> Any:
+    """One call of the owner's, on connection ``c1``."""
+    return await hub.call(
+        OWNER, connection_id="c1", service=service, method=method, id=id, **kwargs
+    )
+
+
 async def test_write_is_durable_and_fans_out(hub: Hub) -> None:
     _, session = await board_and_session(hub)
     sid = session["id"]
@@ -701,53 +710,28 @@ async def test_a_tool_call_id_that_is_no_string_is_refused_and_the_session_stays
 ) -> None:
     # it reached the store, which refused the key: answered "the store is
     # unavailable", and the session's actor stopped, failing its other writes
-    session = await hub.call(
-        OWNER, connection_id="c1", service="sessions", method="create", data={"title": "S"}
-    )
-    task = await hub.call(
-        OWNER,
-        connection_id="c1",
-        service="tasks",
-        method="create",
-        data={"session_id": session["id"], "prompt": "p"},
-    )
+    session = await as_owner(hub, "sessions", "create", data={"title": "S"})
+    task = await as_owner(hub, "tasks", "create", data={"session_id": session["id"], "prompt": "p"})
     for given in (7, 1.5, True, False, 0, "", [], {"a": 1}):
         with pytest.raises(ServiceError) as refused:
-            await hub.call(
-                OWNER,
-                connection_id="c1",
-                service="tasks",
-                method="tool_call",
-                id=task["id"],
-                data={"name": "bash", "tool_call_id": given},
+            await as_owner(
+                hub, "tasks", "tool_call", task["id"], data={"name": "bash", "tool_call_id": given}
             )
         assert refused.value.code == "invalid_field", (given, refused.value)
         assert "tool_call_id must be a non-empty string" in refused.value.message
-    named = await hub.call(
-        OWNER,
-        connection_id="c1",
-        service="tasks",
-        method="tool_call",
-        id=task["id"],
-        data={"name": "bash", "tool_call_id": "call-1"},
+    named = await as_owner(
+        hub, "tasks", "tool_call", task["id"], data={"name": "bash", "tool_call_id": "call-1"}
     )
-    made = await hub.call(
-        OWNER,
-        connection_id="c1",
-        service="tasks",
-        method="tool_call",
-        id=task["id"],
-        data={"name": "bash", "tool_call_id": None},
+    made = await as_owner(
+        hub, "tasks", "tool_call", task["id"], data={"name": "bash", "tool_call_id": None}
     )
     assert named["id"] == "call-1" and made["id"] not in ("call-1", None)
 
 
 async def test_a_board_that_holds_sessions_is_not_removed_and_says_why(hub: Hub) -> None:
     # the store's key refused it: answered "the data does not fit the records"
-    async def call(service: str, method: str, id: str | None = None, data: Any = None) -> Any:
-        return await hub.call(
-            OWNER, connection_id="c1", service=service, method=method, id=id, data=data
-        )
+    def call(service: str, method: str, id: str | None = None, data: Any = None) -> Any:
+        return as_owner(hub, service, method, id, data=data)
 
     board = await call("boards", "create", data={"name": "B"})
     other = await call("boards", "create", data={"name": "C"})
@@ -774,10 +758,8 @@ async def test_a_board_that_holds_sessions_is_not_removed_and_says_why(hub: Hub)
 
 async def test_a_write_that_names_no_user_or_a_removed_one_says_which_field(hub: Hub) -> None:
     # the store's key refused the first with "the data does not fit the records"
-    async def call(service: str, method: str, id: str | None = None, **kw: Any) -> Any:
-        return await hub.call(
-            OWNER, connection_id="c1", service=service, method=method, id=id, **kw
-        )
+    def call(service: str, method: str, id: str | None = None, **kw: Any) -> Any:
+        return as_owner(hub, service, method, id, **kw)
 
     session = await call("sessions", "create", data={"title": "S"})
     board = await call("boards", "create", data={"name": "B"})

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_store_support import BACKENDS, Backend, add_session, backend
+from test_store_support import BACKENDS, Backend, add_session, add_task, backend
 
 from agor_actors.store import (
     DEFAULT_LIMIT,
@@ -558,9 +558,6 @@ def test_a_meta_secret_is_the_first_one_kept_for_every_store_on_the_database(
     assert db.open().meta_secret("cursor_key", "dd") == "aa"
 
 
-TIMES: dict[str, Any] = {"created_at": 1, "updated_at": 1}
-
-
 @pytest.mark.parametrize(
     "value",
     [0, 7, -3, 2**63 - 1, -(2**63), 1.5, -0.25, 1e300, "5", "1e5", True, None, [0], {"n": 1}],
@@ -571,12 +568,7 @@ def test_a_json_column_holding_a_bare_number_reads_back(db: Backend, value: Any)
     # the row (a task whose result is 0) failed
     store = db.open()
     store.commit([WriteRequest(mutations=(add_session("s1"),))])
-    task = Mutation(
-        "insert",
-        "tasks",
-        {"id": "t1"},
-        {"session_id": "s1", "prompt": "p", "status": "completed", "result": value, **TIMES},
-    )
+    task = add_task("t1", "s1", prompt="p", status="completed", result=value)
     assert store.commit([WriteRequest(mutations=(task,))]) == [WriteResult(events=())]
     row = store.get("tasks", "t1")
     assert row is not None and row["result"] == value and type(row["result"]) is type(value)
@@ -586,12 +578,7 @@ def test_a_json_column_holding_a_bare_number_reads_back(db: Backend, value: Any)
 def test_a_bare_integer_beyond_64_bits_is_refused_in_data_and_queries(db: Backend) -> None:
     store = db.open()
     store.commit([WriteRequest(mutations=(add_session("s1"),))])
-    task = Mutation(
-        "insert",
-        "tasks",
-        {"id": "t1"},
-        {"session_id": "s1", "prompt": "p", "result": 2**64 - 1, **TIMES},
-    )
+    task = add_task("t1", "s1", prompt="p", result=2**64 - 1)
     [refused] = store.commit([WriteRequest(mutations=(task,))])
     assert isinstance(refused, StoreIntegrityError)
     assert "beyond 64 bits" in str(refused)
@@ -617,15 +604,7 @@ def test_pages_sorted_on_a_long_text_go_on(db: Backend) -> None:
     # refused as "not the next_cursor of a previous page"
     store = db.open()
     store.commit([WriteRequest(mutations=(add_session("s1"),))])
-    tasks = [
-        Mutation(
-            "insert",
-            "tasks",
-            {"id": f"t{n}"},
-            {"session_id": "s1", "prompt": str(n) * 100_000, **TIMES},
-        )
-        for n in range(3)
-    ]
+    tasks = [add_task(f"t{n}", "s1", prompt=str(n) * 100_000) for n in range(3)]
     store.commit([WriteRequest(mutations=tuple(tasks))])
     pages = list(all_pages(store, "tasks", {"$sort": {"prompt": -1}, "$limit": 1}))
     assert pages == [["t2"], ["t1"], ["t0"]]

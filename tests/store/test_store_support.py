@@ -107,6 +107,15 @@ def add_session(session_id: str, *, ts: int = 1, **values: Any) -> Mutation:
     )
 
 
+def add_task(task_id: str, session_id: str, *, ts: int = 1, **values: Any) -> Mutation:
+    return Mutation(
+        "insert",
+        "tasks",
+        {"id": task_id},
+        {"session_id": session_id, "created_at": ts, "updated_at": ts, **values},
+    )
+
+
 def ev(room: str, name: str = "sessions:patched", n: int = 0, **kwargs: Any) -> EventDraft:
     return EventDraft(room=room, event=name, data={"n": n}, ts=1000 + n, **kwargs)
 

@@ -213,6 +213,18 @@ async def test_sign_in_with_a_one_time_link(tmp_path: pathlib.Path) -> None:
         assert request("GET", daemon.http_url + "/auth/me", headers=bob_jar)[0] == 401
 
 
+def _open_command(url: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """``agor-actors open --url URL ARGS...`` (``stdin`` on its standard input)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agor_actors.cli", "open", "--url", url, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=30,
+    )
+
+
 @pytest.mark.slow
 def test_the_open_command_prints_a_working_link(tmp_path: pathlib.Path) -> None:
     with daemon_process(tmp_path / "agor") as daemon:
@@ -222,24 +234,8 @@ def test_the_open_command_prints_a_working_link(tmp_path: pathlib.Path) -> None:
         assert status == 201
 
         def open_board(board_id: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "agor_actors.cli",
-                    "open",
-                    "--url",
-                    daemon.http_url,
-                    "--data-dir",
-                    str(daemon.data_dir),
-                    "--board",
-                    board_id,
-                ],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            data_dir = str(daemon.data_dir)
+            return _open_command(daemon.http_url, "--data-dir", data_dir, "--board", board_id)
 
         result = open_board(board["id"])
         assert result.returncode == 0, result.stderr
@@ -254,58 +250,26 @@ def test_the_open_command_prints_a_working_link(tmp_path: pathlib.Path) -> None:
         assert missing.returncode == 1 and missing.stdout == ""
         assert "refused: 404" in missing.stderr and "no board b-7" in missing.stderr
         # a password sign-in's access token needs the password too, on stdin
-        status, _, _ = request(
+        status, _, ada = request(
             "POST",
             daemon.http_url + "/users",
             token=daemon.token,
             body={"name": "ada", "password": "correct horse"},
         )
+        assert status == 201, ada
         status, _, signed = request(
             "POST",
             daemon.http_url + "/authentication",
             body={"strategy": "local", "name": "ada", "password": "correct horse"},
         )
         assert status == 201, signed
-
-        def open_as(token: str, *extra: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "agor_actors.cli",
-                    "open",
-                    "--url",
-                    daemon.http_url,
-                    "--token",
-                    token,
-                    *extra,
-                ],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                input=stdin,
-                timeout=30,
-            )
-
-        bare = open_as(signed["accessToken"])
+        token = signed["accessToken"]
+        bare = _open_command(daemon.http_url, "--token", token)
         assert bare.returncode == 1 and "--password-stdin" in bare.stderr, bare.stderr
-        given = open_as(signed["accessToken"], "--password-stdin", stdin="correct horse\n")
+        given = _open_command(
+            daemon.http_url, "--token", token, "--password-stdin", stdin="correct horse\n"
+        )
         assert given.returncode == 0, given.stderr
         assert given.stdout.startswith(daemon.http_url + "/auth/open?code=")
-    stopped = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agor_actors.cli",
-            "open",
-            "--url",
-            f"http://127.0.0.1:{free_port()}",
-            "--data-dir",
-            str(tmp_path / "agor"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    stopped = _open_command(f"http://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "agor"))
     assert stopped.returncode == 1 and "cannot reach" in stopped.stderr
