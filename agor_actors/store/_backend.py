@@ -2005,6 +2005,8 @@ class SqlStore:
         optionally only the named ``events`` and/or those of ``user_id``."""
         if not 1 <= limit <= MAX_LIMIT:
             raise StoreQueryError(f"limit must be from 1 to {MAX_LIMIT}, got {limit!r}")
+        if before_seq is not None and before_seq not in INT64:  # (the driver overflows)
+            raise StoreQueryError(f"before_seq must be a 64-bit integer, got {before_seq!r}")
         e = s.events.c
         where: list[sa.ColumnElement[bool] | sa.TextClause] = [e.room == room]
         if room.startswith("board:"):

@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 from trio.testing import MockClock
 
 from agor_actors.daemon import Hub, Outbox, OutboxClosed, Principal, open_hub
+from agor_actors.domain import ServiceError
 from agor_actors.domain.presence import PresenceConfig, color_for, status_of
 from agor_actors.store import Mutation, SqlStore, WriteRequest, open_store
 from agor_actors.world import simulated_world
@@ -345,6 +347,46 @@ async def test_activity_log_paging_and_filters_across_restart(autojump_clock: Mo
         )
         assert len(mine["data"]) == 10
         assert all(e["user_id"] == u1 and e["action"] == "session:created" for e in mine["data"])
+
+
+async def test_activity_queries_out_of_range_are_refused_by_name(
+    autojump_clock: MockClock,
+) -> None:
+    """A cursor past 64 bits (was a 500: the driver overflowed), tens of
+    thousands of action names (PostgreSQL refuses a statement of more than
+    65,535 parameters: "the store is unavailable"), or a NUL in a filter
+    are the caller's mistakes, told as such."""
+    async with hub_on(memory_store()) as hub:
+        board = await make_board(hub)
+
+        async def find(**query: Any) -> Any:
+            return await hub.call(
+                OWNER,
+                connection_id=None,
+                service="activity",
+                method="find",
+                query={"board_id": board, **query},
+            )
+
+        for query, words in [
+            ({"$cursor": "9" * 20}, "bad $cursor"),
+            ({"$cursor": 2**63}, "bad $cursor"),
+            ({"$cursor": "-5"}, "bad $cursor"),
+            ({"$cursor": "1e3"}, "bad $cursor"),
+            ({"$cursor": True}, "bad $cursor"),
+            ({"action": ["session:created"] * 101}, "at most 100 actions"),
+            ({"action": "a\x00b"}, "NUL"),
+            ({"user_id": "u\x00"}, "NUL"),
+            ({"user_id": "u" * 129}, "longer than 128"),
+        ]:
+            with pytest.raises(ServiceError) as refused:
+                await find(**query)
+            assert refused.value.code == "invalid_field", query
+            assert words in refused.value.message, (query, refused.value.message)
+        # within bounds, from the store (a cursor) and from the room's memory
+        page = await find(**{"$cursor": str(2**63 - 1), "action": ["board:created"] * 100})
+        assert [e["action"] for e in page["data"]] == ["board:created"]
+        assert (await find(action="board:created"))["data"] == page["data"]
 
 
 async def test_activity_stream_is_a_live_resumable_projection(autojump_clock: MockClock) -> None:

@@ -477,6 +477,10 @@ def test_events_page_newest_first_with_filters(db: Backend) -> None:
     for bad in (0, MAX_LIMIT + 1):
         with pytest.raises(StoreQueryError, match="limit"):
             store.events_page("board:b1", limit=bad)
+    for before in (2**63, -(2**63) - 1):  # the driver would overflow
+        with pytest.raises(StoreQueryError, match="64-bit"):
+            store.events_page("board:b1", before_seq=before)
+    assert store.events_page("board:b1", before_seq=2**63 - 1, limit=1).items[0].seq == 31
     # any room's log reads the same way (a session room's has no index by user)
     store.commit([WriteRequest(events=[EventDraft("session:s", "x", {"i": 1}, 1, user_id="u1")])])
     assert [e.data for e in store.events_page("session:s", user_id="u1").items] == [{"i": 1}]
