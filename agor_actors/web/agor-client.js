@@ -116,6 +116,53 @@ function removeRow(resources, service, id) {
   }
 }
 
+// The daemon counts a message's characters in code points (a character
+// beyond U+FFFF, an emoji say, is one); JavaScript's strings count UTF-16
+// units (two for such a character). A chunk's `offset` is in code points.
+const CODE_POINTS = new WeakMap() // message row -> [its content, that content's length in code points]
+
+function pairAt(s, i) {
+  const c = s.charCodeAt(i)
+  if (c < 0xd800 || c > 0xdbff || i + 1 >= s.length) return false
+  const d = s.charCodeAt(i + 1)
+  return d >= 0xdc00 && d <= 0xdfff
+}
+
+function codePoints(s) {
+  let n = 0
+  for (let i = 0; i < s.length; i += pairAt(s, i) ? 2 : 1) n++
+  return n
+}
+
+/** The UTF-16 index at which code point `cp` of `s` starts (`s.length` past its end). */
+function unitIndex(s, cp) {
+  let i = 0
+  for (let n = 0; n < cp && i < s.length; n++) i += pairAt(s, i) ? 2 : 1
+  return i
+}
+
+/** Append a streamed chunk. With `offset` (the content's length in code
+ * points before it), a chunk already there (a replay) is not applied twice;
+ * its length is kept per row, so that an append reads only the chunk. */
+function appendChunk(message, chunk, offset) {
+  const text = typeof message.content === "string" ? message.content : ""
+  const known = CODE_POINTS.get(message)
+  const length = known && known[0] === text ? known[1] : codePoints(text)
+  const size = codePoints(chunk)
+  let after = length + size
+  if (Number.isInteger(offset) && offset >= 0) {
+    if (offset + size <= length) after = length // there already
+    else if (offset >= length) message.content = text + chunk
+    else {
+      message.content = text.slice(0, unitIndex(text, offset)) + chunk
+      after = offset + size
+    }
+  } else {
+    message.content = text + chunk
+  }
+  CODE_POINTS.set(message, [message.content, after])
+}
+
 function touch(row, ts) { if (ts != null && "updated_at" in row) row.updated_at = ts }
 
 /** Apply one room event to `resources` ({service: {id: row}}) in place: the
@@ -144,13 +191,7 @@ export function applyEvent(resources, name, data, tempId = null, ts = null) {
     if (!message) return null
     touch(message, ts)
     if (typeof data.chunk === "string") {
-      const text = typeof message.content === "string" ? message.content : ""
-      const offset = data.offset
-      if (Number.isInteger(offset) && offset >= 0) {
-        if (offset + data.chunk.length > text.length) message.content = text.slice(0, offset) + data.chunk
-      } else {
-        message.content = text + data.chunk
-      }
+      appendChunk(message, data.chunk, data.offset)
       message.streaming = true
     }
     for (const [k, v] of Object.entries(data)) {

@@ -44,6 +44,25 @@ test("backoff is exponential with full jitter, capped", () => {
   assert.equal(backoffS(0, 0), 0)
 })
 
+test("a chunk's offset counts code points, as the daemon does: an emoji is one", () => {
+  const r = {}
+  applyEvent(r, "task:message", { message: { id: "m", session_id: "s", content: "" } })
+  applyEvent(r, "task:message", { message_id: "m", chunk: "🚀 go", offset: 0 }) // 4 code points, 5 UTF-16 units
+  applyEvent(r, "task:message", { message_id: "m", chunk: "!", offset: 4 })
+  assert.equal(r.messages.m.content, "🚀 go!")
+  applyEvent(r, "task:message", { message_id: "m", chunk: "o!", offset: 3 }) // replayed, overlapping: nothing new
+  assert.equal(r.messages.m.content, "🚀 go!")
+  applyEvent(r, "task:message", { message_id: "m", chunk: "o!? 🎉", offset: 3 }) // overlaps, then goes on
+  assert.equal(r.messages.m.content, "🚀 go!? 🎉")
+  applyEvent(r, "task:message", { message_id: "m", chunk: "x", offset: 8 })
+  assert.equal(r.messages.m.content, "🚀 go!? 🎉x")
+  r.messages.m.content = "🎉🎉" // replaced by a patch: counted again
+  applyEvent(r, "task:message", { message_id: "m", chunk: "🎉", offset: 1 })
+  assert.equal(r.messages.m.content, "🎉🎉")
+  applyEvent(r, "task:message", { message_id: "m", chunk: "a", offset: 2 })
+  assert.equal(r.messages.m.content, "🎉🎉a")
+})
+
 test("applyEvent merges whole rows, appends chunks once, cascades deletes", () => {
   const r = {}
   applyEvent(r, "session:created", { session_id: "s", session: { id: "s", title: "A", status: "idle", updated_at: 1 } })
@@ -111,14 +130,16 @@ test("join: a mirror that follows events; service events know their own echoes",
   await until(a.mirror(`board:${board.id}`), () => seenByA.length === 1, "a's echo")
   assert.deepEqual(seenByA, [[session.id, true]])
   assert.deepEqual(patches, ["live 2"])
-  // a message streamed word by word arrives whole, in order
+  // a message streamed word by word arrives whole, in order, emoji and all
+  // (the daemon's offsets count them as one character, JavaScript as two)
   const room = `session:${session.id}`
   const sm = await b.join(room)
   const task = await a.service("tasks").create({ session_id: session.id, prompt: "go" })
   const message = await a.service("messages").create({ session_id: session.id, task_id: task.id, role: "assistant", content: "" })
-  const words = "the quick brown fox jumps over the lazy dog".split(" ")
+  const words = "the quick 🚀 brown fox 🎉🎉 jumps over the lazy dog".split(" ")
   for (const w of words) await a.service("messages").call("stream", message.id, { chunk: w + " " })
   await until(sm, () => sm.get("messages", message.id)?.content === words.join(" ") + " ", "the whole message")
+  assert.equal((await a.service("messages").get(message.id)).content, words.join(" ") + " ")
   assert.equal(b.stats.duplicatesDropped, 0)
   assert.equal(b.stats.gaps, 0)
 })

@@ -40,7 +40,7 @@ def test_the_js_client_passes_its_node_tests(tmp_path: pathlib.Path) -> None:
             timeout=90,
         )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "# fail 0" in result.stdout and "# pass 15" in result.stdout, result.stdout[-3000:]
+    assert "# fail 0" in result.stdout and "# pass 16" in result.stdout, result.stdout[-3000:]
 
 
 def test_the_daemon_serves_the_client_module_and_the_page(tmp_path: pathlib.Path) -> None:
