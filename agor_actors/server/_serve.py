@@ -451,6 +451,10 @@ async def run_daemon(
                 on_metrics_port(int(metrics_sock.getsockname()[1]))
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # mkdir's word for "a file, not a directory"
+            raise StartupError(
+                f"cannot use {data_dir} as the data dir: it is a file, not a directory"
+            ) from exc
         except OSError as exc:
             raise StartupError(f"cannot use {data_dir} as the data dir: {exc.strerror}") from exc
         settings = attrs.evolve(settings or ServerSettings(), data_dir=data_dir)

@@ -176,6 +176,14 @@ async def test_a_data_dir_or_database_that_cannot_be_opened_is_one_line(
         f"agor-actors serve: cannot use {tmp_path / 'a-file' / 'data'} as the data dir: "
         "Not a directory"
     ]
+    status, _, err = await _cli(  # the data dir itself a file ("File exists", was)
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "a-file"), cwd=tmp_path
+    )
+    assert status == 2
+    assert err.splitlines() == [
+        f"agor-actors serve: cannot use {tmp_path / 'a-file'} as the data dir: "
+        "it is a file, not a directory"
+    ]
     url = f"postgresql+psycopg://agor:secret@127.0.0.1:{free_port()}/agor"
     status, _, err = await _cli(
         "serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--db", url, cwd=tmp_path
