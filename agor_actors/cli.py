@@ -131,6 +131,13 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         " (postgresql://...; may be --db itself); or AGOR_BROKER_URL",
     )
     parser.add_argument(
+        "--new-keys",
+        action="store_true",
+        help="on a cluster: this node's keys (jwt-secret or the --jwt-* keys, web-secret)"
+        " become the cluster's, after changing every node's on purpose (a node whose keys"
+        " are not the others' refuses to start without it)",
+    )
+    parser.add_argument(
         "--node-heartbeat",
         type=float,
         default=5.0,
@@ -312,6 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
         presence=presence,
         commit_linger_ms=args.commit_linger_ms,
         sqlite_commit_on_loop=args.sqlite_commit == "loop",
+        new_keys=args.new_keys,
     )
 
 

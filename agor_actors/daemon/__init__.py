@@ -12,5 +12,6 @@ from ._datadir import DataDirLocked as DataDirLocked
 from ._hub import AllowAll as AllowAll
 from ._hub import Authorizer as Authorizer
 from ._hub import Hub as Hub
+from ._hub import NotClusterKeys as NotClusterKeys
 from ._hub import NotClusterOwner as NotClusterOwner
 from ._hub import open_hub as open_hub

@@ -115,7 +115,7 @@ from ._token import (
     stage_secret,
 )
 
-__all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterOwner", "open_hub"]
+__all__ = ["AllowAll", "Authorizer", "Hub", "NotClusterKeys", "NotClusterOwner", "open_hub"]
 
 T = TypeVar("T")
 
@@ -134,6 +134,17 @@ class _JoinRevoked(Exception):
 class NotClusterOwner(Exception):
     """A cluster node's owner token is not the one the cluster's database
     knows: taking it would lock the other nodes' owner out."""
+
+
+class NotClusterKeys(Exception):
+    """A cluster node's keys (access tokens', browser cookies') are not the
+    ones the other nodes keep: each node would refuse what the others
+    signed.  The message says what to copy."""
+
+
+KEY_CHECK_PREFIX: Final = "key_check:"
+"""The ``meta`` rows (``key_check:jwt``, ``key_check:web``) that keep the
+check value of a cluster's keys (see :meth:`Hub.agree_on_key`)."""
 
 
 class Authorizer(Protocol):
@@ -1324,6 +1335,25 @@ class Hub:
         self._user_removed(user_id)
         return user
 
+    async def check_cluster_key(
+        self, name: str, check: str, *, path: pathlib.Path, signed: str, replace: bool = False
+    ) -> None:
+        """On a cluster, raise :class:`NotClusterKeys` unless ``check``, the
+        check value of this node's key ``name`` (``web``: the browser
+        cookie's) in the file ``path``, is the one the database keeps for
+        the cluster (kept if none was, or with ``replace``); ``signed``:
+        what the key signs (for the message)."""
+        if self.feed is None:
+            return
+        if not await _agree_on_key(self.world, self.store, name, check, replace=replace):
+            raise NotClusterKeys(
+                _not_the_clusters(
+                    f"{path} is not",
+                    signed,
+                    f"Copy {path.name} from a node of the cluster into this data dir",
+                )
+            )
+
     async def confirm_own(self, principal: Principal, given: Any, *, to: str) -> None:
         """Before a credential that outlives the caller's is made for it (a
         token that never expires, a week-long browser sign-in): a token that
@@ -2234,6 +2264,7 @@ async def open_hub(
     commit_linger_s: float = 0.0,
     broker: BrokerLink | None = None,
     restart_intensity: Intensity | None = None,
+    new_keys: bool = False,
 ) -> AsyncIterator[Hub]:
     """Open the store (SQLite at ``<data_dir>/agor.db`` unless ``db_url``),
     make sure the owner exists with the token in ``<data_dir>/token``, and
@@ -2262,7 +2293,12 @@ async def open_hub(
 
     ``restart_intensity``: how many actor restarts in how long the
     registry's supervisor allows before it gives up and every actor starts
-    over (the simulator makes it small so that runs reach that path)."""
+    over (the simulator makes it small so that runs reach that path).
+
+    A cluster node whose access-token keys are kept (``<data_dir>/jwt-secret``
+    or a key pair) raises :class:`NotClusterKeys` unless they are the other
+    nodes' (the database keeps their check value); ``new_keys``: this
+    node's keys become the cluster's (after changing every node's on purpose)."""
     with contextlib.ExitStack() as held:
         if data_dir is not None:
             held.enter_context(hold_data_dir(data_dir))
@@ -2282,6 +2318,7 @@ async def open_hub(
             commit_linger_s=commit_linger_s,
             broker=broker,
             restart_intensity=restart_intensity,
+            new_keys=new_keys,
         ) as hub:
             yield hub
 
@@ -2304,6 +2341,7 @@ async def _open_hub(
     commit_linger_s: float = 0.0,
     broker: BrokerLink | None = None,
     restart_intensity: Intensity | None = None,
+    new_keys: bool = False,
 ) -> AsyncIterator[Hub]:
     own_store = store is None
     cluster = broker_url is not None or broker is not None
@@ -2351,7 +2389,8 @@ async def _open_hub(
             where = f"{data_dir / 'token'}" if data_dir is not None else "the owner token"
             raise NotClusterOwner(
                 f"{where} is not the owner token of the cluster's database: copy the"
-                " token file (and jwt-secret) of a node of the cluster into this data dir"
+                " token file (and jwt-secret, web-secret) of a node of the cluster into this"
+                " data dir"
             )
         if current is None or current["id"] != OWNER_ID:
             values = owner_row if op == "insert" else {"token_hash": owner_row["token_hash"]}
@@ -2428,6 +2467,25 @@ async def _open_hub(
             if link is not None:
                 await system.registry.get(PUBLISHER_NAME)
             tokens = await _access_tokens(world, identity or IdentityConfig(), data_dir)
+            key_pair = (identity or IdentityConfig()).uses_key_pair
+            if cluster and (data_dir is not None or key_pair):
+                check = tokens.check_value()
+                if not await _agree_on_key(world, store, "jwt", check, replace=new_keys):
+                    raise NotClusterKeys(
+                        _not_the_clusters(
+                            "the --jwt-* keys (or --jwt-issuer, --jwt-audience) are not",
+                            "access tokens",
+                            "Give this node the other nodes' --jwt-* options",
+                        )
+                        if key_pair
+                        else _not_the_clusters(
+                            f"{data_dir}/{JWT_SECRET_FILE} (or --jwt-issuer, --jwt-audience)"
+                            " is not",
+                            "access tokens",
+                            f"Copy {JWT_SECRET_FILE} from a node of the cluster into this"
+                            " data dir, and give every node the same --jwt-* options",
+                        )
+                    )
             registry = system.registry
 
             async def write(request: WriteRequest) -> object:
@@ -2474,6 +2532,28 @@ async def _open_hub(
     finally:
         if own_store:
             store.close()
+
+
+async def _agree_on_key(
+    world: World, store: SqlStore, name: str, check: str, *, replace: bool
+) -> bool:
+    """Whether ``check`` (a key's check value) is the one the database
+    keeps for the cluster's key ``name``: kept if none was, or with
+    ``replace``."""
+    kept = await world.blocking.run(
+        lambda: store.meta_secret(KEY_CHECK_PREFIX + name, check, replace=replace)
+    )
+    return kept == check
+
+
+def _not_the_clusters(what_is_not: str, signed: str, fix: str) -> str:
+    """Why a node whose key ``what_is_not`` the cluster's must not start,
+    and what to do."""
+    return (
+        f"{what_is_not} the cluster's: the other nodes of this database would refuse"
+        f" the {signed} this node signs, and it theirs. {fix}; or, after changing every"
+        " node's keys on purpose, start one node with --new-keys"
+    )
 
 
 async def _access_tokens(

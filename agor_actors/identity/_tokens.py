@@ -14,6 +14,8 @@ pyjwt's own reading of the time).  Pure: no clock, no randomness.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any, Final
 
 import attrs
@@ -100,6 +102,17 @@ class JwtKeys:
     def can_sign(self) -> bool:
         return self.signing_key is not None
 
+    def verify_material(self) -> bytes:
+        """The verifying key as bytes: HS256's secret, or the public key
+        (DER)."""
+        if isinstance(self.verify_key, str):
+            return self.verify_key.encode()
+        return bytes(
+            self.verify_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
     def _check(self) -> None:
         """The keys fit the algorithm (and each other): sign and verify once."""
         if self.signing_key is None:
@@ -125,6 +138,17 @@ class AccessTokens:
     issuer: str = "agor-actors"
     audience: str = "agor"
     ttl_s: int = 15 * 60
+
+    def check_value(self) -> str:
+        """A value that is the same on two daemons exactly when each accepts
+        the other's tokens (the verifying key, the algorithm, the issuer and
+        the audience), and that tells nothing of the key: an HMAC under it
+        (the "key check value" of key ceremonies)."""
+        named = "\0".join(
+            ("agor-actors key check", self.keys.algorithm, self.issuer, self.audience)
+        )
+        mac = hmac.new(self.keys.verify_material(), named.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
     def issue(
         self, user_id: str, *, now_ms: int, jti: str, generation: str = ""

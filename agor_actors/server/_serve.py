@@ -69,6 +69,8 @@ from ._settings import (
     own_origins,
     tls_context,
 )
+from ._web import SECRET_FILE as WEB_SECRET_FILE
+from ._web import web_secret_check
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -433,6 +435,7 @@ async def run_daemon(
     drain."""
     from ..daemon import (  # the daemon's core is only needed here
         DataDirLocked,
+        NotClusterKeys,
         NotClusterOwner,
         open_hub,
     )
@@ -471,11 +474,19 @@ async def run_daemon(
                         broker_url=broker_url,
                         presence=presence,
                         commit_linger_s=settings.commit_linger_s,
+                        new_keys=settings.new_keys,
                     )
+                )
+                await hub.check_cluster_key(
+                    "web",
+                    await world.blocking.run(lambda: web_secret_check(data_dir, world)),
+                    path=data_dir / WEB_SECRET_FILE,
+                    signed="browser sign-ins (cookies)",
+                    replace=settings.new_keys,
                 )
             except Exception as exc:
                 cause = _sole(exc)  # raised in a nursery of the hub's, or not
-                if isinstance(cause, DataDirLocked | NotClusterOwner):
+                if isinstance(cause, DataDirLocked | NotClusterOwner | NotClusterKeys):
                     raise StartupError(str(cause)) from exc
                 if isinstance(cause, IdentityConfigError):
                     raise StartupError(f"cannot use the JWT keys: {cause}") from exc
@@ -589,6 +600,7 @@ def serve(
     presence: PresenceConfig | None = None,
     commit_linger_ms: float = 2.0,
     sqlite_commit_on_loop: bool = True,
+    new_keys: bool = False,
 ) -> int:
     """Run the daemon in this process until SIGINT or SIGTERM; returns the
     exit status: 0 after a clean drain, 2 when the port cannot be had or
@@ -620,6 +632,7 @@ def serve(
                         keyfile=keyfile,
                         commit_linger_s=commit_linger_ms / 1000,
                         sqlite_commit_on_loop=sqlite_commit_on_loop,
+                        new_keys=new_keys,
                     ),
                     identity=identity,
                     presence=presence,

@@ -167,6 +167,11 @@ class ServerSettings:
     """A busy store writer waits this long for more writes before it commits
     a group (fewer, larger commits: less CPU per write for at most this much
     latency); an idle one commits at once.  0: never waits."""
+    new_keys: bool = False
+    """On a cluster: this node's keys (``jwt-secret`` or the ``--jwt-*``
+    keys, ``web-secret``) become the cluster's (``--new-keys``, after
+    changing every node's on purpose); without, a node whose keys are not
+    the other nodes' refuses to start."""
     sqlite_commit_on_loop: bool = True
     """Whether a SQLite store's commits run on the loop's own thread
     (``--sqlite-commit loop``: less CPU per write, the loop waits for each

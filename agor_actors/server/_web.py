@@ -33,6 +33,8 @@ file signs every browser out.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.resources
 import pathlib
 from collections.abc import Iterable
@@ -58,6 +60,7 @@ __all__ = [
     "WebSessions",
     "cookie_name",
     "install_web_routes",
+    "web_secret_check",
 ]
 
 SECRET_FILE: Final = "web-secret"
@@ -93,6 +96,15 @@ def cookie_name(port: int | None) -> str:
 def _read_or_create_secret(data_dir: pathlib.Path, world: World) -> str:
     """The signing key in ``<data_dir>/web-secret`` (created, mode 0600)."""
     return read_or_create_secret(data_dir / SECRET_FILE, lambda: world.entropy.token(32))
+
+
+def web_secret_check(data_dir: pathlib.Path, world: World) -> str:
+    """The check value of the cookie's key in ``<data_dir>/web-secret``
+    (created if missing): the same on two daemons exactly when each takes
+    the other's cookies, and telling nothing of the key (an HMAC under it)."""
+    secret = _read_or_create_secret(data_dir, world)
+    mac = hmac.new(secret.encode(), f"agor-actors key check\0{_SALT}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
 
 
 class WebSessions(Protocol):

@@ -2130,13 +2130,17 @@ class SqlStore:
             cursors=[compiled.cursor_for(row) for row in page] if cursors else None,
         )
 
-    def meta_secret(self, name: str, candidate: str) -> str:
+    def meta_secret(self, name: str, candidate: str, *, replace: bool = False) -> str:
         """The secret kept in the database under ``name``, the same for
-        every daemon on it: ``candidate`` if none was kept (it is then)."""
+        every daemon on it: ``candidate`` if none was kept (it is then), or
+        with ``replace`` (it replaces the one kept)."""
         with self._meta_writing() as conn:
             kept = _meta_value(conn, name)
             if kept is None:
                 conn.execute(s.meta.insert().values(key=name, value=candidate))
+                return candidate
+            if replace and kept != candidate:
+                conn.execute(s.meta.update().where(s.meta.c.key == name).values(value=candidate))
                 return candidate
             return str(kept)
 

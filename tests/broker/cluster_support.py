@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import pytest
@@ -203,14 +203,20 @@ class Node:
         self.process.kill()
 
 
+KEYS: Final = {"jwt-secret": "cluster-jwt-" + "k" * 40, "web-secret": "cluster-web-" + "w" * 32}
+"""The keys every node of a test cluster has (a node with others refuses to
+start)."""
+
+
 def node_data_dir(root: pathlib.Path, name: str) -> pathlib.Path:
-    """A data dir holding the cluster's owner token (as an operator copies
-    it from the first node)."""
+    """A data dir holding the cluster's owner token and keys (as an
+    operator copies them from the first node)."""
     data_dir = root / name
     data_dir.mkdir(mode=0o700)
-    token = data_dir / "token"
-    token.write_text(TOKEN + "\n")
-    token.chmod(0o600)
+    for file, value in {"token": TOKEN, **KEYS}.items():
+        path = data_dir / file
+        path.write_text(value + "\n")
+        path.chmod(0o600)
     return data_dir
 
 

@@ -22,7 +22,7 @@ from cluster_support import (
     view,
 )
 
-from agor_actors.daemon import NotClusterOwner, open_hub
+from agor_actors.daemon import NotClusterKeys, NotClusterOwner, open_hub
 from agor_actors.store import open_store
 from agor_actors.world import real_world
 from protocols import Since
@@ -147,7 +147,8 @@ async def test_the_owner_token_of_a_cluster_is_renewed_and_copied(
     async with node(a_dir) as a:
         old = read_token(a_dir)
         b_dir.mkdir()
-        shutil.copy(a_dir / "token", b_dir / "token")
+        for name in ("token", "jwt-secret"):  # the owner token and the keys
+            shutil.copy(a_dir / name, b_dir / name)
         async with node(b_dir) as b:
             assert await b.authenticate(old) is not None
             owner = await a.authenticate(old)
@@ -167,3 +168,58 @@ async def test_the_owner_token_of_a_cluster_is_renewed_and_copied(
         shutil.copy(a_dir / "token", b_dir / "token")
         async with node(b_dir) as b:
             assert await b.authenticate(new) is not None
+
+
+async def test_a_node_whose_keys_are_not_the_clusters_refuses_to_start(
+    pg_url: str, broker_url: str, tmp_path: pathlib.Path
+) -> None:
+    """A node with a jwt-secret of its own would sign access tokens the
+    other nodes refuse (and refuse theirs): a user signed in through it is
+    signed out whenever a load balancer sends them elsewhere.  It refuses
+    to start, naming the file to copy; ``new_keys`` makes its keys the
+    cluster's (after changing every node's on purpose), and then a node
+    with the old keys is the one refused."""
+    from agor_actors.cli import read_token
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+
+    def node(data_dir: pathlib.Path, **kwargs: Any) -> Any:
+        return open_hub(
+            real_world(), db_url=pg_url, data_dir=data_dir, broker_url=broker_url, **kwargs
+        )
+
+    async with node(a_dir) as a:
+        b_dir.mkdir()
+        shutil.copy(a_dir / "token", b_dir / "token")  # the owner token, not the keys
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(NotClusterKeys, match=r"b/jwt-secret .* is not the cluster's"),
+            allow_unwrapped=True,
+            flatten_subgroups=True,
+        ):
+            async with node(b_dir):
+                pass  # pragma: no cover - it must not start
+        shutil.copy(a_dir / "jwt-secret", b_dir / "jwt-secret")
+        async with node(b_dir) as b:  # the same keys: each takes the other's tokens
+            owner = await a.authenticate(read_token(a_dir))
+            assert owner is not None
+            await a.call(
+                owner,
+                connection_id=None,
+                service="users",
+                method="create",
+                data={"name": "ann", "password": "correct horse battery"},
+            )
+            assert a.identity is not None
+            signed_in = await a.identity.create(
+                {"strategy": "local", "name": "ann", "password": "correct horse battery"}
+            )
+            assert await b.authenticate(signed_in["accessToken"]) is not None
+    (b_dir / "jwt-secret").write_text("a-new-key-for-every-node-" + "n" * 40 + "\n")
+    async with node(b_dir, new_keys=True):
+        pass
+    with pytest.RaisesGroup(NotClusterKeys, allow_unwrapped=True, flatten_subgroups=True):
+        async with node(a_dir):  # still the old key
+            pass  # pragma: no cover - it must not start
+    shutil.copy(b_dir / "jwt-secret", a_dir / "jwt-secret")
+    async with node(a_dir), node(b_dir):
+        pass

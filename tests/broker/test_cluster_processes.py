@@ -9,12 +9,15 @@ writers on every daemon share one gap-free order that every viewer sees;
 from __future__ import annotations
 
 import pathlib
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio
 from cluster_support import (
+    CLI,
+    REDIS_URL,
     TOKEN,
     Node,
     assert_gap_free,
@@ -176,3 +179,47 @@ async def test_kill_9_of_a_daemon_loses_nothing_acknowledged(
             replayed = await fresh.until_seq(after)
             assert_gap_free(replayed, 1)  # the log, read back from the start
             assert [e.seq for e in replayed if e.seq > on_b.joined.seq] == [e.seq for e in events]
+
+
+async def test_a_node_whose_web_secret_is_not_the_clusters_does_not_start(
+    pg_url: str, tmp_path: pathlib.Path
+) -> None:
+    """A browser's cookie is signed with the node's web-secret: a node with
+    another would sign users out whenever a load balancer sends them there.
+    ``serve`` says so in one line and exits 2, and with ``--new-keys`` its
+    keys become the cluster's."""
+    async with serving_node(node_data_dir(tmp_path, "a"), pg_url):
+        pass  # the cluster's keys are kept
+    b_dir = node_data_dir(tmp_path, "b")
+    (b_dir / "web-secret").write_text("not-the-clusters-" + "x" * 32 + "\n")
+
+    def serve(data_dir: pathlib.Path) -> list[str]:
+        argv = [*CLI, "serve", "--port", "0", "--data-dir", str(data_dir), "--db", pg_url]
+        return [*argv, "--broker", REDIS_URL]
+
+    with trio.fail_after(60):
+        refused = await trio.run_process(
+            serve(b_dir),
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert refused.returncode == 2
+    assert refused.stderr.decode().splitlines() == [
+        f"agor-actors serve: {b_dir}/web-secret is not the cluster's: the other nodes of this"
+        " database would refuse the browser sign-ins (cookies) this node signs, and it theirs."
+        " Copy web-secret from a node of the cluster into this data dir; or, after changing"
+        " every node's keys on purpose, start one node with --new-keys"
+    ]
+    async with serving_node(b_dir, pg_url, extra=["--new-keys"]):
+        pass
+    with trio.fail_after(60):
+        refused = await trio.run_process(
+            serve(tmp_path / "a"),
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert refused.returncode == 2 and b"a/web-secret is not the cluster's" in refused.stderr

@@ -292,6 +292,7 @@ PACKAGES: dict[str, set[str]] = {
         "DataDirLocked",
         "Authorizer",
         "Hub",
+        "NotClusterKeys",
         "NotClusterOwner",
         "Outbox",
         "OutboxClosed",
