@@ -2069,8 +2069,8 @@ class Hub:
             del self._presence_unchecked[connection_id]  # another board (or none) now
         if update.board is not None and update.board:
             await self.authorizer.authorize(principal, "presence", f"board:{update.board}")
-            try:
-                level = await self.gate.board_level(principal, update.board)
+            try:  # (the owner's too: a board that is not would start a room actor)
+                visible = await self.gate.may_see_room(principal, f"board:{update.board}")
             except ServiceError as exc:
                 if exc.code != "unavailable":
                     raise
@@ -2079,7 +2079,7 @@ class Hub:
                     self._presence_checking = True
                     self._tasks.start_soon(self._check_presence_again)
                 return
-            if level < Level.READ:
+            if not visible:
                 raise self.gate.refuse(f"no board {update.board} that this user may see")
         self._presence_of[connection_id] = principal
         last = self._presence_last.get(connection_id)
@@ -2104,7 +2104,7 @@ class Hub:
                         continue  # replaced or gone meanwhile
                     assert update.board
                     try:
-                        await self.gate.board_level(principal, update.board)
+                        await self.gate.may_see_room(principal, f"board:{update.board}")
                     except ServiceError as exc:
                         if exc.code == "unavailable":
                             continue  # still away

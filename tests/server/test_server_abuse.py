@@ -16,7 +16,21 @@ from agor_actors.daemon import Outbox, ServiceError, open_hub
 from agor_actors.domain import Principal
 from agor_actors.server import ServerSettings
 from agor_actors.world import real_world
-from protocols import Call, Codec, Error, Join, Joined, Left, Limits, Message, Ping, Result, Welcome
+from protocols import (
+    Call,
+    Codec,
+    Cursor,
+    Error,
+    Join,
+    Joined,
+    Left,
+    Limits,
+    Message,
+    Ping,
+    PresenceUpdate,
+    Result,
+    Welcome,
+)
 
 ROOMY = ServerSettings(limits=Limits(rate_per_s=1e6, rate_burst=1_000_000, max_subscriptions=4000))
 
@@ -103,6 +117,17 @@ async def test_joins_to_made_up_rooms_spawn_nothing(
                         lefts[message.room] = message.reason
         assert set(lefts) == set(rooms)
         assert set(lefts.values()) == {"forbidden"}
+        # presence on a board that is not: refused, the owner's too (it
+        # started a room actor per made-up board, idle for 5 minutes)
+        made_up = [f"made-up-{i}" for i in range(40)]
+        await client.send([PresenceUpdate(board=b, cursor=Cursor(1.0, 2.0)) for b in made_up])
+        errors: list[Error] = []
+        with trio.fail_after(30):
+            while len(errors) < len(made_up):
+                errors += [m for m in await client.receive() if isinstance(m, Error)]
+        assert {(e.code, e.message) for e in errors} == {
+            ("forbidden", f"no board {b} that this user may see") for b in made_up
+        }
         after = set(registry.names())
         assert not any(name.startswith("room:") for name in after - before_names), sorted(after)[:5]
         assert after == before_names
