@@ -30,6 +30,7 @@ from typing import IO, Any, Final, Literal, cast
 import orjson
 from quart import Quart, Response, request
 
+from ..printable import escape_controls
 from ..world import Clock
 
 __all__ = [
@@ -100,7 +101,8 @@ class TextFormatter(logging.Formatter):
     record's ``_shown`` are in the message already and left out)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        message = escape_controls(record.getMessage())  # (a request's path: one line)
+        text = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
         shown = getattr(record, "_shown", ())
         extras = {k: v for k, v in extra_fields(record).items() if k not in shown}
         if extras:
@@ -112,7 +114,9 @@ class TextFormatter(logging.Formatter):
 
 def _text_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
-    return repr(text) if (" " in text or not text) else text
+    if " " in text or not text or escape_controls(text) != text:
+        return repr(text)
+    return text
 
 
 def configure_logging(

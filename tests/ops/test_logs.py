@@ -90,6 +90,24 @@ def test_the_level_filters_and_text_lines_show_extras_after_the_message() -> Non
     assert isinstance(TextFormatter(), logging.Formatter)
 
 
+def test_a_text_line_stays_one_line_whatever_a_client_put_in_it() -> None:
+    """A request's path (percent-decoded) or any value a client chose is
+    logged with its control characters escaped: a newline in it forged a
+    line of its own ("GET /x%0a<ts> WARNING agor_actors.security: ...")."""
+    stream = io.StringIO()
+    handler = configure_logging("INFO", "text", stream)
+    forged = "2026-12-08T04:00:00.000Z WARNING agor_actors.security: forged"
+    try:
+        logger = logging.getLogger("agor_actors.access")
+        logger.info("%s %s %s", "GET", f"/x\n{forged}\r\x1b[2J", 401)
+        logger.info("joined", extra={"room": "a\nb", "client": "c\x1b]0;t\x07"})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith(f"INFO agor_actors.access: GET /x\\n{forged}\\r\\x1b[2J 401")
+    assert second.endswith("joined room='a\\nb' client='c\\x1b]0;t\\x07'")
+
+
 async def test_one_access_line_per_http_request_with_the_user(
     tmp_path: pathlib.Path, access: Records
 ) -> None:
