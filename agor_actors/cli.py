@@ -44,6 +44,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from .printable import escape_controls
+
 __all__ = ["COMMANDS", "NoToken", "build_parser", "main", "read_token"]
 
 
@@ -415,6 +417,13 @@ def flatten_tree(tree: dict[str, Any], depth: int = 0) -> list[tuple[int, dict[s
     return rows
 
 
+def _shown(table: str) -> str:
+    """``table`` with its control characters (but newlines) escaped: a
+    terminal shows a name as it is, and does not run an escape sequence in
+    one (an actor's crash message may quote what a client sent)."""
+    return escape_controls(table, keep_newlines=True)
+
+
 def format_top(
     tree: dict[str, Any],
     limit: int,
@@ -462,7 +471,7 @@ def format_top(
         )
     if len(actors) > limit:
         lines.append(f"... and {len(actors) - limit} more actors")
-    return "\n".join(lines)
+    return _shown("\n".join(lines))
 
 
 def _size(n: int) -> str:
@@ -522,7 +531,7 @@ def format_connections(
     total = int(listing.get("total", len(rows)))
     if total > min(limit, len(rows)):
         lines.append(f"... {total} connections in all")
-    return "\n".join(lines)
+    return _shown("\n".join(lines))
 
 
 def frame_counts(listing: dict[str, Any]) -> dict[str, tuple[int, int]]:

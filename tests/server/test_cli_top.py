@@ -146,3 +146,47 @@ def test_connection_rates_put_the_busiest_first() -> None:
     assert lines[-1] == "... 4 connections in all"
     stuck = {"total": 2, "connections": [row("idle", 5, 5), row("stuck", 5, 5, queued=900)]}
     assert format_connections(stuck, limit=10).splitlines()[1].startswith("stuck")
+
+
+def test_control_characters_in_names_are_shown_escaped() -> None:
+    """An escape sequence in a name (a crash message may quote what a
+    client sent) is printed as text, not run by the operator's terminal."""
+    tree = {
+        "children": [
+            {
+                "id": "registry",
+                "state": "running",
+                "restarts": 0,
+                "supervisor": {
+                    "children": [
+                        {
+                            "id": "room:board:\x1b[2J",
+                            "state": "running",
+                            "restarts": 1,
+                            "handled": 3,
+                            "last_crash": "KeyError: '\x1b]0;pwned\x07'",
+                        }
+                    ]
+                },
+            }
+        ]
+    }
+    table = format_top(tree, limit=10)
+    assert "\x1b" not in table and "\x07" not in table
+    assert "room:board:\\x1b[2J" in table and "KeyError: '\\x1b]0;pwned\\x07'" in table
+    row = {
+        "connection_id": "c\x9b1",
+        "user_id": "u\x00",
+        "codec": "agor.v1.json",
+        "rooms": ["session:\x1b[31m"],
+        "frames_received": 1,
+        "frames_sent": 1,
+        "bytes_received": 1,
+        "bytes_sent": 1,
+        "outbox_messages": 0,
+        "outbox_bytes": 0,
+        "pending_calls": 0,
+    }
+    shown = format_connections({"total": 1, "connections": [row]}, limit=10)
+    assert not any(ch in shown for ch in "\x1b\x9b\x00")
+    assert shown.splitlines()[1].startswith("c\\x9b1") and "session:\\x1b[31m" in shown
