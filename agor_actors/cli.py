@@ -5,9 +5,13 @@
 [--metrics-port N [--metrics-host H]] [--allow-origin ORIGIN]...
 [--certfile PEM --keyfile PEM] [--jwt-private-key PEM] [--jwt-public-key PEM]
 [--access-token-ttl S] [--refresh-token-ttl S] [--node-heartbeat S] [--node-liveness S]
-[--presence-grace S] [--commit-linger-ms MS] [--sqlite-commit loop|thread]`` runs
+[--presence-grace S] [--commit-linger-ms MS] [--sqlite-commit loop|thread]
+[--new-keys]`` runs
 the daemon until SIGINT or SIGTERM (then drains and exits 0; exit 2 when the
 port cannot be had);
+``agor-actors backup [--data-dir .agor] DEST`` copies the data dir into the new
+directory ``DEST``: the SQLite database as one consistent snapshot (safe
+while a daemon runs on it), the owner's token and the keys;
 ``agor-actors token [--data-dir .agor] [--rotate [--url URL]]`` prints the
 local owner's token; with ``--rotate`` it asks the running daemon for a new
 one (the old one is refused from then on; the daemon writes it to
@@ -359,6 +363,25 @@ def _token(args: argparse.Namespace) -> int:
             return answer
         token = str(answer["token"])
     print(token)
+    return 0
+
+
+def _backup_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_dir(parser)
+    parser.add_argument(
+        "dest", type=pathlib.Path, help="a new directory to write the copy to (0700)"
+    )
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from .daemon import BackupError, back_up_data_dir
+
+    try:
+        written = back_up_data_dir(args.data_dir, args.dest)
+    except BackupError as exc:
+        return _fail("backup", str(exc))
+    print(f"backed up {args.data_dir} to {args.dest}: {', '.join(written)}")
+    print(f"to run on the copy: agor-actors serve --data-dir {args.dest}")
     return 0
 
 
@@ -716,6 +739,11 @@ COMMANDS: Final[
         _token,
     ),
     "top": ("show the supervision tree of a running daemon", _top_arguments, _top),
+    "backup": (
+        "copy a data dir (the database as one snapshot, while a daemon runs; the token and keys)",
+        _backup_arguments,
+        _backup,
+    ),
     "open": ("print a one-time link that signs a browser in", _open_arguments, _open),
     "sim": ("run the deterministic simulator (see python -m sim --help)", _no_arguments, _sim),
 }

@@ -8,6 +8,8 @@ from ..outbox import Outbox as Outbox
 from ..outbox import OutboxClosed as OutboxClosed
 from ..outbox import OutboxOverflow as OutboxOverflow
 from ..outbox import join_frame as join_frame
+from ._backup import BackupError as BackupError
+from ._backup import back_up_data_dir as back_up_data_dir
 from ._datadir import DataDirLocked as DataDirLocked
 from ._hub import AllowAll as AllowAll
 from ._hub import Authorizer as Authorizer

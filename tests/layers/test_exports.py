@@ -289,6 +289,8 @@ PACKAGES: dict[str, set[str]] = {
     },
     "agor_actors.daemon": {
         "AllowAll",
+        "back_up_data_dir",
+        "BackupError",
         "DataDirLocked",
         "Authorizer",
         "Hub",
