@@ -1284,7 +1284,10 @@ class Hub:
         access tokens and browser sign-ins it had are refused, and the
         connections they opened are closed (``unauthorized``; the caller's
         after its answer).  The user itself names its current password
-        (``current_password``) once it has one; the owner does not."""
+        (``current_password``) once it has one.  A caller signed in by
+        password or a browser, the owner too, names its own password
+        (:meth:`confirm_own`): an access token or a cookie alone must not
+        buy a password sign-in, which outlives them."""
         if (
             not isinstance(data, dict)
             or "password" not in data
@@ -1299,8 +1302,11 @@ class Hub:
         if user.get("removed_at") is not None:
             raise ServiceError("invalid_field", f"user {user_id} was removed")
         identity = self._identity()
-        if not principal.is_owner:
-            await identity.check_current_password(user_id, data.get("current_password"))
+        given = data.get("current_password")
+        if principal.is_owner or principal.expires_ms is not None or principal.session is not None:
+            await self.confirm_own(principal, given, to="change a password")
+        else:  # the user's own token: its current password, once it has one
+            await identity.check_current_password(user_id, given)
         mutation = await identity.password_mutation(
             user_id, str(user["name"]), data["password"], replace=True
         )

@@ -420,6 +420,32 @@ async def test_a_browser_sign_in_from_an_access_token_or_a_cookie_needs_the_pass
     assert with_pw.status == 201, with_pw
 
 
+async def test_a_cookie_alone_does_not_give_its_user_a_first_password(running: Daemon) -> None:
+    """A user without a password, signed in to a browser from its own
+    token: the cookie (an open tab) set a password and so bought a sign-in
+    that outlives it (30 days of refresh tokens)."""
+    from test_server_user_removal import _cookie
+
+    made = await http("POST", f"{running.http_url}/users", token=running.token, json={"name": "np"})
+    assert made.status == 201, made
+    url = f"{running.http_url}/users/{made.body['id']}"
+    cookie = await _cookie(running, made.body["token"])
+    headers = {"Cookie": cookie, "Origin": running.http_url}
+    by_cookie = await http("PATCH", url, headers=headers, json={"password": "a first one"})
+    assert by_cookie.status == 403 and "to change a password" in by_cookie.body["message"], by_cookie
+    by_token = await http("PATCH", url, token=made.body["token"], json={"password": "a first one"})
+    assert by_token.status == 200, by_token
+    # (which closed the browser's sign-in); now that it has one, a cookie names it
+    headers["Cookie"] = await _cookie(running, made.body["token"])
+    again = await http(
+        "PATCH",
+        url,
+        headers=headers,
+        json={"password": "a second one", "current_password": "a first one"},
+    )
+    assert again.status == 200, again
+
+
 async def test_the_owner_signed_in_by_password_names_it_too(running: Daemon) -> None:
     # what is asked of a sign-in is the credential's, not the user's rank
     url = running.http_url
@@ -447,5 +473,24 @@ async def test_the_owner_signed_in_by_password_names_it_too(running: Daemon) -> 
         json={"name": "x", "current_password": "owner's own pw"},
     )
     assert made.status == 201 and made.body["name"] == "x", made
+    # nor does it set a user's password (a sign-in that outlives the token) without it
+    x = f"{url}/users/{made.body['id']}"
+    bare = await http("PATCH", x, token=signed["accessToken"], json={"password": "x's new pw"})
+    assert bare.status == 400 and "to change a password" in bare.body["message"], bare
+    wrong = await http(
+        "PATCH",
+        x,
+        token=signed["accessToken"],
+        json={"password": "x's new pw", "current_password": "not it"},
+    )
+    assert wrong.status == 400 and "is not this user's password" in wrong.body["message"], wrong
+    set_pw = await http(
+        "PATCH",
+        x,
+        token=signed["accessToken"],
+        json={"password": "x's new pw", "current_password": "owner's own pw"},
+    )
+    assert set_pw.status == 200, set_pw
+    assert (await _sign_in(running, "x", "x's new pw"))["accessToken"]
     # the owner's token itself is asked nothing
     assert (await http("POST", f"{url}/auth/codes", token=running.token, json={})).status == 201
