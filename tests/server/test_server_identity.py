@@ -432,7 +432,9 @@ async def test_a_cookie_alone_does_not_give_its_user_a_first_password(running: D
     cookie = await _cookie(running, made.body["token"])
     headers = {"Cookie": cookie, "Origin": running.http_url}
     by_cookie = await http("PATCH", url, headers=headers, json={"password": "a first one"})
-    assert by_cookie.status == 403 and "to change a password" in by_cookie.body["message"], by_cookie
+    assert by_cookie.status == 403 and "to change a password" in by_cookie.body["message"], (
+        by_cookie
+    )
     by_token = await http("PATCH", url, token=made.body["token"], json={"password": "a first one"})
     assert by_token.status == 200, by_token
     # (which closed the browser's sign-in); now that it has one, a cookie names it
