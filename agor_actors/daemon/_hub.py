@@ -87,6 +87,7 @@ from ..services import (
     visible_page,
 )
 from ..store import (
+    MAX_LIMIT,
     WRITER_NAME,
     Mutation,
     Once,
@@ -144,7 +145,7 @@ class NotClusterKeys(Exception):
 
 KEY_CHECK_PREFIX: Final = "key_check:"
 """The ``meta`` rows (``key_check:jwt``, ``key_check:web``) that keep the
-check value of a cluster's keys (see :meth:`Hub.agree_on_key`)."""
+check value of a cluster's keys (see :meth:`Hub.check_cluster_key`)."""
 
 
 class Authorizer(Protocol):
@@ -1041,6 +1042,7 @@ class Hub:
         changed = await self.gate.check_session_write(principal, service, method, session_id, data)
         if service == "sessions":
             await self._check_users_named(principal, data, ("owner_id", "locked_by"))
+            await self._check_permission_users(data)
         if changed is not None:
             # check against the narrower of the two until the write is
             # answered, and drop now who will not see the session then
@@ -1496,6 +1498,38 @@ class Hub:
             user_id = data.get(field)
             if isinstance(user_id, str) and user_id and user_id != principal.user_id:
                 await self._check_user_named(field, user_id)
+
+    async def _check_permission_users(self, data: Any) -> None:
+        """``invalid_field`` if a session's ``permissions`` name a user that
+        does not exist or was removed (a mistyped id granted nothing, and
+        said nothing); the users are read by the page, not one by one."""
+        permissions = data.get("permissions") if isinstance(data, dict) else None
+        if not isinstance(permissions, dict):
+            return
+        named = {
+            key: [u for u in users if isinstance(u, str)]
+            for key in ("collaborators", "viewers")
+            if isinstance(users := permissions.get(key), list)
+        }
+        wanted = sorted({user_id for users in named.values() for user_id in users})
+        store = self.store
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(wanted), MAX_LIMIT):
+            part = wanted[start : start + MAX_LIMIT]
+            query = {"id": {"$in": part}, "$select": ["id", "removed_at"], "$limit": len(part)}
+            page = await self._stored(lambda q=query: store.find("users", q))  # type: ignore[misc]
+            found.update((str(row["id"]), row) for row in page.items)
+        for key, users in named.items():
+            for user_id in users:
+                row = found.get(user_id)
+                if row is None:
+                    raise ServiceError(
+                        "invalid_field", f"data.permissions.{key}: no user {user_id}"
+                    )
+                if row.get("removed_at") is not None:
+                    raise ServiceError(
+                        "invalid_field", f"data.permissions.{key}: user {user_id} was removed"
+                    )
 
     async def _check_user_named(self, field: str, user_id: str) -> None:
         """``invalid_field`` if ``data.<field>``'s ``user_id`` is no user or

@@ -515,3 +515,40 @@ async def test_the_gate_reads_access_fresh_when_asked_and_keeps_what_it_assumes(
         assert not await gate.may_see_room(user, room)
         gate.forget_loaded()
         assert await gate.may_see_room(user, room)
+
+
+async def test_permissions_naming_no_user_are_refused_by_name(autojump_clock: MockClock) -> None:
+    """A mistyped id in a session's viewers or collaborators granted nothing
+    and said nothing: the teammate it was meant for just saw no session."""
+    async with hub_on() as (hub, owner):
+        ann = await new_user(hub, owner, "ann")
+        gone = await new_user(hub, owner, "gone")
+        await call(hub, owner, "users", "remove", id=gone.user_id)
+        sid = (await call(hub, owner, "sessions", "create", data={"title": "s"}))["id"]
+        many = [ann.user_id] * 3 + [f"nobody-{i}" for i in range(600)]  # past a page
+        for permissions, message in [
+            ({"viewers": [ann.user_id, "anne"]}, "data.permissions.viewers: no user anne"),
+            ({"collaborators": ["x"]}, "data.permissions.collaborators: no user x"),
+            (
+                {"viewers": [gone.user_id]},
+                f"data.permissions.viewers: user {gone.user_id} was removed",
+            ),
+            ({"viewers": many}, "data.permissions.viewers: no user nobody-0"),
+        ]:
+            rev = (await call(hub, owner, "sessions", "get", id=sid))["rev"]
+            error = await refused(
+                hub,
+                owner,
+                "sessions",
+                "patch",
+                id=sid,
+                data={"permissions": permissions},
+                base_rev=rev,
+            )
+            assert (error.code, error.message) == ("invalid_field", message), permissions
+            error = await refused(
+                hub, owner, "sessions", "create", data={"title": "t", "permissions": permissions}
+            )
+            assert (error.code, error.message) == ("invalid_field", message), permissions
+        await strict(hub, owner, sid, {"permissions": {"viewers": [ann.user_id]}})
+        assert (await call(hub, ann, "sessions", "get", id=sid))["id"] == sid
