@@ -2622,5 +2622,5 @@ def _store_away(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, ChildStartError):
         cause = exc.__cause__
     if isinstance(cause, StoreUnavailable):
-        return ServiceError("unavailable", "the store is unavailable")
+        return ServiceError("unavailable", cause.told)
     return None

@@ -49,6 +49,7 @@ from ..store import (
     StoreNotFound,
     StoreQueryError,
     StoreRepeated,
+    StoreUnavailable,
     Write,
     WriteRequest,
     WriteResult,
@@ -678,9 +679,8 @@ class SessionBehaviour(Behaviour[SessionState]):
             state.poisoned = state.poisoned or touched
         except StoreError as exc:
             log.warning("the store failed a write: %s", exc)
-            effects.append(
-                Reply(done.reply_to, error=ServiceError("unavailable", "the store is unavailable"))
-            )
+            told = exc.told if isinstance(exc, StoreUnavailable) else StoreUnavailable.told
+            effects.append(Reply(done.reply_to, error=ServiceError("unavailable", told)))
             state.poisoned = state.poisoned or touched
         except Exception as exc:
             effects.append(

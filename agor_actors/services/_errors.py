@@ -14,6 +14,7 @@ from ..store import (
     StoreIntegrityError,
     StoreNotFound,
     StoreQueryError,
+    StoreUnavailable,
 )
 
 __all__ = ["store_error"]
@@ -39,4 +40,5 @@ def store_error(exc: StoreError) -> ServiceError:
         log.info("the store refused a write: %s", exc)
         return ServiceError("invalid_data", "the data does not fit the records")
     log.warning("the store failed: %s", exc)
-    return ServiceError("unavailable", "the store is unavailable")
+    told = exc.told if isinstance(exc, StoreUnavailable) else StoreUnavailable.told
+    return ServiceError("unavailable", told)

@@ -27,6 +27,7 @@ from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from ._schema import StoreConflict as StoreConflict
 from ._schema import StoreError as StoreError
 from ._schema import StoreFindError as StoreFindError
+from ._schema import StoreFull as StoreFull
 from ._schema import StoreIntegrityError as StoreIntegrityError
 from ._schema import StoreNotFound as StoreNotFound
 from ._schema import StoreQueryError as StoreQueryError

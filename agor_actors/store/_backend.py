@@ -68,6 +68,7 @@ from ._schema import (
     StoreRepeated,
     StoreSchemaError,
     StoreUnavailable,
+    unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -664,7 +665,7 @@ def _raw(cursor: DBAPICursor, statement: str, cause: BaseException | None = None
         message = f"the transaction was lost ({exc})"
         if cause is not None:
             message += f" after: {getattr(cause, 'orig', None) or cause}"
-        raise _GroupFailed(StoreUnavailable(message)) from exc
+        raise _GroupFailed(unavailable(message, cause, exc)) from exc
 
 
 @functools.cache
@@ -978,7 +979,7 @@ class SqlStore:
         except sa.exc.DataError as exc:
             raise StoreQueryError(f"a value cannot be compared: {exc.orig}") from exc
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreUnavailable(str(exc.orig)) from exc
+            raise unavailable(str(exc.orig), exc) from exc
 
     @contextmanager
     def _writing(self) -> Iterator[sa.Connection]:
@@ -2275,7 +2276,7 @@ def _group_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     if isinstance(exc, sa.exc.IntegrityError | sa.exc.DataError):
         return StoreIntegrityError(str(exc.orig))
     if isinstance(exc, sa.exc.DBAPIError):
-        return StoreUnavailable(str(exc.orig))
+        return unavailable(str(exc.orig), exc)
     return StoreUnavailable(str(exc))
 
 

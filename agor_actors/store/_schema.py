@@ -10,7 +10,7 @@ after loading, see ``_backend``).
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -30,6 +30,7 @@ __all__ = [
     "StoreConflict",
     "StoreError",
     "StoreFindError",
+    "StoreFull",
     "StoreIntegrityError",
     "StoreNotFound",
     "StoreQueryError",
@@ -144,7 +145,34 @@ class StoreSchemaError(StoreError):
 
 class StoreUnavailable(StoreError):
     """The database failed as a whole (I/O error, lost connection, disk full):
-    the transaction was rolled back and nothing of it is visible."""
+    the transaction was rolled back and nothing of it is visible.  ``told``:
+    what a client is told (the detail is for the log)."""
+
+    told: ClassVar[str] = "the store is unavailable"
+
+
+class StoreFull(StoreUnavailable):
+    """The database's disk (or its size limit) is full: writes fail until
+    there is room; reads go on."""
+
+    told: ClassVar[str] = "the store's disk is full: writes fail until there is room"
+
+
+def unavailable(message: str, *causes: BaseException | None) -> StoreUnavailable:
+    """:class:`StoreFull` if one of ``causes`` (a driver's error, or
+    SQLAlchemy's around it) says the disk is full, else
+    :class:`StoreUnavailable`; with ``message``."""
+    for cause in causes:
+        orig = getattr(cause, "orig", None) or cause
+        if getattr(orig, "sqlite_errorcode", None) == _SQLITE_FULL or (
+            getattr(orig, "sqlstate", None) == _PG_DISK_FULL
+        ):
+            return StoreFull(message)
+    return StoreUnavailable(message)
+
+
+_SQLITE_FULL: Final = 13
+_PG_DISK_FULL: Final = "53100"
 
 
 # --------------------------------------------------------------------------- tables
