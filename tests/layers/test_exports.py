@@ -181,6 +181,7 @@ PACKAGES: dict[str, set[str]] = {
         "StoreQueryError",
         "StoreRepeated",
         "StoreSchemaError",
+        "StoreFull",
         "StoreUnavailable",
         "StoreWriter",
         "StoredEvent",
