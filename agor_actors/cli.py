@@ -272,6 +272,11 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.broker and not args.db:
         return _fail("serve", "--broker needs --db: the database the cluster's daemons share")
+    if args.new_keys and not args.broker:
+        return _fail(
+            "serve",
+            "--new-keys is for a node of a cluster (--broker): a daemon alone has its own keys",
+        )
     if args.broker:
         from .broker import broker_kind
 

@@ -51,6 +51,13 @@ def test_serve_refuses_an_unknown_broker(
     argv = ["serve", "--data-dir", str(tmp_path / "d"), "--db", "sqlite:///x.db"]
     assert main([*argv, "--broker", "amqp://127.0.0.1"]) == 2
     assert "--broker: unknown broker URL 'amqp://127.0.0.1'" in capsys.readouterr().err
+    # --new-keys means something only on a cluster's node: alone it would do nothing, silently
+    assert main([*argv, "--new-keys"]) == 2
+    assert capsys.readouterr().err == (
+        "agor-actors serve: --new-keys is for a node of a cluster (--broker): a daemon alone"
+        " has its own keys\n"
+    )
+    assert not (tmp_path / "d").exists()
 
 
 def test_channel_names_fit_an_identifier_and_hash_the_same_everywhere() -> None:
