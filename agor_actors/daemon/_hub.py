@@ -1042,7 +1042,6 @@ class Hub:
         changed = await self.gate.check_session_write(principal, service, method, session_id, data)
         if service == "sessions":
             await self._check_users_named(principal, data, ("owner_id", "locked_by"))
-            await self._check_permission_users(data)
         if changed is not None:
             # check against the narrower of the two until the write is
             # answered, and drop now who will not see the session then
@@ -1453,7 +1452,7 @@ class Hub:
             await self._refuse_a_board_with_sessions(board_id)
         added = plan.revoked if call.method == "add_member" else None
         if added is not None and call.method == "add_member":
-            await self._check_user_named("user_id", added)
+            await self._refuse_unknown_users([("user_id", added)])
         if keyed is not None:
             once = Once(
                 call.principal.user_id,
@@ -1488,30 +1487,35 @@ class Hub:
     async def _check_users_named(
         self, principal: Principal, data: Any, fields: tuple[str, ...]
     ) -> None:
-        """``invalid_field`` if a field of ``data`` names a user that does
-        not exist or was removed (the store's key would refuse the first
-        with no word of which field, and take the second); the caller
-        itself (a lock taken for oneself) is not read again."""
+        """``invalid_field`` if a field of ``data``, or a session's
+        ``permissions`` (its ``collaborators`` and ``viewers``), names a
+        user that does not exist or was removed (the store's key would
+        refuse the first with no word of which field, and take the second; a
+        mistyped id in a permission granted nothing, and said nothing); the
+        caller itself (a lock taken for oneself) is not read again."""
         if not isinstance(data, dict):
             return
-        for field in fields:
-            user_id = data.get(field)
-            if isinstance(user_id, str) and user_id and user_id != principal.user_id:
-                await self._check_user_named(field, user_id)
+        named = [
+            (field, user_id)
+            for field in fields
+            if isinstance(user_id := data.get(field), str) and user_id  # (none: unset)
+        ]
+        permissions = data.get("permissions")
+        if isinstance(permissions, dict):
+            for key in ("collaborators", "viewers"):
+                users = permissions.get(key)
+                if isinstance(users, list):  # (of strings: the gate checked)
+                    named += [(f"permissions.{key}", user_id) for user_id in users]
+        await self._refuse_unknown_users(
+            [(field, user_id) for field, user_id in named if user_id != principal.user_id]
+        )
 
-    async def _check_permission_users(self, data: Any) -> None:
-        """``invalid_field`` if a session's ``permissions`` name a user that
-        does not exist or was removed (a mistyped id granted nothing, and
-        said nothing); the users are read by the page, not one by one."""
-        permissions = data.get("permissions") if isinstance(data, dict) else None
-        if not isinstance(permissions, dict):
-            return
-        named = {
-            key: [u for u in users if isinstance(u, str)]
-            for key in ("collaborators", "viewers")
-            if isinstance(users := permissions.get(key), list)
-        }
-        wanted = sorted({user_id for users in named.values() for user_id in users})
+    async def _refuse_unknown_users(self, named: list[tuple[str, str]]) -> None:
+        """``invalid_field`` for the first ``(field, user_id)`` of ``named``
+        whose user does not exist or was removed (named here: the store's
+        refusal says only that the data does not fit); the users are read by
+        the page, not one by one."""
+        wanted = sorted({user_id for _, user_id in named})
         store = self.store
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(wanted), MAX_LIMIT):
@@ -1519,27 +1523,12 @@ class Hub:
             query = {"id": {"$in": part}, "$select": ["id", "removed_at"], "$limit": len(part)}
             page = await self._stored(lambda q=query: store.find("users", q))  # type: ignore[misc]
             found.update((str(row["id"]), row) for row in page.items)
-        for key, users in named.items():
-            for user_id in users:
-                row = found.get(user_id)
-                if row is None:
-                    raise ServiceError(
-                        "invalid_field", f"data.permissions.{key}: no user {user_id}"
-                    )
-                if row.get("removed_at") is not None:
-                    raise ServiceError(
-                        "invalid_field", f"data.permissions.{key}: user {user_id} was removed"
-                    )
-
-    async def _check_user_named(self, field: str, user_id: str) -> None:
-        """``invalid_field`` if ``data.<field>``'s ``user_id`` is no user or
-        a removed one (named here: the store's refusal says only that the
-        data does not fit)."""
-        user = await self._read_row("users", user_id)
-        if user is None:
-            raise ServiceError("invalid_field", f"data.{field}: no user {user_id}")
-        if user.get("removed_at") is not None:
-            raise ServiceError("invalid_field", f"data.{field}: user {user_id} was removed")
+        for field, user_id in named:
+            row = found.get(user_id)
+            if row is None:
+                raise ServiceError("invalid_field", f"data.{field}: no user {user_id}")
+            if row.get("removed_at") is not None:
+                raise ServiceError("invalid_field", f"data.{field}: user {user_id} was removed")
 
     async def _refuse_a_board_with_sessions(self, board_id: str) -> None:
         """``conflict`` if sessions are on the board: removing it would
