@@ -49,7 +49,6 @@ from ..store import (
     StoreNotFound,
     StoreQueryError,
     StoreRepeated,
-    StoreUnavailable,
     Write,
     WriteRequest,
     WriteResult,
@@ -679,8 +678,7 @@ class SessionBehaviour(Behaviour[SessionState]):
             state.poisoned = state.poisoned or touched
         except StoreError as exc:
             log.warning("the store failed a write: %s", exc)
-            told = exc.told if isinstance(exc, StoreUnavailable) else StoreUnavailable.told
-            effects.append(Reply(done.reply_to, error=ServiceError("unavailable", told)))
+            effects.append(Reply(done.reply_to, error=ServiceError("unavailable", exc.told)))
             state.poisoned = state.poisoned or touched
         except Exception as exc:
             effects.append(

@@ -14,7 +14,6 @@ from ..store import (
     StoreIntegrityError,
     StoreNotFound,
     StoreQueryError,
-    StoreUnavailable,
 )
 
 __all__ = ["store_error"]
@@ -40,5 +39,4 @@ def store_error(exc: StoreError) -> ServiceError:
         log.info("the store refused a write: %s", exc)
         return ServiceError("invalid_data", "the data does not fit the records")
     log.warning("the store failed: %s", exc)
-    told = exc.told if isinstance(exc, StoreUnavailable) else StoreUnavailable.told
-    return ServiceError("unavailable", told)
+    return ServiceError("unavailable", exc.told)

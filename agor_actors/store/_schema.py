@@ -78,7 +78,11 @@ BOARD_ROLES: Final = ("owner", "admin", "editor", "viewer")
 
 
 class StoreError(Exception):
-    """Base of every error the store returns (from ``commit``) or raises."""
+    """Base of every error the store returns (from ``commit``) or raises.
+    ``told``: what a client is told when the error fails its call as
+    ``unavailable`` (the detail is for the log)."""
+
+    told: ClassVar[str] = "the store is unavailable"
 
 
 class StoreConflict(StoreError):
@@ -145,10 +149,7 @@ class StoreSchemaError(StoreError):
 
 class StoreUnavailable(StoreError):
     """The database failed as a whole (I/O error, lost connection, disk full):
-    the transaction was rolled back and nothing of it is visible.  ``told``:
-    what a client is told (the detail is for the log)."""
-
-    told: ClassVar[str] = "the store is unavailable"
+    the transaction was rolled back and nothing of it is visible."""
 
 
 class StoreFull(StoreUnavailable):
