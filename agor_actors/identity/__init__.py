@@ -17,4 +17,5 @@ from ._tokens import AccessClaims as AccessClaims
 from ._tokens import AccessTokens as AccessTokens
 from ._tokens import JwtKeys as JwtKeys
 from ._tokens import TokenRefused as TokenRefused
+from ._tokens import key_check_value as key_check_value
 from ._tokens import looks_like_jwt as looks_like_jwt

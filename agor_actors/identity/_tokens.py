@@ -28,6 +28,7 @@ __all__ = [
     "AccessTokens",
     "JwtKeys",
     "TokenRefused",
+    "key_check_value",
     "looks_like_jwt",
 ]
 
@@ -124,6 +125,14 @@ class JwtKeys:
             raise ValueError("the public key is not the private key's") from None
 
 
+def key_check_value(key: bytes, *context: str) -> str:
+    """A value that is the same for the same ``key`` and ``context``, and
+    that tells nothing of the key: an HMAC under it of a fixed text and the
+    context (the "key check value" of key ceremonies)."""
+    named = "\0".join(("agor-actors key check", *context))
+    return hmac.new(key, named.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def looks_like_jwt(token: str) -> bool:
     """A compact JWS (three base64url parts, a JSON header): the local
     tokens (one base64url part) never do."""
@@ -142,13 +151,9 @@ class AccessTokens:
     def check_value(self) -> str:
         """A value that is the same on two daemons exactly when each accepts
         the other's tokens (the verifying key, the algorithm, the issuer and
-        the audience), and that tells nothing of the key: an HMAC under it
-        (the "key check value" of key ceremonies)."""
-        named = "\0".join(
-            ("agor-actors key check", self.keys.algorithm, self.issuer, self.audience)
-        )
-        mac = hmac.new(self.keys.verify_material(), named.encode(), hashlib.sha256)
-        return mac.hexdigest()[:32]
+        the audience), and that tells nothing of the key."""
+        keys = self.keys
+        return key_check_value(keys.verify_material(), keys.algorithm, self.issuer, self.audience)
 
     def issue(
         self, user_id: str, *, now_ms: int, jti: str, generation: str = ""

@@ -33,8 +33,6 @@ file signs every browser out.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import importlib.resources
 import pathlib
 from collections.abc import Iterable
@@ -49,6 +47,7 @@ from quart_trio import QuartTrio
 
 from ..daemon._token import read_or_create_secret
 from ..domain import Principal, ServiceError
+from ..identity import key_check_value
 from ..store import hash_token
 from ..world import World
 
@@ -102,9 +101,7 @@ def web_secret_check(data_dir: pathlib.Path, world: World) -> str:
     """The check value of the cookie's key in ``<data_dir>/web-secret``
     (created if missing): the same on two daemons exactly when each takes
     the other's cookies, and telling nothing of the key (an HMAC under it)."""
-    secret = _read_or_create_secret(data_dir, world)
-    mac = hmac.new(secret.encode(), f"agor-actors key check\0{_SALT}".encode(), hashlib.sha256)
-    return mac.hexdigest()[:32]
+    return key_check_value(_read_or_create_secret(data_dir, world).encode(), _SALT)
 
 
 class WebSessions(Protocol):

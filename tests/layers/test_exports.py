@@ -222,6 +222,7 @@ PACKAGES: dict[str, set[str]] = {
         "TokenRefused",
         "check_password",
         "judge_refresh",
+        "key_check_value",
         "looks_like_jwt",
     },
     "agor_actors.broker": {
