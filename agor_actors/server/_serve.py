@@ -477,13 +477,14 @@ async def run_daemon(
                         new_keys=settings.new_keys,
                     )
                 )
-                await hub.check_cluster_key(
-                    "web",
-                    await world.blocking.run(lambda: web_secret_check(data_dir, world)),
-                    path=data_dir / WEB_SECRET_FILE,
-                    signed="browser sign-ins (cookies)",
-                    replace=settings.new_keys,
-                )
+                if broker_url is not None:  # (a daemon alone reads nothing more)
+                    await hub.check_cluster_key(
+                        "web",
+                        await world.blocking.run(lambda: web_secret_check(data_dir, world)),
+                        path=data_dir / WEB_SECRET_FILE,
+                        signed="browser sign-ins (cookies)",
+                        replace=settings.new_keys,
+                    )
             except Exception as exc:
                 cause = _sole(exc)  # raised in a nursery of the hub's, or not
                 if isinstance(cause, DataDirLocked | NotClusterOwner | NotClusterKeys):
